@@ -1,0 +1,347 @@
+"""HTTP routes: the OpenAI-compatible pass-through and the management API.
+
+Each proxied request body is read and parsed once, to find ``model``; the same
+bytes (or, with ``useModelName``, the rewritten document) go upstream.  Every error
+llamaswap produces itself is an OpenAI-shaped JSON object with the right status.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+from urllib.parse import unquote
+
+from klein import Klein
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.server import Request
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+from zope.interface import implementer
+
+from . import __version__
+from .config import Config, ModelConfig
+from .errors import ApiError, StartFailed
+from .logs import PROXY, UPSTREAM, LogHub, logger
+from .process import ModelState
+from .relay import Relay
+from .scheduler import Scheduler
+
+# POST routes whose JSON (or multipart form) body names the model
+MODEL_ROUTES = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/responses",
+    "/v1/embeddings",
+    "/v1/rerank",
+    "/v1/reranking",
+    "/rerank",
+    "/reranking",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/infill",
+    "/completion",
+    "/v1/audio/speech",
+    "/v1/images/generations",
+    "/v1/audio/transcriptions",
+    "/v1/images/edits",
+)
+
+
+def _json(request: Request, document: object, status: int = 200) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    return json.dumps(document).encode("utf-8")
+
+
+class Api:
+    """The Klein application; holds its collaborators, not global state."""
+
+    router = Klein()
+    log = logger()
+
+    def __init__(
+        self, config: Config, scheduler: Scheduler, relay: Relay, logs: LogHub
+    ) -> None:
+        self.config = config
+        self.scheduler = scheduler
+        self.relay = relay
+        self.logs = logs
+        self.created = int(time.time())
+
+    def resource(self) -> Any:
+        return self.router.resource()
+
+    # --- errors ------------------------------------------------------------------
+
+    @router.handle_errors(ApiError)
+    def api_error(self, request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        assert isinstance(error, ApiError)
+        return self.error_response(request, error)
+
+    def error_response(self, request: IRequest, error: ApiError) -> bytes:
+        for name, value in error.headers.items():
+            request.setHeader(name, value)
+        if error.status >= 500:
+            self.log.warn(
+                "{method} {path}: {status} {message}",
+                method=request.method.decode(),
+                path=request.path.decode(errors="replace"),
+                status=error.status,
+                message=error.message,
+            )
+        request.setResponseCode(error.status)
+        request.setHeader(b"content-type", b"application/json")
+        return error.body()
+
+    @router.handle_errors(StartFailed)
+    def start_failed(self, request: IRequest, failure: Failure) -> bytes:
+        return self.error_response(request, ApiError(503, str(failure.value), "model_start_failed"))
+
+    @router.handle_errors(NotFound)
+    def not_found(self, request: IRequest, failure: Failure) -> bytes:
+        path = request.path.decode(errors="replace")
+        return self.error_response(request, ApiError(404, f"no route for {path}", "not_found"))
+
+    @router.handle_errors(MethodNotAllowed)
+    def bad_method(self, request: IRequest, failure: Failure) -> bytes:
+        method = request.method.decode(errors="replace")
+        path = request.path.decode(errors="replace")
+        return self.error_response(request, ApiError(405, f"{method} is not allowed on {path}"))
+
+    # --- the OpenAI-compatible pass-through ------------------------------------------
+
+    @router.route("/v1/chat/completions", methods=["POST"], endpoint="p1")
+    @router.route("/v1/completions", methods=["POST"], endpoint="p2")
+    @router.route("/v1/responses", methods=["POST"], endpoint="p3")
+    @router.route("/v1/embeddings", methods=["POST"], endpoint="p4")
+    @router.route("/v1/rerank", methods=["POST"], endpoint="p5")
+    @router.route("/v1/reranking", methods=["POST"], endpoint="p6")
+    @router.route("/rerank", methods=["POST"], endpoint="p7")
+    @router.route("/reranking", methods=["POST"], endpoint="p8")
+    @router.route("/v1/messages", methods=["POST"], endpoint="p9")
+    @router.route("/v1/messages/count_tokens", methods=["POST"], endpoint="p10")
+    @router.route("/infill", methods=["POST"], endpoint="p11")
+    @router.route("/completion", methods=["POST"], endpoint="p12")
+    @router.route("/v1/audio/speech", methods=["POST"], endpoint="p13")
+    @router.route("/v1/images/generations", methods=["POST"], endpoint="p14")
+    @router.route("/v1/audio/transcriptions", methods=["POST"], endpoint="p15")
+    @router.route("/v1/images/edits", methods=["POST"], endpoint="p16")
+    async def model_route(self, request: Request) -> None:
+        body = request.content.read() if request.content is not None else b""
+        model, body = self.model_from_body(request, body)
+        await self.proxy(request, model, b"POST", request.uri, body)
+
+    @router.route("/props", methods=["GET"])
+    async def props(self, request: Request) -> None:
+        names = request.args.get(b"model")
+        if not names:
+            raise ApiError(400, "GET /props needs ?model=<id> to know which model to ask")
+        model = self.resolve(names[0].decode("utf-8", errors="replace"))
+        await self.proxy(request, model, b"GET", request.uri, None)
+
+    @router.route("/upstream/<path:rest>", branch=False, methods=[
+        "GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"
+    ])
+    async def upstream(self, request: Request, rest: str) -> None:
+        raw = request.uri.split(b"?", 1)
+        query = b"?" + raw[1] if len(raw) == 2 else b""
+        segments = raw[0][len(b"/upstream/") :].split(b"/")
+        for count in range(len(segments), 0, -1):
+            name = unquote(b"/".join(segments[:count]).decode("utf-8", errors="replace"))
+            model = self.config.resolve(name)
+            if model is not None:
+                path = b"/" + b"/".join(segments[count:]) + query
+                body = request.content.read() if request.content is not None else b""
+                await self.proxy(request, model, request.method, path, body or None)
+                return
+        raise self.unknown_model(unquote(segments[0].decode("utf-8", errors="replace")))
+
+    def model_from_body(self, request: Request, body: bytes) -> tuple[ModelConfig, bytes]:
+        """Find ``model`` in a JSON or multipart body (parsed once)."""
+        content_type = (request.getHeader(b"content-type") or b"").lower()
+        if content_type.startswith(b"multipart/form-data"):
+            fields = request.args.get(b"model")
+            if not fields or not fields[0].strip():
+                raise ApiError(400, "the form has no 'model' field")
+            return self.resolve(fields[0].decode("utf-8", errors="replace")), body
+        try:
+            document = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}") from e
+        if not isinstance(document, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        name = document.get("model")
+        if not isinstance(name, str) or not name:
+            raise ApiError(400, "the request body needs a 'model' string naming the model to use")
+        model = self.resolve(name)
+        if model.use_model_name is not None:
+            document["model"] = model.use_model_name
+            body = json.dumps(document).encode("utf-8")
+        return model, body
+
+    def resolve(self, name: str) -> ModelConfig:
+        model = self.config.resolve(name)
+        if model is None:
+            raise self.unknown_model(name)
+        return model
+
+    def unknown_model(self, name: str) -> ApiError:
+        known = ", ".join(self.config.listed_ids()) or "(none)"
+        return ApiError(404, f"model {name!r} is not configured; available models: {known}")
+
+    async def proxy(
+        self, request: Request, model: ModelConfig, method: bytes, path: bytes, body: bytes | None
+    ) -> None:
+        lease = await self.scheduler.acquire(model.id)
+        try:
+            await self.relay.forward(request, method, lease.base_url + path.decode("ascii"), body)
+        finally:
+            lease.release()
+
+    # --- management ---------------------------------------------------------------
+
+    @router.route("/health", methods=["GET", "HEAD"])
+    def health(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"OK"
+
+    @router.route("/v1/models", methods=["GET"], endpoint="models_v1")
+    @router.route("/models", methods=["GET"], endpoint="models_plain")
+    def models(self, request: Request) -> bytes:
+        data = []
+        for model_id in self.config.listed_ids():
+            model = self.config.models[model_id]
+            process = self.scheduler.processes[model_id]
+            record: dict[str, Any] = {
+                "id": model_id,
+                "object": "model",
+                "created": self.created,
+                "owned_by": "llamaswap",
+                "status": {"value": process.state.value},
+            }
+            if model.name:
+                record["name"] = model.name
+            if model.description:
+                record["description"] = model.description
+            if model.aliases:
+                record["aliases"] = list(model.aliases)
+            if process.last_error:
+                record["status"]["error"] = process.last_error
+            data.append(record)
+        return _json(request, {"object": "list", "data": data})
+
+    @router.route("/running", methods=["GET"])
+    def running(self, request: Request) -> bytes:
+        running = []
+        for model_id, process in sorted(self.scheduler.processes.items()):
+            if process.state in (ModelState.STOPPED, ModelState.FAILED):
+                continue
+            running.append(
+                {
+                    "model": model_id,
+                    "state": process.state.value,
+                    "pid": process.pid,
+                    "proxy": process.base_url,
+                    "ttl": process.config.ttl,
+                    "name": process.config.name,
+                    "description": process.config.description,
+                    "in_flight": self.scheduler.in_flight(model_id),
+                    "queued": self.scheduler.queued(model_id),
+                }
+            )
+        return _json(request, {"running": running})
+
+    @router.route("/unload", methods=["GET"])
+    async def unload_all_get(self, request: Request) -> bytes:
+        await self.scheduler.unload()
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"OK"
+
+    @router.route("/api/models/unload", methods=["POST"])
+    async def unload_all(self, request: Request) -> bytes:
+        await self.scheduler.unload()
+        return _json(request, {"msg": "ok"})
+
+    @router.route("/api/models/unload/<path:name>", methods=["POST"])
+    async def unload_one(self, request: Request, name: str) -> bytes:
+        model = self.resolve(name)
+        await self.scheduler.unload([model.id])
+        return _json(request, {"msg": "ok"})
+
+    @router.route("/api/version", methods=["GET"])
+    def version(self, request: Request) -> bytes:
+        return _json(request, {"version": __version__})
+
+    # --- logs ---------------------------------------------------------------------------
+
+    @router.route("/logs", methods=["GET"])
+    def logs_text(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return "".join(line + "\n" for line in self.logs.combined_history()).encode("utf-8")
+
+    @router.route("/logs/stream", methods=["GET"], endpoint="stream_all")
+    def stream_all(self, request: Request) -> Deferred[None]:
+        return self.stream(request, [PROXY, UPSTREAM])
+
+    @router.route("/logs/stream/<path:source>", methods=["GET"])
+    def stream_one(self, request: Request, source: str) -> Deferred[None]:
+        if source not in (PROXY, UPSTREAM):
+            source = self.resolve(source).id
+        return self.stream(request, [source])
+
+    def stream(self, request: Request, sources: list[str]) -> Deferred[None]:
+        """History (unless ``?no-history``), then live lines until the client leaves."""
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"x-accel-buffering", b"no")
+        request.setHeader(b"cache-control", b"no-cache")
+        if b"no-history" not in request.args:
+            for source in sources:
+                for line in self.logs.history(source):
+                    request.write(line.encode("utf-8") + b"\n")
+        reader = _LogReader(request)
+        request.registerProducer(reader, True)
+        unsubscribe = self.logs.subscribe(sources, reader.line)
+
+        def end(_: object) -> None:
+            unsubscribe()
+
+        done: Deferred[None] = Deferred(lambda d: None)
+        done.addErrback(_ignore_cancel)
+        done.addBoth(end)
+        return done
+
+
+def _ignore_cancel(failure: Failure) -> None:
+    failure.trap(CancelledError)
+
+
+@implementer(IPushProducer)
+class _LogReader:
+    """A live log reader that drops lines while its client is not keeping up."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.paused = False
+        self.dropped = 0
+
+    def line(self, source: str, line: str) -> None:
+        if self.paused:
+            self.dropped += 1
+            return
+        if self.dropped:
+            self.request.write(f"[... {self.dropped} lines dropped]\n".encode())
+            self.dropped = 0
+        self.request.write(line.encode("utf-8") + b"\n")
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        self.paused = True

@@ -1,0 +1,61 @@
+"""Errors a client can see, each with its HTTP status and OpenAI error shape."""
+
+from __future__ import annotations
+
+import json
+
+_TYPES = {
+    400: ("invalid_request_error", "bad_request"),
+    401: ("authentication_error", "unauthorized"),
+    404: ("invalid_request_error", "model_not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+    502: ("server_error", "bad_gateway"),
+    503: ("server_error", "service_unavailable"),
+    504: ("server_error", "gateway_timeout"),
+}
+
+
+class ApiError(Exception):
+    """An error llamaswap itself answers with (never an upstream's own error)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        kind, default_code = _TYPES.get(status, ("server_error", "internal_error"))
+        self.type = kind
+        self.code = code or default_code
+        self.headers = headers or {}
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.type, self.code)
+
+
+def error_body(message: str, kind: str, code: str) -> bytes:
+    document = {"error": {"message": message, "type": kind, "code": code}}
+    return json.dumps(document).encode("utf-8")
+
+
+class StartFailed(Exception):
+    """A model's server did not become ready; the message says why and what it printed."""
+
+    def __init__(self, model_id: str, cause: str, tail: list[str]) -> None:
+        self.model_id = model_id
+        self.cause = cause
+        self.tail = tail
+        text = f"model {model_id!r} failed to start: {cause}"
+        if tail:
+            text += "; last output:\n" + "\n".join(tail)
+        super().__init__(text)
+
+
+class ModelStopped(Exception):
+    """A start was abandoned because the model was asked to stop."""

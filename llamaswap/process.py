@@ -1,0 +1,429 @@
+"""One model's server process: spawn, readiness, stop, exit.
+
+``ModelProcess`` owns a single child and its state machine
+``stopped → starting → ready → stopping → stopped`` (``failed`` after a start that
+did not work).  It never decides *which* model should run; the scheduler does.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import shutil
+import signal
+from collections import deque
+from collections.abc import Callable, Mapping
+
+import attrs
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReactorProcess, IReactorTime
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
+
+from .config import ModelConfig, fill_runtime
+from .errors import ModelStopped, StartFailed
+from .logs import LogHub, logger
+from .ports import PortAllocator
+
+TAIL_LINES = 20
+MAX_LINE = 16_384
+
+HealthProbe = Callable[[str], "Deferred[int]"]
+"""GET a URL and fire with the HTTP status (or fail when nothing answers)."""
+
+
+class ModelState(enum.Enum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+@attrs.frozen
+class Timing:
+    """Knobs for starting and stopping, all in seconds."""
+
+    health_timeout: float = 120.0
+    poll_interval: float = 0.25
+    line_probe_gap: float = 0.01
+    stop_timeout: float = 10.0
+
+
+class ChildProtocol(ProcessProtocol):
+    """Splits the child's output into lines and reports its end; no policy here."""
+
+    def __init__(
+        self,
+        on_line: Callable[[str, str], None],
+        on_ended: Callable[[Failure], None],
+    ) -> None:
+        self._on_line = on_line
+        self._on_ended = on_ended
+        self._partial: dict[int, bytes] = {}
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.closeStdin()
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        buffered = self._partial.get(childFD, b"") + data
+        *lines, rest = buffered.split(b"\n")
+        if len(rest) > MAX_LINE:  # a child printing without newlines must not grow us
+            lines.append(rest)
+            rest = b""
+        self._partial[childFD] = rest
+        stream = "stdout" if childFD == 1 else "stderr"
+        for raw in lines:
+            self._on_line(stream, _decode(raw))
+
+    def processEnded(self, reason: Failure) -> None:
+        for fd, rest in sorted(self._partial.items()):
+            if rest:
+                self._on_line("stdout" if fd == 1 else "stderr", _decode(rest))
+        self._partial.clear()
+        self._on_ended(reason)
+
+
+def _decode(raw: bytes) -> str:
+    return raw.rstrip(b"\r").decode("utf-8", errors="replace")
+
+
+def describe_exit(reason: Failure) -> str:
+    """Exit status in words, e.g. ``exited with code 1`` or ``killed by SIGKILL``."""
+    value = reason.value
+    if isinstance(value, ProcessDone):
+        return "exited with code 0"
+    if isinstance(value, ProcessTerminated):
+        if value.signal is not None:
+            try:
+                name = signal.Signals(value.signal).name
+            except ValueError:
+                name = f"signal {value.signal}"
+            return f"killed by {name}"
+        return f"exited with code {value.exitCode}"
+    return f"ended: {value}"
+
+
+class ModelProcess:
+    """The child process serving one configured model."""
+
+    log = logger()
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        reactor: IReactorProcess,
+        clock: IReactorTime,
+        logs: LogHub,
+        ports: PortAllocator,
+        probe: HealthProbe,
+        timing: Timing,
+        base_env: Mapping[str, str] | None = None,
+        process_groups: bool = True,
+    ) -> None:
+        self.config = config
+        self._reactor = reactor
+        self._clock = clock
+        self._logs = logs
+        self._ports = ports
+        self._probe_url = probe
+        self.timing = timing
+        self._base_env = dict(os.environ if base_env is None else base_env)
+        self._setsid = shutil.which("setsid") if process_groups else None
+
+        self.state = ModelState.STOPPED
+        self.port: int | None = None
+        self.pid: int | None = None
+        self.last_error: str | None = None
+        self.tail: deque[str] = deque(maxlen=TAIL_LINES)
+        self.started_at: float | None = None
+        self.ready_at: float | None = None
+        self.exit_listeners: list[Callable[[ModelProcess, str], None]] = []
+
+        self._transport: IProcessTransport | None = None
+        self._start_waiters: list[Deferred[None]] = []
+        self._exit_waiters: list[Deferred[None]] = []
+        self._start_failure: Exception | None = None
+        self._deadline: IDelayedCall | None = None
+        self._poll: IDelayedCall | None = None
+        self._kill: IDelayedCall | None = None
+        self._probing = False
+        self._probe_again = False
+        self._last_probe = 0.0
+
+    @property
+    def id(self) -> str:
+        return self.config.id
+
+    @property
+    def base_url(self) -> str:
+        return self.config.proxy_url(self.port)
+
+    # --- starting ------------------------------------------------------------
+
+    def start(self) -> Deferred[None]:
+        """Fire when the model is ready; concurrent callers share one start."""
+        if self.state is ModelState.READY:
+            return succeed(None)
+        if self.state is ModelState.STOPPING:
+            return self._when_exited().addCallback(lambda _: self.start())
+        waiter: Deferred[None] = Deferred()
+        self._start_waiters.append(waiter)
+        if self.state is not ModelState.STARTING:
+            self._spawn()
+        return waiter
+
+    def _spawn(self) -> None:
+        self.state = ModelState.STARTING
+        self.last_error = None
+        self._start_failure = None
+        self.tail.clear()
+        self.started_at = self._clock.seconds()
+        self.ready_at = None
+        try:
+            self.port = self._ports.allocate() if self.config.uses_port else None
+        except OSError as e:
+            self._fail_before_spawn(str(e))
+            return
+        runtime = {"PORT": str(self.port)} if self.port is not None else {}
+        argv = self.config.cmd.render(self.port)
+        env = dict(self._base_env)
+        env.update((name, fill_runtime(value, runtime)) for name, value in self.config.env)
+        executable = shutil.which(argv[0], path=env.get("PATH"))
+        if executable is None:
+            self._fail_before_spawn(f"command not found: {argv[0]!r} (check cmd and PATH)")
+            return
+        if self._setsid is not None:
+            # own session and process group, so a stop reaches wrapper scripts'
+            # children too; setsid execs in place, keeping the pid
+            executable, argv = self._setsid, [self._setsid, executable, *argv[1:]]
+        self.log.info(
+            "starting {model}: {argv}", model=self.id, argv=" ".join(argv[1 if self._setsid else 0 :])
+        )
+        protocol = ChildProtocol(self._line, self._ended)
+        try:
+            self._transport = self._reactor.spawnProcess(
+                protocol, executable, argv, env=env, childFDs={0: "w", 1: "r", 2: "r"}
+            )
+        except OSError as e:
+            self._fail_before_spawn(f"could not run {argv[0]!r}: {e}")
+            return
+        self.pid = self._transport.pid
+        self._deadline = self._clock.callLater(self.timing.health_timeout, self._start_timed_out)
+        if self.config.check_endpoint is None:
+            self._became_ready()
+        else:
+            self._poll = self._clock.callLater(self.timing.poll_interval, self._probe)
+
+    def _fail_before_spawn(self, cause: str) -> None:
+        self._release_port()
+        self.state = ModelState.FAILED
+        self.last_error = cause
+        self.log.error("model {model} failed to start: {cause}", model=self.id, cause=cause)
+        self._fire_start(StartFailed(self.id, cause, list(self.tail)))
+
+    def _line(self, stream: str, line: str) -> None:
+        self.tail.append(line)
+        self._logs.child_line(self.id, stream, line)
+        if self.state is ModelState.STARTING and self.config.check_endpoint is not None:
+            # servers log as they load: a new line is the moment readiness is likely
+            gap = self._clock.seconds() - self._last_probe
+            if gap >= self.timing.line_probe_gap:
+                self._probe()
+            elif self._poll is None or self._poll.getTime() > self._clock.seconds() + gap:
+                self._reschedule_poll(self.timing.line_probe_gap - gap)
+
+    def _reschedule_poll(self, delay: float) -> None:
+        if self._poll is not None and self._poll.active():
+            self._poll.cancel()
+        self._poll = self._clock.callLater(delay, self._probe)
+
+    def _probe(self) -> None:
+        if self.state is not ModelState.STARTING:
+            return
+        if self._probing:
+            self._probe_again = True
+            return
+        if self._poll is not None and self._poll.active():
+            self._poll.cancel()
+        self._poll = None
+        self._probing = True
+        self._last_probe = self._clock.seconds()
+        assert self.config.check_endpoint is not None
+        d = self._probe_url(self.base_url + self.config.check_endpoint)
+        d.addBoth(self._probed)
+
+    def _probed(self, result: int | Failure) -> None:
+        self._probing = False
+        if self.state is not ModelState.STARTING:
+            return
+        if result == 200:
+            self._became_ready()
+        elif self._probe_again:
+            self._probe_again = False
+            self._probe()
+        elif self._poll is None:
+            self._poll = self._clock.callLater(self.timing.poll_interval, self._probe)
+
+    def _became_ready(self) -> None:
+        self._cancel(self._deadline)
+        self._deadline = None
+        self.state = ModelState.READY
+        self.ready_at = self._clock.seconds()
+        assert self.started_at is not None
+        self.log.info(
+            "model {model} ready in {seconds:.2f}s at {url}",
+            model=self.id,
+            seconds=self.ready_at - self.started_at,
+            url=self.base_url,
+        )
+        self._fire_start(None)
+
+    def _start_timed_out(self) -> None:
+        self._deadline = None
+        what = (
+            f"health check {self.config.check_endpoint} did not answer 200"
+            if self.config.check_endpoint
+            else "it did not start"
+        )
+        cause = f"not ready after {self.timing.health_timeout:g}s ({what})"
+        self._start_failure = StartFailed(self.id, cause, list(self.tail))
+        self._begin_stop()
+
+    def _fire_start(self, error: Exception | None) -> None:
+        waiters, self._start_waiters = self._start_waiters, []
+        for waiter in waiters:
+            if error is None:
+                waiter.callback(None)
+            else:
+                waiter.errback(error)
+
+    # --- stopping ------------------------------------------------------------
+
+    def stop(self, reason: str = "manual") -> Deferred[None]:
+        """Fire once the child has exited (TERM or ``cmdStop``, KILL after the grace)."""
+        if self.state in (ModelState.STOPPED, ModelState.FAILED):
+            return succeed(None)
+        exited = self._when_exited()
+        if self.state is ModelState.STARTING and self._start_failure is None:
+            self._start_failure = ModelStopped(f"model {self.id!r} was stopped while starting")
+        if self.state is not ModelState.STOPPING:
+            self.log.info("stopping {model} ({reason})", model=self.id, reason=reason)
+            self._begin_stop()
+        return exited
+
+    def _begin_stop(self) -> None:
+        self.state = ModelState.STOPPING
+        self._cancel(self._poll)
+        self._poll = None
+        if self.config.cmd_stop is not None and self.pid is not None:
+            self._run_cmd_stop()
+        else:
+            self._signal("TERM")
+        self._kill = self._clock.callLater(self.timing.stop_timeout, self._force_stop)
+
+    def _run_cmd_stop(self) -> None:
+        assert self.config.cmd_stop is not None
+        argv = self.config.cmd_stop.render(port=self.port, pid=self.pid)
+        executable = shutil.which(argv[0], path=self._base_env.get("PATH"))
+        if executable is None:
+            self.log.warn("cmdStop {cmd!r} not found; sending SIGTERM", cmd=argv[0])
+            self._signal("TERM")
+            return
+        protocol = ChildProtocol(
+            lambda stream, line: self._logs.child_line(self.id, stream, "[cmdStop] " + line),
+            lambda reason: None,
+        )
+        try:
+            self._reactor.spawnProcess(protocol, executable, argv, env=self._base_env)
+        except OSError as e:
+            self.log.warn("cmdStop failed ({error}); sending SIGTERM", error=e)
+            self._signal("TERM")
+
+    def _force_stop(self) -> None:
+        self._kill = None
+        self.log.warn(
+            "model {model} still running {grace:g}s after stop; killing it",
+            model=self.id,
+            grace=self.timing.stop_timeout,
+        )
+        self._signal("KILL")
+
+    def _signal(self, name: str) -> None:
+        if self._transport is None or self.pid is None:
+            return
+        if self._setsid is not None:
+            try:
+                os.killpg(self.pid, getattr(signal, "SIG" + name))
+            except ProcessLookupError:
+                pass
+            return
+        try:
+            self._transport.signalProcess(name)
+        except ProcessExitedAlready:
+            pass
+
+    def _when_exited(self) -> Deferred[None]:
+        waiter: Deferred[None] = Deferred()
+        self._exit_waiters.append(waiter)
+        return waiter
+
+    # --- the end ---------------------------------------------------------------
+
+    def _ended(self, reason: Failure) -> None:
+        was = self.state
+        how = describe_exit(reason)
+        if self._setsid is not None and self.pid is not None:
+            # the leader is gone; anything left in its group (wrapper scripts'
+            # children) goes too
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for timer in (self._deadline, self._poll, self._kill):
+            self._cancel(timer)
+        self._deadline = self._poll = self._kill = None
+        self._transport = None
+        self.pid = None
+        self._release_port()
+
+        if was is ModelState.STARTING or (
+            was is ModelState.STOPPING and self._start_failure is not None
+        ):
+            failure = self._start_failure or StartFailed(
+                self.id, f"{how} while starting", list(self.tail)
+            )
+            self.state = (
+                ModelState.STOPPED if isinstance(failure, ModelStopped) else ModelState.FAILED
+            )
+            self.last_error = str(failure) if self.state is ModelState.FAILED else None
+            if self.state is ModelState.FAILED:
+                self.log.error("{error}", error=failure)
+            self._fire_start(failure)
+        else:
+            self.state = ModelState.STOPPED
+            if was is ModelState.READY:
+                self.last_error = f"{how} unexpectedly"
+                self.log.warn("model {model} {how} while serving", model=self.id, how=how)
+            else:
+                self.log.info("model {model} stopped ({how})", model=self.id, how=how)
+        self._start_failure = None
+
+        waiters, self._exit_waiters = self._exit_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+        for listener in list(self.exit_listeners):
+            listener(self, how)
+
+    def _release_port(self) -> None:
+        if self.port is not None:
+            self._ports.release(self.port)
+        self.port = None
+
+    @staticmethod
+    def _cancel(timer: IDelayedCall | None) -> None:
+        if timer is not None and timer.active():
+            timer.cancel()

@@ -1,0 +1,202 @@
+"""Streaming reverse proxy to one child: request bytes in, response bytes out.
+
+Nothing is buffered: response chunks are written to the client as they arrive
+(so SSE reaches it token by token), the upstream connection is paused while the
+client is slow, and it is closed when the client goes away (so llama-server stops
+generating).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse, UNKNOWN_LENGTH
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from .errors import ApiError
+from .logs import logger
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+
+def end_to_end(headers: Headers, drop: frozenset[bytes] = frozenset()) -> Headers:
+    """A copy without hop-by-hop headers (and those named in ``Connection``)."""
+    named = {
+        token.strip().lower()
+        for value in headers.getRawHeaders(b"connection", [])
+        for token in value.split(b",")
+    }
+    skip = HOP_BY_HOP | named | drop
+    result = Headers()
+    for name, values in headers.getAllRawHeaders():
+        if name.lower() not in skip:
+            result.setRawHeaders(name, values)
+    return result
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A request body already in memory, written at once (no cooperator needed)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self.body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class Relay:
+    """Sends requests to children through one persistent connection pool."""
+
+    log = logger()
+
+    def __init__(self, agent: IAgent) -> None:
+        self._agent = agent
+
+    def forward(
+        self, request: Request, method: bytes, url: str, body: bytes | None
+    ) -> Deferred[None]:
+        """Relay ``request`` to ``url``; fires when the response has been relayed.
+
+        Fails with :class:`ApiError` (502) if the child cannot be reached before any
+        response byte was sent; cancelling it (client gone) closes the upstream.
+        """
+        headers = end_to_end(request.requestHeaders, frozenset({b"host", b"content-length"}))
+        producer = BytesProducer(body) if body is not None else None
+        return _Exchange(self, request).run(method, url, headers, producer)
+
+
+class _Exchange:
+    """One proxied request; holds what the client-disconnect path must undo."""
+
+    def __init__(self, relay: Relay, request: Request) -> None:
+        self.relay = relay
+        self.request = request
+        self.pending: Deferred[IResponse] | None = None
+        self.body: _BodyRelay | None = None
+        self.done: Deferred[None] = Deferred(self._client_gone)
+        self.url = ""
+
+    def run(
+        self, method: bytes, url: str, headers: Headers, producer: IBodyProducer | None
+    ) -> Deferred[None]:
+        self.url = url
+        pending = self.relay._agent.request(method, url.encode("ascii"), headers, producer)
+        self.pending = pending
+        pending.addCallbacks(self._got_response, self._no_response)
+        return self.done
+
+    def _client_gone(self, _: Deferred[None]) -> None:
+        if self.pending is not None:
+            self.pending.cancel()
+        if self.body is not None:
+            self.body.stop()
+
+    def _no_response(self, failure: Failure) -> None:
+        self.pending = None
+        if self.done.called:  # the client left first
+            return
+        reason = failure.getErrorMessage() or repr(failure.value)
+        self.done.errback(ApiError(502, f"the model server at {self.url} did not answer: {reason}"))
+
+    def _got_response(self, response: IResponse) -> None:
+        self.pending = None
+        if self.done.called:
+            response.deliverBody(_Discard())
+            return
+        request = self.request
+        request.setResponseCode(response.code, response.phrase)
+        out = end_to_end(response.headers)
+        request.responseHeaders = out
+        content_type = (out.getRawHeaders(b"content-type") or [b""])[0]
+        if content_type.startswith(b"text/event-stream"):
+            out.setRawHeaders(b"x-accel-buffering", [b"no"])
+            out.setRawHeaders(b"cache-control", [b"no-cache"])
+        if response.length is not UNKNOWN_LENGTH:
+            out.setRawHeaders(b"content-length", [str(response.length).encode()])
+        request.defaultContentType = None
+        self.body = _BodyRelay(self)
+        response.deliverBody(self.body)
+
+
+class _BodyRelay(Protocol):
+    """Writes each upstream chunk to the client, with backpressure both ways."""
+
+    def __init__(self, exchange: _Exchange) -> None:
+        self.exchange = exchange
+        self.stopped = False
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        producer: Any = self.transport
+        if IPushProducer.providedBy(producer):
+            self.exchange.request.registerProducer(producer, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.stopped:
+            self.exchange.request.write(data)
+
+    def stop(self) -> None:
+        """The client is gone: drop the upstream connection so generation stops."""
+        self.stopped = True
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
+        exchange = self.exchange
+        request = exchange.request
+        if self.stopped or exchange.done.called:
+            return
+        if request.producer is not None:
+            request.unregisterProducer()
+        if reason.check(ResponseDone, PotentialDataLoss):
+            request.finish()
+        else:
+            # the child went away mid-response: make the truncation visible
+            exchange.relay.log.warn(
+                "response from {url} cut short: {reason}",
+                url=exchange.url,
+                reason=reason.getErrorMessage(),
+            )
+            transport = request.channel.transport if request.channel is not None else None
+            if transport is not None:
+                abort = getattr(transport, "abortConnection", transport.loseConnection)
+                abort()
+        exchange.done.callback(None)
+
+
+class _Discard(Protocol):
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.stopProducing()  # type: ignore[attr-defined]

@@ -1,0 +1,151 @@
+"""``twistd llamaswap``: command-line options and the service tree.
+
+This is the one module that touches the global reactor; everything below it gets
+the reactor (or just the clock) passed in.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import globalLogPublisher
+from twisted.python import usage
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory, readBody
+from twisted.web.iweb import IAgent, IResponse
+from twisted.web.server import Site
+
+from .api import Api
+from .config import Config, ConfigError, load_config
+from .logs import LogHub, logger, set_log_level
+from .ports import PortAllocator
+from .process import HealthProbe, ModelProcess, Timing
+from .relay import Relay
+from .scheduler import Scheduler
+
+DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
+
+
+class Options(usage.Options):
+    """``twistd llamaswap --config FILE [--listen ENDPOINT ...]``"""
+
+    synopsis = "--config FILE [--listen ENDPOINT ...]"
+    longdesc = (
+        "Serve one OpenAI-compatible endpoint for many models, starting each model's "
+        "server on demand and stopping whatever stands in its way."
+    )
+    optParameters = [["config", "c", None, "YAML configuration file (required)."]]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, endpoint: str) -> None:
+        """Endpoint to serve on, e.g. tcp:8080:interface=0.0.0.0 or unix:/run/llamaswap.sock
+        (repeatable; default tcp:8080:interface=127.0.0.1)."""
+        self["listen"].append(endpoint)
+
+    def postOptions(self) -> None:
+        if not self["config"]:
+            raise usage.UsageError("--config FILE is required")
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+        try:
+            self["config_obj"] = load_config(self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(f"invalid configuration: {e}") from e
+
+
+def http_probe(agent: IAgent, clock: IReactorTime, timeout: float = 2.0) -> HealthProbe:
+    """A health probe: GET the URL, fire with the status code."""
+
+    def probe(url: str) -> Deferred[int]:
+        async def get() -> int:
+            response: IResponse = await agent.request(b"GET", url.encode("ascii"))
+            await readBody(response)
+            return int(response.code)
+
+        return Deferred.fromCoroutine(get()).addTimeout(timeout, clock)
+
+    return probe
+
+
+class Supervisor(Service):
+    """Owns the children's lifetime: ``stopService`` fires once every child has exited."""
+
+    log = logger()
+
+    def __init__(self, scheduler: Scheduler, pool: HTTPConnectionPool, logs: LogHub) -> None:
+        self.scheduler = scheduler
+        self.pool = pool
+        self.observer = logs.observer()
+
+    def startService(self) -> None:
+        globalLogPublisher.addObserver(self.observer)
+        super().startService()
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        stopped = DeferredList(
+            [self.scheduler.close(), self.pool.closeCachedConnections()], consumeErrors=True
+        )
+
+        def done(_: object) -> None:
+            self.log.info("all model servers stopped")
+            globalLogPublisher.removeObserver(self.observer)
+
+        return stopped.addCallback(done)
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """Upstream connections come and go all the time; don't log each one."""
+
+    noisy = False
+
+
+def build(config: Config, reactor: Any, listen: list[str] | None = None) -> MultiService:
+    """The service tree for ``config``; ``listen`` endpoints get an HTTP site each."""
+    set_log_level(config.log_level)
+    logs = LogHub()
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 16
+    pool._factory = _QuietClientFactory
+    agent = Agent(reactor, connectTimeout=10, pool=pool)
+    ports = PortAllocator(config.start_port)
+    timing = Timing(health_timeout=config.health_check_timeout)
+    probe = http_probe(agent, reactor)
+    processes = [
+        ModelProcess(
+            model,
+            reactor=reactor,
+            clock=reactor,
+            logs=logs,
+            ports=ports,
+            probe=probe,
+            timing=timing,
+        )
+        for model in config.models.values()
+    ]
+    scheduler = Scheduler(processes, reactor)
+    api = Api(config, scheduler, Relay(agent), logs)
+
+    top = MultiService()
+    Supervisor(scheduler, pool, logs).setServiceParent(top)
+    site = Site(api.resource(), reactor=reactor)
+    site.displayTracebacks = False
+    for endpoint in listen or []:
+        strports.service(endpoint, site, reactor=reactor).setServiceParent(top)
+    top.api = api  # type: ignore[attr-defined]
+    return top
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    service = build(options["config_obj"], reactor, options["listen"])
+    return service

@@ -1,0 +1,1 @@
+"""Test helpers for llamaswap: fakes that stand in for llama-server."""

@@ -1,0 +1,949 @@
+"""A fake llama.cpp ``llama-server`` speaking the OpenAI-compatible HTTP API.
+
+It exists so llamaswap can be tested (and demonstrated) without a GPU or model
+files.  It is usable two ways:
+
+* in memory: ``FakeLlamaServer(clock=Clock(), ...)`` plus ``.resource()``,
+  driven through ``treq.testing.StubTreq`` with a deterministic clock;
+* as a real child process: ``python -m llamaswap.testing.fake_server --port N``,
+  which logs llama.cpp-like lines to stderr, just as the real server does.
+
+Requests may carry test controls in a ``"fake"`` JSON object, e.g.
+``{"fake": {"tokens": 3, "delay": 0.5, "status": 500, "crash_after_tokens": 2,
+"hold": true}}``; see :class:`FakeControls`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any, Final, Protocol, cast
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+from twisted.web.resource import IResource
+from twisted.web.server import NOT_DONE_YET, Site
+from zope.interface import implementer
+
+__all__ = [
+    "FakeControls",
+    "FakeLlamaServer",
+    "main",
+]
+
+JSONDict = dict[str, Any]
+LogFunction = Callable[[str], None]
+
+#: Body llama.cpp sends from every endpoint while the model is still loading.
+LOADING_BODY: Final[JSONDict] = {
+    "error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}
+}
+
+_CHAT_PATHS: Final = frozenset({"/v1/chat/completions", "/chat/completions"})
+_COMPLETIONS_PATHS: Final = frozenset({"/v1/completions", "/completions"})
+_NATIVE_COMPLETION_PATHS: Final = frozenset({"/completion"})
+_EMBEDDING_PATHS: Final = frozenset({"/v1/embeddings", "/embeddings", "/embedding"})
+_RERANK_PATHS: Final = frozenset({"/v1/rerank", "/v1/reranking", "/rerank", "/reranking"})
+#: Paths answered even while loading, so callers can discover the model early.
+_ALWAYS_AVAILABLE_GETS: Final = frozenset({"/v1/models", "/models", "/fake/stats", "/fake/env"})
+
+_EMBEDDING_SIZE: Final = 8
+_PROMPT_MS_PER_TOKEN: Final = 0.5
+_FINGERPRINT: Final = "b0000-fake"
+
+
+class Request(Protocol):
+    """The parts of L{twisted.web.server.Request} used here, with types.
+
+    Twisted's own ``Request`` methods are unannotated, which ``mypy --strict``
+    rejects; this protocol documents (and types) what the fake relies on.
+    """
+
+    method: bytes
+    uri: bytes
+    path: bytes
+    args: dict[bytes, list[bytes]] | None
+    content: IO[bytes] | None
+    code: int
+    requestHeaders: Headers
+    transport: Any
+
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None: ...
+    def setHeader(self, name: bytes, value: bytes) -> None: ...
+    def getHeader(self, key: bytes) -> bytes | None: ...
+    def getClientAddress(self) -> IAddress: ...
+    def write(self, data: bytes) -> None: ...
+    def finish(self) -> None: ...
+    def notifyFinish(self) -> Deferred[None]: ...
+
+
+def _noop_log(line: str) -> None:
+    """Discard a log line (the in-memory default: tests rarely want output)."""
+
+
+class _BadRequest(Exception):
+    """A client error that should be reported as a llama.cpp-style 400."""
+
+
+@dataclass(frozen=True)
+class FakeControls:
+    """Per-request knobs read from the request body's ``"fake"`` object.
+
+    They let a test script upstream behaviour (slow, failing, crashing or
+    never-ending generations) without restarting the fake server.
+    """
+
+    tokens: int
+    delay: float
+    status: int | None = None
+    crash_after_tokens: int | None = None
+    hold: bool = False
+
+    @classmethod
+    def from_body(cls, body: JSONDict, tokens: int, delay: float) -> FakeControls:
+        """Parse ``body["fake"]``, falling back to the server defaults."""
+        raw = body.get("fake")
+        if raw is None:
+            return cls(tokens=tokens, delay=delay)
+        if not isinstance(raw, dict):
+            raise _BadRequest('"fake" must be an object')
+        return cls(
+            tokens=_int_field(raw, "tokens", tokens, minimum=0),
+            delay=_float_field(raw, "delay", delay),
+            status=_optional_int_field(raw, "status", minimum=100),
+            crash_after_tokens=_optional_int_field(raw, "crash_after_tokens", minimum=0),
+            hold=_bool_field(raw, "hold"),
+        )
+
+
+def _int_field(raw: JSONDict, key: str, default: int, minimum: int) -> int:
+    value = _optional_int_field(raw, key, minimum)
+    return default if value is None else value
+
+
+def _optional_int_field(raw: JSONDict, key: str, minimum: int) -> int | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _BadRequest(f'"fake.{key}" must be an integer >= {minimum}')
+    return value
+
+
+def _float_field(raw: JSONDict, key: str, default: float) -> float:
+    value = raw.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise _BadRequest(f'"fake.{key}" must be a number >= 0')
+    return float(value)
+
+
+def _bool_field(raw: JSONDict, key: str) -> bool:
+    value = raw.get(key, False)
+    if not isinstance(value, bool):
+        raise _BadRequest(f'"fake.{key}" must be a boolean')
+    return value
+
+
+@dataclass(eq=False)
+class _Generation:
+    """One in-flight text generation (a llama.cpp "task" on slot 0)."""
+
+    task_id: int
+    kind: str  # "chat", "completions" or "completion"
+    request: Request
+    controls: FakeControls
+    requested_model: str
+    prompt_tokens: int
+    stream: bool
+    created: int
+    emitted: int = 0
+    done: bool = False
+    pending: IDelayedCall | None = field(default=None, repr=False)
+
+    def cancel_pending(self) -> None:
+        """Drop the scheduled next step, if any."""
+        if self.pending is not None and self.pending.active():
+            self.pending.cancel()
+        self.pending = None
+
+
+@implementer(IResource)
+class _RootResource:
+    """Leaf resource handing every request to its :class:`FakeLlamaServer`."""
+
+    isLeaf = True
+
+    def __init__(self, server: FakeLlamaServer) -> None:
+        self._server = server
+
+    def getChildWithDefault(self, name: bytes, request: object) -> IResource:
+        """Never called for a leaf; present because L{IResource} demands it."""
+        return self
+
+    def putChild(self, path: bytes, child: IResource) -> None:
+        """The fake's routes are fixed."""
+        raise NotImplementedError("FakeLlamaServer routes are fixed")
+
+    def render(self, request: object) -> bytes | int:
+        """Dispatch to the server (Twisted passes a L{twisted.web.server.Request})."""
+        return self._server.render(cast(Request, request))
+
+
+class FakeLlamaServer:
+    """State and behaviour of one fake llama-server.
+
+    All time comes from ``clock`` so unit tests can drive loading and token
+    streaming with :class:`twisted.internet.task.Clock`.
+
+    @param clock: time source for loading and token pacing.
+    @param model: the served model name (llama.cpp's model path or alias).
+    @param load_time: seconds from :meth:`start` until ``/health`` is 200.
+    @param token_delay: default seconds between generated tokens.
+    @param tokens: default number of generated tokens.
+    @param hang_health: never finish loading, so ``/health`` stays 503.
+    @param log: receives llama.cpp-like log lines (the CLI prints them).
+    @param on_crash: called for ``crash_after_tokens``; the CLI exits the
+        process.  When ``None`` the client connection is aborted instead.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        model: str = "fake",
+        *,
+        load_time: float = 0.0,
+        token_delay: float = 0.01,
+        tokens: int = 8,
+        hang_health: bool = False,
+        log: LogFunction | None = None,
+        on_crash: Callable[[], None] | None = None,
+    ) -> None:
+        self.clock = clock
+        self.model = model
+        self.load_time = load_time
+        self.token_delay = token_delay
+        self.tokens = tokens
+        self.hang_health = hang_health
+        self._log: LogFunction = log if log is not None else _noop_log
+        self._on_crash = on_crash
+        self.ready = False
+        self.started = False
+        #: Counters reported by ``GET /fake/stats``.
+        self.requests = 0
+        self.cancelled = 0
+        self.completed = 0
+        self.crashed = 0
+        self._task_ids = 0
+        self._generations: set[_Generation] = set()
+        self._timers: list[IDelayedCall] = []
+
+    # -- lifecycle ----------------------------------------------------------
+
+    @property
+    def active(self) -> int:
+        """Number of generations currently in progress."""
+        return len(self._generations)
+
+    def start(self, on_ready: Callable[[], None] | None = None) -> None:
+        """Begin "loading the model"; become ready ``load_time`` seconds later."""
+        if self.started:
+            return
+        self.started = True
+        self._log("main: loading model")
+        self._log(
+            f"llama_model_loader: loaded meta data with 32 key-value pairs"
+            f" and 291 tensors from {self.model}.gguf (version GGUF V3 (latest))"
+        )
+        self._log("llama_model_load: loading model tensors, this can take a while...")
+        if self.load_time > 0:
+            for percent in (25, 50, 75):
+                self._timers.append(
+                    self.clock.callLater(self.load_time * percent / 100, self._progress, percent)
+                )
+        if self.hang_health:
+            return
+        if self.load_time > 0:
+            self._timers.append(self.clock.callLater(self.load_time, self._become_ready, on_ready))
+        else:
+            self._become_ready(on_ready)
+
+    def stop(self) -> None:
+        """Cancel every pending timer so nothing outlives the server."""
+        for timer in self._timers:
+            if timer.active():
+                timer.cancel()
+        self._timers.clear()
+        for generation in self._generations:
+            generation.cancel_pending()
+
+    def _progress(self, percent: int) -> None:
+        self._log(f"llama_model_load: progress {percent}%")
+
+    def _become_ready(self, on_ready: Callable[[], None] | None) -> None:
+        self._timers = [t for t in self._timers if t.active()]
+        self.ready = True
+        self._log("llama_model_load: progress 100%")
+        self._log("main: model loaded")
+        if on_ready is not None:
+            on_ready()
+
+    def stats(self) -> JSONDict:
+        """Counters for ``GET /fake/stats`` (and for in-memory assertions)."""
+        return {
+            "model": self.model,
+            "pid": os.getpid(),
+            "argv": list(sys.argv),
+            "requests": self.requests,
+            "active": self.active,
+            "cancelled": self.cancelled,
+            "completed": self.completed,
+            "crashed": self.crashed,
+            "ready": self.ready,
+        }
+
+    def resource(self) -> IResource:
+        """The root web resource serving this fake's whole HTTP API."""
+        return _RootResource(self)
+
+    # -- dispatch -----------------------------------------------------------
+
+    def render(self, request: Request) -> bytes | int:
+        """Route one request; returns a body or ``NOT_DONE_YET``."""
+        path = request.path.decode("utf-8", "replace")
+        method = request.method.decode("ascii", "replace").upper()
+        request.setHeader(b"x-fake-served-by", self.model.encode("utf-8"))
+        if not path.startswith("/fake/") and path not in ("/health", "/v1/health"):
+            request.notifyFinish().addBoth(self._log_request, request, method, path)
+        if method in ("GET", "HEAD"):
+            return self._render_get(request, path)
+        self.requests += 1
+        if not self.ready:
+            return _json(request, 503, LOADING_BODY)
+        body = request.content.read() if request.content is not None else b""
+        try:
+            if path in _CHAT_PATHS:
+                return self._generate(request, "chat", _parse_json(body))
+            if path in _COMPLETIONS_PATHS:
+                return self._generate(request, "completions", _parse_json(body))
+            if path in _NATIVE_COMPLETION_PATHS:
+                return self._generate(request, "completion", _parse_json(body))
+            if path in _EMBEDDING_PATHS:
+                return self._embeddings(request, _parse_json(body))
+            if path in _RERANK_PATHS:
+                return self._rerank(request, _parse_json(body))
+            return self._echo(request, method, path, body)
+        except _BadRequest as e:
+            return _json(
+                request,
+                400,
+                {"error": {"code": 400, "message": str(e), "type": "invalid_request_error"}},
+            )
+
+    def _log_request(self, result: object, request: Request, method: str, path: str) -> None:
+        address = request.getClientAddress()
+        host = getattr(address, "host", "-")
+        self._log(f"srv  log_server_r: request: {method} {path} {host} {request.code}")
+
+    def _render_get(self, request: Request, path: str) -> bytes:
+        if not self.ready and path not in _ALWAYS_AVAILABLE_GETS:
+            return _json(request, 503, LOADING_BODY)
+        if path in ("/health", "/v1/health"):
+            return _json(request, 200, {"status": "ok"})
+        if path in ("/v1/models", "/models"):
+            return _json(request, 200, self._models())
+        if path == "/props":
+            return _json(request, 200, self._props())
+        if path == "/slots":
+            return _json(request, 200, [{"id": 0, "is_processing": self.active > 0}])
+        if path == "/fake/stats":
+            return _json(request, 200, self.stats())
+        if path == "/fake/env":
+            names = request.args.get(b"name") if request.args else None
+            if not names:
+                return _json(request, 400, _error(400, "missing ?name=", "invalid_request_error"))
+            name = names[0].decode("utf-8", "replace")
+            return _json(request, 200, {"name": name, "value": os.environ.get(name)})
+        return _json(request, 404, _error(404, "File Not Found", "not_found_error"))
+
+    def _models(self) -> JSONDict:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.model,
+                    "object": "model",
+                    "created": int(self.clock.seconds()),
+                    "owned_by": "llamacpp",
+                    "meta": {"fake": True, "n_ctx_train": 4096, "n_embd": _EMBEDDING_SIZE},
+                }
+            ],
+        }
+
+    def _props(self) -> JSONDict:
+        return {
+            "default_generation_settings": {
+                "n_ctx": 4096,
+                "params": {"n_predict": -1, "temperature": 0.8, "stream": False},
+            },
+            "total_slots": 1,
+            "model_path": f"{self.model}.gguf",
+            "build_info": _FINGERPRINT,
+            "fake": True,
+        }
+
+    # -- generation ---------------------------------------------------------
+
+    def _generate(self, request: Request, kind: str, body: JSONDict) -> bytes | int:
+        controls = FakeControls.from_body(body, self.tokens, self.token_delay)
+        if controls.status is not None:
+            return _json(request, controls.status, _upstream_error(controls.status))
+        requested = body.get("model")
+        self._task_ids += 1
+        generation = _Generation(
+            task_id=self._task_ids,
+            kind=kind,
+            request=request,
+            controls=controls,
+            requested_model="null" if requested is None else str(requested),
+            prompt_tokens=_count_prompt_tokens(kind, body),
+            stream=body.get("stream") is True,
+            created=int(self.clock.seconds()),
+        )
+        self._generations.add(generation)
+        self._log(
+            f"slot launch_slot_: id  0 | task {generation.task_id} | processing task"
+            f" (n_prompt_tokens = {generation.prompt_tokens})"
+        )
+        request.notifyFinish().addErrback(self._client_gone, generation)
+        if generation.stream:
+            request.setResponseCode(200)
+            request.setHeader(b"content-type", b"text/event-stream")
+            request.setHeader(b"cache-control", b"no-cache")
+            _write_event(request, self._first_chunk(generation))
+            if controls.crash_after_tokens == 0:
+                self._crash(generation)
+            else:
+                self._schedule(generation, self._stream_step)
+            return NOT_DONE_YET
+        crash_after = controls.crash_after_tokens
+        if crash_after is not None and crash_after < controls.tokens:
+            generation.pending = self.clock.callLater(
+                crash_after * controls.delay, self._crash, generation
+            )
+        elif not controls.hold:
+            total = controls.tokens * controls.delay
+            if total > 0:
+                generation.pending = self.clock.callLater(total, self._finish_plain, generation)
+            else:
+                self._finish_plain(generation)
+        return NOT_DONE_YET
+
+    def _schedule(self, generation: _Generation, step: Callable[[_Generation], None]) -> None:
+        generation.pending = self.clock.callLater(generation.controls.delay, step, generation)
+
+    def _stream_step(self, generation: _Generation) -> None:
+        """Emit the next token, or the final chunk once all are out."""
+        generation.pending = None
+        controls = generation.controls
+        if generation.emitted < controls.tokens:
+            _write_event(generation.request, self._token_chunk(generation, generation.emitted))
+            generation.emitted += 1
+            if generation.emitted == controls.crash_after_tokens:
+                self._crash(generation)
+            else:
+                self._schedule(generation, self._stream_step)
+            return
+        if controls.hold:
+            return  # Never finish: wait for the client to go away.
+        request = generation.request
+        _write_event(request, self._final_chunk(generation))
+        request.write(b"data: [DONE]\n\n")
+        self._retire(generation)
+        self.completed += 1
+        request.finish()
+
+    def _finish_plain(self, generation: _Generation) -> None:
+        generation.pending = None
+        generation.emitted = generation.controls.tokens
+        request = generation.request
+        payload = _json(request, 200, self._plain_response(generation))
+        self._retire(generation)
+        self.completed += 1
+        request.write(payload)
+        request.finish()
+
+    def _crash(self, generation: _Generation) -> None:
+        """Die mid-generation, like a llama-server hitting a GGML_ASSERT."""
+        self._retire(generation)
+        self.crashed += 1
+        self._log(f"fake: crashing in task {generation.task_id} as requested")
+        if self._on_crash is not None:
+            self._on_crash()
+            return
+        transport = getattr(generation.request, "transport", None)
+        abort = getattr(transport, "abortConnection", None)
+        if abort is not None:
+            abort()
+        elif transport is not None:
+            transport.loseConnection()
+
+    def _client_gone(self, reason: Failure, generation: _Generation) -> None:
+        """The client disconnected before we finished: stop generating."""
+        if generation.done:
+            return
+        self._retire(generation)
+        self.cancelled += 1
+        self._log(f"srv  cancel_tasks: cancel task, id_task = {generation.task_id}")
+
+    def _retire(self, generation: _Generation) -> None:
+        generation.done = True
+        generation.cancel_pending()
+        self._generations.discard(generation)
+        self._log(
+            f"slot      release: id  0 | task {generation.task_id} | stop processing:"
+            f" n_tokens = {generation.prompt_tokens + generation.emitted}, truncated = 0"
+        )
+        if not self._generations:
+            self._log("srv  update_slots: all slots are idle")
+
+    def _reply_text(self, generation: _Generation) -> str:
+        """The deterministic prefix every reply starts with."""
+        return f"fake-reply model={self.model} requested={generation.requested_model} tokens:"
+
+    @staticmethod
+    def _token(index: int) -> str:
+        return f" t{index}"
+
+    def _usage(self, generation: _Generation) -> JSONDict:
+        return {
+            "prompt_tokens": generation.prompt_tokens,
+            "completion_tokens": generation.emitted,
+            "total_tokens": generation.prompt_tokens + generation.emitted,
+        }
+
+    def _timings(self, generation: _Generation) -> JSONDict:
+        prompt_n = generation.prompt_tokens
+        prompt_ms = prompt_n * _PROMPT_MS_PER_TOKEN
+        predicted_n = generation.emitted
+        predicted_ms = predicted_n * generation.controls.delay * 1000.0
+        return {
+            "prompt_n": prompt_n,
+            "prompt_ms": prompt_ms,
+            "prompt_per_second": prompt_n * 1000.0 / prompt_ms if prompt_ms > 0 else 0.0,
+            "predicted_n": predicted_n,
+            "predicted_ms": predicted_ms,
+            "predicted_per_second": (
+                predicted_n * 1000.0 / predicted_ms if predicted_ms > 0 else 0.0
+            ),
+        }
+
+    def _envelope(self, generation: _Generation, obj: str) -> JSONDict:
+        prefix = "chatcmpl" if generation.kind == "chat" else "cmpl"
+        return {
+            "id": f"{prefix}-fake-{generation.task_id}",
+            "object": obj,
+            "created": generation.created,
+            "model": self.model,
+            "system_fingerprint": _FINGERPRINT,
+        }
+
+    def _plain_response(self, generation: _Generation) -> JSONDict:
+        text = self._reply_text(generation) + "".join(
+            self._token(i) for i in range(generation.emitted)
+        )
+        if generation.kind == "completion":
+            return self._native(generation, text, stop=True)
+        if generation.kind == "chat":
+            choice: JSONDict = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": "stop",
+            }
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}
+            obj = "text_completion"
+        return {
+            **self._envelope(generation, obj),
+            "choices": [choice],
+            "usage": self._usage(generation),
+            "timings": self._timings(generation),
+        }
+
+    def _native(self, generation: _Generation, content: str, *, stop: bool) -> JSONDict:
+        """A llama.cpp native ``/completion`` response or chunk."""
+        result: JSONDict = {"content": content, "stop": stop, "id_slot": 0, "index": 0}
+        if stop:
+            result.update(
+                {
+                    "model": self.model,
+                    "tokens_predicted": generation.emitted,
+                    "tokens_evaluated": generation.prompt_tokens,
+                    "stop_type": "eos",
+                    "timings": self._timings(generation),
+                }
+            )
+        return result
+
+    def _chunk(
+        self,
+        generation: _Generation,
+        text: str | None,
+        finish: str | None,
+        *,
+        first: bool = False,
+    ) -> JSONDict:
+        if generation.kind == "chat":
+            delta: JSONDict = {} if text is None else {"content": text}
+            if first:
+                delta = {"role": "assistant", "content": text}
+            choice: JSONDict = {"index": 0, "delta": delta, "finish_reason": finish}
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            obj = "text_completion"
+        return {**self._envelope(generation, obj), "choices": [choice]}
+
+    def _first_chunk(self, generation: _Generation) -> JSONDict:
+        """Sent at once, so headers reach the client before the first token."""
+        text = self._reply_text(generation)
+        if generation.kind == "completion":
+            return self._native(generation, text, stop=False)
+        return self._chunk(generation, text, None, first=True)
+
+    def _token_chunk(self, generation: _Generation, index: int) -> JSONDict:
+        if generation.kind == "completion":
+            return self._native(generation, self._token(index), stop=False)
+        return self._chunk(generation, self._token(index), None)
+
+    def _final_chunk(self, generation: _Generation) -> JSONDict:
+        if generation.kind == "completion":
+            return self._native(generation, "", stop=True)
+        chunk = self._chunk(generation, None, "stop")
+        chunk["usage"] = self._usage(generation)
+        chunk["timings"] = self._timings(generation)
+        return chunk
+
+    # -- other endpoints ----------------------------------------------------
+
+    def _embeddings(self, request: Request, body: JSONDict) -> bytes:
+        controls = FakeControls.from_body(body, self.tokens, self.token_delay)
+        if controls.status is not None:
+            return _json(request, controls.status, _upstream_error(controls.status))
+        raw = body.get("input", body.get("content"))
+        if raw is None:
+            raise _BadRequest('"input" is required')
+        inputs = raw if isinstance(raw, list) else [raw]
+        texts = [item if isinstance(item, str) else json.dumps(item) for item in inputs]
+        prompt_tokens = sum(_count_words(text) for text in texts)
+        self.completed += 1
+        return _json(
+            request,
+            200,
+            {
+                "object": "list",
+                "data": [
+                    {"object": "embedding", "index": i, "embedding": _fake_embedding(text)}
+                    for i, text in enumerate(texts)
+                ],
+                "model": self.model,
+                "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+            },
+        )
+
+    def _rerank(self, request: Request, body: JSONDict) -> bytes:
+        controls = FakeControls.from_body(body, self.tokens, self.token_delay)
+        if controls.status is not None:
+            return _json(request, controls.status, _upstream_error(controls.status))
+        query = body.get("query")
+        documents = body.get("documents", body.get("texts"))
+        if not isinstance(query, str) or not isinstance(documents, list):
+            raise _BadRequest('"query" (string) and "documents" (list) are required')
+        results = []
+        for index, document in enumerate(documents):
+            text = document if isinstance(document, str) else json.dumps(document)
+            results.append({"index": index, "relevance_score": _fake_score(query, text)})
+        tokens = _count_words(query) + sum(_count_words(str(d)) for d in documents)
+        self.completed += 1
+        return _json(
+            request,
+            200,
+            {
+                "model": self.model,
+                "object": "list",
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+                "results": results,
+            },
+        )
+
+    def _echo(self, request: Request, method: str, path: str, body: bytes) -> bytes:
+        """Describe what arrived, so proxy tests can check what got forwarded."""
+        content_type = request.getHeader(b"content-type")
+        content_type_str = content_type.decode("latin-1") if content_type is not None else None
+        model: str | None = None
+        if content_type_str is not None and content_type_str.lower().startswith("multipart/"):
+            # twisted.web already parsed multipart/form-data into request.args.
+            values = request.args.get(b"model") if request.args else None
+            if values:
+                model = values[0].decode("utf-8", "replace")
+        else:
+            try:
+                parsed = json.loads(body) if body else None
+            except ValueError:
+                parsed = None
+            if isinstance(parsed, dict):
+                controls = FakeControls.from_body(parsed, self.tokens, self.token_delay)
+                if controls.status is not None:
+                    return _json(request, controls.status, _upstream_error(controls.status))
+                if parsed.get("model") is not None:
+                    model = str(parsed["model"])
+        query = request.uri.partition(b"?")[2].decode("utf-8", "replace")
+        headers = {
+            name.decode("latin-1").lower(): values[0].decode("latin-1")
+            for name, values in request.requestHeaders.getAllRawHeaders()
+        }
+        self.completed += 1
+        return _json(
+            request,
+            200,
+            {
+                "path": path,
+                "method": method,
+                "served_by": self.model,
+                "model": model,
+                "content_type": content_type_str,
+                "body_length": len(body),
+                "query": query,
+                "headers": headers,
+            },
+        )
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+def _json(request: Request, status: int, obj: object) -> bytes:
+    """Set status and JSON headers, returning the encoded body."""
+    payload = json.dumps(obj).encode("utf-8")
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json; charset=utf-8")
+    request.setHeader(b"content-length", b"%d" % (len(payload),))
+    return payload
+
+
+def _write_event(request: Request, obj: JSONDict) -> None:
+    request.write(b"data: " + json.dumps(obj).encode("utf-8") + b"\n\n")
+
+
+def _error(code: int, message: str, kind: str) -> JSONDict:
+    return {"error": {"code": code, "message": message, "type": kind}}
+
+
+def _upstream_error(code: int) -> JSONDict:
+    return _error(code, "fake upstream error", "fake")
+
+
+def _parse_json(body: bytes) -> JSONDict:
+    try:
+        parsed = json.loads(body)
+    except ValueError as e:
+        raise _BadRequest(f"invalid JSON body: {e}") from None
+    if not isinstance(parsed, dict):
+        raise _BadRequest("JSON body must be an object")
+    return parsed
+
+
+def _count_words(text: str) -> int:
+    return len(text.split())
+
+
+def _count_prompt_tokens(kind: str, body: JSONDict) -> int:
+    """A cheap, deterministic stand-in for tokenising the prompt."""
+    parts: list[str] = []
+    if kind == "chat":
+        messages = body.get("messages")
+        for message in messages if isinstance(messages, list) else []:
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, str):
+                parts.append(content)
+            elif isinstance(content, list):
+                parts.extend(p["text"] for p in content if isinstance(p, dict) and "text" in p)
+    else:
+        prompt = body.get("prompt", body.get("content"))
+        if isinstance(prompt, list):
+            parts.extend(p if isinstance(p, str) else json.dumps(p) for p in prompt)
+        elif prompt is not None:
+            parts.append(str(prompt))
+    return max(1, sum(_count_words(p) for p in parts))
+
+
+def _fake_embedding(text: str) -> list[float]:
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return [round(b / 127.5 - 1.0, 6) for b in digest[:_EMBEDDING_SIZE]]
+
+
+def _fake_score(query: str, document: str) -> float:
+    """Word overlap plus a small deterministic tie-breaker, in [0, 1]."""
+    query_words = set(query.lower().split())
+    overlap = len(query_words & set(document.lower().split())) / max(1, len(query_words))
+    digest = hashlib.sha256(f"{query}\0{document}".encode()).digest()
+    return round(0.9 * overlap + 0.1 * digest[0] / 255, 6)
+
+
+# -- command line --------------------------------------------------------------
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    # No short options and no abbreviations: real llama-server flags such as
+    # ``-hf`` or ``--model-draft`` must be ignored, not mistaken for ours.
+    parser = argparse.ArgumentParser(
+        prog="python -m llamaswap.testing.fake_server",
+        description="Fake llama-server for tests; unknown llama-server flags are ignored.",
+        add_help=False,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--help", action="help", help="show this help and exit")
+    parser.add_argument("--port", type=int, required=True, help="TCP port; 0 picks a free one")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--model", default="fake", help="served model name")
+    parser.add_argument("--load-time", type=float, default=0.0, metavar="SECONDS")
+    parser.add_argument("--token-delay", type=float, default=0.01, metavar="SECONDS")
+    parser.add_argument("--tokens", type=int, default=8, metavar="N")
+    parser.add_argument("--hang-health", action="store_true", help="never finish loading")
+    parser.add_argument("--ignore-sigterm", action="store_true")
+    parser.add_argument("--fail-start", type=int, metavar="CODE", help="exit with CODE at once")
+    parser.add_argument(
+        "--crash-after", type=float, metavar="SECONDS", help="os._exit(3) this long after ready"
+    )
+    parser.add_argument("--log-spam", type=int, default=0, metavar="N")
+    parser.add_argument("--embedding", "--embeddings", action="store_true", help="no effect")
+    return parser
+
+
+def _stderr(line: str) -> None:
+    """Write one log line to stderr at once, as llama.cpp does."""
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _hard_exit(code: int, why: str) -> None:
+    _stderr(why)
+    os._exit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the fake server on the global reactor until SIGTERM/SIGINT."""
+    args, ignored = _build_parser().parse_known_args(argv)
+
+    from twisted.internet import reactor
+    from twisted.internet.interfaces import IReactorCore, IReactorTCP
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
+
+    # Only surface Twisted warnings/errors (e.g. tracebacks), never chatter.
+    globalLogBeginner.beginLoggingTo(
+        [
+            FilteringLogObserver(
+                textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(LogLevel.warn)]
+            )
+        ],
+        redirectStandardIO=False,
+    )
+
+    core = IReactorCore(reactor)
+    tcp = IReactorTCP(reactor)
+    clock = IReactorTime(reactor)
+
+    if args.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # Twisted installs its own SIGTERM handler once running; undo that.
+        core.callWhenRunning(signal.signal, signal.SIGTERM, signal.SIG_IGN)
+
+    _stderr(f"build: 0 ({_FINGERPRINT}) with fake compiler for fake target")
+    _stderr(f"system info: n_threads = 1, pid = {os.getpid()} | FAKE = 1 |")
+    if ignored:
+        _stderr(f"fake: ignoring unsupported arguments: {' '.join(ignored)}")
+    for i in range(args.log_spam):
+        _stderr(f"llama_model_loader: - kv {i:3d}: fake.spam.{i} str = {'x' * 32}")
+
+    if args.fail_start is not None:
+        _stderr("main: loading model")
+        _stderr(
+            f"llama_model_load: error loading model: fake failure (--fail-start {args.fail_start})"
+        )
+        _stderr("llama_model_load_from_file_impl: failed to load model")
+        _stderr("main: exiting due to model loading error")
+        return int(args.fail_start)
+
+    def on_crash() -> None:
+        _stderr("/fake/ggml.c:1: GGML_ASSERT(fake crash_after_tokens) failed")
+        # Give already-written tokens a moment to leave the socket buffer.
+        clock.callLater(0.05, _hard_exit, 7, "fake: exiting with code 7")
+
+    server = FakeLlamaServer(
+        clock,
+        args.model,
+        load_time=args.load_time,
+        token_delay=args.token_delay,
+        tokens=args.tokens,
+        hang_health=args.hang_health,
+        log=_stderr,
+        on_crash=on_crash,
+    )
+    site = Site(server.resource())  # type: ignore[no-untyped-call]
+    site.noisy = False
+    try:
+        port = tcp.listenTCP(args.port, site, interface=args.host)  # type: ignore[arg-type]
+    except Exception as e:
+        _stderr(f"main: couldn't bind HTTP server socket, hostname: {args.host}, port: {args.port}")
+        _stderr(f"fake: {e}")
+        return 1
+    address = port.getHost()
+    actual_port = address.port if isinstance(address, IPv4Address | IPv6Address) else args.port
+    _stderr(
+        f"main: HTTP server is listening, hostname: {args.host}, port: {actual_port},"
+        " http threads: 1"
+    )
+
+    def on_ready() -> None:
+        _stderr(
+            f"main: server is listening on http://{args.host}:{actual_port}"
+            " - starting the main loop"
+        )
+        _stderr("srv  update_slots: all slots are idle")
+        if args.crash_after is not None:
+            clock.callLater(
+                args.crash_after, _hard_exit, 3, "fake: crashing as requested (--crash-after)"
+            )
+
+    def on_shutdown() -> None:
+        _stderr("srv    operator(): operator(): cleaning up before exit...")
+        server.stop()
+
+    core.addSystemEventTrigger("before", "shutdown", on_shutdown)
+    core.callWhenRunning(server.start, on_ready)
+    core.run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
