@@ -23,7 +23,7 @@ from zope.interface import implementer
 
 from . import __version__
 from .config import Config, ModelConfig
-from .errors import ApiError, StartFailed
+from .errors import ApiError, ModelStopped, StartFailed
 from .logs import PROXY, UPSTREAM, LogHub, logger
 from .process import ModelState
 from .relay import Relay
@@ -100,6 +100,11 @@ class Api:
     @router.handle_errors(StartFailed)
     def start_failed(self, request: IRequest, failure: Failure) -> bytes:
         return self.error_response(request, ApiError(503, str(failure.value), "model_start_failed"))
+
+    @router.handle_errors(ModelStopped)
+    def model_stopped(self, request: IRequest, failure: Failure) -> bytes:
+        message = f"{failure.value}; it was unloaded before it became ready, try again"
+        return self.error_response(request, ApiError(503, message, "model_unloaded"))
 
     @router.handle_errors(NotFound)
     def not_found(self, request: IRequest, failure: Failure) -> bytes:

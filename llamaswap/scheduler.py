@@ -208,15 +208,18 @@ class Scheduler:
             await slot.process.stop("ttl")
 
     def unload(self, model_ids: Iterable[str] | None = None) -> Deferred[None]:
-        """Stop the given models (all if None) now, without waiting for their requests."""
-        targets = [self._slots[m] for m in model_ids] if model_ids is not None else list(
-            self._slots.values()
+        """Stop the given models (all if None) now, without waiting for their requests.
+
+        Not serialised behind the swap lock: an unload must be able to interrupt a
+        start that is still waiting for its health check.
+        """
+        targets = (
+            [self._slots[m] for m in model_ids]
+            if model_ids is not None
+            else list(self._slots.values())
         )
-
-        async def stop_them() -> None:
-            await _all(slot.process.stop("manual") for slot in targets)
-
-        return self._swap_lock.run(stop_them).addCallback(lambda _: self._pump())
+        stopped = _all_now(slot.process.stop("manual") for slot in targets)
+        return stopped.addCallback(lambda _: self._pump())
 
     def close(self) -> Deferred[None]:
         """Refuse new leases, fail queued ones, and stop every child."""

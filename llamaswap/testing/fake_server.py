@@ -61,7 +61,7 @@ _PROMPT_MS_PER_TOKEN: Final = 0.5
 _FINGERPRINT: Final = "b0000-fake"
 
 
-class Request(Protocol):
+class HTTPRequest(Protocol):
     """The parts of L{twisted.web.server.Request} used here, with types.
 
     Twisted's own ``Request`` methods are unannotated, which ``mypy --strict``
@@ -161,7 +161,7 @@ class _Generation:
 
     task_id: int
     kind: str  # "chat", "completions" or "completion"
-    request: Request
+    request: HTTPRequest
     controls: FakeControls
     requested_model: str
     prompt_tokens: int
@@ -197,7 +197,7 @@ class _RootResource:
 
     def render(self, request: object) -> bytes | int:
         """Dispatch to the server (Twisted passes a L{twisted.web.server.Request})."""
-        return self._server.render(cast(Request, request))
+        return self._server.render(cast(HTTPRequest, request))
 
 
 class FakeLlamaServer:
@@ -318,7 +318,7 @@ class FakeLlamaServer:
 
     # -- dispatch -----------------------------------------------------------
 
-    def render(self, request: Request) -> bytes | int:
+    def render(self, request: HTTPRequest) -> bytes | int:
         """Route one request; returns a body or ``NOT_DONE_YET``."""
         path = request.path.decode("utf-8", "replace")
         method = request.method.decode("ascii", "replace").upper()
@@ -350,12 +350,12 @@ class FakeLlamaServer:
                 {"error": {"code": 400, "message": str(e), "type": "invalid_request_error"}},
             )
 
-    def _log_request(self, result: object, request: Request, method: str, path: str) -> None:
+    def _log_request(self, result: object, request: HTTPRequest, method: str, path: str) -> None:
         address = request.getClientAddress()
         host = getattr(address, "host", "-")
         self._log(f"srv  log_server_r: request: {method} {path} {host} {request.code}")
 
-    def _render_get(self, request: Request, path: str) -> bytes:
+    def _render_get(self, request: HTTPRequest, path: str) -> bytes:
         if not self.ready and path not in _ALWAYS_AVAILABLE_GETS:
             return _json(request, 503, LOADING_BODY)
         if path in ("/health", "/v1/health"):
@@ -404,7 +404,7 @@ class FakeLlamaServer:
 
     # -- generation ---------------------------------------------------------
 
-    def _generate(self, request: Request, kind: str, body: JSONDict) -> bytes | int:
+    def _generate(self, request: HTTPRequest, kind: str, body: JSONDict) -> bytes | int:
         controls = FakeControls.from_body(body, self.tokens, self.token_delay)
         if controls.status is not None:
             return _json(request, controls.status, _upstream_error(controls.status))
@@ -461,11 +461,10 @@ class FakeLlamaServer:
             generation.emitted += 1
             if generation.emitted == controls.crash_after_tokens:
                 self._crash(generation)
-            else:
+            elif generation.emitted < controls.tokens or not controls.hold:
                 self._schedule(generation, self._stream_step)
+            # else "hold": never finish; wait for the client to go away.
             return
-        if controls.hold:
-            return  # Never finish: wait for the client to go away.
         request = generation.request
         _write_event(request, self._final_chunk(generation))
         request.write(b"data: [DONE]\n\n")
@@ -637,7 +636,7 @@ class FakeLlamaServer:
 
     # -- other endpoints ----------------------------------------------------
 
-    def _embeddings(self, request: Request, body: JSONDict) -> bytes:
+    def _embeddings(self, request: HTTPRequest, body: JSONDict) -> bytes:
         controls = FakeControls.from_body(body, self.tokens, self.token_delay)
         if controls.status is not None:
             return _json(request, controls.status, _upstream_error(controls.status))
@@ -662,7 +661,7 @@ class FakeLlamaServer:
             },
         )
 
-    def _rerank(self, request: Request, body: JSONDict) -> bytes:
+    def _rerank(self, request: HTTPRequest, body: JSONDict) -> bytes:
         controls = FakeControls.from_body(body, self.tokens, self.token_delay)
         if controls.status is not None:
             return _json(request, controls.status, _upstream_error(controls.status))
@@ -687,7 +686,7 @@ class FakeLlamaServer:
             },
         )
 
-    def _echo(self, request: Request, method: str, path: str, body: bytes) -> bytes:
+    def _echo(self, request: HTTPRequest, method: str, path: str, body: bytes) -> bytes:
         """Describe what arrived, so proxy tests can check what got forwarded."""
         content_type = request.getHeader(b"content-type")
         content_type_str = content_type.decode("latin-1") if content_type is not None else None
@@ -733,7 +732,7 @@ class FakeLlamaServer:
 # -- helpers -------------------------------------------------------------------
 
 
-def _json(request: Request, status: int, obj: object) -> bytes:
+def _json(request: HTTPRequest, status: int, obj: object) -> bytes:
     """Set status and JSON headers, returning the encoded body."""
     payload = json.dumps(obj).encode("utf-8")
     request.setResponseCode(status)
@@ -742,7 +741,7 @@ def _json(request: Request, status: int, obj: object) -> bytes:
     return payload
 
 
-def _write_event(request: Request, obj: JSONDict) -> None:
+def _write_event(request: HTTPRequest, obj: JSONDict) -> None:
     request.write(b"data: " + json.dumps(obj).encode("utf-8") + b"\n\n")
 
 

@@ -1,0 +1,78 @@
+"""Shared builders for the in-memory tests."""
+
+from __future__ import annotations
+
+import attrs
+
+from llamaswap.config import Config, parse_config
+from llamaswap.logs import LogHub
+from llamaswap.ports import PortAllocator
+from llamaswap.process import ModelProcess, Timing
+from llamaswap.scheduler import Scheduler
+from llamaswap.testing.fakes import FakeHealth, FakeProcess, FakeProcessReactor
+
+TWO_MODELS = """
+models:
+  a:
+    cmd: sleep --port ${PORT} --model a
+  b:
+    cmd: sleep --port ${PORT} --model b
+  c:
+    cmd: sleep --port ${PORT} --model c
+    ttl: 30
+"""
+
+
+@attrs.define
+class World:
+    """A scheduler over fake children, a fake clock and scripted health answers."""
+
+    config: Config
+    reactor: FakeProcessReactor
+    health: FakeHealth
+    logs: LogHub
+    scheduler: Scheduler
+
+    def process(self, model_id: str) -> ModelProcess:
+        return self.scheduler.processes[model_id]
+
+    def child(self, model_id: str) -> FakeProcess:
+        """The newest spawned child of ``model_id``."""
+        for spawned in reversed(self.reactor.spawned):
+            if f"--model {model_id}" in " ".join(spawned.args):
+                return spawned
+        raise AssertionError(f"{model_id} was never spawned")
+
+    def spawned_models(self) -> list[str]:
+        return [p.args[p.args.index("--model") + 1] for p in self.reactor.spawned]
+
+    def make_ready(self, model_id: str) -> None:
+        """The child finishes loading: health says 200 and it prints a line."""
+        process = self.process(model_id)
+        self.health.status[process.base_url] = 200
+        self.child(model_id).say("main: server is listening")
+        self.reactor.advance(process.timing.line_probe_gap)
+
+
+def world(text: str = TWO_MODELS, timing: Timing | None = None) -> World:
+    config = parse_config(text, "test.yaml")
+    reactor = FakeProcessReactor()
+    health = FakeHealth()
+    logs = LogHub()
+    ports = PortAllocator(config.start_port, is_free=lambda port: True)
+    timing = timing or Timing(health_timeout=config.health_check_timeout)
+    processes = [
+        ModelProcess(
+            model,
+            reactor=reactor,
+            clock=reactor,
+            logs=logs,
+            ports=ports,
+            probe=health,
+            timing=timing,
+            base_env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"},
+            process_groups=False,
+        )
+        for model in config.models.values()
+    ]
+    return World(config, reactor, health, logs, Scheduler(processes, reactor))

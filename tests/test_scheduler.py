@@ -1,0 +1,270 @@
+"""Swaps, queueing, draining and idle stops, in memory with a fake clock."""
+
+from __future__ import annotations
+
+from twisted.internet.defer import CancelledError
+from twisted.trial.unittest import SynchronousTestCase
+
+from llamaswap.errors import ApiError, StartFailed
+from llamaswap.process import ModelState, Timing
+from llamaswap.scheduler import Lease
+
+from .helpers import world
+
+
+class SwapTests(SynchronousTestCase):
+    def test_cold_start_then_fast_path(self) -> None:
+        w = world()
+        d = w.scheduler.acquire("a")
+        self.assertNoResult(d)
+        self.assertEqual(w.spawned_models(), ["a"])
+        self.assertTrue(w.child("a").stdin_closed)
+        w.make_ready("a")
+        lease = self.successResultOf(d)
+        self.assertEqual(lease.base_url, w.process("a").base_url)
+        lease.release()
+        # ready and nothing queued: granted at once, no new child
+        self.successResultOf(w.scheduler.acquire("a")).release()
+        self.assertEqual(w.spawned_models(), ["a"])
+
+    def test_swap_stops_the_running_model_before_starting_the_next(self) -> None:
+        w = world()
+        first = w.scheduler.acquire("a")
+        w.make_ready("a")
+        self.successResultOf(first).release()
+        second = w.scheduler.acquire("b")
+        self.assertEqual(w.child("a").signals, ["TERM"])
+        self.assertTrue(w.child("a").ended)
+        self.assertEqual(w.spawned_models(), ["a", "b"])
+        w.make_ready("b")
+        self.successResultOf(second).release()
+        self.assertEqual([p.args[-1] for p in w.reactor.running()], ["b"])
+
+    def test_concurrent_requests_for_a_cold_model_share_one_start(self) -> None:
+        w = world()
+        waiting = [w.scheduler.acquire("a") for _ in range(3)]
+        w.make_ready("a")
+        leases = [self.successResultOf(d) for d in waiting]
+        self.assertEqual(w.spawned_models(), ["a"])
+        self.assertEqual(w.scheduler.in_flight("a"), 3)
+        for lease in leases:
+            lease.release()
+        self.assertEqual(w.scheduler.in_flight("a"), 0)
+
+    def test_different_models_are_served_in_arrival_order(self) -> None:
+        w = world()
+        d_a = w.scheduler.acquire("a")
+        w.make_ready("a")
+        lease_a = self.successResultOf(d_a)
+        order: list[str] = []
+
+        def record(lease: Lease) -> Lease:
+            order.append(lease.model_id)
+            lease.release()
+            return lease
+
+        # b arrives before the second a: the second a must not jump the queue
+        d_b = w.scheduler.acquire("b").addCallback(record)
+        d_a2 = w.scheduler.acquire("a").addCallback(record)
+        d_c = w.scheduler.acquire("c").addCallback(record)
+        lease_a.release()
+        w.make_ready("b")
+        w.make_ready("a")
+        w.make_ready("c")
+        for d in (d_b, d_a2, d_c):
+            self.successResultOf(d)
+        self.assertEqual(order, ["b", "a", "c"])
+        self.assertEqual(w.spawned_models(), ["a", "b", "a", "c"])
+
+    def test_swap_waits_for_in_flight_requests_of_the_model_it_stops(self) -> None:
+        w = world()
+        d_a = w.scheduler.acquire("a")
+        w.make_ready("a")
+        lease_a = self.successResultOf(d_a)
+        d_b = w.scheduler.acquire("b")
+        # a is still serving: it must not be signalled, b must not be spawned
+        self.assertEqual(w.child("a").signals, [])
+        self.assertEqual(w.spawned_models(), ["a"])
+        lease_a.release()
+        self.assertEqual(w.child("a").signals, ["TERM"])
+        w.make_ready("b")
+        self.successResultOf(d_b)
+
+    def test_requests_for_the_running_model_queue_behind_a_pending_swap(self) -> None:
+        w = world()
+        d_a = w.scheduler.acquire("a")
+        w.make_ready("a")
+        lease_a = self.successResultOf(d_a)
+        w.scheduler.acquire("b")
+        late_a = w.scheduler.acquire("a")
+        # no new lease for a while the swap waits for a to drain
+        self.assertNoResult(late_a)
+        self.assertEqual(w.scheduler.in_flight("a"), 1)
+        lease_a.release()
+
+    def test_a_queued_client_that_leaves_is_removed_from_the_queue(self) -> None:
+        w = world()
+        d_a = w.scheduler.acquire("a")
+        w.make_ready("a")
+        lease_a = self.successResultOf(d_a)
+        d_b = w.scheduler.acquire("b")
+        d_c = w.scheduler.acquire("c")
+        self.assertEqual(w.scheduler.queued(), 2)
+        d_c.cancel()
+        self.failureResultOf(d_c, CancelledError)
+        self.assertEqual(w.scheduler.queued(), 1)
+        lease_a.release()
+        w.make_ready("b")
+        self.successResultOf(d_b).release()
+        # c was never started
+        self.assertEqual(w.spawned_models(), ["a", "b"])
+
+
+class StartFailureTests(SynchronousTestCase):
+    def test_exit_during_start_fails_every_waiter_with_the_cause_and_output(self) -> None:
+        w = world()
+        waiting = [w.scheduler.acquire("a"), w.scheduler.acquire("a")]
+        child = w.child("a")
+        child.say("error: failed to load model 'x.gguf'")
+        child.exit(1)
+        for d in waiting:
+            error = self.failureResultOf(d, StartFailed).value
+            self.assertIn("'a'", str(error))
+            self.assertIn("exited with code 1", str(error))
+            self.assertIn("failed to load model 'x.gguf'", str(error))
+        self.assertEqual(w.process("a").state, ModelState.FAILED)
+        # a later request tries again
+        again = w.scheduler.acquire("a")
+        self.assertEqual(w.spawned_models(), ["a", "a"])
+        w.make_ready("a")
+        self.successResultOf(again)
+
+    def test_health_timeout_stops_the_child_and_reports_it(self) -> None:
+        w = world(timing=Timing(health_timeout=5, poll_interval=0.25, stop_timeout=2))
+        d = w.scheduler.acquire("a")
+        w.health.status[w.process("a").base_url] = 503
+        w.reactor.pump([0.25] * 19)
+        self.assertNoResult(d)
+        self.assertEqual(len(w.health.probes), 19)
+        w.reactor.advance(0.25)
+        self.assertEqual(w.child("a").signals, ["TERM"])
+        error = self.failureResultOf(d, StartFailed).value
+        self.assertIn("not ready after 5s", str(error))
+        self.assertEqual(w.reactor.running(), [])
+
+    def test_missing_command_is_a_clear_start_failure(self) -> None:
+        w = world("models:\n  a:\n    cmd: no-such-binary-here --port ${PORT}\n")
+        error = self.failureResultOf(w.scheduler.acquire("a"), StartFailed).value
+        self.assertIn("command not found: 'no-such-binary-here'", str(error))
+        self.assertEqual(w.reactor.spawned, [])
+
+    def test_spawn_error_is_a_start_failure(self) -> None:
+        w = world()
+        w.reactor.spawn_error = OSError(13, "Permission denied")
+        error = self.failureResultOf(w.scheduler.acquire("a"), StartFailed).value
+        self.assertIn("Permission denied", str(error))
+
+    def test_failure_of_one_model_does_not_block_the_next(self) -> None:
+        w = world()
+        d_a = w.scheduler.acquire("a")
+        d_b = w.scheduler.acquire("b")
+        w.child("a").exit(2)
+        self.failureResultOf(d_a, StartFailed)
+        w.make_ready("b")
+        self.successResultOf(d_b)
+
+    def test_line_output_triggers_a_prompt_health_check(self) -> None:
+        w = world(timing=Timing(poll_interval=5.0, line_probe_gap=0.01))
+        d = w.scheduler.acquire("a")
+        w.health.status[w.process("a").base_url] = 200
+        w.reactor.advance(0.02)
+        self.assertEqual(w.health.probes, [])  # the slow poll has not come yet
+        w.child("a").say("srv  update_slots: all slots are idle")
+        self.successResultOf(d)
+        self.assertEqual(len(w.health.probes), 1)
+
+
+class StopTests(SynchronousTestCase):
+    def test_ttl_stops_an_idle_model_counted_from_the_last_request(self) -> None:
+        w = world()
+        d = w.scheduler.acquire("c")  # ttl: 30
+        w.make_ready("c")
+        lease = self.successResultOf(d)
+        w.reactor.advance(100)  # in flight: no idle timer runs
+        self.assertEqual(w.process("c").state, ModelState.READY)
+        lease.release()
+        w.reactor.advance(29)
+        self.successResultOf(w.scheduler.acquire("c")).release()  # resets the timer
+        w.reactor.advance(29)
+        self.assertEqual(w.process("c").state, ModelState.READY)
+        w.reactor.advance(1)
+        self.assertEqual(w.child("c").signals, ["TERM"])
+        self.assertEqual(w.process("c").state, ModelState.STOPPED)
+
+    def test_no_ttl_means_never_stopped(self) -> None:
+        w = world()
+        d = w.scheduler.acquire("a")
+        w.make_ready("a")
+        self.successResultOf(d).release()
+        w.reactor.advance(10_000)
+        self.assertEqual(w.process("a").state, ModelState.READY)
+
+    def test_a_child_ignoring_term_is_killed_after_the_grace(self) -> None:
+        w = world(timing=Timing(stop_timeout=3))
+        d = w.scheduler.acquire("a")
+        w.make_ready("a")
+        self.successResultOf(d).release()
+        w.child("a").ignore_term = True
+        stopped = w.scheduler.unload(["a"])
+        self.assertNoResult(stopped)
+        w.reactor.advance(3)
+        self.assertEqual(w.child("a").signals, ["TERM", "KILL"])
+        self.successResultOf(stopped)
+        self.assertEqual(w.process("a").state, ModelState.STOPPED)
+
+    def test_close_stops_every_child_and_fails_the_queue(self) -> None:
+        w = world()
+        d_a = w.scheduler.acquire("a")
+        w.make_ready("a")
+        self.successResultOf(d_a)
+        queued = w.scheduler.acquire("b")
+        closing = w.scheduler.close()
+        self.successResultOf(closing)
+        self.assertEqual(w.reactor.running(), [])
+        self.assertEqual(self.failureResultOf(queued, ApiError).value.status, 503)
+        self.assertEqual(self.failureResultOf(w.scheduler.acquire("a"), ApiError).value.status, 503)
+
+    def test_a_crashed_model_is_started_again_by_the_next_request(self) -> None:
+        w = world()
+        d = w.scheduler.acquire("a")
+        w.make_ready("a")
+        self.successResultOf(d).release()
+        w.child("a").exit(None, 9)
+        self.assertEqual(w.process("a").state, ModelState.STOPPED)
+        self.assertIn("killed by SIGKILL", w.process("a").last_error or "")
+        again = w.scheduler.acquire("a")
+        w.make_ready("a")
+        self.successResultOf(again)
+        self.assertEqual(w.spawned_models(), ["a", "a"])
+
+    def test_unload_during_start_fails_waiters_as_stopped_not_crashed(self) -> None:
+        w = world()
+        d = w.scheduler.acquire("a")
+        self.successResultOf(w.scheduler.unload())
+        self.failureResultOf(d)
+        self.assertEqual(w.process("a").state, ModelState.STOPPED)
+
+
+class EnvironmentTests(SynchronousTestCase):
+    def test_env_is_merged_over_llamaswaps_own_and_port_is_filled(self) -> None:
+        w = world(
+            "startPort: 7000\nmodels:\n  a:\n    cmd: sleep --port ${PORT} --model a\n"
+            "    env: ['CUDA_VISIBLE_DEVICES=1', 'HOME=/models', 'MY_PORT=${PORT}']\n"
+        )
+        w.scheduler.acquire("a")
+        child = w.child("a")
+        self.assertEqual(child.env["CUDA_VISIBLE_DEVICES"], "1")
+        self.assertEqual(child.env["HOME"], "/models")
+        self.assertEqual(child.env["PATH"], "/usr/bin:/bin")
+        self.assertEqual(child.env["MY_PORT"], "7000")
+        self.assertEqual(child.args[-3:], ["7000", "--model", "a"])
