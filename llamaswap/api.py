@@ -62,9 +62,7 @@ class Api:
     router = Klein()
     log = logger()
 
-    def __init__(
-        self, config: Config, scheduler: Scheduler, relay: Relay, logs: LogHub
-    ) -> None:
+    def __init__(self, config: Config, scheduler: Scheduler, relay: Relay, logs: LogHub) -> None:
         self.config = config
         self.scheduler = scheduler
         self.relay = relay
@@ -148,9 +146,11 @@ class Api:
         model = self.resolve(names[0].decode("utf-8", errors="replace"))
         await self.proxy(request, model, b"GET", request.uri, None)
 
-    @router.route("/upstream/<path:rest>", branch=False, methods=[
-        "GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"
-    ])
+    @router.route(
+        "/upstream/<path:rest>",
+        branch=False,
+        methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
+    )
     async def upstream(self, request: Request, rest: str) -> None:
         raw = request.uri.split(b"?", 1)
         query = b"?" + raw[1] if len(raw) == 2 else b""

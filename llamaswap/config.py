@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 import shlex
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +181,9 @@ class _Builder:
         if log_level == "warning":
             log_level = "warn"
         if log_level not in LOG_LEVELS:
-            raise self.fail("logLevel", f"must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+            raise self.fail(
+                "logLevel", f"must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}"
+            )
         start_port = self.integer(root.get("startPort", 5800), "startPort")
         if not 1 <= start_port <= 65535:
             raise self.fail("startPort", f"must be a port number 1-65535, got {start_port!r}")
@@ -247,13 +249,12 @@ class _Builder:
                 raise self.fail(where, "macro names use letters, digits, '_' and '-' only")
             if name in RESERVED_MACROS:
                 raise self.fail(where, f"{name} is reserved and filled in by llamaswap")
-            # a macro may use the macros defined before it
-            macros[name] = self.expand(self.string(raw, where), where, macros, set())
+            # a macro may use the macros defined before it; ${PORT}, ${MODEL_ID}
+            # and ${PID} stay for the place the macro is used in
+            macros[name] = self.expand(self.string(raw, where), where, macros, RESERVED_MACROS)
         return macros
 
-    def expand(
-        self, text: str, path: str, macros: Mapping[str, str], keep: set[str]
-    ) -> str:
+    def expand(self, text: str, path: str, macros: Mapping[str, str], keep: Collection[str]) -> str:
         """Substitute ``${name}`` macros; names in ``keep`` stay for run time."""
 
         def replace(match: re.Match[str]) -> str:
@@ -270,7 +271,12 @@ class _Builder:
                 + (f" (defined: {', '.join(sorted(macros))})" if macros else ""),
             )
 
-        return MACRO_REF.sub(replace, text)
+        result = MACRO_REF.sub(replace, text)
+        # a macro's value may bring in a run-time macro that this place cannot fill
+        for name in MACRO_REF.findall(result):
+            if name not in keep:
+                raise self.fail(path, f"${{{name}}} cannot be used here")
+        return result
 
     # --- one model ---------------------------------------------------------
 
@@ -280,7 +286,8 @@ class _Builder:
         self.check_keys(doc, base, MODEL_KEYS)
         if "cmd" not in doc:
             raise self.fail(f"{base}.cmd", "required key is missing")
-        scope = {**macros, "MODEL_ID": model_id}
+        scope = {name: value.replace("${MODEL_ID}", model_id) for name, value in macros.items()}
+        scope["MODEL_ID"] = model_id
 
         cmd = self.command(doc["cmd"], f"{base}.cmd", scope, {"PORT"})
         proxy = self.expand(
@@ -347,22 +354,24 @@ class _Builder:
         )
 
     def command(
-        self, value: object, path: str, scope: Mapping[str, str], keep: set[str]
+        self, value: object, path: str, scope: Mapping[str, str], keep: Collection[str]
     ) -> CommandTemplate:
         text = self.string(value, path)
         lines = []
         for line in text.splitlines():
             if line.strip().startswith("#"):
                 continue
-            lines.append(line[:-1] if line.rstrip().endswith("\\") else line)
+            lines.append(line)
         joined = " ".join(line.rstrip().removesuffix("\\") for line in lines)
+        # macros are text: one may hold several arguments, so substitute, then split
+        joined = self.expand(joined, path, scope, keep)
         try:
             argv = shlex.split(joined, comments=False, posix=True)
         except ValueError as e:
             raise self.fail(path, f"cannot split the command like a shell would: {e}") from e
         if not argv:
             raise self.fail(path, "the command is empty")
-        return CommandTemplate(tuple(self.expand(arg, path, scope, keep) for arg in argv))
+        return CommandTemplate(tuple(argv))
 
     def env(self, value: object, path: str, scope: Mapping[str, str]) -> list[tuple[str, str]]:
         pairs = []

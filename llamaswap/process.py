@@ -7,6 +7,7 @@ did not work).  It never decides *which* model should run; the scheduler does.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import shutil
@@ -17,7 +18,12 @@ from collections.abc import Callable, Mapping
 import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
-from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReactorProcess, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IProcessTransport,
+    IReactorProcess,
+    IReactorTime,
+)
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
@@ -201,7 +207,9 @@ class ModelProcess:
             # children too; setsid execs in place, keeping the pid
             executable, argv = self._setsid, [self._setsid, executable, *argv[1:]]
         self.log.info(
-            "starting {model}: {argv}", model=self.id, argv=" ".join(argv[1 if self._setsid else 0 :])
+            "starting {model}: {argv}",
+            model=self.id,
+            argv=" ".join(argv[1 if self._setsid else 0 :]),
         )
         protocol = ChildProtocol(self._line, self._ended)
         try:
@@ -356,15 +364,11 @@ class ModelProcess:
         if self._transport is None or self.pid is None:
             return
         if self._setsid is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.pid, getattr(signal, "SIG" + name))
-            except ProcessLookupError:
-                pass
             return
-        try:
+        with contextlib.suppress(ProcessExitedAlready):
             self._transport.signalProcess(name)
-        except ProcessExitedAlready:
-            pass
 
     def _when_exited(self) -> Deferred[None]:
         waiter: Deferred[None] = Deferred()
@@ -379,10 +383,8 @@ class ModelProcess:
         if self._setsid is not None and self.pid is not None:
             # the leader is gone; anything left in its group (wrapper scripts'
             # children) goes too
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
         for timer in (self._deadline, self._poll, self._kill):
             self._cancel(timer)
         self._deadline = self._poll = self._kill = None

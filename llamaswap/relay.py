@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IResponse, UNKNOWN_LENGTH
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
@@ -150,6 +150,9 @@ class _Exchange:
         response.deliverBody(self.body)
 
 
+_RESPONSE_DONE = Failure(ResponseDone())
+
+
 class _BodyRelay(Protocol):
     """Writes each upstream chunk to the client, with backpressure both ways."""
 
@@ -173,7 +176,7 @@ class _BodyRelay(Protocol):
         if self.transport is not None:
             self.transport.stopProducing()  # type: ignore[attr-defined]
 
-    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
+    def connectionLost(self, reason: Failure = _RESPONSE_DONE) -> None:
         exchange = self.exchange
         request = exchange.request
         if self.stopped or exchange.done.called:

@@ -155,7 +155,8 @@ class Scheduler:
         in_the_way = [
             other
             for other in self._slots.values()
-            if other is not slot and other.process.state is not ModelState.STOPPED
+            if other is not slot
+            and other.process.state is not ModelState.STOPPED
             and other.process.state is not ModelState.FAILED
         ]
         if in_the_way:
@@ -179,7 +180,7 @@ class Scheduler:
         await self._drained(slot)
         await slot.process.stop(reason)
 
-    def _swap_done(self, result: None | Failure, slot: _Slot) -> None:
+    def _swap_done(self, result: Failure | None, slot: _Slot) -> None:
         self._swapping = False
         if isinstance(result, Failure):
             # everyone queued for this model was waiting on this very start
@@ -196,14 +197,18 @@ class Scheduler:
     def _ttl_expired(self, slot: _Slot) -> None:
         slot.ttl_timer = None
         d = self._swap_lock.run(self._stop_if_idle, slot)
-        d.addErrback(lambda f: self.log.failure("idle stop of {model} failed", f, model=slot.process.id))
+        d.addErrback(
+            lambda f: self.log.failure("idle stop of {model} failed", f, model=slot.process.id)
+        )
 
     async def _stop_if_idle(self, slot: _Slot) -> None:
         if slot.in_flight or slot.ttl_timer is not None or self.queued(slot.process.id):
             return
         if slot.process.state is ModelState.READY:
             self.log.info(
-                "model {model} idle for {ttl:g}s", model=slot.process.id, ttl=slot.process.config.ttl
+                "model {model} idle for {ttl:g}s",
+                model=slot.process.id,
+                ttl=slot.process.config.ttl,
             )
             await slot.process.stop("ttl")
 

@@ -908,7 +908,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log=_stderr,
         on_crash=on_crash,
     )
-    site = Site(server.resource())  # type: ignore[no-untyped-call]
+    site = Site(server.resource())
     site.noisy = False
     try:
         port = tcp.listenTCP(args.port, site, interface=args.host)  # type: ignore[arg-type]

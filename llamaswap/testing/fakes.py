@@ -12,7 +12,12 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionRefusedError, ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.error import (
+    ConnectionRefusedError,
+    ProcessDone,
+    ProcessExitedAlready,
+    ProcessTerminated,
+)
 from twisted.internet.interfaces import IProcessProtocol, IProcessTransport, IReactorProcess
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -121,7 +126,7 @@ class FakeProcessReactor(Clock):
         processProtocol: IProcessProtocol,
         executable: bytes | str,
         args: Sequence[bytes | str],
-        env: Mapping[bytes | str, bytes | str] | None = None,
+        env: Mapping[Any, Any] | None = None,
         path: bytes | str | None = None,
         uid: int | None = None,
         gid: int | None = None,

@@ -1,0 +1,217 @@
+"""Configuration: defaults, command parsing, macros and every validation error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from llamaswap.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class DefaultsTests(SynchronousTestCase):
+    def test_minimal_model_gets_the_documented_defaults(self) -> None:
+        config = parse_config("models:\n  m:\n    cmd: llama-server --port ${PORT}\n")
+        self.assertEqual(config.health_check_timeout, 120)
+        self.assertEqual(config.start_port, 5800)
+        self.assertEqual(config.log_level, "info")
+        model = config.models["m"]
+        self.assertEqual(model.proxy, "http://127.0.0.1:${PORT}")
+        self.assertEqual(model.proxy_url(5901), "http://127.0.0.1:5901")
+        self.assertEqual(model.check_endpoint, "/health")
+        self.assertEqual(model.ttl, 0)
+        self.assertEqual(model.aliases, ())
+        self.assertFalse(model.unlisted)
+        self.assertIsNone(model.use_model_name)
+        self.assertIsNone(model.cmd_stop)
+
+    def test_multi_line_cmd_drops_comments_and_splits_like_a_shell(self) -> None:
+        config = parse_config(
+            "models:\n"
+            "  m:\n"
+            "    cmd: |\n"
+            "      llama-server --port ${PORT}\n"
+            "      # a comment line\n"
+            "        -m '/models/my model.gguf' \\\n"
+            '        --chat-template "a b"\n'
+        )
+        self.assertEqual(
+            config.models["m"].cmd.render(9000),
+            [
+                "llama-server",
+                "--port",
+                "9000",
+                "-m",
+                "/models/my model.gguf",
+                "--chat-template",
+                "a b",
+            ],
+        )
+
+    def test_shell_syntax_is_not_interpreted(self) -> None:
+        config = parse_config(
+            "models:\n  m:\n    cmd: server --port ${PORT} ; rm -rf / && echo $HOME\n"
+        )
+        argv = config.models["m"].cmd.render(1)
+        self.assertIn(";", argv)
+        self.assertIn("$HOME", argv)
+
+    def test_check_endpoint_none_skips_health_checks(self) -> None:
+        config = parse_config(
+            "models:\n  m:\n    cmd: server --port ${PORT}\n    checkEndpoint: none\n"
+        )
+        self.assertIsNone(config.models["m"].check_endpoint)
+
+    def test_fixed_proxy_without_port_macro(self) -> None:
+        config = parse_config(
+            "models:\n  m:\n    cmd: docker run -p 9999:8080 img\n    proxy: http://127.0.0.1:9999\n"
+        )
+        self.assertFalse(config.models["m"].uses_port)
+        self.assertEqual(config.models["m"].proxy_url(None), "http://127.0.0.1:9999")
+
+    def test_aliases_resolve_and_unlisted_models_are_hidden_from_the_list(self) -> None:
+        config = parse_config(
+            "models:\n"
+            "  big:\n    cmd: s --port ${PORT}\n    aliases: [gpt-4o, smart]\n"
+            "  hidden:\n    cmd: s --port ${PORT}\n    unlisted: true\n"
+        )
+        resolved = config.resolve("smart")
+        assert resolved is not None
+        self.assertEqual(resolved.id, "big")
+        self.assertIsNone(config.resolve("nope"))
+        self.assertEqual(config.listed_ids(), ["big"])
+        self.assertIsNotNone(config.resolve("hidden"))
+
+
+class MacroTests(SynchronousTestCase):
+    def test_user_macros_model_id_and_macro_in_macro(self) -> None:
+        config = parse_config(
+            "macros:\n"
+            "  bin: /opt/llama/llama-server\n"
+            "  base: ${bin} --port ${PORT}\n"
+            "models:\n"
+            "  qwen:\n"
+            "    cmd: ${base} --alias ${MODEL_ID}\n"
+            "    name: The ${MODEL_ID} model\n"
+            "    cmdStop: kill -TERM ${PID}\n"
+        )
+        model = config.models["qwen"]
+        self.assertEqual(
+            model.cmd.render(7001),
+            ["/opt/llama/llama-server", "--port", "7001", "--alias", "qwen"],
+        )
+        self.assertEqual(model.name, "The qwen model")
+        assert model.cmd_stop is not None
+        self.assertEqual(model.cmd_stop.render(pid=4242), ["kill", "-TERM", "4242"])
+
+    def test_unknown_macro_names_the_key_path(self) -> None:
+        error = self.assertRaises(
+            ConfigError,
+            parse_config,
+            "models:\n  m:\n    cmd: s --port ${PORT} ${nope}\n",
+            "c.yaml",
+        )
+        self.assertIn("c.yaml: models.m.cmd: unknown macro ${nope}", str(error))
+
+    def test_macro_using_a_later_macro_is_an_error(self) -> None:
+        error = self.assertRaises(
+            ConfigError, parse_config, "macros:\n  a: ${b}\n  b: x\nmodels:\n  m:\n    cmd: s\n"
+        )
+        self.assertIn("macros.a: unknown macro ${b}", str(error))
+
+    def test_reserved_macro_names(self) -> None:
+        error = self.assertRaises(
+            ConfigError, parse_config, "macros:\n  PORT: 1\nmodels:\n  m:\n    cmd: s\n"
+        )
+        self.assertIn("macros.PORT", str(error))
+        self.assertIn("reserved", str(error))
+
+    def test_pid_outside_cmd_stop_is_an_error(self) -> None:
+        error = self.assertRaises(
+            ConfigError, parse_config, "models:\n  m:\n    cmd: s --port ${PORT} ${PID}\n"
+        )
+        self.assertIn("models.m.cmd: ${PID} cannot be used here", str(error))
+
+
+class ValidationTests(SynchronousTestCase):
+    def error(self, text: str) -> str:
+        return str(self.assertRaises(ConfigError, parse_config, text, "conf.yaml"))
+
+    def test_unknown_keys_get_a_did_you_mean_hint(self) -> None:
+        self.assertIn(
+            "conf.yaml: healthCheckTimout: unknown key (did you mean 'healthCheckTimeout'?)",
+            self.error("healthCheckTimout: 5\nmodels:\n  m:\n    cmd: s --port ${PORT}\n"),
+        )
+        self.assertIn(
+            "models.m.ttls: unknown key (did you mean 'ttl'?)",
+            self.error("models:\n  m:\n    cmd: s --port ${PORT}\n    ttls: 5\n"),
+        )
+
+    def test_structure_errors(self) -> None:
+        self.assertIn("the file is empty", self.error(""))
+        self.assertIn("models: required key is missing", self.error("logLevel: info\n"))
+        self.assertIn("models: expected a map, got a list", self.error("models: [a, b]\n"))
+        self.assertIn("models: at least one model", self.error("models: {}\n"))
+        self.assertIn("models.m.cmd: required key is missing", self.error("models:\n  m: {}\n"))
+        self.assertIn("models.m: expected a map", self.error("models:\n  m: llama-server\n"))
+        self.assertIn("not valid YAML", self.error("models: [\n"))
+
+    def test_value_errors_show_the_bad_value(self) -> None:
+        base = "models:\n  m:\n    cmd: s --port ${PORT}\n"
+        self.assertIn(
+            "models.m.ttl: expected a number, got str 'soon'", self.error(base + "    ttl: soon\n")
+        )
+        self.assertIn("models.m.ttl: must be 0 (never)", self.error(base + "    ttl: -1\n"))
+        self.assertIn(
+            "startPort: must be a port number 1-65535, got 70000",
+            self.error("startPort: 70000\n" + base),
+        )
+        self.assertIn(
+            "healthCheckTimeout: must be a positive", self.error("healthCheckTimeout: 0\n" + base)
+        )
+        self.assertIn("logLevel: must be one of", self.error("logLevel: loud\n" + base))
+        self.assertIn(
+            "models.m.unlisted: expected true or false", self.error(base + "    unlisted: maybe\n")
+        )
+        self.assertIn(
+            "models.m.env[0]: expected NAME=value, got 'JUSTNAME'",
+            self.error(base + "    env: [JUSTNAME]\n"),
+        )
+        self.assertIn("models.m.aliases: expected a list", self.error(base + "    aliases: x\n"))
+        self.assertIn(
+            "models.m.cmd: the command is empty", self.error("models:\n  m:\n    cmd: '  '\n")
+        )
+        self.assertIn("cannot split", self.error("models:\n  m:\n    cmd: s 'unterminated\n"))
+        self.assertIn("expected an http:// URL", self.error(base + "    proxy: ftp://x\n"))
+
+    def test_default_proxy_needs_port_in_cmd(self) -> None:
+        message = self.error("models:\n  m:\n    cmd: llama-server --port 8000\n")
+        self.assertIn("models.m.cmd: the command does not use ${PORT}", message)
+
+    def test_alias_conflicts(self) -> None:
+        self.assertIn(
+            "models.b.aliases[0]: alias 'x' is also used by 'a'",
+            self.error(
+                "models:\n  a:\n    cmd: s --port ${PORT}\n    aliases: [x]\n"
+                "  b:\n    cmd: s --port ${PORT}\n    aliases: [x]\n"
+            ),
+        )
+        self.assertIn(
+            "alias 'a' is already a model id",
+            self.error(
+                "models:\n  a:\n    cmd: s --port ${PORT}\n"
+                "  b:\n    cmd: s --port ${PORT}\n    aliases: [a]\n"
+            ),
+        )
+
+    def test_missing_file_names_the_file(self) -> None:
+        error = self.assertRaises(ConfigError, load_config, "/nonexistent/llamaswap.yaml")
+        self.assertIn("/nonexistent/llamaswap.yaml: cannot read file", str(error))
+
+
+class ShippedConfigTests(SynchronousTestCase):
+    def test_example_config_is_valid(self) -> None:
+        config = load_config(ROOT / "config.example.yaml")
+        self.assertTrue(config.models)
