@@ -303,7 +303,8 @@ class Api:
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         request.setHeader(b"x-accel-buffering", b"no")
         request.setHeader(b"cache-control", b"no-cache")
-        if b"no-history" not in request.args:
+        request.write(b"")  # send the headers now: a quiet log may say nothing for long
+        if not _has_flag(request, b"no-history"):
             for source in sources:
                 for line in self.logs.history(source):
                     request.write(line.encode("utf-8") + b"\n")
@@ -318,6 +319,12 @@ class Api:
         done.addErrback(_ignore_cancel)
         done.addBoth(end)
         return done
+
+
+def _has_flag(request: Request, name: bytes) -> bool:
+    """``?name`` with or without a value (``request.args`` drops bare names)."""
+    query = request.uri.partition(b"?")[2]
+    return any(part.partition(b"=")[0] == name for part in query.split(b"&"))
 
 
 def _ignore_cancel(failure: Failure) -> None:

@@ -156,7 +156,7 @@ class ModelProcess:
         self._deadline: IDelayedCall | None = None
         self._poll: IDelayedCall | None = None
         self._kill: IDelayedCall | None = None
-        self._probing = False
+        self._probing: Deferred[int] | None = None
         self._probe_again = False
         self._last_probe = 0.0
 
@@ -252,20 +252,19 @@ class ModelProcess:
     def _probe(self) -> None:
         if self.state is not ModelState.STARTING:
             return
-        if self._probing:
+        if self._probing is not None:
             self._probe_again = True
             return
         if self._poll is not None and self._poll.active():
             self._poll.cancel()
         self._poll = None
-        self._probing = True
         self._last_probe = self._clock.seconds()
         assert self.config.check_endpoint is not None
-        d = self._probe_url(self.base_url + self.config.check_endpoint)
-        d.addBoth(self._probed)
+        self._probing = self._probe_url(self.base_url + self.config.check_endpoint)
+        self._probing.addBoth(self._probed)
 
     def _probed(self, result: int | Failure) -> None:
-        self._probing = False
+        self._probing = None
         if self.state is not ModelState.STARTING:
             return
         if result == 200:
@@ -276,10 +275,19 @@ class ModelProcess:
         elif self._poll is None:
             self._poll = self._clock.callLater(self.timing.poll_interval, self._probe)
 
+    def _stop_probing(self) -> None:
+        """Call once the state is no longer STARTING, so nothing re-arms a probe."""
+        self._cancel(self._poll)
+        self._poll = None
+        self._probe_again = False
+        if self._probing is not None:
+            self._probing.cancel()
+
     def _became_ready(self) -> None:
         self._cancel(self._deadline)
         self._deadline = None
         self.state = ModelState.READY
+        self._stop_probing()
         self.ready_at = self._clock.seconds()
         assert self.started_at is not None
         self.log.info(
@@ -325,8 +333,7 @@ class ModelProcess:
 
     def _begin_stop(self) -> None:
         self.state = ModelState.STOPPING
-        self._cancel(self._poll)
-        self._poll = None
+        self._stop_probing()
         if self.config.cmd_stop is not None and self.pid is not None:
             self._run_cmd_stop()
         else:
@@ -413,6 +420,7 @@ class ModelProcess:
             else:
                 self.log.info("model {model} stopped ({how})", model=self.id, how=how)
         self._start_failure = None
+        self._stop_probing()
 
         waiters, self._exit_waiters = self._exit_waiters, []
         for waiter in waiters:

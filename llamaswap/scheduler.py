@@ -166,9 +166,14 @@ class Scheduler:
                 others=", ".join(o.process.id for o in in_the_way),
             )
         started = self._clock.seconds()
-        await _all(
-            Deferred.fromCoroutine(self._drain_and_stop(other, "swap")) for other in in_the_way
-        )
+        await _all(self._drained(other) for other in in_the_way)
+        if not self._wanted(slot):
+            # everyone who wanted it left while the others drained: keep what runs
+            self.log.info("swap to {model} abandoned: nobody waits for it", model=slot.process.id)
+            return
+        await _all(other.process.stop("swap") for other in in_the_way)
+        if not self._wanted(slot):
+            return
         await slot.process.start()
         self.log.info(
             "swap to {model} done in {seconds:.2f}s",
@@ -176,9 +181,8 @@ class Scheduler:
             seconds=self._clock.seconds() - started,
         )
 
-    async def _drain_and_stop(self, slot: _Slot, reason: str) -> None:
-        await self._drained(slot)
-        await slot.process.stop(reason)
+    def _wanted(self, slot: _Slot) -> bool:
+        return not self._closed and self.queued(slot.process.id) > 0
 
     def _swap_done(self, result: Failure | None, slot: _Slot) -> None:
         self._swapping = False

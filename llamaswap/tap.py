@@ -11,10 +11,13 @@ from typing import Any
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import globalLogPublisher
 from twisted.python import usage
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory, readBody
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IAgent, IResponse
 from twisted.web.server import Site
 
@@ -44,8 +47,7 @@ class Options(usage.Options):
         self["listen"] = []
 
     def opt_listen(self, endpoint: str) -> None:
-        """Endpoint to serve on, e.g. tcp:8080:interface=0.0.0.0 or unix:/run/llamaswap.sock
-        (repeatable; default tcp:8080:interface=127.0.0.1)."""
+        """Twisted endpoint to serve on (repeatable) [default: tcp:8080:interface=127.0.0.1]"""
         self["listen"].append(endpoint)
 
     def postOptions(self) -> None:
@@ -65,12 +67,24 @@ def http_probe(agent: IAgent, clock: IReactorTime, timeout: float = 2.0) -> Heal
     def probe(url: str) -> Deferred[int]:
         async def get() -> int:
             response: IResponse = await agent.request(b"GET", url.encode("ascii"))
-            await readBody(response)
+            finished: Deferred[None] = Deferred()
+            response.deliverBody(_Discard(finished))
+            await finished
             return int(response.code)
 
         return Deferred.fromCoroutine(get()).addTimeout(timeout, clock)
 
     return probe
+
+
+class _Discard(Protocol):
+    """Reads a health answer's body to its end so the connection can be reused."""
+
+    def __init__(self, finished: Deferred[None]) -> None:
+        self.finished = finished
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.finished.callback(None)
 
 
 class Supervisor(Service):
@@ -106,6 +120,25 @@ class _QuietClientFactory(_HTTP11ClientFactory):
     noisy = False
 
 
+class Listeners(MultiService):
+    """The HTTP listeners; a port that cannot be bound stops startup with one clear line."""
+
+    log = logger()
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            where = f"{e.interface or '*'}:{e.port}"
+            self.log.critical(
+                "cannot listen on {where}: {error}; is another server using it? "
+                "Pick another with --listen.",
+                where=where,
+                error=e.socketError,
+            )
+            raise SystemExit(1) from e
+
+
 def build(config: Config, reactor: Any, listen: list[str] | None = None) -> MultiService:
     """The service tree for ``config``; ``listen`` endpoints get an HTTP site each."""
     set_log_level(config.log_level)
@@ -136,8 +169,10 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
     Supervisor(scheduler, pool, logs).setServiceParent(top)
     site = Site(api.resource(), reactor=reactor)
     site.displayTracebacks = False
+    listeners = Listeners()
+    listeners.setServiceParent(top)
     for endpoint in listen or []:
-        strports.service(endpoint, site, reactor=reactor).setServiceParent(top)
+        strports.service(endpoint, site, reactor=reactor).setServiceParent(listeners)
     top.api = api  # type: ignore[attr-defined]
     return top
 

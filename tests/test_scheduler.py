@@ -119,6 +119,32 @@ class SwapTests(SynchronousTestCase):
         # c was never started
         self.assertEqual(w.spawned_models(), ["a", "b"])
 
+    def test_a_swap_nobody_waits_for_any_more_is_abandoned(self) -> None:
+        w = world()
+        d_a = w.scheduler.acquire("a")
+        w.make_ready("a")
+        lease_a = self.successResultOf(d_a)
+        d_b = w.scheduler.acquire("b")
+        d_b.cancel()
+        self.failureResultOf(d_b, CancelledError)
+        lease_a.release()
+        # a keeps running, b is never started, and a is served at once again
+        self.assertEqual(w.child("a").signals, [])
+        self.assertEqual(w.spawned_models(), ["a"])
+        self.successResultOf(w.scheduler.acquire("a")).release()
+
+    def test_nothing_starts_after_close(self) -> None:
+        w = world()
+        d_a = w.scheduler.acquire("a")
+        w.make_ready("a")
+        lease_a = self.successResultOf(d_a)
+        queued = w.scheduler.acquire("b")
+        self.successResultOf(w.scheduler.close())
+        self.failureResultOf(queued, ApiError)
+        lease_a.release()
+        self.assertEqual(w.spawned_models(), ["a"])
+        self.assertEqual(w.reactor.running(), [])
+
 
 class StartFailureTests(SynchronousTestCase):
     def test_exit_during_start_fails_every_waiter_with_the_cause_and_output(self) -> None:

@@ -1,0 +1,150 @@
+"""A real llamaswap (real sockets) in front of real fake-llama-server children."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+from twisted.web.server import Site
+
+from llamaswap.api import Api
+from llamaswap.config import parse_config
+from llamaswap.relay import BytesProducer
+from llamaswap.tap import build
+
+FAKE = f"{sys.executable} -m llamaswap.testing.fake_server --port ${{PORT}} --model ${{MODEL_ID}}"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped by someone else) counts as gone
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+class Reply:
+    def __init__(self, response: IResponse, body: bytes) -> None:
+        self.code = response.code
+        self.headers = response.headers
+        self.body = body
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def header(self, name: str) -> str | None:
+        values = self.headers.getRawHeaders(name.encode())
+        return values[0].decode() if values else None
+
+
+class LiveTestCase(TestCase):
+    """Starts llamaswap from a YAML text and talks to it over HTTP."""
+
+    timeout = 60
+
+    async def serve(self, yaml_text: str) -> Api:
+        config = parse_config(yaml_text, "test.yaml")
+        self.service = build(config, reactor)
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        api: Api = self.service.api  # type: ignore[attr-defined]
+        self.api = api
+        site: Any = Site(api.resource())
+        port: IListeningPort = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.base = f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.agent = Agent(reactor, pool=pool)
+        return api
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Reply:
+        response: IResponse = await self.agent.request(
+            method.encode(),
+            (self.base + path).encode(),
+            Headers({k: [v] for k, v in (headers or {}).items()}),
+            BytesProducer(body) if body is not None else None,
+        )
+        return Reply(response, await treq.content(response))
+
+    async def post(self, path: str, document: object) -> Reply:
+        return await self.request(
+            "POST", path, json.dumps(document).encode(), {"content-type": "application/json"}
+        )
+
+    async def chat(self, model: str, **extra: Any) -> Reply:
+        messages = [{"role": "user", "content": "hi"}]
+        return await self.post(
+            "/v1/chat/completions", {"model": model, "messages": messages, **extra}
+        )
+
+    async def running(self) -> dict[str, Any]:
+        reply = await self.request("GET", "/running")
+        return {entry["model"]: entry for entry in reply.json()["running"]}
+
+    async def eventually(self, check: Any, what: str, tries: int = 200) -> None:
+        """Poll a real process's observable state (bounded; no fixed sleeps)."""
+        for _ in range(tries):
+            if await check():
+                return
+            await deferLater(reactor, 0.02)
+        self.fail(f"never happened: {what}")
+
+
+class StreamReader(Protocol):
+    """Collects a streamed body chunk by chunk; can hang up mid-stream."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.done: Deferred[None] = Deferred()
+        self.waiting: tuple[bytes, Deferred[None]] | None = None
+
+    @property
+    def text(self) -> str:
+        return b"".join(self.chunks).decode()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+        if self.waiting is not None and self.waiting[0] in b"".join(self.chunks):
+            _marker, d = self.waiting
+            self.waiting = None
+            d.callback(None)
+
+    def until(self, marker: bytes) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        if marker in b"".join(self.chunks):
+            d.callback(None)
+        else:
+            self.waiting = (marker, d)
+        return d
+
+    def hang_up(self) -> None:
+        assert self.transport is not None
+        self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
+        if not self.done.called:
+            self.done.callback(None)
