@@ -22,7 +22,7 @@ TWISTD = str(Path(sys.executable).parent / "twistd")
 
 class OptionsTests(SynchronousTestCase):
     def config_file(self, text: str) -> str:
-        path = self.mktemp()
+        path = str(self.mktemp())
         Path(path).write_text(text)
         return path
 
