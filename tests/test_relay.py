@@ -50,7 +50,7 @@ class InMemoryProxy(SynchronousTestCase):
         self.server.start()
         self.upstream = RequestTraversalAgent(self.server.resource())
         api = Api(self.w.config, self.w.scheduler, Relay(self.upstream), self.w.logs)
-        self.client = StubTreq(api.resource())
+        self.client: Any = StubTreq(api.resource())
         self.addCleanup(self.server.stop)
 
     def flush(self) -> None:
