@@ -1,11 +1,16 @@
 # The two commands a newcomer needs: `make run` and `make test`.
+SHELL := bash
+.SHELLFLAGS := -o pipefail -ec
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
-CONFIG ?= config.example.yaml
+CONFIG ?=
 LISTEN ?= tcp:8080:interface=127.0.0.1
 
-.PHONY: run test lint unit venv clean
+.PHONY: run run-fake test lint venv llama-server model clean
+
+# a real llama-server (found, or built once and cached outside the repo) and a real model
+REAL = LLAMA_SERVER="$$(scripts/llama-server.sh | tail -n1)" LLAMASWAP_MODEL="$$(scripts/model.sh | tail -n1)"
 
 venv: $(VENV)/.installed
 
@@ -16,9 +21,22 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 	touch $@
 
-## run: start llamaswap on the demo configuration (Ctrl-C stops it and every model)
+## llama-server / model: get them (the first build takes about 5 minutes on 2 cores)
+llama-server:
+	@scripts/llama-server.sh
+model:
+	@scripts/model.sh
+
+## run: start llamaswap on the real demo (llamaswap/demo.yaml); Ctrl-C stops it and every model
 run: venv
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/twistd -n --pidfile= llamaswap --config $(CONFIG) --listen $(LISTEN)
+	@$(REAL) && export LLAMA_SERVER LLAMASWAP_MODEL && \
+	PATH="$(CURDIR)/$(BIN):$$PATH" exec $(BIN)/twistd -n --pidfile= llamaswap \
+		--config $(or $(CONFIG),llamaswap/demo.yaml) --listen $(LISTEN)
+
+## run-fake: the same with fake llama-servers (config.example.yaml); no build, no model
+run-fake: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/twistd -n --pidfile= llamaswap \
+		--config $(or $(CONFIG),config.example.yaml) --listen $(LISTEN)
 
 ## lint: ruff and mypy
 lint: venv
@@ -26,8 +44,9 @@ lint: venv
 	$(BIN)/ruff format --check llamaswap tests twisted
 	$(BIN)/mypy
 
-## test: lint, then the whole test suite
+## test: lint, then the whole suite, end-to-end tests against a real llama-server included
 test: lint
+	@$(REAL) && export LLAMA_SERVER LLAMASWAP_MODEL && \
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q tests
 
 clean:

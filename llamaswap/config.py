@@ -8,6 +8,7 @@ and the offending value, and nothing runs.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import shlex
 from collections.abc import Collection, Mapping
@@ -135,13 +136,18 @@ def load_config(path: str | Path) -> Config:
     return parse_config(text, source)
 
 
-def parse_config(text: str, source: str = "<config>") -> Config:
-    """Validate a YAML document and build a :class:`Config`."""
+def parse_config(
+    text: str, source: str = "<config>", environ: Mapping[str, str] | None = None
+) -> Config:
+    """Validate a YAML document and build a :class:`Config`.
+
+    ``environ`` (default: this process's environment) fills ``${env.NAME}``.
+    """
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(source, "", f"not valid YAML: {e}") from e
-    return _Builder(source).build(document)
+    return _Builder(source, os.environ if environ is None else environ).build(document)
 
 
 def _suggest(key: str, allowed: tuple[str, ...]) -> str:
@@ -154,8 +160,9 @@ def _suggest(key: str, allowed: tuple[str, ...]) -> str:
 class _Builder:
     """Walks the YAML document once, with the key path at hand for every error."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, environ: Mapping[str, str]) -> None:
         self.source = source
+        self.environ = environ
 
     def fail(self, path: str, message: str) -> ConfigError:
         return ConfigError(self.source, path, message)
@@ -263,6 +270,15 @@ class _Builder:
                 return match.group(0)
             if name in macros:
                 return macros[name]
+            if name.startswith("env."):
+                value = self.environ.get(name[4:])
+                if value is None:
+                    raise self.fail(
+                        path, f"${{{name}}}: environment variable {name[4:]} is not set"
+                    )
+                if "\n" in value or "\0" in value:
+                    raise self.fail(path, f"${{{name}}}: the value holds a newline or NUL byte")
+                return value
             if name in RESERVED_MACROS:
                 raise self.fail(path, f"${{{name}}} cannot be used here")
             raise self.fail(

@@ -128,6 +128,16 @@ class MacroTests(SynchronousTestCase):
         self.assertIn("macros.PORT", str(error))
         self.assertIn("reserved", str(error))
 
+    def test_environment_variables(self) -> None:
+        text = "macros:\n  bin: ${env.LLAMA_BIN}\nmodels:\n  m:\n    cmd: ${bin} --port ${PORT}\n"
+        config = parse_config(text, environ={"LLAMA_BIN": "/opt/llama server"})
+        self.assertEqual(config.models["m"].cmd.render(1), ["/opt/llama", "server", "--port", "1"])
+        error = self.assertRaises(ConfigError, parse_config, text, "c.yaml", {})
+        self.assertIn(
+            "c.yaml: macros.bin: ${env.LLAMA_BIN}: environment variable LLAMA_BIN", str(error)
+        )
+        self.assertIn("is not set", str(error))
+
     def test_pid_outside_cmd_stop_is_an_error(self) -> None:
         error = self.assertRaises(
             ConfigError, parse_config, "models:\n  m:\n    cmd: s --port ${PORT} ${PID}\n"
