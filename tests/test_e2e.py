@@ -1,0 +1,225 @@
+"""End to end: ``twistd llamaswap`` on the real demo, real llama-server, the official client.
+
+Needs ``LLAMA_SERVER`` and ``LLAMASWAP_MODEL`` (``make test`` sets both from
+``scripts/llama-server.sh`` and ``scripts/model.sh``); skipped without them,
+except under CI, where their absence is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai.types.chat import ChatCompletionMessageParam
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "llamaswap" / "demo.yaml"
+TWISTD = str(Path(sys.executable).parent / "twistd")
+QUESTION: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "What is the capital of France?"}
+]
+
+if not (os.environ.get("LLAMA_SERVER") and os.environ.get("LLAMASWAP_MODEL")):
+    if os.environ.get("CI"):
+        raise RuntimeError("CI must run the end-to-end tests: LLAMA_SERVER/LLAMASWAP_MODEL unset")
+    pytest.skip(
+        "LLAMA_SERVER and LLAMASWAP_MODEL are not set (make test sets them)",
+        allow_module_level=True,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def until(check: Callable[[], bool], what: str, seconds: float = 20.0) -> None:
+    """Poll a real process's observable state, bounded."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"never happened within {seconds}s: {what}")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+class Llamaswap:
+    """A ``twistd -n llamaswap`` process on a free port."""
+
+    def __init__(self, config: Path) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        self.log = open(ROOT / "test-artifacts" / f"e2e-{self.port}.log", "w")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [
+                TWISTD,
+                "-n",
+                "--pidfile=",
+                "llamaswap",
+                "--config",
+                str(config),
+                "--listen",
+                f"tcp:{self.port}:interface=127.0.0.1",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        self.http = httpx.Client(base_url=self.base, timeout=60)
+        until(self._up, "llamaswap answers /health")
+        self.client = openai.OpenAI(base_url=self.base + "/v1", api_key="unused", max_retries=0)
+
+    def _up(self) -> bool:
+        try:
+            return self.http.get("/health").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def running(self) -> dict[str, Any]:
+        return {r["model"]: r for r in self.http.get("/running").json()["running"]}
+
+    def slots_busy(self, model: str) -> bool:
+        slots = self.http.get(f"/upstream/{model}/slots").json()
+        return any(slot["is_processing"] for slot in slots)
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=30)
+        self.http.close()
+        self.log.close()
+        return code
+
+
+@pytest.fixture(scope="module")
+def swap() -> Iterator[Llamaswap]:
+    (ROOT / "test-artifacts").mkdir(exist_ok=True)
+    server = Llamaswap(DEMO)
+    yield server
+    server.stop()
+
+
+def test_chat(swap: Llamaswap) -> None:
+    reply = swap.client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=24)
+    assert reply.choices[0].message.content
+    assert reply.model == "smollm2"
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
+
+
+def test_chat_streams_while_the_model_is_still_generating(swap: Llamaswap) -> None:
+    stream = swap.client.chat.completions.create(
+        model="smollm2",
+        messages=QUESTION,
+        max_tokens=300,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    pieces = []
+    generating_at_first_token = None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+            if generating_at_first_token is None:
+                # the first token is here; the model must still be working on the rest
+                generating_at_first_token = swap.slots_busy("smollm2")
+    assert generating_at_first_token is True
+    assert len(pieces) > 50
+
+
+def test_completions(swap: Llamaswap) -> None:
+    reply = swap.client.completions.create(model="chat", prompt="Once upon a time", max_tokens=8)
+    assert reply.choices[0].text
+
+
+def test_embeddings(swap: Llamaswap) -> None:
+    reply = swap.client.embeddings.create(model="smollm2-embed", input=["a cat", "a dog"])
+    vectors = [item.embedding for item in reply.data]
+    assert len(vectors) == 2
+    assert len(vectors[0]) == len(vectors[1]) > 100
+    assert vectors[0] != vectors[1]
+
+
+def test_swap_there_and_back_gives_the_same_greedy_answer(swap: Llamaswap) -> None:
+    def greedy() -> str:
+        reply = swap.client.chat.completions.create(
+            model="smollm2-greedy", messages=QUESTION, max_tokens=16
+        )
+        return reply.choices[0].message.content or ""
+
+    first = greedy()
+    assert list(swap.running()) == ["smollm2-greedy"]
+    other = swap.client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=4)
+    assert other.choices[0].message.content is not None
+    assert list(swap.running()) == ["smollm2"]
+    assert greedy() == first
+    assert first
+
+
+def test_upstream_props_and_llama_cpp_timings_pass_through(swap: Llamaswap) -> None:
+    props = swap.http.get("/upstream/smollm2/props").json()
+    assert "default_generation_settings" in props
+    plain = swap.http.post(
+        "/v1/chat/completions", json={"model": "smollm2", "messages": QUESTION, "max_tokens": 4}
+    ).json()
+    assert plain["timings"]["predicted_n"] == 4
+    assert plain["usage"]["completion_tokens"] == 4
+    with swap.http.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={"model": "smollm2", "messages": QUESTION, "max_tokens": 4, "stream": True},
+    ) as response:
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert any("timings" in json.loads(event) for event in events[:-1])
+
+
+def test_hanging_up_mid_stream_stops_generation(swap: Llamaswap) -> None:
+    stream = swap.client.chat.completions.create(
+        model="smollm2",
+        messages=QUESTION,
+        max_tokens=4000,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    for count, _ in enumerate(stream):
+        if count == 3:
+            break
+    assert swap.slots_busy("smollm2")
+    stream.close()
+    # 4000 tokens would take half a minute; the slot must go idle long before that
+    until(lambda: not swap.slots_busy("smollm2"), "llama-server stops generating", seconds=5)
+
+
+def test_no_llama_server_is_left_after_llamaswap_stops() -> None:
+    server = Llamaswap(DEMO)
+    server.client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=2)
+    pid = server.running()["smollm2"]["pid"]
+    assert pid_alive(pid)
+    # twistd re-raises the signal that stopped it once it has shut down cleanly
+    assert server.stop() == -signal.SIGTERM
+    assert (
+        "all model servers stopped"
+        in (ROOT / "test-artifacts" / f"e2e-{server.port}.log").read_text()
+    )
+    assert not pid_alive(pid)
