@@ -11,10 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
+from twisted.web._newclient import RequestNotSent
+from twisted.web.client import ResponseDone, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
@@ -97,6 +99,18 @@ class Relay:
         return _Exchange(self, request).run(method, url, headers, producer)
 
 
+def _closed_while_idle(failure: Failure) -> bool:
+    """The connection closed before a single response byte, cleanly or not."""
+    if failure.check(RequestNotSent):
+        return True
+    error = failure.value
+    if not isinstance(error, ResponseNeverReceived):
+        return False
+    return bool(error.reasons) and all(
+        r.check(ConnectionDone, ConnectionLost) for r in error.reasons
+    )
+
+
 class _Exchange:
     """One proxied request; holds what the client-disconnect path must undo."""
 
@@ -112,10 +126,17 @@ class _Exchange:
         self, method: bytes, url: str, headers: Headers, producer: IBodyProducer | None
     ) -> Deferred[None]:
         self.url = url
-        pending = self.relay._agent.request(method, url.encode("ascii"), headers, producer)
+        self._send = lambda: self.relay._agent.request(
+            method, url.encode("ascii"), headers, producer
+        )
+        self._retried = False
+        self._request()
+        return self.done
+
+    def _request(self) -> None:
+        pending = self._send()
         self.pending = pending
         pending.addCallbacks(self._got_response, self._no_response)
-        return self.done
 
     def _client_gone(self, _: Deferred[None]) -> None:
         if self.pending is not None:
@@ -126,6 +147,12 @@ class _Exchange:
     def _no_response(self, failure: Failure) -> None:
         self.pending = None
         if self.done.called:  # the client left first
+            return
+        if not self._retried and _closed_while_idle(failure):
+            # a pooled keep-alive connection the server had just closed: the request
+            # never reached it, so sending it once more on a fresh connection is safe
+            self._retried = True
+            self._request()
             return
         reason = failure.getErrorMessage() or repr(failure.value)
         self.done.errback(ApiError(502, f"the model server at {self.url} did not answer: {reason}"))

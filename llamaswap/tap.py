@@ -145,6 +145,8 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
     logs = LogHub()
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 16
+    # below llama-server's 5 s keep-alive, so an idle connection is dropped by us first
+    pool.cachedConnectionTimeout = 3
     pool._factory = _QuietClientFactory
     agent = Agent(reactor, connectTimeout=10, pool=pool)
     ports = PortAllocator(config.start_port)

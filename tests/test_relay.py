@@ -7,8 +7,14 @@ from typing import Any
 
 import treq
 from treq.testing import RequestTraversalAgent, StubTreq
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseNeverReceived
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from zope.interface import implementer
 
 from llamaswap.api import Api
 from llamaswap.relay import Relay, end_to_end
@@ -43,13 +49,36 @@ class HeaderTests(SynchronousTestCase):
         self.assertEqual(kept, {"authorization", "content-type"})
 
 
+@implementer(IAgent)
+class StaleFirst:
+    """An agent whose first request dies on a connection the server had closed."""
+
+    def __init__(self, real: IAgent, failures: int = 1) -> None:
+        self.real = real
+        self.failures = failures
+        self.calls = 0
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: IBodyProducer | None = None,
+    ) -> Deferred[IResponse]:
+        self.calls += 1
+        if self.calls <= self.failures:
+            return fail(ResponseNeverReceived([Failure(ConnectionDone())]))
+        return self.real.request(method, uri, headers, bodyProducer)
+
+
 class InMemoryProxy(SynchronousTestCase):
     def setUp(self) -> None:
         self.w: World = world(CONFIG)
         self.server = FakeLlamaServer(clock=self.w.reactor, model="a", token_delay=1.0, tokens=3)
         self.server.start()
         self.upstream = RequestTraversalAgent(self.server.resource())
-        api = Api(self.w.config, self.w.scheduler, Relay(self.upstream), self.w.logs)
+        self.agent = StaleFirst(self.upstream, failures=0)
+        api = Api(self.w.config, self.w.scheduler, Relay(self.agent), self.w.logs)
         self.client: Any = StubTreq(api.resource())
         self.addCleanup(self.server.stop)
 
@@ -104,6 +133,18 @@ class InMemoryProxy(SynchronousTestCase):
         self.successResultOf(done)
         self.assertIn(b"data: [DONE]", b"".join(chunks))
         self.assertEqual(self.w.scheduler.in_flight("a"), 0)
+
+    def test_a_request_lost_on_a_stale_pooled_connection_is_sent_once_more(self) -> None:
+        self.agent.failures = 1
+        response = self.successResultOf(self.post("/v1/responses", {"model": "a", "input": "x"}))
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.agent.calls, 2)
+
+    def test_only_once(self) -> None:
+        self.agent.failures = 2
+        response = self.successResultOf(self.post("/v1/responses", {"model": "a", "input": "x"}))
+        self.assertEqual(response.code, 502)
+        self.assertEqual(self.agent.calls, 2)
 
     def test_an_upstream_error_status_and_body_are_relayed_untouched(self) -> None:
         d = self.post("/v1/chat/completions", {"model": "a", "fake": {"status": 500}})

@@ -1,0 +1,257 @@
+"""1. Proxy overhead: small non-streaming requests, direct vs llamaswap vs nginx."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from .common import REPO, VENV_BIN, CpuMonitor, Llamaswap, Procs, child_env, free_port, hist_percentile, http, log, wait_http, which
+
+CHAT_PATH = "/v1/chat/completions"
+
+
+def body(model: str) -> str:
+    return json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    )
+
+
+CONFIG = """\
+healthCheckTimeout: 30
+startPort: {start_port}
+models:
+  fast:
+    cmd: python -m bench.fast_upstream --port ${{PORT}}
+  fast-chatty:
+    description: the same upstream printing 7 llama-server-like log lines per request
+    cmd: python -m bench.fast_upstream --port ${{PORT}} --log-lines 7
+"""
+
+NGINX_CONF = """\
+worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/tmp/body;
+    proxy_temp_path {dir}/tmp/proxy;
+    fastcgi_temp_path {dir}/tmp/fastcgi;
+    uwsgi_temp_path {dir}/tmp/uwsgi;
+    scgi_temp_path {dir}/tmp/scgi;
+    upstream model {{
+        server 127.0.0.1:{upstream};
+        keepalive 128;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=1024;
+        location / {{
+            proxy_pass http://model;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+        }}
+    }}
+}}
+"""
+
+
+class LoadGen:
+    """wrk when installed (C, one thread), else the asyncio fallback in bench/loadgen.py."""
+
+    def __init__(self, workdir: Path, force_python: bool = False) -> None:
+        self.workdir = workdir
+        self.wrk = None if force_python else which("wrk")
+        self.name = "wrk -t1 (C)" if self.wrk else "bench/loadgen.py (Python asyncio)"
+        self.count = 0
+
+    def run(self, port: int, body: str, concurrency: int, duration: float) -> dict[str, Any]:
+        self.count += 1
+        out = self.workdir / f"load-{self.count}.json"
+        if self.wrk:
+            argv = [
+                self.wrk,
+                "-t1",
+                f"-c{concurrency}",
+                f"-d{duration:g}s",
+                "--timeout",
+                "10s",
+                "-s",
+                str(REPO / "bench" / "wrk_report.lua"),
+                f"http://127.0.0.1:{port}{CHAT_PATH}",
+            ]
+            env = {**os.environ, "BENCH_BODY": body, "BENCH_OUT": str(out)}
+        else:
+            argv = [
+                str(VENV_BIN / "python"),
+                "-m",
+                "bench.loadgen",
+                "--port",
+                str(port),
+                "--path",
+                CHAT_PATH,
+                "--body",
+                body,
+                "--concurrency",
+                str(concurrency),
+                "--duration",
+                str(duration),
+                "--out",
+                str(out),
+            ]
+            env = child_env()
+        subprocess.run(
+            argv, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL, timeout=duration + 60
+        )
+        result: dict[str, Any] = json.loads(out.read_text())
+        out.unlink()
+        return result
+
+
+def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+    hist: Counter[int] = Counter()
+    errors: Counter[str] = Counter()
+    requests = 0
+    duration = 0.0
+    rates = []
+    for r in results:
+        for value, count in r["hist"]:
+            hist[int(value)] += int(count)
+        errors.update(r["errors"])
+        requests += r["requests"]
+        duration += r["duration_us"] / 1e6
+        rates.append(r["requests"] / (r["duration_us"] / 1e6))
+    return {
+        "requests": requests,
+        "rps": requests / duration if duration else float("nan"),
+        "rps_min": min(rates),
+        "rps_max": max(rates),
+        "p50_ms": hist_percentile(hist, 50) / 1000,
+        "p99_ms": hist_percentile(hist, 99) / 1000,
+        "errors": sum(errors.values()),
+        "error_kinds": {k: v for k, v in errors.items() if v},
+    }
+
+
+def start_nginx(procs: Procs, upstream_port: int) -> int | None:
+    nginx = which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
+    )
+    if nginx is None:
+        log("nginx is not installed; skipping the nginx reference")
+        return None
+    directory = procs.workdir / "nginx"
+    (directory / "tmp").mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o755)
+    port = free_port()
+    conf = directory / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(dir=directory, upstream=upstream_port, port=port))
+    procs.spawn([nginx, "-e", str(directory / "nginx-error.log"), "-p", str(directory), "-c", str(conf)], "nginx")
+    try:
+        wait_http(port, "/health", timeout=10)
+    except TimeoutError:
+        log(f"nginx did not start (see {directory}); skipping it")
+        return None
+    return port
+
+
+def run(
+    procs: Procs,
+    monitor: CpuMonitor,
+    *,
+    concurrencies: tuple[int, ...] = (1, 16, 64),
+    rounds: int = 3,
+    duration: float = 3.0,
+    force_python: bool = False,
+    profile: Any = None,
+) -> dict[str, Any]:
+    loadgen = LoadGen(procs.workdir, force_python)
+    log(f"proxy overhead: load generator {loadgen.name}")
+    swap = Llamaswap(procs, "llamaswap-proxy", CONFIG.format(start_port=free_port_base()))
+    swap.start()
+    status, reply = http(swap.port, "POST", CHAT_PATH, body("fast").encode())
+    assert status == 200, reply
+    upstream = swap.upstream_port("fast")
+    nginx = start_nginx(procs, upstream)
+    targets: dict[str, tuple[int, str]] = {"direct": (upstream, body("fast"))}
+    targets["llamaswap"] = (swap.port, body("fast"))
+    if nginx is not None:
+        targets["nginx"] = (nginx, body("fast"))
+    ls_proc = psutil.Process(swap.pid)
+
+    # warm every path (connection pools, code caches)
+    for port, b in targets.values():
+        loadgen.run(port, b, 16, 1.0)
+
+    results: dict[str, Any] = {"loadgen": loadgen.name, "rounds": rounds, "duration": duration}
+    rows = []
+    for concurrency in concurrencies:
+        monitor.wait_quiet()
+        start = time.perf_counter()
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+        cpu: dict[str, float] = dict.fromkeys(targets, 0.0)
+        for _ in range(rounds):  # interleaved, so drift hits every target alike
+            for name, (port, b) in targets.items():
+                before = sum(ls_proc.cpu_times()[:2])
+                r = loadgen.run(port, b, concurrency, duration)
+                cpu[name] += sum(ls_proc.cpu_times()[:2]) - before
+                runs[name].append(r)
+        others, steal = monitor.others(start, time.perf_counter())
+        for name in targets:
+            m = merge(runs[name])
+            m.update(
+                target=name,
+                concurrency=concurrency,
+                others_cores=others,
+                steal_cores=steal,
+                llamaswap_cpu_us_per_req=(cpu[name] / m["requests"] * 1e6 if m["requests"] else 0),
+            )
+            rows.append(m)
+            log(
+                f"  c={concurrency:<3} {name:<10} p50 {m['p50_ms']:.3f} ms  p99 {m['p99_ms']:.3f} ms"
+                f"  {m['rps']:.0f} req/s  errors {m['errors']}"
+            )
+    results["rows"] = rows
+    results["rss_after_load_mb"] = ls_proc.memory_info().rss / 2**20
+
+    # the same upstream printing llama-server-like log lines: the cost of log handling
+    status, reply = http(swap.port, "POST", CHAT_PATH, body("fast-chatty").encode())
+    assert status == 200, reply
+    loadgen.run(swap.port, body("fast-chatty"), 16, 1.0)
+    monitor.wait_quiet()
+    start = time.perf_counter()
+    before = sum(ls_proc.cpu_times()[:2])
+    chatty = merge([loadgen.run(swap.port, body("fast-chatty"), 16, duration) for _ in range(rounds)])
+    used = sum(ls_proc.cpu_times()[:2]) - before
+    chatty.update(
+        target="llamaswap, upstream logs 7 lines/req",
+        concurrency=16,
+        others_cores=monitor.others(start, time.perf_counter())[0],
+        llamaswap_cpu_us_per_req=used / chatty["requests"] * 1e6,
+    )
+    results["chatty"] = chatty
+    log(f"  c=16  chatty     p50 {chatty['p50_ms']:.3f} ms  {chatty['rps']:.0f} req/s")
+
+    if profile is not None:
+        # back to the quiet upstream, then profile llamaswap under concurrency 16
+        http(swap.port, "POST", CHAT_PATH, body("fast").encode())
+        loadgen.run(swap.port, body("fast"), 16, 1.0)
+        results["profile"] = profile(swap.pid, lambda: loadgen.run(swap.port, body("fast"), 16, 10.0), "proxy-c16")
+
+    swap.stop()
+    results["log_tail"] = swap.log_path.read_text(errors="replace").splitlines()[-5:]
+    return results
+
+
+def free_port_base() -> int:
+    """A startPort for llamaswap away from the default 5800 other runs may use."""
+    return 21000 + (os.getpid() % 400) * 10

@@ -1,0 +1,109 @@
+"""2. Streaming: time to first token and tokens/s, via llamaswap vs the same child directly."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+from typing import Any
+
+from .common import CpuMonitor, Llamaswap, Procs, log, median, percentile
+from .proxy import free_port_base
+
+MAX_TOKENS = 64
+
+CONFIG = """\
+healthCheckTimeout: 120
+startPort: {start_port}
+models:
+  smollm2:
+    cmd: >-
+      "${{env.LLAMA_SERVER}}" --host 127.0.0.1 --port ${{PORT}} -m "${{env.LLAMASWAP_MODEL}}"
+      --threads 2 --no-webui --ctx-size 2048 --parallel 1
+"""
+
+REQUEST = {
+    "model": "smollm2",
+    "stream": True,
+    "max_tokens": MAX_TOKENS,
+    "temperature": 0,
+    "ignore_eos": True,  # llama.cpp extension: always generate max_tokens
+    "messages": [{"role": "user", "content": "Tell me a long story about a cat and a boat."}],
+}
+
+
+def stream_once(port: int) -> dict[str, float]:
+    """One streamed chat; times from just before sending the request."""
+    body = json.dumps(REQUEST).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        conn.connect()
+        start = time.perf_counter()
+        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {response.read()[:300]!r}")
+        times = []
+        while True:
+            line = response.readline()
+            if not line:
+                break
+            if not line.startswith(b"data: "):
+                continue
+            payload = line[6:].strip()
+            if payload == b"[DONE]":
+                break
+            event = json.loads(payload)
+            choices = event.get("choices") or [{}]
+            if (choices[0].get("delta") or {}).get("content"):
+                times.append(time.perf_counter())
+        end = time.perf_counter()
+    finally:
+        conn.close()
+    if len(times) < 2:
+        raise RuntimeError(f"only {len(times)} tokens streamed")
+    return {
+        "ttft_ms": (times[0] - start) * 1000,
+        "tokens": len(times),
+        "tok_s": (len(times) - 1) / (times[-1] - times[0]),
+        "total_ms": (end - start) * 1000,
+        "max_gap_ms": max(b - a for a, b in zip(times, times[1:], strict=False)) * 1000,
+    }
+
+
+def run(procs: Procs, monitor: CpuMonitor, *, runs: int = 8) -> dict[str, Any]:
+    swap = Llamaswap(procs, "llamaswap-stream", CONFIG.format(start_port=free_port_base() + 100))
+    swap.start()
+    ports = {"llamaswap": swap.port}
+    stream_once(swap.port)  # start the model, warm its prompt cache
+    ports["direct"] = swap.upstream_port("smollm2")
+    stream_once(ports["direct"])
+    monitor.wait_quiet()
+    start = time.perf_counter()
+    samples: dict[str, list[dict[str, float]]] = {"direct": [], "llamaswap": []}
+    for i in range(runs):  # alternate, and alternate who goes first
+        order = ["direct", "llamaswap"] if i % 2 == 0 else ["llamaswap", "direct"]
+        for name in order:
+            samples[name].append(stream_once(ports[name]))
+    others, steal = monitor.others(start, time.perf_counter())
+    rows = []
+    for name in ("direct", "llamaswap"):
+        s = samples[name]
+        row = {
+            "target": name,
+            "runs": len(s),
+            "tokens": median([x["tokens"] for x in s]),
+            "ttft_p50_ms": median([x["ttft_ms"] for x in s]),
+            "ttft_max_ms": max(x["ttft_ms"] for x in s),
+            "tok_s_p50": median([x["tok_s"] for x in s]),
+            "tok_s_min": min(x["tok_s"] for x in s),
+            "total_p50_ms": median([x["total_ms"] for x in s]),
+            "gap_p90_ms": percentile([x["max_gap_ms"] for x in s], 90),
+        }
+        rows.append(row)
+        log(
+            f"  {name:<10} TTFT p50 {row['ttft_p50_ms']:.1f} ms  {row['tok_s_p50']:.1f} tok/s"
+            f"  ({row['tokens']:.0f} tokens)"
+        )
+    swap.stop()
+    return {"rows": rows, "others_cores": others, "steal_cores": steal}

@@ -1,0 +1,312 @@
+"""3. Swaps: alternate A/B requests (max_tokens 1) on real llama-server.
+
+Three ways to get the answer of a model that is not loaded, interleaved round by
+round so background noise hits all of them alike:
+
+* llamaswap with two model ids (same GGUF, different --ctx-size), one at a time;
+* llama.cpp router mode (``--models-dir`` with two names for the GGUF,
+  ``--models-max 1``, the same per-model arguments in a preset);
+* by hand: stop the old llama-server, spawn the new one, poll /health every 2 ms,
+  ask, i.e. the floor any supervisor can reach.
+
+llamaswap's readiness detection lag comes from its live log stream: the time
+between the child's own "model loaded" line and llamaswap's "model X ready" line,
+both read by the bench from the same /logs/stream connection (so the delivery
+delay cancels out).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+
+from .common import CpuMonitor, Llamaswap, Procs, free_port, health_status, http, log, median, percentile, wait_http
+from .proxy import free_port_base
+
+MODELS = {
+    "bench-a": ["--ctx-size", "2048", "--parallel", "2"],
+    "bench-b": ["--ctx-size", "1024", "--parallel", "1"],
+}
+COMMON_ARGS = ["--threads", "2", "--no-webui"]
+
+CONFIG_HEAD = """\
+healthCheckTimeout: 120
+startPort: {start_port}
+models:
+"""
+CONFIG_MODEL = """\
+  {name}:
+    cmd: >-
+      "${{env.LLAMA_SERVER}}" --host 127.0.0.1 --port ${{PORT}} -m "${{env.LLAMASWAP_MODEL}}"
+      {args}
+"""
+
+
+def request(model: str) -> bytes:
+    return json.dumps(
+        {
+            "model": model,
+            "max_tokens": 1,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": "Say hi."}],
+        }
+    ).encode()
+
+
+def ask(port: int, model: str) -> None:
+    status, reply = http(port, "POST", "/v1/chat/completions", request(model), timeout=180)
+    if status != 200:
+        raise RuntimeError(f"{model} on :{port}: HTTP {status} {reply[:300]!r}")
+
+
+class LogStream(threading.Thread):
+    """Reads llamaswap's /logs/stream and stamps each line on arrival."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.lines: list[tuple[float, str]] = []
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=None)
+
+    def run(self) -> None:
+        try:
+            self.conn.request("GET", "/logs/stream?no-history")
+            response = self.conn.getresponse()
+            while True:
+                line = response.readline()
+                if not line:
+                    return
+                self.lines.append((time.perf_counter(), line.decode(errors="replace").rstrip("\n")))
+        except (OSError, http.client.HTTPException, AttributeError, ValueError):
+            return
+
+    def close(self) -> None:
+        try:
+            if self.conn.sock is not None:
+                self.conn.sock.shutdown(2)
+        except OSError:
+            pass
+        self.conn.close()
+
+    def first(self, start: float, end: float, pattern: str) -> tuple[float, str] | None:
+        regex = re.compile(pattern)
+        for t, line in self.lines:
+            if start <= t <= end and regex.search(line):
+                return t, line
+        return None
+
+
+class Direct:
+    """llama-server by hand: stop the old one, spawn, poll /health every 2 ms, ask."""
+
+    def __init__(self, procs: Procs) -> None:
+        self.procs = procs
+        self.proc: Any = None
+
+    def swap_to(self, model: str) -> dict[str, float]:
+        t0 = time.perf_counter()
+        if self.proc is not None:
+            self.procs.stop(self.proc)
+        t1 = time.perf_counter()
+        port = free_port()
+        argv = [
+            os.environ["LLAMA_SERVER"],
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "-m",
+            os.environ["LLAMASWAP_MODEL"],
+            *COMMON_ARGS,
+            *MODELS[model],
+        ]
+        self.proc = self.procs.spawn(argv, "direct-llama-server")
+        while health_status(port) != 200:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited with {self.proc.returncode}")
+            time.sleep(0.002)
+        t2 = time.perf_counter()
+        ask(port, model)
+        t3 = time.perf_counter()
+        return {"total": t3 - t0, "stop": t1 - t0, "start_ready": t2 - t1, "answer": t3 - t2}
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.procs.stop(self.proc)
+            self.proc = None
+
+
+def start_router(procs: Procs) -> tuple[int, list[str]]:
+    directory = procs.workdir / "router"
+    models = directory / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    preset = ["version = 1"]
+    for name, args in MODELS.items():
+        link = models / f"{name}.gguf"
+        if not link.exists():
+            link.symlink_to(os.environ["LLAMASWAP_MODEL"])
+        preset.append(f"[{name}]")
+        preset.extend(f"{args[i].lstrip('-')} = {args[i + 1]}" for i in range(0, len(args), 2))
+    (directory / "preset.ini").write_text("\n".join(preset) + "\n")
+    port = free_port()
+    argv = [
+        os.environ["LLAMA_SERVER"],
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--models-dir",
+        str(models),
+        "--models-preset",
+        str(directory / "preset.ini"),
+        "--models-max",
+        "1",
+        *COMMON_ARGS,
+    ]
+    procs.spawn(argv, "router")
+    wait_http(port, "/health", timeout=30)
+    status, body = http(port, "GET", "/v1/models")
+    ids = [m["id"] for m in json.loads(body)["data"]] if status == 200 else []
+    missing = [m for m in MODELS if m not in ids]
+    if missing:
+        raise RuntimeError(f"router mode lists {ids}, not {missing}")
+    return port, ids
+
+
+def timed(action: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    action()
+    return time.perf_counter() - start
+
+
+def run(procs: Procs, monitor: CpuMonitor, *, swaps: int = 10, profile: Any = None) -> dict[str, Any]:
+    config = CONFIG_HEAD.format(start_port=free_port_base() + 200) + "".join(
+        CONFIG_MODEL.format(name=name, args=" ".join(COMMON_ARGS + args))
+        for name, args in MODELS.items()
+    )
+    swap = Llamaswap(procs, "llamaswap-swap", config).start()
+    stream = LogStream(swap.port)
+    stream.start()
+    router_port, router_ids = start_router(procs)
+    direct = Direct(procs)
+    ls_proc = psutil.Process(swap.pid)
+
+    names = list(MODELS)
+    times: dict[str, list[float]] = {"llamaswap": [], "router": [], "direct": []}
+    cold: dict[str, float] = {}
+    direct_parts: list[dict[str, float]] = []
+    details: list[dict[str, float]] = []
+    ls_cpu = 0.0
+    monitor.wait_quiet()
+    start_all = time.perf_counter()
+    try:
+        for i in range(swaps + 1):  # round 0 starts from nothing: a cold start, not a swap
+            model = names[i % 2]
+            order = ["llamaswap", "router", "direct"]
+            order = order[i % 3 :] + order[: i % 3]
+            for mode in order:
+                if mode == "llamaswap":
+                    cpu0 = sum(ls_proc.cpu_times()[:2])
+                    t_req = time.perf_counter()
+                    ask(swap.port, model)
+                    t_end = time.perf_counter()
+                    if i:
+                        ls_cpu += sum(ls_proc.cpu_times()[:2]) - cpu0
+                    elapsed = t_end - t_req
+                    time.sleep(0.05)  # let the log lines arrive
+                    if i:
+                        details.append(_breakdown(stream, model, names[(i + 1) % 2], t_req, t_end))
+                elif mode == "router":
+                    elapsed = timed(lambda m=model: ask(router_port, m))
+                else:
+                    parts = direct.swap_to(model)
+                    elapsed = parts["total"]
+                    if i:
+                        direct_parts.append(parts)
+                if i == 0:
+                    cold[mode] = elapsed
+                else:
+                    times[mode].append(elapsed)
+            log(
+                f"  swap {i:>2} -> {model}: "
+                + "  ".join(f"{m} {times[m][-1] * 1000:.0f} ms" for m in times if i and times[m])
+            )
+        others, steal = monitor.others(start_all, time.perf_counter())
+
+        profile_result = None
+        if profile is not None:
+            direct.close()
+
+            def loop() -> None:
+                for j in range(6):
+                    ask(swap.port, names[(swaps + 1 + j) % 2])
+
+            profile_result = profile(swap.pid, loop, "swap")
+    finally:
+        stream.close()
+        direct.close()
+
+    rows = []
+    for mode in ("llamaswap", "router", "direct"):
+        values = times[mode]
+        rows.append(
+            {
+                "target": mode,
+                "swaps": len(values),
+                "p50_ms": median(values) * 1000,
+                "p90_ms": percentile(values, 90) * 1000,
+                "min_ms": min(values) * 1000,
+                "cold_ms": cold.get(mode, float("nan")) * 1000,
+            }
+        )
+    lags = [d["lag_ms"] for d in details if d.get("lag_ms") is not None]
+    result = {
+        "rows": rows,
+        "router_ids": router_ids,
+        "others_cores": others,
+        "steal_cores": steal,
+        "direct_parts_ms": {
+            k: median([p[k] for p in direct_parts]) * 1000 for k in ("stop", "start_ready", "answer")
+        },
+        "llamaswap_parts_ms": {
+            k: median([d[k] for d in details if d.get(k) is not None])
+            for k in ("stop_ms", "start_ready_ms", "lag_ms", "after_ready_ms")
+            if any(d.get(k) is not None for d in details)
+        },
+        "lag_ms": lags,
+        "lag_p50_ms": median(lags) if lags else None,
+        "lag_max_ms": max(lags) if lags else None,
+        "llamaswap_cpu_ms_per_swap": ls_cpu / max(1, swaps) * 1000,
+        "profile": profile_result,
+    }
+    swap.stop()
+    return result
+
+
+def _breakdown(stream: LogStream, model: str, other: str, t_req: float, t_end: float) -> dict[str, Any]:
+    """Where a llamaswap swap's time went, from its log stream (bench arrival times)."""
+    end = t_end + 1.0
+    q = re.escape
+    stopping = stream.first(t_req, end, rf"stopping {q(other)} \(swap\)")
+    stopped = stream.first(t_req, end, rf"model {q(other)} stopped")
+    starting = stream.first(t_req, end, rf"starting {q(model)}:")
+    loaded = stream.first(t_req, end, rf"^\[{q(model)}\] .*(model loaded|listening on http)")
+    ready = stream.first(t_req, end, rf"model {q(model)} ready in")
+    out: dict[str, Any] = {}
+    if stopping and stopped:
+        out["stop_ms"] = (stopped[0] - stopping[0]) * 1000
+    if starting and loaded:
+        out["start_ready_ms"] = (loaded[0] - starting[0]) * 1000
+    if loaded and ready:
+        out["lag_ms"] = (ready[0] - loaded[0]) * 1000
+    if ready:
+        out["after_ready_ms"] = (t_end - ready[0]) * 1000
+    return out
