@@ -4,7 +4,7 @@ small HTTP helpers, percentiles, and a monitor of CPU used by other processes.""
 from __future__ import annotations
 
 import contextlib
-import http.client
+import http.client as httpclient
 import json
 import os
 import shutil
@@ -170,7 +170,7 @@ def http(
     timeout: float = 120.0,
 ) -> tuple[int, bytes]:
     data = json.dumps(body).encode() if isinstance(body, dict) else body
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn = httpclient.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         headers = {"Content-Type": "application/json"} if data is not None else {}
         conn.request(method, path, body=data, headers=headers)

@@ -8,6 +8,7 @@ and the offending value, and nothing runs.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 import shlex
@@ -23,7 +24,23 @@ RESERVED_MACROS = frozenset({"PORT", "MODEL_ID", "PID"})
 MACRO_NAME = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
 MACRO_REF = re.compile(r"\$\{([^}]*)\}")
 
-TOP_LEVEL_KEYS = ("models", "healthCheckTimeout", "logLevel", "startPort", "macros")
+TOP_LEVEL_KEYS = (
+    "models",
+    "healthCheckTimeout",
+    "logLevel",
+    "startPort",
+    "macros",
+    "globalTTL",
+    "unloadTimeout",
+    "queueLimit",
+    "includeAliasesInList",
+    "groups",
+    "profiles",
+    "hooks",
+)
+GROUP_KEYS = ("members", "swap", "exclusive", "persistent")
+FILTER_KEYS = ("stripParams", "setParams", "setParamsByID")
+DEFAULT_GROUP = "(default)"
 MODEL_KEYS = (
     "cmd",
     "proxy",
@@ -36,6 +53,11 @@ MODEL_KEYS = (
     "name",
     "description",
     "cmdStop",
+    "unloadTimeout",
+    "concurrencyLimit",
+    "macros",
+    "metadata",
+    "filters",
 )
 DEFAULT_PROXY = "http://127.0.0.1:${PORT}"
 
@@ -78,6 +100,50 @@ def fill_runtime(text: str, values: Mapping[str, str]) -> str:
 
 
 @attrs.frozen
+class Filters:
+    """Request-body rewrites for one model; ``model`` itself is never touched."""
+
+    strip: tuple[str, ...] = ()
+    set: Mapping[str, Any] = attrs.field(factory=dict)
+    set_by_id: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.strip or self.set or self.set_by_id)
+
+    def apply(self, document: dict[str, Any], requested: str) -> bool:
+        """Rewrite ``document`` in place; True if anything changed."""
+        before = json.dumps(document, sort_keys=True)
+        for path in self.strip:
+            _remove_path(document, path.split("."))
+        for key, value in self.set.items():
+            document[key] = value
+        for key, value in self.set_by_id.get(requested, {}).items():
+            document[key] = value
+        return json.dumps(document, sort_keys=True) != before
+
+
+def _remove_path(document: dict[str, Any], keys: list[str]) -> None:
+    *parents, last = keys
+    for key in parents:
+        child = document.get(key)
+        if not isinstance(child, dict):
+            return
+        document = child
+    document.pop(last, None)
+
+
+@attrs.frozen
+class GroupConfig:
+    """Which models may run together (see docs/configuration.md, Groups)."""
+
+    id: str
+    members: tuple[str, ...]
+    swap: bool = True
+    exclusive: bool = True
+    persistent: bool = False
+
+
+@attrs.frozen
 class ModelConfig:
     """One entry of ``models``: how to run it and how clients see it."""
 
@@ -93,10 +159,20 @@ class ModelConfig:
     name: str = ""
     description: str = ""
     cmd_stop: CommandTemplate | None = None
+    unload_timeout: float = 10.0
+    concurrency_limit: int = 10
+    metadata: Mapping[str, Any] = attrs.field(factory=dict)
+    filters: Filters = attrs.field(factory=Filters)
 
     @property
     def uses_port(self) -> bool:
         return self.cmd.uses_port
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name a request may use for this model besides its id."""
+        variants = tuple(k for k in self.filters.set_by_id if k != self.id)
+        return self.aliases + variants
 
     def proxy_url(self, port: int | None) -> str:
         return fill_runtime(self.proxy, {"PORT": str(port)} if port is not None else {})
@@ -111,16 +187,42 @@ class Config:
     log_level: str = "info"
     start_port: int = 5800
     source: str = "<config>"
+    global_ttl: float = 0.0
+    unload_timeout: float = 10.0
+    queue_limit: int = 100
+    include_aliases_in_list: bool = False
+    groups: Mapping[str, GroupConfig] = attrs.field(factory=dict)
+    profiles: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
+    preload: tuple[str, ...] = ()
 
     def resolve(self, name: str) -> ModelConfig | None:
-        """Find a model by id or alias."""
+        """Find a model by id, alias or ``setParamsByID`` variant."""
         model = self.models.get(name)
         if model is not None:
             return model
         for candidate in self.models.values():
-            if name in candidate.aliases:
+            if name in candidate.names:
                 return candidate
         return None
+
+    def resolve_profile(self, name: str) -> tuple[str, ModelConfig] | None:
+        """``<profile>:<model>`` → (profile, model), if that is what ``name`` is."""
+        profile, sep, rest = name.partition(":")
+        if not sep or profile not in self.profiles:
+            return None
+        model = self.resolve(rest)
+        if model is None or model.id not in self.profiles[profile]:
+            return None
+        return profile, model
+
+    def group_of(self, model_id: str) -> GroupConfig:
+        for group in self.groups.values():
+            if model_id in group.members:
+                return group
+        members = tuple(
+            m for m in self.models if not any(m in g.members for g in self.groups.values())
+        )
+        return GroupConfig(DEFAULT_GROUP, members)
 
     def listed_ids(self) -> list[str]:
         return sorted(m.id for m in self.models.values() if not m.unlisted)
@@ -178,12 +280,29 @@ class _Builder:
         models_doc = self.mapping(root["models"], "models")
         if not models_doc:
             raise self.fail("models", "at least one model is required")
+        global_ttl = self.number(root.get("globalTTL", 0), "globalTTL")
+        if global_ttl < 0:
+            raise self.fail(
+                "globalTTL", f"must be 0 (never) or a positive number, got {global_ttl!r}"
+            )
+        unload_timeout = self.positive(root.get("unloadTimeout", 10), "unloadTimeout")
+        defaults = {"ttl": global_ttl, "unloadTimeout": unload_timeout}
         models: dict[str, ModelConfig] = {}
         for model_id, entry in models_doc.items():
             if not isinstance(model_id, str) or not model_id.strip():
                 raise self.fail("models", f"model id must be a non-empty string, got {model_id!r}")
-            models[model_id] = self.model(model_id, entry, macros)
+            if ":" in model_id:
+                raise self.fail(
+                    f"models.{model_id}", "model ids may not contain ':' (profiles use it)"
+                )
+            models[model_id] = self.model(model_id, entry, macros, defaults)
         self.check_names_unique(models)
+        groups = self.groups(root.get("groups"), models)
+        profiles = self.profiles(root.get("profiles"), models)
+        preload = self.preload(root.get("hooks"), models)
+        queue_limit = self.integer(root.get("queueLimit", 100), "queueLimit")
+        if queue_limit < 1:
+            raise self.fail("queueLimit", f"must be at least 1, got {queue_limit!r}")
         log_level = self.string(root.get("logLevel", "info"), "logLevel").lower()
         if log_level == "warning":
             log_level = "warn"
@@ -203,7 +322,100 @@ class _Builder:
             log_level=log_level,
             start_port=start_port,
             source=self.source,
+            global_ttl=global_ttl,
+            unload_timeout=unload_timeout,
+            queue_limit=queue_limit,
+            include_aliases_in_list=self.boolean(
+                root.get("includeAliasesInList", False), "includeAliasesInList"
+            ),
+            groups=groups,
+            profiles=profiles,
+            preload=preload,
         )
+
+    def groups(self, value: object, models: Mapping[str, ModelConfig]) -> dict[str, GroupConfig]:
+        if value is None:
+            return {}
+        groups: dict[str, GroupConfig] = {}
+        owner: dict[str, str] = {}
+        for group_id, entry in self.mapping(value, "groups").items():
+            base = f"groups.{group_id}"
+            doc = self.mapping(entry, base)
+            self.check_keys(doc, base, GROUP_KEYS)
+            if "members" not in doc:
+                raise self.fail(f"{base}.members", "required key is missing")
+            members = self.string_list(doc["members"], f"{base}.members")
+            for i, member in enumerate(members):
+                where = f"{base}.members[{i}]"
+                if member not in models:
+                    raise self.fail(
+                        where, f"unknown model {member!r}" + _suggest(member, tuple(models))
+                    )
+                if member in owner:
+                    other = owner[member]
+                    raise self.fail(
+                        where,
+                        f"{member!r} is listed twice"
+                        if other == group_id
+                        else f"{member!r} is already a member of group {other!r}",
+                    )
+                owner[member] = group_id
+            groups[group_id] = GroupConfig(
+                id=group_id,
+                members=tuple(members),
+                swap=self.boolean(doc.get("swap", True), f"{base}.swap"),
+                exclusive=self.boolean(doc.get("exclusive", True), f"{base}.exclusive"),
+                persistent=self.boolean(doc.get("persistent", False), f"{base}.persistent"),
+            )
+        return groups
+
+    def profiles(
+        self, value: object, models: Mapping[str, ModelConfig]
+    ) -> dict[str, tuple[str, ...]]:
+        if value is None:
+            return {}
+        profiles: dict[str, tuple[str, ...]] = {}
+        for name, members in self.mapping(value, "profiles").items():
+            base = f"profiles.{name}"
+            if not isinstance(name, str) or not name or ":" in name:
+                raise self.fail(base, "profile names are non-empty and contain no ':'")
+            ids = self.string_list(members, base)
+            if not ids:
+                raise self.fail(base, "a profile needs at least one model")
+            for i, member in enumerate(ids):
+                if member not in models:
+                    raise self.fail(
+                        f"{base}[{i}]",
+                        f"unknown model {member!r}" + _suggest(member, tuple(models)),
+                    )
+            profiles[name] = tuple(dict.fromkeys(ids))
+        return profiles
+
+    def preload(self, value: object, models: Mapping[str, ModelConfig]) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        hooks = self.mapping(value, "hooks")
+        self.check_keys(hooks, "hooks", ("on_startup",))
+        startup = self.mapping(hooks.get("on_startup", {}), "hooks.on_startup")
+        self.check_keys(startup, "hooks.on_startup", ("preload",))
+        ids = []
+        for i, name in enumerate(
+            self.string_list(startup.get("preload", []), "hooks.on_startup.preload")
+        ):
+            model = self.resolve_name(name, models)
+            if model is None:
+                raise self.fail(
+                    f"hooks.on_startup.preload[{i}]",
+                    f"unknown model {name!r}" + _suggest(name, tuple(models)),
+                )
+            ids.append(model.id)
+        return tuple(ids)
+
+    @staticmethod
+    def resolve_name(name: str, models: Mapping[str, ModelConfig]) -> ModelConfig | None:
+        if name in models:
+            return models[name]
+        return next((m for m in models.values() if name in m.names), None)
 
     # --- shapes -----------------------------------------------------------
 
@@ -216,6 +428,12 @@ class _Builder:
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             raise self.fail(path, f"expected a string, got {_describe(value)}")
         return str(value)
+
+    def positive(self, value: object, path: str) -> float:
+        number = self.number(value, path)
+        if number <= 0:
+            raise self.fail(path, f"must be a positive number, got {number!r}")
+        return number
 
     def number(self, value: object, path: str) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -245,11 +463,13 @@ class _Builder:
 
     # --- macros -----------------------------------------------------------
 
-    def global_macros(self, value: object, path: str) -> dict[str, str]:
+    def global_macros(
+        self, value: object, path: str, inherited: Mapping[str, str] | None = None
+    ) -> dict[str, str]:
+        macros: dict[str, str] = dict(inherited or {})
         if value is None:
-            return {}
+            return macros
         doc = self.mapping(value, path)
-        macros: dict[str, str] = {}
         for name, raw in doc.items():
             where = f"{path}.{name}"
             if not isinstance(name, str) or not MACRO_NAME.match(name):
@@ -296,13 +516,20 @@ class _Builder:
 
     # --- one model ---------------------------------------------------------
 
-    def model(self, model_id: str, entry: object, macros: Mapping[str, str]) -> ModelConfig:
+    def model(
+        self,
+        model_id: str,
+        entry: object,
+        macros: Mapping[str, str],
+        defaults: Mapping[str, float],
+    ) -> ModelConfig:
         base = f"models.{model_id}"
         doc = self.mapping(entry, base)
         self.check_keys(doc, base, MODEL_KEYS)
         if "cmd" not in doc:
             raise self.fail(f"{base}.cmd", "required key is missing")
-        scope = {name: value.replace("${MODEL_ID}", model_id) for name, value in macros.items()}
+        own = self.global_macros(doc.get("macros"), f"{base}.macros", inherited=macros)
+        scope = {name: value.replace("${MODEL_ID}", model_id) for name, value in own.items()}
         scope["MODEL_ID"] = model_id
 
         cmd = self.command(doc["cmd"], f"{base}.cmd", scope, {"PORT"})
@@ -330,7 +557,7 @@ class _Builder:
         else:
             check_endpoint = check if check.startswith("/") else "/" + check
 
-        ttl = self.number(doc.get("ttl", 0), f"{base}.ttl")
+        ttl = self.number(doc.get("ttl", defaults["ttl"]), f"{base}.ttl")
         if ttl < 0:
             raise self.fail(f"{base}.ttl", f"must be 0 (never) or a positive number, got {ttl!r}")
 
@@ -367,7 +594,62 @@ class _Builder:
                 set(),
             ),
             cmd_stop=cmd_stop,
+            unload_timeout=self.positive(
+                doc.get("unloadTimeout", defaults["unloadTimeout"]), f"{base}.unloadTimeout"
+            ),
+            concurrency_limit=self.limit(
+                doc.get("concurrencyLimit", 10), f"{base}.concurrencyLimit"
+            ),
+            metadata=self.expand_tree(
+                self.mapping(doc.get("metadata", {}), f"{base}.metadata"), f"{base}.metadata", scope
+            ),
+            filters=self.filters(doc.get("filters"), f"{base}.filters", scope, model_id),
         )
+
+    def limit(self, value: object, path: str) -> int:
+        number = self.integer(value, path)
+        if number < 1:
+            raise self.fail(path, f"must be at least 1, got {number!r}")
+        return number
+
+    def expand_tree(self, value: Any, path: str, scope: Mapping[str, str]) -> Any:
+        """Macros in every string of a free-form value (metadata, setParams)."""
+        if isinstance(value, str):
+            return self.expand(value, path, scope, ())
+        if isinstance(value, dict):
+            return {k: self.expand_tree(v, f"{path}.{k}", scope) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.expand_tree(v, f"{path}[{i}]", scope) for i, v in enumerate(value)]
+        return value
+
+    def filters(self, value: object, path: str, scope: Mapping[str, str], model_id: str) -> Filters:
+        if value is None:
+            return Filters()
+        doc = self.mapping(value, path)
+        self.check_keys(doc, path, FILTER_KEYS)
+        strip = self.expand(
+            self.string(doc.get("stripParams", ""), f"{path}.stripParams"),
+            f"{path}.stripParams",
+            scope,
+            (),
+        )
+        stripped = tuple(p.strip() for p in strip.split(",") if p.strip() and p.strip() != "model")
+        set_params = self.params(doc.get("setParams", {}), f"{path}.setParams", scope)
+        by_id: dict[str, Mapping[str, Any]] = {}
+        for key, params in self.mapping(
+            doc.get("setParamsByID", {}), f"{path}.setParamsByID"
+        ).items():
+            where = f"{path}.setParamsByID.{key}"
+            name = self.expand(str(key), where, scope, ())
+            by_id[name] = self.params(params, where, scope)
+        return Filters(strip=stripped, set=set_params, set_by_id=by_id)
+
+    def params(self, value: object, path: str, scope: Mapping[str, str]) -> dict[str, Any]:
+        doc = self.mapping(value, path)
+        if "model" in doc:
+            raise self.fail(f"{path}.model", "filters never change 'model'")
+        result: dict[str, Any] = self.expand_tree(doc, path, scope)
+        return result
 
     def command(
         self, value: object, path: str, scope: Mapping[str, str], keep: Collection[str]
@@ -402,8 +684,12 @@ class _Builder:
     def check_names_unique(self, models: Mapping[str, ModelConfig]) -> None:
         owner: dict[str, str] = {}
         for model in models.values():
-            for i, alias in enumerate(model.aliases):
-                where = f"models.{model.id}.aliases[{i}]"
+            for i, alias in enumerate(model.names):
+                where = (
+                    f"models.{model.id}.aliases[{i}]"
+                    if i < len(model.aliases)
+                    else f"models.{model.id}.filters.setParamsByID.{alias}"
+                )
                 if alias in models:
                     raise self.fail(where, f"alias {alias!r} is already a model id")
                 if alias in owner:

@@ -26,6 +26,7 @@ from twisted.internet.defer import (
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
+from .config import Config
 from .errors import ApiError
 from .logs import logger
 from .process import ModelProcess, ModelState
@@ -60,7 +61,11 @@ class _Slot:
 @attrs.define(eq=False)
 class _Waiter:
     model_id: str
+    targets: frozenset[str]
     deferred: Deferred[Lease]
+
+
+_STOPPED = (ModelState.STOPPED, ModelState.FAILED)
 
 
 class Scheduler:
@@ -68,12 +73,15 @@ class Scheduler:
 
     log = logger()
 
-    def __init__(self, processes: Iterable[ModelProcess], clock: IReactorTime) -> None:
+    def __init__(
+        self, processes: Iterable[ModelProcess], clock: IReactorTime, config: Config
+    ) -> None:
         self._clock = clock
+        self.config = config
         self._slots: dict[str, _Slot] = {p.id: _Slot(p) for p in processes}
         self._queue: deque[_Waiter] = deque()
         self._swap_lock = DeferredLock()
-        self._swapping = False
+        self._swap: tuple[frozenset[str], frozenset[str]] | None = None  # (targets, victims)
         self._closed = False
         for slot in self._slots.values():
             slot.process.exit_listeners.append(self._process_exited)
@@ -87,27 +95,106 @@ class Scheduler:
     def in_flight(self, model_id: str) -> int:
         return self._slots[model_id].in_flight
 
+    def last_used(self, model_id: str) -> float | None:
+        return self._slots[model_id].last_used
+
+    def idle_deadline(self, model_id: str) -> float | None:
+        """When the idle timer will stop this model, if one runs."""
+        timer = self._slots[model_id].ttl_timer
+        return timer.getTime() if timer is not None and timer.active() else None
+
     def queued(self, model_id: str | None = None) -> int:
         return sum(1 for w in self._queue if model_id is None or w.model_id == model_id)
 
+    def position(self, deferred: Deferred[Lease]) -> int | None:
+        """1-based place in the queue of a pending :meth:`acquire`."""
+        for index, waiter in enumerate(self._queue, 1):
+            if waiter.deferred is deferred:
+                return index
+        return None
+
     # --- leases -----------------------------------------------------------------
 
-    def acquire(self, model_id: str) -> Deferred[Lease]:
-        """A lease on ``model_id`` once it is ready; cancel to leave the queue."""
+    def acquire(self, model_id: str, profile: str | None = None) -> Deferred[Lease]:
+        """A lease on ``model_id`` once it (and its profile's models) are ready.
+
+        Cancel the Deferred to leave the queue.  Fails at once with 429 when the
+        model has ``concurrencyLimit`` requests already, 503 when the queue is full.
+        """
         if self._closed:
             return fail(ApiError(503, "llamaswap is shutting down", "shutting_down"))
         slot = self._slots[model_id]
-        if not self._queue and not self._swapping and slot.process.state is ModelState.READY:
+        reserved = slot.in_flight + self.queued(model_id)
+        limit = slot.process.config.concurrency_limit
+        if reserved >= limit:
+            return fail(
+                ApiError(
+                    429,
+                    f"model {model_id!r} already has {reserved} requests in flight or waiting "
+                    f"(concurrencyLimit {limit}); retry shortly",
+                    "concurrency_limit",
+                    {"Retry-After": "1"},
+                )
+            )
+        targets = frozenset(self.config.profiles[profile]) if profile else frozenset({model_id})
+        if self._ready(targets) and model_id not in self._doomed(len(self._queue)):
             return succeed(self._grant(slot))
+        if len(self._queue) >= self.config.queue_limit:
+            return fail(
+                ApiError(
+                    503,
+                    f"{len(self._queue)} requests are already waiting for a model "
+                    f"(queueLimit {self.config.queue_limit}); retry shortly",
+                    "queue_full",
+                    {"Retry-After": "5"},
+                )
+            )
 
         def leave_queue(d: Deferred[Lease]) -> None:
             if waiter in self._queue:
                 self._queue.remove(waiter)
+                self._pump()
 
-        waiter = _Waiter(model_id, Deferred(leave_queue))
+        waiter = _Waiter(model_id, targets, Deferred(leave_queue))
         self._queue.append(waiter)
         self._pump()
         return waiter.deferred
+
+    def load(self, model_id: str) -> Deferred[None]:
+        """Make ``model_id`` ready (queued like a request) without sending it anything."""
+        return self.acquire(model_id).addCallback(lambda lease: lease.release())
+
+    def _ready(self, targets: frozenset[str]) -> bool:
+        return all(self._slots[t].process.state is ModelState.READY for t in targets)
+
+    def _victims(self, targets: frozenset[str]) -> frozenset[str]:
+        """Running models that must stop before ``targets`` may run (group rules)."""
+        running = [
+            m
+            for m, slot in self._slots.items()
+            if m not in targets and slot.process.state not in _STOPPED
+        ]
+        victims = set()
+        for target in targets:
+            group = self.config.group_of(target)
+            for other in running:
+                other_group = self.config.group_of(other)
+                if other_group.id == group.id:
+                    if group.swap or len(targets) > 1:
+                        victims.add(other)
+                elif (group.exclusive or len(targets) > 1) and not other_group.persistent:
+                    victims.add(other)
+        return frozenset(victims)
+
+    def _doomed(self, ahead: int) -> set[str]:
+        """Models that the swap under way, or the first ``ahead`` waiters, will stop."""
+        doomed: set[str] = set()
+        if self._swap is not None:
+            doomed |= self._swap[1]
+        for waiter in list(self._queue)[:ahead]:
+            if not self._ready(waiter.targets):
+                doomed |= self._victims(waiter.targets)
+        return doomed
 
     def _grant(self, slot: _Slot) -> Lease:
         slot.in_flight += 1
@@ -138,59 +225,54 @@ class Scheduler:
     # --- the queue --------------------------------------------------------------
 
     def _pump(self) -> None:
-        """Serve the queue head: grant it if its model is ready, else swap to it."""
-        while self._queue and not self._swapping:
-            head = self._queue[0]
-            slot = self._slots[head.model_id]
-            if slot.process.state is ModelState.READY:
-                self._queue.popleft()
-                head.deferred.callback(self._grant(slot))
+        """Grant every waiter whose models are ready and safe; swap for the first other."""
+        doomed: set[str] = set(self._swap[1]) if self._swap is not None else set()
+        for waiter in list(self._queue):
+            if self._ready(waiter.targets):
+                if waiter.model_id not in doomed:
+                    self._queue.remove(waiter)
+                    waiter.deferred.callback(self._grant(self._slots[waiter.model_id]))
                 continue
-            self._swapping = True
-            swap = self._swap_lock.run(self._swap_to, slot)
-            swap.addBoth(self._swap_done, slot)
-            return
+            victims = self._victims(waiter.targets)
+            if self._swap is None:
+                self._swap = (waiter.targets, victims)
+                swap = self._swap_lock.run(self._swap_to, waiter.targets, victims)
+                swap.addBoth(self._swap_done, waiter.targets)
+            doomed |= victims
 
-    async def _swap_to(self, slot: _Slot) -> None:
-        in_the_way = [
-            other
-            for other in self._slots.values()
-            if other is not slot
-            and other.process.state is not ModelState.STOPPED
-            and other.process.state is not ModelState.FAILED
-        ]
-        if in_the_way:
+    async def _swap_to(self, targets: frozenset[str], victims: frozenset[str]) -> None:
+        names = ", ".join(sorted(targets))
+        if victims:
             self.log.info(
-                "swap to {model}: stopping {others}",
-                model=slot.process.id,
-                others=", ".join(o.process.id for o in in_the_way),
+                "swap to {model}: stopping {others}", model=names, others=", ".join(sorted(victims))
             )
         started = self._clock.seconds()
+        in_the_way = [self._slots[v] for v in victims]
         await _all(self._drained(other) for other in in_the_way)
-        if not self._wanted(slot):
+        if not self._wanted(targets):
             # everyone who wanted it left while the others drained: keep what runs
-            self.log.info("swap to {model} abandoned: nobody waits for it", model=slot.process.id)
+            self.log.info("swap to {model} abandoned: nobody waits for it", model=names)
             return
         await _all(other.process.stop("swap") for other in in_the_way)
-        if not self._wanted(slot):
+        if not self._wanted(targets):
             return
-        await slot.process.start()
+        await _all(self._slots[t].process.start() for t in sorted(targets))
         self.log.info(
             "swap to {model} done in {seconds:.2f}s",
-            model=slot.process.id,
+            model=names,
             seconds=self._clock.seconds() - started,
         )
 
-    def _wanted(self, slot: _Slot) -> bool:
-        return not self._closed and self.queued(slot.process.id) > 0
+    def _wanted(self, targets: frozenset[str]) -> bool:
+        return not self._closed and any(w.targets == targets for w in self._queue)
 
-    def _swap_done(self, result: Failure | None, slot: _Slot) -> None:
-        self._swapping = False
+    def _swap_done(self, result: Failure | None, targets: frozenset[str]) -> None:
+        self._swap = None
         if isinstance(result, Failure):
-            # everyone queued for this model was waiting on this very start
+            # everyone queued for these models was waiting on this very start
             error = result.value
             assert isinstance(error, Exception)
-            failed = [w for w in self._queue if w.model_id == slot.process.id]
+            failed = [w for w in self._queue if w.targets == targets]
             for waiter in failed:
                 self._queue.remove(waiter)
                 waiter.deferred.errback(error)

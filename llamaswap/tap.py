@@ -100,6 +100,20 @@ class Supervisor(Service):
     def startService(self) -> None:
         globalLogPublisher.addObserver(self.observer)
         super().startService()
+        if self.scheduler.config.preload:
+            preloading = Deferred.fromCoroutine(self.preload(self.scheduler.config.preload))
+            preloading.addErrback(lambda f: self.log.failure("preload failed", f))
+
+    async def preload(self, model_ids: tuple[str, ...]) -> None:
+        """``hooks.on_startup.preload``: start these in order, in the background."""
+        for model_id in model_ids:
+            if not self.running:
+                return
+            self.log.info("preloading {model}", model=model_id)
+            try:
+                await self.scheduler.load(model_id)
+            except Exception as e:  # one failed preload must not stop the others
+                self.log.error("preloading {model} failed: {error}", model=model_id, error=e)
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
@@ -150,7 +164,6 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
     pool._factory = _QuietClientFactory
     agent = Agent(reactor, connectTimeout=10, pool=pool)
     ports = PortAllocator(config.start_port)
-    timing = Timing(health_timeout=config.health_check_timeout)
     probe = http_probe(agent, reactor)
     processes = [
         ModelProcess(
@@ -160,11 +173,13 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
             logs=logs,
             ports=ports,
             probe=probe,
-            timing=timing,
+            timing=Timing(
+                health_timeout=config.health_check_timeout, stop_timeout=model.unload_timeout
+            ),
         )
         for model in config.models.values()
     ]
-    scheduler = Scheduler(processes, reactor)
+    scheduler = Scheduler(processes, reactor, config)
     api = Api(config, scheduler, Relay(agent), logs)
 
     top = MultiService()

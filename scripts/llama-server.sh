@@ -36,8 +36,8 @@ log() { printf '[llama-server.sh] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
 abspath() {
-    # realpath is in coreutils; fall back to python for exotic systems.
-    realpath -- "$1" 2>/dev/null || "$PY" -c 'import os,sys;print(os.path.realpath(sys.argv[1]))' "$1"
+    # absolute path without resolving symlinks (coreutils realpath -s, else python)
+    realpath -s -- "$1" 2>/dev/null || "$PY" -c 'import os,sys;print(os.path.abspath(sys.argv[1]))' "$1"
 }
 
 # works BIN: true when BIN runs and answers --version.

@@ -29,7 +29,7 @@ log() { printf '[model.sh] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
 abspath() {
-    realpath -- "$1" 2>/dev/null || "$PY" -c 'import os,sys;print(os.path.realpath(sys.argv[1]))' "$1"
+    realpath -s -- "$1" 2>/dev/null || "$PY" -c 'import os,sys;print(os.path.abspath(sys.argv[1]))' "$1"
 }
 
 # is_gguf FILE: cheap sanity check (magic bytes), no hashing.

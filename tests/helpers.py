@@ -60,7 +60,6 @@ def world(text: str = TWO_MODELS, timing: Timing | None = None) -> World:
     health = FakeHealth()
     logs = LogHub()
     ports = PortAllocator(config.start_port, is_free=lambda port: True)
-    timing = timing or Timing(health_timeout=config.health_check_timeout)
     processes = [
         ModelProcess(
             model,
@@ -69,10 +68,13 @@ def world(text: str = TWO_MODELS, timing: Timing | None = None) -> World:
             logs=logs,
             ports=ports,
             probe=health,
-            timing=timing,
+            timing=timing
+            or Timing(
+                health_timeout=config.health_check_timeout, stop_timeout=model.unload_timeout
+            ),
             base_env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"},
             process_groups=False,
         )
         for model in config.models.values()
     ]
-    return World(config, reactor, health, logs, Scheduler(processes, reactor))
+    return World(config, reactor, health, logs, Scheduler(processes, reactor, config))

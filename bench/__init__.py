@@ -1,0 +1,1 @@
+"""llamaswap's benchmark suite (``make bench``); results go to docs/benchmarks.md."""
