@@ -42,6 +42,7 @@ def parse(raw: str) -> dict[str, Any]:
     total_time: Counter[str] = Counter()
     by_package: Counter[str] = Counter()
     samples = 0
+    idle_threads = 0
     for line in raw.splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
@@ -59,12 +60,17 @@ def parse(raw: str) -> dict[str, Any]:
         if not names:
             continue
         leaf, leaf_file = names[-1]
+        if leaf.startswith("Condition.wait") and any("_threadworker" in f for _, f in names):
+            idle_threads += count  # an idle thread-pool worker waiting for work
+            samples -= count
+            continue
         self_time[leaf] += count
         by_package[package(leaf_file) if leaf_file else "?"] += count
         for name in {n for n, _ in names}:
             total_time[name] += count
     return {
         "samples": samples,
+        "idle_thread_samples": idle_threads,
         "self": self_time.most_common(15),
         "total": [
             (name, count)

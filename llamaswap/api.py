@@ -8,13 +8,12 @@ llamaswap produces itself is an OpenAI-shaped JSON object with the right status.
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 from urllib.parse import unquote
 
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request
@@ -62,12 +61,20 @@ class Api:
     router = Klein()
     log = logger()
 
-    def __init__(self, config: Config, scheduler: Scheduler, relay: Relay, logs: LogHub) -> None:
+    def __init__(
+        self,
+        config: Config,
+        scheduler: Scheduler,
+        relay: Relay,
+        logs: LogHub,
+        clock: IReactorTime,
+    ) -> None:
         self.config = config
         self.scheduler = scheduler
         self.relay = relay
         self.logs = logs
-        self.created = int(time.time())
+        self.clock = clock
+        self.created = int(clock.seconds())
 
     def resource(self) -> Any:
         return self.router.resource()
@@ -135,16 +142,16 @@ class Api:
     @router.route("/v1/images/edits", methods=["POST"], endpoint="p16")
     async def model_route(self, request: Request) -> None:
         body = request.content.read() if request.content is not None else b""
-        model, body = self.model_from_body(request, body)
-        await self.proxy(request, model, b"POST", request.uri, body)
+        model, profile, body = self.model_from_body(request, body)
+        await self.proxy(request, model, b"POST", request.uri, body, profile)
 
     @router.route("/props", methods=["GET"])
     async def props(self, request: Request) -> None:
         names = request.args.get(b"model")
         if not names:
             raise ApiError(400, "GET /props needs ?model=<id> to know which model to ask")
-        model = self.resolve(names[0].decode("utf-8", errors="replace"))
-        await self.proxy(request, model, b"GET", request.uri, None)
+        model, profile = self.target(names[0].decode("utf-8", errors="replace"))
+        await self.proxy(request, model, b"GET", request.uri, None, profile)
 
     @router.route(
         "/upstream/<path:rest>",
@@ -157,22 +164,26 @@ class Api:
         segments = raw[0][len(b"/upstream/") :].split(b"/")
         for count in range(len(segments), 0, -1):
             name = unquote(b"/".join(segments[:count]).decode("utf-8", errors="replace"))
-            model = self.config.resolve(name)
-            if model is not None:
+            found = self.config.lookup(name)
+            if found is not None:
+                model, profile = found
                 path = b"/" + b"/".join(segments[count:]) + query
                 body = request.content.read() if request.content is not None else b""
-                await self.proxy(request, model, request.method, path, body or None)
+                await self.proxy(request, model, request.method, path, body or None, profile)
                 return
         raise self.unknown_model(unquote(segments[0].decode("utf-8", errors="replace")))
 
-    def model_from_body(self, request: Request, body: bytes) -> tuple[ModelConfig, bytes]:
-        """Find ``model`` in a JSON or multipart body (parsed once)."""
+    def model_from_body(
+        self, request: Request, body: bytes
+    ) -> tuple[ModelConfig, str | None, bytes]:
+        """Find ``model`` in a JSON or multipart body (parsed once) and apply filters."""
         content_type = (request.getHeader(b"content-type") or b"").lower()
         if content_type.startswith(b"multipart/form-data"):
             fields = request.args.get(b"model")
             if not fields or not fields[0].strip():
                 raise ApiError(400, "the form has no 'model' field")
-            return self.resolve(fields[0].decode("utf-8", errors="replace")), body
+            model, profile = self.target(fields[0].decode("utf-8", errors="replace"))
+            return model, profile, body
         try:
             document = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
@@ -182,11 +193,23 @@ class Api:
         name = document.get("model")
         if not isinstance(name, str) or not name:
             raise ApiError(400, "the request body needs a 'model' string naming the model to use")
-        model = self.resolve(name)
+        model, profile = self.target(name)
+        changed = model.filters.apply(
+            document, requested=name.partition(":")[2] if profile else name
+        )
         if model.use_model_name is not None:
             document["model"] = model.use_model_name
+            changed = True
+        if changed:
             body = json.dumps(document).encode("utf-8")
-        return model, body
+        return model, profile, body
+
+    def target(self, name: str) -> tuple[ModelConfig, str | None]:
+        """A model id, alias, variant or ``<profile>:<model>`` → (model, profile)."""
+        found = self.config.lookup(name)
+        if found is None:
+            raise self.unknown_model(name)
+        return found
 
     def resolve(self, name: str) -> ModelConfig:
         model = self.config.resolve(name)
@@ -199,9 +222,15 @@ class Api:
         return ApiError(404, f"model {name!r} is not configured; available models: {known}")
 
     async def proxy(
-        self, request: Request, model: ModelConfig, method: bytes, path: bytes, body: bytes | None
+        self,
+        request: Request,
+        model: ModelConfig,
+        method: bytes,
+        path: bytes,
+        body: bytes | None,
+        profile: str | None = None,
     ) -> None:
-        lease = await self.scheduler.acquire(model.id)
+        lease = await self.scheduler.acquire(model.id, profile)
         try:
             await self.relay.forward(request, method, lease.base_url + path.decode("ascii"), body)
         finally:
@@ -219,46 +248,81 @@ class Api:
     def models(self, request: Request) -> bytes:
         data = []
         for model_id in self.config.listed_ids():
-            model = self.config.models[model_id]
-            process = self.scheduler.processes[model_id]
-            record: dict[str, Any] = {
-                "id": model_id,
-                "object": "model",
-                "created": self.created,
-                "owned_by": "llamaswap",
-                "status": {"value": process.state.value},
-            }
-            if model.name:
-                record["name"] = model.name
-            if model.description:
-                record["description"] = model.description
-            if model.aliases:
-                record["aliases"] = list(model.aliases)
-            if process.last_error:
-                record["status"]["error"] = process.last_error
+            record = self.model_record(model_id)
             data.append(record)
+            if self.config.include_aliases_in_list:
+                for alias in self.config.models[model_id].names:
+                    data.append({**record, "id": alias, "alias_of": model_id})
+        for profile, members in sorted(self.config.profiles.items()):
+            for member in members:
+                data.append({**self.model_record(member), "id": f"{profile}:{member}"})
         return _json(request, {"object": "list", "data": data})
+
+    def model_record(self, model_id: str) -> dict[str, Any]:
+        model = self.config.models[model_id]
+        process = self.scheduler.processes[model_id]
+        record: dict[str, Any] = {
+            "id": model_id,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "llamaswap",
+            "status": {"value": process.state.value},
+        }
+        if model.name:
+            record["name"] = model.name
+        if model.description:
+            record["description"] = model.description
+        if model.names:
+            record["aliases"] = list(model.names)
+        if model.metadata:
+            record["meta"] = {"llamaswap": dict(model.metadata)}
+        if process.last_error:
+            record["status"]["error"] = process.last_error
+        return record
 
     @router.route("/running", methods=["GET"])
     def running(self, request: Request) -> bytes:
+        now = self.clock.seconds()
         running = []
         for model_id, process in sorted(self.scheduler.processes.items()):
             if process.state in (ModelState.STOPPED, ModelState.FAILED):
                 continue
+            last_used = self.scheduler.last_used(model_id)
+            idle_deadline = self.scheduler.idle_deadline(model_id)
             running.append(
                 {
                     "model": model_id,
                     "state": process.state.value,
                     "pid": process.pid,
+                    "port": process.port,
                     "proxy": process.base_url,
-                    "ttl": process.config.ttl,
-                    "name": process.config.name,
-                    "description": process.config.description,
+                    "uptime": round(now - process.started_at, 3) if process.started_at else None,
                     "in_flight": self.scheduler.in_flight(model_id),
                     "queued": self.scheduler.queued(model_id),
+                    "last_used": last_used,
+                    "ttl": process.config.ttl,
+                    "ttl_left": round(idle_deadline - now, 3) if idle_deadline else None,
+                    "name": process.config.name,
+                    "description": process.config.description,
                 }
             )
         return _json(request, {"running": running})
+
+    @router.route("/api/models/load/<path:name>", methods=["POST"])
+    async def load_one(self, request: Request, name: str) -> bytes:
+        """Start a model and answer once it is ready (or with why it could not start)."""
+        model = self.resolve(name)
+        started = self.clock.seconds()
+        await self.scheduler.load(model.id)
+        return _json(
+            request,
+            {
+                "msg": "ok",
+                "model": model.id,
+                "state": self.scheduler.processes[model.id].state.value,
+                "seconds": round(self.clock.seconds() - started, 3),
+            },
+        )
 
     @router.route("/unload", methods=["GET"])
     async def unload_all_get(self, request: Request) -> bytes:

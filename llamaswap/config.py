@@ -215,6 +215,14 @@ class Config:
             return None
         return profile, model
 
+    def lookup(self, name: str) -> tuple[ModelConfig, str | None] | None:
+        """Any name a request may use → (model, profile or None)."""
+        found = self.resolve_profile(name)
+        if found is not None:
+            return found[1], found[0]
+        model = self.resolve(name)
+        return (model, None) if model is not None else None
+
     def group_of(self, model_id: str) -> GroupConfig:
         for group in self.groups.values():
             if model_id in group.members:

@@ -180,7 +180,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
         for model in config.models.values()
     ]
     scheduler = Scheduler(processes, reactor, config)
-    api = Api(config, scheduler, Relay(agent), logs)
+    api = Api(config, scheduler, Relay(agent), logs, reactor)
 
     top = MultiService()
     Supervisor(scheduler, pool, logs).setServiceParent(top)

@@ -78,7 +78,7 @@ class InMemoryProxy(SynchronousTestCase):
         self.server.start()
         self.upstream = RequestTraversalAgent(self.server.resource())
         self.agent = StaleFirst(self.upstream, failures=0)
-        api = Api(self.w.config, self.w.scheduler, Relay(self.agent), self.w.logs)
+        api = Api(self.w.config, self.w.scheduler, Relay(self.agent), self.w.logs, self.w.reactor)
         self.client: Any = StubTreq(api.resource())
         self.addCleanup(self.server.stop)
 
