@@ -623,7 +623,13 @@ class _Builder:
     def expand_tree(self, value: Any, path: str, scope: Mapping[str, str]) -> Any:
         """Macros in every string of a free-form value (metadata, setParams)."""
         if isinstance(value, str):
-            return self.expand(value, path, scope, ())
+            text = self.expand(value, path, scope, ())
+            if MACRO_REF.fullmatch(value.strip()) and text != value:
+                # a value that is exactly one macro keeps the macro's type: 0.2 stays a number
+                typed = yaml.safe_load(text)
+                if isinstance(typed, int | float | bool):
+                    return typed
+            return text
         if isinstance(value, dict):
             return {k: self.expand_tree(v, f"{path}.{k}", scope) for k, v in value.items()}
         if isinstance(value, list):

@@ -225,3 +225,115 @@ class ShippedConfigTests(SynchronousTestCase):
     def test_example_config_is_valid(self) -> None:
         config = load_config(ROOT / "config.example.yaml")
         self.assertTrue(config.models)
+
+
+class ModelManagementConfigTests(SynchronousTestCase):
+    BASE = "models:\n  a:\n    cmd: s --port ${PORT}\n  b:\n    cmd: s --port ${PORT}\n"
+
+    def error(self, text: str) -> str:
+        return str(self.assertRaises(ConfigError, parse_config, text, "conf.yaml"))
+
+    def test_groups_and_the_implicit_default_group(self) -> None:
+        config = parse_config(
+            self.BASE + "  c:\n    cmd: s --port ${PORT}\n"
+            "groups:\n  g:\n    members: [a, b]\n    swap: false\n    persistent: true\n"
+        )
+        group = config.group_of("a")
+        self.assertEqual(
+            (group.id, group.swap, group.exclusive, group.persistent), ("g", False, True, True)
+        )
+        default = config.group_of("c")
+        self.assertEqual((default.id, default.members, default.swap), ("(default)", ("c",), True))
+
+    def test_group_errors(self) -> None:
+        self.assertIn(
+            "groups.g.members[1]: unknown model 'x'",
+            self.error(self.BASE + "groups:\n  g:\n    members: [a, x]\n"),
+        )
+        self.assertIn(
+            "groups.h.members[0]: 'a' is already a member of group 'g'",
+            self.error(self.BASE + "groups:\n  g:\n    members: [a]\n  h:\n    members: [a]\n"),
+        )
+        self.assertIn(
+            "groups.g.members[1]: 'a' is listed twice",
+            self.error(self.BASE + "groups:\n  g:\n    members: [a, a]\n"),
+        )
+        self.assertIn(
+            "groups.g.exclusve: unknown key (did you mean 'exclusive'?)",
+            self.error(self.BASE + "groups:\n  g:\n    members: [a]\n    exclusve: false\n"),
+        )
+
+    def test_profiles_preload_and_lookup(self) -> None:
+        config = parse_config(
+            self.BASE + "profiles:\n  duo: [a, b]\nhooks:\n  on_startup:\n    preload: [b]\n"
+        )
+        self.assertEqual(config.profiles["duo"], ("a", "b"))
+        self.assertEqual(config.preload, ("b",))
+        found = config.lookup("duo:b")
+        assert found is not None
+        self.assertEqual((found[0].id, found[1]), ("b", "duo"))
+        self.assertIsNone(config.lookup("duo:nope"))
+        self.assertIn(
+            "profiles.duo[1]: unknown model 'x'",
+            self.error(self.BASE + "profiles:\n  duo: [a, x]\n"),
+        )
+        self.assertIn(
+            "hooks.on_startup.preload[0]: unknown model 'zz'",
+            self.error(self.BASE + "hooks:\n  on_startup:\n    preload: [zz]\n"),
+        )
+
+    def test_filters_and_variants(self) -> None:
+        config = parse_config(
+            "macros:\n  temp: 0.2\n"
+            "models:\n  a:\n    cmd: s --port ${PORT}\n"
+            "    filters:\n"
+            "      stripParams: 'top_k, model, extra.deep'\n"
+            "      setParams: {temperature: '${temp}', stop: ['</s>']}\n"
+            "      setParamsByID:\n"
+            "        ${MODEL_ID}-think: {reasoning: true}\n"
+        )
+        model = config.models["a"]
+        self.assertEqual(model.filters.strip, ("top_k", "extra.deep"))
+        self.assertEqual(model.names, ("a-think",))
+        self.assertIs(config.resolve("a-think"), model)
+        document = {"model": "a-think", "top_k": 5, "extra": {"deep": 1, "keep": 2}}
+        self.assertTrue(model.filters.apply(document, "a-think"))
+        self.assertEqual(
+            document,
+            {
+                "model": "a-think",
+                "extra": {"keep": 2},
+                "temperature": 0.2,
+                "stop": ["</s>"],
+                "reasoning": True,
+            },
+        )
+        self.assertIn(
+            "models.a.filters.setParams.model: filters never change 'model'",
+            self.error(
+                "models:\n  a:\n    cmd: s --port ${PORT}\n"
+                "    filters:\n      setParams: {model: x}\n"
+            ),
+        )
+
+    def test_model_macros_metadata_and_limits(self) -> None:
+        config = parse_config(
+            "globalTTL: 60\nmacros:\n  ctx: 4096\nmodels:\n  a:\n"
+            "    macros:\n      ctx: 8192\n      args: -c ${ctx}\n"
+            "    cmd: s --port ${PORT} ${args}\n"
+            "    metadata: {family: '${MODEL_ID}', sizes: [1, 2]}\n"
+            "    concurrencyLimit: 3\n"
+        )
+        model = config.models["a"]
+        self.assertEqual(model.cmd.render(1), ["s", "--port", "1", "-c", "8192"])
+        self.assertEqual(model.metadata, {"family": "a", "sizes": [1, 2]})
+        self.assertEqual((model.ttl, model.concurrency_limit), (60, 3))
+        self.assertIn(
+            "models.a.concurrencyLimit: must be at least 1",
+            self.error("models:\n  a:\n    cmd: s --port ${PORT}\n    concurrencyLimit: 0\n"),
+        )
+        self.assertIn("globalTTL: must be 0", self.error("globalTTL: -1\n" + self.BASE))
+        self.assertIn(
+            "models.a.macros.x: unknown macro ${y}",
+            self.error("models:\n  a:\n    cmd: s --port ${PORT}\n    macros:\n      x: ${y}\n"),
+        )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.defer import CancelledError
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -9,7 +11,7 @@ from llamaswap.errors import ApiError, StartFailed
 from llamaswap.process import ModelState, Timing
 from llamaswap.scheduler import Lease
 
-from .helpers import world
+from .helpers import TWO_MODELS, world
 
 
 class SwapTests(SynchronousTestCase):
@@ -294,3 +296,133 @@ class EnvironmentTests(SynchronousTestCase):
         self.assertEqual(child.env["PATH"], "/usr/bin:/bin")
         self.assertEqual(child.env["MY_PORT"], "7000")
         self.assertEqual(child.args[-3:], ["7000", "--model", "a"])
+
+
+GROUPS = """
+models:
+  chat-a:
+    cmd: sleep --port ${PORT} --model chat-a
+  chat-b:
+    cmd: sleep --port ${PORT} --model chat-b
+  embed:
+    cmd: sleep --port ${PORT} --model embed
+  coder:
+    cmd: sleep --port ${PORT} --model coder
+  helper:
+    cmd: sleep --port ${PORT} --model helper
+groups:
+  resident:
+    members: [embed]
+    persistent: true
+    exclusive: false
+  pair:
+    members: [coder, helper]
+    swap: false
+profiles:
+  duo: [chat-a, embed]
+"""
+
+
+class GroupTests(SynchronousTestCase):
+    def ready(self, w: Any, model: str) -> Lease:
+        d = w.scheduler.acquire(model)
+        if not d.called:
+            w.make_ready(model)
+        lease: Lease = self.successResultOf(d)
+        return lease
+
+    def test_a_persistent_model_stays_while_chat_models_swap(self) -> None:
+        w = world(GROUPS)
+        self.ready(w, "embed").release()
+        self.ready(w, "chat-a").release()
+        self.ready(w, "chat-b").release()
+        self.assertEqual(w.child("embed").signals, [])
+        self.assertEqual(w.child("chat-a").signals, ["TERM"])
+        running = sorted(p.args[-1] for p in w.reactor.running())
+        self.assertEqual(running, ["chat-b", "embed"])
+
+    def test_a_ready_model_nobody_will_evict_is_served_past_a_pending_swap(self) -> None:
+        w = world(GROUPS)
+        self.ready(w, "embed").release()
+        lease_a = self.ready(w, "chat-a")
+        pending_b = w.scheduler.acquire("chat-b")  # waits for chat-a to drain
+        self.assertNoResult(pending_b)
+        # embed is not in the way of that swap: served at once
+        self.successResultOf(w.scheduler.acquire("embed")).release()
+        # chat-a is about to be stopped: a new request for it waits its turn
+        self.assertNoResult(w.scheduler.acquire("chat-a"))
+        lease_a.release()
+
+    def test_non_swapping_group_members_run_together_and_exclusive_evicts_others(self) -> None:
+        w = world(GROUPS)
+        self.ready(w, "chat-a").release()
+        self.ready(w, "coder").release()
+        self.ready(w, "helper").release()
+        self.assertEqual(w.child("chat-a").signals, ["TERM"])  # pair is exclusive
+        self.assertEqual(w.child("coder").signals, [])  # swap: false
+        running = sorted(p.args[-1] for p in w.reactor.running())
+        self.assertEqual(running, ["coder", "helper"])
+
+    def test_profile_starts_its_models_together_and_is_swapped_out_whole(self) -> None:
+        w = world(GROUPS)
+        self.ready(w, "coder").release()
+        d = w.scheduler.acquire("chat-a", profile="duo")
+        # coder stopped, both members spawned at once
+        self.assertEqual(w.child("coder").signals, ["TERM"])
+        self.assertEqual(w.spawned_models()[-2:], ["chat-a", "embed"])
+        w.make_ready("chat-a")
+        self.assertNoResult(d)  # embed is not ready yet
+        w.make_ready("embed")
+        self.successResultOf(d).release()
+        self.ready(w, "chat-b").release()
+        self.assertEqual(w.child("chat-a").signals, ["TERM"])
+        self.assertEqual(w.child("embed").signals, [])  # persistent even after a profile
+
+
+class AdmissionTests(SynchronousTestCase):
+    def test_concurrency_limit_is_a_429_with_retry_after(self) -> None:
+        w = world(
+            "models:\n  a:\n    cmd: sleep --port ${PORT} --model a\n    concurrencyLimit: 2\n"
+        )
+        first, second = w.scheduler.acquire("a"), w.scheduler.acquire("a")
+        error = self.failureResultOf(w.scheduler.acquire("a"), ApiError).value
+        self.assertEqual((error.status, error.code), (429, "concurrency_limit"))
+        self.assertEqual(error.headers, {"Retry-After": "1"})
+        w.make_ready("a")
+        self.successResultOf(first).release()
+        # a slot is free again
+        self.successResultOf(w.scheduler.acquire("a"))
+        self.successResultOf(second)
+
+    def test_a_full_queue_is_a_503_with_retry_after(self) -> None:
+        w = world("queueLimit: 2\n" + TWO_MODELS.lstrip())
+        w.scheduler.acquire("a")
+        w.scheduler.acquire("b")
+        error = self.failureResultOf(w.scheduler.acquire("c"), ApiError).value
+        self.assertEqual((error.status, error.code), (503, "queue_full"))
+        self.assertIn("Retry-After", error.headers)
+
+    def test_load_makes_a_model_ready_without_holding_a_lease(self) -> None:
+        w = world()
+        d = w.scheduler.load("a")
+        w.make_ready("a")
+        self.successResultOf(d)
+        self.assertEqual(w.scheduler.in_flight("a"), 0)
+        self.assertEqual(w.process("a").state, ModelState.READY)
+
+    def test_global_ttl_and_unload_timeout_defaults(self) -> None:
+        w = world(
+            "globalTTL: 50\nunloadTimeout: 4\nmodels:\n"
+            "  a:\n    cmd: sleep --port ${PORT} --model a\n"
+            "  b:\n    cmd: sleep --port ${PORT} --model b\n    ttl: 0\n    unloadTimeout: 1\n"
+        )
+        self.assertEqual(w.process("a").config.ttl, 50)
+        self.assertEqual(w.process("b").config.ttl, 0)
+        d = w.scheduler.acquire("a")
+        w.make_ready("a")
+        self.successResultOf(d).release()
+        w.child("a").ignore_term = True
+        w.reactor.advance(50)
+        self.assertEqual(w.child("a").signals, ["TERM"])
+        w.reactor.advance(4)
+        self.assertEqual(w.child("a").signals, ["TERM", "KILL"])
