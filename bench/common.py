@@ -203,6 +203,40 @@ def wait_http(port: int, path: str = "/health", timeout: float = 60.0, interval:
 
 # --- llamaswap ------------------------------------------------------------------
 
+NO_LIMIT = 100_000
+
+
+def config_text(head: str, models: Mapping[str, str]) -> str:
+    """A llamaswap config: ``head`` (top-level keys) and ``models`` (id → YAML body,
+    indented by 4).  Admission limits, where this llamaswap has them
+    (``concurrencyLimit`` per model, default 10; ``queueLimit``), are lifted so the
+    bench measures the proxy rather than its 429s."""
+    from llamaswap import config as ls_config
+
+    top = getattr(ls_config, "TOP_LEVEL_KEYS", ())
+    model_keys = getattr(ls_config, "MODEL_KEYS", ())
+    lines = [head.rstrip("\n")]
+    if "queueLimit" in top:
+        lines.append(f"queueLimit: {NO_LIMIT}")
+    lines.append("models:")
+    for model_id, body in models.items():
+        lines.append(f"  {model_id}:")
+        lines.append(body.rstrip("\n"))
+        if "concurrencyLimit" in model_keys:
+            lines.append(f"    concurrencyLimit: {NO_LIMIT}")
+    return "\n".join(lines) + "\n"
+
+
+def lifted_limits() -> list[str]:
+    from llamaswap import config as ls_config
+
+    found = []
+    if "queueLimit" in getattr(ls_config, "TOP_LEVEL_KEYS", ()):
+        found.append("queueLimit")
+    if "concurrencyLimit" in getattr(ls_config, "MODEL_KEYS", ()):
+        found.append("concurrencyLimit")
+    return found
+
 
 class Llamaswap:
     """``twistd -n llamaswap`` on a config written to the work dir."""

@@ -9,19 +9,16 @@ from typing import Any
 
 import psutil
 
-from .common import CpuMonitor, Llamaswap, Procs, http, log, median, percentile
+from .common import CpuMonitor, Llamaswap, Procs, config_text, http, log, median, percentile
 from .proxy import free_port_base
 
 TOKENS = 20
 DELAY = 0.5
 
-CONFIG = """\
-healthCheckTimeout: 30
-startPort: {start_port}
-models:
-  fake:
-    cmd: python -m llamaswap.testing.fake_server --port ${{PORT}} --model fake --token-delay {delay} --tokens {tokens}
-"""
+MODEL = (
+    "    cmd: python -m llamaswap.testing.fake_server --port ${PORT} --model fake"
+    f" --token-delay {DELAY} --tokens {TOKENS}"
+)
 
 BODY = (
     b'{"model": "fake", "stream": true, "messages": [{"role": "user", "content": "hi"}], '
@@ -80,7 +77,7 @@ def run(procs: Procs, monitor: CpuMonitor, *, clients_count: int = 500) -> dict[
     swap = Llamaswap(
         procs,
         "llamaswap-footprint",
-        CONFIG.format(start_port=free_port_base() + 300, delay=DELAY, tokens=TOKENS),
+        config_text(f"healthCheckTimeout: 30\nstartPort: {free_port_base() + 300}\n", {"fake": MODEL}),
     ).start()
     proc = psutil.Process(swap.pid)
     time.sleep(2.0)

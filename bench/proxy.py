@@ -12,7 +12,21 @@ from typing import Any
 
 import psutil
 
-from .common import REPO, VENV_BIN, CpuMonitor, Llamaswap, Procs, child_env, free_port, hist_percentile, http, log, wait_http, which
+from .common import (
+    REPO,
+    VENV_BIN,
+    CpuMonitor,
+    Llamaswap,
+    Procs,
+    child_env,
+    config_text,
+    free_port,
+    hist_percentile,
+    http,
+    log,
+    wait_http,
+    which,
+)
 
 CHAT_PATH = "/v1/chat/completions"
 
@@ -23,16 +37,15 @@ def body(model: str) -> str:
     )
 
 
-CONFIG = """\
-healthCheckTimeout: 30
-startPort: {start_port}
-models:
-  fast:
-    cmd: python -m bench.fast_upstream --port ${{PORT}}
-  fast-chatty:
-    description: the same upstream printing 7 llama-server-like log lines per request
-    cmd: python -m bench.fast_upstream --port ${{PORT}} --log-lines 7
-"""
+def config(start_port: int) -> str:
+    return config_text(
+        f"healthCheckTimeout: 30\nstartPort: {start_port}\n",
+        {
+            "fast": "    cmd: python -m bench.fast_upstream --port ${PORT}",
+            # the same upstream printing 7 llama-server-like log lines per request
+            "fast-chatty": "    cmd: python -m bench.fast_upstream --port ${PORT} --log-lines 7",
+        },
+    )
 
 NGINX_CONF = """\
 worker_processes 1;
@@ -176,7 +189,7 @@ def run(
 ) -> dict[str, Any]:
     loadgen = LoadGen(procs.workdir, force_python)
     log(f"proxy overhead: load generator {loadgen.name}")
-    swap = Llamaswap(procs, "llamaswap-proxy", CONFIG.format(start_port=free_port_base()))
+    swap = Llamaswap(procs, "llamaswap-proxy", config(free_port_base()))
     swap.start()
     status, reply = http(swap.port, "POST", CHAT_PATH, body("fast").encode())
     assert status == 200, reply

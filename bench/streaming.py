@@ -7,20 +7,15 @@ import json
 import time
 from typing import Any
 
-from .common import CpuMonitor, Llamaswap, Procs, log, median, percentile
+from .common import CpuMonitor, Llamaswap, Procs, config_text, log, median, percentile
 from .proxy import free_port_base
 
 MAX_TOKENS = 64
 
-CONFIG = """\
-healthCheckTimeout: 120
-startPort: {start_port}
-models:
-  smollm2:
+MODEL = """\
     cmd: >-
-      "${{env.LLAMA_SERVER}}" --host 127.0.0.1 --port ${{PORT}} -m "${{env.LLAMASWAP_MODEL}}"
-      --threads 2 --no-webui --ctx-size 2048 --parallel 1
-"""
+      "${env.LLAMA_SERVER}" --host 127.0.0.1 --port ${PORT} -m "${env.LLAMASWAP_MODEL}"
+      --threads 2 --no-webui --ctx-size 2048 --parallel 1"""
 
 REQUEST = {
     "model": "smollm2",
@@ -72,7 +67,7 @@ def stream_once(port: int) -> dict[str, float]:
 
 
 def run(procs: Procs, monitor: CpuMonitor, *, runs: int = 8) -> dict[str, Any]:
-    swap = Llamaswap(procs, "llamaswap-stream", CONFIG.format(start_port=free_port_base() + 100))
+    swap = Llamaswap(procs, "llamaswap-stream", config_text(f"healthCheckTimeout: 120\nstartPort: {free_port_base() + 100}\n", {"smollm2": MODEL}))
     swap.start()
     ports = {"llamaswap": swap.port}
     stream_once(swap.port)  # start the model, warm its prompt cache

@@ -17,7 +17,7 @@ delay cancels out).
 
 from __future__ import annotations
 
-import http.client
+import http.client as httpclient
 import json
 import os
 import re
@@ -28,7 +28,19 @@ from typing import Any
 
 import psutil
 
-from .common import CpuMonitor, Llamaswap, Procs, free_port, health_status, http, log, median, percentile, wait_http
+from .common import (
+    CpuMonitor,
+    Llamaswap,
+    Procs,
+    config_text,
+    free_port,
+    health_status,
+    http,
+    log,
+    median,
+    percentile,
+    wait_http,
+)
 from .proxy import free_port_base
 
 MODELS = {
@@ -37,17 +49,10 @@ MODELS = {
 }
 COMMON_ARGS = ["--threads", "2", "--no-webui"]
 
-CONFIG_HEAD = """\
-healthCheckTimeout: 120
-startPort: {start_port}
-models:
-"""
 CONFIG_MODEL = """\
-  {name}:
     cmd: >-
       "${{env.LLAMA_SERVER}}" --host 127.0.0.1 --port ${{PORT}} -m "${{env.LLAMASWAP_MODEL}}"
-      {args}
-"""
+      {args}"""
 
 
 def request(model: str) -> bytes:
@@ -74,7 +79,7 @@ class LogStream(threading.Thread):
         super().__init__(daemon=True)
         self.port = port
         self.lines: list[tuple[float, str]] = []
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=None)
+        self.conn = httpclient.HTTPConnection("127.0.0.1", port, timeout=None)
 
     def run(self) -> None:
         try:
@@ -85,7 +90,7 @@ class LogStream(threading.Thread):
                 if not line:
                     return
                 self.lines.append((time.perf_counter(), line.decode(errors="replace").rstrip("\n")))
-        except (OSError, http.client.HTTPException, AttributeError, ValueError):
+        except (OSError, httpclient.HTTPException, AttributeError, ValueError):
             return
 
     def close(self) -> None:
@@ -188,9 +193,9 @@ def timed(action: Callable[[], Any]) -> float:
 
 
 def run(procs: Procs, monitor: CpuMonitor, *, swaps: int = 10, profile: Any = None) -> dict[str, Any]:
-    config = CONFIG_HEAD.format(start_port=free_port_base() + 200) + "".join(
-        CONFIG_MODEL.format(name=name, args=" ".join(COMMON_ARGS + args))
-        for name, args in MODELS.items()
+    config = config_text(
+        f"healthCheckTimeout: 120\nstartPort: {free_port_base() + 200}\n",
+        {name: CONFIG_MODEL.format(args=" ".join(COMMON_ARGS + args)) for name, args in MODELS.items()},
     )
     swap = Llamaswap(procs, "llamaswap-swap", config).start()
     stream = LogStream(swap.port)

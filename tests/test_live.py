@@ -391,3 +391,99 @@ class ManagementTests(LiveTestCase):
 
 
 del reactor, sys
+
+
+MANAGED = f"""
+hooks:
+  on_startup:
+    preload: [embed]
+groups:
+  resident:
+    members: [embed]
+    persistent: true
+    exclusive: false
+profiles:
+  pair: [chat, helper]
+models:
+  chat:
+    cmd: {FAKE}
+    concurrencyLimit: 1
+    metadata: {{family: '${{MODEL_ID}}', params_b: 7}}
+    filters:
+      stripParams: top_k
+      setParams: {{temperature: 0.1}}
+      setParamsByID:
+        chat-creative: {{temperature: 1.5}}
+  helper:
+    cmd: {FAKE}
+  embed:
+    cmd: {FAKE} --embedding
+"""
+
+
+class ModelManagementTests(LiveTestCase):
+    async def test_preload_starts_models_at_boot_without_a_request(self) -> None:
+        await self.serve(MANAGED)
+
+        async def preloaded() -> bool:
+            entry = (await self.running()).get("embed")
+            return entry is not None and entry["state"] == "ready"
+
+        await self.eventually(preloaded, "embed is preloaded")
+
+    async def test_filters_and_variants_rewrite_the_body_of_one_loaded_model(self) -> None:
+        await self.serve(MANAGED)
+        plain = (await self.post("/v1/responses", {"model": "chat", "top_k": 3, "x": 1})).json()
+        self.assertEqual(plain["json"], {"model": "chat", "x": 1, "temperature": 0.1})
+        pid = (await self.running())["chat"]["pid"]
+        variant = (await self.post("/v1/responses", {"model": "chat-creative"})).json()
+        self.assertEqual(variant["json"], {"model": "chat-creative", "temperature": 1.5})
+        self.assertEqual(variant["served_by"], "chat")
+        self.assertEqual((await self.running())["chat"]["pid"], pid)  # no reload
+
+    async def test_profile_runs_its_models_together_and_persistent_groups_stay(self) -> None:
+        await self.serve(MANAGED)
+        await self.chat("embed")
+        reply = await self.chat("pair:helper")
+        self.assertEqual(reply.code, 200)
+        self.assertEqual(sorted(await self.running()), ["chat", "embed", "helper"])
+        listing = {m["id"] for m in (await self.request("GET", "/v1/models")).json()["data"]}
+        self.assertTrue(
+            {"pair:chat", "pair:helper", "chat-creative"} - listing == {"chat-creative"}
+        )
+
+    async def test_explicit_load_answers_when_ready_or_with_the_start_error(self) -> None:
+        await self.serve(MANAGED + f"  broken:\n    cmd: {FAKE} --fail-start 4\n")
+        loaded = await self.request("POST", "/api/models/load/helper")
+        self.assertEqual(loaded.code, 200)
+        self.assertEqual(loaded.json()["state"], "ready")
+        self.assertEqual((await self.running())["helper"]["state"], "ready")
+        failed = await self.request("POST", "/api/models/load/broken")
+        self.assertEqual(failed.code, 503)
+        self.assertIn("exited with code 4", failed.json()["error"]["message"])
+        self.assertEqual((await self.request("POST", "/api/models/load/nope")).code, 404)
+
+    async def test_concurrency_limit_is_429_and_running_shows_the_details(self) -> None:
+        await self.serve(MANAGED)
+        held = self.agent.request(
+            b"POST",
+            (self.base + "/v1/chat/completions").encode(),
+            Headers({"content-type": ["application/json"]}),
+            BytesProducer(b'{"model": "chat", "stream": true, "fake": {"hold": true}}'),
+        )
+        response = await held
+        reader = StreamReader()
+        response.deliverBody(reader)
+        await reader.until(b"t0")
+        refused = await self.chat("chat")
+        self.assertEqual(refused.code, 429)
+        self.assertEqual(refused.header("retry-after"), "1")
+        self.assertEqual(refused.json()["error"]["code"], "concurrency_limit")
+        entry = (await self.running())["chat"]
+        self.assertEqual(entry["in_flight"], 1)
+        self.assertGreater(entry["uptime"], 0)
+        self.assertIsInstance(entry["port"], int)
+        models = {m["id"]: m for m in (await self.request("GET", "/v1/models")).json()["data"]}
+        self.assertEqual(models["chat"]["meta"], {"llamaswap": {"family": "chat", "params_b": 7}})
+        reader.hang_up()
+        await reader.done

@@ -691,6 +691,7 @@ class FakeLlamaServer:
         content_type = request.getHeader(b"content-type")
         content_type_str = content_type.decode("latin-1") if content_type is not None else None
         model: str | None = None
+        parsed: object = None
         if content_type_str is not None and content_type_str.lower().startswith("multipart/"):
             # twisted.web already parsed multipart/form-data into request.args.
             values = request.args.get(b"model") if request.args else None
@@ -725,6 +726,7 @@ class FakeLlamaServer:
                 "body_length": len(body),
                 "query": query,
                 "headers": headers,
+                "json": parsed if isinstance(parsed, dict) else None,
             },
         )
 
