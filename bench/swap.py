@@ -221,8 +221,10 @@ def run(procs: Procs, monitor: CpuMonitor, *, swaps: int = 10, profile: Any = No
                 if mode == "llamaswap":
                     cpu0 = sum(ls_proc.cpu_times()[:2])
                     t_req = time.perf_counter()
+                    stream.lines.append((t_req, f"--- bench: request for {model}"))
                     ask(swap.port, model)
                     t_end = time.perf_counter()
+                    stream.lines.append((t_end, f"--- bench: answer from {model}"))
                     if i:
                         ls_cpu += sum(ls_proc.cpu_times()[:2]) - cpu0
                     elapsed = t_end - t_req
@@ -258,6 +260,9 @@ def run(procs: Procs, monitor: CpuMonitor, *, swaps: int = 10, profile: Any = No
     finally:
         stream.close()
         direct.close()
+        with open(procs.workdir / "swap-logstream.txt", "w") as dump:
+            for t, line in sorted(stream.lines):
+                dump.write(f"{(t - start_all) * 1000:10.1f} {line}\n")
 
     rows = []
     for mode in ("llamaswap", "router", "direct"):

@@ -11,6 +11,7 @@ import json
 from typing import Any
 from urllib.parse import unquote
 
+import attrs
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
@@ -23,6 +24,7 @@ from zope.interface import implementer
 from . import __version__
 from .config import Config, ModelConfig
 from .errors import ApiError, ModelStopped, StartFailed
+from .loading import LoadingStream
 from .logs import PROXY, UPSTREAM, LogHub, logger
 from .process import ModelState
 from .relay import Relay
@@ -53,6 +55,17 @@ def _json(request: Request, document: object, status: int = 200) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
     return json.dumps(document).encode("utf-8")
+
+
+@attrs.frozen
+class ParsedBody:
+    """What one read of a request body told us."""
+
+    model: ModelConfig
+    profile: str | None
+    requested: str
+    body: bytes
+    streaming: bool
 
 
 class Api:
@@ -142,8 +155,21 @@ class Api:
     @router.route("/v1/images/edits", methods=["POST"], endpoint="p16")
     async def model_route(self, request: Request) -> None:
         body = request.content.read() if request.content is not None else b""
-        model, profile, body = self.model_from_body(request, body)
-        await self.proxy(request, model, b"POST", request.uri, body, profile)
+        parsed = self.model_from_body(request, body)
+        loading = (
+            parsed.streaming
+            and parsed.model.send_loading_state
+            and request.path == b"/v1/chat/completions"
+        )
+        await self.proxy(
+            request,
+            parsed.model,
+            b"POST",
+            request.uri,
+            parsed.body,
+            parsed.profile,
+            loading_for=parsed.requested if loading else None,
+        )
 
     @router.route("/props", methods=["GET"])
     async def props(self, request: Request) -> None:
@@ -173,17 +199,16 @@ class Api:
                 return
         raise self.unknown_model(unquote(segments[0].decode("utf-8", errors="replace")))
 
-    def model_from_body(
-        self, request: Request, body: bytes
-    ) -> tuple[ModelConfig, str | None, bytes]:
+    def model_from_body(self, request: Request, body: bytes) -> ParsedBody:
         """Find ``model`` in a JSON or multipart body (parsed once) and apply filters."""
         content_type = (request.getHeader(b"content-type") or b"").lower()
         if content_type.startswith(b"multipart/form-data"):
             fields = request.args.get(b"model")
             if not fields or not fields[0].strip():
                 raise ApiError(400, "the form has no 'model' field")
-            model, profile = self.target(fields[0].decode("utf-8", errors="replace"))
-            return model, profile, body
+            name = fields[0].decode("utf-8", errors="replace")
+            model, profile = self.target(name)
+            return ParsedBody(model, profile, name, body, streaming=False)
         try:
             document = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
@@ -202,7 +227,7 @@ class Api:
             changed = True
         if changed:
             body = json.dumps(document).encode("utf-8")
-        return model, profile, body
+        return ParsedBody(model, profile, name, body, streaming=document.get("stream") is True)
 
     def target(self, name: str) -> tuple[ModelConfig, str | None]:
         """A model id, alias, variant or ``<profile>:<model>`` → (model, profile)."""
@@ -229,10 +254,40 @@ class Api:
         path: bytes,
         body: bytes | None,
         profile: str | None = None,
+        loading_for: str | None = None,
     ) -> None:
-        lease = await self.scheduler.acquire(model.id, profile)
+        """Lease the model, relay the request; with ``loading_for``, report progress."""
+        waiting = self.scheduler.acquire(model.id, profile)
+        progress = None
+        if loading_for is not None and not waiting.called:
+            progress = LoadingStream(
+                request,
+                model_id=model.id,
+                requested=loading_for,
+                scheduler=self.scheduler,
+                logs=self.logs,
+                clock=self.clock,
+            )
+            progress.begin(waiting)
         try:
-            await self.relay.forward(request, method, lease.base_url + path.decode("ascii"), body)
+            lease = await waiting
+        except CancelledError:
+            raise
+        except Exception as e:
+            if progress is None:
+                raise
+            progress.fail(e)
+            return
+        finally:
+            if progress is not None:
+                progress.stop()
+        try:
+            if progress is not None:
+                progress.end()
+            url = lease.base_url + path.decode("ascii")
+            await self.relay.forward(
+                request, method, url, body, stream_started=progress is not None
+            )
         finally:
             lease.release()
 

@@ -37,6 +37,7 @@ TOP_LEVEL_KEYS = (
     "groups",
     "profiles",
     "hooks",
+    "sendLoadingState",
 )
 GROUP_KEYS = ("members", "swap", "exclusive", "persistent")
 FILTER_KEYS = ("stripParams", "setParams", "setParamsByID")
@@ -58,6 +59,7 @@ MODEL_KEYS = (
     "macros",
     "metadata",
     "filters",
+    "sendLoadingState",
 )
 DEFAULT_PROXY = "http://127.0.0.1:${PORT}"
 
@@ -163,6 +165,7 @@ class ModelConfig:
     concurrency_limit: int = 10
     metadata: Mapping[str, Any] = attrs.field(factory=dict)
     filters: Filters = attrs.field(factory=Filters)
+    send_loading_state: bool = False
 
     @property
     def uses_port(self) -> bool:
@@ -294,7 +297,13 @@ class _Builder:
                 "globalTTL", f"must be 0 (never) or a positive number, got {global_ttl!r}"
             )
         unload_timeout = self.positive(root.get("unloadTimeout", 10), "unloadTimeout")
-        defaults = {"ttl": global_ttl, "unloadTimeout": unload_timeout}
+        defaults = {
+            "ttl": global_ttl,
+            "unloadTimeout": unload_timeout,
+            "sendLoadingState": self.boolean(
+                root.get("sendLoadingState", False), "sendLoadingState"
+            ),
+        }
         models: dict[str, ModelConfig] = {}
         for model_id, entry in models_doc.items():
             if not isinstance(model_id, str) or not model_id.strip():
@@ -529,7 +538,7 @@ class _Builder:
         model_id: str,
         entry: object,
         macros: Mapping[str, str],
-        defaults: Mapping[str, float],
+        defaults: Mapping[str, Any],
     ) -> ModelConfig:
         base = f"models.{model_id}"
         doc = self.mapping(entry, base)
@@ -612,6 +621,10 @@ class _Builder:
                 self.mapping(doc.get("metadata", {}), f"{base}.metadata"), f"{base}.metadata", scope
             ),
             filters=self.filters(doc.get("filters"), f"{base}.filters", scope, model_id),
+            send_loading_state=self.boolean(
+                doc.get("sendLoadingState", defaults["sendLoadingState"]),
+                f"{base}.sendLoadingState",
+            ),
         )
 
     def limit(self, value: object, path: str) -> int:

@@ -8,6 +8,7 @@ generating).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -16,7 +17,7 @@ from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web._newclient import RequestNotSent
-from twisted.web.client import ResponseDone, ResponseNeverReceived
+from twisted.web.client import ResponseDone, ResponseNeverReceived, readBody
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
@@ -87,16 +88,24 @@ class Relay:
         self._agent = agent
 
     def forward(
-        self, request: Request, method: bytes, url: str, body: bytes | None
+        self,
+        request: Request,
+        method: bytes,
+        url: str,
+        body: bytes | None,
+        *,
+        stream_started: bool = False,
     ) -> Deferred[None]:
         """Relay ``request`` to ``url``; fires when the response has been relayed.
 
         Fails with :class:`ApiError` (502) if the child cannot be reached before any
         response byte was sent; cancelling it (client gone) closes the upstream.
+        With ``stream_started`` an event stream is already under way (loading
+        progress): only the body follows, and an upstream error becomes an error event.
         """
         headers = end_to_end(request.requestHeaders, frozenset({b"host", b"content-length"}))
         producer = BytesProducer(body) if body is not None else None
-        return _Exchange(self, request).run(method, url, headers, producer)
+        return _Exchange(self, request, stream_started).run(method, url, headers, producer)
 
 
 def _closed_while_idle(failure: Failure) -> bool:
@@ -114,9 +123,10 @@ def _closed_while_idle(failure: Failure) -> bool:
 class _Exchange:
     """One proxied request; holds what the client-disconnect path must undo."""
 
-    def __init__(self, relay: Relay, request: Request) -> None:
+    def __init__(self, relay: Relay, request: Request, stream_started: bool = False) -> None:
         self.relay = relay
         self.request = request
+        self.stream_started = stream_started
         self.pending: Deferred[IResponse] | None = None
         self.body: _BodyRelay | None = None
         self.done: Deferred[None] = Deferred(self._client_gone)
@@ -155,7 +165,27 @@ class _Exchange:
             self._request()
             return
         reason = failure.getErrorMessage() or repr(failure.value)
-        self.done.errback(ApiError(502, f"the model server at {self.url} did not answer: {reason}"))
+        error = ApiError(502, f"the model server at {self.url} did not answer: {reason}")
+        if self.stream_started:
+            self._error_event(error.body())
+            return
+        self.done.errback(error)
+
+    def _error_event(self, body: bytes) -> None:
+        """End a stream already under way with an OpenAI-style error event."""
+        try:
+            document = json.loads(body)
+        except ValueError:
+            document = None
+        if not (isinstance(document, dict) and "error" in document):
+            text = body.decode("utf-8", errors="replace")[:2000]
+            document = {
+                "error": {"message": text, "type": "server_error", "code": "upstream_error"}
+            }
+        self.request.write(b"data: " + json.dumps(document).encode() + b"\n\n")
+        self.request.write(b"data: [DONE]\n\n")
+        self.request.finish()
+        self.done.callback(None)
 
     def _got_response(self, response: IResponse) -> None:
         self.pending = None
@@ -163,6 +193,15 @@ class _Exchange:
             response.deliverBody(_Discard())
             return
         request = self.request
+        if self.stream_started:
+            if response.code != 200:
+                reading = readBody(response)
+                reading.addErrback(lambda f: f.getErrorMessage().encode())
+                reading.addCallback(self._error_event)
+                return
+            self.body = _BodyRelay(self)
+            response.deliverBody(self.body)
+            return
         request.setResponseCode(response.code, response.phrase)
         out = end_to_end(response.headers)
         request.responseHeaders = out

@@ -487,3 +487,73 @@ class ModelManagementTests(LiveTestCase):
         self.assertEqual(models["chat"]["meta"], {"llamaswap": {"family": "chat", "params_b": 7}})
         reader.hang_up()
         await reader.done
+
+
+LOADING = f"""
+sendLoadingState: true
+models:
+  slow:
+    cmd: {FAKE} --load-time 1.2
+  broken:
+    cmd: {FAKE} --fail-start 5
+  quiet:
+    cmd: {FAKE}
+    sendLoadingState: false
+"""
+
+
+class LoadingStateTests(LiveTestCase):
+    async def stream_text(self, model: str) -> tuple[int, str]:
+        response: IResponse = await self.agent.request(
+            b"POST",
+            (self.base + "/v1/chat/completions").encode(),
+            Headers({"content-type": ["application/json"]}),
+            BytesProducer(json.dumps({"model": model, "stream": True, "messages": []}).encode()),
+        )
+        reader = StreamReader()
+        response.deliverBody(reader)
+        await reader.done
+        return response.code, reader.text
+
+    def deltas(self, text: str, key: str) -> list[str]:
+        found = []
+        for line in text.splitlines():
+            if line.startswith("data: {"):
+                event = json.loads(line[6:])
+                for choice in event.get("choices", []):
+                    if key in choice["delta"]:
+                        found.append(choice["delta"][key])
+        return found
+
+    async def test_progress_then_the_models_own_stream_on_one_response(self) -> None:
+        await self.serve(LOADING)
+        code, text = await self.stream_text("slow")
+        self.assertEqual(code, 200)
+        progress = "".join(self.deltas(text, "reasoning_content"))
+        self.assertIn("slow is not loaded yet", progress)
+        self.assertIn("Starting slow", progress)
+        self.assertIn("Loading: 50%", progress)  # the child's own progress lines
+        self.assertIn("slow is ready after", progress)
+        content = "".join(self.deltas(text, "content"))
+        self.assertIn("fake-reply model=slow", content)
+        self.assertTrue(text.rstrip().endswith("data: [DONE]"))
+        # once loaded, no progress any more
+        _, again = await self.stream_text("slow")
+        self.assertEqual(self.deltas(again, "reasoning_content"), [])
+
+    async def test_a_start_failure_ends_the_stream_with_an_error_event(self) -> None:
+        await self.serve(LOADING)
+        code, text = await self.stream_text("broken")
+        self.assertEqual(code, 200)
+        events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+        self.assertIn("error", events[-1])
+        self.assertIn("exited with code 5", events[-1]["error"]["message"])
+        self.assertTrue(text.rstrip().endswith("data: [DONE]"))
+
+    async def test_non_streaming_and_opted_out_requests_are_unaffected(self) -> None:
+        await self.serve(LOADING)
+        reply = await self.chat("slow")
+        self.assertEqual(reply.code, 200)
+        self.assertIn("fake-reply", reply.json()["choices"][0]["message"]["content"])
+        _, text = await self.stream_text("quiet")
+        self.assertEqual(self.deltas(text, "reasoning_content"), [])

@@ -1,0 +1,132 @@
+"""Loading progress for streaming chat clients (``sendLoadingState``).
+
+A chat client that asked for a stream gets ``200 text/event-stream`` at once and,
+while its model is queued or loading, ``reasoning_content`` deltas saying where it
+stands: its place in the queue, the model being started, the time spent, and real
+progress when the child's log shows a percentage.  The model's own stream then
+continues on the same response.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.web.server import Request
+
+from .errors import ApiError
+from .logs import LogHub
+from .process import ModelState
+from .scheduler import Lease, Scheduler
+
+PERCENT = re.compile(r"(\d{1,3}(?:\.\d+)?)\s*%")
+TICK = 1.0
+
+
+def sse(document: object) -> bytes:
+    return b"data: " + json.dumps(document).encode("utf-8") + b"\n\n"
+
+
+class LoadingStream:
+    """Writes progress deltas to one waiting client until its lease arrives."""
+
+    def __init__(
+        self,
+        request: Request,
+        *,
+        model_id: str,
+        requested: str,
+        scheduler: Scheduler,
+        logs: LogHub,
+        clock: IReactorTime,
+    ) -> None:
+        self.request = request
+        self.model_id = model_id
+        self.requested = requested
+        self.scheduler = scheduler
+        self.logs = logs
+        self.clock = clock
+        self.started = clock.seconds()
+        self._tick: IDelayedCall | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+        self._last_position: int | None = None
+        self._last_state: ModelState | None = None
+        self._last_percent = -1.0
+
+    def begin(self, waiting: Deferred[Lease]) -> None:
+        """Answer 200 now and report until :meth:`end`."""
+        self.waiting = waiting
+        self.request.setResponseCode(200)
+        self.request.setHeader(b"content-type", b"text/event-stream")
+        self.request.setHeader(b"cache-control", b"no-cache")
+        self.request.setHeader(b"x-accel-buffering", b"no")
+        self.say(f"llamaswap: {self.model_id} is not loaded yet.\n")
+        self._report()
+        self._unsubscribe = self.logs.subscribe([self.model_id], self._child_line)
+
+    def say(self, text: str) -> None:
+        delta = {"role": "assistant", "reasoning_content": text}
+        self.request.write(
+            sse(
+                {
+                    "id": "llamaswap-loading",
+                    "object": "chat.completion.chunk",
+                    "created": int(self.clock.seconds()),
+                    "model": self.requested,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+                }
+            )
+        )
+
+    def _report(self) -> None:
+        self._tick = None
+        position = self.scheduler.position(self.waiting)
+        state = self.scheduler.processes[self.model_id].state
+        elapsed = self.clock.seconds() - self.started
+        if position is not None and position > 1 and position != self._last_position:
+            self.say(f"Queue position: #{position} ({position - 1} ahead of this request).\n")
+        elif state is not self._last_state and state is ModelState.STARTING:
+            self.say(f"Starting {self.model_id}...\n")
+        elif self._last_position is not None or self._last_state is not None:
+            self.say(f"... {elapsed:.0f}s\n")
+        self._last_position, self._last_state = position, state
+        self._tick = self.clock.callLater(TICK, self._report)
+
+    def _child_line(self, source: str, line: str) -> None:
+        match = PERCENT.search(line)
+        if match is not None and "load" in line.lower():
+            percent = float(match.group(1))
+            if percent > self._last_percent:
+                self._last_percent = percent
+                self.say(f"Loading: {percent:g}%\n")
+
+    def stop(self) -> None:
+        if self._tick is not None and self._tick.active():
+            self._tick.cancel()
+        self._tick = None
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+
+    def end(self) -> None:
+        """The model is ready: one last line, then its own stream follows."""
+        self.stop()
+        elapsed = self.clock.seconds() - self.started
+        self.say(f"{self.model_id} is ready after {elapsed:.1f}s.\n\n")
+
+    def fail(self, error: Exception) -> None:
+        """The start failed: an error event, then the end of the stream."""
+        self.stop()
+        api_error = (
+            error
+            if isinstance(error, ApiError)
+            else ApiError(503, str(error), "model_start_failed")
+        )
+        body: dict[str, Any] = json.loads(api_error.body())
+        self.request.write(sse(body))
+        self.request.write(b"data: [DONE]\n\n")
+        self.request.finish()
