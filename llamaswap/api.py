@@ -22,7 +22,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from zope.interface import implementer
 
 from . import __version__
-from .config import Config, ModelConfig
+from .config import Config, ModelConfig, PeerConfig
 from .errors import ApiError, ModelStopped, StartFailed
 from .loading import LoadingStream
 from .logs import PROXY, UPSTREAM, LogHub, logger
@@ -66,6 +66,14 @@ class ParsedBody:
     requested: str
     body: bytes
     streaming: bool
+
+
+@attrs.frozen
+class PeerBody:
+    """A request for a model that a peer serves, its body already rewritten."""
+
+    peer: PeerConfig
+    body: bytes
 
 
 class Api:
@@ -156,6 +164,9 @@ class Api:
     async def model_route(self, request: Request) -> None:
         body = request.content.read() if request.content is not None else b""
         parsed = self.model_from_body(request, body)
+        if isinstance(parsed, PeerBody):
+            await self.to_peer(request, parsed.peer, request.uri, parsed.body)
+            return
         loading = (
             parsed.streaming
             and parsed.model.send_loading_state
@@ -199,7 +210,7 @@ class Api:
                 return
         raise self.unknown_model(unquote(segments[0].decode("utf-8", errors="replace")))
 
-    def model_from_body(self, request: Request, body: bytes) -> ParsedBody:
+    def model_from_body(self, request: Request, body: bytes) -> ParsedBody | PeerBody:
         """Find ``model`` in a JSON or multipart body (parsed once) and apply filters."""
         content_type = (request.getHeader(b"content-type") or b"").lower()
         if content_type.startswith(b"multipart/form-data"):
@@ -218,6 +229,14 @@ class Api:
         name = document.get("model")
         if not isinstance(name, str) or not name:
             raise ApiError(400, "the request body needs a 'model' string naming the model to use")
+        if self.config.lookup(name) is None:
+            routed = self.config.peer_route(name)
+            if routed is not None:
+                # a remote model: its own id upstream, the peer's filters
+                peer, remote_id = routed
+                peer.filters.apply(document, requested=name)
+                document["model"] = remote_id
+                return PeerBody(peer, json.dumps(document).encode("utf-8"))
         model, profile = self.target(name)
         changed = model.filters.apply(
             document, requested=name.partition(":")[2] if profile else name
@@ -291,6 +310,21 @@ class Api:
         finally:
             lease.release()
 
+    async def to_peer(self, request: Request, peer: PeerConfig, path: bytes, body: bytes) -> None:
+        """Relay straight to a peer: no local process, no queue."""
+        replace = {}
+        if peer.api_key is not None:
+            replace = {
+                b"authorization": b"Bearer " + peer.api_key.encode(),
+                b"x-api-key": peer.api_key.encode(),
+            }
+        try:
+            await self.relay.forward(
+                request, b"POST", peer.proxy + path.decode("ascii"), body, replace_headers=replace
+            )
+        except ApiError as e:
+            raise ApiError(502, f"peer {peer.id!r}: {e.message}") from e
+
     # --- management ---------------------------------------------------------------
 
     @router.route("/health", methods=["GET", "HEAD"])
@@ -311,6 +345,17 @@ class Api:
         for profile, members in sorted(self.config.profiles.items()):
             for member in members:
                 data.append({**self.model_record(member), "id": f"{profile}:{member}"})
+        for peer in self.config.peers.values():
+            for remote in peer.models:
+                data.append(
+                    {
+                        "id": f"{peer.id}/{remote}",
+                        "object": "model",
+                        "created": self.created,
+                        "owned_by": peer.id,
+                        "meta": {"llamaswap": {"peer": peer.id}},
+                    }
+                )
         return _json(request, {"object": "list", "data": data})
 
     def model_record(self, model_id: str) -> dict[str, Any]:

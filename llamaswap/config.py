@@ -38,7 +38,9 @@ TOP_LEVEL_KEYS = (
     "profiles",
     "hooks",
     "sendLoadingState",
+    "peers",
 )
+PEER_KEYS = ("proxy", "models", "apiKey", "filters")
 GROUP_KEYS = ("members", "swap", "exclusive", "persistent")
 FILTER_KEYS = ("stripParams", "setParams", "setParamsByID")
 DEFAULT_GROUP = "(default)"
@@ -146,6 +148,17 @@ class GroupConfig:
 
 
 @attrs.frozen
+class PeerConfig:
+    """Another OpenAI-compatible server (often another llamaswap) that serves some ids."""
+
+    id: str
+    proxy: str
+    models: tuple[str, ...]
+    api_key: str | None = None
+    filters: Filters = attrs.field(factory=Filters)
+
+
+@attrs.frozen
 class ModelConfig:
     """One entry of ``models``: how to run it and how clients see it."""
 
@@ -197,6 +210,17 @@ class Config:
     groups: Mapping[str, GroupConfig] = attrs.field(factory=dict)
     profiles: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
     preload: tuple[str, ...] = ()
+    peers: Mapping[str, PeerConfig] = attrs.field(factory=dict)
+
+    def peer_route(self, name: str) -> tuple[PeerConfig, str] | None:
+        """``<peer>/<model>``, or a bare model id that exactly one peer offers."""
+        peer_id, sep, model = name.partition("/")
+        if sep and peer_id in self.peers and model in self.peers[peer_id].models:
+            return self.peers[peer_id], model
+        offering = [p for p in self.peers.values() if name in p.models]
+        if len(offering) == 1:
+            return offering[0], name
+        return None
 
     def resolve(self, name: str) -> ModelConfig | None:
         """Find a model by id, alias or ``setParamsByID`` variant."""
@@ -348,7 +372,53 @@ class _Builder:
             groups=groups,
             profiles=profiles,
             preload=preload,
+            peers=self.peers(root.get("peers"), models, macros),
         )
+
+    def peers(
+        self, value: object, models: Mapping[str, ModelConfig], macros: Mapping[str, str]
+    ) -> dict[str, PeerConfig]:
+        if value is None:
+            return {}
+        peers: dict[str, PeerConfig] = {}
+        for peer_id, entry in self.mapping(value, "peers").items():
+            base = f"peers.{peer_id}"
+            if not isinstance(peer_id, str) or not re.match(r"^[A-Za-z0-9_.-]+$", peer_id):
+                raise self.fail(base, "peer ids use letters, digits, '_', '-' and '.' only")
+            doc = self.mapping(entry, base)
+            self.check_keys(doc, base, PEER_KEYS)
+            for key in ("proxy", "models"):
+                if key not in doc:
+                    raise self.fail(f"{base}.{key}", "required key is missing")
+            proxy = self.expand(
+                self.string(doc["proxy"], f"{base}.proxy"), f"{base}.proxy", macros, ()
+            )
+            if not re.match(r"^https?://[^/]+", proxy):
+                raise self.fail(f"{base}.proxy", f"expected an http(s):// URL, got {proxy!r}")
+            served = self.string_list(doc["models"], f"{base}.models")
+            if not served:
+                raise self.fail(f"{base}.models", "a peer needs at least one model")
+            for i, model in enumerate(served):
+                if f"{peer_id}/{model}" in models or self.resolve_name(
+                    f"{peer_id}/{model}", models
+                ):
+                    raise self.fail(
+                        f"{base}.models[{i}]",
+                        f"{peer_id}/{model} is also a local model id or alias",
+                    )
+            api_key = None
+            if doc.get("apiKey"):
+                api_key = self.expand(
+                    self.string(doc["apiKey"], f"{base}.apiKey"), f"{base}.apiKey", macros, ()
+                )
+            peers[peer_id] = PeerConfig(
+                id=peer_id,
+                proxy=proxy.rstrip("/"),
+                models=tuple(served),
+                api_key=api_key,
+                filters=self.filters(doc.get("filters"), f"{base}.filters", macros, peer_id),
+            )
+        return peers
 
     def groups(self, value: object, models: Mapping[str, ModelConfig]) -> dict[str, GroupConfig]:
         if value is None:

@@ -9,6 +9,7 @@ generating).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -95,6 +96,7 @@ class Relay:
         body: bytes | None,
         *,
         stream_started: bool = False,
+        replace_headers: Mapping[bytes, bytes] | None = None,
     ) -> Deferred[None]:
         """Relay ``request`` to ``url``; fires when the response has been relayed.
 
@@ -104,6 +106,8 @@ class Relay:
         progress): only the body follows, and an upstream error becomes an error event.
         """
         headers = end_to_end(request.requestHeaders, frozenset({b"host", b"content-length"}))
+        for name, value in (replace_headers or {}).items():
+            headers.setRawHeaders(name, [value])
         producer = BytesProducer(body) if body is not None else None
         return _Exchange(self, request, stream_started).run(method, url, headers, producer)
 

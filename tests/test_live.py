@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import socket
-import sys
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
+from twisted.web.server import Site
 
+from llamaswap.config import parse_config
 from llamaswap.relay import BytesProducer
+from llamaswap.tap import build
 
 from .integration import FAKE, LiveTestCase, StreamReader, pid_alive
 
@@ -390,9 +392,6 @@ class ManagementTests(LiveTestCase):
         await quiet.done
 
 
-del reactor, sys
-
-
 MANAGED = f"""
 hooks:
   on_startup:
@@ -557,3 +556,44 @@ class LoadingStateTests(LiveTestCase):
         self.assertIn("fake-reply", reply.json()["choices"][0]["message"]["content"])
         _, text = await self.stream_text("quiet")
         self.assertEqual(self.deltas(text, "reasoning_content"), [])
+
+
+class PeerTests(LiveTestCase):
+    async def test_a_peer_llamaswap_serves_its_models_through_this_one(self) -> None:
+        # the "GPU box": another llamaswap with its own model
+        remote = build(parse_config(f"models:\n  big:\n    cmd: {FAKE}\n", "remote.yaml"), reactor)
+        remote.startService()
+        self.addCleanup(remote.stopService)
+        site: Any = Site(remote.api.resource())  # type: ignore[attr-defined]
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        remote_url = f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
+        await self.serve(
+            f"models:\n  small:\n    cmd: {FAKE}\n"
+            f"peers:\n  gpu-box:\n    proxy: {remote_url}\n    models: [big]\n"
+            "    apiKey: sekrit\n    filters:\n      setParams: {temperature: 0.5}\n"
+        )
+        by_fqn = await self.post("/v1/responses", {"model": "gpu-box/big", "input": "x"})
+        self.assertEqual(by_fqn.code, 200)
+        echo = by_fqn.json()
+        self.assertEqual(echo["served_by"], "big")
+        self.assertEqual(echo["json"], {"model": "big", "input": "x", "temperature": 0.5})
+        self.assertEqual(echo["headers"]["authorization"], "Bearer sekrit")
+        bare = await self.chat("big")
+        self.assertIn("model=big", bare.json()["choices"][0]["message"]["content"])
+        self.assertEqual(await self.running(), {})  # nothing started locally
+        listing = {m["id"]: m for m in (await self.request("GET", "/v1/models")).json()["data"]}
+        self.assertEqual(listing["gpu-box/big"]["owned_by"], "gpu-box")
+
+    async def test_an_unreachable_peer_is_a_502_naming_it(self) -> None:
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        dead = closed.getsockname()[1]
+        closed.close()
+        await self.serve(
+            f"models:\n  small:\n    cmd: {FAKE}\n"
+            f"peers:\n  far:\n    proxy: http://127.0.0.1:{dead}\n    models: [big]\n"
+        )
+        reply = await self.chat("far/big")
+        self.assertEqual(reply.code, 502)
+        self.assertIn("peer 'far'", reply.json()["error"]["message"])
