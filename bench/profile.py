@@ -72,10 +72,9 @@ def parse(raw: str) -> dict[str, Any]:
         "samples": samples,
         "idle_thread_samples": idle_threads,
         "self": self_time.most_common(15),
+        # drop the reactor plumbing that is on (nearly) every stack
         "total": [
-            (name, count)
-            for name, count in total_time.most_common(60)
-            if not name.startswith(("<module>", "run (twisted/application/app.py", "main ("))
+            (name, count) for name, count in total_time.most_common(80) if count < 0.8 * samples
         ][:25],
         "packages": by_package.most_common(12),
     }

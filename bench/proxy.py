@@ -258,7 +258,12 @@ def run(
         # back to the quiet upstream, then profile llamaswap under concurrency 16
         http(swap.port, "POST", CHAT_PATH, body("fast").encode())
         loadgen.run(swap.port, body("fast"), 16, 1.0)
-        results["profile"] = profile(swap.pid, lambda: loadgen.run(swap.port, body("fast"), 16, 10.0), "proxy-c16")
+        results["profile"] = profile(
+            swap.pid, lambda: loadgen.run(swap.port, body("fast"), 16, 10.0), "proxy-c16"
+        )
+        results["profile64"] = profile(
+            swap.pid, lambda: loadgen.run(swap.port, body("fast"), 64, 10.0), "proxy-c64"
+        )
 
     swap.stop()
     results["log_tail"] = swap.log_path.read_text(errors="replace").splitlines()[-5:]

@@ -375,6 +375,7 @@ def footprint_section(fp: dict[str, Any]) -> list[str]:
 def profile_section(r: dict[str, Any]) -> list[str]:
     profiles = [
         ("llamaswap under the concurrency-16 proxy load (10 s)", r.get("proxy", {}).get("profile")),
+        ("llamaswap under the concurrency-64 proxy load (10 s)", r.get("proxy", {}).get("profile64")),
         ("llamaswap during 6 swaps", r.get("swap", {}).get("profile")),
     ]
     profiles = [(t, p) for t, p in profiles if p]
