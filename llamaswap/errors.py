@@ -47,9 +47,10 @@ def error_body(message: str, kind: str, code: str) -> bytes:
 class StartFailed(Exception):
     """A model's server did not become ready; the message says why and what it printed."""
 
-    def __init__(self, model_id: str, cause: str, tail: list[str]) -> None:
+    def __init__(self, model_id: str, cause: str, tail: list[str], kind: str = "exit") -> None:
         self.model_id = model_id
         self.cause = cause
+        self.kind = kind  # "exit", "timeout" or "spawn": a bounded label for metrics
         self.tail = tail
         text = f"model {model_id!r} failed to start: {cause}"
         if tail:

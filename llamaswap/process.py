@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 
 from .config import ModelConfig, fill_runtime
 from .errors import ModelStopped, StartFailed
+from .events import EventBus
 from .logs import LogHub, logger
 from .ports import PortAllocator
 
@@ -129,6 +130,7 @@ class ModelProcess:
         timing: Timing,
         base_env: Mapping[str, str] | None = None,
         process_groups: bool = True,
+        events: EventBus | None = None,
     ) -> None:
         self.config = config
         self._reactor = reactor
@@ -140,7 +142,9 @@ class ModelProcess:
         self._base_env = dict(os.environ if base_env is None else base_env)
         self._setsid = shutil.which("setsid") if process_groups else None
 
+        self.events = events or EventBus()
         self.state = ModelState.STOPPED
+        self.stop_reason = "manual"
         self.port: int | None = None
         self.pid: int | None = None
         self.last_error: str | None = None
@@ -182,8 +186,14 @@ class ModelProcess:
             self._spawn()
         return waiter
 
+    def _set_state(self, state: ModelState, **details: object) -> None:
+        self.state = state
+        self.events.publish(
+            "model", id=self.id, state=state.value, pid=self.pid, error=self.last_error, **details
+        )
+
     def _spawn(self) -> None:
-        self.state = ModelState.STARTING
+        self._set_state(ModelState.STARTING)
         self.last_error = None
         self._start_failure = None
         self.tail.clear()
@@ -228,10 +238,10 @@ class ModelProcess:
 
     def _fail_before_spawn(self, cause: str) -> None:
         self._release_port()
-        self.state = ModelState.FAILED
         self.last_error = cause
+        self._set_state(ModelState.FAILED, cause="spawn")
         self.log.error("model {model} failed to start: {cause}", model=self.id, cause=cause)
-        self._fire_start(StartFailed(self.id, cause, list(self.tail)))
+        self._fire_start(StartFailed(self.id, cause, list(self.tail), kind="spawn"))
 
     def _line(self, stream: str, line: str) -> None:
         self.tail.append(line)
@@ -286,10 +296,10 @@ class ModelProcess:
     def _became_ready(self) -> None:
         self._cancel(self._deadline)
         self._deadline = None
-        self.state = ModelState.READY
-        self._stop_probing()
         self.ready_at = self._clock.seconds()
         assert self.started_at is not None
+        self._set_state(ModelState.READY, start_seconds=self.ready_at - self.started_at)
+        self._stop_probing()
         self.log.info(
             "model {model} ready in {seconds:.2f}s at {url}",
             model=self.id,
@@ -306,7 +316,7 @@ class ModelProcess:
             else "it did not start"
         )
         cause = f"not ready after {self.timing.health_timeout:g}s ({what})"
-        self._start_failure = StartFailed(self.id, cause, list(self.tail))
+        self._start_failure = StartFailed(self.id, cause, list(self.tail), kind="timeout")
         self._begin_stop()
 
     def _fire_start(self, error: Exception | None) -> None:
@@ -328,11 +338,12 @@ class ModelProcess:
             self._start_failure = ModelStopped(f"model {self.id!r} was stopped while starting")
         if self.state is not ModelState.STOPPING:
             self.log.info("stopping {model} ({reason})", model=self.id, reason=reason)
+            self.stop_reason = reason
             self._begin_stop()
         return exited
 
     def _begin_stop(self) -> None:
-        self.state = ModelState.STOPPING
+        self._set_state(ModelState.STOPPING)
         self._stop_probing()
         if self.config.cmd_stop is not None and self.pid is not None:
             self._run_cmd_stop()
@@ -403,21 +414,24 @@ class ModelProcess:
             was is ModelState.STOPPING and self._start_failure is not None
         ):
             failure = self._start_failure or StartFailed(
-                self.id, f"{how} while starting", list(self.tail)
+                self.id, f"{how} while starting", list(self.tail), kind="exit"
             )
-            self.state = (
-                ModelState.STOPPED if isinstance(failure, ModelStopped) else ModelState.FAILED
-            )
-            self.last_error = str(failure) if self.state is ModelState.FAILED else None
-            if self.state is ModelState.FAILED:
+            if isinstance(failure, ModelStopped):
+                self.last_error = None
+                self._set_state(ModelState.STOPPED, reason=self.stop_reason)
+            else:
+                self.last_error = str(failure)
+                kind = failure.kind if isinstance(failure, StartFailed) else "exit"
+                self._set_state(ModelState.FAILED, cause=kind)
                 self.log.error("{error}", error=failure)
             self._fire_start(failure)
         else:
-            self.state = ModelState.STOPPED
             if was is ModelState.READY:
                 self.last_error = f"{how} unexpectedly"
+                self._set_state(ModelState.STOPPED, reason="crash")
                 self.log.warn("model {model} {how} while serving", model=self.id, how=how)
             else:
+                self._set_state(ModelState.STOPPED, reason=self.stop_reason)
                 self.log.info("model {model} stopped ({how})", model=self.id, how=how)
         self._start_failure = None
         self._stop_probing()

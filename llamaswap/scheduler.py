@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 
 from .config import Config
 from .errors import ApiError
+from .events import EventBus
 from .logs import logger
 from .process import ModelProcess, ModelState
 
@@ -74,10 +75,16 @@ class Scheduler:
     log = logger()
 
     def __init__(
-        self, processes: Iterable[ModelProcess], clock: IReactorTime, config: Config
+        self,
+        processes: Iterable[ModelProcess],
+        clock: IReactorTime,
+        config: Config,
+        events: EventBus | None = None,
     ) -> None:
         self._clock = clock
         self.config = config
+        self.events = events or EventBus()
+        self._swap_started = 0.0
         self._slots: dict[str, _Slot] = {p.id: _Slot(p) for p in processes}
         self._queue: deque[_Waiter] = deque()
         self._swap_lock = DeferredLock()
@@ -153,12 +160,22 @@ class Scheduler:
         def leave_queue(d: Deferred[Lease]) -> None:
             if waiter in self._queue:
                 self._queue.remove(waiter)
+                self._counts_changed(slot)
                 self._pump()
 
         waiter = _Waiter(model_id, targets, Deferred(leave_queue))
         self._queue.append(waiter)
+        self._counts_changed(slot)
         self._pump()
         return waiter.deferred
+
+    def _counts_changed(self, slot: _Slot) -> None:
+        self.events.publish(
+            "queue",
+            model=slot.process.id,
+            queued=self.queued(slot.process.id),
+            in_flight=slot.in_flight,
+        )
 
     def load(self, model_id: str) -> Deferred[None]:
         """Make ``model_id`` ready (queued like a request) without sending it anything."""
@@ -201,11 +218,13 @@ class Scheduler:
         if slot.ttl_timer is not None and slot.ttl_timer.active():
             slot.ttl_timer.cancel()
         slot.ttl_timer = None
+        self._counts_changed(slot)
         return Lease(slot.process.id, slot.process.base_url, lambda: self._release(slot))
 
     def _release(self, slot: _Slot) -> None:
         slot.in_flight -= 1
         slot.last_used = self._clock.seconds()
+        self._counts_changed(slot)
         if slot.in_flight:
             return
         drained, slot.drained = slot.drained, []
@@ -236,6 +255,7 @@ class Scheduler:
             victims = self._victims(waiter.targets)
             if self._swap is None:
                 self._swap = (waiter.targets, victims)
+                self._swap_started = self._clock.seconds()
                 swap = self._swap_lock.run(self._swap_to, waiter.targets, victims)
                 swap.addBoth(self._swap_done, waiter.targets)
             doomed |= victims

@@ -1,0 +1,179 @@
+// Shared helpers: authenticated fetch, stream readers, the /api/events bus, DOM bits.
+
+const KEY = 'llamaswap.apiKey';
+let asking = null;
+let declined = false;
+
+export const $ = (sel, root = document) => root.querySelector(sel);
+export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+/** h('td', {class: 'x', text: 'hi'}, child...) */
+export function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v == null || v === false) continue;
+    if (k === 'class') el.className = v;
+    else if (k === 'text') el.textContent = v;
+    else if (k.startsWith('on')) el.addEventListener(k.slice(2), v);
+    else el.setAttribute(k, v === true ? '' : v);
+  }
+  for (const c of children.flat()) if (c != null && c !== false) el.append(c);
+  return el;
+}
+
+/** A model id in a URL path: ids may contain '/', so encode each segment. */
+export const pathOf = (id) => id.split('/').map(encodeURIComponent).join('/');
+
+/** Ask for the API key (one dialog at a time). Resolves true when a key was saved. */
+export function askKey(note) {
+  if (asking) return asking;
+  const dlg = $('#key-dialog');
+  const input = $('#key-input');
+  $('#key-note').textContent = note;
+  input.value = localStorage.getItem(KEY) || '';
+  dlg.returnValue = '';
+  asking = new Promise((resolve) => {
+    dlg.addEventListener('close', () => {
+      asking = null;
+      if (dlg.returnValue !== 'save') return resolve(false);
+      const key = input.value.trim();
+      if (key) localStorage.setItem(KEY, key);
+      else localStorage.removeItem(KEY);
+      declined = false;
+      resolve(!!key);
+    }, { once: true });
+  });
+  dlg.showModal();
+  return asking;
+}
+
+/** fetch() with the stored key; a 401 asks for a key (once) and retries. */
+export async function api(path, opts = {}, retry = true) {
+  const key = localStorage.getItem(KEY);
+  const headers = new Headers(opts.headers || {});
+  if (key) headers.set('Authorization', 'Bearer ' + key);
+  const res = await fetch(path, { ...opts, headers });
+  if (res.status === 401 && retry && !declined) {
+    const note = key ? 'The server rejected the saved API key.' : 'This server needs an API key.';
+    if (await askKey(note)) return api(path, opts, false);
+    declined = true;
+  }
+  return res;
+}
+
+export class HttpError extends Error {
+  constructor(status, message) { super(message); this.status = status; }
+}
+
+/** The message of an OpenAI-shaped error body, or the status line. */
+export function errorText(body, res) {
+  const e = body && body.error;
+  return (e && (e.message || (typeof e === 'string' && e))) || `${res.status} ${res.statusText}`.trim();
+}
+
+export async function json(path, opts) {
+  const res = await api(path, opts);
+  const text = await res.text();
+  let body = null;
+  try { body = JSON.parse(text); } catch { /* not JSON */ }
+  if (!res.ok) throw new HttpError(res.status, errorText(body, res));
+  return body;
+}
+
+/** Call onLine for each \n-separated line of a streamed body. */
+export async function readLines(res, onLine) {
+  const reader = res.body.getReader();
+  const dec = new TextDecoder();
+  let buf = '';
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buf += dec.decode(value, { stream: true });
+      const parts = buf.split('\n');
+      buf = parts.pop();
+      for (const p of parts) onLine(p.endsWith('\r') ? p.slice(0, -1) : p);
+    }
+    buf += dec.decode();
+    if (buf) onLine(buf);
+  } finally {
+    reader.cancel().catch(() => {});
+  }
+}
+
+/** Parse a text/event-stream body: onEvent(type, data). */
+export async function readSSE(res, onEvent) {
+  let type = '';
+  let data = [];
+  const dispatch = () => {
+    if (data.length) onEvent(type || 'message', data.join('\n'));
+    type = '';
+    data = [];
+  };
+  await readLines(res, (line) => {
+    if (line === '') return dispatch();
+    if (line[0] === ':') return;
+    const i = line.indexOf(':');
+    const field = i < 0 ? line : line.slice(0, i);
+    let val = i < 0 ? '' : line.slice(i + 1);
+    if (val[0] === ' ') val = val.slice(1);
+    if (field === 'event') type = val;
+    else if (field === 'data') data.push(val);
+  });
+  dispatch();
+}
+
+/** The live event bus: /api/events over fetch (for the Authorization header). */
+const listeners = {};
+export const events = {
+  state: 'connecting', // connecting | live | polling (no event stream) | offline
+  on(type, fn) { (listeners[type] ||= []).push(fn); },
+  emit(type, data) {
+    for (const fn of listeners[type] || []) {
+      try { fn(data); } catch (e) { console.error(e); }
+    }
+  },
+  set(state) {
+    if (state !== this.state) { this.state = state; this.emit('status', state); }
+  },
+  async start() {
+    let delay = 1000;
+    for (;;) {
+      try {
+        const res = await api('/api/events', { headers: { Accept: 'text/event-stream' } });
+        if (res.status === 404 || res.status === 405) return this.set('polling');
+        if (!res.ok || !res.body) throw new Error(`HTTP ${res.status}`);
+        this.set('live');
+        delay = 1000;
+        await readSSE(res, (type, data) => {
+          let doc;
+          try { doc = JSON.parse(data); } catch { return; }
+          this.emit(type, doc);
+        });
+      } catch { /* reconnect below */ }
+      this.set('offline');
+      await sleep(delay * (0.75 + Math.random() / 2));
+      delay = Math.min(delay * 2, 30000);
+    }
+  },
+};
+
+export function toast(message, kind = 'info') {
+  const el = h('div', { class: 'toast ' + kind, role: 'status', text: message });
+  $('#toasts').append(el);
+  setTimeout(() => el.remove(), kind === 'error' ? 9000 : 4000);
+  el.addEventListener('click', () => el.remove());
+}
+
+export function duration(seconds) {
+  if (seconds == null || !isFinite(seconds)) return '';
+  seconds = Math.max(0, Math.round(seconds));
+  if (seconds < 60) return seconds + 's';
+  const m = Math.floor(seconds / 60);
+  if (m < 60) return `${m}m ${seconds % 60}s`;
+  const hr = Math.floor(m / 60);
+  return hr < 48 ? `${hr}h ${m % 60}m` : `${Math.floor(hr / 24)}d ${hr % 24}h`;
+}
+
+export const num = (x, digits = 0) =>
+  x == null || !isFinite(x) ? '' : Number(x).toLocaleString(undefined, { maximumFractionDigits: digits });
