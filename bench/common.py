@@ -107,6 +107,11 @@ class Procs:
             self.items.remove(proc)
         return time.perf_counter() - start
 
+    def stop_named(self, prefix: str) -> None:
+        for proc in list(self.items):
+            if getattr(proc, "bench_name", "").startswith(prefix):
+                self.stop(proc)
+
     def close(self) -> None:
         for proc in reversed(list(self.items)):
             try:

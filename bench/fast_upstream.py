@@ -3,7 +3,8 @@
 ``python -m bench.fast_upstream --port N [--log-lines K]``
 
 Plain asyncio protocol, HTTP/1.1 keep-alive, a fixed ~600-byte ``chat.completion``
-body for any ``POST`` and ``{"status": "ok"}`` for ``GET /health``.  It costs a few
+body for any ``POST``, ``{"status": "ok"}`` for ``GET /health`` and the connections
+and requests it has seen for ``GET /bench/stats``.  It costs a few
 tens of microseconds of CPU per request, far less than any Python proxy in front
 of it.  ``--log-lines K`` prints K llama-server-like lines to stderr per request
 (llama-server prints about 7 per chat completion), to measure what reading a
@@ -79,10 +80,13 @@ NF_CLOSE = response(b"404 Not Found", NOT_FOUND, True)
 class Server(asyncio.Protocol):
     log_lines = 0
     task = 0
+    connections = 0
+    requests = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
         self.buffer = b""
+        Server.connections += 1
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -106,6 +110,7 @@ class Server(asyncio.Protocol):
             method, _, rest = line.partition(b" ")
             path = rest.partition(b" ")[0]
             if method == b"POST":
+                Server.requests += 1
                 self.transport.write(CHAT_CLOSE if close else CHAT_KEEP)
                 if self.log_lines:
                     Server.task += 1
@@ -118,6 +123,9 @@ class Server(asyncio.Protocol):
                     sys.stderr.flush()
             elif path in (b"/health", b"/v1/health"):
                 self.transport.write(HEALTH_CLOSE if close else HEALTH_KEEP)
+            elif path == b"/bench/stats":
+                stats = b'{"connections": %d, "requests": %d}' % (Server.connections, Server.requests)
+                self.transport.write(response(b"200 OK", stats, close))
             else:
                 self.transport.write(NF_CLOSE if close else NF_KEEP)
             if close:

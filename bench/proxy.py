@@ -155,20 +155,20 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def start_nginx(procs: Procs, upstream_port: int) -> int | None:
+def start_nginx(procs: Procs, upstream_port: int, name: str = "nginx") -> int | None:
     nginx = which("nginx") or next(
         (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
     )
     if nginx is None:
         log("nginx is not installed; skipping the nginx reference")
         return None
-    directory = procs.workdir / "nginx"
+    directory = procs.workdir / name
     (directory / "tmp").mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o755)
     port = free_port()
     conf = directory / "nginx.conf"
     conf.write_text(NGINX_CONF.format(dir=directory, upstream=upstream_port, port=port))
-    procs.spawn([nginx, "-e", str(directory / "nginx-error.log"), "-p", str(directory), "-c", str(conf)], "nginx")
+    procs.spawn([nginx, "-e", str(directory / "nginx-error.log"), "-p", str(directory), "-c", str(conf)], name)
     try:
         wait_http(port, "/health", timeout=10)
     except TimeoutError:
@@ -212,11 +212,14 @@ def run(
         start = time.perf_counter()
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
         cpu: dict[str, float] = dict.fromkeys(targets, 0.0)
+        conns: dict[str, int] = dict.fromkeys(targets, 0)
         for _ in range(rounds):  # interleaved, so drift hits every target alike
             for name, (port, b) in targets.items():
                 before = sum(ls_proc.cpu_times()[:2])
+                seen = upstream_stats(upstream)
                 r = loadgen.run(port, b, concurrency, duration)
                 cpu[name] += sum(ls_proc.cpu_times()[:2]) - before
+                conns[name] += upstream_stats(upstream)["connections"] - seen["connections"] - 1
                 runs[name].append(r)
         others, steal = monitor.others(start, time.perf_counter())
         for name in targets:
@@ -227,6 +230,8 @@ def run(
                 others_cores=others,
                 steal_cores=steal,
                 llamaswap_cpu_us_per_req=(cpu[name] / m["requests"] * 1e6 if m["requests"] else 0),
+                upstream_conns=conns[name],
+                upstream_conns_per_1k=conns[name] / m["requests"] * 1000 if m["requests"] else 0,
             )
             rows.append(m)
             log(
@@ -265,9 +270,16 @@ def run(
             swap.pid, lambda: loadgen.run(swap.port, body("fast"), 64, 10.0), "proxy-c64"
         )
 
+    procs.stop_named("nginx")
     swap.stop()
     results["log_tail"] = swap.log_path.read_text(errors="replace").splitlines()[-5:]
     return results
+
+
+def upstream_stats(port: int) -> dict[str, int]:
+    status, reply = http(port, "GET", "/bench/stats")
+    assert status == 200, reply
+    return dict(json.loads(reply))
 
 
 def free_port_base() -> int:

@@ -181,6 +181,7 @@ def proxy_section(p: dict[str, Any]) -> list[str]:
                 "" if x["target"] == "direct" else ratio(x["p50_ms"], d["p50_ms"] if d else None),
                 "" if x["target"] == "direct" else ratio(x["rps"], d["rps"] if d else None),
                 f"{x['llamaswap_cpu_us_per_req']:.0f}" if x["target"] == "llamaswap" else "",
+                f"{x['upstream_conns_per_1k']:.1f}" if "upstream_conns_per_1k" in x else "",
                 str(x["errors"]),
                 f(x["others_cores"], 2),
             ]
@@ -197,6 +198,7 @@ def proxy_section(p: dict[str, Any]) -> list[str]:
                 "",
                 "",
                 f"{c['llamaswap_cpu_us_per_req']:.0f}",
+                "",
                 str(c["errors"]),
                 f(c["others_cores"], 2),
             ]
@@ -212,6 +214,7 @@ def proxy_section(p: dict[str, Any]) -> list[str]:
                 "p50 ×direct",
                 "req/s ×direct",
                 "llamaswap CPU µs/req",
+                "new upstream conns / 1k req",
                 "errors",
                 "other cores",
             ],
@@ -239,7 +242,7 @@ def stream_section(s: dict[str, Any]) -> list[str]:
     out.append(
         "A streamed chat with `max_tokens: 64`, `ignore_eos: true`, `temperature: 0` (same prompt, "
         "so the prompt cache makes every run alike); *direct* asks the same child llamaswap "
-        "started, alternating with llamaswap run by run. TTFT is from sending the request to the "
+        "started, *nginx* proxies to it (no buffering); the targets take turns run by run. TTFT is from sending the request to the "
         "first content token; tokens/s is over the following tokens. "
         f"Other cores: {f(s['others_cores'])}."
     )
@@ -383,9 +386,12 @@ def profile_section(r: dict[str, Any]) -> list[str]:
         return []
     out = ["## Profiles", ""]
     out.append(
-        "py-spy, 200 samples/s, only samples where llamaswap's thread was running (not "
-        "waiting in epoll). *self*: the sampled frame itself; *total*: anywhere on the stack. "
-        "Profiling slows the process; these runs are separate from the timed ones."
+        "py-spy, 200 samples/s, only samples where llamaswap was running (not waiting in "
+        "epoll; idle thread-pool workers dropped). *self*: the sampled frame itself; "
+        "*inclusive*: anywhere on the stack. The first table puts each sample in one bucket: "
+        "the named call anywhere on its stack (first matching bucket wins, see "
+        "`bench/profile.py`), else the innermost generic layer. Profiling slows the process; "
+        "these runs are separate from the timed ones."
     )
     out.append("")
     for title, p in profiles:
@@ -404,17 +410,22 @@ def profile_section(r: dict[str, Any]) -> list[str]:
         out.append("")
         out.append(
             table(
-                ["self %", "function"],
-                [[f"{c * 100 / samples:.1f}", f"`{n}`"] for n, c in p["self"][:12]],
+                ["share %", "where the time goes (each sample counted once)"],
+                [[f"{c * 100 / samples:.1f}", n] for n, c in p.get("centres", []) if c * 100 / samples >= 0.5],
             )
         )
         out.append("")
-        out.append(
-            table(
-                ["total %", "function"],
-                [[f"{c * 100 / samples:.1f}", f"`{n}`"] for n, c in p["total"][:20]],
+        cells = []
+        for (n1, c1), (n2, c2) in zip(p["self"][:10], (p.get("ours") or [])[:10] + [("", 0)] * 10, strict=False):
+            cells.append(
+                [
+                    f"{c1 * 100 / samples:.1f}",
+                    f"`{n1}`",
+                    f"{c2 * 100 / samples:.1f}" if n2 else "",
+                    f"`{n2}`" if n2 else "",
+                ]
             )
-        )
+        out.append(table(["self %", "hottest functions (self)", "total %", "llamaswap functions (inclusive)"], cells))
         out.append("")
     return out
 

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from .common import CpuMonitor, Llamaswap, Procs, config_text, log, median, percentile
-from .proxy import free_port_base
+from .proxy import free_port_base, start_nginx
 
 MAX_TOKENS = 64
 
@@ -47,6 +47,10 @@ def stream_once(port: int) -> dict[str, float]:
                 continue
             payload = line[6:].strip()
             if payload == b"[DONE]":
+                # read the response to its end, as the openai SDK and curl do: a client
+                # that hangs up right after [DONE] costs llamaswap its upstream connection
+                while response.read(65536):
+                    pass
                 break
             event = json.loads(payload)
             choices = event.get("choices") or [{}]
@@ -73,16 +77,22 @@ def run(procs: Procs, monitor: CpuMonitor, *, runs: int = 8) -> dict[str, Any]:
     stream_once(swap.port)  # start the model, warm its prompt cache
     ports["direct"] = swap.upstream_port("smollm2")
     stream_once(ports["direct"])
+    nginx = start_nginx(procs, ports["direct"], "nginx-stream")
+    if nginx is not None:
+        ports["nginx"] = nginx
+        stream_once(nginx)
     monitor.wait_quiet()
     start = time.perf_counter()
-    samples: dict[str, list[dict[str, float]]] = {"direct": [], "llamaswap": []}
-    for i in range(runs):  # alternate, and alternate who goes first
-        order = ["direct", "llamaswap"] if i % 2 == 0 else ["llamaswap", "direct"]
-        for name in order:
+    names = list(ports)
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    for i in range(runs):  # interleaved, rotating who goes first
+        for name in names[i % len(names) :] + names[: i % len(names)]:
             samples[name].append(stream_once(ports[name]))
     others, steal = monitor.others(start, time.perf_counter())
     rows = []
-    for name in ("direct", "llamaswap"):
+    for name in ("direct", "llamaswap", "nginx"):
+        if name not in samples:
+            continue
         s = samples[name]
         row = {
             "target": name,
@@ -100,5 +110,6 @@ def run(procs: Procs, monitor: CpuMonitor, *, runs: int = 8) -> dict[str, Any]:
             f"  {name:<10} TTFT p50 {row['ttft_p50_ms']:.1f} ms  {row['tok_s_p50']:.1f} tok/s"
             f"  ({row['tokens']:.0f} tokens)"
         )
+    procs.stop_named("nginx")
     swap.stop()
     return {"rows": rows, "others_cores": others, "steal_cores": steal}

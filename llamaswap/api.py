@@ -8,27 +8,46 @@ llamaswap produces itself is an OpenAI-shaped JSON object with the right status.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
 import attrs
 from klein import Klein
+from prometheus_client.twisted import MetricsResource
+from swagger_ui_bundle import swagger_ui_path
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.python.failure import Failure
+from twisted.web import static
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from zope.interface import implementer
 
 from . import __version__
+from .activity import ActivityStore
 from .config import Config, ModelConfig, PeerConfig
 from .errors import ApiError, ModelStopped, StartFailed
+from .events import EventBus
 from .loading import LoadingStream
 from .logs import PROXY, UPSTREAM, LogHub, logger
+from .metrics import Metrics
+from .openapi import openapi_document
 from .process import ModelState
+from .recorder import Recorder, RequestRecord
 from .relay import Relay
 from .scheduler import Scheduler
+
+UI_DIR = Path(__file__).parent / "ui"
+SWAGGER_PAGE = b"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>llamaswap API</title>
+<link rel="stylesheet" href="/swagger/static/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div>
+<script src="/swagger/static/swagger-ui-bundle.js"></script>
+<script>window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
+</body></html>
+"""
 
 # POST routes whose JSON (or multipart form) body names the model
 MODEL_ROUTES = (
@@ -73,6 +92,7 @@ class PeerBody:
     """A request for a model that a peer serves, its body already rewritten."""
 
     peer: PeerConfig
+    remote: str
     body: bytes
 
 
@@ -89,12 +109,20 @@ class Api:
         relay: Relay,
         logs: LogHub,
         clock: IReactorTime,
+        recorder: Recorder | None = None,
+        metrics: Metrics | None = None,
+        events: EventBus | None = None,
+        store: ActivityStore | None = None,
     ) -> None:
         self.config = config
         self.scheduler = scheduler
         self.relay = relay
         self.logs = logs
         self.clock = clock
+        self.recorder = recorder or Recorder(clock, scheduler.events)
+        self.metrics = metrics
+        self.events = events or scheduler.events
+        self.store = store
         self.created = int(clock.seconds())
 
     def resource(self) -> Any:
@@ -165,7 +193,7 @@ class Api:
         body = request.content.read() if request.content is not None else b""
         parsed = self.model_from_body(request, body)
         if isinstance(parsed, PeerBody):
-            await self.to_peer(request, parsed.peer, request.uri, parsed.body)
+            await self.to_peer(request, parsed.peer, parsed.remote, request.uri, parsed.body)
             return
         loading = (
             parsed.streaming
@@ -188,7 +216,7 @@ class Api:
         if not names:
             raise ApiError(400, "GET /props needs ?model=<id> to know which model to ask")
         model, profile = self.target(names[0].decode("utf-8", errors="replace"))
-        await self.proxy(request, model, b"GET", request.uri, None, profile)
+        await self.proxy(request, model, b"GET", request.uri, None, profile, route="/props")
 
     @router.route(
         "/upstream/<path:rest>",
@@ -206,7 +234,9 @@ class Api:
                 model, profile = found
                 path = b"/" + b"/".join(segments[count:]) + query
                 body = request.content.read() if request.content is not None else b""
-                await self.proxy(request, model, request.method, path, body or None, profile)
+                await self.proxy(
+                    request, model, request.method, path, body or None, profile, route="/upstream"
+                )
                 return
         raise self.unknown_model(unquote(segments[0].decode("utf-8", errors="replace")))
 
@@ -236,7 +266,7 @@ class Api:
                 peer, remote_id = routed
                 peer.filters.apply(document, requested=name)
                 document["model"] = remote_id
-                return PeerBody(peer, json.dumps(document).encode("utf-8"))
+                return PeerBody(peer, remote_id, json.dumps(document).encode("utf-8"))
         model, profile = self.target(name)
         changed = model.filters.apply(
             document, requested=name.partition(":")[2] if profile else name
@@ -274,8 +304,40 @@ class Api:
         body: bytes | None,
         profile: str | None = None,
         loading_for: str | None = None,
+        route: str | None = None,
     ) -> None:
         """Lease the model, relay the request; with ``loading_for``, report progress."""
+        record = self.recorder.begin(
+            model.id,
+            route or request.path.decode("ascii", errors="replace"),
+            path.decode("ascii", errors="replace"),
+            self.scheduler.processes[model.id],
+        )
+        try:
+            await self._proxy(request, model, method, path, body, profile, loading_for, record)
+        except CancelledError:
+            record.fail(499, "the client disconnected")
+            raise
+        except ApiError as e:
+            record.fail(e.status, e.message)
+            raise
+        except Exception as e:
+            record.fail(503, str(e))
+            raise
+        finally:
+            record.finish()
+
+    async def _proxy(
+        self,
+        request: Request,
+        model: ModelConfig,
+        method: bytes,
+        path: bytes,
+        body: bytes | None,
+        profile: str | None,
+        loading_for: str | None,
+        record: RequestRecord,
+    ) -> None:
         waiting = self.scheduler.acquire(model.id, profile)
         progress = None
         if loading_for is not None and not waiting.called:
@@ -295,22 +357,26 @@ class Api:
         except Exception as e:
             if progress is None:
                 raise
+            record.fail(503, str(e))
             progress.fail(e)
             return
         finally:
             if progress is not None:
                 progress.stop()
+        record.leased()
         try:
             if progress is not None:
                 progress.end()
             url = lease.base_url + path.decode("ascii")
             await self.relay.forward(
-                request, method, url, body, stream_started=progress is not None
+                request, method, url, body, stream_started=progress is not None, meter=record.meter
             )
         finally:
             lease.release()
 
-    async def to_peer(self, request: Request, peer: PeerConfig, path: bytes, body: bytes) -> None:
+    async def to_peer(
+        self, request: Request, peer: PeerConfig, remote: str, path: bytes, body: bytes
+    ) -> None:
         """Relay straight to a peer: no local process, no queue."""
         replace = {}
         if peer.api_key is not None:
@@ -318,12 +384,28 @@ class Api:
                 b"authorization": b"Bearer " + peer.api_key.encode(),
                 b"x-api-key": peer.api_key.encode(),
             }
+        record = self.recorder.begin(
+            f"{peer.id}/{remote}", request.path.decode("ascii", errors="replace"), path.decode()
+        )
+        record.leased()
         try:
             await self.relay.forward(
-                request, b"POST", peer.proxy + path.decode("ascii"), body, replace_headers=replace
+                request,
+                b"POST",
+                peer.proxy + path.decode("ascii"),
+                body,
+                replace_headers=replace,
+                meter=record.meter,
             )
+        except CancelledError:
+            record.fail(499, "the client disconnected")
+            raise
         except ApiError as e:
-            raise ApiError(502, f"peer {peer.id!r}: {e.message}") from e
+            error = ApiError(502, f"peer {peer.id!r}: {e.message}")
+            record.fail(error.status, error.message)
+            raise error from e
+        finally:
+            record.finish()
 
     # --- management ---------------------------------------------------------------
 
@@ -447,8 +529,109 @@ class Api:
 
     # --- logs ---------------------------------------------------------------------------
 
+    # --- observability ---------------------------------------------------------------
+
+    @router.route("/metrics", methods=["GET"])
+    def prometheus(self, request: Request) -> Any:
+        if self.metrics is None:
+            raise ApiError(404, "metrics are not enabled", "not_found")
+        return MetricsResource(registry=self.metrics.registry)
+
+    @router.route("/api/activity", methods=["GET"])
+    async def activity(self, request: Request) -> bytes:
+        store = self.need_store()
+        model = _arg(request, b"model")
+        result = await store.query(
+            model=self.resolve(model).id if model else None,
+            since=_number_arg(request, b"since"),
+            until=_number_arg(request, b"until"),
+            limit=int(_number_arg(request, b"limit", 1, 1000) or 50),
+            offset=int(_number_arg(request, b"offset", 0) or 0),
+        )
+        return _json(request, result)
+
+    @router.route("/api/activity/stats", methods=["GET"])
+    async def activity_stats(self, request: Request) -> bytes:
+        store = self.need_store()
+        result = await store.stats(
+            since=_number_arg(request, b"since"), until=_number_arg(request, b"until")
+        )
+        return _json(request, result)
+
+    def need_store(self) -> ActivityStore:
+        if self.store is None:
+            raise ApiError(404, "the activity log is not enabled", "not_found")
+        return self.store
+
+    @router.route("/api/events", methods=["GET"])
+    def live_events(self, request: Request) -> Deferred[None]:
+        """Server-sent events: model states, log lines, activity rows, queue changes."""
+        request.setHeader(b"content-type", b"text/event-stream")
+        request.setHeader(b"cache-control", b"no-cache")
+        request.setHeader(b"x-accel-buffering", b"no")
+        reader = _EventReader(request)
+        request.registerProducer(reader, True)
+        for model_id, process in sorted(self.scheduler.processes.items()):
+            reader.send(
+                "model",
+                {
+                    "id": model_id,
+                    "state": process.state.value,
+                    "pid": process.pid,
+                    "error": process.last_error,
+                },
+            )
+        unsubscribe_events = self.events.subscribe(lambda e: reader.send(e.kind, e.data))
+        unsubscribe_logs = self.logs.subscribe(
+            [PROXY, UPSTREAM],
+            lambda source, line: reader.send("log", {"source": source, "line": line}),
+        )
+
+        def end(_: object) -> None:
+            unsubscribe_events()
+            unsubscribe_logs()
+
+        done: Deferred[None] = Deferred(lambda d: None)
+        reader.on_drop = lambda: done.cancel()
+        done.addErrback(_ignore_cancel)
+        done.addBoth(end)
+        return done
+
+    @router.route("/openapi.json", methods=["GET"])
+    def openapi(self, request: Request) -> bytes:
+        return _json(request, openapi_document())
+
+    @router.route("/swagger", methods=["GET"])
+    def swagger_redirect(self, request: Request) -> None:
+        request.redirect(b"/swagger/")
+
+    @router.route("/swagger/", methods=["GET"])
+    def swagger_page(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        return SWAGGER_PAGE
+
+    @router.route("/swagger/static/", branch=True, methods=["GET"])
+    def swagger_assets(self, request: Request) -> Any:
+        return static.File(swagger_ui_path)
+
+    @router.route("/", methods=["GET"])
+    def root(self, request: Request) -> None:
+        request.redirect(b"/ui/")
+
+    @router.route("/ui", methods=["GET"])
+    def ui_redirect(self, request: Request) -> None:
+        request.redirect(b"/ui/")
+
+    @router.route("/ui/", branch=True, methods=["GET"])
+    def ui(self, request: Request) -> Any:
+        return static.File(str(UI_DIR))
+
     @router.route("/logs", methods=["GET"])
-    def logs_text(self, request: Request) -> bytes:
+    def logs_text(self, request: Request) -> bytes | None:
+        accept = request.getHeader(b"accept") or b""
+        if b"text/html" in accept:
+            request.redirect(b"/ui/#logs")
+            return None
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return "".join(line + "\n" for line in self.logs.combined_history()).encode("utf-8")
 
@@ -493,6 +676,61 @@ def _has_flag(request: Request, name: bytes) -> bool:
 
 def _ignore_cancel(failure: Failure) -> None:
     failure.trap(CancelledError)
+
+
+def _arg(request: Request, name: bytes) -> str | None:
+    values = request.args.get(name)
+    return values[0].decode("utf-8", errors="replace") if values else None
+
+
+def _number_arg(
+    request: Request, name: bytes, low: float | None = None, high: float | None = None
+) -> float | None:
+    raw = _arg(request, name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError as e:
+        raise ApiError(400, f"?{name.decode()}= must be a number, got {raw!r}") from e
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ApiError(400, f"?{name.decode()}= must be between {low:g} and {high:g}, got {raw}")
+    return value
+
+
+@implementer(IPushProducer)
+class _EventReader:
+    """An event-stream client; one that stops reading for too long is dropped."""
+
+    MAX_DROPPED = 1000
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.paused = False
+        self.dropped = 0
+        self.on_drop: Any = None
+
+    def send(self, kind: str, data: dict[str, Any]) -> None:
+        if self.paused:
+            self.dropped += 1
+            if self.dropped > self.MAX_DROPPED and self.on_drop is not None:
+                transport = self.request.channel.transport if self.request.channel else None
+                if transport is not None:
+                    transport.loseConnection()
+                self.on_drop()
+                self.on_drop = None
+            return
+        payload = json.dumps(data, default=str)
+        self.request.write(f"event: {kind}\ndata: {payload}\n\n".encode())
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        self.paused = True
 
 
 @implementer(IPushProducer)

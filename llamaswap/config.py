@@ -39,7 +39,10 @@ TOP_LEVEL_KEYS = (
     "hooks",
     "sendLoadingState",
     "peers",
+    "logRequests",
+    "store",
 )
+STORE_KEYS = ("path", "maxRows", "maxAgeDays")
 PEER_KEYS = ("proxy", "models", "apiKey", "filters")
 GROUP_KEYS = ("members", "swap", "exclusive", "persistent")
 FILTER_KEYS = ("stripParams", "setParams", "setParamsByID")
@@ -211,6 +214,10 @@ class Config:
     profiles: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
     preload: tuple[str, ...] = ()
     peers: Mapping[str, PeerConfig] = attrs.field(factory=dict)
+    log_requests: bool = False
+    store_path: str = ":memory:"
+    store_max_rows: int = 100_000
+    store_max_age_days: float = 30.0
 
     def peer_route(self, name: str) -> tuple[PeerConfig, str] | None:
         """``<peer>/<model>``, or a bare model id that exactly one peer offers."""
@@ -373,7 +380,25 @@ class _Builder:
             profiles=profiles,
             preload=preload,
             peers=self.peers(root.get("peers"), models, macros),
+            log_requests=self.boolean(root.get("logRequests", False), "logRequests"),
+            **self.store(root.get("store"), macros),
         )
+
+    def store(self, value: object, macros: Mapping[str, str]) -> dict[str, Any]:
+        doc = self.mapping(value if value is not None else {}, "store")
+        self.check_keys(doc, "store", STORE_KEYS)
+        state = self.environ.get("XDG_STATE_HOME") or os.path.join(
+            self.environ.get("HOME", "."), ".local", "state"
+        )
+        default = os.path.join(state, "llamaswap", "activity.sqlite3")
+        path = self.expand(
+            self.string(doc.get("path", default), "store.path"), "store.path", macros, ()
+        )
+        return {
+            "store_path": path,
+            "store_max_rows": self.limit(doc.get("maxRows", 100_000), "store.maxRows"),
+            "store_max_age_days": self.positive(doc.get("maxAgeDays", 30), "store.maxAgeDays"),
+        }
 
     def peers(
         self, value: object, models: Mapping[str, ModelConfig], macros: Mapping[str, str]

@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 from .errors import ApiError
 from .logs import logger
+from .usage import ResponseMeter
 
 HOP_BY_HOP = frozenset(
     {
@@ -97,6 +98,7 @@ class Relay:
         *,
         stream_started: bool = False,
         replace_headers: Mapping[bytes, bytes] | None = None,
+        meter: ResponseMeter | None = None,
     ) -> Deferred[None]:
         """Relay ``request`` to ``url``; fires when the response has been relayed.
 
@@ -109,7 +111,8 @@ class Relay:
         for name, value in (replace_headers or {}).items():
             headers.setRawHeaders(name, [value])
         producer = BytesProducer(body) if body is not None else None
-        return _Exchange(self, request, stream_started).run(method, url, headers, producer)
+        exchange = _Exchange(self, request, stream_started, meter or ResponseMeter())
+        return exchange.run(method, url, headers, producer)
 
 
 def _closed_while_idle(failure: Failure) -> bool:
@@ -127,10 +130,13 @@ def _closed_while_idle(failure: Failure) -> bool:
 class _Exchange:
     """One proxied request; holds what the client-disconnect path must undo."""
 
-    def __init__(self, relay: Relay, request: Request, stream_started: bool = False) -> None:
+    def __init__(
+        self, relay: Relay, request: Request, stream_started: bool, meter: ResponseMeter
+    ) -> None:
         self.relay = relay
         self.request = request
         self.stream_started = stream_started
+        self.meter = meter
         self.pending: Deferred[IResponse] | None = None
         self.body: _BodyRelay | None = None
         self.done: Deferred[None] = Deferred(self._client_gone)
@@ -197,6 +203,8 @@ class _Exchange:
             response.deliverBody(_Discard())
             return
         request = self.request
+        content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
+        self.meter.started(response.code, content_type)
         if self.stream_started:
             if response.code != 200:
                 reading = readBody(response)
@@ -239,6 +247,7 @@ class _BodyRelay(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if not self.stopped:
             self.exchange.request.write(data)
+            self.exchange.meter.feed(data)
 
     def stop(self) -> None:
         """The client is gone: drop the upstream connection so generation stops."""

@@ -21,11 +21,15 @@ from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IAgent, IResponse
 from twisted.web.server import Site
 
+from .activity import ActivityStore, Retention
 from .api import Api
 from .config import Config, ConfigError, load_config
+from .events import EventBus
 from .logs import LogHub, logger, set_log_level
+from .metrics import Metrics
 from .ports import PortAllocator
 from .process import HealthProbe, ModelProcess, Timing
+from .recorder import Recorder
 from .relay import Relay
 from .scheduler import Scheduler
 
@@ -92,14 +96,22 @@ class Supervisor(Service):
 
     log = logger()
 
-    def __init__(self, scheduler: Scheduler, pool: HTTPConnectionPool, logs: LogHub) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        pool: HTTPConnectionPool,
+        logs: LogHub,
+        store: ActivityStore,
+    ) -> None:
         self.scheduler = scheduler
         self.pool = pool
         self.observer = logs.observer()
+        self.store = store
 
     def startService(self) -> None:
         globalLogPublisher.addObserver(self.observer)
         super().startService()
+        self.store.start()
         if self.scheduler.config.preload:
             preloading = Deferred.fromCoroutine(self.preload(self.scheduler.config.preload))
             preloading.addErrback(lambda f: self.log.failure("preload failed", f))
@@ -118,7 +130,8 @@ class Supervisor(Service):
     def stopService(self) -> Deferred[Any]:
         super().stopService()
         stopped = DeferredList(
-            [self.scheduler.close(), self.pool.closeCachedConnections()], consumeErrors=True
+            [self.scheduler.close(), self.pool.closeCachedConnections(), self.store.stop()],
+            consumeErrors=True,
         )
 
         def done(_: object) -> None:
@@ -165,6 +178,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
     agent = Agent(reactor, connectTimeout=10, pool=pool)
     ports = PortAllocator(config.start_port)
     probe = http_probe(agent, reactor)
+    events = EventBus()
     processes = [
         ModelProcess(
             model,
@@ -176,14 +190,22 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
             timing=Timing(
                 health_timeout=config.health_check_timeout, stop_timeout=model.unload_timeout
             ),
+            events=events,
         )
         for model in config.models.values()
     ]
-    scheduler = Scheduler(processes, reactor, config)
-    api = Api(config, scheduler, Relay(agent), logs, reactor)
+    scheduler = Scheduler(processes, reactor, config, events)
+    store = ActivityStore(
+        config.store_path,
+        reactor,
+        Retention(config.store_max_rows, config.store_max_age_days),
+    )
+    metrics = Metrics(scheduler, events)
+    recorder = Recorder(reactor, events, store, config.log_requests)
+    api = Api(config, scheduler, Relay(agent), logs, reactor, recorder, metrics, events, store)
 
     top = MultiService()
-    Supervisor(scheduler, pool, logs).setServiceParent(top)
+    Supervisor(scheduler, pool, logs, store).setServiceParent(top)
     site = Site(api.resource(), reactor=reactor)
     site.displayTracebacks = False
     listeners = Listeners()

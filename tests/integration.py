@@ -7,6 +7,7 @@ import os
 import sys
 from typing import Any
 
+import attrs
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -61,7 +62,7 @@ class LiveTestCase(TestCase):
     timeout = 60
 
     async def serve(self, yaml_text: str) -> Api:
-        config = parse_config(yaml_text, "test.yaml")
+        config = attrs.evolve(parse_config(yaml_text, "test.yaml"), store_path=":memory:")
         self.service = build(config, reactor)
         self.service.startService()
         self.addCleanup(self.service.stopService)

@@ -40,7 +40,7 @@ export function askKey(note) {
       if (key) localStorage.setItem(KEY, key);
       else localStorage.removeItem(KEY);
       declined = false;
-      resolve(!!key);
+      resolve(true);
     }, { once: true });
   });
   dlg.showModal();
@@ -71,13 +71,23 @@ export function errorText(body, res) {
   return (e && (e.message || (typeof e === 'string' && e))) || `${res.status} ${res.statusText}`.trim();
 }
 
-export async function json(path, opts) {
-  const res = await api(path, opts);
-  const text = await res.text();
-  let body = null;
-  try { body = JSON.parse(text); } catch { /* not JSON */ }
-  if (!res.ok) throw new HttpError(res.status, errorText(body, res));
-  return body;
+/** The body of a response as JSON (null if it is not); throws HttpError unless 2xx. */
+export async function body(res) {
+  let doc = null;
+  try { doc = JSON.parse(await res.text()); } catch { /* not JSON */ }
+  if (!res.ok) throw new HttpError(res.status, errorText(doc, res));
+  return doc;
+}
+
+export const json = async (path, opts) => body(await api(path, opts));
+
+/** Replace a <select>'s options when they changed, keeping the choice if it still exists. */
+export function fill(select, values, fallback, first = []) {
+  const all = [...first, ...values];
+  if (all.join('\n') === [...select.options].map((o) => o.value).join('\n')) return;
+  const current = select.value || fallback;
+  select.replaceChildren(...all.map((v) => h('option', { value: v, text: v || 'all models' })));
+  select.value = all.includes(current) ? current : all[0] || '';
 }
 
 /** Call onLine for each \n-separated line of a streamed body. */

@@ -1,5 +1,5 @@
 // Models tab: /v1/models merged with /running, live from /api/events, else polled.
-import { $, h, api, json, errorText, events, toast, duration, pathOf } from './lib.js';
+import { $, h, api, json, body as parse, events, toast, duration, pathOf } from './lib.js';
 
 const rows = new Map(); // id -> {model, state, error, pid, run, at, busy, el, cells}
 let list = []; // every /v1/models entry (profiles and peers too)
@@ -23,11 +23,11 @@ function makeRow(model) {
   const id = model.id;
   const c = {
     state: h('span', { class: 'badge', 'data-testid': `model-state-${id}` }),
-    error: h('div', { class: 'err small' }),
-    proc: h('td', { 'data-label': 'Process', class: 'mono' }),
-    up: h('td', { 'data-label': 'Uptime' }),
-    req: h('td', { 'data-label': 'Requests' }),
-    ttl: h('td', { 'data-label': 'Idle stop' }),
+    error: h('div', { class: 'err small row-err' }),
+    proc: h('td', { 'data-label': 'Process', class: 'mono nw' }),
+    up: h('td', { 'data-label': 'Uptime', class: 'nw' }),
+    req: h('td', { 'data-label': 'Requests', class: 'nw' }),
+    ttl: h('td', { 'data-label': 'Idle stop', class: 'nw' }),
     load: h('button', { 'data-testid': `load-${id}`, onclick: () => load(id) }, 'Load'),
     unload: h('button', { 'data-testid': `unload-${id}`, onclick: () => unload(id) }, 'Unload'),
   };
@@ -137,16 +137,12 @@ async function act(id, kind, path) {
   r.error = null;
   paint(r);
   try {
-    const res = await api(path, { method: 'POST' });
-    const text = await res.text();
-    let doc = null;
-    try { doc = JSON.parse(text); } catch { /* not JSON */ }
-    if (!res.ok) throw new Error(errorText(doc, res));
+    const doc = await parse(await api(path, { method: 'POST' }));
     if (doc && doc.state) r.state = doc.state;
     else if (kind === 'unload') r.state = 'stopped';
   } catch (e) {
     r.error = e.message;
-    toast(`${kind === 'load' ? 'Load' : 'Unload'} ${id}: ${e.message}`, 'error');
+    toast(`${kind === 'load' ? 'Load' : 'Unload'} ${id}: ${short(e.message)}`, 'error');
   } finally {
     r.busy = null;
     const error = r.error;
@@ -155,6 +151,9 @@ async function act(id, kind, path) {
     if (error) { r.error = error; paint(r); }
   }
 }
+
+// the first line of a start error, without the child's last output (the row shows it all)
+const short = (m) => { const s = m.split(/; last output:|\n/)[0]; return s.length > 200 ? s.slice(0, 200) + '…' : s; };
 
 const load = (id) => act(id, 'load', '/api/models/load/' + pathOf(id));
 const unload = (id) => act(id, 'unload', '/api/models/unload/' + pathOf(id));
