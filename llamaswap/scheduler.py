@@ -287,6 +287,14 @@ class Scheduler:
         return not self._closed and any(w.targets == targets for w in self._queue)
 
     def _swap_done(self, result: Failure | None, targets: frozenset[str]) -> None:
+        assert self._swap is not None
+        self.events.publish(
+            "swap",
+            targets=sorted(targets),
+            victims=sorted(self._swap[1]),
+            seconds=self._clock.seconds() - self._swap_started,
+            ok=not isinstance(result, Failure),
+        )
         self._swap = None
         if isinstance(result, Failure):
             # everyone queued for these models was waiting on this very start

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shlex
 import signal
@@ -51,7 +52,9 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 FAKE = f"{shlex.quote(sys.executable)} -m llamaswap.testing.fake_server --port ${{PORT}}"
+# away from the 5800 other suites' daemons start at: two daemons may probe one port at once
 CONFIG = f"""
+startPort: {random.randrange(20000, 30000)}
 sendLoadingState: true
 models:
   alpha:
@@ -65,6 +68,7 @@ models:
     cmd: {FAKE} --fail-start 3
 """
 SECONDS = 20_000  # ms, for every expectation that waits on a model
+expect.set_options(timeout=SECONDS)
 
 
 def free_port() -> int:
