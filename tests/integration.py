@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sys
 from typing import Any
 
@@ -62,7 +63,11 @@ class LiveTestCase(TestCase):
     timeout = 60
 
     async def serve(self, yaml_text: str) -> Api:
-        config = attrs.evolve(parse_config(yaml_text, "test.yaml"), store_path=":memory:")
+        config = parse_config(yaml_text, "test.yaml")
+        if "startPort" not in yaml_text:
+            # away from the default, so parallel runs on one machine rarely meet
+            config = attrs.evolve(config, start_port=random.randrange(20000, 40000))
+        config = attrs.evolve(config, store_path=":memory:")
         self.service = build(config, reactor)
         self.service.startService()
         self.addCleanup(self.service.stopService)
