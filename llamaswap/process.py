@@ -141,6 +141,7 @@ class ModelProcess:
         self.timing = timing
         self._base_env = dict(os.environ if base_env is None else base_env)
         self._setsid = shutil.which("setsid") if process_groups else None
+        self._setpriv = shutil.which("setpriv") if process_groups else None
 
         self.events = events or EventBus()
         self.state = ModelState.STOPPED
@@ -212,15 +213,16 @@ class ModelProcess:
         if executable is None:
             self._fail_before_spawn(f"command not found: {argv[0]!r} (check cmd and PATH)")
             return
+        self.log.info("starting {model}: {argv}", model=self.id, argv=" ".join(argv))
+        argv = [executable, *argv[1:]]
+        if self._setpriv is not None:
+            # the kernel kills the child if llamaswap dies, even by SIGKILL
+            argv = [self._setpriv, "--pdeathsig", "KILL", "--", *argv]
         if self._setsid is not None:
             # own session and process group, so a stop reaches wrapper scripts'
-            # children too; setsid execs in place, keeping the pid
-            executable, argv = self._setsid, [self._setsid, executable, *argv[1:]]
-        self.log.info(
-            "starting {model}: {argv}",
-            model=self.id,
-            argv=" ".join(argv[1 if self._setsid else 0 :]),
-        )
+            # children too; setsid (and setpriv) exec in place, keeping the pid
+            argv = [self._setsid, *argv]
+        executable = argv[0]
         protocol = ChildProtocol(self._line, self._ended)
         try:
             self._transport = self._reactor.spawnProcess(

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
+import treq
 from twisted.application.service import IServiceMaker
 from twisted.internet import reactor
+from twisted.internet.error import ConnectError
+from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.plugin import getPlugins
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from llamaswap.tap import DEFAULT_LISTEN, Options
 
@@ -93,3 +100,65 @@ class TwistdTests(TestCase):
         code, output = await self.run_twistd("--config", path)
         self.assertNotEqual(code, 0)
         self.assertIn("models.m.aliasses: unknown key (did you mean 'aliases'?)", output)
+
+    async def test_children_die_with_llamaswap_even_on_sigkill(self) -> None:
+        path = self.mktemp()
+        fake = f"{sys.executable} -m llamaswap.testing.fake_server --port ${{PORT}} --model m"
+        Path(path).write_text(
+            f"startPort: 31800\nstore: {{path: ':memory:'}}\nmodels:\n  m:\n    cmd: {fake}\n"
+        )
+        port = free_port()
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+        twistd = subprocess.Popen(
+            [
+                TWISTD,
+                "-n",
+                "--pidfile=",
+                "llamaswap",
+                "--config",
+                path,
+                "--listen",
+                f"tcp:{port}:interface=127.0.0.1",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.addCleanup(twistd.kill)
+        agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+        loaded = None
+        for _ in range(200):
+            try:
+                loaded = await agent.request(
+                    b"POST", f"http://127.0.0.1:{port}/api/models/load/m".encode()
+                )
+                break
+            except ConnectError:
+                await deferLater(reactor, 0.05)
+        assert loaded is not None
+        body = json.loads(await treq.content(loaded))
+        self.assertEqual(body["state"], "ready")
+        running = await agent.request(b"GET", f"http://127.0.0.1:{port}/running".encode())
+        child = json.loads(await treq.content(running))["running"][0]["pid"]
+        twistd.send_signal(signal.SIGKILL)
+        twistd.wait()
+        for _ in range(200):
+            if not _alive(child):
+                break
+            await deferLater(reactor, 0.02)
+        self.assertFalse(_alive(child))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port

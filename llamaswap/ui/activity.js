@@ -1,5 +1,5 @@
 // Activity tab: /api/activity pages, /api/activity/stats, new rows live from /api/events.
-import { $, h, api, json, fill, events, num } from './lib.js';
+import { $, h, api, json, body, fill, events, num } from './lib.js';
 
 const LIMIT = 50;
 const tbody = $('#activity-body');
@@ -52,9 +52,8 @@ async function loadPage() {
   if (pick.value) q.set('model', pick.value);
   try {
     const res = await api('/api/activity?' + q);
-    if (res.status === 404) return unavailable();
-    if (!res.ok) throw new Error(`HTTP ${res.status}`);
-    const doc = await res.json();
+    if (res.status === 404 && !pick.value) return unavailable();
+    const doc = await body(res);
     total = doc.total ?? (doc.data || []).length;
     tbody.replaceChildren(...(doc.data || []).map(row));
     range();
@@ -67,7 +66,7 @@ function stat(name, value) {
   return h('div', {}, h('span', { class: 'muted small', text: name }), h('b', { text: value }));
 }
 
-const pct = (o, f = ms) => (o ? `${f(o.p50)} · ${f(o.p95)} · ${f(o.p99)}` : '–');
+const pct = (o, f = ms) => (o && o.p50 != null ? `${f(o.p50)} · ${f(o.p95)} · ${f(o.p99)}` : '–');
 const rate = (x) => (x == null ? '–' : num(x, 1));
 
 async function loadStats() {
@@ -76,7 +75,7 @@ async function loadStats() {
     const cards = Object.entries(doc.models || {}).map(([id, s]) =>
       h('article', { class: 'card' },
         h('h3', { text: id }),
-        stat('requests', num(s.requests)),
+        stat('requests', num(s.requests) + (s.errors ? ` (${num(s.errors)} failed)` : '')),
         stat('tokens in / out', `${num(s.tokens_in)} / ${num(s.tokens_out)}`),
         stat('latency p50 · p95 · p99', pct(s.latency_ms)),
         stat('gen tok/s p50 · p95 · p99', pct(s.gen_tps, rate)),
@@ -104,7 +103,9 @@ events.on('activity', (a) => {
   statsSoon();
 });
 
-events.on('models', (list) => fill(pick, list.filter((m) => !m.alias_of).map((m) => m.id), '', ['']));
+// local models only: the server resolves ?model= like a request (no profiles, no peers)
+const local = (m) => !m.alias_of && !m.id.includes(':') && (!m.owned_by || m.owned_by === 'llamaswap');
+events.on('models', (list) => fill(pick, list.filter(local).map((m) => m.id), '', ['']));
 
 pick.addEventListener('change', () => { offset = 0; loadPage(); });
 $('#act-prev').addEventListener('click', () => { offset = Math.max(0, offset - LIMIT); loadPage(); });

@@ -93,12 +93,15 @@ function render() {
   $('#models-extra').replaceChildren(
     profiles.length ? h('p', {}, h('span', { class: 'muted', text: 'Profiles ' }), profiles) : '',
     peers.length ? h('p', {}, h('span', { class: 'muted', text: 'Remote ' }), peers) : '');
-  events.emit('models', list);
 }
 
+let again = false;
 /** Fetch /v1/models and /running and merge them. */
 export function refresh() {
-  if (refreshing) return refreshing;
+  if (refreshing) {
+    again = true; // what is in flight may predate the change that asked for this one
+    return refreshing;
+  }
   refreshing = (async () => {
     try {
       const [models, running] = await Promise.all([json('/v1/models'), json('/running')]);
@@ -114,11 +117,13 @@ export function refresh() {
         paint(r);
       }
       $('#models-error').hidden = true;
+      events.emit('models', list);
     } catch (e) {
       $('#models-error').textContent = `Cannot reach llamaswap: ${e.message}`;
       $('#models-error').hidden = false;
     } finally {
       refreshing = null;
+      if (again) { again = false; refresh(); }
     }
   })();
   return refreshing;
