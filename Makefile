@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 CONFIG ?=
 LISTEN ?= tcp:8080:interface=127.0.0.1
 
-.PHONY: run run-fake test lint venv llama-server model clean
+.PHONY: run run-fake test lint venv llama-server model browser clean
 
 # a real llama-server (found, or built once and cached outside the repo) and a real model
 REAL = LLAMA_SERVER="$$(scripts/llama-server.sh | tail -n1)" LLAMASWAP_MODEL="$$(scripts/model.sh | tail -n1)"
@@ -44,10 +44,24 @@ lint: venv
 	$(BIN)/ruff format --check llamaswap tests twisted
 	$(BIN)/mypy
 
+## browser: Debian's Chromium for the UI tests (Playwright's own download is not needed)
+browser:
+	@command -v chromium >/dev/null || { \
+		echo "installing chromium (apt) for the browser tests" >&2; \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+		else sudo apt-get update -qq && sudo apt-get install -y -qq chromium >/dev/null; fi; }
+
 ## test: lint, then the whole suite, end-to-end tests against a real llama-server included
-test: lint
+test: lint browser
 	@$(REAL) && export LLAMA_SERVER LLAMASWAP_MODEL && \
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info _trial_temp .mypy_cache .ruff_cache
+
+## bench: proxy overhead, streaming, swaps and footprint vs direct, nginx and llama.cpp's
+## router mode; prints the tables and writes docs/benchmarks.md (about 6 minutes)
+.PHONY: bench
+bench: venv
+	@$(REAL) && export LLAMA_SERVER LLAMASWAP_MODEL && VENV=$(VENV) bench/setup.sh && \
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench $(BENCH_ARGS)
