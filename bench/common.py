@@ -123,7 +123,7 @@ class Procs:
 
 def _descendants(pid: int) -> list[psutil.Process]:
     try:
-        return psutil.Process(pid).children(recursive=True)
+        return list(psutil.Process(pid).children(recursive=True))
     except psutil.Error:
         return []
 
@@ -196,7 +196,9 @@ def health_status(port: int, path: str = "/health") -> int | None:
         return None
 
 
-def wait_http(port: int, path: str = "/health", timeout: float = 60.0, interval: float = 0.02) -> float:
+def wait_http(
+    port: int, path: str = "/health", timeout: float = 60.0, interval: float = 0.02
+) -> float:
     """Poll until ``path`` answers 200; returns the time it took."""
     start = time.perf_counter()
     while time.perf_counter() - start < timeout:
@@ -250,6 +252,11 @@ class Llamaswap:
         self.procs = procs
         self.name = name
         self.config_path = procs.workdir / f"{name}.yaml"
+        from llamaswap import config as ls_config
+
+        if "store" in getattr(ls_config, "TOP_LEVEL_KEYS", ()) and "\nstore:" not in config:
+            # keep the bench's requests out of the user's activity log (~/.local/state)
+            config = f"store:\n  path: {procs.workdir / (name + '-activity.sqlite3')}\n" + config
         self.config_path.write_text(config)
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -396,14 +403,19 @@ class CpuMonitor:
             sum(s[3] for s in window) / len(window),
         )
 
-    def wait_quiet(self, limit: float = 0.3, max_wait: float = 20.0) -> float:
-        """Wait (at most ``max_wait`` s) until others use < ``limit`` cores; returns their use."""
+    budget = 120.0  # seconds of waiting for quiet, for the whole run
+
+    def wait_quiet(self, limit: float = 0.25, max_wait: float = 30.0) -> float:
+        """Wait (at most ``max_wait`` s, and within the run's budget) until other
+        processes use < ``limit`` cores over 2 s; returns their use."""
         start = time.perf_counter()
         while True:
-            time.sleep(self.interval * 2.2)
-            recent = self.samples[-2:]
+            time.sleep(self.interval * 4.2)
+            recent = self.samples[-4:]
             level = sum(s[2] for s in recent) / max(1, len(recent))
-            if level < limit or time.perf_counter() - start > max_wait:
+            waited = time.perf_counter() - start
+            if level < limit or waited > min(max_wait, CpuMonitor.budget):
+                CpuMonitor.budget -= waited
                 if level >= limit:
                     log(f"other processes still use {level:.2f} cores; going on anyway")
                 return level

@@ -124,7 +124,10 @@ class Server(asyncio.Protocol):
             elif path in (b"/health", b"/v1/health"):
                 self.transport.write(HEALTH_CLOSE if close else HEALTH_KEEP)
             elif path == b"/bench/stats":
-                stats = b'{"connections": %d, "requests": %d}' % (Server.connections, Server.requests)
+                stats = b'{"connections": %d, "requests": %d}' % (
+                    Server.connections,
+                    Server.requests,
+                )
                 self.transport.write(response(b"200 OK", stats, close))
             else:
                 self.transport.write(NF_CLOSE if close else NF_KEEP)
@@ -136,7 +139,9 @@ class Server(asyncio.Protocol):
 async def serve(host: str, port: int) -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(Server, host, port, backlog=1024)
-    sys.stderr.write(f"main: server is listening on http://{host}:{port} - starting the main loop\n")
+    sys.stderr.write(
+        f"main: server is listening on http://{host}:{port} - starting the main loop\n"
+    )
     sys.stderr.flush()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

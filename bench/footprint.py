@@ -34,13 +34,14 @@ def mb(proc: psutil.Process) -> tuple[float, float]:
 
 async def one_client(port: int, start: float) -> dict[str, Any]:
     request = (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\n"
         b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(BODY)
     ) + BODY
     result: dict[str, Any] = {"ok": False}
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 30)
-    except (OSError, asyncio.TimeoutError) as e:
+    except (TimeoutError, OSError) as e:
         result["error"] = f"connect: {e!r}"
         return result
     result["connected"] = time.perf_counter() - start
@@ -61,7 +62,7 @@ async def one_client(port: int, start: float) -> dict[str, Any]:
         result["ok"] = data.startswith(b"HTTP/1.1 200") and b"data: [DONE]" in data
         if not result["ok"]:
             result["error"] = data[:200].decode(errors="replace")
-    except (OSError, asyncio.TimeoutError) as e:
+    except (TimeoutError, OSError) as e:
         result["error"] = repr(e)
     finally:
         writer.close()
@@ -77,7 +78,9 @@ def run(procs: Procs, monitor: CpuMonitor, *, clients_count: int = 500) -> dict[
     swap = Llamaswap(
         procs,
         "llamaswap-footprint",
-        config_text(f"healthCheckTimeout: 30\nstartPort: {free_port_base() + 300}\n", {"fake": MODEL}),
+        config_text(
+            f"healthCheckTimeout: 30\nstartPort: {free_port_base() + 300}\n", {"fake": MODEL}
+        ),
     ).start()
     proc = psutil.Process(swap.pid)
     time.sleep(2.0)
@@ -96,7 +99,13 @@ def run(procs: Procs, monitor: CpuMonitor, *, clients_count: int = 500) -> dict[
     def sample() -> None:
         while not stop.wait(0.2):
             try:
-                samples.append((time.perf_counter(), proc.memory_info().rss / 2**20, fake.memory_info().rss / 2**20))
+                samples.append(
+                    (
+                        time.perf_counter(),
+                        proc.memory_info().rss / 2**20,
+                        fake.memory_info().rss / 2**20,
+                    )
+                )
             except psutil.Error:
                 return
 

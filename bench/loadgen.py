@@ -61,7 +61,11 @@ async def worker(
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
-    body = args.body.encode()
+    if args.body_file:
+        with open(args.body_file, "rb") as f:
+            body = f.read()
+    else:
+        body = args.body.encode()
     request = (
         f"POST {args.path} HTTP/1.1\r\nHost: 127.0.0.1:{args.port}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
@@ -93,7 +97,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--path", default="/v1/chat/completions")
-    parser.add_argument("--body", required=True)
+    parser.add_argument("--body", default="")
+    parser.add_argument("--body-file")
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--out", required=True)

@@ -22,28 +22,89 @@ RATE = 200
 # bucket of the frame nearest the leaf.
 OWNING: list[tuple[str, tuple[str, ...]]] = [
     ("access-log line per request (twisted.web `HTTPFactory.log`)", ("HTTPFactory.log ",)),
-    ("Content-Type parsed with the email package (twisted.web `http._parseContentType`)", ("_parseContentType ",)),
-    ("other log events (twisted.logger, llamaswap's log observers)", ("Logger.emit ", "LogPublisher.__call__ ", "_ProxyLogObserver", "LogHub.")),
-    ("child output lines (`ChildProtocol.childDataReceived`)", ("ChildProtocol.", "ModelProcess._line ")),
-    ("upstream endpoint built per request (`Agent._getEndpoint`: URI, HostnameEndpoint, IDNA)", ("Agent._getEndpoint ", "URI.fromBytes ", "_StandardEndpointFactory")),
-    ("name resolution via the thread pool (`GAIResolver`, getaddrinfo)", ("getaddrinfo ", "GAIResolver", "ThreadPool.", "_threadworker", "callInThread", "LockWorker", "ThreadWorker", "Team.", "deferToThreadPool", "ThreadedResolver")),
-    ("new upstream TCP connections (connect, setup, teardown)", ("HostnameEndpoint.connect", "HostnameEndpoint._", "TCP4ClientEndpoint", "BaseClient.", "Client.__init__ ", "Connector.", "Client._connectDone", "HTTPConnectionPool._newConnection ", "_HTTP11ClientFactory", "HTTP11ClientProtocol.connectionLost ")),
+    (
+        "Content-Type parsed with the email package (twisted.web `http._parseContentType`)",
+        ("_parseContentType ",),
+    ),
+    (
+        "other log events (twisted.logger, llamaswap's log observers)",
+        ("Logger.emit ", "LogPublisher.__call__ ", "_ProxyLogObserver", "LogHub."),
+    ),
+    (
+        "child output lines (`ChildProtocol.childDataReceived`)",
+        ("ChildProtocol.", "ModelProcess._line "),
+    ),
+    (
+        "upstream endpoint built per request (`Agent._getEndpoint`: URI, HostnameEndpoint, IDNA)",
+        ("Agent._getEndpoint ", "URI.fromBytes ", "_StandardEndpointFactory"),
+    ),
+    (
+        "name resolution via the thread pool (`GAIResolver`, getaddrinfo)",
+        (
+            "getaddrinfo ",
+            "GAIResolver",
+            "ThreadPool.",
+            "_threadworker",
+            "callInThread",
+            "LockWorker",
+            "ThreadWorker",
+            "Team.",
+            "deferToThreadPool",
+            "ThreadedResolver",
+        ),
+    ),
+    (
+        "new upstream TCP connections (connect, setup, teardown)",
+        (
+            "HostnameEndpoint.connect",
+            "HostnameEndpoint._",
+            "TCP4ClientEndpoint",
+            "BaseClient.",
+            "Client.__init__ ",
+            "Connector.",
+            "Client._connectDone",
+            "HTTPConnectionPool._newConnection ",
+            "_HTTP11ClientFactory",
+            "HTTP11ClientProtocol.connectionLost ",
+        ),
+    ),
     ("JSON body parsing and filters (`Api.model_from_body`)", ("Api.model_from_body ",)),
     ("scheduler (leases)", ("Scheduler.", "Lease.")),
     ("header copying (`relay.end_to_end`)", ("end_to_end ",)),
     ("upstream request write (`HTTP11ClientProtocol.request`)", ("HTTP11ClientProtocol.request ",)),
-    ("response to the client (`Request.write`/`finish`)", ("Request.write ", "Request.finish ", "Request._cleanup")),
+    (
+        "response to the client (`Request.write`/`finish`)",
+        ("Request.write ", "Request.finish ", "Request._cleanup"),
+    ),
     ("Klein routing and dispatch (werkzeug)", ("MapAdapter.", "Map.bind")),
-    ("upstream response parsing (`HTTPClientParser`, minus the above)", ("HTTPClientParser.", "HTTPParser.")),
+    (
+        "upstream response parsing (`HTTPClientParser`, minus the above)",
+        ("HTTPClientParser.", "HTTPParser."),
+    ),
 ]
 GENERIC: list[tuple[str, tuple[str, ...]]] = [
     ("relay bookkeeping (relay.py)", ("(llamaswap/relay.py)",)),
     ("other llamaswap code", ("(llamaswap/",)),
     ("Klein routing and dispatch (werkzeug)", ("(klein/", "(werkzeug/")),
-    ("client request parsing (twisted.web `HTTPChannel`, `Request`)", ("(twisted/web/http.py)", "(twisted/web/server.py)", "(twisted/protocols/basic.py)")),
+    (
+        "client request parsing (twisted.web `HTTPChannel`, `Request`)",
+        ("(twisted/web/http.py)", "(twisted/web/server.py)", "(twisted/protocols/basic.py)"),
+    ),
     ("Deferred / coroutine machinery", ("(twisted/internet/defer.py)",)),
-    ("socket reads/writes", ("(twisted/internet/tcp.py)", "(twisted/internet/abstract.py)", "untilConcludes ")),
-    ("reactor loop (epoll, timers)", ("(twisted/internet/epollreactor.py)", "(twisted/internet/base.py)", "(twisted/internet/posixbase.py)", "(twisted/python/log.py)", "(twisted/python/context.py)")),
+    (
+        "socket reads/writes",
+        ("(twisted/internet/tcp.py)", "(twisted/internet/abstract.py)", "untilConcludes "),
+    ),
+    (
+        "reactor loop (epoll, timers)",
+        (
+            "(twisted/internet/epollreactor.py)",
+            "(twisted/internet/base.py)",
+            "(twisted/internet/posixbase.py)",
+            "(twisted/python/log.py)",
+            "(twisted/python/context.py)",
+        ),
+    ),
 ]
 
 
@@ -58,7 +119,38 @@ def centre_of(names: list[str]) -> str:
     return "other"
 
 
-STDLIB = {"json", "email", "socket", "threading", "queue", "asyncio", "http", "urllib", "selectors", "re", "functools", "collections", "enum", "typing", "subprocess", "os", "posixpath", "genericpath", "shutil", "datetime", "time", "contextlib", "abc", "weakref", "codecs", "encodings", "logging", "io", "traceback", "linecache"}
+STDLIB = {
+    "json",
+    "email",
+    "socket",
+    "threading",
+    "queue",
+    "asyncio",
+    "http",
+    "urllib",
+    "selectors",
+    "re",
+    "functools",
+    "collections",
+    "enum",
+    "typing",
+    "subprocess",
+    "os",
+    "posixpath",
+    "genericpath",
+    "shutil",
+    "datetime",
+    "time",
+    "contextlib",
+    "abc",
+    "weakref",
+    "codecs",
+    "encodings",
+    "logging",
+    "io",
+    "traceback",
+    "linecache",
+}
 
 
 def short(path: str) -> str:
@@ -144,7 +236,18 @@ def make_profiler(workdir: Path) -> Callable[[int, Callable[[], Any], str], dict
     def profile(pid: int, action: Callable[[], Any], name: str) -> dict[str, Any]:
         out = workdir / f"profile-{name}.txt"
         proc = subprocess.Popen(
-            [spy, "record", "--pid", str(pid), "--rate", str(RATE), "--format", "raw", "-o", str(out)],
+            [
+                spy,
+                "record",
+                "--pid",
+                str(pid),
+                "--rate",
+                str(RATE),
+                "--format",
+                "raw",
+                "-o",
+                str(out),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )

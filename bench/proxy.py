@@ -31,10 +31,16 @@ from .common import (
 CHAT_PATH = "/v1/chat/completions"
 
 
-def body(model: str) -> str:
-    return json.dumps(
-        {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
-    )
+def body(model: str, size: int = 0) -> str:
+    """A chat request; with ``size``, a conversation of about that many bytes."""
+    messages = [{"role": "user", "content": "hi"}]
+    turn = "The quick brown fox jumps over the lazy dog. " * 20  # ~900 bytes
+    while size and len(json.dumps(messages)) < size:
+        messages[:0] = [{"role": "user", "content": turn}, {"role": "assistant", "content": turn}]
+    return json.dumps({"model": model, "messages": messages, "max_tokens": 1})
+
+
+BIG = 256 * 1024
 
 
 def config(start_port: int) -> str:
@@ -46,6 +52,7 @@ def config(start_port: int) -> str:
             "fast-chatty": "    cmd: python -m bench.fast_upstream --port ${PORT} --log-lines 7",
         },
     )
+
 
 NGINX_CONF = """\
 worker_processes 1;
@@ -90,19 +97,24 @@ class LoadGen:
     def run(self, port: int, body: str, concurrency: int, duration: float) -> dict[str, Any]:
         self.count += 1
         out = self.workdir / f"load-{self.count}.json"
+        body_file = None
+        if len(body) > 32_000:  # too long for an environment variable or argv
+            body_file = self.workdir / "body.json"
+            body_file.write_text(body)
         if self.wrk:
             argv = [
                 self.wrk,
                 "-t1",
                 f"-c{concurrency}",
-                f"-d{duration:g}s",
+                f"-d{max(1, round(duration))}s",  # wrk takes whole seconds
                 "--timeout",
                 "10s",
                 "-s",
                 str(REPO / "bench" / "wrk_report.lua"),
                 f"http://127.0.0.1:{port}{CHAT_PATH}",
             ]
-            env = {**os.environ, "BENCH_BODY": body, "BENCH_OUT": str(out)}
+            env = {**os.environ, "BENCH_OUT": str(out)}
+            env.update({"BENCH_BODY_FILE": str(body_file)} if body_file else {"BENCH_BODY": body})
         else:
             argv = [
                 str(VENV_BIN / "python"),
@@ -112,8 +124,7 @@ class LoadGen:
                 str(port),
                 "--path",
                 CHAT_PATH,
-                "--body",
-                body,
+                *(["--body-file", str(body_file)] if body_file else ["--body", body]),
                 "--concurrency",
                 str(concurrency),
                 "--duration",
@@ -168,7 +179,10 @@ def start_nginx(procs: Procs, upstream_port: int, name: str = "nginx") -> int | 
     port = free_port()
     conf = directory / "nginx.conf"
     conf.write_text(NGINX_CONF.format(dir=directory, upstream=upstream_port, port=port))
-    procs.spawn([nginx, "-e", str(directory / "nginx-error.log"), "-p", str(directory), "-c", str(conf)], name)
+    procs.spawn(
+        [nginx, "-e", str(directory / "nginx-error.log"), "-p", str(directory), "-c", str(conf)],
+        name,
+    )
     try:
         wait_http(port, "/health", timeout=10)
     except TimeoutError:
@@ -235,11 +249,40 @@ def run(
             )
             rows.append(m)
             log(
-                f"  c={concurrency:<3} {name:<10} p50 {m['p50_ms']:.3f} ms  p99 {m['p99_ms']:.3f} ms"
+                f"  c={concurrency:<3} {name:<10} p50 {m['p50_ms']:.3f} ms"
+                f"  p99 {m['p99_ms']:.3f} ms"
                 f"  {m['rps']:.0f} req/s  errors {m['errors']}"
             )
     results["rows"] = rows
     results["rss_after_load_mb"] = ls_proc.memory_info().rss / 2**20
+
+    # a long conversation (256 KiB body), as agents and IDE plugins send: body parsing
+    big = {name: (port, body("fast", BIG)) for name, (port, _) in targets.items()}
+    for port, b in big.values():
+        loadgen.run(port, b, 1, 1.0)
+    monitor.wait_quiet()
+    start = time.perf_counter()
+    big_runs: dict[str, list[dict[str, Any]]] = {name: [] for name in big}
+    big_cpu: dict[str, float] = dict.fromkeys(big, 0.0)
+    for _ in range(max(1, rounds - 1)):
+        for name, (port, b) in big.items():
+            before = sum(ls_proc.cpu_times()[:2])
+            big_runs[name].append(loadgen.run(port, b, 1, duration))
+            big_cpu[name] += sum(ls_proc.cpu_times()[:2]) - before
+    others, steal = monitor.others(start, time.perf_counter())
+    big_rows = []
+    for name in big:
+        m = merge(big_runs[name])
+        m.update(
+            target=name,
+            concurrency=1,
+            others_cores=others,
+            llamaswap_cpu_us_per_req=big_cpu[name] / m["requests"] * 1e6 if m["requests"] else 0,
+        )
+        big_rows.append(m)
+        log(f"  c=1 256KiB {name:<10} p50 {m['p50_ms']:.3f} ms  {m['rps']:.0f} req/s")
+    results["big_rows"] = big_rows
+    results["big_bytes"] = len(body("fast", BIG))
 
     # the same upstream printing llama-server-like log lines: the cost of log handling
     status, reply = http(swap.port, "POST", CHAT_PATH, body("fast-chatty").encode())
@@ -248,7 +291,9 @@ def run(
     monitor.wait_quiet()
     start = time.perf_counter()
     before = sum(ls_proc.cpu_times()[:2])
-    chatty = merge([loadgen.run(swap.port, body("fast-chatty"), 16, duration) for _ in range(rounds)])
+    chatty = merge(
+        [loadgen.run(swap.port, body("fast-chatty"), 16, duration) for _ in range(rounds)]
+    )
     used = sum(ls_proc.cpu_times()[:2]) - before
     chatty.update(
         target="llamaswap, upstream logs 7 lines/req",
@@ -268,6 +313,9 @@ def run(
         )
         results["profile64"] = profile(
             swap.pid, lambda: loadgen.run(swap.port, body("fast"), 64, 10.0), "proxy-c64"
+        )
+        results["profile_big"] = profile(
+            swap.pid, lambda: loadgen.run(swap.port, body("fast", BIG), 1, 5.0), "proxy-big"
         )
 
     procs.stop_named("nginx")

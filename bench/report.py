@@ -1,3 +1,4 @@
+# ruff: noqa: RUF001  (the typographic signs are meant for the Markdown)
 """Results → the Markdown of docs/benchmarks.md (also printed by the run)."""
 
 from __future__ import annotations
@@ -65,9 +66,11 @@ def render(r: dict[str, Any]) -> str:
                 ["profiler", m["py_spy"]],
                 [
                     "load average before / after",
-                    " / ".join(", ".join(f"{x:.2f}" for x in m[k]) for k in ("load_before", "load_after")),
+                    " / ".join(
+                        ", ".join(f"{x:.2f}" for x in m[k]) for k in ("load_before", "load_after")
+                    ),
                 ],
-                ["whole run", f"{r.get('total_seconds', 0):.0f} s"],
+                ["whole run", f"{r.get('total_seconds', 0):.0f} s, at nice {m.get('nice', 0)}"],
             ],
         )
     )
@@ -112,7 +115,9 @@ def render(r: dict[str, Any]) -> str:
 
 
 def _row(rows: list[dict[str, Any]], target: str, concurrency: int) -> dict[str, Any] | None:
-    return next((x for x in rows if x["target"] == target and x["concurrency"] == concurrency), None)
+    return next(
+        (x for x in rows if x["target"] == target and x["concurrency"] == concurrency), None
+    )
 
 
 def targets(r: dict[str, Any]) -> list[list[str]]:
@@ -123,7 +128,11 @@ def targets(r: dict[str, Any]) -> list[list[str]]:
         if d and s:
             added = s["p50_ms"] - d["p50_ms"]
             rows.append(
-                ["p50 added latency ≤ 1 ms at concurrency 1", f"{added:.3f} ms", status(added <= 1.0)]
+                [
+                    "p50 added latency ≤ 1 ms at concurrency 1",
+                    f"{added:.3f} ms",
+                    status(added <= 1.0),
+                ]
             )
     sw = r.get("swap")
     if sw:
@@ -162,7 +171,8 @@ def proxy_section(p: dict[str, Any]) -> list[str]:
     out.append(
         f"`POST /v1/chat/completions` with a 90-byte body and a 640-byte JSON answer from "
         f"`bench/fast_upstream.py` (asyncio, ~30 µs of CPU per request), "
-        f"closed loop, keep-alive connections; {p['rounds']} rounds of {p['duration']:g} s per target "
+        f"closed loop, keep-alive connections; {p['rounds']} rounds of {p['duration']:g} s "
+        "per target "
         f"and concurrency, the targets interleaved round by round; load generator: {p['loadgen']}. "
         "*direct* is the very upstream process llamaswap started; *nginx* proxies to it "
         "(1 worker, upstream keep-alive, no buffering). ×direct compares with the direct row."
@@ -232,6 +242,42 @@ def proxy_section(p: dict[str, Any]) -> list[str]:
                 text += f" (nginx +{n['p50_ms'] - d['p50_ms']:.3f} ms)"
             added.append(text)
     out.append("Added p50 latency through llamaswap: " + "; ".join(added) + ".")
+    if p.get("big_rows"):
+        out.append("")
+        out.append(
+            "A long conversation: the same at concurrency 1 with a "
+            f"{p['big_bytes'] / 1024:.0f} KiB "
+            "request body (agents and IDE plugins send whole histories)."
+        )
+        out.append("")
+        d = _row(p["big_rows"], "direct", 1)
+        out.append(
+            table(
+                [
+                    "target",
+                    "p50 ms",
+                    "p99 ms",
+                    "req/s",
+                    "p50 added vs direct",
+                    "llamaswap CPU µs/req",
+                    "errors",
+                ],
+                [
+                    [
+                        x["target"],
+                        f(x["p50_ms"], 3),
+                        f(x["p99_ms"], 3),
+                        f"{x['rps']:.0f}",
+                        "" if x is d or d is None else f"+{x['p50_ms'] - d['p50_ms']:.3f} ms",
+                        f"{x['llamaswap_cpu_us_per_req']:.0f}"
+                        if x["target"] == "llamaswap"
+                        else "",
+                        str(x["errors"]),
+                    ]
+                    for x in p["big_rows"]
+                ],
+            )
+        )
     out.append(f"llamaswap's RSS after this load: {p['rss_after_load_mb']:.1f} MiB.")
     out.append("")
     return out
@@ -242,7 +288,8 @@ def stream_section(s: dict[str, Any]) -> list[str]:
     out.append(
         "A streamed chat with `max_tokens: 64`, `ignore_eos: true`, `temperature: 0` (same prompt, "
         "so the prompt cache makes every run alike); *direct* asks the same child llamaswap "
-        "started, *nginx* proxies to it (no buffering); the targets take turns run by run. TTFT is from sending the request to the "
+        "started, *nginx* proxies to it (no buffering); the targets take turns run by run. "
+        "TTFT is from sending the request to the "
         "first content token; tokens/s is over the following tokens. "
         f"Other cores: {f(s['others_cores'])}."
     )
@@ -294,7 +341,8 @@ def swap_section(s: dict[str, Any]) -> list[str]:
         "(`--ctx-size 1024 --parallel 1`), same GGUF, `max_tokens: 1`; each request needs the "
         "other model stopped and this one started. *router* is llama.cpp's own router mode "
         f"(`--models-dir` with two symlinks, `--models-max 1`, the same arguments in a preset; it "
-        f"lists the models as {', '.join(s['router_ids'])}, i.e. by file stem). *direct* is the floor: "
+        f"lists the models as {', '.join(s['router_ids'])}, i.e. by file stem). "
+        "*direct* is the floor: "
         "SIGTERM the old llama-server and wait, spawn the new one, poll `/health` every 2 ms, ask. "
         "The three are interleaved round by round; *first* is the first request, from nothing "
         f"loaded (not counted). Other cores: {f(s['others_cores'])}."
@@ -314,7 +362,9 @@ def swap_section(s: dict[str, Any]) -> list[str]:
         ]
         for x in s["rows"]
     ]
-    out.append(table(["target", "swaps", "median ms", "p90 ms", "min ms", "×router", "first ms"], rows))
+    out.append(
+        table(["target", "swaps", "median ms", "p90 ms", "min ms", "×router", "first ms"], rows)
+    )
     out.append("")
     dp = s["direct_parts_ms"]
     lp = s["llamaswap_parts_ms"]
@@ -326,7 +376,7 @@ def swap_section(s: dict[str, Any]) -> list[str]:
             f"{label} {lp[key]:.0f} ms"
             for key, label in (
                 ("stop_ms", "stop the old child"),
-                ("start_ready_ms", "spawn → child prints \"model loaded\""),
+                ("start_ready_ms", 'spawn → child prints "model loaded"'),
                 ("lag_ms", "→ llamaswap says ready"),
                 ("after_ready_ms", "→ answer at the client"),
             )
@@ -351,12 +401,17 @@ def footprint_section(fp: dict[str, Any]) -> list[str]:
         f"llamaswap's own process (twistd), not its children. Streaming: {fp['clients']} clients "
         f"connect at once and each streams a chat from the fake upstream "
         f"(`llamaswap.testing.fake_server`, {fp['expected_events'] - 2} tokens 0.5 s apart, so "
-        f"{fp['ideal_s']:g} s at best), through llamaswap. The fake upstream is one Twisted process too "
+        f"{fp['ideal_s']:g} s at best), through llamaswap. "
+        "The fake upstream is one Twisted process too "
         f"(peak RSS {fp['fake_peak_rss_mb']:.0f} MiB, {fp['fake_cpu_s']:.1f} s CPU)."
     )
     out.append("")
     rows = [
-        ["idle, after startup, no children", f"{fp['idle_rss_mb']:.1f}", f"{fp['idle_uss_mb']:.1f}"],
+        [
+            "idle, after startup, no children",
+            f"{fp['idle_rss_mb']:.1f}",
+            f"{fp['idle_uss_mb']:.1f}",
+        ],
         ["one model started, one request served", f"{fp['one_model_rss_mb']:.1f}", ""],
         [f"peak with {fp['clients']} concurrent streams", f"{fp['peak_rss_mb']:.1f}", ""],
         ["2 s after they finished", f"{fp['after_rss_mb']:.1f}", f"{fp['after_uss_mb']:.1f}"],
@@ -378,7 +433,14 @@ def footprint_section(fp: dict[str, Any]) -> list[str]:
 def profile_section(r: dict[str, Any]) -> list[str]:
     profiles = [
         ("llamaswap under the concurrency-16 proxy load (10 s)", r.get("proxy", {}).get("profile")),
-        ("llamaswap under the concurrency-64 proxy load (10 s)", r.get("proxy", {}).get("profile64")),
+        (
+            "llamaswap under the concurrency-64 proxy load (10 s)",
+            r.get("proxy", {}).get("profile64"),
+        ),
+        (
+            "llamaswap with 256 KiB bodies at concurrency 1 (5 s)",
+            r.get("proxy", {}).get("profile_big"),
+        ),
         ("llamaswap during 6 swaps", r.get("swap", {}).get("profile")),
     ]
     profiles = [(t, p) for t, p in profiles if p]
@@ -402,7 +464,8 @@ def profile_section(r: dict[str, Any]) -> list[str]:
         busy = p["samples"] / (p["rate"] * p["seconds"]) if p["seconds"] else float("nan")
         out += [f"### {title}", ""]
         out.append(
-            f"{p['samples']} busy samples in {p['seconds']:.1f} s (≈ {busy * 100:.0f}% of one core)."
+            f"{p['samples']} busy samples in {p['seconds']:.1f} s "
+            f"(≈ {busy * 100:.0f}% of one core)."
             " Self time by package: "
             + ", ".join(f"{name} {count * 100 / samples:.0f}%" for name, count in p["packages"])
             + "."
@@ -411,12 +474,18 @@ def profile_section(r: dict[str, Any]) -> list[str]:
         out.append(
             table(
                 ["share %", "where the time goes (each sample counted once)"],
-                [[f"{c * 100 / samples:.1f}", n] for n, c in p.get("centres", []) if c * 100 / samples >= 0.5],
+                [
+                    [f"{c * 100 / samples:.1f}", n]
+                    for n, c in p.get("centres", [])
+                    if c * 100 / samples >= 0.5
+                ],
             )
         )
         out.append("")
         cells = []
-        for (n1, c1), (n2, c2) in zip(p["self"][:10], (p.get("ours") or [])[:10] + [("", 0)] * 10, strict=False):
+        for (n1, c1), (n2, c2) in zip(
+            p["self"][:10], (p.get("ours") or [])[:10] + [("", 0)] * 10, strict=False
+        ):
             cells.append(
                 [
                     f"{c1 * 100 / samples:.1f}",
@@ -425,7 +494,17 @@ def profile_section(r: dict[str, Any]) -> list[str]:
                     f"`{n2}`" if n2 else "",
                 ]
             )
-        out.append(table(["self %", "hottest functions (self)", "total %", "llamaswap functions (inclusive)"], cells))
+        out.append(
+            table(
+                [
+                    "self %",
+                    "hottest functions (self)",
+                    "total %",
+                    "llamaswap functions (inclusive)",
+                ],
+                cells,
+            )
+        )
         out.append("")
     return out
 
@@ -445,6 +524,14 @@ def method_section() -> list[str]:
         "lowers every row (most of all *direct*).",
         "- Latency percentiles are over all requests of all rounds (wrk's µs histogram); "
         "req/s is total requests over total time.",
+        "- The machine is shared with other sessions' builds and tests: before each measurement "
+        "the bench waits (up to 30 s, 120 s per run) for other processes to drop below 0.25 "
+        "cores, reports what they used meanwhile (*other cores*), and runs at nice -5 when root "
+        "(`BENCH_NICE=0` turns that off). Compared targets are always interleaved, so "
+        "disturbances hit them alike; absolute numbers still move from run to run.",
+        "- llamaswap's admission limits (`concurrencyLimit`, default 10 per model, and "
+        "`queueLimit`) are raised in the bench's configs when this llamaswap has them, so "
+        "concurrency 16 and 64 measure the proxy and not its 429 answers.",
         "- Every child is started in its own session and stopped (SIGTERM, then SIGKILL of "
         "the group) in `finally` blocks; a final sweep kills anything still carrying the "
         "run's marker environment variable.",

@@ -31,6 +31,7 @@ from .common import REPO, VENV_BIN, CpuMonitor, Procs, log, marked_processes, sw
 from .profile import make_profiler
 
 SECTIONS = ("proxy", "stream", "swap", "footprint")
+LAST = REPO / "bench" / ".last-results.json"
 
 
 def script_path(name: str, env_name: str) -> str | None:
@@ -76,7 +77,10 @@ def machine() -> dict[str, Any]:
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "llamaswap"], cwd=REPO, capture_output=True, text=True
+            ["git", "status", "--porcelain", "--", "llamaswap"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
         ).stdout.strip()
         git = commit + (" + uncommitted changes in llamaswap/" if dirty else "")
     nginx = which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
@@ -95,21 +99,45 @@ def machine() -> dict[str, Any]:
         "model": Path(os.environ.get("LLAMASWAP_MODEL", "?")).name,
         "wrk": version_of(["wrk", "-v"]) if which("wrk") else "not installed",
         "nginx": version_of([nginx, "-v"]) if nginx else "not installed",
-        "py_spy": version_of([spy, "--version"]) if os.path.exists(spy) or which("py-spy") else "not installed",
+        "py_spy": version_of([spy, "--version"])
+        if os.path.exists(spy) or which("py-spy")
+        else "not installed",
         "load_before": os.getloadavg(),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
-    parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke test, not numbers)")
+    parser.add_argument(
+        "--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer rounds (a smoke test, not numbers)"
+    )
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md")
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profiles")
-    parser.add_argument("--python-loadgen", action="store_true", help="use bench/loadgen.py, not wrk")
-    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, configs, profiles)")
+    parser.add_argument(
+        "--python-loadgen", action="store_true", help="use bench/loadgen.py, not wrk"
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the work dir (logs, configs, profiles)"
+    )
     parser.add_argument("--json", help="also write the raw results to this file")
+    parser.add_argument(
+        "--render",
+        nargs="?",
+        const=str(LAST),
+        metavar="JSON",
+        help=f"run nothing: rewrite the docs from saved results (default {LAST.relative_to(REPO)})",
+    )
     args = parser.parse_args(argv)
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        text = report.render(saved)
+        if not args.no_docs:
+            (REPO / "docs" / "benchmarks.md").write_text(text)
+        print(text)
+        return 0
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(sections) - set(SECTIONS)
     if unknown:
@@ -126,6 +154,14 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, terminate)
 
+    # on a shared machine, other people's builds and tests steal CPU from the run;
+    # as root, raise the run's priority a little (every child inherits it, so the
+    # comparisons stay fair).  BENCH_NICE=0 leaves it alone.
+    nice = int(os.environ.get("BENCH_NICE", "-5"))
+    if nice and os.geteuid() == 0:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+
     for script, name in (("llama-server.sh", "LLAMA_SERVER"), ("model.sh", "LLAMASWAP_MODEL")):
         path = script_path(script, name)
         if path is None:
@@ -140,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     monitor = CpuMonitor().start()
     info = machine()
     info["nofile"] = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    info["nice"] = os.getpriority(os.PRIO_PROCESS, 0)
     log(f"work dir {workdir}; {info['cpu']}, {info['cores']} cores; load {info['load_before']}")
     profiler = None if args.no_profile else make_profiler(workdir)
     quick = args.quick
@@ -163,9 +200,13 @@ def main(argv: list[str] | None = None) -> int:
                 elif section == "stream":
                     results["stream"] = streaming.run(procs, monitor, runs=2 if quick else 8)
                 elif section == "swap":
-                    results["swap"] = swap.run(procs, monitor, swaps=2 if quick else 10, profile=profiler)
+                    results["swap"] = swap.run(
+                        procs, monitor, swaps=2 if quick else 10, profile=profiler
+                    )
                 elif section == "footprint":
-                    results["footprint"] = footprint.run(procs, monitor, clients_count=50 if quick else 500)
+                    results["footprint"] = footprint.run(
+                        procs, monitor, clients_count=50 if quick else 500
+                    )
             except Exception as e:  # report it, run the other sections
                 failed = True
                 log(f"{section} failed: {e!r}")
@@ -188,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     results["machine"]["load_after"] = os.getloadavg()
     results["quick"] = quick
 
+    with contextlib.suppress(OSError):
+        LAST.write_text(json.dumps(results, indent=1, default=str))
     text = report.render(results)
     print(text)
     if not args.no_docs:
@@ -200,7 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         log(f"work dir kept: {workdir}")
     else:
         shutil.rmtree(workdir, ignore_errors=True)
-    log(f"done in {results['total_seconds']:.0f} s; processes of this run still running: {len(still)}")
+    log(
+        f"done in {results['total_seconds']:.0f} s; "
+        f"processes of this run still running: {len(still)}"
+    )
     return 1 if failed or still else 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import time
 from typing import Any
@@ -66,12 +67,18 @@ def stream_once(port: int) -> dict[str, float]:
         "tokens": len(times),
         "tok_s": (len(times) - 1) / (times[-1] - times[0]),
         "total_ms": (end - start) * 1000,
-        "max_gap_ms": max(b - a for a, b in zip(times, times[1:], strict=False)) * 1000,
+        "max_gap_ms": max(b - a for a, b in itertools.pairwise(times)) * 1000,
     }
 
 
 def run(procs: Procs, monitor: CpuMonitor, *, runs: int = 8) -> dict[str, Any]:
-    swap = Llamaswap(procs, "llamaswap-stream", config_text(f"healthCheckTimeout: 120\nstartPort: {free_port_base() + 100}\n", {"smollm2": MODEL}))
+    swap = Llamaswap(
+        procs,
+        "llamaswap-stream",
+        config_text(
+            f"healthCheckTimeout: 120\nstartPort: {free_port_base() + 100}\n", {"smollm2": MODEL}
+        ),
+    )
     swap.start()
     ports = {"llamaswap": swap.port}
     stream_once(swap.port)  # start the model, warm its prompt cache

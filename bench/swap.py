@@ -23,7 +23,6 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -186,16 +185,15 @@ def start_router(procs: Procs) -> tuple[int, list[str]]:
     return port, ids
 
 
-def timed(action: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    action()
-    return time.perf_counter() - start
-
-
-def run(procs: Procs, monitor: CpuMonitor, *, swaps: int = 10, profile: Any = None) -> dict[str, Any]:
+def run(
+    procs: Procs, monitor: CpuMonitor, *, swaps: int = 10, profile: Any = None
+) -> dict[str, Any]:
     config = config_text(
         f"healthCheckTimeout: 120\nstartPort: {free_port_base() + 200}\n",
-        {name: CONFIG_MODEL.format(args=" ".join(COMMON_ARGS + args)) for name, args in MODELS.items()},
+        {
+            name: CONFIG_MODEL.format(args=" ".join(COMMON_ARGS + args))
+            for name, args in MODELS.items()
+        },
     )
     swap = Llamaswap(procs, "llamaswap-swap", config).start()
     stream = LogStream(swap.port)
@@ -232,7 +230,9 @@ def run(procs: Procs, monitor: CpuMonitor, *, swaps: int = 10, profile: Any = No
                     if i:
                         details.append(_breakdown(stream, model, names[(i + 1) % 2], t_req, t_end))
                 elif mode == "router":
-                    elapsed = timed(lambda m=model: ask(router_port, m))
+                    t_req = time.perf_counter()
+                    ask(router_port, model)
+                    elapsed = time.perf_counter() - t_req
                 else:
                     parts = direct.swap_to(model)
                     elapsed = parts["total"]
@@ -284,7 +284,8 @@ def run(procs: Procs, monitor: CpuMonitor, *, swaps: int = 10, profile: Any = No
         "others_cores": others,
         "steal_cores": steal,
         "direct_parts_ms": {
-            k: median([p[k] for p in direct_parts]) * 1000 for k in ("stop", "start_ready", "answer")
+            k: median([p[k] for p in direct_parts]) * 1000
+            for k in ("stop", "start_ready", "answer")
         },
         "llamaswap_parts_ms": {
             k: median([d[k] for d in details if d.get(k) is not None])
@@ -301,7 +302,9 @@ def run(procs: Procs, monitor: CpuMonitor, *, swaps: int = 10, profile: Any = No
     return result
 
 
-def _breakdown(stream: LogStream, model: str, other: str, t_req: float, t_end: float) -> dict[str, Any]:
+def _breakdown(
+    stream: LogStream, model: str, other: str, t_req: float, t_end: float
+) -> dict[str, Any]:
     """Where a llamaswap swap's time went, from its log stream (bench arrival times)."""
     end = t_end + 1.0
     q = re.escape

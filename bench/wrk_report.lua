@@ -1,7 +1,13 @@
--- wrk script: POST the body in $BENCH_BODY, then write the whole latency histogram
--- (microseconds) and the counters to $BENCH_OUT as JSON, so runs can be merged.
+-- wrk script: POST the body in $BENCH_BODY (or the file $BENCH_BODY_FILE), then write
+-- the whole latency histogram (microseconds) and the counters to $BENCH_OUT as JSON,
+-- so runs can be merged.
 wrk.method = "POST"
 wrk.body = os.getenv("BENCH_BODY")
+if os.getenv("BENCH_BODY_FILE") then
+  local f = assert(io.open(os.getenv("BENCH_BODY_FILE"), "rb"))
+  wrk.body = f:read("*a")
+  f:close()
+end
 wrk.headers["Content-Type"] = "application/json"
 
 done = function(summary, latency, requests)

@@ -49,6 +49,9 @@ SWAGGER_PAGE = b"""<!doctype html>
 </body></html>
 """
 
+# what a JSON body may be labelled as (curl -d sends form-urlencoded by default)
+ACCEPTED_BODY_TYPES = (b"application/json", b"application/x-www-form-urlencoded", b"text/plain")
+
 # POST routes whose JSON (or multipart form) body names the model
 MODEL_ROUTES = (
     "/v1/chat/completions",
@@ -250,6 +253,14 @@ class Api:
             name = fields[0].decode("utf-8", errors="replace")
             model, profile = self.target(name)
             return ParsedBody(model, profile, name, body, streaming=False)
+        media = content_type.partition(b";")[0].strip()
+        if media and media not in ACCEPTED_BODY_TYPES and not media.endswith(b"+json"):
+            raise ApiError(
+                415,
+                f"unsupported content type {media.decode(errors='replace')!r}: "
+                "send the request as application/json",
+                "unsupported_media_type",
+            )
         try:
             document = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
@@ -369,7 +380,13 @@ class Api:
                 progress.end()
             url = lease.base_url + path.decode("ascii")
             await self.relay.forward(
-                request, method, url, body, stream_started=progress is not None, meter=record.meter
+                request,
+                method,
+                url,
+                body,
+                stream_started=progress is not None,
+                meter=record.meter,
+                forward_credentials=model.forward_authorization,
             )
         finally:
             lease.release()

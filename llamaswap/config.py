@@ -41,6 +41,8 @@ TOP_LEVEL_KEYS = (
     "peers",
     "logRequests",
     "store",
+    "apiKeys",
+    "maxRequestBytes",
 )
 STORE_KEYS = ("path", "maxRows", "maxAgeDays")
 PEER_KEYS = ("proxy", "models", "apiKey", "filters")
@@ -65,6 +67,7 @@ MODEL_KEYS = (
     "metadata",
     "filters",
     "sendLoadingState",
+    "forwardAuthorization",
 )
 DEFAULT_PROXY = "http://127.0.0.1:${PORT}"
 
@@ -182,6 +185,7 @@ class ModelConfig:
     metadata: Mapping[str, Any] = attrs.field(factory=dict)
     filters: Filters = attrs.field(factory=Filters)
     send_loading_state: bool = False
+    forward_authorization: bool = False
 
     @property
     def uses_port(self) -> bool:
@@ -218,6 +222,8 @@ class Config:
     store_path: str = ":memory:"
     store_max_rows: int = 100_000
     store_max_age_days: float = 30.0
+    api_keys: tuple[str, ...] = ()
+    max_request_bytes: int = 32 * 1024 * 1024
 
     def peer_route(self, name: str) -> tuple[PeerConfig, str] | None:
         """``<peer>/<model>``, or a bare model id that exactly one peer offers."""
@@ -381,8 +387,25 @@ class _Builder:
             preload=preload,
             peers=self.peers(root.get("peers"), models, macros),
             log_requests=self.boolean(root.get("logRequests", False), "logRequests"),
+            api_keys=self.api_keys(root.get("apiKeys"), macros),
+            max_request_bytes=self.limit(
+                root.get("maxRequestBytes", 32 * 1024 * 1024), "maxRequestBytes"
+            ),
             **self.store(root.get("store"), macros),
         )
+
+    def api_keys(self, value: object, macros: Mapping[str, str]) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        keys = []
+        for i, raw in enumerate(self.string_list(value, "apiKeys")):
+            where = f"apiKeys[{i}]"
+            key = self.expand(raw, where, macros, ())
+            if not key or any(c.isspace() for c in key):
+                # never echo a key: say what is wrong with it, not what it is
+                raise self.fail(where, "a key must be non-empty and contain no spaces")
+            keys.append(key)
+        return tuple(keys)
 
     def store(self, value: object, macros: Mapping[str, str]) -> dict[str, Any]:
         doc = self.mapping(value if value is not None else {}, "store")
@@ -719,6 +742,9 @@ class _Builder:
             send_loading_state=self.boolean(
                 doc.get("sendLoadingState", defaults["sendLoadingState"]),
                 f"{base}.sendLoadingState",
+            ),
+            forward_authorization=self.boolean(
+                doc.get("forwardAuthorization", False), f"{base}.forwardAuthorization"
             ),
         )
 

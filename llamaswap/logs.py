@@ -44,9 +44,9 @@ _LEVELS = {
 }
 
 
-def logger() -> Logger:
+def logger(namespace: str | None = None) -> Logger:
     """A ``Logger`` for a class attribute, subject to the configured ``logLevel``."""
-    return Logger(observer=filtered_observer)
+    return Logger(namespace=namespace, observer=filtered_observer)
 
 
 def set_log_level(name: str) -> None:

@@ -99,15 +99,21 @@ class Relay:
         stream_started: bool = False,
         replace_headers: Mapping[bytes, bytes] | None = None,
         meter: ResponseMeter | None = None,
+        forward_credentials: bool = False,
     ) -> Deferred[None]:
         """Relay ``request`` to ``url``; fires when the response has been relayed.
 
         Fails with :class:`ApiError` (502) if the child cannot be reached before any
         response byte was sent; cancelling it (client gone) closes the upstream.
+        Client credentials go upstream only with ``forward_credentials``.
         With ``stream_started`` an event stream is already under way (loading
         progress): only the body follows, and an upstream error becomes an error event.
         """
-        headers = end_to_end(request.requestHeaders, frozenset({b"host", b"content-length"}))
+        drop = {b"host", b"content-length"}
+        if not forward_credentials:
+            # a client's key for llamaswap is not the model server's business
+            drop |= {b"authorization", b"x-api-key"}
+        headers = end_to_end(request.requestHeaders, frozenset(drop))
         for name, value in (replace_headers or {}).items():
             headers.setRawHeaders(name, [value])
         producer = BytesProducer(body) if body is not None else None

@@ -6,6 +6,8 @@ the reactor (or just the clock) passed in.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from typing import Any
 
 from twisted.application import strports
@@ -19,12 +21,12 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IAgent, IResponse
-from twisted.web.server import Site
 
 from .activity import ActivityStore, Retention
 from .api import Api
 from .config import Config, ConfigError, load_config
 from .events import EventBus
+from .guard import ApiSite, Guard
 from .logs import LogHub, logger, set_log_level
 from .metrics import Metrics
 from .ports import PortAllocator
@@ -34,6 +36,7 @@ from .relay import Relay
 from .scheduler import Scheduler
 
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
+_log = logger("llamaswap.tap")
 
 
 class Options(usage.Options):
@@ -206,14 +209,40 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
 
     top = MultiService()
     Supervisor(scheduler, pool, logs, store).setServiceParent(top)
-    site = Site(api.resource(), reactor=reactor)
+    site = ApiSite(
+        Guard(api.resource(), config.api_keys), config.max_request_bytes, reactor=reactor
+    )
     site.displayTracebacks = False
+    if not config.api_keys:
+        for endpoint in listen or []:
+            if not _loopback_only(endpoint):
+                _log.warn(
+                    "SECURITY: listening on {endpoint} without apiKeys: anyone who can reach "
+                    "this address can run models on this machine. Set apiKeys in the config.",
+                    endpoint=endpoint,
+                )
     listeners = Listeners()
     listeners.setServiceParent(top)
     for endpoint in listen or []:
         strports.service(endpoint, site, reactor=reactor).setServiceParent(listeners)
     top.api = api  # type: ignore[attr-defined]
+    top.site = site  # type: ignore[attr-defined]
     return top
+
+
+def _loopback_only(endpoint: str) -> bool:
+    """True for unix sockets and TCP endpoints bound to a loopback interface."""
+    kind, _, rest = endpoint.partition(":")
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return True
+    for part in re.split(r"(?<!\\):", rest):
+        if part.startswith("interface="):
+            address = part.split("=", 1)[1].strip("[]").replace("\\", "")
+            try:
+                return ipaddress.ip_address(address).is_loopback
+            except ValueError:
+                return address == "localhost"
+    return False  # no interface: every address
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:

@@ -20,7 +20,6 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
-from twisted.web.server import Site
 
 from llamaswap.api import Api
 from llamaswap.config import parse_config
@@ -73,7 +72,7 @@ class LiveTestCase(TestCase):
         self.addCleanup(self.service.stopService)
         api: Api = self.service.api  # type: ignore[attr-defined]
         self.api = api
-        site: Any = Site(api.resource())
+        site: Any = self.service.site  # type: ignore[attr-defined]
         port: IListeningPort = reactor.listenTCP(0, site, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         self.base = f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]

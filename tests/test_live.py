@@ -561,7 +561,11 @@ class LoadingStateTests(LiveTestCase):
 class PeerTests(LiveTestCase):
     async def test_a_peer_llamaswap_serves_its_models_through_this_one(self) -> None:
         # the "GPU box": another llamaswap with its own model
-        remote = build(parse_config(f"models:\n  big:\n    cmd: {FAKE}\n", "remote.yaml"), reactor)
+        remote_config = (
+            f"store: {{path: ':memory:'}}\n"
+            f"models:\n  big:\n    cmd: {FAKE}\n    forwardAuthorization: true\n"
+        )
+        remote = build(parse_config(remote_config, "remote.yaml"), reactor)
         remote.startService()
         self.addCleanup(remote.stopService)
         site: Any = Site(remote.api.resource())  # type: ignore[attr-defined]

@@ -1,0 +1,156 @@
+"""The door: request-size limit and API keys, before any route runs.
+
+``ApiSite`` makes requests that stop storing their body once it passes
+``maxRequestBytes`` and answer 413 instead of dispatching.  ``Guard`` wraps the
+application resource and asks for one of ``apiKeys`` (Bearer token, the password
+of Basic auth, or ``x-api-key``), compared in constant time.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+from typing import Any
+
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request, Site
+
+from .errors import ApiError
+
+# Paths anyone may fetch: liveness, and what a browser needs to ask for a key.
+OPEN_PATHS = (b"/health",)
+OPEN_PREFIXES = (b"/ui/", b"/swagger/")
+OPEN_EXACT = (b"/", b"/ui", b"/swagger", b"/favicon.ico")
+
+
+class _Sink:
+    """Where an oversized body goes: nowhere."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def seek(self, *args: Any) -> int:
+        return 0
+
+    def read(self, *args: Any) -> bytes:
+        return b""
+
+    def tell(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+class LimitedRequest(Request):
+    """A request whose body may be at most ``site.max_request_bytes`` long."""
+
+    too_large = False
+    received = 0
+
+    def _limit(self) -> int:
+        site = getattr(self.channel, "site", None)
+        return int(getattr(site, "max_request_bytes", 0)) or 2**62
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self._limit():
+            self.too_large = True
+            self.content = _Sink()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self.received += len(data)
+        if not self.too_large and self.received > self._limit():
+            self.too_large = True
+            if self.content is not None:
+                self.content.close()
+            self.content = _Sink()
+        if not self.too_large:
+            super().handleContentChunk(data)
+
+    def process(self) -> None:
+        if not self.too_large:
+            super().process()
+            return
+        error = ApiError(
+            413,
+            f"the request body is larger than {self._limit()} bytes (maxRequestBytes)",
+            "request_too_large",
+        )
+        self.setResponseCode(413)
+        self.setHeader(b"content-type", b"application/json")
+        self.setHeader(b"connection", b"close")
+        self.write(error.body())
+        self.finish()
+
+
+class ApiSite(Site):
+    requestFactory = LimitedRequest
+
+    def __init__(self, resource: IResource, max_request_bytes: int, **kwargs: Any) -> None:
+        super().__init__(resource, **kwargs)
+        self.max_request_bytes = max_request_bytes
+
+
+def presented_key(request: Request) -> str | None:
+    """The key a client sent: Basic password, else Bearer token, else x-api-key."""
+    authorization = request.getHeader(b"authorization") or b""
+    scheme, _, credentials = authorization.partition(b" ")
+    if scheme.lower() == b"basic":
+        try:
+            decoded = base64.b64decode(credentials.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            return None
+        return decoded.partition(b":")[2].decode("utf-8", errors="replace")
+    if scheme.lower() == b"bearer" and credentials.strip():
+        return credentials.strip().decode("utf-8", errors="replace")
+    api_key = request.getHeader(b"x-api-key")
+    return api_key.decode("utf-8", errors="replace") if api_key else None
+
+
+def key_matches(presented: str | None, keys: tuple[str, ...]) -> bool:
+    if presented is None:
+        return False
+    given = presented.encode()
+    # compare with every key, always, so the time taken says nothing about which
+    results = [hmac.compare_digest(given, key.encode()) for key in keys]
+    return any(results)
+
+
+class Guard(Resource):
+    """Lets a request through to ``inner`` only with a valid key (when keys are set)."""
+
+    isLeaf = True
+
+    def __init__(self, inner: IResource, keys: tuple[str, ...]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.keys = keys
+
+    def render(self, request: Request) -> Any:
+        if (
+            self.keys
+            and not self.is_open(request.path)
+            and not key_matches(presented_key(request), self.keys)
+        ):
+            error = ApiError(
+                401,
+                "a valid API key is required: send 'Authorization: Bearer <key>' "
+                "(or the key as x-api-key, or as the Basic auth password)",
+                "invalid_api_key",
+            )
+            request.setResponseCode(401)
+            request.setHeader(b"www-authenticate", b'Bearer realm="llamaswap"')
+            request.setHeader(b"content-type", b"application/json")
+            return error.body()
+        return self.inner.render(request)
+
+    @staticmethod
+    def is_open(path: bytes) -> bool:
+        return (
+            path in OPEN_PATHS
+            or path in OPEN_EXACT
+            or any(path.startswith(prefix) for prefix in OPEN_PREFIXES)
+        )
