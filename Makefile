@@ -63,5 +63,5 @@ clean:
 ## router mode; prints the tables and writes docs/benchmarks.md (about 6 minutes)
 .PHONY: bench
 bench: venv
-	@$(REAL) && export LLAMA_SERVER LLAMASWAP_MODEL && VENV=$(VENV) bench/setup.sh && \
+	@$(REAL) && export LLAMA_SERVER LLAMASWAP_MODEL && VENV=$(VENV) bash bench/setup.sh && \
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench $(BENCH_ARGS)

@@ -39,6 +39,21 @@ OWNING: list[tuple[str, tuple[str, ...]]] = [
         ("Agent._getEndpoint ", "URI.fromBytes ", "_StandardEndpointFactory"),
     ),
     (
+        "activity log: SQLite writes in a thread (`ActivityStore._write`)",
+        ("ActivityStore.", "(llamaswap/activity.py)"),
+    ),
+    (
+        "request records, events and Prometheus metrics (recorder, events, metrics)",
+        (
+            "RequestRecord.",
+            "Recorder.",
+            "(llamaswap/recorder.py)",
+            "(llamaswap/events.py)",
+            "(llamaswap/metrics.py)",
+            "(prometheus_client/",
+        ),
+    ),
+    (
         "name resolution via the thread pool (`GAIResolver`, getaddrinfo)",
         (
             "getaddrinfo ",

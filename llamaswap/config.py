@@ -19,6 +19,8 @@ from typing import Any
 import attrs
 import yaml
 
+from .crashloop import CrashLoopPolicy
+
 LOG_LEVELS = ("debug", "info", "warn", "error")
 RESERVED_MACROS = frozenset({"PORT", "MODEL_ID", "PID"})
 MACRO_NAME = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
@@ -43,7 +45,9 @@ TOP_LEVEL_KEYS = (
     "store",
     "apiKeys",
     "maxRequestBytes",
+    "crashLoop",
 )
+CRASH_LOOP_KEYS = ("maxFailures", "window", "cooldown", "maxCooldown")
 STORE_KEYS = ("path", "maxRows", "maxAgeDays")
 PEER_KEYS = ("proxy", "models", "apiKey", "filters")
 GROUP_KEYS = ("members", "swap", "exclusive", "persistent")
@@ -224,6 +228,7 @@ class Config:
     store_max_age_days: float = 30.0
     api_keys: tuple[str, ...] = ()
     max_request_bytes: int = 32 * 1024 * 1024
+    crash_loop: CrashLoopPolicy = attrs.field(factory=CrashLoopPolicy)
 
     def peer_route(self, name: str) -> tuple[PeerConfig, str] | None:
         """``<peer>/<model>``, or a bare model id that exactly one peer offers."""
@@ -388,11 +393,30 @@ class _Builder:
             peers=self.peers(root.get("peers"), models, macros),
             log_requests=self.boolean(root.get("logRequests", False), "logRequests"),
             api_keys=self.api_keys(root.get("apiKeys"), macros),
+            crash_loop=self.crash_loop(root.get("crashLoop")),
             max_request_bytes=self.limit(
                 root.get("maxRequestBytes", 32 * 1024 * 1024), "maxRequestBytes"
             ),
             **self.store(root.get("store"), macros),
         )
+
+    def crash_loop(self, value: object) -> CrashLoopPolicy:
+        doc = self.mapping(value if value is not None else {}, "crashLoop")
+        self.check_keys(doc, "crashLoop", CRASH_LOOP_KEYS)
+        default = CrashLoopPolicy()
+        policy = CrashLoopPolicy(
+            max_failures=self.limit(
+                doc.get("maxFailures", default.max_failures), "crashLoop.maxFailures"
+            ),
+            window=self.positive(doc.get("window", default.window), "crashLoop.window"),
+            cooldown=self.positive(doc.get("cooldown", default.cooldown), "crashLoop.cooldown"),
+            max_cooldown=self.positive(
+                doc.get("maxCooldown", default.max_cooldown), "crashLoop.maxCooldown"
+            ),
+        )
+        if policy.max_cooldown < policy.cooldown:
+            raise self.fail("crashLoop.maxCooldown", "must not be smaller than cooldown")
+        return policy
 
     def api_keys(self, value: object, macros: Mapping[str, str]) -> tuple[str, ...]:
         if value is None:

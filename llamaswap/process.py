@@ -97,6 +97,11 @@ def _decode(raw: bytes) -> str:
     return raw.rstrip(b"\r").decode("utf-8", errors="replace")
 
 
+def _last_output(tail: deque[str]) -> str:
+    lines = list(tail)[-TAIL_LINES:]
+    return "; last output:\n" + "\n".join(lines) if lines else ""
+
+
 def describe_exit(reason: Failure) -> str:
     """Exit status in words, e.g. ``exited with code 1`` or ``killed by SIGKILL``."""
     value = reason.value
@@ -146,6 +151,7 @@ class ModelProcess:
         self.events = events or EventBus()
         self.state = ModelState.STOPPED
         self.stop_reason = "manual"
+        self.exit_was_failure = False
         self.port: int | None = None
         self.pid: int | None = None
         self.last_error: str | None = None
@@ -241,6 +247,7 @@ class ModelProcess:
     def _fail_before_spawn(self, cause: str) -> None:
         self._release_port()
         self.last_error = cause
+        self.exit_was_failure = True
         self._set_state(ModelState.FAILED, cause="spawn")
         self.log.error("model {model} failed to start: {cause}", model=self.id, cause=cause)
         self._fire_start(StartFailed(self.id, cause, list(self.tail), kind="spawn"))
@@ -399,6 +406,7 @@ class ModelProcess:
 
     def _ended(self, reason: Failure) -> None:
         was = self.state
+        self.exit_was_failure = False
         how = describe_exit(reason)
         if self._setsid is not None and self.pid is not None:
             # the leader is gone; anything left in its group (wrapper scripts'
@@ -423,13 +431,15 @@ class ModelProcess:
                 self._set_state(ModelState.STOPPED, reason=self.stop_reason)
             else:
                 self.last_error = str(failure)
+                self.exit_was_failure = True
                 kind = failure.kind if isinstance(failure, StartFailed) else "exit"
                 self._set_state(ModelState.FAILED, cause=kind)
                 self.log.error("{error}", error=failure)
             self._fire_start(failure)
         else:
             if was is ModelState.READY:
-                self.last_error = f"{how} unexpectedly"
+                self.last_error = f"{how} unexpectedly" + _last_output(self.tail)
+                self.exit_was_failure = True
                 self._set_state(ModelState.STOPPED, reason="crash")
                 self.log.warn("model {model} {how} while serving", model=self.id, how=how)
             else:

@@ -270,13 +270,25 @@ class _BodyRelay(Protocol):
             request.unregisterProducer()
         if reason.check(ResponseDone, PotentialDataLoss):
             request.finish()
-        else:
-            # the child went away mid-response: make the truncation visible
-            exchange.relay.log.warn(
-                "response from {url} cut short: {reason}",
-                url=exchange.url,
-                reason=reason.getErrorMessage(),
+            exchange.done.callback(None)
+            return
+        exchange.relay.log.warn(
+            "response from {url} cut short: {reason}",
+            url=exchange.url,
+            reason=reason.getErrorMessage(),
+        )
+        if exchange.meter.streaming:
+            # an event stream can say so: an error event, then a proper end
+            error = ApiError(
+                502,
+                f"the model server at {exchange.url} went away in the middle of the answer",
+                "upstream_disconnected",
             )
+            request.write(b"data: " + error.body() + b"\n\n")
+            request.write(b"data: [DONE]\n\n")
+            request.finish()
+        else:
+            # a plain body cannot: cut the connection so the truncation is visible
             transport = request.channel.transport if request.channel is not None else None
             if transport is not None:
                 abort = getattr(transport, "abortConnection", transport.loseConnection)

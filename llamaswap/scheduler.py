@@ -27,8 +27,9 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from .config import Config
+from .crashloop import CrashGuard, CrashLoopPolicy
 from .errors import ApiError
-from .events import EventBus
+from .events import Event, EventBus
 from .logs import logger
 from .process import ModelProcess, ModelState
 
@@ -57,6 +58,7 @@ class _Slot:
     last_used: float | None = None
     drained: list[Deferred[None]] = attrs.field(factory=list)
     ttl_timer: IDelayedCall | None = None
+    guard: CrashGuard = attrs.field(factory=lambda: CrashGuard(CrashLoopPolicy()))
 
 
 @attrs.define(eq=False)
@@ -85,13 +87,16 @@ class Scheduler:
         self.config = config
         self.events = events or EventBus()
         self._swap_started = 0.0
-        self._slots: dict[str, _Slot] = {p.id: _Slot(p) for p in processes}
+        self._slots: dict[str, _Slot] = {
+            p.id: _Slot(p, guard=CrashGuard(config.crash_loop)) for p in processes
+        }
         self._queue: deque[_Waiter] = deque()
         self._swap_lock = DeferredLock()
         self._swap: tuple[frozenset[str], frozenset[str]] | None = None  # (targets, victims)
         self._closed = False
         for slot in self._slots.values():
             slot.process.exit_listeners.append(self._process_exited)
+        self.events.subscribe(self._process_ready)
 
     # --- what others may look at ----------------------------------------------
 
@@ -131,6 +136,17 @@ class Scheduler:
         if self._closed:
             return fail(ApiError(503, "llamaswap is shutting down", "shutting_down"))
         slot = self._slots[model_id]
+        retry_in = slot.guard.retry_in(self._clock.seconds())
+        if retry_in > 0:
+            return fail(
+                ApiError(
+                    503,
+                    f"model {model_id!r} keeps failing, so it is not being started for another "
+                    f"{retry_in:.0f}s; last error: {slot.process.last_error}",
+                    "model_crash_loop",
+                    {"Retry-After": str(max(1, round(retry_in)))},
+                )
+            )
         reserved = slot.in_flight + self.queued(model_id)
         limit = slot.process.config.concurrency_limit
         if reserved >= limit:
@@ -351,11 +367,23 @@ class Scheduler:
                 slot.ttl_timer.cancel()
         return _all_now(slot.process.stop("shutdown") for slot in self._slots.values())
 
+    def retry_in(self, model_id: str) -> float:
+        """Seconds until a crash-looping model may be started again (0: it may)."""
+        return self._slots[model_id].guard.retry_in(self._clock.seconds())
+
     def _process_exited(self, process: ModelProcess, how: str) -> None:
         slot = self._slots[process.id]
         if slot.ttl_timer is not None and slot.ttl_timer.active():
             slot.ttl_timer.cancel()
         slot.ttl_timer = None
+        if process.exit_was_failure:
+            slot.guard.failed(self._clock.seconds())
+
+    def _process_ready(self, event: Event) -> None:
+        if event.kind == "model" and event.data["state"] == ModelState.READY.value:
+            slot = self._slots.get(event.data["id"])
+            if slot is not None:
+                slot.guard.started()
 
 
 def _all_now(deferreds: Iterable[Deferred[None]]) -> Deferred[None]:
