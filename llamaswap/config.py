@@ -46,6 +46,7 @@ TOP_LEVEL_KEYS = (
     "apiKeys",
     "maxRequestBytes",
     "crashLoop",
+    "shutdownTimeout",
 )
 CRASH_LOOP_KEYS = ("maxFailures", "window", "cooldown", "maxCooldown")
 STORE_KEYS = ("path", "maxRows", "maxAgeDays")
@@ -229,6 +230,7 @@ class Config:
     api_keys: tuple[str, ...] = ()
     max_request_bytes: int = 32 * 1024 * 1024
     crash_loop: CrashLoopPolicy = attrs.field(factory=CrashLoopPolicy)
+    shutdown_timeout: float = 30.0
 
     def peer_route(self, name: str) -> tuple[PeerConfig, str] | None:
         """``<peer>/<model>``, or a bare model id that exactly one peer offers."""
@@ -394,6 +396,7 @@ class _Builder:
             log_requests=self.boolean(root.get("logRequests", False), "logRequests"),
             api_keys=self.api_keys(root.get("apiKeys"), macros),
             crash_loop=self.crash_loop(root.get("crashLoop")),
+            shutdown_timeout=self.not_negative(root.get("shutdownTimeout", 30), "shutdownTimeout"),
             max_request_bytes=self.limit(
                 root.get("maxRequestBytes", 32 * 1024 * 1024), "maxRequestBytes"
             ),
@@ -587,6 +590,12 @@ class _Builder:
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             raise self.fail(path, f"expected a string, got {_describe(value)}")
         return str(value)
+
+    def not_negative(self, value: object, path: str) -> float:
+        number = self.number(value, path)
+        if number < 0:
+            raise self.fail(path, f"must be 0 or more, got {number!r}")
+        return number
 
     def positive(self, value: object, path: str) -> float:
         number = self.number(value, path)

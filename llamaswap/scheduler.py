@@ -356,8 +356,9 @@ class Scheduler:
         stopped = _all_now(slot.process.stop("manual") for slot in targets)
         return stopped.addCallback(lambda _: self._pump())
 
-    def close(self) -> Deferred[None]:
-        """Refuse new leases, fail queued ones, and stop every child."""
+    def close(self, grace: float = 0.0) -> Deferred[None]:
+        """Refuse new leases, fail queued ones, let requests in flight finish (for at
+        most ``grace`` seconds), then stop every child."""
         self._closed = True
         queued, self._queue = self._queue, deque()
         for waiter in queued:
@@ -365,7 +366,21 @@ class Scheduler:
         for slot in self._slots.values():
             if slot.ttl_timer is not None and slot.ttl_timer.active():
                 slot.ttl_timer.cancel()
-        return _all_now(slot.process.stop("shutdown") for slot in self._slots.values())
+        busy = sum(slot.in_flight for slot in self._slots.values())
+        draining: Deferred[None] = _all_now(self._drained(slot) for slot in self._slots.values())
+        if busy and grace > 0:
+            self.log.info(
+                "waiting up to {grace:g}s for {busy} requests in flight", grace=grace, busy=busy
+            )
+            draining.addTimeout(grace, self._clock)
+            draining.addErrback(
+                lambda f: self.log.warn("requests still in flight after {grace:g}s", grace=grace)
+            )
+        elif busy:
+            draining.cancel()
+        return draining.addBoth(
+            lambda _: _all_now(slot.process.stop("shutdown") for slot in self._slots.values())
+        )
 
     def retry_in(self, model_id: str) -> float:
         """Seconds until a crash-looping model may be started again (0: it may)."""

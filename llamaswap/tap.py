@@ -105,7 +105,9 @@ class Supervisor(Service):
         pool: HTTPConnectionPool,
         logs: LogHub,
         store: ActivityStore,
+        reactor: Any = None,
     ) -> None:
+        self.reactor = reactor
         self.scheduler = scheduler
         self.pool = pool
         self.observer = logs.observer()
@@ -132,14 +134,19 @@ class Supervisor(Service):
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
+        closing = self.scheduler.close(self.scheduler.config.shutdown_timeout)
         stopped = DeferredList(
-            [self.scheduler.close(), self.pool.closeCachedConnections(), self.store.stop()],
+            [closing.addCallback(lambda _: self.store.stop()), self.pool.closeCachedConnections()],
             consumeErrors=True,
         )
 
         def done(_: object) -> None:
             self.log.info("all model servers stopped")
             globalLogPublisher.removeObserver(self.observer)
+            # Everything was shut down as asked: exit 0 (twistd would otherwise
+            # re-raise the SIGTERM/SIGINT that started this, for an exit by signal)
+            if getattr(self.reactor, "_exitSignal", None) is not None:
+                self.reactor._exitSignal = None
 
         return stopped.addCallback(done)
 
@@ -208,7 +215,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
     api = Api(config, scheduler, Relay(agent), logs, reactor, recorder, metrics, events, store)
 
     top = MultiService()
-    Supervisor(scheduler, pool, logs, store).setServiceParent(top)
+    Supervisor(scheduler, pool, logs, store, reactor).setServiceParent(top)
     site = ApiSite(
         Guard(api.resource(), config.api_keys), config.max_request_bytes, reactor=reactor
     )

@@ -262,6 +262,30 @@ class StopTests(SynchronousTestCase):
         self.assertEqual(self.failureResultOf(queued, ApiError).value.status, 503)
         self.assertEqual(self.failureResultOf(w.scheduler.acquire("a"), ApiError).value.status, 503)
 
+    def test_close_lets_requests_in_flight_finish_within_the_grace(self) -> None:
+        w = world()
+        d = w.scheduler.acquire("a")
+        w.make_ready("a")
+        lease = self.successResultOf(d)
+        closing = w.scheduler.close(grace=30)
+        w.reactor.advance(10)
+        self.assertEqual(w.child("a").signals, [])  # still answering
+        lease.release()
+        self.assertEqual(w.child("a").signals, ["TERM"])
+        self.successResultOf(closing)
+
+    def test_close_stops_anyway_after_the_grace(self) -> None:
+        w = world()
+        d = w.scheduler.acquire("a")
+        w.make_ready("a")
+        self.successResultOf(d)
+        closing = w.scheduler.close(grace=30)
+        w.reactor.advance(29)
+        self.assertNoResult(closing)
+        w.reactor.advance(1)
+        self.assertEqual(w.child("a").signals, ["TERM"])
+        self.successResultOf(closing)
+
     def test_a_crashed_model_is_started_again_by_the_next_request(self) -> None:
         w = world()
         d = w.scheduler.acquire("a")

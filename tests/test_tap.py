@@ -20,7 +20,9 @@ from twisted.plugin import getPlugins
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
 
+from llamaswap.relay import BytesProducer
 from llamaswap.tap import DEFAULT_LISTEN, Options
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,6 +102,61 @@ class TwistdTests(TestCase):
         code, output = await self.run_twistd("--config", path)
         self.assertNotEqual(code, 0)
         self.assertIn("models.m.aliasses: unknown key (did you mean 'aliases'?)", output)
+
+    async def test_sigterm_lets_a_stream_finish_then_exits_0(self) -> None:
+        path = self.mktemp()
+        fake = f"{sys.executable} -m llamaswap.testing.fake_server --port ${{PORT}} --model m"
+        Path(path).write_text(
+            f"startPort: 31900\nstore: {{path: ':memory:'}}\nmodels:\n  m:\n    cmd: {fake}\n"
+        )
+        port = free_port()
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+        twistd = subprocess.Popen(
+            [
+                TWISTD,
+                "-n",
+                "--pidfile=",
+                "llamaswap",
+                "--config",
+                path,
+                "--listen",
+                f"tcp:{port}:interface=127.0.0.1",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.addCleanup(twistd.kill)
+        agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+        body = json.dumps(
+            {"model": "m", "stream": True, "fake": {"tokens": 20, "delay": 0.05}}
+        ).encode()
+        response = None
+        for _ in range(200):
+            try:
+                response = await agent.request(
+                    b"POST",
+                    f"http://127.0.0.1:{port}/v1/chat/completions".encode(),
+                    Headers({"content-type": ["application/json"]}),
+                    BytesProducer(body),
+                )
+                break
+            except ConnectError:
+                await deferLater(reactor, 0.05)
+        assert response is not None
+        chunks: list[bytes] = []
+        collected = treq.collect(response, chunks.append)
+        twistd.send_signal(signal.SIGTERM)  # in the middle of the stream
+        await collected
+        streamed = b"".join(chunks)
+        self.assertIn(b" t19", streamed)  # every token, not cut short
+        self.assertNotIn(b'"error"', streamed)
+        self.assertTrue(streamed.rstrip().endswith(b"data: [DONE]"))
+        for _ in range(200):
+            if twistd.poll() is not None:
+                break
+            await deferLater(reactor, 0.05)
+        self.assertEqual(twistd.returncode, 0)
 
     async def test_children_die_with_llamaswap_even_on_sigkill(self) -> None:
         path = self.mktemp()
