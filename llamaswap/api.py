@@ -505,6 +505,17 @@ class Api:
                     "description": process.config.description,
                 }
             )
+        for process in self.scheduler.retiring():
+            running.append(
+                {
+                    "model": process.id,
+                    "state": process.state.value,
+                    "pid": process.pid,
+                    "port": process.port,
+                    "proxy": process.base_url,
+                    "retiring": True,
+                }
+            )
         return _json(request, {"running": running})
 
     @router.route("/api/models/load/<path:name>", methods=["POST"])

@@ -26,7 +26,7 @@ from twisted.internet.defer import (
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
-from .config import Config
+from .config import Config, ModelConfig
 from .crashloop import CrashGuard, CrashLoopPolicy
 from .errors import ApiError
 from .events import Event, EventBus
@@ -92,6 +92,7 @@ class Scheduler:
         }
         self._queue: deque[_Waiter] = deque()
         self._swap_lock = DeferredLock()
+        self._retiring: list[_Slot] = []
         self._swap: tuple[frozenset[str], frozenset[str]] | None = None  # (targets, victims)
         self._closed = False
         for slot in self._slots.values():
@@ -382,12 +383,75 @@ class Scheduler:
             lambda _: _all_now(slot.process.stop("shutdown") for slot in self._slots.values())
         )
 
+    def reconfigure(
+        self, config: Config, make_process: Callable[[ModelConfig], ModelProcess]
+    ) -> dict[str, list[str]]:
+        """Adopt a new configuration without disturbing what did not change.
+
+        Unchanged models keep their process and their requests.  A changed model
+        gets a new (stopped) process at once; the old one finishes its requests and
+        is then stopped, as is a removed one.  Returns what changed, by kind.
+        """
+        old_config, self.config = self.config, config
+        changes: dict[str, list[str]] = {"unchanged": [], "changed": [], "added": [], "removed": []}
+        slots: dict[str, _Slot] = {}
+        for model_id, model in config.models.items():
+            slot = self._slots.get(model_id)
+            if slot is not None and _same(old_config, config, model_id):
+                slot.process.config = model  # equal, but the new object
+                slot.guard.policy = config.crash_loop
+                slots[model_id] = slot
+                changes["unchanged"].append(model_id)
+                continue
+            changes["changed" if slot is not None else "added"].append(model_id)
+            fresh = _Slot(make_process(model), guard=CrashGuard(config.crash_loop))
+            fresh.process.exit_listeners.append(self._process_exited)
+            slots[model_id] = fresh
+        for model_id, slot in self._slots.items():
+            if model_id not in config.models:
+                changes["removed"].append(model_id)
+            if slots.get(model_id) is not slot:
+                self._retire(slot)
+        self._slots = slots
+        for waiter in [w for w in self._queue if not w.targets <= set(slots)]:
+            self._queue.remove(waiter)
+            waiter.deferred.errback(
+                ApiError(404, f"model {waiter.model_id!r} was removed from the configuration")
+            )
+        self._pump()
+        return changes
+
+    def _retire(self, slot: _Slot) -> None:
+        """Let an old process finish its requests, then stop it."""
+        if slot.ttl_timer is not None and slot.ttl_timer.active():
+            slot.ttl_timer.cancel()
+
+        self._retiring.append(slot)
+
+        def stop(_: object) -> Deferred[None]:
+            return slot.process.stop("reload")
+
+        def gone(result: object) -> object:
+            self._retiring.remove(slot)
+            return result
+
+        retired = self._drained(slot).addCallback(stop).addBoth(gone)
+        retired.addErrback(
+            lambda f: self.log.failure("stopping the old {model} failed", f, model=slot.process.id)
+        )
+
+    def retiring(self) -> list[ModelProcess]:
+        """Processes of an earlier configuration, finishing their requests."""
+        return [slot.process for slot in self._retiring]
+
     def retry_in(self, model_id: str) -> float:
         """Seconds until a crash-looping model may be started again (0: it may)."""
         return self._slots[model_id].guard.retry_in(self._clock.seconds())
 
     def _process_exited(self, process: ModelProcess, how: str) -> None:
-        slot = self._slots[process.id]
+        slot = next((s for s in self._slots.values() if s.process is process), None)
+        if slot is None:
+            return  # a process retired by a reload
         if slot.ttl_timer is not None and slot.ttl_timer.active():
             slot.ttl_timer.cancel()
         slot.ttl_timer = None
@@ -399,6 +463,15 @@ class Scheduler:
             slot = self._slots.get(event.data["id"])
             if slot is not None:
                 slot.guard.started()
+
+
+def _same(old: Config, new: Config, model_id: str) -> bool:
+    """Would ``model_id`` run exactly the same way under both configurations?"""
+    return (
+        model_id in old.models
+        and old.models[model_id] == new.models[model_id]
+        and old.health_check_timeout == new.health_check_timeout
+    )
 
 
 def _all_now(deferreds: Iterable[Deferred[None]]) -> Deferred[None]:

@@ -24,7 +24,7 @@ from twisted.web.iweb import IAgent, IResponse
 
 from .activity import ActivityStore, Retention
 from .api import Api
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, ModelConfig, load_config
 from .events import EventBus
 from .guard import ApiSite, Guard
 from .logs import LogHub, logger, set_log_level
@@ -33,6 +33,7 @@ from .ports import PortAllocator
 from .process import HealthProbe, ModelProcess, Timing
 from .recorder import Recorder
 from .relay import Relay
+from .reload import ConfigReloader
 from .scheduler import Scheduler
 
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
@@ -48,6 +49,13 @@ class Options(usage.Options):
         "server on demand and stopping whatever stands in its way."
     )
     optParameters = [["config", "c", None, "YAML configuration file (required)."]]
+    optFlags = [
+        [
+            "watch-config",
+            None,
+            "Reload the configuration when the file changes (SIGHUP always does).",
+        ]
+    ]
 
     def __init__(self) -> None:
         super().__init__()
@@ -189,21 +197,20 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
     ports = PortAllocator(config.start_port)
     probe = http_probe(agent, reactor)
     events = EventBus()
-    processes = [
-        ModelProcess(
+
+    def make_process(model: ModelConfig, health_timeout: float) -> ModelProcess:
+        return ModelProcess(
             model,
             reactor=reactor,
             clock=reactor,
             logs=logs,
             ports=ports,
             probe=probe,
-            timing=Timing(
-                health_timeout=config.health_check_timeout, stop_timeout=model.unload_timeout
-            ),
+            timing=Timing(health_timeout=health_timeout, stop_timeout=model.unload_timeout),
             events=events,
         )
-        for model in config.models.values()
-    ]
+
+    processes = [make_process(m, config.health_check_timeout) for m in config.models.values()]
     scheduler = Scheduler(processes, reactor, config, events)
     store = ActivityStore(
         config.store_path,
@@ -216,9 +223,8 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
 
     top = MultiService()
     Supervisor(scheduler, pool, logs, store, reactor).setServiceParent(top)
-    site = ApiSite(
-        Guard(api.resource(), config.api_keys), config.max_request_bytes, reactor=reactor
-    )
+    guard = Guard(api.resource(), config.api_keys)
+    site = ApiSite(guard, config.max_request_bytes, reactor=reactor)
     site.displayTracebacks = False
     if not config.api_keys:
         for endpoint in listen or []:
@@ -232,8 +238,25 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
     listeners.setServiceParent(top)
     for endpoint in listen or []:
         strports.service(endpoint, site, reactor=reactor).setServiceParent(listeners)
+
+    def apply(new: Config) -> dict[str, list[str]]:
+        """Switch every reader of the configuration to ``new``."""
+        set_log_level(new.log_level)
+        ports.start = new.start_port
+        changes = scheduler.reconfigure(
+            new, lambda model: make_process(model, new.health_check_timeout)
+        )
+        api.config = new
+        recorder.log_requests = new.log_requests
+        guard.keys = new.api_keys
+        site.max_request_bytes = new.max_request_bytes
+        if new.store_path != config.store_path:
+            _log.warn("store.path changed: takes effect at the next restart")
+        return changes
+
     top.api = api  # type: ignore[attr-defined]
     top.site = site  # type: ignore[attr-defined]
+    top.apply = apply  # type: ignore[attr-defined]
     return top
 
 
@@ -258,4 +281,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
         reactor = global_reactor
     service = build(options["config_obj"], reactor, options["listen"])
+    ConfigReloader(
+        options["config"],
+        service.apply,  # type: ignore[attr-defined]
+        reactor,
+        watch=bool(options["watch-config"]),
+    ).setServiceParent(service)
     return service
