@@ -8,7 +8,6 @@ and the offending value, and nothing runs.
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import re
 import shlex
@@ -127,24 +126,28 @@ class Filters:
 
     def apply(self, document: dict[str, Any], requested: str) -> bool:
         """Rewrite ``document`` in place; True if anything changed."""
-        before = json.dumps(document, sort_keys=True)
+        changed = False
         for path in self.strip:
-            _remove_path(document, path.split("."))
-        for key, value in self.set.items():
-            document[key] = value
-        for key, value in self.set_by_id.get(requested, {}).items():
-            document[key] = value
-        return json.dumps(document, sort_keys=True) != before
+            changed |= _remove_path(document, path.split("."))
+        for params in (self.set, self.set_by_id.get(requested, {})):
+            for key, value in params.items():
+                if key not in document or document[key] != value:
+                    document[key] = value
+                    changed = True
+        return changed
 
 
-def _remove_path(document: dict[str, Any], keys: list[str]) -> None:
+def _remove_path(document: dict[str, Any], keys: list[str]) -> bool:
     *parents, last = keys
     for key in parents:
         child = document.get(key)
         if not isinstance(child, dict):
-            return
+            return False
         document = child
-    document.pop(last, None)
+    return document.pop(last, _MISSING) is not _MISSING
+
+
+_MISSING = object()
 
 
 @attrs.frozen

@@ -54,7 +54,6 @@ class Timing:
 
     health_timeout: float = 120.0
     poll_interval: float = 0.25
-    line_probe_gap: float = 0.01
     stop_timeout: float = 10.0
 
 
@@ -169,7 +168,6 @@ class ModelProcess:
         self._kill: IDelayedCall | None = None
         self._probing: Deferred[int] | None = None
         self._probe_again = False
-        self._last_probe = 0.0
 
     @property
     def id(self) -> str:
@@ -256,17 +254,9 @@ class ModelProcess:
         self.tail.append(line)
         self._logs.child_line(self.id, stream, line)
         if self.state is ModelState.STARTING and self.config.check_endpoint is not None:
-            # servers log as they load: a new line is the moment readiness is likely
-            gap = self._clock.seconds() - self._last_probe
-            if gap >= self.timing.line_probe_gap:
-                self._probe()
-            elif self._poll is None or self._poll.getTime() > self._clock.seconds() + gap:
-                self._reschedule_poll(self.timing.line_probe_gap - gap)
-
-    def _reschedule_poll(self, delay: float) -> None:
-        if self._poll is not None and self._poll.active():
-            self._poll.cancel()
-        self._poll = self._clock.callLater(delay, self._probe)
+            # servers log as they load: a new line is the moment readiness is likely.
+            # One probe at a time; a line during a probe asks for one more after it.
+            self._probe()
 
     def _probe(self) -> None:
         if self.state is not ModelState.STARTING:
@@ -277,7 +267,6 @@ class ModelProcess:
         if self._poll is not None and self._poll.active():
             self._poll.cancel()
         self._poll = None
-        self._last_probe = self._clock.seconds()
         assert self.config.check_endpoint is not None
         self._probing = self._probe_url(self.base_url + self.config.check_endpoint)
         self._probing.addBoth(self._probed)

@@ -51,7 +51,6 @@ class World:
         process = self.process(model_id)
         self.health.status[process.base_url] = 200
         self.child(model_id).say("main: server is listening")
-        self.reactor.advance(process.timing.line_probe_gap)
 
 
 def world(text: str = TWO_MODELS, timing: Timing | None = None) -> World:

@@ -202,7 +202,7 @@ class StartFailureTests(SynchronousTestCase):
         self.successResultOf(d_b)
 
     def test_line_output_triggers_a_prompt_health_check(self) -> None:
-        w = world(timing=Timing(poll_interval=5.0, line_probe_gap=0.01))
+        w = world(timing=Timing(poll_interval=5.0))
         d = w.scheduler.acquire("a")
         w.health.status[w.process("a").base_url] = 200
         w.reactor.advance(0.02)
