@@ -247,7 +247,8 @@ class Api:
         """Find ``model`` in a JSON or multipart body (parsed once) and apply filters."""
         content_type = (request.getHeader(b"content-type") or b"").lower()
         if content_type.startswith(b"multipart/form-data"):
-            fields = request.args.get(b"model")
+            form = getattr(request, "form", None) or request.args
+            fields = form.get(b"model")
             if not fields or not fields[0].strip():
                 raise ApiError(400, "the form has no 'model' field")
             name = fields[0].decode("utf-8", errors="replace")
