@@ -56,6 +56,7 @@ FAKE = f"{shlex.quote(sys.executable)} -m llamaswap.testing.fake_server --port $
 CONFIG = f"""
 startPort: {random.randrange(20000, 30000)}
 sendLoadingState: true
+store: {{path: ':memory:'}}
 models:
   alpha:
     cmd: {FAKE} --model ${{MODEL_ID}} --load-time 0.3
@@ -244,13 +245,24 @@ def test_the_playground_streams_an_answer(page: Page) -> None:
     page.screenshot(path=str(ARTIFACTS / "ui.png"))
 
 
-def test_the_activity_tab_answers_even_without_the_activity_api(page: Page) -> None:
+def test_the_activity_tab_lists_the_requests_made(page: Page) -> None:
     page.get_by_test_id("tab-activity").click()
-    page.locator("#act-na:visible, [data-testid=activity-table] tbody tr").first.wait_for()
-    if page.locator("#act-na").is_visible():
-        expect(page.locator("#act-na")).to_contain_text("not available")
-    else:
-        expect(page.get_by_test_id("activity-table")).to_contain_text("alpha")
+    expect(page.get_by_test_id("activity-table")).to_contain_text("alpha")
+    expect(page.get_by_test_id("activity-table")).to_contain_text("/v1/chat/completions")
+
+
+def test_swagger_renders_the_operations(browser: Browser, daemon: Daemon) -> None:
+    context = browser.new_context()
+    context.set_default_timeout(SECONDS)
+    page = context.new_page()
+    page.goto(daemon.base + "/swagger/")
+    expect(page.locator(".opblock").first).to_be_visible()
+    expect(page.locator(".opblock-summary-path", has_text="/v1/chat/completions")).to_be_visible()
+    expect(
+        page.locator(".opblock-summary-path", has_text="/api/models/load/{model}")
+    ).to_be_visible()
+    page.screenshot(path=str(ARTIFACTS / "swagger.png"))
+    context.close()
 
 
 def test_a_phone_sized_screen(page: Page) -> None:
