@@ -19,6 +19,7 @@ import attrs
 import yaml
 
 from .crashloop import CrashLoopPolicy
+from .policy import ArrivalOrder, Collate, Policy
 
 LOG_LEVELS = ("debug", "info", "warn", "error")
 RESERVED_MACROS = frozenset({"PORT", "MODEL_ID", "PID"})
@@ -46,7 +47,9 @@ TOP_LEVEL_KEYS = (
     "maxRequestBytes",
     "crashLoop",
     "shutdownTimeout",
+    "scheduler",
 )
+SCHEDULER_KEYS = ("policy", "maxWait", "maxResidency")
 CRASH_LOOP_KEYS = ("maxFailures", "window", "cooldown", "maxCooldown")
 STORE_KEYS = ("path", "maxRows", "maxAgeDays")
 PEER_KEYS = ("proxy", "models", "apiKey", "filters")
@@ -72,6 +75,7 @@ MODEL_KEYS = (
     "filters",
     "sendLoadingState",
     "forwardAuthorization",
+    "priority",
 )
 DEFAULT_PROXY = "http://127.0.0.1:${PORT}"
 
@@ -194,6 +198,7 @@ class ModelConfig:
     filters: Filters = attrs.field(factory=Filters)
     send_loading_state: bool = False
     forward_authorization: bool = False
+    priority: int = 0
 
     @property
     def uses_port(self) -> bool:
@@ -234,6 +239,7 @@ class Config:
     max_request_bytes: int = 32 * 1024 * 1024
     crash_loop: CrashLoopPolicy = attrs.field(factory=CrashLoopPolicy)
     shutdown_timeout: float = 30.0
+    policy: Policy = attrs.field(factory=ArrivalOrder)
 
     def peer_route(self, name: str) -> tuple[PeerConfig, str] | None:
         """``<peer>/<model>``, or a bare model id that exactly one peer offers."""
@@ -399,12 +405,29 @@ class _Builder:
             log_requests=self.boolean(root.get("logRequests", False), "logRequests"),
             api_keys=self.api_keys(root.get("apiKeys"), macros),
             crash_loop=self.crash_loop(root.get("crashLoop")),
+            policy=self.policy(root.get("scheduler")),
             shutdown_timeout=self.not_negative(root.get("shutdownTimeout", 30), "shutdownTimeout"),
             max_request_bytes=self.limit(
                 root.get("maxRequestBytes", 32 * 1024 * 1024), "maxRequestBytes"
             ),
             **self.store(root.get("store"), macros),
         )
+
+    def policy(self, value: object) -> Policy:
+        doc = self.mapping(value if value is not None else {}, "scheduler")
+        self.check_keys(doc, "scheduler", SCHEDULER_KEYS)
+        name = self.string(doc.get("policy", "fifo"), "scheduler.policy")
+        if name == "fifo":
+            for key in ("maxWait", "maxResidency"):
+                if key in doc:
+                    raise self.fail(f"scheduler.{key}", "only the 'collate' policy uses it")
+            return ArrivalOrder()
+        if name == "collate":
+            return Collate(
+                max_wait=self.positive(doc.get("maxWait", 30), "scheduler.maxWait"),
+                max_residency=self.positive(doc.get("maxResidency", 120), "scheduler.maxResidency"),
+            )
+        raise self.fail("scheduler.policy", f"must be 'fifo' or 'collate', got {name!r}")
 
     def crash_loop(self, value: object) -> CrashLoopPolicy:
         doc = self.mapping(value if value is not None else {}, "crashLoop")
@@ -782,6 +805,7 @@ class _Builder:
             forward_authorization=self.boolean(
                 doc.get("forwardAuthorization", False), f"{base}.forwardAuthorization"
             ),
+            priority=self.integer(doc.get("priority", 0), f"{base}.priority"),
         )
 
     def limit(self, value: object, path: str) -> int:

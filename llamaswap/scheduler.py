@@ -31,6 +31,7 @@ from .crashloop import CrashGuard, CrashLoopPolicy
 from .errors import ApiError
 from .events import Event, EventBus
 from .logs import logger
+from .policy import Policy, Victim, Waiting
 from .process import ModelProcess, ModelState
 
 
@@ -66,9 +67,18 @@ class _Waiter:
     model_id: str
     targets: frozenset[str]
     deferred: Deferred[Lease]
+    arrived: float = 0.0
+    priority: int = 0
 
 
 _STOPPED = (ModelState.STOPPED, ModelState.FAILED)
+
+
+@attrs.define
+class _Plan:
+    doomed: set[str] = attrs.field(factory=set)
+    swap: tuple[frozenset[str], frozenset[str]] | None = None
+    recheck_at: float | None = None
 
 
 class Scheduler:
@@ -92,6 +102,8 @@ class Scheduler:
         }
         self._queue: deque[_Waiter] = deque()
         self._swap_lock = DeferredLock()
+        self.policy: Policy = config.policy
+        self._recheck: IDelayedCall | None = None
         self._retiring: list[_Slot] = []
         self._swap: tuple[frozenset[str], frozenset[str]] | None = None  # (targets, victims)
         self._closed = False
@@ -161,7 +173,7 @@ class Scheduler:
                 )
             )
         targets = frozenset(self.config.profiles[profile]) if profile else frozenset({model_id})
-        if self._ready(targets) and model_id not in self._doomed(len(self._queue)):
+        if self._ready(targets) and model_id not in self._plan().doomed:
             return succeed(self._grant(slot))
         if len(self._queue) >= self.config.queue_limit:
             return fail(
@@ -180,7 +192,13 @@ class Scheduler:
                 self._counts_changed(slot)
                 self._pump()
 
-        waiter = _Waiter(model_id, targets, Deferred(leave_queue))
+        waiter = _Waiter(
+            model_id,
+            targets,
+            Deferred(leave_queue),
+            self._clock.seconds(),
+            slot.process.config.priority,
+        )
         self._queue.append(waiter)
         self._counts_changed(slot)
         self._pump()
@@ -220,15 +238,48 @@ class Scheduler:
                     victims.add(other)
         return frozenset(victims)
 
-    def _doomed(self, ahead: int) -> set[str]:
-        """Models that the swap under way, or the first ``ahead`` waiters, will stop."""
-        doomed: set[str] = set()
+    def _ordered(self) -> list[_Waiter]:
+        """The queue as served: higher priority first, then arrival."""
+        return sorted(self._queue, key=lambda w: -w.priority)
+
+    def _plan(self, grant: bool = False) -> _Plan:
+        """Walk the queue in order: what it commits to stopping, and the next swap.
+
+        With ``grant``, waiters whose models are ready, and not about to be stopped
+        for a waiter ahead of them, get their lease on the way.
+        """
+        plan = _Plan()
         if self._swap is not None:
-            doomed |= self._swap[1]
-        for waiter in list(self._queue)[:ahead]:
-            if not self._ready(waiter.targets):
-                doomed |= self._victims(waiter.targets)
-        return doomed
+            plan.doomed |= self._swap[1]
+        now = self._clock.seconds()
+        first = True
+        for waiter in self._ordered():
+            if self._ready(waiter.targets):
+                if grant and waiter.model_id not in plan.doomed:
+                    self._queue.remove(waiter)
+                    waiter.deferred.callback(self._grant(self._slots[waiter.model_id]))
+                continue
+            victims = self._victims(waiter.targets)
+            if not first:
+                if self.policy.name == "fifo":
+                    plan.doomed |= victims  # strict arrival order
+                continue
+            first = False
+            views = [self._victim_view(v) for v in sorted(victims)]
+            waiting = Waiting(waiter.model_id, waiter.arrived)
+            if self.policy.swap_now(waiting, views, now):
+                plan.doomed |= victims
+                if self._swap is None:
+                    plan.swap = (waiter.targets, victims)
+            else:
+                plan.recheck_at = self.policy.recheck_at(waiting, views)
+        return plan
+
+    def _victim_view(self, model_id: str) -> Victim:
+        slot = self._slots[model_id]
+        busy = slot.in_flight > 0 or self.queued(model_id) > 0
+        since = slot.process.ready_at or slot.process.started_at or self._clock.seconds()
+        return Victim(model_id, busy, since)
 
     def _grant(self, slot: _Slot) -> Lease:
         slot.in_flight += 1
@@ -250,6 +301,8 @@ class Scheduler:
         ttl = slot.process.config.ttl
         if ttl > 0 and slot.process.state is ModelState.READY:
             slot.ttl_timer = self._clock.callLater(ttl, self._ttl_expired, slot)
+        if self._queue and self.policy.name != "fifo":
+            self._pump()  # an idle model may now be swapped away
 
     def _drained(self, slot: _Slot) -> Deferred[None]:
         if slot.in_flight == 0:
@@ -261,21 +314,24 @@ class Scheduler:
     # --- the queue --------------------------------------------------------------
 
     def _pump(self) -> None:
-        """Grant every waiter whose models are ready and safe; swap for the first other."""
-        doomed: set[str] = set(self._swap[1]) if self._swap is not None else set()
-        for waiter in list(self._queue):
-            if self._ready(waiter.targets):
-                if waiter.model_id not in doomed:
-                    self._queue.remove(waiter)
-                    waiter.deferred.callback(self._grant(self._slots[waiter.model_id]))
-                continue
-            victims = self._victims(waiter.targets)
-            if self._swap is None:
-                self._swap = (waiter.targets, victims)
-                self._swap_started = self._clock.seconds()
-                swap = self._swap_lock.run(self._swap_to, waiter.targets, victims)
-                swap.addBoth(self._swap_done, waiter.targets)
-            doomed |= victims
+        """Grant every waiter whose models are ready and safe; start the next swap."""
+        plan = self._plan(grant=True)
+        if plan.swap is not None and self._swap is None:
+            targets, victims = plan.swap
+            self._swap = plan.swap
+            self._swap_started = self._clock.seconds()
+            swap = self._swap_lock.run(self._swap_to, targets, victims)
+            swap.addBoth(self._swap_done, targets)
+        self._arm_recheck(plan.recheck_at)
+
+    def _arm_recheck(self, when: float | None) -> None:
+        """Pump again when the policy's bound runs out, if nothing else does first."""
+        if self._recheck is not None and self._recheck.active():
+            self._recheck.cancel()
+        self._recheck = None
+        if when is not None:
+            delay = max(0.0, when - self._clock.seconds())
+            self._recheck = self._clock.callLater(delay, self._pump)
 
     async def _swap_to(self, targets: frozenset[str], victims: frozenset[str]) -> None:
         names = ", ".join(sorted(targets))
@@ -361,6 +417,7 @@ class Scheduler:
         """Refuse new leases, fail queued ones, let requests in flight finish (for at
         most ``grace`` seconds), then stop every child."""
         self._closed = True
+        self._arm_recheck(None)
         queued, self._queue = self._queue, deque()
         for waiter in queued:
             waiter.deferred.errback(ApiError(503, "llamaswap is shutting down", "shutting_down"))
@@ -393,6 +450,7 @@ class Scheduler:
         is then stopped, as is a removed one.  Returns what changed, by kind.
         """
         old_config, self.config = self.config, config
+        self.policy = config.policy
         changes: dict[str, list[str]] = {"unchanged": [], "changed": [], "added": [], "removed": []}
         slots: dict[str, _Slot] = {}
         for model_id, model in config.models.items():
