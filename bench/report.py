@@ -111,6 +111,11 @@ def render(r: dict[str, Any]) -> str:
         + "."
     )
     add("")
+    if "trace" in r:
+        # the mixed-traffic section, last (a `--only trace` run replaces just it)
+        from . import trace
+
+        add(trace.render(r["trace"], r.get("trace_machine") or m))
     return "\n".join(out)
 
 

@@ -26,11 +26,13 @@ from typing import Any
 
 import psutil
 
-from . import footprint, proxy, report, streaming, swap
+from . import footprint, proxy, report, streaming, swap, trace
 from .common import REPO, VENV_BIN, CpuMonitor, Procs, log, marked_processes, sweep, which
 from .profile import make_profiler
 
-SECTIONS = ("proxy", "stream", "swap", "footprint")
+SECTIONS = ("proxy", "stream", "swap", "footprint", "trace")
+# trace (mixed traffic, fifo vs collate) takes ~5 min more: only on request
+DEFAULT_SECTIONS = ("proxy", "stream", "swap", "footprint")
 LAST = REPO / "bench" / ".last-results.json"
 
 
@@ -106,10 +108,31 @@ def machine() -> dict[str, Any]:
     }
 
 
+def write_trace_only(results: dict[str, Any], no_docs: bool) -> None:
+    """Print the trace section; replace (or append) just that section of the docs."""
+    if "trace" not in results:
+        log("trace failed: docs left alone")
+        return
+    with contextlib.suppress(OSError, ValueError):
+        saved = json.loads(LAST.read_text()) if LAST.exists() else {}
+        saved["trace"] = results["trace"]
+        saved["trace_machine"] = results["machine"]
+        LAST.write_text(json.dumps(saved, indent=1, default=str))
+    text = trace.render(results["trace"], results["machine"])
+    print(text)
+    if not no_docs:
+        target = REPO / "docs" / "benchmarks.md"
+        existing = target.read_text() if target.exists() else "# Benchmarks\n"
+        target.write_text(trace.splice(existing, text))
+        log(f"wrote the trace section of {target.relative_to(REPO)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
-        "--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}"
+        "--only",
+        default=",".join(DEFAULT_SECTIONS),
+        help=f"comma-separated subset of {SECTIONS} (default: all but trace)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="fewer rounds (a smoke test, not numbers)"
@@ -207,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                     results["footprint"] = footprint.run(
                         procs, monitor, clients_count=50 if quick else 500
                     )
+                elif section == "trace":
+                    results["trace"] = trace.run(procs, monitor, quick=quick)
             except Exception as e:  # report it, run the other sections
                 failed = True
                 log(f"{section} failed: {e!r}")
@@ -229,14 +254,18 @@ def main(argv: list[str] | None = None) -> int:
     results["machine"]["load_after"] = os.getloadavg()
     results["quick"] = quick
 
-    with contextlib.suppress(OSError):
-        LAST.write_text(json.dumps(results, indent=1, default=str))
-    text = report.render(results)
-    print(text)
-    if not args.no_docs:
-        target = REPO / "docs" / "benchmarks.md"
-        target.write_text(text)
-        log(f"wrote {target.relative_to(REPO)}")
+    if sections == ["trace"]:
+        # only the trace section: keep the other sections' saved results and text
+        write_trace_only(results, args.no_docs)
+    else:
+        with contextlib.suppress(OSError):
+            LAST.write_text(json.dumps(results, indent=1, default=str))
+        text = report.render(results)
+        print(text)
+        if not args.no_docs:
+            target = REPO / "docs" / "benchmarks.md"
+            target.write_text(text)
+            log(f"wrote {target.relative_to(REPO)}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     if args.keep or failed:

@@ -350,7 +350,10 @@ class Api:
         loading_for: str | None,
         record: RequestRecord,
     ) -> None:
+        deadline = self.deadline(request, model)  # may refuse the request: before queueing
         waiting = self.scheduler.acquire(model.id, profile)
+        if deadline is not None and not waiting.called:
+            waiting.addTimeout(deadline, self.clock, onTimeoutCancel=_missed(model.id, deadline))
         progress = None
         if loading_for is not None and not waiting.called:
             progress = LoadingStream(
@@ -391,6 +394,20 @@ class Api:
             )
         finally:
             lease.release()
+
+    def deadline(self, request: Request, model: ModelConfig) -> float | None:
+        """Seconds this request may wait for its model: the header, capped by the config."""
+        header = request.getHeader(b"x-request-deadline")
+        asked = None
+        if header is not None:
+            try:
+                asked = float(header)
+            except ValueError as e:
+                raise ApiError(400, "X-Request-Deadline must be a number of seconds") from e
+            if not asked > 0:
+                raise ApiError(400, "X-Request-Deadline must be more than 0 seconds")
+        limits = [d for d in (asked, model.deadline) if d is not None]
+        return min(limits) if limits else None
 
     async def to_peer(
         self, request: Request, peer: PeerConfig, remote: str, path: bytes, body: bytes
@@ -502,6 +519,9 @@ class Api:
                     "last_used": last_used,
                     "ttl": process.config.ttl,
                     "ttl_left": round(idle_deadline - now, 3) if idle_deadline else None,
+                    "load_seconds": _round(process.load_seconds),
+                    "stop_seconds": _round(process.stop_seconds),
+                    "memory": self.memory_record(model_id),
                     "name": process.config.name,
                     "description": process.config.description,
                 }
@@ -518,6 +538,16 @@ class Api:
                 }
             )
         return _json(request, {"running": running})
+
+    def memory_record(self, model_id: str) -> dict[str, Any] | None:
+        footprint = self.scheduler.footprint(model_id)
+        if footprint is None:
+            return None
+        return {
+            "declared": footprint.declared,
+            "measured": footprint.measured,
+            "peak": footprint.peak,
+        }
 
     @router.route("/api/models/load/<path:name>", methods=["POST"])
     async def load_one(self, request: Request, name: str) -> bytes:
@@ -705,6 +735,22 @@ def _has_flag(request: Request, name: bytes) -> bool:
 
 def _ignore_cancel(failure: Failure) -> None:
     failure.trap(CancelledError)
+
+
+def _missed(model_id: str, deadline: float) -> Any:
+    def timed_out(result: object, timeout: float) -> object:
+        raise ApiError(
+            504,
+            f"model {model_id!r} was not ready within the {deadline:g}s deadline; "
+            "the request was not started",
+            "deadline_exceeded",
+        )
+
+    return timed_out
+
+
+def _round(value: float | None) -> float | None:
+    return round(value, 3) if value is not None else None
 
 
 def _arg(request: Request, name: bytes) -> str | None:

@@ -20,6 +20,7 @@ import yaml
 
 from .crashloop import CrashLoopPolicy
 from .policy import ArrivalOrder, Collate, Policy
+from .resources import RESOURCES, parse_size
 
 LOG_LEVELS = ("debug", "info", "warn", "error")
 RESERVED_MACROS = frozenset({"PORT", "MODEL_ID", "PID"})
@@ -48,6 +49,7 @@ TOP_LEVEL_KEYS = (
     "crashLoop",
     "shutdownTimeout",
     "scheduler",
+    "resources",
 )
 SCHEDULER_KEYS = ("policy", "maxWait", "maxResidency")
 CRASH_LOOP_KEYS = ("maxFailures", "window", "cooldown", "maxCooldown")
@@ -76,6 +78,8 @@ MODEL_KEYS = (
     "sendLoadingState",
     "forwardAuthorization",
     "priority",
+    "memory",
+    "deadline",
 )
 DEFAULT_PROXY = "http://127.0.0.1:${PORT}"
 
@@ -199,6 +203,8 @@ class ModelConfig:
     send_loading_state: bool = False
     forward_authorization: bool = False
     priority: int = 0
+    memory: Mapping[str, int] = attrs.field(factory=dict)
+    deadline: float | None = None
 
     @property
     def uses_port(self) -> bool:
@@ -240,6 +246,7 @@ class Config:
     crash_loop: CrashLoopPolicy = attrs.field(factory=CrashLoopPolicy)
     shutdown_timeout: float = 30.0
     policy: Policy = attrs.field(factory=ArrivalOrder)
+    budget: Mapping[str, int] = attrs.field(factory=dict)
 
     def peer_route(self, name: str) -> tuple[PeerConfig, str] | None:
         """``<peer>/<model>``, or a bare model id that exactly one peer offers."""
@@ -286,7 +293,8 @@ class Config:
         members = tuple(
             m for m in self.models if not any(m in g.members for g in self.groups.values())
         )
-        return GroupConfig(DEFAULT_GROUP, members)
+        # with a memory budget, ungrouped models share the machine while they fit
+        return GroupConfig(DEFAULT_GROUP, members, swap=not self.budget)
 
     def listed_ids(self) -> list[str]:
         return sorted(m.id for m in self.models.values() if not m.unlisted)
@@ -350,7 +358,9 @@ class _Builder:
                 "globalTTL", f"must be 0 (never) or a positive number, got {global_ttl!r}"
             )
         unload_timeout = self.positive(root.get("unloadTimeout", 10), "unloadTimeout")
+        budget = self.budget(root.get("resources"))
         defaults = {
+            "budget": budget,
             "ttl": global_ttl,
             "unloadTimeout": unload_timeout,
             "sendLoadingState": self.boolean(
@@ -406,12 +416,42 @@ class _Builder:
             api_keys=self.api_keys(root.get("apiKeys"), macros),
             crash_loop=self.crash_loop(root.get("crashLoop")),
             policy=self.policy(root.get("scheduler")),
+            budget=budget,
             shutdown_timeout=self.not_negative(root.get("shutdownTimeout", 30), "shutdownTimeout"),
             max_request_bytes=self.limit(
                 root.get("maxRequestBytes", 32 * 1024 * 1024), "maxRequestBytes"
             ),
             **self.store(root.get("store"), macros),
         )
+
+    def size(self, value: object, path: str) -> int:
+        try:
+            size = parse_size(value)
+        except ValueError as e:
+            raise self.fail(path, f"expected {e}, got {_describe(value)}") from e
+        if size <= 0:
+            raise self.fail(path, f"must be more than 0, got {value!r}")
+        return size
+
+    def budget(self, value: object) -> dict[str, int]:
+        doc = self.mapping(value if value is not None else {}, "resources")
+        self.check_keys(doc, "resources", RESOURCES)
+        return {
+            key: self.size(doc[key], f"resources.{key}")
+            for key in RESOURCES
+            if doc.get(key) is not None
+        }
+
+    def memory(self, value: object, path: str, budget: Mapping[str, int]) -> dict[str, int]:
+        if value is None:
+            return {}
+        if isinstance(value, dict):
+            self.check_keys(value, path, RESOURCES)
+            return {
+                key: self.size(value[key], f"{path}.{key}") for key in RESOURCES if key in value
+            }
+        # one figure: GPU memory when a VRAM budget is set, else RAM
+        return {"vram" if "vram" in budget else "ram": self.size(value, path)}
 
     def policy(self, value: object) -> Policy:
         doc = self.mapping(value if value is not None else {}, "scheduler")
@@ -806,6 +846,12 @@ class _Builder:
                 doc.get("forwardAuthorization", False), f"{base}.forwardAuthorization"
             ),
             priority=self.integer(doc.get("priority", 0), f"{base}.priority"),
+            memory=self.memory(doc.get("memory"), f"{base}.memory", defaults["budget"]),
+            deadline=(
+                self.positive(doc["deadline"], f"{base}.deadline")
+                if doc.get("deadline") is not None
+                else None
+            ),
         )
 
     def limit(self, value: object, path: str) -> int:

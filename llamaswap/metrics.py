@@ -136,6 +136,16 @@ class _LiveState(Collector):
         state = GaugeMetricFamily(
             "llamaswap_model_state", "1 for the state each model is in", labels=["model", "state"]
         )
+        load = GaugeMetricFamily(
+            "llamaswap_model_load_seconds_estimate",
+            "Learned time to start (moving average of measured starts)",
+            labels=["model"],
+        )
+        memory = GaugeMetricFamily(
+            "llamaswap_model_memory_bytes",
+            "Measured memory of each running model, by resource",
+            labels=["model", "resource"],
+        )
         in_flight = GaugeMetricFamily(
             "llamaswap_in_flight_requests", "Requests being served", labels=["model"]
         )
@@ -148,7 +158,15 @@ class _LiveState(Collector):
                     [model_id, candidate.value], 1 if process.state is candidate else 0
                 )
             in_flight.add_metric([model_id], self.scheduler.in_flight(model_id))
+            if process.load_seconds is not None:
+                load.add_metric([model_id], process.load_seconds)
+            footprint = self.scheduler.footprint(model_id)
+            if footprint is not None and process.pid is not None:
+                for resource, value in footprint.measured.items():
+                    memory.add_metric([model_id, resource], value)
             queued.add_metric([model_id], self.scheduler.queued(model_id))
         yield state
+        yield load
+        yield memory
         yield in_flight
         yield queued

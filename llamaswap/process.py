@@ -96,6 +96,11 @@ def _decode(raw: bytes) -> str:
     return raw.rstrip(b"\r").decode("utf-8", errors="replace")
 
 
+def _average(previous: float | None, sample: float, weight: float = 0.3) -> float:
+    """An exponential moving average: recent starts count most."""
+    return sample if previous is None else previous + weight * (sample - previous)
+
+
 def _last_output(tail: deque[str]) -> str:
     lines = list(tail)[-TAIL_LINES:]
     return "; last output:\n" + "\n".join(lines) if lines else ""
@@ -151,6 +156,10 @@ class ModelProcess:
         self.state = ModelState.STOPPED
         self.stop_reason = "manual"
         self.exit_was_failure = False
+        # learned costs (moving averages): seconds to become ready, seconds to stop
+        self.load_seconds: float | None = None
+        self.stop_seconds: float | None = None
+        self._stop_began: float | None = None
         self.port: int | None = None
         self.pid: int | None = None
         self.last_error: str | None = None
@@ -296,6 +305,7 @@ class ModelProcess:
         self._deadline = None
         self.ready_at = self._clock.seconds()
         assert self.started_at is not None
+        self.load_seconds = _average(self.load_seconds, self.ready_at - self.started_at)
         self._set_state(ModelState.READY, start_seconds=self.ready_at - self.started_at)
         self._stop_probing()
         self.log.info(
@@ -341,6 +351,7 @@ class ModelProcess:
         return exited
 
     def _begin_stop(self) -> None:
+        self._stop_began = self._clock.seconds()
         self._set_state(ModelState.STOPPING)
         self._stop_probing()
         if self.config.cmd_stop is not None and self.pid is not None:
@@ -396,6 +407,11 @@ class ModelProcess:
     def _ended(self, reason: Failure) -> None:
         was = self.state
         self.exit_was_failure = False
+        if self._stop_began is not None and was is ModelState.STOPPING:
+            self.stop_seconds = _average(
+                self.stop_seconds, self._clock.seconds() - self._stop_began
+            )
+        self._stop_began = None
         how = describe_exit(reason)
         if self._setsid is not None and self.pid is not None:
             # the leader is gone; anything left in its group (wrapper scripts'

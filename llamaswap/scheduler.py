@@ -33,6 +33,7 @@ from .events import Event, EventBus
 from .logs import logger
 from .policy import Policy, Victim, Waiting
 from .process import ModelProcess, ModelState
+from .resources import Footprint, fits
 
 
 @attrs.define(eq=False)
@@ -60,6 +61,7 @@ class _Slot:
     drained: list[Deferred[None]] = attrs.field(factory=list)
     ttl_timer: IDelayedCall | None = None
     guard: CrashGuard = attrs.field(factory=lambda: CrashGuard(CrashLoopPolicy()))
+    footprint: Footprint = attrs.field(factory=Footprint)
 
 
 @attrs.define(eq=False)
@@ -98,7 +100,12 @@ class Scheduler:
         self.events = events or EventBus()
         self._swap_started = 0.0
         self._slots: dict[str, _Slot] = {
-            p.id: _Slot(p, guard=CrashGuard(config.crash_loop)) for p in processes
+            p.id: _Slot(
+                p,
+                guard=CrashGuard(config.crash_loop),
+                footprint=Footprint(declared=dict(p.config.memory)),
+            )
+            for p in processes
         }
         self._queue: deque[_Waiter] = deque()
         self._swap_lock = DeferredLock()
@@ -190,6 +197,7 @@ class Scheduler:
             if waiter in self._queue:
                 self._queue.remove(waiter)
                 self._counts_changed(slot)
+                self._abandon_unwanted_load()
                 self._pump()
 
         waiter = _Waiter(
@@ -203,6 +211,16 @@ class Scheduler:
         self._counts_changed(slot)
         self._pump()
         return waiter.deferred
+
+    def _abandon_unwanted_load(self) -> None:
+        """A model being started for nobody, while others wait: stop loading it."""
+        if self._swap is None or not self._queue or self._wanted(self._swap[0]):
+            return
+        for target in self._swap[0]:
+            process = self._slots[target].process
+            if process.state is ModelState.STARTING:
+                self.log.info("abandoning the start of {model}: nobody waits for it", model=target)
+                process.stop("abandoned")
 
     def _counts_changed(self, slot: _Slot) -> None:
         self.events.publish(
@@ -236,7 +254,43 @@ class Scheduler:
                         victims.add(other)
                 elif (group.exclusive or len(targets) > 1) and not other_group.persistent:
                     victims.add(other)
+        if self.config.budget:
+            victims |= self._make_room(targets, [m for m in running if m not in victims])
         return frozenset(victims)
+
+    def _make_room(self, targets: frozenset[str], staying: list[str]) -> set[str]:
+        """More victims until everything fits the memory budget.
+
+        Idle models go first, least recently used first, then the cheapest to
+        reload; persistent ones never.  If only busy ones are left, they are chosen
+        and the swap waits for them to finish their requests.
+        """
+        wanted = [self._slots[t].footprint for t in targets]
+        candidates = sorted(
+            (m for m in staying if not self.config.group_of(m).persistent),
+            key=lambda m: (
+                self._slots[m].in_flight > 0 or self.queued(m) > 0,
+                self._slots[m].last_used or 0.0,
+                self._slots[m].process.load_seconds or 0.0,
+            ),
+        )
+        evicted: set[str] = set()
+        while not fits(
+            self.config.budget,
+            wanted + [self._slots[m].footprint for m in staying if m not in evicted],
+        ):
+            if not candidates:
+                self.log.warn(
+                    "{models} may not fit in the memory budget even alone; starting anyway",
+                    models=", ".join(sorted(targets)),
+                )
+                break
+            evicted.add(candidates.pop(0))
+        return evicted
+
+    def footprint(self, model_id: str) -> Footprint | None:
+        slot = self._slots.get(model_id)
+        return slot.footprint if slot is not None else None
 
     def _ordered(self) -> list[_Waiter]:
         """The queue as served: higher priority first, then arrival."""
@@ -462,7 +516,11 @@ class Scheduler:
                 changes["unchanged"].append(model_id)
                 continue
             changes["changed" if slot is not None else "added"].append(model_id)
-            fresh = _Slot(make_process(model), guard=CrashGuard(config.crash_loop))
+            fresh = _Slot(
+                make_process(model),
+                guard=CrashGuard(config.crash_loop),
+                footprint=Footprint(declared=dict(model.memory)),
+            )
             fresh.process.exit_listeners.append(self._process_exited)
             slots[model_id] = fresh
         for model_id, slot in self._slots.items():

@@ -34,6 +34,7 @@ from .process import HealthProbe, ModelProcess, Timing
 from .recorder import Recorder
 from .relay import Relay
 from .reload import ConfigReloader
+from .resources import MemoryMonitor
 from .scheduler import Scheduler
 
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
@@ -120,11 +121,21 @@ class Supervisor(Service):
         self.pool = pool
         self.observer = logs.observer()
         self.store = store
+        self.memory = MemoryMonitor(
+            reactor,
+            lambda: {
+                model_id: process.pid
+                for model_id, process in scheduler.processes.items()
+                if process.pid is not None
+            },
+            scheduler.footprint,
+        )
 
     def startService(self) -> None:
         globalLogPublisher.addObserver(self.observer)
         super().startService()
         self.store.start()
+        self.memory.start()
         if self.scheduler.config.preload:
             preloading = Deferred.fromCoroutine(self.preload(self.scheduler.config.preload))
             preloading.addErrback(lambda f: self.log.failure("preload failed", f))
@@ -142,6 +153,7 @@ class Supervisor(Service):
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
+        self.memory.stop()
         closing = self.scheduler.close(self.scheduler.config.shutdown_timeout)
         stopped = DeferredList(
             [closing.addCallback(lambda _: self.store.stop()), self.pool.closeCachedConnections()],
