@@ -54,6 +54,7 @@ class Timing:
 
     health_timeout: float = 120.0
     poll_interval: float = 0.25
+    line_retry: float = 0.005
     stop_timeout: float = 10.0
 
 
@@ -177,6 +178,7 @@ class ModelProcess:
         self._kill: IDelayedCall | None = None
         self._probing: Deferred[int] | None = None
         self._probe_again = False
+        self._retry_delay = timing.poll_interval
 
     @property
     def id(self) -> str:
@@ -264,7 +266,10 @@ class ModelProcess:
         self._logs.child_line(self.id, stream, line)
         if self.state is ModelState.STARTING and self.config.check_endpoint is not None:
             # servers log as they load: a new line is the moment readiness is likely.
-            # One probe at a time; a line during a probe asks for one more after it.
+            # One probe at a time; a line during a probe asks for one more after it,
+            # and a miss right after a line is retried soon (5, 10, 20 ... ms), since
+            # servers often print "loaded" a moment before they answer 200.
+            self._retry_delay = self.timing.line_retry
             self._probe()
 
     def _probe(self) -> None:
@@ -290,7 +295,10 @@ class ModelProcess:
             self._probe_again = False
             self._probe()
         elif self._poll is None:
-            self._poll = self._clock.callLater(self.timing.poll_interval, self._probe)
+            delay = self.timing.poll_interval
+            if self._retry_delay < delay:
+                delay, self._retry_delay = self._retry_delay, self._retry_delay * 2
+            self._poll = self._clock.callLater(delay, self._probe)
 
     def _stop_probing(self) -> None:
         """Call once the state is no longer STARTING, so nothing re-arms a probe."""

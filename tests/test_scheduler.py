@@ -450,3 +450,17 @@ class AdmissionTests(SynchronousTestCase):
         self.assertEqual(w.child("a").signals, ["TERM"])
         w.reactor.advance(4)
         self.assertEqual(w.child("a").signals, ["TERM", "KILL"])
+
+
+class ReadinessTests(SynchronousTestCase):
+    def test_a_miss_right_after_a_line_is_retried_within_milliseconds(self) -> None:
+        w = world(timing=Timing(poll_interval=0.25, line_retry=0.005))
+        d = w.scheduler.acquire("a")
+        url = w.process("a").base_url
+        w.health.status[url] = 503
+        w.child("a").say("main: model loaded")  # probed at once: still 503
+        self.assertEqual(len(w.health.probes), 1)
+        w.health.status[url] = 200  # ready a moment later
+        w.reactor.advance(0.005)
+        self.successResultOf(d)
+        self.assertEqual(len(w.health.probes), 2)
