@@ -579,7 +579,7 @@ def run(
     for trace in chosen:
         for variant in trace.variants:
             for policy in ("fifo", "collate"):
-                monitor.wait_quiet(max_wait=5)
+                monitor.wait_quiet(max_wait=3)
                 runs.append(run_one(procs, monitor, trace, policy, variant))
     return {
         "seed": seed,
