@@ -52,26 +52,6 @@ SWAGGER_PAGE = b"""<!doctype html>
 # what a JSON body may be labelled as (curl -d sends form-urlencoded by default)
 ACCEPTED_BODY_TYPES = (b"application/json", b"application/x-www-form-urlencoded", b"text/plain")
 
-# POST routes whose JSON (or multipart form) body names the model
-MODEL_ROUTES = (
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/responses",
-    "/v1/embeddings",
-    "/v1/rerank",
-    "/v1/reranking",
-    "/rerank",
-    "/reranking",
-    "/v1/messages",
-    "/v1/messages/count_tokens",
-    "/infill",
-    "/completion",
-    "/v1/audio/speech",
-    "/v1/images/generations",
-    "/v1/audio/transcriptions",
-    "/v1/images/edits",
-)
-
 
 def _json(request: Request, document: object, status: int = 200) -> bytes:
     request.setResponseCode(status)

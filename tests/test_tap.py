@@ -103,30 +103,28 @@ class TwistdTests(TestCase):
         self.assertNotEqual(code, 0)
         self.assertIn("models.m.aliasses: unknown key (did you mean 'aliases'?)", output)
 
-    async def test_sigterm_lets_a_stream_finish_then_exits_0(self) -> None:
+    def start_twistd(self, start_port: int) -> tuple[subprocess.Popen[bytes], int]:
+        """A real ``twistd -n llamaswap`` with one fake model ``m``, on a free port."""
         path = self.mktemp()
         fake = f"{sys.executable} -m llamaswap.testing.fake_server --port ${{PORT}} --model m"
         Path(path).write_text(
-            f"startPort: 31900\nstore: {{path: ':memory:'}}\nmodels:\n  m:\n    cmd: {fake}\n"
+            f"startPort: {start_port}\nstore: {{path: ':memory:'}}\n"
+            f"models:\n  m:\n    cmd: {fake}\n"
         )
         port = free_port()
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+        listen = f"tcp:{port}:interface=127.0.0.1"
         twistd = subprocess.Popen(
-            [
-                TWISTD,
-                "-n",
-                "--pidfile=",
-                "llamaswap",
-                "--config",
-                path,
-                "--listen",
-                f"tcp:{port}:interface=127.0.0.1",
-            ],
+            [TWISTD, "-n", "--pidfile=", "llamaswap", "--config", path, "--listen", listen],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         self.addCleanup(twistd.kill)
+        return twistd, port
+
+    async def test_sigterm_lets_a_stream_finish_then_exits_0(self) -> None:
+        twistd, port = self.start_twistd(31900)
         agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
         body = json.dumps(
             {"model": "m", "stream": True, "fake": {"tokens": 20, "delay": 0.05}}
@@ -159,29 +157,7 @@ class TwistdTests(TestCase):
         self.assertEqual(twistd.returncode, 0)
 
     async def test_children_die_with_llamaswap_even_on_sigkill(self) -> None:
-        path = self.mktemp()
-        fake = f"{sys.executable} -m llamaswap.testing.fake_server --port ${{PORT}} --model m"
-        Path(path).write_text(
-            f"startPort: 31800\nstore: {{path: ':memory:'}}\nmodels:\n  m:\n    cmd: {fake}\n"
-        )
-        port = free_port()
-        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-        twistd = subprocess.Popen(
-            [
-                TWISTD,
-                "-n",
-                "--pidfile=",
-                "llamaswap",
-                "--config",
-                path,
-                "--listen",
-                f"tcp:{port}:interface=127.0.0.1",
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self.addCleanup(twistd.kill)
+        twistd, port = self.start_twistd(31800)
         agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
         loaded = None
         for _ in range(200):
