@@ -754,16 +754,30 @@ def _number_arg(
 
 
 @implementer(IPushProducer)
-class _EventReader:
-    """An event-stream client; one that stops reading for too long is dropped."""
-
-    MAX_DROPPED = 1000
+class _LiveReader:
+    """A live-stream client: while its connection is full, new items are dropped,
+    not buffered, so one slow reader costs nobody anything."""
 
     def __init__(self, request: Request) -> None:
         self.request = request
         self.paused = False
         self.dropped = 0
-        self.on_drop: Any = None
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+
+class _EventReader(_LiveReader):
+    """An event-stream client; one that stops reading for too long is dropped."""
+
+    MAX_DROPPED = 1000
+    on_drop: Any = None
 
     def send(self, kind: str, data: dict[str, Any]) -> None:
         if self.paused:
@@ -778,24 +792,9 @@ class _EventReader:
         payload = json.dumps(data, default=str)
         self.request.write(f"event: {kind}\ndata: {payload}\n\n".encode())
 
-    def pauseProducing(self) -> None:
-        self.paused = True
 
-    def resumeProducing(self) -> None:
-        self.paused = False
-
-    def stopProducing(self) -> None:
-        self.paused = True
-
-
-@implementer(IPushProducer)
-class _LogReader:
-    """A live log reader that drops lines while its client is not keeping up."""
-
-    def __init__(self, request: Request) -> None:
-        self.request = request
-        self.paused = False
-        self.dropped = 0
+class _LogReader(_LiveReader):
+    """A live log reader; it says how many lines it had to drop."""
 
     def line(self, source: str, line: str) -> None:
         if self.paused:
@@ -805,12 +804,3 @@ class _LogReader:
             self.request.write(f"[... {self.dropped} lines dropped]\n".encode())
             self.dropped = 0
         self.request.write(line.encode("utf-8") + b"\n")
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-
-    def stopProducing(self) -> None:
-        self.paused = True
