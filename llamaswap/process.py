@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
+import re
 import shutil
 import signal
 from collections import deque
@@ -34,6 +35,7 @@ from .logs import LogHub, logger
 from .ports import PortAllocator
 
 TAIL_LINES = 20
+HOT_LINE = re.compile(r"loaded|listening|ready|idle|started|startup complete|serving", re.I)
 MAX_LINE = 16_384
 
 HealthProbe = Callable[[str], "Deferred[int]"]
@@ -55,6 +57,7 @@ class Timing:
     health_timeout: float = 120.0
     poll_interval: float = 0.25
     line_retry: float = 0.005
+    hot_window: float = 0.3
     stop_timeout: float = 10.0
 
 
@@ -178,7 +181,7 @@ class ModelProcess:
         self._kill: IDelayedCall | None = None
         self._probing: Deferred[int] | None = None
         self._probe_again = False
-        self._retry_delay = timing.poll_interval
+        self._hot_until = 0.0
 
     @property
     def id(self) -> str:
@@ -266,10 +269,12 @@ class ModelProcess:
         self._logs.child_line(self.id, stream, line)
         if self.state is ModelState.STARTING and self.config.check_endpoint is not None:
             # servers log as they load: a new line is the moment readiness is likely.
-            # One probe at a time; a line during a probe asks for one more after it,
-            # and a miss right after a line is retried soon (5, 10, 20 ... ms), since
-            # servers often print "loaded" a moment before they answer 200.
-            self._retry_delay = self.timing.line_retry
+            # One probe at a time; a line during a probe asks for one more after it.
+            # A line that sounds like "ready" (llama-server: "model loaded",
+            # "listening on") opens a short window of quick retries, since servers
+            # say so a moment before their health check answers 200.
+            if HOT_LINE.search(line):
+                self._hot_until = self._clock.seconds() + self.timing.hot_window
             self._probe()
 
     def _probe(self) -> None:
@@ -295,9 +300,8 @@ class ModelProcess:
             self._probe_again = False
             self._probe()
         elif self._poll is None:
-            delay = self.timing.poll_interval
-            if self._retry_delay < delay:
-                delay, self._retry_delay = self._retry_delay, self._retry_delay * 2
+            hot = self._clock.seconds() < self._hot_until
+            delay = self.timing.line_retry if hot else self.timing.poll_interval
             self._poll = self._clock.callLater(delay, self._probe)
 
     def _stop_probing(self) -> None:

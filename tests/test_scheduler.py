@@ -458,9 +458,14 @@ class ReadinessTests(SynchronousTestCase):
         d = w.scheduler.acquire("a")
         url = w.process("a").base_url
         w.health.status[url] = 503
-        w.child("a").say("main: model loaded")  # probed at once: still 503
+        w.child("a").say("load_model: loading model 'x.gguf'")  # an ordinary line
         self.assertEqual(len(w.health.probes), 1)
-        w.health.status[url] = 200  # ready a moment later
+        w.reactor.advance(0.005)
+        self.assertEqual(len(w.health.probes), 1)  # no hurry: the next poll is at 0.25 s
+        w.child("a").say("main: model loaded")  # sounds ready: probed at once, still 503
+        self.assertEqual(len(w.health.probes), 2)
+        w.reactor.pump([0.005] * 10)  # quick retries while it gets there
+        self.assertEqual(len(w.health.probes), 12)
+        w.health.status[url] = 200
         w.reactor.advance(0.005)
         self.successResultOf(d)
-        self.assertEqual(len(w.health.probes), 2)
