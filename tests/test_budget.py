@@ -211,3 +211,25 @@ class DeadlineTests(LiveTestCase):
         holder.hang_up()
         await holder.done
         self.assertEqual(list(await self.running()), ["a"])  # b was never started
+
+
+class LiveBudgetTests(LiveTestCase):
+    async def test_models_share_a_budget_and_the_least_recently_used_idle_one_goes(
+        self,
+    ) -> None:
+        await self.serve(
+            "resources: {ram: 3GiB}\nmodels:\n"
+            f"  a:\n    cmd: {FAKE}\n    memory: 1GiB\n"
+            f"  b:\n    cmd: {FAKE}\n    memory: 1GiB\n"
+            f"  c:\n    cmd: {FAKE}\n    memory: 2GiB\n"
+        )
+        await self.chat("a")
+        await self.chat("b")
+        self.assertEqual(sorted(await self.running()), ["a", "b"])  # 2 GiB of 3: together
+        await self.chat("a")  # b is now the least recently used
+        await self.chat("c")  # needs 2 GiB: one of them must go
+        running = await self.running()
+        self.assertEqual(sorted(running), ["a", "c"])
+        entry = running["a"]
+        self.assertEqual(entry["memory"]["declared"], {"ram": 2**30})
+        self.assertGreater(entry["load_seconds"], 0)
