@@ -156,6 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.render:
         saved = json.loads(Path(args.render).read_text())
+        if args.only.strip() == "trace":  # just the trace section, in place
+            text = trace.render(saved["trace"], saved.get("trace_machine") or saved.get("machine"))
+            if not args.no_docs:
+                target = REPO / "docs" / "benchmarks.md"
+                target.write_text(trace.splice(target.read_text(), text))
+            print(text)
+            return 0
         text = report.render(saved)
         if not args.no_docs:
             (REPO / "docs" / "benchmarks.md").write_text(text)
@@ -258,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
         # only the trace section: keep the other sections' saved results and text
         write_trace_only(results, args.no_docs)
     else:
+        if "trace" not in sections:  # keep the last trace section (it is run on request)
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                saved = json.loads(LAST.read_text())
+                results["trace"] = saved["trace"]
+                results["trace_machine"] = saved.get("trace_machine", saved["machine"])
         with contextlib.suppress(OSError):
             LAST.write_text(json.dumps(results, indent=1, default=str))
         text = report.render(results)

@@ -97,35 +97,60 @@ def tokens(rng: random.Random) -> int:
     return rng.randint(*TOKENS)
 
 
-def agent_trace(rng: random.Random, agents: int, loops: int) -> Trace:
+def tool_time(rng: random.Random) -> float:
+    """What an agent does between two model calls (run a tool, read files, search):
+    log-normal, median 1 s, one in ten over 3.2 s, capped at 8 s."""
+    return round(min(8.0, max(0.2, rng.lognormvariate(0.0, 0.9))), 3)
+
+
+def agent_trace(rng: random.Random, agents: int, loops: int, *, lockstep: bool = False) -> Trace:
+    """Agents looping A → B → A → C.  Realistic tool times are heavy-tailed and agents
+    start at different moments; ``lockstep`` is the contrast: short, uniform tool
+    times and a common start, which lets the agents fall into step."""
     clients = []
+    spread = 2.0 if lockstep else 6.0
     for i in range(agents):
         steps = [
-            Step(model, tokens=tokens(rng), think=round(rng.uniform(0.3, 1.5), 3))
+            Step(
+                model,
+                tokens=tokens(rng),
+                think=round(rng.uniform(0.3, 1.5), 3) if lockstep else tool_time(rng),
+            )
             for _ in range(loops)
             for model in ("A", "B", "A", "C")
         ]
-        clients.append(Client(f"agent{i + 1}", round(rng.uniform(0.0, 2.0), 3), tuple(steps)))
+        clients.append(Client(f"agent{i + 1}", round(rng.uniform(0.0, spread), 3), tuple(steps)))
+    tools = (
+        "0.3–1.5 s of tool time (uniform)"
+        if lockstep
+        else "a tool time drawn from a log-normal distribution (median 1 s, 10% over 3.2 s, "
+        "0.2–8 s)"
+    )
     return Trace(
-        "agent",
-        "Agent pipeline",
-        f"{agents} agents start within 2 s of each other; each runs {loops} loops of "
+        "agent-lockstep" if lockstep else "agent",
+        "Agent pipeline, short uniform tool times (contrast)" if lockstep else "Agent pipeline",
+        f"{agents} agents start within {spread:g} s of each other; each runs {loops} loops of "
         "A → B → A → C (planner, coder, planner, critic), every step sent when the previous "
-        "answer is in, after 0.3–1.5 s of tool time. A, B and C are in the default group "
-        "(one model at a time).",
+        f"answer is in, after {tools}. A, B and C are in the default group (one model at a "
+        "time).",
         tuple(clients),
         {"A": LOAD_CHAT, "B": LOAD_CHAT, "C": LOAD_CHAT},
     )
 
 
 def two_users_trace(rng: random.Random, turns_a: int, turns_b: int) -> Trace:
-    user1 = Client(
-        "user1",
-        0.0,
-        tuple(
-            Step("A", tokens=tokens(rng), think=round(rng.uniform(0.5, 2.0), 3))
-            for _ in range(turns_a)
-        ),
+    # user 1 hammers A from three sessions at once (chat, IDE assistant, a script),
+    # so A is mostly busy when user 2's request for B comes in
+    user1 = tuple(
+        Client(
+            f"user1-{session}",
+            round(rng.uniform(0.0, 1.0), 3),
+            tuple(
+                Step("A", tokens=tokens(rng), think=round(rng.uniform(0.2, 1.0), 3))
+                for _ in range(turns_a)
+            ),
+        )
+        for session in ("chat", "ide", "script")
     )
     user2 = Client(
         "user2",
@@ -138,10 +163,11 @@ def two_users_trace(rng: random.Random, turns_a: int, turns_b: int) -> Trace:
     return Trace(
         "users",
         "Two users on different models",
-        f"user 1 sends {turns_a} requests to A with 0.5–2 s between an answer and the next "
-        f"question; user 2 sends {turns_b} requests to B with 3–8 s between them. "
-        "A and B are in the default group.",
-        (user1, user2),
+        f"user 1 hammers A from three sessions at once (say a chat, an IDE assistant and a "
+        "script), "
+        f"{turns_a} requests each, 0.2–1 s between an answer and the next request; user 2 "
+        f"sends {turns_b} requests to B, 3–8 s apart. A and B are in the default group.",
+        (*user1, user2),
         {"A": LOAD_CHAT, "B": LOAD_CHAT},
     )
 
@@ -200,13 +226,15 @@ def traces(seed: int, quick: bool) -> list[Trace]:
     if quick:
         return [
             agent_trace(rng("agent"), agents=2, loops=1),
-            two_users_trace(rng("users"), turns_a=5, turns_b=2),
-            embeddings_trace(rng("embed"), turns_a=4, turns_b=2, bursts=2),
+            agent_trace(rng("agent-lockstep"), agents=2, loops=1, lockstep=True),
+            two_users_trace(rng("users"), turns_a=3, turns_b=2),
+            embeddings_trace(rng("embed"), turns_a=3, turns_b=1, bursts=1),
         ]
     return [
-        agent_trace(rng("agent"), agents=3, loops=3),
-        two_users_trace(rng("users"), turns_a=16, turns_b=6),
-        embeddings_trace(rng("embed"), turns_a=10, turns_b=5, bursts=4),
+        agent_trace(rng("agent"), agents=4, loops=2),
+        agent_trace(rng("agent-lockstep"), agents=3, loops=2, lockstep=True),
+        two_users_trace(rng("users"), turns_a=10, turns_b=3),
+        embeddings_trace(rng("embed"), turns_a=6, turns_b=3, bursts=3),
     ]
 
 
@@ -288,7 +316,7 @@ def replay(port: int, trace: Trace) -> tuple[list[Sent], float, float]:
     def run_client(client: Client) -> None:
         time.sleep(max(0.0, t0 + client.start - time.time()))
         index = 0
-        for step in client.steps:
+        for number, step in enumerate(client.steps, 1):
             if step.count == 1:
                 send(client.name, step, index)
                 index += 1
@@ -312,7 +340,8 @@ def replay(port: int, trace: Trace) -> tuple[list[Sent], float, float]:
                     w.start()
                 for w in workers:
                     w.join()
-            time.sleep(step.think)
+            if number < len(client.steps):  # no think time after the last answer
+                time.sleep(step.think)
 
     threads = [threading.Thread(target=run_client, args=(c,), daemon=True) for c in trace.clients]
     for t in threads:
@@ -579,7 +608,6 @@ def run(
     for trace in chosen:
         for variant in trace.variants:
             for policy in ("fifo", "collate"):
-                monitor.wait_quiet(max_wait=3)
                 runs.append(run_one(procs, monitor, trace, policy, variant))
     return {
         "seed": seed,
@@ -635,6 +663,11 @@ def _cut(before: float, after: float) -> float:
     return (1 - after / before) * 100 if before else float("nan")
 
 
+def _change(before: float, after: float, less: str, more: str) -> str:
+    cut = round(_cut(before, after))
+    return f"{cut}% {less}" if cut >= 0 else f"{-cut}% {more}"
+
+
 def targets(t: dict[str, Any]) -> list[list[str]]:
     fifo, coll = _find(t["runs"], "agent", "fifo"), _find(t["runs"], "agent", "collate")
     if not fifo or not coll:
@@ -647,15 +680,17 @@ def targets(t: dict[str, Any]) -> list[list[str]]:
     def status(ok: bool) -> str:
         return "met" if ok else "**missed**"
 
-    return [
+    rows = [
         [
             "agent trace: ≥ 30% fewer loads with collate",
-            f"{fifo['loads']} → {coll['loads']} ({fewer:.0f}% fewer)",
+            f"{fifo['loads']} → {coll['loads']} "
+            f"({_change(fifo['loads'], coll['loads'], 'fewer', 'more')})",
             status(fewer >= 30),
         ],
         [
             "agent trace: ≥ 20% lower p95 latency with collate",
-            f"{fifo['latency'][1]:.2f} s → {coll['latency'][1]:.2f} s ({lower:.0f}% lower)",
+            f"{fifo['latency'][1]:.2f} s → {coll['latency'][1]:.2f} s "
+            f"({_change(fifo['latency'][1], coll['latency'][1], 'lower', 'higher')})",
             status(lower >= 20),
         ],
         [
@@ -665,6 +700,22 @@ def targets(t: dict[str, Any]) -> list[list[str]]:
             status(over == 0),
         ],
     ]
+    lf, lc = (
+        _find(t["runs"], "agent-lockstep", "fifo"),
+        _find(t["runs"], "agent-lockstep", "collate"),
+    )
+    if lf and lc:
+        rows.append(
+            [
+                "(contrast, no target) agents in lockstep: loads, p95 latency",
+                f"{lf['loads']} → {lc['loads']} "
+                f"({_change(lf['loads'], lc['loads'], 'fewer', 'more')}); "
+                f"{lf['latency'][1]:.2f} s → {lc['latency'][1]:.2f} s "
+                f"({_change(lf['latency'][1], lc['latency'][1], 'lower', 'higher')})",
+                "–",
+            ]
+        )
+    return rows
 
 
 def render(t: dict[str, Any], machine: dict[str, Any] | None = None) -> str:
