@@ -112,6 +112,7 @@ class Scheduler:
         self.policy: Policy = config.policy
         self._recheck: IDelayedCall | None = None
         self._retiring: list[_Slot] = []
+        self._side_starts: set[frozenset[str]] = set()
         self._swap: tuple[frozenset[str], frozenset[str]] | None = None  # (targets, victims)
         self._closed = False
         for slot in self._slots.values():
@@ -314,6 +315,16 @@ class Scheduler:
                     waiter.deferred.callback(self._grant(self._slots[waiter.model_id]))
                 continue
             victims = self._victims(waiter.targets)
+            swapping = self._swap[0] if self._swap is not None else frozenset()
+            if (
+                grant
+                and not first
+                and not victims
+                and not waiter.targets & (swapping | plan.doomed)
+            ):
+                # behind another start, but it stops nothing: no need to wait its turn
+                self._start_alongside(waiter.targets)
+                continue
             if not first:
                 if self.policy.name == "fifo":
                     plan.doomed |= victims  # strict arrival order
@@ -328,6 +339,26 @@ class Scheduler:
             else:
                 plan.recheck_at = self.policy.recheck_at(waiting, views)
         return plan
+
+    def _start_alongside(self, targets: frozenset[str]) -> None:
+        """Start models that displace nothing, outside the swap lock."""
+        if targets in self._side_starts:
+            return
+        self._side_starts.add(targets)
+        self.log.info("starting {model} alongside", model=", ".join(sorted(targets)))
+        starting = _all_now(self._slots[t].process.start() for t in sorted(targets))
+
+        def done(result: Failure | None) -> None:
+            self._side_starts.discard(targets)
+            if isinstance(result, Failure):
+                error = result.value
+                assert isinstance(error, Exception)
+                for waiter in [w for w in self._queue if w.targets == targets]:
+                    self._queue.remove(waiter)
+                    waiter.deferred.errback(error)
+            self._pump()
+
+        starting.addBoth(done)
 
     def _victim_view(self, model_id: str) -> Victim:
         slot = self._slots[model_id]

@@ -377,6 +377,19 @@ class GroupTests(SynchronousTestCase):
         self.assertNoResult(w.scheduler.acquire("chat-a"))
         lease_a.release()
 
+    def test_a_model_that_stops_nothing_starts_without_waiting_its_turn(self) -> None:
+        w = world(GROUPS)
+        lease_a = self.ready(w, "chat-a")
+        pending_b = w.scheduler.acquire("chat-b")  # waits for chat-a to drain
+        pending_embed = w.scheduler.acquire("embed")  # resident: displaces nothing
+        self.assertEqual(w.spawned_models(), ["chat-a", "embed"])
+        w.make_ready("embed")
+        self.successResultOf(pending_embed).release()
+        self.assertNoResult(pending_b)
+        lease_a.release()
+        w.make_ready("chat-b")
+        self.successResultOf(pending_b)
+
     def test_non_swapping_group_members_run_together_and_exclusive_evicts_others(self) -> None:
         w = world(GROUPS)
         self.ready(w, "chat-a").release()
