@@ -178,12 +178,9 @@ class ModelProcess:
         self._start_failure: Exception | None = None
         self._deadline: IDelayedCall | None = None
         self._poll: IDelayedCall | None = None
-        self._watch: IDelayedCall | None = None
         self._kill: IDelayedCall | None = None
         self._probing: Deferred[int] | None = None
         self._probe_again = False
-        # between these two moments a missed probe is retried within milliseconds
-        self._hot_from = 0.0
         self._hot_until = 0.0
 
     @property
@@ -258,12 +255,6 @@ class ModelProcess:
             self._became_ready()
         else:
             self._poll = self._clock.callLater(self.timing.poll_interval, self._probe)
-            if self.load_seconds is not None:
-                # it took about this long before: watch closely from a little earlier
-                now = self._clock.seconds()
-                self._hot_from = now + 0.8 * self.load_seconds
-                self._hot_until = now + 1.5 * self.load_seconds + 0.1
-                self._watch = self._clock.callLater(0.8 * self.load_seconds, self._probe)
 
     def _fail_before_spawn(self, cause: str) -> None:
         self._release_port()
@@ -283,8 +274,7 @@ class ModelProcess:
             # "listening on") opens a short window of quick retries, since servers
             # say so a moment before their health check answers 200.
             if HOT_LINE.search(line):
-                self._hot_from = self._clock.seconds()
-                self._hot_until = self._hot_from + self.timing.hot_window
+                self._hot_until = self._clock.seconds() + self.timing.hot_window
             self._probe()
 
     def _probe(self) -> None:
@@ -310,15 +300,14 @@ class ModelProcess:
             self._probe_again = False
             self._probe()
         elif self._poll is None:
-            hot = self._hot_from <= self._clock.seconds() < self._hot_until
+            hot = self._clock.seconds() < self._hot_until
             delay = self.timing.line_retry if hot else self.timing.poll_interval
             self._poll = self._clock.callLater(delay, self._probe)
 
     def _stop_probing(self) -> None:
         """Call once the state is no longer STARTING, so nothing re-arms a probe."""
         self._cancel(self._poll)
-        self._cancel(self._watch)
-        self._poll = self._watch = None
+        self._poll = None
         self._probe_again = False
         if self._probing is not None:
             self._probing.cancel()

@@ -482,22 +482,3 @@ class ReadinessTests(SynchronousTestCase):
         w.health.status[url] = 200
         w.reactor.advance(0.005)
         self.successResultOf(d)
-
-    def test_a_model_is_watched_closely_around_its_learned_load_time(self) -> None:
-        w = world(timing=Timing(poll_interval=0.25, line_retry=0.005))
-        d = w.scheduler.acquire("a")
-        w.reactor.advance(1.0)
-        w.make_ready("a")  # learned: about 1 s to load
-        self.successResultOf(d).release()
-        self.successResultOf(w.scheduler.unload(["a"]))
-        w.health.status.clear()
-        w.health.probes.clear()
-        d = w.scheduler.acquire("a")
-        w.reactor.pump([0.25] * 3)  # nothing special during the early load
-        self.assertEqual(len(w.health.probes), 3)
-        w.reactor.advance(0.05)  # at 0.8 s: close watch begins
-        w.reactor.pump([0.005] * 20)
-        self.assertGreater(len(w.health.probes), 3 + 15)
-        w.health.status[w.process("a").base_url] = 200
-        w.reactor.advance(0.005)
-        self.successResultOf(d)
