@@ -14,7 +14,6 @@ import random
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from .daemon import free_port, start_twistd
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -40,7 +41,6 @@ if not os.path.exists(CHROMIUM):
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
-TWISTD = str(Path(sys.executable).parent / "twistd")
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -72,13 +72,6 @@ SECONDS = 20_000  # ms, for every expectation that waits on a model
 expect.set_options(timeout=SECONDS)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 class Daemon:
     """``twistd -n llamaswap`` on a free port, its output in test-artifacts/."""
 
@@ -86,20 +79,7 @@ class Daemon:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = open(ARTIFACTS / "ui-twistd.log", "w")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [
-                TWISTD,
-                "-n",
-                "--pidfile=",
-                "llamaswap",
-                "--config",
-                str(config),
-                "--listen",
-                f"tcp:{self.port}:interface=127.0.0.1",
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
+        self.process = start_twistd(config, self.port, self.log)
         deadline = time.monotonic() + 20
         while not self.up():
             if self.process.poll() is not None or time.monotonic() > deadline:

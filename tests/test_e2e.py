@@ -10,9 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,9 +20,10 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from .daemon import free_port, start_twistd
+
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "llamaswap" / "demo.yaml"
-TWISTD = str(Path(sys.executable).parent / "twistd")
 QUESTION: list[ChatCompletionMessageParam] = [
     {"role": "user", "content": "What is the capital of France?"}
 ]
@@ -37,13 +35,6 @@ if not (os.environ.get("LLAMA_SERVER") and os.environ.get("LLAMASWAP_MODEL")):
         "LLAMA_SERVER and LLAMASWAP_MODEL are not set (make test sets them)",
         allow_module_level=True,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def until(check: Callable[[], bool], what: str, seconds: float = 20.0) -> None:
@@ -70,23 +61,8 @@ class Llamaswap:
     def __init__(self, config: Path) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
         self.log = open(ROOT / "test-artifacts" / f"e2e-{self.port}.log", "w")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [
-                TWISTD,
-                "-n",
-                "--pidfile=",
-                "llamaswap",
-                "--config",
-                str(config),
-                "--listen",
-                f"tcp:{self.port}:interface=127.0.0.1",
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+        self.process = start_twistd(config, self.port, self.log)
         self.http = httpx.Client(base_url=self.base, timeout=60)
         until(self._up, "llamaswap answers /health")
         self.client = openai.OpenAI(base_url=self.base + "/v1", api_key="unused", max_retries=0)

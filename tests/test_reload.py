@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +17,7 @@ from twisted.web.iweb import IResponse
 from llamaswap.relay import BytesProducer
 from llamaswap.reload import ConfigReloader
 
+from .daemon import free_port, start_twistd
 from .integration import FAKE, LiveTestCase, StreamReader
 
 BEFORE = f"""
@@ -148,29 +146,10 @@ class ReloadTests(LiveTestCase):
 
 class SighupTests(LiveTestCase):
     async def test_sighup_reloads_a_running_twistd(self) -> None:
-        import socket
-
         path = Path(self.mktemp())
-        path.write_text(BEFORE.replace("${PORT}", "${PORT}"))
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-        twistd = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "twistd"),
-                "-n",
-                "--pidfile=",
-                "llamaswap",
-                "--config",
-                str(path),
-                "--listen",
-                f"tcp:{port}:interface=127.0.0.1",
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        path.write_text(BEFORE)
+        port = free_port()
+        twistd = start_twistd(path, port)
         self.addCleanup(twistd.wait)
         self.addCleanup(twistd.terminate)
         self.base = f"http://127.0.0.1:{port}"

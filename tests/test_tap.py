@@ -25,8 +25,9 @@ from twisted.web.http_headers import Headers
 from llamaswap.relay import BytesProducer
 from llamaswap.tap import DEFAULT_LISTEN, Options
 
+from .daemon import TWISTD, free_port, start_twistd
+
 ROOT = Path(__file__).resolve().parent.parent
-TWISTD = str(Path(sys.executable).parent / "twistd")
 
 
 class OptionsTests(SynchronousTestCase):
@@ -103,7 +104,7 @@ class TwistdTests(TestCase):
         self.assertNotEqual(code, 0)
         self.assertIn("models.m.aliasses: unknown key (did you mean 'aliases'?)", output)
 
-    def start_twistd(self, start_port: int) -> tuple[subprocess.Popen[bytes], int]:
+    def launch(self, start_port: int) -> tuple[subprocess.Popen[bytes], int]:
         """A real ``twistd -n llamaswap`` with one fake model ``m``, on a free port."""
         path = self.mktemp()
         fake = f"{sys.executable} -m llamaswap.testing.fake_server --port ${{PORT}} --model m"
@@ -112,19 +113,12 @@ class TwistdTests(TestCase):
             f"models:\n  m:\n    cmd: {fake}\n"
         )
         port = free_port()
-        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-        listen = f"tcp:{port}:interface=127.0.0.1"
-        twistd = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "llamaswap", "--config", path, "--listen", listen],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        twistd = start_twistd(path, port)
         self.addCleanup(twistd.kill)
         return twistd, port
 
     async def test_sigterm_lets_a_stream_finish_then_exits_0(self) -> None:
-        twistd, port = self.start_twistd(31900)
+        twistd, port = self.launch(31900)
         agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
         body = json.dumps(
             {"model": "m", "stream": True, "fake": {"tokens": 20, "delay": 0.05}}
@@ -157,7 +151,7 @@ class TwistdTests(TestCase):
         self.assertEqual(twistd.returncode, 0)
 
     async def test_children_die_with_llamaswap_even_on_sigkill(self) -> None:
-        twistd, port = self.start_twistd(31800)
+        twistd, port = self.launch(31800)
         agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
         loaded = None
         for _ in range(200):
@@ -188,10 +182,3 @@ def _alive(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
