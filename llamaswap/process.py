@@ -180,6 +180,8 @@ class ModelProcess:
         self._poll: IDelayedCall | None = None
         self._kill: IDelayedCall | None = None
         self._probing: Deferred[int] | None = None
+        self._beside: Deferred[int] | None = None
+        self._nudge: IDelayedCall | None = None
         self._probe_again = False
         self._hot_until = 0.0
 
@@ -289,6 +291,27 @@ class ModelProcess:
         assert self.config.check_endpoint is not None
         self._probing = self._probe_url(self.base_url + self.config.check_endpoint)
         self._probing.addBoth(self._probed)
+        if self._probing is not None and self._clock.seconds() < self._hot_until:
+            # a server finishing its load may sit on a health request for a while;
+            # if this one is slow, ask again beside it rather than wait for it
+            self._nudge = self._clock.callLater(2 * self.timing.line_retry, self._probe_beside)
+
+    def _probe_beside(self) -> None:
+        self._nudge = None
+        if self.state is not ModelState.STARTING or self._probing is None or self._beside:
+            return
+        assert self.config.check_endpoint is not None
+        self._beside = self._probe_url(self.base_url + self.config.check_endpoint)
+        self._beside.addBoth(self._probed_beside)
+
+    def _probed_beside(self, result: int | Failure) -> None:
+        self._beside = None
+        if self.state is not ModelState.STARTING:
+            return
+        if result == 200:
+            self._became_ready()
+        elif self._probing is not None and self._clock.seconds() < self._hot_until:
+            self._nudge = self._clock.callLater(self.timing.line_retry, self._probe_beside)
 
     def _probed(self, result: int | Failure) -> None:
         self._probing = None
@@ -307,10 +330,12 @@ class ModelProcess:
     def _stop_probing(self) -> None:
         """Call once the state is no longer STARTING, so nothing re-arms a probe."""
         self._cancel(self._poll)
-        self._poll = None
+        self._cancel(self._nudge)
+        self._poll = self._nudge = None
         self._probe_again = False
-        if self._probing is not None:
-            self._probing.cancel()
+        for probe in (self._probing, self._beside):
+            if probe is not None:
+                probe.cancel()
 
     def _became_ready(self) -> None:
         self._cancel(self._deadline)

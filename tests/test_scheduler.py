@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
 from llamaswap.errors import ApiError, StartFailed
@@ -482,3 +482,21 @@ class ReadinessTests(SynchronousTestCase):
         w.health.status[url] = 200
         w.reactor.advance(0.005)
         self.successResultOf(d)
+
+    def test_a_slow_health_answer_does_not_hold_readiness_back(self) -> None:
+        w = world(timing=Timing(poll_interval=0.25, line_retry=0.005))
+        stuck: list[Deferred[int]] = []
+
+        def probe(url: str) -> Deferred[int]:
+            if not stuck:  # the first request sits in a server busy finishing its load
+                stuck.append(Deferred(lambda d: None))
+                return stuck[0]
+            return succeed(200)
+
+        w.process("a")._probe_url = probe
+        d = w.scheduler.acquire("a")
+        w.child("a").say("llama_server: model loaded")
+        self.assertNoResult(d)
+        w.reactor.advance(0.01)  # a second probe, beside the stuck one
+        self.successResultOf(d)
+        self.assertTrue(stuck[0].called)  # the stuck one was dropped
