@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -21,6 +20,7 @@ from twisted.web.server import Request
 from .errors import ApiError
 from .logs import LogHub
 from .process import ModelState
+from .relay import end_event_stream
 from .scheduler import Lease, Scheduler
 
 PERCENT = re.compile(r"(\d{1,3}(?:\.\d+)?)\s*%")
@@ -126,7 +126,4 @@ class LoadingStream:
             if isinstance(error, ApiError)
             else ApiError(503, str(error), "model_start_failed")
         )
-        body: dict[str, Any] = json.loads(api_error.body())
-        self.request.write(sse(body))
-        self.request.write(b"data: [DONE]\n\n")
-        self.request.finish()
+        end_event_stream(self.request, api_error.body())

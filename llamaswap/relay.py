@@ -81,6 +81,13 @@ class BytesProducer:
         pass
 
 
+def end_event_stream(request: Request, error: bytes) -> None:
+    """End an event stream that is already under way: an error event, then [DONE]."""
+    request.write(b"data: " + error + b"\n\n")
+    request.write(b"data: [DONE]\n\n")
+    request.finish()
+
+
 class Relay:
     """Sends requests to children through one persistent connection pool."""
 
@@ -198,9 +205,7 @@ class _Exchange:
             document = {
                 "error": {"message": text, "type": "server_error", "code": "upstream_error"}
             }
-        self.request.write(b"data: " + json.dumps(document).encode() + b"\n\n")
-        self.request.write(b"data: [DONE]\n\n")
-        self.request.finish()
+        end_event_stream(self.request, json.dumps(document).encode())
         self.done.callback(None)
 
     def _got_response(self, response: IResponse) -> None:
@@ -284,9 +289,7 @@ class _BodyRelay(Protocol):
                 f"the model server at {exchange.url} went away in the middle of the answer",
                 "upstream_disconnected",
             )
-            request.write(b"data: " + error.body() + b"\n\n")
-            request.write(b"data: [DONE]\n\n")
-            request.finish()
+            end_event_stream(request, error.body())
         else:
             # a plain body cannot: cut the connection so the truncation is visible
             transport = request.channel.transport if request.channel is not None else None

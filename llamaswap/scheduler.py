@@ -99,14 +99,7 @@ class Scheduler:
         self.config = config
         self.events = events or EventBus()
         self._swap_started = 0.0
-        self._slots: dict[str, _Slot] = {
-            p.id: _Slot(
-                p,
-                guard=CrashGuard(config.crash_loop),
-                footprint=Footprint(declared=dict(p.config.memory)),
-            )
-            for p in processes
-        }
+        self._slots: dict[str, _Slot] = {p.id: self._new_slot(p) for p in processes}
         self._queue: deque[_Waiter] = deque()
         self._swap_lock = DeferredLock()
         self.policy: Policy = config.policy
@@ -115,9 +108,15 @@ class Scheduler:
         self._side_starts: set[frozenset[str]] = set()
         self._swap: tuple[frozenset[str], frozenset[str]] | None = None  # (targets, victims)
         self._closed = False
-        for slot in self._slots.values():
-            slot.process.exit_listeners.append(self._process_exited)
         self.events.subscribe(self._process_ready)
+
+    def _new_slot(self, process: ModelProcess) -> _Slot:
+        process.exit_listeners.append(self._process_exited)
+        return _Slot(
+            process,
+            guard=CrashGuard(self.config.crash_loop),
+            footprint=Footprint(declared=dict(process.config.memory)),
+        )
 
     # --- what others may look at ----------------------------------------------
 
@@ -353,9 +352,7 @@ class Scheduler:
             if isinstance(result, Failure):
                 error = result.value
                 assert isinstance(error, Exception)
-                for waiter in [w for w in self._queue if w.targets == targets]:
-                    self._queue.remove(waiter)
-                    waiter.deferred.errback(error)
+                self._fail_waiters(targets, error)
             self._pump()
 
         starting.addBoth(done)
@@ -441,6 +438,12 @@ class Scheduler:
             seconds=self._clock.seconds() - started,
         )
 
+    def _fail_waiters(self, targets: frozenset[str], error: Exception) -> None:
+        """Everyone queued for these models was waiting on the start that failed."""
+        for waiter in [w for w in self._queue if w.targets == targets]:
+            self._queue.remove(waiter)
+            waiter.deferred.errback(error)
+
     def _wanted(self, targets: frozenset[str]) -> bool:
         return not self._closed and any(w.targets == targets for w in self._queue)
 
@@ -458,10 +461,7 @@ class Scheduler:
             # everyone queued for these models was waiting on this very start
             error = result.value
             assert isinstance(error, Exception)
-            failed = [w for w in self._queue if w.targets == targets]
-            for waiter in failed:
-                self._queue.remove(waiter)
-                waiter.deferred.errback(error)
+            self._fail_waiters(targets, error)
         self._pump()
 
     # --- stopping on purpose -------------------------------------------------------
@@ -547,13 +547,7 @@ class Scheduler:
                 changes["unchanged"].append(model_id)
                 continue
             changes["changed" if slot is not None else "added"].append(model_id)
-            fresh = _Slot(
-                make_process(model),
-                guard=CrashGuard(config.crash_loop),
-                footprint=Footprint(declared=dict(model.memory)),
-            )
-            fresh.process.exit_listeners.append(self._process_exited)
-            slots[model_id] = fresh
+            slots[model_id] = self._new_slot(make_process(model))
         for model_id, slot in self._slots.items():
             if model_id not in config.models:
                 changes["removed"].append(model_id)
