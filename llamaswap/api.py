@@ -8,6 +8,7 @@ llamaswap produces itself is an OpenAI-shaped JSON object with the right status.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -626,14 +627,8 @@ class Api:
             lambda source, line: reader.send("log", {"source": source, "line": line}),
         )
 
-        def end(_: object) -> None:
-            unsubscribe_events()
-            unsubscribe_logs()
-
-        done: Deferred[None] = Deferred(lambda d: None)
+        done = _until_gone(unsubscribe_events, unsubscribe_logs)
         reader.on_drop = lambda: done.cancel()
-        done.addErrback(_ignore_cancel)
-        done.addBoth(end)
         return done
 
     @router.route("/openapi.json", methods=["GET"])
@@ -696,21 +691,27 @@ class Api:
                     request.write(line.encode("utf-8") + b"\n")
         reader = _LogReader(request)
         request.registerProducer(reader, True)
-        unsubscribe = self.logs.subscribe(sources, reader.line)
-
-        def end(_: object) -> None:
-            unsubscribe()
-
-        done: Deferred[None] = Deferred(lambda d: None)
-        done.addErrback(_ignore_cancel)
-        done.addBoth(end)
-        return done
+        return _until_gone(self.logs.subscribe(sources, reader.line))
 
 
 def _has_flag(request: Request, name: bytes) -> bool:
     """``?name`` with or without a value (``request.args`` drops bare names)."""
     query = request.uri.partition(b"?")[2]
     return any(part.partition(b"=")[0] == name for part in query.split(b"&"))
+
+
+def _until_gone(*cleanups: Callable[[], None]) -> Deferred[None]:
+    """A Deferred for Klein that fires only when the client leaves (it is cancelled);
+    then ``cleanups`` run."""
+
+    def end(_: object) -> None:
+        for cleanup in cleanups:
+            cleanup()
+
+    done: Deferred[None] = Deferred(lambda d: None)
+    done.addErrback(_ignore_cancel)
+    done.addBoth(end)
+    return done
 
 
 def _ignore_cancel(failure: Failure) -> None:
