@@ -288,20 +288,22 @@ class ModelProcess:
         if self._poll is not None and self._poll.active():
             self._poll.cancel()
         self._poll = None
-        assert self.config.check_endpoint is not None
-        self._probing = self._probe_url(self.base_url + self.config.check_endpoint)
+        self._probing = self._ask_health()
         self._probing.addBoth(self._probed)
         if self._probing is not None and self._clock.seconds() < self._hot_until:
             # a server finishing its load may sit on a health request for a while;
             # if this one is slow, ask again beside it rather than wait for it
             self._nudge = self._clock.callLater(2 * self.timing.line_retry, self._probe_beside)
 
+    def _ask_health(self) -> Deferred[int]:
+        assert self.config.check_endpoint is not None
+        return self._probe_url(self.base_url + self.config.check_endpoint)
+
     def _probe_beside(self) -> None:
         self._nudge = None
         if self.state is not ModelState.STARTING or self._probing is None or self._beside:
             return
-        assert self.config.check_endpoint is not None
-        self._beside = self._probe_url(self.base_url + self.config.check_endpoint)
+        self._beside = self._ask_health()
         self._beside.addBoth(self._probed_beside)
 
     def _probed_beside(self, result: int | Failure) -> None:
