@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 import yaml
 
+from .connections import ConnectionLimits
 from .crashloop import CrashLoopPolicy
 from .policy import ArrivalOrder, Collate, Policy
 from .resources import RESOURCES, parse_size
@@ -50,7 +51,9 @@ TOP_LEVEL_KEYS = (
     "shutdownTimeout",
     "scheduler",
     "resources",
+    "connections",
 )
+CONNECTION_KEYS = ("headerTimeout", "bodyTimeout", "bodyMinRate", "maxConnections", "maxPerClient")
 SCHEDULER_KEYS = ("policy", "maxWait", "maxResidency")
 CRASH_LOOP_KEYS = ("maxFailures", "window", "cooldown", "maxCooldown")
 STORE_KEYS = ("path", "maxRows", "maxAgeDays")
@@ -247,6 +250,7 @@ class Config:
     shutdown_timeout: float = 30.0
     policy: Policy = attrs.field(factory=ArrivalOrder)
     budget: Mapping[str, int] = attrs.field(factory=dict)
+    connections: ConnectionLimits = attrs.field(factory=ConnectionLimits)
 
     def peer_route(self, name: str) -> tuple[PeerConfig, str] | None:
         """``<peer>/<model>``, or a bare model id that exactly one peer offers."""
@@ -415,6 +419,7 @@ class _Builder:
             log_requests=self.boolean(root.get("logRequests", False), "logRequests"),
             api_keys=self.api_keys(root.get("apiKeys"), macros),
             crash_loop=self.crash_loop(root.get("crashLoop")),
+            connections=self.connections(root.get("connections")),
             policy=self.policy(root.get("scheduler")),
             budget=budget,
             shutdown_timeout=self.not_negative(root.get("shutdownTimeout", 30), "shutdownTimeout"),
@@ -486,6 +491,29 @@ class _Builder:
         if policy.max_cooldown < policy.cooldown:
             raise self.fail("crashLoop.maxCooldown", "must not be smaller than cooldown")
         return policy
+
+    def connections(self, value: object) -> ConnectionLimits:
+        doc = self.mapping(value if value is not None else {}, "connections")
+        self.check_keys(doc, "connections", CONNECTION_KEYS)
+        default = ConnectionLimits()
+        maximum = doc.get("maxConnections")
+        return ConnectionLimits(
+            header_timeout=self.positive(
+                doc.get("headerTimeout", default.header_timeout), "connections.headerTimeout"
+            ),
+            body_timeout=self.positive(
+                doc.get("bodyTimeout", default.body_timeout), "connections.bodyTimeout"
+            ),
+            body_min_rate=self.limit(
+                doc.get("bodyMinRate", default.body_min_rate), "connections.bodyMinRate"
+            ),
+            max_connections=None
+            if maximum is None
+            else self.limit(maximum, "connections.maxConnections"),
+            max_per_client=self.limit(
+                doc.get("maxPerClient", default.max_per_client), "connections.maxPerClient"
+            ),
+        )
 
     def api_keys(self, value: object, macros: Mapping[str, str]) -> tuple[str, ...]:
         if value is None:

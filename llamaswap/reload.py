@@ -15,11 +15,11 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 
 from .config import Config, ConfigError, load_config
 from .logs import logger
+from .periodic import Periodic
 
 Apply = Callable[[Config], dict[str, list[str]]]
 
@@ -46,9 +46,7 @@ class ConfigReloader(Service):
         self.on_signal = on_signal
         self.loader = loader
         self._seen = self._stamp()
-        self._loop = LoopingCall(self._check)
-        self._loop.clock = reactor
-        self._interval = watch_interval
+        self._loop = Periodic("config watch", self._check, reactor, watch_interval)
         self._running: Deferred[bool] | None = None
         self._again = False
         self._previous_handler: Any = None
@@ -56,16 +54,13 @@ class ConfigReloader(Service):
     def startService(self) -> None:
         super().startService()
         if self.watch:
-            self._loop.start(self._interval, now=False).addErrback(
-                lambda f: self.log.failure("config watch stopped", f)
-            )
+            self._loop.start()
         if self.on_signal:
             self._previous_handler = signal.signal(signal.SIGHUP, self._sighup)
 
     def stopService(self) -> None:
         super().stopService()
-        if self._loop.running:
-            self._loop.stop()
+        self._loop.stop()
         if self.on_signal and self._previous_handler is not None:
             signal.signal(signal.SIGHUP, self._previous_handler)
 

@@ -25,6 +25,7 @@ from twisted.web.iweb import IAgent, IResponse
 from .activity import ActivityStore, Retention
 from .api import Api
 from .config import Config, ConfigError, ModelConfig, load_config
+from .connections import ConnectionGate, raise_file_limit
 from .events import EventBus
 from .guard import ApiSite, Guard
 from .logs import LogHub, logger, set_log_level
@@ -238,6 +239,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
     guard = Guard(api.resource(), config.api_keys)
     site = ApiSite(guard, config.max_request_bytes, reactor=reactor)
     site.displayTracebacks = False
+    gate = ConnectionGate(site, config.connections, reactor)
     if not config.api_keys:
         for endpoint in listen or []:
             if not _loopback_only(endpoint):
@@ -249,7 +251,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
     listeners = Listeners()
     listeners.setServiceParent(top)
     for endpoint in listen or []:
-        strports.service(endpoint, site, reactor=reactor).setServiceParent(listeners)
+        strports.service(endpoint, gate, reactor=reactor).setServiceParent(listeners)
 
     def apply(new: Config) -> dict[str, list[str]]:
         """Switch every reader of the configuration to ``new``."""
@@ -262,12 +264,14 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
         recorder.log_requests = new.log_requests
         guard.keys = new.api_keys
         site.max_request_bytes = new.max_request_bytes
+        gate.configure(new.connections)
         if new.store_path != config.store_path:
             _log.warn("store.path changed: takes effect at the next restart")
         return changes
 
     top.api = api  # type: ignore[attr-defined]
     top.site = site  # type: ignore[attr-defined]
+    top.gate = gate  # type: ignore[attr-defined]
     top.apply = apply  # type: ignore[attr-defined]
     return top
 
@@ -292,6 +296,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
+    raise_file_limit()  # before build(): the connection caps are derived from it
     service = build(options["config_obj"], reactor, options["listen"])
     ConfigReloader(
         options["config"],

@@ -13,7 +13,7 @@ import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
@@ -153,3 +153,56 @@ class StreamReader(Protocol):
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
         if not self.done.called:
             self.done.callback(None)
+
+
+class SlowClients(ClientFactory):
+    """Slowloris: connections that send the start of a request and never the rest."""
+
+    noisy = False
+
+    def __init__(self) -> None:
+        self.connected: list[_SlowClient] = []
+        self.answers: list[bytes] = []
+        self.started = 0
+        self.closed = 0
+        self.failed = 0
+
+    def open(self, port: int, count: int, source: str = "127.0.0.2") -> None:
+        """``count`` connections to 127.0.0.1:``port`` from another loopback address."""
+        self.started += count
+        for _ in range(count):
+            reactor.connectTCP("127.0.0.1", port, self, timeout=30, bindAddress=(source, 0))
+
+    @property
+    def settled(self) -> bool:
+        return len(self.connected) + self.failed == self.started
+
+    @property
+    def held(self) -> int:
+        return len(self.connected) - self.closed
+
+    def buildProtocol(self, addr: Any) -> _SlowClient:
+        return _SlowClient(self)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.failed += 1
+
+    def close_all(self) -> None:
+        for client in self.connected:
+            client.transport.abortConnection()  # type: ignore[union-attr]
+
+
+class _SlowClient(Protocol):
+    def __init__(self, crowd: SlowClients) -> None:
+        self.crowd = crowd
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        self.crowd.connected.append(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.crowd.answers.append(data)
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
+        self.crowd.closed += 1
