@@ -55,10 +55,12 @@ class ConnectionLimits:
 def raise_file_limit() -> int:
     """Raise the soft ``RLIMIT_NOFILE`` to the hard one; the soft limit in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft != hard:
+    # an unlimited hard limit (macOS) cannot be the soft one: the kernel has a cap
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if soft < wanted:
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
         except (ValueError, OSError):
             pass
     return soft

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -21,10 +22,19 @@ def free_port() -> int:
 
 
 def start_twistd(
-    config: Path | str, port: int, output: IO[str] | int = subprocess.DEVNULL
+    config: Path | str,
+    port: int,
+    output: IO[str] | int = subprocess.DEVNULL,
+    file_limit: int | None = None,
 ) -> subprocess.Popen[bytes]:
     """``twistd -n llamaswap --config CONFIG`` on ``127.0.0.1:port``, with this venv first
-    on PATH (so ``python`` in configs is this one)."""
+    on PATH (so ``python`` in configs is this one); ``file_limit`` sets its
+    ``RLIMIT_NOFILE`` (soft and hard)."""
+
+    def limit_files() -> None:
+        if file_limit is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (file_limit, file_limit))
+
     env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
     listen = f"tcp:{port}:interface=127.0.0.1"
     return subprocess.Popen(
@@ -32,4 +42,5 @@ def start_twistd(
         env=env,
         stdout=output,
         stderr=subprocess.STDOUT,
+        preexec_fn=limit_files if file_limit is not None else None,
     )

@@ -6,6 +6,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import resource
+import subprocess
+import sys
 from typing import Any
 
 from twisted.internet import reactor
@@ -231,6 +234,21 @@ class CapTests(SynchronousTestCase):
         self.assertEqual(connection_budget(100), 8)
         h = Harness(ConnectionLimits(max_connections=10**9))
         self.assertLess(h.gate.max_connections, 10**9)
+
+    def test_the_soft_file_limit_is_raised_to_the_hard_one(self) -> None:
+        def low_limit() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (300, 400))
+
+        script = "from llamaswap.connections import raise_file_limit as r; print(r())"
+        result = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+            preexec_fn=low_limit,
+        )
+        self.assertEqual(result.stdout.strip(), "400")
 
     def test_ipv6_clients_are_counted_per_64(self) -> None:
         a = client_key(IPv6Address("TCP", "2001:db8:1:2:aaaa::1", 1))
