@@ -87,11 +87,12 @@ def client_key(address: IAddress | None) -> str | None:
     return str(ip)
 
 
-def _response(status: int, reason: bytes, error: ApiError) -> bytes:
+def _response(status: int, reason: bytes, error: ApiError, extra: bytes = b"") -> bytes:
+    """A whole HTTP response that closes the connection, written before any request."""
     body = error.body()
     head = (
-        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (status, reason, len(body))
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n%s"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (status, reason, extra, len(body))
     )
     return head + body
 
@@ -111,6 +112,7 @@ class ConnectionGate(Factory):
         self.clock = clock
         self.limits = limits
         self.max_connections = 0
+        self._per_client = 0
         self.open: Counter[str | None] = Counter()
         self.total = 0
         self.refused = 0
@@ -133,12 +135,16 @@ class ConnectionGate(Factory):
                 soft=soft,
                 budget=budget,
             )
-        self.max_connections = min(wanted, budget)
+        total = min(wanted, budget)
+        caps = (total, min(limits.max_per_client, total))
+        if caps == (self.max_connections, self._per_client):
+            return
+        self.max_connections, self._per_client = caps
         self.log.info(
             "serving at most {total} client connections, {per} per client address "
             "(file limit {soft})",
             total=self.max_connections,
-            per=min(limits.max_per_client, self.max_connections),
+            per=self._per_client,
             soft=soft,
         )
 
@@ -149,7 +155,7 @@ class ConnectionGate(Factory):
         key = client_key(addr)
         if self.total >= self.max_connections:
             return self._refuse(f"{self.total} connections are open (connections.maxConnections)")
-        if key is not None and self.open[key] >= self.limits.max_per_client:
+        if key is not None and self.open[key] >= self._per_client:
             return self._refuse(
                 f"{self.open[key]} connections from {key} are open (connections.maxPerClient)"
             )
@@ -183,7 +189,7 @@ class ConnectionGate(Factory):
                 refused=self.refused,
             )
         error = ApiError(503, f"too many open connections: {why}; try again later")
-        return _Refusal(_response(503, b"Service Unavailable", error))
+        return _Refusal(_response(503, b"Service Unavailable", error, b"Retry-After: 5\r\n"))
 
 
 class _Refusal(Protocol):
@@ -282,6 +288,8 @@ class BoundedChannel(HTTPChannel):
 
     def _expired(self) -> None:
         self._deadline = None
+        if getattr(self.transport, "disconnecting", False):
+            return  # already answered (a 400) and closing
         limits = self.gate.limits
         if self.phase == self.BODY:
             allowed = (

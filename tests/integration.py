@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
 import sys
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import attrs
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.task import deferLater
@@ -25,6 +28,8 @@ from llamaswap.api import Api
 from llamaswap.config import parse_config
 from llamaswap.relay import BytesProducer
 from llamaswap.tap import build
+
+from .daemon import free_port, start_twistd
 
 FAKE = f"{sys.executable} -m llamaswap.testing.fake_server --port ${{PORT}} --model ${{MODEL_ID}}"
 
@@ -79,6 +84,25 @@ class LiveTestCase(TestCase):
         pool = HTTPConnectionPool(reactor, persistent=False)
         self.agent = Agent(reactor, pool=pool)
         return api
+
+    async def daemon(
+        self, config: Path, output: IO[str] | int = subprocess.DEVNULL, **options: Any
+    ) -> tuple[subprocess.Popen[bytes], int]:
+        """A real ``twistd -n llamaswap`` on a free port, answering /health; the
+        requests below go to it."""
+        port = free_port()
+        twistd = start_twistd(config, port, output, **options)
+        self.addCleanup(twistd.wait)
+        self.addCleanup(twistd.terminate)
+        self.base = f"http://127.0.0.1:{port}"
+        self.agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+        for _ in range(200):
+            try:
+                await self.request("GET", "/health")
+                break
+            except ConnectError:
+                await deferLater(reactor, 0.05)
+        return twistd, port
 
     async def request(
         self,

@@ -9,11 +9,8 @@ from pathlib import Path
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectError
 from twisted.internet.task import deferLater
-from twisted.web.client import Agent, HTTPConnectionPool
 
-from .daemon import free_port, start_twistd
 from .integration import FAKE, LiveTestCase, SlowClients, pid_alive
 
 
@@ -81,20 +78,9 @@ class ChaosTests(LiveTestCase):
             f"startPort: {random.randrange(20000, 40000)}\nstore: {{path: ':memory:'}}\n"
             f"models:\n  m:\n    cmd: {FAKE}\n"
         )
-        port = free_port()
         log = Path(self.mktemp())
         with log.open("w") as output:
-            twistd = start_twistd(path, port, output, file_limit=400)
-        self.addCleanup(twistd.wait)
-        self.addCleanup(twistd.terminate)
-        self.base = f"http://127.0.0.1:{port}"
-        self.agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
-        for _ in range(200):
-            try:
-                await self.request("GET", "/health")
-                break
-            except ConnectError:
-                await deferLater(reactor, 0.05)
+            _twistd, port = await self.daemon(path, output, file_limit=400)
         crowd = SlowClients()
         crowd.open(port, 500)
         self.addCleanup(crowd.close_all)

@@ -212,6 +212,7 @@ class CapTests(SynchronousTestCase):
             h.connect()
         self.assertEqual(status_line(refused), b"HTTP/1.1 503 Service Unavailable")
         self.assertIn(b"connections.maxPerClient", refused.value())
+        self.assertIn(b"Retry-After: 5\r\n", refused.value())
         self.assertTrue(refused.disconnecting)
         warnings = [e for e in events if e["log_level"] == LogLevel.warn]
         self.assertEqual(len(warnings), 1)  # not one line per refused connection
@@ -293,6 +294,16 @@ class RealSocketCapTests(LiveTestCase):
         self.assertTrue(all(a.startswith(b"HTTP/1.1 503") for a in crowd.answers))
         reply = await self.chat("m")  # from 127.0.0.1: served as usual
         self.assertEqual(reply.code, 200)
+        # the caps can change on reload; connections already open stay
+        apply: Any = self.service.apply  # type: ignore[attr-defined]
+        apply(parse_config(f"connections:\n  maxPerClient: 5\nmodels:\n  m:\n    cmd: {FAKE}\n"))
+        crowd.open(port, 2)
+
+        async def one_more() -> bool:
+            return crowd.settled and crowd.closed >= 9
+
+        await self.eventually(one_more, "one more is let in, the next refused")
+        self.assertEqual((crowd.held, crowd.closed), (5, 9))
 
 
 class PeriodicTests(SynchronousTestCase):

@@ -9,15 +9,12 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectError
-from twisted.internet.task import deferLater
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from llamaswap.relay import BytesProducer
 from llamaswap.reload import ConfigReloader
 
-from .daemon import free_port, start_twistd
 from .integration import FAKE, LiveTestCase, StreamReader
 
 BEFORE = f"""
@@ -148,20 +145,7 @@ class SighupTests(LiveTestCase):
     async def test_sighup_reloads_a_running_twistd(self) -> None:
         path = Path(self.mktemp())
         path.write_text(BEFORE)
-        port = free_port()
-        twistd = start_twistd(path, port)
-        self.addCleanup(twistd.wait)
-        self.addCleanup(twistd.terminate)
-        self.base = f"http://127.0.0.1:{port}"
-        from twisted.web.client import Agent, HTTPConnectionPool
-
-        self.agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
-        for _ in range(200):
-            try:
-                await self.request("GET", "/health")
-                break
-            except ConnectError:
-                await deferLater(reactor, 0.05)
+        twistd, _port = await self.daemon(path)
         path.write_text(AFTER)
         twistd.send_signal(signal.SIGHUP)
 
