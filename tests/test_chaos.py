@@ -84,7 +84,7 @@ class ChaosTests(LiveTestCase):
         crowd = SlowClients()
         crowd.open(port, 500)
         self.addCleanup(crowd.close_all)
-        for _ in range(100):  # bounded: before the caps, some never got an answer
+        for _ in range(400):  # bounded: before the caps, most never got an answer
             if crowd.settled and crowd.held <= 64:
                 break
             await deferLater(reactor, 0.05)

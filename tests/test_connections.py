@@ -21,7 +21,7 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from llamaswap.config import ConfigError, parse_config
 from llamaswap.connections import (
@@ -30,7 +30,6 @@ from llamaswap.connections import (
     client_key,
     connection_budget,
 )
-from llamaswap.guard import ApiSite
 from llamaswap.periodic import Periodic
 from llamaswap.resources import Footprint, MemoryMonitor
 
@@ -59,12 +58,12 @@ class Recorder(Resource):
 
 
 class Harness:
-    """An ``ApiSite`` behind a ``ConnectionGate``, on a fake clock, without sockets."""
+    """A site behind a ``ConnectionGate``, on a fake clock, without sockets."""
 
     def __init__(self, limits: ConnectionLimits = LIMITS) -> None:
         self.clock = Clock()
         self.resource = Recorder()
-        self.site = ApiSite(self.resource, 1_000_000, reactor=self.clock)
+        self.site = Site(self.resource, reactor=self.clock)
         self.gate = ConnectionGate(self.site, limits, self.clock)
 
     def connect(self, host: str = "127.0.0.5") -> tuple[Protocol, StringTransport]:
