@@ -218,7 +218,7 @@ class BoundedChannel(HTTPChannel):
         self.client: str | None = None
         self._deadline: IDelayedCall | None = None
         self._abort: IDelayedCall | None = None
-        self._body_started = 0.0
+        self._due = 0.0  # when the current phase must be over
         self._body_received = 0
 
     def connectionMade(self) -> None:
@@ -253,33 +253,37 @@ class BoundedChannel(HTTPChannel):
         super().lineReceived(line)
 
     def allHeadersReceived(self) -> None:
-        self._cancel()
-        self.phase = self.BODY
-        self._body_started = self.gate.clock.seconds()
+        self._begin(self.BODY, self.gate.limits.body_timeout)
         self._body_received = 0
-        self._arm(self.gate.limits.body_timeout)
         super().allHeadersReceived()
 
     def allContentReceived(self) -> None:
         # the request is in: what follows (the answer) may take as long as it takes
-        self._cancel()
         self.phase = self.HANDLING
         super().allContentReceived()
 
     def requestDone(self, request: Any) -> None:
-        self._cancel()
         self.phase = self.IDLE  # before super(): it replays pipelined data
         super().requestDone(request)
 
     def _begin_request(self) -> None:
-        self.phase = self.HEADERS
-        self._arm(self.gate.limits.header_timeout)
+        self._begin(self.HEADERS, self.gate.limits.header_timeout)
 
     # --- the deadline ---------------------------------------------------
+    #
+    # One timer per connection, checked lazily: a phase only records when it is
+    # due, and the timer, when it fires, compares with the phase then current.  So
+    # a keep-alive connection serving many quick requests schedules one call per
+    # headerTimeout, not two per request.
 
-    def _arm(self, seconds: float) -> None:
-        self._cancel()
-        self._deadline = self.gate.clock.callLater(seconds, self._expired)
+    def _begin(self, phase: str, seconds: float) -> None:
+        self.phase = phase
+        now = self.gate.clock.seconds()
+        self._due = now + seconds
+        if self._deadline is None or not self._deadline.active():
+            self._deadline = self.gate.clock.callLater(seconds, self._expired)
+        elif self._deadline.getTime() > self._due:
+            self._deadline.reset(seconds)
 
     def _cancel(self) -> None:
         if self._deadline is not None and self._deadline.active():
@@ -288,19 +292,19 @@ class BoundedChannel(HTTPChannel):
 
     def _expired(self) -> None:
         self._deadline = None
+        if self.phase not in (self.HEADERS, self.BODY):
+            return  # that request arrived in time
         if getattr(self.transport, "disconnecting", False):
             return  # already answered (a 400) and closing
         limits = self.gate.limits
+        due = self._due
         if self.phase == self.BODY:
-            allowed = (
-                self._body_started
-                + limits.body_timeout
-                + self._body_received / max(limits.body_min_rate, 1)
-            )
-            late = allowed - self.gate.clock.seconds()
-            if late > 0:  # slow, but faster than bodyMinRate: it may go on
-                self._deadline = self.gate.clock.callLater(late, self._expired)
-                return
+            due += self._body_received / max(limits.body_min_rate, 1)
+        late = due - self.gate.clock.seconds()
+        if late > 0:  # a new request since, or a body faster than bodyMinRate
+            self._deadline = self.gate.clock.callLater(late, self._expired)
+            return
+        if self.phase == self.BODY:
             what = (
                 f"the request body did not arrive at {limits.body_min_rate} bytes/s "
                 "(connections.bodyMinRate, connections.bodyTimeout)"
