@@ -4,6 +4,12 @@ Nothing is buffered: response chunks are written to the client as they arrive
 (so SSE reaches it token by token), the upstream connection is paused while the
 client is slow, and it is closed when the client goes away (so llama-server stops
 generating).
+
+A request is never sent twice by this module: once its bytes may have reached the
+server, the server may be acting on them (a generation, or a crash it would cause
+again).  A pooled connection already closed is skipped by the connection pool
+before anything is written, and the pool itself resends only bodiless idempotent
+requests (GET, HEAD, ...) that met a stale connection.
 """
 
 from __future__ import annotations
@@ -13,11 +19,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web._newclient import RequestNotSent
 from twisted.web.client import ResponseDone, ResponseNeverReceived, readBody
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -128,18 +132,6 @@ class Relay:
         return exchange.run(method, url, headers, producer)
 
 
-def _closed_while_idle(failure: Failure) -> bool:
-    """The connection closed before a single response byte, cleanly or not."""
-    if failure.check(RequestNotSent):
-        return True
-    error = failure.value
-    if not isinstance(error, ResponseNeverReceived):
-        return False
-    return bool(error.reasons) and all(
-        r.check(ConnectionDone, ConnectionLost) for r in error.reasons
-    )
-
-
 class _Exchange:
     """One proxied request; holds what the client-disconnect path must undo."""
 
@@ -154,22 +146,17 @@ class _Exchange:
         self.body: _BodyRelay | None = None
         self.done: Deferred[None] = Deferred(self._client_gone)
         self.url = ""
+        self.has_body = False
 
     def run(
         self, method: bytes, url: str, headers: Headers, producer: IBodyProducer | None
     ) -> Deferred[None]:
         self.url = url
-        self._send = lambda: self.relay._agent.request(
-            method, url.encode("ascii"), headers, producer
-        )
-        self._retried = False
-        self._request()
-        return self.done
-
-    def _request(self) -> None:
-        pending = self._send()
+        self.has_body = producer is not None
+        pending = self.relay._agent.request(method, url.encode("ascii"), headers, producer)
         self.pending = pending
         pending.addCallbacks(self._got_response, self._no_response)
+        return self.done
 
     def _client_gone(self, _: Deferred[None]) -> None:
         if self.pending is not None:
@@ -181,18 +168,27 @@ class _Exchange:
         self.pending = None
         if self.done.called:  # the client left first
             return
-        if not self._retried and _closed_while_idle(failure):
-            # a pooled keep-alive connection the server had just closed: the request
-            # never reached it, so sending it once more on a fresh connection is safe
-            self._retried = True
-            self._request()
-            return
-        reason = failure.getErrorMessage() or repr(failure.value)
-        error = ApiError(502, f"the model server at {self.url} did not answer: {reason}")
+        error = ApiError(502, self._no_answer(failure))
         if self.stream_started:
             self._error_event(error.body())
             return
         self.done.errback(error)
+
+    def _no_answer(self, failure: Failure) -> str:
+        lost = failure.value
+        if not isinstance(lost, ResponseNeverReceived):
+            reason = failure.getErrorMessage() or repr(lost)
+            return f"the model server at {self.url} did not answer: {reason}"
+        reasons = "; ".join(r.getErrorMessage() for r in lost.reasons) or "no reason given"
+        message = (
+            f"the model server at {self.url} closed the connection while handling the "
+            f"request, without answering ({reasons})"
+        )
+        if self.has_body:
+            # it had the request and may have acted on it (a generation, or a crash
+            # it would cause again): sending it twice is not ours to decide
+            message += "; it was not retried, since the server may already have acted on it"
+        return message
 
     def _error_event(self, body: bytes) -> None:
         """End a stream already under way with an OpenAI-style error event."""
