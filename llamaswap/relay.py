@@ -10,11 +10,15 @@ server, the server may be acting on them (a generation, or a crash it would caus
 again).  A pooled connection already closed is skipped by the connection pool
 before anything is written, and the pool itself resends only bodiless idempotent
 requests (GET, HEAD, ...) that met a stale connection.
+
+Every relayed request carries this llamaswap's :class:`Hop` mark in ``Via``; a
+request that comes back with it went round in a circle and is refused at once.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,6 +30,7 @@ from twisted.web.client import ResponseDone, ResponseNeverReceived, readBody
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 from zope.interface import implementer
 
@@ -92,13 +97,78 @@ def end_event_stream(request: Request, error: bytes) -> None:
     request.finish()
 
 
+class Hop:
+    """This llamaswap's entry in the ``Via`` header of every request it relays.
+
+    The name is random per process: a chain of distinct llamaswaps (peers) passes,
+    but a request that reaches the llamaswap that already relayed it is recognised,
+    whatever name or address led it back (an alias no config check can see).
+    """
+
+    def __init__(self) -> None:
+        self.name = b"llamaswap-" + secrets.token_hex(8).encode("ascii")
+
+    def mark(self, headers: Headers) -> None:
+        """Append this hop to ``Via`` (one comma-separated list, as proxies do)."""
+        entries = [*headers.getRawHeaders(b"via", []), b"1.1 " + self.name]
+        headers.setRawHeaders(b"via", [b", ".join(entries)])
+
+    def seen_in(self, headers: Headers) -> bool:
+        return any(
+            self.name in entry.split()
+            for value in headers.getRawHeaders(b"via", [])
+            for entry in value.split(b",")
+        )
+
+
+class LoopGuard(Resource):
+    """Refuses a request carrying this llamaswap's own mark: it went round a loop.
+
+    Answered at once with 508 (nothing is started or queued), so the request that
+    came round the loop gets a clear error after one hop instead of circling.
+    """
+
+    isLeaf = True
+    log = logger()
+
+    def __init__(self, inner: IResource, hop: Hop) -> None:
+        super().__init__()
+        self.inner = inner
+        self.hop = hop
+        self.refused = 0
+
+    def render(self, request: Request) -> Any:
+        if not self.hop.seen_in(request.requestHeaders):
+            return self.inner.render(request)
+        self.refused += 1
+        if self.refused % 100 == 1:  # a health probe may come round several times a second
+            self.log.warn(
+                "{method} {path} came back to this llamaswap ({count} so far): a model's or "
+                "peer's proxy URL leads to llamaswap itself; refused with 508",
+                method=request.method.decode("ascii", errors="replace"),
+                path=request.path.decode("ascii", errors="replace"),
+                count=self.refused,
+            )
+        error = ApiError(
+            508,
+            "this request came back to the llamaswap that relayed it: a model's or peer's "
+            "proxy URL leads to llamaswap itself, so it was refused rather than sent round "
+            "again",
+            "loop_detected",
+        )
+        request.setResponseCode(508, b"Loop Detected")
+        request.setHeader(b"content-type", b"application/json")
+        return error.body()
+
+
 class Relay:
     """Sends requests to children through one persistent connection pool."""
 
     log = logger()
 
-    def __init__(self, agent: IAgent) -> None:
+    def __init__(self, agent: IAgent, hop: Hop | None = None) -> None:
         self._agent = agent
+        self.hop = hop or Hop()
 
     def forward(
         self,
@@ -127,6 +197,7 @@ class Relay:
         headers = end_to_end(request.requestHeaders, frozenset(drop))
         for name, value in (replace_headers or {}).items():
             headers.setRawHeaders(name, [value])
+        self.hop.mark(headers)
         producer = BytesProducer(body) if body is not None else None
         exchange = _Exchange(self, request, stream_started, meter or ResponseMeter())
         return exchange.run(method, url, headers, producer)

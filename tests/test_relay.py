@@ -1,5 +1,5 @@
 """The relay: in memory (StubTreq in front, the fake llama-server resource behind),
-and over real sockets against a scripted upstream."""
+and over real sockets against a scripted upstream and against llamaswap itself."""
 
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from llamaswap.api import Api
-from llamaswap.relay import Relay, end_to_end
+from llamaswap.relay import Hop, LoopGuard, Relay, end_to_end
 from llamaswap.testing.fake_server import FakeLlamaServer
 
+from .daemon import free_port
 from .helpers import World, world
 from .integration import LiveTestCase
 
@@ -85,7 +86,7 @@ class InMemoryProxy(SynchronousTestCase):
         self.agent = StaleFirst(self.upstream, failures=0)
         self.relay = Relay(self.agent)
         api = Api(self.w.config, self.w.scheduler, self.relay, self.w.logs, self.w.reactor)
-        self.client: Any = StubTreq(api.resource())
+        self.client: Any = StubTreq(LoopGuard(api.resource(), self.relay.hop))
         self.addCleanup(self.server.stop)
 
     def flush(self) -> None:
@@ -151,6 +152,12 @@ class InMemoryProxy(SynchronousTestCase):
         self.assertEqual(error["type"], "server_error")
         self.assertEqual(self.w.scheduler.in_flight("a"), 0)
 
+    def test_relayed_requests_carry_this_llamaswaps_via_mark(self) -> None:
+        d = self.post("/v1/responses", {"model": "a", "input": "x"}, headers={"via": "1.1 edge"})
+        body = self.successResultOf(treq.json_content(self.successResultOf(d)))
+        via = {k.lower(): v for k, v in body["headers"].items()}["via"]
+        self.assertEqual(via, f"1.1 edge, 1.1 {self.relay.hop.name.decode()}")
+
     def test_an_upstream_error_status_and_body_are_relayed_untouched(self) -> None:
         d = self.post("/v1/chat/completions", {"model": "a", "fake": {"status": 500}})
         response = self.successResultOf(d)
@@ -160,6 +167,29 @@ class InMemoryProxy(SynchronousTestCase):
             json.loads(body),
             {"error": {"message": "fake upstream error", "type": "fake", "code": 500}},
         )
+
+    def test_a_request_bearing_this_llamaswaps_own_mark_is_refused_at_once(self) -> None:
+        via = {"via": "1.1 " + self.relay.hop.name.decode()}
+        response = self.successResultOf(
+            self.client.post(
+                "http://llamaswap/v1/chat/completions",
+                json.dumps({"model": "a", "messages": []}).encode(),
+                headers={"content-type": "application/json", **via},
+            )
+        )
+        self.assertEqual((response.code, response.phrase), (508, b"Loop Detected"))
+        error = json.loads(self.successResultOf(treq.content(response)))["error"]
+        self.assertEqual(error["code"], "loop_detected")
+        self.assertIn("proxy URL leads to llamaswap itself", error["message"])
+        self.assertEqual(self.w.spawned_models(), [])  # nothing started for it
+        health = self.successResultOf(self.client.get("http://llamaswap/health", headers=via))
+        self.assertEqual(health.code, 508)  # so a health probe cannot take it for a child's
+
+    def test_another_llamaswaps_mark_passes(self) -> None:
+        other = Hop()
+        headers = {"via": "1.1 " + other.name.decode()}
+        d = self.post("/v1/responses", {"model": "a", "input": "x"}, headers=headers)
+        self.assertEqual(self.successResultOf(d).code, 200)
 
 
 class RawUpstream(Protocol):
@@ -254,3 +284,32 @@ class LiveRelayTests(LiveTestCase):
         self.assertEqual((await self.request("GET", "/upstream/m/props")).code, 200)
         self.assertEqual(server.requests, [b"GET /props HTTP/1.1"] * 3)  # idempotent: safe
         self.assertEqual(server.connections, 2)
+
+    async def test_a_proxy_leading_back_to_llamaswap_stops_after_one_hop(self) -> None:
+        # build() takes the config as given: like a host name alias, a path the
+        # load-time check (refuse_self_proxy) cannot see
+        port = free_port()
+        await self.serve(
+            f"models:\n  self:\n    cmd: sleep 60\n    proxy: http://127.0.0.1:{port}\n"
+            "    checkEndpoint: none\n",
+            listen_port=port,
+        )
+        reply = await self.chat("self")
+        self.assertEqual(reply.code, 508)
+        self.assertEqual(reply.json()["error"]["code"], "loop_detected")
+        guard: Any = getattr(self.service, "site").resource  # noqa: B009
+        self.assertEqual(guard.refused, 1)  # it came back once and went no further
+        self.assertEqual(self.api.scheduler.in_flight("self"), 0)
+
+    async def test_llamaswaps_own_health_answer_does_not_make_a_child_ready(self) -> None:
+        port = free_port()
+        await self.serve(
+            "healthCheckTimeout: 1\n"
+            f"models:\n  self:\n    cmd: sleep 60\n    proxy: http://127.0.0.1:{port}\n",
+            listen_port=port,
+        )
+        reply = await self.chat("self")
+        self.assertEqual(reply.code, 503)
+        self.assertIn("health check /health did not answer 200", reply.json()["error"]["message"])
+        guard: Any = getattr(self.service, "site").resource  # noqa: B009
+        self.assertGreater(guard.refused, 0)  # the probes came back and were refused
