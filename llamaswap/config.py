@@ -53,6 +53,7 @@ TOP_LEVEL_KEYS = (
     "shutdownTimeout",
     "scheduler",
     "resources",
+    "defaultModel",
 )
 SCHEDULER_KEYS = ("policy", "maxWait", "maxResidency")
 CRASH_LOOP_KEYS = ("maxFailures", "window", "cooldown", "maxCooldown")
@@ -83,6 +84,7 @@ MODEL_KEYS = (
     "priority",
     "memory",
     "deadline",
+    "upstreamApiKey",
 )
 DEFAULT_PROXY = "http://127.0.0.1:${PORT}"
 
@@ -208,6 +210,8 @@ class ModelConfig:
     priority: int = 0
     memory: Mapping[str, int] = attrs.field(factory=dict)
     deadline: float | None = None
+    #: the key the child expects; never printed (not even in this object's repr)
+    upstream_api_key: str | None = attrs.field(default=None, repr=False)
 
     @property
     def uses_port(self) -> bool:
@@ -250,6 +254,7 @@ class Config:
     shutdown_timeout: float = 30.0
     policy: Policy = attrs.field(factory=ArrivalOrder)
     budget: Mapping[str, int] = attrs.field(factory=dict)
+    default_model: str | None = None
 
     def peer_route(self, name: str) -> tuple[PeerConfig, str] | None:
         """``<peer>/<model>``, or a bare model id that exactly one peer offers."""
@@ -491,7 +496,7 @@ class _Builder:
         timeout = self.number(root.get("healthCheckTimeout", 120), "healthCheckTimeout")
         if timeout <= 0:
             raise self.fail("healthCheckTimeout", f"must be a positive number, got {timeout!r}")
-        return Config(
+        config = Config(
             models=models,
             health_check_timeout=timeout,
             log_level=log_level,
@@ -516,8 +521,24 @@ class _Builder:
             max_request_bytes=self.limit(
                 root.get("maxRequestBytes", 32 * 1024 * 1024), "maxRequestBytes"
             ),
+            default_model=self.default_model(root.get("defaultModel")),
             **self.store(root.get("store"), macros),
         )
+        if config.default_model is not None and config.lookup(config.default_model) is None:
+            names = tuple(models) + tuple(n for m in models.values() for n in m.names)
+            raise self.fail(
+                "defaultModel",
+                f"unknown model {config.default_model!r}" + _suggest(config.default_model, names),
+            )
+        return config
+
+    def default_model(self, value: object) -> str | None:
+        if value is None:
+            return None
+        name = self.string(value, "defaultModel")
+        if not name.strip():
+            raise self.fail("defaultModel", "must name a model (id, alias or profile:model)")
+        return name
 
     def size(self, value: object, path: str) -> int:
         try:
@@ -582,18 +603,21 @@ class _Builder:
             raise self.fail("crashLoop.maxCooldown", "must not be smaller than cooldown")
         return policy
 
+    def secret(self, value: object, path: str, macros: Mapping[str, str]) -> str:
+        """A key: macros and ``${env.NAME}`` filled in, checked without being echoed."""
+        key = self.expand(self.string(value, path), path, macros, ())
+        if not key or any(c.isspace() for c in key):
+            # never echo a key: say what is wrong with it, not what it is
+            raise self.fail(path, "a key must be non-empty and contain no spaces")
+        return key
+
     def api_keys(self, value: object, macros: Mapping[str, str]) -> tuple[str, ...]:
         if value is None:
             return ()
-        keys = []
-        for i, raw in enumerate(self.string_list(value, "apiKeys")):
-            where = f"apiKeys[{i}]"
-            key = self.expand(raw, where, macros, ())
-            if not key or any(c.isspace() for c in key):
-                # never echo a key: say what is wrong with it, not what it is
-                raise self.fail(where, "a key must be non-empty and contain no spaces")
-            keys.append(key)
-        return tuple(keys)
+        return tuple(
+            self.secret(raw, f"apiKeys[{i}]", macros)
+            for i, raw in enumerate(self.string_list(value, "apiKeys"))
+        )
 
     def store(self, value: object, macros: Mapping[str, str]) -> dict[str, Any]:
         doc = self.mapping(value if value is not None else {}, "store")
@@ -903,6 +927,18 @@ class _Builder:
         cmd_stop = None
         if doc.get("cmdStop"):
             cmd_stop = self.command(doc["cmdStop"], f"{base}.cmdStop", scope, {"PID", "PORT"})
+        forward_authorization = self.boolean(
+            doc.get("forwardAuthorization", False), f"{base}.forwardAuthorization"
+        )
+        upstream_api_key = None
+        if doc.get("upstreamApiKey") is not None:
+            upstream_api_key = self.secret(doc["upstreamApiKey"], f"{base}.upstreamApiKey", scope)
+            if forward_authorization:
+                raise self.fail(
+                    f"{base}.upstreamApiKey",
+                    "a model gets either the client's key (forwardAuthorization) or its "
+                    "own (upstreamApiKey), not both",
+                )
         return ModelConfig(
             id=model_id,
             cmd=cmd,
@@ -937,9 +973,8 @@ class _Builder:
                 doc.get("sendLoadingState", defaults["sendLoadingState"]),
                 f"{base}.sendLoadingState",
             ),
-            forward_authorization=self.boolean(
-                doc.get("forwardAuthorization", False), f"{base}.forwardAuthorization"
-            ),
+            forward_authorization=forward_authorization,
+            upstream_api_key=upstream_api_key,
             priority=self.integer(doc.get("priority", 0), f"{base}.priority"),
             memory=self.memory(doc.get("memory"), f"{base}.memory", defaults["budget"]),
             deadline=(
