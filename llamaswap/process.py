@@ -668,6 +668,19 @@ class ModelProcess:
         )
         self._stuck_changed(child, gone=True)
 
+    def let_go(self) -> None:
+        """llamaswap is exiting: a last SIGKILL to what is stuck, then stop watching."""
+        for child in self.stuck:
+            self._kill_group(child)
+            self._cancel(child.check)
+            child.check = None
+            if child.exit is None:
+                self.log.warn(
+                    "model {model}: pid {pid} is still stuck as llamaswap exits",
+                    model=self.id,
+                    pid=child.pid,
+                )
+
     def _stuck_changed(self, child: Child, gone: bool) -> None:
         self.events.publish(
             "stuck", id=self.id, pid=child.pid, port=child.port, why=child.why, gone=gone
