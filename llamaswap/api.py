@@ -556,6 +556,19 @@ class Api:
                     "retiring": True,
                 }
             )
+        for process in [*self.scheduler.processes.values(), *self.scheduler.retiring()]:
+            for child in process.stuck:
+                running.append(
+                    {
+                        "model": process.id,
+                        "state": "stuck",
+                        "pid": child.live_pid,
+                        "group": process.group(child),
+                        "port": child.port,
+                        "since": child.stuck_since,
+                        "why": child.why,
+                    }
+                )
         return _json(request, {"running": running})
 
     def memory_record(self, model_id: str) -> dict[str, Any] | None:

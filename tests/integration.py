@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -40,6 +41,12 @@ def pid_alive(pid: int) -> bool:
             return stat.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def kill_quietly(pid: int) -> None:
+    """SIGKILL ``pid`` if it still exists (cleanup of processes a test let loose)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, 9)
 
 
 class Reply:
