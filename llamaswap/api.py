@@ -38,6 +38,7 @@ from .openapi import openapi_document
 from .process import ModelState
 from .recorder import Recorder, RequestRecord
 from .relay import Relay
+from .routes import MODEL_ROUTES, Body, ModelRoute
 from .scheduler import Scheduler
 
 UI_DIR = Path(__file__).parent / "ui"
@@ -78,6 +79,15 @@ class PeerBody:
     peer: PeerConfig
     remote: str
     body: bytes
+
+
+def _model_handler(route: ModelRoute) -> Callable[..., Any]:
+    """A Klein handler for one route of the table (path arguments are not needed)."""
+
+    async def handle(api: Api, request: Request, **path_arguments: str) -> None:
+        await api.model_route(request, route)
+
+    return handle
 
 
 class Api:
@@ -157,33 +167,25 @@ class Api:
 
     # --- the OpenAI-compatible pass-through ------------------------------------------
 
-    @router.route("/v1/chat/completions", methods=["POST"], endpoint="p1")
-    @router.route("/v1/completions", methods=["POST"], endpoint="p2")
-    @router.route("/v1/responses", methods=["POST"], endpoint="p3")
-    @router.route("/v1/embeddings", methods=["POST"], endpoint="p4")
-    @router.route("/v1/rerank", methods=["POST"], endpoint="p5")
-    @router.route("/v1/reranking", methods=["POST"], endpoint="p6")
-    @router.route("/rerank", methods=["POST"], endpoint="p7")
-    @router.route("/reranking", methods=["POST"], endpoint="p8")
-    @router.route("/v1/messages", methods=["POST"], endpoint="p9")
-    @router.route("/v1/messages/count_tokens", methods=["POST"], endpoint="p10")
-    @router.route("/infill", methods=["POST"], endpoint="p11")
-    @router.route("/completion", methods=["POST"], endpoint="p12")
-    @router.route("/v1/audio/speech", methods=["POST"], endpoint="p13")
-    @router.route("/v1/images/generations", methods=["POST"], endpoint="p14")
-    @router.route("/v1/audio/transcriptions", methods=["POST"], endpoint="p15")
-    @router.route("/v1/images/edits", methods=["POST"], endpoint="p16")
-    async def model_route(self, request: Request) -> None:
+    async def model_route(self, request: Request, route: ModelRoute) -> None:
+        """Any route of :data:`MODEL_ROUTES`: find the model, relay the request as it came."""
+        if request.method == b"OPTIONS":
+            # without CORS a preflight gets no Access-Control-* headers, but no 405
+            request.setResponseCode(204)
+            request.setHeader(b"allow", route.allow)
+            return
         body = request.content.read() if request.content is not None else b""
-        parsed = self.model_from_body(request, body)
+        if request.method != b"POST":  # GET, HEAD, DELETE: the model is in the query
+            model, profile, _ = self.choose(request, None)
+            await self.proxy(
+                request, model, request.method, request.uri, body or None, profile, route=route.path
+            )
+            return
+        parsed = self.model_from_body(request, body, route.body)
         if isinstance(parsed, PeerBody):
             await self.to_peer(request, parsed.peer, parsed.remote, request.uri, parsed.body)
             return
-        loading = (
-            parsed.streaming
-            and parsed.model.send_loading_state
-            and request.path == b"/v1/chat/completions"
-        )
+        loading = parsed.streaming and parsed.model.send_loading_state and route.loading
         await self.proxy(
             request,
             parsed.model,
@@ -192,15 +194,14 @@ class Api:
             parsed.body,
             parsed.profile,
             loading_for=parsed.requested if loading else None,
+            route=route.path,
         )
 
-    @router.route("/props", methods=["GET"])
-    async def props(self, request: Request) -> None:
-        names = request.args.get(b"model")
-        if not names:
-            raise ApiError(400, "GET /props needs ?model=<id> to know which model to ask")
-        model, profile = self.target(names[0].decode("utf-8", errors="replace"))
-        await self.proxy(request, model, b"GET", request.uri, None, profile, route="/props")
+    for _route in MODEL_ROUTES:
+        router.route(_route.rule, methods=[*_route.methods, "OPTIONS"], endpoint=_route.path)(
+            _model_handler(_route)
+        )
+    del _route
 
     @router.route(
         "/upstream/<path:rest>",
@@ -224,17 +225,22 @@ class Api:
                 return
         raise self.unknown_model(unquote(segments[0].decode("utf-8", errors="replace")))
 
-    def model_from_body(self, request: Request, body: bytes) -> ParsedBody | PeerBody:
+    def model_from_body(
+        self, request: Request, body: bytes, kind: Body = Body.JSON
+    ) -> ParsedBody | PeerBody:
         """Find ``model`` in a JSON or multipart body (parsed once) and apply filters."""
         content_type = (request.getHeader(b"content-type") or b"").lower()
         if content_type.startswith(b"multipart/form-data"):
             form = getattr(request, "form", None) or request.args
             fields = form.get(b"model")
-            if not fields or not fields[0].strip():
-                raise ApiError(400, "the form has no 'model' field")
-            name = fields[0].decode("utf-8", errors="replace")
-            model, profile = self.target(name)
-            return ParsedBody(model, profile, name, body, streaming=False)
+            named = fields[0].decode("utf-8", errors="replace").strip() if fields else ""
+            model, profile, requested = self.choose(request, named)
+            return ParsedBody(model, profile, requested, body, streaming=False)
+        if kind is Body.OPAQUE:
+            # the child's business; only a JSON object may name the model
+            named = _model_field(body)
+            model, profile, requested = self.choose(request, named)
+            return ParsedBody(model, profile, requested, body, streaming=False)
         media = content_type.partition(b";")[0].strip()
         if media and media not in ACCEPTED_BODY_TYPES and not media.endswith(b"+json"):
             raise ApiError(
@@ -250,9 +256,9 @@ class Api:
         if not isinstance(document, dict):
             raise ApiError(400, "the request body must be a JSON object")
         name = document.get("model")
-        if not isinstance(name, str) or not name:
-            raise ApiError(400, "the request body needs a 'model' string naming the model to use")
-        if self.config.lookup(name) is None:
+        if name is not None and not isinstance(name, str):
+            raise ApiError(400, "'model' must be a string naming the model to use")
+        if name and self.config.lookup(name) is None:
             routed = self.config.peer_route(name)
             if routed is not None:
                 # a remote model: its own id upstream, the peer's filters
@@ -260,16 +266,48 @@ class Api:
                 peer.filters.apply(document, requested=name)
                 document["model"] = remote_id
                 return PeerBody(peer, remote_id, json.dumps(document).encode("utf-8"))
-        model, profile = self.target(name)
+        model, profile, requested = self.choose(request, name)
         changed = model.filters.apply(
-            document, requested=name.partition(":")[2] if profile else name
+            document, requested=requested.partition(":")[2] if profile else requested
         )
         if model.use_model_name is not None:
             document["model"] = model.use_model_name
             changed = True
         if changed:
             body = json.dumps(document).encode("utf-8")
-        return ParsedBody(model, profile, name, body, streaming=document.get("stream") is True)
+        return ParsedBody(model, profile, requested, body, streaming=document.get("stream") is True)
+
+    def choose(self, request: Request, named: str | None) -> tuple[ModelConfig, str | None, str]:
+        """The model a request is for → (model, profile, the name it went by).
+
+        The name the request gives (body or form), else ``?model=``, else
+        ``defaultModel``, else the one model that is loaded; else a 400.
+        """
+        name = named or _arg(request, b"model")
+        if not name and self.config.default_model is not None:
+            name = self.config.default_model
+        if name:
+            model, profile = self.target(name)
+            return model, profile, name
+        loaded = [
+            model_id
+            for model_id, process in sorted(self.scheduler.processes.items())
+            if process.state in (ModelState.STARTING, ModelState.READY)
+        ]
+        if len(loaded) == 1:
+            return self.config.models[loaded[0]], None, loaded[0]
+        known = ", ".join(self.config.listed_ids()) or "(none)"
+        which = (
+            f"{len(loaded)} models are loaded ({', '.join(loaded)})"
+            if loaded
+            else ("no model is loaded")
+        )
+        raise ApiError(
+            400,
+            f"the request names no model and {which}: send 'model' in the JSON body, "
+            f"the 'model' field of a form, or ?model= in the query; available models: {known}",
+            "model_not_specified",
+        )
 
     def target(self, name: str) -> tuple[ModelConfig, str | None]:
         """A model id, alias, variant or ``<profile>:<model>`` → (model, profile)."""
@@ -372,6 +410,7 @@ class Api:
                 stream_started=progress is not None,
                 meter=record.meter,
                 forward_credentials=model.forward_authorization,
+                replace_headers=_credentials(model.upstream_api_key),
             )
         finally:
             lease.release()
@@ -394,12 +433,6 @@ class Api:
         self, request: Request, peer: PeerConfig, remote: str, path: bytes, body: bytes
     ) -> None:
         """Relay straight to a peer: no local process, no queue."""
-        replace = {}
-        if peer.api_key is not None:
-            replace = {
-                b"authorization": b"Bearer " + peer.api_key.encode(),
-                b"x-api-key": peer.api_key.encode(),
-            }
         record = self.recorder.begin(
             f"{peer.id}/{remote}", request.path.decode("ascii", errors="replace"), path.decode()
         )
@@ -410,7 +443,7 @@ class Api:
                 b"POST",
                 peer.proxy + path.decode("ascii"),
                 body,
-                replace_headers=replace,
+                replace_headers=_credentials(peer.api_key),
                 meter=record.meter,
             )
         except CancelledError:
@@ -429,6 +462,11 @@ class Api:
     def health(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return b"OK"
+
+    @router.route("/v1/health", methods=["GET", "HEAD"])
+    def health_v1(self, request: Request) -> bytes:
+        """llama-server's health route, in its shape: no model is asked (or started)."""
+        return _json(request, {"status": "ok"})
 
     @router.route("/v1/models", methods=["GET"], endpoint="models_v1")
     @router.route("/models", methods=["GET"], endpoint="models_plain")
@@ -518,6 +556,19 @@ class Api:
                     "retiring": True,
                 }
             )
+        for process in [*self.scheduler.processes.values(), *self.scheduler.retiring()]:
+            for child in process.stuck:
+                running.append(
+                    {
+                        "model": process.id,
+                        "state": "stuck",
+                        "pid": child.live_pid,
+                        "group": process.group(child),
+                        "port": child.port,
+                        "since": child.stuck_since,
+                        "why": child.why,
+                    }
+                )
         return _json(request, {"running": running})
 
     def memory_record(self, model_id: str) -> dict[str, Any] | None:
@@ -692,6 +743,23 @@ class Api:
         reader = _LogReader(request)
         request.registerProducer(reader, True)
         return _until_gone(self.logs.subscribe(sources, reader.line))
+
+
+def _credentials(key: str | None) -> dict[bytes, bytes]:
+    """The headers that carry llamaswap's own key for a child or a peer."""
+    if key is None:
+        return {}
+    return {b"authorization": b"Bearer " + key.encode(), b"x-api-key": key.encode()}
+
+
+def _model_field(body: bytes) -> str | None:
+    """``model`` of a body that may or may not be a JSON object."""
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    name = document.get("model") if isinstance(document, dict) else None
+    return name if isinstance(name, str) else None
 
 
 def _has_flag(request: Request, name: bytes) -> bool:

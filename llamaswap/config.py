@@ -8,12 +8,15 @@ and the offending value, and nothing runs.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import shlex
+import socket
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 import yaml
@@ -51,6 +54,7 @@ TOP_LEVEL_KEYS = (
     "shutdownTimeout",
     "scheduler",
     "resources",
+    "defaultModel",
     "connections",
 )
 CONNECTION_KEYS = ("headerTimeout", "bodyTimeout", "bodyMinRate", "maxConnections", "maxPerClient")
@@ -83,6 +87,7 @@ MODEL_KEYS = (
     "priority",
     "memory",
     "deadline",
+    "upstreamApiKey",
 )
 DEFAULT_PROXY = "http://127.0.0.1:${PORT}"
 
@@ -208,6 +213,8 @@ class ModelConfig:
     priority: int = 0
     memory: Mapping[str, int] = attrs.field(factory=dict)
     deadline: float | None = None
+    #: the key the child expects; never printed (not even in this object's repr)
+    upstream_api_key: str | None = attrs.field(default=None, repr=False)
 
     @property
     def uses_port(self) -> bool:
@@ -250,6 +257,7 @@ class Config:
     shutdown_timeout: float = 30.0
     policy: Policy = attrs.field(factory=ArrivalOrder)
     budget: Mapping[str, int] = attrs.field(factory=dict)
+    default_model: str | None = None
     connections: ConnectionLimits = attrs.field(factory=ConnectionLimits)
 
     def peer_route(self, name: str) -> tuple[PeerConfig, str] | None:
@@ -304,14 +312,106 @@ class Config:
         return sorted(m.id for m in self.models.values() if not m.unlisted)
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and validate a configuration file."""
+def load_config(path: str | Path, listen: Collection[str] = ()) -> Config:
+    """Read and validate a configuration file (for a llamaswap serving on ``listen``)."""
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(source, "", f"cannot read file: {e.strerror or e}") from e
-    return parse_config(text, source)
+    return refuse_self_proxy(parse_config(text, source), listen)
+
+
+def refuse_self_proxy(config: Config, listen: Collection[str]) -> Config:
+    """``config``, unless a model's or peer's ``proxy`` leads to a ``listen`` endpoint.
+
+    Such a proxy has llamaswap relay requests to itself (and take its own ``/health``
+    for a child's).  Host names other than ``localhost`` are not resolved here: the
+    ``Via`` mark of :mod:`llamaswap.relay` stops a loop this check cannot see.
+    """
+    proxies = [(f"models.{m.id}.proxy", m.proxy) for m in config.models.values()]
+    proxies += [(f"peers.{p.id}.proxy", p.proxy) for p in config.peers.values()]
+    for endpoint in listen:
+        bound = listen_address(endpoint)
+        if bound is None:
+            continue
+        for key, url in proxies:
+            if _leads_to(url, *bound):
+                raise ConfigError(
+                    config.source,
+                    key,
+                    f"{url} is llamaswap's own listen address (--listen {endpoint}), so "
+                    "requests would be relayed back into llamaswap; point it at the model "
+                    "server",
+                )
+    return config
+
+
+def listen_address(endpoint: str) -> tuple[str, int] | None:
+    """Interface ('' for every one) and port of a tcp/tcp6/ssl endpoint string, else None."""
+    kind, _, rest = endpoint.partition(":")
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return None
+    positional: list[str] = []
+    named: dict[str, str] = {}
+    for part in re.split(r"(?<!\\):", rest):
+        name, equals, value = part.partition("=")
+        if equals:
+            named[name] = value.replace("\\", "")
+        else:
+            positional.append(part.replace("\\", ""))
+    interface = positional[1] if kind == "tcp" and len(positional) > 1 else ""
+    interface = named.get("interface", interface)
+    try:
+        return interface, int(named.get("port", positional[0] if positional else ""))
+    except ValueError:
+        return None
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _addresses(host: str) -> set[IPAddress]:
+    """The addresses a literal host stands for; empty for a name (not resolved)."""
+    if host.lower() == "localhost":
+        return {ipaddress.IPv4Address("127.0.0.1"), ipaddress.IPv6Address("::1")}
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return set()
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return {address.ipv4_mapped}
+    return {address}
+
+
+def _leads_to(url: str, interface: str, port: int) -> bool:
+    """Would a connection to ``url`` reach a listener on ``interface:port`` here?"""
+    if "${" in url:
+        return False  # ${PORT} is chosen when the model starts, among ports not in use
+    parts = urlsplit(url)
+    try:
+        target_port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return False
+    if target_port != port:
+        return False
+    targets = _addresses(parts.hostname or "")
+    bound = _addresses(interface)
+    if not interface or any(b.is_unspecified for b in bound):  # every local address
+        return any(t.is_loopback or t.is_unspecified or _is_own(t) for t in targets)
+    # 0.0.0.0 / :: as a destination means this machine
+    return any(t.is_unspecified or t in bound for t in targets)
+
+
+def _is_own(address: IPAddress) -> bool:
+    """True if ``address`` belongs to this machine (only a local address can be bound)."""
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((str(address), 0))
+        except OSError:
+            return False
+    return True
 
 
 def parse_config(
@@ -400,7 +500,7 @@ class _Builder:
         timeout = self.number(root.get("healthCheckTimeout", 120), "healthCheckTimeout")
         if timeout <= 0:
             raise self.fail("healthCheckTimeout", f"must be a positive number, got {timeout!r}")
-        return Config(
+        config = Config(
             models=models,
             health_check_timeout=timeout,
             log_level=log_level,
@@ -426,8 +526,24 @@ class _Builder:
             max_request_bytes=self.limit(
                 root.get("maxRequestBytes", 32 * 1024 * 1024), "maxRequestBytes"
             ),
+            default_model=self.default_model(root.get("defaultModel")),
             **self.store(root.get("store"), macros),
         )
+        if config.default_model is not None and config.lookup(config.default_model) is None:
+            names = tuple(models) + tuple(n for m in models.values() for n in m.names)
+            raise self.fail(
+                "defaultModel",
+                f"unknown model {config.default_model!r}" + _suggest(config.default_model, names),
+            )
+        return config
+
+    def default_model(self, value: object) -> str | None:
+        if value is None:
+            return None
+        name = self.string(value, "defaultModel")
+        if not name.strip():
+            raise self.fail("defaultModel", "must name a model (id, alias or profile:model)")
+        return name
 
     def size(self, value: object, path: str) -> int:
         try:
@@ -492,6 +608,14 @@ class _Builder:
             raise self.fail("crashLoop.maxCooldown", "must not be smaller than cooldown")
         return policy
 
+    def secret(self, value: object, path: str, macros: Mapping[str, str]) -> str:
+        """A key: macros and ``${env.NAME}`` filled in, checked without being echoed."""
+        key = self.expand(self.string(value, path), path, macros, ())
+        if not key or any(c.isspace() for c in key):
+            # never echo a key: say what is wrong with it, not what it is
+            raise self.fail(path, "a key must be non-empty and contain no spaces")
+        return key
+
     def connections(self, value: object) -> ConnectionLimits:
         doc = self.mapping(value if value is not None else {}, "connections")
         self.check_keys(doc, "connections", CONNECTION_KEYS)
@@ -518,15 +642,10 @@ class _Builder:
     def api_keys(self, value: object, macros: Mapping[str, str]) -> tuple[str, ...]:
         if value is None:
             return ()
-        keys = []
-        for i, raw in enumerate(self.string_list(value, "apiKeys")):
-            where = f"apiKeys[{i}]"
-            key = self.expand(raw, where, macros, ())
-            if not key or any(c.isspace() for c in key):
-                # never echo a key: say what is wrong with it, not what it is
-                raise self.fail(where, "a key must be non-empty and contain no spaces")
-            keys.append(key)
-        return tuple(keys)
+        return tuple(
+            self.secret(raw, f"apiKeys[{i}]", macros)
+            for i, raw in enumerate(self.string_list(value, "apiKeys"))
+        )
 
     def store(self, value: object, macros: Mapping[str, str]) -> dict[str, Any]:
         doc = self.mapping(value if value is not None else {}, "store")
@@ -836,6 +955,18 @@ class _Builder:
         cmd_stop = None
         if doc.get("cmdStop"):
             cmd_stop = self.command(doc["cmdStop"], f"{base}.cmdStop", scope, {"PID", "PORT"})
+        forward_authorization = self.boolean(
+            doc.get("forwardAuthorization", False), f"{base}.forwardAuthorization"
+        )
+        upstream_api_key = None
+        if doc.get("upstreamApiKey") is not None:
+            upstream_api_key = self.secret(doc["upstreamApiKey"], f"{base}.upstreamApiKey", scope)
+            if forward_authorization:
+                raise self.fail(
+                    f"{base}.upstreamApiKey",
+                    "a model gets either the client's key (forwardAuthorization) or its "
+                    "own (upstreamApiKey), not both",
+                )
         return ModelConfig(
             id=model_id,
             cmd=cmd,
@@ -870,9 +1001,8 @@ class _Builder:
                 doc.get("sendLoadingState", defaults["sendLoadingState"]),
                 f"{base}.sendLoadingState",
             ),
-            forward_authorization=self.boolean(
-                doc.get("forwardAuthorization", False), f"{base}.forwardAuthorization"
-            ),
+            forward_authorization=forward_authorization,
+            upstream_api_key=upstream_api_key,
             priority=self.integer(doc.get("priority", 0), f"{base}.priority"),
             memory=self.memory(doc.get("memory"), f"{base}.memory", defaults["budget"]),
             deadline=(

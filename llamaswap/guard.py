@@ -21,7 +21,7 @@ from twisted.web.server import Request, Site
 from .errors import ApiError
 
 # Paths anyone may fetch: liveness, and what a browser needs to ask for a key.
-OPEN_PATHS = (b"/health",)
+OPEN_PATHS = (b"/health", b"/v1/health")
 OPEN_PREFIXES = (b"/ui/", b"/swagger/")
 OPEN_EXACT = (b"/", b"/ui", b"/swagger", b"/favicon.ico")
 

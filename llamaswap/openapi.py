@@ -2,30 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from . import __version__
-
-MODEL_ROUTES = {
-    "/v1/chat/completions": "OpenAI chat completions (streams with `stream: true`)",
-    "/v1/completions": "OpenAI text completions",
-    "/v1/responses": "OpenAI Responses API",
-    "/v1/embeddings": "OpenAI embeddings",
-    "/v1/rerank": "Reranking",
-    "/v1/reranking": "Reranking",
-    "/rerank": "Reranking",
-    "/reranking": "Reranking",
-    "/v1/messages": "Anthropic-style messages",
-    "/v1/messages/count_tokens": "Anthropic-style token counting",
-    "/infill": "llama.cpp code infill",
-    "/completion": "llama.cpp native completion",
-    "/v1/audio/speech": "Text to speech",
-    "/v1/images/generations": "Image generation",
-}
-MULTIPART_ROUTES = {
-    "/v1/audio/transcriptions": "Speech to text (multipart form with a `model` field)",
-    "/v1/images/edits": "Image edits (multipart form with a `model` field)",
-}
+from .routes import MODEL_ROUTES, Body, ModelRoute
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -47,47 +28,80 @@ def _text(description: str, media: str = "text/plain") -> dict[str, Any]:
 
 
 MODEL_ERRORS = {
-    "400": _error("Malformed body or missing `model`"),
+    "400": _error(
+        "Malformed body, or no model named while none (or several) are loaded and no "
+        "`defaultModel` is set; the message lists the valid ids"
+    ),
     "404": _error("Unknown model; the message lists the valid ids"),
     "429": _error("The model has `concurrencyLimit` requests already (see Retry-After)"),
     "502": _error("The model's server (or peer) could not be reached"),
     "503": _error("The model failed to start, timed out, or the queue is full"),
 }
 
+_ROUTED = (
+    "Routed to a model like the OpenAI routes: the JSON body's `model` (or a multipart "
+    "form's `model` field), else `?model=`, else `defaultModel`, else the one model that "
+    "is loaded. Starts the model if needed, then relays the request and streams the "
+    "response back unchanged."
+)
+_OPAQUE = (
+    "The body is relayed as it came (it need not be a JSON object); the model comes "
+    "from `?model=` (or a JSON object's `model`), else `defaultModel`, else the one "
+    "model that is loaded."
+)
 
-def _model_operation(summary: str, multipart: bool) -> dict[str, Any]:
-    body: dict[str, Any]
-    if multipart:
-        body = {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["model"],
-                    "properties": {"model": {"type": "string"}},
-                }
-            }
-        }
-    else:
-        body = {"application/json": {"schema": {"$ref": "#/components/schemas/ModelRequest"}}}
+
+def _model_request_body(route: ModelRoute) -> dict[str, Any]:
+    if route.body is Body.OPAQUE:
+        return {"required": False, "content": {"*/*": {"schema": {}}}}
+    form = {"schema": {"type": "object", "properties": {"model": {"type": "string"}}}}
     return {
-        "post": {
-            "tags": ["OpenAI-compatible"],
-            "summary": summary,
-            "description": "Routed by `model`; starts the model if needed, then relays the "
-            "request and streams the response back unchanged.",
-            "requestBody": {"required": True, "content": body},
-            "responses": {
-                "200": {
-                    "description": "The model's own response (JSON or an event stream)",
-                    "content": {
-                        "application/json": {"schema": {"type": "object"}},
-                        "text/event-stream": {"schema": {"type": "string"}},
-                    },
-                },
-                **MODEL_ERRORS,
-            },
-        }
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/ModelRequest"}},
+            "multipart/form-data": form,
+        },
     }
+
+
+def _model_path(route: ModelRoute) -> dict[str, Any]:
+    """Every method of one route of the table; OPTIONS answers 204 with ``Allow``."""
+    parameters: list[dict[str, Any]] = [
+        {"name": "model", "in": "query", "required": False, "schema": {"type": "string"}}
+    ]
+    parameters += [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        for name in re.findall(r"\{(\w+)\}", route.path)
+    ]
+    responses = {
+        "200": {
+            "description": "The model's own response (JSON or an event stream)",
+            "content": {
+                "application/json": {"schema": {"type": "object"}},
+                "text/event-stream": {"schema": {"type": "string"}},
+            },
+        },
+        **MODEL_ERRORS,
+    }
+    operations: dict[str, Any] = {}
+    for method in route.methods:
+        operation: dict[str, Any] = {
+            "tags": [route.tag],
+            "summary": route.summary,
+            "description": _OPAQUE if route.body is Body.OPAQUE else _ROUTED,
+            "parameters": parameters,
+            "responses": responses,
+        }
+        if method == "POST":
+            operation["requestBody"] = _model_request_body(route)
+        operations[method.lower()] = operation
+    operations["options"] = {
+        "tags": [route.tag],
+        "parameters": parameters,
+        "summary": "The route's methods (CORS preflights: see the CORS setting)",
+        "responses": {"204": {"description": "No body; `Allow` lists the methods"}},
+    }
+    return operations
 
 
 def _model_param(where: str = "path") -> dict[str, Any]:
@@ -135,12 +149,11 @@ def _management() -> dict[str, Any]:
         "/health": {
             "get": {**tags, "summary": "llamaswap is up", "responses": {"200": _text("OK")}}
         },
-        "/props": {
+        "/v1/health": {
             "get": {
                 **tags,
-                "summary": "A model's llama-server /props",
-                "parameters": [_model_param("query")],
-                "responses": {"200": _json("The model's properties"), **MODEL_ERRORS},
+                "summary": "llamaswap is up, in llama-server's shape; asks no model",
+                "responses": {"200": _json('`{"status": "ok"}`')},
             }
         },
         "/unload": {
@@ -280,10 +293,8 @@ def _management() -> dict[str, Any]:
 
 def openapi_document() -> dict[str, Any]:
     paths: dict[str, Any] = {}
-    for path, summary in MODEL_ROUTES.items():
-        paths[path] = _model_operation(summary, multipart=False)
-    for path, summary in MULTIPART_ROUTES.items():
-        paths[path] = _model_operation(summary, multipart=True)
+    for route in MODEL_ROUTES:
+        paths[route.path] = _model_path(route)
     paths.update(_management())
     return {
         "openapi": "3.0.3",
@@ -313,9 +324,12 @@ def openapi_document() -> dict[str, Any]:
                 },
                 "ModelRequest": {
                     "type": "object",
-                    "required": ["model"],
                     "properties": {
-                        "model": {"type": "string", "description": "Model id, alias or variant"},
+                        "model": {
+                            "type": "string",
+                            "description": "Model id, alias, variant or profile:model; "
+                            "without it: defaultModel, else the one loaded model",
+                        },
                         "stream": {"type": "boolean"},
                     },
                     "additionalProperties": True,

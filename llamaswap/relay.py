@@ -4,24 +4,33 @@ Nothing is buffered: response chunks are written to the client as they arrive
 (so SSE reaches it token by token), the upstream connection is paused while the
 client is slow, and it is closed when the client goes away (so llama-server stops
 generating).
+
+A request is never sent twice by this module: once its bytes may have reached the
+server, the server may be acting on them (a generation, or a crash it would cause
+again).  A pooled connection already closed is skipped by the connection pool
+before anything is written, and the pool itself resends only bodiless idempotent
+requests (GET, HEAD, ...) that met a stale connection.
+
+Every relayed request carries this llamaswap's :class:`Hop` mark in ``Via``; a
+request that comes back with it went round in a circle and is refused at once.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web._newclient import RequestNotSent
 from twisted.web.client import ResponseDone, ResponseNeverReceived, readBody
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 from zope.interface import implementer
 
@@ -88,13 +97,78 @@ def end_event_stream(request: Request, error: bytes) -> None:
     request.finish()
 
 
+class Hop:
+    """This llamaswap's entry in the ``Via`` header of every request it relays.
+
+    The name is random per process: a chain of distinct llamaswaps (peers) passes,
+    but a request that reaches the llamaswap that already relayed it is recognised,
+    whatever name or address led it back (an alias no config check can see).
+    """
+
+    def __init__(self) -> None:
+        self.name = b"llamaswap-" + secrets.token_hex(8).encode("ascii")
+
+    def mark(self, headers: Headers) -> None:
+        """Append this hop to ``Via`` (one comma-separated list, as proxies do)."""
+        entries = [*headers.getRawHeaders(b"via", []), b"1.1 " + self.name]
+        headers.setRawHeaders(b"via", [b", ".join(entries)])
+
+    def seen_in(self, headers: Headers) -> bool:
+        return any(
+            self.name in entry.split()
+            for value in headers.getRawHeaders(b"via", [])
+            for entry in value.split(b",")
+        )
+
+
+class LoopGuard(Resource):
+    """Refuses a request carrying this llamaswap's own mark: it went round a loop.
+
+    Answered at once with 508 (nothing is started or queued), so the request that
+    came round the loop gets a clear error after one hop instead of circling.
+    """
+
+    isLeaf = True
+    log = logger()
+
+    def __init__(self, inner: IResource, hop: Hop) -> None:
+        super().__init__()
+        self.inner = inner
+        self.hop = hop
+        self.refused = 0
+
+    def render(self, request: Request) -> Any:
+        if not self.hop.seen_in(request.requestHeaders):
+            return self.inner.render(request)
+        self.refused += 1
+        if self.refused % 100 == 1:  # a health probe may come round several times a second
+            self.log.warn(
+                "{method} {path} came back to this llamaswap ({count} so far): a model's or "
+                "peer's proxy URL leads to llamaswap itself; refused with 508",
+                method=request.method.decode("ascii", errors="replace"),
+                path=request.path.decode("ascii", errors="replace"),
+                count=self.refused,
+            )
+        error = ApiError(
+            508,
+            "this request came back to the llamaswap that relayed it: a model's or peer's "
+            "proxy URL leads to llamaswap itself, so it was refused rather than sent round "
+            "again",
+            "loop_detected",
+        )
+        request.setResponseCode(508, b"Loop Detected")
+        request.setHeader(b"content-type", b"application/json")
+        return error.body()
+
+
 class Relay:
     """Sends requests to children through one persistent connection pool."""
 
     log = logger()
 
-    def __init__(self, agent: IAgent) -> None:
+    def __init__(self, agent: IAgent, hop: Hop | None = None) -> None:
         self._agent = agent
+        self.hop = hop or Hop()
 
     def forward(
         self,
@@ -123,21 +197,10 @@ class Relay:
         headers = end_to_end(request.requestHeaders, frozenset(drop))
         for name, value in (replace_headers or {}).items():
             headers.setRawHeaders(name, [value])
+        self.hop.mark(headers)
         producer = BytesProducer(body) if body is not None else None
         exchange = _Exchange(self, request, stream_started, meter or ResponseMeter())
         return exchange.run(method, url, headers, producer)
-
-
-def _closed_while_idle(failure: Failure) -> bool:
-    """The connection closed before a single response byte, cleanly or not."""
-    if failure.check(RequestNotSent):
-        return True
-    error = failure.value
-    if not isinstance(error, ResponseNeverReceived):
-        return False
-    return bool(error.reasons) and all(
-        r.check(ConnectionDone, ConnectionLost) for r in error.reasons
-    )
 
 
 class _Exchange:
@@ -154,22 +217,17 @@ class _Exchange:
         self.body: _BodyRelay | None = None
         self.done: Deferred[None] = Deferred(self._client_gone)
         self.url = ""
+        self.has_body = False
 
     def run(
         self, method: bytes, url: str, headers: Headers, producer: IBodyProducer | None
     ) -> Deferred[None]:
         self.url = url
-        self._send = lambda: self.relay._agent.request(
-            method, url.encode("ascii"), headers, producer
-        )
-        self._retried = False
-        self._request()
-        return self.done
-
-    def _request(self) -> None:
-        pending = self._send()
+        self.has_body = producer is not None
+        pending = self.relay._agent.request(method, url.encode("ascii"), headers, producer)
         self.pending = pending
         pending.addCallbacks(self._got_response, self._no_response)
+        return self.done
 
     def _client_gone(self, _: Deferred[None]) -> None:
         if self.pending is not None:
@@ -181,18 +239,27 @@ class _Exchange:
         self.pending = None
         if self.done.called:  # the client left first
             return
-        if not self._retried and _closed_while_idle(failure):
-            # a pooled keep-alive connection the server had just closed: the request
-            # never reached it, so sending it once more on a fresh connection is safe
-            self._retried = True
-            self._request()
-            return
-        reason = failure.getErrorMessage() or repr(failure.value)
-        error = ApiError(502, f"the model server at {self.url} did not answer: {reason}")
+        error = ApiError(502, self._no_answer(failure))
         if self.stream_started:
             self._error_event(error.body())
             return
         self.done.errback(error)
+
+    def _no_answer(self, failure: Failure) -> str:
+        lost = failure.value
+        if not isinstance(lost, ResponseNeverReceived):
+            reason = failure.getErrorMessage() or repr(lost)
+            return f"the model server at {self.url} did not answer: {reason}"
+        reasons = "; ".join(r.getErrorMessage() for r in lost.reasons) or "no reason given"
+        message = (
+            f"the model server at {self.url} closed the connection while handling the "
+            f"request, without answering ({reasons})"
+        )
+        if self.has_body:
+            # it had the request and may have acted on it (a generation, or a crash
+            # it would cause again): sending it twice is not ours to decide
+            message += "; it was not retried, since the server may already have acted on it"
+        return message
 
     def _error_event(self, body: bytes) -> None:
         """End a stream already under way with an OpenAI-style error event."""

@@ -7,7 +7,7 @@ the reactor (or just the clock) passed in.
 from __future__ import annotations
 
 import ipaddress
-import re
+from functools import partial
 from typing import Any
 
 from twisted.application import strports
@@ -20,11 +20,12 @@ from twisted.logger import globalLogPublisher
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
 from .activity import ActivityStore, Retention
 from .api import Api
-from .config import Config, ConfigError, ModelConfig, load_config
+from .config import Config, ConfigError, ModelConfig, listen_address, load_config
 from .connections import ConnectionGate, raise_file_limit
 from .events import EventBus
 from .guard import ApiSite, Guard
@@ -33,7 +34,7 @@ from .metrics import Metrics
 from .ports import PortAllocator
 from .process import HealthProbe, ModelProcess, Timing
 from .recorder import Recorder
-from .relay import Relay
+from .relay import Hop, LoopGuard, Relay
 from .reload import ConfigReloader
 from .resources import MemoryMonitor
 from .scheduler import Scheduler
@@ -73,17 +74,23 @@ class Options(usage.Options):
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         try:
-            self["config_obj"] = load_config(self["config"])
+            self["config_obj"] = load_config(self["config"], self["listen"])
         except ConfigError as e:
             raise usage.UsageError(f"invalid configuration: {e}") from e
 
 
-def http_probe(agent: IAgent, clock: IReactorTime, timeout: float = 2.0) -> HealthProbe:
-    """A health probe: GET the URL, fire with the status code."""
+def http_probe(agent: IAgent, clock: IReactorTime, hop: Hop, timeout: float = 2.0) -> HealthProbe:
+    """A health probe: GET the URL, fire with the status code.
+
+    It carries ``hop``'s mark, so llamaswap's own ``/health`` (a proxy URL leading
+    back to llamaswap) answers 508, never the 200 that would pass for the child's.
+    """
 
     def probe(url: str) -> Deferred[int]:
         async def get() -> int:
-            response: IResponse = await agent.request(b"GET", url.encode("ascii"))
+            headers = Headers()
+            hop.mark(headers)
+            response: IResponse = await agent.request(b"GET", url.encode("ascii"), headers)
             finished: Deferred[None] = Deferred()
             response.deliverBody(_Discard(finished))
             await finished
@@ -208,7 +215,8 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
     pool._factory = _QuietClientFactory
     agent = Agent(reactor, connectTimeout=10, pool=pool)
     ports = PortAllocator(config.start_port)
-    probe = http_probe(agent, reactor)
+    relay = Relay(agent)
+    probe = http_probe(agent, reactor, relay.hop)
     events = EventBus()
 
     def make_process(model: ModelConfig, health_timeout: float) -> ModelProcess:
@@ -232,12 +240,12 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
     )
     metrics = Metrics(scheduler, events)
     recorder = Recorder(reactor, events, store, config.log_requests)
-    api = Api(config, scheduler, Relay(agent), logs, reactor, recorder, metrics, events, store)
+    api = Api(config, scheduler, relay, logs, reactor, recorder, metrics, events, store)
 
     top = MultiService()
     Supervisor(scheduler, pool, logs, store, reactor).setServiceParent(top)
     guard = Guard(api.resource(), config.api_keys)
-    site = ApiSite(guard, config.max_request_bytes, reactor=reactor)
+    site = ApiSite(LoopGuard(guard, relay.hop), config.max_request_bytes, reactor=reactor)
     site.displayTracebacks = False
     gate = ConnectionGate(site, config.connections, reactor)
     if not config.api_keys:
@@ -278,17 +286,16 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
 
 def _loopback_only(endpoint: str) -> bool:
     """True for unix sockets and TCP endpoints bound to a loopback interface."""
-    kind, _, rest = endpoint.partition(":")
-    if kind not in ("tcp", "tcp6", "ssl"):
+    bound = listen_address(endpoint)
+    if bound is None:
         return True
-    for part in re.split(r"(?<!\\):", rest):
-        if part.startswith("interface="):
-            address = part.split("=", 1)[1].strip("[]").replace("\\", "")
-            try:
-                return ipaddress.ip_address(address).is_loopback
-            except ValueError:
-                return address == "localhost"
-    return False  # no interface: every address
+    interface = bound[0].strip("[]")
+    if not interface:
+        return False  # every address
+    try:
+        return ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return interface == "localhost"
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
@@ -303,5 +310,6 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         service.apply,  # type: ignore[attr-defined]
         reactor,
         watch=bool(options["watch-config"]),
+        loader=partial(load_config, listen=options["listen"]),
     ).setServiceParent(service)
     return service

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -47,6 +48,12 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def kill_quietly(pid: int) -> None:
+    """SIGKILL ``pid`` if it still exists (cleanup of processes a test let loose)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, 9)
+
+
 class Reply:
     def __init__(self, response: IResponse, body: bytes) -> None:
         self.code = response.code
@@ -66,7 +73,7 @@ class LiveTestCase(TestCase):
 
     timeout = 60
 
-    async def serve(self, yaml_text: str) -> Api:
+    async def serve(self, yaml_text: str, listen_port: int = 0) -> Api:
         config = parse_config(yaml_text, "test.yaml")
         if "startPort" not in yaml_text:
             # away from the default, so parallel runs on one machine rarely meet
@@ -78,7 +85,7 @@ class LiveTestCase(TestCase):
         api: Api = self.service.api  # type: ignore[attr-defined]
         self.api = api
         site: Any = self.service.site  # type: ignore[attr-defined]
-        port: IListeningPort = reactor.listenTCP(0, site, interface="127.0.0.1")
+        port: IListeningPort = reactor.listenTCP(listen_port, site, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         self.base = f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
         pool = HTTPConnectionPool(reactor, persistent=False)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
+from typing import Any
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import reactor
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from llamaswap.config import ConfigError, load_config, parse_config
+from llamaswap.config import ConfigError, load_config, parse_config, refuse_self_proxy
+from llamaswap.reload import ConfigReloader
+from llamaswap.tap import Options, makeService
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -337,3 +343,130 @@ class ModelManagementConfigTests(SynchronousTestCase):
             "models.a.macros.x: unknown macro ${y}",
             self.error("models:\n  a:\n    cmd: s --port ${PORT}\n    macros:\n      x: ${y}\n"),
         )
+
+
+def own_address() -> str | None:
+    """A non-loopback address of this machine, if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # no packet is sent for a UDP connect
+        except OSError:
+            return None
+        address: str = probe.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+class SelfProxyTests(SynchronousTestCase):
+    """A ``proxy`` leading back to llamaswap's own ``--listen`` is refused at load."""
+
+    def config(self, proxy: str, where: str = "model") -> Any:
+        if where == "model":
+            return parse_config(
+                f"models:\n  m:\n    cmd: s --port ${{PORT}}\n    proxy: {proxy}\n", "c.yaml"
+            )
+        return parse_config(
+            f"models:\n  m:\n    cmd: s --port ${{PORT}}\npeers:\n  p:\n    proxy: {proxy}\n"
+            "    models: [x]\n",
+            "c.yaml",
+        )
+
+    def refused(self, proxy: str, listen: str, where: str = "model") -> bool:
+        config = self.config(proxy, where)
+        try:
+            refuse_self_proxy(config, [listen])
+        except ConfigError:
+            return True
+        return False
+
+    def test_the_error_names_the_key_the_url_and_the_endpoint(self) -> None:
+        config = self.config("http://localhost:8080")
+        error = self.assertRaises(
+            ConfigError, refuse_self_proxy, config, ["unix:/run/l.sock", "tcp:8080"]
+        )
+        self.assertEqual(error.path, "models.m.proxy")
+        self.assertIn("http://localhost:8080 is llamaswap's own listen address", str(error))
+        self.assertIn("--listen tcp:8080", str(error))
+        peer = self.config("http://127.0.0.1:8080/v1", where="peer")
+        error = self.assertRaises(ConfigError, refuse_self_proxy, peer, ["tcp:8080"])
+        self.assertEqual(error.path, "peers.p.proxy")
+
+    def test_loopback_wildcard_and_port_equivalences(self) -> None:
+        loopback = "tcp:8080:interface=127.0.0.1"
+        for proxy, listen in [
+            ("http://127.0.0.1:8080", loopback),
+            ("http://localhost:8080", loopback),
+            ("http://LOCALHOST:8080/", loopback),
+            ("http://0.0.0.0:8080", loopback),
+            ("http://[::ffff:127.0.0.1]:8080", loopback),
+            ("http://127.0.0.1:8080", "tcp:8080"),
+            ("http://127.0.0.5:8080", "tcp:port=8080:interface=0.0.0.0"),
+            ("http://[::1]:8080", "tcp6:8080"),
+            ("http://localhost:8080", "tcp6:8080:interface=\\:\\:1"),
+            ("http://[::]:8080", "tcp6:port=8080:interface=\\:\\:1"),
+            ("http://localhost", "tcp:80"),
+            ("https://localhost", "ssl:443:privateKey=k.pem"),
+        ]:
+            self.assertTrue(self.refused(proxy, listen), (proxy, listen))
+            self.assertTrue(self.refused(proxy, listen, where="peer"), (proxy, listen))
+
+    def test_other_ports_addresses_and_run_time_ports_pass(self) -> None:
+        for proxy, listen in [
+            ("http://127.0.0.1:8081", "tcp:8080"),
+            ("http://127.0.0.2:8080", "tcp:8080:interface=127.0.0.1"),
+            ("http://127.0.0.1:8080", "tcp6:8080:interface=\\:\\:1"),
+            ("http://192.0.2.7:8080", "tcp:8080"),  # not this machine (TEST-NET-1)
+            ("http://gpu-box:8080", "tcp:8080"),  # names are not resolved: the Via mark's job
+            ("http://localhost:8080", "unix:/run/llamaswap.sock"),
+            ("https://localhost:8080", "tcp:443"),
+        ]:
+            self.assertFalse(self.refused(proxy, listen), (proxy, listen))
+        self.assertFalse(self.refused("http://127.0.0.1:${PORT}", "tcp:8080"))
+
+    def test_an_address_of_this_machine_meets_a_listener_on_every_address(self) -> None:
+        address = own_address()
+        if address is None:
+            raise self.skipTest("this machine has no non-loopback IPv4 address")
+        self.assertTrue(self.refused(f"http://{address}:8080", "tcp:8080"))
+        self.assertFalse(self.refused(f"http://{address}:8080", "tcp:8080:interface=127.0.0.1"))
+
+
+class SelfProxyAtStartAndReload(TestCase):
+    SELF = "models:\n  m:\n    cmd: s\n    proxy: http://127.0.0.1:9123\n"
+    OTHER = "models:\n  m:\n    cmd: s\n    proxy: http://127.0.0.1:9124\n"
+
+    def options(self, text: str) -> tuple[Options, Path]:
+        path = Path(self.mktemp())
+        path.write_text(text)
+        options = Options()
+        options.parseOptions(["--config", str(path), "--listen", "tcp:9123:interface=127.0.0.1"])
+        return options, path
+
+    def test_startup_refuses_it(self) -> None:
+        path = Path(self.mktemp())
+        path.write_text(self.SELF)
+        error = self.assertRaises(
+            UsageError, Options().parseOptions, ["--config", str(path), "--listen", "tcp:9123"]
+        )
+        self.assertIn(
+            f"{path}: models.m.proxy: http://127.0.0.1:9123 is llamaswap's own", str(error)
+        )
+        self.assertEqual(len(load_config(path).models), 1)  # without listen: no opinion
+
+    async def test_reload_refuses_it_and_keeps_the_running_config(self) -> None:
+        options, path = self.options(self.OTHER)
+        service = makeService(options, reactor)
+        reloader = next(s for s in service if isinstance(s, ConfigReloader))  # type: ignore[attr-defined]
+        reloader.on_signal = False
+        applied: list[Any] = []
+
+        def apply(config: Any) -> dict[str, list[str]]:
+            applied.append(config)
+            return {}
+
+        reloader.apply = apply
+        path.write_text(self.SELF)
+        self.assertFalse(await reloader.reload())
+        self.assertEqual(applied, [])
+        path.write_text(self.OTHER.replace("9124", "9125"))
+        self.assertTrue(await reloader.reload())
+        self.assertEqual(len(applied), 1)

@@ -1,4 +1,5 @@
-"""The proxy in memory: StubTreq in front, the fake llama-server resource behind."""
+"""The relay: in memory (StubTreq in front, the fake llama-server resource behind),
+and over real sockets against a scripted upstream and against llamaswap itself."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ from typing import Any
 
 import treq
 from treq.testing import RequestTraversalAgent, StubTreq
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseNeverReceived
@@ -17,10 +21,12 @@ from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from llamaswap.api import Api
-from llamaswap.relay import Relay, end_to_end
+from llamaswap.relay import Hop, LoopGuard, Relay, end_to_end
 from llamaswap.testing.fake_server import FakeLlamaServer
 
+from .daemon import free_port
 from .helpers import World, world
+from .integration import LiveTestCase
 
 CONFIG = """
 models:
@@ -51,7 +57,7 @@ class HeaderTests(SynchronousTestCase):
 
 @implementer(IAgent)
 class StaleFirst:
-    """An agent whose first request dies on a connection the server had closed."""
+    """An agent whose first requests die after sending: the server closed without answering."""
 
     def __init__(self, real: IAgent, failures: int = 1) -> None:
         self.real = real
@@ -78,8 +84,9 @@ class InMemoryProxy(SynchronousTestCase):
         self.server.start()
         self.upstream = RequestTraversalAgent(self.server.resource())
         self.agent = StaleFirst(self.upstream, failures=0)
-        api = Api(self.w.config, self.w.scheduler, Relay(self.agent), self.w.logs, self.w.reactor)
-        self.client: Any = StubTreq(api.resource())
+        self.relay = Relay(self.agent)
+        api = Api(self.w.config, self.w.scheduler, self.relay, self.w.logs, self.w.reactor)
+        self.client: Any = StubTreq(LoopGuard(api.resource(), self.relay.hop))
         self.addCleanup(self.server.stop)
 
     def flush(self) -> None:
@@ -134,17 +141,22 @@ class InMemoryProxy(SynchronousTestCase):
         self.assertIn(b"data: [DONE]", b"".join(chunks))
         self.assertEqual(self.w.scheduler.in_flight("a"), 0)
 
-    def test_a_request_lost_on_a_stale_pooled_connection_is_sent_once_more(self) -> None:
+    def test_a_post_the_server_may_have_received_is_not_sent_again(self) -> None:
         self.agent.failures = 1
         response = self.successResultOf(self.post("/v1/responses", {"model": "a", "input": "x"}))
-        self.assertEqual(response.code, 200)
-        self.assertEqual(self.agent.calls, 2)
-
-    def test_only_once(self) -> None:
-        self.agent.failures = 2
-        response = self.successResultOf(self.post("/v1/responses", {"model": "a", "input": "x"}))
         self.assertEqual(response.code, 502)
-        self.assertEqual(self.agent.calls, 2)
+        self.assertEqual(self.agent.calls, 1)
+        error = json.loads(self.successResultOf(treq.content(response)))["error"]
+        self.assertIn("closed the connection while handling the request", error["message"])
+        self.assertIn("not retried", error["message"])
+        self.assertEqual(error["type"], "server_error")
+        self.assertEqual(self.w.scheduler.in_flight("a"), 0)
+
+    def test_relayed_requests_carry_this_llamaswaps_via_mark(self) -> None:
+        d = self.post("/v1/responses", {"model": "a", "input": "x"}, headers={"via": "1.1 edge"})
+        body = self.successResultOf(treq.json_content(self.successResultOf(d)))
+        via = {k.lower(): v for k, v in body["headers"].items()}["via"]
+        self.assertEqual(via, f"1.1 edge, 1.1 {self.relay.hop.name.decode()}")
 
     def test_an_upstream_error_status_and_body_are_relayed_untouched(self) -> None:
         d = self.post("/v1/chat/completions", {"model": "a", "fake": {"status": 500}})
@@ -155,3 +167,149 @@ class InMemoryProxy(SynchronousTestCase):
             json.loads(body),
             {"error": {"message": "fake upstream error", "type": "fake", "code": 500}},
         )
+
+    def test_a_request_bearing_this_llamaswaps_own_mark_is_refused_at_once(self) -> None:
+        via = {"via": "1.1 " + self.relay.hop.name.decode()}
+        response = self.successResultOf(
+            self.client.post(
+                "http://llamaswap/v1/chat/completions",
+                json.dumps({"model": "a", "messages": []}).encode(),
+                headers={"content-type": "application/json", **via},
+            )
+        )
+        self.assertEqual((response.code, response.phrase), (508, b"Loop Detected"))
+        error = json.loads(self.successResultOf(treq.content(response)))["error"]
+        self.assertEqual(error["code"], "loop_detected")
+        self.assertIn("proxy URL leads to llamaswap itself", error["message"])
+        self.assertEqual(self.w.spawned_models(), [])  # nothing started for it
+        health = self.successResultOf(self.client.get("http://llamaswap/health", headers=via))
+        self.assertEqual(health.code, 508)  # so a health probe cannot take it for a child's
+
+    def test_another_llamaswaps_mark_passes(self) -> None:
+        other = Hop()
+        headers = {"via": "1.1 " + other.name.decode()}
+        d = self.post("/v1/responses", {"model": "a", "input": "x"}, headers=headers)
+        self.assertEqual(self.successResultOf(d).code, 200)
+
+
+class RawUpstream(Protocol):
+    """HTTP/1.1 in raw bytes, so a test says what happens after each request is read."""
+
+    def __init__(self, server: RawServer) -> None:
+        self.server = server
+        self.buffer = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            head, found, rest = self.buffer.partition(b"\r\n\r\n")
+            if not found:
+                return
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            if len(rest) < length:
+                return
+            self.buffer = rest[length:]
+            self.server.requests.append(head.split(b"\r\n")[0])
+            action = self.server.actions.pop(0) if self.server.actions else "answer"
+            assert self.transport is not None
+            if action == "drop":  # read it all, then close without a word
+                self.transport.loseConnection()
+                return
+            body = b'{"ok": true}'
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            if action == "answer_and_close":  # as a keep-alive timeout would, later
+                self.transport.loseConnection()
+                return
+
+
+class RawServer(ServerFactory):
+    def __init__(self, *actions: str) -> None:
+        self.actions = list(actions)
+        self.requests: list[bytes] = []
+        self.connections = 0
+
+    def buildProtocol(self, addr: IAddress | None) -> RawUpstream:
+        self.connections += 1
+        return RawUpstream(self)
+
+
+class LiveRelayTests(LiveTestCase):
+    """Real sockets: llamaswap between a real client and a scripted upstream."""
+
+    async def upstream(self, *actions: str) -> RawServer:
+        server = RawServer(*actions)
+        port = reactor.listenTCP(0, server, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        number = port.getHost().port  # type: ignore[attr-defined]
+        await self.serve(
+            f"models:\n  m:\n    cmd: sleep 60\n    proxy: http://127.0.0.1:{number}\n"
+            "    checkEndpoint: none\n"
+        )
+        return server
+
+    async def test_a_post_the_server_read_then_dropped_is_not_sent_again(self) -> None:
+        server = await self.upstream("drop")
+        reply = await self.chat("m")
+        self.assertEqual(reply.code, 502)
+        self.assertEqual(len(server.requests), 1)  # the generation did not run twice
+        message = reply.json()["error"]["message"]
+        self.assertIn("closed the connection while handling the request", message)
+        self.assertIn("not retried", message)
+        self.assertEqual(self.api.scheduler.in_flight("m"), 0)
+
+    async def test_nor_on_a_pooled_connection(self) -> None:
+        server = await self.upstream("answer", "drop")
+        self.assertEqual((await self.chat("m")).code, 200)
+        self.assertEqual((await self.chat("m")).code, 502)  # the keep-alive race, for a POST
+        self.assertEqual(server.requests, [b"POST /v1/chat/completions HTTP/1.1"] * 2)
+        self.assertEqual(server.connections, 1)
+
+    async def test_a_pooled_connection_closed_before_use_is_skipped(self) -> None:
+        server = await self.upstream("answer_and_close", "answer")
+        self.assertEqual((await self.chat("m")).code, 200)
+        self.assertEqual((await self.chat("m")).code, 200)
+        self.assertEqual(len(server.requests), 2)  # sent once, on a fresh connection
+        self.assertEqual(server.connections, 2)
+
+    async def test_a_bodiless_get_on_a_stale_pooled_connection_is_sent_once_more(self) -> None:
+        server = await self.upstream("answer", "drop", "answer")
+        self.assertEqual((await self.request("GET", "/upstream/m/props")).code, 200)
+        self.assertEqual((await self.request("GET", "/upstream/m/props")).code, 200)
+        self.assertEqual(server.requests, [b"GET /props HTTP/1.1"] * 3)  # idempotent: safe
+        self.assertEqual(server.connections, 2)
+
+    async def test_a_proxy_leading_back_to_llamaswap_stops_after_one_hop(self) -> None:
+        # build() takes the config as given: like a host name alias, a path the
+        # load-time check (refuse_self_proxy) cannot see
+        port = free_port()
+        await self.serve(
+            f"models:\n  self:\n    cmd: sleep 60\n    proxy: http://127.0.0.1:{port}\n"
+            "    checkEndpoint: none\n",
+            listen_port=port,
+        )
+        reply = await self.chat("self")
+        self.assertEqual(reply.code, 508)
+        self.assertEqual(reply.json()["error"]["code"], "loop_detected")
+        guard: Any = getattr(self.service, "site").resource  # noqa: B009
+        self.assertEqual(guard.refused, 1)  # it came back once and went no further
+        self.assertEqual(self.api.scheduler.in_flight("self"), 0)
+
+    async def test_llamaswaps_own_health_answer_does_not_make_a_child_ready(self) -> None:
+        port = free_port()
+        await self.serve(
+            "healthCheckTimeout: 1\n"
+            f"models:\n  self:\n    cmd: sleep 60\n    proxy: http://127.0.0.1:{port}\n",
+            listen_port=port,
+        )
+        reply = await self.chat("self")
+        self.assertEqual(reply.code, 503)
+        self.assertIn("health check /health did not answer 200", reply.json()["error"]["message"])
+        guard: Any = getattr(self.service, "site").resource  # noqa: B009
+        self.assertGreater(guard.refused, 0)  # the probes came back and were refused

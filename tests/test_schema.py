@@ -56,6 +56,12 @@ BAD_CONFIGS: tuple[tuple[str, str, str], ...] = (
     ("macro named PORT", "macros:\n  PORT: 9000\n" + BASE, "macros.PORT"),
     ("model id with ':'", "models:\n  'a:b':\n    cmd: x --port ${PORT}\n", "models.a:b"),
     ("logLevel loud", BASE + "logLevel: loud\n", "logLevel"),
+    (
+        "upstreamApiKey with a space",
+        BASE + "    upstreamApiKey: 'a b'\n",
+        "models.m.upstreamApiKey",
+    ),
+    ("defaultModel empty", BASE + "defaultModel: ''\n", "defaultModel"),
     # beyond the list in the brief: every other rule the schema can express
     ("no models", "models: {}\n", "models"),
     ("healthCheckTimeout 0", BASE + "healthCheckTimeout: 0\n", "healthCheckTimeout"),
@@ -301,6 +307,7 @@ class SameDefaultsTests(SynchronousTestCase):
             "groups": config.groups,
             "profiles": config.profiles,
             "peers": config.peers,
+            "defaultModel": config.default_model,
         }
         for key, value in attributes.items():
             self.assertEqual(SCHEMA["properties"][key]["default"], plain(value), key)
@@ -329,6 +336,7 @@ class SameDefaultsTests(SynchronousTestCase):
             "concurrencyLimit": model.concurrency_limit,
             "metadata": model.metadata,
             "sendLoadingState": model.send_loading_state,
+            "upstreamApiKey": model.upstream_api_key,
         }
         properties = SCHEMA["$defs"]["model"]["properties"]
         for key, value in attributes.items():

@@ -53,6 +53,14 @@ _COMPLETIONS_PATHS: Final = frozenset({"/v1/completions", "/completions"})
 _NATIVE_COMPLETION_PATHS: Final = frozenset({"/completion"})
 _EMBEDDING_PATHS: Final = frozenset({"/v1/embeddings", "/embeddings", "/embedding"})
 _RERANK_PATHS: Final = frozenset({"/v1/rerank", "/v1/reranking", "/rerank", "/reranking"})
+#: llama-server GET routes the fake answers by describing the request (see _echo).
+_ECHO_GETS: Final = frozenset({"/lora-adapters", "/tools", "/cors-proxy", "/v1/stream"})
+#: Paths llama-server serves without a key even when it has ``--api-key``.
+_PUBLIC_PATHS: Final = frozenset({"/health", "/v1/health"})
+#: llama-server's answer to a missing or wrong key.
+UNAUTHORIZED_BODY: Final[JSONDict] = {
+    "error": {"message": "Invalid API Key", "type": "authentication_error", "code": 401}
+}
 #: Paths answered even while loading, so callers can discover the model early.
 _ALWAYS_AVAILABLE_GETS: Final = frozenset({"/v1/models", "/models", "/fake/stats", "/fake/env"})
 
@@ -215,6 +223,9 @@ class FakeLlamaServer:
     @param log: receives llama.cpp-like log lines (the CLI prints them).
     @param on_crash: called for ``crash_after_tokens``; the CLI exits the
         process.  When ``None`` the client connection is aborted instead.
+    @param api_keys: like ``--api-key``: every path but the health checks (and
+        the fake's own ``/fake/...``) then needs one, as ``Authorization: Bearer``
+        or ``X-Api-Key``.
     """
 
     def __init__(
@@ -228,8 +239,10 @@ class FakeLlamaServer:
         hang_health: bool = False,
         log: LogFunction | None = None,
         on_crash: Callable[[], None] | None = None,
+        api_keys: Sequence[str] = (),
     ) -> None:
         self.clock = clock
+        self.api_keys = frozenset(api_keys)
         self.model = model
         self.load_time = load_time
         self.token_delay = token_delay
@@ -323,8 +336,17 @@ class FakeLlamaServer:
         path = request.path.decode("utf-8", "replace")
         method = request.method.decode("ascii", "replace").upper()
         request.setHeader(b"x-fake-served-by", self.model.encode("utf-8"))
-        if not path.startswith("/fake/") and path not in ("/health", "/v1/health"):
+        if not path.startswith("/fake/") and path not in _PUBLIC_PATHS:
             request.notifyFinish().addBoth(self._log_request, request, method, path)
+        if method == "OPTIONS":
+            # as llama-server: a preflight is answered before any other check
+            request.setHeader(b"access-control-allow-origin", b"*")
+            request.setHeader(b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS")
+            request.setHeader(b"access-control-allow-headers", b"*")
+            request.setHeader(b"content-type", b"text/html")
+            return b""
+        if not self._authorized(request, path):
+            return _json(request, 401, UNAUTHORIZED_BODY)
         if method in ("GET", "HEAD"):
             return self._render_get(request, path)
         self.requests += 1
@@ -350,6 +372,13 @@ class FakeLlamaServer:
                 {"error": {"code": 400, "message": str(e), "type": "invalid_request_error"}},
             )
 
+    def _authorized(self, request: HTTPRequest, path: str) -> bool:
+        if not self.api_keys or path in _PUBLIC_PATHS or path.startswith("/fake/"):
+            return True
+        given = request.getHeader(b"authorization") or request.getHeader(b"x-api-key") or b""
+        key = given.decode("latin-1").removeprefix("Bearer ")
+        return key in self.api_keys
+
     def _log_request(self, result: object, request: HTTPRequest, method: str, path: str) -> None:
         address = request.getClientAddress()
         host = getattr(address, "host", "-")
@@ -366,6 +395,8 @@ class FakeLlamaServer:
             return _json(request, 200, self._props())
         if path == "/slots":
             return _json(request, 200, [{"id": 0, "is_processing": self.active > 0}])
+        if path in _ECHO_GETS:
+            return self._echo(request, "GET", path, b"")
         if path == "/fake/stats":
             return _json(request, 200, self.stats())
         if path == "/fake/env":
@@ -829,6 +860,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-spam", type=int, default=0, metavar="N")
     parser.add_argument("--embedding", "--embeddings", action="store_true", help="no effect")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("LLAMA_API_KEY", ""),
+        metavar="KEY[,KEY...]",
+        help="keys clients must send (default: $LLAMA_API_KEY), as llama-server",
+    )
     return parser
 
 
@@ -909,6 +946,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         hang_health=args.hang_health,
         log=_stderr,
         on_crash=on_crash,
+        api_keys=[key for key in args.api_key.split(",") if key],
     )
     site = Site(server.resource())
     site.noisy = False
