@@ -304,6 +304,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         options["config"],
         service.apply,  # type: ignore[attr-defined]
         reactor,
+        options["config_obj"],
         watch=bool(options["watch-config"]),
         loader=partial(load_config, listen=options["listen"]),
     ).setServiceParent(service)
