@@ -23,6 +23,7 @@ import attrs
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -84,26 +85,36 @@ class StoreUnavailable(Exception):
 
 
 class Outage:
-    """A periodic task that may fail: says so once, and once when it works again."""
+    """A periodic task that may fail: says so once, and once when it works again.
 
-    def __init__(self, log: Logger, what: str) -> None:
+    A task that flaps (a nearly full disk takes a small batch, not a big one) is
+    said to fail again only ``quiet`` seconds after it last recovered."""
+
+    def __init__(self, log: Logger, clock: IReactorTime, what: str, quiet: float = 600) -> None:
         self.log = log
+        self.clock = clock
         self.what = what
-        self.error: str | None = None
+        self.quiet = quiet
+        self.error: str | None = None  # while failing: what went wrong last
+        self._said = False
+        self._quiet_until = 0.0
 
     def failed(self, error: str, consequence: str) -> None:
-        if self.error is None:
+        if self.error is None and self.clock.seconds() >= self._quiet_until:
             self.log.warn(
                 "{what} failed ({error}): {consequence}; serving goes on",
                 what=self.what,
                 error=error,
                 consequence=consequence,
             )
+            self._said = True
         self.error = error
 
     def worked(self, detail: str = "") -> None:
-        if self.error is not None:
+        if self.error is not None and self._said:
             self.log.warn("{what} works again{detail}", what=self.what, detail=detail)
+            self._said = False
+            self._quiet_until = self.clock.seconds() + self.quiet
         self.error = None
 
 
@@ -142,8 +153,8 @@ class ActivityStore:
         self._flush_interval = flush_interval
         self.persistent = path != ":memory:"  # False also after falling back to memory
         self.dropped = 0  # rows that could not be written
-        self.writes = Outage(self.log, f"activity log: writing to {path}")
-        self.pruning = Outage(self.log, f"activity log: pruning old rows in {path}")
+        self.writes = Outage(self.log, reactor, f"activity log: writing to {path}")
+        self.pruning = Outage(self.log, reactor, f"activity log: pruning old rows in {path}")
 
     # --- lifetime -----------------------------------------------------------------
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 import random
 import sqlite3
 from pathlib import Path
+from typing import Any, cast
 
 from twisted.internet import reactor
 from twisted.internet.error import ConnectError
+from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, Logger, formatEvent
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from llamaswap import activity
-from llamaswap.activity import ActivityStore
+from llamaswap.activity import ActivityStore, Outage
 
 from .daemon import free_port, start_twistd
 from .integration import FAKE, LiveTestCase
@@ -139,3 +142,26 @@ class FullStoreTests(LiveTestCase):
         logs = (await self.request("GET", "/logs")).body.decode()
         self.assertEqual(logs.count("works again; 3 rows were dropped in all"), 1, logs)
         self.assertEqual(logs.count(WRITE_FAILED), 1)
+
+
+class OutageTests(TestCase):
+    def test_a_flapping_task_is_reported_once_per_quiet_period(self) -> None:
+        clock = Clock()
+        events: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, events.append)  # a callable is all a Logger needs
+        outage = Outage(Logger(observer=observer), clock, "writing", quiet=600)
+        for _ in range(5):  # fails, works, fails... every second
+            outage.failed("disk full", "rows are dropped")
+            clock.advance(1)
+            outage.worked()
+            clock.advance(1)
+        outage.failed("disk full", "rows are dropped")
+        self.assertEqual(outage.error, "disk full")  # the state is always told truly
+        said = [formatEvent(e) for e in events]
+        self.assertEqual(len(said), 2, said)
+        self.assertIn("writing failed (disk full)", said[0])
+        self.assertEqual(said[1], "writing works again")
+        clock.advance(600)
+        outage.worked()
+        outage.failed("disk full", "rows are dropped")
+        self.assertEqual(len(events), 3)  # a new outage, after the quiet period
