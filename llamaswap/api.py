@@ -27,7 +27,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from zope.interface import implementer
 
 from . import __version__
-from .activity import ActivityStore
+from .activity import ActivityStore, StoreUnavailable
 from .config import Config, ModelConfig, PeerConfig
 from .errors import ApiError, ModelStopped, StartFailed
 from .events import EventBus
@@ -153,6 +153,11 @@ class Api:
     def model_stopped(self, request: IRequest, failure: Failure) -> bytes:
         message = f"{failure.value}; it was unloaded before it became ready, try again"
         return self.error_response(request, ApiError(503, message, "model_unloaded"))
+
+    @router.handle_errors(StoreUnavailable)
+    def store_unavailable(self, request: IRequest, failure: Failure) -> bytes:
+        error = ApiError(503, str(failure.value), "activity_log_unavailable")
+        return self.error_response(request, error)
 
     @router.handle_errors(NotFound)
     def not_found(self, request: IRequest, failure: Failure) -> bytes:

@@ -259,6 +259,9 @@ class Config:
     budget: Mapping[str, int] = attrs.field(factory=dict)
     default_model: str | None = None
     connections: ConnectionLimits = attrs.field(factory=ConnectionLimits)
+    # top-level keys the file sets to a value (``apiKeys: []`` counts, a missing or
+    # null ``apiKeys`` does not): a reload may drop a security setting only if written
+    written: frozenset[str] = frozenset()
 
     def peer_route(self, name: str) -> tuple[PeerConfig, str] | None:
         """``<peer>/<model>``, or a bare model id that exactly one peer offers."""
@@ -528,6 +531,7 @@ class _Builder:
             ),
             default_model=self.default_model(root.get("defaultModel")),
             **self.store(root.get("store"), macros),
+            written=frozenset(key for key, value in root.items() if value is not None),
         )
         if config.default_model is not None and config.lookup(config.default_model) is None:
             names = tuple(models) + tuple(n for m in models.values() for n in m.names)

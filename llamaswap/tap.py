@@ -23,7 +23,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
-from .activity import ActivityStore, Retention
+from .activity import ActivityStore, Retention, StoreMetrics
 from .api import Api
 from .config import Config, ConfigError, ModelConfig, listen_address, load_config
 from .connections import ConnectionGate, raise_file_limit
@@ -239,6 +239,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
         Retention(config.store_max_rows, config.store_max_age_days),
     )
     metrics = Metrics(scheduler, events)
+    metrics.registry.register(StoreMetrics(store))
     recorder = Recorder(reactor, events, store, config.log_requests)
     api = Api(config, scheduler, relay, logs, reactor, recorder, metrics, events, store)
 
@@ -309,6 +310,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         options["config"],
         service.apply,  # type: ignore[attr-defined]
         reactor,
+        options["config_obj"],
         watch=bool(options["watch-config"]),
         loader=partial(load_config, listen=options["listen"]),
     ).setServiceParent(service)
