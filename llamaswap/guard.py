@@ -207,9 +207,7 @@ class ApiSite(Site):
         """Why ``request`` may not go on, judged from its line and headers alone
         (``length``: the declared body length, None when chunked)."""
         if len(request.uri) > MAX_URI_BYTES:
-            return ApiError(
-                414, f"the request URI is longer than {MAX_URI_BYTES} bytes", "uri_too_long"
-            )
+            return ApiError(414, f"the request URI is longer than {MAX_URI_BYTES} bytes")
         for check in self.checks:
             refusal = check(request)
             if refusal is not None:
