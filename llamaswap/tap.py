@@ -245,7 +245,9 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
     top = MultiService()
     Supervisor(scheduler, pool, logs, store, reactor).setServiceParent(top)
     guard = Guard(api.resource(), config.api_keys)
-    site = ApiSite(LoopGuard(guard, relay.hop), config.max_request_bytes, reactor=reactor)
+    site = ApiSite(
+        LoopGuard(guard, relay.hop), config.max_request_bytes, checks=[guard.check], reactor=reactor
+    )
     site.displayTracebacks = False
     if not config.api_keys:
         for endpoint in listen or []:
