@@ -92,6 +92,8 @@ def read_facts(paths: Sequence[str]) -> GgufFacts:
     Raises :class:`GgufError` with a reason a person understands.
     """
     first = _read_cached(paths[0])
+    if not first.architecture:
+        raise GgufError("no general.architecture in its header (not a model's first file)")
     rest = [_read_cached(path) for path in paths[1:]]
     if not rest:
         return first
@@ -172,8 +174,7 @@ def _read(path: str, size: int) -> GgufFacts:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # the reader reports a short file as whatever numpy raised
         raise GgufError(
-            f"cannot read its header ({type(e).__name__}: {e}); a truncated file, or one "
-            "still being copied?"
+            f"truncated or damaged ({type(e).__name__}: {e}); still being copied?"
         ) from e
     ends = [t.data_offset + t.n_bytes for t in reader.tensors]
     if ends and max(ends) > size:
@@ -181,10 +182,8 @@ def _read(path: str, size: int) -> GgufFacts:
             f"truncated: its tensors need {max(ends)} bytes, the file has {size}; "
             "still being copied?"
         )
-    fields = {name: field for name, field in reader.fields.items()}
-    arch = str(_value(fields, "general.architecture") or "")
-    if not arch:
-        raise GgufError("no general.architecture in its header")
+    fields = reader.fields
+    arch = str(_value(fields, "general.architecture") or "")  # only the first shard has it
 
     def number(key: str) -> int | None:
         value = _value(fields, key.format(arch=arch))
