@@ -30,7 +30,7 @@ from llamaswap.config import Config, ConfigError, load_config, parse_config
 from llamaswap.gguf_models import RUNTIME_OVERHEAD
 from llamaswap.livefolder import FolderReloader
 
-from .daemon import BIN, TWISTD, free_port
+from .daemon import BIN, TWISTD, free_port, pid_alive
 
 ENVIRON = {"LLAMA_SERVER": "/opt/llama/llama-server", "PATH": ""}
 
@@ -339,14 +339,6 @@ def daemon(models: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[byte
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(30)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @real
