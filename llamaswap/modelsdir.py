@@ -278,8 +278,8 @@ def _read(
     mmproj: str | None,
     notices: list[str],
 ) -> FoundModel | None:
-    if any("${" in p for p in (*weights, mmproj or "")):
-        notices.append(f"{path}: skipped: its path holds '${{', which reads as a macro")
+    if any("${" in p or "\n" in p or "\r" in p for p in (*weights, mmproj or "")):
+        notices.append(f"{path!r}: skipped: its path holds '${{' or a line break; rename it")
         return None
     try:
         facts = read_facts(weights)

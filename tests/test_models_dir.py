@@ -215,18 +215,20 @@ class ScanTests(SynchronousTestCase):
         write_gguf(self.dir / "split.gguf", shards=3)
         os.remove(self.dir / "split-00002-of-00003.gguf")
         (self.dir / "bad:name.gguf").write_bytes((self.dir / "good.gguf").read_bytes())
+        (self.dir / "two\nlines.gguf").write_bytes((self.dir / "good.gguf").read_bytes())
 
         config = self.load()
 
         self.assertEqual(list(config.models), ["good"])
         notices = "\n".join(config.notices)
-        self.assertEqual(len(config.notices), 5, notices)
+        self.assertEqual(len(config.notices), 6, notices)
         self.assertIn(f"{self.dir / 'half.gguf'}: skipped: truncated", notices)
         self.assertIn("still being copied?", notices)
         self.assertIn(f"{self.dir / 'junk.gguf'}: skipped: not a GGUF file", notices)
         self.assertIn(f"{self.dir / 'empty.gguf'}: skipped: not a GGUF file (0 bytes)", notices)
         self.assertIn("split-*-of-00003.gguf: skipped: shard(s) 2 of 3 missing", notices)
         self.assertIn("'bad:name' cannot be a model id", notices)
+        self.assertIn("lines.gguf': skipped: its path holds '${' or a line break", notices)
 
     def test_no_config_file_at_all(self) -> None:
         write_gguf(self.dir / "m.gguf")
