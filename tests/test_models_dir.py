@@ -29,6 +29,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from llamaswap.config import Config, ConfigError, load_config, parse_config
 from llamaswap.gguf_models import RUNTIME_OVERHEAD
 from llamaswap.livefolder import FolderReloader
+from llamaswap.tap import Options
 
 from .daemon import BIN, TWISTD, free_port, pid_alive
 
@@ -252,6 +253,22 @@ class ScanTests(SynchronousTestCase):
         path = self.dir / "config.yaml"
         path.write_text("modelsDir: models\n")
         self.assertEqual(list(load_config(path).models), ["m"])
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_models_dir_alone_or_with_a_config(self) -> None:
+        path = folder()
+        self.addCleanup(shutil.rmtree, path)
+        write_gguf(path / "m.gguf")
+        options = Options()
+        options.parseOptions(["--models-dir", str(path)])
+        self.assertEqual(list(options["config_obj"].models), ["m"])
+        config = path / "c.yaml"
+        config.write_text("models:\n  other:\n    cmd: srv --port ${PORT}\n")
+        options = Options()
+        options.parseOptions(["--config", str(config), "--models-dir", str(path)])
+        self.assertEqual(sorted(options["config_obj"].models), ["m", "other"])
+        self.assertIn("--models-dir", str(Options()))
 
 
 class LiveFolderTests(SynchronousTestCase):
