@@ -526,6 +526,9 @@ class Api:
             record["aliases"] = list(model.names)
         if model.metadata:
             record["meta"] = {"llamaswap": dict(model.metadata)}
+        if model.gguf:  # what its GGUF file says; see llamaswap/modelsdir.py
+            record["capabilities"] = model.gguf["capabilities"]
+            record.setdefault("meta", {})["gguf"] = dict(model.gguf)
         if process.last_error:
             record["status"]["error"] = process.last_error
         return record

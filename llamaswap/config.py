@@ -21,7 +21,9 @@ from urllib.parse import urlsplit
 import attrs
 import yaml
 
+from . import modelsdir
 from .crashloop import CrashLoopPolicy
+from .gguf_models import GgufError
 from .policy import ArrivalOrder, Collate, Policy
 from .resources import RESOURCES, parse_size
 
@@ -54,7 +56,10 @@ TOP_LEVEL_KEYS = (
     "scheduler",
     "resources",
     "defaultModel",
+    "modelsDir",
+    "modelDefaults",
 )
+MODEL_DEFAULTS_KEYS = ("cmd", "args", "ttl", "env")
 SCHEDULER_KEYS = ("policy", "maxWait", "maxResidency")
 CRASH_LOOP_KEYS = ("maxFailures", "window", "cooldown", "maxCooldown")
 STORE_KEYS = ("path", "maxRows", "maxAgeDays")
@@ -212,6 +217,8 @@ class ModelConfig:
     deadline: float | None = None
     #: the key the child expects; never printed (not even in this object's repr)
     upstream_api_key: str | None = attrs.field(default=None, repr=False)
+    #: what its GGUF file says (facts, capabilities, memory estimate); see modelsdir
+    gguf: Mapping[str, Any] = attrs.field(factory=dict)
 
     @property
     def uses_port(self) -> bool:
@@ -258,6 +265,10 @@ class Config:
     # top-level keys the file sets to a value (``apiKeys: []`` counts, a missing or
     # null ``apiKeys`` does not): a reload may drop a security setting only if written
     written: frozenset[str] = frozenset()
+    #: the models folders scanned (``modelsDir`` and ``--models-dir``), absolute
+    models_dirs: tuple[str, ...] = ()
+    #: problems that skipped a found model or file, for the log
+    notices: tuple[str, ...] = ()
 
     def peer_route(self, name: str) -> tuple[PeerConfig, str] | None:
         """``<peer>/<model>``, or a bare model id that exactly one peer offers."""
@@ -311,14 +322,23 @@ class Config:
         return sorted(m.id for m in self.models.values() if not m.unlisted)
 
 
-def load_config(path: str | Path, listen: Collection[str] = ()) -> Config:
-    """Read and validate a configuration file (for a llamaswap serving on ``listen``)."""
+def load_config(
+    path: str | Path | None, listen: Collection[str] = (), models_dirs: Collection[str] = ()
+) -> Config:
+    """Read and validate a configuration file (for a llamaswap serving on ``listen``).
+
+    ``models_dirs`` (``--models-dir``) are scanned beside the file's ``modelsDir``;
+    with them, ``path`` may be None: no file at all.
+    """
+    if path is None or path == "":
+        config = parse_config("{}", "--models-dir", models_dirs=models_dirs)
+        return refuse_self_proxy(config, listen)
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(source, "", f"cannot read file: {e.strerror or e}") from e
-    return refuse_self_proxy(parse_config(text, source), listen)
+    return refuse_self_proxy(parse_config(text, source, models_dirs=models_dirs), listen)
 
 
 def refuse_self_proxy(config: Config, listen: Collection[str]) -> Config:
@@ -414,17 +434,23 @@ def _is_own(address: IPAddress) -> bool:
 
 
 def parse_config(
-    text: str, source: str = "<config>", environ: Mapping[str, str] | None = None
+    text: str,
+    source: str = "<config>",
+    environ: Mapping[str, str] | None = None,
+    models_dirs: Collection[str] = (),
 ) -> Config:
     """Validate a YAML document and build a :class:`Config`.
 
-    ``environ`` (default: this process's environment) fills ``${env.NAME}``.
+    ``environ`` (default: this process's environment) fills ``${env.NAME}``;
+    ``models_dirs`` are scanned for GGUF files as if listed in ``modelsDir``.
     """
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(source, "", f"not valid YAML: {e}") from e
-    return _Builder(source, os.environ if environ is None else environ).build(document)
+    builder = _Builder(source, os.environ if environ is None else environ)
+    builder.cli_models_dirs = tuple(os.path.abspath(os.path.expanduser(d)) for d in models_dirs)
+    return builder.build(document)
 
 
 def _suggest(key: str, allowed: tuple[str, ...]) -> str:
@@ -440,6 +466,7 @@ class _Builder:
     def __init__(self, source: str, environ: Mapping[str, str]) -> None:
         self.source = source
         self.environ = environ
+        self.cli_models_dirs: tuple[str, ...] = ()
 
     def fail(self, path: str, message: str) -> ConfigError:
         return ConfigError(self.source, path, message)
@@ -449,12 +476,13 @@ class _Builder:
             raise self.fail("", "the file is empty; it needs at least a 'models' map")
         root = self.mapping(document, "")
         self.check_keys(root, "", TOP_LEVEL_KEYS)
-        if "models" not in root:
-            raise self.fail("models", "required key is missing")
         macros = self.global_macros(root.get("macros"), "macros")
-        models_doc = self.mapping(root["models"], "models")
-        if not models_doc:
-            raise self.fail("models", "at least one model is required")
+        folders = self.models_dirs(root.get("modelsDir"), macros)
+        if "models" not in root and not folders:
+            raise self.fail("models", "required key is missing (or give a modelsDir)")
+        models_doc = self.mapping(root.get("models", {}), "models")
+        if not models_doc and not folders:
+            raise self.fail("models", "at least one model is required (or give a modelsDir)")
         global_ttl = self.number(root.get("globalTTL", 0), "globalTTL")
         if global_ttl < 0:
             raise self.fail(
@@ -479,6 +507,21 @@ class _Builder:
                     f"models.{model_id}", "model ids may not contain ':' (profiles use it)"
                 )
             models[model_id] = self.model(model_id, entry, macros, defaults)
+        found = modelsdir.scan(folders)
+        notices = list(found.notices)
+        model_defaults = self.model_defaults(root.get("modelDefaults"))
+        for model_id, model in models.items():
+            models[model_id] = self.sized(model, None, budget, notices)
+        taken = set(models) | {name for m in models.values() for name in m.names}
+        for item in found.models:
+            if item.id not in taken:  # an entry in the file wins over a found file
+                written = modelsdir.entry(item, model_defaults, self.environ)
+                try:
+                    model = self.model(item.id, written, macros, defaults)
+                except ConfigError as e:
+                    notices.append(f"{item.path}: skipped: {e}")
+                    continue
+                models[item.id] = self.sized(model, item, budget, notices)
         self.check_names_unique(models)
         groups = self.groups(root.get("groups"), models)
         profiles = self.profiles(root.get("profiles"), models)
@@ -525,6 +568,8 @@ class _Builder:
                 root.get("maxRequestBytes", 32 * 1024 * 1024), "maxRequestBytes"
             ),
             default_model=self.default_model(root.get("defaultModel")),
+            models_dirs=folders,
+            notices=tuple(notices),
             **self.store(root.get("store"), macros),
             written=frozenset(key for key, value in root.items() if value is not None),
         )
@@ -535,6 +580,63 @@ class _Builder:
                 f"unknown model {config.default_model!r}" + _suggest(config.default_model, names),
             )
         return config
+
+    # --- models folders (see llamaswap/modelsdir.py) ---------------------------
+
+    def models_dirs(self, value: object, macros: Mapping[str, str]) -> tuple[str, ...]:
+        """``modelsDir`` (relative to the file's folder) and ``--models-dir``, each once."""
+        listed = [] if value is None else [value] if isinstance(value, str) else value
+        base = os.path.dirname(os.path.abspath(self.source))
+        folders = []
+        for i, raw in enumerate(self.string_list(listed, "modelsDir")):
+            where = "modelsDir" if isinstance(value, str) else f"modelsDir[{i}]"
+            expanded = os.path.expanduser(self.expand(raw, where, macros, ()))
+            folders.append((where, os.path.join(base, expanded)))
+        folders += [("--models-dir", d) for d in self.cli_models_dirs]
+        for where, folder in folders:
+            if not os.path.isdir(folder):
+                raise self.fail(where, f"{folder} is not a folder")
+        return tuple(dict.fromkeys(os.path.normpath(f) for _, f in folders))
+
+    def model_defaults(self, value: object) -> modelsdir.ModelDefaults:
+        doc = self.mapping(value if value is not None else {}, "modelDefaults")
+        self.check_keys(doc, "modelDefaults", MODEL_DEFAULTS_KEYS)
+        cmd = None
+        if doc.get("cmd") is not None:
+            cmd = self.string(doc["cmd"], "modelDefaults.cmd")
+            if "${MODEL_PATH}" not in cmd:
+                raise self.fail("modelDefaults.cmd", "the template must load ${MODEL_PATH}")
+        args = tuple(
+            (str(pattern), self.string(extra, f"modelDefaults.args.{pattern}"))
+            for pattern, extra in self.mapping(doc.get("args", {}), "modelDefaults.args").items()
+        )
+        entry = {key: doc[key] for key in ("ttl", "env") if doc.get(key) is not None}
+        return modelsdir.ModelDefaults(cmd=cmd, args=args, entry=entry)
+
+    def sized(
+        self,
+        model: ModelConfig,
+        found: modelsdir.FoundModel | None,
+        budget: Mapping[str, int],
+        notices: list[str],
+    ) -> ModelConfig:
+        """``model`` with its file's facts, and its memory estimated unless declared."""
+        argv = model.cmd.argv
+        if found is not None:
+            facts = found.facts
+        else:
+            weights = modelsdir.weights_in(argv)
+            if weights is None or not os.path.isfile(weights):
+                return model
+            try:
+                facts = modelsdir.facts_of(weights)
+            except GgufError as e:
+                notices.append(f"models.{model.id}: {weights}: not sized from its header: {e}")
+                return model
+        info = modelsdir.described(facts, argv, found)
+        memory = model.memory or self.memory(info["estimate"]["total"], "", budget)
+        name = model.name or (facts.name if found is not None else "")
+        return attrs.evolve(model, name=name, memory=memory, gguf=info)
 
     def default_model(self, value: object) -> str | None:
         if value is None:

@@ -7,7 +7,6 @@ the reactor (or just the clock) passed in.
 from __future__ import annotations
 
 import ipaddress
-from functools import partial
 from typing import Any
 
 from twisted.application import strports
@@ -28,13 +27,13 @@ from .api import Api
 from .config import Config, ConfigError, ModelConfig, listen_address, load_config
 from .events import EventBus
 from .guard import ApiSite, Guard
+from .livefolder import FolderReloader
 from .logs import LogHub, logger, set_log_level
 from .metrics import Metrics
 from .ports import PortAllocator
 from .process import HealthProbe, ModelProcess, Timing
 from .recorder import Recorder
 from .relay import Hop, LoopGuard, Relay
-from .reload import ConfigReloader
 from .resources import MemoryMonitor
 from .scheduler import Scheduler
 
@@ -43,14 +42,16 @@ _log = logger("llamaswap.tap")
 
 
 class Options(usage.Options):
-    """``twistd llamaswap --config FILE [--listen ENDPOINT ...]``"""
+    """``twistd llamaswap [--config FILE] [--models-dir DIR ...] [--listen ENDPOINT ...]``"""
 
-    synopsis = "--config FILE [--listen ENDPOINT ...]"
+    synopsis = "[--config FILE] [--models-dir DIR ...] [--listen ENDPOINT ...]"
     longdesc = (
         "Serve one OpenAI-compatible endpoint for many models, starting each model's "
         "server on demand and stopping whatever stands in its way."
     )
-    optParameters = [["config", "c", None, "YAML configuration file (required)."]]
+    optParameters = [
+        ["config", "c", None, "YAML configuration file (needed unless --models-dir is given)."]
+    ]
     optFlags = [
         [
             "watch-config",
@@ -62,20 +63,44 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["models-dir"] = []
 
     def opt_listen(self, endpoint: str) -> None:
         """Twisted endpoint to serve on (repeatable) [default: tcp:8080:interface=127.0.0.1]"""
         self["listen"].append(endpoint)
 
+    def opt_models_dir(self, folder: str) -> None:
+        """Serve every GGUF file in this folder as a model (repeatable)"""
+        self["models-dir"].append(folder)
+
     def postOptions(self) -> None:
-        if not self["config"]:
-            raise usage.UsageError("--config FILE is required")
+        if not self["config"] and not self["models-dir"]:
+            raise usage.UsageError("give --config FILE, --models-dir DIR, or both")
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         try:
-            self["config_obj"] = load_config(self["config"], self["listen"])
+            self["config_obj"] = self.load(self["config"])
         except ConfigError as e:
             raise usage.UsageError(f"invalid configuration: {e}") from e
+        log_notices(self["config_obj"])
+
+    def load(self, path: str | None) -> Config:
+        """The configuration file (if any) and the models folders, as one Config."""
+        return load_config(path, self["listen"], self["models-dir"])
+
+
+def log_notices(config: Config) -> None:
+    """Say what a models folder scan skipped, and which models it found."""
+    for notice in config.notices:
+        _log.warn("{notice}", notice=notice)
+    if config.models_dirs:
+        found = sorted(m.id for m in config.models.values() if "files" in m.gguf)
+        _log.info(
+            "models folders {folders}: {count} model(s): {ids}",
+            folders=", ".join(config.models_dirs),
+            count=len(found),
+            ids=", ".join(found) or "none yet",
+        )
 
 
 def http_probe(agent: IAgent, clock: IReactorTime, hop: Hop, timeout: float = 2.0) -> HealthProbe:
@@ -303,12 +328,20 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
         reactor = global_reactor
     service = build(options["config_obj"], reactor, options["listen"])
-    ConfigReloader(
+    apply = service.apply  # type: ignore[attr-defined]
+
+    def adopt(new: Config) -> dict[str, list[str]]:
+        log_notices(new)
+        changes: dict[str, list[str]] = apply(new)
+        return changes
+
+    FolderReloader(
+        lambda: service.api.config.models_dirs,  # type: ignore[attr-defined]
         options["config"],
-        service.apply,  # type: ignore[attr-defined]
+        adopt,
         reactor,
         options["config_obj"],
         watch=bool(options["watch-config"]),
-        loader=partial(load_config, listen=options["listen"]),
+        loader=options.load,
     ).setServiceParent(service)
     return service

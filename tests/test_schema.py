@@ -20,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from llamaswap.config import (
     FILTER_KEYS,
     GROUP_KEYS,
+    MODEL_DEFAULTS_KEYS,
     MODEL_KEYS,
     PEER_KEYS,
     TOP_LEVEL_KEYS,
@@ -62,6 +63,13 @@ BAD_CONFIGS: tuple[tuple[str, str, str], ...] = (
         "models.m.upstreamApiKey",
     ),
     ("defaultModel empty", BASE + "defaultModel: ''\n", "defaultModel"),
+    ("unknown modelDefaults key", BASE + "modelDefaults:\n  ctx: 4\n", "modelDefaults.ctx"),
+    (
+        "modelDefaults.cmd without the model",
+        BASE + "modelDefaults:\n  cmd: llama-server --port ${PORT}\n",
+        "modelDefaults.cmd",
+    ),
+    ("modelsDir as a map", BASE + "modelsDir: {a: b}\n", "modelsDir"),
     # beyond the list in the brief: every other rule the schema can express
     ("no models", "models: {}\n", "models"),
     ("healthCheckTimeout 0", BASE + "healthCheckTimeout: 0\n", "healthCheckTimeout"),
@@ -255,7 +263,7 @@ class SameKeysTests(SynchronousTestCase):
 
     def test_top_level(self) -> None:
         self.assertEqual(self.keys(SCHEMA), set(TOP_LEVEL_KEYS))
-        self.assertEqual(SCHEMA["required"], ["models"])
+        self.assertEqual(SCHEMA["anyOf"], [{"required": ["models"]}, {"required": ["modelsDir"]}])
 
     def test_model(self) -> None:
         self.assertEqual(self.keys(SCHEMA["$defs"]["model"]), set(MODEL_KEYS))
@@ -272,6 +280,9 @@ class SameKeysTests(SynchronousTestCase):
         self.assertEqual(self.keys(SCHEMA["$defs"]["peer"]), set(PEER_KEYS))
         self.assertEqual(set(SCHEMA["$defs"]["peer"]["required"]), {"proxy", "models"})
 
+    def test_model_defaults(self) -> None:
+        self.assertEqual(self.keys(SCHEMA["properties"]["modelDefaults"]), set(MODEL_DEFAULTS_KEYS))
+
     def test_hooks(self) -> None:
         hooks = SCHEMA["properties"]["hooks"]
         self.assertEqual(self.keys(hooks), {"on_startup"})
@@ -286,6 +297,7 @@ class SameKeysTests(SynchronousTestCase):
             SCHEMA["$defs"]["peer"],
             SCHEMA["properties"]["hooks"],
             SCHEMA["properties"]["hooks"]["properties"]["on_startup"],
+            SCHEMA["properties"]["modelDefaults"],
         ]
         for schema in closed:
             self.assertIs(schema["additionalProperties"], False)
@@ -308,6 +320,7 @@ class SameDefaultsTests(SynchronousTestCase):
             "profiles": config.profiles,
             "peers": config.peers,
             "defaultModel": config.default_model,
+            "modelsDir": config.models_dirs,
         }
         for key, value in attributes.items():
             self.assertEqual(SCHEMA["properties"][key]["default"], plain(value), key)

@@ -19,6 +19,28 @@ function metaText(meta) {
   return Object.entries(m).map(([k, v]) => `${k}: ${typeof v === 'object' ? JSON.stringify(v) : v}`).join(' · ');
 }
 
+const mib = (bytes) => `${Math.round(bytes / 2 ** 20)} MiB`;
+const count = (n) => (n >= 1e9 ? `${(n / 1e9).toFixed(1)}B` : `${Math.round(n / 1e6)}M`);
+
+// what the model's GGUF file says (architecture, size, quantization, context)
+function ggufText(meta) {
+  const g = meta && meta.gguf;
+  if (!g || typeof g !== 'object') return '';
+  return [g.architecture, g.parameters ? count(g.parameters) + ' params' : null, g.quantization,
+    g.context_length ? `ctx ${g.context_length}` : null].filter(Boolean).join(' · ');
+}
+
+// the memory estimate from the file beside what the running child really uses
+function memoryText(model, run) {
+  const estimate = model.meta?.gguf?.estimate?.total;
+  const peak = run?.memory?.peak;
+  const used = peak && (peak.vram ?? peak.ram);
+  const parts = [];
+  if (estimate) parts.push(`memory est. ${mib(estimate)}`);
+  if (used) parts.push(`measured ${mib(used)}`);
+  return parts.join(' · ');
+}
+
 function makeRow(model) {
   const id = model.id;
   const c = {
@@ -30,15 +52,21 @@ function makeRow(model) {
     ttl: h('td', { 'data-label': 'Idle stop', class: 'nw' }),
     load: h('button', { 'data-testid': `load-${id}`, onclick: () => load(id) }, 'Load'),
     unload: h('button', { 'data-testid': `unload-${id}`, onclick: () => unload(id) }, 'Unload'),
+    memory: h('div', { class: 'small muted mono', 'data-testid': `model-memory-${id}` }),
   };
   const aliases = (model.aliases || []).map((a) => h('span', { class: 'chip', text: a }));
+  const capabilities = (model.capabilities || []).map((a) => h('span', { class: 'chip', text: a }));
   const meta = metaText(model.meta);
+  const gguf = ggufText(model.meta);
   const el = h('tr', { 'data-testid': `model-row-${id}` },
     h('td', { class: 'model' },
       h('div', {}, h('strong', { text: id }), model.name ? h('span', { class: 'muted', text: ' ' + model.name }) : null),
       model.description ? h('div', { class: 'small muted', text: model.description }) : null,
       aliases.length ? h('div', { class: 'chips' }, aliases) : null,
-      meta ? h('div', { class: 'small muted mono', text: meta }) : null),
+      meta ? h('div', { class: 'small muted mono', text: meta }) : null,
+      gguf || capabilities.length ? h('div', { class: 'chips', 'data-testid': `model-gguf-${id}` },
+        capabilities, gguf ? h('span', { class: 'small muted mono', text: ' ' + gguf }) : null) : null,
+      c.memory),
     h('td', { 'data-label': 'State' }, c.state, c.error),
     c.proc, c.up, c.req, c.ttl,
     h('td', { class: 'actions' }, c.load, c.unload));
@@ -67,6 +95,8 @@ function paint(r) {
   c.load.textContent = r.busy === 'load' ? 'Loading…' : 'Load';
   c.unload.disabled = !!r.busy || !active;
   c.unload.textContent = r.busy === 'unload' ? 'Unloading…' : 'Unload';
+  c.memory.textContent = memoryText(r.model, active ? run : null);
+  c.memory.hidden = !c.memory.textContent;
 }
 
 function render() {
