@@ -14,7 +14,11 @@ llama-server call back, it reaches nobody rather than llamaswap.  Such a child:
   ``sleeping`` when ``--sleep-idle-seconds`` unloads it (a wake-up sends
   ``loading`` and an empty ``ready`` again);
 * reads **stdin**: ``cmd_router_to_child:exit`` shuts it down cleanly (exit code 0),
-  and end-of-file (its router is gone) ends it at once with exit code 1.
+  and end-of-file (its router is gone) ends it at once with exit code 1.  The
+  command is read from just before ``ready``, but a shutdown requested before the
+  server's main loop runs (a moment after ``ready``) is lost (llama.cpp 0.3.36's
+  ``server_queue::start_loop`` sets ``running = true`` over it): hence SIGTERM a
+  moment later, and SIGTERM alone for a child stopped while it loads.
 
 Only stdout is read for these lines: a prompt echoed in a verbose log (stderr)
 cannot make a model "ready".
@@ -103,7 +107,7 @@ class ProtocolWatch:
         self._ready = ready
         self._progress = progress
         self._fallback = fallback
-        self.spoke = False
+        self.heard = False  # it has spoken the protocol
         self._done = False
 
     def begin(self) -> None:
@@ -126,15 +130,15 @@ class ProtocolWatch:
                 )
                 return True
         if message is None:
-            if not self.spoke and self._fallback is not None:
+            if not self.heard and self._fallback is not None:
                 self._fallback.line(stream, text)
             return False
         self._heard(message)
         return True
 
     def _heard(self, message: ChildState) -> None:
-        if not self.spoke:
-            self.spoke = True
+        if not self.heard:
+            self.heard = True
             if self._fallback is not None:
                 self._fallback.cancel()  # it speaks: no more polling
         if self._done:

@@ -65,9 +65,9 @@ class Timing:
     health_timeout: float = 120.0
     poll_interval: float = 0.25
     stop_timeout: float = 10.0
-    # a child that speaks llama-server's protocol is asked to exit on stdin first;
-    # SIGTERM follows this long after, should it not read its stdin
-    exit_grace: float = 2.0
+    # a ready child that speaks llama-server's protocol is asked to exit on stdin
+    # first; SIGTERM follows this long after, should the command be lost
+    exit_grace: float = 1.0
     # after its process exited, how long a child's output may take to drain before
     # the pipes are closed and whatever still holds them is reported
     pipe_grace: float = 1.0
@@ -424,21 +424,25 @@ class ModelProcess:
         return exited
 
     def _begin_stop(self) -> None:
-        self._stop_began = self._clock.seconds()
-        self._set_state(ModelState.STOPPING)
-        self._stop_watching()
+        serving = self.state is ModelState.READY
+        self._stop_beginning()
         if self.config.cmd_stop is not None and self.pid is not None:
             self._run_cmd_stop()
-        elif self._watch.talks and self._child is not None and self.pid is not None:
-            # llama-server's own clean exit; SIGTERM only if it does not listen
+        elif serving and self._watch.heard and self._child is not None:
+            # llama-server's own clean exit.  SIGTERM follows: llama-server loses
+            # a stop (command or signal) that comes before its main loop runs,
+            # which it starts only just after saying "ready".  While it loads,
+            # SIGTERM (its default action) ends it at once.
             self._child.transport.write(EXIT_COMMAND)
-            if isinstance(self._watch, ProtocolWatch) and self._watch.spoke:
-                self._term = self._clock.callLater(self.timing.exit_grace, self._signal, "TERM")
-            else:
-                self._signal("TERM")  # it never spoke: it may not read stdin either
+            self._term = self._clock.callLater(self.timing.exit_grace, self._signal, "TERM")
         else:
             self._signal("TERM")
         self._kill = self._clock.callLater(self.timing.stop_timeout, self._force_stop)
+
+    def _stop_beginning(self) -> None:
+        self._stop_began = self._clock.seconds()
+        self._set_state(ModelState.STOPPING)
+        self._stop_watching()
 
     def _run_cmd_stop(self) -> None:
         assert self.config.cmd_stop is not None

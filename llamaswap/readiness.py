@@ -31,8 +31,10 @@ PERCENT = re.compile(r"(\d{1,3}(?:\.\d+)?)\s*%")
 class Watch(Protocol):
     """What a starting child's state machine asks; one instance per start."""
 
-    #: the child keeps stdin open and is stopped with a command on it
+    #: the child keeps stdin open, for the stop command
     talks: bool
+    #: the child has spoken the protocol, so it reads that command
+    heard: bool
 
     def begin(self) -> None:
         """The child has been spawned."""
@@ -47,7 +49,7 @@ class Watch(Protocol):
 class ReadyAtOnce:
     """``checkEndpoint: none``: ready as soon as it is spawned."""
 
-    talks = False
+    talks = heard = False
 
     def __init__(self, ready: Ready) -> None:
         self._ready = ready
@@ -70,7 +72,7 @@ class HealthWatch:
     A percentage in a line that speaks of loading is reported as progress.
     """
 
-    talks = False
+    talks = heard = False
 
     def __init__(
         self,

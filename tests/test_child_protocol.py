@@ -24,7 +24,7 @@ models:
   b:
     cmd: sleep --port ${PORT} --model b
 """
-TIMING = Timing(health_timeout=30, poll_interval=0.25, stop_timeout=10, exit_grace=2)
+TIMING = Timing(health_timeout=30, poll_interval=0.25, stop_timeout=10, exit_grace=1)
 
 
 def state(name: str, payload: object = None) -> str:
@@ -46,10 +46,10 @@ class ProtocolTests(SynchronousTestCase):
         a = w.child("a")
         self.assertEqual(a.env[childproto.ROUTER_PORT_ENV], "0")
         self.assertFalse(a.stdin_closed)
-        w.scheduler.acquire("b")
-        w.reactor.advance(30)
-        self.assertNotIn(childproto.ROUTER_PORT_ENV, w.child("b").env)
-        self.assertTrue(w.child("b").stdin_closed)
+        other = world(SPEAKS, timing=TIMING)
+        other.scheduler.acquire("b")  # childProtocol auto, and not a llama-server
+        self.assertNotIn(childproto.ROUTER_PORT_ENV, other.child("b").env)
+        self.assertTrue(other.child("b").stdin_closed)
 
     def test_ready_on_stdout_makes_the_model_ready_without_a_health_check(self) -> None:
         w, d = self.starting()
@@ -138,12 +138,23 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(a.signals, [])
         self.assertEqual(w.process("a").state, ModelState.STOPPED)
 
-    def test_a_child_that_never_spoke_gets_term_at_once(self) -> None:
+    def test_a_child_stopped_while_it_loads_gets_term_at_once(self) -> None:
+        """llama-server would read the command only once loaded, and then lose it."""
         w, d = self.starting()
+        w.child("a").say(loading(0.5), fd=1)
         w.process("a").stop()
-        self.assertEqual(w.child("a").stdin, [childproto.EXIT_COMMAND])
+        self.assertEqual(w.child("a").stdin, [])
         self.assertEqual(w.child("a").signals, ["TERM"])
         self.failureResultOf(d)
+
+    def test_a_child_that_never_spoke_gets_term_at_once(self) -> None:
+        w, d = self.starting()
+        w.health.status[w.process("a").base_url] = 200
+        w.reactor.advance(TIMING.poll_interval)
+        self.successResultOf(d).release()
+        w.process("a").stop()
+        self.assertEqual(w.child("a").stdin, [])
+        self.assertEqual(w.child("a").signals, ["TERM"])
 
     def test_cmd_stop_replaces_the_exit_command(self) -> None:
         stop = "childProtocol: on\n    cmdStop: kill -TERM ${PID}"
