@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from llamaswap import childproto
 from llamaswap.config import ConfigError, parse_config
@@ -307,3 +308,48 @@ class FakeChildTests(LiveTestCase):
 
 async def _done(exits: list[str]) -> bool:
     return bool(exits)
+
+
+REAL = """
+models:
+  smol:
+    cmd: >-
+      ${env.LLAMA_SERVER} --host 127.0.0.1 --port ${PORT} -m ${env.LLAMASWAP_MODEL}
+      --threads 1 --ctx-size 512 --parallel 1 --no-webui
+"""
+
+
+class RealLlamaServerTests(LiveTestCase):
+    """The real llama-server (``LLAMA_SERVER``, ``LLAMASWAP_MODEL``), recognised by name."""
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        if not (os.environ.get("LLAMA_SERVER") and os.environ.get("LLAMASWAP_MODEL")):
+            raise SkipTest("LLAMA_SERVER and LLAMASWAP_MODEL are not set (make test sets them)")
+
+    async def test_ready_by_the_protocol_progress_seen_clean_exit_on_the_command(self) -> None:
+        api = await self.serve(REAL)
+        process = api.scheduler.processes["smol"]
+        events: list[Event] = []
+        process.events.subscribe(events.append)
+        exits: list[str] = []
+        process.exit_listeners.append(lambda p, how: exits.append(how))
+
+        reply = await self.chat("smol", max_tokens=1)
+        self.assertEqual(reply.code, 200, reply.body)
+        self.assertTrue(process._watch.heard)  # it spoke the protocol
+        progress = [e.data["progress"] for e in events if e.kind == "progress"]
+        self.assertEqual(progress[-1], 1.0)
+        self.assertEqual(progress, sorted(progress))
+        log = api.logs.history("smol")
+        self.assertFalse([line for line in log if "cmd_child_to_router" in line])
+        self.assertNotIn("", log)  # nor the newline before each message
+
+        pid = process.pid
+        assert pid is not None
+        await api.scheduler.unload(["smol"])
+        await self.eventually(lambda: _done(exits), "the exit was reported")
+        self.assertEqual(exits, ["exited with code 0"])  # it took the command: no signal
+        self.assertTrue(any("exit command received" in line for line in api.logs.history("smol")))
+        self.assertFalse(pid_alive(pid))
