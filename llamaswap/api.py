@@ -394,7 +394,6 @@ class Api:
                 model_id=model.id,
                 requested=loading_for,
                 scheduler=self.scheduler,
-                logs=self.logs,
                 clock=self.clock,
             )
             progress.begin(waiting)
@@ -557,6 +556,7 @@ class Api:
                     "ttl_left": round(idle_deadline - now, 3) if idle_deadline else None,
                     "load_seconds": _round(process.load_seconds),
                     "stop_seconds": _round(process.stop_seconds),
+                    "progress": _round(process.progress),
                     "memory": self.memory_record(model_id),
                     "name": process.config.name,
                     "description": process.config.description,

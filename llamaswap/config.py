@@ -90,7 +90,9 @@ MODEL_KEYS = (
     "memory",
     "deadline",
     "upstreamApiKey",
+    "childProtocol",
 )
+CHILD_PROTOCOL = ("auto", "on", "off")
 DEFAULT_PROXY = "http://127.0.0.1:${PORT}"
 
 
@@ -215,6 +217,8 @@ class ModelConfig:
     priority: int = 0
     memory: Mapping[str, int] = attrs.field(factory=dict)
     deadline: float | None = None
+    #: speak llama-server's router/child protocol: auto (by the executable's name), on, off
+    child_protocol: str = "auto"
     #: the key the child expects; never printed (not even in this object's repr)
     upstream_api_key: str | None = attrs.field(default=None, repr=False)
     #: what its GGUF file says (facts, capabilities, memory estimate); see modelsdir
@@ -1088,7 +1092,17 @@ class _Builder:
                 if doc.get("deadline") is not None
                 else None
             ),
+            child_protocol=self.child_protocol(doc.get("childProtocol", "auto"), base),
         )
+
+    def child_protocol(self, value: object, base: str) -> str:
+        path = f"{base}.childProtocol"
+        if isinstance(value, bool):  # YAML reads a bare on/off as a boolean
+            return "on" if value else "off"
+        setting = self.string(value, path)
+        if setting not in CHILD_PROTOCOL:
+            raise self.fail(path, f"must be one of {', '.join(CHILD_PROTOCOL)}, got {value!r}")
+        return setting
 
     def limit(self, value: object, path: str) -> int:
         number = self.integer(value, path)

@@ -57,6 +57,7 @@ BAD_CONFIGS: tuple[tuple[str, str, str], ...] = (
     ("macro named PORT", "macros:\n  PORT: 9000\n" + BASE, "macros.PORT"),
     ("model id with ':'", "models:\n  'a:b':\n    cmd: x --port ${PORT}\n", "models.a:b"),
     ("logLevel loud", BASE + "logLevel: loud\n", "logLevel"),
+    ("childProtocol maybe", BASE + "    childProtocol: maybe\n", "models.m.childProtocol"),
     (
         "upstreamApiKey with a space",
         BASE + "    upstreamApiKey: 'a b'\n",

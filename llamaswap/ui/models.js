@@ -1,7 +1,7 @@
 // Models tab: /v1/models merged with /running, live from /api/events, else polled.
 import { $, h, api, json, body as parse, events, toast, duration, pathOf } from './lib.js';
 
-const rows = new Map(); // id -> {model, state, error, pid, run, at, busy, el, cells}
+const rows = new Map(); // id -> {model, state, error, pid, progress, run, at, busy, el, cells}
 let list = []; // every /v1/models entry (profiles and peers too)
 let visible = false;
 let timer = null;
@@ -46,6 +46,8 @@ function makeRow(model) {
   const c = {
     state: h('span', { class: 'badge', 'data-testid': `model-state-${id}` }),
     error: h('div', { class: 'err small row-err' }),
+    // how far a start got, as the model's server reports it (hidden otherwise)
+    progress: h('progress', { class: 'load', max: '100', hidden: true, 'data-testid': `model-progress-${id}` }),
     proc: h('td', { 'data-label': 'Process', class: 'mono nw' }),
     up: h('td', { 'data-label': 'Uptime', class: 'nw' }),
     req: h('td', { 'data-label': 'Requests', class: 'nw' }),
@@ -67,10 +69,10 @@ function makeRow(model) {
       gguf || capabilities.length ? h('div', { class: 'chips', 'data-testid': `model-gguf-${id}` },
         capabilities, gguf ? h('span', { class: 'small muted mono', text: ' ' + gguf }) : null) : null,
       c.memory),
-    h('td', { 'data-label': 'State' }, c.state, c.error),
+    h('td', { 'data-label': 'State' }, c.state, c.progress, c.error),
     c.proc, c.up, c.req, c.ttl,
     h('td', { class: 'actions' }, c.load, c.unload));
-  return { model, el, cells: c, state: 'stopped', error: null, run: null, at: 0, busy: null };
+  return { model, el, cells: c, state: 'stopped', error: null, progress: null, run: null, at: 0, busy: null };
 }
 
 function paint(r) {
@@ -78,6 +80,12 @@ function paint(r) {
   const state = r.busy === 'load' && r.state === 'stopped' ? 'starting' : r.state;
   c.state.textContent = state;
   c.state.dataset.state = state;
+  const loading = state === 'starting' && r.progress != null;
+  c.progress.hidden = !loading;
+  if (loading) {
+    c.progress.value = Math.round(r.progress * 100);
+    c.progress.title = c.progress.textContent = `${Math.round(r.progress * 100)} %`;
+  }
   c.error.textContent = r.error || '';
   c.error.hidden = !r.error;
   const pid = run?.pid ?? r.pid;
@@ -142,7 +150,7 @@ export function refresh() {
       for (const [id, r] of rows) {
         const run = byId[id] || null;
         const status = r.model.status || {};
-        Object.assign(r, { run, at: now, state: run ? run.state : status.value || 'stopped' });
+        Object.assign(r, { run, at: now, state: run ? run.state : status.value || 'stopped', progress: run ? run.progress : null });
         if (!r.busy) r.error = status.error || null;
         paint(r);
       }
@@ -214,8 +222,15 @@ events.on('model', (ev) => {
   if (ev.pid !== undefined) r.pid = ev.pid;
   if (ev.error !== undefined && !r.busy) r.error = ev.error || null;
   if (r.state === 'stopped' || r.state === 'failed') r.run = null;
+  if (r.state !== 'starting') r.progress = null;
   paint(r);
   refreshSoon(); // port, uptime, ttl
+});
+events.on('progress', (ev) => {
+  const r = rows.get(ev.id);
+  if (!r) return;
+  r.progress = ev.progress;
+  paint(r);
 });
 events.on('queue', (ev) => {
   const r = rows.get(ev.model);
