@@ -19,6 +19,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from .errors import ApiError
+from .origin import BrowserPolicy
 
 # Paths anyone may fetch: liveness, and what a browser needs to ask for a key.
 OPEN_PATHS = (b"/health",)
@@ -185,12 +186,24 @@ class Guard(Resource):
 
     isLeaf = True
 
-    def __init__(self, inner: IResource, keys: tuple[str, ...]) -> None:
+    def __init__(
+        self, inner: IResource, keys: tuple[str, ...], browsers: BrowserPolicy | None = None
+    ) -> None:
         super().__init__()
         self.inner = inner
         self.keys = keys
+        self.browsers = browsers
 
     def render(self, request: Request) -> Any:
+        if self.browsers is not None:
+            refusal = self.browsers.refusal(request)
+            if refusal is not None:
+                request.setResponseCode(refusal.status)
+                request.setHeader(b"content-type", b"application/json")
+                return refusal.body()
+            if self.browsers.cors.preflight(request):
+                return b""
+            self.browsers.cors.decorate(request)
         if (
             self.keys
             and not self.is_open(request.path)

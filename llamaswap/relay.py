@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 from .errors import ApiError
 from .logs import logger
+from .origin import over_upstream
 from .usage import ResponseMeter
 
 HOP_BY_HOP = frozenset(
@@ -226,7 +227,7 @@ class _Exchange:
             response.deliverBody(self.body)
             return
         request.setResponseCode(response.code, response.phrase)
-        out = end_to_end(response.headers)
+        out = over_upstream(end_to_end(response.headers), request.responseHeaders)
         request.responseHeaders = out
         content_type = (out.getRawHeaders(b"content-type") or [b""])[0]
         if content_type.startswith(b"text/event-stream"):

@@ -29,6 +29,7 @@ from .events import EventBus
 from .guard import ApiSite, Guard
 from .logs import LogHub, logger, set_log_level
 from .metrics import Metrics
+from .origin import BrowserPolicy, machine_names
 from .ports import PortAllocator
 from .process import HealthProbe, ModelProcess, Timing
 from .recorder import Recorder
@@ -235,7 +236,23 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
 
     top = MultiService()
     Supervisor(scheduler, pool, logs, store, reactor).setServiceParent(top)
-    guard = Guard(api.resource(), config.api_keys)
+    # this machine's names and the --listen interfaces, once: no DNS, no blocking
+    local_names = machine_names() | {i for i in map(_interface, listen or []) if i is not None}
+
+    def browsers(config: Config) -> BrowserPolicy:
+        for setting, values in (
+            ("allowedHosts", config.allowed_hosts),
+            ("cors.allowOrigins", config.cors.allow_origins),
+        ):
+            if "*" in values:
+                _log.warn(
+                    "SECURITY: {setting} contains '*': web pages on any site can use this "
+                    "llamaswap through their visitors' browsers.",
+                    setting=setting,
+                )
+        return BrowserPolicy.build(config.allowed_hosts, config.cors, local_names, Guard.is_open)
+
+    guard = Guard(api.resource(), config.api_keys, browsers(config))
     site = ApiSite(guard, config.max_request_bytes, reactor=reactor)
     site.displayTracebacks = False
     if not config.api_keys:
@@ -261,6 +278,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
         api.config = new
         recorder.log_requests = new.log_requests
         guard.keys = new.api_keys
+        guard.browsers = browsers(new)
         site.max_request_bytes = new.max_request_bytes
         if new.store_path != config.store_path:
             _log.warn("store.path changed: takes effect at the next restart")
@@ -272,19 +290,28 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
     return top
 
 
-def _loopback_only(endpoint: str) -> bool:
-    """True for unix sockets and TCP endpoints bound to a loopback interface."""
+def _interface(endpoint: str) -> str | None:
+    """The ``interface=`` of a TCP endpoint string; None for every address or not TCP."""
     kind, _, rest = endpoint.partition(":")
     if kind not in ("tcp", "tcp6", "ssl"):
-        return True
+        return None
     for part in re.split(r"(?<!\\):", rest):
         if part.startswith("interface="):
-            address = part.split("=", 1)[1].strip("[]").replace("\\", "")
-            try:
-                return ipaddress.ip_address(address).is_loopback
-            except ValueError:
-                return address == "localhost"
-    return False  # no interface: every address
+            return part.split("=", 1)[1].strip("[]").replace("\\", "").lower()
+    return None
+
+
+def _loopback_only(endpoint: str) -> bool:
+    """True for unix sockets and TCP endpoints bound to a loopback interface."""
+    if endpoint.partition(":")[0] not in ("tcp", "tcp6", "ssl"):
+        return True
+    address = _interface(endpoint)
+    if address is None:
+        return False  # no interface: every address
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
