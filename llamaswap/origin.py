@@ -24,6 +24,7 @@ not affected.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from collections.abc import Callable, Iterable, Sequence
@@ -137,6 +138,7 @@ class HostCheck:
         self.everything = "*" in patterns
         # "*.example.com" matches names ending ".example.com"; *.localhost is loopback
         self.suffixes = (*(p[1:].lower() for p in patterns if p.startswith("*.")), ".localhost")
+        self._verdict = functools.lru_cache(maxsize=256)(self._judge)
 
     def __call__(self, request: RequestHead) -> ApiError | None:
         if self.everything:
@@ -146,19 +148,26 @@ class HostCheck:
             return None  # HTTP/1.0 without Host: no browser sends that
         if len(values) > 1:
             return ApiError(400, "the request has more than one Host header", "bad_host")
-        split = split_host(values[0].decode("latin-1"))
-        if split is None:
+        verdict = self._verdict(values[0])
+        if verdict is None:
             return ApiError(400, "the Host header is not a valid host name", "bad_host")
-        if self.allows(split[0]):
+        if verdict is True:
             return None
         shown = values[0].decode("latin-1")
         return ApiError(
             421,
             f"the Host header {shown!r} is not a name of this server, so the request was "
             "refused (a guard against DNS rebinding). If clients reach llamaswap under "
-            f"this name, add {split[0]!r} to allowedHosts in the configuration.",
+            f"this name, add {verdict!r} to allowedHosts in the configuration.",
             "host_not_allowed",
         )
+
+    def _judge(self, value: bytes) -> bool | str | None:
+        """True if allowed, the name if not, None if malformed (cached: clients repeat)."""
+        split = split_host(value.decode("latin-1"))
+        if split is None:
+            return None
+        return True if self.allows(split[0]) else split[0]
 
     def allows(self, host: str) -> bool:
         if host in self.names or host.endswith(self.suffixes):

@@ -8,11 +8,8 @@ says what happened.  Needs Playwright and Debian's Chromium, like ``test_browser
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -23,24 +20,11 @@ from typing import Any
 
 import pytest
 
-from .daemon import free_port, start_twistd
-
-CHROMIUM = "/usr/bin/chromium"
-
-try:
-    from playwright.sync_api import Browser, Page, expect, sync_playwright
-except ImportError:
-    if os.environ.get("CI"):
-        raise
-    pytest.skip("playwright is not installed", allow_module_level=True)
-if not os.path.exists(CHROMIUM):
-    if os.environ.get("CI"):
-        raise RuntimeError(f"CI must run the browser tests: {CHROMIUM} is missing")
-    pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)", allow_module_level=True)
+from .chromium import Browser, Page, chromium, expect
+from .daemon import Daemon, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
 FAKE = f"{shlex.quote(sys.executable)} -m llamaswap.testing.fake_server --port ${{PORT}}"
 SECONDS = 20_000
 
@@ -91,33 +75,8 @@ class Site:
         self.process.wait(timeout=10)
 
 
-class Daemon:
-    def __init__(self, config: Path) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log = open(ARTIFACTS / "origin-twistd.log", "w")  # noqa: SIM115
-        self.process = start_twistd(config, self.port, self.log)
-        wait_until(lambda: _get(self.base + "/health") is not None, "llamaswap")
-
-    def get(self, path: str) -> Any:
-        return json.loads(_get(self.base + path) or b"null")
-
-    def post(self, path: str) -> Any:
-        request = urllib.request.Request(self.base + path, data=b"", method="POST")
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            return json.load(answer)
-
-    def running(self) -> dict[str, str]:
-        return {entry["model"]: entry["state"] for entry in self.get("/running")["running"]}
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.log.close()
+def running(daemon: Daemon) -> dict[str, str]:
+    return {entry["model"]: entry["state"] for entry in daemon.get("/running")["running"]}
 
 
 def _get(url: str) -> bytes | None:
@@ -151,7 +110,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, in
         f"models:\n  alpha:\n    cmd: {FAKE} --model ${{MODEL_ID}}\n"
         f"  beta:\n    cmd: {FAKE} --model ${{MODEL_ID}}\n"
     )
-    daemon = Daemon(config)
+    daemon = Daemon(config, ARTIFACTS / "origin-twistd.log")
     pages = root / "site"
     pages.mkdir()
     (pages / "attack.html").write_text(ATTACK.format(target=daemon.base))
@@ -165,12 +124,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, in
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
-        )
+    with chromium() as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture
@@ -188,7 +143,7 @@ def test_a_page_elsewhere_unloads_loads_and_runs_nothing(
     daemon, attack_port, _ = world
     daemon.post("/api/models/load/alpha")
     before = daemon.get("/api/activity")["total"]
-    assert daemon.running() == {"alpha": "ready"}
+    assert running(daemon) == {"alpha": "ready"}
 
     ended: dict[str, int | None] = {}  # path → status (None: the browser dropped the answer)
 
@@ -208,7 +163,7 @@ def test_a_page_elsewhere_unloads_loads_and_runs_nothing(
     assert ended["/v1/chat/completions"] == 403
     assert ended["/api/models/load/beta"] == 403
     # nothing was unloaded, loaded, or run
-    assert daemon.running() == {"alpha": "ready"}
+    assert running(daemon) == {"alpha": "ready"}
     assert daemon.get("/api/activity")["total"] == before
     # the page may still link to the UI, which then works (its requests are its own)
     page.locator("#link").click()
