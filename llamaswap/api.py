@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import attrs
 from klein import Klein
@@ -25,6 +25,7 @@ from twisted.web import static
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.routing import RequestRedirect
 from zope.interface import implementer
 
 from . import __version__
@@ -166,6 +167,21 @@ class Api:
     def not_found(self, request: IRequest, failure: Failure) -> bytes:
         path = request.path.decode(errors="replace")
         return self.error_response(request, ApiError(404, f"no route for {path}", "not_found"))
+
+    @router.handle_errors(RequestRedirect)
+    def relative_redirect(self, request: IRequest, failure: Failure) -> bytes:
+        """Werkzeug's slash fixes (``/ui//x`` → ``/ui/x``) as a path on this server: its
+        own absolute URL would be built from the Host header, which the client chose."""
+        redirect = failure.value
+        assert isinstance(redirect, RequestRedirect)
+        path = urlsplit(redirect.new_url).path
+        query = request.uri.partition(b"?")[2]  # werkzeug is not given the query
+        # one leading "/": "//name" or "/\\name" would be another host to a browser
+        location = b"/" + path.lstrip("/\\").encode("ascii", errors="replace")
+        location += b"?" + query if query else b""
+        request.setResponseCode(redirect.code)
+        request.setHeader(b"location", location)
+        return b""
 
     @router.handle_errors(MethodNotAllowed)
     def bad_method(self, request: IRequest, failure: Failure) -> bytes:

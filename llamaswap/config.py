@@ -24,6 +24,7 @@ import yaml
 from . import modelsdir
 from .crashloop import CrashLoopPolicy
 from .gguf_models import GgufError
+from .origin import normal_origin, split_host
 from .policy import ArrivalOrder, Collate, Policy
 from .resources import RESOURCES, parse_size
 
@@ -58,11 +59,14 @@ TOP_LEVEL_KEYS = (
     "defaultModel",
     "modelsDir",
     "modelDefaults",
+    "allowedHosts",
+    "cors",
 )
 MODEL_DEFAULTS_KEYS = ("cmd", "args", "ttl", "env")
 SCHEDULER_KEYS = ("policy", "maxWait", "maxResidency")
 CRASH_LOOP_KEYS = ("maxFailures", "window", "cooldown", "maxCooldown")
 STORE_KEYS = ("path", "maxRows", "maxAgeDays")
+CORS_KEYS = ("allowOrigins", "allowMethods", "allowHeaders", "maxAge")
 PEER_KEYS = ("proxy", "models", "apiKey", "filters")
 GROUP_KEYS = ("members", "swap", "exclusive", "persistent")
 FILTER_KEYS = ("stripParams", "setParams", "setParamsByID")
@@ -239,6 +243,16 @@ class ModelConfig:
 
 
 @attrs.frozen
+class CorsConfig:
+    """``cors``: browser apps on other origins that may use llamaswap (none by default)."""
+
+    allow_origins: tuple[str, ...] = ()
+    allow_methods: tuple[str, ...] = ("GET", "HEAD", "POST")
+    allow_headers: tuple[str, ...] = ("*",)
+    max_age: int = 600
+
+
+@attrs.frozen
 class Config:
     """The whole validated configuration."""
 
@@ -273,6 +287,8 @@ class Config:
     models_dirs: tuple[str, ...] = ()
     #: problems that skipped a found model or file, for the log
     notices: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    cors: CorsConfig = attrs.field(factory=CorsConfig)
 
     def peer_route(self, name: str) -> tuple[PeerConfig, str] | None:
         """``<peer>/<model>``, or a bare model id that exactly one peer offers."""
@@ -574,6 +590,8 @@ class _Builder:
             default_model=self.default_model(root.get("defaultModel")),
             models_dirs=folders,
             notices=tuple(notices),
+            allowed_hosts=self.allowed_hosts(root.get("allowedHosts")),
+            cors=self.cors(root.get("cors")),
             **self.store(root.get("store"), macros),
             written=frozenset(key for key, value in root.items() if value is not None),
         )
@@ -727,6 +745,60 @@ class _Builder:
         return tuple(
             self.secret(raw, f"apiKeys[{i}]", macros)
             for i, raw in enumerate(self.string_list(value, "apiKeys"))
+        )
+
+    def allowed_hosts(self, value: object) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        hosts = []
+        for i, raw in enumerate(self.string_list(value, "allowedHosts")):
+            host = raw.strip().lower().removesuffix(".")
+            name = host[2:] if host.startswith("*.") else host
+            well_formed = split_host(name) == (name, None) and "*" not in name
+            if host != "*" and not well_formed:
+                raise self.fail(
+                    f"allowedHosts[{i}]",
+                    f"expected a host name without a port ('box.lan', '*.lan' or '*'), got {raw!r}",
+                )
+            hosts.append(host)
+        return tuple(hosts)
+
+    def cors(self, value: object) -> CorsConfig:
+        doc = self.mapping(value if value is not None else {}, "cors")
+        self.check_keys(doc, "cors", CORS_KEYS)
+        default = CorsConfig()
+        origins = []
+        for i, raw in enumerate(
+            self.string_list(doc.get("allowOrigins") or [], "cors.allowOrigins")
+        ):
+            origin = "*" if raw.strip() == "*" else normal_origin(raw)
+            if origin is None:
+                raise self.fail(
+                    f"cors.allowOrigins[{i}]",
+                    "expected an origin like 'https://app.example.com' or "
+                    f"'http://192.168.1.5:3000' (scheme, host, port; no path), got {raw!r}",
+                )
+            origins.append(origin)
+        lists = {}
+        for key, fallback in (
+            ("allowMethods", default.allow_methods),
+            ("allowHeaders", default.allow_headers),
+        ):
+            items = self.string_list(doc.get(key, list(fallback)), f"cors.{key}")
+            for i, item in enumerate(items):
+                if not re.fullmatch(r"\*|[!#$%&'+.^_`|~0-9A-Za-z-]+", item):
+                    raise self.fail(
+                        f"cors.{key}[{i}]", f"expected an HTTP token or '*', got {item!r}"
+                    )
+            lists[key] = items
+        max_age = self.integer(doc.get("maxAge", default.max_age), "cors.maxAge")
+        if max_age < 0:
+            raise self.fail("cors.maxAge", f"must be 0 or more, got {max_age!r}")
+        return CorsConfig(
+            allow_origins=tuple(origins),
+            allow_methods=tuple(m.upper() for m in lists["allowMethods"]),
+            allow_headers=tuple(h.lower() for h in lists["allowHeaders"]),
+            max_age=max_age,
         )
 
     def store(self, value: object, macros: Mapping[str, str]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import base64
 import binascii
 import hmac
 from collections.abc import Callable, Sequence
+from http import HTTPStatus
 from io import BytesIO
 from typing import Any
 
@@ -30,10 +31,19 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from .errors import ApiError
 
-HeaderCheck = Callable[[Request], ApiError | None]
+
+class Answered:
+    """What a header check returns when it has answered the request itself (status and
+    headers set, no body), e.g. a CORS preflight."""
+
+
+ANSWERED = Answered()
+
+HeaderCheck = Callable[[Request], ApiError | Answered | None]
 """A check the door runs on a request's line and headers (``method``, ``uri``,
 ``path`` and the request headers are set; the body is not there yet); it refuses
-the request by returning an error."""
+the request by returning an error, or answers it itself (``ANSWERED``).  A check
+may also set answer headers that every response to the request should carry."""
 
 # Paths anyone may GET: liveness, and what a browser needs to ask for a key.
 OPEN_PATHS = (b"/health", b"/v1/health")
@@ -81,7 +91,7 @@ def answer_with_error(request: Request, error: ApiError, *, close: bool = True) 
     for name, value in error.headers.items():
         request.setHeader(name, value)
     body = error.body()
-    request.setResponseCode(error.status)
+    request.setResponseCode(error.status, _phrase(error.status))
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"content-length", b"%d" % len(body))
     if close:
@@ -92,11 +102,33 @@ def answer_with_error(request: Request, error: ApiError, *, close: bool = True) 
     request.finish()
 
 
+def _phrase(status: int) -> bytes | None:
+    """The reason phrase, also for codes Twisted has no name for (421, 508)."""
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return None
+
+
+def answer_now(request: Request, outcome: ApiError | Answered) -> None:
+    """Answer a request the door stopped; its body was never read, so the connection
+    ends after the answer."""
+    if isinstance(outcome, ApiError):
+        answer_with_error(request, outcome)
+        return
+    if not request.responseHeaders.hasHeader(b"content-length"):
+        request.setHeader(b"content-length", b"0")
+    request.setHeader(b"connection", b"close")
+    if request.channel is not None:
+        request.channel.persistent = False
+    request.finish()
+
+
 class LimitedRequest(Request):
     """A request the door may refuse before its body, and whose stored body is at most
     ``site.max_request_bytes`` long."""
 
-    refusal: ApiError | None = None
+    refusal: ApiError | Answered | None = None
     too_large = False
     received = 0  # body bytes handed to us (stored or not)
 
@@ -109,9 +141,9 @@ class LimitedRequest(Request):
         self.method, self.uri, self.clientproto = method, uri, version
         self.path = uri.split(b"?", 1)[0]
 
-    def refuse(self, error: ApiError) -> None:
-        """Called by the door before ``gotLength``: answer ``error``, read no body."""
-        self.refusal = error
+    def refuse(self, outcome: ApiError | Answered) -> None:
+        """Called by the door before ``gotLength``: answer ``outcome``, read no body."""
+        self.refusal = outcome
         self.requestHeaders.removeHeader(b"expect")  # no "100 Continue" for a refusal
 
     def gotLength(self, length: int | None) -> None:
@@ -132,7 +164,7 @@ class LimitedRequest(Request):
 
     def process(self) -> None:
         if self.refusal is not None:
-            answer_with_error(self, self.refusal)
+            answer_now(self, self.refusal)
         elif self.too_large:
             answer_with_error(self, too_large(self._limit()))
         else:
@@ -203,15 +235,15 @@ class ApiSite(Site):
         self.checks = list(checks)
         self.access_log = access_log
 
-    def door(self, request: Request, length: int | None) -> ApiError | None:
+    def door(self, request: Request, length: int | None) -> ApiError | Answered | None:
         """Why ``request`` may not go on, judged from its line and headers alone
         (``length``: the declared body length, None when chunked)."""
         if len(request.uri) > MAX_URI_BYTES:
             return ApiError(414, f"the request URI is longer than {MAX_URI_BYTES} bytes")
         for check in self.checks:
-            refusal = check(request)
-            if refusal is not None:
-                return refusal
+            outcome = check(request)
+            if outcome is not None:
+                return outcome
         limit = self.max_request_bytes
         if limit and length is not None and length > limit:
             return too_large(limit)
@@ -221,6 +253,29 @@ class ApiSite(Site):
         # one line per request costs real CPU at high rates: only with logRequests
         if self.access_log:
             super().log(request)
+
+
+class Checked(Resource):
+    """``inner`` behind header ``checks``, for a resource served without the door
+    (an in-memory test world): the same checks, run when the request is rendered."""
+
+    isLeaf = True
+
+    def __init__(self, inner: IResource, checks: Sequence[HeaderCheck]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.checks = list(checks)
+
+    def render(self, request: Request) -> Any:
+        for check in self.checks:
+            outcome = check(request)
+            if isinstance(outcome, ApiError):
+                answer_with_error(request, outcome, close=False)
+                return NOT_DONE_YET
+            if outcome is not None:
+                request.finish()
+                return NOT_DONE_YET
+        return self.inner.render(request)
 
 
 def presented_key(request: Request) -> str | None:
@@ -283,8 +338,13 @@ class Guard(Resource):
 
     @staticmethod
     def is_open(method: bytes, path: bytes) -> bool:
-        return method in OPEN_METHODS and (
-            path in OPEN_PATHS
-            or path in OPEN_EXACT
-            or any(path.startswith(prefix) for prefix in OPEN_PREFIXES)
-        )
+        return method in OPEN_METHODS and is_open_page(path)
+
+
+def is_open_page(path: bytes) -> bool:
+    """A page anyone may read: liveness, the UI, Swagger."""
+    return (
+        path in OPEN_PATHS
+        or path in OPEN_EXACT
+        or any(path.startswith(prefix) for prefix in OPEN_PREFIXES)
+    )

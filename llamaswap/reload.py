@@ -48,6 +48,8 @@ SECURITY_SETTINGS: tuple[SecuritySetting, ...] = (
     SecuritySetting("apiKeys", lambda c: c.api_keys, secret=True),
     SecuritySetting("maxRequestBytes", lambda c: c.max_request_bytes),
     SecuritySetting("peers", lambda c: {p.id: p.proxy for p in c.peers.values()}),
+    SecuritySetting("allowedHosts", lambda c: c.allowed_hosts),
+    SecuritySetting("cors", lambda c: c.cors),
 )
 
 

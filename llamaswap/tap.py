@@ -26,14 +26,15 @@ from .activity import ActivityStore, Retention, StoreMetrics
 from .api import Api
 from .config import Config, ConfigError, ModelConfig, listen_address, load_config
 from .events import EventBus
-from .guard import ApiSite, Guard
+from .guard import ApiSite, Guard, is_open_page
 from .livefolder import FolderReloader
 from .logs import LogHub, logger, set_log_level
 from .metrics import Metrics
+from .origin import BrowserDoor, BrowserPolicy, machine_names
 from .ports import PortAllocator
 from .process import HealthProbe, ModelProcess, Timing
 from .recorder import Recorder
-from .relay import Hop, LoopGuard, Relay
+from .relay import Hop, Relay
 from .resources import MemoryMonitor
 from .scheduler import Scheduler
 
@@ -269,9 +270,30 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
 
     top = MultiService()
     Supervisor(scheduler, pool, logs, store, reactor).setServiceParent(top)
+    # this machine's names and the --listen interfaces, once: no DNS, no blocking
+    local_names = machine_names() | {i for i in map(_interface, listen or []) if i is not None}
+
+    def browsers(config: Config) -> BrowserPolicy:
+        for setting, values in (
+            ("allowedHosts", config.allowed_hosts),
+            ("cors.allowOrigins", config.cors.allow_origins),
+        ):
+            if "*" in values:
+                _log.warn(
+                    "SECURITY: {setting} contains '*': web pages on any site can use this "
+                    "llamaswap through their visitors' browsers.",
+                    setting=setting,
+                )
+        return BrowserPolicy.build(config.allowed_hosts, config.cors, local_names, is_open_page)
+
     guard = Guard(api.resource(), config.api_keys)
+    browser_door = BrowserDoor(browsers(config))
     site = ApiSite(
-        LoopGuard(guard, relay.hop), config.max_request_bytes, checks=[guard.check], reactor=reactor
+        guard,
+        config.max_request_bytes,
+        # a looped request first, then what browsers may do, then the key
+        checks=[relay.hop.check, browser_door, guard.check],
+        reactor=reactor,
     )
     site.displayTracebacks = False
     if not config.api_keys:
@@ -297,6 +319,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
         api.config = new
         recorder.log_requests = new.log_requests
         guard.keys = new.api_keys
+        browser_door.policy = browsers(new)
         site.max_request_bytes = new.max_request_bytes
         if new.store_path != config.store_path:
             _log.warn("store.path changed: takes effect at the next restart")
@@ -306,6 +329,14 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
     top.site = site  # type: ignore[attr-defined]
     top.apply = apply  # type: ignore[attr-defined]
     return top
+
+
+def _interface(endpoint: str) -> str | None:
+    """The interface a TCP endpoint string binds; None for every address or not TCP."""
+    bound = listen_address(endpoint)
+    if bound is None:
+        return None
+    return bound[0].strip("[]").lower() or None
 
 
 def _loopback_only(endpoint: str) -> bool:

@@ -18,6 +18,7 @@ from jsonschema import Draft202012Validator
 from twisted.trial.unittest import SynchronousTestCase
 
 from llamaswap.config import (
+    CORS_KEYS,
     FILTER_KEYS,
     GROUP_KEYS,
     MODEL_DEFAULTS_KEYS,
@@ -123,6 +124,17 @@ BAD_CONFIGS: tuple[tuple[str, str, str], ...] = (
         BASE + "peers:\n  a b:\n    proxy: http://h\n    models: [a]\n",
         "peers.a b",
     ),
+    ("allowedHosts with a port", BASE + "allowedHosts: ['box:8080']\n", "allowedHosts[0]"),
+    ("allowedHosts as a string", BASE + "allowedHosts: box\n", "allowedHosts"),
+    ("unknown cors key", BASE + "cors: {origins: []}\n", "cors.origins"),
+    ("origin with a path", BASE + "cors: {allowOrigins: ['http://a/b']}\n", "cors.allowOrigins[0]"),
+    ("origin without scheme", BASE + "cors: {allowOrigins: [app.lan]}\n", "cors.allowOrigins[0]"),
+    ("cors maxAge negative", BASE + "cors: {maxAge: -1}\n", "cors.maxAge"),
+    (
+        "cors method with a space",
+        BASE + "cors: {allowMethods: ['GET POST']}\n",
+        "cors.allowMethods[0]",
+    ),
     (
         "peer proxy not http",
         BASE + "peers:\n  box:\n    proxy: ftp://h\n    models: [a]\n",
@@ -196,7 +208,13 @@ GOOD_CONFIGS: tuple[tuple[str, str], ...] = (
         "    proxy: http://gpu-box:8080/\n"
         "    models: [big]\n"
         "    apiKey: ${env.KEY}\n"
-        "    filters: {stripParams: seed}\n",
+        "    filters: {stripParams: seed}\n"
+        "allowedHosts: [llm.example.com, '*.lan']\n"
+        "cors:\n"
+        "  allowOrigins: ['http://app.lan:3000', 'https://chat.example.com']\n"
+        "  allowMethods: [GET, POST, DELETE]\n"
+        "  allowHeaders: [authorization, content-type]\n"
+        "  maxAge: 0\n",
     ),
     ("empty sections", BASE + "macros:\ngroups:\nprofiles:\nhooks:\npeers:\n"),
     ("empty hooks", BASE + "hooks:\n  on_startup: {}\n"),
@@ -284,6 +302,9 @@ class SameKeysTests(SynchronousTestCase):
     def test_model_defaults(self) -> None:
         self.assertEqual(self.keys(SCHEMA["properties"]["modelDefaults"]), set(MODEL_DEFAULTS_KEYS))
 
+    def test_cors(self) -> None:
+        self.assertEqual(self.keys(SCHEMA["properties"]["cors"]), set(CORS_KEYS))
+
     def test_hooks(self) -> None:
         hooks = SCHEMA["properties"]["hooks"]
         self.assertEqual(self.keys(hooks), {"on_startup"})
@@ -299,6 +320,7 @@ class SameKeysTests(SynchronousTestCase):
             SCHEMA["properties"]["hooks"],
             SCHEMA["properties"]["hooks"]["properties"]["on_startup"],
             SCHEMA["properties"]["modelDefaults"],
+            SCHEMA["properties"]["cors"],
         ]
         for schema in closed:
             self.assertIs(schema["additionalProperties"], False)
@@ -322,6 +344,7 @@ class SameDefaultsTests(SynchronousTestCase):
             "peers": config.peers,
             "defaultModel": config.default_model,
             "modelsDir": config.models_dirs,
+            "allowedHosts": config.allowed_hosts,
         }
         for key, value in attributes.items():
             self.assertEqual(SCHEMA["properties"][key]["default"], plain(value), key)
@@ -330,6 +353,11 @@ class SameDefaultsTests(SynchronousTestCase):
         self.assertEqual(hooks["properties"]["on_startup"]["default"], {})
         preload = hooks["properties"]["on_startup"]["properties"]["preload"]
         self.assertEqual(preload["default"], plain(config.preload))
+        cors = SCHEMA["properties"]["cors"]["properties"]
+        self.assertEqual(cors["allowOrigins"]["default"], plain(config.cors.allow_origins))
+        self.assertEqual(cors["allowMethods"]["default"], plain(config.cors.allow_methods))
+        self.assertEqual(cors["allowHeaders"]["default"], plain(config.cors.allow_headers))
+        self.assertEqual(cors["maxAge"]["default"], config.cors.max_age)
         self.assertEqual(SCHEMA["properties"]["sendLoadingState"]["default"], False)
         self.assertFalse(config.models["m"].send_loading_state)
 

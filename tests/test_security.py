@@ -39,7 +39,7 @@ def form_bomb(parts: int, model: bytes | None = None) -> bytes:
 
 
 def head(method: bytes, target: bytes, length: int | None = None, *extra: bytes) -> bytes:
-    lines = [method + b" " + target + b" HTTP/1.1", b"Host: llamaswap", *extra]
+    lines = [method + b" " + target + b" HTTP/1.1", b"Host: localhost", *extra]
     if length is not None:
         lines.append(b"Content-Length: %d" % length)
     return b"\r\n".join(lines) + b"\r\n\r\n"
