@@ -21,6 +21,7 @@ from __future__ import annotations
 import ipaddress
 import resource
 from collections import Counter
+from functools import cache
 from typing import Any
 
 import attrs
@@ -100,8 +101,9 @@ def _response(status: int, reason: bytes, error: ApiError, extra: bytes = b"") -
 class ConnectionGate(Factory):
     """Wraps the site: counts open connections, refuses new ones at the caps.
 
-    It also installs ``BoundedChannel`` as the site's protocol, so connections the
-    site accepts directly are bounded in time and counted too.
+    It also makes the site's channel (``HTTPChannel`` or the site's own subclass of
+    it) a ``BoundedChannel``, so connections the site accepts directly are bounded
+    in time and counted too.
     """
 
     log = logger()
@@ -117,6 +119,7 @@ class ConnectionGate(Factory):
         self.total = 0
         self.refused = 0
         self._next_warning = 0.0
+        self._channel_class = bounded(site.protocol)
         # Factory.protocol is the public hook; Twisted types HTTPFactory's as a method
         site.protocol = self.channel  # type: ignore[method-assign,assignment]
         self.configure(limits)
@@ -149,7 +152,7 @@ class ConnectionGate(Factory):
         )
 
     def channel(self) -> BoundedChannel:
-        return BoundedChannel(self)
+        return self._channel_class(self)
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         key = client_key(addr)
@@ -323,3 +326,18 @@ class BoundedChannel(HTTPChannel):
         # a client that reads nothing would keep its socket open until this
         abort = getattr(self.transport, "abortConnection", self.transport.loseConnection)
         self._abort = self.gate.clock.callLater(self.abortTimeout or 15, abort)
+
+
+@cache
+def bounded(channel: object) -> type[BoundedChannel]:
+    """``BoundedChannel`` on top of a site's own channel class, if it has one.
+
+    (Twisted's default ``Site.protocol`` is a factory function for a wrapper that
+    can switch to HTTP/2, which needs the optional ``h2`` package: plain HTTP/1.1
+    then.)
+    """
+    if not isinstance(channel, type) or not issubclass(channel, HTTPChannel):
+        return BoundedChannel
+    if issubclass(channel, BoundedChannel):
+        return channel
+    return type(f"Bounded{channel.__name__}", (BoundedChannel, channel), {})

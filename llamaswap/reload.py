@@ -49,6 +49,8 @@ SECURITY_SETTINGS: tuple[SecuritySetting, ...] = (
     SecuritySetting("maxRequestBytes", lambda c: c.max_request_bytes),
     SecuritySetting("connections", lambda c: c.connections),
     SecuritySetting("peers", lambda c: {p.id: p.proxy for p in c.peers.values()}),
+    SecuritySetting("allowedHosts", lambda c: c.allowed_hosts),
+    SecuritySetting("cors", lambda c: c.cors),
 )
 
 

@@ -20,11 +20,13 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from llamaswap.config import ConfigError, parse_config
 from llamaswap.connections import (
+    BoundedChannel,
     ConnectionGate,
     ConnectionLimits,
     client_key,
@@ -249,6 +251,28 @@ class CapTests(SynchronousTestCase):
             preexec_fn=low_limit,
         )
         self.assertEqual(result.stdout.strip(), "400")
+
+    def test_the_sites_own_channel_class_keeps_its_behaviour(self) -> None:
+        class Marked(HTTPChannel):
+            def allHeadersReceived(self) -> None:
+                self.requests[-1].responseHeaders.addRawHeader(b"x-marked", b"yes")
+                super().allHeadersReceived()
+
+        clock = Clock()
+        site = Site(Recorder(), reactor=clock)
+        site.protocol = Marked  # type: ignore[assignment]
+        gate = ConnectionGate(site, LIMITS, clock)
+        channel = gate.buildProtocol(IPv4Address("TCP", "127.0.0.5", 1))
+        self.assertIsInstance(channel, Marked)
+        self.assertIsInstance(channel, BoundedChannel)
+        assert channel is not None
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b"x-marked: yes", transport.value().lower())
+        channel.dataReceived(b"GET / HTTP/1.1\r\n")
+        clock.advance(10)
+        self.assertIn(b"408 Request Timeout", transport.value())
 
     def test_ipv6_clients_are_counted_per_64(self) -> None:
         a = client_key(IPv6Address("TCP", "2001:db8:1:2:aaaa::1", 1))

@@ -200,6 +200,18 @@ class SecurityReloadTests(ReloadCase):
         self.assertIn("reload changed apiKeys: 1 added, 1 removed (2 -> 2)", logs)
         self.assertNotIn("sk-third", logs)
 
+    async def test_browser_settings_dropped_by_a_cut_file_are_kept(self) -> None:
+        allowing = SECURED.replace(
+            "apiKeys:", "cors:\n  allowOrigins: [http://app.lan:3000]\napiKeys:"
+        )
+        reloader = await self.start_with(allowing)
+        self.path.write_text(SECURED)  # the cors block left out, not written as empty
+        self.assertFalse(await reloader.reload())
+        self.assertIn("no longer sets cors", await self.logs())
+        self.path.write_text(SECURED.replace("apiKeys:", "cors: {allowOrigins: []}\napiKeys:"))
+        self.assertTrue(await reloader.reload())
+        self.assertIn("SECURITY: reload changed cors", await self.logs())
+
 
 class WatchTests(TestCase):
     """The watcher applies a file once it stopped changing, measured on the clock."""
