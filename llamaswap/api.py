@@ -29,6 +29,7 @@ from werkzeug.routing import RequestRedirect
 from zope.interface import implementer
 
 from . import __version__
+from .access import caller_name, may_list, require_model
 from .activity import ActivityStore, StoreUnavailable
 from .config import Config, ModelConfig, PeerConfig
 from .errors import ApiError, ModelStopped, StartFailed
@@ -368,11 +369,13 @@ class Api:
         route: str | None = None,
     ) -> None:
         """Lease the model, relay the request; with ``loading_for``, report progress."""
+        require_model(request, model.id)
         record = self.recorder.begin(
             model.id,
             route or request.path.decode("ascii", errors="replace"),
             path.decode("ascii", errors="replace"),
             self.scheduler.processes[model.id],
+            key=caller_name(request),
         )
         try:
             await self._proxy(request, model, method, path, body, profile, loading_for, record)
@@ -462,8 +465,12 @@ class Api:
         self, request: Request, peer: PeerConfig, remote: str, path: bytes, body: bytes
     ) -> None:
         """Relay straight to a peer: no local process, no queue."""
+        require_model(request, f"{peer.id}/{remote}")
         record = self.recorder.begin(
-            f"{peer.id}/{remote}", request.path.decode("ascii", errors="replace"), path.decode()
+            f"{peer.id}/{remote}",
+            request.path.decode("ascii", errors="replace"),
+            path.decode(),
+            key=caller_name(request),
         )
         record.leased()
         try:
@@ -501,17 +508,19 @@ class Api:
     @router.route("/models", methods=["GET"], endpoint="models_plain")
     def models(self, request: Request) -> bytes:
         data = []
-        for model_id in self.config.listed_ids():
+        for model_id in filter(lambda m: may_list(request, m), self.config.listed_ids()):
             record = self.model_record(model_id)
             data.append(record)
             if self.config.include_aliases_in_list:
                 for alias in self.config.models[model_id].names:
                     data.append({**record, "id": alias, "alias_of": model_id})
         for profile, members in sorted(self.config.profiles.items()):
-            for member in members:
+            for member in filter(lambda m: may_list(request, m), members):
                 data.append({**self.model_record(member), "id": f"{profile}:{member}"})
         for peer in self.config.peers.values():
             for remote in peer.models:
+                if not may_list(request, f"{peer.id}/{remote}"):
+                    continue
                 data.append(
                     {
                         "id": f"{peer.id}/{remote}",
@@ -618,6 +627,7 @@ class Api:
     async def load_one(self, request: Request, name: str) -> bytes:
         """Start a model and answer once it is ready (or with why it could not start)."""
         model = self.resolve(name)
+        require_model(request, model.id)
         started = self.clock.seconds()
         await self.scheduler.load(model.id)
         return _json(
@@ -644,6 +654,7 @@ class Api:
     @router.route("/api/models/unload/<path:name>", methods=["POST"])
     async def unload_one(self, request: Request, name: str) -> bytes:
         model = self.resolve(name)
+        require_model(request, model.id)
         await self.scheduler.unload([model.id])
         return _json(request, {"msg": "ok"})
 
@@ -671,6 +682,7 @@ class Api:
             until=_number_arg(request, b"until"),
             limit=int(_number_arg(request, b"limit", 1, 1000, whole=True) or 50),
             offset=int(_number_arg(request, b"offset", whole=True) or 0),
+            key=_arg(request, b"key"),
         )
         return _json(request, result)
 

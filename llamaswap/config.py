@@ -22,6 +22,7 @@ import attrs
 import yaml
 
 from . import modelsdir
+from .access import DEFAULT_SESSION_TTL, INFERENCE, ROLES, ApiKey
 from .connections import ConnectionLimits
 from .crashloop import CrashLoopPolicy
 from .gguf_models import GgufError
@@ -52,6 +53,7 @@ TOP_LEVEL_KEYS = (
     "logRequests",
     "store",
     "apiKeys",
+    "sessionTtl",
     "maxRequestBytes",
     "crashLoop",
     "shutdownTimeout",
@@ -70,6 +72,7 @@ SCHEDULER_KEYS = ("policy", "maxWait", "maxResidency")
 CRASH_LOOP_KEYS = ("maxFailures", "window", "cooldown", "maxCooldown")
 STORE_KEYS = ("path", "maxRows", "maxAgeDays")
 CORS_KEYS = ("allowOrigins", "allowMethods", "allowHeaders", "maxAge")
+API_KEY_KEYS = ("name", "key", "role", "models", "maxConcurrent", "requestsPerMinute")
 PEER_KEYS = ("proxy", "models", "apiKey", "filters")
 GROUP_KEYS = ("members", "swap", "exclusive", "persistent")
 FILTER_KEYS = ("stripParams", "setParams", "setParamsByID")
@@ -276,7 +279,8 @@ class Config:
     store_path: str = ":memory:"
     store_max_rows: int = 100_000
     store_max_age_days: float = 30.0
-    api_keys: tuple[str, ...] = ()
+    api_keys: tuple[ApiKey, ...] = ()
+    session_ttl: float = DEFAULT_SESSION_TTL
     max_request_bytes: int = 32 * 1024 * 1024
     crash_loop: CrashLoopPolicy = attrs.field(factory=CrashLoopPolicy)
     shutdown_timeout: float = 30.0
@@ -584,6 +588,7 @@ class _Builder:
             peers=self.peers(root.get("peers"), models, macros),
             log_requests=self.boolean(root.get("logRequests", False), "logRequests"),
             api_keys=self.api_keys(root.get("apiKeys"), macros),
+            session_ttl=self.positive(root.get("sessionTtl", DEFAULT_SESSION_TTL), "sessionTtl"),
             crash_loop=self.crash_loop(root.get("crashLoop")),
             connections=self.connections(root.get("connections")),
             policy=self.policy(root.get("scheduler")),
@@ -767,12 +772,56 @@ class _Builder:
             ),
         )
 
-    def api_keys(self, value: object, macros: Mapping[str, str]) -> tuple[str, ...]:
+    def api_keys(self, value: object, macros: Mapping[str, str]) -> tuple[ApiKey, ...]:
+        """Plain keys (admin, every model, named ``apiKeys[i]``) and scoped ones."""
         if value is None:
             return ()
-        return tuple(
-            self.secret(raw, f"apiKeys[{i}]", macros)
-            for i, raw in enumerate(self.string_list(value, "apiKeys"))
+        if not isinstance(value, list):
+            raise self.fail("apiKeys", f"expected a list of keys, got {_describe(value)}")
+        keys: list[ApiKey] = []
+        for i, raw in enumerate(value):
+            path = f"apiKeys[{i}]"
+            key = (
+                self.scoped_key(raw, path, macros)
+                if isinstance(raw, dict)
+                else ApiKey(path, self.secret(raw, path, macros))
+            )
+            for earlier in keys:
+                if key.name == earlier.name:
+                    raise self.fail(f"{path}.name", f"{key.name!r} names another key too")
+                if key.key == earlier.key:
+                    raise self.fail(path, f"the same key as {earlier.name!r}")
+            keys.append(key)
+        return tuple(keys)
+
+    def scoped_key(self, doc: dict[str, Any], path: str, macros: Mapping[str, str]) -> ApiKey:
+        self.check_keys(doc, path, API_KEY_KEYS)
+        for required in ("name", "key"):
+            if doc.get(required) is None:
+                raise self.fail(f"{path}.{required}", "missing")
+        name = self.string(doc["name"], f"{path}.name").strip()
+        if not name or len(name) > 64 or any(not c.isprintable() for c in name):
+            raise self.fail(f"{path}.name", "must be 1-64 printable characters")
+        role = self.string(doc.get("role", INFERENCE), f"{path}.role")
+        if role not in ROLES:
+            raise self.fail(f"{path}.role", f"must be one of {', '.join(ROLES)}, got {role!r}")
+        models = tuple(self.string_list(doc.get("models", ["*"]), f"{path}.models"))
+        if not models or any(not m.strip() for m in models):
+            raise self.fail(f"{path}.models", "list at least one model pattern ('*' for all)")
+        limits = {
+            field: self.limit(doc[key], f"{path}.{key}")
+            for field, key in (
+                ("max_concurrent", "maxConcurrent"),
+                ("requests_per_minute", "requestsPerMinute"),
+            )
+            if doc.get(key) is not None
+        }
+        return ApiKey(
+            name=name,
+            key=self.secret(doc["key"], f"{path}.key", macros),
+            role=role,
+            models=tuple(m.strip() for m in models),
+            **limits,
         )
 
     def allowed_hosts(self, value: object) -> tuple[str, ...]:

@@ -22,6 +22,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
+from .access import Access, SessionRoutes
 from .activity import ActivityStore, Retention, StoreMetrics
 from .api import Api
 from .config import Config, ConfigError, ModelConfig, listen_address, load_config
@@ -287,7 +288,8 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
                 )
         return BrowserPolicy.build(config.allowed_hosts, config.cors, local_names, is_open_page)
 
-    guard = Guard(api.resource(), config.api_keys)
+    access = Access(config.api_keys, reactor, config.session_ttl)
+    guard = Guard(SessionRoutes(api.resource(), access), access)
     browser_door = BrowserDoor(browsers(config))
     site = ApiSite(
         guard,
@@ -320,7 +322,9 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
         )
         api.config = new
         recorder.log_requests = new.log_requests
-        guard.keys = new.api_keys
+        ended = access.reconfigure(new.api_keys, new.session_ttl)
+        if ended:
+            _log.warn("ended {count} UI session(s) whose key was removed", count=ended)
         browser_door.policy = browsers(new)
         site.max_request_bytes = new.max_request_bytes
         gate.configure(new.connections)
@@ -329,6 +333,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
         return changes
 
     top.api = api  # type: ignore[attr-defined]
+    top.access = access  # type: ignore[attr-defined]
     top.site = site  # type: ignore[attr-defined]
     top.gate = gate  # type: ignore[attr-defined]
     top.apply = apply  # type: ignore[attr-defined]
