@@ -236,6 +236,17 @@ def _header(request: Request, name: bytes) -> bytes | None:
     return values[0] if values else None
 
 
+def session_token(request: Request) -> bytes | None:
+    """The session cookie's value, read from the headers (the door runs before Twisted
+    parses cookies, which it does once the body is in)."""
+    for header in request.requestHeaders.getRawHeaders(b"cookie") or []:
+        for pair in header.split(b";"):
+            name, sep, value = pair.strip().partition(b"=")
+            if sep and name == SESSION_COOKIE and value:
+                return value
+    return None
+
+
 def from_own_page(request: Request) -> bool:
     """Whether a browser sent ``request`` for one of this server's own pages (so a
     session cookie on it is the user's doing, not another page's)."""
@@ -315,7 +326,7 @@ class Access:
         return self.session_key(request)
 
     def session_key(self, request: Request) -> ApiKey | None:
-        token = request.getCookie(SESSION_COOKIE)
+        token = session_token(request)
         if not token or not from_own_page(request):
             return None
         session = self.sessions.find(token)
@@ -388,7 +399,7 @@ class Access:
         return key.public()
 
     def logout(self, request: Request) -> dict[str, Any]:
-        token = request.getCookie(SESSION_COOKIE)
+        token = session_token(request)
         if token and from_own_page(request):
             self.sessions.close(token)
         request.addCookie(
