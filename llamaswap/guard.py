@@ -324,10 +324,6 @@ class Guard(Resource):
                 return NOT_DONE_YET
         return self.inner.render(request)
 
-    @staticmethod
-    def is_open(method: bytes, path: bytes) -> bool:
-        return method in OPEN_METHODS and is_open_page(path)
-
 
 def is_open_page(path: bytes) -> bool:
     """A page anyone may read: liveness, the UI, Swagger."""
