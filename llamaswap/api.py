@@ -31,6 +31,7 @@ from .activity import ActivityStore, StoreUnavailable
 from .config import Config, ModelConfig, PeerConfig
 from .errors import ApiError, ModelStopped, StartFailed
 from .events import EventBus
+from .kvcache import Conversation, KvStore
 from .loading import LoadingStream
 from .logs import PROXY, UPSTREAM, LogHub, logger
 from .metrics import Metrics
@@ -70,6 +71,7 @@ class ParsedBody:
     requested: str
     body: bytes
     streaming: bool
+    conversation: Conversation | None = None  # for the KV store: which chat this continues
 
 
 @attrs.frozen
@@ -107,8 +109,10 @@ class Api:
         metrics: Metrics | None = None,
         events: EventBus | None = None,
         store: ActivityStore | None = None,
+        kvcache: KvStore | None = None,
     ) -> None:
         self.config = config
+        self.kvcache = kvcache
         self.scheduler = scheduler
         self.relay = relay
         self.logs = logs
@@ -190,6 +194,8 @@ class Api:
         if isinstance(parsed, PeerBody):
             await self.to_peer(request, parsed.peer, parsed.remote, request.uri, parsed.body)
             return
+        if self.kvcache is not None:
+            self.kvcache.note(parsed.model.id, parsed.conversation)
         loading = parsed.streaming and parsed.model.send_loading_state and route.loading
         await self.proxy(
             request,
@@ -280,7 +286,14 @@ class Api:
             changed = True
         if changed:
             body = json.dumps(document).encode("utf-8")
-        return ParsedBody(model, profile, requested, body, streaming=document.get("stream") is True)
+        return ParsedBody(
+            model,
+            profile,
+            requested,
+            body,
+            streaming=document.get("stream") is True,
+            conversation=Conversation.of(document) if model.slot_save_path else None,
+        )
 
     def choose(self, request: Request, named: str | None) -> tuple[ModelConfig, str | None, str]:
         """The model a request is for → (model, profile, the name it went by).
@@ -574,7 +587,8 @@ class Api:
                         "why": child.why,
                     }
                 )
-        return _json(request, {"running": running})
+        saved = self.kvcache.describe() if self.kvcache is not None else []
+        return _json(request, {"running": running, "saved_states": saved})
 
     def memory_record(self, model_id: str) -> dict[str, Any] | None:
         footprint = self.scheduler.footprint(model_id)

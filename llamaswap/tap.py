@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import globalLogPublisher
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -28,6 +29,7 @@ from .api import Api
 from .config import Config, ConfigError, ModelConfig, listen_address, load_config
 from .events import EventBus
 from .guard import ApiSite, Guard
+from .kvcache import KvStore
 from .logs import LogHub, logger, set_log_level
 from .metrics import Metrics
 from .ports import PortAllocator
@@ -231,7 +233,15 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
         )
 
     processes = [make_process(m, config.health_check_timeout) for m in config.models.values()]
-    scheduler = Scheduler(processes, reactor, config, events)
+    kvcache = KvStore(
+        config,
+        agent,
+        reactor,
+        disk=partial(deferToThreadPool, reactor, reactor.getThreadPool()),
+        hop=relay.hop,
+    )
+    events.subscribe(kvcache.observe)
+    scheduler = Scheduler(processes, reactor, config, events, hooks=kvcache)
     store = ActivityStore(
         config.store_path,
         reactor,
@@ -239,8 +249,9 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
     )
     metrics = Metrics(scheduler, events)
     metrics.registry.register(StoreMetrics(store))
+    metrics.registry.register(kvcache.collector())
     recorder = Recorder(reactor, events, store, config.log_requests)
-    api = Api(config, scheduler, relay, logs, reactor, recorder, metrics, events, store)
+    api = Api(config, scheduler, relay, logs, reactor, recorder, metrics, events, store, kvcache)
 
     top = MultiService()
     Supervisor(scheduler, pool, logs, store, reactor).setServiceParent(top)
@@ -264,6 +275,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
         """Switch every reader of the configuration to ``new``."""
         set_log_level(new.log_level)
         ports.start = new.start_port
+        kvcache.reconfigure(new)
         changes = scheduler.reconfigure(
             new, lambda model: make_process(model, new.health_check_timeout)
         )
