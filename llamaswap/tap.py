@@ -165,9 +165,10 @@ class Supervisor(Service):
         self.memory.stop()
         closing = self.scheduler.close(self.scheduler.config.shutdown_timeout)
         stopped = DeferredList(
-            [closing.addCallback(lambda _: self.store.stop()), self.pool.closeCachedConnections()],
-            consumeErrors=True,
+            [closing.addCallback(lambda _: self.store.stop())], consumeErrors=True
         )
+        # after the models stopped: the KV store talks to them until then
+        stopped.addCallback(lambda _: self.pool.closeCachedConnections())
 
         def done(_: object) -> None:
             self.log.info("all model servers stopped")

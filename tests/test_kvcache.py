@@ -28,6 +28,7 @@ from llamaswap.scheduler import Lease
 from llamaswap.testing.fake_server import FakeLlamaServer
 
 from .helpers import World, world
+from .integration import FAKE, LiveTestCase
 
 LONG = " ".join(f"word{i}" for i in range(40))
 REPLY = "fake-reply model=a requested=a tokens: t0 t1"
@@ -396,3 +397,32 @@ class VisibleTests(SynchronousTestCase):
         self.assertEqual(metrics["llamaswap_kv_saves_total"], 1)
         [described] = k.kv.describe()
         self.assertEqual(described["tokens"], cached_prefix())
+
+
+class OverRealSocketsTests(LiveTestCase):
+    """llamaswap over HTTP in front of fake llama-server children (real processes)."""
+
+    async def test_a_follow_up_after_a_to_b_to_a_finds_its_history_in_the_cache(self) -> None:
+        path = os.path.abspath(self.mktemp())
+        await self.serve(
+            f"kvCache:\n  path: {path}\n  minTokens: 10\n"
+            "models:\n"
+            f"  a:\n    cmd: {FAKE} --tokens 2 --token-delay 0\n    kvCache: true\n"
+            f"  b:\n    cmd: {FAKE} --tokens 2 --token-delay 0\n    kvCache: true\n"
+        )
+        first = [{"role": "user", "content": LONG}]
+        answer = (await self.post("/v1/chat/completions", {"model": "a", "messages": first})).json()
+        self.assertEqual(answer["timings"]["cache_n"], 0)
+        reply = answer["choices"][0]["message"]
+        await self.post("/v1/chat/completions", {"model": "b", "messages": first})
+        follow_up = [*first, reply, {"role": "user", "content": "and then?"}]
+        again = await self.post("/v1/chat/completions", {"model": "a", "messages": follow_up})
+        self.assertEqual(again.json()["timings"]["cache_n"], cached_prefix())
+
+        saved = (await self.request("GET", "/running")).json()["saved_states"]
+        self.assertEqual({s["model"] for s in saved}, {"a", "b"})
+        metrics = (await self.request("GET", "/metrics")).body.decode()
+        self.assertIn('llamaswap_kv_restores_total{model="a"} 1.0', metrics)
+        self.assertIn(
+            f'llamaswap_kv_restored_prompt_tokens_total{{model="a"}} {cached_prefix()}.0', metrics
+        )
