@@ -195,6 +195,8 @@ class Api:
             await self.to_peer(request, parsed.peer, parsed.remote, request.uri, parsed.body)
             return
         if self.kvcache is not None:
+            if route.path == "/slots/{id_slot}":
+                self.kvcache.check_client_slot_action(parsed.model, _arg(request, b"action"))
             self.kvcache.note(parsed.model.id, parsed.conversation)
         loading = parsed.streaming and parsed.model.send_loading_state and route.loading
         await self.proxy(
@@ -229,6 +231,8 @@ class Api:
             if found is not None:
                 model, profile = found
                 path = b"/" + b"/".join(segments[count:]) + query
+                if self.kvcache is not None and path.startswith(b"/slots/"):
+                    self.kvcache.check_client_slot_action(model, _arg(request, b"action"))
                 body = request.content.read() if request.content is not None else b""
                 await self.proxy(
                     request, model, request.method, path, body or None, profile, route="/upstream"

@@ -240,6 +240,8 @@ class ModelConfig:
     upstream_api_key: str | None = attrs.field(default=None, repr=False)
     #: where its llama-server saves slots (``--slot-save-path``); None: KV keeping is off
     slot_save_path: str | None = None
+    #: llamaswap added ``--slot-save-path`` (the slot files are its own, not the clients')
+    slot_save_added: bool = False
 
     @property
     def uses_port(self) -> bool:
@@ -689,7 +691,7 @@ class _Builder:
 
     def slot_save_path(
         self, cmd: CommandTemplate, value: object, path: str, kv_cache: KvCacheConfig, model_id: str
-    ) -> tuple[CommandTemplate, str | None]:
+    ) -> tuple[CommandTemplate, str | None, bool]:
         """The command (with ``--slot-save-path`` added) and the directory, when KV
         keeping is on for this model: by default for ``llama-server`` commands."""
         wanted = None if value is None else self.boolean(value, path)
@@ -697,11 +699,11 @@ class _Builder:
         given = _flag_value(argv, SLOT_SAVE_FLAG)
         is_llama_server = os.path.basename(argv[0]).startswith("llama-server")
         if wanted is False or (wanted is None and not (kv_cache.enabled and is_llama_server)):
-            return cmd, None
+            return cmd, None, False
         if given is not None:
-            return cmd, given
+            return cmd, given, False
         directory = os.path.join(kv_cache.path, safe_name(model_id))
-        return CommandTemplate((*argv, SLOT_SAVE_FLAG, directory)), directory
+        return CommandTemplate((*argv, SLOT_SAVE_FLAG, directory)), directory, True
 
     def store(self, value: object, macros: Mapping[str, str]) -> dict[str, Any]:
         doc = self.mapping(value if value is not None else {}, "store")
@@ -1020,13 +1022,14 @@ class _Builder:
                     "a model gets either the client's key (forwardAuthorization) or its "
                     "own (upstreamApiKey), not both",
                 )
-        cmd, slot_save_path = self.slot_save_path(
+        cmd, slot_save_path, slot_save_added = self.slot_save_path(
             cmd, doc.get("kvCache"), f"{base}.kvCache", defaults["kv_cache"], model_id
         )
         return ModelConfig(
             id=model_id,
             cmd=cmd,
             slot_save_path=slot_save_path,
+            slot_save_added=slot_save_added,
             proxy=proxy.rstrip("/"),
             check_endpoint=check_endpoint,
             ttl=ttl,

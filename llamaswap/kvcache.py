@@ -40,6 +40,7 @@ from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
 from .config import Config, KvCacheConfig, ModelConfig
+from .errors import ApiError
 from .events import Event
 from .logs import logger
 from .process import ModelProcess, ModelState
@@ -194,7 +195,9 @@ class KvStore:
             if model.slot_save_path is None:
                 continue
             try:
-                os.makedirs(model.slot_save_path, exist_ok=True)
+                if model.slot_save_added:  # conversations: for llamaswap's user only
+                    os.makedirs(self.settings.path, mode=0o700, exist_ok=True)
+                os.makedirs(model.slot_save_path, mode=0o700, exist_ok=True)
             except OSError as e:
                 self.log.error(
                     "model {model}: cannot create its slot directory {path} ({error}); "
@@ -224,6 +227,17 @@ class KvStore:
         if isinstance(cache_n, int) and cache_n > 0:
             self._pending_cache[model] -= 1
             self._counts(model).cached_tokens += cache_n
+
+    def check_client_slot_action(self, model: ModelConfig, action: str | None) -> None:
+        """Clients may not save or restore slots in the directory llamaswap added:
+        its files are within llamaswap's disk budget and hold others' conversations."""
+        if model.slot_save_added and action in ("save", "restore"):
+            raise ApiError(
+                403,
+                f"model {model.id!r}: slots are saved and restored by llamaswap (kvCache); "
+                "give the model its own --slot-save-path to manage slot files yourself",
+                "slot_action_forbidden",
+            )
 
     # --- the hooks ----------------------------------------------------------------
 

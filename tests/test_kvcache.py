@@ -10,6 +10,7 @@ import json
 import os
 from typing import Any
 
+import attrs
 from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -426,3 +427,52 @@ class OverRealSocketsTests(LiveTestCase):
         self.assertIn(
             f'llamaswap_kv_restored_prompt_tokens_total{{model="a"}} {cached_prefix()}.0', metrics
         )
+
+    async def test_clients_may_not_save_or_restore_slots_in_llamaswaps_directory(self) -> None:
+        path = os.path.abspath(self.mktemp())
+        await self.serve(
+            f"kvCache:\n  path: {path}\n"
+            "models:\n"
+            f"  a:\n    cmd: {FAKE}\n    kvCache: true\n"
+            f"  own:\n    cmd: {FAKE} --slot-save-path {path}/own\n    kvCache: true\n"
+        )
+        for route in ("/slots/0?model=a&action=save", "/upstream/a/slots/0?action=restore"):
+            refused = await self.post(route, {"filename": "x.bin"})
+            self.assertEqual(refused.code, 403, route)
+            self.assertEqual(refused.json()["error"]["code"], "slot_action_forbidden")
+        self.assertEqual(os.listdir(self.api.config.models["a"].slot_save_path or ""), [])
+        erased = await self.request("POST", "/slots/0?model=a&action=erase")
+        self.assertEqual(erased.code, 200)
+        # a server given its own --slot-save-path: the client's business, relayed
+        saved = await self.post("/slots/0?model=own&action=save", {"filename": "x.bin"})
+        self.assertEqual(saved.code, 200)
+        self.assertIn("x.bin", os.listdir(os.path.join(path, "own")))
+
+
+class DirectoryTests(SynchronousTestCase):
+    def test_llamaswap_adds_slot_save_path_to_llama_server_commands_in_a_private_directory(
+        self,
+    ) -> None:
+        path = os.path.join(os.path.abspath(self.mktemp()), "kv")
+        config = parse_config(
+            f"kvCache:\n  path: {path}\n"
+            "models:\n"
+            "  llama:\n    cmd: /opt/llama-server --port ${PORT}\n"
+            "  own:\n    cmd: llama-server --port ${PORT} --slot-save-path /srv/slots\n"
+            "  quiet:\n    cmd: llama-server --port ${PORT}\n    kvCache: false\n"
+            "  other:\n    cmd: vllm --port ${PORT}\n",
+            "t.yaml",
+        )
+        llama = config.models["llama"]
+        assert llama.slot_save_path is not None
+        self.assertEqual(llama.cmd.argv[-2:], ("--slot-save-path", llama.slot_save_path))
+        self.assertTrue(llama.slot_save_added)
+        self.assertEqual(
+            (config.models["own"].slot_save_path, config.models["own"].slot_save_added),
+            ("/srv/slots", False),
+        )
+        self.assertIsNone(config.models["quiet"].slot_save_path)
+        self.assertIsNone(config.models["other"].slot_save_path)
+        KvStore(attrs.evolve(config, models={"llama": llama}), Children(Clock()), Clock())
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o700)
+        self.assertTrue(os.path.isdir(llama.slot_save_path))

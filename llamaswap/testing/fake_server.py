@@ -400,7 +400,7 @@ class FakeLlamaServer:
             if path in _RERANK_PATHS:
                 return self._rerank(request, _parse_json(body))
             if path.startswith("/slots/") and self.slot_save_path is not None:
-                return self._slot_action(request, path, _parse_json(body))
+                return self._slot_action(request, path, _parse_json(body) if body else {})
             return self._echo(request, method, path, body)
         except _BadRequest as e:
             return _json(
@@ -547,6 +547,9 @@ class FakeLlamaServer:
             raise _BadRequest("Invalid slot ID") from None
         actions = request.args.get(b"action") if request.args else None
         action = actions[0].decode() if actions else ""
+        if action == "erase":
+            erased, slot.tokens, slot.prompt = len(slot.tokens), [], None
+            return _json(request, 200, {"id_slot": slot.id, "n_erased": erased})
         filename = body.get("filename")
         if not isinstance(filename, str) or not filename or "/" in filename or ".." in filename:
             raise _BadRequest("Invalid filename")
