@@ -31,7 +31,7 @@ import attrs
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from twisted.internet import defer
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.client import readBody
@@ -175,6 +175,7 @@ class KvStore:
         self._fingerprints: dict[_Child, str] = {}
         self._restoring: dict[_Child, Deferred[None]] = {}
         self._pending_cache: dict[str, int] = {}  # requests after a restore to count
+        self._index_lock = DeferredLock()  # one index write at a time, in order
         self._load_index()
         self.ensure_directories()
 
@@ -529,6 +530,7 @@ class KvStore:
         self.states = [s for s in states if os.path.exists(s.path)]
 
     async def _save_index(self) -> None:
+        """Write what is saved now (models may be stopped, so saved, concurrently)."""
         path = self._index_path()
         rows = [attrs.asdict(s) for s in self.states]
 
@@ -539,7 +541,8 @@ class KvStore:
             os.replace(temporary, path)
 
         try:
-            await self._disk(write)
+            async with self._index_lock:
+                await self._disk(write)
         except OSError as e:
             self.log.warn("cannot write the saved slot index {path}: {error}", path=path, error=e)
 
