@@ -366,11 +366,12 @@ class KvStore:
         counts.saves += 1
         counts.saved_bytes += state.bytes
         self.log.info(
-            "model {model}: saved slot {slot} ({tokens} tokens, {size})",
+            "model {model}: saved slot {slot} ({tokens} tokens, {size}) in {ms:.0f} ms",
             model=model.id,
             slot=slot_id,
             tokens=state.tokens,
             size=human(state.bytes),
+            ms=_server_ms(answer, "save_ms"),
         )
 
     async def _enforce_budget(self) -> None:
@@ -442,10 +443,11 @@ class KvStore:
         counts.restores += 1
         counts.restored_bytes += _int(answer.get("n_read"))
         self.log.info(
-            "model {model}: restored {tokens} tokens into slot {slot}",
+            "model {model}: restored {tokens} tokens into slot {slot} in {ms:.0f} ms",
             model=state.model,
             tokens=_int(answer.get("n_restored")),
             slot=slot_id,
+            ms=_server_ms(answer, "restore_ms"),
         )
         return 1
 
@@ -601,6 +603,13 @@ def _stat(path: str) -> list[int]:
     except OSError:
         return []
     return [info.st_size, info.st_mtime_ns]
+
+
+def _server_ms(answer: Mapping[str, Any], key: str) -> float:
+    """What llama-server says the save or restore took."""
+    timings = answer.get("timings")
+    value = timings.get(key) if isinstance(timings, dict) else None
+    return float(value) if isinstance(value, int | float) else 0.0
 
 
 def _int(value: object) -> int:
