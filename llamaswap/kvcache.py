@@ -53,6 +53,7 @@ DiskRunner = Callable[[Callable[[], T]], "Deferred[T]"]
 """Runs a small file operation off the reactor (a thread in production)."""
 
 INDEX = "index.json"
+SLOT_FILE = "slot-"  # how the names of llamaswap's own slot files begin
 TAIL = 64  # characters of a conversation's last message that identify its slot
 RECENT = 64  # conversations remembered per model
 
@@ -320,6 +321,8 @@ class KvStore:
                 recent.remove(conversation)
             await self._save(process, model, directory, fingerprint, slot["id"], conversation)
         await self._enforce_budget()
+        if model.slot_save_added:
+            await self._sweep(model.id, directory)
 
     async def _save(
         self,
@@ -330,7 +333,7 @@ class KvStore:
         slot_id: object,
         conversation: Conversation | None,
     ) -> None:
-        filename = f"slot-{secrets.token_hex(8)}.bin"
+        filename = f"{SLOT_FILE}{secrets.token_hex(8)}.bin"
         status, answer = await self._call(
             process, b"POST", f"/slots/{slot_id}?action=save", {"filename": filename}
         )
@@ -392,6 +395,28 @@ class KvStore:
             total += state.bytes
         self._delete(doomed)
         await self._save_index()
+
+    async def _sweep(self, model_id: str, directory: str) -> None:
+        """Slot files of ours that no state names: a save given up at the time bound
+        that the server finished anyway, or an index lost in a crash."""
+        known = {s.filename for s in self.states if s.model == model_id}
+
+        def remove() -> int:
+            removed = 0
+            for name in os.listdir(directory):
+                if name.startswith(SLOT_FILE) and name not in known:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(directory, name))
+                        removed += 1
+            return removed
+
+        try:
+            removed = await self._disk(remove)
+        except OSError as e:
+            self.log.warn("cannot tidy {path}: {error}", path=directory, error=e)
+            return
+        if removed:
+            self.log.info("model {model}: removed {n} stray slot files", model=model_id, n=removed)
 
     # --- restoring ----------------------------------------------------------------------
 

@@ -314,6 +314,18 @@ class NeverWrongTests(SynchronousTestCase):
         self.assertEqual(k.kv.counts["a"].skipped, 1)
         self.assertEqual(k.kv.states, [])
 
+    def test_a_slot_file_no_state_names_is_removed_at_the_next_save(self) -> None:
+        k = KvWorld(self)
+        directory = k.w.config.models["a"].slot_save_path
+        assert directory is not None
+        for name in ("slot-late.bin", "notes.txt"):  # a save given up; someone else's
+            with open(os.path.join(directory, name), "w") as file:
+                file.write("x")
+        k.converse_then_swap()
+        self.assertEqual(
+            sorted(k.files("a")), sorted(["notes.txt", *(s.filename for s in k.kv.states)])
+        )
+
     def test_a_restart_of_llamaswap_finds_the_saved_states(self) -> None:
         k = KvWorld(self)
         k.converse_then_swap()
