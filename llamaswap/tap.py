@@ -7,6 +7,7 @@ the reactor (or just the clock) passed in.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -234,13 +235,12 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
         )
 
     processes = [make_process(m, config.health_check_timeout) for m in config.models.values()]
-    kvcache = KvStore(
-        config,
-        agent,
-        reactor,
-        disk=partial(deferToThreadPool, reactor, reactor.getThreadPool()),
-        hop=relay.hop,
-    )
+
+    def in_thread(work: Callable[[], Any]) -> Deferred[Any]:
+        """Disk work of the KV store (unlinking 100 MB files) off the reactor."""
+        return deferToThreadPool(reactor, reactor.getThreadPool(), work)
+
+    kvcache = KvStore(config, agent, reactor, disk=in_thread, hop=relay.hop)
     events.subscribe(kvcache.observe)
     scheduler = Scheduler(processes, reactor, config, events, hooks=kvcache)
     store = ActivityStore(
