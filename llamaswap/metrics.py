@@ -158,6 +158,11 @@ class _LiveState(Collector):
             "their group holding the output); their ports stay reserved",
             labels=["model"],
         )
+        progress = GaugeMetricFamily(
+            "llamaswap_model_load_progress",
+            "How far each starting model's load got (0..1), as its server reports it",
+            labels=["model"],
+        )
         for model_id, process in sorted(self.scheduler.processes.items()):
             for candidate in ModelState:
                 state.add_metric(
@@ -172,9 +177,12 @@ class _LiveState(Collector):
                     memory.add_metric([model_id, resource], value)
             queued.add_metric([model_id], self.scheduler.queued(model_id))
             stuck.add_metric([model_id], len(process.stuck))
+            if process.progress is not None:
+                progress.add_metric([model_id], process.progress)
         yield state
         yield load
         yield memory
         yield in_flight
         yield queued
         yield stuck
+        yield progress
