@@ -339,14 +339,7 @@ class KvStore:
         )
         counts = self._counts(model.id)
         if status != 200 or not isinstance(answer, dict):
-            counts.failures += 1
-            self.log.warn(
-                "model {model}: saving slot {slot} failed ({status}: {answer})",
-                model=model.id,
-                slot=slot_id,
-                status=status,
-                answer=answer,
-            )
+            self._refused(model.id, f"saving slot {slot_id} failed", status, answer)
             self._delete([SavedState(model.id, directory, filename, "", 0, 0, 0, 0)])
             return
         now = self._clock.seconds()
@@ -455,13 +448,7 @@ class KvStore:
         if status != 200 or not isinstance(answer, dict):
             # refused (a full context, a damaged file): the slot starts empty, as it
             # would have anyway; the state is of no use any more
-            counts.failures += 1
-            self.log.warn(
-                "model {model}: restoring a saved slot was refused ({status}: {answer}); discarded",
-                model=state.model,
-                status=status,
-                answer=answer,
-            )
+            self._refused(state.model, "restoring a saved slot was refused", status, answer)
             self._delete([state])
             return 0
         state.used_at = self._clock.seconds()
@@ -475,6 +462,16 @@ class KvStore:
             ms=_server_ms(answer, "restore_ms"),
         )
         return 1
+
+    def _refused(self, model_id: str, what: str, status: int, answer: object) -> None:
+        self._counts(model_id).failures += 1
+        self.log.warn(
+            "model {model}: {what} ({status}: {answer}); discarded",
+            model=model_id,
+            what=what,
+            status=status,
+            answer=answer,
+        )
 
     # --- validity -------------------------------------------------------------------------
 
