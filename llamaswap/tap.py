@@ -29,7 +29,7 @@ from .config import Config, ConfigError, ModelConfig, listen_address, load_confi
 from .events import EventBus
 from .guard import ApiSite, Guard
 from .logs import LogHub, logger, set_log_level
-from .metrics import Metrics
+from .metrics import ChildMetrics, Metrics
 from .ports import PortAllocator
 from .process import HealthProbe, ModelProcess, Timing
 from .recorder import Recorder
@@ -237,7 +237,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
         reactor,
         Retention(config.store_max_rows, config.store_max_age_days),
     )
-    metrics = Metrics(scheduler, events)
+    metrics = Metrics(scheduler, events, ChildMetrics(scheduler, agent, reactor, relay.hop))
     recorder = Recorder(reactor, events, store, config.log_requests)
     api = Api(config, scheduler, relay, logs, reactor, recorder, metrics, events, store)
 

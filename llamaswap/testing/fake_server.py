@@ -61,6 +61,14 @@ _PUBLIC_PATHS: Final = frozenset({"/health", "/v1/health"})
 UNAUTHORIZED_BODY: Final[JSONDict] = {
     "error": {"message": "Invalid API Key", "type": "authentication_error", "code": 401}
 }
+#: llama-server's answer to ``GET /metrics`` when it was started without ``--metrics``.
+NO_METRICS_BODY: Final[JSONDict] = {
+    "error": {
+        "code": 501,
+        "message": "This server does not support metrics endpoint. Start it with `--metrics`",
+        "type": "not_supported_error",
+    }
+}
 #: Paths answered even while loading, so callers can discover the model early.
 _ALWAYS_AVAILABLE_GETS: Final = frozenset({"/v1/models", "/models", "/fake/stats", "/fake/env"})
 
@@ -226,6 +234,8 @@ class FakeLlamaServer:
     @param api_keys: like ``--api-key``: every path but the health checks (and
         the fake's own ``/fake/...``) then needs one, as ``Authorization: Bearer``
         or ``X-Api-Key``.
+    @param metrics: like ``--metrics``: serve ``GET /metrics`` in llama-server's
+        format (a few ``llamacpp:*`` families); without it the answer is 501.
     """
 
     def __init__(
@@ -240,8 +250,13 @@ class FakeLlamaServer:
         log: LogFunction | None = None,
         on_crash: Callable[[], None] | None = None,
         api_keys: Sequence[str] = (),
+        metrics: bool = False,
     ) -> None:
         self.clock = clock
+        self.metrics = metrics
+        #: What ``GET /metrics`` reports: tokens of finished or cancelled generations.
+        self.prompt_tokens_total = 0
+        self.tokens_predicted_total = 0
         self.api_keys = frozenset(api_keys)
         self.model = model
         self.load_time = load_time
@@ -397,6 +412,8 @@ class FakeLlamaServer:
             return _json(request, 200, [{"id": 0, "is_processing": self.active > 0}])
         if path in _ECHO_GETS:
             return self._echo(request, "GET", path, b"")
+        if path == "/metrics":
+            return self._metrics(request)
         if path == "/fake/stats":
             return _json(request, 200, self.stats())
         if path == "/fake/env":
@@ -406,6 +423,33 @@ class FakeLlamaServer:
             name = names[0].decode("utf-8", "replace")
             return _json(request, 200, {"name": name, "value": os.environ.get(name)})
         return _json(request, 404, _error(404, "File Not Found", "not_found_error"))
+
+    def _metrics(self, request: HTTPRequest) -> bytes:
+        """llama-server's Prometheus text (a subset of its families), or its 501."""
+        if not self.metrics:
+            return _json(request, 501, NO_METRICS_BODY)
+        families = (
+            (
+                "prompt_tokens_total",
+                "counter",
+                "Number of prompt tokens processed, excluding cached tokens",
+                self.prompt_tokens_total,
+            ),
+            (
+                "tokens_predicted_total",
+                "counter",
+                "Number of generation tokens processed",
+                self.tokens_predicted_total,
+            ),
+            ("requests_processing", "gauge", "Number of requests processing", self.active),
+        )
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"text/plain; version=0.0.4")
+        return "".join(
+            f"# HELP llamacpp:{name} {text}\n# TYPE llamacpp:{name} {kind}\n"
+            f"llamacpp:{name} {value}\n"
+            for name, kind, text, value in families
+        ).encode("utf-8")
 
     def _models(self) -> JSONDict:
         return {
@@ -538,6 +582,8 @@ class FakeLlamaServer:
 
     def _retire(self, generation: _Generation) -> None:
         generation.done = True
+        self.prompt_tokens_total += generation.prompt_tokens
+        self.tokens_predicted_total += generation.emitted
         generation.cancel_pending()
         self._generations.discard(generation)
         self._log(
@@ -861,6 +907,9 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-spam", type=int, default=0, metavar="N")
     parser.add_argument("--embedding", "--embeddings", action="store_true", help="no effect")
     parser.add_argument(
+        "--metrics", action="store_true", help="serve GET /metrics (else 501), as llama-server"
+    )
+    parser.add_argument(
         "--api-key",
         default=os.environ.get("LLAMA_API_KEY", ""),
         metavar="KEY[,KEY...]",
@@ -947,6 +996,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log=_stderr,
         on_crash=on_crash,
         api_keys=[key for key in args.api_key.split(",") if key],
+        metrics=args.metrics,
     )
     site = Site(server.resource())
     site.noisy = False
