@@ -19,7 +19,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import globalLogPublisher
 from twisted.python import usage
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
@@ -37,6 +37,7 @@ from .relay import Hop, LoopGuard, Relay
 from .reload import ConfigReloader
 from .resources import MemoryMonitor
 from .scheduler import Scheduler
+from .upstream import UpstreamEndpoints
 
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
 _log = logger("llamaswap.tap")
@@ -178,12 +179,6 @@ class Supervisor(Service):
         return stopped.addCallback(done)
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """Upstream connections come and go all the time; don't log each one."""
-
-    noisy = False
-
-
 class Listeners(MultiService):
     """The HTTP listeners; a port that cannot be bound stops startup with one clear line."""
 
@@ -211,10 +206,11 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
     pool.maxPersistentPerHost = 16
     # below llama-server's 5 s keep-alive, so an idle connection is dropped by us first
     pool.cachedConnectionTimeout = 3
-    pool._factory = _QuietClientFactory
-    agent = Agent(reactor, connectTimeout=10, pool=pool)
+    endpoints = UpstreamEndpoints(reactor, connect_timeout=10)
+    agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
     ports = PortAllocator(config.start_port)
-    relay = Relay(agent)
+    fresh = HTTPConnectionPool(reactor, persistent=False)
+    relay = Relay(agent, streams=Agent.usingEndpointFactory(reactor, endpoints, pool=fresh))
     probe = http_probe(agent, reactor, relay.hop)
     events = EventBus()
 
