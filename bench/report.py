@@ -166,17 +166,27 @@ def targets(r: dict[str, Any]) -> list[list[str]]:
         a, b = by["llamaswap"]["p50_ms"], by["router"]["p50_ms"]
         rows.append(
             [
-                "swap through llamaswap ≤ llama.cpp router mode (median)",
-                f"{a:.0f} ms vs {b:.0f} ms ({a / b:.2f}×)",
-                status(a <= b),
+                "swap through llamaswap ≤ 0.99 × llama.cpp router mode (median)",
+                f"{a:.0f} ms vs {b:.0f} ms ({a / b:.3f}×)",
+                status(a <= 0.99 * b),
             ]
         )
-        if sw.get("lag_p50_ms") is not None:
+        if sw.get("overhead_ms") is not None:
             rows.append(
                 [
-                    "readiness noticed ≤ 20 ms after the child is ready",
-                    f"median {sw['lag_p50_ms']:.1f} ms, max {sw['lag_max_ms']:.1f} ms",
-                    status(sw["lag_max_ms"] <= 20.0),
+                    "swap overhead over a direct cold start ≤ 5 ms (median)",
+                    f"{sw['overhead_ms']:.1f} ms (router mode {sw['router_overhead_ms']:.1f} ms)",
+                    status(sw["overhead_ms"] <= 5.0),
+                ]
+            )
+        if sw.get("lag_p50_ms") is not None:
+            p95 = sw.get("lag_p95_ms", sw["lag_max_ms"])
+            rows.append(
+                [
+                    "readiness noticed ≤ 2 ms after the child says ready (p95)",
+                    f"median {sw['lag_p50_ms']:.1f} ms, p95 {p95:.1f} ms, "
+                    f"max {sw['lag_max_ms']:.1f} ms",
+                    status(p95 <= 2.0),
                 ]
             )
     fp = r.get("footprint")
@@ -404,7 +414,7 @@ def swap_section(s: dict[str, Any]) -> list[str]:
             f"{label} {lp[key]:.0f} ms"
             for key, label in (
                 ("stop_ms", "stop the old child"),
-                ("start_ready_ms", 'spawn → child prints "model loaded"'),
+                ("start_ready_ms", 'spawn → child prints "listening on"'),
                 ("lag_ms", "→ llamaswap says ready"),
                 ("after_ready_ms", "→ answer at the client"),
             )

@@ -4,20 +4,29 @@ Rows are numbered and buffered in memory on the request path, then written in
 batches by one worker thread that alone touches the database, so the reactor
 never waits for disk.  Reads go through the same thread after the pending writes.
 Retention is bounded by row count and age.
+
+The log is never needed to serve: a database that cannot be opened is replaced by
+one in memory (with one warning naming the path), and a write that fails (disk
+full, read-only file) drops its rows, counted, with one warning and one line when
+writing works again; reads answer :class:`StoreUnavailable` meanwhile.
 """
 
 from __future__ import annotations
 
 import math
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from .logs import logger
@@ -66,6 +75,60 @@ class Retention:
     max_age_days: float = 30.0
 
 
+def connect(path: str) -> sqlite3.Connection:
+    """A connection for the worker thread (the only thread that uses it)."""
+    return sqlite3.connect(path, check_same_thread=False)
+
+
+class StoreUnavailable(Exception):
+    """The activity log cannot be written now; its routes answer 503 meanwhile."""
+
+
+class Outage:
+    """A periodic task that may fail: says so once, and once when it works again.
+
+    A task that flaps (a nearly full disk takes a small batch, not a big one) is
+    said to fail again only ``quiet`` seconds after it last recovered."""
+
+    def __init__(self, log: Logger, clock: IReactorTime, what: str, quiet: float = 600) -> None:
+        self.log = log
+        self.clock = clock
+        self.what = what
+        self.quiet = quiet
+        self.error: str | None = None  # while failing: what went wrong last
+        self._said = False
+        self._quiet_until = 0.0
+
+    def failed(self, error: str, consequence: str) -> None:
+        if self.error is None and self.clock.seconds() >= self._quiet_until:
+            self.log.warn(
+                "{what} failed ({error}): {consequence}; serving goes on",
+                what=self.what,
+                error=error,
+                consequence=consequence,
+            )
+            self._said = True
+        self.error = error
+
+    def worked(self, detail: str = "") -> None:
+        if self.error is not None and self._said:
+            self.log.warn("{what} works again{detail}", what=self.what, detail=detail)
+            self._said = False
+            self._quiet_until = self.clock.seconds() + self.quiet
+        self.error = None
+
+
+def _attempt(work: Callable[..., object], *args: Any) -> str | None:
+    """Run ``work``; None if it succeeded, else what went wrong (for one log line)."""
+    try:
+        work(*args)
+    except sqlite3.Error as e:
+        return str(e)
+    except Exception as e:  # any error: the writer must outlive it
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 class ActivityStore:
     """Owner of the activity database and its writer thread."""
 
@@ -88,12 +151,31 @@ class ActivityStore:
         self._flusher = LoopingCall(self._flush_logged)
         self._flusher.clock = reactor
         self._flush_interval = flush_interval
+        self.persistent = path != ":memory:"  # False also after falling back to memory
+        self.dropped = 0  # rows that could not be written
+        self.writes = Outage(self.log, reactor, f"activity log: writing to {path}")
+        self.pruning = Outage(self.log, reactor, f"activity log: pruning old rows in {path}")
 
     # --- lifetime -----------------------------------------------------------------
 
     def start(self) -> None:
-        """Open the database (once, at startup: the ids of new rows follow its last)."""
-        self._open()
+        """Open the database (once, at startup: the ids of new rows follow its last).
+
+        If it cannot be opened, the log is kept in memory until the next start."""
+        try:
+            self._open(self.path)
+        except (sqlite3.Error, OSError) as e:
+            self._close()
+            self.log.warn(
+                "activity log: cannot open {path} ({error}); it is kept in memory until "
+                "a restart. Make {directory} writable, or set store.path (':memory:' for "
+                "no file), and restart.",
+                path=self.path,
+                error=e,
+                directory=str(Path(self.path).parent),
+            )
+            self.persistent = False
+            self._open(":memory:")
         self._pool.start()
         self._flusher.start(self._flush_interval, now=False).addErrback(
             lambda f: self.log.failure("activity writer stopped", f)
@@ -113,12 +195,12 @@ class ActivityStore:
 
         return done.addBoth(stop_pool)
 
-    def _open(self) -> None:
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False)
+    def _open(self, path: str) -> None:
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = connect(path)
         self._db.executescript(SCHEMA)
-        if self.path != ":memory:":
+        if path != ":memory:":
             self._db.execute("PRAGMA journal_mode=WAL")
         row = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM activity").fetchone()
         self._next_id = max(self._next_id, int(row[0]) + 1)
@@ -141,16 +223,40 @@ class ActivityStore:
         return numbered
 
     def flush(self) -> Deferred[None]:
+        """Write the pending rows; never fails (a failed write is counted and logged)."""
         if not self._pending:
             return succeed(None)
         batch, self._pending = self._pending, []
-        return self._in_thread(self._write, batch, self.reactor.seconds())
+        return self._in_thread(self._write, batch, self.reactor.seconds()).addCallback(
+            self._written, len(batch)
+        )
 
     def _flush_logged(self) -> Deferred[None]:
-        # a failing write must not stop the loop for good
+        # flush() reports its own errors; this is for the unforeseen, so the loop goes on
         return self.flush().addErrback(lambda f: self.log.failure("activity write failed", f))
 
-    def _write(self, batch: list[dict[str, Any]], now: float) -> None:
+    def _write(self, batch: list[dict[str, Any]], now: float) -> tuple[str | None, str | None]:
+        """In the worker thread: insert, then prune; what went wrong with each."""
+        return _attempt(self._insert, batch), _attempt(self._prune, now)
+
+    def _written(self, errors: tuple[str | None, str | None], count: int) -> None:
+        insert_error, prune_error = errors
+        if insert_error is None:
+            self.writes.worked(f"; {self.dropped} rows were dropped in all")
+        else:
+            self.dropped += count
+            self.writes.failed(
+                insert_error,
+                "new rows are dropped (counted in /api/activity/stats and "
+                "llamaswap_activity_rows_dropped_total) until a write succeeds; "
+                "free disk space or fix the file's permissions",
+            )
+        if prune_error is None:
+            self.pruning.worked()
+        else:
+            self.pruning.failed(prune_error, "old rows stay for now")
+
+    def _insert(self, batch: list[dict[str, Any]]) -> None:
         assert self._db is not None
         placeholders = ", ".join("?" for _ in COLUMNS)
         with self._db:
@@ -158,6 +264,10 @@ class ActivityStore:
                 f"INSERT INTO activity ({', '.join(COLUMNS)}) VALUES ({placeholders})",
                 [tuple(row.get(c) for c in COLUMNS) for row in batch],
             )
+
+    def _prune(self, now: float) -> None:
+        assert self._db is not None
+        with self._db:
             self._db.execute(
                 "DELETE FROM activity WHERE time < ?",
                 (now - self.retention.max_age_days * 86400,),
@@ -166,6 +276,15 @@ class ActivityStore:
                 "DELETE FROM activity WHERE id <= (SELECT MAX(id) FROM activity) - ?",
                 (self.retention.max_rows,),
             )
+
+    def health(self) -> dict[str, Any]:
+        """Where the log is kept and whether it is being written."""
+        return {
+            "path": self.path,
+            "persistent": self.persistent,
+            "available": self.writes.error is None,
+            "dropped": self.dropped,
+        }
 
     # --- reading ----------------------------------------------------------------------
 
@@ -178,9 +297,21 @@ class ActivityStore:
         offset: int = 0,
     ) -> Deferred[dict[str, Any]]:
         """Newest first, filtered by model and time range; with the total count."""
-        return self.flush().addCallback(
-            lambda _: self._in_thread(self._query, model, since, until, limit, offset)
-        )
+        return self._read(self._query, model, since, until, limit, offset)
+
+    def _read(self, work: Callable[..., T], *args: Any) -> Deferred[T]:
+        """After the pending writes: ``work`` in the worker thread, or StoreUnavailable."""
+
+        def read(_: object) -> Deferred[T]:
+            if self.writes.error is not None:
+                raise StoreUnavailable(
+                    f"the activity log cannot be written ({self.writes.error}); "
+                    f"{self.dropped} rows dropped so far. Serving goes on; this answer "
+                    "comes back with the first row written again."
+                )
+            return self._in_thread(_reading, work, *args)
+
+        return self.flush().addCallback(read)
 
     def _where(
         self, model: str | None, since: float | None, until: float | None
@@ -214,8 +345,10 @@ class ActivityStore:
     def stats(
         self, since: float | None = None, until: float | None = None
     ) -> Deferred[dict[str, Any]]:
-        """Per model: totals and p50/p95/p99 of latency and speeds."""
-        return self.flush().addCallback(lambda _: self._in_thread(self._stats, since, until))
+        """Per model: totals and p50/p95/p99 of latency and speeds; the store's health."""
+        return self._read(self._stats, since, until).addCallback(
+            lambda result: {**result, "store": self.health()}
+        )
 
     def _stats(self, since: float | None, until: float | None) -> dict[str, Any]:
         assert self._db is not None
@@ -240,6 +373,32 @@ class ActivityStore:
                 "gen_tps": percentiles([e[5] for e in entries if e[5] is not None]),
             }
         return {"models": models}
+
+
+def _reading(work: Callable[..., T], *args: Any) -> T:
+    try:
+        return work(*args)
+    except sqlite3.Error as e:
+        raise StoreUnavailable(f"the activity log cannot be read: {e}") from e
+
+
+class StoreMetrics(Collector):
+    """Whether the activity log is written, and how many rows it dropped."""
+
+    def __init__(self, store: ActivityStore) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "llamaswap_activity_rows_dropped",
+            "Activity rows that could not be written (disk full, read-only database)",
+            value=self.store.dropped,
+        )
+        yield GaugeMetricFamily(
+            "llamaswap_activity_store_up",
+            "1 while the activity log is being written, 0 while its writes fail",
+            value=1 if self.store.writes.error is None else 0,
+        )
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:

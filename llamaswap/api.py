@@ -8,10 +8,11 @@ llamaswap produces itself is an OpenAI-shaped JSON object with the right status.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import attrs
 from klein import Klein
@@ -24,13 +25,16 @@ from twisted.web import static
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.routing import RequestRedirect
 from zope.interface import implementer
 
 from . import __version__
-from .activity import ActivityStore
+from .activity import ActivityStore, StoreUnavailable
 from .config import Config, ModelConfig, PeerConfig
 from .errors import ApiError, ModelStopped, StartFailed
 from .events import EventBus
+from .forms import FormError, form_field
+from .guard import short_uri
 from .loading import LoadingStream
 from .logs import PROXY, UPSTREAM, LogHub, logger
 from .metrics import Metrics
@@ -136,8 +140,8 @@ class Api:
         if error.status >= 500:
             self.log.warn(
                 "{method} {path}: {status} {message}",
-                method=request.method.decode(),
-                path=request.path.decode(errors="replace"),
+                method=request.method.decode(errors="replace"),
+                path=short_uri(request.path),
                 status=error.status,
                 message=error.message,
             )
@@ -154,10 +158,30 @@ class Api:
         message = f"{failure.value}; it was unloaded before it became ready, try again"
         return self.error_response(request, ApiError(503, message, "model_unloaded"))
 
+    @router.handle_errors(StoreUnavailable)
+    def store_unavailable(self, request: IRequest, failure: Failure) -> bytes:
+        error = ApiError(503, str(failure.value), "activity_log_unavailable")
+        return self.error_response(request, error)
+
     @router.handle_errors(NotFound)
     def not_found(self, request: IRequest, failure: Failure) -> bytes:
         path = request.path.decode(errors="replace")
         return self.error_response(request, ApiError(404, f"no route for {path}", "not_found"))
+
+    @router.handle_errors(RequestRedirect)
+    def relative_redirect(self, request: IRequest, failure: Failure) -> bytes:
+        """Werkzeug's slash fixes (``/ui//x`` → ``/ui/x``) as a path on this server: its
+        own absolute URL would be built from the Host header, which the client chose."""
+        redirect = failure.value
+        assert isinstance(redirect, RequestRedirect)
+        path = urlsplit(redirect.new_url).path
+        query = request.uri.partition(b"?")[2]  # werkzeug is not given the query
+        # one leading "/": "//name" or "/\\name" would be another host to a browser
+        location = b"/" + path.lstrip("/\\").encode("ascii", errors="replace")
+        location += b"?" + query if query else b""
+        request.setResponseCode(redirect.code)
+        request.setHeader(b"location", location)
+        return b""
 
     @router.handle_errors(MethodNotAllowed)
     def bad_method(self, request: IRequest, failure: Failure) -> bytes:
@@ -229,18 +253,24 @@ class Api:
         self, request: Request, body: bytes, kind: Body = Body.JSON
     ) -> ParsedBody | PeerBody:
         """Find ``model`` in a JSON or multipart body (parsed once) and apply filters."""
-        content_type = (request.getHeader(b"content-type") or b"").lower()
-        if content_type.startswith(b"multipart/form-data"):
-            form = getattr(request, "form", None) or request.args
-            fields = form.get(b"model")
-            named = fields[0].decode("utf-8", errors="replace").strip() if fields else ""
-            model, profile, requested = self.choose(request, named)
+        content_type = request.getHeader(b"content-type") or b""
+        if content_type.lower().startswith(b"multipart/form-data"):
+            model, profile, requested = self.choose(request, _form_model(content_type, body))
             return ParsedBody(model, profile, requested, body, streaming=False)
         if kind is Body.OPAQUE:
             # the child's business; only a JSON object may name the model
-            named = _model_field(body)
-            model, profile, requested = self.choose(request, named)
+            model, profile, requested = self.choose(request, _model_field(body))
             return ParsedBody(model, profile, requested, body, streaming=False)
+        try:
+            return self.model_from_json(request, content_type.lower(), body)
+        except RecursionError as e:
+            # json, and comparing or re-encoding the document, recurse per level
+            raise ApiError(400, "the request body is nested too deeply") from e
+
+    def model_from_json(
+        self, request: Request, content_type: bytes, body: bytes
+    ) -> ParsedBody | PeerBody:
+        """The JSON half of ``model_from_body`` (``content_type`` lower-cased)."""
         media = content_type.partition(b";")[0].strip()
         if media and media not in ACCEPTED_BODY_TYPES and not media.endswith(b"+json"):
             raise ApiError(
@@ -380,7 +410,6 @@ class Api:
                 model_id=model.id,
                 requested=loading_for,
                 scheduler=self.scheduler,
-                logs=self.logs,
                 clock=self.clock,
             )
             progress.begin(waiting)
@@ -424,8 +453,8 @@ class Api:
                 asked = float(header)
             except ValueError as e:
                 raise ApiError(400, "X-Request-Deadline must be a number of seconds") from e
-            if not asked > 0:
-                raise ApiError(400, "X-Request-Deadline must be more than 0 seconds")
+            if not (asked > 0 and math.isfinite(asked)):
+                raise ApiError(400, "X-Request-Deadline must be a finite number of seconds above 0")
         limits = [d for d in (asked, model.deadline) if d is not None]
         return min(limits) if limits else None
 
@@ -512,6 +541,9 @@ class Api:
             record["aliases"] = list(model.names)
         if model.metadata:
             record["meta"] = {"llamaswap": dict(model.metadata)}
+        if model.gguf:  # what its GGUF file says; see llamaswap/modelsdir.py
+            record["capabilities"] = model.gguf["capabilities"]
+            record.setdefault("meta", {})["gguf"] = dict(model.gguf)
         if process.last_error:
             record["status"]["error"] = process.last_error
         return record
@@ -540,6 +572,7 @@ class Api:
                     "ttl_left": round(idle_deadline - now, 3) if idle_deadline else None,
                     "load_seconds": _round(process.load_seconds),
                     "stop_seconds": _round(process.stop_seconds),
+                    "progress": _round(process.progress),
                     "memory": self.memory_record(model_id),
                     "name": process.config.name,
                     "description": process.config.description,
@@ -556,6 +589,19 @@ class Api:
                     "retiring": True,
                 }
             )
+        for process in [*self.scheduler.processes.values(), *self.scheduler.retiring()]:
+            for child in process.stuck:
+                running.append(
+                    {
+                        "model": process.id,
+                        "state": "stuck",
+                        "pid": child.live_pid,
+                        "group": process.group(child),
+                        "port": child.port,
+                        "since": child.stuck_since,
+                        "why": child.why,
+                    }
+                )
         return _json(request, {"running": running})
 
     def memory_record(self, model_id: str) -> dict[str, Any] | None:
@@ -626,8 +672,8 @@ class Api:
             model=self.resolve(model).id if model else None,
             since=_number_arg(request, b"since"),
             until=_number_arg(request, b"until"),
-            limit=int(_number_arg(request, b"limit", 1, 1000) or 50),
-            offset=int(_number_arg(request, b"offset", 0) or 0),
+            limit=int(_number_arg(request, b"limit", 1, 1000, whole=True) or 50),
+            offset=int(_number_arg(request, b"offset", whole=True) or 0),
         )
         return _json(request, result)
 
@@ -746,7 +792,7 @@ def _model_field(body: bytes) -> str | None:
     """``model`` of a body that may or may not be a JSON object."""
     try:
         document = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     name = document.get("model") if isinstance(document, dict) else None
     return name if isinstance(name, str) else None
@@ -797,19 +843,42 @@ def _arg(request: Request, name: bytes) -> str | None:
     return values[0].decode("utf-8", errors="replace") if values else None
 
 
+MAX_WHOLE_ARG = 2**53
+"""Largest whole-number query value: exact as a float, and fits an SQLite integer."""
+
+
 def _number_arg(
-    request: Request, name: bytes, low: float | None = None, high: float | None = None
+    request: Request, name: bytes, low: float = 0, high: float = math.inf, whole: bool = False
 ) -> float | None:
+    """``?name=``: absent, or a finite number from ``low`` (never below 0) to ``high``,
+    a whole one with ``whole``; anything else is a 400 naming the parameter."""
     raw = _arg(request, name)
     if raw is None or raw == "":
         return None
+    shown = short_uri(raw.encode("utf-8", errors="replace"))
+    kind = "whole number" if whole else "number"
     try:
         value = float(raw)
     except ValueError as e:
-        raise ApiError(400, f"?{name.decode()}= must be a number, got {raw!r}") from e
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ApiError(400, f"?{name.decode()}= must be between {low:g} and {high:g}, got {raw}")
+        raise ApiError(400, f"?{name.decode()}= must be a {kind}, got {shown!r}") from e
+    top = min(high, MAX_WHOLE_ARG) if whole else high
+    if not (math.isfinite(value) and low <= value <= top):
+        bounds = f"from {low:g} to {top:g}" if math.isfinite(top) else f"of at least {low:g}"
+        message = f"?{name.decode()}= must be a finite {kind} {bounds}, got {shown!r}"
+        raise ApiError(400, message)
+    if whole and not value.is_integer():
+        raise ApiError(400, f"?{name.decode()}= must be a {kind}, got {shown!r}")
     return value
+
+
+def _form_model(content_type: bytes, body: bytes) -> str:
+    """The ``model`` field of a multipart form ("" without one), by a bounded scan
+    (see ``forms``)."""
+    try:
+        field = form_field(content_type, body, b"model")
+    except FormError as e:
+        raise ApiError(400, f"the multipart form cannot be read: {e}") from e
+    return field.decode("utf-8", errors="replace").strip() if field is not None else ""
 
 
 @implementer(IPushProducer)

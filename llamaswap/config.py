@@ -21,7 +21,11 @@ from urllib.parse import urlsplit
 import attrs
 import yaml
 
+from . import modelsdir
+from .connections import ConnectionLimits
 from .crashloop import CrashLoopPolicy
+from .gguf_models import GgufError
+from .origin import normal_origin, split_host
 from .policy import ArrivalOrder, Collate, Policy
 from .resources import RESOURCES, parse_size
 
@@ -54,10 +58,18 @@ TOP_LEVEL_KEYS = (
     "scheduler",
     "resources",
     "defaultModel",
+    "modelsDir",
+    "modelDefaults",
+    "allowedHosts",
+    "cors",
+    "connections",
 )
+CONNECTION_KEYS = ("headerTimeout", "bodyTimeout", "bodyMinRate", "maxConnections", "maxPerClient")
+MODEL_DEFAULTS_KEYS = ("cmd", "args", "ttl", "env")
 SCHEDULER_KEYS = ("policy", "maxWait", "maxResidency")
 CRASH_LOOP_KEYS = ("maxFailures", "window", "cooldown", "maxCooldown")
 STORE_KEYS = ("path", "maxRows", "maxAgeDays")
+CORS_KEYS = ("allowOrigins", "allowMethods", "allowHeaders", "maxAge")
 PEER_KEYS = ("proxy", "models", "apiKey", "filters")
 GROUP_KEYS = ("members", "swap", "exclusive", "persistent")
 FILTER_KEYS = ("stripParams", "setParams", "setParamsByID")
@@ -85,7 +97,9 @@ MODEL_KEYS = (
     "memory",
     "deadline",
     "upstreamApiKey",
+    "childProtocol",
 )
+CHILD_PROTOCOL = ("auto", "on", "off")
 DEFAULT_PROXY = "http://127.0.0.1:${PORT}"
 
 
@@ -210,8 +224,12 @@ class ModelConfig:
     priority: int = 0
     memory: Mapping[str, int] = attrs.field(factory=dict)
     deadline: float | None = None
+    #: speak llama-server's router/child protocol: auto (by the executable's name), on, off
+    child_protocol: str = "auto"
     #: the key the child expects; never printed (not even in this object's repr)
     upstream_api_key: str | None = attrs.field(default=None, repr=False)
+    #: what its GGUF file says (facts, capabilities, memory estimate); see modelsdir
+    gguf: Mapping[str, Any] = attrs.field(factory=dict)
 
     @property
     def uses_port(self) -> bool:
@@ -225,6 +243,16 @@ class ModelConfig:
 
     def proxy_url(self, port: int | None) -> str:
         return fill_runtime(self.proxy, {"PORT": str(port)} if port is not None else {})
+
+
+@attrs.frozen
+class CorsConfig:
+    """``cors``: browser apps on other origins that may use llamaswap (none by default)."""
+
+    allow_origins: tuple[str, ...] = ()
+    allow_methods: tuple[str, ...] = ("GET", "HEAD", "POST")
+    allow_headers: tuple[str, ...] = ("*",)
+    max_age: int = 600
 
 
 @attrs.frozen
@@ -255,6 +283,16 @@ class Config:
     policy: Policy = attrs.field(factory=ArrivalOrder)
     budget: Mapping[str, int] = attrs.field(factory=dict)
     default_model: str | None = None
+    connections: ConnectionLimits = attrs.field(factory=ConnectionLimits)
+    # top-level keys the file sets to a value (``apiKeys: []`` counts, a missing or
+    # null ``apiKeys`` does not): a reload may drop a security setting only if written
+    written: frozenset[str] = frozenset()
+    #: the models folders scanned (``modelsDir`` and ``--models-dir``), absolute
+    models_dirs: tuple[str, ...] = ()
+    #: problems that skipped a found model or file, for the log
+    notices: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    cors: CorsConfig = attrs.field(factory=CorsConfig)
 
     def peer_route(self, name: str) -> tuple[PeerConfig, str] | None:
         """``<peer>/<model>``, or a bare model id that exactly one peer offers."""
@@ -308,14 +346,23 @@ class Config:
         return sorted(m.id for m in self.models.values() if not m.unlisted)
 
 
-def load_config(path: str | Path, listen: Collection[str] = ()) -> Config:
-    """Read and validate a configuration file (for a llamaswap serving on ``listen``)."""
+def load_config(
+    path: str | Path | None, listen: Collection[str] = (), models_dirs: Collection[str] = ()
+) -> Config:
+    """Read and validate a configuration file (for a llamaswap serving on ``listen``).
+
+    ``models_dirs`` (``--models-dir``) are scanned beside the file's ``modelsDir``;
+    with them, ``path`` may be None: no file at all.
+    """
+    if path is None or path == "":
+        config = parse_config("{}", "--models-dir", models_dirs=models_dirs)
+        return refuse_self_proxy(config, listen)
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(source, "", f"cannot read file: {e.strerror or e}") from e
-    return refuse_self_proxy(parse_config(text, source), listen)
+    return refuse_self_proxy(parse_config(text, source, models_dirs=models_dirs), listen)
 
 
 def refuse_self_proxy(config: Config, listen: Collection[str]) -> Config:
@@ -411,17 +458,23 @@ def _is_own(address: IPAddress) -> bool:
 
 
 def parse_config(
-    text: str, source: str = "<config>", environ: Mapping[str, str] | None = None
+    text: str,
+    source: str = "<config>",
+    environ: Mapping[str, str] | None = None,
+    models_dirs: Collection[str] = (),
 ) -> Config:
     """Validate a YAML document and build a :class:`Config`.
 
-    ``environ`` (default: this process's environment) fills ``${env.NAME}``.
+    ``environ`` (default: this process's environment) fills ``${env.NAME}``;
+    ``models_dirs`` are scanned for GGUF files as if listed in ``modelsDir``.
     """
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(source, "", f"not valid YAML: {e}") from e
-    return _Builder(source, os.environ if environ is None else environ).build(document)
+    builder = _Builder(source, os.environ if environ is None else environ)
+    builder.cli_models_dirs = tuple(os.path.abspath(os.path.expanduser(d)) for d in models_dirs)
+    return builder.build(document)
 
 
 def _suggest(key: str, allowed: tuple[str, ...]) -> str:
@@ -437,6 +490,7 @@ class _Builder:
     def __init__(self, source: str, environ: Mapping[str, str]) -> None:
         self.source = source
         self.environ = environ
+        self.cli_models_dirs: tuple[str, ...] = ()
 
     def fail(self, path: str, message: str) -> ConfigError:
         return ConfigError(self.source, path, message)
@@ -446,12 +500,13 @@ class _Builder:
             raise self.fail("", "the file is empty; it needs at least a 'models' map")
         root = self.mapping(document, "")
         self.check_keys(root, "", TOP_LEVEL_KEYS)
-        if "models" not in root:
-            raise self.fail("models", "required key is missing")
         macros = self.global_macros(root.get("macros"), "macros")
-        models_doc = self.mapping(root["models"], "models")
-        if not models_doc:
-            raise self.fail("models", "at least one model is required")
+        folders = self.models_dirs(root.get("modelsDir"), macros)
+        if "models" not in root and not folders:
+            raise self.fail("models", "required key is missing (or give a modelsDir)")
+        models_doc = self.mapping(root.get("models", {}), "models")
+        if not models_doc and not folders:
+            raise self.fail("models", "at least one model is required (or give a modelsDir)")
         global_ttl = self.number(root.get("globalTTL", 0), "globalTTL")
         if global_ttl < 0:
             raise self.fail(
@@ -476,6 +531,21 @@ class _Builder:
                     f"models.{model_id}", "model ids may not contain ':' (profiles use it)"
                 )
             models[model_id] = self.model(model_id, entry, macros, defaults)
+        found = modelsdir.scan(folders)
+        notices = list(found.notices)
+        model_defaults = self.model_defaults(root.get("modelDefaults"))
+        for model_id, model in models.items():
+            models[model_id] = self.sized(model, None, budget, notices)
+        taken = set(models) | {name for m in models.values() for name in m.names}
+        for item in found.models:
+            if item.id not in taken:  # an entry in the file wins over a found file
+                written = modelsdir.entry(item, model_defaults, self.environ)
+                try:
+                    model = self.model(item.id, written, macros, defaults)
+                except ConfigError as e:
+                    notices.append(f"{item.path}: skipped: {e}")
+                    continue
+                models[item.id] = self.sized(model, item, budget, notices)
         self.check_names_unique(models)
         groups = self.groups(root.get("groups"), models)
         profiles = self.profiles(root.get("profiles"), models)
@@ -515,6 +585,7 @@ class _Builder:
             log_requests=self.boolean(root.get("logRequests", False), "logRequests"),
             api_keys=self.api_keys(root.get("apiKeys"), macros),
             crash_loop=self.crash_loop(root.get("crashLoop")),
+            connections=self.connections(root.get("connections")),
             policy=self.policy(root.get("scheduler")),
             budget=budget,
             shutdown_timeout=self.not_negative(root.get("shutdownTimeout", 30), "shutdownTimeout"),
@@ -522,7 +593,12 @@ class _Builder:
                 root.get("maxRequestBytes", 32 * 1024 * 1024), "maxRequestBytes"
             ),
             default_model=self.default_model(root.get("defaultModel")),
+            models_dirs=folders,
+            notices=tuple(notices),
+            allowed_hosts=self.allowed_hosts(root.get("allowedHosts")),
+            cors=self.cors(root.get("cors")),
             **self.store(root.get("store"), macros),
+            written=frozenset(key for key, value in root.items() if value is not None),
         )
         if config.default_model is not None and config.lookup(config.default_model) is None:
             names = tuple(models) + tuple(n for m in models.values() for n in m.names)
@@ -531,6 +607,63 @@ class _Builder:
                 f"unknown model {config.default_model!r}" + _suggest(config.default_model, names),
             )
         return config
+
+    # --- models folders (see llamaswap/modelsdir.py) ---------------------------
+
+    def models_dirs(self, value: object, macros: Mapping[str, str]) -> tuple[str, ...]:
+        """``modelsDir`` (relative to the file's folder) and ``--models-dir``, each once."""
+        listed = [] if value is None else [value] if isinstance(value, str) else value
+        base = os.path.dirname(os.path.abspath(self.source))
+        folders = []
+        for i, raw in enumerate(self.string_list(listed, "modelsDir")):
+            where = "modelsDir" if isinstance(value, str) else f"modelsDir[{i}]"
+            expanded = os.path.expanduser(self.expand(raw, where, macros, ()))
+            folders.append((where, os.path.join(base, expanded)))
+        folders += [("--models-dir", d) for d in self.cli_models_dirs]
+        for where, folder in folders:
+            if not os.path.isdir(folder):
+                raise self.fail(where, f"{folder} is not a folder")
+        return tuple(dict.fromkeys(os.path.normpath(f) for _, f in folders))
+
+    def model_defaults(self, value: object) -> modelsdir.ModelDefaults:
+        doc = self.mapping(value if value is not None else {}, "modelDefaults")
+        self.check_keys(doc, "modelDefaults", MODEL_DEFAULTS_KEYS)
+        cmd = None
+        if doc.get("cmd") is not None:
+            cmd = self.string(doc["cmd"], "modelDefaults.cmd")
+            if "${MODEL_PATH}" not in cmd:
+                raise self.fail("modelDefaults.cmd", "the template must load ${MODEL_PATH}")
+        args = tuple(
+            (str(pattern), self.string(extra, f"modelDefaults.args.{pattern}"))
+            for pattern, extra in self.mapping(doc.get("args", {}), "modelDefaults.args").items()
+        )
+        entry = {key: doc[key] for key in ("ttl", "env") if doc.get(key) is not None}
+        return modelsdir.ModelDefaults(cmd=cmd, args=args, entry=entry)
+
+    def sized(
+        self,
+        model: ModelConfig,
+        found: modelsdir.FoundModel | None,
+        budget: Mapping[str, int],
+        notices: list[str],
+    ) -> ModelConfig:
+        """``model`` with its file's facts, and its memory estimated unless declared."""
+        argv = model.cmd.argv
+        if found is not None:
+            facts = found.facts
+        else:
+            weights = modelsdir.weights_in(argv)
+            if weights is None or not os.path.isfile(weights):
+                return model
+            try:
+                facts = modelsdir.facts_of(weights)
+            except GgufError as e:
+                notices.append(f"models.{model.id}: {weights}: not sized from its header: {e}")
+                return model
+        info = modelsdir.described(facts, argv, found)
+        memory = model.memory or self.memory(info["estimate"]["total"], "", budget)
+        name = model.name or (facts.name if found is not None else "")
+        return attrs.evolve(model, name=name, memory=memory, gguf=info)
 
     def default_model(self, value: object) -> str | None:
         if value is None:
@@ -611,12 +744,89 @@ class _Builder:
             raise self.fail(path, "a key must be non-empty and contain no spaces")
         return key
 
+    def connections(self, value: object) -> ConnectionLimits:
+        doc = self.mapping(value if value is not None else {}, "connections")
+        self.check_keys(doc, "connections", CONNECTION_KEYS)
+        default = ConnectionLimits()
+        maximum = doc.get("maxConnections")
+        return ConnectionLimits(
+            header_timeout=self.positive(
+                doc.get("headerTimeout", default.header_timeout), "connections.headerTimeout"
+            ),
+            body_timeout=self.positive(
+                doc.get("bodyTimeout", default.body_timeout), "connections.bodyTimeout"
+            ),
+            body_min_rate=self.limit(
+                doc.get("bodyMinRate", default.body_min_rate), "connections.bodyMinRate"
+            ),
+            max_connections=None
+            if maximum is None
+            else self.limit(maximum, "connections.maxConnections"),
+            max_per_client=self.limit(
+                doc.get("maxPerClient", default.max_per_client), "connections.maxPerClient"
+            ),
+        )
+
     def api_keys(self, value: object, macros: Mapping[str, str]) -> tuple[str, ...]:
         if value is None:
             return ()
         return tuple(
             self.secret(raw, f"apiKeys[{i}]", macros)
             for i, raw in enumerate(self.string_list(value, "apiKeys"))
+        )
+
+    def allowed_hosts(self, value: object) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        hosts = []
+        for i, raw in enumerate(self.string_list(value, "allowedHosts")):
+            host = raw.strip().lower().removesuffix(".")
+            name = host[2:] if host.startswith("*.") else host
+            well_formed = split_host(name) == (name, None) and "*" not in name
+            if host != "*" and not well_formed:
+                raise self.fail(
+                    f"allowedHosts[{i}]",
+                    f"expected a host name without a port ('box.lan', '*.lan' or '*'), got {raw!r}",
+                )
+            hosts.append(host)
+        return tuple(hosts)
+
+    def cors(self, value: object) -> CorsConfig:
+        doc = self.mapping(value if value is not None else {}, "cors")
+        self.check_keys(doc, "cors", CORS_KEYS)
+        default = CorsConfig()
+        origins = []
+        for i, raw in enumerate(
+            self.string_list(doc.get("allowOrigins") or [], "cors.allowOrigins")
+        ):
+            origin = "*" if raw.strip() == "*" else normal_origin(raw)
+            if origin is None:
+                raise self.fail(
+                    f"cors.allowOrigins[{i}]",
+                    "expected an origin like 'https://app.example.com' or "
+                    f"'http://192.168.1.5:3000' (scheme, host, port; no path), got {raw!r}",
+                )
+            origins.append(origin)
+        lists = {}
+        for key, fallback in (
+            ("allowMethods", default.allow_methods),
+            ("allowHeaders", default.allow_headers),
+        ):
+            items = self.string_list(doc.get(key, list(fallback)), f"cors.{key}")
+            for i, item in enumerate(items):
+                if not re.fullmatch(r"\*|[!#$%&'+.^_`|~0-9A-Za-z-]+", item):
+                    raise self.fail(
+                        f"cors.{key}[{i}]", f"expected an HTTP token or '*', got {item!r}"
+                    )
+            lists[key] = items
+        max_age = self.integer(doc.get("maxAge", default.max_age), "cors.maxAge")
+        if max_age < 0:
+            raise self.fail("cors.maxAge", f"must be 0 or more, got {max_age!r}")
+        return CorsConfig(
+            allow_origins=tuple(origins),
+            allow_methods=tuple(m.upper() for m in lists["allowMethods"]),
+            allow_headers=tuple(h.lower() for h in lists["allowHeaders"]),
+            max_age=max_age,
         )
 
     def store(self, value: object, macros: Mapping[str, str]) -> dict[str, Any]:
@@ -982,7 +1192,17 @@ class _Builder:
                 if doc.get("deadline") is not None
                 else None
             ),
+            child_protocol=self.child_protocol(doc.get("childProtocol", "auto"), base),
         )
+
+    def child_protocol(self, value: object, base: str) -> str:
+        path = f"{base}.childProtocol"
+        if isinstance(value, bool):  # YAML reads a bare on/off as a boolean
+            return "on" if value else "off"
+        setting = self.string(value, path)
+        if setting not in CHILD_PROTOCOL:
+            raise self.fail(path, f"must be one of {', '.join(CHILD_PROTOCOL)}, got {value!r}")
+        return setting
 
     def limit(self, value: object, path: str) -> int:
         number = self.integer(value, path)

@@ -179,6 +179,17 @@ class _LiveState(Collector):
         queued = GaugeMetricFamily(
             "llamaswap_queued_requests", "Requests waiting for the model", labels=["model"]
         )
+        stuck = GaugeMetricFamily(
+            "llamaswap_stuck_processes",
+            "Earlier children of a model that would not go (survived SIGKILL, or left "
+            "their group holding the output); their ports stay reserved",
+            labels=["model"],
+        )
+        progress = GaugeMetricFamily(
+            "llamaswap_model_load_progress",
+            "How far each starting model's load got (0..1), as its server reports it",
+            labels=["model"],
+        )
         for model_id, process in sorted(self.scheduler.processes.items()):
             for candidate in ModelState:
                 state.add_metric(
@@ -192,11 +203,16 @@ class _LiveState(Collector):
                 for resource, value in footprint.measured.items():
                     memory.add_metric([model_id, resource], value)
             queued.add_metric([model_id], self.scheduler.queued(model_id))
+            stuck.add_metric([model_id], len(process.stuck))
+            if process.progress is not None:
+                progress.add_metric([model_id], process.progress)
         yield state
         yield load
         yield memory
         yield in_flight
         yield queued
+        yield stuck
+        yield progress
 
 
 # --- the children's own metrics ----------------------------------------------------

@@ -248,7 +248,11 @@ def _management() -> dict[str, Any]:
                     query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
                     query("offset", {"type": "integer", "minimum": 0}),
                 ],
-                "responses": {"200": _json("Rows and total"), "400": _error("Bad parameter")},
+                "responses": {
+                    "200": _json("Rows and total"),
+                    "400": _error("Bad parameter"),
+                    "503": _error("The activity log cannot be written now"),
+                },
             }
         },
         "/api/activity/stats": {
@@ -256,7 +260,10 @@ def _management() -> dict[str, Any]:
                 "tags": ["Observability"],
                 "summary": "Per model: totals and p50/p95/p99 of latency and speeds",
                 "parameters": [query("since", number), query("until", number)],
-                "responses": {"200": _json("Statistics")},
+                "responses": {
+                    "200": _json("Statistics and the store's health"),
+                    "503": _error("The activity log cannot be written now"),
+                },
             }
         },
         "/api/events": {

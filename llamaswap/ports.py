@@ -43,5 +43,9 @@ class PortAllocator:
             return port
         raise OSError(f"no free TCP port at or above {self.start}")
 
+    def is_free(self, port: int) -> bool:
+        """Nothing listens on ``port`` now (leased or not)."""
+        return self._is_free(port)
+
     def release(self, port: int) -> None:
         self._leased.discard(port)

@@ -3,6 +3,13 @@
 ``ModelProcess`` owns a single child and its state machine
 ``stopped → starting → ready → stopping → stopped`` (``failed`` after a start that
 did not work).  It never decides *which* model should run; the scheduler does.
+
+It trusts exits, not pipes: the model has stopped once its process has exited
+(``processExited``), even while something the process started still holds its
+output.  What cannot be stopped (a process that survives SIGKILL, or one that left
+the process group and keeps the pipes) is reported in :attr:`ModelProcess.stuck`
+and fenced off (its port stays reserved) until it is gone, but never holds up the
+next model.
 """
 
 from __future__ import annotations
@@ -10,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
-import re
 import shutil
 import signal
 from collections import deque
@@ -28,18 +34,20 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
+from . import childproto
+from .childproto import EXIT_COMMAND, ROUTER_PORT, ROUTER_PORT_ENV, ProtocolWatch
 from .config import ModelConfig, fill_runtime
 from .errors import ModelStopped, StartFailed
 from .events import EventBus
+from .lifeline import LIFELINE_FD, guarded
 from .logs import LogHub, logger
 from .ports import PortAllocator
+from .readiness import HealthProbe, HealthWatch, ReadyAtOnce, Watch
+
+__all__ = ["HealthProbe", "ModelProcess", "ModelState", "Timing"]
 
 TAIL_LINES = 20
-HOT_LINE = re.compile(r"loaded|listening|ready|idle|started|startup complete|serving", re.I)
 MAX_LINE = 16_384
-
-HealthProbe = Callable[[str], "Deferred[int]"]
-"""GET a URL and fire with the HTTP status (or fail when nothing answers)."""
 
 
 class ModelState(enum.Enum):
@@ -56,9 +64,17 @@ class Timing:
 
     health_timeout: float = 120.0
     poll_interval: float = 0.25
-    line_retry: float = 0.005
-    hot_window: float = 0.3
     stop_timeout: float = 10.0
+    # a ready child that speaks llama-server's protocol is asked to exit on stdin
+    # first; SIGTERM follows this long after, should the command be lost
+    exit_grace: float = 1.0
+    # after its process exited, how long a child's output may take to drain before
+    # the pipes are closed and whatever still holds them is reported
+    pipe_grace: float = 1.0
+    # how long a SIGKILLed child may take to exit (a big model's memory takes a
+    # moment to free) before it is reported stuck and the next model goes ahead;
+    # also how often what is stuck is checked again
+    kill_grace: float = 5.0
 
 
 class ChildProtocol(ProcessProtocol):
@@ -68,14 +84,19 @@ class ChildProtocol(ProcessProtocol):
         self,
         on_line: Callable[[str, str], None],
         on_ended: Callable[[Failure], None],
+        on_exited: Callable[[Failure], None] = lambda reason: None,
+        keep_stdin: bool = False,
     ) -> None:
         self._on_line = on_line
         self._on_ended = on_ended
+        self._on_exited = on_exited
+        self._keep_stdin = keep_stdin
         self._partial: dict[int, bytes] = {}
 
     def connectionMade(self) -> None:
         assert self.transport is not None
-        self.transport.closeStdin()
+        if not self._keep_stdin:  # a llama-server child reads its stop command there
+            self.transport.closeStdin()
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         buffered = self._partial.get(childFD, b"") + data
@@ -88,7 +109,12 @@ class ChildProtocol(ProcessProtocol):
         for raw in lines:
             self._on_line(stream, _decode(raw))
 
+    def processExited(self, reason: Failure) -> None:
+        """The process itself is gone (its pipes may live on in descendants)."""
+        self._on_exited(reason)
+
     def processEnded(self, reason: Failure) -> None:
+        """The process is gone and its pipes are closed."""
         for fd, rest in sorted(self._partial.items()):
             if rest:
                 self._on_line("stdout" if fd == 1 else "stderr", _decode(rest))
@@ -126,6 +152,26 @@ def describe_exit(reason: Failure) -> str:
     return f"ended: {value}"
 
 
+@attrs.define(eq=False)
+class Child:
+    """One spawned process of a model, from its spawn until it and its pipes are gone."""
+
+    pid: int  # also its process group's id when process groups are on
+    port: int | None
+    transport: IProcessTransport
+    exit: Failure | None = None  # set once the process has exited
+    ended: bool = False  # its pipes are closed too
+    pipes_closed: bool = False  # we closed our ends
+    stuck_since: float | None = None
+    why: str = ""  # why it is reported stuck
+    check: IDelayedCall | None = None
+
+    @property
+    def live_pid(self) -> int | None:
+        """The pid while that process lives (never a pid that may be reused)."""
+        return self.pid if self.exit is None else None
+
+
 class ModelProcess:
     """The child process serving one configured model."""
 
@@ -154,7 +200,6 @@ class ModelProcess:
         self.timing = timing
         self._base_env = dict(os.environ if base_env is None else base_env)
         self._setsid = shutil.which("setsid") if process_groups else None
-        self._setpriv = shutil.which("setpriv") if process_groups else None
 
         self.events = events or EventBus()
         self.state = ModelState.STOPPED
@@ -165,25 +210,27 @@ class ModelProcess:
         self.stop_seconds: float | None = None
         self._stop_began: float | None = None
         self.port: int | None = None
-        self.pid: int | None = None
         self.last_error: str | None = None
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self.started_at: float | None = None
         self.ready_at: float | None = None
+        # how far the current start got (0..1) and its stage, when the child says
+        self.progress: float | None = None
+        self.stage: str | None = None
         self.exit_listeners: list[Callable[[ModelProcess, str], None]] = []
+        # earlier children that would not go: reported, their ports kept reserved
+        self.stuck: list[Child] = []
 
-        self._transport: IProcessTransport | None = None
+        self._child: Child | None = None
         self._start_waiters: list[Deferred[None]] = []
         self._exit_waiters: list[Deferred[None]] = []
         self._start_failure: Exception | None = None
         self._deadline: IDelayedCall | None = None
-        self._poll: IDelayedCall | None = None
+        self._term: IDelayedCall | None = None
         self._kill: IDelayedCall | None = None
-        self._probing: Deferred[int] | None = None
-        self._beside: Deferred[int] | None = None
-        self._nudge: IDelayedCall | None = None
-        self._probe_again = False
-        self._hot_until = 0.0
+        self._abandon: IDelayedCall | None = None
+        self._drain: IDelayedCall | None = None
+        self._watch: Watch = ReadyAtOnce(lambda: None)
 
     @property
     def id(self) -> str:
@@ -193,14 +240,19 @@ class ModelProcess:
     def base_url(self) -> str:
         return self.config.proxy_url(self.port)
 
+    @property
+    def pid(self) -> int | None:
+        """The running child's pid, only while that process lives."""
+        return self._child.live_pid if self._child is not None else None
+
     # --- starting ------------------------------------------------------------
 
     def start(self) -> Deferred[None]:
         """Fire when the model is ready; concurrent callers share one start."""
+        if self.state is ModelState.STOPPING or self._exiting():
+            return self._when_exited().addCallback(lambda _: self.start())
         if self.state is ModelState.READY:
             return succeed(None)
-        if self.state is ModelState.STOPPING:
-            return self._when_exited().addCallback(lambda _: self.start())
         waiter: Deferred[None] = Deferred()
         self._start_waiters.append(waiter)
         if self.state is not ModelState.STARTING:
@@ -220,6 +272,7 @@ class ModelProcess:
         self.tail.clear()
         self.started_at = self._clock.seconds()
         self.ready_at = None
+        self.progress = self.stage = None
         try:
             self.port = self._ports.allocate() if self.config.uses_port else None
         except OSError as e:
@@ -234,29 +287,64 @@ class ModelProcess:
             self._fail_before_spawn(f"command not found: {argv[0]!r} (check cmd and PATH)")
             return
         self.log.info("starting {model}: {argv}", model=self.id, argv=" ".join(argv))
+        watch = self._watch = self._watch_for(executable)
+        if watch.talks:
+            env[ROUTER_PORT_ENV] = ROUTER_PORT
         argv = [executable, *argv[1:]]
-        if self._setpriv is not None:
-            # the kernel kills the child if llamaswap dies, even by SIGKILL
-            argv = [self._setpriv, "--pdeathsig", "KILL", "--", *argv]
+        fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
         if self._setsid is not None:
             # own session and process group, so a stop reaches wrapper scripts'
-            # children too; setsid (and setpriv) exec in place, keeping the pid
-            argv = [self._setsid, *argv]
+            # children too, and a watcher that kills the group if llamaswap dies
+            argv = guarded(self._setsid, argv)
+            fds[LIFELINE_FD] = "w"
         executable = argv[0]
-        protocol = ChildProtocol(self._line, self._ended)
+        child: Child | None = None
+
+        def line(stream: str, text: str) -> None:
+            self._line(child, stream, text)
+
+        protocol = ChildProtocol(
+            line,
+            lambda r: self._ended(child, r),
+            lambda r: self._exited(child, r),
+            keep_stdin=watch.talks,
+        )
         try:
-            self._transport = self._reactor.spawnProcess(
-                protocol, executable, argv, env=env, childFDs={0: "w", 1: "r", 2: "r"}
+            transport = self._reactor.spawnProcess(
+                protocol, executable, argv, env=env, childFDs=fds
             )
         except OSError as e:
             self._fail_before_spawn(f"could not run {argv[0]!r}: {e}")
             return
-        self.pid = self._transport.pid
+        assert transport.pid is not None
+        child = self._child = Child(transport.pid, self.port, transport)
         self._deadline = self._clock.callLater(self.timing.health_timeout, self._start_timed_out)
-        if self.config.check_endpoint is None:
-            self._became_ready()
-        else:
-            self._poll = self._clock.callLater(self.timing.poll_interval, self._probe)
+        watch.begin()
+
+    def _watch_for(self, executable: str) -> Watch:
+        """How this start learns readiness: the child's own word, or its health URL."""
+        health = None
+        if self.config.check_endpoint is not None:
+            endpoint = self.config.check_endpoint
+            health = HealthWatch(
+                clock=self._clock,
+                probe=self._probe_url,
+                url=lambda: self.base_url + endpoint,
+                interval=self.timing.poll_interval,
+                ready=self._became_ready,
+                progress=self._progressed,
+            )
+        if childproto.speaks_protocol(self.config.child_protocol, executable):
+            return ProtocolWatch(
+                model=self.id, ready=self._became_ready, progress=self._progressed, fallback=health
+            )
+        return health or ReadyAtOnce(self._became_ready)
+
+    def _progressed(self, fraction: float, stage: str | None) -> None:
+        if self.state is not ModelState.STARTING:
+            return
+        self.progress, self.stage = fraction, stage
+        self.events.publish("progress", id=self.id, progress=fraction, stage=stage)
 
     def _fail_before_spawn(self, cause: str) -> None:
         self._release_port()
@@ -266,78 +354,21 @@ class ModelProcess:
         self.log.error("model {model} failed to start: {cause}", model=self.id, cause=cause)
         self._fire_start(StartFailed(self.id, cause, list(self.tail), kind="spawn"))
 
-    def _line(self, stream: str, line: str) -> None:
-        self.tail.append(line)
+    def _line(self, child: Child | None, stream: str, line: str) -> None:
+        current = child is not None and child is self._child
+        if current and self._watch.line(stream, line):
+            return  # a message to llamaswap, not a log line
         self._logs.child_line(self.id, stream, line)
-        if self.state is ModelState.STARTING and self.config.check_endpoint is not None:
-            # servers log as they load: a new line is the moment readiness is likely.
-            # One probe at a time; a line during a probe asks for one more after it.
-            # A line that sounds like "ready" (llama-server: "model loaded",
-            # "listening on") opens a short window of quick retries, since servers
-            # say so a moment before their health check answers 200.
-            if HOT_LINE.search(line):
-                self._hot_until = self._clock.seconds() + self.timing.hot_window
-            self._probe()
+        if current:
+            self.tail.append(line)
 
-    def _probe(self) -> None:
-        if self.state is not ModelState.STARTING:
-            return
-        if self._probing is not None:
-            self._probe_again = True
-            return
-        if self._poll is not None and self._poll.active():
-            self._poll.cancel()
-        self._poll = None
-        self._probing = self._ask_health()
-        self._probing.addBoth(self._probed)
-        if self._probing is not None and self._clock.seconds() < self._hot_until:
-            # a server finishing its load may sit on a health request for a while;
-            # if this one is slow, ask again beside it rather than wait for it
-            self._nudge = self._clock.callLater(2 * self.timing.line_retry, self._probe_beside)
+    def _exiting(self) -> bool:
+        """Its process has exited; the state changes once the output has drained."""
+        return self._child is not None and self._child.exit is not None
 
-    def _ask_health(self) -> Deferred[int]:
-        assert self.config.check_endpoint is not None
-        return self._probe_url(self.base_url + self.config.check_endpoint)
-
-    def _probe_beside(self) -> None:
-        self._nudge = None
-        if self.state is not ModelState.STARTING or self._probing is None or self._beside:
-            return
-        self._beside = self._ask_health()
-        self._beside.addBoth(self._probed_beside)
-
-    def _probed_beside(self, result: int | Failure) -> None:
-        self._beside = None
-        if self.state is not ModelState.STARTING:
-            return
-        if result == 200:
-            self._became_ready()
-        elif self._probing is not None and self._clock.seconds() < self._hot_until:
-            self._nudge = self._clock.callLater(self.timing.line_retry, self._probe_beside)
-
-    def _probed(self, result: int | Failure) -> None:
-        self._probing = None
-        if self.state is not ModelState.STARTING:
-            return
-        if result == 200:
-            self._became_ready()
-        elif self._probe_again:
-            self._probe_again = False
-            self._probe()
-        elif self._poll is None:
-            hot = self._clock.seconds() < self._hot_until
-            delay = self.timing.line_retry if hot else self.timing.poll_interval
-            self._poll = self._clock.callLater(delay, self._probe)
-
-    def _stop_probing(self) -> None:
-        """Call once the state is no longer STARTING, so nothing re-arms a probe."""
-        self._cancel(self._poll)
-        self._cancel(self._nudge)
-        self._poll = self._nudge = None
-        self._probe_again = False
-        for probe in (self._probing, self._beside):
-            if probe is not None:
-                probe.cancel()
+    def _stop_watching(self) -> None:
+        """Call once the state is no longer STARTING, so nothing says "ready" any more."""
+        self._watch.cancel()
 
     def _became_ready(self) -> None:
         self._cancel(self._deadline)
@@ -345,8 +376,9 @@ class ModelProcess:
         self.ready_at = self._clock.seconds()
         assert self.started_at is not None
         self.load_seconds = _average(self.load_seconds, self.ready_at - self.started_at)
+        self.progress = self.stage = None
         self._set_state(ModelState.READY, start_seconds=self.ready_at - self.started_at)
-        self._stop_probing()
+        self._stop_watching()
         self.log.info(
             "model {model} ready in {seconds:.2f}s at {url}",
             model=self.id,
@@ -381,6 +413,8 @@ class ModelProcess:
         if self.state in (ModelState.STOPPED, ModelState.FAILED):
             return succeed(None)
         exited = self._when_exited()
+        if self._exiting():
+            return exited  # it is already gone; it ends with its own cause
         if self.state is ModelState.STARTING and self._start_failure is None:
             self._start_failure = ModelStopped(f"model {self.id!r} was stopped while starting")
         if self.state is not ModelState.STOPPING:
@@ -390,14 +424,25 @@ class ModelProcess:
         return exited
 
     def _begin_stop(self) -> None:
-        self._stop_began = self._clock.seconds()
-        self._set_state(ModelState.STOPPING)
-        self._stop_probing()
+        serving = self.state is ModelState.READY
+        self._stop_beginning()
         if self.config.cmd_stop is not None and self.pid is not None:
             self._run_cmd_stop()
+        elif serving and self._watch.heard and self._child is not None:
+            # llama-server's own clean exit.  SIGTERM follows: llama-server loses
+            # a stop (command or signal) that comes before its main loop runs,
+            # which it starts only just after saying "ready".  While it loads,
+            # SIGTERM (its default action) ends it at once.
+            self._child.transport.write(EXIT_COMMAND)
+            self._term = self._clock.callLater(self.timing.exit_grace, self._signal, "TERM")
         else:
             self._signal("TERM")
         self._kill = self._clock.callLater(self.timing.stop_timeout, self._force_stop)
+
+    def _stop_beginning(self) -> None:
+        self._stop_began = self._clock.seconds()
+        self._set_state(ModelState.STOPPING)
+        self._stop_watching()
 
     def _run_cmd_stop(self) -> None:
         assert self.config.cmd_stop is not None
@@ -419,22 +464,55 @@ class ModelProcess:
 
     def _force_stop(self) -> None:
         self._kill = None
+        self._cancel(self._term)
+        self._term = None
         self.log.warn(
             "model {model} still running {grace:g}s after stop; killing it",
             model=self.id,
             grace=self.timing.stop_timeout,
         )
         self._signal("KILL")
+        if self._child is not None and not self._exiting():
+            self._abandon = self._clock.callLater(
+                self.timing.kill_grace, self._give_up, self._child
+            )
+
+    def _give_up(self, child: Child) -> None:
+        """SIGKILL did not end it (a hung driver, a disk wait): stop waiting for it."""
+        self._abandon = None
+        self.log.error(
+            "model {model}: pid {pid} did not exit {grace:g}s after SIGKILL; reported as "
+            "stuck, its port stays reserved until it is gone, and other models go ahead",
+            model=self.id,
+            pid=child.pid,
+            grace=self.timing.kill_grace,
+        )
+        self._fence(child, "did not exit after SIGKILL")
+        self._finish(child, "did not exit after SIGKILL")
 
     def _signal(self, name: str) -> None:
-        if self._transport is None or self.pid is None:
+        child = self._child
+        if child is None or child.exit is not None:
             return
         if self._setsid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, getattr(signal, "SIG" + name))
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.pid, getattr(signal, "SIG" + name))
             return
         with contextlib.suppress(ProcessExitedAlready):
-            self._transport.signalProcess(name)
+            child.transport.signalProcess(name)
+
+    def _kill_group(self, child: Child) -> None:
+        """SIGKILL whatever is left in the child's process group."""
+        if self._setsid is not None:
+            # the group id stays taken while any member lives, so it is still ours
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.pid, signal.SIGKILL)
+
+    def _close_pipes(self, child: Child) -> None:
+        if not child.pipes_closed:
+            child.pipes_closed = True
+            child.transport.loseConnection()
+            child.transport.closeChildFD(LIFELINE_FD)
 
     def _when_exited(self) -> Deferred[None]:
         waiter: Deferred[None] = Deferred()
@@ -443,7 +521,48 @@ class ModelProcess:
 
     # --- the end ---------------------------------------------------------------
 
-    def _ended(self, reason: Failure) -> None:
+    def _exited(self, child: Child | None, reason: Failure) -> None:
+        """The process has exited: the model stops now, whoever holds its pipes."""
+        assert child is not None
+        child.exit = reason
+        self._kill_group(child)
+        if child is not self._child:
+            self._close_pipes(child)
+            self._check_stuck(child)
+            return
+        for timer in (self._deadline, self._term, self._kill, self._abandon):
+            self._cancel(timer)
+        self._deadline = self._term = self._kill = self._abandon = None
+        self._stop_watching()
+        # the output it wrote before exiting may still be on its way: wait for the
+        # pipes to close (processEnded) a moment, for its last words
+        self._drain = self._clock.callLater(self.timing.pipe_grace, self._pipes_held, child)
+
+    def _pipes_held(self, child: Child) -> None:
+        """Exited, but its pipes stay open: a process outside its group holds them."""
+        self._drain = None
+        self.log.warn(
+            "model {model} exited, but a process it started still holds its output: it "
+            "left the process group (setsid), so llamaswap cannot stop it (a cgroup can: "
+            "systemd KillMode=control-group); reported as stuck, its port stays reserved",
+            model=self.id,
+        )
+        self._fence(child, "exited, but a process it started outside its group holds its output")
+        self._finish(child, describe_exit(child.exit) if child.exit else "exited")
+        self._close_pipes(child)
+
+    def _ended(self, child: Child | None, reason: Failure) -> None:
+        assert child is not None
+        child.ended = True
+        if child.exit is None:
+            child.exit = reason
+        if child is self._child:
+            self._finish(child, describe_exit(reason))
+        else:
+            self._check_stuck(child)
+
+    def _finish(self, child: Child, how: str) -> None:
+        """The model is stopped (or failed): settle the state and tell everyone."""
         was = self.state
         self.exit_was_failure = False
         if self._stop_began is not None and was is ModelState.STOPPING:
@@ -451,18 +570,13 @@ class ModelProcess:
                 self.stop_seconds, self._clock.seconds() - self._stop_began
             )
         self._stop_began = None
-        how = describe_exit(reason)
-        if self._setsid is not None and self.pid is not None:
-            # the leader is gone; anything left in its group (wrapper scripts'
-            # children) goes too
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pid, signal.SIGKILL)
-        for timer in (self._deadline, self._poll, self._kill):
+        for timer in (self._deadline, self._term, self._kill, self._abandon, self._drain):
             self._cancel(timer)
-        self._deadline = self._poll = self._kill = None
-        self._transport = None
-        self.pid = None
-        self._release_port()
+        self._deadline = self._term = self._kill = self._abandon = self._drain = None
+        self._child = None
+        self.port = None
+        if child not in self.stuck and child.port is not None:
+            self._ports.release(child.port)
 
         if was is ModelState.STARTING or (
             was is ModelState.STOPPING and self._start_failure is not None
@@ -490,13 +604,66 @@ class ModelProcess:
                 self._set_state(ModelState.STOPPED, reason=self.stop_reason)
                 self.log.info("model {model} stopped ({how})", model=self.id, how=how)
         self._start_failure = None
-        self._stop_probing()
+        self._stop_watching()
 
         waiters, self._exit_waiters = self._exit_waiters, []
         for waiter in waiters:
             waiter.callback(None)
         for listener in list(self.exit_listeners):
             listener(self, how)
+
+    # --- what would not go -----------------------------------------------------
+
+    def _fence(self, child: Child, why: str) -> None:
+        """Report ``child`` as stuck and keep its port reserved until it is gone."""
+        child.stuck_since = self._clock.seconds()
+        child.why = why
+        self.stuck.append(child)
+        self._stuck_changed(child, gone=False)
+        child.check = self._clock.callLater(self.timing.kill_grace, self._check_stuck, child)
+
+    def group(self, child: Child) -> int | None:
+        """The process group llamaswap kills for ``child`` (None without groups)."""
+        return child.pid if self._setsid is not None else None
+
+    def _check_stuck(self, child: Child) -> None:
+        """Gone once it has exited, its pipes are closed and its port is free again."""
+        self._cancel(child.check)
+        child.check = None
+        if child not in self.stuck:
+            return
+        self._kill_group(child)
+        if child.exit is not None:
+            self._close_pipes(child)
+        port_free = child.port is None or self._ports.is_free(child.port)
+        if child.exit is None or not child.ended or not port_free:
+            child.check = self._clock.callLater(self.timing.kill_grace, self._check_stuck, child)
+            return
+        self.stuck.remove(child)
+        if child.port is not None:
+            self._ports.release(child.port)
+        self.log.info(
+            "model {model}: what was left of pid {pid} is gone", model=self.id, pid=child.pid
+        )
+        self._stuck_changed(child, gone=True)
+
+    def let_go(self) -> None:
+        """llamaswap is exiting: a last SIGKILL to what is stuck, then stop watching."""
+        for child in self.stuck:
+            self._kill_group(child)
+            self._cancel(child.check)
+            child.check = None
+            if child.exit is None:
+                self.log.warn(
+                    "model {model}: pid {pid} is still stuck as llamaswap exits",
+                    model=self.id,
+                    pid=child.pid,
+                )
+
+    def _stuck_changed(self, child: Child, gone: bool) -> None:
+        self.events.publish(
+            "stuck", id=self.id, pid=child.pid, port=child.port, why=child.why, gone=gone
+        )
 
     def _release_port(self) -> None:
         if self.port is not None:

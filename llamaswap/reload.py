@@ -1,31 +1,96 @@
 """Configuration reload without downtime: on SIGHUP, and when the file changes.
 
 The new file is read (off the reactor thread) and validated first; if it is bad,
-the error is logged and the old configuration keeps serving.  Otherwise every part
-that reads the configuration adopts the new one, and the scheduler keeps running
-whatever did not change (see :meth:`Scheduler.reconfigure`).
+the error is logged and the old configuration keeps serving.  A file that parses
+but no longer writes out a security setting the running one has (``apiKeys``
+missing: a file caught mid-write, or a slip) is refused too: security is only
+weakened when the file says so.  Otherwise every part that reads the configuration
+adopts the new one (see :meth:`Scheduler.reconfigure`), and each changed security
+setting is logged at warning level.
+
+``--watch-config`` applies a change only once the file has stopped changing (the
+same size, mtime and inode at two polls in a row), so a half-written file is
+never read; a file that changes while it is being read is read again later.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
+import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 
 from .config import Config, ConfigError, load_config
 from .logs import logger
+from .periodic import Periodic
 
 Apply = Callable[[Config], dict[str, list[str]]]
+Stamp = tuple[int, int, int]
+
+
+@attrs.frozen
+class SecuritySetting:
+    """A top-level setting whose change matters to who can reach what."""
+
+    key: str  # as written in the file
+    read: Callable[[Config], object]
+    secret: bool = False  # a collection of secrets: changes are counted, never shown
+
+
+# Every setting here is logged at warning level when a reload changes it, and a
+# reload that would change it only by leaving it out of the file is refused.
+SECURITY_SETTINGS: tuple[SecuritySetting, ...] = (
+    SecuritySetting("apiKeys", lambda c: c.api_keys, secret=True),
+    SecuritySetting("maxRequestBytes", lambda c: c.max_request_bytes),
+    SecuritySetting("connections", lambda c: c.connections),
+    SecuritySetting("peers", lambda c: {p.id: p.proxy for p in c.peers.values()}),
+    SecuritySetting("allowedHosts", lambda c: c.allowed_hosts),
+    SecuritySetting("cors", lambda c: c.cors),
+)
+
+
+def dropped_silently(old: Config, new: Config) -> list[str]:
+    """Security settings ``old`` writes out that ``new`` changes by leaving them out."""
+    return [
+        s.key
+        for s in SECURITY_SETTINGS
+        if s.key in old.written and s.key not in new.written and s.read(old) != s.read(new)
+    ]
+
+
+def security_changes(old: Config, new: Config) -> list[str]:
+    """One line per changed security setting, secrets counted, never shown."""
+    lines = []
+    for setting in SECURITY_SETTINGS:
+        before, after = setting.read(old), setting.read(new)
+        if before == after:
+            continue
+        if setting.secret:
+            assert isinstance(before, Collection) and isinstance(after, Collection)
+            lines.append(_count_change(setting.key, set(before), set(after)))
+        else:
+            lines.append(f"{setting.key}: {before!r} -> {after!r}")
+    return lines
+
+
+def _count_change(key: str, before: set[Any], after: set[Any]) -> str:
+    line = (
+        f"{key}: {len(after - before)} added, {len(before - after)} removed "
+        f"({len(before)} -> {len(after)})"
+    )
+    if before and not after:
+        line += "; authentication is now OFF: anyone who can connect can use every route"
+    return line
 
 
 class ConfigReloader(Service):
-    """Owns the watch loop and the SIGHUP handler; ``apply`` does the switching."""
+    """Owns the watch loop, the SIGHUP handler and the configuration in use;
+    ``apply`` does the switching."""
 
     log = logger()
 
@@ -34,6 +99,7 @@ class ConfigReloader(Service):
         path: str,
         apply: Apply,
         reactor: Any,
+        current: Config,
         watch: bool = False,
         watch_interval: float = 2.0,
         on_signal: bool = True,
@@ -42,12 +108,13 @@ class ConfigReloader(Service):
         self.path = path
         self.apply = apply
         self.reactor = reactor
+        self.current = current
         self.watch = watch
         self.on_signal = on_signal
         self.loader = loader
-        self._seen = self._stamp()
-        self._loop = LoopingCall(self._check)
-        self._loop.clock = reactor
+        self._seen = self._stamp()  # the file as last read
+        self._settling: Stamp | None = None  # a change seen once, not yet stable
+        self._loop = Periodic("config watch", self._check, reactor, watch_interval)
         self._interval = watch_interval
         self._running: Deferred[bool] | None = None
         self._again = False
@@ -56,16 +123,13 @@ class ConfigReloader(Service):
     def startService(self) -> None:
         super().startService()
         if self.watch:
-            self._loop.start(self._interval, now=False).addErrback(
-                lambda f: self.log.failure("config watch stopped", f)
-            )
+            self._loop.start()
         if self.on_signal:
             self._previous_handler = signal.signal(signal.SIGHUP, self._sighup)
 
     def stopService(self) -> None:
         super().stopService()
-        if self._loop.running:
-            self._loop.stop()
+        self._loop.stop()
         if self.on_signal and self._previous_handler is not None:
             signal.signal(signal.SIGHUP, self._previous_handler)
 
@@ -73,19 +137,25 @@ class ConfigReloader(Service):
         self.log.info("SIGHUP: reloading {path}", path=self.path)
         self.reactor.callFromThread(self.reload)
 
-    def _stamp(self) -> tuple[float, int] | None:
+    def _stamp(self) -> Stamp | None:
         try:
             info = os.stat(self.path)
         except OSError:
             return None
-        return info.st_mtime, info.st_size
+        return info.st_mtime_ns, info.st_size, info.st_ino
 
     def _check(self) -> None:
         stamp = self._stamp()
-        if stamp is not None and stamp != self._seen:
-            self._seen = stamp
-            self.log.info("{path} changed: reloading", path=self.path)
-            self.reload()
+        if stamp is None or stamp == self._seen:
+            self._settling = None
+            return
+        if stamp != self._settling:
+            self._settling = stamp  # still being written, perhaps: look again next time
+            return
+        self._settling = None
+        self._seen = stamp
+        self.log.info("{path} changed: reloading", path=self.path)
+        self.reload()
 
     def reload(self) -> Deferred[bool]:
         """Load, validate and apply; fires True if the new configuration is in use.
@@ -106,16 +176,45 @@ class ConfigReloader(Service):
 
         return self._running.addCallback(finished)
 
+    def _read(self) -> tuple[Config, bool]:
+        """In a thread: the parsed file, and whether it stayed the same while read."""
+        before = self._stamp()
+        config = self.loader(self.path)
+        return config, before == self._stamp()
+
     async def _reload(self) -> bool:
         try:
-            config: Config = await deferToThread(self.loader, self.path)
+            config, steady = await deferToThread(self._read)
         except ConfigError as e:
             self.log.error("reload refused, the running configuration stays: {error}", error=e)
             return False
         except Exception:
             self.log.failure("reload failed, the running configuration stays")
             return False
-        changes = self.apply(config)
+        if not steady:
+            self.log.info("{path} changed while being read: reading it again", path=self.path)
+            if not self.watch:  # the watcher sees the change and reads it once settled
+                self.reactor.callLater(self._interval, self.reload)
+            return False
+        dropped = dropped_silently(self.current, config)
+        if dropped:
+            self.log.error(
+                "reload refused, the running configuration stays: {path} no longer sets "
+                "{keys} (caught mid-write?). To change them, write them out, e.g. "
+                "'apiKeys: []' to turn authentication off.",
+                path=self.path,
+                keys=", ".join(dropped),
+            )
+            return False
+        warnings = security_changes(self.current, config)
+        try:
+            changes = self.apply(config)
+        except Exception:
+            self.log.failure("reload failed while applying it")
+            return False
+        self.current = config
+        for line in warnings:
+            self.log.warn("SECURITY: reload changed {change}", change=line)
         self.log.info(
             "configuration reloaded: {summary}",
             summary="; ".join(f"{kind} {', '.join(ids)}" for kind, ids in changes.items() if ids)

@@ -521,9 +521,16 @@ class Scheduler:
             )
         elif busy:
             draining.cancel()
-        return draining.addBoth(
+        stopped = draining.addBoth(
             lambda _: _all_now(slot.process.stop("shutdown") for slot in self._slots.values())
         )
+
+        def let_go(result: object) -> object:
+            for slot in [*self._slots.values(), *self._retiring]:
+                slot.process.let_go()
+            return result
+
+        return stopped.addBoth(let_go)
 
     def reconfigure(
         self, config: Config, make_process: Callable[[ModelConfig], ModelProcess]

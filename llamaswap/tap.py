@@ -7,7 +7,6 @@ the reactor (or just the clock) passed in.
 from __future__ import annotations
 
 import ipaddress
-from functools import partial
 from typing import Any
 
 from twisted.application import strports
@@ -23,18 +22,20 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
-from .activity import ActivityStore, Retention
+from .activity import ActivityStore, Retention, StoreMetrics
 from .api import Api
 from .config import Config, ConfigError, ModelConfig, listen_address, load_config
+from .connections import ConnectionGate, raise_file_limit
 from .events import EventBus
-from .guard import ApiSite, Guard
+from .guard import ApiSite, Guard, is_open_page
+from .livefolder import FolderReloader
 from .logs import LogHub, logger, set_log_level
 from .metrics import ChildMetrics, Metrics
+from .origin import BrowserDoor, BrowserPolicy, machine_names
 from .ports import PortAllocator
 from .process import HealthProbe, ModelProcess, Timing
 from .recorder import Recorder
-from .relay import Hop, LoopGuard, Relay
-from .reload import ConfigReloader
+from .relay import Hop, Relay
 from .resources import MemoryMonitor
 from .scheduler import Scheduler
 from .upstream import UpstreamEndpoints
@@ -44,14 +45,16 @@ _log = logger("llamaswap.tap")
 
 
 class Options(usage.Options):
-    """``twistd llamaswap --config FILE [--listen ENDPOINT ...]``"""
+    """``twistd llamaswap [--config FILE] [--models-dir DIR ...] [--listen ENDPOINT ...]``"""
 
-    synopsis = "--config FILE [--listen ENDPOINT ...]"
+    synopsis = "[--config FILE] [--models-dir DIR ...] [--listen ENDPOINT ...]"
     longdesc = (
         "Serve one OpenAI-compatible endpoint for many models, starting each model's "
         "server on demand and stopping whatever stands in its way."
     )
-    optParameters = [["config", "c", None, "YAML configuration file (required)."]]
+    optParameters = [
+        ["config", "c", None, "YAML configuration file (needed unless --models-dir is given)."]
+    ]
     optFlags = [
         [
             "watch-config",
@@ -63,20 +66,44 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["models-dir"] = []
 
     def opt_listen(self, endpoint: str) -> None:
         """Twisted endpoint to serve on (repeatable) [default: tcp:8080:interface=127.0.0.1]"""
         self["listen"].append(endpoint)
 
+    def opt_models_dir(self, folder: str) -> None:
+        """Serve every GGUF file in this folder as a model (repeatable)"""
+        self["models-dir"].append(folder)
+
     def postOptions(self) -> None:
-        if not self["config"]:
-            raise usage.UsageError("--config FILE is required")
+        if not self["config"] and not self["models-dir"]:
+            raise usage.UsageError("give --config FILE, --models-dir DIR, or both")
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         try:
-            self["config_obj"] = load_config(self["config"], self["listen"])
+            self["config_obj"] = self.load(self["config"])
         except ConfigError as e:
             raise usage.UsageError(f"invalid configuration: {e}") from e
+        log_notices(self["config_obj"])
+
+    def load(self, path: str | None) -> Config:
+        """The configuration file (if any) and the models folders, as one Config."""
+        return load_config(path, self["listen"], self["models-dir"])
+
+
+def log_notices(config: Config) -> None:
+    """Say what a models folder scan skipped, and which models it found."""
+    for notice in config.notices:
+        _log.warn("{notice}", notice=notice)
+    if config.models_dirs:
+        found = sorted(m.id for m in config.models.values() if "files" in m.gguf)
+        _log.info(
+            "models folders {folders}: {count} model(s): {ids}",
+            folders=", ".join(config.models_dirs),
+            count=len(found),
+            ids=", ".join(found) or "none yet",
+        )
 
 
 def http_probe(agent: IAgent, clock: IReactorTime, hop: Hop, timeout: float = 2.0) -> HealthProbe:
@@ -234,14 +261,39 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
         Retention(config.store_max_rows, config.store_max_age_days),
     )
     metrics = Metrics(scheduler, events, ChildMetrics(scheduler, agent, reactor, relay.hop))
+    metrics.registry.register(StoreMetrics(store))
     recorder = Recorder(reactor, events, store, config.log_requests)
     api = Api(config, scheduler, relay, logs, reactor, recorder, metrics, events, store)
 
     top = MultiService()
     Supervisor(scheduler, pool, logs, store, reactor).setServiceParent(top)
+    # this machine's names and the --listen interfaces, once: no DNS, no blocking
+    local_names = machine_names() | {i for i in map(_interface, listen or []) if i is not None}
+
+    def browsers(config: Config) -> BrowserPolicy:
+        for setting, values in (
+            ("allowedHosts", config.allowed_hosts),
+            ("cors.allowOrigins", config.cors.allow_origins),
+        ):
+            if "*" in values:
+                _log.warn(
+                    "SECURITY: {setting} contains '*': web pages on any site can use this "
+                    "llamaswap through their visitors' browsers.",
+                    setting=setting,
+                )
+        return BrowserPolicy.build(config.allowed_hosts, config.cors, local_names, is_open_page)
+
     guard = Guard(api.resource(), config.api_keys)
-    site = ApiSite(LoopGuard(guard, relay.hop), config.max_request_bytes, reactor=reactor)
+    browser_door = BrowserDoor(browsers(config))
+    site = ApiSite(
+        guard,
+        config.max_request_bytes,
+        # a looped request first, then what browsers may do, then the key
+        checks=[relay.hop.check, browser_door, guard.check],
+        reactor=reactor,
+    )
     site.displayTracebacks = False
+    gate = ConnectionGate(site, config.connections, reactor)
     if not config.api_keys:
         for endpoint in listen or []:
             if not _loopback_only(endpoint):
@@ -253,7 +305,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
     listeners = Listeners()
     listeners.setServiceParent(top)
     for endpoint in listen or []:
-        strports.service(endpoint, site, reactor=reactor).setServiceParent(listeners)
+        strports.service(endpoint, gate, reactor=reactor).setServiceParent(listeners)
 
     def apply(new: Config) -> dict[str, list[str]]:
         """Switch every reader of the configuration to ``new``."""
@@ -265,15 +317,26 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
         api.config = new
         recorder.log_requests = new.log_requests
         guard.keys = new.api_keys
+        browser_door.policy = browsers(new)
         site.max_request_bytes = new.max_request_bytes
+        gate.configure(new.connections)
         if new.store_path != config.store_path:
             _log.warn("store.path changed: takes effect at the next restart")
         return changes
 
     top.api = api  # type: ignore[attr-defined]
     top.site = site  # type: ignore[attr-defined]
+    top.gate = gate  # type: ignore[attr-defined]
     top.apply = apply  # type: ignore[attr-defined]
     return top
+
+
+def _interface(endpoint: str) -> str | None:
+    """The interface a TCP endpoint string binds; None for every address or not TCP."""
+    bound = listen_address(endpoint)
+    if bound is None:
+        return None
+    return bound[0].strip("[]").lower() or None
 
 
 def _loopback_only(endpoint: str) -> bool:
@@ -295,12 +358,22 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
+    raise_file_limit()  # before build(): the connection caps are derived from it
     service = build(options["config_obj"], reactor, options["listen"])
-    ConfigReloader(
+    apply = service.apply  # type: ignore[attr-defined]
+
+    def adopt(new: Config) -> dict[str, list[str]]:
+        log_notices(new)
+        changes: dict[str, list[str]] = apply(new)
+        return changes
+
+    FolderReloader(
+        lambda: service.api.config.models_dirs,  # type: ignore[attr-defined]
         options["config"],
-        service.apply,  # type: ignore[attr-defined]
+        adopt,
         reactor,
+        options["config_obj"],
         watch=bool(options["watch-config"]),
-        loader=partial(load_config, listen=options["listen"]),
+        loader=options.load,
     ).setServiceParent(service)
     return service

@@ -32,6 +32,7 @@ class World:
     health: FakeHealth
     logs: LogHub
     scheduler: Scheduler
+    busy_ports: set[int] = attrs.field(factory=set)  # ports something else listens on
 
     def process(self, model_id: str) -> ModelProcess:
         return self.scheduler.processes[model_id]
@@ -58,7 +59,8 @@ def world(text: str = TWO_MODELS, timing: Timing | None = None) -> World:
     reactor = FakeProcessReactor()
     health = FakeHealth()
     logs = LogHub()
-    ports = PortAllocator(config.start_port, is_free=lambda port: True)
+    busy_ports: set[int] = set()
+    ports = PortAllocator(config.start_port, is_free=lambda port: port not in busy_ports)
     processes = [
         ModelProcess(
             model,
@@ -76,4 +78,4 @@ def world(text: str = TWO_MODELS, timing: Timing | None = None) -> World:
         )
         for model in config.models.values()
     ]
-    return World(config, reactor, health, logs, Scheduler(processes, reactor, config))
+    return World(config, reactor, health, logs, Scheduler(processes, reactor, config), busy_ports)

@@ -531,7 +531,7 @@ class LoadingStateTests(LiveTestCase):
         progress = "".join(self.deltas(text, "reasoning_content"))
         self.assertIn("slow is not loaded yet", progress)
         self.assertIn("Starting slow", progress)
-        self.assertIn("Loading: 50%", progress)  # the child's own progress lines
+        self.assertIn("Loading slow: 50%", progress)  # the child's own progress lines
         self.assertIn("slow is ready after", progress)
         content = "".join(self.deltas(text, "content"))
         self.assertIn("fake-reply model=slow", content)

@@ -9,15 +9,16 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectError
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
+from llamaswap.config import Config, load_config, parse_config
 from llamaswap.relay import BytesProducer
 from llamaswap.reload import ConfigReloader
 
-from .daemon import free_port, start_twistd
 from .integration import FAKE, LiveTestCase, StreamReader
 
 BEFORE = f"""
@@ -50,13 +51,13 @@ groups:
 """
 
 
-class ReloadTests(LiveTestCase):
+class ReloadCase(LiveTestCase):
     async def start_with(self, text: str) -> ConfigReloader:
         self.path = Path(self.mktemp())
         self.path.write_text(text)
         await self.serve(text)
         apply: Any = getattr(self.service, "apply")  # noqa: B009
-        return ConfigReloader(str(self.path), apply, reactor, on_signal=False)
+        return ConfigReloader(str(self.path), apply, reactor, self.api.config, on_signal=False)
 
     async def hold_stream(self, model: str) -> StreamReader:
         response: IResponse = await self.agent.request(
@@ -72,6 +73,8 @@ class ReloadTests(LiveTestCase):
         await reader.until(b"t0")
         return reader
 
+
+class ReloadTests(ReloadCase):
     async def test_unchanged_models_keep_running_and_serving_through_a_reload(self) -> None:
         reloader = await self.start_with(BEFORE)
         for model in ("keep", "change", "drop"):
@@ -129,6 +132,7 @@ class ReloadTests(LiveTestCase):
             str(self.path),
             getattr(self.service, "apply"),  # noqa: B009
             reactor,
+            self.api.config,
             watch=True,
             watch_interval=0.05,
             on_signal=False,
@@ -144,24 +148,148 @@ class ReloadTests(LiveTestCase):
         await self.eventually(fresh_listed, "the watcher reloads")
 
 
+FIRST_KEY, SECOND_KEY = "sk-first-5ecret", "sk-second-5ecret"
+SECURED = BEFORE + f"apiKeys: [{FIRST_KEY}, {SECOND_KEY}]\n"
+
+
+class SecurityReloadTests(ReloadCase):
+    """A reload weakens authentication only when the file says so, and says so loudly."""
+
+    def auth(self, key: str = FIRST_KEY) -> dict[str, str]:
+        return {"authorization": f"Bearer {key}"}
+
+    async def logs(self) -> str:
+        text = (await self.request("GET", "/logs", headers=self.auth())).body.decode()
+        for key in (FIRST_KEY, SECOND_KEY):
+            self.assertNotIn(key, text)  # counted, never shown
+        return text
+
+    async def test_a_file_caught_before_its_apikeys_line_is_refused(self) -> None:
+        reloader = await self.start_with(SECURED)
+        self.path.write_text(SECURED.rsplit("apiKeys", 1)[0])  # all but the last line
+        self.assertFalse(await reloader.reload())
+        self.assertEqual((await self.request("GET", "/v1/models")).code, 401)
+        self.assertEqual((await self.request("GET", "/v1/models", headers=self.auth())).code, 200)
+        logs = await self.logs()
+        self.assertIn("reload refused", logs)
+        self.assertIn("no longer sets apiKeys", logs)
+        # a null apiKeys (a list cut after its key) is not an explicit "off" either
+        self.path.write_text(SECURED.rsplit("apiKeys", 1)[0] + "apiKeys:\n")
+        self.assertFalse(await reloader.reload())
+        self.assertEqual((await self.request("GET", "/v1/models")).code, 401)
+
+    async def test_an_explicit_empty_list_turns_authentication_off_with_a_warning(self) -> None:
+        reloader = await self.start_with(SECURED)
+        self.path.write_text(SECURED.rsplit("apiKeys", 1)[0] + "apiKeys: []\n")
+        logs_before = await self.logs()
+        self.assertTrue(await reloader.reload())
+        self.assertEqual((await self.request("GET", "/v1/models")).code, 200)
+        logs = (await self.logs())[len(logs_before) :]
+        self.assertIn("SECURITY: reload changed apiKeys: 0 added, 2 removed (2 -> 0)", logs)
+        self.assertIn("authentication is now OFF", logs)
+
+    async def test_a_key_removed_from_a_written_list_is_applied_and_logged(self) -> None:
+        reloader = await self.start_with(SECURED)
+        self.path.write_text(SECURED.replace(f", {SECOND_KEY}", ", sk-third"))
+        self.assertTrue(await reloader.reload())
+        self.assertEqual(
+            (await self.request("GET", "/v1/models", headers=self.auth(SECOND_KEY))).code, 401
+        )
+        self.assertEqual((await self.request("GET", "/v1/models", headers=self.auth())).code, 200)
+        logs = await self.logs()
+        self.assertIn("reload changed apiKeys: 1 added, 1 removed (2 -> 2)", logs)
+        self.assertNotIn("sk-third", logs)
+
+    async def test_browser_settings_dropped_by_a_cut_file_are_kept(self) -> None:
+        allowing = SECURED.replace(
+            "apiKeys:", "cors:\n  allowOrigins: [http://app.lan:3000]\napiKeys:"
+        )
+        reloader = await self.start_with(allowing)
+        self.path.write_text(SECURED)  # the cors block left out, not written as empty
+        self.assertFalse(await reloader.reload())
+        self.assertIn("no longer sets cors", await self.logs())
+        self.path.write_text(SECURED.replace("apiKeys:", "cors: {allowOrigins: []}\napiKeys:"))
+        self.assertTrue(await reloader.reload())
+        self.assertIn("SECURITY: reload changed cors", await self.logs())
+
+
+class WatchTests(TestCase):
+    """The watcher applies a file once it stopped changing, measured on the clock."""
+
+    def setUp(self) -> None:
+        self.path = Path(self.mktemp())
+        self.path.write_text(BEFORE)
+        self.clock = Clock()
+        self.reads: list[str] = []
+        self.applied: list[Config] = []
+        self.first: Deferred[Config] = Deferred()
+
+    def loader(self, path: str) -> Config:
+        self.reads.append(Path(path).read_text())
+        return load_config(path)
+
+    def apply(self, config: Config) -> dict[str, list[str]]:
+        self.applied.append(config)
+        if not self.first.called:
+            self.first.callback(config)
+        return {}
+
+    def reloader(self, watch: bool) -> ConfigReloader:
+        reloader = ConfigReloader(
+            str(self.path),
+            self.apply,
+            self.clock,
+            parse_config(BEFORE),
+            watch=watch,
+            watch_interval=1.0,
+            on_signal=False,
+            loader=self.loader,
+        )
+        reloader.startService()
+        self.addCleanup(reloader.stopService)
+        return reloader
+
+    async def test_a_file_written_in_two_steps_is_applied_once_with_its_final_content(
+        self,
+    ) -> None:
+        self.reloader(watch=True)
+        models, groups = AFTER.split("groups:")
+        self.path.write_text(models)  # valid on its own: the writer is not done yet
+        self.clock.advance(1)
+        await deferToThread(lambda: None)  # a read, had one started, would be done now
+        with self.path.open("a") as rest:
+            rest.write("groups:" + groups)
+        self.clock.advance(1)  # changed again since the last poll: still settling
+        self.clock.advance(1)  # the same as at the last poll: read it
+        config = await self.first
+        self.assertEqual(self.reads, [AFTER])
+        self.assertIn("all", config.groups)
+        for _ in range(3):
+            self.clock.advance(1)
+        self.assertEqual(len(self.applied), 1)
+
+    async def test_a_file_that_changes_while_read_is_read_again(self) -> None:
+        reloader = self.reloader(watch=False)
+
+        def loader(path: str) -> Config:
+            config = self.loader(path)
+            if len(self.reads) == 1:
+                self.path.write_text(AFTER)  # the writer was not done
+            return config
+
+        reloader.loader = loader
+        self.path.write_text(AFTER.split("groups:")[0])
+        self.assertFalse(await reloader.reload())
+        self.assertEqual(self.applied, [])
+        self.clock.advance(1)  # SIGHUP's reload tries again after a settle delay
+        self.assertIn("all", (await self.first).groups)
+
+
 class SighupTests(LiveTestCase):
     async def test_sighup_reloads_a_running_twistd(self) -> None:
         path = Path(self.mktemp())
         path.write_text(BEFORE)
-        port = free_port()
-        twistd = start_twistd(path, port)
-        self.addCleanup(twistd.wait)
-        self.addCleanup(twistd.terminate)
-        self.base = f"http://127.0.0.1:{port}"
-        from twisted.web.client import Agent, HTTPConnectionPool
-
-        self.agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
-        for _ in range(200):
-            try:
-                await self.request("GET", "/health")
-                break
-            except ConnectError:
-                await deferLater(reactor, 0.05)
+        twistd, _port = await self.daemon(path)
         path.write_text(AFTER)
         twistd.send_signal(signal.SIGHUP)
 
@@ -170,6 +298,3 @@ class SighupTests(LiveTestCase):
             return "fresh" in {m["id"] for m in data}
 
         await self.eventually(fresh_listed, "SIGHUP reloads")
-
-
-del Deferred

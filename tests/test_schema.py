@@ -18,8 +18,10 @@ from jsonschema import Draft202012Validator
 from twisted.trial.unittest import SynchronousTestCase
 
 from llamaswap.config import (
+    CORS_KEYS,
     FILTER_KEYS,
     GROUP_KEYS,
+    MODEL_DEFAULTS_KEYS,
     MODEL_KEYS,
     PEER_KEYS,
     TOP_LEVEL_KEYS,
@@ -56,12 +58,20 @@ BAD_CONFIGS: tuple[tuple[str, str, str], ...] = (
     ("macro named PORT", "macros:\n  PORT: 9000\n" + BASE, "macros.PORT"),
     ("model id with ':'", "models:\n  'a:b':\n    cmd: x --port ${PORT}\n", "models.a:b"),
     ("logLevel loud", BASE + "logLevel: loud\n", "logLevel"),
+    ("childProtocol maybe", BASE + "    childProtocol: maybe\n", "models.m.childProtocol"),
     (
         "upstreamApiKey with a space",
         BASE + "    upstreamApiKey: 'a b'\n",
         "models.m.upstreamApiKey",
     ),
     ("defaultModel empty", BASE + "defaultModel: ''\n", "defaultModel"),
+    ("unknown modelDefaults key", BASE + "modelDefaults:\n  ctx: 4\n", "modelDefaults.ctx"),
+    (
+        "modelDefaults.cmd without the model",
+        BASE + "modelDefaults:\n  cmd: llama-server --port ${PORT}\n",
+        "modelDefaults.cmd",
+    ),
+    ("modelsDir as a map", BASE + "modelsDir: {a: b}\n", "modelsDir"),
     # beyond the list in the brief: every other rule the schema can express
     ("no models", "models: {}\n", "models"),
     ("healthCheckTimeout 0", BASE + "healthCheckTimeout: 0\n", "healthCheckTimeout"),
@@ -113,6 +123,17 @@ BAD_CONFIGS: tuple[tuple[str, str, str], ...] = (
         "peer id with a space",
         BASE + "peers:\n  a b:\n    proxy: http://h\n    models: [a]\n",
         "peers.a b",
+    ),
+    ("allowedHosts with a port", BASE + "allowedHosts: ['box:8080']\n", "allowedHosts[0]"),
+    ("allowedHosts as a string", BASE + "allowedHosts: box\n", "allowedHosts"),
+    ("unknown cors key", BASE + "cors: {origins: []}\n", "cors.origins"),
+    ("origin with a path", BASE + "cors: {allowOrigins: ['http://a/b']}\n", "cors.allowOrigins[0]"),
+    ("origin without scheme", BASE + "cors: {allowOrigins: [app.lan]}\n", "cors.allowOrigins[0]"),
+    ("cors maxAge negative", BASE + "cors: {maxAge: -1}\n", "cors.maxAge"),
+    (
+        "cors method with a space",
+        BASE + "cors: {allowMethods: ['GET POST']}\n",
+        "cors.allowMethods[0]",
     ),
     (
         "peer proxy not http",
@@ -187,7 +208,13 @@ GOOD_CONFIGS: tuple[tuple[str, str], ...] = (
         "    proxy: http://gpu-box:8080/\n"
         "    models: [big]\n"
         "    apiKey: ${env.KEY}\n"
-        "    filters: {stripParams: seed}\n",
+        "    filters: {stripParams: seed}\n"
+        "allowedHosts: [llm.example.com, '*.lan']\n"
+        "cors:\n"
+        "  allowOrigins: ['http://app.lan:3000', 'https://chat.example.com']\n"
+        "  allowMethods: [GET, POST, DELETE]\n"
+        "  allowHeaders: [authorization, content-type]\n"
+        "  maxAge: 0\n",
     ),
     ("empty sections", BASE + "macros:\ngroups:\nprofiles:\nhooks:\npeers:\n"),
     ("empty hooks", BASE + "hooks:\n  on_startup: {}\n"),
@@ -255,7 +282,7 @@ class SameKeysTests(SynchronousTestCase):
 
     def test_top_level(self) -> None:
         self.assertEqual(self.keys(SCHEMA), set(TOP_LEVEL_KEYS))
-        self.assertEqual(SCHEMA["required"], ["models"])
+        self.assertEqual(SCHEMA["anyOf"], [{"required": ["models"]}, {"required": ["modelsDir"]}])
 
     def test_model(self) -> None:
         self.assertEqual(self.keys(SCHEMA["$defs"]["model"]), set(MODEL_KEYS))
@@ -272,6 +299,12 @@ class SameKeysTests(SynchronousTestCase):
         self.assertEqual(self.keys(SCHEMA["$defs"]["peer"]), set(PEER_KEYS))
         self.assertEqual(set(SCHEMA["$defs"]["peer"]["required"]), {"proxy", "models"})
 
+    def test_model_defaults(self) -> None:
+        self.assertEqual(self.keys(SCHEMA["properties"]["modelDefaults"]), set(MODEL_DEFAULTS_KEYS))
+
+    def test_cors(self) -> None:
+        self.assertEqual(self.keys(SCHEMA["properties"]["cors"]), set(CORS_KEYS))
+
     def test_hooks(self) -> None:
         hooks = SCHEMA["properties"]["hooks"]
         self.assertEqual(self.keys(hooks), {"on_startup"})
@@ -286,6 +319,8 @@ class SameKeysTests(SynchronousTestCase):
             SCHEMA["$defs"]["peer"],
             SCHEMA["properties"]["hooks"],
             SCHEMA["properties"]["hooks"]["properties"]["on_startup"],
+            SCHEMA["properties"]["modelDefaults"],
+            SCHEMA["properties"]["cors"],
         ]
         for schema in closed:
             self.assertIs(schema["additionalProperties"], False)
@@ -308,6 +343,8 @@ class SameDefaultsTests(SynchronousTestCase):
             "profiles": config.profiles,
             "peers": config.peers,
             "defaultModel": config.default_model,
+            "modelsDir": config.models_dirs,
+            "allowedHosts": config.allowed_hosts,
         }
         for key, value in attributes.items():
             self.assertEqual(SCHEMA["properties"][key]["default"], plain(value), key)
@@ -316,6 +353,11 @@ class SameDefaultsTests(SynchronousTestCase):
         self.assertEqual(hooks["properties"]["on_startup"]["default"], {})
         preload = hooks["properties"]["on_startup"]["properties"]["preload"]
         self.assertEqual(preload["default"], plain(config.preload))
+        cors = SCHEMA["properties"]["cors"]["properties"]
+        self.assertEqual(cors["allowOrigins"]["default"], plain(config.cors.allow_origins))
+        self.assertEqual(cors["allowMethods"]["default"], plain(config.cors.allow_methods))
+        self.assertEqual(cors["allowHeaders"]["default"], plain(config.cors.allow_headers))
+        self.assertEqual(cors["maxAge"]["default"], config.cors.max_age)
         self.assertEqual(SCHEMA["properties"]["sendLoadingState"]["default"], False)
         self.assertFalse(config.models["m"].send_loading_state)
 

@@ -26,6 +26,7 @@ from llamaswap.relay import BytesProducer
 from llamaswap.tap import DEFAULT_LISTEN, Options
 
 from .daemon import TWISTD, free_port, start_twistd
+from .integration import kill_quietly, pid_alive
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,7 +56,7 @@ class OptionsTests(SynchronousTestCase):
 
     def test_config_is_required_and_validated(self) -> None:
         self.assertIn(
-            "--config FILE is required",
+            "give --config FILE, --models-dir DIR, or both",
             str(self.assertRaises(UsageError, Options().parseOptions, [])),
         )
         path = self.config_file("models:\n  m:\n    cmd: s --port ${PORT}\n    ttl: forever\n")
@@ -150,8 +151,8 @@ class TwistdTests(TestCase):
             await deferLater(reactor, 0.05)
         self.assertEqual(twistd.returncode, 0)
 
-    async def test_children_die_with_llamaswap_even_on_sigkill(self) -> None:
-        twistd, port = self.launch(31800)
+    async def load_m(self, port: int) -> int:
+        """Load model ``m`` once twistd listens; its pid from ``/running``."""
         agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
         loaded = None
         for _ in range(200):
@@ -163,10 +164,14 @@ class TwistdTests(TestCase):
             except ConnectError:
                 await deferLater(reactor, 0.05)
         assert loaded is not None
-        body = json.loads(await treq.content(loaded))
-        self.assertEqual(body["state"], "ready")
+        self.assertEqual(json.loads(await treq.content(loaded))["state"], "ready")
         running = await agent.request(b"GET", f"http://127.0.0.1:{port}/running".encode())
-        child = json.loads(await treq.content(running))["running"][0]["pid"]
+        pid: int = json.loads(await treq.content(running))["running"][0]["pid"]
+        return pid
+
+    async def test_children_die_with_llamaswap_even_on_sigkill(self) -> None:
+        twistd, port = self.launch(31800)
+        child = await self.load_m(port)
         twistd.send_signal(signal.SIGKILL)
         twistd.wait()
         for _ in range(200):
@@ -174,6 +179,63 @@ class TwistdTests(TestCase):
                 break
             await deferLater(reactor, 0.02)
         self.assertFalse(_alive(child))
+
+    async def test_a_wrapper_scripts_server_dies_with_llamaswap_on_sigkill(self) -> None:
+        # cmd is a wrapper script; the server it starts is a grandchild of llamaswap,
+        # which a parent-death signal on the direct child never reached
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        wrapper = folder / "run-model.sh"
+        wrapper.write_text(
+            "#!/bin/sh\n"
+            f'{sys.executable} -m llamaswap.testing.fake_server --port "$1" --model m &\n'
+            f"echo $! > {folder / 'server.pid'}\n"
+            "wait\n"
+        )
+        config = folder / "config.yaml"
+        config.write_text(
+            "startPort: 31700\nstore: {path: ':memory:'}\n"
+            f"models:\n  m:\n    cmd: /bin/sh {wrapper} ${{PORT}}\n"
+        )
+        port = free_port()
+        twistd = start_twistd(config, port)
+        self.addCleanup(twistd.kill)
+        script = await self.load_m(port)
+        server = int((folder / "server.pid").read_text())
+        self.addCleanup(kill_quietly, server)
+        self.assertEqual(_group_members(script), {script, server, _watcher(script)})
+        twistd.send_signal(signal.SIGKILL)
+        twistd.wait()
+        for _ in range(250):  # bounded: 5 s for the kernel to deliver and reap
+            if not _group_members(script):
+                break
+            await deferLater(reactor, 0.02)
+        # nothing of the model's process group is left: wrapper, server, watcher
+        self.assertEqual(_group_members(script), set())
+        self.assertFalse(pid_alive(server))
+
+
+def _group_members(group: int) -> set[int]:
+    """Live (not zombie) processes in process group ``group``."""
+    members = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == group:
+            members.add(int(entry.name))
+    return members
+
+
+def _watcher(leader: int) -> int:
+    """The lifeline watcher llamaswap forks into a child's group."""
+    for pid in _group_members(leader):
+        if b"llamaswap-lifeline" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return pid
+    raise AssertionError("no lifeline watcher in the group")
 
 
 def _alive(pid: int) -> bool:

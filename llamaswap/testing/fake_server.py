@@ -6,7 +6,11 @@ files.  It is usable two ways:
 * in memory: ``FakeLlamaServer(clock=Clock(), ...)`` plus ``.resource()``,
   driven through ``treq.testing.StubTreq`` with a deterministic clock;
 * as a real child process: ``python -m llamaswap.testing.fake_server --port N``,
-  which logs llama.cpp-like lines to stderr, just as the real server does.
+  which logs llama.cpp-like lines to stderr, just as the real server does.  With
+  ``LLAMA_SERVER_ROUTER_PORT`` set it is a router's child, as llama-server is: it
+  reports ``loading`` progress and ``ready`` on stdout
+  (``cmd_child_to_router:state:{...}``), exits cleanly on
+  ``cmd_router_to_child:exit`` on stdin, and with code 1 when its stdin closes.
 
 Requests may carry test controls in a ``"fake"`` JSON object, e.g.
 ``{"fake": {"tokens": 3, "delay": 0.5, "status": 500, "crash_after_tokens": 2,
@@ -28,6 +32,9 @@ from typing import IO, Any, Final, Protocol, cast
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.protocol import connectionDone
+from twisted.internet.stdio import StandardIO
+from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
@@ -42,6 +49,8 @@ __all__ = [
 
 JSONDict = dict[str, Any]
 LogFunction = Callable[[str], None]
+StateFunction = Callable[[str, JSONDict], None]
+"""A router's child reports a state (``loading``, ``ready``) with its payload."""
 
 #: Body llama.cpp sends from every endpoint while the model is still loading.
 LOADING_BODY: Final[JSONDict] = {
@@ -250,6 +259,7 @@ class FakeLlamaServer:
         log: LogFunction | None = None,
         on_crash: Callable[[], None] | None = None,
         api_keys: Sequence[str] = (),
+        on_state: StateFunction | None = None,
         metrics: bool = False,
     ) -> None:
         self.clock = clock
@@ -265,6 +275,7 @@ class FakeLlamaServer:
         self.hang_health = hang_health
         self._log: LogFunction = log if log is not None else _noop_log
         self._on_crash = on_crash
+        self._on_state = on_state
         self.ready = False
         self.started = False
         #: Counters reported by ``GET /fake/stats``.
@@ -294,6 +305,7 @@ class FakeLlamaServer:
             f" and 291 tensors from {self.model}.gguf (version GGUF V3 (latest))"
         )
         self._log("llama_model_load: loading model tensors, this can take a while...")
+        self._loading(0.0)
         if self.load_time > 0:
             for percent in (25, 50, 75):
                 self._timers.append(
@@ -317,14 +329,23 @@ class FakeLlamaServer:
 
     def _progress(self, percent: int) -> None:
         self._log(f"llama_model_load: progress {percent}%")
+        self._loading(percent / 100)
+
+    def _loading(self, value: float) -> None:
+        if self._on_state is not None:
+            stage = "text_model"
+            self._on_state("loading", {"stages": [stage], "current": stage, "value": value})
 
     def _become_ready(self, on_ready: Callable[[], None] | None) -> None:
         self._timers = [t for t in self._timers if t.active()]
         self.ready = True
         self._log("llama_model_load: progress 100%")
+        self._loading(1.0)
         self._log("main: model loaded")
         if on_ready is not None:
             on_ready()
+        if self._on_state is not None:  # llama-server says so once it listens
+            self._on_state("ready", self._models()["data"][0])
 
     def stats(self) -> JSONDict:
         """Counters for ``GET /fake/stats`` (and for in-memory assertions)."""
@@ -932,6 +953,37 @@ def _hard_exit(code: int, why: str) -> None:
     os._exit(code)
 
 
+ROUTER_PORT_ENV: Final = "LLAMA_SERVER_ROUTER_PORT"
+STATE_PREFIX: Final = b"cmd_child_to_router:state:"
+EXIT_COMMAND: Final = b"cmd_router_to_child:exit"
+
+
+class _RouterLink(LineOnlyReceiver):
+    """A router's child's stdin and stdout, as in llama-server's ``server_child``."""
+
+    delimiter = b"\n"
+
+    def __init__(self, stop: Callable[[], None]) -> None:
+        self._stop = stop
+        self._exiting = False
+
+    def notify(self, state: str, payload: JSONDict) -> None:
+        """One state line; the newline first ends whatever stdout left open."""
+        document = json.dumps({"payload": payload, "state": state}).encode("utf-8")
+        assert self.transport is not None
+        self.transport.write(b"\n" + STATE_PREFIX + document + b"\n")
+
+    def lineReceived(self, line: bytes) -> None:
+        if EXIT_COMMAND in line and not self._exiting:
+            self._exiting = True
+            _stderr("srv  operator(): exit command received, exiting...")
+            self._stop()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if not self._exiting:  # the router is gone
+            _hard_exit(1, "srv  operator(): EOF on stdin detected, forcing shutdown...")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the fake server on the global reactor until SIGTERM/SIGINT."""
     args, ignored = _build_parser().parse_known_args(argv)
@@ -986,6 +1038,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Give already-written tokens a moment to leave the socket buffer.
         clock.callLater(0.05, _hard_exit, 7, "fake: exiting with code 7")
 
+    link = None
+    if os.environ.get(ROUTER_PORT_ENV) is not None:
+        link = _RouterLink(core.stop)
+        StandardIO(link, reactor=reactor)
+
     server = FakeLlamaServer(
         clock,
         args.model,
@@ -996,6 +1053,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log=_stderr,
         on_crash=on_crash,
         api_keys=[key for key in args.api_key.split(",") if key],
+        on_state=link.notify if link is not None else None,
         metrics=args.metrics,
     )
     site = Site(server.resource())

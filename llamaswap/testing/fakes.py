@@ -46,8 +46,12 @@ class FakeProcess:
         self.env = dict(env or {})
         self.pid: int | None = pid
         self.signals: list[str] = []
+        self.stdin: list[bytes] = []  # what was written to its stdin
         self.stdin_closed = False
         self.ignore_term = False
+        self.unkillable = False  # even SIGKILL does not end it (a hung driver)
+        self.closed_fds: set[int] = set()
+        self.held: Failure | None = None  # exited, but a descendant holds the pipes
 
     @property
     def ended(self) -> bool:
@@ -57,8 +61,15 @@ class FakeProcess:
         """The child prints a line."""
         self.proto.childDataReceived(fd, line.encode() + b"\n")
 
-    def exit(self, code: int | None = 0, signal: int | None = None) -> None:
-        """The child ends: ``code`` 0 is a clean exit, ``signal`` means it was killed."""
+    def exit(
+        self, code: int | None = 0, signal: int | None = None, holding_pipes: bool = False
+    ) -> None:
+        """The child ends: ``code`` 0 is a clean exit, ``signal`` means it was killed.
+
+        With ``holding_pipes``, something it started keeps its output open: only
+        ``processExited`` comes, ``processEnded`` waits for :meth:`release_pipes`
+        (or for llamaswap to close its ends).
+        """
         if self.pid is None:
             raise ProcessExitedAlready()
         self.pid = None
@@ -68,7 +79,16 @@ class FakeProcess:
         else:
             reason = Failure(ProcessTerminated(code if signal is None else None, signal))
         self.proto.processExited(reason)
-        self.proto.processEnded(reason)
+        if holding_pipes:
+            self.held = reason
+        else:
+            self.proto.processEnded(reason)
+
+    def release_pipes(self) -> None:
+        """Whatever held the pipes lets go (or our ends were closed): ``processEnded``."""
+        reason, self.held = self.held, None
+        if reason is not None:
+            self.proto.processEnded(reason)
 
     # IProcessTransport
 
@@ -77,29 +97,38 @@ class FakeProcess:
             raise ProcessExitedAlready()
         name = str(signalID)
         self.signals.append(name)
+        if self.unkillable:
+            return
         if name == "KILL" or (name == "TERM" and not self.ignore_term):
             self.exit(None, SIGNALS[name])
 
     def closeStdin(self) -> None:
         self.stdin_closed = True
+        self.closeChildFD(0)
 
     def closeStdout(self) -> None:
-        pass
+        self.closeChildFD(1)
 
     def closeStderr(self) -> None:
-        pass
+        self.closeChildFD(2)
 
     def closeChildFD(self, descriptor: int) -> None:
-        pass
+        self.closed_fds.add(descriptor)
+        if {0, 1, 2} <= self.closed_fds and self.held is not None:
+            # like Twisted: the readers notice their closed ends on the next turn
+            self.reactor.callLater(0, self.release_pipes)
 
     def writeToChild(self, childFD: int, data: bytes) -> None:
-        pass
+        if childFD == 0:
+            self.write(data)
 
     def loseConnection(self) -> None:
-        pass
+        for fd in (0, 1, 2):
+            self.closeChildFD(fd)
 
     def write(self, data: bytes) -> None:
-        pass
+        if not self.stdin_closed:
+            self.stdin.append(data)
 
     def writeSequence(self, data: Any) -> None:
         pass
