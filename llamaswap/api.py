@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlsplit
 
 import attrs
 from klein import Klein
-from prometheus_client.twisted import MetricsResource
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from swagger_ui_bundle import swagger_ui_path
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
@@ -674,10 +674,13 @@ class Api:
     # --- observability ---------------------------------------------------------------
 
     @router.route("/metrics", methods=["GET"])
-    def prometheus(self, request: Request) -> Any:
+    async def prometheus(self, request: Request) -> bytes:
+        """llamaswap's metrics, then each ready child's own, labelled by ``model``."""
         if self.metrics is None:
             raise ApiError(404, "metrics are not enabled", "not_found")
-        return MetricsResource(registry=self.metrics.registry)
+        text = await self.metrics.exposition()
+        request.setHeader(b"content-type", CONTENT_TYPE_PLAIN_0_0_4.encode("ascii"))
+        return text
 
     @router.route("/api/activity", methods=["GET"])
     async def activity(self, request: Request) -> bytes:

@@ -20,7 +20,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import globalLogPublisher
 from twisted.python import usage
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
@@ -33,7 +33,7 @@ from .guard import ApiSite, Guard, is_open_page
 from .kvcache import KvStore
 from .livefolder import FolderReloader
 from .logs import LogHub, logger, set_log_level
-from .metrics import Metrics
+from .metrics import ChildMetrics, Metrics
 from .origin import BrowserDoor, BrowserPolicy, machine_names
 from .ports import PortAllocator
 from .process import HealthProbe, ModelProcess, Timing
@@ -41,6 +41,7 @@ from .recorder import Recorder
 from .relay import Hop, Relay
 from .resources import MemoryMonitor
 from .scheduler import Scheduler
+from .upstream import UpstreamEndpoints
 
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
 _log = logger("llamaswap.tap")
@@ -209,12 +210,6 @@ class Supervisor(Service):
         return stopped.addCallback(done)
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """Upstream connections come and go all the time; don't log each one."""
-
-    noisy = False
-
-
 class Listeners(MultiService):
     """The HTTP listeners; a port that cannot be bound stops startup with one clear line."""
 
@@ -242,10 +237,11 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
     pool.maxPersistentPerHost = 16
     # below llama-server's 5 s keep-alive, so an idle connection is dropped by us first
     pool.cachedConnectionTimeout = 3
-    pool._factory = _QuietClientFactory
-    agent = Agent(reactor, connectTimeout=10, pool=pool)
+    endpoints = UpstreamEndpoints(reactor, connect_timeout=10)
+    agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
     ports = PortAllocator(config.start_port)
-    relay = Relay(agent)
+    fresh = HTTPConnectionPool(reactor, persistent=False)
+    relay = Relay(agent, streams=Agent.usingEndpointFactory(reactor, endpoints, pool=fresh))
     probe = http_probe(agent, reactor, relay.hop)
     events = EventBus()
 
@@ -275,7 +271,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
         reactor,
         Retention(config.store_max_rows, config.store_max_age_days),
     )
-    metrics = Metrics(scheduler, events)
+    metrics = Metrics(scheduler, events, ChildMetrics(scheduler, agent, reactor, relay.hop))
     metrics.registry.register(StoreMetrics(store))
     metrics.registry.register(kvcache.collector())
     recorder = Recorder(reactor, events, store, config.log_requests)

@@ -70,6 +70,14 @@ _PUBLIC_PATHS: Final = frozenset({"/health", "/v1/health"})
 UNAUTHORIZED_BODY: Final[JSONDict] = {
     "error": {"message": "Invalid API Key", "type": "authentication_error", "code": 401}
 }
+#: llama-server's answer to ``GET /metrics`` when it was started without ``--metrics``.
+NO_METRICS_BODY: Final[JSONDict] = {
+    "error": {
+        "code": 501,
+        "message": "This server does not support metrics endpoint. Start it with `--metrics`",
+        "type": "not_supported_error",
+    }
+}
 #: Paths answered even while loading, so callers can discover the model early.
 _ALWAYS_AVAILABLE_GETS: Final = frozenset({"/v1/models", "/models", "/fake/stats", "/fake/env"})
 
@@ -263,6 +271,8 @@ class FakeLlamaServer:
     @param api_keys: like ``--api-key``: every path but the health checks (and
         the fake's own ``/fake/...``) then needs one, as ``Authorization: Bearer``
         or ``X-Api-Key``.
+    @param metrics: like ``--metrics``: serve ``GET /metrics`` in llama-server's
+        format (a few ``llamacpp:*`` families); without it the answer is 501.
     """
 
     def __init__(
@@ -280,6 +290,7 @@ class FakeLlamaServer:
         slot_save_path: str | None = None,
         parallel: int = 1,
         on_state: StateFunction | None = None,
+        metrics: bool = False,
     ) -> None:
         self.clock = clock
         #: like ``--slot-save-path``: slots keep their prompt (prefix reuse shows as
@@ -287,6 +298,10 @@ class FakeLlamaServer:
         self.slot_save_path = slot_save_path
         self.slots: list[_Slot] = [_Slot(i) for i in range(parallel)]
         self.build_info = _FINGERPRINT  # /props: a restore is valid for one build only
+        self.metrics = metrics
+        #: What ``GET /metrics`` reports: tokens of finished or cancelled generations.
+        self.prompt_tokens_total = 0
+        self.tokens_predicted_total = 0
         self.api_keys = frozenset(api_keys)
         self.model = model
         self.load_time = load_time
@@ -458,6 +473,8 @@ class FakeLlamaServer:
             return _json(request, 200, [s.describe(s.id in busy) for s in self.slots])
         if path in _ECHO_GETS:
             return self._echo(request, "GET", path, b"")
+        if path == "/metrics":
+            return self._metrics(request)
         if path == "/fake/stats":
             return _json(request, 200, self.stats())
         if path == "/fake/env":
@@ -467,6 +484,33 @@ class FakeLlamaServer:
             name = names[0].decode("utf-8", "replace")
             return _json(request, 200, {"name": name, "value": os.environ.get(name)})
         return _json(request, 404, _error(404, "File Not Found", "not_found_error"))
+
+    def _metrics(self, request: HTTPRequest) -> bytes:
+        """llama-server's Prometheus text (a subset of its families), or its 501."""
+        if not self.metrics:
+            return _json(request, 501, NO_METRICS_BODY)
+        families = (
+            (
+                "prompt_tokens_total",
+                "counter",
+                "Number of prompt tokens processed, excluding cached tokens",
+                self.prompt_tokens_total,
+            ),
+            (
+                "tokens_predicted_total",
+                "counter",
+                "Number of generation tokens processed",
+                self.tokens_predicted_total,
+            ),
+            ("requests_processing", "gauge", "Number of requests processing", self.active),
+        )
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"text/plain; version=0.0.4")
+        return "".join(
+            f"# HELP llamacpp:{name} {text}\n# TYPE llamacpp:{name} {kind}\n"
+            f"llamacpp:{name} {value}\n"
+            for name, kind, text, value in families
+        ).encode("utf-8")
 
     def _models(self) -> JSONDict:
         return {
@@ -678,6 +722,8 @@ class FakeLlamaServer:
             marker = ["<|assistant|>"] if generation.kind == "chat" else []
             generation.slot.tokens.extend(marker + text.split())
         generation.done = True
+        self.prompt_tokens_total += generation.prompt_tokens
+        self.tokens_predicted_total += generation.emitted
         generation.cancel_pending()
         self._generations.discard(generation)
         self._log(
@@ -1027,6 +1073,9 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--slot-save-path", metavar="DIR", help="save/restore slots here")
     parser.add_argument("--parallel", type=int, default=1, metavar="N", help="slots")
     parser.add_argument(
+        "--metrics", action="store_true", help="serve GET /metrics (else 501), as llama-server"
+    )
+    parser.add_argument(
         "--api-key",
         default=os.environ.get("LLAMA_API_KEY", ""),
         metavar="KEY[,KEY...]",
@@ -1158,6 +1207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         slot_save_path=args.slot_save_path,
         parallel=args.parallel,
         on_state=link.notify if link is not None else None,
+        metrics=args.metrics,
     )
     site = Site(server.resource())
     site.noisy = False
