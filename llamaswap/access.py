@@ -41,7 +41,7 @@ from zope.interface import Interface, implementer
 
 from .errors import ApiError
 from .guard import OPEN_METHODS, is_open_page, presented_key
-from .origin import _same_origin
+from .origin import same_origin
 from .routes import MODEL_ROUTES
 
 ROLES = ("inference", "admin")
@@ -256,7 +256,7 @@ def from_own_page(request: Request) -> bool:
         return site.lower() == b"same-origin" or (reading and site.lower() == b"none")
     origin = _header(request, b"origin")
     if origin is not None:
-        return _same_origin(origin, _header(request, b"host"))
+        return same_origin(origin, _header(request, b"host"))
     # neither (plain http to a LAN address): only the UI's own reads, which another
     # page could make its visitor's browser send but never read
     path = request.path
