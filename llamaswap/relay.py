@@ -23,13 +23,34 @@ from collections.abc import Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IConsumer, IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import (
+    IConsumer,
+    IProtocol,
+    IProtocolFactory,
+    IPushProducer,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone, ResponseNeverReceived, readBody
+from twisted.web.client import (
+    URI,
+    BrowserLikePolicyForHTTPS,
+    ResponseDone,
+    ResponseNeverReceived,
+    readBody,
+)
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
+from twisted.web.iweb import (
+    UNKNOWN_LENGTH,
+    IAgent,
+    IAgentEndpointFactory,
+    IBodyProducer,
+    IPolicyForHTTPS,
+    IResponse,
+)
 from twisted.web.server import Request
 from zope.interface import implementer
 
@@ -150,13 +171,57 @@ class Hop:
         )
 
 
+@implementer(IAgentEndpointFactory)
+class QuietEndpoints:
+    """Where the upstream agent connects, as ``Agent`` itself would (TCP for http, TLS
+    over TCP for https), except that each connection's factory logs nothing: upstream
+    connections come and go all the time, and Twisted would log two lines for each.
+
+    This is the public way (``Agent.usingEndpointFactory``) to reach the factory the
+    connection pool connects with; nothing private of the pool is touched.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        connect_timeout: float = 30,
+        tls: IPolicyForHTTPS | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.connect_timeout = connect_timeout
+        self.tls = tls or BrowserLikePolicyForHTTPS()
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        if uri.scheme not in (b"http", b"https"):
+            raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(
+            self.reactor, uri.host.decode("ascii"), uri.port, timeout=self.connect_timeout
+        )
+        if uri.scheme == b"https":
+            endpoint = wrapClientTLS(self.tls.creatorForNetloc(uri.host, uri.port), endpoint)
+        return _QuietEndpoint(endpoint)
+
+
+@implementer(IStreamClientEndpoint)
+class _QuietEndpoint:
+    """``endpoint``, connecting with factories that do not log their start and stop."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
+        self.endpoint = endpoint
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        if isinstance(protocolFactory, Factory):
+            protocolFactory.noisy = False
+        return self.endpoint.connect(protocolFactory)
+
+
 class Relay:
     """Sends requests to children through one persistent connection pool."""
 
     log = logger()
 
     def __init__(self, agent: IAgent, hop: Hop | None = None) -> None:
-        self._agent = agent
+        self.agent = agent
         self.hop = hop or Hop()
 
     def forward(
@@ -213,7 +278,7 @@ class _Exchange:
     ) -> Deferred[None]:
         self.url = url
         self.has_body = producer is not None
-        pending = self.relay._agent.request(method, url.encode("ascii"), headers, producer)
+        pending = self.relay.agent.request(method, url.encode("ascii"), headers, producer)
         self.pending = pending
         pending.addCallbacks(self._got_response, self._no_response)
         return self.done

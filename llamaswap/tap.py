@@ -18,7 +18,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import globalLogPublisher
 from twisted.python import usage
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
@@ -35,9 +35,10 @@ from .origin import BrowserDoor, BrowserPolicy, machine_names
 from .ports import PortAllocator
 from .process import HealthProbe, ModelProcess, Timing
 from .recorder import Recorder
-from .relay import Hop, Relay
+from .relay import Hop, QuietEndpoints, Relay
 from .resources import MemoryMonitor
 from .scheduler import Scheduler
+from .twisted_compat import forget_exit_signal
 
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
 _log = logger("llamaswap.tap")
@@ -199,16 +200,9 @@ class Supervisor(Service):
             globalLogPublisher.removeObserver(self.observer)
             # Everything was shut down as asked: exit 0 (twistd would otherwise
             # re-raise the SIGTERM/SIGINT that started this, for an exit by signal)
-            if getattr(self.reactor, "_exitSignal", None) is not None:
-                self.reactor._exitSignal = None
+            forget_exit_signal(self.reactor)
 
         return stopped.addCallback(done)
-
-
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """Upstream connections come and go all the time; don't log each one."""
-
-    noisy = False
 
 
 class Listeners(MultiService):
@@ -238,8 +232,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
     pool.maxPersistentPerHost = 16
     # below llama-server's 5 s keep-alive, so an idle connection is dropped by us first
     pool.cachedConnectionTimeout = 3
-    pool._factory = _QuietClientFactory
-    agent = Agent(reactor, connectTimeout=10, pool=pool)
+    agent = Agent.usingEndpointFactory(reactor, QuietEndpoints(reactor, 10), pool=pool)
     ports = PortAllocator(config.start_port)
     relay = Relay(agent)
     probe = http_probe(agent, reactor, relay.hop)
