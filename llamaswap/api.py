@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlsplit
 
 import attrs
 from klein import Klein
-from prometheus_client.twisted import MetricsResource
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from swagger_ui_bundle import swagger_ui_path
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
@@ -36,6 +36,7 @@ from .events import EventBus
 from .eventstream import begin_event_stream, named_event, unbuffered
 from .forms import FormError, form_field
 from .guard import short_uri
+from .kvcache import Conversation, KvStore
 from .loading import LoadingStream
 from .logs import PROXY, UPSTREAM, LogHub, logger
 from .metrics import Metrics
@@ -75,6 +76,7 @@ class ParsedBody:
     requested: str
     body: bytes
     streaming: bool
+    conversation: Conversation | None = None  # for the KV store: which chat this continues
 
 
 @attrs.frozen
@@ -112,8 +114,10 @@ class Api:
         metrics: Metrics | None = None,
         events: EventBus | None = None,
         store: ActivityStore | None = None,
+        kvcache: KvStore | None = None,
     ) -> None:
         self.config = config
+        self.kvcache = kvcache
         self.scheduler = scheduler
         self.relay = relay
         self.logs = logs
@@ -210,6 +214,10 @@ class Api:
         if isinstance(parsed, PeerBody):
             await self.to_peer(request, parsed.peer, parsed.remote, request.uri, parsed.body)
             return
+        if self.kvcache is not None:
+            if route.path == "/slots/{id_slot}":
+                self.kvcache.check_client_slot_action(parsed.model, _arg(request, b"action"))
+            self.kvcache.note(parsed.model.id, parsed.conversation)
         loading = parsed.streaming and parsed.model.send_loading_state and route.loading
         await self.proxy(
             request,
@@ -238,6 +246,8 @@ class Api:
             if found is not None:
                 model, profile = found
                 path = b"/" + b"/".join(segments[count:]) + query
+                if self.kvcache is not None and path.startswith(b"/slots/"):
+                    self.kvcache.check_client_slot_action(model, _arg(request, b"action"))
                 body = request.content.read() if request.content is not None else b""
                 await self.proxy(
                     request, model, request.method, path, body or None, profile, route="/upstream"
@@ -301,7 +311,14 @@ class Api:
             changed = True
         if changed:
             body = json.dumps(document).encode("utf-8")
-        return ParsedBody(model, profile, requested, body, streaming=document.get("stream") is True)
+        return ParsedBody(
+            model,
+            profile,
+            requested,
+            body,
+            streaming=document.get("stream") is True,
+            conversation=Conversation.of(document) if model.slot_save_path else None,
+        )
 
     def choose(self, request: Request, named: str | None) -> tuple[ModelConfig, str | None, str]:
         """The model a request is for → (model, profile, the name it went by).
@@ -593,7 +610,8 @@ class Api:
                         "why": child.why,
                     }
                 )
-        return _json(request, {"running": running})
+        saved = self.kvcache.describe() if self.kvcache is not None else []
+        return _json(request, {"running": running, "saved_states": saved})
 
     def memory_record(self, model_id: str) -> dict[str, Any] | None:
         footprint = self.scheduler.footprint(model_id)
@@ -641,10 +659,13 @@ class Api:
 
     # --- observability ---------------------------------------------------------------
 
-    def prometheus(self, request: Request) -> Any:
+    async def prometheus(self, request: Request) -> bytes:
+        """llamaswap's metrics, then each ready child's own, labelled by ``model``."""
         if self.metrics is None:
             raise ApiError(404, "metrics are not enabled", "not_found")
-        return MetricsResource(registry=self.metrics.registry)
+        text = await self.metrics.exposition()
+        request.setHeader(b"content-type", CONTENT_TYPE_PLAIN_0_0_4.encode("ascii"))
+        return text
 
     async def activity(self, request: Request) -> bytes:
         store = self.need_store()

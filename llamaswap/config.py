@@ -8,6 +8,7 @@ and the offending value, and nothing runs.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import ipaddress
 import os
 import re
@@ -63,9 +64,20 @@ TOP_LEVEL_KEYS = (
     "allowedHosts",
     "cors",
     "connections",
+    "kvCache",
 )
 CONNECTION_KEYS = ("headerTimeout", "bodyTimeout", "bodyMinRate", "maxConnections", "maxPerClient")
 MODEL_DEFAULTS_KEYS = ("cmd", "args", "ttl", "env")
+KV_CACHE_KEYS = (
+    "enabled",
+    "path",
+    "maxBytes",
+    "maxBytesPerModel",
+    "minTokens",
+    "saveOnShutdown",
+    "timeout",
+)
+SLOT_SAVE_FLAG = "--slot-save-path"
 SCHEDULER_KEYS = ("policy", "maxWait", "maxResidency")
 CRASH_LOOP_KEYS = ("maxFailures", "window", "cooldown", "maxCooldown")
 STORE_KEYS = ("path", "maxRows", "maxAgeDays")
@@ -97,6 +109,7 @@ MODEL_KEYS = (
     "memory",
     "deadline",
     "upstreamApiKey",
+    "kvCache",
     "childProtocol",
 )
 CHILD_PROTOCOL = ("auto", "on", "off")
@@ -200,6 +213,19 @@ class PeerConfig:
 
 
 @attrs.frozen
+class KvCacheConfig:
+    """``kvCache``: saving llama-server slots before a stop, restoring them after a start."""
+
+    enabled: bool = True
+    path: str = ""  # the directory under which each model's states live
+    max_bytes: int = 10 * 2**30
+    max_bytes_per_model: int = 4 * 2**30
+    min_tokens: int = 256
+    save_on_shutdown: bool = True
+    timeout: float = 5.0
+
+
+@attrs.frozen
 class ModelConfig:
     """One entry of ``models``: how to run it and how clients see it."""
 
@@ -228,6 +254,10 @@ class ModelConfig:
     child_protocol: str = "auto"
     #: the key the child expects; never printed (not even in this object's repr)
     upstream_api_key: str | None = attrs.field(default=None, repr=False)
+    #: where its llama-server saves slots (``--slot-save-path``); None: KV keeping is off
+    slot_save_path: str | None = None
+    #: llamaswap added ``--slot-save-path`` (the slot files are its own, not the clients')
+    slot_save_added: bool = False
     #: what its GGUF file says (facts, capabilities, memory estimate); see modelsdir
     gguf: Mapping[str, Any] = attrs.field(factory=dict)
 
@@ -283,6 +313,7 @@ class Config:
     policy: Policy = attrs.field(factory=ArrivalOrder)
     budget: Mapping[str, int] = attrs.field(factory=dict)
     default_model: str | None = None
+    kv_cache: KvCacheConfig = attrs.field(factory=KvCacheConfig)
     connections: ConnectionLimits = attrs.field(factory=ConnectionLimits)
     # top-level keys the file sets to a value (``apiKeys: []`` counts, a missing or
     # null ``apiKeys`` does not): a reload may drop a security setting only if written
@@ -514,7 +545,9 @@ class _Builder:
             )
         unload_timeout = self.positive(root.get("unloadTimeout", 10), "unloadTimeout")
         budget = self.budget(root.get("resources"))
+        kv_cache = self.kv_cache(root.get("kvCache"), macros)
         defaults = {
+            "kv_cache": kv_cache,
             "budget": budget,
             "ttl": global_ttl,
             "unloadTimeout": unload_timeout,
@@ -593,6 +626,7 @@ class _Builder:
                 root.get("maxRequestBytes", 32 * 1024 * 1024), "maxRequestBytes"
             ),
             default_model=self.default_model(root.get("defaultModel")),
+            kv_cache=kv_cache,
             models_dirs=folders,
             notices=tuple(notices),
             allowed_hosts=self.allowed_hosts(root.get("allowedHosts")),
@@ -829,13 +863,58 @@ class _Builder:
             max_age=max_age,
         )
 
-    def store(self, value: object, macros: Mapping[str, str]) -> dict[str, Any]:
-        doc = self.mapping(value if value is not None else {}, "store")
-        self.check_keys(doc, "store", STORE_KEYS)
+    def state_dir(self) -> str:
+        """llamaswap's own state directory: ``$XDG_STATE_HOME/llamaswap``."""
         state = self.environ.get("XDG_STATE_HOME") or os.path.join(
             self.environ.get("HOME", "."), ".local", "state"
         )
-        default = os.path.join(state, "llamaswap", "activity.sqlite3")
+        return os.path.join(state, "llamaswap")
+
+    def kv_cache(self, value: object, macros: Mapping[str, str]) -> KvCacheConfig:
+        doc = self.mapping(value if value is not None else {}, "kvCache")
+        self.check_keys(doc, "kvCache", KV_CACHE_KEYS)
+        default = KvCacheConfig()
+        path = self.expand(
+            self.string(doc.get("path", os.path.join(self.state_dir(), "kv")), "kvCache.path"),
+            "kvCache.path",
+            macros,
+            (),
+        )
+        return KvCacheConfig(
+            enabled=self.boolean(doc.get("enabled", default.enabled), "kvCache.enabled"),
+            path=path,
+            max_bytes=self.size(doc.get("maxBytes", default.max_bytes), "kvCache.maxBytes"),
+            max_bytes_per_model=self.size(
+                doc.get("maxBytesPerModel", default.max_bytes_per_model),
+                "kvCache.maxBytesPerModel",
+            ),
+            min_tokens=self.limit(doc.get("minTokens", default.min_tokens), "kvCache.minTokens"),
+            save_on_shutdown=self.boolean(
+                doc.get("saveOnShutdown", default.save_on_shutdown), "kvCache.saveOnShutdown"
+            ),
+            timeout=self.positive(doc.get("timeout", default.timeout), "kvCache.timeout"),
+        )
+
+    def slot_save_path(
+        self, cmd: CommandTemplate, value: object, path: str, kv_cache: KvCacheConfig, model_id: str
+    ) -> tuple[CommandTemplate, str | None, bool]:
+        """The command (with ``--slot-save-path`` added) and the directory, when KV
+        keeping is on for this model: by default for ``llama-server`` commands."""
+        wanted = None if value is None else self.boolean(value, path)
+        argv = cmd.argv
+        given = _flag_value(argv, SLOT_SAVE_FLAG)
+        is_llama_server = os.path.basename(argv[0]).startswith("llama-server")
+        if wanted is False or (wanted is None and not (kv_cache.enabled and is_llama_server)):
+            return cmd, None, False
+        if given is not None:
+            return cmd, given, False
+        directory = os.path.join(kv_cache.path, safe_name(model_id))
+        return CommandTemplate((*argv, SLOT_SAVE_FLAG, directory)), directory, True
+
+    def store(self, value: object, macros: Mapping[str, str]) -> dict[str, Any]:
+        doc = self.mapping(value if value is not None else {}, "store")
+        self.check_keys(doc, "store", STORE_KEYS)
+        default = os.path.join(self.state_dir(), "activity.sqlite3")
         path = self.expand(
             self.string(doc.get("path", default), "store.path"), "store.path", macros, ()
         )
@@ -1149,9 +1228,14 @@ class _Builder:
                     "a model gets either the client's key (forwardAuthorization) or its "
                     "own (upstreamApiKey), not both",
                 )
+        cmd, slot_save_path, slot_save_added = self.slot_save_path(
+            cmd, doc.get("kvCache"), f"{base}.kvCache", defaults["kv_cache"], model_id
+        )
         return ModelConfig(
             id=model_id,
             cmd=cmd,
+            slot_save_path=slot_save_path,
+            slot_save_added=slot_save_added,
             proxy=proxy.rstrip("/"),
             check_endpoint=check_endpoint,
             ttl=ttl,
@@ -1299,6 +1383,22 @@ class _Builder:
                 if alias in owner:
                     raise self.fail(where, f"alias {alias!r} is also used by {owner[alias]!r}")
                 owner[alias] = model.id
+
+
+def safe_name(model_id: str) -> str:
+    """A directory name for ``model_id`` (ids may hold '/'), distinct per id."""
+    readable = re.sub(r"[^A-Za-z0-9_.-]", "_", model_id)[:60]
+    return f"{readable}-{hashlib.sha256(model_id.encode()).hexdigest()[:8]}"
+
+
+def _flag_value(argv: tuple[str, ...], flag: str) -> str | None:
+    """The value of ``flag VALUE`` or ``flag=VALUE`` in ``argv``."""
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg[len(flag) + 1 :]
+    return None
 
 
 def _describe(value: object) -> str:

@@ -124,6 +124,8 @@ def _api_path(route: ApiRoute) -> dict[str, Any]:
         "responses": _answers(route.answers),
         "security": OPEN if route.open else KEY_NEEDED,
     }
+    if route.description:
+        operation["description"] = route.description
     if route.parameters:
         operation["parameters"] = [_parameter(p) for p in route.parameters]
     return {method.lower(): operation for method in route.methods}

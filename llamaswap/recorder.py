@@ -100,6 +100,7 @@ class RequestRecord:
                 "tokens_out": usage.tokens_out,
                 "prompt_tps": usage.prompt_tps,
                 "gen_tps": usage.gen_tps,
+                "cache_n": usage.cache_n,
                 "error": self.error or usage.error,
             }
         )

@@ -11,6 +11,11 @@ again).  A pooled connection already closed is skipped by the connection pool
 before anything is written, and the pool itself resends only bodiless idempotent
 requests (GET, HEAD, ...) that met a stale connection.
 
+A request that asks to stream goes over a connection of its own, closed after
+the answer: llama-server closes the connection after every streamed answer
+anyway, and one returned to the pool would be picked by the next request in the
+moment before the server's close arrives — which, never resent, would fail.
+
 Every relayed request carries this llamaswap's :class:`Hop` mark in ``Via``; a
 request that comes back with it went round in a circle and is refused at once.
 """
@@ -23,34 +28,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import (
-    IConsumer,
-    IProtocol,
-    IProtocolFactory,
-    IPushProducer,
-    IStreamClientEndpoint,
-)
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import (
-    URI,
-    BrowserLikePolicyForHTTPS,
-    ResponseDone,
-    ResponseNeverReceived,
-    readBody,
-)
-from twisted.web.error import SchemeNotSupported
+from twisted.web.client import ResponseDone, ResponseNeverReceived, readBody
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import (
-    UNKNOWN_LENGTH,
-    IAgent,
-    IAgentEndpointFactory,
-    IBodyProducer,
-    IPolicyForHTTPS,
-    IResponse,
-)
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
@@ -165,57 +149,20 @@ class Hop:
         )
 
 
-@implementer(IAgentEndpointFactory)
-class QuietEndpoints:
-    """Where the upstream agent connects, as ``Agent`` itself would (TCP for http, TLS
-    over TCP for https), except that each connection's factory logs nothing: upstream
-    connections come and go all the time, and Twisted would log two lines for each.
-
-    This is the public way (``Agent.usingEndpointFactory``) to reach the factory the
-    connection pool connects with; nothing private of the pool is touched.
-    """
-
-    def __init__(
-        self,
-        reactor: Any,
-        connect_timeout: float = 30,
-        tls: IPolicyForHTTPS | None = None,
-    ) -> None:
-        self.reactor = reactor
-        self.connect_timeout = connect_timeout
-        self.tls = tls or BrowserLikePolicyForHTTPS()
-
-    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        if uri.scheme not in (b"http", b"https"):
-            raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
-        endpoint: IStreamClientEndpoint = HostnameEndpoint(
-            self.reactor, uri.host.decode("ascii"), uri.port, timeout=self.connect_timeout
-        )
-        if uri.scheme == b"https":
-            endpoint = wrapClientTLS(self.tls.creatorForNetloc(uri.host, uri.port), endpoint)
-        return _QuietEndpoint(endpoint)
-
-
-@implementer(IStreamClientEndpoint)
-class _QuietEndpoint:
-    """``endpoint``, connecting with factories that do not log their start and stop."""
-
-    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
-        self.endpoint = endpoint
-
-    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
-        if isinstance(protocolFactory, Factory):
-            protocolFactory.noisy = False
-        return self.endpoint.connect(protocolFactory)
-
-
 class Relay:
-    """Sends requests to children through one persistent connection pool."""
+    """Sends requests to children through one persistent connection pool.
+
+    ``streams`` (an agent whose connections are never kept) carries requests
+    that ask to stream; without it they share ``agent``'s pool.
+    """
 
     log = logger()
 
-    def __init__(self, agent: IAgent, hop: Hop | None = None) -> None:
-        self.agent = agent
+    def __init__(
+        self, agent: IAgent, hop: Hop | None = None, streams: IAgent | None = None
+    ) -> None:
+        self._agent = agent
+        self._streams = streams or agent
         self.hop = hop or Hop()
 
     def forward(
@@ -247,8 +194,10 @@ class Relay:
             headers.setRawHeaders(name, [value])
         self.hop.mark(headers)
         producer = BytesProducer(body) if body is not None else None
+        # "stream" as a JSON key or value; a false positive only costs a connect
+        agent = self._streams if body is not None and b'"stream"' in body else self._agent
         exchange = _Exchange(self, request, stream_started, meter or ResponseMeter())
-        return exchange.run(method, url, headers, producer)
+        return exchange.run(agent, method, url, headers, producer)
 
 
 class _Exchange:
@@ -268,11 +217,16 @@ class _Exchange:
         self.has_body = False
 
     def run(
-        self, method: bytes, url: str, headers: Headers, producer: IBodyProducer | None
+        self,
+        agent: IAgent,
+        method: bytes,
+        url: str,
+        headers: Headers,
+        producer: IBodyProducer | None,
     ) -> Deferred[None]:
         self.url = url
         self.has_body = producer is not None
-        pending = self.relay.agent.request(method, url.encode("ascii"), headers, producer)
+        pending = agent.request(method, url.encode("ascii"), headers, producer)
         self.pending = pending
         pending.addCallbacks(self._got_response, self._no_response)
         return self.done

@@ -188,6 +188,8 @@ class ApiRoute:
     documented: bool = True
     #: a llama-server route llamaswap answers itself, for the whole set of models
     llama_server: bool = False
+    #: more than the summary says, for the OpenAPI document
+    description: str = ""
     #: the werkzeug rule, when it is not the path's (handler arguments named apart
     #: from the documented parameters, or one argument for several segments)
     werkzeug_rule: str | None = None
@@ -348,10 +350,12 @@ API_ROUTES: tuple[ApiRoute, ...] = (
         "/metrics",
         ("GET",),
         "prometheus",
-        "Prometheus metrics (a model's own: `/upstream/<id>/metrics`)",
+        "Prometheus metrics",
         _OBSERVABILITY,
         (Answer(200, "Prometheus text format", Media.TEXT),),
         llama_server=True,
+        description="llamaswap's own, then each running model's own metrics "
+        "(llama-server with --metrics), every sample labelled with its model.",
     ),
     ApiRoute(
         "/api/activity",

@@ -7,6 +7,7 @@ the reactor (or just the clock) passed in.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import strports
@@ -15,6 +16,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import globalLogPublisher
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -28,17 +30,19 @@ from .config import Config, ConfigError, ModelConfig, listen_address, load_confi
 from .connections import ConnectionGate, raise_file_limit
 from .events import EventBus
 from .guard import ApiSite, Guard, is_open_page
+from .kvcache import KvStore
 from .livefolder import FolderReloader
 from .logs import LogHub, logger, set_log_level
-from .metrics import Metrics
+from .metrics import ChildMetrics, Metrics
 from .origin import BrowserDoor, BrowserPolicy, machine_names
 from .ports import PortAllocator
 from .process import HealthProbe, ModelProcess, Timing
 from .recorder import Recorder
-from .relay import Hop, QuietEndpoints, Relay
+from .relay import Hop, Relay
 from .resources import MemoryMonitor
 from .scheduler import Scheduler
 from .twisted_compat import forget_exit_signal
+from .upstream import UpstreamEndpoints
 
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
 _log = logger("llamaswap.tap")
@@ -191,9 +195,10 @@ class Supervisor(Service):
         self.memory.stop()
         closing = self.scheduler.close(self.scheduler.config.shutdown_timeout)
         stopped = DeferredList(
-            [closing.addCallback(lambda _: self.store.stop()), self.pool.closeCachedConnections()],
-            consumeErrors=True,
+            [closing.addCallback(lambda _: self.store.stop())], consumeErrors=True
         )
+        # after the models stopped: the KV store talks to them until then
+        stopped.addCallback(lambda _: self.pool.closeCachedConnections())
 
         def done(_: object) -> None:
             self.log.info("all model servers stopped")
@@ -232,9 +237,11 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
     pool.maxPersistentPerHost = 16
     # below llama-server's 5 s keep-alive, so an idle connection is dropped by us first
     pool.cachedConnectionTimeout = 3
-    agent = Agent.usingEndpointFactory(reactor, QuietEndpoints(reactor, 10), pool=pool)
+    endpoints = UpstreamEndpoints(reactor, connect_timeout=10)
+    agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
     ports = PortAllocator(config.start_port)
-    relay = Relay(agent)
+    fresh = HTTPConnectionPool(reactor, persistent=False)
+    relay = Relay(agent, streams=Agent.usingEndpointFactory(reactor, endpoints, pool=fresh))
     probe = http_probe(agent, reactor, relay.hop)
     events = EventBus()
 
@@ -251,16 +258,24 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
         )
 
     processes = [make_process(m, config.health_check_timeout) for m in config.models.values()]
-    scheduler = Scheduler(processes, reactor, config, events)
+
+    def in_thread(work: Callable[[], Any]) -> Deferred[Any]:
+        """Disk work of the KV store (unlinking 100 MB files) off the reactor."""
+        return deferToThreadPool(reactor, reactor.getThreadPool(), work)
+
+    kvcache = KvStore(config, agent, reactor, disk=in_thread, hop=relay.hop)
+    events.subscribe(kvcache.observe)
+    scheduler = Scheduler(processes, reactor, config, events, hooks=kvcache)
     store = ActivityStore(
         config.store_path,
         reactor,
         Retention(config.store_max_rows, config.store_max_age_days),
     )
-    metrics = Metrics(scheduler, events)
+    metrics = Metrics(scheduler, events, ChildMetrics(scheduler, agent, reactor, relay.hop))
     metrics.registry.register(StoreMetrics(store))
+    metrics.registry.register(kvcache.collector())
     recorder = Recorder(reactor, events, store, config.log_requests)
-    api = Api(config, scheduler, relay, logs, reactor, recorder, metrics, events, store)
+    api = Api(config, scheduler, relay, logs, reactor, recorder, metrics, events, store, kvcache)
 
     top = MultiService()
     Supervisor(scheduler, pool, logs, store, reactor).setServiceParent(top)
@@ -308,6 +323,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
         """Switch every reader of the configuration to ``new``."""
         set_log_level(new.log_level)
         ports.start = new.start_port
+        kvcache.reconfigure(new)
         changes = scheduler.reconfigure(
             new, lambda model: make_process(model, new.health_check_timeout)
         )

@@ -28,6 +28,7 @@ from llamaswap.config import (
     ConfigError,
     parse_config,
 )
+from llamaswap.resources import parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_PATH = ROOT / "config-schema.json"
@@ -65,6 +66,10 @@ BAD_CONFIGS: tuple[tuple[str, str, str], ...] = (
         "models.m.upstreamApiKey",
     ),
     ("defaultModel empty", BASE + "defaultModel: ''\n", "defaultModel"),
+    ("kvCache minTokens 0", BASE + "kvCache:\n  minTokens: 0\n", "kvCache.minTokens"),
+    ("kvCache maxBytes a word", BASE + "kvCache:\n  maxBytes: lots\n", "kvCache.maxBytes"),
+    ("unknown kvCache key", BASE + "kvCache:\n  budget: 1GB\n", "kvCache.budget"),
+    ("model kvCache a string", BASE + "    kvCache: 'on'\n", "models.m.kvCache"),
     ("unknown modelDefaults key", BASE + "modelDefaults:\n  ctx: 4\n", "modelDefaults.ctx"),
     (
         "modelDefaults.cmd without the model",
@@ -384,6 +389,21 @@ class SameDefaultsTests(SynchronousTestCase):
         for key, value in attributes.items():
             self.assertEqual(properties[key]["default"], plain(value), key)
         self.assertFalse(model.filters)
+
+    def test_kv_cache(self) -> None:
+        config = parse_config(BASE, environ={"HOME": "/home/u"})
+        kv = SCHEMA["properties"]["kvCache"]["properties"]
+        self.assertEqual(kv["enabled"]["default"], config.kv_cache.enabled)
+        self.assertEqual(kv["path"]["default"], "~/.local/state/llamaswap/kv")
+        self.assertEqual(config.kv_cache.path, "/home/u/.local/state/llamaswap/kv")
+        self.assertEqual(parse_size(kv["maxBytes"]["default"]), config.kv_cache.max_bytes)
+        self.assertEqual(
+            parse_size(kv["maxBytesPerModel"]["default"]), config.kv_cache.max_bytes_per_model
+        )
+        self.assertEqual(kv["minTokens"]["default"], config.kv_cache.min_tokens)
+        self.assertEqual(kv["saveOnShutdown"]["default"], config.kv_cache.save_on_shutdown)
+        self.assertEqual(kv["timeout"]["default"], config.kv_cache.timeout)
+        self.assertIsNone(SCHEMA["$defs"]["model"]["properties"]["kvCache"]["default"])
 
     def test_group(self) -> None:
         group = parse_config(BASE + "groups:\n  g:\n    members: [m]\n").groups["g"]

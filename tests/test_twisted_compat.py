@@ -25,8 +25,8 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 import llamaswap
-from llamaswap.relay import QuietEndpoints
 from llamaswap.twisted_compat import forget_exit_signal
+from llamaswap.upstream import UpstreamEndpoints
 
 PACKAGE = Path(llamaswap.__file__).parent
 ADAPTER = PACKAGE / "twisted_compat.py"
@@ -87,7 +87,7 @@ class _Hello(Resource):
         return b"hello"
 
 
-class QuietEndpointTests(TestCase):
+class UpstreamEndpointTests(TestCase):
     """Upstream connections log nothing, through ``Agent.usingEndpointFactory``."""
 
     async def factory_lines(self, agent_for: Any) -> list[str]:
@@ -116,18 +116,18 @@ class QuietEndpointTests(TestCase):
         return lines
 
     async def test_twisted_logs_each_upstream_connection_by_default(self) -> None:
-        """The noise QuietEndpoints is there for (if this fails, Twisted went quiet)."""
+        """The noise UpstreamEndpoints silences (if this fails, Twisted went quiet)."""
         lines = await self.factory_lines(lambda pool: Agent(reactor, pool=pool))
         self.assertIn("Starting factory {factory!r}", lines)
 
-    async def test_quiet_endpoints_log_nothing(self) -> None:
+    async def test_upstream_endpoints_log_nothing(self) -> None:
         lines = await self.factory_lines(
-            lambda pool: Agent.usingEndpointFactory(reactor, QuietEndpoints(reactor, 10), pool)
+            lambda pool: Agent.usingEndpointFactory(reactor, UpstreamEndpoints(reactor, 10), pool)
         )
         self.assertEqual(lines, [])
 
     def test_https_and_unknown_schemes(self) -> None:
-        endpoints = QuietEndpoints(MemoryReactor())
+        endpoints = UpstreamEndpoints(MemoryReactor(), 10)
         endpoints.endpointForURI(URI.fromBytes(b"https://peer.example:8443/v1"))
         self.assertRaises(
             SchemeNotSupported, endpoints.endpointForURI, URI.fromBytes(b"ftp://peer.example/")
