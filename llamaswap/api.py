@@ -34,6 +34,7 @@ from .activity import ActivityStore, StoreUnavailable
 from .config import Config, ModelConfig, PeerConfig
 from .errors import ApiError, ModelStopped, StartFailed
 from .events import EventBus
+from .eventstream import begin_event_stream, named_event, unbuffered
 from .forms import FormError, form_field
 from .guard import short_uri
 from .kvcache import Conversation, KvStore
@@ -44,7 +45,7 @@ from .openapi import openapi_document
 from .process import ModelState
 from .recorder import Recorder, RequestRecord
 from .relay import Relay
-from .routes import MODEL_ROUTES, Body, ModelRoute
+from .routes import API_ROUTES, MODEL_ROUTES, Body, ModelRoute
 from .scheduler import Scheduler
 
 UI_DIR = Path(__file__).parent / "ui"
@@ -236,11 +237,6 @@ class Api:
         )
     del _route
 
-    @router.route(
-        "/upstream/<path:rest>",
-        branch=False,
-        methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
-    )
     async def upstream(self, request: Request, rest: str) -> None:
         raw = request.uri.split(b"?", 1)
         query = b"?" + raw[1] if len(raw) == 2 else b""
@@ -511,18 +507,14 @@ class Api:
 
     # --- management ---------------------------------------------------------------
 
-    @router.route("/health", methods=["GET", "HEAD"])
     def health(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return b"OK"
 
-    @router.route("/v1/health", methods=["GET", "HEAD"])
     def health_v1(self, request: Request) -> bytes:
         """llama-server's health route, in its shape: no model is asked (or started)."""
         return _json(request, {"status": "ok"})
 
-    @router.route("/v1/models", methods=["GET"], endpoint="models_v1")
-    @router.route("/models", methods=["GET"], endpoint="models_plain")
     def models(self, request: Request) -> bytes:
         data = []
         for model_id in filter(lambda m: may_list(request, m), self.config.listed_ids()):
@@ -574,7 +566,6 @@ class Api:
             record["status"]["error"] = process.last_error
         return record
 
-    @router.route("/running", methods=["GET"])
     def running(self, request: Request) -> bytes:
         now = self.clock.seconds()
         running = []
@@ -641,7 +632,6 @@ class Api:
             "peak": footprint.peak,
         }
 
-    @router.route("/api/models/load/<path:name>", methods=["POST"])
     async def load_one(self, request: Request, name: str) -> bytes:
         """Start a model and answer once it is ready (or with why it could not start)."""
         model = self.resolve(name)
@@ -658,25 +648,21 @@ class Api:
             },
         )
 
-    @router.route("/unload", methods=["GET"])
     async def unload_all_get(self, request: Request) -> bytes:
         await self.scheduler.unload()
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return b"OK"
 
-    @router.route("/api/models/unload", methods=["POST"])
     async def unload_all(self, request: Request) -> bytes:
         await self.scheduler.unload()
         return _json(request, {"msg": "ok"})
 
-    @router.route("/api/models/unload/<path:name>", methods=["POST"])
     async def unload_one(self, request: Request, name: str) -> bytes:
         model = self.resolve(name)
         require_model(request, model.id)
         await self.scheduler.unload([model.id])
         return _json(request, {"msg": "ok"})
 
-    @router.route("/api/version", methods=["GET"])
     def version(self, request: Request) -> bytes:
         return _json(request, {"version": __version__})
 
@@ -684,7 +670,6 @@ class Api:
 
     # --- observability ---------------------------------------------------------------
 
-    @router.route("/metrics", methods=["GET"])
     async def prometheus(self, request: Request) -> bytes:
         """llamaswap's metrics, then each ready child's own, labelled by ``model``."""
         if self.metrics is None:
@@ -693,7 +678,6 @@ class Api:
         request.setHeader(b"content-type", CONTENT_TYPE_PLAIN_0_0_4.encode("ascii"))
         return text
 
-    @router.route("/api/activity", methods=["GET"])
     async def activity(self, request: Request) -> bytes:
         store = self.need_store()
         model = _arg(request, b"model")
@@ -707,7 +691,6 @@ class Api:
         )
         return _json(request, result)
 
-    @router.route("/api/activity/stats", methods=["GET"])
     async def activity_stats(self, request: Request) -> bytes:
         store = self.need_store()
         result = await store.stats(
@@ -720,12 +703,9 @@ class Api:
             raise ApiError(404, "the activity log is not enabled", "not_found")
         return self.store
 
-    @router.route("/api/events", methods=["GET"])
     def live_events(self, request: Request) -> Deferred[None]:
         """Server-sent events: model states, log lines, activity rows, queue changes."""
-        request.setHeader(b"content-type", b"text/event-stream")
-        request.setHeader(b"cache-control", b"no-cache")
-        request.setHeader(b"x-accel-buffering", b"no")
+        begin_event_stream(request)
         reader = _EventReader(request)
         request.registerProducer(reader, True)
         for model_id, process in sorted(self.scheduler.processes.items()):
@@ -748,36 +728,28 @@ class Api:
         reader.on_drop = lambda: done.cancel()
         return done
 
-    @router.route("/openapi.json", methods=["GET"])
     def openapi(self, request: Request) -> bytes:
         return _json(request, openapi_document())
 
-    @router.route("/swagger", methods=["GET"])
     def swagger_redirect(self, request: Request) -> None:
         request.redirect(b"/swagger/")
 
-    @router.route("/swagger/", methods=["GET"])
     def swagger_page(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         return SWAGGER_PAGE
 
-    @router.route("/swagger/static/", branch=True, methods=["GET"])
     def swagger_assets(self, request: Request) -> Any:
         return static.File(swagger_ui_path)
 
-    @router.route("/", methods=["GET"])
     def root(self, request: Request) -> None:
         request.redirect(b"/ui/")
 
-    @router.route("/ui", methods=["GET"])
     def ui_redirect(self, request: Request) -> None:
         request.redirect(b"/ui/")
 
-    @router.route("/ui/", branch=True, methods=["GET"])
     def ui(self, request: Request) -> Any:
         return static.File(str(UI_DIR))
 
-    @router.route("/logs", methods=["GET"])
     def logs_text(self, request: Request) -> bytes | None:
         accept = request.getHeader(b"accept") or b""
         if b"text/html" in accept:
@@ -786,11 +758,9 @@ class Api:
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return "".join(line + "\n" for line in self.logs.combined_history()).encode("utf-8")
 
-    @router.route("/logs/stream", methods=["GET"], endpoint="stream_all")
     def stream_all(self, request: Request) -> Deferred[None]:
         return self.stream(request, [PROXY, UPSTREAM])
 
-    @router.route("/logs/stream/<path:source>", methods=["GET"])
     def stream_one(self, request: Request, source: str) -> Deferred[None]:
         if source not in (PROXY, UPSTREAM):
             source = self.resolve(source).id
@@ -799,8 +769,7 @@ class Api:
     def stream(self, request: Request, sources: list[str]) -> Deferred[None]:
         """History (unless ``?no-history``), then live lines until the client leaves."""
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        request.setHeader(b"x-accel-buffering", b"no")
-        request.setHeader(b"cache-control", b"no-cache")
+        unbuffered(request.responseHeaders)
         request.write(b"")  # send the headers now: a quiet log may say nothing for long
         if not _has_flag(request, b"no-history"):
             for source in sources:
@@ -809,6 +778,20 @@ class Api:
         reader = _LogReader(request)
         request.registerProducer(reader, True)
         return _until_gone(self.logs.subscribe(sources, reader.line))
+
+
+def _serve_api_routes(api: type[Api]) -> None:
+    """A Klein route for each entry of :data:`API_ROUTES`, answered by the ``Api``
+    method the entry names (the model routes are registered in the class)."""
+    for route in API_ROUTES:
+        handler = getattr(api, route.handler)
+        serve = api.router.route(
+            route.rule, methods=list(route.methods), branch=route.branch, endpoint=route.path
+        )
+        serve(handler)
+
+
+_serve_api_routes(Api)
 
 
 def _credentials(key: str | None) -> dict[bytes, bytes]:
@@ -948,7 +931,7 @@ class _EventReader(_LiveReader):
                 self.on_drop = None
             return
         payload = json.dumps(data, default=str)
-        self.request.write(f"event: {kind}\ndata: {payload}\n\n".encode())
+        self.request.write(named_event(kind, payload))
 
 
 class _LogReader(_LiveReader):

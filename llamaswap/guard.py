@@ -29,6 +29,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from .errors import ApiError
+from .routes import API_ROUTES
 
 if TYPE_CHECKING:
     from .access import Access
@@ -47,10 +48,14 @@ HeaderCheck = Callable[[Request], ApiError | Answered | None]
 the request by returning an error, or answers it itself (``ANSWERED``).  A check
 may also set answer headers that every response to the request should carry."""
 
-# Paths anyone may GET: liveness, and what a browser needs to ask for a key.
-OPEN_PATHS = (b"/health", b"/v1/health")
-OPEN_PREFIXES = (b"/ui/", b"/swagger/")
-OPEN_EXACT = (b"/", b"/ui", b"/swagger", b"/favicon.ico")
+# Paths anyone may GET: the routes the table marks open (liveness, and what a browser
+# needs to ask for a key); an open branch (static files) opens what is below it.
+OPEN_PATHS = frozenset(
+    [r.path.encode() for r in API_ROUTES if r.open]
+    + [r.path.rstrip("/").encode() for r in API_ROUTES if r.open and r.branch]
+    + [b"/favicon.ico"]  # no route: browsers ask for it anyway; a 404 and no key prompt
+)
+OPEN_PREFIXES = tuple(r.path.encode() for r in API_ROUTES if r.open and r.branch)
 OPEN_METHODS = (b"GET", b"HEAD")
 
 MAX_URI_BYTES = 8192
@@ -327,8 +332,4 @@ class Guard(Resource):
 
 def is_open_page(path: bytes) -> bool:
     """A page anyone may read: liveness, the UI, Swagger."""
-    return (
-        path in OPEN_PATHS
-        or path in OPEN_EXACT
-        or any(path.startswith(prefix) for prefix in OPEN_PREFIXES)
-    )
+    return path in OPEN_PATHS or any(path.startswith(prefix) for prefix in OPEN_PREFIXES)

@@ -42,6 +42,7 @@ from .recorder import Recorder
 from .relay import Hop, Relay
 from .resources import MemoryMonitor
 from .scheduler import Scheduler
+from .twisted_compat import forget_exit_signal
 from .upstream import UpstreamEndpoints
 
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
@@ -205,8 +206,7 @@ class Supervisor(Service):
             globalLogPublisher.removeObserver(self.observer)
             # Everything was shut down as asked: exit 0 (twistd would otherwise
             # re-raise the SIGTERM/SIGINT that started this, for an exit by signal)
-            if getattr(self.reactor, "_exitSignal", None) is not None:
-                self.reactor._exitSignal = None
+            forget_exit_signal(self.reactor)
 
         return stopped.addCallback(done)
 
