@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 from . import __version__
 from .activity import ActivityStore, StoreUnavailable
-from .config import Config, ModelConfig, PeerConfig
+from .config import Config, ModelConfig, PeerConfig, PoolConfig
 from .errors import ApiError, ModelStopped, StartFailed
 from .events import EventBus
 from .loading import LoadingStream
@@ -181,9 +181,16 @@ class Api:
             return
         body = request.content.read() if request.content is not None else b""
         if request.method != b"POST":  # GET, HEAD, DELETE: the model is in the query
-            model, profile, _ = self.choose(request, None)
+            model, profile, requested = self.choose(request, None)
             await self.proxy(
-                request, model, request.method, request.uri, body or None, profile, route=route.path
+                request,
+                model,
+                request.method,
+                request.uri,
+                body or None,
+                profile,
+                route=route.path,
+                requested=requested,
             )
             return
         parsed = self.model_from_body(request, body, route.body)
@@ -200,6 +207,7 @@ class Api:
             parsed.profile,
             loading_for=parsed.requested if loading else None,
             route=route.path,
+            requested=parsed.requested,
         )
 
     for _route in MODEL_ROUTES:
@@ -219,13 +227,20 @@ class Api:
         segments = raw[0][len(b"/upstream/") :].split(b"/")
         for count in range(len(segments), 0, -1):
             name = unquote(b"/".join(segments[:count]).decode("utf-8", errors="replace"))
-            found = self.config.lookup(name)
+            found = self.find(name)
             if found is not None:
                 model, profile = found
                 path = b"/" + b"/".join(segments[count:]) + query
                 body = request.content.read() if request.content is not None else b""
                 await self.proxy(
-                    request, model, request.method, path, body or None, profile, route="/upstream"
+                    request,
+                    model,
+                    request.method,
+                    path,
+                    body or None,
+                    profile,
+                    route="/upstream",
+                    requested=name,
                 )
                 return
         raise self.unknown_model(unquote(segments[0].decode("utf-8", errors="replace")))
@@ -263,7 +278,7 @@ class Api:
         name = document.get("model")
         if name is not None and not isinstance(name, str):
             raise ApiError(400, "'model' must be a string naming the model to use")
-        if name and self.config.lookup(name) is None:
+        if name and self.find(name) is None:
             routed = self.config.peer_route(name)
             if routed is not None:
                 # a remote model: its own id upstream, the peer's filters
@@ -315,11 +330,38 @@ class Api:
         )
 
     def target(self, name: str) -> tuple[ModelConfig, str | None]:
-        """A model id, alias, variant or ``<profile>:<model>`` → (model, profile)."""
-        found = self.config.lookup(name)
+        """A model id, alias, variant, pool or ``<profile>:<model>`` → (model, profile)."""
+        found = self.find(name)
         if found is None:
             raise self.unknown_model(name)
         return found
+
+    def find(self, name: str) -> tuple[ModelConfig, str | None] | None:
+        """Like ``Config.lookup``; a pool goes to whichever of its models is loaded."""
+        pool = self.config.pools.get(name)
+        if pool is not None:
+            return self.config.models[self.scheduler.pick(pool.models)], None
+        return self.config.lookup(name)
+
+    def priority(self, request: Request, model: ModelConfig, requested: str | None) -> int:
+        """The request's priority: its pool's or model's, lowered by ``X-Priority``."""
+        pool = self.config.pools.get(requested or "")
+        base = pool.priority if pool is not None and pool.priority is not None else model.priority
+        header = request.getHeader(b"x-priority")
+        if header is None:
+            return base
+        value = header.decode("latin-1").strip().lower()
+        if value == "low":
+            return base - 1
+        if value == "normal":
+            return base
+        try:
+            asked = int(value)
+        except ValueError as e:
+            raise ApiError(
+                400, "X-Priority must be 'low', 'normal' or an integer", "invalid_priority"
+            ) from e
+        return min(base, asked)  # a client may lower its priority, never raise it
 
     def resolve(self, name: str) -> ModelConfig:
         model = self.config.resolve(name)
@@ -341,6 +383,7 @@ class Api:
         profile: str | None = None,
         loading_for: str | None = None,
         route: str | None = None,
+        requested: str | None = None,
     ) -> None:
         """Lease the model, relay the request; with ``loading_for``, report progress."""
         record = self.recorder.begin(
@@ -350,7 +393,10 @@ class Api:
             self.scheduler.processes[model.id],
         )
         try:
-            await self._proxy(request, model, method, path, body, profile, loading_for, record)
+            priority = self.priority(request, model, requested)
+            await self._proxy(
+                request, model, method, path, body, profile, loading_for, record, priority
+            )
         except CancelledError:
             record.fail(499, "the client disconnected")
             raise
@@ -373,9 +419,10 @@ class Api:
         profile: str | None,
         loading_for: str | None,
         record: RequestRecord,
+        priority: int,
     ) -> None:
         deadline = self.deadline(request, model)  # may refuse the request: before queueing
-        waiting = self.scheduler.acquire(model.id, profile)
+        waiting = self.scheduler.acquire(model.id, profile, priority)
         if deadline is not None and not waiting.called:
             waiting.addTimeout(deadline, self.clock, onTimeoutCancel=_missed(model.id, deadline))
         progress = None
@@ -486,6 +533,8 @@ class Api:
         for profile, members in sorted(self.config.profiles.items()):
             for member in members:
                 data.append({**self.model_record(member), "id": f"{profile}:{member}"})
+        for pool in sorted(self.config.pools.values(), key=lambda p: p.id):
+            data.append(self.pool_record(pool))
         for peer in self.config.peers.values():
             for remote in peer.models:
                 data.append(
@@ -498,6 +547,18 @@ class Api:
                     }
                 )
         return _json(request, {"object": "list", "data": data})
+
+    def pool_record(self, pool: PoolConfig) -> dict[str, Any]:
+        """A pool as a model: the record of the model it would use now, renamed."""
+        chosen = self.scheduler.pick(pool.models)
+        record = {**self.model_record(chosen), "id": pool.id, "name": pool.name or pool.id}
+        record.pop("aliases", None)
+        record["description"] = pool.description or (
+            f"whichever of {', '.join(pool.models)} is loaded (now {chosen})"
+        )
+        meta = dict(record.get("meta", {}).get("llamaswap", {}))
+        record["meta"] = {"llamaswap": {**meta, "pool": list(pool.models), "serves": chosen}}
+        return record
 
     def model_record(self, model_id: str) -> dict[str, Any]:
         model = self.config.models[model_id]

@@ -13,7 +13,7 @@ import os
 import re
 import shlex
 import socket
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -54,7 +54,9 @@ TOP_LEVEL_KEYS = (
     "scheduler",
     "resources",
     "defaultModel",
+    "pools",
 )
+POOL_KEYS = ("models", "priority", "name", "description")
 SCHEDULER_KEYS = ("policy", "maxWait", "maxResidency")
 CRASH_LOOP_KEYS = ("maxFailures", "window", "cooldown", "maxCooldown")
 STORE_KEYS = ("path", "maxRows", "maxAgeDays")
@@ -175,6 +177,18 @@ class GroupConfig:
 
 
 @attrs.frozen
+class PoolConfig:
+    """A name served by whichever of its models is loaded: it never causes a swap
+    while one of them runs (see docs/configuration.md, Pools)."""
+
+    id: str
+    models: tuple[str, ...]
+    priority: int | None = None  # None: the chosen model's own
+    name: str = ""
+    description: str = ""
+
+
+@attrs.frozen
 class PeerConfig:
     """Another OpenAI-compatible server (often another llamaswap) that serves some ids."""
 
@@ -223,8 +237,25 @@ class ModelConfig:
         variants = tuple(k for k in self.filters.set_by_id if k != self.id)
         return self.aliases + variants
 
+    @property
+    def slots(self) -> int | None:
+        """Requests the server answers at once (llama-server's ``--parallel``/``-np``),
+        if the command says so."""
+        value = _flag_value(self.cmd.argv, ("--parallel", "-np"))
+        return int(value) if value is not None and value.isdigit() and int(value) > 0 else None
+
     def proxy_url(self, port: int | None) -> str:
         return fill_runtime(self.proxy, {"PORT": str(port)} if port is not None else {})
+
+
+def _flag_value(argv: Sequence[str], names: Collection[str]) -> str | None:
+    """The value of the last ``--flag value`` or ``--flag=value`` in ``argv``."""
+    found = None
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name in names:
+            found = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    return found
 
 
 @attrs.frozen
@@ -242,6 +273,7 @@ class Config:
     include_aliases_in_list: bool = False
     groups: Mapping[str, GroupConfig] = attrs.field(factory=dict)
     profiles: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
+    pools: Mapping[str, PoolConfig] = attrs.field(factory=dict)
     preload: tuple[str, ...] = ()
     peers: Mapping[str, PeerConfig] = attrs.field(factory=dict)
     log_requests: bool = False
@@ -482,6 +514,7 @@ class _Builder:
         self.check_names_unique(models)
         groups = self.groups(root.get("groups"), models)
         profiles = self.profiles(root.get("profiles"), models)
+        pools = self.pools(root.get("pools"), models)
         preload = self.preload(root.get("hooks"), models)
         queue_limit = self.integer(root.get("queueLimit", 100), "queueLimit")
         if queue_limit < 1:
@@ -513,6 +546,7 @@ class _Builder:
             ),
             groups=groups,
             profiles=profiles,
+            pools=pools,
             preload=preload,
             peers=self.peers(root.get("peers"), models, macros),
             log_requests=self.boolean(root.get("logRequests", False), "logRequests"),
@@ -528,7 +562,11 @@ class _Builder:
             **self.store(root.get("store"), macros),
             written=frozenset(key for key, value in root.items() if value is not None),
         )
-        if config.default_model is not None and config.lookup(config.default_model) is None:
+        if (
+            config.default_model is not None
+            and config.lookup(config.default_model) is None
+            and config.default_model not in config.pools
+        ):
             names = tuple(models) + tuple(n for m in models.values() for n in m.names)
             raise self.fail(
                 "defaultModel",
@@ -741,6 +779,43 @@ class _Builder:
                     )
             profiles[name] = tuple(dict.fromkeys(ids))
         return profiles
+
+    def pools(self, value: object, models: Mapping[str, ModelConfig]) -> dict[str, PoolConfig]:
+        if value is None:
+            return {}
+        taken = {name for m in models.values() for name in m.names}
+        pools: dict[str, PoolConfig] = {}
+        for pool_id, entry in self.mapping(value, "pools").items():
+            base = f"pools.{pool_id}"
+            if not isinstance(pool_id, str) or not pool_id.strip() or ":" in pool_id:
+                raise self.fail(base, "pool names are non-empty and contain no ':'")
+            if pool_id in models or pool_id in taken:
+                raise self.fail(base, f"{pool_id!r} is already a model id or alias")
+            doc = self.mapping(entry, base)
+            self.check_keys(doc, base, POOL_KEYS)
+            if "models" not in doc:
+                raise self.fail(f"{base}.models", "required key is missing")
+            ids = self.string_list(doc["models"], f"{base}.models")
+            if not ids:
+                raise self.fail(f"{base}.models", "a pool needs at least one model")
+            for i, member in enumerate(ids):
+                if member not in models:
+                    raise self.fail(
+                        f"{base}.models[{i}]",
+                        f"unknown model {member!r}" + _suggest(member, tuple(models)),
+                    )
+            pools[pool_id] = PoolConfig(
+                id=pool_id,
+                models=tuple(dict.fromkeys(ids)),
+                priority=(
+                    self.integer(doc["priority"], f"{base}.priority")
+                    if doc.get("priority") is not None
+                    else None
+                ),
+                name=self.string(doc.get("name", ""), f"{base}.name"),
+                description=self.string(doc.get("description", ""), f"{base}.description"),
+            )
+        return pools
 
     def preload(self, value: object, models: Mapping[str, ModelConfig]) -> tuple[str, ...]:
         if value is None:

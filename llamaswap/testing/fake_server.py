@@ -860,6 +860,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-spam", type=int, default=0, metavar="N")
     parser.add_argument("--embedding", "--embeddings", action="store_true", help="no effect")
+    parser.add_argument("--reranking", "--rerank", action="store_true", help="no effect")
+    parser.add_argument("--parallel", "-np", type=int, default=1, help="no effect")
     parser.add_argument(
         "--api-key",
         default=os.environ.get("LLAMA_API_KEY", ""),

@@ -1,0 +1,187 @@
+"""Traffic that doesn't thrash: pools, priorities and slots (fake clock, fake children)."""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from llamaswap.config import ConfigError, parse_config
+
+from .helpers import world
+
+POOLED = """
+scheduler:
+  policy: fifo
+pools:
+  tasks:
+    models: [a, b]
+    priority: -1
+models:
+  a:
+    cmd: sleep --port ${PORT} --model a
+  b:
+    cmd: sleep --port ${PORT} --model b
+  c:
+    cmd: sleep --port ${PORT} --model c
+"""
+
+SIDE_BY_SIDE = """
+groups:
+  both:
+    members: [a, b]
+    swap: false
+pools:
+  tasks:
+    models: [a, b]
+models:
+  a:
+    cmd: sleep --port ${PORT} --model a
+  b:
+    cmd: sleep --port ${PORT} --model b
+"""
+
+
+def slots(n: int, policy: str = "fifo") -> str:
+    return f"""
+scheduler:
+  policy: {policy}
+models:
+  a:
+    cmd: sleep --port ${{PORT}} --model a --parallel {n}
+  b:
+    cmd: sleep --port ${{PORT}} --model b
+"""
+
+
+class PoolTests(SynchronousTestCase):
+    def test_a_pool_uses_the_loaded_model_and_starts_the_first_only_when_none_is(self) -> None:
+        w = world(POOLED)
+        self.assertEqual(w.scheduler.pick(("a", "b")), "a")  # nothing loaded
+        d = w.scheduler.acquire("b")
+        w.make_ready("b")
+        self.successResultOf(d).release()
+        self.assertEqual(w.scheduler.pick(("a", "b")), "b")
+        lease = self.successResultOf(w.scheduler.acquire(w.scheduler.pick(("a", "b"))))
+        lease.release()
+        self.assertEqual(w.spawned_models(), ["b"])  # no swap for the pool
+
+    def test_a_model_being_started_beats_one_that_is_not(self) -> None:
+        w = world(POOLED)
+        w.scheduler.acquire("b")  # b is starting
+        self.assertEqual(w.scheduler.pick(("a", "b")), "b")
+
+    def test_the_most_recently_used_loaded_model_is_chosen(self) -> None:
+        w = world(SIDE_BY_SIDE)
+        for model in ("a", "b"):
+            d = w.scheduler.acquire(model)
+            w.make_ready(model)
+            self.successResultOf(d).release()
+            w.reactor.advance(1)
+        self.assertEqual(w.scheduler.pick(("a", "b")), "b")
+        self.successResultOf(w.scheduler.acquire("a")).release()
+        self.assertEqual(w.scheduler.pick(("a", "b")), "a")
+
+    def test_a_model_about_to_be_swapped_away_is_not_chosen(self) -> None:
+        w = world(POOLED)
+        d = w.scheduler.acquire("a")
+        w.make_ready("a")
+        lease = self.successResultOf(d)
+        w.scheduler.acquire("c")  # a is doomed once its request finishes
+        self.assertEqual(w.scheduler.pick(("a", "c")), "c")
+        lease.release()
+
+    def test_pool_names_are_checked(self) -> None:
+        base = "models:\n  a:\n    cmd: x --port ${PORT}\n    aliases: [al]\n"
+        for pools, path in (
+            ("pools:\n  p:\n    models: [zz]\n", "pools.p.models[0]"),
+            ("pools:\n  a:\n    models: [a]\n", "pools.a"),
+            ("pools:\n  al:\n    models: [a]\n", "pools.al"),
+            ("pools:\n  p:\n    models: []\n", "pools.p.models"),
+            ("pools:\n  p: {}\n", "pools.p.models"),
+            ("pools:\n  'p:q':\n    models: [a]\n", "pools.p:q"),
+            ("pools:\n  p:\n    models: [a]\n    priority: low\n", "pools.p.priority"),
+        ):
+            with self.assertRaises(ConfigError) as caught:
+                parse_config(base + pools, "t.yaml")
+            self.assertEqual(caught.exception.path, path)
+
+
+class PriorityTests(SynchronousTestCase):
+    def test_a_background_swap_does_not_make_the_user_wait(self) -> None:
+        w = world(POOLED)
+        d = w.scheduler.acquire("a")
+        w.make_ready("a")
+        user = self.successResultOf(d)
+        background = w.scheduler.acquire("b", priority=-1)  # swap to b: a is draining
+        # the user's next request for a is served at once, not queued behind b's swap
+        again = self.successResultOf(w.scheduler.acquire("a"))
+        user.release()
+        self.assertEqual(w.child("a").signals, [])  # still serving the user
+        again.release()
+        self.assertEqual(w.child("a").signals, ["TERM"])  # now the background swap runs
+        w.make_ready("b")
+        self.successResultOf(background)
+
+    def test_a_request_of_equal_priority_still_waits_for_the_swap(self) -> None:
+        w = world(POOLED)
+        d = w.scheduler.acquire("a")
+        w.make_ready("a")
+        lease = self.successResultOf(d)
+        w.scheduler.acquire("b")
+        self.assertNoResult(w.scheduler.acquire("a"))  # fifo: behind b
+        lease.release()
+
+    def test_a_background_swap_not_yet_stopping_anything_yields_to_the_user(self) -> None:
+        w = world(POOLED)
+        d = w.scheduler.acquire("a")
+        w.make_ready("a")
+        lease = self.successResultOf(d)
+        background = w.scheduler.acquire("b", priority=-1)
+        user = w.scheduler.acquire("c")  # more urgent, for another model
+        lease.release()  # a drained: c goes first, b's swap is postponed
+        self.assertEqual(w.spawned_models(), ["a", "c"])
+        w.make_ready("c")
+        self.successResultOf(user).release()
+        self.assertNoResult(background)
+        self.assertEqual(w.spawned_models(), ["a", "c", "b"])
+
+    def test_slots_go_to_the_user_before_a_queued_background_request(self) -> None:
+        w = world(slots(1))
+        title = w.scheduler.acquire("a", priority=-1)  # arrives first
+        chat = w.scheduler.acquire("a")
+        w.make_ready("a")
+        lease = self.successResultOf(chat)
+        self.assertNoResult(title)  # the only slot is the user's
+        lease.release()
+        self.successResultOf(title)
+
+    def test_background_work_leaves_one_slot_for_the_user(self) -> None:
+        w = world(slots(2))
+        d = w.scheduler.acquire("a")
+        w.make_ready("a")
+        self.successResultOf(d).release()
+        tags = self.successResultOf(w.scheduler.acquire("a", priority=-1))
+        follow_ups = w.scheduler.acquire("a", priority=-1)
+        self.assertNoResult(follow_ups)  # the second slot stays free
+        chat = self.successResultOf(w.scheduler.acquire("a"))
+        tags.release()
+        self.assertNoResult(follow_ups)  # the user still holds one of the two
+        chat.release()
+        self.successResultOf(follow_ups)
+
+    def test_without_a_known_slot_count_nothing_is_held_back(self) -> None:
+        w = world(POOLED)
+        d = w.scheduler.acquire("a")
+        w.make_ready("a")
+        self.successResultOf(d)
+        self.successResultOf(w.scheduler.acquire("a", priority=-1))
+
+    def test_slots_come_from_the_command(self) -> None:
+        for args, expected in (
+            ("--parallel 4", 4),
+            ("-np 2", 2),
+            ("--parallel=3", 3),
+            ("", None),
+            ("--parallel -1", None),
+        ):
+            config = parse_config(f"models:\n  m:\n    cmd: x --port ${{PORT}} {args}\n", "t")
+            self.assertEqual(config.models["m"].slots, expected, args)

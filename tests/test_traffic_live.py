@@ -1,0 +1,79 @@
+"""Integration: pools and priorities through real sockets and real fake llama-servers."""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet.defer import Deferred
+
+from .integration import FAKE, LiveTestCase, Reply, StreamReader
+
+POOLED = f"""
+pools:
+  tasks:
+    models: [alpha, beta]
+    priority: -1
+    name: Task model
+models:
+  alpha:
+    cmd: {FAKE} --parallel 1
+  beta:
+    cmd: {FAKE}
+"""
+
+
+class PoolLiveTests(LiveTestCase):
+    async def hold_stream(self, model: str) -> StreamReader:
+        """A user's streamed answer that goes on until the user hangs up."""
+        document = {"model": model, "stream": True, "messages": [], "fake": {"hold": True}}
+        _, reader = await self.stream(document)
+        await reader.until(b"data:")
+        return reader
+
+    def send_later(self, model: str, **headers: str) -> Deferred[Reply]:
+        body = json.dumps({"model": model, "messages": []}).encode()
+        headers["content-type"] = "application/json"
+        return Deferred.fromCoroutine(self.request("POST", "/v1/chat/completions", body, headers))
+
+    async def test_the_pool_is_served_by_the_loaded_model_without_a_swap(self) -> None:
+        await self.serve(POOLED)
+        self.assertEqual((await self.chat("beta")).code, 200)
+        reply = await self.chat("tasks")
+        self.assertEqual(reply.code, 200)
+        self.assertIn("model=beta", reply.json()["choices"][0]["message"]["content"])
+        self.assertEqual(list(await self.running()), ["beta"])
+        listed = {m["id"]: m for m in (await self.request("GET", "/v1/models")).json()["data"]}
+        self.assertEqual(listed["tasks"]["name"], "Task model")
+        self.assertEqual(listed["tasks"]["meta"]["llamaswap"]["serves"], "beta")
+
+    async def test_a_pool_with_nothing_loaded_starts_its_first_model(self) -> None:
+        await self.serve(POOLED)
+        reply = await self.chat("tasks")
+        self.assertIn("model=alpha", reply.json()["choices"][0]["message"]["content"])
+
+    async def queued_on_alpha(self) -> bool:
+        return bool((await self.running())["alpha"]["queued"] == 1)
+
+    async def test_background_work_waits_for_the_users_slot(self) -> None:
+        await self.serve(POOLED)
+        await self.chat("alpha")
+        user = await self.hold_stream("alpha")
+        title = self.send_later("tasks")
+        await self.eventually(self.queued_on_alpha, "the title request waits in llamaswap's queue")
+        self.assertEqual((await self.running())["alpha"]["in_flight"], 1)
+        user.hang_up()
+        reply = await title
+        self.assertEqual(reply.code, 200)
+        self.assertIn("model=alpha", reply.json()["choices"][0]["message"]["content"])
+
+    async def test_x_priority_lowers_and_bad_values_are_400(self) -> None:
+        await self.serve(POOLED)
+        await self.chat("alpha")
+        user = await self.hold_stream("alpha")
+        bad = await self.send_later("alpha", **{"x-priority": "urgent"})
+        self.assertEqual(bad.code, 400)
+        self.assertEqual(bad.json()["error"]["code"], "invalid_priority")
+        low = self.send_later("alpha", **{"x-priority": "low"})
+        await self.eventually(self.queued_on_alpha, "the low-priority request waits for the slot")
+        user.hang_up()
+        self.assertEqual((await low).code, 200)
