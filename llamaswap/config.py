@@ -57,7 +57,7 @@ TOP_LEVEL_KEYS = (
     "pools",
 )
 POOL_KEYS = ("models", "priority", "name", "description")
-SCHEDULER_KEYS = ("policy", "maxWait", "maxResidency")
+SCHEDULER_KEYS = ("policy", "maxWait", "maxResidency", "hold")
 CRASH_LOOP_KEYS = ("maxFailures", "window", "cooldown", "maxCooldown")
 STORE_KEYS = ("path", "maxRows", "maxAgeDays")
 PEER_KEYS = ("proxy", "models", "apiKey", "filters")
@@ -89,6 +89,9 @@ MODEL_KEYS = (
     "upstreamApiKey",
 )
 DEFAULT_PROXY = "http://127.0.0.1:${PORT}"
+# in flight or waiting, per model: a guard against a runaway client, not a throttle
+# (agents with parallel tool calls and several chat users stay far below it)
+DEFAULT_CONCURRENCY_LIMIT = 100
 
 
 class ConfigError(Exception):
@@ -216,7 +219,7 @@ class ModelConfig:
     description: str = ""
     cmd_stop: CommandTemplate | None = None
     unload_timeout: float = 10.0
-    concurrency_limit: int = 10
+    concurrency_limit: int = DEFAULT_CONCURRENCY_LIMIT
     metadata: Mapping[str, Any] = attrs.field(factory=dict)
     filters: Filters = attrs.field(factory=Filters)
     send_loading_state: bool = False
@@ -284,7 +287,7 @@ class Config:
     max_request_bytes: int = 32 * 1024 * 1024
     crash_loop: CrashLoopPolicy = attrs.field(factory=CrashLoopPolicy)
     shutdown_timeout: float = 30.0
-    policy: Policy = attrs.field(factory=ArrivalOrder)
+    policy: Policy = attrs.field(factory=Collate)
     budget: Mapping[str, int] = attrs.field(factory=dict)
     default_model: str | None = None
     # top-level keys the file sets to a value (``apiKeys: []`` counts, a missing or
@@ -614,16 +617,20 @@ class _Builder:
     def policy(self, value: object) -> Policy:
         doc = self.mapping(value if value is not None else {}, "scheduler")
         self.check_keys(doc, "scheduler", SCHEDULER_KEYS)
-        name = self.string(doc.get("policy", "fifo"), "scheduler.policy")
+        default = Collate()
+        name = self.string(doc.get("policy", default.name), "scheduler.policy")
         if name == "fifo":
-            for key in ("maxWait", "maxResidency"):
+            for key in ("maxWait", "maxResidency", "hold"):
                 if key in doc:
                     raise self.fail(f"scheduler.{key}", "only the 'collate' policy uses it")
             return ArrivalOrder()
         if name == "collate":
             return Collate(
-                max_wait=self.positive(doc.get("maxWait", 30), "scheduler.maxWait"),
-                max_residency=self.positive(doc.get("maxResidency", 120), "scheduler.maxResidency"),
+                max_wait=self.positive(doc.get("maxWait", default.max_wait), "scheduler.maxWait"),
+                max_residency=self.positive(
+                    doc.get("maxResidency", default.max_residency), "scheduler.maxResidency"
+                ),
+                hold=self.not_negative(doc.get("hold", default.hold), "scheduler.hold"),
             )
         raise self.fail("scheduler.policy", f"must be 'fifo' or 'collate', got {name!r}")
 
@@ -1042,7 +1049,7 @@ class _Builder:
                 doc.get("unloadTimeout", defaults["unloadTimeout"]), f"{base}.unloadTimeout"
             ),
             concurrency_limit=self.limit(
-                doc.get("concurrencyLimit", 10), f"{base}.concurrencyLimit"
+                doc.get("concurrencyLimit", DEFAULT_CONCURRENCY_LIMIT), f"{base}.concurrencyLimit"
             ),
             metadata=self.expand_tree(
                 self.mapping(doc.get("metadata", {}), f"{base}.metadata"), f"{base}.metadata", scope

@@ -4,10 +4,12 @@
 the queue (after the running model's requests in flight finish): fair, but under
 interleaved traffic (A B A C A B ...) it spends most of its time loading weights.
 
-``Collate`` keeps serving the loaded model while it has work, so requests for it
-that arrive meanwhile ride along instead of paying a reload, but never beyond a
-bound: a request for another model waits at most ``max_wait`` seconds, and a busy
-model holds the machine at most ``max_residency`` seconds while others wait.
+``Collate`` (the default) keeps serving the loaded model while it has work, so
+requests for it that arrive meanwhile ride along instead of paying a reload, and
+holds it ``hold`` seconds after its last request (an agent's next step, a chat's
+next turn, a closed-loop client's next request), but never beyond a bound: a
+request for another model waits at most ``max_wait`` seconds, and a busy model
+holds the machine at most ``max_residency`` seconds while others wait.
 
 Both order the queue by per-model ``priority`` (higher first), then arrival.
 """
@@ -34,6 +36,7 @@ class Victim:
     model: str
     busy: bool  # requests in flight, or queued for it
     resident_since: float
+    idle_since: float | None = None  # end of its last request, if any
 
 
 @attrs.frozen
@@ -43,7 +46,7 @@ class ArrivalOrder:
     def swap_now(self, waiting: Waiting, victims: Sequence[Victim], now: float) -> bool:
         return True
 
-    def recheck_at(self, waiting: Waiting, victims: Sequence[Victim]) -> float | None:
+    def recheck_at(self, waiting: Waiting, victims: Sequence[Victim], now: float) -> float | None:
         return None
 
 
@@ -51,20 +54,32 @@ class ArrivalOrder:
 class Collate:
     max_wait: float = 30.0
     max_residency: float = 120.0
+    hold: float = 1.0
     name: str = "collate"
 
+    def _held(self, victim: Victim, now: float) -> bool:
+        """Busy, or idle for less than ``hold`` seconds."""
+        return victim.busy or (
+            victim.idle_since is not None and now < victim.idle_since + self.hold
+        )
+
     def swap_now(self, waiting: Waiting, victims: Sequence[Victim], now: float) -> bool:
-        if not any(v.busy for v in victims):
+        held = [v for v in victims if self._held(v, now)]
+        if not held:
             return True
         if now - waiting.arrived >= self.max_wait:
             return True
-        return any(v.busy and now - v.resident_since >= self.max_residency for v in victims)
+        return any(now - v.resident_since >= self.max_residency for v in held)
 
-    def recheck_at(self, waiting: Waiting, victims: Sequence[Victim]) -> float | None:
+    def recheck_at(self, waiting: Waiting, victims: Sequence[Victim], now: float) -> float | None:
         """When :meth:`swap_now` would turn true even if nothing else happens."""
+        held = [v for v in victims if self._held(v, now)]
         moments = [waiting.arrived + self.max_wait]
-        moments += [v.resident_since + self.max_residency for v in victims if v.busy]
-        return min(moments)
+        moments += [v.resident_since + self.max_residency for v in held]
+        if not any(v.busy for v in held):  # only holds left: when the last one ends
+            moments.append(max(v.idle_since or now for v in held) + self.hold)
+        later = [m for m in moments if m > now]
+        return min(later) if later else None
 
 
 Policy = ArrivalOrder | Collate

@@ -412,7 +412,7 @@ class Scheduler:
                     plan.swap = (waiter.targets, victims)
                     plan.swap_priority = waiter.priority
             else:
-                plan.recheck_at = self.policy.recheck_at(waiting, views)
+                plan.recheck_at = self.policy.recheck_at(waiting, views, now)
         return plan
 
     def _victims_of_swap(self) -> frozenset[str]:
@@ -440,7 +440,7 @@ class Scheduler:
         slot = self._slots[model_id]
         busy = slot.in_flight > 0 or self.queued(model_id) > 0
         since = slot.process.ready_at or slot.process.started_at or self._clock.seconds()
-        return Victim(model_id, busy, since)
+        return Victim(model_id, busy, since, slot.last_used)
 
     def _grant(self, slot: _Slot) -> Lease:
         slot.in_flight += 1

@@ -185,3 +185,62 @@ class PriorityTests(SynchronousTestCase):
         ):
             config = parse_config(f"models:\n  m:\n    cmd: x --port ${{PORT}} {args}\n", "t")
             self.assertEqual(config.models["m"].slots, expected, args)
+
+
+DEFAULTS = """
+models:
+  a:
+    cmd: sleep --port ${PORT} --model a
+  b:
+    cmd: sleep --port ${PORT} --model b
+"""
+
+
+class HoldTests(SynchronousTestCase):
+    """The default schedule: collate, holding a model ``hold`` seconds after a request."""
+
+    def test_the_default_policy_collates_and_holds_for_a_second(self) -> None:
+        policy = parse_config(DEFAULTS, "t.yaml").policy
+        self.assertEqual((policy.name, getattr(policy, "hold", None)), ("collate", 1.0))
+
+    def test_an_agents_next_step_keeps_the_model_it_just_used(self) -> None:
+        w = world(DEFAULTS)
+        d = w.scheduler.acquire("a")
+        w.make_ready("a")
+        self.successResultOf(d).release()  # the agent runs a tool now
+        w.reactor.advance(0.1)
+        other = w.scheduler.acquire("b")  # someone else arrives in between
+        w.reactor.advance(0.5)
+        step = self.successResultOf(w.scheduler.acquire("a"))  # the next step: no swap
+        self.assertEqual(w.spawned_models(), ["a"])
+        step.release()
+        w.reactor.advance(0.9)
+        self.assertEqual(w.child("a").signals, [])  # held 1 s after the last request
+        w.reactor.advance(0.1)
+        self.assertEqual(w.child("a").signals, ["TERM"])
+        w.make_ready("b")
+        self.successResultOf(other)
+
+    def test_holding_never_goes_past_max_wait(self) -> None:
+        w = world("scheduler:\n  maxWait: 5\n  hold: 3\n" + DEFAULTS.lstrip())
+        d = w.scheduler.acquire("a")
+        w.make_ready("a")
+        self.successResultOf(d).release()
+        other = w.scheduler.acquire("b")
+        for _ in range(4):  # a closed-loop client on a: every 1 s, inside the hold
+            w.reactor.advance(1)
+            self.successResultOf(w.scheduler.acquire("a")).release()
+        w.reactor.advance(1)  # b has waited maxWait: the swap starts
+        self.assertEqual(w.child("a").signals, ["TERM"])
+        self.assertNoResult(w.scheduler.acquire("a"))  # now a waits behind b
+        w.make_ready("b")
+        self.successResultOf(other)
+
+    def test_hold_zero_swaps_as_soon_as_the_model_is_idle(self) -> None:
+        w = world("scheduler:\n  hold: 0\n" + DEFAULTS.lstrip())
+        d = w.scheduler.acquire("a")
+        w.make_ready("a")
+        lease = self.successResultOf(d)
+        w.scheduler.acquire("b")
+        lease.release()
+        self.assertEqual(w.child("a").signals, ["TERM"])

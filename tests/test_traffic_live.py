@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 
 from .integration import FAKE, LiveTestCase, Reply, StreamReader
 
@@ -22,7 +22,9 @@ models:
 """
 
 
-class PoolLiveTests(LiveTestCase):
+class TrafficCase(LiveTestCase):
+    """Helpers: a user's open stream, a request left running in the background."""
+
     async def hold_stream(self, model: str) -> StreamReader:
         """A user's streamed answer that goes on until the user hangs up."""
         document = {"model": model, "stream": True, "messages": [], "fake": {"hold": True}}
@@ -35,6 +37,8 @@ class PoolLiveTests(LiveTestCase):
         headers["content-type"] = "application/json"
         return Deferred.fromCoroutine(self.request("POST", "/v1/chat/completions", body, headers))
 
+
+class PoolLiveTests(TrafficCase):
     async def test_the_pool_is_served_by_the_loaded_model_without_a_swap(self) -> None:
         await self.serve(POOLED)
         self.assertEqual((await self.chat("beta")).code, 200)
@@ -77,3 +81,35 @@ class PoolLiveTests(LiveTestCase):
         await self.eventually(self.queued_on_alpha, "the low-priority request waits for the slot")
         user.hang_up()
         self.assertEqual((await low).code, 200)
+
+
+HELD = f"""
+scheduler:
+  maxWait: 60
+  hold: 30
+models:
+  alpha:
+    cmd: {FAKE}
+  beta:
+    cmd: {FAKE}
+"""
+
+
+class HoldLiveTests(TrafficCase):
+    async def test_the_next_step_keeps_the_model_while_another_request_waits(self) -> None:
+        await self.serve(HELD)  # the default policy (collate), with a long hold
+        self.assertEqual((await self.chat("alpha")).code, 200)
+        other = self.send_later("beta")
+
+        await self.eventually(
+            lambda: succeed(self.api.scheduler.queued("beta") == 1), "beta's request is queued"
+        )
+        step = await self.chat("alpha")  # the agent's next step: same model, no swap
+        self.assertIn("model=alpha", step.json()["choices"][0]["message"]["content"])
+        self.assertEqual(list(await self.running()), ["alpha"])
+        self.assertEqual(self.api.scheduler.queued("beta"), 1)
+        other.addErrback(lambda _: None)
+        other.cancel()  # the client gives up; nothing is left waiting
+        await self.eventually(
+            lambda: succeed(self.api.scheduler.queued() == 0), "the queue is empty"
+        )
