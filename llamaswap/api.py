@@ -529,10 +529,14 @@ class Api:
             data.append(record)
             if self.config.include_aliases_in_list:
                 for alias in self.config.models[model_id].names:
-                    data.append({**record, "id": alias, "alias_of": model_id})
+                    data.append(
+                        {**record, "id": alias, "alias_of": model_id, "name": record["name"]}
+                    )
         for profile, members in sorted(self.config.profiles.items()):
             for member in members:
-                data.append({**self.model_record(member), "id": f"{profile}:{member}"})
+                record = self.model_record(member)
+                record.update(id=f"{profile}:{member}", name=f"{record['name']} ({profile})")
+                data.append(record)
         for pool in sorted(self.config.pools.values(), key=lambda p: p.id):
             data.append(self.pool_record(pool))
         for peer in self.config.peers.values():
@@ -540,12 +544,14 @@ class Api:
                 data.append(
                     {
                         "id": f"{peer.id}/{remote}",
+                        "name": f"{remote} ({peer.id})",
                         "object": "model",
                         "created": self.created,
                         "owned_by": peer.id,
                         "meta": {"llamaswap": {"peer": peer.id}},
                     }
                 )
+        _distinct_names(data)
         return _json(request, {"object": "list", "data": data})
 
     def pool_record(self, pool: PoolConfig) -> dict[str, Any]:
@@ -570,14 +576,12 @@ class Api:
             "owned_by": "llamaswap",
             "status": {"value": process.state.value},
         }
-        if model.name:
-            record["name"] = model.name
+        record["name"] = model.name or model_id
         if model.description:
             record["description"] = model.description
         if model.names:
             record["aliases"] = list(model.names)
-        if model.metadata:
-            record["meta"] = {"llamaswap": dict(model.metadata)}
+        record["meta"] = {"llamaswap": {**model.metadata, "capabilities": list(model.capabilities)}}
         if process.last_error:
             record["status"]["error"] = process.last_error
         return record
@@ -809,6 +813,17 @@ class Api:
         reader = _LogReader(request)
         request.registerProducer(reader, True)
         return _until_gone(self.logs.subscribe(sources, reader.line))
+
+
+def _distinct_names(records: list[dict[str, Any]]) -> None:
+    """No two entries of a model list with the same display name (front ends show
+    only the name): a name used more than once gets the entry's id after it."""
+    seen: dict[str, int] = {}
+    for record in records:
+        seen[record["name"]] = seen.get(record["name"], 0) + 1
+    for record in records:
+        if seen[record["name"]] > 1 and record["name"] != record["id"]:
+            record["name"] = f"{record['name']} [{record['id']}]"
 
 
 def _credentials(key: str | None) -> dict[bytes, bytes]:

@@ -87,7 +87,9 @@ MODEL_KEYS = (
     "memory",
     "deadline",
     "upstreamApiKey",
+    "capabilities",
 )
+CAPABILITIES = ("chat", "embeddings", "rerank")
 DEFAULT_PROXY = "http://127.0.0.1:${PORT}"
 # in flight or waiting, per model: a guard against a runaway client, not a throttle
 # (agents with parallel tool calls and several chat users stay far below it)
@@ -229,6 +231,24 @@ class ModelConfig:
     deadline: float | None = None
     #: the key the child expects; never printed (not even in this object's repr)
     upstream_api_key: str | None = attrs.field(default=None, repr=False)
+    configured_capabilities: tuple[str, ...] = ()
+
+    @property
+    def capabilities(self) -> tuple[str, ...]:
+        """What the model is for (a hint for front ends): as configured, else read
+        from llama-server's flags (``--embedding``, ``--reranking``), else chat."""
+        if self.configured_capabilities:
+            return self.configured_capabilities
+        argv = set(self.cmd.argv)
+        detected = tuple(
+            kind
+            for kind, flags in (
+                ("embeddings", {"--embedding", "--embeddings"}),
+                ("rerank", {"--reranking", "--rerank"}),
+            )
+            if argv & flags
+        )
+        return detected or ("chat",)
 
     @property
     def uses_port(self) -> bool:
@@ -1062,6 +1082,7 @@ class _Builder:
             forward_authorization=forward_authorization,
             upstream_api_key=upstream_api_key,
             priority=self.integer(doc.get("priority", 0), f"{base}.priority"),
+            configured_capabilities=self.capabilities(doc.get("capabilities"), base),
             memory=self.memory(doc.get("memory"), f"{base}.memory", defaults["budget"]),
             deadline=(
                 self.positive(doc["deadline"], f"{base}.deadline")
@@ -1069,6 +1090,18 @@ class _Builder:
                 else None
             ),
         )
+
+    def capabilities(self, value: object, base: str) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        path = f"{base}.capabilities"
+        kinds = self.string_list(value, path)
+        for i, kind in enumerate(kinds):
+            if kind not in CAPABILITIES:
+                raise self.fail(
+                    f"{path}[{i}]", f"must be one of {', '.join(CAPABILITIES)}, got {kind!r}"
+                )
+        return tuple(dict.fromkeys(kinds))
 
     def limit(self, value: object, path: str) -> int:
         number = self.integer(value, path)

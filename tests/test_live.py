@@ -472,7 +472,10 @@ class ModelManagementTests(LiveTestCase):
         self.assertGreater(entry["uptime"], 0)
         self.assertIsInstance(entry["port"], int)
         models = {m["id"]: m for m in (await self.request("GET", "/v1/models")).json()["data"]}
-        self.assertEqual(models["chat"]["meta"], {"llamaswap": {"family": "chat", "params_b": 7}})
+        self.assertEqual(
+            models["chat"]["meta"],
+            {"llamaswap": {"family": "chat", "params_b": 7, "capabilities": ["chat"]}},
+        )
         reader.hang_up()
         await reader.done
 

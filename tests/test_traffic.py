@@ -244,3 +244,22 @@ class HoldTests(SynchronousTestCase):
         w.scheduler.acquire("b")
         lease.release()
         self.assertEqual(w.child("a").signals, ["TERM"])
+
+
+class CapabilityTests(SynchronousTestCase):
+    def test_capabilities_come_from_the_config_else_from_the_flags(self) -> None:
+        for extra, expected in (
+            (" --embedding", ("embeddings",)),
+            (" --embeddings --pooling cls", ("embeddings",)),
+            (" --reranking", ("rerank",)),
+            ("", ("chat",)),
+            ("\n    capabilities: [chat, embeddings]", ("chat", "embeddings")),
+        ):
+            text = f"models:\n  m:\n    cmd: x --port ${{PORT}}{extra}\n"
+            self.assertEqual(parse_config(text, "t").models["m"].capabilities, expected, extra)
+
+    def test_an_unknown_capability_is_refused_with_its_key_path(self) -> None:
+        text = "models:\n  m:\n    cmd: x --port ${PORT}\n    capabilities: [vision]\n"
+        with self.assertRaises(ConfigError) as caught:
+            parse_config(text, "t.yaml")
+        self.assertEqual(caught.exception.path, "models.m.capabilities[0]")

@@ -113,3 +113,38 @@ class HoldLiveTests(TrafficCase):
         await self.eventually(
             lambda: succeed(self.api.scheduler.queued() == 0), "the queue is empty"
         )
+
+
+LISTED = f"""
+includeAliasesInList: true
+profiles:
+  pair: [chat, embed]
+peers:
+  box:
+    proxy: http://127.0.0.1:9
+    models: [chat]
+models:
+  chat:
+    cmd: {FAKE}
+    name: Chat
+    aliases: [talk]
+  other:
+    cmd: {FAKE}
+    name: Chat
+  embed:
+    cmd: {FAKE} --embedding
+"""
+
+
+class ModelListTests(LiveTestCase):
+    async def test_every_entry_has_its_own_name_and_a_capability(self) -> None:
+        await self.serve(LISTED)
+        data = (await self.request("GET", "/v1/models")).json()["data"]
+        names = [m["name"] for m in data]
+        self.assertEqual(len(names), len(set(names)), names)
+        by_id = {m["id"]: m for m in data}
+        self.assertEqual(by_id["pair:chat"]["name"], "Chat (pair)")
+        self.assertEqual(by_id["embed"]["meta"]["llamaswap"]["capabilities"], ["embeddings"])
+        self.assertEqual(by_id["pair:embed"]["meta"]["llamaswap"]["capabilities"], ["embeddings"])
+        self.assertEqual(by_id["chat"]["meta"]["llamaswap"]["capabilities"], ["chat"])
+        self.assertEqual(by_id["box/chat"]["name"], "chat (box)")
