@@ -57,7 +57,7 @@ TOP_LEVEL_KEYS = (
     "pools",
 )
 POOL_KEYS = ("models", "priority", "name", "description")
-SCHEDULER_KEYS = ("policy", "maxWait", "maxResidency", "hold")
+SCHEDULER_KEYS = ("policy", "maxWait", "maxResidency", "hold", "patience")
 CRASH_LOOP_KEYS = ("maxFailures", "window", "cooldown", "maxCooldown")
 STORE_KEYS = ("path", "maxRows", "maxAgeDays")
 PEER_KEYS = ("proxy", "models", "apiKey", "filters")
@@ -640,7 +640,7 @@ class _Builder:
         default = Collate()
         name = self.string(doc.get("policy", default.name), "scheduler.policy")
         if name == "fifo":
-            for key in ("maxWait", "maxResidency", "hold"):
+            for key in ("maxWait", "maxResidency", "hold", "patience"):
                 if key in doc:
                     raise self.fail(f"scheduler.{key}", "only the 'collate' policy uses it")
             return ArrivalOrder()
@@ -651,6 +651,9 @@ class _Builder:
                     doc.get("maxResidency", default.max_residency), "scheduler.maxResidency"
                 ),
                 hold=self.not_negative(doc.get("hold", default.hold), "scheduler.hold"),
+                patience=self.not_negative(
+                    doc.get("patience", default.patience), "scheduler.patience"
+                ),
             )
         raise self.fail("scheduler.policy", f"must be 'fifo' or 'collate', got {name!r}")
 

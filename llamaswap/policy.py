@@ -8,8 +8,11 @@ interleaved traffic (A B A C A B ...) it spends most of its time loading weights
 requests for it that arrive meanwhile ride along instead of paying a reload, and
 holds it ``hold`` seconds after its last request (an agent's next step, a chat's
 next turn, a closed-loop client's next request), but never beyond a bound: a
-request for another model waits at most ``max_wait`` seconds, and a busy model
-holds the machine at most ``max_residency`` seconds while others wait.
+request for another model waits at most ``patience`` times what its load is
+expected to take (a swap is worth waiting for only in proportion to its cost, so
+cheap swaps keep everyone's waits short), never more than ``max_wait`` seconds,
+and a busy model holds the machine at most ``max_residency`` seconds while
+others wait.
 
 Both order the queue by per-model ``priority`` (higher first), then arrival.
 """
@@ -27,6 +30,7 @@ class Waiting:
 
     model: str
     arrived: float
+    load_seconds: float | None = None  # what loading its model is expected to take
 
 
 @attrs.frozen
@@ -55,7 +59,15 @@ class Collate:
     max_wait: float = 30.0
     max_residency: float = 120.0
     hold: float = 1.0
+    patience: float = 6.0  # chosen with bench/trace.py's closed-loop mix
     name: str = "collate"
+
+    def deadline(self, waiting: Waiting) -> float:
+        """When ``waiting`` has waited long enough for the swap to start regardless."""
+        limit = self.max_wait
+        if self.patience > 0 and waiting.load_seconds is not None:
+            limit = min(limit, self.patience * waiting.load_seconds)
+        return waiting.arrived + limit
 
     def _held(self, victim: Victim, now: float) -> bool:
         """Busy, or idle for less than ``hold`` seconds."""
@@ -67,14 +79,14 @@ class Collate:
         held = [v for v in victims if self._held(v, now)]
         if not held:
             return True
-        if now - waiting.arrived >= self.max_wait:
+        if now >= self.deadline(waiting):
             return True
         return any(now - v.resident_since >= self.max_residency for v in held)
 
     def recheck_at(self, waiting: Waiting, victims: Sequence[Victim], now: float) -> float | None:
         """When :meth:`swap_now` would turn true even if nothing else happens."""
         held = [v for v in victims if self._held(v, now)]
-        moments = [waiting.arrived + self.max_wait]
+        moments = [self.deadline(waiting)]
         moments += [v.resident_since + self.max_residency for v in held]
         if not any(v.busy for v in held):  # only holds left: when the last one ends
             moments.append(max(v.idle_since or now for v in held) + self.hold)

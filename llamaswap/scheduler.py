@@ -405,7 +405,7 @@ class Scheduler:
                 continue
             first = False
             views = [self._victim_view(v) for v in sorted(victims)]
-            waiting = Waiting(waiter.model_id, waiter.arrived)
+            waiting = Waiting(waiter.model_id, waiter.arrived, self._expected_load(waiter.targets))
             if self.policy.swap_now(waiting, views, now):
                 plan.doomed |= victims
                 if self._swap is None:
@@ -414,6 +414,16 @@ class Scheduler:
             else:
                 plan.recheck_at = self.policy.recheck_at(waiting, views, now)
         return plan
+
+    def _expected_load(self, targets: frozenset[str]) -> float | None:
+        """Seconds loading ``targets`` should take: as measured, else the average of
+        the loads measured so far (None: nothing measured yet)."""
+        known = [s.process.load_seconds for s in self._slots.values()]
+        measured = [x for x in known if x is not None]
+        if not measured:
+            return None
+        typical = sum(measured) / len(measured)
+        return max(self._slots[t].process.load_seconds or typical for t in targets)
 
     def _victims_of_swap(self) -> frozenset[str]:
         return self._swap[1] if self._swap is not None else frozenset()

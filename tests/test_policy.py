@@ -14,6 +14,7 @@ scheduler:
   maxWait: 10
   maxResidency: 25
   hold: 0
+  patience: 0
 models:
   a:
     cmd: sleep --port ${PORT} --model a
@@ -45,6 +46,13 @@ class PolicyTests(SynchronousTestCase):
         self.assertFalse(Collate(hold=1).swap_now(waiting, held, 100))
         self.assertEqual(Collate(hold=1).recheck_at(waiting, held, 100), 100.5)
         self.assertTrue(Collate(hold=1).swap_now(waiting, held, 100.5))
+        cheap = Waiting("b", arrived=100, load_seconds=1.5)
+        patient = Collate(max_wait=10, max_residency=25, patience=4)
+        self.assertFalse(patient.swap_now(cheap, busy, 105.9))
+        self.assertTrue(patient.swap_now(cheap, busy, 106))  # 4 x its 1.5 s load
+        self.assertEqual(patient.recheck_at(cheap, busy, 101), 106)
+        dear = Waiting("b", arrived=100, load_seconds=20)
+        self.assertEqual(patient.recheck_at(dear, busy, 101), 110)  # maxWait still caps
         idle = [Victim("a", busy=False, resident_since=90)]
         self.assertTrue(policy.swap_now(waiting, idle, 100))
 

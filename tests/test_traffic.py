@@ -206,6 +206,7 @@ class HoldTests(SynchronousTestCase):
     def test_an_agents_next_step_keeps_the_model_it_just_used(self) -> None:
         w = world(DEFAULTS)
         d = w.scheduler.acquire("a")
+        w.reactor.advance(2)  # loading takes 2 s: b would wait up to 12 s for its swap
         w.make_ready("a")
         self.successResultOf(d).release()  # the agent runs a tool now
         w.reactor.advance(0.1)
@@ -224,6 +225,7 @@ class HoldTests(SynchronousTestCase):
     def test_holding_never_goes_past_max_wait(self) -> None:
         w = world("scheduler:\n  maxWait: 5\n  hold: 3\n" + DEFAULTS.lstrip())
         d = w.scheduler.acquire("a")
+        w.reactor.advance(2)  # patience: 6 x 2 s, so maxWait is the bound here
         w.make_ready("a")
         self.successResultOf(d).release()
         other = w.scheduler.acquire("b")
@@ -233,6 +235,25 @@ class HoldTests(SynchronousTestCase):
         w.reactor.advance(1)  # b has waited maxWait: the swap starts
         self.assertEqual(w.child("a").signals, ["TERM"])
         self.assertNoResult(w.scheduler.acquire("a"))  # now a waits behind b
+        w.make_ready("b")
+        self.successResultOf(other)
+
+    def test_a_cheap_swap_is_not_kept_waiting_long(self) -> None:
+        w = world(DEFAULTS)
+        d = w.scheduler.acquire("a")
+        w.reactor.advance(1)  # a loads in 1 s; b, never loaded, is expected to as well
+        w.make_ready("a")
+        lease = self.successResultOf(d)
+        other = w.scheduler.acquire("b")
+        for _ in range(5):  # a stays busy: its clients keep sending requests
+            w.reactor.advance(1)
+            newer = self.successResultOf(w.scheduler.acquire("a"))
+            lease.release()
+            lease = newer
+        w.reactor.advance(1)  # b has waited 6 x 1 s (not maxWait, 30 s): a is doomed
+        self.assertNoResult(w.scheduler.acquire("a"))
+        lease.release()
+        self.assertEqual(w.child("a").signals, ["TERM"])
         w.make_ready("b")
         self.successResultOf(other)
 
