@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import deferLater
 
 from .integration import FAKE, LiveTestCase, Reply, StreamReader
 
@@ -148,3 +150,38 @@ class ModelListTests(LiveTestCase):
         self.assertEqual(by_id["pair:embed"]["meta"]["llamaswap"]["capabilities"], ["embeddings"])
         self.assertEqual(by_id["chat"]["meta"]["llamaswap"]["capabilities"], ["chat"])
         self.assertEqual(by_id["box/chat"]["name"], "chat (box)")
+
+
+CHEAP = f"""
+scheduler:
+  hold: 0
+models:
+  alpha:
+    cmd: {FAKE} --load-time 0.3
+  beta:
+    cmd: {FAKE} --load-time 0.3
+"""
+
+
+class PatienceLiveTests(TrafficCase):
+    async def test_a_cheap_swap_waits_a_few_load_times_not_max_wait(self) -> None:
+        await self.serve(CHEAP)  # the default patience: 6 load times, about 2 s here
+        await self.chat("alpha")
+        user = await self.hold_stream("alpha")  # alpha stays busy
+        other = self.send_later("beta")
+        await self.eventually(
+            lambda: succeed(self.api.scheduler.queued("beta") == 1), "beta's request is queued"
+        )
+        # once beta has waited its patience, alpha is doomed: new requests queue
+        late: list[Deferred[Reply]] = []
+
+        async def alpha_is_doomed() -> bool:
+            late.append(self.send_later("alpha"))
+            await deferLater(reactor, 0.1)
+            return self.api.scheduler.queued("alpha") > 0
+
+        await self.eventually(alpha_is_doomed, "a new request for alpha waits", tries=100)
+        user.hang_up()  # alpha drains: beta loads, then alpha again for the late ones
+        self.assertEqual((await other).code, 200)
+        for reply in late:
+            self.assertEqual((await reply).code, 200)
