@@ -216,8 +216,9 @@ NO_LIMIT = 100_000
 def config_text(head: str, models: Mapping[str, str]) -> str:
     """A llamaswap config: ``head`` (top-level keys) and ``models`` (id → YAML body,
     indented by 4).  Admission limits, where this llamaswap has them
-    (``concurrencyLimit`` per model, default 10; ``queueLimit``), are lifted so the
-    bench measures the proxy rather than its 429s."""
+    (``concurrencyLimit`` per model, default 10; ``queueLimit``;
+    ``connections.maxPerClient``, default 64), are lifted so the bench measures the
+    proxy rather than its 429s and 503s (all its clients share one address)."""
     from llamaswap import config as ls_config
 
     top = getattr(ls_config, "TOP_LEVEL_KEYS", ())
@@ -225,6 +226,8 @@ def config_text(head: str, models: Mapping[str, str]) -> str:
     lines = [head.rstrip("\n")]
     if "queueLimit" in top:
         lines.append(f"queueLimit: {NO_LIMIT}")
+    if "connections" in top:
+        lines.append(f"connections: {{maxPerClient: {NO_LIMIT}}}")
     lines.append("models:")
     for model_id, body in models.items():
         lines.append(f"  {model_id}:")
@@ -242,6 +245,8 @@ def lifted_limits() -> list[str]:
         found.append("queueLimit")
     if "concurrencyLimit" in getattr(ls_config, "MODEL_KEYS", ()):
         found.append("concurrencyLimit")
+    if "connections" in getattr(ls_config, "TOP_LEVEL_KEYS", ()):
+        found.append("connections.maxPerClient")
     return found
 
 

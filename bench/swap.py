@@ -10,9 +10,11 @@ round so background noise hits all of them alike:
   ask, i.e. the floor any supervisor can reach.
 
 llamaswap's readiness detection lag comes from its live log stream: the time
-between the child's own "model loaded" line and llamaswap's "model X ready" line,
-both read by the bench from the same /logs/stream connection (so the delivery
-delay cancels out).
+between the child's own "listening on http" line and llamaswap's "model X ready"
+line, both read by the bench from the same /logs/stream connection (so the
+delivery delay cancels out).  llama-server writes its child-protocol ``ready``
+message right after that line (having flushed its log first), so this is the lag
+from the child saying ``ready``, plus a few microseconds.
 """
 
 from __future__ import annotations
@@ -294,7 +296,10 @@ def run(
         },
         "lag_ms": lags,
         "lag_p50_ms": median(lags) if lags else None,
+        "lag_p95_ms": percentile(lags, 95) if lags else None,
         "lag_max_ms": max(lags) if lags else None,
+        "overhead_ms": (median(times["llamaswap"]) - median(times["direct"])) * 1000,
+        "router_overhead_ms": (median(times["router"]) - median(times["direct"])) * 1000,
         "llamaswap_cpu_ms_per_swap": ls_cpu / max(1, swaps) * 1000,
         "profile": profile_result,
     }
@@ -311,7 +316,7 @@ def _breakdown(
     stopping = stream.first(t_req, end, rf"stopping {q(other)} \(swap\)")
     stopped = stream.first(t_req, end, rf"model {q(other)} stopped")
     starting = stream.first(t_req, end, rf"starting {q(model)}:")
-    loaded = stream.first(t_req, end, rf"^\[{q(model)}\] .*(model loaded|listening on http)")
+    loaded = stream.first(t_req, end, rf"^\[{q(model)}\] .*listening on http")
     ready = stream.first(t_req, end, rf"model {q(model)} ready in")
     out: dict[str, Any] = {}
     if stopping and stopped:

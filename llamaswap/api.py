@@ -8,14 +8,15 @@ llamaswap produces itself is an OpenAI-shaped JSON object with the right status.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import attrs
 from klein import Klein
-from prometheus_client.twisted import MetricsResource
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from swagger_ui_bundle import swagger_ui_path
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
@@ -24,13 +25,18 @@ from twisted.web import static
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.routing import RequestRedirect
 from zope.interface import implementer
 
 from . import __version__
+from .access import caller_name, may_list, require_model
 from .activity import ActivityStore, StoreUnavailable
 from .config import Config, ModelConfig, PeerConfig, PoolConfig
 from .errors import ApiError, ModelStopped, StartFailed
 from .events import EventBus
+from .forms import FormError, form_field
+from .guard import short_uri
+from .kvcache import Conversation, KvStore
 from .loading import LoadingStream
 from .logs import PROXY, UPSTREAM, LogHub, logger
 from .metrics import Metrics
@@ -70,6 +76,7 @@ class ParsedBody:
     requested: str
     body: bytes
     streaming: bool
+    conversation: Conversation | None = None  # for the KV store: which chat this continues
 
 
 @attrs.frozen
@@ -107,8 +114,10 @@ class Api:
         metrics: Metrics | None = None,
         events: EventBus | None = None,
         store: ActivityStore | None = None,
+        kvcache: KvStore | None = None,
     ) -> None:
         self.config = config
+        self.kvcache = kvcache
         self.scheduler = scheduler
         self.relay = relay
         self.logs = logs
@@ -136,8 +145,8 @@ class Api:
         if error.status >= 500:
             self.log.warn(
                 "{method} {path}: {status} {message}",
-                method=request.method.decode(),
-                path=request.path.decode(errors="replace"),
+                method=request.method.decode(errors="replace"),
+                path=short_uri(request.path),
                 status=error.status,
                 message=error.message,
             )
@@ -163,6 +172,21 @@ class Api:
     def not_found(self, request: IRequest, failure: Failure) -> bytes:
         path = request.path.decode(errors="replace")
         return self.error_response(request, ApiError(404, f"no route for {path}", "not_found"))
+
+    @router.handle_errors(RequestRedirect)
+    def relative_redirect(self, request: IRequest, failure: Failure) -> bytes:
+        """Werkzeug's slash fixes (``/ui//x`` → ``/ui/x``) as a path on this server: its
+        own absolute URL would be built from the Host header, which the client chose."""
+        redirect = failure.value
+        assert isinstance(redirect, RequestRedirect)
+        path = urlsplit(redirect.new_url).path
+        query = request.uri.partition(b"?")[2]  # werkzeug is not given the query
+        # one leading "/": "//name" or "/\\name" would be another host to a browser
+        location = b"/" + path.lstrip("/\\").encode("ascii", errors="replace")
+        location += b"?" + query if query else b""
+        request.setResponseCode(redirect.code)
+        request.setHeader(b"location", location)
+        return b""
 
     @router.handle_errors(MethodNotAllowed)
     def bad_method(self, request: IRequest, failure: Failure) -> bytes:
@@ -197,6 +221,10 @@ class Api:
         if isinstance(parsed, PeerBody):
             await self.to_peer(request, parsed.peer, parsed.remote, request.uri, parsed.body)
             return
+        if self.kvcache is not None:
+            if route.path == "/slots/{id_slot}":
+                self.kvcache.check_client_slot_action(parsed.model, _arg(request, b"action"))
+            self.kvcache.note(parsed.model.id, parsed.conversation)
         loading = parsed.streaming and parsed.model.send_loading_state and route.loading
         await self.proxy(
             request,
@@ -227,10 +255,12 @@ class Api:
         segments = raw[0][len(b"/upstream/") :].split(b"/")
         for count in range(len(segments), 0, -1):
             name = unquote(b"/".join(segments[:count]).decode("utf-8", errors="replace"))
-            found = self.find(name)
+            found = self.find(name, request)
             if found is not None:
                 model, profile = found
                 path = b"/" + b"/".join(segments[count:]) + query
+                if self.kvcache is not None and path.startswith(b"/slots/"):
+                    self.kvcache.check_client_slot_action(model, _arg(request, b"action"))
                 body = request.content.read() if request.content is not None else b""
                 await self.proxy(
                     request,
@@ -249,18 +279,24 @@ class Api:
         self, request: Request, body: bytes, kind: Body = Body.JSON
     ) -> ParsedBody | PeerBody:
         """Find ``model`` in a JSON or multipart body (parsed once) and apply filters."""
-        content_type = (request.getHeader(b"content-type") or b"").lower()
-        if content_type.startswith(b"multipart/form-data"):
-            form = getattr(request, "form", None) or request.args
-            fields = form.get(b"model")
-            named = fields[0].decode("utf-8", errors="replace").strip() if fields else ""
-            model, profile, requested = self.choose(request, named)
+        content_type = request.getHeader(b"content-type") or b""
+        if content_type.lower().startswith(b"multipart/form-data"):
+            model, profile, requested = self.choose(request, _form_model(content_type, body))
             return ParsedBody(model, profile, requested, body, streaming=False)
         if kind is Body.OPAQUE:
             # the child's business; only a JSON object may name the model
-            named = _model_field(body)
-            model, profile, requested = self.choose(request, named)
+            model, profile, requested = self.choose(request, _model_field(body))
             return ParsedBody(model, profile, requested, body, streaming=False)
+        try:
+            return self.model_from_json(request, content_type.lower(), body)
+        except RecursionError as e:
+            # json, and comparing or re-encoding the document, recurse per level
+            raise ApiError(400, "the request body is nested too deeply") from e
+
+    def model_from_json(
+        self, request: Request, content_type: bytes, body: bytes
+    ) -> ParsedBody | PeerBody:
+        """The JSON half of ``model_from_body`` (``content_type`` lower-cased)."""
         media = content_type.partition(b";")[0].strip()
         if media and media not in ACCEPTED_BODY_TYPES and not media.endswith(b"+json"):
             raise ApiError(
@@ -278,7 +314,7 @@ class Api:
         name = document.get("model")
         if name is not None and not isinstance(name, str):
             raise ApiError(400, "'model' must be a string naming the model to use")
-        if name and self.find(name) is None:
+        if name and self.find(name, request) is None:
             routed = self.config.peer_route(name)
             if routed is not None:
                 # a remote model: its own id upstream, the peer's filters
@@ -295,7 +331,14 @@ class Api:
             changed = True
         if changed:
             body = json.dumps(document).encode("utf-8")
-        return ParsedBody(model, profile, requested, body, streaming=document.get("stream") is True)
+        return ParsedBody(
+            model,
+            profile,
+            requested,
+            body,
+            streaming=document.get("stream") is True,
+            conversation=Conversation.of(document) if model.slot_save_path else None,
+        )
 
     def choose(self, request: Request, named: str | None) -> tuple[ModelConfig, str | None, str]:
         """The model a request is for → (model, profile, the name it went by).
@@ -307,7 +350,7 @@ class Api:
         if not name and self.config.default_model is not None:
             name = self.config.default_model
         if name:
-            model, profile = self.target(name)
+            model, profile = self.target(name, request)
             return model, profile, name
         loaded = [
             model_id
@@ -329,18 +372,20 @@ class Api:
             "model_not_specified",
         )
 
-    def target(self, name: str) -> tuple[ModelConfig, str | None]:
+    def target(self, name: str, request: Request) -> tuple[ModelConfig, str | None]:
         """A model id, alias, variant, pool or ``<profile>:<model>`` → (model, profile)."""
-        found = self.find(name)
+        found = self.find(name, request)
         if found is None:
             raise self.unknown_model(name)
         return found
 
-    def find(self, name: str) -> tuple[ModelConfig, str | None] | None:
-        """Like ``Config.lookup``; a pool goes to whichever of its models is loaded."""
+    def find(self, name: str, request: Request) -> tuple[ModelConfig, str | None] | None:
+        """Like ``Config.lookup``; a pool goes to whichever of its models is loaded
+        (of those the caller's key may use: the 403 check still follows)."""
         pool = self.config.pools.get(name)
         if pool is not None:
-            return self.config.models[self.scheduler.pick(pool.models)], None
+            allowed = [m for m in pool.models if may_list(request, m)] or list(pool.models)
+            return self.config.models[self.scheduler.pick(allowed)], None
         return self.config.lookup(name)
 
     def priority(self, request: Request, model: ModelConfig, requested: str | None) -> int:
@@ -386,11 +431,13 @@ class Api:
         requested: str | None = None,
     ) -> None:
         """Lease the model, relay the request; with ``loading_for``, report progress."""
+        require_model(request, model.id)
         record = self.recorder.begin(
             model.id,
             route or request.path.decode("ascii", errors="replace"),
             path.decode("ascii", errors="replace"),
             self.scheduler.processes[model.id],
+            key=caller_name(request),
         )
         try:
             priority = self.priority(request, model, requested)
@@ -432,7 +479,6 @@ class Api:
                 model_id=model.id,
                 requested=loading_for,
                 scheduler=self.scheduler,
-                logs=self.logs,
                 clock=self.clock,
             )
             progress.begin(waiting)
@@ -476,8 +522,8 @@ class Api:
                 asked = float(header)
             except ValueError as e:
                 raise ApiError(400, "X-Request-Deadline must be a number of seconds") from e
-            if not asked > 0:
-                raise ApiError(400, "X-Request-Deadline must be more than 0 seconds")
+            if not (asked > 0 and math.isfinite(asked)):
+                raise ApiError(400, "X-Request-Deadline must be a finite number of seconds above 0")
         limits = [d for d in (asked, model.deadline) if d is not None]
         return min(limits) if limits else None
 
@@ -485,8 +531,12 @@ class Api:
         self, request: Request, peer: PeerConfig, remote: str, path: bytes, body: bytes
     ) -> None:
         """Relay straight to a peer: no local process, no queue."""
+        require_model(request, f"{peer.id}/{remote}")
         record = self.recorder.begin(
-            f"{peer.id}/{remote}", request.path.decode("ascii", errors="replace"), path.decode()
+            f"{peer.id}/{remote}",
+            request.path.decode("ascii", errors="replace"),
+            path.decode(),
+            key=caller_name(request),
         )
         record.leased()
         try:
@@ -524,7 +574,7 @@ class Api:
     @router.route("/models", methods=["GET"], endpoint="models_plain")
     def models(self, request: Request) -> bytes:
         data = []
-        for model_id in self.config.listed_ids():
+        for model_id in filter(lambda m: may_list(request, m), self.config.listed_ids()):
             record = self.model_record(model_id)
             data.append(record)
             if self.config.include_aliases_in_list:
@@ -533,14 +583,17 @@ class Api:
                         {**record, "id": alias, "alias_of": model_id, "name": record["name"]}
                     )
         for profile, members in sorted(self.config.profiles.items()):
-            for member in members:
+            for member in filter(lambda m: may_list(request, m), members):
                 record = self.model_record(member)
                 record.update(id=f"{profile}:{member}", name=f"{record['name']} ({profile})")
                 data.append(record)
         for pool in sorted(self.config.pools.values(), key=lambda p: p.id):
-            data.append(self.pool_record(pool))
+            if any(may_list(request, m) for m in pool.models):
+                data.append(self.pool_record(pool))
         for peer in self.config.peers.values():
             for remote in peer.models:
+                if not may_list(request, f"{peer.id}/{remote}"):
+                    continue
                 data.append(
                     {
                         "id": f"{peer.id}/{remote}",
@@ -581,7 +634,11 @@ class Api:
             record["description"] = model.description
         if model.names:
             record["aliases"] = list(model.names)
-        record["meta"] = {"llamaswap": {**model.metadata, "capabilities": list(model.capabilities)}}
+        record["capabilities"] = list(model.capabilities)
+        if model.metadata:
+            record["meta"] = {"llamaswap": dict(model.metadata)}
+        if model.gguf:  # what its GGUF file says; see llamaswap/modelsdir.py
+            record.setdefault("meta", {})["gguf"] = dict(model.gguf)
         if process.last_error:
             record["status"]["error"] = process.last_error
         return record
@@ -610,6 +667,7 @@ class Api:
                     "ttl_left": round(idle_deadline - now, 3) if idle_deadline else None,
                     "load_seconds": _round(process.load_seconds),
                     "stop_seconds": _round(process.stop_seconds),
+                    "progress": _round(process.progress),
                     "memory": self.memory_record(model_id),
                     "name": process.config.name,
                     "description": process.config.description,
@@ -639,7 +697,8 @@ class Api:
                         "why": child.why,
                     }
                 )
-        return _json(request, {"running": running})
+        saved = self.kvcache.describe() if self.kvcache is not None else []
+        return _json(request, {"running": running, "saved_states": saved})
 
     def memory_record(self, model_id: str) -> dict[str, Any] | None:
         footprint = self.scheduler.footprint(model_id)
@@ -655,6 +714,7 @@ class Api:
     async def load_one(self, request: Request, name: str) -> bytes:
         """Start a model and answer once it is ready (or with why it could not start)."""
         model = self.resolve(name)
+        require_model(request, model.id)
         started = self.clock.seconds()
         await self.scheduler.load(model.id)
         return _json(
@@ -681,6 +741,7 @@ class Api:
     @router.route("/api/models/unload/<path:name>", methods=["POST"])
     async def unload_one(self, request: Request, name: str) -> bytes:
         model = self.resolve(name)
+        require_model(request, model.id)
         await self.scheduler.unload([model.id])
         return _json(request, {"msg": "ok"})
 
@@ -693,10 +754,13 @@ class Api:
     # --- observability ---------------------------------------------------------------
 
     @router.route("/metrics", methods=["GET"])
-    def prometheus(self, request: Request) -> Any:
+    async def prometheus(self, request: Request) -> bytes:
+        """llamaswap's metrics, then each ready child's own, labelled by ``model``."""
         if self.metrics is None:
             raise ApiError(404, "metrics are not enabled", "not_found")
-        return MetricsResource(registry=self.metrics.registry)
+        text = await self.metrics.exposition()
+        request.setHeader(b"content-type", CONTENT_TYPE_PLAIN_0_0_4.encode("ascii"))
+        return text
 
     @router.route("/api/activity", methods=["GET"])
     async def activity(self, request: Request) -> bytes:
@@ -706,8 +770,9 @@ class Api:
             model=self.resolve(model).id if model else None,
             since=_number_arg(request, b"since"),
             until=_number_arg(request, b"until"),
-            limit=int(_number_arg(request, b"limit", 1, 1000) or 50),
-            offset=int(_number_arg(request, b"offset", 0) or 0),
+            limit=int(_number_arg(request, b"limit", 1, 1000, whole=True) or 50),
+            offset=int(_number_arg(request, b"offset", whole=True) or 0),
+            key=_arg(request, b"key"),
         )
         return _json(request, result)
 
@@ -837,7 +902,7 @@ def _model_field(body: bytes) -> str | None:
     """``model`` of a body that may or may not be a JSON object."""
     try:
         document = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     name = document.get("model") if isinstance(document, dict) else None
     return name if isinstance(name, str) else None
@@ -888,19 +953,42 @@ def _arg(request: Request, name: bytes) -> str | None:
     return values[0].decode("utf-8", errors="replace") if values else None
 
 
+MAX_WHOLE_ARG = 2**53
+"""Largest whole-number query value: exact as a float, and fits an SQLite integer."""
+
+
 def _number_arg(
-    request: Request, name: bytes, low: float | None = None, high: float | None = None
+    request: Request, name: bytes, low: float = 0, high: float = math.inf, whole: bool = False
 ) -> float | None:
+    """``?name=``: absent, or a finite number from ``low`` (never below 0) to ``high``,
+    a whole one with ``whole``; anything else is a 400 naming the parameter."""
     raw = _arg(request, name)
     if raw is None or raw == "":
         return None
+    shown = short_uri(raw.encode("utf-8", errors="replace"))
+    kind = "whole number" if whole else "number"
     try:
         value = float(raw)
     except ValueError as e:
-        raise ApiError(400, f"?{name.decode()}= must be a number, got {raw!r}") from e
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ApiError(400, f"?{name.decode()}= must be between {low:g} and {high:g}, got {raw}")
+        raise ApiError(400, f"?{name.decode()}= must be a {kind}, got {shown!r}") from e
+    top = min(high, MAX_WHOLE_ARG) if whole else high
+    if not (math.isfinite(value) and low <= value <= top):
+        bounds = f"from {low:g} to {top:g}" if math.isfinite(top) else f"of at least {low:g}"
+        message = f"?{name.decode()}= must be a finite {kind} {bounds}, got {shown!r}"
+        raise ApiError(400, message)
+    if whole and not value.is_integer():
+        raise ApiError(400, f"?{name.decode()}= must be a {kind}, got {shown!r}")
     return value
+
+
+def _form_model(content_type: bytes, body: bytes) -> str:
+    """The ``model`` field of a multipart form ("" without one), by a bounded scan
+    (see ``forms``)."""
+    try:
+        field = form_field(content_type, body, b"model")
+    except FormError as e:
+        raise ApiError(400, f"the multipart form cannot be read: {e}") from e
+    return field.decode("utf-8", errors="replace").strip() if field is not None else ""
 
 
 @implementer(IPushProducer)

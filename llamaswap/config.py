@@ -8,12 +8,13 @@ and the offending value, and nothing runs.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import ipaddress
 import os
 import re
 import shlex
 import socket
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,7 +22,12 @@ from urllib.parse import urlsplit
 import attrs
 import yaml
 
+from . import modelsdir
+from .access import DEFAULT_SESSION_TTL, INFERENCE, ROLES, ApiKey
+from .connections import ConnectionLimits
 from .crashloop import CrashLoopPolicy
+from .gguf_models import GgufError
+from .origin import normal_origin, split_host
 from .policy import ArrivalOrder, Collate, Policy
 from .resources import RESOURCES, parse_size
 
@@ -48,6 +54,7 @@ TOP_LEVEL_KEYS = (
     "logRequests",
     "store",
     "apiKeys",
+    "sessionTtl",
     "maxRequestBytes",
     "crashLoop",
     "shutdownTimeout",
@@ -55,11 +62,31 @@ TOP_LEVEL_KEYS = (
     "resources",
     "defaultModel",
     "pools",
+    "modelsDir",
+    "modelDefaults",
+    "allowedHosts",
+    "cors",
+    "connections",
+    "kvCache",
 )
-POOL_KEYS = ("models", "priority", "name", "description")
+CONNECTION_KEYS = ("headerTimeout", "bodyTimeout", "bodyMinRate", "maxConnections", "maxPerClient")
+MODEL_DEFAULTS_KEYS = ("cmd", "args", "ttl", "env")
+KV_CACHE_KEYS = (
+    "enabled",
+    "path",
+    "maxBytes",
+    "maxBytesPerModel",
+    "minTokens",
+    "saveOnShutdown",
+    "timeout",
+)
+SLOT_SAVE_FLAG = "--slot-save-path"
 SCHEDULER_KEYS = ("policy", "maxWait", "maxResidency", "hold", "patience")
+POOL_KEYS = ("models", "priority", "name", "description")
 CRASH_LOOP_KEYS = ("maxFailures", "window", "cooldown", "maxCooldown")
 STORE_KEYS = ("path", "maxRows", "maxAgeDays")
+CORS_KEYS = ("allowOrigins", "allowMethods", "allowHeaders", "maxAge")
+API_KEY_KEYS = ("name", "key", "role", "models", "maxConcurrent", "requestsPerMinute")
 PEER_KEYS = ("proxy", "models", "apiKey", "filters")
 GROUP_KEYS = ("members", "swap", "exclusive", "persistent")
 FILTER_KEYS = ("stripParams", "setParams", "setParamsByID")
@@ -88,7 +115,10 @@ MODEL_KEYS = (
     "deadline",
     "upstreamApiKey",
     "capabilities",
+    "kvCache",
+    "childProtocol",
 )
+CHILD_PROTOCOL = ("auto", "on", "off")
 CAPABILITIES = ("chat", "embeddings", "rerank")
 DEFAULT_PROXY = "http://127.0.0.1:${PORT}"
 # in flight or waiting, per model: a guard against a runaway client, not a throttle
@@ -205,6 +235,19 @@ class PeerConfig:
 
 
 @attrs.frozen
+class KvCacheConfig:
+    """``kvCache``: saving llama-server slots before a stop, restoring them after a start."""
+
+    enabled: bool = True
+    path: str = ""  # the directory under which each model's states live
+    max_bytes: int = 10 * 2**30
+    max_bytes_per_model: int = 4 * 2**30
+    min_tokens: int = 256
+    save_on_shutdown: bool = True
+    timeout: float = 5.0
+
+
+@attrs.frozen
 class ModelConfig:
     """One entry of ``models``: how to run it and how clients see it."""
 
@@ -229,16 +272,27 @@ class ModelConfig:
     priority: int = 0
     memory: Mapping[str, int] = attrs.field(factory=dict)
     deadline: float | None = None
+    #: speak llama-server's router/child protocol: auto (by the executable's name), on, off
+    child_protocol: str = "auto"
     #: the key the child expects; never printed (not even in this object's repr)
     upstream_api_key: str | None = attrs.field(default=None, repr=False)
+    #: where its llama-server saves slots (``--slot-save-path``); None: KV keeping is off
+    slot_save_path: str | None = None
+    #: llamaswap added ``--slot-save-path`` (the slot files are its own, not the clients')
+    slot_save_added: bool = False
+    #: what its GGUF file says (facts, capabilities, memory estimate); see modelsdir
+    gguf: Mapping[str, Any] = attrs.field(factory=dict)
     configured_capabilities: tuple[str, ...] = ()
 
     @property
     def capabilities(self) -> tuple[str, ...]:
-        """What the model is for (a hint for front ends): as configured, else read
-        from llama-server's flags (``--embedding``, ``--reranking``), else chat."""
+        """What the model is for (a hint for front ends): as configured, else what
+        its GGUF file and flags say (models dir), else read from llama-server's flags
+        (``--embedding``, ``--reranking``), else chat."""
         if self.configured_capabilities:
             return self.configured_capabilities
+        if self.gguf.get("capabilities"):
+            return tuple(self.gguf["capabilities"])
         argv = set(self.cmd.argv)
         detected = tuple(
             kind
@@ -264,21 +318,21 @@ class ModelConfig:
     def slots(self) -> int | None:
         """Requests the server answers at once (llama-server's ``--parallel``/``-np``),
         if the command says so."""
-        value = _flag_value(self.cmd.argv, ("--parallel", "-np"))
+        value = _flag_value(self.cmd.argv, "--parallel") or _flag_value(self.cmd.argv, "-np")
         return int(value) if value is not None and value.isdigit() and int(value) > 0 else None
 
     def proxy_url(self, port: int | None) -> str:
         return fill_runtime(self.proxy, {"PORT": str(port)} if port is not None else {})
 
 
-def _flag_value(argv: Sequence[str], names: Collection[str]) -> str | None:
-    """The value of the last ``--flag value`` or ``--flag=value`` in ``argv``."""
-    found = None
-    for i, arg in enumerate(argv):
-        name, eq, value = arg.partition("=")
-        if name in names:
-            found = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
-    return found
+@attrs.frozen
+class CorsConfig:
+    """``cors``: browser apps on other origins that may use llamaswap (none by default)."""
+
+    allow_origins: tuple[str, ...] = ()
+    allow_methods: tuple[str, ...] = ("GET", "HEAD", "POST")
+    allow_headers: tuple[str, ...] = ("*",)
+    max_age: int = 600
 
 
 @attrs.frozen
@@ -303,16 +357,25 @@ class Config:
     store_path: str = ":memory:"
     store_max_rows: int = 100_000
     store_max_age_days: float = 30.0
-    api_keys: tuple[str, ...] = ()
+    api_keys: tuple[ApiKey, ...] = ()
+    session_ttl: float = DEFAULT_SESSION_TTL
     max_request_bytes: int = 32 * 1024 * 1024
     crash_loop: CrashLoopPolicy = attrs.field(factory=CrashLoopPolicy)
     shutdown_timeout: float = 30.0
     policy: Policy = attrs.field(factory=Collate)
     budget: Mapping[str, int] = attrs.field(factory=dict)
     default_model: str | None = None
+    kv_cache: KvCacheConfig = attrs.field(factory=KvCacheConfig)
+    connections: ConnectionLimits = attrs.field(factory=ConnectionLimits)
     # top-level keys the file sets to a value (``apiKeys: []`` counts, a missing or
     # null ``apiKeys`` does not): a reload may drop a security setting only if written
     written: frozenset[str] = frozenset()
+    #: the models folders scanned (``modelsDir`` and ``--models-dir``), absolute
+    models_dirs: tuple[str, ...] = ()
+    #: problems that skipped a found model or file, for the log
+    notices: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    cors: CorsConfig = attrs.field(factory=CorsConfig)
 
     def peer_route(self, name: str) -> tuple[PeerConfig, str] | None:
         """``<peer>/<model>``, or a bare model id that exactly one peer offers."""
@@ -366,14 +429,23 @@ class Config:
         return sorted(m.id for m in self.models.values() if not m.unlisted)
 
 
-def load_config(path: str | Path, listen: Collection[str] = ()) -> Config:
-    """Read and validate a configuration file (for a llamaswap serving on ``listen``)."""
+def load_config(
+    path: str | Path | None, listen: Collection[str] = (), models_dirs: Collection[str] = ()
+) -> Config:
+    """Read and validate a configuration file (for a llamaswap serving on ``listen``).
+
+    ``models_dirs`` (``--models-dir``) are scanned beside the file's ``modelsDir``;
+    with them, ``path`` may be None: no file at all.
+    """
+    if path is None or path == "":
+        config = parse_config("{}", "--models-dir", models_dirs=models_dirs)
+        return refuse_self_proxy(config, listen)
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(source, "", f"cannot read file: {e.strerror or e}") from e
-    return refuse_self_proxy(parse_config(text, source), listen)
+    return refuse_self_proxy(parse_config(text, source, models_dirs=models_dirs), listen)
 
 
 def refuse_self_proxy(config: Config, listen: Collection[str]) -> Config:
@@ -469,17 +541,23 @@ def _is_own(address: IPAddress) -> bool:
 
 
 def parse_config(
-    text: str, source: str = "<config>", environ: Mapping[str, str] | None = None
+    text: str,
+    source: str = "<config>",
+    environ: Mapping[str, str] | None = None,
+    models_dirs: Collection[str] = (),
 ) -> Config:
     """Validate a YAML document and build a :class:`Config`.
 
-    ``environ`` (default: this process's environment) fills ``${env.NAME}``.
+    ``environ`` (default: this process's environment) fills ``${env.NAME}``;
+    ``models_dirs`` are scanned for GGUF files as if listed in ``modelsDir``.
     """
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(source, "", f"not valid YAML: {e}") from e
-    return _Builder(source, os.environ if environ is None else environ).build(document)
+    builder = _Builder(source, os.environ if environ is None else environ)
+    builder.cli_models_dirs = tuple(os.path.abspath(os.path.expanduser(d)) for d in models_dirs)
+    return builder.build(document)
 
 
 def _suggest(key: str, allowed: tuple[str, ...]) -> str:
@@ -495,6 +573,7 @@ class _Builder:
     def __init__(self, source: str, environ: Mapping[str, str]) -> None:
         self.source = source
         self.environ = environ
+        self.cli_models_dirs: tuple[str, ...] = ()
 
     def fail(self, path: str, message: str) -> ConfigError:
         return ConfigError(self.source, path, message)
@@ -504,12 +583,13 @@ class _Builder:
             raise self.fail("", "the file is empty; it needs at least a 'models' map")
         root = self.mapping(document, "")
         self.check_keys(root, "", TOP_LEVEL_KEYS)
-        if "models" not in root:
-            raise self.fail("models", "required key is missing")
         macros = self.global_macros(root.get("macros"), "macros")
-        models_doc = self.mapping(root["models"], "models")
-        if not models_doc:
-            raise self.fail("models", "at least one model is required")
+        folders = self.models_dirs(root.get("modelsDir"), macros)
+        if "models" not in root and not folders:
+            raise self.fail("models", "required key is missing (or give a modelsDir)")
+        models_doc = self.mapping(root.get("models", {}), "models")
+        if not models_doc and not folders:
+            raise self.fail("models", "at least one model is required (or give a modelsDir)")
         global_ttl = self.number(root.get("globalTTL", 0), "globalTTL")
         if global_ttl < 0:
             raise self.fail(
@@ -517,7 +597,9 @@ class _Builder:
             )
         unload_timeout = self.positive(root.get("unloadTimeout", 10), "unloadTimeout")
         budget = self.budget(root.get("resources"))
+        kv_cache = self.kv_cache(root.get("kvCache"), macros)
         defaults = {
+            "kv_cache": kv_cache,
             "budget": budget,
             "ttl": global_ttl,
             "unloadTimeout": unload_timeout,
@@ -534,6 +616,21 @@ class _Builder:
                     f"models.{model_id}", "model ids may not contain ':' (profiles use it)"
                 )
             models[model_id] = self.model(model_id, entry, macros, defaults)
+        found = modelsdir.scan(folders)
+        notices = list(found.notices)
+        model_defaults = self.model_defaults(root.get("modelDefaults"))
+        for model_id, model in models.items():
+            models[model_id] = self.sized(model, None, budget, notices)
+        taken = set(models) | {name for m in models.values() for name in m.names}
+        for item in found.models:
+            if item.id not in taken:  # an entry in the file wins over a found file
+                written = modelsdir.entry(item, model_defaults, self.environ)
+                try:
+                    model = self.model(item.id, written, macros, defaults)
+                except ConfigError as e:
+                    notices.append(f"{item.path}: skipped: {e}")
+                    continue
+                models[item.id] = self.sized(model, item, budget, notices)
         self.check_names_unique(models)
         groups = self.groups(root.get("groups"), models)
         profiles = self.profiles(root.get("profiles"), models)
@@ -574,7 +671,9 @@ class _Builder:
             peers=self.peers(root.get("peers"), models, macros),
             log_requests=self.boolean(root.get("logRequests", False), "logRequests"),
             api_keys=self.api_keys(root.get("apiKeys"), macros),
+            session_ttl=self.positive(root.get("sessionTtl", DEFAULT_SESSION_TTL), "sessionTtl"),
             crash_loop=self.crash_loop(root.get("crashLoop")),
+            connections=self.connections(root.get("connections")),
             policy=self.policy(root.get("scheduler")),
             budget=budget,
             shutdown_timeout=self.not_negative(root.get("shutdownTimeout", 30), "shutdownTimeout"),
@@ -582,6 +681,11 @@ class _Builder:
                 root.get("maxRequestBytes", 32 * 1024 * 1024), "maxRequestBytes"
             ),
             default_model=self.default_model(root.get("defaultModel")),
+            kv_cache=kv_cache,
+            models_dirs=folders,
+            notices=tuple(notices),
+            allowed_hosts=self.allowed_hosts(root.get("allowedHosts")),
+            cors=self.cors(root.get("cors")),
             **self.store(root.get("store"), macros),
             written=frozenset(key for key, value in root.items() if value is not None),
         )
@@ -596,6 +700,63 @@ class _Builder:
                 f"unknown model {config.default_model!r}" + _suggest(config.default_model, names),
             )
         return config
+
+    # --- models folders (see llamaswap/modelsdir.py) ---------------------------
+
+    def models_dirs(self, value: object, macros: Mapping[str, str]) -> tuple[str, ...]:
+        """``modelsDir`` (relative to the file's folder) and ``--models-dir``, each once."""
+        listed = [] if value is None else [value] if isinstance(value, str) else value
+        base = os.path.dirname(os.path.abspath(self.source))
+        folders = []
+        for i, raw in enumerate(self.string_list(listed, "modelsDir")):
+            where = "modelsDir" if isinstance(value, str) else f"modelsDir[{i}]"
+            expanded = os.path.expanduser(self.expand(raw, where, macros, ()))
+            folders.append((where, os.path.join(base, expanded)))
+        folders += [("--models-dir", d) for d in self.cli_models_dirs]
+        for where, folder in folders:
+            if not os.path.isdir(folder):
+                raise self.fail(where, f"{folder} is not a folder")
+        return tuple(dict.fromkeys(os.path.normpath(f) for _, f in folders))
+
+    def model_defaults(self, value: object) -> modelsdir.ModelDefaults:
+        doc = self.mapping(value if value is not None else {}, "modelDefaults")
+        self.check_keys(doc, "modelDefaults", MODEL_DEFAULTS_KEYS)
+        cmd = None
+        if doc.get("cmd") is not None:
+            cmd = self.string(doc["cmd"], "modelDefaults.cmd")
+            if "${MODEL_PATH}" not in cmd:
+                raise self.fail("modelDefaults.cmd", "the template must load ${MODEL_PATH}")
+        args = tuple(
+            (str(pattern), self.string(extra, f"modelDefaults.args.{pattern}"))
+            for pattern, extra in self.mapping(doc.get("args", {}), "modelDefaults.args").items()
+        )
+        entry = {key: doc[key] for key in ("ttl", "env") if doc.get(key) is not None}
+        return modelsdir.ModelDefaults(cmd=cmd, args=args, entry=entry)
+
+    def sized(
+        self,
+        model: ModelConfig,
+        found: modelsdir.FoundModel | None,
+        budget: Mapping[str, int],
+        notices: list[str],
+    ) -> ModelConfig:
+        """``model`` with its file's facts, and its memory estimated unless declared."""
+        argv = model.cmd.argv
+        if found is not None:
+            facts = found.facts
+        else:
+            weights = modelsdir.weights_in(argv)
+            if weights is None or not os.path.isfile(weights):
+                return model
+            try:
+                facts = modelsdir.facts_of(weights)
+            except GgufError as e:
+                notices.append(f"models.{model.id}: {weights}: not sized from its header: {e}")
+                return model
+        info = modelsdir.described(facts, argv, found)
+        memory = model.memory or self.memory(info["estimate"]["total"], "", budget)
+        name = model.name or (facts.name if found is not None else "")
+        return attrs.evolve(model, name=name, memory=memory, gguf=info)
 
     def default_model(self, value: object) -> str | None:
         if value is None:
@@ -683,21 +844,187 @@ class _Builder:
             raise self.fail(path, "a key must be non-empty and contain no spaces")
         return key
 
-    def api_keys(self, value: object, macros: Mapping[str, str]) -> tuple[str, ...]:
+    def connections(self, value: object) -> ConnectionLimits:
+        doc = self.mapping(value if value is not None else {}, "connections")
+        self.check_keys(doc, "connections", CONNECTION_KEYS)
+        default = ConnectionLimits()
+        maximum = doc.get("maxConnections")
+        return ConnectionLimits(
+            header_timeout=self.positive(
+                doc.get("headerTimeout", default.header_timeout), "connections.headerTimeout"
+            ),
+            body_timeout=self.positive(
+                doc.get("bodyTimeout", default.body_timeout), "connections.bodyTimeout"
+            ),
+            body_min_rate=self.limit(
+                doc.get("bodyMinRate", default.body_min_rate), "connections.bodyMinRate"
+            ),
+            max_connections=None
+            if maximum is None
+            else self.limit(maximum, "connections.maxConnections"),
+            max_per_client=self.limit(
+                doc.get("maxPerClient", default.max_per_client), "connections.maxPerClient"
+            ),
+        )
+
+    def api_keys(self, value: object, macros: Mapping[str, str]) -> tuple[ApiKey, ...]:
+        """Plain keys (admin, every model, named ``apiKeys[i]``) and scoped ones."""
         if value is None:
             return ()
-        return tuple(
-            self.secret(raw, f"apiKeys[{i}]", macros)
-            for i, raw in enumerate(self.string_list(value, "apiKeys"))
+        if not isinstance(value, list):
+            raise self.fail("apiKeys", f"expected a list of keys, got {_describe(value)}")
+        keys: list[ApiKey] = []
+        for i, raw in enumerate(value):
+            path = f"apiKeys[{i}]"
+            key = (
+                self.scoped_key(raw, path, macros)
+                if isinstance(raw, dict)
+                else ApiKey(path, self.secret(raw, path, macros))
+            )
+            for earlier in keys:
+                if key.name == earlier.name:
+                    raise self.fail(f"{path}.name", f"{key.name!r} names another key too")
+                if key.key == earlier.key:
+                    raise self.fail(path, f"the same key as {earlier.name!r}")
+            keys.append(key)
+        return tuple(keys)
+
+    def scoped_key(self, doc: dict[str, Any], path: str, macros: Mapping[str, str]) -> ApiKey:
+        self.check_keys(doc, path, API_KEY_KEYS)
+        for required in ("name", "key"):
+            if doc.get(required) is None:
+                raise self.fail(f"{path}.{required}", "missing")
+        name = self.string(doc["name"], f"{path}.name").strip()
+        if not name or len(name) > 64 or any(not c.isprintable() for c in name):
+            raise self.fail(f"{path}.name", "must be 1-64 printable characters")
+        role = self.string(doc.get("role", INFERENCE), f"{path}.role")
+        if role not in ROLES:
+            raise self.fail(f"{path}.role", f"must be one of {', '.join(ROLES)}, got {role!r}")
+        models = tuple(self.string_list(doc.get("models", ["*"]), f"{path}.models"))
+        if not models or any(not m.strip() for m in models):
+            raise self.fail(f"{path}.models", "list at least one model pattern ('*' for all)")
+        limits = {
+            field: self.limit(doc[key], f"{path}.{key}")
+            for field, key in (
+                ("max_concurrent", "maxConcurrent"),
+                ("requests_per_minute", "requestsPerMinute"),
+            )
+            if doc.get(key) is not None
+        }
+        return ApiKey(
+            name=name,
+            key=self.secret(doc["key"], f"{path}.key", macros),
+            role=role,
+            models=tuple(m.strip() for m in models),
+            **limits,
         )
+
+    def allowed_hosts(self, value: object) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        hosts = []
+        for i, raw in enumerate(self.string_list(value, "allowedHosts")):
+            host = raw.strip().lower().removesuffix(".")
+            name = host[2:] if host.startswith("*.") else host
+            well_formed = split_host(name) == (name, None) and "*" not in name
+            if host != "*" and not well_formed:
+                raise self.fail(
+                    f"allowedHosts[{i}]",
+                    f"expected a host name without a port ('box.lan', '*.lan' or '*'), got {raw!r}",
+                )
+            hosts.append(host)
+        return tuple(hosts)
+
+    def cors(self, value: object) -> CorsConfig:
+        doc = self.mapping(value if value is not None else {}, "cors")
+        self.check_keys(doc, "cors", CORS_KEYS)
+        default = CorsConfig()
+        origins = []
+        for i, raw in enumerate(
+            self.string_list(doc.get("allowOrigins") or [], "cors.allowOrigins")
+        ):
+            origin = "*" if raw.strip() == "*" else normal_origin(raw)
+            if origin is None:
+                raise self.fail(
+                    f"cors.allowOrigins[{i}]",
+                    "expected an origin like 'https://app.example.com' or "
+                    f"'http://192.168.1.5:3000' (scheme, host, port; no path), got {raw!r}",
+                )
+            origins.append(origin)
+        lists = {}
+        for key, fallback in (
+            ("allowMethods", default.allow_methods),
+            ("allowHeaders", default.allow_headers),
+        ):
+            items = self.string_list(doc.get(key, list(fallback)), f"cors.{key}")
+            for i, item in enumerate(items):
+                if not re.fullmatch(r"\*|[!#$%&'+.^_`|~0-9A-Za-z-]+", item):
+                    raise self.fail(
+                        f"cors.{key}[{i}]", f"expected an HTTP token or '*', got {item!r}"
+                    )
+            lists[key] = items
+        max_age = self.integer(doc.get("maxAge", default.max_age), "cors.maxAge")
+        if max_age < 0:
+            raise self.fail("cors.maxAge", f"must be 0 or more, got {max_age!r}")
+        return CorsConfig(
+            allow_origins=tuple(origins),
+            allow_methods=tuple(m.upper() for m in lists["allowMethods"]),
+            allow_headers=tuple(h.lower() for h in lists["allowHeaders"]),
+            max_age=max_age,
+        )
+
+    def state_dir(self) -> str:
+        """llamaswap's own state directory: ``$XDG_STATE_HOME/llamaswap``."""
+        state = self.environ.get("XDG_STATE_HOME") or os.path.join(
+            self.environ.get("HOME", "."), ".local", "state"
+        )
+        return os.path.join(state, "llamaswap")
+
+    def kv_cache(self, value: object, macros: Mapping[str, str]) -> KvCacheConfig:
+        doc = self.mapping(value if value is not None else {}, "kvCache")
+        self.check_keys(doc, "kvCache", KV_CACHE_KEYS)
+        default = KvCacheConfig()
+        path = self.expand(
+            self.string(doc.get("path", os.path.join(self.state_dir(), "kv")), "kvCache.path"),
+            "kvCache.path",
+            macros,
+            (),
+        )
+        return KvCacheConfig(
+            enabled=self.boolean(doc.get("enabled", default.enabled), "kvCache.enabled"),
+            path=path,
+            max_bytes=self.size(doc.get("maxBytes", default.max_bytes), "kvCache.maxBytes"),
+            max_bytes_per_model=self.size(
+                doc.get("maxBytesPerModel", default.max_bytes_per_model),
+                "kvCache.maxBytesPerModel",
+            ),
+            min_tokens=self.limit(doc.get("minTokens", default.min_tokens), "kvCache.minTokens"),
+            save_on_shutdown=self.boolean(
+                doc.get("saveOnShutdown", default.save_on_shutdown), "kvCache.saveOnShutdown"
+            ),
+            timeout=self.positive(doc.get("timeout", default.timeout), "kvCache.timeout"),
+        )
+
+    def slot_save_path(
+        self, cmd: CommandTemplate, value: object, path: str, kv_cache: KvCacheConfig, model_id: str
+    ) -> tuple[CommandTemplate, str | None, bool]:
+        """The command (with ``--slot-save-path`` added) and the directory, when KV
+        keeping is on for this model: by default for ``llama-server`` commands."""
+        wanted = None if value is None else self.boolean(value, path)
+        argv = cmd.argv
+        given = _flag_value(argv, SLOT_SAVE_FLAG)
+        is_llama_server = os.path.basename(argv[0]).startswith("llama-server")
+        if wanted is False or (wanted is None and not (kv_cache.enabled and is_llama_server)):
+            return cmd, None, False
+        if given is not None:
+            return cmd, given, False
+        directory = os.path.join(kv_cache.path, safe_name(model_id))
+        return CommandTemplate((*argv, SLOT_SAVE_FLAG, directory)), directory, True
 
     def store(self, value: object, macros: Mapping[str, str]) -> dict[str, Any]:
         doc = self.mapping(value if value is not None else {}, "store")
         self.check_keys(doc, "store", STORE_KEYS)
-        state = self.environ.get("XDG_STATE_HOME") or os.path.join(
-            self.environ.get("HOME", "."), ".local", "state"
-        )
-        default = os.path.join(state, "llamaswap", "activity.sqlite3")
+        default = os.path.join(self.state_dir(), "activity.sqlite3")
         path = self.expand(
             self.string(doc.get("path", default), "store.path"), "store.path", macros, ()
         )
@@ -1048,9 +1375,14 @@ class _Builder:
                     "a model gets either the client's key (forwardAuthorization) or its "
                     "own (upstreamApiKey), not both",
                 )
+        cmd, slot_save_path, slot_save_added = self.slot_save_path(
+            cmd, doc.get("kvCache"), f"{base}.kvCache", defaults["kv_cache"], model_id
+        )
         return ModelConfig(
             id=model_id,
             cmd=cmd,
+            slot_save_path=slot_save_path,
+            slot_save_added=slot_save_added,
             proxy=proxy.rstrip("/"),
             check_endpoint=check_endpoint,
             ttl=ttl,
@@ -1092,6 +1424,7 @@ class _Builder:
                 if doc.get("deadline") is not None
                 else None
             ),
+            child_protocol=self.child_protocol(doc.get("childProtocol", "auto"), base),
         )
 
     def capabilities(self, value: object, base: str) -> tuple[str, ...]:
@@ -1105,6 +1438,15 @@ class _Builder:
                     f"{path}[{i}]", f"must be one of {', '.join(CAPABILITIES)}, got {kind!r}"
                 )
         return tuple(dict.fromkeys(kinds))
+
+    def child_protocol(self, value: object, base: str) -> str:
+        path = f"{base}.childProtocol"
+        if isinstance(value, bool):  # YAML reads a bare on/off as a boolean
+            return "on" if value else "off"
+        setting = self.string(value, path)
+        if setting not in CHILD_PROTOCOL:
+            raise self.fail(path, f"must be one of {', '.join(CHILD_PROTOCOL)}, got {value!r}")
+        return setting
 
     def limit(self, value: object, path: str) -> int:
         number = self.integer(value, path)
@@ -1201,6 +1543,22 @@ class _Builder:
                 if alias in owner:
                     raise self.fail(where, f"alias {alias!r} is also used by {owner[alias]!r}")
                 owner[alias] = model.id
+
+
+def safe_name(model_id: str) -> str:
+    """A directory name for ``model_id`` (ids may hold '/'), distinct per id."""
+    readable = re.sub(r"[^A-Za-z0-9_.-]", "_", model_id)[:60]
+    return f"{readable}-{hashlib.sha256(model_id.encode()).hexdigest()[:8]}"
+
+
+def _flag_value(argv: tuple[str, ...], flag: str) -> str | None:
+    """The value of ``flag VALUE`` or ``flag=VALUE`` in ``argv``."""
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg[len(flag) + 1 :]
+    return None
 
 
 def _describe(value: object) -> str:

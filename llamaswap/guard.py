@@ -1,33 +1,67 @@
-"""The door: request-size limit and API keys, before any route runs.
+"""The door: whether a request may go on is decided once its headers are in.
 
-``ApiSite`` makes requests that stop storing their body once it passes
-``maxRequestBytes`` and answer 413 instead of dispatching.  ``Guard`` wraps the
-application resource and asks for one of ``apiKeys`` (Bearer token, the password
-of Basic auth, or ``x-api-key``), compared in constant time.
+``ApiSite`` serves HTTP through ``DoorChannel``.  When a request's headers are
+complete, before a byte of its body is read, the door refuses it if its URI is too
+long, if one of the site's ``checks`` (``HeaderCheck`` callables run in order: the
+API-key check of ``Guard``, and any other header check plugged in before or after
+it) returns an ``ApiError``, or if it declares a body larger than
+``maxRequestBytes``.  A refused request gets its OpenAI-shaped error at once and the
+connection is closed: its body is never read, stored or parsed, so a stranger's
+upload costs nothing but the headers.
+
+A body that grows past the limit while it arrives (chunked) stops being stored and
+gets 413.  Twisted's own form parsing is off (``parsePOSTFormSubmission=False``);
+the one field llamaswap needs from a multipart form is found by ``forms``, after
+the door.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hmac
-from email.parser import BytesParser
-from email.policy import HTTP
-from typing import Any
+from collections.abc import Callable, Sequence
+from http import HTTPStatus
+from io import BytesIO
+from typing import TYPE_CHECKING, Any
 
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from .errors import ApiError
 
-# Paths anyone may fetch: liveness, and what a browser needs to ask for a key.
+if TYPE_CHECKING:
+    from .access import Access
+
+
+class Answered:
+    """What a header check returns when it has answered the request itself (status and
+    headers set, no body), e.g. a CORS preflight."""
+
+
+ANSWERED = Answered()
+
+HeaderCheck = Callable[[Request], ApiError | Answered | None]
+"""A check the door runs on a request's line and headers (``method``, ``uri``,
+``path`` and the request headers are set; the body is not there yet); it refuses
+the request by returning an error, or answers it itself (``ANSWERED``).  A check
+may also set answer headers that every response to the request should carry."""
+
+# Paths anyone may GET: liveness, and what a browser needs to ask for a key.
 OPEN_PATHS = (b"/health", b"/v1/health")
 OPEN_PREFIXES = (b"/ui/", b"/swagger/")
 OPEN_EXACT = (b"/", b"/ui", b"/swagger", b"/favicon.ico")
+OPEN_METHODS = (b"GET", b"HEAD")
+
+MAX_URI_BYTES = 8192
+"""Longest request target: far above any route's need, far below the log ring."""
+
+LOGGED_URI_CHARS = 200
+"""How much of a URI a log line may show."""
 
 
 class _Sink:
-    """Where an oversized body goes: nowhere."""
+    """Where a body goes once it has passed the limit: nowhere."""
 
     def write(self, data: bytes) -> None:
         pass
@@ -45,21 +79,78 @@ class _Sink:
         pass
 
 
-class LimitedRequest(Request):
-    """A request whose body may be at most ``site.max_request_bytes`` long."""
+def short_uri(uri: bytes) -> str:
+    """A URI cut to ``LOGGED_URI_CHARS`` for log lines, saying how long it was."""
+    text = uri.decode("ascii", errors="backslashreplace")
+    if len(text) <= LOGGED_URI_CHARS:
+        return text
+    return f"{text[:LOGGED_URI_CHARS]}...({len(uri)} bytes)"
 
+
+def answer_with_error(request: Request, error: ApiError, *, close: bool = True) -> None:
+    """Answer ``request`` with ``error`` now; with ``close``, end the connection after
+    (the body may not have been read, so nothing after it can be trusted)."""
+    for name, value in error.headers.items():
+        request.setHeader(name, value)
+    body = error.body()
+    request.setResponseCode(error.status, _phrase(error.status))
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"content-length", b"%d" % len(body))
+    if close:
+        request.setHeader(b"connection", b"close")
+        if request.channel is not None:
+            request.channel.persistent = False
+    request.write(body)  # Twisted sends no body for HEAD
+    request.finish()
+
+
+def _phrase(status: int) -> bytes | None:
+    """The reason phrase, also for codes Twisted has no name for (421, 508)."""
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return None
+
+
+def answer_now(request: Request, outcome: ApiError | Answered) -> None:
+    """Answer a request the door stopped; its body was never read, so the connection
+    ends after the answer."""
+    if isinstance(outcome, ApiError):
+        answer_with_error(request, outcome)
+        return
+    if not request.responseHeaders.hasHeader(b"content-length"):
+        request.setHeader(b"content-length", b"0")
+    request.setHeader(b"connection", b"close")
+    if request.channel is not None:
+        request.channel.persistent = False
+    request.finish()
+
+
+class LimitedRequest(Request):
+    """A request the door may refuse before its body, and whose stored body is at most
+    ``site.max_request_bytes`` long."""
+
+    refusal: ApiError | Answered | None = None
     too_large = False
-    received = 0
-    form: dict[bytes, list[bytes]] | None = None
+    received = 0  # body bytes handed to us (stored or not)
 
     def _limit(self) -> int:
         site = getattr(self.channel, "site", None)
         return int(getattr(site, "max_request_bytes", 0)) or 2**62
 
+    def line_received(self, method: bytes, uri: bytes, version: bytes) -> None:
+        """The request line, known before the headers (Twisted sets these again later)."""
+        self.method, self.uri, self.clientproto = method, uri, version
+        self.path = uri.split(b"?", 1)[0]
+
+    def refuse(self, outcome: ApiError | Answered) -> None:
+        """Called by the door before ``gotLength``: answer ``outcome``, read no body."""
+        self.refusal = outcome
+        self.requestHeaders.removeHeader(b"expect")  # no "100 Continue" for a refusal
+
     def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self._limit():
-            self.too_large = True
-            self.content = _Sink()
+        if self.refusal is not None:
+            self.content = BytesIO()  # stays empty: the body is never read
             return
         super().gotLength(length)
 
@@ -73,86 +164,120 @@ class LimitedRequest(Request):
         if not self.too_large:
             super().handleContentChunk(data)
 
-    bad_form: str | None = None
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        # Only multipart forms need parsing (for their "model" field), and we do it
-        # ourselves: Twisted's parser is costly on every JSON request, and answers a
-        # broken form with a bare 400 instead of an OpenAI-shaped one.
-        self._parsePOSTFormSubmission = False
-        content_type = self.requestHeaders.getRawHeaders(b"content-type", [b""])[0]
-        if (
-            command == b"POST"
-            and content_type.lower().startswith(b"multipart/form-data")
-            and not self.too_large
-            and self.content is not None
-        ):
-            self.content.seek(0)
-            try:
-                self.form = parse_form(content_type, self.content.read())
-            except ValueError as e:
-                self.bad_form = str(e)
-            self.content.seek(0)
-        super().requestReceived(command, path, version)
-
     def process(self) -> None:
-        if self.bad_form is not None:
-            self._refuse(ApiError(400, f"the multipart form cannot be read: {self.bad_form}"))
+        if self.refusal is not None:
+            answer_now(self, self.refusal)
         elif self.too_large:
-            self._refuse(
-                ApiError(
-                    413,
-                    f"the request body is larger than {self._limit()} bytes (maxRequestBytes)",
-                    "request_too_large",
-                )
-            )
+            answer_with_error(self, too_large(self._limit()))
         else:
             super().process()
 
-    def _refuse(self, error: ApiError) -> None:
-        self.setResponseCode(error.status)
-        self.setHeader(b"content-type", b"application/json")
-        self.setHeader(b"connection", b"close")
-        self.write(error.body())
-        self.finish()
+    def __repr__(self) -> str:
+        # Twisted's log lines show requests by repr: never a whole 8 kB URI
+        method = self.method.decode("ascii", errors="backslashreplace")
+        return f"<{type(self).__name__} {method} {short_uri(self.uri)}>"
 
 
-def parse_form(content_type: bytes, body: bytes) -> dict[bytes, list[bytes]]:
-    """The text fields of a multipart/form-data body (files are skipped)."""
-    message = BytesParser(policy=HTTP).parsebytes(
-        b"Content-Type: " + content_type + b"\r\n\r\n" + body
+def too_large(limit: int) -> ApiError:
+    return ApiError(
+        413,
+        f"the request body is larger than {limit} bytes (maxRequestBytes)",
+        "request_too_large",
     )
-    if not message.is_multipart() or message.defects:
-        raise ValueError("not a well-formed multipart body")
-    fields: dict[bytes, list[bytes]] = {}
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if not isinstance(name, str) or part.get_filename() is not None:
-            continue
-        payload = part.get_payload(decode=True)
-        if isinstance(payload, bytes):
-            fields.setdefault(name.encode(), []).append(payload)
-    return fields
+
+
+class DoorChannel(HTTPChannel):
+    """An HTTP channel that asks its site's door about each request as soon as the
+    request's headers are complete, and reads no body of a refused one."""
+
+    site: ApiSite
+
+    def lineReceived(self, line: bytes) -> None:
+        pending = len(self.requests)
+        super().lineReceived(line)
+        if len(self.requests) > pending:  # that line started a request
+            request = self.requests[-1]
+            parts = line.split(b" ")
+            if len(parts) == 3 and isinstance(request, LimitedRequest):
+                request.line_received(*parts)
+
+    def allHeadersReceived(self) -> None:
+        request = self.requests[-1]
+        refusal = None
+        if isinstance(request, LimitedRequest):
+            refusal = self.site.door(request, self.length)
+            if refusal is not None:
+                request.refuse(refusal)
+                # the request is complete without its body: answered now, then closed
+                self.length = 0
+        super().allHeadersReceived()
+        if refusal is not None:
+            self.persistent = False
 
 
 class ApiSite(Site):
+    """The HTTP site: the door (``checks`` plus the size limits) in front of
+    ``resource``."""
+
     requestFactory = LimitedRequest
+    # HTTP/1.1 only: Twisted's default wraps the channel to switch to HTTP/2 after a
+    # TLS ALPN agreement, which needs the optional h2 package llamaswap never had
+    protocol = DoorChannel  # type: ignore[assignment]
 
     def __init__(
         self,
         resource: IResource,
         max_request_bytes: int,
+        checks: Sequence[HeaderCheck] = (),
         access_log: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(resource, **kwargs)
+        super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
         self.max_request_bytes = max_request_bytes
+        self.checks = list(checks)
         self.access_log = access_log
+
+    def door(self, request: Request, length: int | None) -> ApiError | Answered | None:
+        """Why ``request`` may not go on, judged from its line and headers alone
+        (``length``: the declared body length, None when chunked)."""
+        if len(request.uri) > MAX_URI_BYTES:
+            return ApiError(414, f"the request URI is longer than {MAX_URI_BYTES} bytes")
+        for check in self.checks:
+            outcome = check(request)
+            if outcome is not None:
+                return outcome
+        limit = self.max_request_bytes
+        if limit and length is not None and length > limit:
+            return too_large(limit)
+        return None
 
     def log(self, request: Any) -> None:
         # one line per request costs real CPU at high rates: only with logRequests
         if self.access_log:
             super().log(request)
+
+
+class Checked(Resource):
+    """``inner`` behind header ``checks``, for a resource served without the door
+    (an in-memory test world): the same checks, run when the request is rendered."""
+
+    isLeaf = True
+
+    def __init__(self, inner: IResource, checks: Sequence[HeaderCheck]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.checks = list(checks)
+
+    def render(self, request: Request) -> Any:
+        for check in self.checks:
+            outcome = check(request)
+            if isinstance(outcome, ApiError):
+                answer_with_error(request, outcome, close=False)
+                return NOT_DONE_YET
+            if outcome is not None:
+                request.finish()
+                return NOT_DONE_YET
+        return self.inner.render(request)
 
 
 def presented_key(request: Request) -> str | None:
@@ -171,47 +296,39 @@ def presented_key(request: Request) -> str | None:
     return api_key.decode("utf-8", errors="replace") if api_key else None
 
 
-def key_matches(presented: str | None, keys: tuple[str, ...]) -> bool:
-    if presented is None:
-        return False
-    given = presented.encode()
-    # compare with every key, always, so the time taken says nothing about which
-    results = [hmac.compare_digest(given, key.encode()) for key in keys]
-    return any(results)
-
-
 class Guard(Resource):
-    """Lets a request through to ``inner`` only with a valid key (when keys are set)."""
+    """The API keys (see ``access``): ``check`` is the door's key check (who calls,
+    may that key reach this path, is it within its limits; the caller is attached to
+    the request), and as the resource in front of ``inner`` the Guard asks again, for
+    whatever reaches it without the door."""
 
     isLeaf = True
 
-    def __init__(self, inner: IResource, keys: tuple[str, ...]) -> None:
+    def __init__(self, inner: IResource, access: Access) -> None:
         super().__init__()
         self.inner = inner
-        self.keys = keys
+        self.access = access
+
+    def check(self, request: Request) -> ApiError | None:
+        """None when ``request`` may go on: keys are off, it is an open page, or its
+        key (or UI session) reaches this path within its limits."""
+        return self.access.check(request)
 
     def render(self, request: Request) -> Any:
-        if (
-            self.keys
-            and not self.is_open(request.path)
-            and not key_matches(presented_key(request), self.keys)
-        ):
-            error = ApiError(
-                401,
-                "a valid API key is required: send 'Authorization: Bearer <key>' "
-                "(or the key as x-api-key, or as the Basic auth password)",
-                "invalid_api_key",
-            )
-            request.setResponseCode(401)
-            request.setHeader(b"www-authenticate", b'Bearer realm="llamaswap"')
-            request.setHeader(b"content-type", b"application/json")
-            return error.body()
+        from .access import caller_of  # access builds on this module
+
+        if caller_of(request) is None:  # not checked at the door
+            refusal = self.check(request)
+            if refusal is not None:
+                answer_with_error(request, refusal, close=False)
+                return NOT_DONE_YET
         return self.inner.render(request)
 
-    @staticmethod
-    def is_open(path: bytes) -> bool:
-        return (
-            path in OPEN_PATHS
-            or path in OPEN_EXACT
-            or any(path.startswith(prefix) for prefix in OPEN_PREFIXES)
-        )
+
+def is_open_page(path: bytes) -> bool:
+    """A page anyone may read: liveness, the UI, Swagger."""
+    return (
+        path in OPEN_PATHS
+        or path in OPEN_EXACT
+        or any(path.startswith(prefix) for prefix in OPEN_PREFIXES)
+    )

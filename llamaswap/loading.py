@@ -2,15 +2,15 @@
 
 A chat client that asked for a stream gets ``200 text/event-stream`` at once and,
 while its model is queued or loading, ``reasoning_content`` deltas saying where it
-stands: its place in the queue, the model being started, the time spent, and real
-progress when the child's log shows a percentage.  The model's own stream then
-continues on the same response.
+stands: its place in the queue, the model being started, the time spent, and the
+load's progress as its process reports it (``progress`` events: llama-server's
+child protocol, or a percentage in another server's log).  The model's own stream
+then continues on the same response.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
@@ -18,12 +18,11 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.web.server import Request
 
 from .errors import ApiError
-from .logs import LogHub
+from .events import Event
 from .process import ModelState
 from .relay import end_event_stream
 from .scheduler import Lease, Scheduler
 
-PERCENT = re.compile(r"(\d{1,3}(?:\.\d+)?)\s*%")
 TICK = 1.0
 
 
@@ -41,21 +40,19 @@ class LoadingStream:
         model_id: str,
         requested: str,
         scheduler: Scheduler,
-        logs: LogHub,
         clock: IReactorTime,
     ) -> None:
         self.request = request
         self.model_id = model_id
         self.requested = requested
         self.scheduler = scheduler
-        self.logs = logs
         self.clock = clock
         self.started = clock.seconds()
         self._tick: IDelayedCall | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._last_position: int | None = None
         self._last_state: ModelState | None = None
-        self._last_percent = -1.0
+        self._last_percent = -1
 
     def begin(self, waiting: Deferred[Lease]) -> None:
         """Answer 200 now and report until :meth:`end`."""
@@ -66,7 +63,8 @@ class LoadingStream:
         self.request.setHeader(b"x-accel-buffering", b"no")
         self.say(f"llamaswap: {self.model_id} is not loaded yet.\n")
         self._report()
-        self._unsubscribe = self.logs.subscribe([self.model_id], self._child_line)
+        events = self.scheduler.processes[self.model_id].events
+        self._unsubscribe = events.subscribe(self._progress)
 
     def say(self, text: str) -> None:
         delta = {"role": "assistant", "reasoning_content": text}
@@ -96,13 +94,13 @@ class LoadingStream:
         self._last_position, self._last_state = position, state
         self._tick = self.clock.callLater(TICK, self._report)
 
-    def _child_line(self, source: str, line: str) -> None:
-        match = PERCENT.search(line)
-        if match is not None and "load" in line.lower():
-            percent = float(match.group(1))
-            if percent > self._last_percent:
-                self._last_percent = percent
-                self.say(f"Loading: {percent:g}%\n")
+    def _progress(self, event: Event) -> None:
+        if event.kind != "progress" or event.data.get("id") != self.model_id:
+            return
+        percent = int(event.data["progress"] * 100)
+        if percent > self._last_percent:
+            self._last_percent = percent
+            self.say(f"Loading {self.model_id}: {percent}%\n")
 
     def stop(self) -> None:
         if self._tick is not None and self._tick.active():

@@ -232,6 +232,8 @@ def _management() -> dict[str, Any]:
             "get": {
                 "tags": ["Observability"],
                 "summary": "Prometheus metrics",
+                "description": "llamaswap's own, then each running model's own metrics "
+                "(llama-server with --metrics), every sample labelled with its model.",
                 "responses": {"200": _text("Prometheus text format")},
             }
         },

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
-import re
 import shutil
 import signal
 from collections import deque
@@ -35,19 +34,20 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
+from . import childproto
+from .childproto import EXIT_COMMAND, ROUTER_PORT, ROUTER_PORT_ENV, ProtocolWatch
 from .config import ModelConfig, fill_runtime
 from .errors import ModelStopped, StartFailed
 from .events import EventBus
 from .lifeline import LIFELINE_FD, guarded
 from .logs import LogHub, logger
 from .ports import PortAllocator
+from .readiness import HealthProbe, HealthWatch, ReadyAtOnce, Watch
+
+__all__ = ["HealthProbe", "ModelProcess", "ModelState", "Timing"]
 
 TAIL_LINES = 20
-HOT_LINE = re.compile(r"loaded|listening|ready|idle|started|startup complete|serving", re.I)
 MAX_LINE = 16_384
-
-HealthProbe = Callable[[str], "Deferred[int]"]
-"""GET a URL and fire with the HTTP status (or fail when nothing answers)."""
 
 
 class ModelState(enum.Enum):
@@ -64,9 +64,10 @@ class Timing:
 
     health_timeout: float = 120.0
     poll_interval: float = 0.25
-    line_retry: float = 0.005
-    hot_window: float = 0.3
     stop_timeout: float = 10.0
+    # a ready child that speaks llama-server's protocol is asked to exit on stdin
+    # first; SIGTERM follows this long after, should the command be lost
+    exit_grace: float = 1.0
     # after its process exited, how long a child's output may take to drain before
     # the pipes are closed and whatever still holds them is reported
     pipe_grace: float = 1.0
@@ -84,15 +85,18 @@ class ChildProtocol(ProcessProtocol):
         on_line: Callable[[str, str], None],
         on_ended: Callable[[Failure], None],
         on_exited: Callable[[Failure], None] = lambda reason: None,
+        keep_stdin: bool = False,
     ) -> None:
         self._on_line = on_line
         self._on_ended = on_ended
         self._on_exited = on_exited
+        self._keep_stdin = keep_stdin
         self._partial: dict[int, bytes] = {}
 
     def connectionMade(self) -> None:
         assert self.transport is not None
-        self.transport.closeStdin()
+        if not self._keep_stdin:  # a llama-server child reads its stop command there
+            self.transport.closeStdin()
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         buffered = self._partial.get(childFD, b"") + data
@@ -210,6 +214,9 @@ class ModelProcess:
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self.started_at: float | None = None
         self.ready_at: float | None = None
+        # how far the current start got (0..1) and its stage, when the child says
+        self.progress: float | None = None
+        self.stage: str | None = None
         self.exit_listeners: list[Callable[[ModelProcess, str], None]] = []
         # earlier children that would not go: reported, their ports kept reserved
         self.stuck: list[Child] = []
@@ -219,15 +226,11 @@ class ModelProcess:
         self._exit_waiters: list[Deferred[None]] = []
         self._start_failure: Exception | None = None
         self._deadline: IDelayedCall | None = None
-        self._poll: IDelayedCall | None = None
+        self._term: IDelayedCall | None = None
         self._kill: IDelayedCall | None = None
         self._abandon: IDelayedCall | None = None
         self._drain: IDelayedCall | None = None
-        self._probing: Deferred[int] | None = None
-        self._beside: Deferred[int] | None = None
-        self._nudge: IDelayedCall | None = None
-        self._probe_again = False
-        self._hot_until = 0.0
+        self._watch: Watch = ReadyAtOnce(lambda: None)
 
     @property
     def id(self) -> str:
@@ -269,6 +272,7 @@ class ModelProcess:
         self.tail.clear()
         self.started_at = self._clock.seconds()
         self.ready_at = None
+        self.progress = self.stage = None
         try:
             self.port = self._ports.allocate() if self.config.uses_port else None
         except OSError as e:
@@ -283,6 +287,9 @@ class ModelProcess:
             self._fail_before_spawn(f"command not found: {argv[0]!r} (check cmd and PATH)")
             return
         self.log.info("starting {model}: {argv}", model=self.id, argv=" ".join(argv))
+        watch = self._watch = self._watch_for(executable)
+        if watch.talks:
+            env[ROUTER_PORT_ENV] = ROUTER_PORT
         argv = [executable, *argv[1:]]
         fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
         if self._setsid is not None:
@@ -297,7 +304,10 @@ class ModelProcess:
             self._line(child, stream, text)
 
         protocol = ChildProtocol(
-            line, lambda r: self._ended(child, r), lambda r: self._exited(child, r)
+            line,
+            lambda r: self._ended(child, r),
+            lambda r: self._exited(child, r),
+            keep_stdin=watch.talks,
         )
         try:
             transport = self._reactor.spawnProcess(
@@ -309,10 +319,32 @@ class ModelProcess:
         assert transport.pid is not None
         child = self._child = Child(transport.pid, self.port, transport)
         self._deadline = self._clock.callLater(self.timing.health_timeout, self._start_timed_out)
-        if self.config.check_endpoint is None:
-            self._became_ready()
-        else:
-            self._poll = self._clock.callLater(self.timing.poll_interval, self._probe)
+        watch.begin()
+
+    def _watch_for(self, executable: str) -> Watch:
+        """How this start learns readiness: the child's own word, or its health URL."""
+        health = None
+        if self.config.check_endpoint is not None:
+            endpoint = self.config.check_endpoint
+            health = HealthWatch(
+                clock=self._clock,
+                probe=self._probe_url,
+                url=lambda: self.base_url + endpoint,
+                interval=self.timing.poll_interval,
+                ready=self._became_ready,
+                progress=self._progressed,
+            )
+        if childproto.speaks_protocol(self.config.child_protocol, executable):
+            return ProtocolWatch(
+                model=self.id, ready=self._became_ready, progress=self._progressed, fallback=health
+            )
+        return health or ReadyAtOnce(self._became_ready)
+
+    def _progressed(self, fraction: float, stage: str | None) -> None:
+        if self.state is not ModelState.STARTING:
+            return
+        self.progress, self.stage = fraction, stage
+        self.events.publish("progress", id=self.id, progress=fraction, stage=stage)
 
     def _fail_before_spawn(self, cause: str) -> None:
         self._release_port()
@@ -323,87 +355,20 @@ class ModelProcess:
         self._fire_start(StartFailed(self.id, cause, list(self.tail), kind="spawn"))
 
     def _line(self, child: Child | None, stream: str, line: str) -> None:
+        current = child is not None and child is self._child
+        if current and self._watch.line(stream, line):
+            return  # a message to llamaswap, not a log line
         self._logs.child_line(self.id, stream, line)
-        if child is None or child is not self._child:
-            return  # a stuck earlier child (or output before spawn returned)
-        self.tail.append(line)
-        if self._starting() and self.config.check_endpoint is not None:
-            # servers log as they load: a new line is the moment readiness is likely.
-            # One probe at a time; a line during a probe asks for one more after it.
-            # A line that sounds like "ready" (llama-server: "model loaded",
-            # "listening on") opens a short window of quick retries, since servers
-            # say so a moment before their health check answers 200.
-            if HOT_LINE.search(line):
-                self._hot_until = self._clock.seconds() + self.timing.hot_window
-            self._probe()
+        if current:
+            self.tail.append(line)
 
     def _exiting(self) -> bool:
         """Its process has exited; the state changes once the output has drained."""
         return self._child is not None and self._child.exit is not None
 
-    def _starting(self) -> bool:
-        """Starting, and its process lives: a dead child's port answers for nobody."""
-        return self.state is ModelState.STARTING and self.pid is not None
-
-    def _probe(self) -> None:
-        if not self._starting():
-            return
-        if self._probing is not None:
-            self._probe_again = True
-            return
-        if self._poll is not None and self._poll.active():
-            self._poll.cancel()
-        self._poll = None
-        self._probing = self._ask_health()
-        self._probing.addBoth(self._probed)
-        if self._probing is not None and self._clock.seconds() < self._hot_until:
-            # a server finishing its load may sit on a health request for a while;
-            # if this one is slow, ask again beside it rather than wait for it
-            self._nudge = self._clock.callLater(2 * self.timing.line_retry, self._probe_beside)
-
-    def _ask_health(self) -> Deferred[int]:
-        assert self.config.check_endpoint is not None
-        return self._probe_url(self.base_url + self.config.check_endpoint)
-
-    def _probe_beside(self) -> None:
-        self._nudge = None
-        if not self._starting() or self._probing is None or self._beside:
-            return
-        self._beside = self._ask_health()
-        self._beside.addBoth(self._probed_beside)
-
-    def _probed_beside(self, result: int | Failure) -> None:
-        self._beside = None
-        if not self._starting():
-            return
-        if result == 200:
-            self._became_ready()
-        elif self._probing is not None and self._clock.seconds() < self._hot_until:
-            self._nudge = self._clock.callLater(self.timing.line_retry, self._probe_beside)
-
-    def _probed(self, result: int | Failure) -> None:
-        self._probing = None
-        if not self._starting():
-            return
-        if result == 200:
-            self._became_ready()
-        elif self._probe_again:
-            self._probe_again = False
-            self._probe()
-        elif self._poll is None:
-            hot = self._clock.seconds() < self._hot_until
-            delay = self.timing.line_retry if hot else self.timing.poll_interval
-            self._poll = self._clock.callLater(delay, self._probe)
-
-    def _stop_probing(self) -> None:
-        """Call once the state is no longer STARTING, so nothing re-arms a probe."""
-        self._cancel(self._poll)
-        self._cancel(self._nudge)
-        self._poll = self._nudge = None
-        self._probe_again = False
-        for probe in (self._probing, self._beside):
-            if probe is not None:
-                probe.cancel()
+    def _stop_watching(self) -> None:
+        """Call once the state is no longer STARTING, so nothing says "ready" any more."""
+        self._watch.cancel()
 
     def _became_ready(self) -> None:
         self._cancel(self._deadline)
@@ -411,8 +376,9 @@ class ModelProcess:
         self.ready_at = self._clock.seconds()
         assert self.started_at is not None
         self.load_seconds = _average(self.load_seconds, self.ready_at - self.started_at)
+        self.progress = self.stage = None
         self._set_state(ModelState.READY, start_seconds=self.ready_at - self.started_at)
-        self._stop_probing()
+        self._stop_watching()
         self.log.info(
             "model {model} ready in {seconds:.2f}s at {url}",
             model=self.id,
@@ -458,14 +424,25 @@ class ModelProcess:
         return exited
 
     def _begin_stop(self) -> None:
-        self._stop_began = self._clock.seconds()
-        self._set_state(ModelState.STOPPING)
-        self._stop_probing()
+        serving = self.state is ModelState.READY
+        self._stop_beginning()
         if self.config.cmd_stop is not None and self.pid is not None:
             self._run_cmd_stop()
+        elif serving and self._watch.heard and self._child is not None:
+            # llama-server's own clean exit.  SIGTERM follows: llama-server loses
+            # a stop (command or signal) that comes before its main loop runs,
+            # which it starts only just after saying "ready".  While it loads,
+            # SIGTERM (its default action) ends it at once.
+            self._child.transport.write(EXIT_COMMAND)
+            self._term = self._clock.callLater(self.timing.exit_grace, self._signal, "TERM")
         else:
             self._signal("TERM")
         self._kill = self._clock.callLater(self.timing.stop_timeout, self._force_stop)
+
+    def _stop_beginning(self) -> None:
+        self._stop_began = self._clock.seconds()
+        self._set_state(ModelState.STOPPING)
+        self._stop_watching()
 
     def _run_cmd_stop(self) -> None:
         assert self.config.cmd_stop is not None
@@ -487,6 +464,8 @@ class ModelProcess:
 
     def _force_stop(self) -> None:
         self._kill = None
+        self._cancel(self._term)
+        self._term = None
         self.log.warn(
             "model {model} still running {grace:g}s after stop; killing it",
             model=self.id,
@@ -551,10 +530,10 @@ class ModelProcess:
             self._close_pipes(child)
             self._check_stuck(child)
             return
-        for timer in (self._deadline, self._kill, self._abandon):
+        for timer in (self._deadline, self._term, self._kill, self._abandon):
             self._cancel(timer)
-        self._deadline = self._kill = self._abandon = None
-        self._stop_probing()
+        self._deadline = self._term = self._kill = self._abandon = None
+        self._stop_watching()
         # the output it wrote before exiting may still be on its way: wait for the
         # pipes to close (processEnded) a moment, for its last words
         self._drain = self._clock.callLater(self.timing.pipe_grace, self._pipes_held, child)
@@ -591,9 +570,9 @@ class ModelProcess:
                 self.stop_seconds, self._clock.seconds() - self._stop_began
             )
         self._stop_began = None
-        for timer in (self._deadline, self._poll, self._kill, self._abandon, self._drain):
+        for timer in (self._deadline, self._term, self._kill, self._abandon, self._drain):
             self._cancel(timer)
-        self._deadline = self._poll = self._kill = self._abandon = self._drain = None
+        self._deadline = self._term = self._kill = self._abandon = self._drain = None
         self._child = None
         self.port = None
         if child not in self.stuck and child.port is not None:
@@ -625,7 +604,7 @@ class ModelProcess:
                 self._set_state(ModelState.STOPPED, reason=self.stop_reason)
                 self.log.info("model {model} stopped ({how})", model=self.id, how=how)
         self._start_failure = None
-        self._stop_probing()
+        self._stop_watching()
 
         waiters, self._exit_waiters = self._exit_waiters, []
         for waiter in waiters:

@@ -11,6 +11,11 @@ again).  A pooled connection already closed is skipped by the connection pool
 before anything is written, and the pool itself resends only bodiless idempotent
 requests (GET, HEAD, ...) that met a stale connection.
 
+A request that asks to stream goes over a connection of its own, closed after
+the answer: llama-server closes the connection after every streamed answer
+anyway, and one returned to the pool would be picked by the next request in the
+moment before the server's close arrives — which, never resent, would fail.
+
 Every relayed request carries this llamaswap's :class:`Hop` mark in ``Via``; a
 request that comes back with it went round in a circle and is refused at once.
 """
@@ -30,12 +35,13 @@ from twisted.web.client import ResponseDone, ResponseNeverReceived, readBody
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
-from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 from zope.interface import implementer
 
 from .errors import ApiError
+from .guard import short_uri
 from .logs import logger
+from .origin import over_upstream
 from .usage import ResponseMeter
 
 HOP_BY_HOP = frozenset(
@@ -105,8 +111,11 @@ class Hop:
     whatever name or address led it back (an alias no config check can see).
     """
 
+    log = logger()
+
     def __init__(self) -> None:
         self.name = b"llamaswap-" + secrets.token_hex(8).encode("ascii")
+        self.refused = 0
 
     def mark(self, headers: Headers) -> None:
         """Append this hop to ``Via`` (one comma-separated list, as proxies do)."""
@@ -120,54 +129,46 @@ class Hop:
             for entry in value.split(b",")
         )
 
+    def check(self, request: Request) -> ApiError | None:
+        """The door's loop check: a request carrying this mark went round a loop.
 
-class LoopGuard(Resource):
-    """Refuses a request carrying this llamaswap's own mark: it went round a loop.
-
-    Answered at once with 508 (nothing is started or queued), so the request that
-    came round the loop gets a clear error after one hop instead of circling.
-    """
-
-    isLeaf = True
-    log = logger()
-
-    def __init__(self, inner: IResource, hop: Hop) -> None:
-        super().__init__()
-        self.inner = inner
-        self.hop = hop
-        self.refused = 0
-
-    def render(self, request: Request) -> Any:
-        if not self.hop.seen_in(request.requestHeaders):
-            return self.inner.render(request)
+        Refused at once with 508 (nothing is started or queued), so the request that
+        came round gets a clear error after one hop instead of circling.
+        """
+        if not self.seen_in(request.requestHeaders):
+            return None
         self.refused += 1
         if self.refused % 100 == 1:  # a health probe may come round several times a second
             self.log.warn(
                 "{method} {path} came back to this llamaswap ({count} so far): a model's or "
                 "peer's proxy URL leads to llamaswap itself; refused with 508",
                 method=request.method.decode("ascii", errors="replace"),
-                path=request.path.decode("ascii", errors="replace"),
+                path=short_uri(request.path),
                 count=self.refused,
             )
-        error = ApiError(
+        return ApiError(
             508,
             "this request came back to the llamaswap that relayed it: a model's or peer's "
             "proxy URL leads to llamaswap itself, so it was refused rather than sent round "
             "again",
             "loop_detected",
         )
-        request.setResponseCode(508, b"Loop Detected")
-        request.setHeader(b"content-type", b"application/json")
-        return error.body()
 
 
 class Relay:
-    """Sends requests to children through one persistent connection pool."""
+    """Sends requests to children through one persistent connection pool.
+
+    ``streams`` (an agent whose connections are never kept) carries requests
+    that ask to stream; without it they share ``agent``'s pool.
+    """
 
     log = logger()
 
-    def __init__(self, agent: IAgent, hop: Hop | None = None) -> None:
+    def __init__(
+        self, agent: IAgent, hop: Hop | None = None, streams: IAgent | None = None
+    ) -> None:
         self._agent = agent
+        self._streams = streams or agent
         self.hop = hop or Hop()
 
     def forward(
@@ -199,8 +200,10 @@ class Relay:
             headers.setRawHeaders(name, [value])
         self.hop.mark(headers)
         producer = BytesProducer(body) if body is not None else None
+        # "stream" as a JSON key or value; a false positive only costs a connect
+        agent = self._streams if body is not None and b'"stream"' in body else self._agent
         exchange = _Exchange(self, request, stream_started, meter or ResponseMeter())
-        return exchange.run(method, url, headers, producer)
+        return exchange.run(agent, method, url, headers, producer)
 
 
 class _Exchange:
@@ -220,11 +223,16 @@ class _Exchange:
         self.has_body = False
 
     def run(
-        self, method: bytes, url: str, headers: Headers, producer: IBodyProducer | None
+        self,
+        agent: IAgent,
+        method: bytes,
+        url: str,
+        headers: Headers,
+        producer: IBodyProducer | None,
     ) -> Deferred[None]:
         self.url = url
         self.has_body = producer is not None
-        pending = self.relay._agent.request(method, url.encode("ascii"), headers, producer)
+        pending = agent.request(method, url.encode("ascii"), headers, producer)
         self.pending = pending
         pending.addCallbacks(self._got_response, self._no_response)
         return self.done
@@ -293,7 +301,7 @@ class _Exchange:
             response.deliverBody(self.body)
             return
         request.setResponseCode(response.code, response.phrase)
-        out = end_to_end(response.headers)
+        out = over_upstream(end_to_end(response.headers), request.responseHeaders)
         request.responseHeaders = out
         content_type = (out.getRawHeaders(b"content-type") or [b""])[0]
         if content_type.startswith(b"text/event-stream"):

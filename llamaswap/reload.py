@@ -23,11 +23,11 @@ from typing import Any
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 
 from .config import Config, ConfigError, load_config
 from .logs import logger
+from .periodic import Periodic
 
 Apply = Callable[[Config], dict[str, list[str]]]
 Stamp = tuple[int, int, int]
@@ -47,7 +47,10 @@ class SecuritySetting:
 SECURITY_SETTINGS: tuple[SecuritySetting, ...] = (
     SecuritySetting("apiKeys", lambda c: c.api_keys, secret=True),
     SecuritySetting("maxRequestBytes", lambda c: c.max_request_bytes),
+    SecuritySetting("connections", lambda c: c.connections),
     SecuritySetting("peers", lambda c: {p.id: p.proxy for p in c.peers.values()}),
+    SecuritySetting("allowedHosts", lambda c: c.allowed_hosts),
+    SecuritySetting("cors", lambda c: c.cors),
 )
 
 
@@ -76,10 +79,13 @@ def security_changes(old: Config, new: Config) -> list[str]:
 
 
 def _count_change(key: str, before: set[Any], after: set[Any]) -> str:
-    line = (
-        f"{key}: {len(after - before)} added, {len(before - after)} removed "
-        f"({len(before)} -> {len(after)})"
-    )
+    added, removed = after - before, before - after
+    line = f"{key}: {len(added)} added, {len(removed)} removed ({len(before)} -> {len(after)})"
+    # keys have names (never the key itself in a log): say whose access changed
+    for what, entries in (("removed", removed), ("added", added)):
+        names = sorted(str(e.name) for e in entries if hasattr(e, "name"))
+        if names:
+            line += f"; {what}: {', '.join(names)}"
     if before and not after:
         line += "; authentication is now OFF: anyone who can connect can use every route"
     return line
@@ -111,8 +117,7 @@ class ConfigReloader(Service):
         self.loader = loader
         self._seen = self._stamp()  # the file as last read
         self._settling: Stamp | None = None  # a change seen once, not yet stable
-        self._loop = LoopingCall(self._check)
-        self._loop.clock = reactor
+        self._loop = Periodic("config watch", self._check, reactor, watch_interval)
         self._interval = watch_interval
         self._running: Deferred[bool] | None = None
         self._again = False
@@ -121,16 +126,13 @@ class ConfigReloader(Service):
     def startService(self) -> None:
         super().startService()
         if self.watch:
-            self._loop.start(self._interval, now=False).addErrback(
-                lambda f: self.log.failure("config watch stopped", f)
-            )
+            self._loop.start()
         if self.on_signal:
             self._previous_handler = signal.signal(signal.SIGHUP, self._sighup)
 
     def stopService(self) -> None:
         super().stopService()
-        if self._loop.running:
-            self._loop.stop()
+        self._loop.stop()
         if self.on_signal and self._previous_handler is not None:
             signal.signal(signal.SIGHUP, self._previous_handler)
 

@@ -16,9 +16,9 @@ from typing import Any
 import attrs
 import psutil
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 
 from .logs import logger
+from .periodic import Periodic
 
 RESOURCES = ("vram", "ram")
 _UNITS = {
@@ -117,18 +117,15 @@ class MemoryMonitor:
         self.running = running
         self.footprints = footprints
         self.gpu = _gpu_usage()
-        self.loop = LoopingCall(self.sample)
-        self.loop.clock = clock
-        self.interval = interval
+        # survives any error (EMFILE, NVML hiccups): budgets must not silently fall
+        # back to the declared figures
+        self.loop = Periodic("memory sampling", self.sample, clock, interval)
 
     def start(self) -> None:
-        self.loop.start(self.interval, now=False).addErrback(
-            lambda f: self.log.failure("memory sampling stopped", f)
-        )
+        self.loop.start()
 
     def stop(self) -> None:
-        if self.loop.running:
-            self.loop.stop()
+        self.loop.stop()
 
     def sample(self) -> None:
         gpu = self.gpu() if self.gpu is not None else {}

@@ -30,6 +30,7 @@ from twisted.internet.defer import (
 )
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
 
 from .config import Config, ModelConfig
 from .crashloop import CrashGuard, CrashLoopPolicy
@@ -39,6 +40,28 @@ from .logs import logger
 from .policy import Policy, Victim, Waiting
 from .process import ModelProcess, ModelState
 from .resources import Footprint, fits
+
+
+class IModelHooks(Interface):
+    """Work the scheduler waits for around a model's stops and starts (the KV store).
+
+    Both return Deferreds that never fail and fire within a bound of their own.
+    """
+
+    def before_stop(process: ModelProcess, reason: str) -> Deferred[None]:
+        """``process`` is ready, idle and about to be stopped for ``reason``."""
+
+    def after_start(process: ModelProcess) -> Deferred[None]:
+        """``process`` just became ready; no lease is granted on it before this fires."""
+
+
+@implementer(IModelHooks)
+class NoHooks:
+    def before_stop(self, process: ModelProcess, reason: str) -> Deferred[None]:
+        return succeed(None)
+
+    def after_start(self, process: ModelProcess) -> Deferred[None]:
+        return succeed(None)
 
 
 @attrs.define(eq=False)
@@ -100,8 +123,11 @@ class Scheduler:
         clock: IReactorTime,
         config: Config,
         events: EventBus | None = None,
+        hooks: IModelHooks | None = None,
     ) -> None:
         self._clock = clock
+        self.hooks: IModelHooks = hooks or NoHooks()
+        self._warming: set[str] = set()  # started, not yet through after_start
         self.config = config
         self.events = events or EventBus()
         self._swap_started = 0.0
@@ -274,7 +300,10 @@ class Scheduler:
         return self.acquire(model_id).addCallback(lambda lease: lease.release())
 
     def _ready(self, targets: frozenset[str]) -> bool:
-        return all(self._slots[t].process.state is ModelState.READY for t in targets)
+        return all(
+            self._slots[t].process.state is ModelState.READY and t not in self._warming
+            for t in targets
+        )
 
     def _victims(self, targets: frozenset[str]) -> frozenset[str]:
         """Running models that must stop before ``targets`` may run (group rules)."""
@@ -434,7 +463,7 @@ class Scheduler:
             return
         self._side_starts.add(targets)
         self.log.info("starting {model} alongside", model=", ".join(sorted(targets)))
-        starting = _all_now(self._slots[t].process.start() for t in sorted(targets))
+        starting = _all_now(self._start(t) for t in sorted(targets))
 
         def done(result: Failure | None) -> None:
             self._side_starts.discard(targets)
@@ -539,15 +568,46 @@ class Scheduler:
             # more urgent requests for other models came while the others drained
             self.log.info("swap to {model} postponed: more urgent requests wait", model=names)
             return
-        await _all(other.process.stop("swap") for other in in_the_way)
+        await _all(self._stop(other, "swap") for other in in_the_way)
         if not self._wanted(targets):
             return
-        await _all(self._slots[t].process.start() for t in sorted(targets))
+        await _all(self._start(t) for t in sorted(targets))
         self.log.info(
             "swap to {model} done in {seconds:.2f}s",
             model=names,
             seconds=self._clock.seconds() - started,
         )
+
+    def _start(self, model_id: str) -> Deferred[None]:
+        """Start a model; it counts as ready once the ``after_start`` hook is done."""
+        process = self._slots[model_id].process
+        if process.state is ModelState.READY:
+            return succeed(None)
+
+        async def start() -> None:
+            self._warming.add(model_id)
+            try:
+                await process.start()
+                await self.hooks.after_start(process)
+            finally:
+                self._warming.discard(model_id)
+
+        return Deferred.fromCoroutine(start())
+
+    def _stop(self, slot: _Slot, reason: str) -> Deferred[None]:
+        """Stop a model, after the ``before_stop`` hook if it is ready and idle."""
+        process = slot.process
+        if process.state is not ModelState.READY or slot.in_flight:
+            return process.stop(reason)
+
+        async def stop() -> None:
+            try:
+                await self.hooks.before_stop(process, reason)
+            except Exception as e:  # the hook's own bound failed: stop regardless
+                self.log.error("before stopping {model}: {error}", model=process.id, error=e)
+            await process.stop(reason)
+
+        return Deferred.fromCoroutine(stop())
 
     def _fail_waiters(self, targets: frozenset[str], error: Exception) -> None:
         """Everyone queued for these models was waiting on the start that failed."""
@@ -599,6 +659,9 @@ class Scheduler:
                 model=slot.process.id,
                 ttl=slot.process.config.ttl,
             )
+            await self.hooks.before_stop(slot.process, "ttl")
+            if slot.in_flight or slot.ttl_timer is not None or self.queued(slot.process.id):
+                return  # a request came while it was saving: it stays
             await slot.process.stop("ttl")
 
     def unload(self, model_ids: Iterable[str] | None = None) -> Deferred[None]:
@@ -639,7 +702,7 @@ class Scheduler:
         elif busy:
             draining.cancel()
         stopped = draining.addBoth(
-            lambda _: _all_now(slot.process.stop("shutdown") for slot in self._slots.values())
+            lambda _: _all_now(self._stop(slot, "shutdown") for slot in self._slots.values())
         )
 
         def let_go(result: object) -> object:

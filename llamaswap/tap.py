@@ -7,7 +7,7 @@ the reactor (or just the clock) passed in.
 from __future__ import annotations
 
 import ipaddress
-from functools import partial
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import strports
@@ -16,41 +16,49 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import globalLogPublisher
 from twisted.python import usage
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
+from .access import Access, SessionRoutes
 from .activity import ActivityStore, Retention, StoreMetrics
 from .api import Api
 from .config import Config, ConfigError, ModelConfig, listen_address, load_config
+from .connections import ConnectionGate, raise_file_limit
 from .events import EventBus
-from .guard import ApiSite, Guard
+from .guard import ApiSite, Guard, is_open_page
+from .kvcache import KvStore
+from .livefolder import FolderReloader
 from .logs import LogHub, logger, set_log_level
-from .metrics import Metrics
+from .metrics import ChildMetrics, Metrics
+from .origin import BrowserDoor, BrowserPolicy, machine_names
 from .ports import PortAllocator
 from .process import HealthProbe, ModelProcess, Timing
 from .recorder import Recorder
-from .relay import Hop, LoopGuard, Relay
-from .reload import ConfigReloader
+from .relay import Hop, Relay
 from .resources import MemoryMonitor
 from .scheduler import Scheduler
+from .upstream import UpstreamEndpoints
 
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
 _log = logger("llamaswap.tap")
 
 
 class Options(usage.Options):
-    """``twistd llamaswap --config FILE [--listen ENDPOINT ...]``"""
+    """``twistd llamaswap [--config FILE] [--models-dir DIR ...] [--listen ENDPOINT ...]``"""
 
-    synopsis = "--config FILE [--listen ENDPOINT ...]"
+    synopsis = "[--config FILE] [--models-dir DIR ...] [--listen ENDPOINT ...]"
     longdesc = (
         "Serve one OpenAI-compatible endpoint for many models, starting each model's "
         "server on demand and stopping whatever stands in its way."
     )
-    optParameters = [["config", "c", None, "YAML configuration file (required)."]]
+    optParameters = [
+        ["config", "c", None, "YAML configuration file (needed unless --models-dir is given)."]
+    ]
     optFlags = [
         [
             "watch-config",
@@ -62,20 +70,44 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["models-dir"] = []
 
     def opt_listen(self, endpoint: str) -> None:
         """Twisted endpoint to serve on (repeatable) [default: tcp:8080:interface=127.0.0.1]"""
         self["listen"].append(endpoint)
 
+    def opt_models_dir(self, folder: str) -> None:
+        """Serve every GGUF file in this folder as a model (repeatable)"""
+        self["models-dir"].append(folder)
+
     def postOptions(self) -> None:
-        if not self["config"]:
-            raise usage.UsageError("--config FILE is required")
+        if not self["config"] and not self["models-dir"]:
+            raise usage.UsageError("give --config FILE, --models-dir DIR, or both")
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         try:
-            self["config_obj"] = load_config(self["config"], self["listen"])
+            self["config_obj"] = self.load(self["config"])
         except ConfigError as e:
             raise usage.UsageError(f"invalid configuration: {e}") from e
+        log_notices(self["config_obj"])
+
+    def load(self, path: str | None) -> Config:
+        """The configuration file (if any) and the models folders, as one Config."""
+        return load_config(path, self["listen"], self["models-dir"])
+
+
+def log_notices(config: Config) -> None:
+    """Say what a models folder scan skipped, and which models it found."""
+    for notice in config.notices:
+        _log.warn("{notice}", notice=notice)
+    if config.models_dirs:
+        found = sorted(m.id for m in config.models.values() if "files" in m.gguf)
+        _log.info(
+            "models folders {folders}: {count} model(s): {ids}",
+            folders=", ".join(config.models_dirs),
+            count=len(found),
+            ids=", ".join(found) or "none yet",
+        )
 
 
 def http_probe(agent: IAgent, clock: IReactorTime, hop: Hop, timeout: float = 2.0) -> HealthProbe:
@@ -163,9 +195,10 @@ class Supervisor(Service):
         self.memory.stop()
         closing = self.scheduler.close(self.scheduler.config.shutdown_timeout)
         stopped = DeferredList(
-            [closing.addCallback(lambda _: self.store.stop()), self.pool.closeCachedConnections()],
-            consumeErrors=True,
+            [closing.addCallback(lambda _: self.store.stop())], consumeErrors=True
         )
+        # after the models stopped: the KV store talks to them until then
+        stopped.addCallback(lambda _: self.pool.closeCachedConnections())
 
         def done(_: object) -> None:
             self.log.info("all model servers stopped")
@@ -176,12 +209,6 @@ class Supervisor(Service):
                 self.reactor._exitSignal = None
 
         return stopped.addCallback(done)
-
-
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """Upstream connections come and go all the time; don't log each one."""
-
-    noisy = False
 
 
 class Listeners(MultiService):
@@ -211,10 +238,11 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
     pool.maxPersistentPerHost = 16
     # below llama-server's 5 s keep-alive, so an idle connection is dropped by us first
     pool.cachedConnectionTimeout = 3
-    pool._factory = _QuietClientFactory
-    agent = Agent(reactor, connectTimeout=10, pool=pool)
+    endpoints = UpstreamEndpoints(reactor, connect_timeout=10)
+    agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
     ports = PortAllocator(config.start_port)
-    relay = Relay(agent)
+    fresh = HTTPConnectionPool(reactor, persistent=False)
+    relay = Relay(agent, streams=Agent.usingEndpointFactory(reactor, endpoints, pool=fresh))
     probe = http_probe(agent, reactor, relay.hop)
     events = EventBus()
 
@@ -231,22 +259,55 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
         )
 
     processes = [make_process(m, config.health_check_timeout) for m in config.models.values()]
-    scheduler = Scheduler(processes, reactor, config, events)
+
+    def in_thread(work: Callable[[], Any]) -> Deferred[Any]:
+        """Disk work of the KV store (unlinking 100 MB files) off the reactor."""
+        return deferToThreadPool(reactor, reactor.getThreadPool(), work)
+
+    kvcache = KvStore(config, agent, reactor, disk=in_thread, hop=relay.hop)
+    events.subscribe(kvcache.observe)
+    scheduler = Scheduler(processes, reactor, config, events, hooks=kvcache)
     store = ActivityStore(
         config.store_path,
         reactor,
         Retention(config.store_max_rows, config.store_max_age_days),
     )
-    metrics = Metrics(scheduler, events)
+    metrics = Metrics(scheduler, events, ChildMetrics(scheduler, agent, reactor, relay.hop))
     metrics.registry.register(StoreMetrics(store))
+    metrics.registry.register(kvcache.collector())
     recorder = Recorder(reactor, events, store, config.log_requests)
-    api = Api(config, scheduler, relay, logs, reactor, recorder, metrics, events, store)
+    api = Api(config, scheduler, relay, logs, reactor, recorder, metrics, events, store, kvcache)
 
     top = MultiService()
     Supervisor(scheduler, pool, logs, store, reactor).setServiceParent(top)
-    guard = Guard(api.resource(), config.api_keys)
-    site = ApiSite(LoopGuard(guard, relay.hop), config.max_request_bytes, reactor=reactor)
+    # this machine's names and the --listen interfaces, once: no DNS, no blocking
+    local_names = machine_names() | {i for i in map(_interface, listen or []) if i is not None}
+
+    def browsers(config: Config) -> BrowserPolicy:
+        for setting, values in (
+            ("allowedHosts", config.allowed_hosts),
+            ("cors.allowOrigins", config.cors.allow_origins),
+        ):
+            if "*" in values:
+                _log.warn(
+                    "SECURITY: {setting} contains '*': web pages on any site can use this "
+                    "llamaswap through their visitors' browsers.",
+                    setting=setting,
+                )
+        return BrowserPolicy.build(config.allowed_hosts, config.cors, local_names, is_open_page)
+
+    access = Access(config.api_keys, reactor, config.session_ttl)
+    guard = Guard(SessionRoutes(api.resource(), access), access)
+    browser_door = BrowserDoor(browsers(config))
+    site = ApiSite(
+        guard,
+        config.max_request_bytes,
+        # a looped request first, then what browsers may do, then the key
+        checks=[relay.hop.check, browser_door, guard.check],
+        reactor=reactor,
+    )
     site.displayTracebacks = False
+    gate = ConnectionGate(site, config.connections, reactor)
     if not config.api_keys:
         for endpoint in listen or []:
             if not _loopback_only(endpoint):
@@ -258,27 +319,42 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
     listeners = Listeners()
     listeners.setServiceParent(top)
     for endpoint in listen or []:
-        strports.service(endpoint, site, reactor=reactor).setServiceParent(listeners)
+        strports.service(endpoint, gate, reactor=reactor).setServiceParent(listeners)
 
     def apply(new: Config) -> dict[str, list[str]]:
         """Switch every reader of the configuration to ``new``."""
         set_log_level(new.log_level)
         ports.start = new.start_port
+        kvcache.reconfigure(new)
         changes = scheduler.reconfigure(
             new, lambda model: make_process(model, new.health_check_timeout)
         )
         api.config = new
         recorder.log_requests = new.log_requests
-        guard.keys = new.api_keys
+        ended = access.reconfigure(new.api_keys, new.session_ttl)
+        if ended:
+            _log.warn("ended {count} UI session(s) whose key was removed", count=ended)
+        browser_door.policy = browsers(new)
         site.max_request_bytes = new.max_request_bytes
+        gate.configure(new.connections)
         if new.store_path != config.store_path:
             _log.warn("store.path changed: takes effect at the next restart")
         return changes
 
     top.api = api  # type: ignore[attr-defined]
+    top.access = access  # type: ignore[attr-defined]
     top.site = site  # type: ignore[attr-defined]
+    top.gate = gate  # type: ignore[attr-defined]
     top.apply = apply  # type: ignore[attr-defined]
     return top
+
+
+def _interface(endpoint: str) -> str | None:
+    """The interface a TCP endpoint string binds; None for every address or not TCP."""
+    bound = listen_address(endpoint)
+    if bound is None:
+        return None
+    return bound[0].strip("[]").lower() or None
 
 
 def _loopback_only(endpoint: str) -> bool:
@@ -300,13 +376,22 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
+    raise_file_limit()  # before build(): the connection caps are derived from it
     service = build(options["config_obj"], reactor, options["listen"])
-    ConfigReloader(
+    apply = service.apply  # type: ignore[attr-defined]
+
+    def adopt(new: Config) -> dict[str, list[str]]:
+        log_notices(new)
+        changes: dict[str, list[str]] = apply(new)
+        return changes
+
+    FolderReloader(
+        lambda: service.api.config.models_dirs,  # type: ignore[attr-defined]
         options["config"],
-        service.apply,  # type: ignore[attr-defined]
+        adopt,
         reactor,
         options["config_obj"],
         watch=bool(options["watch-config"]),
-        loader=partial(load_config, listen=options["listen"]),
+        loader=options.load,
     ).setServiceParent(service)
     return service

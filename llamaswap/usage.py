@@ -24,6 +24,7 @@ class Usage:
     prompt_tps: float | None = None
     gen_tps: float | None = None
     error: str | None = None
+    cache_n: int | None = None  # prompt tokens the server took from its cache
 
 
 class ResponseMeter:
@@ -93,6 +94,7 @@ class ResponseMeter:
             )
             self.usage.prompt_tps = _float(timings, "prompt_per_second", self.usage.prompt_tps)
             self.usage.gen_tps = _float(timings, "predicted_per_second", self.usage.gen_tps)
+            self.usage.cache_n = _int(timings, "cache_n", "cache_n", self.usage.cache_n)
 
 
 def _loads(raw: bytes) -> Any:

@@ -6,15 +6,18 @@ import contextlib
 import json
 import os
 import random
+import subprocess
 import sys
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import attrs
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
@@ -26,6 +29,8 @@ from llamaswap.api import Api
 from llamaswap.config import parse_config
 from llamaswap.relay import BytesProducer
 from llamaswap.tap import build
+
+from .daemon import free_port, start_twistd
 
 FAKE = f"{sys.executable} -m llamaswap.testing.fake_server --port ${{PORT}} --model ${{MODEL_ID}}"
 
@@ -86,6 +91,25 @@ class LiveTestCase(TestCase):
         pool = HTTPConnectionPool(reactor, persistent=False)
         self.agent = Agent(reactor, pool=pool)
         return api
+
+    async def daemon(
+        self, config: Path, output: IO[str] | int = subprocess.DEVNULL, **options: Any
+    ) -> tuple[subprocess.Popen[bytes], int]:
+        """A real ``twistd -n llamaswap`` on a free port, answering /health; the
+        requests below go to it."""
+        port = free_port()
+        twistd = start_twistd(config, port, output, **options)
+        self.addCleanup(twistd.wait)
+        self.addCleanup(twistd.terminate)
+        self.base = f"http://127.0.0.1:{port}"
+        self.agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+        for _ in range(200):
+            try:
+                await self.request("GET", "/health")
+                break
+            except ConnectError:
+                await deferLater(reactor, 0.05)
+        return twistd, port
 
     async def request(
         self,
@@ -172,3 +196,56 @@ class StreamReader(Protocol):
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
         if not self.done.called:
             self.done.callback(None)
+
+
+class SlowClients(ClientFactory):
+    """Slowloris: connections that send the start of a request and never the rest."""
+
+    noisy = False
+
+    def __init__(self) -> None:
+        self.connected: list[_SlowClient] = []
+        self.answers: list[bytes] = []
+        self.started = 0
+        self.closed = 0
+        self.failed = 0
+
+    def open(self, port: int, count: int, source: str = "127.0.0.2") -> None:
+        """``count`` connections to 127.0.0.1:``port`` from another loopback address."""
+        self.started += count
+        for _ in range(count):
+            reactor.connectTCP("127.0.0.1", port, self, timeout=30, bindAddress=(source, 0))
+
+    @property
+    def settled(self) -> bool:
+        return len(self.connected) + self.failed == self.started
+
+    @property
+    def held(self) -> int:
+        return len(self.connected) - self.closed
+
+    def buildProtocol(self, addr: Any) -> _SlowClient:
+        return _SlowClient(self)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.failed += 1
+
+    def close_all(self) -> None:
+        for client in self.connected:
+            client.transport.abortConnection()  # type: ignore[union-attr]
+
+
+class _SlowClient(Protocol):
+    def __init__(self, crowd: SlowClients) -> None:
+        self.crowd = crowd
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        self.crowd.connected.append(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.crowd.answers.append(data)
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
+        self.crowd.closed += 1

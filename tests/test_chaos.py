@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import sys
 from pathlib import Path
 
-from .integration import FAKE, LiveTestCase, kill_quietly, pid_alive
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+
+from .integration import FAKE, LiveTestCase, SlowClients, kill_quietly, pid_alive
 
 SERVER = f"{sys.executable} -m llamaswap.testing.fake_server"
 
@@ -120,3 +125,27 @@ class ChaosTests(LiveTestCase):
             return not pid_alive(server)
 
         await self.eventually(gone, "the forked server is killed with its group")
+
+    async def test_slow_clients_cannot_starve_a_daemon_short_of_files(self) -> None:
+        # 400 open files, 500 slowloris connections: without the caps llamaswap ran
+        # out of descriptors and chat requests failed ("Too many open files")
+        path = Path(self.mktemp())
+        path.write_text(
+            f"startPort: {random.randrange(20000, 40000)}\nstore: {{path: ':memory:'}}\n"
+            f"models:\n  m:\n    cmd: {FAKE}\n"
+        )
+        log = Path(self.mktemp())
+        with log.open("w") as output:
+            _twistd, port = await self.daemon(path, output, file_limit=400)
+        crowd = SlowClients()
+        crowd.open(port, 500)
+        self.addCleanup(crowd.close_all)
+        for _ in range(400):  # bounded: before the caps, most never got an answer
+            if crowd.settled and crowd.held <= 64:
+                break
+            await deferLater(reactor, 0.05)
+        # (400 - 128) / 2 = 136 in all, 64 (maxPerClient) from the slow clients' address
+        self.assertLessEqual(crowd.held, 64)
+        reply = await Deferred.fromCoroutine(self.chat("m")).addTimeout(20, reactor)
+        self.assertEqual(reply.code, 200, reply.body)
+        self.assertIn("refusing new connections", log.read_text())

@@ -20,7 +20,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from .daemon import free_port, start_twistd
+from .daemon import free_port, pid_alive, start_twistd
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "llamaswap" / "demo.yaml"
@@ -45,14 +45,6 @@ def until(check: Callable[[], bool], what: str, seconds: float = 20.0) -> None:
             return
         time.sleep(0.02)
     raise AssertionError(f"never happened within {seconds}s: {what}")
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 class Llamaswap:

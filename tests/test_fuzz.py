@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from typing import Any
 
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from treq.testing import RequestTraversalAgent, StubTreq
+from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
 
+from llamaswap.access import Access
 from llamaswap.api import Api
 from llamaswap.config import ConfigError, parse_config
 from llamaswap.guard import ApiSite, Guard
@@ -31,8 +35,37 @@ MODEL_FIELD = st.one_of(
     st.sampled_from(["a", "b", "nope", "", "a:b", "duo:a", "../a", "a\x00"]),
     JSON_VALUES,
 )
+# JSON nested up to far past Python's recursion limit (the site takes 10 kB)
+NESTED = st.builds(
+    lambda depth, pair: pair[0] * depth + pair[1] * depth,
+    st.integers(1, 4000),
+    st.sampled_from([(b"[", b"]"), (b'{"k":', b"}"), (b'[{"m":', b"}]")]),
+).map(lambda nested: nested if nested.startswith(b"[") else nested.replace(b"}", b"0}", 1))
+FORM_PARTS = st.lists(
+    st.tuples(
+        st.sampled_from([b"model", b"file", b"prompt", b"", b'mo"del']),
+        st.sampled_from([b"a", b"b", b"", b"nope", b"\r\n--x\r\n", b"--x--"]),
+        st.booleans(),  # a file part
+    ),
+    max_size=6,
+)
+
+
+def _form(parts: list[tuple[bytes, bytes, bool]], closed: bool) -> bytes:
+    body = b""
+    for name, value, is_file in parts:
+        disposition = b'form-data; name="' + name + b'"'
+        if is_file:
+            disposition += b'; filename="model"'
+        body += b"--x\r\nContent-Disposition: " + disposition + b"\r\n\r\n" + value + b"\r\n"
+    return body + (b"--x--\r\n" if closed else b"")
+
+
 BODIES = st.one_of(
     st.binary(max_size=200),
+    NESTED,
+    NESTED.map(lambda nested: b'{"model": "a", "x": ' + nested + b"}"),
+    st.builds(_form, FORM_PARTS, st.booleans()),
     st.builds(
         lambda model, rest: json.dumps({"model": model, **rest}).encode(),
         MODEL_FIELD,
@@ -80,7 +113,7 @@ class RequestFuzzTests(SynchronousTestCase):
         server.start()
         upstream = RequestTraversalAgent(server.resource())
         api = Api(w.config, w.scheduler, Relay(upstream), w.logs, w.reactor)
-        client: Any = StubTreq(Guard(api.resource(), ()))
+        client: Any = StubTreq(Guard(api.resource(), Access((), w.reactor)))
         # serve through llamaswap's own Site (size limit, form parsing), not treq's
         traversal = client._agent
         while not hasattr(traversal, "_serverFactory"):
@@ -88,6 +121,7 @@ class RequestFuzzTests(SynchronousTestCase):
         traversal._serverFactory = ApiSite(
             traversal._rootResource, 10_000, reactor=traversal._memoryReactor
         )
+        self.addCleanup(server.stop)
         headers = {b"content-type": content_type, **extra} if content_type else extra
         d = client.post("http://llamaswap" + path, body, headers=headers)
         client.flush()
@@ -105,7 +139,67 @@ class RequestFuzzTests(SynchronousTestCase):
             self.assertEqual(set(error), {"message", "type", "code"})
         self.assertEqual(w.scheduler.in_flight("a") + w.scheduler.in_flight("b"), 0)
         self.assertEqual(w.scheduler.queued(), 0)
-        server.stop()
+
+
+class RecordingStore:
+    """Stands in for the activity store (a thread and SQLite): keeps what it was asked."""
+
+    def __init__(self) -> None:
+        self.asked: list[dict[str, Any]] = []
+
+    def query(self, **asked: Any) -> Deferred[dict[str, Any]]:
+        self.asked.append(asked)
+        return succeed({"rows": [], "total": 0})
+
+    def stats(self, **asked: Any) -> Deferred[dict[str, Any]]:
+        self.asked.append(asked)
+        return succeed({"models": {}})
+
+
+ODD_NUMBERS = ["nan", "NaN", "inf", "-inf", "Infinity", "1e400", "-5", "-0", "0x1A", "1_0"]
+PLAIN_NUMBERS = ["0", "1", "1000", "1001", "2.5", "1e300", "9007199254740993", " 3", "", "٣"]
+QUERY_NUMBERS = st.one_of(
+    st.sampled_from([*ODD_NUMBERS, *PLAIN_NUMBERS]),
+    st.floats().map(repr),
+    st.integers().map(str),
+    st.text(max_size=8),
+)
+
+
+class QueryFuzzTests(SynchronousTestCase):
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(
+        path=st.sampled_from(["/api/activity", "/api/activity/stats"]),
+        params=st.dictionaries(
+            st.sampled_from(["limit", "offset", "since", "until"]), QUERY_NUMBERS, max_size=4
+        ),
+    )
+    def test_every_numeric_query_value_is_a_sane_number_or_a_400(
+        self, path: str, params: dict[str, str]
+    ) -> None:
+        w = world("models:\n  a:\n    cmd: sleep --port ${PORT} --model a\n")
+        store = RecordingStore()
+        api = Api(
+            w.config, w.scheduler, Relay(RequestTraversalAgent(Resource())), w.logs, w.reactor
+        )
+        api.store = store  # type: ignore[assignment]
+        client: Any = StubTreq(Guard(api.resource(), Access((), w.reactor)))
+        response = self.successResultOf(client.get("http://llamaswap" + path, params=params))
+        content = self.successResultOf(response.content())
+        if response.code != 200:
+            self.assertEqual(response.code, 400, content)
+            self.assertEqual(set(json.loads(content)["error"]), {"message", "type", "code"})
+            self.assertEqual(store.asked, [])
+            return
+        [asked] = store.asked
+        for name in ("since", "until"):
+            value = asked[name]
+            self.assertTrue(value is None or (math.isfinite(value) and value >= 0), asked)
+        if path == "/api/activity":
+            self.assertIsInstance(asked["limit"], int)
+            self.assertTrue(1 <= asked["limit"] <= 1000, asked)
+            self.assertIsInstance(asked["offset"], int)
+            self.assertTrue(0 <= asked["offset"] <= 2**53, asked)
 
 
 CONFIG_KEYS = st.sampled_from(

@@ -21,7 +21,8 @@ from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from llamaswap.api import Api
-from llamaswap.relay import Hop, LoopGuard, Relay, end_to_end
+from llamaswap.guard import Checked
+from llamaswap.relay import Hop, Relay, end_to_end
 from llamaswap.testing.fake_server import FakeLlamaServer
 
 from .daemon import free_port
@@ -86,7 +87,7 @@ class InMemoryProxy(SynchronousTestCase):
         self.agent = StaleFirst(self.upstream, failures=0)
         self.relay = Relay(self.agent)
         api = Api(self.w.config, self.w.scheduler, self.relay, self.w.logs, self.w.reactor)
-        self.client: Any = StubTreq(LoopGuard(api.resource(), self.relay.hop))
+        self.client: Any = StubTreq(Checked(api.resource(), [self.relay.hop.check]))
         self.addCleanup(self.server.stop)
 
     def flush(self) -> None:
@@ -297,8 +298,7 @@ class LiveRelayTests(LiveTestCase):
         reply = await self.chat("self")
         self.assertEqual(reply.code, 508)
         self.assertEqual(reply.json()["error"]["code"], "loop_detected")
-        guard: Any = getattr(self.service, "site").resource  # noqa: B009
-        self.assertEqual(guard.refused, 1)  # it came back once and went no further
+        self.assertEqual(self.api.relay.hop.refused, 1)  # it came back once and went no further
         self.assertEqual(self.api.scheduler.in_flight("self"), 0)
 
     async def test_llamaswaps_own_health_answer_does_not_make_a_child_ready(self) -> None:
@@ -311,5 +311,4 @@ class LiveRelayTests(LiveTestCase):
         reply = await self.chat("self")
         self.assertEqual(reply.code, 503)
         self.assertIn("health check /health did not answer 200", reply.json()["error"]["message"])
-        guard: Any = getattr(self.service, "site").resource  # noqa: B009
-        self.assertGreater(guard.refused, 0)  # the probes came back and were refused
+        self.assertGreater(self.api.relay.hop.refused, 0)  # the probes came back and were refused

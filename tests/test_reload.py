@@ -9,8 +9,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectError
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 from twisted.web.http_headers import Headers
@@ -20,7 +19,6 @@ from llamaswap.config import Config, load_config, parse_config
 from llamaswap.relay import BytesProducer
 from llamaswap.reload import ConfigReloader
 
-from .daemon import free_port, start_twistd
 from .integration import FAKE, LiveTestCase, StreamReader
 
 BEFORE = f"""
@@ -202,6 +200,18 @@ class SecurityReloadTests(ReloadCase):
         self.assertIn("reload changed apiKeys: 1 added, 1 removed (2 -> 2)", logs)
         self.assertNotIn("sk-third", logs)
 
+    async def test_browser_settings_dropped_by_a_cut_file_are_kept(self) -> None:
+        allowing = SECURED.replace(
+            "apiKeys:", "cors:\n  allowOrigins: [http://app.lan:3000]\napiKeys:"
+        )
+        reloader = await self.start_with(allowing)
+        self.path.write_text(SECURED)  # the cors block left out, not written as empty
+        self.assertFalse(await reloader.reload())
+        self.assertIn("no longer sets cors", await self.logs())
+        self.path.write_text(SECURED.replace("apiKeys:", "cors: {allowOrigins: []}\napiKeys:"))
+        self.assertTrue(await reloader.reload())
+        self.assertIn("SECURITY: reload changed cors", await self.logs())
+
 
 class WatchTests(TestCase):
     """The watcher applies a file once it stopped changing, measured on the clock."""
@@ -279,20 +289,7 @@ class SighupTests(LiveTestCase):
     async def test_sighup_reloads_a_running_twistd(self) -> None:
         path = Path(self.mktemp())
         path.write_text(BEFORE)
-        port = free_port()
-        twistd = start_twistd(path, port)
-        self.addCleanup(twistd.wait)
-        self.addCleanup(twistd.terminate)
-        self.base = f"http://127.0.0.1:{port}"
-        from twisted.web.client import Agent, HTTPConnectionPool
-
-        self.agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
-        for _ in range(200):
-            try:
-                await self.request("GET", "/health")
-                break
-            except ConnectError:
-                await deferLater(reactor, 0.05)
+        twistd, _port = await self.daemon(path)
         path.write_text(AFTER)
         twistd.send_signal(signal.SIGHUP)
 

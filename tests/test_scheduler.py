@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError
 from twisted.trial.unittest import SynchronousTestCase
 
 from llamaswap.errors import ApiError, StartFailed
@@ -465,40 +465,3 @@ class AdmissionTests(SynchronousTestCase):
         self.assertEqual(w.child("a").signals, ["TERM"])
         w.reactor.advance(4)
         self.assertEqual(w.child("a").signals, ["TERM", "KILL"])
-
-
-class ReadinessTests(SynchronousTestCase):
-    def test_a_miss_right_after_a_line_is_retried_within_milliseconds(self) -> None:
-        w = world(timing=Timing(poll_interval=0.25, line_retry=0.005))
-        d = w.scheduler.acquire("a")
-        url = w.process("a").base_url
-        w.health.status[url] = 503
-        w.child("a").say("load_model: loading model 'x.gguf'")  # an ordinary line
-        self.assertEqual(len(w.health.probes), 1)
-        w.reactor.advance(0.005)
-        self.assertEqual(len(w.health.probes), 1)  # no hurry: the next poll is at 0.25 s
-        w.child("a").say("main: model loaded")  # sounds ready: probed at once, still 503
-        self.assertEqual(len(w.health.probes), 2)
-        w.reactor.pump([0.005] * 10)  # quick retries while it gets there
-        self.assertEqual(len(w.health.probes), 12)
-        w.health.status[url] = 200
-        w.reactor.advance(0.005)
-        self.successResultOf(d)
-
-    def test_a_slow_health_answer_does_not_hold_readiness_back(self) -> None:
-        w = world(timing=Timing(poll_interval=0.25, line_retry=0.005))
-        stuck: list[Deferred[int]] = []
-
-        def probe(url: str) -> Deferred[int]:
-            if not stuck:  # the first request sits in a server busy finishing its load
-                stuck.append(Deferred(lambda d: None))
-                return stuck[0]
-            return succeed(200)
-
-        w.process("a")._probe_url = probe
-        d = w.scheduler.acquire("a")
-        w.child("a").say("llama_server: model loaded")
-        self.assertNoResult(d)
-        w.reactor.advance(0.01)  # a second probe, beside the stuck one
-        self.successResultOf(d)
-        self.assertTrue(stuck[0].called)  # the stuck one was dropped

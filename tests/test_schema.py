@@ -18,14 +18,18 @@ from jsonschema import Draft202012Validator
 from twisted.trial.unittest import SynchronousTestCase
 
 from llamaswap.config import (
+    API_KEY_KEYS,
+    CORS_KEYS,
     FILTER_KEYS,
     GROUP_KEYS,
+    MODEL_DEFAULTS_KEYS,
     MODEL_KEYS,
     PEER_KEYS,
     TOP_LEVEL_KEYS,
     ConfigError,
     parse_config,
 )
+from llamaswap.resources import parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_PATH = ROOT / "config-schema.json"
@@ -56,12 +60,24 @@ BAD_CONFIGS: tuple[tuple[str, str, str], ...] = (
     ("macro named PORT", "macros:\n  PORT: 9000\n" + BASE, "macros.PORT"),
     ("model id with ':'", "models:\n  'a:b':\n    cmd: x --port ${PORT}\n", "models.a:b"),
     ("logLevel loud", BASE + "logLevel: loud\n", "logLevel"),
+    ("childProtocol maybe", BASE + "    childProtocol: maybe\n", "models.m.childProtocol"),
     (
         "upstreamApiKey with a space",
         BASE + "    upstreamApiKey: 'a b'\n",
         "models.m.upstreamApiKey",
     ),
     ("defaultModel empty", BASE + "defaultModel: ''\n", "defaultModel"),
+    ("kvCache minTokens 0", BASE + "kvCache:\n  minTokens: 0\n", "kvCache.minTokens"),
+    ("kvCache maxBytes a word", BASE + "kvCache:\n  maxBytes: lots\n", "kvCache.maxBytes"),
+    ("unknown kvCache key", BASE + "kvCache:\n  budget: 1GB\n", "kvCache.budget"),
+    ("model kvCache a string", BASE + "    kvCache: 'on'\n", "models.m.kvCache"),
+    ("unknown modelDefaults key", BASE + "modelDefaults:\n  ctx: 4\n", "modelDefaults.ctx"),
+    (
+        "modelDefaults.cmd without the model",
+        BASE + "modelDefaults:\n  cmd: llama-server --port ${PORT}\n",
+        "modelDefaults.cmd",
+    ),
+    ("modelsDir as a map", BASE + "modelsDir: {a: b}\n", "modelsDir"),
     # beyond the list in the brief: every other rule the schema can express
     ("no models", "models: {}\n", "models"),
     ("healthCheckTimeout 0", BASE + "healthCheckTimeout: 0\n", "healthCheckTimeout"),
@@ -114,6 +130,39 @@ BAD_CONFIGS: tuple[tuple[str, str, str], ...] = (
         BASE + "peers:\n  a b:\n    proxy: http://h\n    models: [a]\n",
         "peers.a b",
     ),
+    ("allowedHosts with a port", BASE + "allowedHosts: ['box:8080']\n", "allowedHosts[0]"),
+    ("allowedHosts as a string", BASE + "allowedHosts: box\n", "allowedHosts"),
+    ("unknown cors key", BASE + "cors: {origins: []}\n", "cors.origins"),
+    ("origin with a path", BASE + "cors: {allowOrigins: ['http://a/b']}\n", "cors.allowOrigins[0]"),
+    ("origin without scheme", BASE + "cors: {allowOrigins: [app.lan]}\n", "cors.allowOrigins[0]"),
+    ("cors maxAge negative", BASE + "cors: {maxAge: -1}\n", "cors.maxAge"),
+    (
+        "cors method with a space",
+        BASE + "cors: {allowMethods: ['GET POST']}\n",
+        "cors.allowMethods[0]",
+    ),
+    ("scoped key without key", BASE + "apiKeys: [{name: a}]\n", "apiKeys[0].key"),
+    (
+        "scoped key role root",
+        BASE + "apiKeys: [{name: a, key: k, role: root}]\n",
+        "apiKeys[0].role",
+    ),
+    (
+        "scoped key no models",
+        BASE + "apiKeys: [{name: a, key: k, models: []}]\n",
+        "apiKeys[0].models",
+    ),
+    (
+        "scoped key maxConcurrent 0",
+        BASE + "apiKeys: [{name: a, key: k, maxConcurrent: 0}]\n",
+        "apiKeys[0].maxConcurrent",
+    ),
+    (
+        "unknown scoped key key",
+        BASE + "apiKeys: [{name: a, key: k, scope: x}]\n",
+        "apiKeys[0].scope",
+    ),
+    ("sessionTtl 0", BASE + "sessionTtl: 0\n", "sessionTtl"),
     (
         "peer proxy not http",
         BASE + "peers:\n  box:\n    proxy: ftp://h\n    models: [a]\n",
@@ -187,7 +236,13 @@ GOOD_CONFIGS: tuple[tuple[str, str], ...] = (
         "    proxy: http://gpu-box:8080/\n"
         "    models: [big]\n"
         "    apiKey: ${env.KEY}\n"
-        "    filters: {stripParams: seed}\n",
+        "    filters: {stripParams: seed}\n"
+        "allowedHosts: [llm.example.com, '*.lan']\n"
+        "cors:\n"
+        "  allowOrigins: ['http://app.lan:3000', 'https://chat.example.com']\n"
+        "  allowMethods: [GET, POST, DELETE]\n"
+        "  allowHeaders: [authorization, content-type]\n"
+        "  maxAge: 0\n",
     ),
     ("empty sections", BASE + "macros:\ngroups:\nprofiles:\nhooks:\npeers:\n"),
     ("empty hooks", BASE + "hooks:\n  on_startup: {}\n"),
@@ -255,7 +310,7 @@ class SameKeysTests(SynchronousTestCase):
 
     def test_top_level(self) -> None:
         self.assertEqual(self.keys(SCHEMA), set(TOP_LEVEL_KEYS))
-        self.assertEqual(SCHEMA["required"], ["models"])
+        self.assertEqual(SCHEMA["anyOf"], [{"required": ["models"]}, {"required": ["modelsDir"]}])
 
     def test_model(self) -> None:
         self.assertEqual(self.keys(SCHEMA["$defs"]["model"]), set(MODEL_KEYS))
@@ -268,9 +323,18 @@ class SameKeysTests(SynchronousTestCase):
     def test_filters(self) -> None:
         self.assertEqual(self.keys(SCHEMA["$defs"]["filters"]), set(FILTER_KEYS))
 
+    def test_api_key(self) -> None:
+        self.assertEqual(self.keys(SCHEMA["$defs"]["apiKey"]), set(API_KEY_KEYS))
+
     def test_peer(self) -> None:
         self.assertEqual(self.keys(SCHEMA["$defs"]["peer"]), set(PEER_KEYS))
         self.assertEqual(set(SCHEMA["$defs"]["peer"]["required"]), {"proxy", "models"})
+
+    def test_model_defaults(self) -> None:
+        self.assertEqual(self.keys(SCHEMA["properties"]["modelDefaults"]), set(MODEL_DEFAULTS_KEYS))
+
+    def test_cors(self) -> None:
+        self.assertEqual(self.keys(SCHEMA["properties"]["cors"]), set(CORS_KEYS))
 
     def test_hooks(self) -> None:
         hooks = SCHEMA["properties"]["hooks"]
@@ -286,6 +350,8 @@ class SameKeysTests(SynchronousTestCase):
             SCHEMA["$defs"]["peer"],
             SCHEMA["properties"]["hooks"],
             SCHEMA["properties"]["hooks"]["properties"]["on_startup"],
+            SCHEMA["properties"]["modelDefaults"],
+            SCHEMA["properties"]["cors"],
         ]
         for schema in closed:
             self.assertIs(schema["additionalProperties"], False)
@@ -308,6 +374,9 @@ class SameDefaultsTests(SynchronousTestCase):
             "profiles": config.profiles,
             "peers": config.peers,
             "defaultModel": config.default_model,
+            "modelsDir": config.models_dirs,
+            "allowedHosts": config.allowed_hosts,
+            "sessionTtl": config.session_ttl,
         }
         for key, value in attributes.items():
             self.assertEqual(SCHEMA["properties"][key]["default"], plain(value), key)
@@ -316,6 +385,11 @@ class SameDefaultsTests(SynchronousTestCase):
         self.assertEqual(hooks["properties"]["on_startup"]["default"], {})
         preload = hooks["properties"]["on_startup"]["properties"]["preload"]
         self.assertEqual(preload["default"], plain(config.preload))
+        cors = SCHEMA["properties"]["cors"]["properties"]
+        self.assertEqual(cors["allowOrigins"]["default"], plain(config.cors.allow_origins))
+        self.assertEqual(cors["allowMethods"]["default"], plain(config.cors.allow_methods))
+        self.assertEqual(cors["allowHeaders"]["default"], plain(config.cors.allow_headers))
+        self.assertEqual(cors["maxAge"]["default"], config.cors.max_age)
         self.assertEqual(SCHEMA["properties"]["sendLoadingState"]["default"], False)
         self.assertFalse(config.models["m"].send_loading_state)
 
@@ -343,12 +417,35 @@ class SameDefaultsTests(SynchronousTestCase):
             self.assertEqual(properties[key]["default"], plain(value), key)
         self.assertFalse(model.filters)
 
+    def test_kv_cache(self) -> None:
+        config = parse_config(BASE, environ={"HOME": "/home/u"})
+        kv = SCHEMA["properties"]["kvCache"]["properties"]
+        self.assertEqual(kv["enabled"]["default"], config.kv_cache.enabled)
+        self.assertEqual(kv["path"]["default"], "~/.local/state/llamaswap/kv")
+        self.assertEqual(config.kv_cache.path, "/home/u/.local/state/llamaswap/kv")
+        self.assertEqual(parse_size(kv["maxBytes"]["default"]), config.kv_cache.max_bytes)
+        self.assertEqual(
+            parse_size(kv["maxBytesPerModel"]["default"]), config.kv_cache.max_bytes_per_model
+        )
+        self.assertEqual(kv["minTokens"]["default"], config.kv_cache.min_tokens)
+        self.assertEqual(kv["saveOnShutdown"]["default"], config.kv_cache.save_on_shutdown)
+        self.assertEqual(kv["timeout"]["default"], config.kv_cache.timeout)
+        self.assertIsNone(SCHEMA["$defs"]["model"]["properties"]["kvCache"]["default"])
+
     def test_group(self) -> None:
         group = parse_config(BASE + "groups:\n  g:\n    members: [m]\n").groups["g"]
         properties = SCHEMA["$defs"]["group"]["properties"]
         self.assertEqual(properties["swap"]["default"], group.swap)
         self.assertEqual(properties["exclusive"]["default"], group.exclusive)
         self.assertEqual(properties["persistent"]["default"], group.persistent)
+
+    def test_api_key(self) -> None:
+        (key,) = parse_config(BASE + "apiKeys: [{name: a, key: k}]\n").api_keys
+        properties = SCHEMA["$defs"]["apiKey"]["properties"]
+        self.assertEqual(properties["role"]["default"], key.role)
+        self.assertEqual(properties["models"]["default"], plain(key.models))
+        self.assertEqual(properties["maxConcurrent"]["default"], key.max_concurrent)
+        self.assertEqual(properties["requestsPerMinute"]["default"], key.requests_per_minute)
 
     def test_peer(self) -> None:
         text = BASE + "peers:\n  box:\n    proxy: http://h\n    models: [a]\n"

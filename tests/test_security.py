@@ -1,17 +1,206 @@
-"""API keys, credential hygiene, request-size limits and the exposure warning."""
+"""The door (API keys and header checks before any body), credential hygiene,
+request-size limits, bad input and the exposure warning."""
 
 from __future__ import annotations
 
 import base64
 import json
+from io import BytesIO
+from typing import Any, ClassVar
 
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Request
 
+from llamaswap.access import Access, ApiKey
 from llamaswap.config import ConfigError, parse_config
+from llamaswap.errors import ApiError
+from llamaswap.guard import ApiSite, Guard, LimitedRequest
+from llamaswap.logs import logger
 from llamaswap.tap import _loopback_only, build
 
 from .integration import FAKE, LiveTestCase
+
+KEY = b"sk-first"
+
+
+def form_bomb(parts: int, model: bytes | None = None) -> bytes:
+    """A multipart body of ``parts`` tiny fields (then ``model``, if given)."""
+    field = b'--xx\r\nContent-Disposition: form-data; name="f"\r\n\r\nv\r\n'
+    tail = b""
+    if model is not None:
+        tail = b'--xx\r\nContent-Disposition: form-data; name="model"\r\n\r\n' + model + b"\r\n"
+    return field * parts + tail + b"--xx--\r\n"
+
+
+def head(method: bytes, target: bytes, length: int | None = None, *extra: bytes) -> bytes:
+    lines = [method + b" " + target + b" HTTP/1.1", b"Host: localhost", *extra]
+    if length is not None:
+        lines.append(b"Content-Length: %d" % length)
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+class Recorded(LimitedRequest):
+    """A LimitedRequest that the test can look at after it has been answered."""
+
+    made: ClassVar[list[Recorded]] = []
+    stored_in: object = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.made.append(self)
+
+    def gotLength(self, length: int | None) -> None:
+        super().gotLength(length)
+        self.stored_in = self.content  # (Twisted drops it once the request is done)
+
+
+class Rendered(Resource):
+    """The application stand-in: says which requests reached it."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paths: list[bytes] = []
+
+    def render(self, request: Request) -> bytes:
+        self.paths.append(request.path)
+        return b"ok"
+
+
+class DoorTests(SynchronousTestCase):
+    """Raw HTTP bytes into llamaswap's own site, over an in-memory transport."""
+
+    def setUp(self) -> None:
+        Recorded.made = []
+        self.app = Rendered()
+        self.guard = Guard(self.app, Access((ApiKey("first", KEY.decode()),), Clock()))
+        self.site = ApiSite(self.guard, 1_000_000, checks=[self.guard.check])
+        self.site.requestFactory = Recorded
+
+    def connect(self) -> tuple[Any, StringTransport]:
+        """A server channel, and its transport (``disconnecting``: the server hung up)."""
+        channel = self.site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        self.addCleanup(channel.connectionLost, Failure(ConnectionError()))
+        return channel, transport
+
+    def send(self, data: bytes) -> StringTransport:
+        channel, transport = self.connect()
+        channel.dataReceived(data)
+        return transport
+
+    def test_an_unauthenticated_form_bomb_is_refused_unread(self) -> None:
+        bomb = form_bomb(50_000)
+        content_type = b"Content-Type: multipart/form-data; boundary=xx"
+        # the headers and the first 64 kB arrive together, as they would off a socket
+        start = head(b"POST", b"/v1/audio/transcriptions", len(bomb), content_type)
+        transport = self.send(start + bomb[:65536])
+        reply = transport.value()
+        self.assertTrue(reply.startswith(b"HTTP/1.1 401 "), reply[:100])
+        self.assertIn(b'"invalid_api_key"', reply)
+        self.assertIn(b"Connection: close", reply)
+        self.assertTrue(transport.disconnecting)
+        [request] = Recorded.made
+        self.assertEqual(request.received, 0)  # no body byte was handled
+        # nothing was stored: no spool file was made (only an in-memory buffer)
+        self.assertIsInstance(request.stored_in, BytesIO)
+        self.assertEqual(self.app.paths, [])
+
+    def test_a_client_that_expects_100_continue_gets_the_401_instead(self) -> None:
+        start = head(b"POST", b"/v1/chat/completions", 5_000_000, b"Expect: 100-continue")
+        reply = self.send(start).value()
+        self.assertNotIn(b"100 Continue", reply)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 401 "), reply[:100])
+
+    def test_a_keyed_request_and_the_open_pages_pass_the_door(self) -> None:
+        body = b'{"model": "a"}'
+        keyed = head(b"POST", b"/v1/chat/completions", len(body), b"x-api-key: " + KEY)
+        self.assertIn(b"200 OK", self.send(keyed + body).value())
+        self.assertIn(b"200 OK", self.send(head(b"GET", b"/health")).value())
+        self.assertIn(b"200 OK", self.send(head(b"GET", b"/ui/app.js")).value())
+        # open pages are open to reading only
+        refused = self.send(head(b"POST", b"/health", 4) + b"data").value()
+        self.assertIn(b"401 ", refused)
+        self.assertEqual(self.app.paths, [b"/v1/chat/completions", b"/health", b"/ui/app.js"])
+
+    def test_plugged_header_checks_run_in_order_before_the_body(self) -> None:
+        seen: list[tuple[bytes, bytes, bytes | None]] = []
+
+        def no_foreign_origin(request: Request) -> ApiError | None:
+            seen.append((request.method, request.path, request.getHeader(b"origin")))
+            if request.getHeader(b"origin") == b"http://evil.example":
+                return ApiError(403, "cross-site request refused", "forbidden_origin")
+            return None
+
+        self.site.checks = [no_foreign_origin, self.guard.check]
+        origin = b"Origin: http://evil.example"
+        keyed = b"Authorization: Bearer " + KEY
+        transport = self.send(head(b"POST", b"/v1/embeddings?x=1", 10_000, origin, keyed))
+        self.assertIn(b"403 ", transport.value())
+        self.assertIn(b'"forbidden_origin"', transport.value())
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(seen, [(b"POST", b"/v1/embeddings", b"http://evil.example")])
+        # the first refusal wins: a check after the key check sees only keyed requests
+        self.site.checks = [self.guard.check, no_foreign_origin]
+        self.assertIn(b"401 ", self.send(head(b"POST", b"/v1/embeddings", 10, origin)).value())
+        self.assertEqual(len(seen), 1)
+        self.assertEqual(Recorded.made[-1].received, 0)
+
+    def test_a_declared_oversize_body_is_413_unread_and_the_connection_closes(self) -> None:
+        keyed = b"x-api-key: " + KEY
+        transport = self.send(head(b"POST", b"/v1/completions", 2_000_000, keyed) + b"x" * 4096)
+        reply = transport.value()
+        self.assertTrue(reply.startswith(b"HTTP/1.1 413 "), reply[:100])
+        self.assertIn(b"Connection: close", reply)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(Recorded.made[-1].received, 0)
+
+    def test_a_chunked_body_past_the_limit_is_413_and_the_connection_closes(self) -> None:
+        self.site.max_request_bytes = 1000
+        channel, transport = self.connect()
+        start = head(b"POST", b"/v1/completions", None, b"x-api-key: " + KEY)
+        channel.dataReceived(start[:-2] + b"Transfer-Encoding: chunked\r\n\r\n")
+        for _ in range(4):
+            channel.dataReceived(b"400\r\n" + b"x" * 0x400 + b"\r\n")
+        channel.dataReceived(b"0\r\n\r\n")
+        reply = transport.value()
+        self.assertTrue(reply.startswith(b"HTTP/1.1 413 "), reply[:100])
+        self.assertIn(b"Connection: close", reply)
+        self.assertTrue(transport.disconnecting)  # as it says
+        self.assertEqual(self.app.paths, [])
+
+    def test_an_oversize_uri_is_414_and_its_log_lines_stay_short(self) -> None:
+        target = b"/health?" + b"x" * 9000
+        with capturedLogs() as events:
+            reply = self.send(head(b"GET", target)).value()
+            self.send(head(b"HEAD", b"/v1/models?" + b"y" * 9000))
+            self.send(head(b"HEAD", b"/v1/models?" + b"y" * 8000))  # 401, HEAD: no body
+        self.assertTrue(reply.startswith(b"HTTP/1.1 414 "), reply[:100])
+        self.assertIn(b'"uri_too_long"', reply)
+        self.assertEqual(self.app.paths, [])
+        self.assertEqual([e for e in events if len(repr(e)) > 2000], [])
+        self.assertLess(len(repr(Recorded.made[0])), 300)
+
+    def test_a_head_refused_by_the_guard_alone_logs_no_body_warning(self) -> None:
+        # a Guard reached without the door (no checks on the site) still refuses,
+        # and answers HEAD without a body Twisted would complain about in the log
+        self.site.checks = []
+        with capturedLogs() as events:
+            reply = self.send(head(b"HEAD", b"/v1/models?" + b"y" * 8000)).value()
+        self.assertTrue(reply.startswith(b"HTTP/1.1 401 "), reply[:100])
+        self.assertNotIn(b'"error"', reply)
+        self.assertEqual([e["log_format"] for e in events], [])
+
 
 KEYED = f"""
 apiKeys: [sk-first, sk-second]
@@ -104,6 +293,163 @@ class LimitTests(LiveTestCase):
         self.assertEqual(self.api.scheduler.queued(), 0)
 
 
+class RawClient(Protocol):
+    """One HTTP/1.1 connection driven by raw bytes; ``closed`` fires when the server
+    ends it."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.closed: Deferred[bytes] = Deferred()
+        self.waiting: list[tuple[bytes, Deferred[None]]] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        for marker, d in list(self.waiting):
+            if marker in self.data:
+                self.waiting.remove((marker, d))
+                d.callback(None)
+
+    def until(self, marker: bytes) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        if marker in self.data:
+            d.callback(None)
+        else:
+            self.waiting.append((marker, d))
+        return d
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+        self.closed.callback(self.data)
+
+
+class _Connect(ClientFactory):
+    def __init__(self, client: RawClient) -> None:
+        self.client = client
+
+    def buildProtocol(self, addr: Any) -> RawClient:
+        return self.client
+
+
+class DoorLiveTests(LiveTestCase):
+    """The door and the bounds over real sockets, in front of the real application."""
+
+    async def connect(self) -> RawClient:
+        client = RawClient()
+        port = int(self.base.rsplit(":", 1)[1])
+        connected: Deferred[None] = Deferred()
+        client.connectionMade = lambda: connected.callback(None)  # type: ignore[method-assign]
+        reactor.connectTCP("127.0.0.1", port, _Connect(client))
+        await connected
+        self.addCleanup(client.transport.loseConnection)  # type: ignore[union-attr]
+        return client
+
+    async def test_health_is_served_while_a_keyed_form_bomb_arrives_and_the_bomb_is_bounded(
+        self,
+    ) -> None:
+        await self.serve(KEYED)
+        bomb = form_bomb(400_000, model=b"alpha")  # 22 MB; old parser: 90 s on the reactor
+        content_type = b"Content-Type: multipart/form-data; boundary=xx"
+        auth = b"Authorization: Bearer " + KEY
+        client = await self.connect()
+        client.transport.write(  # type: ignore[union-attr]
+            head(b"POST", b"/v1/audio/transcriptions", len(bomb), content_type, auth)
+        )
+        order = []
+        piece = len(bomb) // 8
+        for start in range(0, len(bomb), piece):
+            client.transport.write(bomb[start : start + piece])  # type: ignore[union-attr]
+            health = await self.request("GET", "/health")
+            self.assertEqual(health.code, 200)
+            order.append("health")
+        await client.until(b"}}")
+        order.append("bomb answered")
+        self.assertEqual(order, ["health"] * 9 + ["bomb answered"])
+        self.assertIn(b"HTTP/1.1 400 ", client.data)
+        self.assertIn(b"more than 1000 parts", client.data)
+        self.assertEqual(await self.running_with_key(), {})  # nothing was started
+
+    async def running_with_key(self) -> dict[str, Any]:
+        reply = await self.request("GET", "/running", headers={"x-api-key": KEY.decode()})
+        return {entry["model"]: entry for entry in reply.json()["running"]}
+
+    async def test_a_keyed_form_names_its_model_after_a_big_file_part(self) -> None:
+        await self.serve(KEYED)
+        audio = bytes(range(256)) * 8192  # 2 MB of binary, CRLFs and all
+        body = (
+            b'--xx\r\nContent-Disposition: form-data; name="file"; filename="model"\r\n'
+            b"Content-Type: audio/wav\r\n\r\n" + audio + b"\r\n" + form_bomb(3, b"alpha")
+        )
+        headers = {
+            "authorization": "Bearer sk-first",
+            "content-type": "multipart/form-data; boundary=xx",
+        }
+        reply = await self.request("POST", "/v1/audio/transcriptions", body, headers)
+        self.assertEqual(reply.code, 200, reply.body[:300])
+        self.assertIn("alpha", await self.running_with_key())
+
+    async def test_a_413_closes_the_connection(self) -> None:
+        await self.serve(f"maxRequestBytes: 1000\nmodels:\n  alpha:\n    cmd: {FAKE}\n")
+        client = await self.connect()
+        body = json.dumps({"model": "alpha", "prompt": "x" * 5000}).encode()
+        client.transport.write(  # type: ignore[union-attr]
+            head(b"POST", b"/v1/completions", len(body)) + body
+        )
+        data = await client.closed  # the server hangs up after the answer
+        self.assertTrue(data.startswith(b"HTTP/1.1 413 "), data[:100])
+        self.assertIn(b"Connection: close", data)
+
+    async def test_unauthenticated_heads_with_long_uris_leave_the_log_alone(self) -> None:
+        await self.serve(KEYED)
+        logger("llamaswap.test").info("an earlier line worth keeping")
+        codes = set()
+        for number in range(20):
+            path = "/health" if number % 2 else "/v1/models"
+            for length in (16_000, 8_000):
+                codes.add((await self.request("HEAD", f"{path}?{'q' * length}")).code)
+        logs = await self.request("GET", "/logs", headers={"x-api-key": KEY.decode()})
+        self.assertIn("an earlier line worth keeping", logs.body.decode())
+        self.assertNotIn("q" * 300, logs.body.decode())
+        self.assertEqual(codes, {200, 401, 414})
+
+
+class BadInputTests(LiveTestCase):
+    async def test_deeply_nested_json_is_400(self) -> None:
+        await self.serve(f"models:\n  alpha:\n    cmd: {FAKE}\n")
+        json_type = {"content-type": "application/json"}
+        for depth in (1_000, 100_000):
+            nested = b'{"model": "alpha", "x": ' + b"[" * depth + b"]" * depth + b"}"
+            reply = await self.request("POST", "/v1/chat/completions", nested, json_type)
+            self.assertEqual(reply.code, 400, reply.body[:300])
+            self.assertIn("nested too deeply", reply.json()["error"]["message"])
+        self.assertEqual(await self.running(), {})
+
+    async def test_odd_query_numbers_are_400_on_every_numeric_parameter(self) -> None:
+        await self.serve(f"models:\n  alpha:\n    cmd: {FAKE}\n")
+        cases = {
+            "/api/activity": ("limit", "offset", "since", "until"),
+            "/api/activity/stats": ("since", "until"),
+        }
+        for path, names in cases.items():
+            for name in names:
+                for value in ("nan", "inf", "-inf", "-5", "1e400", "NaN", "x"):
+                    reply = await self.request("GET", f"{path}?{name}={value}")
+                    self.assertEqual(reply.code, 400, (path, name, value, reply.body))
+                    self.assertIn(f"?{name}=", reply.json()["error"]["message"])
+        for query in ("limit=0", "limit=1001", "limit=2.5", "offset=1e300", "offset=0.5"):
+            reply = await self.request("GET", f"/api/activity?{query}")
+            self.assertEqual(reply.code, 400, (query, reply.body))
+        reply = await self.request("GET", "/api/activity?limit=1000&offset=3&since=0&until=1e12")
+        self.assertEqual(reply.code, 200, reply.body)
+
+    async def test_a_non_finite_deadline_is_400(self) -> None:
+        await self.serve(f"models:\n  alpha:\n    cmd: {FAKE}\n")
+        body = json.dumps({"model": "alpha", "prompt": "x"}).encode()
+        for value in ("inf", "nan", "1e400", "-1"):
+            headers = {"content-type": "application/json", "x-request-deadline": value}
+            reply = await self.request("POST", "/v1/completions", body, headers)
+            self.assertEqual(reply.code, 400, value)
+        self.assertEqual(await self.running(), {})
+
+
 class ConfigAndExposureTests(SynchronousTestCase):
     def test_keys_must_be_usable_and_are_never_echoed(self) -> None:
         error = self.assertRaises(
@@ -117,7 +463,7 @@ class ConfigAndExposureTests(SynchronousTestCase):
             "apiKeys: ['${env.KEY}']\nmodels:\n  m:\n    cmd: s --port ${PORT}\n",
             environ={"KEY": "from-env"},
         )
-        self.assertEqual(config.api_keys, ("from-env",))
+        self.assertEqual([k.key for k in config.api_keys], ["from-env"])
 
     def test_loopback_detection(self) -> None:
         self.assertTrue(_loopback_only("tcp:8080:interface=127.0.0.1"))

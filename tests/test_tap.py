@@ -56,7 +56,7 @@ class OptionsTests(SynchronousTestCase):
 
     def test_config_is_required_and_validated(self) -> None:
         self.assertIn(
-            "--config FILE is required",
+            "give --config FILE, --models-dir DIR, or both",
             str(self.assertRaises(UsageError, Options().parseOptions, [])),
         )
         path = self.config_file("models:\n  m:\n    cmd: s --port ${PORT}\n    ttl: forever\n")

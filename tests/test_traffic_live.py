@@ -146,9 +146,9 @@ class ModelListTests(LiveTestCase):
         self.assertEqual(len(names), len(set(names)), names)
         by_id = {m["id"]: m for m in data}
         self.assertEqual(by_id["pair:chat"]["name"], "Chat (pair)")
-        self.assertEqual(by_id["embed"]["meta"]["llamaswap"]["capabilities"], ["embeddings"])
-        self.assertEqual(by_id["pair:embed"]["meta"]["llamaswap"]["capabilities"], ["embeddings"])
-        self.assertEqual(by_id["chat"]["meta"]["llamaswap"]["capabilities"], ["chat"])
+        self.assertEqual(by_id["embed"]["capabilities"], ["embeddings"])
+        self.assertEqual(by_id["pair:embed"]["capabilities"], ["embeddings"])
+        self.assertEqual(by_id["chat"]["capabilities"], ["chat"])
         self.assertEqual(by_id["box/chat"]["name"], "chat (box)")
 
 

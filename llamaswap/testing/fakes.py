@@ -46,6 +46,7 @@ class FakeProcess:
         self.env = dict(env or {})
         self.pid: int | None = pid
         self.signals: list[str] = []
+        self.stdin: list[bytes] = []  # what was written to its stdin
         self.stdin_closed = False
         self.ignore_term = False
         self.unkillable = False  # even SIGKILL does not end it (a hung driver)
@@ -118,14 +119,16 @@ class FakeProcess:
             self.reactor.callLater(0, self.release_pipes)
 
     def writeToChild(self, childFD: int, data: bytes) -> None:
-        pass
+        if childFD == 0:
+            self.write(data)
 
     def loseConnection(self) -> None:
         for fd in (0, 1, 2):
             self.closeChildFD(fd)
 
     def write(self, data: bytes) -> None:
-        pass
+        if not self.stdin_closed:
+            self.stdin.append(data)
 
     def writeSequence(self, data: Any) -> None:
         pass

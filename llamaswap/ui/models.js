@@ -1,7 +1,7 @@
 // Models tab: /v1/models merged with /running, live from /api/events, else polled.
 import { $, h, api, json, body as parse, events, toast, duration, pathOf } from './lib.js';
 
-const rows = new Map(); // id -> {model, state, error, pid, run, at, busy, el, cells}
+const rows = new Map(); // id -> {model, state, error, pid, progress, run, at, busy, el, cells}
 let list = []; // every /v1/models entry (profiles and peers too)
 let visible = false;
 let timer = null;
@@ -19,30 +19,60 @@ function metaText(meta) {
   return Object.entries(m).map(([k, v]) => `${k}: ${typeof v === 'object' ? JSON.stringify(v) : v}`).join(' · ');
 }
 
+const mib = (bytes) => `${Math.round(bytes / 2 ** 20)} MiB`;
+const count = (n) => (n >= 1e9 ? `${(n / 1e9).toFixed(1)}B` : `${Math.round(n / 1e6)}M`);
+
+// what the model's GGUF file says (architecture, size, quantization, context)
+function ggufText(meta) {
+  const g = meta && meta.gguf;
+  if (!g || typeof g !== 'object') return '';
+  return [g.architecture, g.parameters ? count(g.parameters) + ' params' : null, g.quantization,
+    g.context_length ? `ctx ${g.context_length}` : null].filter(Boolean).join(' · ');
+}
+
+// the memory estimate from the file beside what the running child really uses
+function memoryText(model, run) {
+  const estimate = model.meta?.gguf?.estimate?.total;
+  const peak = run?.memory?.peak;
+  const used = peak && (peak.vram ?? peak.ram);
+  const parts = [];
+  if (estimate) parts.push(`memory est. ${mib(estimate)}`);
+  if (used) parts.push(`measured ${mib(used)}`);
+  return parts.join(' · ');
+}
+
 function makeRow(model) {
   const id = model.id;
   const c = {
     state: h('span', { class: 'badge', 'data-testid': `model-state-${id}` }),
     error: h('div', { class: 'err small row-err' }),
+    // how far a start got, as the model's server reports it (hidden otherwise)
+    progress: h('progress', { class: 'load', max: '100', hidden: true, 'data-testid': `model-progress-${id}` }),
     proc: h('td', { 'data-label': 'Process', class: 'mono nw' }),
     up: h('td', { 'data-label': 'Uptime', class: 'nw' }),
     req: h('td', { 'data-label': 'Requests', class: 'nw' }),
     ttl: h('td', { 'data-label': 'Idle stop', class: 'nw' }),
-    load: h('button', { 'data-testid': `load-${id}`, onclick: () => load(id) }, 'Load'),
-    unload: h('button', { 'data-testid': `unload-${id}`, onclick: () => unload(id) }, 'Unload'),
+    load: h('button', { class: 'admin', 'data-testid': `load-${id}`, onclick: () => load(id) }, 'Load'),
+    unload: h('button', { class: 'admin', 'data-testid': `unload-${id}`, onclick: () => unload(id) }, 'Unload'),
+    memory: h('div', { class: 'small muted mono', 'data-testid': `model-memory-${id}` }),
   };
   const aliases = (model.aliases || []).map((a) => h('span', { class: 'chip', text: a }));
+  const capabilities = (model.capabilities || []).map((a) => h('span', { class: 'chip', text: a }));
   const meta = metaText(model.meta);
+  const gguf = ggufText(model.meta);
   const el = h('tr', { 'data-testid': `model-row-${id}` },
     h('td', { class: 'model' },
       h('div', {}, h('strong', { text: id }), model.name && model.name !== id ? h('span', { class: 'muted', text: ' ' + model.name }) : null),
       model.description ? h('div', { class: 'small muted', text: model.description }) : null,
       aliases.length ? h('div', { class: 'chips' }, aliases) : null,
-      meta ? h('div', { class: 'small muted mono', text: meta }) : null),
-    h('td', { 'data-label': 'State' }, c.state, c.error),
+      meta ? h('div', { class: 'small muted mono', text: meta }) : null,
+      gguf || capabilities.length ? h('div', { class: 'chips', 'data-testid': `model-gguf-${id}` },
+        capabilities, gguf ? h('span', { class: 'small muted mono', text: ' ' + gguf }) : null) : null,
+      c.memory),
+    h('td', { 'data-label': 'State' }, c.state, c.progress, c.error),
     c.proc, c.up, c.req, c.ttl,
     h('td', { class: 'actions' }, c.load, c.unload));
-  return { model, el, cells: c, state: 'stopped', error: null, run: null, at: 0, busy: null };
+  return { model, el, cells: c, state: 'stopped', error: null, progress: null, run: null, at: 0, busy: null };
 }
 
 function paint(r) {
@@ -50,6 +80,12 @@ function paint(r) {
   const state = r.busy === 'load' && r.state === 'stopped' ? 'starting' : r.state;
   c.state.textContent = state;
   c.state.dataset.state = state;
+  const loading = state === 'starting' && r.progress != null;
+  c.progress.hidden = !loading;
+  if (loading) {
+    c.progress.value = Math.round(r.progress * 100);
+    c.progress.title = c.progress.textContent = `${Math.round(r.progress * 100)} %`;
+  }
   c.error.textContent = r.error || '';
   c.error.hidden = !r.error;
   const pid = run?.pid ?? r.pid;
@@ -67,6 +103,8 @@ function paint(r) {
   c.load.textContent = r.busy === 'load' ? 'Loading…' : 'Load';
   c.unload.disabled = !!r.busy || !active;
   c.unload.textContent = r.busy === 'unload' ? 'Unloading…' : 'Unload';
+  c.memory.textContent = memoryText(r.model, active ? run : null);
+  c.memory.hidden = !c.memory.textContent;
 }
 
 function render() {
@@ -104,7 +142,9 @@ export function refresh() {
   }
   refreshing = (async () => {
     try {
-      const [models, running] = await Promise.all([json('/v1/models'), json('/running')]);
+      // a key with role inference may not read /running: its models' states come from /v1/models
+      const runningOrNone = json('/running').catch((e) => (e.status === 403 ? { running: [] } : Promise.reject(e)));
+      const [models, running] = await Promise.all([json('/v1/models'), runningOrNone]);
       list = models.data || [];
       const byId = Object.fromEntries((running.running || []).map((x) => [x.model, x]));
       const now = Date.now();
@@ -112,7 +152,7 @@ export function refresh() {
       for (const [id, r] of rows) {
         const run = byId[id] || null;
         const status = r.model.status || {};
-        Object.assign(r, { run, at: now, state: run ? run.state : status.value || 'stopped' });
+        Object.assign(r, { run, at: now, state: run ? run.state : status.value || 'stopped', progress: run ? run.progress : null });
         if (!r.busy) r.error = status.error || null;
         paint(r);
       }
@@ -184,8 +224,15 @@ events.on('model', (ev) => {
   if (ev.pid !== undefined) r.pid = ev.pid;
   if (ev.error !== undefined && !r.busy) r.error = ev.error || null;
   if (r.state === 'stopped' || r.state === 'failed') r.run = null;
+  if (r.state !== 'starting') r.progress = null;
   paint(r);
   refreshSoon(); // port, uptime, ttl
+});
+events.on('progress', (ev) => {
+  const r = rows.get(ev.id);
+  if (!r) return;
+  r.progress = ev.progress;
+  paint(r);
 });
 events.on('queue', (ev) => {
   const r = rows.get(ev.model);

@@ -1,0 +1,343 @@
+"""Every client connection is bounded: in time while a request arrives, and in number.
+
+Twisted's own idle timeout is reset by every byte, so a client that sends its
+headers (or a chunked body) one byte every few seconds would be kept forever, and
+enough of them exhaust the process's file descriptors: then model servers cannot
+be reached (``Couldn't bind: Too many open files``).  Here:
+
+- ``BoundedChannel`` gives the request headers ``headerTimeout`` seconds from their
+  first byte, and the body ``bodyTimeout`` seconds plus one second per
+  ``bodyMinRate`` bytes received; a late request gets 408 and is closed.  Nothing
+  bounds the response (a stream may last long); between requests the idle timeout
+  still applies.
+- ``ConnectionGate`` wraps the site and counts open connections, in all and per
+  client address; at either cap a new connection gets a short 503 and is closed at
+  once.  The total is kept below ``RLIMIT_NOFILE`` with room for the model servers'
+  pipes and the upstream connections.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import resource
+from collections import Counter
+from functools import cache
+from typing import Any
+
+import attrs
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
+from twisted.web.server import Site
+
+from .errors import ApiError
+from .logs import logger
+
+# File descriptors kept for everything but client connections: the listening
+# sockets, logs, the activity store, NVML, the model servers' pipes.  What is left
+# is shared half and half by client connections and the upstream connections
+# they cause.
+RESERVED_FILES = 128
+WARN_EVERY = 60.0
+
+
+@attrs.frozen
+class ConnectionLimits:
+    """``connections:`` in the configuration."""
+
+    header_timeout: float = 20.0
+    body_timeout: float = 20.0
+    body_min_rate: int = 500
+    max_connections: int | None = None  # None: derived from the file limit
+    max_per_client: int = 64
+
+
+def raise_file_limit() -> int:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard one; the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # an unlimited hard limit (macOS) cannot be the soft one: the kernel has a cap
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def connection_budget(file_limit: int) -> int:
+    """Client connections that fit in ``file_limit`` descriptors with headroom."""
+    return max(8, (file_limit - RESERVED_FILES) // 2)
+
+
+def client_key(address: IAddress | None) -> str | None:
+    """Whom a connection counts against: its IP (an IPv6 client: its /64), or None."""
+    host = getattr(address, "host", None)
+    if not isinstance(host, str):
+        return None  # a unix socket: only the total applies
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+def _response(status: int, reason: bytes, error: ApiError, extra: bytes = b"") -> bytes:
+    """A whole HTTP response that closes the connection, written before any request."""
+    body = error.body()
+    head = (
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n%s"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (status, reason, extra, len(body))
+    )
+    return head + body
+
+
+class ConnectionGate(Factory):
+    """Wraps the site: counts open connections, refuses new ones at the caps.
+
+    It also makes the site's channel (``HTTPChannel`` or the site's own subclass of
+    it) a ``BoundedChannel``, so connections the site accepts directly are bounded
+    in time and counted too.
+    """
+
+    log = logger()
+    noisy = False
+
+    def __init__(self, site: Site, limits: ConnectionLimits, clock: IReactorTime) -> None:
+        self.site = site
+        self.clock = clock
+        self.limits = limits
+        self.max_connections = 0
+        self._per_client = 0
+        self.open: Counter[str | None] = Counter()
+        self.total = 0
+        self.refused = 0
+        self._next_warning = 0.0
+        self._channel_class = bounded(site.protocol)
+        # Factory.protocol is the public hook; Twisted types HTTPFactory's as a method
+        site.protocol = self.channel  # type: ignore[method-assign,assignment]
+        self.configure(limits)
+
+    def configure(self, limits: ConnectionLimits) -> None:
+        """Adopt ``limits`` (at start and on reload); open connections stay."""
+        self.limits = limits
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        budget = connection_budget(soft)
+        wanted = limits.max_connections or budget
+        if wanted > budget:
+            self.log.warn(
+                "connections.maxConnections {wanted} does not fit in the file limit "
+                "({soft} open files); using {budget}",
+                wanted=wanted,
+                soft=soft,
+                budget=budget,
+            )
+        total = min(wanted, budget)
+        caps = (total, min(limits.max_per_client, total))
+        if caps == (self.max_connections, self._per_client):
+            return
+        self.max_connections, self._per_client = caps
+        self.log.info(
+            "serving at most {total} client connections, {per} per client address "
+            "(file limit {soft})",
+            total=self.max_connections,
+            per=self._per_client,
+            soft=soft,
+        )
+
+    def channel(self) -> BoundedChannel:
+        return self._channel_class(self)
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
+        key = client_key(addr)
+        if self.total >= self.max_connections:
+            return self._refuse(f"{self.total} connections are open (connections.maxConnections)")
+        if key is not None and self.open[key] >= self._per_client:
+            return self._refuse(
+                f"{self.open[key]} connections from {key} are open (connections.maxPerClient)"
+            )
+        channel: Protocol | None = self.site.buildProtocol(addr)
+        return channel
+
+    def doStart(self) -> None:
+        self.site.doStart()
+
+    def doStop(self) -> None:
+        self.site.doStop()
+
+    def opened(self, key: str | None) -> None:
+        self.total += 1
+        self.open[key] += 1
+
+    def closed(self, key: str | None) -> None:
+        self.total -= 1
+        self.open[key] -= 1
+        if self.open[key] <= 0:
+            del self.open[key]
+
+    def _refuse(self, why: str) -> Protocol:
+        self.refused += 1
+        now = self.clock.seconds()
+        if now >= self._next_warning:  # one line a minute at most, under a flood
+            self._next_warning = now + WARN_EVERY
+            self.log.warn(
+                "refusing new connections: {why}; {refused} refused so far",
+                why=why,
+                refused=self.refused,
+            )
+        error = ApiError(503, f"too many open connections: {why}; try again later")
+        return _Refusal(_response(503, b"Service Unavailable", error, b"Retry-After: 5\r\n"))
+
+
+class _Refusal(Protocol):
+    """Answers 503 and closes, without reading the request."""
+
+    def __init__(self, response: bytes) -> None:
+        self.response = response
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self.response)
+        self.transport.loseConnection()
+
+
+class BoundedChannel(HTTPChannel):
+    """An ``HTTPChannel`` whose requests must arrive in time (see the module doc)."""
+
+    log = logger()
+
+    IDLE, HEADERS, BODY, HANDLING, CLOSED = "idle", "headers", "body", "handling", "closed"
+
+    def __init__(self, gate: ConnectionGate) -> None:
+        super().__init__()
+        self.gate = gate
+        self.phase = self.IDLE
+        self.client: str | None = None
+        self._deadline: IDelayedCall | None = None
+        self._abort: IDelayedCall | None = None
+        self._due = 0.0  # when the current phase must be over
+        self._body_received = 0
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        assert self.transport is not None
+        self.client = client_key(self.transport.getPeer())
+        self.gate.opened(self.client)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancel()
+        if self._abort is not None and self._abort.active():
+            self._abort.cancel()
+        self._abort = None
+        self.gate.closed(self.client)
+        super().connectionLost(reason)
+
+    # --- the request's phases -------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.phase == self.CLOSED:
+            return  # answered 408: what is still coming is not read
+        if self.phase == self.IDLE and data:
+            self._begin_request()
+        elif self.phase == self.BODY:
+            self._body_received += len(data)
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        # a pipelined request can start inside the data of the one before
+        if self.phase == self.IDLE:
+            self._begin_request()
+        super().lineReceived(line)
+
+    def allHeadersReceived(self) -> None:
+        self._begin(self.BODY, self.gate.limits.body_timeout)
+        self._body_received = 0
+        super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        # the request is in: what follows (the answer) may take as long as it takes
+        self.phase = self.HANDLING
+        super().allContentReceived()
+
+    def requestDone(self, request: Any) -> None:
+        self.phase = self.IDLE  # before super(): it replays pipelined data
+        super().requestDone(request)
+
+    def _begin_request(self) -> None:
+        self._begin(self.HEADERS, self.gate.limits.header_timeout)
+
+    # --- the deadline ---------------------------------------------------
+    #
+    # One timer per connection, checked lazily: a phase only records when it is
+    # due, and the timer, when it fires, compares with the phase then current.  So
+    # a keep-alive connection serving many quick requests schedules one call per
+    # headerTimeout, not two per request.
+
+    def _begin(self, phase: str, seconds: float) -> None:
+        self.phase = phase
+        now = self.gate.clock.seconds()
+        self._due = now + seconds
+        if self._deadline is None or not self._deadline.active():
+            self._deadline = self.gate.clock.callLater(seconds, self._expired)
+        elif self._deadline.getTime() > self._due:
+            self._deadline.reset(seconds)
+
+    def _cancel(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _expired(self) -> None:
+        self._deadline = None
+        if self.phase not in (self.HEADERS, self.BODY):
+            return  # that request arrived in time
+        if getattr(self.transport, "disconnecting", False):
+            return  # already answered (a 400) and closing
+        limits = self.gate.limits
+        due = self._due
+        if self.phase == self.BODY:
+            due += self._body_received / max(limits.body_min_rate, 1)
+        late = due - self.gate.clock.seconds()
+        if late > 0:  # a new request since, or a body faster than bodyMinRate
+            self._deadline = self.gate.clock.callLater(late, self._expired)
+            return
+        if self.phase == self.BODY:
+            what = (
+                f"the request body did not arrive at {limits.body_min_rate} bytes/s "
+                "(connections.bodyMinRate, connections.bodyTimeout)"
+            )
+        else:
+            what = (
+                f"the request headers did not arrive within {limits.header_timeout:g}s "
+                "(connections.headerTimeout)"
+            )
+        self.phase = self.CLOSED
+        self.log.debug("closing a slow client {client}: {what}", client=self.client, what=what)
+        error = ApiError(408, what)
+        assert self.transport is not None
+        self.transport.write(_response(408, b"Request Timeout", error))
+        self.transport.loseConnection()
+        # a client that reads nothing would keep its socket open until this
+        abort = getattr(self.transport, "abortConnection", self.transport.loseConnection)
+        self._abort = self.gate.clock.callLater(self.abortTimeout or 15, abort)
+
+
+@cache
+def bounded(channel: object) -> type[BoundedChannel]:
+    """``BoundedChannel`` on top of a site's own channel class, if it has one.
+
+    (Twisted's default ``Site.protocol`` is a factory function for a wrapper that
+    can switch to HTTP/2, which needs the optional ``h2`` package: plain HTTP/1.1
+    then.)
+    """
+    if not isinstance(channel, type) or not issubclass(channel, HTTPChannel):
+        return BoundedChannel
+    if issubclass(channel, BoundedChannel):
+        return channel
+    return type(f"Bounded{channel.__name__}", (BoundedChannel, channel), {})

@@ -1,0 +1,42 @@
+"""Keeping a models folder live: a reload when a GGUF file is added, replaced or removed."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .modelsdir import listing
+from .reload import ConfigReloader
+
+
+class FolderReloader(ConfigReloader):
+    """A :class:`ConfigReloader` that also reloads when a models folder changes.
+
+    Its stamp covers the configuration file (if any) and every ``*.gguf`` in the
+    folders (name, size, mtime), so ``--watch-config`` sees a file added, replaced
+    or removed; the rescan itself runs in the loader, off the reactor thread.
+    """
+
+    def __init__(self, folders: Callable[[], Sequence[str]], *args: Any, **kwargs: Any) -> None:
+        self.folders = folders
+        super().__init__(*args, **kwargs)
+
+    def _stamp(self) -> Any:  # compared for equality only
+        config = None
+        if self.path:
+            try:
+                info = os.stat(self.path)
+                config = (info.st_mtime_ns, info.st_size, info.st_ino)
+            except OSError:
+                pass
+        files = []
+        for folder in self.folders():
+            top, subs = listing(folder)
+            for path in top + [f for sub in subs for f in listing(sub)[0]]:
+                try:
+                    info = os.stat(path)
+                except OSError:
+                    continue
+                files.append((path, info.st_mtime_ns, info.st_size, info.st_ino))
+        return config, tuple(files)

@@ -1,0 +1,301 @@
+"""Model folders: every GGUF file in a folder becomes a model, no YAML entry needed.
+
+A scan (``modelsDir`` in the config, ``--models-dir`` on the command line) finds
+
+- ``NAME.gguf``: the model ``NAME``;
+- ``NAME-00001-of-0000N.gguf`` … (beside each other): one model ``NAME``;
+- a sub-folder ``NAME/`` holding one model (a file, or its shards) and/or a vision
+  projector ``mmproj*.gguf``: the model ``NAME``, started with ``--mmproj``.
+
+Each found model becomes an ordinary model entry (the ``modelDefaults`` command
+template with ``${MODEL_PATH}`` and ``${MMPROJ}`` filled in), validated by
+:mod:`llamaswap.config` exactly like a YAML entry; its header facts (see
+:mod:`llamaswap.gguf_models`) size its memory and mark its capabilities.  A file
+that cannot be read is skipped with one clear notice; the rest is served.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import shlex
+import shutil
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from .gguf_models import (
+    Estimate,
+    GgufError,
+    GgufFacts,
+    cached_paths,
+    estimate,
+    forget,
+    read_facts,
+)
+
+#: the command when ``modelDefaults.cmd`` is not given; ``{server}`` is the llama-server found
+DEFAULT_TEMPLATE = (
+    "{server} --host 127.0.0.1 --port ${{PORT}} --alias ${{MODEL_ID}}"
+    " -m ${{MODEL_PATH}} ${{MMPROJ}}"
+)
+_SHARD = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
+_EMBEDDING_FLAGS = ("--embedding", "--embeddings")
+_RERANK_FLAGS = ("--rerank", "--reranking")
+
+
+@attrs.frozen
+class ModelDefaults:
+    """``modelDefaults``: how a found model is run."""
+
+    cmd: str | None = None  # a template; None: the built-in one
+    args: tuple[tuple[str, str], ...] = ()  # (glob on the model id, extra arguments)
+    entry: Mapping[str, Any] = attrs.field(factory=dict)  # other model keys (ttl, env)
+
+
+@attrs.frozen
+class FoundModel:
+    """One model found in a folder, with what its files say."""
+
+    id: str
+    path: str  # the file or folder it came from (for notices)
+    weights: tuple[str, ...]  # the file, or its shards in order
+    facts: GgufFacts
+    mmproj: str | None = None
+    mmproj_bytes: int = 0
+
+
+@attrs.frozen
+class Scan:
+    models: tuple[FoundModel, ...]
+    notices: tuple[str, ...]
+
+
+def llama_server(environ: Mapping[str, str]) -> str:
+    """The llama-server to run: ``$LLAMA_SERVER``, else the one on PATH."""
+    return (
+        environ.get("LLAMA_SERVER")
+        or shutil.which("llama-server", path=environ.get("PATH"))
+        or "llama-server"
+    )
+
+
+def scan(folders: Sequence[str]) -> Scan:
+    """Find the models in ``folders`` (reads each new file's header: call off the reactor)."""
+    models: dict[str, FoundModel] = {}
+    notices: list[str] = []
+    for folder in folders:
+        for candidate_id, path, weights, mmproj in _candidates(folder, notices):
+            if not _usable_id(candidate_id):
+                notices.append(
+                    f"{path}: skipped: {candidate_id!r} cannot be a model id "
+                    "(no ':', '${', '/' or spaces at the ends); rename it"
+                )
+                continue
+            if candidate_id in models:
+                notices.append(
+                    f"{path}: skipped: the id {candidate_id!r} is already "
+                    f"{models[candidate_id].path}"
+                )
+                continue
+            found = _read(candidate_id, path, weights, mmproj, notices)
+            if found is not None:
+                models[candidate_id] = found
+    seen = {p for m in models.values() for p in (*m.weights, m.mmproj) if p}
+    forget([p for p in _cached_under(folders) if p not in seen and not os.path.exists(p)])
+    return Scan(tuple(models.values()), tuple(notices))
+
+
+def entry(found: FoundModel, defaults: ModelDefaults, environ: Mapping[str, str]) -> dict[str, Any]:
+    """The model entry for ``found``, as if written under ``models`` in the file."""
+    template = defaults.cmd or DEFAULT_TEMPLATE.format(server=shlex.quote(llama_server(environ)))
+    mmproj = f"--mmproj {shlex.quote(found.mmproj)}" if found.mmproj else ""
+    lines = [
+        template.replace("${MODEL_PATH}", shlex.quote(found.weights[0])).replace(
+            "${MMPROJ}", mmproj
+        )
+    ]
+    lines += [extra for pattern, extra in defaults.args if fnmatch.fnmatchcase(found.id, pattern)]
+    written = " ".join(lines).split()
+    wanted = {"embeddings": _EMBEDDING_FLAGS, "rerank": _RERANK_FLAGS}
+    for capability in found.facts.capabilities:
+        flags = wanted.get(capability)
+        if flags and not any(flag in written for flag in flags):
+            lines.append(flags[0])
+    # one argument group per line: a template ending in a comment line stays harmless
+    return {**defaults.entry, "cmd": "\n".join(lines)}
+
+
+def capabilities(facts: GgufFacts, argv: Sequence[str]) -> tuple[str, ...]:
+    """What a client can ask of a model: the file's kind, unless the command says otherwise."""
+    if any(flag in argv for flag in _RERANK_FLAGS):
+        return ("rerank",)
+    if any(flag in argv for flag in _EMBEDDING_FLAGS):
+        return ("embeddings",)
+    return facts.capabilities
+
+
+def described(facts: GgufFacts, argv: Sequence[str], found: FoundModel | None) -> dict[str, Any]:
+    """What ``/v1/models`` shows of a model's file: facts, files, capabilities, the estimate."""
+    sizing: Estimate = estimate(facts, argv, found.mmproj_bytes if found else 0)
+    info: dict[str, Any] = {
+        **facts.describe(),
+        "capabilities": list(capabilities(facts, argv)),
+        "estimate": sizing.describe(),
+    }
+    if found is not None:
+        info["files"] = list(found.weights)
+        if found.mmproj:
+            info["mmproj"] = found.mmproj
+    return info
+
+
+def weights_in(argv: Sequence[str]) -> str | None:
+    """The local ``.gguf`` a hand-written command loads (``-m PATH``), if any."""
+    for i, arg in enumerate(argv[:-1]):
+        if arg in ("-m", "--model") and argv[i + 1].lower().endswith(".gguf"):
+            return argv[i + 1]
+    for arg in argv:
+        name, _, value = arg.partition("=")
+        if name == "--model" and value.lower().endswith(".gguf"):
+            return value
+    return None
+
+
+def facts_of(path: str) -> GgufFacts:
+    """Facts of a model file named in a command (its shards too); raises GgufError."""
+    match = _SHARD.match(os.path.basename(path))
+    if match is None:
+        return read_facts([path])
+    folder = os.path.dirname(path)
+    stem, count = match["stem"], int(match["count"])
+    return read_facts(
+        [os.path.join(folder, f"{stem}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    )
+
+
+# --- the folder -------------------------------------------------------------------
+
+
+def _candidates(
+    folder: str, notices: list[str]
+) -> list[tuple[str, str, tuple[str, ...], str | None]]:
+    """(id, where, weight files, projector) for each model-looking thing in ``folder``."""
+    found: list[tuple[str, str, tuple[str, ...], str | None]] = []
+    files, subfolders = listing(folder)
+    projectors = [f for f in files if _is_projector(f)]
+    if projectors:
+        notices.append(
+            f"{folder}: projector files beside many models are ignored "
+            f"({', '.join(os.path.basename(p) for p in projectors)}); put each vision "
+            "model and its mmproj file in a folder of their own"
+        )
+    for model_id, weights in _models_among([f for f in files if not _is_projector(f)], notices):
+        found.append((model_id, weights[0], weights, None))
+    for sub in subfolders:
+        inner, _ = listing(sub)
+        models = _models_among([f for f in inner if not _is_projector(f)], notices)
+        mmprojs = [f for f in inner if _is_projector(f)]
+        if not models:
+            continue
+        if len(models) > 1:
+            notices.append(
+                f"{sub}: skipped: it holds several models "
+                f"({', '.join(m for m, _ in models)}); give each a folder of its own, or "
+                "put them in the models folder itself"
+            )
+            continue
+        if len(mmprojs) > 1:
+            notices.append(f"{sub}: several projector files; using {mmprojs[0]}")
+        found.append((os.path.basename(sub), sub, models[0][1], mmprojs[0] if mmprojs else None))
+    return found
+
+
+def listing(folder: str) -> tuple[list[str], list[str]]:
+    """Visible ``*.gguf`` files and sub-folders of ``folder``, sorted, as full paths."""
+    files, folders = [], []
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        return [], []
+    for item in entries:
+        if item.name.startswith("."):  # hidden: rsync's and editors' temporary files
+            continue
+        try:
+            if item.is_dir():
+                folders.append(item.path)
+            elif item.is_file() and item.name.lower().endswith(".gguf"):
+                files.append(item.path)
+        except OSError:
+            continue
+    return files, folders
+
+
+def _is_projector(path: str) -> bool:
+    return os.path.basename(path).lower().startswith("mmproj")
+
+
+def _models_among(files: list[str], notices: list[str]) -> list[tuple[str, tuple[str, ...]]]:
+    """Group files into models: a plain file is one, a complete set of shards is one."""
+    models: list[tuple[str, tuple[str, ...]]] = []
+    shard_sets: dict[tuple[str, int], dict[int, str]] = {}
+    for path in files:
+        name = os.path.basename(path)
+        match = _SHARD.match(name)
+        if match is None:
+            models.append((name[: -len(".gguf")], (path,)))
+            continue
+        key = (os.path.join(os.path.dirname(path), match["stem"]), int(match["count"]))
+        shard_sets.setdefault(key, {})[int(match["index"])] = path
+    for (stem, count), shards in shard_sets.items():
+        missing = [i for i in range(1, count + 1) if i not in shards]
+        if missing:
+            notices.append(
+                f"{stem}-*-of-{count:05d}.gguf: skipped: shard(s) "
+                f"{', '.join(str(i) for i in missing)} of {count} missing"
+            )
+            continue
+        models.append((os.path.basename(stem), tuple(shards[i] for i in range(1, count + 1))))
+    return sorted(models)
+
+
+def _usable_id(model_id: str) -> bool:
+    return (
+        bool(model_id.strip())
+        and model_id == model_id.strip()
+        and ":" not in model_id
+        and "/" not in model_id
+        and "${" not in model_id
+    )
+
+
+def _read(
+    model_id: str,
+    path: str,
+    weights: tuple[str, ...],
+    mmproj: str | None,
+    notices: list[str],
+) -> FoundModel | None:
+    if any("${" in p or "\n" in p or "\r" in p for p in (*weights, mmproj or "")):
+        notices.append(f"{path!r}: skipped: its path holds '${{' or a line break; rename it")
+        return None
+    try:
+        facts = read_facts(weights)
+    except GgufError as e:
+        notices.append(f"{path}: skipped: {e}")
+        return None
+    mmproj_bytes = 0
+    if mmproj is not None:
+        try:
+            mmproj_bytes = read_facts([mmproj]).weights_bytes
+        except GgufError as e:
+            notices.append(f"{mmproj}: not used: {e}; {model_id} is served without it")
+            mmproj = None
+    return FoundModel(model_id, path, weights, facts, mmproj, mmproj_bytes)
+
+
+def _cached_under(folders: Sequence[str]) -> list[str]:
+    roots = tuple(os.path.join(f, "") for f in folders)
+    return [p for p in cached_paths() if p.startswith(roots)]

@@ -1,0 +1,355 @@
+"""llama-server's router/child protocol, and the HTTP health check for other servers."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from llamaswap import childproto
+from llamaswap.config import ConfigError, parse_config
+from llamaswap.events import Event
+from llamaswap.process import ModelState, Timing
+
+from .helpers import World, world
+from .integration import FAKE, LiveTestCase, pid_alive
+
+SPEAKS = """
+models:
+  a:
+    cmd: sleep --port ${PORT} --model a
+    childProtocol: on
+  b:
+    cmd: sleep --port ${PORT} --model b
+"""
+TIMING = Timing(health_timeout=30, poll_interval=0.25, stop_timeout=10, exit_grace=1)
+
+
+def state(name: str, payload: object = None) -> str:
+    document = {"payload": payload if payload is not None else {}, "state": name}
+    return childproto.STATE_PREFIX + json.dumps(document)
+
+
+def loading(value: float, current: str = "text_model", stages: Any = ("text_model",)) -> str:
+    return state("loading", {"stages": list(stages), "current": current, "value": value})
+
+
+class ProtocolTests(SynchronousTestCase):
+    def starting(self, text: str = SPEAKS) -> tuple[World, Deferred[Any]]:
+        w = world(text, timing=TIMING)
+        return w, w.scheduler.acquire("a")
+
+    def test_the_child_is_a_routers_child_with_stdin_kept_open(self) -> None:
+        w, _ = self.starting()
+        a = w.child("a")
+        self.assertEqual(a.env[childproto.ROUTER_PORT_ENV], "0")
+        self.assertFalse(a.stdin_closed)
+        other = world(SPEAKS, timing=TIMING)
+        other.scheduler.acquire("b")  # childProtocol auto, and not a llama-server
+        self.assertNotIn(childproto.ROUTER_PORT_ENV, other.child("b").env)
+        self.assertTrue(other.child("b").stdin_closed)
+
+    def test_ready_on_stdout_makes_the_model_ready_without_a_health_check(self) -> None:
+        w, d = self.starting()
+        a = w.child("a")
+        a.say(loading(0.0), fd=1)  # it speaks: the health check stops
+        w.reactor.advance(5)
+        self.assertEqual(w.health.probes, [])
+        self.assertNoResult(d)
+        a.say("", fd=1)
+        a.say(state("ready", {"id": "a"}), fd=1)
+        self.successResultOf(d)
+        self.assertIs(w.process("a").state, ModelState.READY)
+
+    def test_protocol_lines_are_not_log_lines(self) -> None:
+        w, _ = self.starting()
+        a = w.child("a")
+        a.say("main: loading model")
+        a.say("", fd=1)
+        a.say(loading(0.5), fd=1)
+        a.say("", fd=1)
+        a.say(state("ready"), fd=1)
+        self.assertEqual(w.logs.history("a"), ["main: loading model"])
+        self.assertEqual(list(w.process("a").tail), ["main: loading model"])
+
+    def test_a_ready_line_on_stderr_is_only_a_log_line(self) -> None:
+        w, d = self.starting()
+        w.child("a").say(state("ready"), fd=2)  # e.g. a prompt echoed by a verbose log
+        self.assertNoResult(d)
+        self.assertIn(state("ready"), w.logs.history("a"))
+
+    def test_a_garbled_message_is_dropped(self) -> None:
+        w, d = self.starting()
+        w.child("a").say(childproto.STATE_PREFIX + '{"state": "rea', fd=1)
+        w.child("a").say(childproto.STATE_PREFIX + "[1, 2]", fd=1)
+        self.assertNoResult(d)
+        self.assertEqual(w.logs.history("a"), [])
+
+    def test_loading_progress_is_published_and_kept_until_ready(self) -> None:
+        w, d = self.starting()
+        seen: list[Event] = []
+        w.process("a").events.subscribe(seen.append)
+        a = w.child("a")
+        a.say(loading(0.25), fd=1)
+        self.assertEqual(w.process("a").progress, 0.25)
+        # a projector after the text model: the second half of the whole load
+        a.say(loading(0.5, "mmproj_model", ["text_model", "mmproj_model"]), fd=1)
+        self.assertEqual(w.process("a").progress, 0.75)
+        self.assertEqual(w.process("a").stage, "mmproj_model")
+        progress = [e.data for e in seen if e.kind == "progress"]
+        self.assertEqual([p["progress"] for p in progress], [0.25, 0.75])
+        a.say(state("ready"), fd=1)
+        self.successResultOf(d)
+        self.assertIsNone(w.process("a").progress)
+
+    def test_a_child_that_never_speaks_is_still_found_ready_over_http(self) -> None:
+        """A llama-server older than router mode ignores the variable."""
+        w, d = self.starting()
+        w.health.status[w.process("a").base_url] = 200
+        w.reactor.advance(TIMING.poll_interval)
+        self.successResultOf(d)
+
+    def test_stop_is_the_exit_command_then_term_then_kill(self) -> None:
+        w, d = self.starting()
+        a = w.child("a")
+        a.say(state("ready"), fd=1)
+        self.successResultOf(d).release()
+        a.ignore_term = True
+        stopped = w.process("a").stop()
+        self.assertEqual(a.stdin, [childproto.EXIT_COMMAND])
+        self.assertEqual(a.signals, [])
+        w.reactor.advance(TIMING.exit_grace)
+        self.assertEqual(a.signals, ["TERM"])
+        w.reactor.advance(TIMING.stop_timeout - TIMING.exit_grace)
+        self.assertEqual(a.signals, ["TERM", "KILL"])
+        self.successResultOf(stopped)
+
+    def test_a_child_that_exits_on_the_command_gets_no_signal(self) -> None:
+        w, d = self.starting()
+        a = w.child("a")
+        a.say(state("ready"), fd=1)
+        self.successResultOf(d).release()
+        stopped = w.process("a").stop()
+        a.exit(0)  # as llama-server does on the exit command
+        self.successResultOf(stopped)
+        w.reactor.advance(TIMING.stop_timeout)
+        self.assertEqual(a.signals, [])
+        self.assertEqual(w.process("a").state, ModelState.STOPPED)
+
+    def test_a_child_stopped_while_it_loads_gets_term_at_once(self) -> None:
+        """llama-server would read the command only once loaded, and then lose it."""
+        w, d = self.starting()
+        w.child("a").say(loading(0.5), fd=1)
+        w.process("a").stop()
+        self.assertEqual(w.child("a").stdin, [])
+        self.assertEqual(w.child("a").signals, ["TERM"])
+        self.failureResultOf(d)
+
+    def test_a_child_that_never_spoke_gets_term_at_once(self) -> None:
+        w, d = self.starting()
+        w.health.status[w.process("a").base_url] = 200
+        w.reactor.advance(TIMING.poll_interval)
+        self.successResultOf(d).release()
+        w.process("a").stop()
+        self.assertEqual(w.child("a").stdin, [])
+        self.assertEqual(w.child("a").signals, ["TERM"])
+
+    def test_cmd_stop_replaces_the_exit_command(self) -> None:
+        stop = "childProtocol: on\n    cmdStop: kill -TERM ${PID}"
+        text = SPEAKS.replace("childProtocol: on", stop)
+        w, d = self.starting(text)
+        w.child("a").say(state("ready"), fd=1)
+        self.successResultOf(d).release()
+        w.process("a").stop()
+        self.assertEqual(w.child("a").stdin, [])
+        self.assertEqual(w.reactor.spawned[-1].args[:2], ["kill", "-TERM"])
+
+    def test_after_ready_messages_do_not_move_the_state(self) -> None:
+        w, d = self.starting()
+        a = w.child("a")
+        a.say(state("ready"), fd=1)
+        self.successResultOf(d).release()
+        a.say(state("sleeping"), fd=1)
+        a.say(loading(0.5), fd=1)
+        self.assertIs(w.process("a").state, ModelState.READY)
+        self.assertIsNone(w.process("a").progress)
+        self.assertEqual(w.logs.history("a"), [])
+
+
+class HealthTests(SynchronousTestCase):
+    """Servers that do not speak the protocol are asked over HTTP."""
+
+    def test_a_miss_after_a_line_waits_for_the_next_poll(self) -> None:
+        w = world(timing=TIMING)
+        d = w.scheduler.acquire("b")
+        url = w.process("b").base_url
+        w.health.status[url] = 503
+        w.child("b").say("main: model loaded")
+        self.assertEqual(len(w.health.probes), 1)
+        w.health.status[url] = 200
+        w.reactor.advance(TIMING.poll_interval - 0.01)
+        self.assertNoResult(d)
+        w.reactor.advance(0.01)
+        self.successResultOf(d)
+        self.assertEqual(len(w.health.probes), 2)
+
+    def test_lines_during_a_probe_ask_for_one_more_after_it(self) -> None:
+        w = world(timing=TIMING)
+        pending: list[Deferred[int]] = []
+
+        def probe(url: str) -> Deferred[int]:
+            pending.append(Deferred())
+            return pending[-1]
+
+        w.process("b")._probe_url = probe
+        d = w.scheduler.acquire("b")
+        for _ in range(5):
+            w.child("b").say("load_tensors: ...")
+        self.assertEqual(len(pending), 1)  # one at a time
+        pending[0].callback(503)
+        self.assertEqual(len(pending), 2)  # and one more for the lines it missed
+        pending[1].callback(200)
+        self.successResultOf(d)
+
+    def test_a_percentage_in_a_loading_line_is_progress(self) -> None:
+        w = world(timing=TIMING)
+        w.scheduler.acquire("b")
+        w.child("b").say("llama_model_load: progress 40%")
+        w.child("b").say("sampled 99% of nothing")  # not about loading
+        self.assertEqual(w.process("b").progress, 0.4)
+
+
+class SettingTests(SynchronousTestCase):
+    def test_auto_goes_by_the_executables_name(self) -> None:
+        for name, expected in [
+            ("/opt/llama.cpp/build/bin/llama-server", True),
+            ("llama-server-cuda", True),
+            ("LLAMA-SERVER.EXE", True),
+            ("/usr/bin/python3", False),
+            ("llama-server-wrapper/../vllm", False),
+            ("my-llama-server", False),
+        ]:
+            self.assertEqual(childproto.speaks_protocol("auto", name), expected, name)
+        self.assertTrue(childproto.speaks_protocol("on", "/usr/bin/python3"))
+        self.assertFalse(childproto.speaks_protocol("off", "llama-server"))
+
+    def test_the_key_accepts_auto_on_off_and_rejects_the_rest(self) -> None:
+        base = "models:\n  m:\n    cmd: llama-server --port ${PORT}\n"
+        self.assertEqual(parse_config(base).models["m"].child_protocol, "auto")
+        for value, expected in [("on", "on"), ("off", "off"), ("'auto'", "auto")]:
+            config = parse_config(base + f"    childProtocol: {value}\n")
+            self.assertEqual(config.models["m"].child_protocol, expected)
+        with self.assertRaises(ConfigError) as caught:
+            parse_config(base + "    childProtocol: yes-please\n")
+        self.assertIn("models.m.childProtocol", str(caught.exception))
+
+    def test_progress_of_odd_payloads(self) -> None:
+        self.assertIsNone(childproto.progress({"stage": "mmproj_model"}))
+        self.assertIsNone(childproto.progress({"value": True}))
+        self.assertIsNone(childproto.progress({"value": float("nan")}))
+        self.assertEqual(childproto.progress({"value": 7}), (1.0, None))
+        self.assertEqual(
+            childproto.progress({"value": 0.5, "current": "x", "stages": ["a"]}), (0.5, "x")
+        )
+
+
+SPEAKING_FAKE = f"""
+sendLoadingState: true
+models:
+  talk:
+    cmd: {FAKE} --load-time 0.4
+    childProtocol: on
+  other:
+    cmd: {FAKE}
+"""
+
+
+class FakeChildTests(LiveTestCase):
+    """The fake llama-server speaks the protocol as a real child process."""
+
+    async def test_ready_progress_and_a_clean_exit_on_the_command(self) -> None:
+        api = await self.serve(SPEAKING_FAKE)
+        process = api.scheduler.processes["talk"]
+        seen: list[float] = []
+        process.events.subscribe(
+            lambda e: seen.append(e.data["progress"]) if e.kind == "progress" else None
+        )
+        reply = await self.chat("talk")
+        self.assertEqual(reply.code, 200)
+        self.assertEqual(seen, [0.0, 0.25, 0.5, 0.75, 1.0])
+        self.assertFalse(any("cmd_child_to_router" in line for line in api.logs.history("talk")))
+        pid = process.pid
+        assert pid is not None
+        exits: list[str] = []
+        process.exit_listeners.append(lambda p, how: exits.append(how))
+        await api.scheduler.unload(["talk"])
+        await self.eventually(lambda: _done(exits), "the exit was reported")
+        self.assertEqual(exits, ["exited with code 0"])  # not killed: it took the command
+        self.assertIn(
+            "srv  operator(): exit command received, exiting...", api.logs.history("talk")
+        )
+        self.assertFalse(pid_alive(pid))
+
+    async def test_the_child_exits_when_its_stdin_closes(self) -> None:
+        api = await self.serve(SPEAKING_FAKE)
+        reply = await self.chat("talk")
+        self.assertEqual(reply.code, 200)
+        process = api.scheduler.processes["talk"]
+        assert process._child is not None
+        exits: list[str] = []
+        process.exit_listeners.append(lambda p, how: exits.append(how))
+        process._child.transport.closeStdin()  # as when llamaswap dies
+        await self.eventually(lambda: _done(exits), "the child exited")
+        self.assertEqual(exits, ["exited with code 1"])
+
+
+async def _done(exits: list[str]) -> bool:
+    return bool(exits)
+
+
+REAL = """
+models:
+  smol:
+    cmd: >-
+      ${env.LLAMA_SERVER} --host 127.0.0.1 --port ${PORT} -m ${env.LLAMASWAP_MODEL}
+      --threads 1 --ctx-size 512 --parallel 1 --no-webui
+"""
+
+
+class RealLlamaServerTests(LiveTestCase):
+    """The real llama-server (``LLAMA_SERVER``, ``LLAMASWAP_MODEL``), recognised by name."""
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        if not (os.environ.get("LLAMA_SERVER") and os.environ.get("LLAMASWAP_MODEL")):
+            raise SkipTest("LLAMA_SERVER and LLAMASWAP_MODEL are not set (make test sets them)")
+
+    async def test_ready_by_the_protocol_progress_seen_clean_exit_on_the_command(self) -> None:
+        api = await self.serve(REAL)
+        process = api.scheduler.processes["smol"]
+        events: list[Event] = []
+        process.events.subscribe(events.append)
+        exits: list[str] = []
+        process.exit_listeners.append(lambda p, how: exits.append(how))
+
+        reply = await self.chat("smol", max_tokens=1)
+        self.assertEqual(reply.code, 200, reply.body)
+        self.assertTrue(process._watch.heard)  # it spoke the protocol
+        progress = [e.data["progress"] for e in events if e.kind == "progress"]
+        self.assertEqual(progress[-1], 1.0)
+        self.assertEqual(progress, sorted(progress))
+        log = api.logs.history("smol")
+        self.assertFalse([line for line in log if "cmd_child_to_router" in line])
+        self.assertNotIn("", log)  # nor the newline before each message
+
+        pid = process.pid
+        assert pid is not None
+        await api.scheduler.unload(["smol"])
+        await self.eventually(lambda: _done(exits), "the exit was reported")
+        self.assertEqual(exits, ["exited with code 0"])  # it took the command: no signal
+        self.assertTrue(any("exit command received" in line for line in api.logs.history("smol")))
+        self.assertFalse(pid_alive(pid))

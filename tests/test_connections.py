@@ -1,0 +1,377 @@
+"""Bounded connections: deadlines for requests that arrive too slowly, caps on how many
+are open, and periodic tasks that survive their errors."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import resource
+import subprocess
+import sys
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, capturedLogs
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http import HTTPChannel
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from llamaswap.config import ConfigError, parse_config
+from llamaswap.connections import (
+    BoundedChannel,
+    ConnectionGate,
+    ConnectionLimits,
+    client_key,
+    connection_budget,
+)
+from llamaswap.periodic import Periodic
+from llamaswap.resources import Footprint, MemoryMonitor
+
+from .integration import FAKE, LiveTestCase, SlowClients
+
+LIMITS = ConnectionLimits(header_timeout=10, body_timeout=5, body_min_rate=100)
+BASE = "models:\n  m:\n    cmd: x --port ${PORT}\n"
+
+
+class Recorder(Resource):
+    """Answers every request with the size of its body; ``hold`` keeps answers open."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[Request] = []
+        self.hold = False
+
+    def render(self, request: Request) -> Any:
+        self.seen.append(request)
+        if self.hold:
+            return NOT_DONE_YET
+        assert request.content is not None
+        return b"got %d" % len(request.content.read())
+
+
+class Harness:
+    """A site behind a ``ConnectionGate``, on a fake clock, without sockets."""
+
+    def __init__(self, limits: ConnectionLimits = LIMITS) -> None:
+        self.clock = Clock()
+        self.resource = Recorder()
+        self.site = Site(self.resource, reactor=self.clock)
+        self.gate = ConnectionGate(self.site, limits, self.clock)
+
+    def connect(self, host: str = "127.0.0.5") -> tuple[Protocol, StringTransport]:
+        address = IPv4Address("TCP", host, 40000)
+        protocol = self.gate.buildProtocol(address)
+        assert protocol is not None
+        transport = StringTransport(peerAddress=address)
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def trickle(self, protocol: Protocol, data: bytes, every: float) -> None:
+        """One byte every ``every`` seconds: what a slowloris does."""
+        for i in range(len(data)):
+            protocol.dataReceived(data[i : i + 1])
+            self.clock.advance(every)
+
+
+def status_line(transport: StringTransport) -> bytes:
+    line: bytes = transport.value().split(b"\r\n", 1)[0]
+    return line
+
+
+class HeaderDeadlineTests(SynchronousTestCase):
+    def test_headers_trickled_a_byte_at_a_time_get_408_at_the_deadline(self) -> None:
+        h = Harness()
+        protocol, transport = h.connect()
+        # each byte comes well within the 60 s idle timeout: without a deadline this
+        # connection would stay open for as long as the client likes
+        h.trickle(protocol, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n", every=0.2)
+        self.assertFalse(transport.disconnecting)  # 7 s in: before the 10 s deadline
+        h.trickle(protocol, b"X-Slow: " + b"a" * 30, every=0.2)
+        self.assertEqual(status_line(transport), b"HTTP/1.1 408 Request Timeout")
+        body = json.loads(transport.value().split(b"\r\n\r\n", 1)[1])
+        self.assertEqual(body["error"]["code"], "request_timeout")
+        self.assertIn("connections.headerTimeout", body["error"]["message"])
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(h.resource.seen, [])
+        # bytes still coming are not read any more
+        protocol.dataReceived(b"\r\n\r\n")
+        self.assertEqual(h.resource.seen, [])
+
+    def test_a_client_that_reads_nothing_is_aborted_after_the_408(self) -> None:
+        h = Harness()
+        protocol, transport = h.connect()
+        protocol.dataReceived(b"GET / HTTP/1.1\r\n")
+        h.clock.advance(10)
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport.disconnected)
+        h.clock.advance(15)
+        self.assertTrue(transport.disconnected)  # abortConnection
+
+    def test_the_deadline_starts_at_the_first_byte_of_each_request(self) -> None:
+        h = Harness()
+        protocol, transport = h.connect()
+        h.clock.advance(30)  # idle before the first byte: the idle timeout's business
+        protocol.dataReceived(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(status_line(transport), b"HTTP/1.1 200 OK")
+        transport.clear()
+        h.clock.advance(30)  # idle between two requests of a keep-alive connection
+        protocol.dataReceived(b"GET /b HTTP/1.1\r\n")
+        h.clock.advance(9.9)
+        protocol.dataReceived(b"Host: x\r\n\r\n")
+        self.assertEqual(status_line(transport), b"HTTP/1.1 200 OK")
+        self.assertEqual(len(h.resource.seen), 2)
+
+    def test_a_pipelined_request_gets_its_own_deadline(self) -> None:
+        h = Harness()
+        protocol, transport = h.connect()
+        # the second request starts in the same packet as the first
+        protocol.dataReceived(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\n")
+        self.assertEqual(len(h.resource.seen), 1)
+        h.clock.advance(10)
+        self.assertIn(b"HTTP/1.1 408 Request Timeout", transport.value())
+        self.assertTrue(transport.disconnecting)
+
+    def test_an_idle_keep_alive_connection_still_times_out(self) -> None:
+        h = Harness()
+        protocol, transport = h.connect()
+        protocol.dataReceived(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        h.clock.advance(59)
+        self.assertFalse(transport.disconnecting)
+        h.clock.advance(2)
+        self.assertTrue(transport.disconnecting)
+
+
+class BodyRateTests(SynchronousTestCase):
+    def post(self, h: Harness, length: int, chunked: bool = False) -> tuple[Protocol, Any]:
+        protocol, transport = h.connect()
+        framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % length
+        protocol.dataReceived(b"POST /v1/chat HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n\r\n")
+        return protocol, transport
+
+    def test_a_body_slower_than_the_minimum_rate_gets_408(self) -> None:
+        h = Harness()
+        protocol, transport = self.post(h, 10_000)
+        # 10 bytes/s: the 5 s grace, then 0.1 s more per byte (bodyMinRate 100)
+        for _ in range(5):
+            protocol.dataReceived(b"x" * 10)
+            h.clock.advance(1)
+        self.assertFalse(transport.disconnecting)
+        for _ in range(5):
+            protocol.dataReceived(b"x" * 10)
+            h.clock.advance(1)
+        self.assertEqual(status_line(transport), b"HTTP/1.1 408 Request Timeout")
+        self.assertIn(b"bodyMinRate", transport.value())
+        self.assertEqual(h.resource.seen, [])
+
+    def test_a_slow_chunked_body_gets_408(self) -> None:
+        h = Harness()
+        protocol, transport = self.post(h, 0, chunked=True)
+        h.trickle(protocol, b"1\r\na\r\n" * 10, every=1)
+        self.assertEqual(status_line(transport), b"HTTP/1.1 408 Request Timeout")
+
+    def test_a_long_body_at_a_steady_rate_above_the_minimum_arrives(self) -> None:
+        h = Harness()
+        protocol, transport = self.post(h, 6_000)
+        for _ in range(30):  # 30 s at 200 bytes/s: far past bodyTimeout, above the rate
+            protocol.dataReceived(b"x" * 200)
+            h.clock.advance(1)
+        self.assertEqual(status_line(transport), b"HTTP/1.1 200 OK")
+        self.assertTrue(transport.value().endswith(b"got 6000"))
+
+    def test_a_slow_answer_is_never_cut(self) -> None:
+        h = Harness()
+        h.resource.hold = True
+        protocol, transport = self.post(h, 5)
+        protocol.dataReceived(b"hello")
+        request = h.resource.seen[0]
+        request.write(b"first")
+        h.clock.advance(3600)  # an hour-long stream
+        self.assertFalse(transport.disconnecting)
+        request.write(b"last")
+        request.finish()
+        self.assertIn(b"first", transport.value())
+        self.assertFalse(transport.disconnecting)  # keep-alive
+
+
+class CapTests(SynchronousTestCase):
+    def test_past_the_per_client_cap_new_connections_get_503_and_are_closed(self) -> None:
+        h = Harness(ConnectionLimits(max_per_client=2, max_connections=10))
+        first, _ = h.connect()
+        h.connect()
+        with capturedLogs() as events:
+            _, refused = h.connect()
+            h.connect()
+        self.assertEqual(status_line(refused), b"HTTP/1.1 503 Service Unavailable")
+        self.assertIn(b"connections.maxPerClient", refused.value())
+        self.assertIn(b"Retry-After: 5\r\n", refused.value())
+        self.assertTrue(refused.disconnecting)
+        warnings = [e for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual(len(warnings), 1)  # not one line per refused connection
+        _, other = h.connect("127.0.0.6")  # another client is let in
+        self.assertFalse(other.disconnecting)
+        first.connectionLost(Failure(ConnectionError()))
+        _, again = h.connect()  # a slot was freed
+        self.assertFalse(again.disconnecting)
+        self.assertEqual(h.gate.total, 3)  # two from .5, one from .6
+
+    def test_past_the_total_cap_everyone_gets_503(self) -> None:
+        h = Harness(ConnectionLimits(max_connections=3))
+        for i in range(3):
+            h.connect(f"127.0.0.{10 + i}")
+        _, refused = h.connect("127.0.0.20")
+        self.assertIn(b"connections.maxConnections", refused.value())
+
+    def test_the_total_is_kept_below_the_file_limit(self) -> None:
+        self.assertEqual(connection_budget(1024), 448)
+        self.assertEqual(connection_budget(100), 8)
+        h = Harness(ConnectionLimits(max_connections=10**9))
+        self.assertLess(h.gate.max_connections, 10**9)
+
+    def test_the_soft_file_limit_is_raised_to_the_hard_one(self) -> None:
+        def low_limit() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (300, 400))
+
+        script = "from llamaswap.connections import raise_file_limit as r; print(r())"
+        result = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+            preexec_fn=low_limit,
+        )
+        self.assertEqual(result.stdout.strip(), "400")
+
+    def test_the_sites_own_channel_class_keeps_its_behaviour(self) -> None:
+        class Marked(HTTPChannel):
+            def allHeadersReceived(self) -> None:
+                self.requests[-1].responseHeaders.addRawHeader(b"x-marked", b"yes")
+                super().allHeadersReceived()
+
+        clock = Clock()
+        site = Site(Recorder(), reactor=clock)
+        site.protocol = Marked  # type: ignore[assignment]
+        gate = ConnectionGate(site, LIMITS, clock)
+        channel = gate.buildProtocol(IPv4Address("TCP", "127.0.0.5", 1))
+        self.assertIsInstance(channel, Marked)
+        self.assertIsInstance(channel, BoundedChannel)
+        assert channel is not None
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b"x-marked: yes", transport.value().lower())
+        channel.dataReceived(b"GET / HTTP/1.1\r\n")
+        clock.advance(10)
+        self.assertIn(b"408 Request Timeout", transport.value())
+
+    def test_ipv6_clients_are_counted_per_64(self) -> None:
+        a = client_key(IPv6Address("TCP", "2001:db8:1:2:aaaa::1", 1))
+        b = client_key(IPv6Address("TCP", "2001:db8:1:2:bbbb::9", 1))
+        self.assertEqual(a, b)
+        self.assertEqual(a, "2001:db8:1:2::/64")
+        self.assertEqual(client_key(IPv6Address("TCP", "::ffff:192.0.2.7", 1)), "192.0.2.7")
+        self.assertIsNone(client_key(None))
+
+    def test_config_keys_and_defaults(self) -> None:
+        self.assertEqual(parse_config(BASE).connections, ConnectionLimits())
+        config = parse_config(BASE + "connections:\n  headerTimeout: 5\n  maxConnections: 50\n")
+        self.assertEqual(config.connections.header_timeout, 5)
+        self.assertEqual(config.connections.max_connections, 50)
+        with self.assertRaises(ConfigError) as caught:
+            parse_config(BASE + "connections:\n  maxPerClient: 0\n")
+        self.assertIn("connections.maxPerClient", str(caught.exception))
+        with self.assertRaises(ConfigError) as caught:
+            parse_config(BASE + "connections:\n  headerTimout: 5\n")
+        self.assertIn("did you mean 'headerTimeout'", str(caught.exception))
+
+
+class RealSocketCapTests(LiveTestCase):
+    async def test_one_address_cannot_take_every_connection(self) -> None:
+        await self.serve(f"connections:\n  maxPerClient: 4\nmodels:\n  m:\n    cmd: {FAKE}\n")
+        gate: Any = self.service.gate  # type: ignore[attr-defined]
+        listening: Any = reactor.listenTCP(0, gate, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        port = listening.getHost().port
+        self.base = f"http://127.0.0.1:{port}"
+        crowd = SlowClients()
+        crowd.open(port, 12)  # from 127.0.0.2; the requests below come from 127.0.0.1
+        self.addCleanup(crowd.close_all)
+
+        async def settled() -> bool:
+            return crowd.settled and crowd.closed >= 8
+
+        await self.eventually(settled, "the connections past the cap are closed")
+        self.assertEqual((crowd.held, crowd.closed), (4, 8))
+        self.assertEqual(gate.open["127.0.0.2"], 4)
+        self.assertEqual(len(crowd.answers), 8)
+        self.assertTrue(all(a.startswith(b"HTTP/1.1 503") for a in crowd.answers))
+        reply = await self.chat("m")  # from 127.0.0.1: served as usual
+        self.assertEqual(reply.code, 200)
+        # the caps can change on reload; connections already open stay
+        apply: Any = self.service.apply  # type: ignore[attr-defined]
+        apply(parse_config(f"connections:\n  maxPerClient: 5\nmodels:\n  m:\n    cmd: {FAKE}\n"))
+        crowd.open(port, 2)
+
+        async def one_more() -> bool:
+            return crowd.settled and crowd.closed >= 9
+
+        await self.eventually(one_more, "one more is let in, the next refused")
+        self.assertEqual((crowd.held, crowd.closed), (5, 9))
+
+
+class PeriodicTests(SynchronousTestCase):
+    def test_memory_sampling_survives_an_error_and_says_so_once(self) -> None:
+        clock = Clock()
+        footprint = Footprint()
+        failures = [OSError(errno.EMFILE, "Too many open files")] * 3
+
+        def running() -> dict[str, int]:
+            if failures:
+                raise failures.pop()
+            return {"m": os.getpid()}
+
+        monitor = MemoryMonitor(clock, running, lambda _: footprint, interval=5)
+        with capturedLogs() as events:
+            monitor.start()
+            for _ in range(3):
+                clock.advance(5)
+            self.assertTrue(monitor.loop.running)
+            self.assertEqual(footprint.measured, {})
+            clock.advance(5)
+        self.assertGreater(footprint.measured["ram"], 0)  # sampling resumed
+        lines = [e["log_format"] for e in events]
+        self.assertEqual(len([f for f in lines if "failed" in f]), 1)
+        self.assertEqual(len([f for f in lines if "works again" in f]), 1)
+        monitor.stop()
+        self.assertFalse(monitor.loop.running)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+    def test_a_failing_deferred_does_not_stop_it_either(self) -> None:
+        clock = Clock()
+        calls: list[int] = []
+
+        def task() -> Deferred[None]:
+            calls.append(1)
+            d: Deferred[None] = Deferred()
+            clock.callLater(1, d.errback, RuntimeError("boom"))
+            return d
+
+        periodic = Periodic("test task", task, clock, 2)
+        with capturedLogs():
+            periodic.start()
+            for _ in range(10):
+                clock.advance(1)
+        self.assertGreaterEqual(len(calls), 3)
+        self.assertTrue(periodic.running)
+        periodic.stop()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

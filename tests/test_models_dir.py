@@ -1,0 +1,433 @@
+"""Models folders: GGUF files served without a YAML entry, sized from their own headers.
+
+The small GGUF files are written here with ``gguf.GGUFWriter`` (llama.cpp's own
+writer); the end-to-end tests at the bottom use the real SmolLM2 model and the real
+llama-server (``LLAMASWAP_MODEL``, ``LLAMA_SERVER``; skipped without them, except
+under CI).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import gguf
+import httpx
+import numpy as np
+import openai
+import pytest
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from llamaswap.config import Config, ConfigError, load_config, parse_config
+from llamaswap.gguf_models import RUNTIME_OVERHEAD
+from llamaswap.livefolder import FolderReloader
+from llamaswap.tap import Options
+
+from .daemon import BIN, TWISTD, free_port, pid_alive
+
+ENVIRON = {"LLAMA_SERVER": "/opt/llama/llama-server", "PATH": ""}
+
+
+def write_gguf(
+    path: Path,
+    arch: str = "llama",
+    *,
+    name: str = "",
+    pooling: gguf.PoolingType | None = None,
+    causal: bool | None = None,
+    context: int = 4096,
+    shards: int = 1,
+    tensors: int = 2,
+) -> None:
+    """A small but well-formed GGUF model file (or ``shards`` files beside each other)."""
+    writer = gguf.GGUFWriter(path, arch, split_max_tensors=1 if shards > 1 else 0)
+    writer.add_name(name or path.stem)
+    writer.add_block_count(4)
+    writer.add_context_length(context)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_vocab_size(1000)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    if pooling is not None:
+        writer.add_pooling_type(pooling)
+    if causal is not None:
+        writer.add_causal_attention(causal)
+    for i in range(max(tensors, shards)):
+        writer.add_tensor(f"blk.{i}.weight", np.zeros((16, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def folder() -> Path:
+    path = Path(tempfile.mkdtemp(prefix="llamaswap-models-"))
+    return path
+
+
+class ScanTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = folder()
+        self.addCleanup(shutil.rmtree, self.dir)
+
+    def load(self, text: str = "{}", **kwargs: Any) -> Config:
+        return parse_config(
+            text, "test.yaml", ENVIRON, models_dirs=[str(self.dir), *kwargs.get("more", [])]
+        )
+
+    def test_every_kind_of_model_file_becomes_a_model(self) -> None:
+        write_gguf(self.dir / "chat-7b.gguf")
+        (self.dir / "vision").mkdir()
+        write_gguf(self.dir / "vision" / "big.gguf", shards=3)
+        write_gguf(self.dir / "vision" / "mmproj-big-f16.gguf", arch="clip", tensors=1)
+        write_gguf(
+            self.dir / "embed.gguf", arch="bert", pooling=gguf.PoolingType.MEAN, causal=False
+        )
+        write_gguf(self.dir / "ranker.gguf", arch="bert", pooling=gguf.PoolingType.RANK)
+        write_gguf(self.dir / ".partial.gguf")  # rsync's temporary name: not looked at
+        (self.dir / "notes.txt").write_text("not a model")
+
+        config = self.load()
+
+        self.assertEqual(sorted(config.models), ["chat-7b", "embed", "ranker", "vision"])
+        self.assertEqual(config.notices, ())
+        chat = config.models["chat-7b"]
+        self.assertEqual(
+            chat.cmd.argv,
+            (
+                "/opt/llama/llama-server", "--host", "127.0.0.1", "--port", "${PORT}",
+                "--alias", "chat-7b", "-m", str(self.dir / "chat-7b.gguf"),
+                "--slot-save-path", chat.slot_save_path,  # kvCache: on for llama-server
+            ),
+        )  # fmt: skip
+        self.assertEqual(chat.gguf["capabilities"], ["chat"])
+        self.assertEqual(chat.gguf["architecture"], "llama")
+        self.assertEqual(chat.gguf["context_length"], 4096)
+        self.assertEqual(chat.gguf["quantization"], "F32")
+        self.assertEqual(chat.gguf["parameters"], 2 * 16 * 64)
+
+        vision = config.models["vision"]
+        argv = vision.cmd.argv
+        self.assertEqual(
+            argv[argv.index("-m") + 1], str(self.dir / "vision" / "big-00001-of-00003.gguf")
+        )
+        self.assertEqual(
+            argv[argv.index("--mmproj") + 1], str(self.dir / "vision" / "mmproj-big-f16.gguf")
+        )
+        self.assertEqual(vision.gguf["parameters"], 3 * 16 * 64)  # the shards added up
+        self.assertEqual(len(vision.gguf["files"]), 3)
+        # the projector's weights are part of the estimate
+        self.assertEqual(vision.gguf["estimate"]["weights"], 4 * 16 * 64 * 4)
+
+        self.assertIn("--embedding", config.models["embed"].cmd.argv)
+        self.assertEqual(config.models["embed"].gguf["capabilities"], ["embeddings"])
+        self.assertEqual(config.models["embed"].gguf["estimate"]["kv_cache"], 0)
+        self.assertIn("--rerank", config.models["ranker"].cmd.argv)
+        self.assertEqual(config.models["ranker"].gguf["capabilities"], ["rerank"])
+
+    def test_memory_is_estimated_from_the_header_and_the_context_asked_for(self) -> None:
+        write_gguf(self.dir / "chat.gguf", context=4096)
+        text = 'modelDefaults:\n  args:\n    "ch*": --ctx-size 1024 -ctk q8_0\n'
+        model = self.load(text).models["chat"]
+        estimate = model.gguf["estimate"]
+        self.assertEqual(estimate["context"], 1024)
+        # 4 layers x 2 KV heads x (K: 16 dims at q8_0's 34/32 bytes + V: 16 dims f16) per token
+        self.assertEqual(estimate["kv_cache"], 1024 * 4 * 2 * int(16 * 34 / 32 + 16 * 2))
+        self.assertEqual(estimate["weights"], 2 * 16 * 64 * 4)
+        self.assertEqual(
+            estimate["total"],
+            estimate["weights"] + estimate["kv_cache"] + estimate["compute"] + RUNTIME_OVERHEAD,
+        )
+        self.assertEqual(dict(model.memory), {"ram": estimate["total"]})
+        # with a VRAM budget, the figure is GPU memory
+        vram = self.load(text + "resources: {vram: 24GiB}\n").models["chat"]
+        self.assertEqual(dict(vram.memory), {"vram": estimate["total"]})
+        # without --ctx-size, llama-server takes the trained context
+        self.assertEqual(self.load().models["chat"].gguf["estimate"]["context"], 4096)
+
+    def test_an_entry_in_the_file_wins_and_keeps_its_declared_memory(self) -> None:
+        write_gguf(self.dir / "chat.gguf")
+        write_gguf(self.dir / "other.gguf")
+        text = (
+            "models:\n"
+            "  chat:\n"
+            f"    cmd: my-server --port ${{PORT}} -m {self.dir / 'chat.gguf'}\n"
+            "    memory: 5GiB\n"
+            "    aliases: [other]\n"
+        )
+        config = self.load(text)
+        self.assertEqual(list(config.models), ["chat"])  # 'other' is the entry's alias
+        self.assertEqual(config.models["chat"].cmd.argv[0], "my-server")
+        self.assertEqual(dict(config.models["chat"].memory), {"ram": 5 * 2**30})
+        # a hand-written entry is described from the file its command loads, too
+        self.assertEqual(config.models["chat"].gguf["architecture"], "llama")
+
+    def test_model_defaults_template(self) -> None:
+        write_gguf(self.dir / "a.gguf")
+        (self.dir / "v").mkdir()
+        write_gguf(self.dir / "v" / "v.gguf")
+        write_gguf(self.dir / "v" / "mmproj.gguf", arch="clip")
+        text = (
+            "macros:\n  threads: '4'\n"
+            "modelDefaults:\n"
+            "  cmd: |\n"
+            "    srv --port ${PORT} -m ${MODEL_PATH} ${MMPROJ} -t ${threads}\n"
+            "    # the last line is a comment\n"
+            "  args:\n    '*': --flash-attn on\n    'v': -ngl 99\n"
+            "  ttl: 60\n"
+            "  env: [OMP_WAIT_POLICY=passive]\n"
+        )
+        config = self.load(text)
+        a, v = config.models["a"], config.models["v"]
+        self.assertEqual(
+            a.cmd.argv,
+            (
+                "srv",
+                "--port",
+                "${PORT}",
+                "-m",
+                str(self.dir / "a.gguf"),
+                "-t",
+                "4",
+                "--flash-attn",
+                "on",
+            ),
+        )
+        self.assertEqual(v.cmd.argv[-6:], ("-t", "4", "--flash-attn", "on", "-ngl", "99"))
+        self.assertIn("--mmproj", v.cmd.argv)
+        self.assertEqual((a.ttl, a.env), (60, (("OMP_WAIT_POLICY", "passive"),)))
+
+    def test_a_broken_file_is_skipped_with_one_clear_notice(self) -> None:
+        write_gguf(self.dir / "good.gguf")
+        write_gguf(self.dir / "half.gguf")
+        whole = (self.dir / "half.gguf").read_bytes()
+        (self.dir / "half.gguf").write_bytes(whole[: len(whole) - 100])  # still being copied
+        (self.dir / "junk.gguf").write_bytes(b"not a model at all" * 10)
+        (self.dir / "empty.gguf").write_bytes(b"")
+        write_gguf(self.dir / "split.gguf", shards=3)
+        os.remove(self.dir / "split-00002-of-00003.gguf")
+        (self.dir / "bad:name.gguf").write_bytes((self.dir / "good.gguf").read_bytes())
+        (self.dir / "two\nlines.gguf").write_bytes((self.dir / "good.gguf").read_bytes())
+
+        config = self.load()
+
+        self.assertEqual(list(config.models), ["good"])
+        notices = "\n".join(config.notices)
+        self.assertEqual(len(config.notices), 6, notices)
+        self.assertIn(f"{self.dir / 'half.gguf'}: skipped: truncated", notices)
+        self.assertIn("still being copied?", notices)
+        self.assertIn(f"{self.dir / 'junk.gguf'}: skipped: not a GGUF file", notices)
+        self.assertIn(f"{self.dir / 'empty.gguf'}: skipped: not a GGUF file (0 bytes)", notices)
+        self.assertIn("split-*-of-00003.gguf: skipped: shard(s) 2 of 3 missing", notices)
+        self.assertIn("'bad:name' cannot be a model id", notices)
+        self.assertIn("lines.gguf': skipped: its path holds '${' or a line break", notices)
+
+    def test_no_config_file_at_all(self) -> None:
+        write_gguf(self.dir / "m.gguf")
+        config = load_config(None, ["tcp:8080"], [str(self.dir)])
+        self.assertEqual(list(config.models), ["m"])
+        self.assertEqual(config.models_dirs, (str(self.dir),))
+        # an empty folder serves nothing yet, but it is no error: files may come
+        os.remove(self.dir / "m.gguf")
+        self.assertEqual(dict(load_config(None, (), [str(self.dir)]).models), {})
+
+    def test_a_folder_that_is_not_there_is_an_error(self) -> None:
+        error = self.assertRaises(ConfigError, load_config, None, (), [str(self.dir / "nope")])
+        self.assertEqual(error.path, "--models-dir")
+        self.assertIn("is not a folder", str(error))
+        error = self.assertRaises(ConfigError, self.load, "modelsDir: [a, nope]\n")
+        self.assertEqual(error.path, "modelsDir[0]")
+
+    def test_models_dir_in_the_file_is_relative_to_the_file(self) -> None:
+        (self.dir / "models").mkdir()
+        write_gguf(self.dir / "models" / "m.gguf")
+        path = self.dir / "config.yaml"
+        path.write_text("modelsDir: models\n")
+        self.assertEqual(list(load_config(path).models), ["m"])
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_models_dir_alone_or_with_a_config(self) -> None:
+        path = folder()
+        self.addCleanup(shutil.rmtree, path)
+        write_gguf(path / "m.gguf")
+        options = Options()
+        options.parseOptions(["--models-dir", str(path)])
+        self.assertEqual(list(options["config_obj"].models), ["m"])
+        config = path / "c.yaml"
+        config.write_text("models:\n  other:\n    cmd: srv --port ${PORT}\n")
+        options = Options()
+        options.parseOptions(["--config", str(config), "--models-dir", str(path)])
+        self.assertEqual(sorted(options["config_obj"].models), ["m", "other"])
+        self.assertIn("--models-dir", str(Options()))
+
+
+class LiveFolderTests(SynchronousTestCase):
+    """--watch-config notices a file added, grown or removed."""
+
+    def test_a_change_in_the_folder_triggers_a_reload(self) -> None:
+        path = folder()
+        self.addCleanup(shutil.rmtree, path)
+        clock = Clock()
+        reloads: list[int] = []
+        reloader = FolderReloader(
+            lambda: [str(path)],
+            None,
+            lambda config: {},
+            clock,
+            load_config(None, (), [str(path)]),
+            watch=True,
+            on_signal=False,
+        )
+        reloader.reload = lambda: reloads.append(1)  # type: ignore[assignment,method-assign,return-value]
+        reloader.startService()
+        self.addCleanup(reloader.stopService)
+
+        def polls() -> int:
+            before = len(reloads)
+            for _ in range(3):  # a change may have to hold still for a poll before it counts
+                clock.advance(2)
+            return len(reloads) - before
+
+        self.assertEqual(polls(), 0)
+        write_gguf(path / "new.gguf")
+        self.assertEqual(polls(), 1)
+        with open(path / "new.gguf", "ab") as grown:
+            grown.write(b"\0" * 32)
+        self.assertEqual(polls(), 1)
+        (path / "sub").mkdir()
+        write_gguf(path / "sub" / "m.gguf")
+        self.assertEqual(polls(), 1)
+        (path / "notes.txt").write_text("not a model")
+        self.assertEqual(polls(), 0)
+        os.remove(path / "new.gguf")
+        self.assertEqual(polls(), 1)
+
+
+# --- end to end: twistd on a folder, the real model and llama-server ------------------
+
+REAL = bool(os.environ.get("LLAMA_SERVER") and os.environ.get("LLAMASWAP_MODEL"))
+if not REAL and os.environ.get("CI"):
+    raise RuntimeError("CI must run the end-to-end tests: LLAMA_SERVER/LLAMASWAP_MODEL unset")
+real = pytest.mark.skipif(not REAL, reason="LLAMA_SERVER and LLAMASWAP_MODEL are not set")
+
+
+def until(check: Callable[[], Any], what: str, seconds: float = 30.0) -> Any:
+    """Poll a real process's observable state, bounded."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"never happened within {seconds}s: {what}")
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> Path:
+    """A folder with the real model, a tiny file of our own and a broken one."""
+    root = tmp_path / "models"
+    root.mkdir()
+    os.symlink(os.environ["LLAMASWAP_MODEL"], root / "smollm2.gguf")
+    write_gguf(root / "tiny.gguf")
+    (root / "broken.gguf").write_bytes(b"GGUF" + b"\0" * 100)
+    return root
+
+
+@pytest.fixture
+def daemon(models: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+    """``twistd -n llamaswap --models-dir DIR``, no configuration file."""
+    port = free_port()
+    log = tmp_path / "twistd.log"
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+        "OMP_WAIT_POLICY": "passive",
+    }
+    with open(log, "w") as output:
+        process = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", "llamaswap", "--models-dir", str(models),
+             "--listen", f"tcp:{port}:interface=127.0.0.1"],
+            env=env, stdout=output, stderr=subprocess.STDOUT, cwd=tmp_path,
+        )  # fmt: skip
+    try:
+        yield process, f"http://127.0.0.1:{port}", log
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+
+
+@real
+def test_a_folder_alone_serves_its_models_and_stays_live(
+    daemon: tuple[subprocess.Popen[bytes], str, Path], models: Path
+) -> None:
+    process, base, log = daemon
+    http = httpx.Client(base_url=base, timeout=60)
+
+    def up() -> bool:
+        try:
+            return http.get("/health").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    until(up, "llamaswap answers /health", 60)
+    listed = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
+    assert sorted(listed) == ["smollm2", "tiny"]
+    smollm2 = listed["smollm2"]
+    assert smollm2["capabilities"] == ["chat"]
+    facts = smollm2["meta"]["gguf"]
+    assert (facts["architecture"], facts["quantization"]) == ("llama", "Q4_1")
+    assert facts["context_length"] == 8192 and facts["block_count"] == 30
+    assert 130_000_000 < facts["parameters"] < 140_000_000
+    text = log.read_text()
+    assert text.count("broken.gguf: skipped:") == 1, text
+
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+    answer = client.chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": "Name a fruit."}],
+        max_tokens=8,
+    )
+    assert answer.choices[0].message.content
+    assert answer.model == "smollm2"  # the default command gives the child the id
+
+    # the estimate against what the child really uses (sampled every 5 s)
+    def measured() -> dict[str, Any] | None:
+        for row in http.get("/running").json()["running"]:
+            if row["model"] == "smollm2" and row["memory"]["peak"].get("ram"):
+                return dict(row)
+        return None
+
+    row = until(measured, "smollm2's memory was measured", 30)
+    estimate = facts["estimate"]["total"]
+    peak = row["memory"]["peak"]["ram"]
+    assert row["memory"]["declared"] == {"ram": estimate}
+    print(f"\nsmollm2 (ctx {facts['estimate']['context']}): estimate {estimate / 2**20:.1f} MiB, "
+          f"measured {peak / 2**20:.1f} MiB ({(estimate - peak) / peak:+.1%})")  # fmt: skip
+    assert 0.85 < estimate / peak < 1.25
+
+    # the folder is live: one file removed (the running model), one added, SIGHUP
+    pid = row["pid"]
+    os.remove(models / "smollm2.gguf")
+    write_gguf(models / "later.gguf")
+    process.send_signal(signal.SIGHUP)
+    until(
+        lambda: sorted(m["id"] for m in http.get("/v1/models").json()["data"]) == ["later", "tiny"],
+        "the rescan took the change",
+    )
+    until(lambda: not pid_alive(pid), "the removed model's server stopped")
+    gone = http.post(
+        "/v1/chat/completions",
+        json={"model": "smollm2", "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert gone.status_code == 404
