@@ -978,6 +978,8 @@ def _parse_json(body: bytes) -> JSONDict:
         parsed = json.loads(body)
     except ValueError as e:
         raise _BadRequest(f"invalid JSON body: {e}") from None
+    except RecursionError:  # how deep it may go depends on the caller's stack
+        raise _BadRequest("invalid JSON body: nested too deeply") from None
     if not isinstance(parsed, dict):
         raise _BadRequest("JSON body must be an object")
     return parsed
