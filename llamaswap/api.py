@@ -33,16 +33,16 @@ from .access import caller_name, may_list, require_model
 from .activity import ActivityStore, StoreUnavailable
 from .config import Config, ModelConfig, PeerConfig, PoolConfig
 from .errors import ApiError, ModelStopped, StartFailed
-from .events import EventBus
+from .events import EventBus, ModelChanged, wire
 from .eventstream import begin_event_stream, named_event, unbuffered
 from .forms import FormError, form_field
 from .guard import short_uri
 from .kvcache import Conversation, KvStore
+from .lifecycle import ModelState
 from .loading import LoadingStream
 from .logs import PROXY, UPSTREAM, LogHub, logger
 from .metrics import Metrics
 from .openapi import openapi_document
-from .process import ModelState
 from .recorder import Recorder, RequestRecord
 from .relay import Relay
 from .routes import API_ROUTES, MODEL_ROUTES, Body, ModelRoute
@@ -111,9 +111,9 @@ class Api:
         relay: Relay,
         logs: LogHub,
         clock: IReactorTime,
-        recorder: Recorder | None = None,
+        events: EventBus,
+        recorder: Recorder,
         metrics: Metrics | None = None,
-        events: EventBus | None = None,
         store: ActivityStore | None = None,
         kvcache: KvStore | None = None,
     ) -> None:
@@ -123,9 +123,9 @@ class Api:
         self.relay = relay
         self.logs = logs
         self.clock = clock
-        self.recorder = recorder or Recorder(clock, scheduler.events)
+        self.recorder = recorder
         self.metrics = metrics
-        self.events = events or scheduler.events
+        self.events = events
         self.store = store
         self.created = int(clock.seconds())
 
@@ -475,6 +475,7 @@ class Api:
                 model_id=model.id,
                 requested=loading_for,
                 scheduler=self.scheduler,
+                events=self.events,
                 clock=self.clock,
             )
             progress.begin(waiting)
@@ -682,7 +683,7 @@ class Api:
                         "model": process.id,
                         "state": "stuck",
                         "pid": child.live_pid,
-                        "group": process.group(child),
+                        "group": child.group,
                         "port": child.port,
                         "since": child.stuck_since,
                         "why": child.why,
@@ -778,16 +779,9 @@ class Api:
         reader = _EventReader(request)
         request.registerProducer(reader, True)
         for model_id, process in sorted(self.scheduler.processes.items()):
-            reader.send(
-                "model",
-                {
-                    "id": model_id,
-                    "state": process.state.value,
-                    "pid": process.pid,
-                    "error": process.last_error,
-                },
-            )
-        unsubscribe_events = self.events.subscribe(lambda e: reader.send(e.kind, e.data))
+            now = ModelChanged(model_id, process.state, process.pid, process.last_error)
+            reader.send(*wire(now))
+        unsubscribe_events = self.events.subscribe(lambda e: reader.send(*wire(e)))
         unsubscribe_logs = self.logs.subscribe(
             [PROXY, UPSTREAM],
             lambda source, line: reader.send("log", {"source": source, "line": line}),

@@ -38,7 +38,11 @@ class CrashGuard:
             self._failures.clear()
 
     def started(self) -> None:
-        self._failures.clear()
+        """A start succeeded: the next trip waits the first cooldown again.
+
+        The failures in the window still count: a model that crashes every time it
+        has served a moment is a crash loop too.
+        """
         self._next_cooldown = self.policy.cooldown
 
     def retry_in(self, now: float) -> float:

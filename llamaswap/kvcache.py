@@ -41,9 +41,9 @@ from zope.interface import implementer
 
 from .config import Config, KvCacheConfig, ModelConfig
 from .errors import ApiError
-from .events import Event
+from .events import Activity, Event
+from .lifecycle import ModelState, ModelView
 from .logs import logger
-from .process import ModelProcess, ModelState
 from .relay import BytesProducer, Hop
 from .resources import human
 from .scheduler import IModelHooks
@@ -220,10 +220,10 @@ class KvStore:
 
     def observe(self, event: Event) -> None:
         """Count the prompt tokens restored slots spared (``timings.cache_n``)."""
-        if event.kind != "activity":
+        if not isinstance(event, Activity):
             return
-        model = event.data.get("model")
-        cache_n = event.data.get("cache_n")
+        model = event.row.get("model")
+        cache_n = event.row.get("cache_n")
         if not isinstance(model, str) or not self._pending_cache.get(model):
             return
         if isinstance(cache_n, int) and cache_n > 0:
@@ -243,7 +243,7 @@ class KvStore:
 
     # --- the hooks ----------------------------------------------------------------
 
-    def before_stop(self, process: ModelProcess, reason: str) -> Deferred[None]:
+    def before_stop(self, process: ModelView, reason: str) -> Deferred[None]:
         """Save the worthwhile slots of a ready child; within ``timeout``; never fails."""
         model = self._model(process.id)
         if (
@@ -255,7 +255,7 @@ class KvStore:
         saving = Deferred.fromCoroutine(self._save_all(process, model))
         return self._bounded(saving, process.id, "saving")
 
-    def after_start(self, process: ModelProcess) -> Deferred[None]:
+    def after_start(self, process: ModelView) -> Deferred[None]:
         """Restore saved states into a child that just became ready, once per child."""
         model = self._model(process.id)
         if model is None or process.state is not ModelState.READY:
@@ -302,7 +302,7 @@ class KvStore:
 
     # --- saving -----------------------------------------------------------------------
 
-    async def _save_all(self, process: ModelProcess, model: ModelConfig) -> None:
+    async def _save_all(self, process: ModelView, model: ModelConfig) -> None:
         directory = model.slot_save_path
         assert directory is not None
         fingerprint = await self._fingerprint(process, model)
@@ -326,7 +326,7 @@ class KvStore:
 
     async def _save(
         self,
-        process: ModelProcess,
+        process: ModelView,
         model: ModelConfig,
         directory: str,
         fingerprint: str,
@@ -413,7 +413,7 @@ class KvStore:
 
     # --- restoring ----------------------------------------------------------------------
 
-    async def _restore_all(self, process: ModelProcess, model: ModelConfig) -> None:
+    async def _restore_all(self, process: ModelView, model: ModelConfig) -> None:
         mine = [s for s in self.states if s.model == model.id]
         if not mine:
             return
@@ -440,7 +440,7 @@ class KvStore:
             self._pending_cache[model.id] = restored
         await self._save_index()
 
-    async def _restore(self, process: ModelProcess, slot_id: object, state: SavedState) -> int:
+    async def _restore(self, process: ModelView, slot_id: object, state: SavedState) -> int:
         status, answer = await self._call(
             process, b"POST", f"/slots/{slot_id}?action=restore", {"filename": state.filename}
         )
@@ -475,7 +475,7 @@ class KvStore:
 
     # --- validity -------------------------------------------------------------------------
 
-    async def _fingerprint(self, process: ModelProcess, model: ModelConfig) -> str:
+    async def _fingerprint(self, process: ModelView, model: ModelConfig) -> str:
         """Same command, same model file (size, mtime), same server build."""
         child = _child(process)
         known = self._fingerprints.get(child)
@@ -497,7 +497,7 @@ class KvStore:
     # --- the child's HTTP API ---------------------------------------------------------------
 
     async def _call(
-        self, process: ModelProcess, method: bytes, path: str, body: object = None
+        self, process: ModelView, method: bytes, path: str, body: object = None
     ) -> tuple[int, Any]:
         headers = Headers({b"content-type": [b"application/json"]})
         if self._hop is not None:
@@ -594,7 +594,7 @@ class KvStore:
 _Child = tuple[str, int | None, float | None]
 
 
-def _child(process: ModelProcess) -> _Child:
+def _child(process: ModelView) -> _Child:
     """One spawned child of a model (a pid is not reused within one start time)."""
     return (process.id, process.pid, process.started_at)
 

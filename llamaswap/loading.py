@@ -17,9 +17,9 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.web.server import Request
 
 from .errors import ApiError
-from .events import Event
+from .events import Event, EventBus, Progress
 from .eventstream import begin_event_stream, data_event, end_event_stream
-from .process import ModelState
+from .lifecycle import ModelState
 from .scheduler import Lease, Scheduler
 
 TICK = 1.0
@@ -35,9 +35,11 @@ class LoadingStream:
         model_id: str,
         requested: str,
         scheduler: Scheduler,
+        events: EventBus,
         clock: IReactorTime,
     ) -> None:
         self.request = request
+        self.events = events
         self.model_id = model_id
         self.requested = requested
         self.scheduler = scheduler
@@ -56,8 +58,7 @@ class LoadingStream:
         begin_event_stream(self.request)
         self.say(f"llamaswap: {self.model_id} is not loaded yet.\n")
         self._report()
-        events = self.scheduler.processes[self.model_id].events
-        self._unsubscribe = events.subscribe(self._progress)
+        self._unsubscribe = self.events.subscribe(self._progress)
 
     def say(self, text: str) -> None:
         delta = {"role": "assistant", "reasoning_content": text}
@@ -88,9 +89,9 @@ class LoadingStream:
         self._tick = self.clock.callLater(TICK, self._report)
 
     def _progress(self, event: Event) -> None:
-        if event.kind != "progress" or event.data.get("id") != self.model_id:
+        if not isinstance(event, Progress) or event.id != self.model_id:
             return
-        percent = int(event.data["progress"] * 100)
+        percent = int(event.progress * 100)
         if percent > self._last_percent:
             self._last_percent = percent
             self.say(f"Loading {self.model_id}: {percent}%\n")

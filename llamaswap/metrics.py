@@ -11,7 +11,7 @@ each labelled with the child's ``model``.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, cast
 
 import attrs
@@ -27,9 +27,9 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
-from .events import Event, EventBus
+from .events import Activity, Event, EventBus, ModelChanged, Swapped
+from .lifecycle import ModelState
 from .logs import logger
-from .process import ModelState
 from .relay import Hop
 from .scheduler import Scheduler
 
@@ -132,27 +132,26 @@ class Metrics:
         return generate_latest(self.registry) + children
 
     def on_event(self, event: Event) -> None:
-        data = event.data
-        if event.kind == "model":
-            self._model_event(data)
-        elif event.kind == "swap":
-            self.swaps.labels("ok" if data["ok"] else "failed").inc()
-            self.swap_seconds.observe(data["seconds"])
-        elif event.kind == "activity":
-            self._activity(data)
+        if isinstance(event, ModelChanged):
+            self._model_event(event)
+        elif isinstance(event, Swapped):
+            self.swaps.labels("ok" if event.ok else "failed").inc()
+            self.swap_seconds.observe(event.seconds)
+        elif isinstance(event, Activity):
+            self._activity(event.row)
 
-    def _model_event(self, data: dict[str, Any]) -> None:
-        model, state = data["id"], data["state"]
-        if state == ModelState.STARTING.value:
+    def _model_event(self, event: ModelChanged) -> None:
+        model, state = event.id, event.state
+        if state is ModelState.STARTING:
             self.starts.labels(model).inc()
-        elif state == ModelState.READY.value:
-            self.start_seconds.labels(model).observe(data["start_seconds"])
-        elif state == ModelState.FAILED.value:
-            self.start_failures.labels(model, data.get("cause", "exit")).inc()
-        elif state == ModelState.STOPPED.value and "reason" in data:
-            self.stops.labels(model, data["reason"]).inc()
+        elif state is ModelState.READY and event.start_seconds is not None:
+            self.start_seconds.labels(model).observe(event.start_seconds)
+        elif state is ModelState.FAILED:
+            self.start_failures.labels(model, event.cause or "exit").inc()
+        elif state is ModelState.STOPPED and event.reason is not None:
+            self.stops.labels(model, event.reason).inc()
 
-    def _activity(self, row: dict[str, Any]) -> None:
+    def _activity(self, row: Mapping[str, Any]) -> None:
         model = row["model"]
         self.requests.labels(model, row["route"], str(row["status"])).inc()
         self.queue_wait.labels(model).observe(row["queue_ms"] / 1000)

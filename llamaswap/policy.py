@@ -47,6 +47,10 @@ class Victim:
 class ArrivalOrder:
     name: str = "fifo"
 
+    def reserves_victims(self) -> bool:
+        """Strict arrival order: what a later waiter's swap will stop serves nobody new."""
+        return True
+
     def swap_now(self, waiting: Waiting, victims: Sequence[Victim], now: float) -> bool:
         return True
 
@@ -61,6 +65,10 @@ class Collate:
     hold: float = 1.0
     patience: float = 6.0  # chosen with bench/trace.py's closed-loop mix
     name: str = "collate"
+
+    def reserves_victims(self) -> bool:
+        """Only the head of the queue commits to a swap; behind it, what runs serves on."""
+        return False
 
     def deadline(self, waiting: Waiting) -> float:
         """When ``waiting`` has waited long enough for the swap to start regardless."""

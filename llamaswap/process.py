@@ -15,7 +15,6 @@ next model.
 from __future__ import annotations
 
 import contextlib
-import enum
 import os
 import shutil
 import signal
@@ -38,24 +37,17 @@ from . import childproto
 from .childproto import EXIT_COMMAND, ROUTER_PORT, ROUTER_PORT_ENV, ProtocolWatch
 from .config import ModelConfig, fill_runtime
 from .errors import ModelStopped, StartFailed
-from .events import EventBus
+from .events import EventBus, ModelChanged, Progress, Stuck
+from .lifecycle import IModelWatcher, ModelState
 from .lifeline import LIFELINE_FD, guarded
 from .logs import LogHub, logger
 from .ports import PortAllocator
 from .readiness import HealthProbe, HealthWatch, ReadyAtOnce, Watch
 
-__all__ = ["HealthProbe", "ModelProcess", "ModelState", "Timing"]
+__all__ = ["HealthProbe", "ModelProcess", "ModelState", "Timing"]  # ModelState: lifecycle
 
 TAIL_LINES = 20
 MAX_LINE = 16_384
-
-
-class ModelState(enum.Enum):
-    STOPPED = "stopped"
-    STARTING = "starting"
-    READY = "ready"
-    STOPPING = "stopping"
-    FAILED = "failed"
 
 
 @attrs.frozen
@@ -164,6 +156,7 @@ class Child:
     pipes_closed: bool = False  # we closed our ends
     stuck_since: float | None = None
     why: str = ""  # why it is reported stuck
+    group: int | None = None  # the process group llamaswap kills for it (None: no groups)
     check: IDelayedCall | None = None
 
     @property
@@ -189,7 +182,7 @@ class ModelProcess:
         timing: Timing,
         base_env: Mapping[str, str] | None = None,
         process_groups: bool = True,
-        events: EventBus | None = None,
+        events: EventBus,
     ) -> None:
         self.config = config
         self._reactor = reactor
@@ -201,7 +194,7 @@ class ModelProcess:
         self._base_env = dict(os.environ if base_env is None else base_env)
         self._setsid = shutil.which("setsid") if process_groups else None
 
-        self.events = events or EventBus()
+        self.events = events
         self.state = ModelState.STOPPED
         self.stop_reason = "manual"
         self.exit_was_failure = False
@@ -217,7 +210,8 @@ class ModelProcess:
         # how far the current start got (0..1) and its stage, when the child says
         self.progress: float | None = None
         self.stage: str | None = None
-        self.exit_listeners: list[Callable[[ModelProcess, str], None]] = []
+        # told of readiness and exits (the scheduler), see :meth:`watch`
+        self._watchers: list[IModelWatcher] = []
         # earlier children that would not go: reported, their ports kept reserved
         self.stuck: list[Child] = []
 
@@ -231,6 +225,10 @@ class ModelProcess:
         self._abandon: IDelayedCall | None = None
         self._drain: IDelayedCall | None = None
         self._watch: Watch = ReadyAtOnce(lambda: None)
+
+    def watch(self, watcher: IModelWatcher) -> None:
+        """Tell ``watcher`` whenever this model becomes ready or its child is gone."""
+        self._watchers.append(watcher)
 
     @property
     def id(self) -> str:
@@ -259,10 +257,19 @@ class ModelProcess:
             self._spawn()
         return waiter
 
-    def _set_state(self, state: ModelState, **details: object) -> None:
+    def _set_state(
+        self,
+        state: ModelState,
+        *,
+        start_seconds: float | None = None,
+        cause: str | None = None,
+        reason: str | None = None,
+    ) -> None:
         self.state = state
         self.events.publish(
-            "model", id=self.id, state=state.value, pid=self.pid, error=self.last_error, **details
+            ModelChanged(
+                self.id, state, self.pid, self.last_error, start_seconds, cause=cause, reason=reason
+            )
         )
 
     def _spawn(self) -> None:
@@ -344,7 +351,7 @@ class ModelProcess:
         if self.state is not ModelState.STARTING:
             return
         self.progress, self.stage = fraction, stage
-        self.events.publish("progress", id=self.id, progress=fraction, stage=stage)
+        self.events.publish(Progress(self.id, fraction, stage))
 
     def _fail_before_spawn(self, cause: str) -> None:
         self._release_port()
@@ -379,6 +386,8 @@ class ModelProcess:
         self.progress = self.stage = None
         self._set_state(ModelState.READY, start_seconds=self.ready_at - self.started_at)
         self._stop_watching()
+        for watcher in list(self._watchers):
+            watcher.model_ready(self)
         self.log.info(
             "model {model} ready in {seconds:.2f}s at {url}",
             model=self.id,
@@ -609,8 +618,8 @@ class ModelProcess:
         waiters, self._exit_waiters = self._exit_waiters, []
         for waiter in waiters:
             waiter.callback(None)
-        for listener in list(self.exit_listeners):
-            listener(self, how)
+        for watcher in list(self._watchers):
+            watcher.model_exited(self, how, self.exit_was_failure)
 
     # --- what would not go -----------------------------------------------------
 
@@ -618,6 +627,7 @@ class ModelProcess:
         """Report ``child`` as stuck and keep its port reserved until it is gone."""
         child.stuck_since = self._clock.seconds()
         child.why = why
+        child.group = self.group(child)
         self.stuck.append(child)
         self._stuck_changed(child, gone=False)
         child.check = self._clock.callLater(self.timing.kill_grace, self._check_stuck, child)
@@ -661,9 +671,7 @@ class ModelProcess:
                 )
 
     def _stuck_changed(self, child: Child, gone: bool) -> None:
-        self.events.publish(
-            "stuck", id=self.id, pid=child.pid, port=child.port, why=child.why, gone=gone
-        )
+        self.events.publish(Stuck(self.id, child.pid, child.port, child.why, gone))
 
     def _release_port(self) -> None:
         if self.port is not None:

@@ -7,9 +7,9 @@ from typing import Any
 from twisted.internet.interfaces import IReactorTime
 
 from .activity import ActivityStore
-from .events import EventBus
+from .events import Activity, EventBus
+from .lifecycle import ModelView
 from .logs import logger
-from .process import ModelProcess
 from .usage import ResponseMeter
 
 
@@ -35,7 +35,7 @@ class Recorder:
         model: str,
         route: str,
         path: str,
-        process: ModelProcess | None = None,
+        process: ModelView | None = None,
         key: str | None = None,
     ) -> RequestRecord:
         """``key``: the name of the API key the request came with (never the key)."""
@@ -50,7 +50,7 @@ class Recorder:
                 "tokens {tokens_in}/{tokens_out}",
                 **row,
             )
-        self.events.publish("activity", **row)
+        self.events.publish(Activity(row))
 
 
 class RequestRecord:
@@ -62,7 +62,7 @@ class RequestRecord:
         model: str,
         route: str,
         path: str,
-        process: ModelProcess | None,
+        process: ModelView | None,
         key: str | None = None,
     ) -> None:
         self.recorder = recorder

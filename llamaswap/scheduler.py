@@ -35,10 +35,11 @@ from zope.interface import Interface, implementer
 from .config import Config, ModelConfig
 from .crashloop import CrashGuard, CrashLoopPolicy
 from .errors import ApiError
-from .events import Event, EventBus
+from .events import EventBus, QueueChanged, Swapped
+from .lifecycle import IModelWatcher, ModelState, ModelView
 from .logs import logger
 from .policy import Policy, Victim, Waiting
-from .process import ModelProcess, ModelState
+from .process import ModelProcess
 from .resources import Footprint, fits
 
 
@@ -48,19 +49,21 @@ class IModelHooks(Interface):
     Both return Deferreds that never fail and fire within a bound of their own.
     """
 
-    def before_stop(process: ModelProcess, reason: str) -> Deferred[None]:
+    def before_stop(process: ModelView, reason: str) -> Deferred[None]:
         """``process`` is ready, idle and about to be stopped for ``reason``."""
 
-    def after_start(process: ModelProcess) -> Deferred[None]:
+    def after_start(process: ModelView) -> Deferred[None]:
         """``process`` just became ready; no lease is granted on it before this fires."""
 
 
 @implementer(IModelHooks)
 class NoHooks:
-    def before_stop(self, process: ModelProcess, reason: str) -> Deferred[None]:
+    """Nothing to do around stops and starts (no KV store)."""
+
+    def before_stop(self, process: ModelView, reason: str) -> Deferred[None]:
         return succeed(None)
 
-    def after_start(self, process: ModelProcess) -> Deferred[None]:
+    def after_start(self, process: ModelView) -> Deferred[None]:
         return succeed(None)
 
 
@@ -112,8 +115,13 @@ class _Plan:
     recheck_at: float | None = None
 
 
+@implementer(IModelWatcher)
 class Scheduler:
-    """Owner of the queue, the in-flight counts and the swap lock."""
+    """Owner of the queue, the in-flight counts and the swap lock.
+
+    It watches every process it is given (:meth:`ModelProcess.watch`), so each
+    model's readiness and exits reach it directly, however the processes were built.
+    """
 
     log = logger()
 
@@ -122,14 +130,14 @@ class Scheduler:
         processes: Iterable[ModelProcess],
         clock: IReactorTime,
         config: Config,
-        events: EventBus | None = None,
-        hooks: IModelHooks | None = None,
+        events: EventBus,
+        hooks: IModelHooks,
     ) -> None:
         self._clock = clock
-        self.hooks: IModelHooks = hooks or NoHooks()
+        self.hooks = hooks
         self._warming: set[str] = set()  # started, not yet through after_start
         self.config = config
-        self.events = events or EventBus()
+        self.events = events
         self._swap_started = 0.0
         self._slots: dict[str, _Slot] = {p.id: self._new_slot(p) for p in processes}
         self._queue: deque[_Waiter] = deque()
@@ -143,10 +151,9 @@ class Scheduler:
         self._pumping = False
         self._pump_again = False
         self._closed = False
-        self.events.subscribe(self._process_ready)
 
     def _new_slot(self, process: ModelProcess) -> _Slot:
-        process.exit_listeners.append(self._process_exited)
+        process.watch(self)
         return _Slot(
             process,
             guard=CrashGuard(self.config.crash_loop),
@@ -156,8 +163,13 @@ class Scheduler:
     # --- what others may look at ----------------------------------------------
 
     @property
-    def processes(self) -> Mapping[str, ModelProcess]:
+    def processes(self) -> Mapping[str, ModelView]:
+        """Each model's process, to look at (the scheduler alone starts and stops)."""
         return {model_id: slot.process for model_id, slot in self._slots.items()}
+
+    def process(self, model_id: str) -> ModelProcess:
+        """The live process of ``model_id``, for whoever owns the service (and tests)."""
+        return self._slots[model_id].process
 
     def in_flight(self, model_id: str) -> int:
         return self._slots[model_id].in_flight
@@ -289,10 +301,7 @@ class Scheduler:
 
     def _counts_changed(self, slot: _Slot) -> None:
         self.events.publish(
-            "queue",
-            model=slot.process.id,
-            queued=self.queued(slot.process.id),
-            in_flight=slot.in_flight,
+            QueueChanged(slot.process.id, self.queued(slot.process.id), slot.in_flight)
         )
 
     def load(self, model_id: str) -> Deferred[None]:
@@ -429,8 +438,8 @@ class Scheduler:
                 self._start_alongside(waiter.targets)
                 continue
             if not first:
-                if self.policy.name == "fifo":
-                    plan.doomed |= victims  # strict arrival order
+                if self.policy.reserves_victims():
+                    plan.doomed |= victims
                 continue
             first = False
             views = [self._victim_view(v) for v in sorted(victims)]
@@ -627,11 +636,12 @@ class Scheduler:
     def _swap_done(self, result: Failure | None, targets: frozenset[str]) -> None:
         assert self._swap is not None
         self.events.publish(
-            "swap",
-            targets=sorted(targets),
-            victims=sorted(self._swap[1]),
-            seconds=self._clock.seconds() - self._swap_started,
-            ok=not isinstance(result, Failure),
+            Swapped(
+                tuple(sorted(targets)),
+                tuple(sorted(self._swap[1])),
+                self._clock.seconds() - self._swap_started,
+                ok=not isinstance(result, Failure),
+            )
         )
         self._swap = None
         if isinstance(result, Failure):
@@ -768,7 +778,7 @@ class Scheduler:
             lambda f: self.log.failure("stopping the old {model} failed", f, model=slot.process.id)
         )
 
-    def retiring(self) -> list[ModelProcess]:
+    def retiring(self) -> list[ModelView]:
         """Processes of an earlier configuration, finishing their requests."""
         return [slot.process for slot in self._retiring]
 
@@ -776,21 +786,26 @@ class Scheduler:
         """Seconds until a crash-looping model may be started again (0: it may)."""
         return self._slots[model_id].guard.retry_in(self._clock.seconds())
 
-    def _process_exited(self, process: ModelProcess, how: str) -> None:
-        slot = next((s for s in self._slots.values() if s.process is process), None)
+    # --- what the processes tell (IModelWatcher) -------------------------------------
+
+    def _slot_of(self, process: ModelView) -> _Slot | None:
+        """The slot of ``process``; None for a process retired by a reload."""
+        return next((s for s in self._slots.values() if s.process is process), None)
+
+    def model_ready(self, process: ModelView) -> None:
+        slot = self._slot_of(process)
+        if slot is not None:
+            slot.guard.started()
+
+    def model_exited(self, process: ModelView, how: str, failed: bool) -> None:
+        slot = self._slot_of(process)
         if slot is None:
-            return  # a process retired by a reload
+            return
         if slot.ttl_timer is not None and slot.ttl_timer.active():
             slot.ttl_timer.cancel()
         slot.ttl_timer = None
-        if process.exit_was_failure:
+        if failed:
             slot.guard.failed(self._clock.seconds())
-
-    def _process_ready(self, event: Event) -> None:
-        if event.kind == "model" and event.data["state"] == ModelState.READY.value:
-            slot = self._slots.get(event.data["id"])
-            if slot is not None:
-                slot.guard.started()
 
 
 def _same(old: Config, new: Config, model_id: str) -> bool:

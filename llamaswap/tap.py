@@ -266,7 +266,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
 
     kvcache = KvStore(config, agent, reactor, disk=in_thread, hop=relay.hop)
     events.subscribe(kvcache.observe)
-    scheduler = Scheduler(processes, reactor, config, events, hooks=kvcache)
+    scheduler = Scheduler(processes, reactor, config, events, kvcache)
     store = ActivityStore(
         config.store_path,
         reactor,
@@ -276,7 +276,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
     metrics.registry.register(StoreMetrics(store))
     metrics.registry.register(kvcache.collector())
     recorder = Recorder(reactor, events, store, config.log_requests)
-    api = Api(config, scheduler, relay, logs, reactor, recorder, metrics, events, store, kvcache)
+    api = Api(config, scheduler, relay, logs, reactor, events, recorder, metrics, store, kvcache)
 
     top = MultiService()
     Supervisor(scheduler, pool, logs, store, reactor).setServiceParent(top)

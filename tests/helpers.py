@@ -6,11 +6,15 @@ from collections.abc import Callable
 
 import attrs
 
+from llamaswap.api import Api
 from llamaswap.config import Config, parse_config
+from llamaswap.events import EventBus
 from llamaswap.logs import LogHub
 from llamaswap.ports import PortAllocator
 from llamaswap.process import ModelProcess, Timing
-from llamaswap.scheduler import IModelHooks, Scheduler
+from llamaswap.recorder import Recorder
+from llamaswap.relay import Relay
+from llamaswap.scheduler import IModelHooks, NoHooks, Scheduler
 from llamaswap.testing.fakes import FakeHealth, FakeProcess, FakeProcessReactor
 
 # arrival order, explicitly: the tests built on it assert fifo's swaps
@@ -36,11 +40,19 @@ class World:
     reactor: FakeProcessReactor
     health: FakeHealth
     logs: LogHub
+    events: EventBus
     scheduler: Scheduler
     busy_ports: set[int] = attrs.field(factory=set)  # ports something else listens on
 
     def process(self, model_id: str) -> ModelProcess:
-        return self.scheduler.processes[model_id]
+        return self.scheduler.process(model_id)
+
+    def api(self, relay: Relay) -> Api:
+        """The HTTP application over this world, wired as ``tap.build`` wires it."""
+        recorder = Recorder(self.reactor, self.events)
+        return Api(
+            self.config, self.scheduler, relay, self.logs, self.reactor, self.events, recorder
+        )
 
     def child(self, model_id: str) -> FakeProcess:
         """The newest spawned child of ``model_id``."""
@@ -68,6 +80,7 @@ def world(
     reactor = FakeProcessReactor()
     health = FakeHealth()
     logs = LogHub()
+    events = EventBus()
     busy_ports: set[int] = set()
     ports = PortAllocator(config.start_port, is_free=lambda port: port not in busy_ports)
     processes = [
@@ -84,10 +97,15 @@ def world(
             ),
             base_env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"},
             process_groups=False,
+            events=events,
         )
         for model in config.models.values()
     ]
     scheduler = Scheduler(
-        processes, reactor, config, hooks=hooks(config, reactor) if hooks is not None else None
+        processes,
+        reactor,
+        config,
+        events,
+        hooks(config, reactor) if hooks is not None else NoHooks(),
     )
-    return World(config, reactor, health, logs, scheduler, busy_ports)
+    return World(config, reactor, health, logs, events, scheduler, busy_ports)

@@ -8,10 +8,12 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from zope.interface import implementer
 
 from llamaswap import childproto
 from llamaswap.config import ConfigError, parse_config
-from llamaswap.events import Event
+from llamaswap.events import Event, Progress
+from llamaswap.lifecycle import IModelWatcher, ModelView
 from llamaswap.process import ModelState, Timing
 
 from .helpers import World, world
@@ -99,8 +101,8 @@ class ProtocolTests(SynchronousTestCase):
         a.say(loading(0.5, "mmproj_model", ["text_model", "mmproj_model"]), fd=1)
         self.assertEqual(w.process("a").progress, 0.75)
         self.assertEqual(w.process("a").stage, "mmproj_model")
-        progress = [e.data for e in seen if e.kind == "progress"]
-        self.assertEqual([p["progress"] for p in progress], [0.25, 0.75])
+        progress = [e for e in seen if isinstance(e, Progress)]
+        self.assertEqual([p.progress for p in progress], [0.25, 0.75])
         a.say(state("ready"), fd=1)
         self.successResultOf(d)
         self.assertIsNone(w.process("a").progress)
@@ -272,10 +274,10 @@ class FakeChildTests(LiveTestCase):
 
     async def test_ready_progress_and_a_clean_exit_on_the_command(self) -> None:
         api = await self.serve(SPEAKING_FAKE)
-        process = api.scheduler.processes["talk"]
+        process = api.scheduler.process("talk")
         seen: list[float] = []
         process.events.subscribe(
-            lambda e: seen.append(e.data["progress"]) if e.kind == "progress" else None
+            lambda e: seen.append(e.progress) if isinstance(e, Progress) else None
         )
         reply = await self.chat("talk")
         self.assertEqual(reply.code, 200)
@@ -283,11 +285,11 @@ class FakeChildTests(LiveTestCase):
         self.assertFalse(any("cmd_child_to_router" in line for line in api.logs.history("talk")))
         pid = process.pid
         assert pid is not None
-        exits: list[str] = []
-        process.exit_listeners.append(lambda p, how: exits.append(how))
+        exits = Exits()
+        process.watch(exits)
         await api.scheduler.unload(["talk"])
         await self.eventually(lambda: _done(exits), "the exit was reported")
-        self.assertEqual(exits, ["exited with code 0"])  # not killed: it took the command
+        self.assertEqual(exits.how, ["exited with code 0"])  # not killed: it took the command
         self.assertIn(
             "srv  operator(): exit command received, exiting...", api.logs.history("talk")
         )
@@ -297,17 +299,31 @@ class FakeChildTests(LiveTestCase):
         api = await self.serve(SPEAKING_FAKE)
         reply = await self.chat("talk")
         self.assertEqual(reply.code, 200)
-        process = api.scheduler.processes["talk"]
+        process = api.scheduler.process("talk")
         assert process._child is not None
-        exits: list[str] = []
-        process.exit_listeners.append(lambda p, how: exits.append(how))
+        exits = Exits()
+        process.watch(exits)
         process._child.transport.closeStdin()  # as when llamaswap dies
         await self.eventually(lambda: _done(exits), "the child exited")
-        self.assertEqual(exits, ["exited with code 1"])
+        self.assertEqual(exits.how, ["exited with code 1"])
 
 
-async def _done(exits: list[str]) -> bool:
-    return bool(exits)
+@implementer(IModelWatcher)
+class Exits:
+    """Records how a process's children ended."""
+
+    def __init__(self) -> None:
+        self.how: list[str] = []
+
+    def model_ready(self, process: ModelView) -> None:
+        pass
+
+    def model_exited(self, process: ModelView, how: str, failed: bool) -> None:
+        self.how.append(how)
+
+
+async def _done(exits: Exits) -> bool:
+    return bool(exits.how)
 
 
 REAL = """
@@ -330,16 +346,16 @@ class RealLlamaServerTests(LiveTestCase):
 
     async def test_ready_by_the_protocol_progress_seen_clean_exit_on_the_command(self) -> None:
         api = await self.serve(REAL)
-        process = api.scheduler.processes["smol"]
+        process = api.scheduler.process("smol")
         events: list[Event] = []
         process.events.subscribe(events.append)
-        exits: list[str] = []
-        process.exit_listeners.append(lambda p, how: exits.append(how))
+        exits = Exits()
+        process.watch(exits)
 
         reply = await self.chat("smol", max_tokens=1)
         self.assertEqual(reply.code, 200, reply.body)
         self.assertTrue(process._watch.heard)  # it spoke the protocol
-        progress = [e.data["progress"] for e in events if e.kind == "progress"]
+        progress = [e.progress for e in events if isinstance(e, Progress)]
         self.assertEqual(progress[-1], 1.0)
         self.assertEqual(progress, sorted(progress))
         log = api.logs.history("smol")
@@ -350,6 +366,6 @@ class RealLlamaServerTests(LiveTestCase):
         assert pid is not None
         await api.scheduler.unload(["smol"])
         await self.eventually(lambda: _done(exits), "the exit was reported")
-        self.assertEqual(exits, ["exited with code 0"])  # it took the command: no signal
+        self.assertEqual(exits.how, ["exited with code 0"])  # it took the command: no signal
         self.assertTrue(any("exit command received" in line for line in api.logs.history("smol")))
         self.assertFalse(pid_alive(pid))

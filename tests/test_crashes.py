@@ -74,6 +74,31 @@ class CrashLoopSchedulerTests(SynchronousTestCase):
         self.assertGreater(w.scheduler.retry_in("a"), 0)
         self.assertIn("killed by SIGSEGV unexpectedly", w.process("a").last_error or "")
 
+    def test_a_model_that_became_ready_waits_the_first_cooldown_again(self) -> None:
+        # the scheduler learns of the ready model from the process itself, in this
+        # in-memory world as in the daemon
+        w = world(
+            "crashLoop: {maxFailures: 1, window: 60, cooldown: 10, maxCooldown: 100}\n"
+            "models:\n  a:\n    cmd: sleep --port ${PORT} --model a\n"
+        )
+
+        def start_fails() -> None:
+            d = w.scheduler.acquire("a")
+            w.child("a").exit(1)
+            self.failureResultOf(d, StartFailed)
+
+        start_fails()
+        self.assertEqual(w.scheduler.retry_in("a"), 10)
+        w.reactor.advance(10)
+        start_fails()
+        self.assertEqual(w.scheduler.retry_in("a"), 20)  # it doubled
+        w.reactor.advance(20)
+        d = w.scheduler.acquire("a")
+        w.make_ready("a")
+        self.successResultOf(d).release()
+        w.child("a").exit(None, 11)  # a crash while serving trips it again
+        self.assertEqual(w.scheduler.retry_in("a"), 10)  # back to the first cooldown
+
 
 class LiveCrashTests(LiveTestCase):
     async def test_a_crash_mid_stream_ends_the_stream_with_an_error_event(self) -> None:

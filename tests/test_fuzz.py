@@ -16,7 +16,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
 from llamaswap.access import Access
-from llamaswap.api import Api
 from llamaswap.config import ConfigError, parse_config
 from llamaswap.guard import ApiSite, Guard
 from llamaswap.relay import Relay
@@ -112,7 +111,7 @@ class RequestFuzzTests(SynchronousTestCase):
         server = FakeLlamaServer(clock=w.reactor, model="a", token_delay=0, tokens=2)
         server.start()
         upstream = RequestTraversalAgent(server.resource())
-        api = Api(w.config, w.scheduler, Relay(upstream), w.logs, w.reactor)
+        api = w.api(Relay(upstream))
         client: Any = StubTreq(Guard(api.resource(), Access((), w.reactor)))
         # serve through llamaswap's own Site (size limit, form parsing), not treq's
         traversal = client._agent
@@ -179,9 +178,7 @@ class QueryFuzzTests(SynchronousTestCase):
     ) -> None:
         w = world("models:\n  a:\n    cmd: sleep --port ${PORT} --model a\n")
         store = RecordingStore()
-        api = Api(
-            w.config, w.scheduler, Relay(RequestTraversalAgent(Resource())), w.logs, w.reactor
-        )
+        api = w.api(Relay(RequestTraversalAgent(Resource())))
         api.store = store  # type: ignore[assignment]
         client: Any = StubTreq(Guard(api.resource(), Access((), w.reactor)))
         response = self.successResultOf(client.get("http://llamaswap" + path, params=params))

@@ -21,7 +21,7 @@ from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from llamaswap.config import Config, parse_config
-from llamaswap.events import Event
+from llamaswap.events import Activity
 from llamaswap.kvcache import Conversation, KvStore
 from llamaswap.process import ModelProcess
 from llamaswap.relay import BytesProducer
@@ -398,8 +398,8 @@ class VisibleTests(SynchronousTestCase):
         k = KvWorld(self)
         k.converse_then_swap()
         k.lease("a").release()
-        k.kv.observe(Event("activity", {"model": "a", "cache_n": 47}))
-        k.kv.observe(Event("activity", {"model": "a", "cache_n": 50}))  # not after a restore
+        k.kv.observe(Activity({"model": "a", "cache_n": 47}))
+        k.kv.observe(Activity({"model": "a", "cache_n": 50}))  # not after a restore
         self.assertEqual(k.kv.counts["a"].cached_tokens, 47)
         metrics = {
             sample.name: sample.value

@@ -20,7 +20,6 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from llamaswap.api import Api
 from llamaswap.guard import Checked
 from llamaswap.relay import Hop, Relay, end_to_end
 from llamaswap.testing.fake_server import FakeLlamaServer
@@ -86,7 +85,7 @@ class InMemoryProxy(SynchronousTestCase):
         self.upstream = RequestTraversalAgent(self.server.resource())
         self.agent = StaleFirst(self.upstream, failures=0)
         self.relay = Relay(self.agent)
-        api = Api(self.w.config, self.w.scheduler, self.relay, self.w.logs, self.w.reactor)
+        api = self.w.api(self.relay)
         self.client: Any = StubTreq(Checked(api.resource(), [self.relay.hop.check]))
         self.addCleanup(self.server.stop)
 

@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from llamaswap.api import Api
 from llamaswap.config import ConfigError, parse_config
+from llamaswap.events import Activity
 from llamaswap.guard import is_open_page
 from llamaswap.openapi import openapi_document
 from llamaswap.process import ModelState
@@ -245,9 +246,7 @@ class InMemory(SynchronousTestCase):
             server.start()
             self.addCleanup(server.stop)
         self.children = Children(self.w, self.servers)
-        self.api = Api(
-            self.w.config, self.w.scheduler, Relay(self.children), self.w.logs, self.w.reactor
-        )
+        self.api = self.w.api(Relay(self.children))
         self.client: Any = StubTreq(self.api.resource())
 
     def flush(self) -> None:
@@ -372,7 +371,7 @@ class RouteTests(InMemory):
     def test_the_slot_route_counts_as_one_route_in_the_activity_record(self) -> None:
         routes: list[str] = []
         self.api.recorder.events.subscribe(
-            lambda e: routes.append(e.data.get("route", "")) if e.kind == "activity" else None
+            lambda e: routes.append(e.row.get("route", "")) if isinstance(e, Activity) else None
         )
         for slot in ("0", "1", "99999"):
             self.send("POST", f"/slots/{slot}?model=a&action=erase", b"")
