@@ -49,8 +49,10 @@ class ArrivalOrder:
 
 @attrs.frozen
 class Collate:
-    max_wait: float = 30.0
-    max_residency: float = 120.0
+    """The ``collate`` policy; its bounds (and their defaults) are ``scheduler.*`` keys."""
+
+    max_wait: float
+    max_residency: float
     name: str = "collate"
 
     def swap_now(self, waiting: Waiting, victims: Sequence[Victim], now: float) -> bool:
