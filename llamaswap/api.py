@@ -31,7 +31,7 @@ from zope.interface import implementer
 from . import __version__
 from .access import caller_name, may_list, require_model
 from .activity import ActivityStore, StoreUnavailable
-from .config import Config, ModelConfig, PeerConfig
+from .config import Config, ModelConfig, PeerConfig, PoolConfig
 from .errors import ApiError, ModelStopped, StartFailed
 from .events import EventBus
 from .eventstream import begin_event_stream, named_event, unbuffered
@@ -206,9 +206,16 @@ class Api:
             return
         body = request.content.read() if request.content is not None else b""
         if request.method != b"POST":  # GET, HEAD, DELETE: the model is in the query
-            model, profile, _ = self.choose(request, None)
+            model, profile, requested = self.choose(request, None)
             await self.proxy(
-                request, model, request.method, request.uri, body or None, profile, route=route.path
+                request,
+                model,
+                request.method,
+                request.uri,
+                body or None,
+                profile,
+                route=route.path,
+                requested=requested,
             )
             return
         parsed = self.model_from_body(request, body, route.body)
@@ -229,6 +236,7 @@ class Api:
             parsed.profile,
             loading_for=parsed.requested if loading else None,
             route=route.path,
+            requested=parsed.requested,
         )
 
     for _route in MODEL_ROUTES:
@@ -243,7 +251,7 @@ class Api:
         segments = raw[0][len(b"/upstream/") :].split(b"/")
         for count in range(len(segments), 0, -1):
             name = unquote(b"/".join(segments[:count]).decode("utf-8", errors="replace"))
-            found = self.config.lookup(name)
+            found = self.find(name, request)
             if found is not None:
                 model, profile = found
                 path = b"/" + b"/".join(segments[count:]) + query
@@ -251,7 +259,14 @@ class Api:
                     self.kvcache.check_client_slot_action(model, _arg(request, b"action"))
                 body = request.content.read() if request.content is not None else b""
                 await self.proxy(
-                    request, model, request.method, path, body or None, profile, route="/upstream"
+                    request,
+                    model,
+                    request.method,
+                    path,
+                    body or None,
+                    profile,
+                    route="/upstream",
+                    requested=name,
                 )
                 return
         raise self.unknown_model(unquote(segments[0].decode("utf-8", errors="replace")))
@@ -295,7 +310,7 @@ class Api:
         name = document.get("model")
         if name is not None and not isinstance(name, str):
             raise ApiError(400, "'model' must be a string naming the model to use")
-        if name and self.config.lookup(name) is None:
+        if name and self.find(name, request) is None:
             routed = self.config.peer_route(name)
             if routed is not None:
                 # a remote model: its own id upstream, the peer's filters
@@ -331,7 +346,7 @@ class Api:
         if not name and self.config.default_model is not None:
             name = self.config.default_model
         if name:
-            model, profile = self.target(name)
+            model, profile = self.target(name, request)
             return model, profile, name
         loaded = [
             model_id
@@ -353,12 +368,41 @@ class Api:
             "model_not_specified",
         )
 
-    def target(self, name: str) -> tuple[ModelConfig, str | None]:
-        """A model id, alias, variant or ``<profile>:<model>`` → (model, profile)."""
-        found = self.config.lookup(name)
+    def target(self, name: str, request: Request) -> tuple[ModelConfig, str | None]:
+        """A model id, alias, variant, pool or ``<profile>:<model>`` → (model, profile)."""
+        found = self.find(name, request)
         if found is None:
             raise self.unknown_model(name)
         return found
+
+    def find(self, name: str, request: Request) -> tuple[ModelConfig, str | None] | None:
+        """Like ``Config.lookup``; a pool goes to whichever of its models is loaded
+        (of those the caller's key may use: the 403 check still follows)."""
+        pool = self.config.pools.get(name)
+        if pool is not None:
+            allowed = [m for m in pool.models if may_list(request, m)] or list(pool.models)
+            return self.config.models[self.scheduler.pick(allowed)], None
+        return self.config.lookup(name)
+
+    def priority(self, request: Request, model: ModelConfig, requested: str | None) -> int:
+        """The request's priority: its pool's or model's, lowered by ``X-Priority``."""
+        pool = self.config.pools.get(requested or "")
+        base = pool.priority if pool is not None and pool.priority is not None else model.priority
+        header = request.getHeader(b"x-priority")
+        if header is None:
+            return base
+        value = header.decode("latin-1").strip().lower()
+        if value == "low":
+            return base - 1
+        if value == "normal":
+            return base
+        try:
+            asked = int(value)
+        except ValueError as e:
+            raise ApiError(
+                400, "X-Priority must be 'low', 'normal' or an integer", "invalid_priority"
+            ) from e
+        return min(base, asked)  # a client may lower its priority, never raise it
 
     def resolve(self, name: str) -> ModelConfig:
         model = self.config.resolve(name)
@@ -380,6 +424,7 @@ class Api:
         profile: str | None = None,
         loading_for: str | None = None,
         route: str | None = None,
+        requested: str | None = None,
     ) -> None:
         """Lease the model, relay the request; with ``loading_for``, report progress."""
         require_model(request, model.id)
@@ -391,7 +436,10 @@ class Api:
             key=caller_name(request),
         )
         try:
-            await self._proxy(request, model, method, path, body, profile, loading_for, record)
+            priority = self.priority(request, model, requested)
+            await self._proxy(
+                request, model, method, path, body, profile, loading_for, record, priority
+            )
         except CancelledError:
             record.fail(499, "the client disconnected")
             raise
@@ -414,9 +462,10 @@ class Api:
         profile: str | None,
         loading_for: str | None,
         record: RequestRecord,
+        priority: int,
     ) -> None:
         deadline = self.deadline(request, model)  # may refuse the request: before queueing
-        waiting = self.scheduler.acquire(model.id, profile)
+        waiting = self.scheduler.acquire(model.id, profile, priority)
         if deadline is not None and not waiting.called:
             waiting.addTimeout(deadline, self.clock, onTimeoutCancel=_missed(model.id, deadline))
         progress = None
@@ -522,10 +571,17 @@ class Api:
             data.append(record)
             if self.config.include_aliases_in_list:
                 for alias in self.config.models[model_id].names:
-                    data.append({**record, "id": alias, "alias_of": model_id})
+                    data.append(
+                        {**record, "id": alias, "alias_of": model_id, "name": record["name"]}
+                    )
         for profile, members in sorted(self.config.profiles.items()):
             for member in filter(lambda m: may_list(request, m), members):
-                data.append({**self.model_record(member), "id": f"{profile}:{member}"})
+                record = self.model_record(member)
+                record.update(id=f"{profile}:{member}", name=f"{record['name']} ({profile})")
+                data.append(record)
+        for pool in sorted(self.config.pools.values(), key=lambda p: p.id):
+            if any(may_list(request, m) for m in pool.models):
+                data.append(self.pool_record(pool))
         for peer in self.config.peers.values():
             for remote in peer.models:
                 if not may_list(request, f"{peer.id}/{remote}"):
@@ -533,13 +589,27 @@ class Api:
                 data.append(
                     {
                         "id": f"{peer.id}/{remote}",
+                        "name": f"{remote} ({peer.id})",
                         "object": "model",
                         "created": self.created,
                         "owned_by": peer.id,
                         "meta": {"llamaswap": {"peer": peer.id}},
                     }
                 )
+        _distinct_names(data)
         return _json(request, {"object": "list", "data": data})
+
+    def pool_record(self, pool: PoolConfig) -> dict[str, Any]:
+        """A pool as a model: the record of the model it would use now, renamed."""
+        chosen = self.scheduler.pick(pool.models)
+        record = {**self.model_record(chosen), "id": pool.id, "name": pool.name or pool.id}
+        record.pop("aliases", None)
+        record["description"] = pool.description or (
+            f"whichever of {', '.join(pool.models)} is loaded (now {chosen})"
+        )
+        meta = dict(record.get("meta", {}).get("llamaswap", {}))
+        record["meta"] = {"llamaswap": {**meta, "pool": list(pool.models), "serves": chosen}}
+        return record
 
     def model_record(self, model_id: str) -> dict[str, Any]:
         model = self.config.models[model_id]
@@ -551,16 +621,15 @@ class Api:
             "owned_by": "llamaswap",
             "status": {"value": process.state.value},
         }
-        if model.name:
-            record["name"] = model.name
+        record["name"] = model.name or model_id
         if model.description:
             record["description"] = model.description
         if model.names:
             record["aliases"] = list(model.names)
+        record["capabilities"] = list(model.capabilities)
         if model.metadata:
             record["meta"] = {"llamaswap": dict(model.metadata)}
         if model.gguf:  # what its GGUF file says; see llamaswap/modelsdir.py
-            record["capabilities"] = model.gguf["capabilities"]
             record.setdefault("meta", {})["gguf"] = dict(model.gguf)
         if process.last_error:
             record["status"]["error"] = process.last_error
@@ -778,6 +847,17 @@ class Api:
         reader = _LogReader(request)
         request.registerProducer(reader, True)
         return _until_gone(self.logs.subscribe(sources, reader.line))
+
+
+def _distinct_names(records: list[dict[str, Any]]) -> None:
+    """No two entries of a model list with the same display name (front ends show
+    only the name): a name used more than once gets the entry's id after it."""
+    seen: dict[str, int] = {}
+    for record in records:
+        seen[record["name"]] = seen.get(record["name"], 0) + 1
+    for record in records:
+        if seen[record["name"]] > 1 and record["name"] != record["id"]:
+            record["name"] = f"{record['name']} [{record['id']}]"
 
 
 def _serve_api_routes(api: type[Api]) -> None:

@@ -20,10 +20,10 @@ import attrs
 import yaml
 
 from .. import modelsdir
+from .. import policy as policies
 from ..access import ApiKey
 from ..gguf_models import GgufError
 from ..origin import normal_origin, split_host
-from ..policy import ArrivalOrder, Collate, Policy
 from ..resources import RESOURCES
 from . import references
 from .macros import MacroReader
@@ -34,12 +34,14 @@ from .objects import (
     Filters,
     ModelConfig,
     PeerConfig,
+    flag_value,
     resolve_name,
     safe_name,
 )
 from .reader import ConfigError, _describe
 from .selfproxy import refuse_self_proxy
 from .settings import (
+    CAPABILITIES,
     CHILD_PROTOCOL,
     LOG_LEVELS,
     ApiKeySettings,
@@ -156,6 +158,7 @@ class _Builder(MacroReader):
             source=self.source,
             groups=references.groups(self, root.get("groups"), models),
             profiles=references.profiles(self, root.get("profiles"), models),
+            pools=references.pools(self, root.get("pools"), models),
             preload=references.preload(self, root.get("hooks"), models),
             peers=self.peers(root.get("peers"), models, macros),
             api_keys=self.api_keys(root.get("apiKeys"), macros),
@@ -270,14 +273,15 @@ class _Builder(MacroReader):
         # one figure: GPU memory when a VRAM budget is set, else RAM
         return {"vram" if "vram" in budget else "ram": self.size(value, path)}
 
-    def policy(self, value: object) -> Policy:
+    def policy(self, value: object) -> policies.Policy:
         declared = self.section(SchedulerSettings, value, "scheduler")
         if declared["policy"] == "fifo":
-            for key in ("maxWait", "maxResidency"):
+            for key in yaml_names(SchedulerSettings)[1:]:
                 if key in _given(value):
                     raise self.fail(f"scheduler.{key}", "only the 'collate' policy uses it")
-            return ArrivalOrder()
-        return Collate(max_wait=declared["max_wait"], max_residency=declared["max_residency"])
+            return policies.ArrivalOrder()
+        del declared["policy"]
+        return policies.Collate(**declared)
 
     def crash_loop(self, value: object) -> CrashLoopPolicy:
         policy = CrashLoopPolicy(**self.section(CrashLoopPolicy, value, "crashLoop"))
@@ -402,7 +406,7 @@ class _Builder(MacroReader):
         """The command (with ``--slot-save-path`` added) and the directory, when KV
         keeping is on for this model: by default for ``llama-server`` commands."""
         argv = cmd.argv
-        given = _flag_value(argv, SLOT_SAVE_FLAG)
+        given = flag_value(argv, SLOT_SAVE_FLAG)
         is_llama_server = os.path.basename(argv[0]).startswith("llama-server")
         if wanted is False or (wanted is None and not (kv_cache.enabled and is_llama_server)):
             return cmd, None, False
@@ -557,12 +561,25 @@ class _Builder(MacroReader):
             forward_authorization=forward_authorization,
             upstream_api_key=upstream_api_key,
             priority=declared["priority"],
+            configured_capabilities=self.capabilities(doc.get("capabilities"), base),
             memory=self.memory(doc.get("memory"), f"{base}.memory", defaults["budget"]),
             deadline=declared["deadline"],
             child_protocol=self.child_protocol(
                 doc.get("childProtocol", default(ModelSettings, "child_protocol")), base
             ),
         )
+
+    def capabilities(self, value: object, base: str) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        path = f"{base}.capabilities"
+        kinds = self.string_list(value, path)
+        for i, kind in enumerate(kinds):
+            if kind not in CAPABILITIES:
+                raise self.fail(
+                    f"{path}[{i}]", f"must be one of {', '.join(CAPABILITIES)}, got {kind!r}"
+                )
+        return tuple(dict.fromkeys(kinds))
 
     def child_protocol(self, value: object, base: str) -> str:
         path = f"{base}.childProtocol"
@@ -631,16 +648,6 @@ class _Builder(MacroReader):
                 raise self.fail(where, f"expected NAME=value, got {item!r}")
             pairs.append((name, self.expand(val, where, scope, {"PORT"})))
         return pairs
-
-
-def _flag_value(argv: tuple[str, ...], flag: str) -> str | None:
-    """The value of ``flag VALUE`` or ``flag=VALUE`` in ``argv``."""
-    for i, arg in enumerate(argv):
-        if arg == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith(flag + "="):
-            return arg[len(flag) + 1 :]
-    return None
 
 
 def _given(value: object) -> dict[str, Any]:

@@ -9,8 +9,9 @@ from typing import Any
 
 import attrs
 
+# a module, not its names: policy.py takes its defaults from .settings
+from .. import policy as policies
 from ..access import ApiKey
-from ..policy import ArrivalOrder, Policy
 from .settings import (
     ConnectionLimits,
     CorsSettings,
@@ -100,6 +101,18 @@ class GroupConfig:
 
 
 @attrs.frozen
+class PoolConfig:
+    """A name served by whichever of its models is loaded: it never causes a swap
+    while one of them runs (see docs/configuration.md, Pools)."""
+
+    id: str
+    models: tuple[str, ...]
+    priority: int | None = None  # None: the chosen model's own
+    name: str = ""
+    description: str = ""
+
+
+@attrs.frozen
 class PeerConfig:
     """Another OpenAI-compatible server (often another llamaswap) that serves some ids."""
 
@@ -145,6 +158,27 @@ class ModelConfig:
     slot_save_added: bool = False
     #: what its GGUF file says (facts, capabilities, memory estimate); see modelsdir
     gguf: Mapping[str, Any] = attrs.field(factory=dict)
+    configured_capabilities: tuple[str, ...] = ()
+
+    @property
+    def capabilities(self) -> tuple[str, ...]:
+        """What the model is for (a hint for front ends): as configured, else what
+        its GGUF file and flags say (models dir), else read from llama-server's flags
+        (``--embedding``, ``--reranking``), else chat."""
+        if self.configured_capabilities:
+            return self.configured_capabilities
+        if self.gguf.get("capabilities"):
+            return tuple(self.gguf["capabilities"])
+        argv = set(self.cmd.argv)
+        detected = tuple(
+            kind
+            for kind, flags in (
+                ("embeddings", {"--embedding", "--embeddings"}),
+                ("rerank", {"--reranking", "--rerank"}),
+            )
+            if argv & flags
+        )
+        return detected or ("chat",)
 
     @property
     def uses_port(self) -> bool:
@@ -155,6 +189,13 @@ class ModelConfig:
         """Every name a request may use for this model besides its id."""
         variants = tuple(k for k in self.filters.set_by_id if k != self.id)
         return self.aliases + variants
+
+    @property
+    def slots(self) -> int | None:
+        """Requests the server answers at once (llama-server's ``--parallel``/``-np``),
+        if the command says so."""
+        value = flag_value(self.cmd.argv, "--parallel") or flag_value(self.cmd.argv, "-np")
+        return int(value) if value is not None and value.isdigit() and int(value) > 0 else None
 
     def proxy_url(self, port: int | None) -> str:
         return fill_runtime(self.proxy, {"PORT": str(port)} if port is not None else {})
@@ -185,6 +226,7 @@ class Config:
     include_aliases_in_list: bool = default(Top, "include_aliases_in_list")
     groups: Mapping[str, GroupConfig] = attrs.field(factory=dict)
     profiles: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
+    pools: Mapping[str, PoolConfig] = attrs.field(factory=dict)
     preload: tuple[str, ...] = ()
     peers: Mapping[str, PeerConfig] = attrs.field(factory=dict)
     log_requests: bool = default(Top, "log_requests")
@@ -196,7 +238,7 @@ class Config:
     max_request_bytes: int = default(Top, "max_request_bytes")
     crash_loop: CrashLoopPolicy = attrs.field(factory=CrashLoopPolicy)
     shutdown_timeout: float = default(Top, "shutdown_timeout")
-    policy: Policy = attrs.field(factory=ArrivalOrder)
+    policy: policies.Policy = attrs.field(factory=lambda: policies.Collate())
     budget: Mapping[str, int] = attrs.field(factory=dict)
     default_model: str | None = None
     kv_cache: KvCacheConfig = attrs.field(factory=KvCacheConfig)
@@ -255,6 +297,16 @@ class Config:
 
     def listed_ids(self) -> list[str]:
         return sorted(m.id for m in self.models.values() if not m.unlisted)
+
+
+def flag_value(argv: tuple[str, ...], flag: str) -> str | None:
+    """The value of ``flag VALUE`` or ``flag=VALUE`` in ``argv``."""
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg[len(flag) + 1 :]
+    return None
 
 
 def safe_name(model_id: str) -> str:

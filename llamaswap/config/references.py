@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .objects import Config, GroupConfig, ModelConfig, resolve_name
+from .objects import Config, GroupConfig, ModelConfig, PoolConfig, resolve_name
 from .reader import Reader, _suggest
-from .settings import GroupSettings, Hooks, OnStartup, yaml_names
+from .settings import GroupSettings, Hooks, OnStartup, PoolSettings, yaml_names
 
 
 def groups(
@@ -109,9 +109,39 @@ def check_default_model(reader: Reader, config: Config) -> None:
     """``defaultModel`` names a model, alias, variant or ``profile:model``."""
     if config.default_model is None or config.lookup(config.default_model) is not None:
         return
+    if config.default_model in config.pools:
+        return
     models = config.models
     names = tuple(models) + tuple(n for m in models.values() for n in m.names)
     raise reader.fail(
         "defaultModel",
         f"unknown model {config.default_model!r}" + _suggest(config.default_model, names),
     )
+
+
+def pools(
+    reader: Reader, value: object, models: Mapping[str, ModelConfig]
+) -> dict[str, PoolConfig]:
+    """``pools``: each member a model id; a pool's name is no model's id or alias."""
+    if value is None:
+        return {}
+    taken = {name for m in models.values() for name in m.names}
+    found: dict[str, PoolConfig] = {}
+    for pool_id, entry in reader.mapping(value, "pools").items():
+        base = f"pools.{pool_id}"
+        if not isinstance(pool_id, str) or not pool_id.strip() or ":" in pool_id:
+            raise reader.fail(base, "pool names are non-empty and contain no ':'")
+        if pool_id in models or pool_id in taken:
+            raise reader.fail(base, f"{pool_id!r} is already a model id or alias")
+        declared = reader.section(PoolSettings, reader.mapping(entry, base), base)
+        ids = declared.pop("models")
+        if not ids:
+            raise reader.fail(f"{base}.models", "a pool needs at least one model")
+        for i, member in enumerate(ids):
+            if member not in models:
+                raise reader.fail(
+                    f"{base}.models[{i}]",
+                    f"unknown model {member!r}" + _suggest(member, tuple(models)),
+                )
+        found[pool_id] = PoolConfig(id=pool_id, models=tuple(dict.fromkeys(ids)), **declared)
+    return found

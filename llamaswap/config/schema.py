@@ -37,6 +37,7 @@ DEFINED: dict[type, str] = {
     settings.PeerSettings: "peer",
     settings.ApiKeySettings: "apiKey",
     settings.FilterSettings: "filters",
+    settings.PoolSettings: "pool",
 }
 #: defined sections a key may also leave empty (null)
 NULLABLE = frozenset({settings.FilterSettings})
@@ -166,7 +167,7 @@ def key_schema(key: Key, value: Any) -> dict[str, Any]:
             shape.update(inner)
         else:
             shape.update(section_ref(key.section))
-    if value is not REQUIRED:
+    if value is not REQUIRED and "default" not in shape:
         shape["default"] = json_default(key, value)
     return shape
 

@@ -86,6 +86,7 @@ POSITIVE: dict[str, Any] = {"exclusive_minimum": 0}
 AT_LEAST_1: dict[str, Any] = {"minimum": 1}
 LOG_LEVELS = ("debug", "info", "warn", "error")
 CHILD_PROTOCOL = ("auto", "on", "off")
+CAPABILITIES = ("chat", "embeddings", "rerank")
 ROLE_NAMES = ("inference", "admin")
 DEFAULT_PROXY = "http://127.0.0.1:${PORT}"
 STATE_DIR_DOC = "`$XDG_STATE_HOME/llamaswap/{}` (`~/.local/state/...`)"
@@ -148,7 +149,7 @@ class CrashLoopPolicy:
     max_failures: int = setting(
         "maxFailures",
         3,
-        "failed starts or crashes within `crashLoop.window` that make a model wait",
+        "failed starts or crashes within `crashLoop.window` that make a model wait (below)",
         **AT_LEAST_1,
     )
     window: float = setting(
@@ -169,8 +170,8 @@ class SchedulerSettings:
 
     policy: str = setting(
         "policy",
-        "fifo",
-        "when to swap: `fifo` (arrival order) or `collate`",
+        "collate",
+        "when to swap: `collate` (swap-aware, bounded) or `fifo` (arrival order) (below)",
         kind="enum",
         choices=("fifo", "collate"),
         message="must be 'fifo' or 'collate', got {value!r}",
@@ -186,6 +187,22 @@ class SchedulerSettings:
         120.0,
         "collate: the longest a busy model keeps the machine while others wait",
         **POSITIVE,
+    )
+    hold: float = setting(
+        "hold",
+        1.0,
+        "collate: seconds a model stays reserved after a request ends, while a request for "
+        "another model waits (never past `maxWait`); `0` = none",
+        minimum=0,
+    )
+    #: chosen with bench/trace.py's closed-loop mix
+    patience: float = setting(
+        "patience",
+        6.0,
+        "collate: a request for another model waits at most this many times its model's "
+        "expected load time before the swap starts (`maxWait` still caps it); `0` = `maxWait` "
+        "only",
+        minimum=0,
     )
 
 
@@ -215,7 +232,7 @@ class KvCacheConfig:
         "enabled",
         True,
         "keep conversations across swaps: save llama-server children's slots before a stop, "
-        "restore them after a start; a model's `kvCache` overrides it",
+        "restore them after a start (below); a model's `kvCache` overrides it",
     )
     #: the directory under which each model's states live
     path: str = setting(
@@ -267,7 +284,7 @@ class CorsSettings:
         "allowOrigins",
         (),
         "origins (`https://app.example.com`, `http://192.168.1.5:3000`) of browser apps that "
-        "may call llamaswap; `*` = every site",
+        "may call llamaswap; `*` = every site (below)",
         kind="custom",
         schema={
             "type": ["array", "null"],
@@ -412,7 +429,8 @@ class FilterSettings:
         "setParamsByID",
         None,
         "requested id → keys to set. Every key other than the model's own id becomes another "
-        "name for the model: *variants* of one loaded model without a reload",
+        "name for the model: *variants* of one loaded model (other sampling, reasoning on/off) "
+        "without a reload",
         kind="custom",
         shown="`{}`",
         json_default={},
@@ -498,11 +516,14 @@ class ModelSettings:
         shown="`unloadTimeout`",
         **POSITIVE,
     )
+    #: a guard against a runaway client, not a throttle (agents with parallel tool
+    #: calls and several chat users stay far below it)
     concurrency_limit: int = setting(
         "concurrencyLimit",
-        10,
+        100,
         "most requests for this model in flight or waiting at once; more get 429 with "
-        "`Retry-After: 1`",
+        "`Retry-After: 1` (a guard against a runaway client; `queueLimit` caps the waiting "
+        "ones overall)",
         **AT_LEAST_1,
     )
     macros: Any = setting(
@@ -541,7 +562,8 @@ class ModelSettings:
     child_protocol: str = setting(
         "childProtocol",
         "auto",
-        "speak llama-server's router/child protocol: `auto` when the command's executable is "
+        "speak llama-server's router/child protocol (below): `auto` when the command's "
+        "executable is "
         "named `llama-server` (`llama-server-cuda`, `llama-server.exe` too), `on` or `off` to "
         "force it",
         kind="custom",
@@ -564,7 +586,10 @@ class ModelSettings:
         schema={"type": ["string", "null"], "pattern": r"^\S+$"},
     )
     priority: int = setting(
-        "priority", 0, "waiting requests for higher-priority models are served first"
+        "priority",
+        0,
+        "waiting requests for higher-priority models are served first; a request below its "
+        "model's priority is background work ([scheduling](#scheduling-mixed-traffic))",
     )
     memory: Any = setting(
         "memory",
@@ -583,6 +608,22 @@ class ModelSettings:
         kind="number",
         nullable=True,
         **POSITIVE,
+    )
+    capabilities: tuple[str, ...] = setting(
+        "capabilities",
+        (),
+        "what the model is for, as `capabilities` in `/v1/models`: any of `chat`, "
+        "`embeddings`, `rerank`; without it, what the GGUF file says (models dir), else read "
+        "from the command (`--embedding`/`--embeddings` → `embeddings`, `--reranking`/"
+        "`--rerank` → `rerank`), else `chat`",
+        kind="custom",
+        shown="detected",
+        json_default=None,
+        schema={
+            "type": ["array", "null"],
+            "items": {"type": "string", "enum": list(CAPABILITIES)},
+            "default": None,
+        },
     )
     kv_cache: bool | None = setting(
         "kvCache",
@@ -643,6 +684,37 @@ class PeerSettings:
         kind="custom",
         section=FilterSettings,
         schema={"type": ["object", "null"]},
+    )
+
+
+@attrs.frozen
+class PoolSettings:
+    """A name served by whichever of its models is loaded."""
+
+    models: tuple[str, ...] = setting(
+        "models",
+        REQUIRED,
+        "the candidate model ids, in the order tried when none is loaded",
+        kind="texts",
+        schema={"minItems": 1},
+    )
+    priority: int | None = setting(
+        "priority",
+        None,
+        "priority of requests sent to the pool (none: the chosen model's). Below the model's "
+        "own `priority`, they are background work: they take a slot only when one is free, "
+        "and never make a more urgent request wait for a swap",
+        kind="integer",
+        nullable=True,
+    )
+    name: str = setting(
+        "name",
+        "",
+        "display name in `/v1/models` (default: the pool name)",
+        schema={"type": "string"},
+    )
+    description: str = setting(
+        "description", "", "shown in `/v1/models`", schema={"type": "string"}
     )
 
 
@@ -862,7 +934,7 @@ class Top:
         None,
         "who may use llamaswap: plain keys (full access) or scoped keys with a name, a role "
         "and the models they may use; needed for every endpoint except `/health` and the web "
-        "UI's static files",
+        "UI's static files ([access control](#access-control-keys-with-roles-and-scopes))",
         kind="custom",
         section=ApiKeySettings,
         shown="`[]`",
@@ -909,15 +981,33 @@ class Top:
         None,
         "the model (id, alias, variant or `profile:model`) for requests that name none — no "
         "JSON `model`, no form field, no `?model=`; without it they go to the one model that is "
-        "loaded, else get 400 listing the ids",
+        "loaded, else get 400 listing the ids ([routes](routes.md))",
         kind="custom",
         shown="none",
         schema={"type": ["string", "null"], "minLength": 1},
     )
+    pools: Any = setting(
+        "pools",
+        None,
+        "names served by whichever of their models is loaded: never a swap (below)",
+        kind="custom",
+        section=PoolSettings,
+        each=True,
+        shown="none",
+        json_default={},
+        schema={
+            "type": ["object", "null"],
+            "propertyNames": {
+                "description": "A pool name: non-empty, no ':', not a model id or alias.",
+                "pattern": "^[^:]+$",
+            },
+        },
+    )
     models_dir: Any = setting(
         "modelsDir",
         None,
-        "folder(s) of GGUF files, each served as a model without an entry (below); relative "
+        "folder(s) of GGUF files, each served as a model without an entry "
+        "([below](#models-folders)); relative "
         "to this file's folder; also `--models-dir`, repeatable",
         kind="custom",
         shown="`[]`",

@@ -62,7 +62,7 @@ function makeRow(model) {
   const gguf = ggufText(model.meta);
   const el = h('tr', { 'data-testid': `model-row-${id}` },
     h('td', { class: 'model' },
-      h('div', {}, h('strong', { text: id }), model.name ? h('span', { class: 'muted', text: ' ' + model.name }) : null),
+      h('div', {}, h('strong', { text: id }), model.name && model.name !== id ? h('span', { class: 'muted', text: ' ' + model.name }) : null),
       model.description ? h('div', { class: 'small muted', text: model.description }) : null,
       aliases.length ? h('div', { class: 'chips' }, aliases) : null,
       meta ? h('div', { class: 'small muted mono', text: meta }) : null,
