@@ -779,6 +779,24 @@ def _section_key(yaml: str, cls: type, doc: str, **facts: Any) -> Any:
     )
 
 
+def _map_of(yaml: str, cls: type, doc: str, names: tuple[str, str] | None = None) -> Any:
+    """A key holding a map of name → section ``cls``; ``names``: (doc, pattern) of a name."""
+    schema: dict[str, Any] = {"type": ["object", "null"]}
+    if names is not None:
+        schema["propertyNames"] = {"description": names[0], "pattern": names[1]}
+    return setting(
+        yaml,
+        None,
+        doc,
+        kind="custom",
+        section=cls,
+        each=True,
+        shown="none",
+        json_default={},
+        schema=schema,
+    )
+
+
 @attrs.frozen
 class Top:
     """The top level of the file."""
@@ -866,16 +884,10 @@ class Top:
         False,
         "also list every alias and variant in `/v1/models` (with `alias_of`)",
     )
-    groups: Any = setting(
+    groups: Any = _map_of(
         "groups",
-        None,
+        GroupSettings,
         "which models may run together (below)",
-        kind="custom",
-        section=GroupSettings,
-        each=True,
-        shown="none",
-        json_default={},
-        schema={"type": ["object", "null"]},
     )
     profiles: Any = setting(
         "profiles",
@@ -905,22 +917,11 @@ class Top:
         "streamed chat requests for a model that is not ready get progress as "
         "`reasoning_content` (below); per-model override",
     )
-    peers: Any = setting(
+    peers: Any = _map_of(
         "peers",
-        None,
+        PeerSettings,
         "other OpenAI-compatible servers that serve some ids (below)",
-        kind="custom",
-        section=PeerSettings,
-        each=True,
-        shown="none",
-        json_default={},
-        schema={
-            "type": ["object", "null"],
-            "propertyNames": {
-                "description": "A peer id: letters, digits, '_', '-' and '.'.",
-                "pattern": "^[A-Za-z0-9_.-]+$",
-            },
-        },
+        ("A peer id: letters, digits, '_', '-' and '.'.", "^[A-Za-z0-9_.-]+$"),
     )
     log_requests: bool = setting(
         "logRequests",
@@ -986,22 +987,11 @@ class Top:
         shown="none",
         schema={"type": ["string", "null"], "minLength": 1},
     )
-    pools: Any = setting(
+    pools: Any = _map_of(
         "pools",
-        None,
+        PoolSettings,
         "names served by whichever of their models is loaded: never a swap (below)",
-        kind="custom",
-        section=PoolSettings,
-        each=True,
-        shown="none",
-        json_default={},
-        schema={
-            "type": ["object", "null"],
-            "propertyNames": {
-                "description": "A pool name: non-empty, no ':', not a model id or alias.",
-                "pattern": "^[^:]+$",
-            },
-        },
+        ("A pool name: non-empty, no ':', not a model id or alias.", "^[^:]+$"),
     )
     models_dir: Any = setting(
         "modelsDir",
