@@ -29,6 +29,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from .config.settings import StoreSettings, default
 from .logs import logger
 
 T = TypeVar("T")
@@ -73,8 +74,8 @@ CREATE INDEX IF NOT EXISTS activity_time ON activity (time);
 
 @attrs.frozen
 class Retention:
-    max_rows: int = 100_000
-    max_age_days: float = 30.0
+    max_rows: int = default(StoreSettings, "max_rows")
+    max_age_days: float = default(StoreSettings, "max_age_days")
 
 
 def connect(path: str) -> sqlite3.Connection:

@@ -298,7 +298,7 @@ class CapTests(SynchronousTestCase):
 class RealSocketCapTests(LiveTestCase):
     async def test_one_address_cannot_take_every_connection(self) -> None:
         await self.serve(f"connections:\n  maxPerClient: 4\nmodels:\n  m:\n    cmd: {FAKE}\n")
-        gate: Any = self.service.gate  # type: ignore[attr-defined]
+        gate: Any = self.service.gate
         listening: Any = reactor.listenTCP(0, gate, interface="127.0.0.1")
         self.addCleanup(listening.stopListening)
         port = listening.getHost().port
@@ -318,7 +318,7 @@ class RealSocketCapTests(LiveTestCase):
         reply = await self.chat("m")  # from 127.0.0.1: served as usual
         self.assertEqual(reply.code, 200)
         # the caps can change on reload; connections already open stay
-        apply: Any = self.service.apply  # type: ignore[attr-defined]
+        apply: Any = self.service.apply
         apply(parse_config(f"connections:\n  maxPerClient: 5\nmodels:\n  m:\n    cmd: {FAKE}\n"))
         crowd.open(port, 2)
 
