@@ -224,12 +224,45 @@ class CapTests(SynchronousTestCase):
         self.assertFalse(again.disconnecting)
         self.assertEqual(h.gate.total, 3)  # two from .5, one from .6
 
-    def test_past_the_total_cap_everyone_gets_503(self) -> None:
+    def test_past_the_total_cap_with_every_connection_busy_everyone_gets_503(self) -> None:
         h = Harness(ConnectionLimits(max_connections=3))
+        h.resource.hold = True
         for i in range(3):
-            h.connect(f"127.0.0.{10 + i}")
+            protocol, _ = h.connect(f"127.0.0.{10 + i}")
+            protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         _, refused = h.connect("127.0.0.20")
         self.assertIn(b"connections.maxConnections", refused.value())
+
+    def test_at_the_total_cap_the_longest_waiting_slow_client_makes_room(self) -> None:
+        # many addresses trickling headers fill the total cap: a newcomer takes the
+        # place of the connection that has waited longest without a request in
+        # progress, instead of everyone getting 503 until the header deadline
+        h = Harness(ConnectionLimits(max_connections=3, max_per_client=3))
+        slow = []
+        for i in range(3):
+            protocol, transport = h.connect(f"127.0.0.{10 + i}")
+            protocol.dataReceived(b"GET /v1/models HTTP/1.1\r\nX-a: ")
+            slow.append(transport)
+            h.clock.advance(1)
+        newcomer, transport = h.connect("127.0.0.20")
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual([t.disconnecting for t in slow], [True, False, False])
+        newcomer.dataReceived(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(status_line(transport), b"HTTP/1.1 200 OK")
+        # the room is counted before the closed one is gone: the next takes another
+        h.connect("127.0.0.21")
+        self.assertEqual([t.disconnecting for t in slow], [True, True, False])
+
+    def test_at_the_total_cap_requests_in_progress_are_never_closed(self) -> None:
+        h = Harness(ConnectionLimits(max_connections=2, max_per_client=2))
+        h.resource.hold = True  # answers in progress, bodies arriving: both busy
+        busy, answering = h.connect("127.0.0.10")
+        busy.dataReceived(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        uploading, sending = h.connect("127.0.0.11")
+        uploading.dataReceived(b"POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\n")
+        _, refused = h.connect("127.0.0.20")
+        self.assertIn(b"connections.maxConnections", refused.value())
+        self.assertFalse(answering.disconnecting or sending.disconnecting)
 
     def test_the_total_is_kept_below_the_file_limit(self) -> None:
         self.assertEqual(connection_budget(1024), 448)
