@@ -7,7 +7,9 @@ be reached (``Couldn't bind: Too many open files``).  Here:
 
 - ``BoundedChannel`` gives the request headers ``headerTimeout`` seconds from their
   first byte, and the body ``bodyTimeout`` seconds plus one second per
-  ``bodyMinRate`` bytes received; a late request gets 408 and is closed.  Nothing
+  ``bodyMinRate`` bytes received, but never more than ``bodyTimeout`` seconds ahead
+  (bytes sent early are no credit for a trickle later); a late request gets 408
+  and is closed.  Nothing
   bounds the response (a stream may last long); between requests the idle timeout
   still applies.
 - ``ConnectionGate`` wraps the site and counts open connections, in all and per
@@ -257,7 +259,6 @@ class BoundedChannel(HTTPChannel):
         self._deadline: IDelayedCall | None = None
         self._abort: IDelayedCall | None = None
         self._due = 0.0  # when the current phase must be over
-        self._body_received = 0
         self.made_room = False  # closed by the gate for a newcomer
 
     def connectionMade(self) -> None:
@@ -282,7 +283,12 @@ class BoundedChannel(HTTPChannel):
         if self.phase == self.IDLE and data:
             self._begin_request()
         elif self.phase == self.BODY:
-            self._body_received += len(data)
+            limits = self.gate.limits
+            # each byte buys 1/bodyMinRate s, banked at most bodyTimeout s ahead
+            self._due = min(
+                self._due + len(data) / max(limits.body_min_rate, 1),
+                self.gate.clock.seconds() + limits.body_timeout,
+            )
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
@@ -294,7 +300,6 @@ class BoundedChannel(HTTPChannel):
     def allHeadersReceived(self) -> None:
         self.gate.busy(self)
         self._begin(self.BODY, self.gate.limits.body_timeout)
-        self._body_received = 0
         super().allHeadersReceived()
 
     def allContentReceived(self) -> None:
@@ -338,10 +343,7 @@ class BoundedChannel(HTTPChannel):
         if getattr(self.transport, "disconnecting", False):
             return  # already answered (a 400) and closing
         limits = self.gate.limits
-        due = self._due
-        if self.phase == self.BODY:
-            due += self._body_received / max(limits.body_min_rate, 1)
-        late = due - self.gate.clock.seconds()
+        late = self._due - self.gate.clock.seconds()
         if late > 0:  # a new request since, or a body faster than bodyMinRate
             self._deadline = self.gate.clock.callLater(late, self._expired)
             return

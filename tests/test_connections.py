@@ -179,6 +179,16 @@ class BodyRateTests(SynchronousTestCase):
         h.trickle(protocol, b"1\r\na\r\n" * 10, every=1)
         self.assertEqual(status_line(transport), b"HTTP/1.1 408 Request Timeout")
 
+    def test_a_body_sent_fast_then_trickled_gets_408(self) -> None:
+        # bytes sent early are no credit for later: 99 kB at once, then a byte every
+        # 4 s, held a spool file open for hours (the average stayed above the rate)
+        h = Harness()
+        protocol, transport = self.post(h, 100_000)
+        protocol.dataReceived(b"x" * 99_000)
+        h.trickle(protocol, b"x" * 3, every=4)
+        self.assertEqual(status_line(transport), b"HTTP/1.1 408 Request Timeout")
+        self.assertEqual(h.resource.seen, [])
+
     def test_a_long_body_at_a_steady_rate_above_the_minimum_arrives(self) -> None:
         h = Harness()
         protocol, transport = self.post(h, 6_000)
