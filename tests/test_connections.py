@@ -371,6 +371,30 @@ class RealSocketCapTests(LiveTestCase):
         await self.eventually(one_more, "one more is let in, the next refused")
         self.assertEqual((crowd.held, crowd.closed), (5, 9))
 
+    async def test_slow_clients_from_many_addresses_make_room_for_a_chat(self) -> None:
+        # 12 slow connections from 3 addresses against a total cap of 8: before,
+        # the chat got 503 until the header deadline cleared the crowd
+        connections = "connections:\n  maxConnections: 8\n  maxPerClient: 4\n"
+        await self.serve(f"{connections}models:\n  m:\n    cmd: {FAKE}\n")
+        gate: Any = self.service.gate  # type: ignore[attr-defined]
+        listening: Any = reactor.listenTCP(0, gate, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        port = listening.getHost().port
+        self.base = f"http://127.0.0.1:{port}"
+        crowd = SlowClients()
+        self.addCleanup(crowd.close_all)
+        for source in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
+            crowd.open(port, 4, source)
+
+        async def settled() -> bool:
+            return crowd.settled and crowd.closed >= 4
+
+        await self.eventually(settled, "the longest waiting connections make room")
+        self.assertEqual((crowd.held, crowd.closed, crowd.answers), (8, 4, []))
+        reply = await self.chat("m")
+        self.assertEqual(reply.code, 200, reply.body)
+        self.assertEqual(gate.refused, 0)
+
 
 class PeriodicTests(SynchronousTestCase):
     def test_memory_sampling_survives_an_error_and_says_so_once(self) -> None:
