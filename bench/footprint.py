@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from typing import Any
@@ -74,7 +75,37 @@ async def clients(port: int, count: int) -> list[dict[str, Any]]:
     return await asyncio.gather(*(one_client(port, start) for _ in range(count)))
 
 
+def without_tls(procs: Procs) -> dict[str, str]:
+    """An environment in which pyOpenSSL cannot be imported, as in an install
+    without the ``dev`` and ``tls`` extras (the bench's venv has it, via treq)."""
+    hidden = procs.workdir / "no-tls"
+    (hidden / "OpenSSL").mkdir(parents=True, exist_ok=True)
+    (hidden / "OpenSSL" / "__init__.py").write_text(
+        'raise ImportError("hidden by the bench: installed without the tls extra")\n'
+    )
+    path = os.environ.get("PYTHONPATH")
+    return {"PYTHONPATH": str(hidden) + (os.pathsep + path if path else "")}
+
+
+def idle_without_tls(procs: Procs) -> tuple[float, float]:
+    """Idle RSS and USS of a llamaswap that runs without pyOpenSSL."""
+    swap = Llamaswap(
+        procs,
+        "llamaswap-footprint-notls",
+        config_text(
+            f"healthCheckTimeout: 30\nstartPort: {free_port_base() + 350}\n", {"fake": MODEL}
+        ),
+    ).start(env=without_tls(procs))
+    try:
+        time.sleep(2.0)
+        return mb(psutil.Process(swap.pid))
+    finally:
+        swap.stop()
+
+
 def run(procs: Procs, monitor: CpuMonitor, *, clients_count: int = 500) -> dict[str, Any]:
+    bare_rss, bare_uss = idle_without_tls(procs)
+    log(f"  idle without pyOpenSSL: RSS {bare_rss:.1f} MiB, USS {bare_uss:.1f} MiB")
     swap = Llamaswap(
         procs,
         "llamaswap-footprint",
@@ -137,6 +168,8 @@ def run(procs: Procs, monitor: CpuMonitor, *, clients_count: int = 500) -> dict[
         "expected_events": TOKENS + 2,
         "idle_rss_mb": idle_rss,
         "idle_uss_mb": idle_uss,
+        "bare_idle_rss_mb": bare_rss,
+        "bare_idle_uss_mb": bare_uss,
         "one_model_rss_mb": one_rss,
         "peak_rss_mb": max(s[1] for s in samples) if samples else float("nan"),
         "after_rss_mb": after_rss,

@@ -29,13 +29,13 @@ from collections import Counter
 from functools import cache
 from typing import Any
 
-import attrs
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
 
+from .config.settings import ConnectionLimits as ConnectionLimits
 from .errors import ApiError
 from .logs import logger
 
@@ -45,17 +45,6 @@ from .logs import logger
 # they cause.
 RESERVED_FILES = 128
 WARN_EVERY = 60.0
-
-
-@attrs.frozen
-class ConnectionLimits:
-    """``connections:`` in the configuration."""
-
-    header_timeout: float = 20.0
-    body_timeout: float = 20.0
-    body_min_rate: int = 500
-    max_connections: int | None = None  # None: derived from the file limit
-    max_per_client: int = 64
 
 
 def raise_file_limit() -> int:

@@ -2,19 +2,35 @@
 
 Every ``model`` label is a configured model id (or ``<peer>/<model>``), every
 other label a small fixed set, so the number of series is bounded by the config.
+
+A scrape also asks every ready child for its own ``GET /metrics`` (llama-server's
+``llamacpp:*``, served when it runs with ``--metrics``) and appends those samples,
+each labelled with the child's ``model``.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+import attrs
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IResponse
 
 from .events import Event, EventBus
+from .logs import logger
 from .process import ModelState
+from .relay import Hop
 from .scheduler import Scheduler
 
 LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
@@ -25,9 +41,14 @@ SPEED_BUCKETS = (1, 5, 10, 20, 40, 60, 80, 100, 150, 200, 400, 800, 1600, 3200)
 class Metrics:
     """Owns a registry of its own (not the process-global one)."""
 
-    def __init__(self, scheduler: Scheduler, events: EventBus) -> None:
+    def __init__(
+        self, scheduler: Scheduler, events: EventBus, children: ChildMetrics | None = None
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self.children = children
+        if children is not None:
+            r.register(children.failures)
         self.starts = Counter("llamaswap_model_starts_total", "Model starts", ["model"], registry=r)
         self.start_seconds = Histogram(
             "llamaswap_model_start_seconds",
@@ -81,6 +102,19 @@ class Metrics:
             buckets=SPEED_BUCKETS,
             registry=r,
         )
+        # per API key name (a small set, from the config): who used which model how much
+        self.key_requests = Counter(
+            "llamaswap_key_requests_total",
+            "Proxied requests by API key name, model and status",
+            ["key", "model", "status"],
+            registry=r,
+        )
+        self.key_tokens = Counter(
+            "llamaswap_key_tokens_total",
+            "Tokens by API key name, model and kind (prompt, completion)",
+            ["key", "model", "kind"],
+            registry=r,
+        )
         self.swaps = Counter("llamaswap_swaps_total", "Swaps by outcome", ["outcome"], registry=r)
         self.swap_seconds = Histogram(
             "llamaswap_swap_seconds",
@@ -90,6 +124,12 @@ class Metrics:
         )
         r.register(_LiveState(scheduler))
         events.subscribe(self.on_event)
+
+    async def exposition(self) -> bytes:
+        """The text for ``GET /metrics``: llamaswap's own, then the children's."""
+        children = b"" if self.children is None else await self.children.text()
+        # after the children were asked, so this scrape's failures are in it
+        return generate_latest(self.registry) + children
 
     def on_event(self, event: Event) -> None:
         data = event.data
@@ -124,6 +164,12 @@ class Metrics:
             self.prompt_speed.labels(model).observe(row["prompt_tps"])
         if row.get("gen_tps"):
             self.generation_speed.labels(model).observe(row["gen_tps"])
+        key = row.get("key")
+        if key is not None:
+            self.key_requests.labels(key, model, str(row["status"])).inc()
+            for kind, field in (("prompt", "tokens_in"), ("completion", "tokens_out")):
+                if row.get(field):
+                    self.key_tokens.labels(key, model, kind).inc(row[field])
 
 
 class _LiveState(Collector):
@@ -186,3 +232,280 @@ class _LiveState(Collector):
         yield queued
         yield stuck
         yield progress
+
+
+# --- the children's own metrics ----------------------------------------------------
+
+#: How long a child may take to answer ``GET /metrics`` before it is skipped.
+SCRAPE_TIMEOUT = 2.0
+#: A child's metrics text larger than this is skipped (llama-server's is ~3 KB).
+MAX_CHILD_METRICS_BYTES = 1_000_000
+#: Statuses of a child that serves no metrics: skipped without counting.
+#: llama-server answers 501 unless started with ``--metrics``; other servers 404.
+NO_METRICS = frozenset({404, 501})
+
+
+class ScrapeFailed(Exception):
+    """A child that was asked for its metrics and did not give them."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ChildMetrics:
+    """Asks every ready child for its own metrics, all at once, each with a timeout.
+
+    Concurrent scrapes of llamaswap share one round of asking, so however often
+    ``/metrics`` is asked, each child gets at most one metrics request at a time.
+    """
+
+    log = logger()
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        agent: IAgent,
+        clock: IReactorTime,
+        hop: Hop,
+        timeout: float = SCRAPE_TIMEOUT,
+    ) -> None:
+        self.scheduler = scheduler
+        self.agent = agent
+        self.clock = clock
+        self.hop = hop
+        self.timeout = timeout
+        self.failures = Counter(
+            "llamaswap_child_metrics_failures_total",
+            "Ready children that did not give their metrics when asked "
+            "(timeout, error, status, too_large)",
+            ["model", "reason"],
+            registry=None,
+        )
+        self._round: Deferred[bytes] | None = None
+        self._waiters: list[Deferred[bytes]] = []
+
+    def text(self) -> Deferred[bytes]:
+        """The children's samples, relabelled and merged (joins a round in progress)."""
+        waiter: Deferred[bytes] = Deferred(self._waiters.remove)
+        self._waiters.append(waiter)
+        if self._round is None:
+            self._round = Deferred.fromCoroutine(self._ask_all())
+            self._round.addBoth(self._deliver)
+        return waiter
+
+    def _deliver(self, result: bytes | Failure) -> None:
+        self._round = None
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
+
+    async def _ask_all(self) -> bytes:
+        ready = [
+            (model_id, process.base_url)
+            for model_id, process in sorted(self.scheduler.processes.items())
+            if process.state is ModelState.READY
+        ]
+        asked = [
+            Deferred.fromCoroutine(self._ask(url + "/metrics")).addTimeout(
+                self.timeout, self.clock, onTimeoutCancel=_timed_out
+            )
+            for _, url in ready
+        ]
+        answers = await DeferredList(asked, consumeErrors=True)
+        texts: dict[str, bytes] = {}
+        for (model_id, url), (_, answer) in zip(ready, answers, strict=True):
+            outcome = cast(bytes | Failure | None, answer)  # a failure when not ok
+            if not isinstance(outcome, Failure):
+                if outcome is not None:
+                    texts[model_id] = outcome
+                continue
+            process = self.scheduler.processes.get(model_id)
+            if process is None or process.state is not ModelState.READY:
+                continue  # it stopped meanwhile: nothing to report
+            reason = _failure_reason(outcome)
+            self.failures.labels(model_id, reason).inc()
+            self.log.debug(
+                "{model}: no metrics from {url}/metrics ({reason})",
+                model=model_id,
+                url=url,
+                reason=outcome.getErrorMessage() or reason,
+            )
+        return merge_child_metrics(texts)
+
+    async def _ask(self, url: str) -> bytes | None:
+        headers = Headers()
+        self.hop.mark(headers)  # a child URL leading back here gets a 508, not a loop
+        response: IResponse = await self.agent.request(b"GET", url.encode("ascii"), headers)
+        body = _CappedBody(MAX_CHILD_METRICS_BYTES)
+        response.deliverBody(body)
+        text = await body.done  # read to the end, so the connection can be reused
+        if response.code == 200:
+            return text
+        if response.code in NO_METRICS:
+            return None
+        raise ScrapeFailed("status")
+
+
+def _timed_out(result: object, timeout: float) -> None:
+    """Whatever the cancelled request ended with, it is a timeout."""
+    raise ScrapeFailed("timeout")
+
+
+def _failure_reason(failure: Failure) -> str:
+    return failure.value.reason if isinstance(failure.value, ScrapeFailed) else "error"
+
+
+_RESPONSE_DONE = Failure(ResponseDone())
+
+
+class _CappedBody(Protocol):
+    """Collects a body of at most ``limit`` bytes; a longer one is cut off."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.done: Deferred[bytes] = Deferred(lambda _: self._stop())
+
+    def _stop(self) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            if not self.done.called:
+                self.done.errback(ScrapeFailed("too_large"))
+            self._stop()
+            return
+        self.parts.append(data)
+
+    def connectionLost(self, reason: Failure = _RESPONSE_DONE) -> None:
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self.parts))
+        else:
+            self.done.errback(reason)
+
+
+# --- merging texts in the Prometheus text format (version 0.0.4) -------------------
+
+_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+_META = re.compile(rf"#[ \t]+(HELP|TYPE)[ \t]+({_NAME})(?:[ \t]+(.*))?$")
+_SAMPLE = re.compile(rf"({_NAME})(?:\{{(.*)\}})?[ \t]+(\S+)(?:[ \t]+(-?[0-9]+))?[ \t]*$")
+_LABEL = re.compile(r'[ \t]*([a-zA-Z_][a-zA-Z0-9_]*)[ \t]*=[ \t]*"((?:[^"\\\n]|\\.)*)"[ \t]*(,|$)')
+_VALUE = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[+-]?Inf|NaN")
+_TYPES = frozenset({"counter", "gauge", "histogram", "summary", "untyped"})
+_SUFFIXES = {"histogram": ("_bucket", "_sum", "_count"), "summary": ("_sum", "_count")}
+#: names llamaswap's own families use; a child's are never allowed to mix in
+OWN_PREFIX = "llamaswap_"
+
+
+@attrs.define
+class _Family:
+    name: str
+    help: str | None = None
+    type: str | None = None
+    samples: list[str] = attrs.Factory(list)
+
+    def has(self, sample: str) -> bool:
+        if sample == self.name:
+            return True
+        return any(sample == self.name + s for s in _SUFFIXES.get(self.type or "", ()))
+
+
+def merge_child_metrics(texts: dict[str, bytes]) -> bytes:
+    """Every child's samples with ``model="<id>"`` added, grouped by family.
+
+    Each family gets one HELP and one TYPE (the first child's), followed by the
+    samples of all children, so the result stays valid text format.  Lines that
+    do not parse, families typed differently by another child, repeated series,
+    and families named like llamaswap's own are dropped.
+    """
+    families: dict[str, _Family] = {}
+    seen: set[str] = set()
+    for model_id, raw in texts.items():
+        _merge_one(families, seen, _escape(model_id), raw.decode("utf-8", errors="replace"))
+    return "".join(_render(f) for f in families.values() if f.samples).encode("utf-8")
+
+
+def _merge_one(families: dict[str, _Family], seen: set[str], model: str, text: str) -> None:
+    current: _Family | None = None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("#"):
+            meta = _META.match(line)
+            if meta is not None:
+                current = _declare(families, *meta.groups())
+            continue
+        sample = _SAMPLE.match(line)
+        if sample is None:
+            continue
+        name, labels, value, timestamp = sample.groups()
+        if current is None or not current.has(name):
+            current = _declare(families, "TYPE", name, None)
+        if current is None or _VALUE.fullmatch(value) is None:
+            continue
+        relabelled = _relabel(model, labels or "")
+        if relabelled is None:
+            continue
+        series = f"{name}{{{relabelled}}}"
+        if series in seen:
+            continue
+        seen.add(series)
+        current.samples.append(f"{series} {value}" + (f" {timestamp}" if timestamp else ""))
+
+
+def _declare(
+    families: dict[str, _Family], kind: str, name: str, text: str | None
+) -> _Family | None:
+    """The family a HELP or TYPE line (or an undeclared sample) opens, if acceptable."""
+    if name.startswith(OWN_PREFIX):
+        return None
+    family = families.setdefault(name, _Family(name))
+    if kind == "HELP":
+        if family.help is None:
+            family.help = text or ""
+        return family
+    declared = (text or "untyped").strip()
+    if declared not in _TYPES:
+        declared = "untyped"
+    if family.type is None and not family.samples:
+        family.type = declared
+    elif (family.type or "untyped") != declared:
+        return None  # another child typed it differently: its samples would not fit
+    return family
+
+
+def _relabel(model: str, labels: str) -> str | None:
+    """``labels`` (the text between braces) with ``model`` first; None if malformed."""
+    pairs = [f'model="{model}"']
+    position = 0
+    while position < len(labels):
+        label = _LABEL.match(labels, position)
+        if label is None or label.end() == position:
+            return None
+        name, value, _ = label.groups()
+        pairs.append(f'{"exported_model" if name == "model" else name}="{value}"')
+        position = label.end()
+    return ",".join(pairs)
+
+
+def _render(family: _Family) -> str:
+    head = ""
+    if family.help is not None:
+        head += f"# HELP {family.name} {family.help}\n"
+    if family.type is not None and family.type != "untyped":
+        head += f"# TYPE {family.name} {family.type}\n"
+    return head + "".join(sample + "\n" for sample in family.samples)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

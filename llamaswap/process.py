@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 from . import childproto
 from .childproto import EXIT_COMMAND, ROUTER_PORT, ROUTER_PORT_ENV, ProtocolWatch
 from .config import ModelConfig, fill_runtime
+from .config.settings import ModelSettings, Top, default
 from .errors import ModelStopped, StartFailed
 from .events import EventBus
 from .lifeline import LIFELINE_FD, guarded
@@ -62,9 +63,9 @@ class ModelState(enum.Enum):
 class Timing:
     """Knobs for starting and stopping, all in seconds."""
 
-    health_timeout: float = 120.0
+    health_timeout: float = default(Top, "health_check_timeout")
     poll_interval: float = 0.25
-    stop_timeout: float = 10.0
+    stop_timeout: float = default(ModelSettings, "unload_timeout")
     # a ready child that speaks llama-server's protocol is asked to exit on stdin
     # first; SIGTERM follows this long after, should the command be lost
     exit_grace: float = 1.0

@@ -11,6 +11,11 @@ again).  A pooled connection already closed is skipped by the connection pool
 before anything is written, and the pool itself resends only bodiless idempotent
 requests (GET, HEAD, ...) that met a stale connection.
 
+A request that asks to stream goes over a connection of its own, closed after
+the answer: llama-server closes the connection after every streamed answer
+anyway, and one returned to the pool would be picked by the next request in the
+moment before the server's close arrives — which, never resent, would fail.
+
 Every relayed request carries this llamaswap's :class:`Hop` mark in ``Via``; a
 request that comes back with it went round in a circle and is refused at once.
 """
@@ -34,6 +39,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from .errors import ApiError
+from .eventstream import end_event_stream, is_event_stream, unbuffered
 from .guard import short_uri
 from .logs import logger
 from .origin import over_upstream
@@ -91,13 +97,6 @@ class BytesProducer:
         pass
 
 
-def end_event_stream(request: Request, error: bytes) -> None:
-    """End an event stream that is already under way: an error event, then [DONE]."""
-    request.write(b"data: " + error + b"\n\n")
-    request.write(b"data: [DONE]\n\n")
-    request.finish()
-
-
 class Hop:
     """This llamaswap's entry in the ``Via`` header of every request it relays.
 
@@ -151,12 +150,19 @@ class Hop:
 
 
 class Relay:
-    """Sends requests to children through one persistent connection pool."""
+    """Sends requests to children through one persistent connection pool.
+
+    ``streams`` (an agent whose connections are never kept) carries requests
+    that ask to stream; without it they share ``agent``'s pool.
+    """
 
     log = logger()
 
-    def __init__(self, agent: IAgent, hop: Hop | None = None) -> None:
+    def __init__(
+        self, agent: IAgent, hop: Hop | None = None, streams: IAgent | None = None
+    ) -> None:
         self._agent = agent
+        self._streams = streams or agent
         self.hop = hop or Hop()
 
     def forward(
@@ -188,8 +194,10 @@ class Relay:
             headers.setRawHeaders(name, [value])
         self.hop.mark(headers)
         producer = BytesProducer(body) if body is not None else None
+        # "stream" as a JSON key or value; a false positive only costs a connect
+        agent = self._streams if body is not None and b'"stream"' in body else self._agent
         exchange = _Exchange(self, request, stream_started, meter or ResponseMeter())
-        return exchange.run(method, url, headers, producer)
+        return exchange.run(agent, method, url, headers, producer)
 
 
 class _Exchange:
@@ -209,11 +217,16 @@ class _Exchange:
         self.has_body = False
 
     def run(
-        self, method: bytes, url: str, headers: Headers, producer: IBodyProducer | None
+        self,
+        agent: IAgent,
+        method: bytes,
+        url: str,
+        headers: Headers,
+        producer: IBodyProducer | None,
     ) -> Deferred[None]:
         self.url = url
         self.has_body = producer is not None
-        pending = self.relay._agent.request(method, url.encode("ascii"), headers, producer)
+        pending = agent.request(method, url.encode("ascii"), headers, producer)
         self.pending = pending
         pending.addCallbacks(self._got_response, self._no_response)
         return self.done
@@ -285,9 +298,8 @@ class _Exchange:
         out = over_upstream(end_to_end(response.headers), request.responseHeaders)
         request.responseHeaders = out
         content_type = (out.getRawHeaders(b"content-type") or [b""])[0]
-        if content_type.startswith(b"text/event-stream"):
-            out.setRawHeaders(b"x-accel-buffering", [b"no"])
-            out.setRawHeaders(b"cache-control", [b"no-cache"])
+        if is_event_stream(content_type):
+            unbuffered(out)
         if response.length is not UNKNOWN_LENGTH:
             out.setRawHeaders(b"content-length", [str(response.length).encode()])
         request.defaultContentType = None

@@ -7,6 +7,7 @@ the reactor (or just the clock) passed in.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import strports
@@ -15,22 +16,25 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import globalLogPublisher
 from twisted.python import usage
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
+from .access import Access, SessionRoutes
 from .activity import ActivityStore, Retention, StoreMetrics
 from .api import Api
 from .config import Config, ConfigError, ModelConfig, listen_address, load_config
 from .connections import ConnectionGate, raise_file_limit
 from .events import EventBus
 from .guard import ApiSite, Guard, is_open_page
+from .kvcache import KvStore
 from .livefolder import FolderReloader
 from .logs import LogHub, logger, set_log_level
-from .metrics import Metrics
+from .metrics import ChildMetrics, Metrics
 from .origin import BrowserDoor, BrowserPolicy, machine_names
 from .ports import PortAllocator
 from .process import HealthProbe, ModelProcess, Timing
@@ -38,6 +42,8 @@ from .recorder import Recorder
 from .relay import Hop, Relay
 from .resources import MemoryMonitor
 from .scheduler import Scheduler
+from .twisted_compat import forget_exit_signal
+from .upstream import UpstreamEndpoints
 
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
 _log = logger("llamaswap.tap")
@@ -190,25 +196,19 @@ class Supervisor(Service):
         self.memory.stop()
         closing = self.scheduler.close(self.scheduler.config.shutdown_timeout)
         stopped = DeferredList(
-            [closing.addCallback(lambda _: self.store.stop()), self.pool.closeCachedConnections()],
-            consumeErrors=True,
+            [closing.addCallback(lambda _: self.store.stop())], consumeErrors=True
         )
+        # after the models stopped: the KV store talks to them until then
+        stopped.addCallback(lambda _: self.pool.closeCachedConnections())
 
         def done(_: object) -> None:
             self.log.info("all model servers stopped")
             globalLogPublisher.removeObserver(self.observer)
             # Everything was shut down as asked: exit 0 (twistd would otherwise
             # re-raise the SIGTERM/SIGINT that started this, for an exit by signal)
-            if getattr(self.reactor, "_exitSignal", None) is not None:
-                self.reactor._exitSignal = None
+            forget_exit_signal(self.reactor)
 
         return stopped.addCallback(done)
-
-
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """Upstream connections come and go all the time; don't log each one."""
-
-    noisy = False
 
 
 class Listeners(MultiService):
@@ -230,7 +230,29 @@ class Listeners(MultiService):
             raise SystemExit(1) from e
 
 
-def build(config: Config, reactor: Any, listen: list[str] | None = None) -> MultiService:
+class LlamaswapService(MultiService):
+    """The service tree of one llamaswap, and the parts a reload or a test reaches."""
+
+    def __init__(
+        self,
+        api: Api,
+        access: Access,
+        site: ApiSite,
+        gate: ConnectionGate,
+        store: ActivityStore,
+        apply: Callable[[Config], dict[str, list[str]]],
+    ) -> None:
+        super().__init__()
+        self.api = api
+        self.access = access
+        self.site = site
+        self.gate = gate
+        self.store = store
+        #: switch every reader of the configuration to a new, validated one
+        self.apply = apply
+
+
+def build(config: Config, reactor: Any, listen: list[str] | None = None) -> LlamaswapService:
     """The service tree for ``config``; ``listen`` endpoints get an HTTP site each."""
     set_log_level(config.log_level)
     logs = LogHub()
@@ -238,10 +260,11 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
     pool.maxPersistentPerHost = 16
     # below llama-server's 5 s keep-alive, so an idle connection is dropped by us first
     pool.cachedConnectionTimeout = 3
-    pool._factory = _QuietClientFactory
-    agent = Agent(reactor, connectTimeout=10, pool=pool)
+    endpoints = UpstreamEndpoints(reactor, connect_timeout=10)
+    agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
     ports = PortAllocator(config.start_port)
-    relay = Relay(agent)
+    fresh = HTTPConnectionPool(reactor, persistent=False)
+    relay = Relay(agent, streams=Agent.usingEndpointFactory(reactor, endpoints, pool=fresh))
     probe = http_probe(agent, reactor, relay.hop)
     events = EventBus()
 
@@ -258,19 +281,26 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
         )
 
     processes = [make_process(m, config.health_check_timeout) for m in config.models.values()]
-    scheduler = Scheduler(processes, reactor, config, events)
+
+    def in_thread(work: Callable[[], Any]) -> Deferred[Any]:
+        """Disk work of the KV store (unlinking 100 MB files) off the reactor."""
+        return deferToThreadPool(reactor, reactor.getThreadPool(), work)
+
+    kvcache = KvStore(config, agent, reactor, disk=in_thread, hop=relay.hop)
+    events.subscribe(kvcache.observe)
+    scheduler = Scheduler(processes, reactor, config, events, hooks=kvcache)
     store = ActivityStore(
         config.store_path,
         reactor,
         Retention(config.store_max_rows, config.store_max_age_days),
     )
-    metrics = Metrics(scheduler, events)
+    metrics = Metrics(scheduler, events, ChildMetrics(scheduler, agent, reactor, relay.hop))
     metrics.registry.register(StoreMetrics(store))
+    metrics.registry.register(kvcache.collector())
     recorder = Recorder(reactor, events, store, config.log_requests)
-    api = Api(config, scheduler, relay, logs, reactor, recorder, metrics, events, store)
+    api = Api(config, scheduler, relay, logs, reactor, recorder, metrics, events, store, kvcache)
 
-    top = MultiService()
-    Supervisor(scheduler, pool, logs, store, reactor).setServiceParent(top)
+    children: list[IService] = [Supervisor(scheduler, pool, logs, store, reactor)]
     # this machine's names and the --listen interfaces, once: no DNS, no blocking
     local_names = machine_names() | {i for i in map(_interface, listen or []) if i is not None}
 
@@ -287,7 +317,8 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
                 )
         return BrowserPolicy.build(config.allowed_hosts, config.cors, local_names, is_open_page)
 
-    guard = Guard(api.resource(), config.api_keys)
+    access = Access(config.api_keys, reactor, config.session_ttl)
+    guard = Guard(SessionRoutes(api.resource(), access), access)
     browser_door = BrowserDoor(browsers(config))
     site = ApiSite(
         guard,
@@ -307,7 +338,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
                     endpoint=endpoint,
                 )
     listeners = Listeners()
-    listeners.setServiceParent(top)
+    children.append(listeners)
     for endpoint in listen or []:
         strports.service(endpoint, gate, reactor=reactor).setServiceParent(listeners)
 
@@ -315,23 +346,26 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
         """Switch every reader of the configuration to ``new``."""
         set_log_level(new.log_level)
         ports.start = new.start_port
+        kvcache.reconfigure(new)
         changes = scheduler.reconfigure(
             new, lambda model: make_process(model, new.health_check_timeout)
         )
         api.config = new
         recorder.log_requests = new.log_requests
-        guard.keys = new.api_keys
+        ended = access.reconfigure(new.api_keys, new.session_ttl)
+        if ended:
+            _log.warn("ended {count} UI session(s) whose key was removed", count=ended)
         browser_door.policy = browsers(new)
         site.max_request_bytes = new.max_request_bytes
         gate.configure(new.connections)
+        store.retention = Retention(new.store_max_rows, new.store_max_age_days)
         if new.store_path != config.store_path:
             _log.warn("store.path changed: takes effect at the next restart")
         return changes
 
-    top.api = api  # type: ignore[attr-defined]
-    top.site = site  # type: ignore[attr-defined]
-    top.gate = gate  # type: ignore[attr-defined]
-    top.apply = apply  # type: ignore[attr-defined]
+    top = LlamaswapService(api, access, site, gate, store, apply)
+    for child in children:
+        child.setServiceParent(top)
     return top
 
 
@@ -364,7 +398,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         reactor = global_reactor
     raise_file_limit()  # before build(): the connection caps are derived from it
     service = build(options["config_obj"], reactor, options["listen"])
-    apply = service.apply  # type: ignore[attr-defined]
+    apply = service.apply
 
     def adopt(new: Config) -> dict[str, list[str]]:
         log_notices(new)
@@ -372,7 +406,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         return changes
 
     FolderReloader(
-        lambda: service.api.config.models_dirs,  # type: ignore[attr-defined]
+        lambda: service.api.config.models_dirs,
         options["config"],
         adopt,
         reactor,

@@ -13,6 +13,8 @@ from typing import Any
 
 import attrs
 
+from .eventstream import is_event_stream
+
 MAX_JSON = 2_000_000
 MAX_ERROR = 500
 
@@ -24,6 +26,7 @@ class Usage:
     prompt_tps: float | None = None
     gen_tps: float | None = None
     error: str | None = None
+    cache_n: int | None = None  # prompt tokens the server took from its cache
 
 
 class ResponseMeter:
@@ -40,7 +43,7 @@ class ResponseMeter:
 
     def started(self, status: int, content_type: bytes) -> None:
         self.status = status
-        self.streaming = content_type.startswith(b"text/event-stream")
+        self.streaming = is_event_stream(content_type)
 
     def feed(self, data: bytes) -> None:
         self.bytes += len(data)
@@ -93,6 +96,7 @@ class ResponseMeter:
             )
             self.usage.prompt_tps = _float(timings, "prompt_per_second", self.usage.prompt_tps)
             self.usage.gen_tps = _float(timings, "predicted_per_second", self.usage.gen_tps)
+            self.usage.cache_n = _int(timings, "cache_n", "cache_n", self.usage.cache_n)
 
 
 def _loads(raw: bytes) -> Any:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import attrs
 
 from llamaswap.config import Config, parse_config
 from llamaswap.logs import LogHub
 from llamaswap.ports import PortAllocator
 from llamaswap.process import ModelProcess, Timing
-from llamaswap.scheduler import Scheduler
+from llamaswap.scheduler import IModelHooks, Scheduler
 from llamaswap.testing.fakes import FakeHealth, FakeProcess, FakeProcessReactor
 
+# arrival order, explicitly: the tests built on it assert fifo's swaps
 TWO_MODELS = """
+scheduler:
+  policy: fifo
 models:
   a:
     cmd: sleep --port ${PORT} --model a
@@ -54,7 +59,11 @@ class World:
         self.child(model_id).say("main: server is listening")
 
 
-def world(text: str = TWO_MODELS, timing: Timing | None = None) -> World:
+def world(
+    text: str = TWO_MODELS,
+    timing: Timing | None = None,
+    hooks: Callable[[Config, FakeProcessReactor], IModelHooks] | None = None,
+) -> World:
     config = parse_config(text, "test.yaml")
     reactor = FakeProcessReactor()
     health = FakeHealth()
@@ -78,4 +87,7 @@ def world(text: str = TWO_MODELS, timing: Timing | None = None) -> World:
         )
         for model in config.models.values()
     ]
-    return World(config, reactor, health, logs, Scheduler(processes, reactor, config), busy_ports)
+    scheduler = Scheduler(
+        processes, reactor, config, hooks=hooks(config, reactor) if hooks is not None else None
+    )
+    return World(config, reactor, health, logs, scheduler, busy_ports)

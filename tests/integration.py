@@ -82,9 +82,9 @@ class LiveTestCase(TestCase):
         self.service = build(config, reactor)
         self.service.startService()
         self.addCleanup(self.service.stopService)
-        api: Api = self.service.api  # type: ignore[attr-defined]
+        api: Api = self.service.api
         self.api = api
-        site: Any = self.service.site  # type: ignore[attr-defined]
+        site: Any = self.service.site
         port: IListeningPort = reactor.listenTCP(listen_port, site, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         self.base = f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
@@ -136,6 +136,18 @@ class LiveTestCase(TestCase):
         return await self.post(
             "/v1/chat/completions", {"model": model, "messages": messages, **extra}
         )
+
+    async def stream(self, document: dict[str, Any]) -> tuple[IResponse, StreamReader]:
+        """POST a chat document; the body is read chunk by chunk as it comes."""
+        response: IResponse = await self.agent.request(
+            b"POST",
+            (self.base + "/v1/chat/completions").encode(),
+            Headers({"content-type": ["application/json"]}),
+            BytesProducer(json.dumps(document).encode()),
+        )
+        reader = StreamReader()
+        response.deliverBody(reader)
+        return response, reader
 
     async def running(self) -> dict[str, Any]:
         reply = await self.request("GET", "/running")

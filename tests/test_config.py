@@ -42,6 +42,7 @@ class DefaultsTests(SynchronousTestCase):
             "      # a comment line\n"
             "        -m '/models/my model.gguf' \\\n"
             '        --chat-template "a b"\n'
+            "    kvCache: false\n"
         )
         self.assertEqual(
             config.models["m"].cmd.render(9000),
@@ -102,6 +103,7 @@ class MacroTests(SynchronousTestCase):
             "    cmd: ${base} --alias ${MODEL_ID}\n"
             "    name: The ${MODEL_ID} model\n"
             "    cmdStop: kill -TERM ${PID}\n"
+            "    kvCache: false\n"
         )
         model = config.models["qwen"]
         self.assertEqual(

@@ -339,13 +339,18 @@ class CapTests(SynchronousTestCase):
 
 
 class RealSocketCapTests(LiveTestCase):
-    async def test_one_address_cannot_take_every_connection(self) -> None:
-        await self.serve(f"connections:\n  maxPerClient: 4\nmodels:\n  m:\n    cmd: {FAKE}\n")
-        gate: Any = self.service.gate  # type: ignore[attr-defined]
+    async def serve_gated(self, connections: str) -> tuple[Any, int]:
+        """Serve one fake model behind its ``ConnectionGate`` on a real loopback port."""
+        await self.serve(f"connections:\n{connections}models:\n  m:\n    cmd: {FAKE}\n")
+        gate: Any = self.service.gate
         listening: Any = reactor.listenTCP(0, gate, interface="127.0.0.1")
         self.addCleanup(listening.stopListening)
-        port = listening.getHost().port
+        port: int = listening.getHost().port
         self.base = f"http://127.0.0.1:{port}"
+        return gate, port
+
+    async def test_one_address_cannot_take_every_connection(self) -> None:
+        gate, port = await self.serve_gated("  maxPerClient: 4\n")
         crowd = SlowClients()
         crowd.open(port, 12)  # from 127.0.0.2; the requests below come from 127.0.0.1
         self.addCleanup(crowd.close_all)
@@ -361,7 +366,7 @@ class RealSocketCapTests(LiveTestCase):
         reply = await self.chat("m")  # from 127.0.0.1: served as usual
         self.assertEqual(reply.code, 200)
         # the caps can change on reload; connections already open stay
-        apply: Any = self.service.apply  # type: ignore[attr-defined]
+        apply: Any = self.service.apply
         apply(parse_config(f"connections:\n  maxPerClient: 5\nmodels:\n  m:\n    cmd: {FAKE}\n"))
         crowd.open(port, 2)
 
@@ -374,13 +379,7 @@ class RealSocketCapTests(LiveTestCase):
     async def test_slow_clients_from_many_addresses_make_room_for_a_chat(self) -> None:
         # 12 slow connections from 3 addresses against a total cap of 8: before,
         # the chat got 503 until the header deadline cleared the crowd
-        connections = "connections:\n  maxConnections: 8\n  maxPerClient: 4\n"
-        await self.serve(f"{connections}models:\n  m:\n    cmd: {FAKE}\n")
-        gate: Any = self.service.gate  # type: ignore[attr-defined]
-        listening: Any = reactor.listenTCP(0, gate, interface="127.0.0.1")
-        self.addCleanup(listening.stopListening)
-        port = listening.getHost().port
-        self.base = f"http://127.0.0.1:{port}"
+        gate, port = await self.serve_gated("  maxConnections: 8\n  maxPerClient: 4\n")
         crowd = SlowClients()
         self.addCleanup(crowd.close_all)
         for source in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):

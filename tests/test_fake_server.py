@@ -179,6 +179,7 @@ class ChatTests(SynchronousTestCase):
         self.assertEqual(
             set(body["timings"]),
             {
+                "cache_n",
                 "prompt_n",
                 "prompt_ms",
                 "prompt_per_second",

@@ -107,6 +107,7 @@ class ScanTests(SynchronousTestCase):
             (
                 "/opt/llama/llama-server", "--host", "127.0.0.1", "--port", "${PORT}",
                 "--alias", "chat-7b", "-m", str(self.dir / "chat-7b.gguf"),
+                "--slot-save-path", chat.slot_save_path,  # kvCache: on for llama-server
             ),
         )  # fmt: skip
         self.assertEqual(chat.gguf["capabilities"], ["chat"])

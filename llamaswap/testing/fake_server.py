@@ -70,6 +70,14 @@ _PUBLIC_PATHS: Final = frozenset({"/health", "/v1/health"})
 UNAUTHORIZED_BODY: Final[JSONDict] = {
     "error": {"message": "Invalid API Key", "type": "authentication_error", "code": 401}
 }
+#: llama-server's answer to ``GET /metrics`` when it was started without ``--metrics``.
+NO_METRICS_BODY: Final[JSONDict] = {
+    "error": {
+        "code": 501,
+        "message": "This server does not support metrics endpoint. Start it with `--metrics`",
+        "type": "not_supported_error",
+    }
+}
 #: Paths answered even while loading, so callers can discover the model early.
 _ALWAYS_AVAILABLE_GETS: Final = frozenset({"/v1/models", "/models", "/fake/stats", "/fake/env"})
 
@@ -187,12 +195,40 @@ class _Generation:
     emitted: int = 0
     done: bool = False
     pending: IDelayedCall | None = field(default=None, repr=False)
+    prompt_words: list[str] = field(default_factory=list)
+    slot: _Slot | None = None
+    cache_n: int = 0
 
     def cancel_pending(self) -> None:
         """Drop the scheduled next step, if any."""
         if self.pending is not None and self.pending.active():
             self.pending.cancel()
         self.pending = None
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One llama.cpp slot: the tokens its KV cache holds (words, in the fake)."""
+
+    id: int
+    tokens: list[str] = field(default_factory=list)
+    prompt: str | None = None  # the last task's prompt, as /slots shows it
+    used: float = 0.0
+
+    def describe(self, processing: bool) -> JSONDict:
+        described: JSONDict = {"id": self.id, "n_ctx": 4096, "is_processing": processing}
+        if self.prompt is not None:
+            described.update({"n_prompt_tokens": len(self.tokens), "prompt": self.prompt})
+        return described
+
+
+def _common_prefix(a: Sequence[str], b: Sequence[str]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 @implementer(IResource)
@@ -235,6 +271,8 @@ class FakeLlamaServer:
     @param api_keys: like ``--api-key``: every path but the health checks (and
         the fake's own ``/fake/...``) then needs one, as ``Authorization: Bearer``
         or ``X-Api-Key``.
+    @param metrics: like ``--metrics``: serve ``GET /metrics`` in llama-server's
+        format (a few ``llamacpp:*`` families); without it the answer is 501.
     """
 
     def __init__(
@@ -249,9 +287,21 @@ class FakeLlamaServer:
         log: LogFunction | None = None,
         on_crash: Callable[[], None] | None = None,
         api_keys: Sequence[str] = (),
+        slot_save_path: str | None = None,
+        parallel: int = 1,
         on_state: StateFunction | None = None,
+        metrics: bool = False,
     ) -> None:
         self.clock = clock
+        #: like ``--slot-save-path``: slots keep their prompt (prefix reuse shows as
+        #: ``timings.cache_n``) and ``POST /slots/{id}?action=save|restore`` works
+        self.slot_save_path = slot_save_path
+        self.slots: list[_Slot] = [_Slot(i) for i in range(parallel)]
+        self.build_info = _FINGERPRINT  # /props: a restore is valid for one build only
+        self.metrics = metrics
+        #: What ``GET /metrics`` reports: tokens of finished or cancelled generations.
+        self.prompt_tokens_total = 0
+        self.tokens_predicted_total = 0
         self.api_keys = frozenset(api_keys)
         self.model = model
         self.load_time = load_time
@@ -385,6 +435,8 @@ class FakeLlamaServer:
                 return self._embeddings(request, _parse_json(body))
             if path in _RERANK_PATHS:
                 return self._rerank(request, _parse_json(body))
+            if path.startswith("/slots/") and self.slot_save_path is not None:
+                return self._slot_action(request, path, _parse_json(body) if body else {})
             return self._echo(request, method, path, body)
         except _BadRequest as e:
             return _json(
@@ -415,9 +467,14 @@ class FakeLlamaServer:
         if path == "/props":
             return _json(request, 200, self._props())
         if path == "/slots":
-            return _json(request, 200, [{"id": 0, "is_processing": self.active > 0}])
+            if self.slot_save_path is None:
+                return _json(request, 200, [{"id": 0, "is_processing": self.active > 0}])
+            busy = {g.slot.id for g in self._generations if g.slot is not None}
+            return _json(request, 200, [s.describe(s.id in busy) for s in self.slots])
         if path in _ECHO_GETS:
             return self._echo(request, "GET", path, b"")
+        if path == "/metrics":
+            return self._metrics(request)
         if path == "/fake/stats":
             return _json(request, 200, self.stats())
         if path == "/fake/env":
@@ -427,6 +484,33 @@ class FakeLlamaServer:
             name = names[0].decode("utf-8", "replace")
             return _json(request, 200, {"name": name, "value": os.environ.get(name)})
         return _json(request, 404, _error(404, "File Not Found", "not_found_error"))
+
+    def _metrics(self, request: HTTPRequest) -> bytes:
+        """llama-server's Prometheus text (a subset of its families), or its 501."""
+        if not self.metrics:
+            return _json(request, 501, NO_METRICS_BODY)
+        families = (
+            (
+                "prompt_tokens_total",
+                "counter",
+                "Number of prompt tokens processed, excluding cached tokens",
+                self.prompt_tokens_total,
+            ),
+            (
+                "tokens_predicted_total",
+                "counter",
+                "Number of generation tokens processed",
+                self.tokens_predicted_total,
+            ),
+            ("requests_processing", "gauge", "Number of requests processing", self.active),
+        )
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"text/plain; version=0.0.4")
+        return "".join(
+            f"# HELP llamacpp:{name} {text}\n# TYPE llamacpp:{name} {kind}\n"
+            f"llamacpp:{name} {value}\n"
+            for name, kind, text, value in families
+        ).encode("utf-8")
 
     def _models(self) -> JSONDict:
         return {
@@ -450,7 +534,7 @@ class FakeLlamaServer:
             },
             "total_slots": 1,
             "model_path": f"{self.model}.gguf",
-            "build_info": _FINGERPRINT,
+            "build_info": self.build_info,
             "fake": True,
         }
 
@@ -471,7 +555,10 @@ class FakeLlamaServer:
             prompt_tokens=_count_prompt_tokens(kind, body),
             stream=body.get("stream") is True,
             created=int(self.clock.seconds()),
+            prompt_words=_prompt_words(kind, body),
         )
+        if self.slot_save_path is not None:
+            self._take_slot(generation)
         self._generations.add(generation)
         self._log(
             f"slot launch_slot_: id  0 | task {generation.task_id} | processing task"
@@ -500,6 +587,75 @@ class FakeLlamaServer:
             else:
                 self._finish_plain(generation)
         return NOT_DONE_YET
+
+    def _take_slot(self, generation: _Generation) -> None:
+        """As llama-server: the idle slot sharing the longest prefix, else the least
+        recently used; the shared prefix is not evaluated again (``cache_n``)."""
+        busy = {g.slot.id for g in self._generations if g.slot is not None}
+        idle = [s for s in self.slots if s.id not in busy] or self.slots
+        words = generation.prompt_words
+        slot = max(idle, key=lambda s: (_common_prefix(s.tokens, words), -s.used))
+        if _common_prefix(slot.tokens, words) == 0:
+            slot = min(idle, key=lambda s: s.used)
+        generation.slot = slot
+        generation.cache_n = min(_common_prefix(slot.tokens, words), max(0, len(words) - 1))
+        slot.tokens = list(words)
+        slot.prompt = " ".join(words)
+        slot.used = self.clock.seconds()
+
+    def _slot_action(self, request: HTTPRequest, path: str, body: JSONDict) -> bytes:
+        """``POST /slots/{id}?action=save|restore`` with ``{"filename": ...}``: real files."""
+        assert self.slot_save_path is not None
+        try:
+            slot = self.slots[int(path.removeprefix("/slots/"))]
+        except (ValueError, IndexError):
+            raise _BadRequest("Invalid slot ID") from None
+        actions = request.args.get(b"action") if request.args else None
+        action = actions[0].decode() if actions else ""
+        if action == "erase":
+            erased, slot.tokens, slot.prompt = len(slot.tokens), [], None
+            return _json(request, 200, {"id_slot": slot.id, "n_erased": erased})
+        filename = body.get("filename")
+        if not isinstance(filename, str) or not filename or "/" in filename or ".." in filename:
+            raise _BadRequest("Invalid filename")
+        where = os.path.join(self.slot_save_path, filename)
+        if action == "save":
+            payload = json.dumps({"fake_slot": slot.tokens}).encode()
+            with open(where, "wb") as file:
+                file.write(payload)
+            return _json(
+                request,
+                200,
+                {
+                    "id_slot": slot.id,
+                    "filename": filename,
+                    "n_saved": len(slot.tokens),
+                    "n_written": len(payload),
+                    "timings": {"save_ms": 1.0},
+                },
+            )
+        if action == "restore":
+            try:
+                with open(where, "rb") as file:
+                    raw = file.read()
+                tokens = json.loads(raw)["fake_slot"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                slot.tokens, slot.prompt = [], None
+                raise _BadRequest(f"Unable to restore slot: {e}") from None
+            slot.tokens = [str(t) for t in tokens]
+            slot.prompt = None  # as llama-server: no task has run in it since
+            return _json(
+                request,
+                200,
+                {
+                    "id_slot": slot.id,
+                    "filename": filename,
+                    "n_restored": len(slot.tokens),
+                    "n_read": len(raw),
+                    "timings": {"restore_ms": 1.0},
+                },
+            )
+        raise _BadRequest("Invalid action")
 
     def _schedule(self, generation: _Generation, step: Callable[[_Generation], None]) -> None:
         generation.pending = self.clock.callLater(generation.controls.delay, step, generation)
@@ -558,7 +714,16 @@ class FakeLlamaServer:
         self._log(f"srv  cancel_tasks: cancel task, id_task = {generation.task_id}")
 
     def _retire(self, generation: _Generation) -> None:
+        if generation.slot is not None and not generation.done:
+            text = self._reply_text(generation) + "".join(
+                self._token(i) for i in range(generation.emitted)
+            )
+            # as a chat template would: the reply follows an assistant marker
+            marker = ["<|assistant|>"] if generation.kind == "chat" else []
+            generation.slot.tokens.extend(marker + text.split())
         generation.done = True
+        self.prompt_tokens_total += generation.prompt_tokens
+        self.tokens_predicted_total += generation.emitted
         generation.cancel_pending()
         self._generations.discard(generation)
         self._log(
@@ -584,11 +749,12 @@ class FakeLlamaServer:
         }
 
     def _timings(self, generation: _Generation) -> JSONDict:
-        prompt_n = generation.prompt_tokens
+        prompt_n = generation.prompt_tokens - generation.cache_n
         prompt_ms = prompt_n * _PROMPT_MS_PER_TOKEN
         predicted_n = generation.emitted
         predicted_ms = predicted_n * generation.controls.delay * 1000.0
         return {
+            "cache_n": generation.cache_n,
             "prompt_n": prompt_n,
             "prompt_ms": prompt_ms,
             "prompt_per_second": prompt_n * 1000.0 / prompt_ms if prompt_ms > 0 else 0.0,
@@ -841,6 +1007,29 @@ def _count_prompt_tokens(kind: str, body: JSONDict) -> int:
     return max(1, sum(_count_words(p) for p in parts))
 
 
+def _prompt_words(kind: str, body: JSONDict) -> list[str]:
+    """The prompt as the fake's tokens: role markers and words, in order."""
+    if kind != "chat":
+        prompt = body.get("prompt", body.get("content"))
+        return str(prompt).split() if prompt is not None else []
+    words: list[str] = []
+    messages = body.get("messages")
+    for message in messages if isinstance(messages, list) else []:
+        if not isinstance(message, dict):
+            continue
+        words.append(f"<|{message.get('role')}|>")
+        words.extend(_content_text(message.get("content")).split())
+    return words
+
+
+def _content_text(content: object) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p["text"] for p in content if isinstance(p, dict) and "text" in p)
+    return ""
+
+
 def _fake_embedding(text: str) -> list[float]:
     digest = hashlib.sha256(text.encode("utf-8")).digest()
     return [round(b / 127.5 - 1.0, 6) for b in digest[:_EMBEDDING_SIZE]]
@@ -881,6 +1070,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-spam", type=int, default=0, metavar="N")
     parser.add_argument("--embedding", "--embeddings", action="store_true", help="no effect")
+    parser.add_argument("--reranking", "--rerank", action="store_true", help="no effect")
+    parser.add_argument("--slot-save-path", metavar="DIR", help="save/restore slots here")
+    parser.add_argument("--parallel", "-np", type=int, default=1, metavar="N", help="slots")
+    parser.add_argument(
+        "--metrics", action="store_true", help="serve GET /metrics (else 501), as llama-server"
+    )
     parser.add_argument(
         "--api-key",
         default=os.environ.get("LLAMA_API_KEY", ""),
@@ -975,6 +1170,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for i in range(args.log_spam):
         _stderr(f"llama_model_loader: - kv {i:3d}: fake.spam.{i} str = {'x' * 32}")
 
+    if args.slot_save_path is not None and not os.path.isdir(args.slot_save_path):
+        _stderr(
+            'error while handling argument "--slot-save-path": '
+            f"not a directory: {args.slot_save_path}"
+        )
+        return 1
     if args.fail_start is not None:
         _stderr("main: loading model")
         _stderr(
@@ -1004,7 +1205,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         log=_stderr,
         on_crash=on_crash,
         api_keys=[key for key in args.api_key.split(",") if key],
+        slot_save_path=args.slot_save_path,
+        parallel=args.parallel,
         on_state=link.notify if link is not None else None,
+        metrics=args.metrics,
     )
     site = Site(server.resource())
     site.noisy = False

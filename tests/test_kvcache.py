@@ -1,0 +1,490 @@
+"""The KV store: slots saved before a stop and restored after a start, in memory.
+
+The scheduler runs over fake children and a ``Clock``; each child's HTTP API is a
+fake llama-server (in memory) that keeps slots and writes real slot files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import attrs
+from treq.testing import RequestTraversalAgent
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import readBody
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from zope.interface import implementer
+
+from llamaswap.config import Config, parse_config
+from llamaswap.events import Event
+from llamaswap.kvcache import Conversation, KvStore
+from llamaswap.process import ModelProcess
+from llamaswap.relay import BytesProducer
+from llamaswap.scheduler import Lease
+from llamaswap.testing.fake_server import FakeLlamaServer
+
+from .helpers import World, world
+from .integration import FAKE, LiveTestCase
+
+LONG = " ".join(f"word{i}" for i in range(40))
+REPLY = "fake-reply model=a requested=a tokens: t0 t1"
+
+
+def config_text(path: str, extra: str = "") -> str:
+    return f"""
+kvCache:
+  path: {path}
+  minTokens: 10
+{extra}
+models:
+  a:
+    cmd: sleep --port ${{PORT}} --model a
+    kvCache: true
+  b:
+    cmd: sleep --port ${{PORT}} --model b
+    kvCache: true
+  plain:
+    cmd: sleep --port ${{PORT}} --model plain
+"""
+
+
+@implementer(IAgent)
+class Children:
+    """Routes each request to the fake llama-server of the child at that URL."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.servers: dict[str, FakeLlamaServer] = {}
+        self.agents: list[RequestTraversalAgent] = []
+        self.hang = False  # a child that never answers
+        self.gate: list[Any] | None = None  # requests held until let_through()
+        self.requests: list[tuple[bytes, str]] = []
+
+    def start(self, process: ModelProcess, parallel: int = 1) -> FakeLlamaServer:
+        server = FakeLlamaServer(
+            self.clock,
+            process.id,
+            tokens=2,
+            token_delay=0.0,
+            slot_save_path=process.config.slot_save_path,
+            parallel=parallel,
+        )
+        server.start()
+        self.servers[process.base_url] = server
+        return server
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: IBodyProducer | None = None,
+    ) -> Deferred[IResponse]:
+        base = "/".join(uri.decode().split("/")[:3])
+        self.requests.append((method, uri.decode()[len(base) :]))
+        if self.hang:
+            return Deferred()
+        if self.gate is not None:
+            held: Deferred[IResponse] = Deferred()
+            self.gate.append((held, method, uri, headers, bodyProducer))
+            return held
+        agent = RequestTraversalAgent(self.servers[base].resource())
+        self.agents.append(agent)
+        answer: Deferred[IResponse] = agent.request(method, uri, headers, bodyProducer)
+        return answer
+
+    def let_through(self) -> None:
+        """Answer the held requests (and those they lead to) from now on."""
+        held, self.gate = self.gate or [], None
+        for waiting, *call in held:
+            self.request(*call).chainDeferred(waiting)
+        self.flush()
+
+    def flush(self) -> None:
+        for _ in range(30):
+            for agent in list(self.agents):
+                agent.flush()
+
+
+class KvWorld:
+    def __init__(self, case: SynchronousTestCase, extra: str = "", parallel: int = 1) -> None:
+        self.case = case
+        self.path = os.path.abspath(case.mktemp())
+        self.parallel = parallel
+        found: list[tuple[Children, KvStore]] = []
+
+        def hooks(config: Config, clock: Clock) -> KvStore:
+            children = Children(clock)
+            found.append((children, KvStore(config, children, clock)))
+            return found[0][1]
+
+        self.w: World = world(config_text(self.path, extra), hooks=hooks)
+        [(self.children, self.kv)] = found
+
+    @property
+    def net(self) -> Children:
+        return self.children
+
+    def flush(self) -> None:
+        self.net.flush()
+
+    def bring_up(self, model: str) -> FakeLlamaServer:
+        """The model's child finishes loading (its fake server answers from now)."""
+        server = self.net.start(self.w.process(model), self.parallel)
+        self.w.make_ready(model)
+        self.flush()
+        return server
+
+    def lease(self, model: str) -> Lease:
+        waiting = self.w.scheduler.acquire(model)
+        self.flush()
+        if not waiting.called:
+            self.bring_up(model)
+        return self.case.successResultOf(waiting)
+
+    def chat(self, model: str, messages: list[dict[str, str]]) -> dict[str, Any]:
+        """One request relayed to the model (and noted, as the API does)."""
+        body = {"model": model, "messages": messages}
+        self.kv.note(model, Conversation.of(body))
+        process = self.w.process(model)
+        agent = RequestTraversalAgent(self.net.servers[process.base_url].resource())
+        url = (process.base_url + "/v1/chat/completions").encode()
+        answer: list[Any] = []
+
+        async def call() -> None:
+            response = await agent.request(
+                b"POST", url, Headers(), BytesProducer(json.dumps(body).encode())
+            )
+            answer.append(json.loads(await readBody(response)))
+
+        done = Deferred.fromCoroutine(call())
+        for _ in range(10):
+            agent.flush()
+        self.case.successResultOf(done)
+        result: dict[str, Any] = answer[0]
+        return result
+
+    def files(self, model: str) -> list[str]:
+        directory = self.w.config.models[model].slot_save_path
+        assert directory is not None
+        return sorted(os.listdir(directory))
+
+    def swap_to(self, model: str) -> Lease:
+        """A request for ``model``: the running one is saved and stopped."""
+        return self.lease(model)
+
+    def converse_then_swap(self, text: str = LONG) -> list[dict[str, str]]:
+        """A conversation on ``a``, then a swap to ``b``; returns the follow-up messages."""
+        lease = self.lease("a")
+        first = [{"role": "user", "content": text}]
+        reply = self.chat("a", first)["choices"][0]["message"]["content"]
+        lease.release()
+        self.swap_to("b").release()
+        return [*first, {"role": "assistant", "content": reply}, {"role": "user", "content": "on"}]
+
+
+def cached_prefix(text: str = LONG) -> int:
+    """Prompt tokens of the fake a follow-up finds in cache: the first prompt and reply."""
+    return 1 + len(text.split()) + 1 + len(REPLY.split())
+
+
+class SaveAndRestoreTests(SynchronousTestCase):
+    def test_a_swap_saves_the_slot_and_the_next_start_restores_it_before_any_lease(
+        self,
+    ) -> None:
+        k = KvWorld(self)
+        follow_up = k.converse_then_swap()
+        self.assertEqual(len(k.files("a")), 1)
+        [state] = k.kv.states
+        self.assertEqual((state.model, state.tokens), ("a", cached_prefix()))
+        self.assertIsNotNone(state.key)
+
+        again = k.w.scheduler.acquire("a")
+        k.flush()
+        k.net.start(k.w.process("a"))
+        k.net.gate = []
+        k.w.make_ready("a")
+        self.assertNoResult(again)  # ready, but restoring: no lease yet
+        fast = k.w.scheduler.acquire("a")
+        self.assertNoResult(fast)  # nor on the fast path
+        k.net.let_through()
+        lease = self.successResultOf(again)
+        self.successResultOf(fast).release()
+        answer = k.chat("a", follow_up)
+        self.assertEqual(answer["timings"]["cache_n"], cached_prefix())
+        lease.release()
+        self.assertEqual(k.kv.counts["a"].saves, 1)
+        self.assertEqual(k.kv.counts["a"].restores, 1)
+
+    def test_without_the_store_the_follow_up_evaluates_everything_again(self) -> None:
+        k = KvWorld(self)
+        k.kv.config = parse_config(
+            config_text(k.path).replace("kvCache: true", "kvCache: false"), "t.yaml"
+        )
+        follow_up = k.converse_then_swap()
+        self.assertEqual(k.kv.states, [])
+        k.lease("a")
+        self.assertEqual(k.chat("a", follow_up)["timings"]["cache_n"], 0)
+
+    def test_short_slots_are_not_saved(self) -> None:
+        k = KvWorld(self)
+        k.converse_then_swap(text="hi")
+        self.assertEqual(k.kv.states, [])
+        self.assertEqual(k.files("a"), [])
+
+    def test_an_idle_timeout_saves_too(self) -> None:
+        k = KvWorld(self, extra="globalTTL: 30")
+        lease = k.lease("a")
+        k.chat("a", [{"role": "user", "content": LONG}])
+        lease.release()
+        k.w.reactor.advance(30)
+        k.flush()
+        self.assertEqual(k.w.child("a").signals, ["TERM"])
+        self.assertEqual(len(k.kv.states), 1)
+
+    def test_shutdown_saves_unless_told_not_to(self) -> None:
+        for save, expected in (("true", 1), ("false", 0)):
+            k = KvWorld(self, extra=f"  saveOnShutdown: {save}")
+            lease = k.lease("a")
+            k.chat("a", [{"role": "user", "content": LONG}])
+            lease.release()
+            closed = k.w.scheduler.close()
+            k.flush()
+            self.successResultOf(closed)
+            self.assertEqual(len(k.kv.states), expected, save)
+
+    def test_models_without_kv_keeping_are_left_alone(self) -> None:
+        k = KvWorld(self)
+        self.assertIsNone(k.w.config.models["plain"].slot_save_path)
+        k.lease("plain").release()
+        k.swap_to("a").release()
+        self.assertEqual(k.net.requests, [])
+
+
+class NeverWrongTests(SynchronousTestCase):
+    def test_a_state_from_another_server_build_is_discarded_not_restored(self) -> None:
+        k = KvWorld(self)
+        follow_up = k.converse_then_swap()
+        again = k.w.scheduler.acquire("a")
+        k.flush()
+        server = k.net.start(k.w.process("a"))
+        server.build_info = "b9999-other"
+        k.w.make_ready("a")
+        k.flush()
+        lease = self.successResultOf(again)
+        self.assertEqual(k.chat("a", follow_up)["timings"]["cache_n"], 0)
+        lease.release()
+        self.assertEqual(k.kv.states, [])
+        self.assertEqual(k.files("a"), [])
+        self.assertFalse(any("restore" in path for _, path in k.net.requests))
+
+    def test_a_refused_restore_costs_only_the_attempt(self) -> None:
+        k = KvWorld(self)
+        follow_up = k.converse_then_swap()
+        [name] = k.files("a")
+        directory = k.w.config.models["a"].slot_save_path
+        assert directory is not None
+        with open(os.path.join(directory, name), "w") as damaged:
+            damaged.write("not a slot")
+        lease = k.lease("a")
+        self.assertEqual(k.chat("a", follow_up)["timings"]["cache_n"], 0)
+        lease.release()
+        self.assertEqual(k.kv.counts["a"].failures, 1)
+        self.assertEqual(k.kv.states, [])
+
+    def test_a_child_that_does_not_answer_delays_the_swap_only_up_to_the_timeout(self) -> None:
+        k = KvWorld(self, extra="  timeout: 3")
+        lease = k.lease("a")
+        k.chat("a", [{"role": "user", "content": LONG}])
+        lease.release()
+        k.net.hang = True
+        waiting = k.w.scheduler.acquire("b")
+        k.w.reactor.advance(2.9)
+        self.assertEqual(k.w.child("a").signals, [])
+        k.w.reactor.advance(0.1)
+        self.assertEqual(k.w.child("a").signals, ["TERM"])
+        k.net.hang = False
+        k.bring_up("b")
+        self.successResultOf(waiting).release()
+        self.assertEqual(k.kv.counts["a"].skipped, 1)
+        self.assertEqual(k.kv.states, [])
+
+    def test_a_slot_file_no_state_names_is_removed_at_the_next_save(self) -> None:
+        k = KvWorld(self)
+        directory = k.w.config.models["a"].slot_save_path
+        assert directory is not None
+        for name in ("slot-late.bin", "notes.txt"):  # a save given up; someone else's
+            with open(os.path.join(directory, name), "w") as file:
+                file.write("x")
+        k.converse_then_swap()
+        self.assertEqual(
+            sorted(k.files("a")), sorted(["notes.txt", *(s.filename for s in k.kv.states)])
+        )
+
+    def test_a_restart_of_llamaswap_finds_the_saved_states(self) -> None:
+        k = KvWorld(self)
+        k.converse_then_swap()
+        again = KvStore(k.w.config, k.net, k.w.reactor)
+        self.assertEqual([s.filename for s in again.states], [s.filename for s in k.kv.states])
+
+
+class ConversationTests(SynchronousTestCase):
+    def test_a_continuation_holds_the_key_of_the_conversation_it_continues(self) -> None:
+        first = [{"role": "user", "content": "hello"}]
+        later = [*first, {"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]
+        a = Conversation.of({"messages": first})
+        b = Conversation.of({"messages": later})
+        other = Conversation.of({"messages": [{"role": "user", "content": "bye"}]})
+        assert a is not None and b is not None and other is not None
+        self.assertIn(a.key, b.prefixes)
+        self.assertNotIn(other.key, b.prefixes)
+        self.assertEqual(b.tail, "x")
+        self.assertIsNone(Conversation.of({"messages": "nope"}))
+        self.assertIsNone(Conversation.of({"input": "embed me"}))
+
+    def test_the_state_a_request_continues_is_restored_not_the_most_recent(self) -> None:
+        k = KvWorld(self)
+        follow_x = k.converse_then_swap(text=LONG)
+        other = " ".join(f"other{i}" for i in range(40))
+        k.w.reactor.advance(1)
+        lease = k.lease("a")  # restores X (the only state), then a new chat Y
+        k.chat("a", [{"role": "user", "content": other}])
+        lease.release()
+        k.w.reactor.advance(1)
+        k.swap_to("b").release()
+        x, y = sorted(k.kv.states, key=lambda s: s.used_at)
+        self.assertEqual((x.tokens, y.tokens), (cached_prefix(), cached_prefix(other)))
+        again = k.w.scheduler.acquire("a")
+        k.kv.note("a", Conversation.of({"messages": follow_x}))
+        k.flush()
+        k.bring_up("a")
+        lease = self.successResultOf(again)
+        self.assertEqual(k.chat("a", follow_x)["timings"]["cache_n"], cached_prefix())
+        lease.release()
+
+    def test_a_grown_conversation_replaces_its_shorter_state(self) -> None:
+        k = KvWorld(self)
+        follow_up = k.converse_then_swap()
+        lease = k.lease("a")
+        k.chat("a", follow_up)
+        lease.release()
+        k.swap_to("b").release()
+        self.assertEqual(len(k.kv.states), 1)
+        self.assertEqual(len(k.files("a")), 1)
+
+
+class BudgetTests(SynchronousTestCase):
+    def test_the_least_recently_used_states_go_when_the_budget_is_full(self) -> None:
+        k = KvWorld(self, extra="  maxBytesPerModel: 1000", parallel=1)
+        for n in range(3):
+            lease = k.lease("a")
+            k.chat("a", [{"role": "user", "content": f"{n} {LONG}"}])
+            lease.release()
+            k.swap_to("b").release()
+            k.w.reactor.advance(1)
+        sizes = [s.bytes for s in k.kv.states]
+        self.assertLessEqual(sum(sizes), 1000)
+        self.assertEqual(len(k.files("a")), len(k.kv.states))
+        self.assertGreater(len(k.kv.states), 0)
+
+
+class VisibleTests(SynchronousTestCase):
+    def test_cache_n_after_a_restore_is_counted(self) -> None:
+        k = KvWorld(self)
+        k.converse_then_swap()
+        k.lease("a").release()
+        k.kv.observe(Event("activity", {"model": "a", "cache_n": 47}))
+        k.kv.observe(Event("activity", {"model": "a", "cache_n": 50}))  # not after a restore
+        self.assertEqual(k.kv.counts["a"].cached_tokens, 47)
+        metrics = {
+            sample.name: sample.value
+            for family in k.kv.collector().collect()
+            for sample in family.samples
+        }
+        self.assertEqual(metrics["llamaswap_kv_restored_prompt_tokens_total"], 47)
+        self.assertEqual(metrics["llamaswap_kv_saves_total"], 1)
+        [described] = k.kv.describe()
+        self.assertEqual(described["tokens"], cached_prefix())
+
+
+class OverRealSocketsTests(LiveTestCase):
+    """llamaswap over HTTP in front of fake llama-server children (real processes)."""
+
+    async def test_a_follow_up_after_a_to_b_to_a_finds_its_history_in_the_cache(self) -> None:
+        path = os.path.abspath(self.mktemp())
+        await self.serve(
+            f"kvCache:\n  path: {path}\n  minTokens: 10\n"
+            "models:\n"
+            f"  a:\n    cmd: {FAKE} --tokens 2 --token-delay 0\n    kvCache: true\n"
+            f"  b:\n    cmd: {FAKE} --tokens 2 --token-delay 0\n    kvCache: true\n"
+        )
+        first = [{"role": "user", "content": LONG}]
+        answer = (await self.post("/v1/chat/completions", {"model": "a", "messages": first})).json()
+        self.assertEqual(answer["timings"]["cache_n"], 0)
+        reply = answer["choices"][0]["message"]
+        await self.post("/v1/chat/completions", {"model": "b", "messages": first})
+        follow_up = [*first, reply, {"role": "user", "content": "and then?"}]
+        again = await self.post("/v1/chat/completions", {"model": "a", "messages": follow_up})
+        self.assertEqual(again.json()["timings"]["cache_n"], cached_prefix())
+
+        saved = (await self.request("GET", "/running")).json()["saved_states"]
+        self.assertEqual({s["model"] for s in saved}, {"a", "b"})
+        metrics = (await self.request("GET", "/metrics")).body.decode()
+        self.assertIn('llamaswap_kv_restores_total{model="a"} 1.0', metrics)
+        self.assertIn(
+            f'llamaswap_kv_restored_prompt_tokens_total{{model="a"}} {cached_prefix()}.0', metrics
+        )
+
+    async def test_clients_may_not_save_or_restore_slots_in_llamaswaps_directory(self) -> None:
+        path = os.path.abspath(self.mktemp())
+        await self.serve(
+            f"kvCache:\n  path: {path}\n"
+            "models:\n"
+            f"  a:\n    cmd: {FAKE}\n    kvCache: true\n"
+            f"  own:\n    cmd: {FAKE} --slot-save-path {path}/own\n    kvCache: true\n"
+        )
+        for route in ("/slots/0?model=a&action=save", "/upstream/a/slots/0?action=restore"):
+            refused = await self.post(route, {"filename": "x.bin"})
+            self.assertEqual(refused.code, 403, route)
+            self.assertEqual(refused.json()["error"]["code"], "slot_action_forbidden")
+        self.assertEqual(os.listdir(self.api.config.models["a"].slot_save_path or ""), [])
+        erased = await self.request("POST", "/slots/0?model=a&action=erase")
+        self.assertEqual(erased.code, 200)
+        # a server given its own --slot-save-path: the client's business, relayed
+        saved = await self.post("/slots/0?model=own&action=save", {"filename": "x.bin"})
+        self.assertEqual(saved.code, 200)
+        self.assertIn("x.bin", os.listdir(os.path.join(path, "own")))
+
+
+class DirectoryTests(SynchronousTestCase):
+    def test_llamaswap_adds_slot_save_path_to_llama_server_commands_in_a_private_directory(
+        self,
+    ) -> None:
+        path = os.path.join(os.path.abspath(self.mktemp()), "kv")
+        config = parse_config(
+            f"kvCache:\n  path: {path}\n"
+            "models:\n"
+            "  llama:\n    cmd: /opt/llama-server --port ${PORT}\n"
+            "  own:\n    cmd: llama-server --port ${PORT} --slot-save-path /srv/slots\n"
+            "  quiet:\n    cmd: llama-server --port ${PORT}\n    kvCache: false\n"
+            "  other:\n    cmd: vllm --port ${PORT}\n",
+            "t.yaml",
+        )
+        llama = config.models["llama"]
+        assert llama.slot_save_path is not None
+        self.assertEqual(llama.cmd.argv[-2:], ("--slot-save-path", llama.slot_save_path))
+        self.assertTrue(llama.slot_save_added)
+        self.assertEqual(
+            (config.models["own"].slot_save_path, config.models["own"].slot_save_added),
+            ("/srv/slots", False),
+        )
+        self.assertIsNone(config.models["quiet"].slot_save_path)
+        self.assertIsNone(config.models["other"].slot_save_path)
+        KvStore(attrs.evolve(config, models={"llama": llama}), Children(Clock()), Clock())
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o700)
+        self.assertTrue(os.path.isdir(llama.slot_save_path))

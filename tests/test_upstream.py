@@ -1,0 +1,118 @@
+"""How llamaswap connects to its children: direct endpoints, streams on their own connection."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IAddress, IListeningPort
+from twisted.internet.protocol import Factory, Protocol, ServerFactory
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import URI
+from twisted.web.error import SchemeNotSupported
+
+from llamaswap.upstream import UpstreamEndpoints
+
+from .integration import LiveTestCase
+
+
+class EndpointTests(SynchronousTestCase):
+    def test_ip_literals_connect_at_once_without_name_resolution(self) -> None:
+        memory = MemoryReactorClock()  # has no resolver: a lookup would fail
+        endpoints = UpstreamEndpoints(memory, connect_timeout=7)
+        factory = Factory.forProtocol(Protocol)
+        endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8123/v1/models")).connect(factory)
+        ((host, port, _, timeout, _),) = memory.tcpClients
+        self.assertEqual((host, port, timeout), ("127.0.0.1", 8123, 7))
+        self.assertFalse(factory.noisy)  # one log line per connection is not wanted
+
+    def test_host_names_are_resolved_and_other_schemes_refused(self) -> None:
+        endpoints = UpstreamEndpoints(MemoryReactorClock(), connect_timeout=7)
+        named: Any = endpoints.endpointForURI(URI.fromBytes(b"http://gpu-box:8080/"))
+        self.assertIsInstance(named.endpoint, HostnameEndpoint)
+        with self.assertRaises(SchemeNotSupported):
+            endpoints.endpointForURI(URI.fromBytes(b"ftp://127.0.0.1/"))
+
+
+class _LikeLlamaServer(Protocol):
+    """Streams one answer per connection and then drops the connection — but only
+    when the next request arrives on it, so the moment in which llama-server's
+    close is still on its way is always hit.  Plain answers keep the connection."""
+
+    def __init__(self, seen: dict[str, int]) -> None:
+        self.seen = seen
+        self.buffer = b""
+        self.streamed = False
+
+    def connectionMade(self) -> None:
+        self.seen["connections"] += 1
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        head, found, rest = self.buffer.partition(b"\r\n\r\n")
+        if not found:
+            return
+        length = 0
+        for line in head.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        if len(rest) < length:
+            return
+        body, self.buffer = rest[:length], rest[length:]
+        assert self.transport is not None
+        if self.streamed:  # the server had already closed this connection
+            self.seen["cut"] += 1
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+            return
+        if json.loads(body).get("stream"):
+            self.streamed = True
+            event = b"data: [DONE]\n\n"
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n"
+                + b"%x\r\n%s\r\n0\r\n\r\n"
+                % (len(event), event)
+            )
+            return
+        answer = b'{"choices": []}'
+        self.transport.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(answer), answer)
+        )
+
+
+class _Upstream(ServerFactory):
+    def __init__(self, seen: dict[str, int]) -> None:
+        self.seen = seen
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
+        return _LikeLlamaServer(self.seen)
+
+
+class StreamConnectionTests(LiveTestCase):
+    async def test_back_to_back_streams_never_meet_a_closing_connection(self) -> None:
+        seen = {"connections": 0, "cut": 0}
+        port: IListeningPort = reactor.listenTCP(0, _Upstream(seen), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        upstream = port.getHost().port  # type: ignore[attr-defined]
+        await self.serve(
+            "models:\n  m:\n"
+            f'    cmd: {sys.executable} -c "import time; time.sleep(600)"\n'
+            f"    proxy: http://127.0.0.1:{upstream}\n"
+            "    checkEndpoint: none\n"
+        )
+        for _ in range(2):
+            self.assertEqual((await self.chat("m")).code, 200)
+        for _ in range(3):
+            reply = await self.chat("m", stream=True)
+            self.assertEqual(reply.code, 200, reply.body)
+            self.assertIn(b"[DONE]", reply.body)
+        self.assertEqual((await self.chat("m")).code, 200)
+        self.assertEqual(seen["cut"], 0)
+        # the plain answers shared one kept connection; each stream had its own
+        self.assertEqual(seen["connections"], 4)
