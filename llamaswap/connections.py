@@ -41,9 +41,11 @@ from .logs import logger
 
 # File descriptors kept for everything but client connections: the listening
 # sockets, logs, the activity store, NVML, the model servers' pipes.  What is left
-# is shared half and half by client connections and the upstream connections
-# they cause.
+# is shared in thirds: each client connection, the spool file of a large request
+# body (Twisted stores bodies over 100 kB in a temporary file until the request
+# ends) and the upstream connection it causes.
 RESERVED_FILES = 128
+FILES_PER_CONNECTION = 3
 WARN_EVERY = 60.0
 
 
@@ -63,7 +65,7 @@ def raise_file_limit() -> int:
 
 def connection_budget(file_limit: int) -> int:
     """Client connections that fit in ``file_limit`` descriptors with headroom."""
-    return max(8, (file_limit - RESERVED_FILES) // 2)
+    return max(8, (file_limit - RESERVED_FILES) // FILES_PER_CONNECTION)
 
 
 def client_key(address: IAddress | None) -> str | None:
