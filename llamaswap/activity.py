@@ -253,8 +253,8 @@ class ActivityStore:
             self.dropped += count
             self.writes.failed(
                 insert_error,
-                "new rows are dropped (counted in /api/activity/stats and "
-                "llamaswap_activity_rows_dropped_total) until a write succeeds; "
+                "new rows are dropped (counted in llamaswap_activity_rows_dropped_total, "
+                "and in /api/activity/stats once it works again) until a write succeeds; "
                 "free disk space or fix the file's permissions",
             )
         if prune_error is None:

@@ -341,6 +341,7 @@ class ModelProcess:
                 interval=self.timing.poll_interval,
                 ready=self._became_ready,
                 progress=self._progressed,
+                failed=self._cannot_start,
             )
         if childproto.speaks_protocol(self.config.child_protocol, executable):
             return ProtocolWatch(
@@ -406,6 +407,13 @@ class ModelProcess:
         )
         cause = f"not ready after {self.timing.health_timeout:g}s ({what})"
         self._start_failure = StartFailed(self.id, cause, list(self.tail), kind="timeout")
+        self._begin_stop()
+
+    def _cannot_start(self, cause: str) -> None:
+        """The readiness watch knows the start cannot succeed: stop the child now."""
+        self._cancel(self._deadline)
+        self._deadline = None
+        self._start_failure = StartFailed(self.id, cause, list(self.tail), kind="loop")
         self._begin_stop()
 
     def _fire_start(self, error: Exception | None) -> None:

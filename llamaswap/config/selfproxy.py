@@ -62,13 +62,21 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def _addresses(host: str) -> set[IPAddress]:
-    """The addresses a literal host stands for; empty for a name (not resolved)."""
-    if host.lower() == "localhost":
+    """The addresses a literal host stands for, in every spelling the resolver takes
+    (``127.1``, ``2130706433``, ``0x7f.1``, ``localhost.``, ``*.localhost``); empty
+    for a name (not resolved)."""
+    name = host.lower().removesuffix(".")
+    if name == "localhost" or name.endswith(".localhost"):
         return {ipaddress.IPv4Address("127.0.0.1"), ipaddress.IPv6Address("::1")}
     try:
-        address = ipaddress.ip_address(host.strip("[]"))
+        address: IPAddress = ipaddress.ip_address(name.strip("[]"))
     except ValueError:
-        return set()
+        if not re.fullmatch(r"[0-9a-fx.]+", name):
+            return set()
+        try:  # the shorthand and octal/hex forms of IPv4 that inet_aton reads
+            address = ipaddress.IPv4Address(socket.inet_aton(name))
+        except OSError:
+            return set()
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return {address.ipv4_mapped}
     return {address}

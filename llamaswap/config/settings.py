@@ -115,7 +115,8 @@ class ConnectionLimits:
     body_timeout: float = setting(
         "bodyTimeout",
         20.0,
-        "seconds a request body may take, plus one second per `bodyMinRate` bytes received",
+        "seconds a request body may take, plus one second per `bodyMinRate` bytes received, "
+        "banked at most `bodyTimeout` seconds ahead",
         **POSITIVE,
     )
     body_min_rate: int = setting(
@@ -127,8 +128,9 @@ class ConnectionLimits:
     max_connections: int | None = setting(
         "maxConnections",
         None,
-        "most open client connections; by default half of the open-file limit less 128 (kept "
-        "for llamaswap and its model servers); a larger value is lowered to that",
+        "most open client connections; by default a third of the open-file limit less 128 "
+        "(kept for llamaswap and its model servers; each connection may also hold a request "
+        "body's spool file and an upstream connection); a larger value is lowered to that",
         kind="integer",
         nullable=True,
         shown="derived",
