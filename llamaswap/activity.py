@@ -33,6 +33,13 @@ from .logs import logger
 
 T = TypeVar("T")
 
+# Columns added after SCHEMA was first released: each is added to a database that
+# lacks it when the store opens (``ALTER TABLE ADD COLUMN``, so rows written before
+# have NULL there).  Append only: an old database gets whatever it misses, in any
+# order, whatever other columns it has.
+ADDED_COLUMNS = (
+    ("cache_n", "INTEGER"),  # prompt tokens the server found in its cache (timings.cache_n)
+)
 COLUMNS = (
     "id",
     "time",
@@ -47,6 +54,7 @@ COLUMNS = (
     "prompt_tps",
     "gen_tps",
     "error",
+    *(name for name, _ in ADDED_COLUMNS),
 )
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS activity (
@@ -202,6 +210,7 @@ class ActivityStore:
         self._db.executescript(SCHEMA)
         if path != ":memory:":
             self._db.execute("PRAGMA journal_mode=WAL")
+        add_missing_columns(self._db)
         row = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM activity").fetchone()
         self._next_id = max(self._next_id, int(row[0]) + 1)
 
@@ -373,6 +382,20 @@ class ActivityStore:
                 "gen_tps": percentiles([e[5] for e in entries if e[5] is not None]),
             }
         return {"models": models}
+
+
+def add_missing_columns(db: sqlite3.Connection) -> None:
+    """The additive migration: every column of ADDED_COLUMNS the table lacks."""
+    for name, kind in ADDED_COLUMNS:
+        present = {row[1] for row in db.execute("PRAGMA table_info(activity)")}
+        if name in present:
+            continue
+        try:
+            db.execute(f"ALTER TABLE activity ADD COLUMN {name} {kind}")
+        except sqlite3.OperationalError:
+            # another llamaswap sharing the file added it just now: fine if it is there
+            if name not in {row[1] for row in db.execute("PRAGMA table_info(activity)")}:
+                raise
 
 
 def _reading(work: Callable[..., T], *args: Any) -> T:

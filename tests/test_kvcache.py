@@ -471,6 +471,9 @@ class OverRealSocketsTests(LiveTestCase):
 
         saved = (await self.request("GET", "/running")).json()["saved_states"]
         self.assertEqual({s["model"] for s in saved}, {"a", "b"})
+        # the activity log keeps each request's cache_n
+        rows = (await self.request("GET", "/api/activity?model=a")).json()["data"]
+        self.assertEqual([r["cache_n"] for r in rows], [cached_prefix(), 0])
         metrics = (await self.request("GET", "/metrics")).body.decode()
         self.assertIn('llamaswap_kv_restores_total{model="a"} 1.0', metrics)
         self.assertIn(
