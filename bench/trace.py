@@ -46,13 +46,16 @@ LOAD_EMBED = 0.5  # s the embeddings model takes to load
 MAX_WAIT = 8.0  # scheduler.maxWait of the collate runs
 MAX_RESIDENCY = 20.0  # scheduler.maxResidency of the collate runs
 SLACK = 0.25  # s of scheduling, proxying and event-timestamp jitter in the bound
+TITLE_LEAD = 0.2  # s between Open WebUI's title request and the chat request
+TASK_TOKENS = {"title": 24, "follow-ups": 60, "tags": 16}  # background answers
+LOAD_MIX = 1.0  # s a model of the closed-loop mix takes to load
 REQUEST_TIMEOUT = 120.0  # a request not answered by then is reported as never answered
 RUN_DEADLINE = 240.0  # a run whose clients have not finished by then is a hang
 
 FAKE = (
     "    cmd: >-\n"
     "      python -m llamaswap.testing.fake_server --port ${{PORT}} --model ${{MODEL_ID}}\n"
-    "      --load-time {load} --token-delay {delay} --tokens 40"
+    "      --load-time {load} --token-delay {delay} --tokens 40{flags}"
 )
 
 
@@ -69,6 +72,10 @@ class Step:
     inputs: int = 0  # embeddings: texts per request
     count: int = 1
     think: float = 0.0
+    # Open WebUI's background requests around a user message (to the task model):
+    before: str = ""  # a title request, sent TITLE_LEAD s before the chat
+    after: str = ""  # follow-ups and tags, sent together when the answer is in
+    stream: bool = False  # streamed: the time to the first token is measured
 
 
 @dataclass(frozen=True)
@@ -87,10 +94,14 @@ class Trace:
     clients: tuple[Client, ...]
     models: dict[str, float]  # id -> load time
     variants: tuple[str, ...] = ("default",)  # group layouts it runs under
+    policies: tuple[str, ...] = ("fifo", "collate")  # "default": no scheduler section
+    extra: str = ""  # more top-level configuration (pools)
+    flags: str = ""  # more arguments for every fake server
 
     @property
     def requests(self) -> int:
-        return sum(s.count for c in self.clients for s in c.steps)
+        tasks = sum(bool(s.before) + 2 * bool(s.after) for c in self.clients for s in c.steps)
+        return sum(s.count for c in self.clients for s in c.steps) + tasks
 
 
 def tokens(rng: random.Random) -> int:
@@ -217,6 +228,94 @@ def embeddings_trace(rng: random.Random, turns_a: int, turns_b: int, bursts: int
     )
 
 
+def openwebui_traces(rng: random.Random, messages: int) -> list[Trace]:
+    """Two users chatting with A through Open WebUI, which sends a title request
+    just before each chat request and follow-ups and tags after each answer; three
+    ways to set the task model (none, another model id, the pool of chat models)."""
+    users = []
+    for i in range(2):
+        start = round(rng.uniform(0.0, 2.0), 3)
+        steps = [
+            (tokens(rng), round(rng.uniform(4.0, 10.0), 3)) for _ in range(messages)
+        ]  # answer length, reading and typing time
+        users.append((f"user{i + 1}", start, steps))
+    common = (
+        f"Two users chat with A through Open WebUI, {messages} messages each, 4–10 s of "
+        "reading and typing between an answer and the next message (streamed; the time "
+        "to the first token is measured). Models run with `--parallel 2`; A and B are "
+        "chat models, T is a separate task model, all in the default group. "
+    )
+    kinds = (
+        ("owui-none", "", "no background tasks (the baseline)", ""),
+        (
+            "owui-task",
+            "T",
+            f"the task model is T: a title request (sent {TITLE_LEAD:g} s before the chat), "
+            "then follow-ups and tags, go to T",
+            "",
+        ),
+        (
+            "owui-pool",
+            "tasks",
+            "the task model is the pool `tasks: {models: [A, B], priority: -1}`: the same "
+            "background requests go to whichever chat model is loaded",
+            "pools:\n  tasks:\n    models: [A, B]\n    priority: -1\n",
+        ),
+    )
+    out = []
+    for name, task, what, extra in kinds:
+        clients = tuple(
+            Client(
+                user,
+                start,
+                tuple(
+                    Step("A", tokens=n, think=think, before=task, after=task, stream=True)
+                    for n, think in steps
+                ),
+            )
+            for user, start, steps in users
+        )
+        out.append(
+            Trace(
+                name,
+                f"Open WebUI, {what.split(':')[0]}",
+                common + what + ".",
+                clients,
+                {"A": LOAD_CHAT, "B": LOAD_CHAT, "T": LOAD_CHAT},
+                policies=("fifo", "default"),
+                extra=extra,
+                flags=" --parallel 2",
+            )
+        )
+    return out
+
+
+def closed_loop_trace(rng: random.Random, per_model: int, turns: int) -> Trace:
+    """Three models, several closed-loop clients on each: the mix that makes
+    arrival order load a model for almost every request."""
+    clients = tuple(
+        Client(
+            f"{model}-{i + 1}",
+            round(rng.uniform(0.0, 3.0), 3),
+            tuple(
+                Step(model, tokens=tokens(rng), think=round(rng.uniform(0.5, 2.0), 3))
+                for _ in range(turns)
+            ),
+        )
+        for model in ("X", "Y", "Z")
+        for i in range(per_model)
+    )
+    return Trace(
+        "closed",
+        "Closed-loop mix: 3 models, 3 clients each",
+        f"{per_model} clients per model (X, Y, Z; default group, {LOAD_MIX:g} s loads) start "
+        f"within 3 s; each sends {turns} requests, the next 0.5–2 s after the answer.",
+        clients,
+        {"X": LOAD_MIX, "Y": LOAD_MIX, "Z": LOAD_MIX},
+        policies=("fifo", "default"),
+    )
+
+
 def traces(seed: int, quick: bool) -> list[Trace]:
     """The traces, each from its own generator seeded from ``seed`` and its name."""
 
@@ -229,12 +328,16 @@ def traces(seed: int, quick: bool) -> list[Trace]:
             agent_trace(rng("agent-lockstep"), agents=2, loops=1, lockstep=True),
             two_users_trace(rng("users"), turns_a=3, turns_b=2),
             embeddings_trace(rng("embed"), turns_a=3, turns_b=1, bursts=1),
+            *openwebui_traces(rng("owui"), messages=2),
+            closed_loop_trace(rng("closed"), per_model=3, turns=1),
         ]
     return [
         agent_trace(rng("agent"), agents=4, loops=2),
         agent_trace(rng("agent-lockstep"), agents=3, loops=2, lockstep=True),
         two_users_trace(rng("users"), turns_a=10, turns_b=3),
         embeddings_trace(rng("embed"), turns_a=6, turns_b=3, bursts=3),
+        *openwebui_traces(rng("owui"), messages=4),
+        closed_loop_trace(rng("closed"), per_model=3, turns=3),
     ]
 
 
@@ -242,6 +345,8 @@ def traces(seed: int, quick: bool) -> list[Trace]:
 
 
 def scheduler_yaml(policy: str) -> str:
+    if policy == "default":
+        return ""
     if policy == "fifo":
         return "scheduler:\n  policy: fifo\n"
     return (
@@ -253,13 +358,16 @@ def scheduler_yaml(policy: str) -> str:
 def trace_config(trace: Trace, policy: str, variant: str, start_port: int) -> str:
     head = (
         f"healthCheckTimeout: 60\nstartPort: {start_port}\n"
-        "store:\n  path: ':memory:'\n" + scheduler_yaml(policy)
+        "store:\n  path: ':memory:'\n" + scheduler_yaml(policy) + trace.extra
     )
     if variant == "resident":
         head += (
             "groups:\n  resident:\n    members: [E]\n    persistent: true\n    exclusive: false\n"
         )
-    models = {m: FAKE.format(load=load, delay=TOKEN_DELAY) for m, load in trace.models.items()}
+    models = {
+        m: FAKE.format(load=load, delay=TOKEN_DELAY, flags=trace.flags)
+        for m, load in trace.models.items()
+    }
     return config_text(head, models)
 
 
@@ -274,6 +382,8 @@ class Sent:
     done: float = 0.0
     status: int = 0
     error: str = ""
+    role: str = "chat"  # or an Open WebUI background task: title, follow-ups, tags
+    first: float = 0.0  # streamed: when the first token came
 
 
 def body(step: Step, client: str, index: int) -> dict[str, Any]:
@@ -293,17 +403,59 @@ def body(step: Step, client: str, index: int) -> dict[str, Any]:
     }
 
 
+def post_stream(port: int, path: str, document: dict[str, Any]) -> tuple[int, float, bytes]:
+    """POST a streamed request; (status, time of the first token, the whole body)."""
+    conn = httpclient.HTTPConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT)
+    try:
+        conn.request(
+            "POST",
+            path,
+            body=json.dumps({**document, "stream": True}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        response = conn.getresponse()
+        if response.status != 200:
+            return response.status, 0.0, response.read()
+        first = 0.0
+        chunks = []
+        while True:
+            line = response.readline()
+            if not line:
+                break
+            chunks.append(line)
+            if not first and _has_token(line):
+                first = time.time()
+        return response.status, first, b"".join(chunks)
+    finally:
+        conn.close()
+
+
+def _has_token(line: bytes) -> bool:
+    """Is this SSE line a chunk with generated text (not the role, not [DONE])?"""
+    if not line.startswith(b"data:") or b"[DONE]" in line:
+        return False
+    try:
+        choices = json.loads(line[5:]).get("choices") or [{}]
+    except ValueError:
+        return False
+    return bool((choices[0].get("delta") or {}).get("content"))
+
+
 def replay(port: int, trace: Trace) -> tuple[list[Sent], float, float]:
     """Run every client of ``trace``; returns the requests and the start/end times."""
     results: list[Sent] = []
     lock = threading.Lock()
     t0 = time.time() + 0.2
 
-    def send(client: str, step: Step, index: int) -> None:
+    def send(client: str, step: Step, index: int, role: str = "chat") -> None:
         path = "/v1/chat/completions" if step.tokens else "/v1/embeddings"
-        record = Sent(client, step.model, time.time())
+        record = Sent(client, step.model, time.time(), role=role)
         try:
-            status, reply = http(port, "POST", path, body(step, client, index), REQUEST_TIMEOUT)
+            if step.stream:
+                status, first, reply = post_stream(port, path, body(step, client, index))
+                record.first = first
+            else:
+                status, reply = http(port, "POST", path, body(step, client, index), REQUEST_TIMEOUT)
             record.status = status
             if status != 200:
                 record.error = reply[:200].decode(errors="replace")
@@ -313,10 +465,21 @@ def replay(port: int, trace: Trace) -> tuple[list[Sent], float, float]:
         with lock:
             results.append(record)
 
+    def task(client: str, model: str, role: str, index: int) -> threading.Thread:
+        """One of Open WebUI's background requests, sent without waiting for it."""
+        step = Step(model, tokens=TASK_TOKENS[role])
+        thread = threading.Thread(target=send, args=(client, step, index, role), daemon=True)
+        thread.start()
+        return thread
+
     def run_client(client: Client) -> None:
         time.sleep(max(0.0, t0 + client.start - time.time()))
         index = 0
+        background: list[threading.Thread] = []
         for number, step in enumerate(client.steps, 1):
+            if step.before:
+                background.append(task(client.name, step.before, "title", index))
+                time.sleep(TITLE_LEAD)
             if step.count == 1:
                 send(client.name, step, index)
                 index += 1
@@ -340,8 +503,14 @@ def replay(port: int, trace: Trace) -> tuple[list[Sent], float, float]:
                     w.start()
                 for w in workers:
                     w.join()
+            if step.after:
+                background += [
+                    task(client.name, step.after, r, index) for r in ("follow-ups", "tags")
+                ]
             if number < len(client.steps):  # no think time after the last answer
                 time.sleep(step.think)
+        for thread in background:
+            thread.join(REQUEST_TIMEOUT)
 
     threads = [threading.Thread(target=run_client, args=(c,), daemon=True) for c in trace.clients]
     for t in threads:
@@ -522,7 +691,7 @@ def analyse(
     drain = (
         TOKENS[1] * TOKEN_DELAY if any(s.tokens for c in trace.clients for s in c.steps) else 0.0
     )
-    bound = Bound(drain, max(stops, default=0.0), measured_load, MAX_WAIT)
+    bound = Bound(drain, max(stops, default=0.0), measured_load, max_wait_of(policy))
     ready = events.ready_times()
     over_strict, over_aware, worst = [], [], None
     for row in rows:
@@ -544,7 +713,19 @@ def analyse(
         if worst is None or waited > worst["waited_s"]:
             worst = entry
     errors = [asdict(s) for s in sent if s.status != 200]
+    chats = [s for s in sent if s.role == "chat"]
+    ttft = [s.first - s.sent for s in chats if s.first]
+    roles = sorted({s.role for s in sent})
+    by_role = {
+        role: stats3([s.done - s.sent for s in sent if s.role == role and s.status == 200])
+        for role in roles
+    }
     return {
+        "messages": len(chats),
+        "ttft": stats3(ttft),
+        "ttft_mean": sum(ttft) / len(ttft) if ttft else float("nan"),
+        "swaps_per_message": int(metrics.get("stops_swap", 0)) / max(1, len(chats)),
+        "by_role": by_role,
         "trace": trace.name,
         "variant": variant,
         "policy": policy,
@@ -566,6 +747,15 @@ def analyse(
         "over_aware": over_aware,
         "worst_wait": worst,
     }
+
+
+def max_wait_of(policy: str) -> float:
+    """The ``maxWait`` a run's scheduler works with (the bound of its waits)."""
+    if policy == "default":
+        from llamaswap.policy import Collate
+
+        return Collate().max_wait
+    return MAX_WAIT
 
 
 def run_one(
@@ -595,19 +785,25 @@ def run_one(
         f"  {trace.name}/{variant}/{policy}: {result['wall_s']:.1f} s, {result['loads']} loads, "
         f"p95 {result['latency'][1]:.2f} s, max wait {result['queue'][2]:.2f} s, "
         f"{result['errors']} errors, over bound: {len(result['over_strict'])} strict / "
-        f"{len(result['over_aware'])} queue-aware"
+        f"{len(result['over_aware'])} queue-aware; {result['swaps_per_message']:.2f} swaps "
+        f"per message, first token p50 {result['ttft'][0]:.2f} s"
     )
     return result
 
 
 def run(
-    procs: Procs, monitor: CpuMonitor, *, quick: bool = False, seed: int = SEED
+    procs: Procs,
+    monitor: CpuMonitor,
+    *,
+    quick: bool = False,
+    seed: int = SEED,
+    only: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     runs = []
-    chosen = traces(seed, quick)
+    chosen = [t for t in traces(seed, quick) if not only or t.name in only]
     for trace in chosen:
         for variant in trace.variants:
-            for policy in ("fifo", "collate"):
+            for policy in trace.policies:
                 runs.append(run_one(procs, monitor, trace, policy, variant))
     return {
         "seed": seed,
@@ -628,6 +824,8 @@ def run(
                 "description": t.description,
                 "requests": t.requests,
                 "variants": list(t.variants),
+                "policies": list(t.policies),
+                "streams": any(s.stream for c in t.clients for s in c.steps),
             }
             for t in chosen
         ],
@@ -718,6 +916,57 @@ def targets(t: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def smart_targets(t: dict[str, Any]) -> list[list[str]]:
+    """Issue 14's targets: the default schedule vs arrival order, and Open WebUI."""
+
+    def status(ok: bool) -> str:
+        return "met" if ok else "**missed**"
+
+    rows = []
+    pool, none = _find(t["runs"], "owui-pool", "default"), _find(t["runs"], "owui-none", "default")
+    if pool and none:
+        ratio = pool["ttft_mean"] / none["ttft_mean"] if none["ttft_mean"] else float("nan")
+        rows += [
+            [
+                "Open WebUI, task model = pool, default config: 0 swaps per message",
+                f"{pool['swaps_per_message']:.2f} ({pool['evictions']} evictions, "
+                f"{pool['messages']} messages)",
+                status(pool["evictions"] == 0),
+            ],
+            [
+                "… user's first token ≤ +10% of no background tasks (mean; p50 / p95 / max)",
+                f"{none['ttft_mean']:.3f} s → {pool['ttft_mean']:.3f} s ({(ratio - 1) * 100:+.0f}%;"
+                f" {_trio(none['ttft'])} → {_trio(pool['ttft'])})",
+                status(ratio <= 1.10),
+            ],
+        ]
+    fifo, smart = _find(t["runs"], "closed", "fifo"), _find(t["runs"], "closed", "default")
+    if fifo and smart:
+        share = smart["loads"] / smart["requests"]
+        lower = _cut(fifo["latency"][1], smart["latency"][1])
+        rows += [
+            [
+                "closed loop, default config: starts ≤ 35% of requests",
+                f"{smart['loads']} of {smart['requests']} ({share * 100:.0f}%; fifo "
+                f"{fifo['loads']})",
+                status(share <= 0.35),
+            ],
+            [
+                "closed loop: p95 latency ≥ 25% below fifo",
+                f"{fifo['latency'][1]:.2f} s → {smart['latency'][1]:.2f} s "
+                f"({_change(fifo['latency'][1], smart['latency'][1], 'lower', 'higher')})",
+                status(lower >= 25),
+            ],
+            [
+                "closed loop, default config: no wait past the bound",
+                f"{len(smart['over_strict'])} of {smart['requests']} over "
+                f"(max wait {smart['queue'][2]:.2f} s)",
+                status(not smart["over_strict"]),
+            ],
+        ]
+    return rows
+
+
 def render(t: dict[str, Any], machine: dict[str, Any] | None = None) -> str:
     """The docs section (starts with TITLE)."""
     s = t["settings"]
@@ -751,7 +1000,7 @@ def render(t: dict[str, Any], machine: dict[str, Any] | None = None) -> str:
             + "."
         )
         add("")
-    rows = targets(t)
+    rows = targets(t) + smart_targets(t)
     if rows:
         add("| target | measured | status |")
         add("|---|---|---|")
@@ -770,7 +1019,11 @@ def render(t: dict[str, Any], machine: dict[str, Any] | None = None) -> str:
         "After the slash: the *queue-aware* bound, which adds one D + S + L for every "
         "load of another model that completed while the request waited (requests for "
         "other models that came first are served first). Under fifo there is no bound; "
-        "the column is shown for comparison."
+        "the column is shown for comparison. The Open WebUI and closed-loop traces run "
+        "under `fifo` and under the *default* configuration (no `scheduler` section: "
+        "`collate` with its defaults, `hold` and `patience` included); for them the "
+        "bound uses the default `maxWait`. *Swaps / message*: evictions per user chat "
+        "message; *user's first token*: chat request sent → first generated token."
     )
     add("")
     for info in t["traces"]:
@@ -778,6 +1031,8 @@ def render(t: dict[str, Any], machine: dict[str, Any] | None = None) -> str:
         add("")
         add(info["description"])
         add("")
+        policies = info.get("policies", ["fifo", "collate"])
+        streams = info.get("streams", False)
         header = [
             "policy",
             "total s",
@@ -789,12 +1044,14 @@ def render(t: dict[str, Any], machine: dict[str, Any] | None = None) -> str:
             "errors",
             "other cores",
         ]
+        if streams:
+            header[4:4] = ["swaps / message", "user's first token"]
         if len(info["variants"]) > 1:
             header.insert(0, "E in")
         add("| " + " | ".join(header) + " |")
         add("|" + "|".join("---" for _ in header) + "|")
         for variant in info["variants"]:
-            for policy in ("fifo", "collate"):
+            for policy in policies:
                 r = _find(t["runs"], info["name"], policy, variant)
                 if r is None:
                     continue
@@ -809,6 +1066,8 @@ def render(t: dict[str, Any], machine: dict[str, Any] | None = None) -> str:
                     str(r["errors"]),
                     _s(r.get("other_cores")),
                 ]
+                if streams:
+                    cells[4:4] = [_s(r["swaps_per_message"]), _trio(r["ttft"])]
                 if len(info["variants"]) > 1:
                     label = "default group" if variant == "default" else "resident group"
                     cells.insert(0, label)
@@ -820,7 +1079,7 @@ def render(t: dict[str, Any], machine: dict[str, Any] | None = None) -> str:
         add("| " + " | ".join(header) + " |")
         add("|" + "|".join("---" for _ in header) + "|")
         for variant in info["variants"]:
-            for policy in ("fifo", "collate"):
+            for policy in policies:
                 r = _find(t["runs"], info["name"], policy, variant)
                 if r is None:
                     continue
@@ -831,11 +1090,13 @@ def render(t: dict[str, Any], machine: dict[str, Any] | None = None) -> str:
                     add("| " + " | ".join(cells) + " |")
         add("")
         for variant in info["variants"]:
-            r = _find(t["runs"], info["name"], "collate", variant)
+            smart = policies[-1]
+            r = _find(t["runs"], info["name"], smart, variant)
             if r and r["worst_wait"]:
                 w = r["worst_wait"]
                 add(
-                    f"Longest wait under collate{'' if variant == 'default' else ' (E resident)'}"
+                    f"Longest wait under {smart}"
+                    f"{'' if variant == 'default' else ' (E resident)'}"
                     f": {w['waited_s']:.2f} s for {w['model']} at {w['at_s']:.1f} s into the "
                     f"trace, with {w['loads_of_others_meanwhile']} load(s) of other models "
                     f"meanwhile; strict bound {w['strict_bound_s']:.2f} s, queue-aware "
@@ -860,3 +1121,28 @@ def splice(document: str, section: str) -> str:
     end = next((i for i in range(begin + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
     kept = lines[:begin] + section.rstrip("\n").splitlines() + [""] + lines[end:]
     return "\n".join(kept).rstrip("\n") + "\n"
+
+
+def main() -> None:
+    """``python -m bench.trace NAME[,NAME...] [--quick]``: only these traces, printed."""
+    import sys
+    import tempfile
+
+    from .common import sweep
+
+    names = tuple(n for arg in sys.argv[1:] if not arg.startswith("-") for n in arg.split(","))
+    procs = Procs(Path(tempfile.mkdtemp(prefix="llamaswap-trace-")))
+    monitor = CpuMonitor().start()
+    try:
+        result = run(procs, monitor, quick="--quick" in sys.argv, only=names)
+    finally:
+        monitor.stop()
+        procs.close()
+        sweep()
+    (procs.workdir / "trace.json").write_text(json.dumps(result, indent=1))
+    print(render(result))
+    log(f"raw results in {procs.workdir / 'trace.json'}")
+
+
+if __name__ == "__main__":
+    main()

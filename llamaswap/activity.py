@@ -44,6 +44,7 @@ COLUMNS = (
     "id",
     "time",
     "model",
+    "key",
     "path",
     "status",
     "duration_ms",
@@ -61,6 +62,7 @@ CREATE TABLE IF NOT EXISTS activity (
     id INTEGER PRIMARY KEY,
     time REAL NOT NULL,
     model TEXT NOT NULL,
+    key TEXT,
     path TEXT NOT NULL,
     status INTEGER NOT NULL,
     duration_ms REAL NOT NULL,
@@ -208,6 +210,9 @@ class ActivityStore:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._db = connect(path)
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(activity)")}
+        if "key" not in columns:  # a log written before keys had names
+            self._db.execute("ALTER TABLE activity ADD COLUMN key TEXT")
         if path != ":memory:":
             self._db.execute("PRAGMA journal_mode=WAL")
         add_missing_columns(self._db)
@@ -304,9 +309,10 @@ class ActivityStore:
         until: float | None = None,
         limit: int = 50,
         offset: int = 0,
+        key: str | None = None,
     ) -> Deferred[dict[str, Any]]:
-        """Newest first, filtered by model and time range; with the total count."""
-        return self._read(self._query, model, since, until, limit, offset)
+        """Newest first, filtered by model, key name and time range; with the total count."""
+        return self._read(self._query, model, since, until, limit, offset, key)
 
     def _read(self, work: Callable[..., T], *args: Any) -> Deferred[T]:
         """After the pending writes: ``work`` in the worker thread, or StoreUnavailable."""
@@ -323,13 +329,16 @@ class ActivityStore:
         return self.flush().addCallback(read)
 
     def _where(
-        self, model: str | None, since: float | None, until: float | None
+        self, model: str | None, since: float | None, until: float | None, key: str | None = None
     ) -> tuple[str, list[Any]]:
         clauses: list[str] = []
         args: list[Any] = []
         if model is not None:
             clauses.append("model = ?")
             args.append(model)
+        if key is not None:
+            clauses.append("key = ?")
+            args.append(key)
         if since is not None:
             clauses.append("time >= ?")
             args.append(since)
@@ -339,10 +348,16 @@ class ActivityStore:
         return (" WHERE " + " AND ".join(clauses) if clauses else ""), args
 
     def _query(
-        self, model: str | None, since: float | None, until: float | None, limit: int, offset: int
+        self,
+        model: str | None,
+        since: float | None,
+        until: float | None,
+        limit: int,
+        offset: int,
+        key: str | None,
     ) -> dict[str, Any]:
         assert self._db is not None
-        where, args = self._where(model, since, until)
+        where, args = self._where(model, since, until, key)
         total = self._db.execute(f"SELECT COUNT(*) FROM activity{where}", args).fetchone()[0]
         rows = self._db.execute(
             f"SELECT {', '.join(COLUMNS)} FROM activity{where} ORDER BY id DESC LIMIT ? OFFSET ?",
@@ -363,7 +378,7 @@ class ActivityStore:
         assert self._db is not None
         where, args = self._where(None, since, until)
         rows = self._db.execute(
-            f"SELECT model, duration_ms, tokens_in, tokens_out, prompt_tps, gen_tps, status"
+            f"SELECT model, duration_ms, tokens_in, tokens_out, prompt_tps, gen_tps, status, key"
             f" FROM activity{where}",
             args,
         ).fetchall()
@@ -381,7 +396,24 @@ class ActivityStore:
                 "prompt_tps": percentiles([e[4] for e in entries if e[4] is not None]),
                 "gen_tps": percentiles([e[5] for e in entries if e[5] is not None]),
             }
-        return {"models": models}
+        # per key name: who used which model how much (rows without a key: keys were off)
+        keys: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            if row[7] is None:
+                continue
+            usage = keys.setdefault(row[7], {"requests": 0, "errors": 0, "models": {}})
+            per_model = usage["models"].setdefault(
+                row[0], {"requests": 0, "tokens_in": 0, "tokens_out": 0}
+            )
+            for totals in (usage, per_model):
+                totals["requests"] += 1
+            usage["errors"] += 1 if row[6] >= 400 else 0
+            per_model["tokens_in"] += row[2] or 0
+            per_model["tokens_out"] += row[3] or 0
+        for usage in keys.values():
+            usage["tokens_in"] = sum(m["tokens_in"] for m in usage["models"].values())
+            usage["tokens_out"] = sum(m["tokens_out"] for m in usage["models"].values())
+        return {"models": models, "keys": dict(sorted(keys.items()))}
 
 
 def add_missing_columns(db: sqlite3.Connection) -> None:

@@ -29,10 +29,12 @@ from werkzeug.routing import RequestRedirect
 from zope.interface import implementer
 
 from . import __version__
+from .access import caller_name, may_list, require_model
 from .activity import ActivityStore, StoreUnavailable
-from .config import Config, ModelConfig, PeerConfig
+from .config import Config, ModelConfig, PeerConfig, PoolConfig
 from .errors import ApiError, ModelStopped, StartFailed
 from .events import EventBus
+from .eventstream import begin_event_stream, named_event, unbuffered
 from .forms import FormError, form_field
 from .guard import short_uri
 from .kvcache import Conversation, KvStore
@@ -43,7 +45,7 @@ from .openapi import openapi_document
 from .process import ModelState
 from .recorder import Recorder, RequestRecord
 from .relay import Relay
-from .routes import MODEL_ROUTES, Body, ModelRoute
+from .routes import API_ROUTES, MODEL_ROUTES, Body, ModelRoute
 from .scheduler import Scheduler
 
 UI_DIR = Path(__file__).parent / "ui"
@@ -204,9 +206,16 @@ class Api:
             return
         body = request.content.read() if request.content is not None else b""
         if request.method != b"POST":  # GET, HEAD, DELETE: the model is in the query
-            model, profile, _ = self.choose(request, None)
+            model, profile, requested = self.choose(request, None)
             await self.proxy(
-                request, model, request.method, request.uri, body or None, profile, route=route.path
+                request,
+                model,
+                request.method,
+                request.uri,
+                body or None,
+                profile,
+                route=route.path,
+                requested=requested,
             )
             return
         parsed = self.model_from_body(request, body, route.body)
@@ -227,6 +236,7 @@ class Api:
             parsed.profile,
             loading_for=parsed.requested if loading else None,
             route=route.path,
+            requested=parsed.requested,
         )
 
     for _route in MODEL_ROUTES:
@@ -235,18 +245,13 @@ class Api:
         )
     del _route
 
-    @router.route(
-        "/upstream/<path:rest>",
-        branch=False,
-        methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
-    )
     async def upstream(self, request: Request, rest: str) -> None:
         raw = request.uri.split(b"?", 1)
         query = b"?" + raw[1] if len(raw) == 2 else b""
         segments = raw[0][len(b"/upstream/") :].split(b"/")
         for count in range(len(segments), 0, -1):
             name = unquote(b"/".join(segments[:count]).decode("utf-8", errors="replace"))
-            found = self.config.lookup(name)
+            found = self.find(name, request)
             if found is not None:
                 model, profile = found
                 path = b"/" + b"/".join(segments[count:]) + query
@@ -254,7 +259,14 @@ class Api:
                     self.kvcache.check_client_slot_action(model, _arg(request, b"action"))
                 body = request.content.read() if request.content is not None else b""
                 await self.proxy(
-                    request, model, request.method, path, body or None, profile, route="/upstream"
+                    request,
+                    model,
+                    request.method,
+                    path,
+                    body or None,
+                    profile,
+                    route="/upstream",
+                    requested=name,
                 )
                 return
         raise self.unknown_model(unquote(segments[0].decode("utf-8", errors="replace")))
@@ -298,7 +310,7 @@ class Api:
         name = document.get("model")
         if name is not None and not isinstance(name, str):
             raise ApiError(400, "'model' must be a string naming the model to use")
-        if name and self.config.lookup(name) is None:
+        if name and self.find(name, request) is None:
             routed = self.config.peer_route(name)
             if routed is not None:
                 # a remote model: its own id upstream, the peer's filters
@@ -334,7 +346,7 @@ class Api:
         if not name and self.config.default_model is not None:
             name = self.config.default_model
         if name:
-            model, profile = self.target(name)
+            model, profile = self.target(name, request)
             return model, profile, name
         loaded = [
             model_id
@@ -356,12 +368,41 @@ class Api:
             "model_not_specified",
         )
 
-    def target(self, name: str) -> tuple[ModelConfig, str | None]:
-        """A model id, alias, variant or ``<profile>:<model>`` → (model, profile)."""
-        found = self.config.lookup(name)
+    def target(self, name: str, request: Request) -> tuple[ModelConfig, str | None]:
+        """A model id, alias, variant, pool or ``<profile>:<model>`` → (model, profile)."""
+        found = self.find(name, request)
         if found is None:
             raise self.unknown_model(name)
         return found
+
+    def find(self, name: str, request: Request) -> tuple[ModelConfig, str | None] | None:
+        """Like ``Config.lookup``; a pool goes to whichever of its models is loaded
+        (of those the caller's key may use: the 403 check still follows)."""
+        pool = self.config.pools.get(name)
+        if pool is not None:
+            allowed = [m for m in pool.models if may_list(request, m)] or list(pool.models)
+            return self.config.models[self.scheduler.pick(allowed)], None
+        return self.config.lookup(name)
+
+    def priority(self, request: Request, model: ModelConfig, requested: str | None) -> int:
+        """The request's priority: its pool's or model's, lowered by ``X-Priority``."""
+        pool = self.config.pools.get(requested or "")
+        base = pool.priority if pool is not None and pool.priority is not None else model.priority
+        header = request.getHeader(b"x-priority")
+        if header is None:
+            return base
+        value = header.decode("latin-1").strip().lower()
+        if value == "low":
+            return base - 1
+        if value == "normal":
+            return base
+        try:
+            asked = int(value)
+        except ValueError as e:
+            raise ApiError(
+                400, "X-Priority must be 'low', 'normal' or an integer", "invalid_priority"
+            ) from e
+        return min(base, asked)  # a client may lower its priority, never raise it
 
     def resolve(self, name: str) -> ModelConfig:
         model = self.config.resolve(name)
@@ -383,16 +424,22 @@ class Api:
         profile: str | None = None,
         loading_for: str | None = None,
         route: str | None = None,
+        requested: str | None = None,
     ) -> None:
         """Lease the model, relay the request; with ``loading_for``, report progress."""
+        require_model(request, model.id)
         record = self.recorder.begin(
             model.id,
             route or request.path.decode("ascii", errors="replace"),
             path.decode("ascii", errors="replace"),
             self.scheduler.processes[model.id],
+            key=caller_name(request),
         )
         try:
-            await self._proxy(request, model, method, path, body, profile, loading_for, record)
+            priority = self.priority(request, model, requested)
+            await self._proxy(
+                request, model, method, path, body, profile, loading_for, record, priority
+            )
         except CancelledError:
             record.fail(499, "the client disconnected")
             raise
@@ -415,9 +462,10 @@ class Api:
         profile: str | None,
         loading_for: str | None,
         record: RequestRecord,
+        priority: int,
     ) -> None:
         deadline = self.deadline(request, model)  # may refuse the request: before queueing
-        waiting = self.scheduler.acquire(model.id, profile)
+        waiting = self.scheduler.acquire(model.id, profile, priority)
         if deadline is not None and not waiting.called:
             waiting.addTimeout(deadline, self.clock, onTimeoutCancel=_missed(model.id, deadline))
         progress = None
@@ -479,8 +527,12 @@ class Api:
         self, request: Request, peer: PeerConfig, remote: str, path: bytes, body: bytes
     ) -> None:
         """Relay straight to a peer: no local process, no queue."""
+        require_model(request, f"{peer.id}/{remote}")
         record = self.recorder.begin(
-            f"{peer.id}/{remote}", request.path.decode("ascii", errors="replace"), path.decode()
+            f"{peer.id}/{remote}",
+            request.path.decode("ascii", errors="replace"),
+            path.decode(),
+            key=caller_name(request),
         )
         record.leased()
         try:
@@ -504,41 +556,60 @@ class Api:
 
     # --- management ---------------------------------------------------------------
 
-    @router.route("/health", methods=["GET", "HEAD"])
     def health(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return b"OK"
 
-    @router.route("/v1/health", methods=["GET", "HEAD"])
     def health_v1(self, request: Request) -> bytes:
         """llama-server's health route, in its shape: no model is asked (or started)."""
         return _json(request, {"status": "ok"})
 
-    @router.route("/v1/models", methods=["GET"], endpoint="models_v1")
-    @router.route("/models", methods=["GET"], endpoint="models_plain")
     def models(self, request: Request) -> bytes:
         data = []
-        for model_id in self.config.listed_ids():
+        for model_id in filter(lambda m: may_list(request, m), self.config.listed_ids()):
             record = self.model_record(model_id)
             data.append(record)
             if self.config.include_aliases_in_list:
                 for alias in self.config.models[model_id].names:
-                    data.append({**record, "id": alias, "alias_of": model_id})
+                    data.append(
+                        {**record, "id": alias, "alias_of": model_id, "name": record["name"]}
+                    )
         for profile, members in sorted(self.config.profiles.items()):
-            for member in members:
-                data.append({**self.model_record(member), "id": f"{profile}:{member}"})
+            for member in filter(lambda m: may_list(request, m), members):
+                record = self.model_record(member)
+                record.update(id=f"{profile}:{member}", name=f"{record['name']} ({profile})")
+                data.append(record)
+        for pool in sorted(self.config.pools.values(), key=lambda p: p.id):
+            if any(may_list(request, m) for m in pool.models):
+                data.append(self.pool_record(pool))
         for peer in self.config.peers.values():
             for remote in peer.models:
+                if not may_list(request, f"{peer.id}/{remote}"):
+                    continue
                 data.append(
                     {
                         "id": f"{peer.id}/{remote}",
+                        "name": f"{remote} ({peer.id})",
                         "object": "model",
                         "created": self.created,
                         "owned_by": peer.id,
                         "meta": {"llamaswap": {"peer": peer.id}},
                     }
                 )
+        _distinct_names(data)
         return _json(request, {"object": "list", "data": data})
+
+    def pool_record(self, pool: PoolConfig) -> dict[str, Any]:
+        """A pool as a model: the record of the model it would use now, renamed."""
+        chosen = self.scheduler.pick(pool.models)
+        record = {**self.model_record(chosen), "id": pool.id, "name": pool.name or pool.id}
+        record.pop("aliases", None)
+        record["description"] = pool.description or (
+            f"whichever of {', '.join(pool.models)} is loaded (now {chosen})"
+        )
+        meta = dict(record.get("meta", {}).get("llamaswap", {}))
+        record["meta"] = {"llamaswap": {**meta, "pool": list(pool.models), "serves": chosen}}
+        return record
 
     def model_record(self, model_id: str) -> dict[str, Any]:
         model = self.config.models[model_id]
@@ -550,22 +621,20 @@ class Api:
             "owned_by": "llamaswap",
             "status": {"value": process.state.value},
         }
-        if model.name:
-            record["name"] = model.name
+        record["name"] = model.name or model_id
         if model.description:
             record["description"] = model.description
         if model.names:
             record["aliases"] = list(model.names)
+        record["capabilities"] = list(model.capabilities)
         if model.metadata:
             record["meta"] = {"llamaswap": dict(model.metadata)}
         if model.gguf:  # what its GGUF file says; see llamaswap/modelsdir.py
-            record["capabilities"] = model.gguf["capabilities"]
             record.setdefault("meta", {})["gguf"] = dict(model.gguf)
         if process.last_error:
             record["status"]["error"] = process.last_error
         return record
 
-    @router.route("/running", methods=["GET"])
     def running(self, request: Request) -> bytes:
         now = self.clock.seconds()
         running = []
@@ -632,10 +701,10 @@ class Api:
             "peak": footprint.peak,
         }
 
-    @router.route("/api/models/load/<path:name>", methods=["POST"])
     async def load_one(self, request: Request, name: str) -> bytes:
         """Start a model and answer once it is ready (or with why it could not start)."""
         model = self.resolve(name)
+        require_model(request, model.id)
         started = self.clock.seconds()
         await self.scheduler.load(model.id)
         return _json(
@@ -648,24 +717,21 @@ class Api:
             },
         )
 
-    @router.route("/unload", methods=["GET"])
     async def unload_all_get(self, request: Request) -> bytes:
         await self.scheduler.unload()
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return b"OK"
 
-    @router.route("/api/models/unload", methods=["POST"])
     async def unload_all(self, request: Request) -> bytes:
         await self.scheduler.unload()
         return _json(request, {"msg": "ok"})
 
-    @router.route("/api/models/unload/<path:name>", methods=["POST"])
     async def unload_one(self, request: Request, name: str) -> bytes:
         model = self.resolve(name)
+        require_model(request, model.id)
         await self.scheduler.unload([model.id])
         return _json(request, {"msg": "ok"})
 
-    @router.route("/api/version", methods=["GET"])
     def version(self, request: Request) -> bytes:
         return _json(request, {"version": __version__})
 
@@ -673,7 +739,6 @@ class Api:
 
     # --- observability ---------------------------------------------------------------
 
-    @router.route("/metrics", methods=["GET"])
     async def prometheus(self, request: Request) -> bytes:
         """llamaswap's metrics, then each ready child's own, labelled by ``model``."""
         if self.metrics is None:
@@ -682,7 +747,6 @@ class Api:
         request.setHeader(b"content-type", CONTENT_TYPE_PLAIN_0_0_4.encode("ascii"))
         return text
 
-    @router.route("/api/activity", methods=["GET"])
     async def activity(self, request: Request) -> bytes:
         store = self.need_store()
         model = _arg(request, b"model")
@@ -692,10 +756,10 @@ class Api:
             until=_number_arg(request, b"until"),
             limit=int(_number_arg(request, b"limit", 1, 1000, whole=True) or 50),
             offset=int(_number_arg(request, b"offset", whole=True) or 0),
+            key=_arg(request, b"key"),
         )
         return _json(request, result)
 
-    @router.route("/api/activity/stats", methods=["GET"])
     async def activity_stats(self, request: Request) -> bytes:
         store = self.need_store()
         result = await store.stats(
@@ -708,12 +772,9 @@ class Api:
             raise ApiError(404, "the activity log is not enabled", "not_found")
         return self.store
 
-    @router.route("/api/events", methods=["GET"])
     def live_events(self, request: Request) -> Deferred[None]:
         """Server-sent events: model states, log lines, activity rows, queue changes."""
-        request.setHeader(b"content-type", b"text/event-stream")
-        request.setHeader(b"cache-control", b"no-cache")
-        request.setHeader(b"x-accel-buffering", b"no")
+        begin_event_stream(request)
         reader = _EventReader(request)
         request.registerProducer(reader, True)
         for model_id, process in sorted(self.scheduler.processes.items()):
@@ -736,36 +797,28 @@ class Api:
         reader.on_drop = lambda: done.cancel()
         return done
 
-    @router.route("/openapi.json", methods=["GET"])
     def openapi(self, request: Request) -> bytes:
         return _json(request, openapi_document())
 
-    @router.route("/swagger", methods=["GET"])
     def swagger_redirect(self, request: Request) -> None:
         request.redirect(b"/swagger/")
 
-    @router.route("/swagger/", methods=["GET"])
     def swagger_page(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         return SWAGGER_PAGE
 
-    @router.route("/swagger/static/", branch=True, methods=["GET"])
     def swagger_assets(self, request: Request) -> Any:
         return static.File(swagger_ui_path)
 
-    @router.route("/", methods=["GET"])
     def root(self, request: Request) -> None:
         request.redirect(b"/ui/")
 
-    @router.route("/ui", methods=["GET"])
     def ui_redirect(self, request: Request) -> None:
         request.redirect(b"/ui/")
 
-    @router.route("/ui/", branch=True, methods=["GET"])
     def ui(self, request: Request) -> Any:
         return static.File(str(UI_DIR))
 
-    @router.route("/logs", methods=["GET"])
     def logs_text(self, request: Request) -> bytes | None:
         accept = request.getHeader(b"accept") or b""
         if b"text/html" in accept:
@@ -774,11 +827,9 @@ class Api:
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return "".join(line + "\n" for line in self.logs.combined_history()).encode("utf-8")
 
-    @router.route("/logs/stream", methods=["GET"], endpoint="stream_all")
     def stream_all(self, request: Request) -> Deferred[None]:
         return self.stream(request, [PROXY, UPSTREAM])
 
-    @router.route("/logs/stream/<path:source>", methods=["GET"])
     def stream_one(self, request: Request, source: str) -> Deferred[None]:
         if source not in (PROXY, UPSTREAM):
             source = self.resolve(source).id
@@ -787,8 +838,7 @@ class Api:
     def stream(self, request: Request, sources: list[str]) -> Deferred[None]:
         """History (unless ``?no-history``), then live lines until the client leaves."""
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        request.setHeader(b"x-accel-buffering", b"no")
-        request.setHeader(b"cache-control", b"no-cache")
+        unbuffered(request.responseHeaders)
         request.write(b"")  # send the headers now: a quiet log may say nothing for long
         if not _has_flag(request, b"no-history"):
             for source in sources:
@@ -797,6 +847,31 @@ class Api:
         reader = _LogReader(request)
         request.registerProducer(reader, True)
         return _until_gone(self.logs.subscribe(sources, reader.line))
+
+
+def _distinct_names(records: list[dict[str, Any]]) -> None:
+    """No two entries of a model list with the same display name (front ends show
+    only the name): a name used more than once gets the entry's id after it."""
+    seen: dict[str, int] = {}
+    for record in records:
+        seen[record["name"]] = seen.get(record["name"], 0) + 1
+    for record in records:
+        if seen[record["name"]] > 1 and record["name"] != record["id"]:
+            record["name"] = f"{record['name']} [{record['id']}]"
+
+
+def _serve_api_routes(api: type[Api]) -> None:
+    """A Klein route for each entry of :data:`API_ROUTES`, answered by the ``Api``
+    method the entry names (the model routes are registered in the class)."""
+    for route in API_ROUTES:
+        handler = getattr(api, route.handler)
+        serve = api.router.route(
+            route.rule, methods=list(route.methods), branch=route.branch, endpoint=route.path
+        )
+        serve(handler)
+
+
+_serve_api_routes(Api)
 
 
 def _credentials(key: str | None) -> dict[bytes, bytes]:
@@ -936,7 +1011,7 @@ class _EventReader(_LiveReader):
                 self.on_drop = None
             return
         payload = json.dumps(data, default=str)
-        self.request.write(f"event: {kind}\ndata: {payload}\n\n".encode())
+        self.request.write(named_event(kind, payload))
 
 
 class _LogReader(_LiveReader):

@@ -23,6 +23,7 @@ import attrs
 import yaml
 
 from . import modelsdir
+from .access import DEFAULT_SESSION_TTL, INFERENCE, ROLES, ApiKey
 from .connections import ConnectionLimits
 from .crashloop import CrashLoopPolicy
 from .gguf_models import GgufError
@@ -53,12 +54,14 @@ TOP_LEVEL_KEYS = (
     "logRequests",
     "store",
     "apiKeys",
+    "sessionTtl",
     "maxRequestBytes",
     "crashLoop",
     "shutdownTimeout",
     "scheduler",
     "resources",
     "defaultModel",
+    "pools",
     "modelsDir",
     "modelDefaults",
     "allowedHosts",
@@ -78,10 +81,12 @@ KV_CACHE_KEYS = (
     "timeout",
 )
 SLOT_SAVE_FLAG = "--slot-save-path"
-SCHEDULER_KEYS = ("policy", "maxWait", "maxResidency")
+SCHEDULER_KEYS = ("policy", "maxWait", "maxResidency", "hold", "patience")
+POOL_KEYS = ("models", "priority", "name", "description")
 CRASH_LOOP_KEYS = ("maxFailures", "window", "cooldown", "maxCooldown")
 STORE_KEYS = ("path", "maxRows", "maxAgeDays")
 CORS_KEYS = ("allowOrigins", "allowMethods", "allowHeaders", "maxAge")
+API_KEY_KEYS = ("name", "key", "role", "models", "maxConcurrent", "requestsPerMinute")
 PEER_KEYS = ("proxy", "models", "apiKey", "filters")
 GROUP_KEYS = ("members", "swap", "exclusive", "persistent")
 FILTER_KEYS = ("stripParams", "setParams", "setParamsByID")
@@ -109,11 +114,16 @@ MODEL_KEYS = (
     "memory",
     "deadline",
     "upstreamApiKey",
+    "capabilities",
     "kvCache",
     "childProtocol",
 )
 CHILD_PROTOCOL = ("auto", "on", "off")
+CAPABILITIES = ("chat", "embeddings", "rerank")
 DEFAULT_PROXY = "http://127.0.0.1:${PORT}"
+# in flight or waiting, per model: a guard against a runaway client, not a throttle
+# (agents with parallel tool calls and several chat users stay far below it)
+DEFAULT_CONCURRENCY_LIMIT = 100
 
 
 class ConfigError(Exception):
@@ -202,6 +212,18 @@ class GroupConfig:
 
 
 @attrs.frozen
+class PoolConfig:
+    """A name served by whichever of its models is loaded: it never causes a swap
+    while one of them runs (see docs/configuration.md, Pools)."""
+
+    id: str
+    models: tuple[str, ...]
+    priority: int | None = None  # None: the chosen model's own
+    name: str = ""
+    description: str = ""
+
+
+@attrs.frozen
 class PeerConfig:
     """Another OpenAI-compatible server (often another llamaswap) that serves some ids."""
 
@@ -242,7 +264,7 @@ class ModelConfig:
     description: str = ""
     cmd_stop: CommandTemplate | None = None
     unload_timeout: float = 10.0
-    concurrency_limit: int = 10
+    concurrency_limit: int = DEFAULT_CONCURRENCY_LIMIT
     metadata: Mapping[str, Any] = attrs.field(factory=dict)
     filters: Filters = attrs.field(factory=Filters)
     send_loading_state: bool = False
@@ -260,6 +282,27 @@ class ModelConfig:
     slot_save_added: bool = False
     #: what its GGUF file says (facts, capabilities, memory estimate); see modelsdir
     gguf: Mapping[str, Any] = attrs.field(factory=dict)
+    configured_capabilities: tuple[str, ...] = ()
+
+    @property
+    def capabilities(self) -> tuple[str, ...]:
+        """What the model is for (a hint for front ends): as configured, else what
+        its GGUF file and flags say (models dir), else read from llama-server's flags
+        (``--embedding``, ``--reranking``), else chat."""
+        if self.configured_capabilities:
+            return self.configured_capabilities
+        if self.gguf.get("capabilities"):
+            return tuple(self.gguf["capabilities"])
+        argv = set(self.cmd.argv)
+        detected = tuple(
+            kind
+            for kind, flags in (
+                ("embeddings", {"--embedding", "--embeddings"}),
+                ("rerank", {"--reranking", "--rerank"}),
+            )
+            if argv & flags
+        )
+        return detected or ("chat",)
 
     @property
     def uses_port(self) -> bool:
@@ -270,6 +313,13 @@ class ModelConfig:
         """Every name a request may use for this model besides its id."""
         variants = tuple(k for k in self.filters.set_by_id if k != self.id)
         return self.aliases + variants
+
+    @property
+    def slots(self) -> int | None:
+        """Requests the server answers at once (llama-server's ``--parallel``/``-np``),
+        if the command says so."""
+        value = _flag_value(self.cmd.argv, "--parallel") or _flag_value(self.cmd.argv, "-np")
+        return int(value) if value is not None and value.isdigit() and int(value) > 0 else None
 
     def proxy_url(self, port: int | None) -> str:
         return fill_runtime(self.proxy, {"PORT": str(port)} if port is not None else {})
@@ -300,17 +350,19 @@ class Config:
     include_aliases_in_list: bool = False
     groups: Mapping[str, GroupConfig] = attrs.field(factory=dict)
     profiles: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
+    pools: Mapping[str, PoolConfig] = attrs.field(factory=dict)
     preload: tuple[str, ...] = ()
     peers: Mapping[str, PeerConfig] = attrs.field(factory=dict)
     log_requests: bool = False
     store_path: str = ":memory:"
     store_max_rows: int = 100_000
     store_max_age_days: float = 30.0
-    api_keys: tuple[str, ...] = ()
+    api_keys: tuple[ApiKey, ...] = ()
+    session_ttl: float = DEFAULT_SESSION_TTL
     max_request_bytes: int = 32 * 1024 * 1024
     crash_loop: CrashLoopPolicy = attrs.field(factory=CrashLoopPolicy)
     shutdown_timeout: float = 30.0
-    policy: Policy = attrs.field(factory=ArrivalOrder)
+    policy: Policy = attrs.field(factory=Collate)
     budget: Mapping[str, int] = attrs.field(factory=dict)
     default_model: str | None = None
     kv_cache: KvCacheConfig = attrs.field(factory=KvCacheConfig)
@@ -582,6 +634,7 @@ class _Builder:
         self.check_names_unique(models)
         groups = self.groups(root.get("groups"), models)
         profiles = self.profiles(root.get("profiles"), models)
+        pools = self.pools(root.get("pools"), models)
         preload = self.preload(root.get("hooks"), models)
         queue_limit = self.integer(root.get("queueLimit", 100), "queueLimit")
         if queue_limit < 1:
@@ -613,10 +666,12 @@ class _Builder:
             ),
             groups=groups,
             profiles=profiles,
+            pools=pools,
             preload=preload,
             peers=self.peers(root.get("peers"), models, macros),
             log_requests=self.boolean(root.get("logRequests", False), "logRequests"),
             api_keys=self.api_keys(root.get("apiKeys"), macros),
+            session_ttl=self.positive(root.get("sessionTtl", DEFAULT_SESSION_TTL), "sessionTtl"),
             crash_loop=self.crash_loop(root.get("crashLoop")),
             connections=self.connections(root.get("connections")),
             policy=self.policy(root.get("scheduler")),
@@ -634,7 +689,11 @@ class _Builder:
             **self.store(root.get("store"), macros),
             written=frozenset(key for key, value in root.items() if value is not None),
         )
-        if config.default_model is not None and config.lookup(config.default_model) is None:
+        if (
+            config.default_model is not None
+            and config.lookup(config.default_model) is None
+            and config.default_model not in config.pools
+        ):
             names = tuple(models) + tuple(n for m in models.values() for n in m.names)
             raise self.fail(
                 "defaultModel",
@@ -739,16 +798,23 @@ class _Builder:
     def policy(self, value: object) -> Policy:
         doc = self.mapping(value if value is not None else {}, "scheduler")
         self.check_keys(doc, "scheduler", SCHEDULER_KEYS)
-        name = self.string(doc.get("policy", "fifo"), "scheduler.policy")
+        default = Collate()
+        name = self.string(doc.get("policy", default.name), "scheduler.policy")
         if name == "fifo":
-            for key in ("maxWait", "maxResidency"):
+            for key in ("maxWait", "maxResidency", "hold", "patience"):
                 if key in doc:
                     raise self.fail(f"scheduler.{key}", "only the 'collate' policy uses it")
             return ArrivalOrder()
         if name == "collate":
             return Collate(
-                max_wait=self.positive(doc.get("maxWait", 30), "scheduler.maxWait"),
-                max_residency=self.positive(doc.get("maxResidency", 120), "scheduler.maxResidency"),
+                max_wait=self.positive(doc.get("maxWait", default.max_wait), "scheduler.maxWait"),
+                max_residency=self.positive(
+                    doc.get("maxResidency", default.max_residency), "scheduler.maxResidency"
+                ),
+                hold=self.not_negative(doc.get("hold", default.hold), "scheduler.hold"),
+                patience=self.not_negative(
+                    doc.get("patience", default.patience), "scheduler.patience"
+                ),
             )
         raise self.fail("scheduler.policy", f"must be 'fifo' or 'collate', got {name!r}")
 
@@ -801,12 +867,56 @@ class _Builder:
             ),
         )
 
-    def api_keys(self, value: object, macros: Mapping[str, str]) -> tuple[str, ...]:
+    def api_keys(self, value: object, macros: Mapping[str, str]) -> tuple[ApiKey, ...]:
+        """Plain keys (admin, every model, named ``apiKeys[i]``) and scoped ones."""
         if value is None:
             return ()
-        return tuple(
-            self.secret(raw, f"apiKeys[{i}]", macros)
-            for i, raw in enumerate(self.string_list(value, "apiKeys"))
+        if not isinstance(value, list):
+            raise self.fail("apiKeys", f"expected a list of keys, got {_describe(value)}")
+        keys: list[ApiKey] = []
+        for i, raw in enumerate(value):
+            path = f"apiKeys[{i}]"
+            key = (
+                self.scoped_key(raw, path, macros)
+                if isinstance(raw, dict)
+                else ApiKey(path, self.secret(raw, path, macros))
+            )
+            for earlier in keys:
+                if key.name == earlier.name:
+                    raise self.fail(f"{path}.name", f"{key.name!r} names another key too")
+                if key.key == earlier.key:
+                    raise self.fail(path, f"the same key as {earlier.name!r}")
+            keys.append(key)
+        return tuple(keys)
+
+    def scoped_key(self, doc: dict[str, Any], path: str, macros: Mapping[str, str]) -> ApiKey:
+        self.check_keys(doc, path, API_KEY_KEYS)
+        for required in ("name", "key"):
+            if doc.get(required) is None:
+                raise self.fail(f"{path}.{required}", "missing")
+        name = self.string(doc["name"], f"{path}.name").strip()
+        if not name or len(name) > 64 or any(not c.isprintable() for c in name):
+            raise self.fail(f"{path}.name", "must be 1-64 printable characters")
+        role = self.string(doc.get("role", INFERENCE), f"{path}.role")
+        if role not in ROLES:
+            raise self.fail(f"{path}.role", f"must be one of {', '.join(ROLES)}, got {role!r}")
+        models = tuple(self.string_list(doc.get("models", ["*"]), f"{path}.models"))
+        if not models or any(not m.strip() for m in models):
+            raise self.fail(f"{path}.models", "list at least one model pattern ('*' for all)")
+        limits = {
+            field: self.limit(doc[key], f"{path}.{key}")
+            for field, key in (
+                ("max_concurrent", "maxConcurrent"),
+                ("requests_per_minute", "requestsPerMinute"),
+            )
+            if doc.get(key) is not None
+        }
+        return ApiKey(
+            name=name,
+            key=self.secret(doc["key"], f"{path}.key", macros),
+            role=role,
+            models=tuple(m.strip() for m in models),
+            **limits,
         )
 
     def allowed_hosts(self, value: object) -> tuple[str, ...]:
@@ -1026,6 +1136,43 @@ class _Builder:
                     )
             profiles[name] = tuple(dict.fromkeys(ids))
         return profiles
+
+    def pools(self, value: object, models: Mapping[str, ModelConfig]) -> dict[str, PoolConfig]:
+        if value is None:
+            return {}
+        taken = {name for m in models.values() for name in m.names}
+        pools: dict[str, PoolConfig] = {}
+        for pool_id, entry in self.mapping(value, "pools").items():
+            base = f"pools.{pool_id}"
+            if not isinstance(pool_id, str) or not pool_id.strip() or ":" in pool_id:
+                raise self.fail(base, "pool names are non-empty and contain no ':'")
+            if pool_id in models or pool_id in taken:
+                raise self.fail(base, f"{pool_id!r} is already a model id or alias")
+            doc = self.mapping(entry, base)
+            self.check_keys(doc, base, POOL_KEYS)
+            if "models" not in doc:
+                raise self.fail(f"{base}.models", "required key is missing")
+            ids = self.string_list(doc["models"], f"{base}.models")
+            if not ids:
+                raise self.fail(f"{base}.models", "a pool needs at least one model")
+            for i, member in enumerate(ids):
+                if member not in models:
+                    raise self.fail(
+                        f"{base}.models[{i}]",
+                        f"unknown model {member!r}" + _suggest(member, tuple(models)),
+                    )
+            pools[pool_id] = PoolConfig(
+                id=pool_id,
+                models=tuple(dict.fromkeys(ids)),
+                priority=(
+                    self.integer(doc["priority"], f"{base}.priority")
+                    if doc.get("priority") is not None
+                    else None
+                ),
+                name=self.string(doc.get("name", ""), f"{base}.name"),
+                description=self.string(doc.get("description", ""), f"{base}.description"),
+            )
+        return pools
 
     def preload(self, value: object, models: Mapping[str, ModelConfig]) -> tuple[str, ...]:
         if value is None:
@@ -1257,7 +1404,7 @@ class _Builder:
                 doc.get("unloadTimeout", defaults["unloadTimeout"]), f"{base}.unloadTimeout"
             ),
             concurrency_limit=self.limit(
-                doc.get("concurrencyLimit", 10), f"{base}.concurrencyLimit"
+                doc.get("concurrencyLimit", DEFAULT_CONCURRENCY_LIMIT), f"{base}.concurrencyLimit"
             ),
             metadata=self.expand_tree(
                 self.mapping(doc.get("metadata", {}), f"{base}.metadata"), f"{base}.metadata", scope
@@ -1270,6 +1417,7 @@ class _Builder:
             forward_authorization=forward_authorization,
             upstream_api_key=upstream_api_key,
             priority=self.integer(doc.get("priority", 0), f"{base}.priority"),
+            configured_capabilities=self.capabilities(doc.get("capabilities"), base),
             memory=self.memory(doc.get("memory"), f"{base}.memory", defaults["budget"]),
             deadline=(
                 self.positive(doc["deadline"], f"{base}.deadline")
@@ -1278,6 +1426,18 @@ class _Builder:
             ),
             child_protocol=self.child_protocol(doc.get("childProtocol", "auto"), base),
         )
+
+    def capabilities(self, value: object, base: str) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        path = f"{base}.capabilities"
+        kinds = self.string_list(value, path)
+        for i, kind in enumerate(kinds):
+            if kind not in CAPABILITIES:
+                raise self.fail(
+                    f"{path}[{i}]", f"must be one of {', '.join(CAPABILITIES)}, got {kind!r}"
+                )
+        return tuple(dict.fromkeys(kinds))
 
     def child_protocol(self, value: object, base: str) -> str:
         path = f"{base}.childProtocol"

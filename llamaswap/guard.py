@@ -19,17 +19,20 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hmac
 from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from io import BytesIO
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from .errors import ApiError
+from .routes import API_ROUTES
+
+if TYPE_CHECKING:
+    from .access import Access
 
 
 class Answered:
@@ -45,10 +48,14 @@ HeaderCheck = Callable[[Request], ApiError | Answered | None]
 the request by returning an error, or answers it itself (``ANSWERED``).  A check
 may also set answer headers that every response to the request should carry."""
 
-# Paths anyone may GET: liveness, and what a browser needs to ask for a key.
-OPEN_PATHS = (b"/health", b"/v1/health")
-OPEN_PREFIXES = (b"/ui/", b"/swagger/")
-OPEN_EXACT = (b"/", b"/ui", b"/swagger", b"/favicon.ico")
+# Paths anyone may GET: the routes the table marks open (liveness, and what a browser
+# needs to ask for a key); an open branch (static files) opens what is below it.
+OPEN_PATHS = frozenset(
+    [r.path.encode() for r in API_ROUTES if r.open]
+    + [r.path.rstrip("/").encode() for r in API_ROUTES if r.open and r.branch]
+    + [b"/favicon.ico"]  # no route: browsers ask for it anyway; a 404 and no key prompt
+)
+OPEN_PREFIXES = tuple(r.path.encode() for r in API_ROUTES if r.open and r.branch)
 OPEN_METHODS = (b"GET", b"HEAD")
 
 MAX_URI_BYTES = 8192
@@ -294,57 +301,35 @@ def presented_key(request: Request) -> str | None:
     return api_key.decode("utf-8", errors="replace") if api_key else None
 
 
-def key_matches(presented: str | None, keys: tuple[str, ...]) -> bool:
-    if presented is None:
-        return False
-    given = presented.encode()
-    # compare with every key, always, so the time taken says nothing about which
-    results = [hmac.compare_digest(given, key.encode()) for key in keys]
-    return any(results)
-
-
 class Guard(Resource):
-    """The API keys: ``check`` is the door's key check, and as the resource in front
-    of ``inner`` the Guard asks again, for whatever reaches it without the door."""
+    """The API keys (see ``access``): ``check`` is the door's key check (who calls,
+    may that key reach this path, is it within its limits; the caller is attached to
+    the request), and as the resource in front of ``inner`` the Guard asks again, for
+    whatever reaches it without the door."""
 
     isLeaf = True
 
-    def __init__(self, inner: IResource, keys: tuple[str, ...]) -> None:
+    def __init__(self, inner: IResource, access: Access) -> None:
         super().__init__()
         self.inner = inner
-        self.keys = keys
+        self.access = access
 
     def check(self, request: Request) -> ApiError | None:
-        """None when ``request`` may go on: keys are off, it is an open page, or it
-        carries one of the keys."""
-        if not self.keys or self.is_open(request.method, request.path):
-            return None
-        if key_matches(presented_key(request), self.keys):
-            return None
-        return ApiError(
-            401,
-            "a valid API key is required: send 'Authorization: Bearer <key>' "
-            "(or the key as x-api-key, or as the Basic auth password)",
-            "invalid_api_key",
-            headers={"www-authenticate": 'Bearer realm="llamaswap"'},
-        )
+        """None when ``request`` may go on: keys are off, it is an open page, or its
+        key (or UI session) reaches this path within its limits."""
+        return self.access.check(request)
 
     def render(self, request: Request) -> Any:
-        refusal = self.check(request)
-        if refusal is not None:
-            answer_with_error(request, refusal, close=False)
-            return NOT_DONE_YET
-        return self.inner.render(request)
+        from .access import caller_of  # access builds on this module
 
-    @staticmethod
-    def is_open(method: bytes, path: bytes) -> bool:
-        return method in OPEN_METHODS and is_open_page(path)
+        if caller_of(request) is None:  # not checked at the door
+            refusal = self.check(request)
+            if refusal is not None:
+                answer_with_error(request, refusal, close=False)
+                return NOT_DONE_YET
+        return self.inner.render(request)
 
 
 def is_open_page(path: bytes) -> bool:
     """A page anyone may read: liveness, the UI, Swagger."""
-    return (
-        path in OPEN_PATHS
-        or path in OPEN_EXACT
-        or any(path.startswith(prefix) for prefix in OPEN_PREFIXES)
-    )
+    return path in OPEN_PATHS or any(path.startswith(prefix) for prefix in OPEN_PREFIXES)

@@ -10,7 +10,6 @@ then continues on the same response.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
@@ -19,15 +18,11 @@ from twisted.web.server import Request
 
 from .errors import ApiError
 from .events import Event
+from .eventstream import begin_event_stream, data_event, end_event_stream
 from .process import ModelState
-from .relay import end_event_stream
 from .scheduler import Lease, Scheduler
 
 TICK = 1.0
-
-
-def sse(document: object) -> bytes:
-    return b"data: " + json.dumps(document).encode("utf-8") + b"\n\n"
 
 
 class LoadingStream:
@@ -58,9 +53,7 @@ class LoadingStream:
         """Answer 200 now and report until :meth:`end`."""
         self.waiting = waiting
         self.request.setResponseCode(200)
-        self.request.setHeader(b"content-type", b"text/event-stream")
-        self.request.setHeader(b"cache-control", b"no-cache")
-        self.request.setHeader(b"x-accel-buffering", b"no")
+        begin_event_stream(self.request)
         self.say(f"llamaswap: {self.model_id} is not loaded yet.\n")
         self._report()
         events = self.scheduler.processes[self.model_id].events
@@ -69,7 +62,7 @@ class LoadingStream:
     def say(self, text: str) -> None:
         delta = {"role": "assistant", "reasoning_content": text}
         self.request.write(
-            sse(
+            data_event(
                 {
                     "id": "llamaswap-loading",
                     "object": "chat.completion.chunk",

@@ -102,6 +102,19 @@ class Metrics:
             buckets=SPEED_BUCKETS,
             registry=r,
         )
+        # per API key name (a small set, from the config): who used which model how much
+        self.key_requests = Counter(
+            "llamaswap_key_requests_total",
+            "Proxied requests by API key name, model and status",
+            ["key", "model", "status"],
+            registry=r,
+        )
+        self.key_tokens = Counter(
+            "llamaswap_key_tokens_total",
+            "Tokens by API key name, model and kind (prompt, completion)",
+            ["key", "model", "kind"],
+            registry=r,
+        )
         self.swaps = Counter("llamaswap_swaps_total", "Swaps by outcome", ["outcome"], registry=r)
         self.swap_seconds = Histogram(
             "llamaswap_swap_seconds",
@@ -151,6 +164,12 @@ class Metrics:
             self.prompt_speed.labels(model).observe(row["prompt_tps"])
         if row.get("gen_tps"):
             self.generation_speed.labels(model).observe(row["gen_tps"])
+        key = row.get("key")
+        if key is not None:
+            self.key_requests.labels(key, model, str(row["status"])).inc()
+            for kind, field in (("prompt", "tokens_in"), ("completion", "tokens_out")):
+                if row.get(field):
+                    self.key_tokens.labels(key, model, kind).inc(row[field])
 
 
 class _LiveState(Collector):

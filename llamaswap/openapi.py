@@ -1,42 +1,57 @@
-"""The OpenAPI 3 description of every endpoint llamaswap serves (``/openapi.json``)."""
+"""The OpenAPI 3 description of every endpoint llamaswap serves (``/openapi.json``),
+built from the route tables of ``routes.py``: nothing here lists a route."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from . import __version__
-from .routes import MODEL_ROUTES, Body, ModelRoute
+from .routes import (
+    API_ROUTES,
+    MODEL_ERRORS,
+    MODEL_ROUTES,
+    Answer,
+    ApiRoute,
+    Body,
+    Media,
+    ModelRoute,
+    Param,
+)
+
+#: what a request that needs a key may carry (when ``apiKeys`` is set)
+KEY_NEEDED: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}, {"basic": []}]
+OPEN: list[dict[str, list[str]]] = []
 
 
-def _error(description: str) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+def _answer(answer: Answer) -> dict[str, Any]:
+    """One entry of an operation's ``responses``."""
+    described: dict[str, Any] = {"description": answer.description}
+    if answer.media is Media.ERROR:
+        schema: dict[str, Any] = {"$ref": "#/components/schemas/Error"}
+        described["content"] = {"application/json": {"schema": schema}}
+    elif answer.media is Media.JSON:
+        schema = dict(answer.schema or {"type": "object"})
+        described["content"] = {"application/json": {"schema": schema}}
+    elif answer.media in (Media.TEXT, Media.HTML, Media.EVENTS):
+        described["content"] = {answer.media.value: {"schema": {"type": "string"}}}
+    return described
+
+
+def _answers(answers: tuple[Answer, ...]) -> dict[str, Any]:
+    return {str(answer.status): _answer(answer) for answer in answers}
+
+
+def _parameter(param: Param) -> dict[str, Any]:
+    described: dict[str, Any] = {
+        "name": param.name,
+        "in": param.where,
+        "required": param.required,
+        "schema": dict(param.schema),
     }
+    if param.flag:
+        described["allowEmptyValue"] = True
+    return described
 
-
-def _json(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {"application/json": {"schema": schema or {"type": "object"}}},
-    }
-
-
-def _text(description: str, media: str = "text/plain") -> dict[str, Any]:
-    return {"description": description, "content": {media: {"schema": {"type": "string"}}}}
-
-
-MODEL_ERRORS = {
-    "400": _error(
-        "Malformed body, or no model named while none (or several) are loaded and no "
-        "`defaultModel` is set; the message lists the valid ids"
-    ),
-    "404": _error("Unknown model; the message lists the valid ids"),
-    "429": _error("The model has `concurrencyLimit` requests already (see Retry-After)"),
-    "502": _error("The model's server (or peer) could not be reached"),
-    "503": _error("The model failed to start, timed out, or the queue is full"),
-}
 
 _ROUTED = (
     "Routed to a model like the OpenAI routes: the JSON body's `model` (or a multipart "
@@ -66,13 +81,8 @@ def _model_request_body(route: ModelRoute) -> dict[str, Any]:
 
 def _model_path(route: ModelRoute) -> dict[str, Any]:
     """Every method of one route of the table; OPTIONS answers 204 with ``Allow``."""
-    parameters: list[dict[str, Any]] = [
-        {"name": "model", "in": "query", "required": False, "schema": {"type": "string"}}
-    ]
-    parameters += [
-        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-        for name in re.findall(r"\{(\w+)\}", route.path)
-    ]
+    parameters = [_parameter(Param("model"))]
+    parameters += [_parameter(Param(name, "path")) for name in route.path_parameters]
     responses = {
         "200": {
             "description": "The model's own response (JSON or an event stream)",
@@ -81,7 +91,7 @@ def _model_path(route: ModelRoute) -> dict[str, Any]:
                 "text/event-stream": {"schema": {"type": "string"}},
             },
         },
-        **MODEL_ERRORS,
+        **_answers(MODEL_ERRORS),
     }
     operations: dict[str, Any] = {}
     for method in route.methods:
@@ -91,6 +101,7 @@ def _model_path(route: ModelRoute) -> dict[str, Any]:
             "description": _OPAQUE if route.body is Body.OPAQUE else _ROUTED,
             "parameters": parameters,
             "responses": responses,
+            "security": KEY_NEEDED,
         }
         if method == "POST":
             operation["requestBody"] = _model_request_body(route)
@@ -100,211 +111,33 @@ def _model_path(route: ModelRoute) -> dict[str, Any]:
         "parameters": parameters,
         "summary": "The route's methods (CORS preflights: see the CORS setting)",
         "responses": {"204": {"description": "No body; `Allow` lists the methods"}},
+        "security": KEY_NEEDED,
     }
     return operations
 
 
-def _model_param(where: str = "path") -> dict[str, Any]:
-    return {"name": "model", "in": where, "required": True, "schema": {"type": "string"}}
-
-
-def _management() -> dict[str, Any]:
-    ok = _json("Done", {"type": "object", "properties": {"msg": {"type": "string"}}})
-    stream = _text("History (unless `?no-history`), then live lines")
-    no_history = {
-        "name": "no-history",
-        "in": "query",
-        "required": False,
-        "allowEmptyValue": True,
-        "schema": {"type": "string"},
+def _api_path(route: ApiRoute) -> dict[str, Any]:
+    """Every method of one route llamaswap answers itself."""
+    operation: dict[str, Any] = {
+        "tags": [route.tag],
+        "summary": route.summary,
+        "responses": _answers(route.answers),
+        "security": OPEN if route.open else KEY_NEEDED,
     }
-    number = {"type": "number"}
-
-    def query(name: str, schema: dict[str, Any]) -> dict[str, Any]:
-        return {"name": name, "in": "query", "required": False, "schema": schema}
-
-    tags = {"tags": ["Management"]}
-    return {
-        "/v1/models": {
-            "get": {
-                **tags,
-                "summary": "Models (OpenAI list)",
-                "responses": {"200": _json("Model list")},
-            }
-        },
-        "/models": {
-            "get": {
-                **tags,
-                "summary": "Models (same as /v1/models)",
-                "responses": {"200": _json("Model list")},
-            }
-        },
-        "/running": {
-            "get": {
-                **tags,
-                "summary": "Running models and their details",
-                "responses": {"200": _json("Running models")},
-            }
-        },
-        "/health": {
-            "get": {**tags, "summary": "llamaswap is up", "responses": {"200": _text("OK")}}
-        },
-        "/v1/health": {
-            "get": {
-                **tags,
-                "summary": "llamaswap is up, in llama-server's shape; asks no model",
-                "responses": {"200": _json('`{"status": "ok"}`')},
-            }
-        },
-        "/unload": {
-            "get": {**tags, "summary": "Stop every model", "responses": {"200": _text("OK")}}
-        },
-        "/api/models/unload": {
-            "post": {**tags, "summary": "Stop every model", "responses": {"200": ok}}
-        },
-        "/api/models/unload/{model}": {
-            "post": {
-                **tags,
-                "summary": "Stop one model",
-                "parameters": [_model_param()],
-                "responses": {"200": ok, "404": _error("Unknown model")},
-            }
-        },
-        "/api/models/load/{model}": {
-            "post": {
-                **tags,
-                "summary": "Start a model; answers when it is ready",
-                "parameters": [_model_param()],
-                "responses": {
-                    "200": ok,
-                    "404": _error("Unknown model"),
-                    "503": _error("The model failed to start"),
-                },
-            }
-        },
-        "/upstream/{model}/{path}": {
-            method: {
-                **tags,
-                "summary": "Raw pass-through to a model's server (starts it if needed)",
-                "parameters": [
-                    _model_param(),
-                    {"name": "path", "in": "path", "required": True, "schema": {"type": "string"}},
-                ],
-                "responses": {"200": {"description": "The server's own response"}, **MODEL_ERRORS},
-            }
-            for method in ("get", "post", "put", "patch", "delete")
-        },
-        "/logs": {
-            "get": {
-                **tags,
-                "summary": "Recent log history",
-                "responses": {
-                    "200": _text("Log lines"),
-                    "302": {"description": "Browsers go to /ui/#logs"},
-                },
-            }
-        },
-        "/logs/stream": {
-            "get": {
-                **tags,
-                "summary": "Live log stream (all sources)",
-                "parameters": [no_history],
-                "responses": {"200": stream},
-            }
-        },
-        "/logs/stream/{source}": {
-            "get": {
-                **tags,
-                "summary": "Live log stream of `proxy`, `upstream` or one model",
-                "parameters": [
-                    {
-                        "name": "source",
-                        "in": "path",
-                        "required": True,
-                        "schema": {"type": "string"},
-                    },
-                    no_history,
-                ],
-                "responses": {"200": stream, "404": _error("Unknown model")},
-            }
-        },
-        "/metrics": {
-            "get": {
-                "tags": ["Observability"],
-                "summary": "Prometheus metrics",
-                "description": "llamaswap's own, then each running model's own metrics "
-                "(llama-server with --metrics), every sample labelled with its model.",
-                "responses": {"200": _text("Prometheus text format")},
-            }
-        },
-        "/api/activity": {
-            "get": {
-                "tags": ["Observability"],
-                "summary": "One row per proxied request, newest first",
-                "parameters": [
-                    query("model", {"type": "string"}),
-                    query("since", number),
-                    query("until", number),
-                    query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
-                    query("offset", {"type": "integer", "minimum": 0}),
-                ],
-                "responses": {
-                    "200": _json("Rows and total"),
-                    "400": _error("Bad parameter"),
-                    "503": _error("The activity log cannot be written now"),
-                },
-            }
-        },
-        "/api/activity/stats": {
-            "get": {
-                "tags": ["Observability"],
-                "summary": "Per model: totals and p50/p95/p99 of latency and speeds",
-                "parameters": [query("since", number), query("until", number)],
-                "responses": {
-                    "200": _json("Statistics and the store's health"),
-                    "503": _error("The activity log cannot be written now"),
-                },
-            }
-        },
-        "/api/events": {
-            "get": {
-                "tags": ["Observability"],
-                "summary": "Live events: model, log, activity, queue, swap",
-                "responses": {"200": _text("Server-sent events", "text/event-stream")},
-            }
-        },
-        "/api/version": {
-            "get": {**tags, "summary": "Version", "responses": {"200": _json("Version")}}
-        },
-        "/openapi.json": {
-            "get": {
-                "tags": ["Documentation"],
-                "summary": "This document",
-                "responses": {"200": _json("OpenAPI 3 document")},
-            }
-        },
-        "/swagger/": {
-            "get": {
-                "tags": ["Documentation"],
-                "summary": "Interactive API documentation",
-                "responses": {"200": _text("HTML", "text/html")},
-            }
-        },
-        "/ui/": {
-            "get": {
-                "tags": ["Documentation"],
-                "summary": "Web UI",
-                "responses": {"200": _text("HTML", "text/html")},
-            }
-        },
-    }
+    if route.description:
+        operation["description"] = route.description
+    if route.parameters:
+        operation["parameters"] = [_parameter(p) for p in route.parameters]
+    return {method.lower(): operation for method in route.methods}
 
 
 def openapi_document() -> dict[str, Any]:
     paths: dict[str, Any] = {}
     for route in MODEL_ROUTES:
         paths[route.path] = _model_path(route)
-    paths.update(_management())
+    for api_route in API_ROUTES:
+        if api_route.documented:
+            paths[api_route.path] = _api_path(api_route)
     return {
         "openapi": "3.0.3",
         "info": {
@@ -315,6 +148,19 @@ def openapi_document() -> dict[str, Any]:
         },
         "paths": paths,
         "components": {
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "One of `apiKeys`; needed only when `apiKeys` is set",
+                },
+                "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+                "basic": {
+                    "type": "http",
+                    "scheme": "basic",
+                    "description": "The key as the password (any user name)",
+                },
+            },
             "schemas": {
                 "Error": {
                     "type": "object",
@@ -343,6 +189,6 @@ def openapi_document() -> dict[str, Any]:
                     },
                     "additionalProperties": True,
                 },
-            }
+            },
         },
     }

@@ -205,11 +205,11 @@ class CrossSiteCheck:
         # address that is not loopback): Origin is sent with every POST and CORS request.
         host = _header(request, b"host")
         if origin is not None:
-            return None if _same_origin(origin, host) else self.refuse(origin)
+            return None if same_origin(origin, host) else self.refuse(origin)
         # A GET or HEAD with neither header may still be an <img> or a link; the
         # Referer says from where, unless the page suppressed it.  Pages may be linked.
         referer = _header(request, b"referer")
-        if reading and not page and referer is not None and not _same_origin(referer, host):
+        if reading and not page and referer is not None and not same_origin(referer, host):
             return self.refuse(None)
         return None
 
@@ -233,7 +233,7 @@ def _navigation(request: RequestHead) -> bool:
     )
 
 
-def _same_origin(url: bytes, host: bytes | None) -> bool:
+def same_origin(url: bytes, host: bytes | None) -> bool:
     """Whether ``url`` (an Origin or a Referer) names the server the ``Host`` header names.
 
     Scheme aside (behind a TLS proxy the server cannot know the client's): the host

@@ -4,10 +4,15 @@
 the queue (after the running model's requests in flight finish): fair, but under
 interleaved traffic (A B A C A B ...) it spends most of its time loading weights.
 
-``Collate`` keeps serving the loaded model while it has work, so requests for it
-that arrive meanwhile ride along instead of paying a reload, but never beyond a
-bound: a request for another model waits at most ``max_wait`` seconds, and a busy
-model holds the machine at most ``max_residency`` seconds while others wait.
+``Collate`` (the default) keeps serving the loaded model while it has work, so
+requests for it that arrive meanwhile ride along instead of paying a reload, and
+holds it ``hold`` seconds after its last request (an agent's next step, a chat's
+next turn, a closed-loop client's next request), but never beyond a bound: a
+request for another model waits at most ``patience`` times what its load is
+expected to take (a swap is worth waiting for only in proportion to its cost, so
+cheap swaps keep everyone's waits short), never more than ``max_wait`` seconds,
+and a busy model holds the machine at most ``max_residency`` seconds while
+others wait.
 
 Both order the queue by per-model ``priority`` (higher first), then arrival.
 """
@@ -25,6 +30,7 @@ class Waiting:
 
     model: str
     arrived: float
+    load_seconds: float | None = None  # what loading its model is expected to take
 
 
 @attrs.frozen
@@ -34,6 +40,7 @@ class Victim:
     model: str
     busy: bool  # requests in flight, or queued for it
     resident_since: float
+    idle_since: float | None = None  # end of its last request, if any
 
 
 @attrs.frozen
@@ -43,7 +50,7 @@ class ArrivalOrder:
     def swap_now(self, waiting: Waiting, victims: Sequence[Victim], now: float) -> bool:
         return True
 
-    def recheck_at(self, waiting: Waiting, victims: Sequence[Victim]) -> float | None:
+    def recheck_at(self, waiting: Waiting, victims: Sequence[Victim], now: float) -> float | None:
         return None
 
 
@@ -51,20 +58,40 @@ class ArrivalOrder:
 class Collate:
     max_wait: float = 30.0
     max_residency: float = 120.0
+    hold: float = 1.0
+    patience: float = 6.0  # chosen with bench/trace.py's closed-loop mix
     name: str = "collate"
 
-    def swap_now(self, waiting: Waiting, victims: Sequence[Victim], now: float) -> bool:
-        if not any(v.busy for v in victims):
-            return True
-        if now - waiting.arrived >= self.max_wait:
-            return True
-        return any(v.busy and now - v.resident_since >= self.max_residency for v in victims)
+    def deadline(self, waiting: Waiting) -> float:
+        """When ``waiting`` has waited long enough for the swap to start regardless."""
+        limit = self.max_wait
+        if self.patience > 0 and waiting.load_seconds is not None:
+            limit = min(limit, self.patience * waiting.load_seconds)
+        return waiting.arrived + limit
 
-    def recheck_at(self, waiting: Waiting, victims: Sequence[Victim]) -> float | None:
+    def _held(self, victim: Victim, now: float) -> bool:
+        """Busy, or idle for less than ``hold`` seconds."""
+        return victim.busy or (
+            victim.idle_since is not None and now < victim.idle_since + self.hold
+        )
+
+    def swap_now(self, waiting: Waiting, victims: Sequence[Victim], now: float) -> bool:
+        held = [v for v in victims if self._held(v, now)]
+        if not held:
+            return True
+        if now >= self.deadline(waiting):
+            return True
+        return any(now - v.resident_since >= self.max_residency for v in held)
+
+    def recheck_at(self, waiting: Waiting, victims: Sequence[Victim], now: float) -> float | None:
         """When :meth:`swap_now` would turn true even if nothing else happens."""
-        moments = [waiting.arrived + self.max_wait]
-        moments += [v.resident_since + self.max_residency for v in victims if v.busy]
-        return min(moments)
+        held = [v for v in victims if self._held(v, now)]
+        moments = [self.deadline(waiting)]
+        moments += [v.resident_since + self.max_residency for v in held]
+        if not any(v.busy for v in held):  # only holds left: when the last one ends
+            moments.append(max(v.idle_since or now for v in held) + self.hold)
+        later = [m for m in moments if m > now]
+        return min(later) if later else None
 
 
 Policy = ArrivalOrder | Collate

@@ -31,9 +31,15 @@ class Recorder:
         self.log_requests = log_requests
 
     def begin(
-        self, model: str, route: str, path: str, process: ModelProcess | None = None
+        self,
+        model: str,
+        route: str,
+        path: str,
+        process: ModelProcess | None = None,
+        key: str | None = None,
     ) -> RequestRecord:
-        return RequestRecord(self, model, route, path, process)
+        """``key``: the name of the API key the request came with (never the key)."""
+        return RequestRecord(self, model, route, path, process, key)
 
     def deliver(self, row: dict[str, Any]) -> None:
         if self.store is not None:
@@ -57,8 +63,10 @@ class RequestRecord:
         route: str,
         path: str,
         process: ModelProcess | None,
+        key: str | None = None,
     ) -> None:
         self.recorder = recorder
+        self.key = key
         self.model = model
         self.route = route
         self.path = path
@@ -90,6 +98,7 @@ class RequestRecord:
             {
                 "time": self.arrived,
                 "model": self.model,
+                "key": self.key,
                 "route": self.route,
                 "path": self.path,
                 "status": status,

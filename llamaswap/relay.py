@@ -39,6 +39,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from .errors import ApiError
+from .eventstream import end_event_stream, is_event_stream, unbuffered
 from .guard import short_uri
 from .logs import logger
 from .origin import over_upstream
@@ -94,13 +95,6 @@ class BytesProducer:
 
     def stopProducing(self) -> None:
         pass
-
-
-def end_event_stream(request: Request, error: bytes) -> None:
-    """End an event stream that is already under way: an error event, then [DONE]."""
-    request.write(b"data: " + error + b"\n\n")
-    request.write(b"data: [DONE]\n\n")
-    request.finish()
 
 
 class Hop:
@@ -304,9 +298,8 @@ class _Exchange:
         out = over_upstream(end_to_end(response.headers), request.responseHeaders)
         request.responseHeaders = out
         content_type = (out.getRawHeaders(b"content-type") or [b""])[0]
-        if content_type.startswith(b"text/event-stream"):
-            out.setRawHeaders(b"x-accel-buffering", [b"no"])
-            out.setRawHeaders(b"cache-control", [b"no-cache"])
+        if is_event_stream(content_type):
+            unbuffered(out)
         if response.length is not UNKNOWN_LENGTH:
             out.setRawHeaders(b"content-length", [str(response.length).encode()])
         request.defaultContentType = None

@@ -79,10 +79,13 @@ def security_changes(old: Config, new: Config) -> list[str]:
 
 
 def _count_change(key: str, before: set[Any], after: set[Any]) -> str:
-    line = (
-        f"{key}: {len(after - before)} added, {len(before - after)} removed "
-        f"({len(before)} -> {len(after)})"
-    )
+    added, removed = after - before, before - after
+    line = f"{key}: {len(added)} added, {len(removed)} removed ({len(before)} -> {len(after)})"
+    # keys have names (never the key itself in a log): say whose access changed
+    for what, entries in (("removed", removed), ("added", added)):
+        names = sorted(str(e.name) for e in entries if hasattr(e, "name"))
+        if names:
+            line += f"; {what}: {', '.join(names)}"
     if before and not after:
         line += "; authentication is now OFF: anyone who can connect can use every route"
     return line

@@ -1,15 +1,22 @@
-"""The routes llamaswap relays to a model: every llama-server route, at its own path.
+"""Every HTTP route llamaswap serves, in two tables.
 
-This table is the one place that lists them and their methods: ``api.py`` registers
-a handler for each entry, ``openapi.py`` describes them, the docs list them.  A
-client written for one ``llama-server`` keeps working when llamaswap stands where
-the server stood.
+``MODEL_ROUTES``: the routes relayed to a model, every llama-server route at its own
+path, so a client written for one ``llama-server`` keeps working when llamaswap
+stands where the server stood.  ``API_ROUTES``: the routes llamaswap answers itself
+(management, observability, logs, documentation, the UI).
+
+These tables are the one place that lists the routes, their methods, parameters and
+answers, and which are open without a key: ``api.py`` registers a Klein route for
+each entry, ``openapi.py`` builds the OpenAPI document from them, ``guard.py`` takes
+its open pages from them, the docs list them.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from enum import Enum
+from typing import Any
 
 import attrs
 
@@ -42,7 +49,12 @@ class ModelRoute:
     @property
     def rule(self) -> str:
         """The path as a werkzeug rule (``/slots/<id_slot>``)."""
-        return re.sub(r"\{(\w+)\}", r"<\1>", self.path)
+        return _rule(self.path)
+
+    @property
+    def path_parameters(self) -> list[str]:
+        """The names of the path's ``{parameters}``."""
+        return re.findall(r"\{(\w+)\}", self.path)
 
     @property
     def allow(self) -> bytes:
@@ -108,12 +120,337 @@ MODEL_ROUTES: tuple[ModelRoute, ...] = (
     ),
 )
 
+
+def _rule(path: str) -> str:
+    """An OpenAPI path as a werkzeug rule: ``{name}`` becomes ``<name>``."""
+    return re.sub(r"\{(\w+)\}", r"<\1>", path)
+
+
+class Media(Enum):
+    """What an answer's body is, for the OpenAPI document."""
+
+    JSON = "application/json"
+    TEXT = "text/plain"
+    HTML = "text/html"
+    EVENTS = "text/event-stream"
+    #: an OpenAI-shaped error object (``errors.ApiError``)
+    ERROR = "error"
+    #: whatever the model's server answers
+    ANY = "any"
+    #: no body (a redirect, a 204)
+    NONE = "none"
+
+
+@attrs.frozen
+class Answer:
+    """One status a route may answer with."""
+
+    status: int
+    description: str
+    media: Media = Media.JSON
+    #: the JSON schema of the body, when it says more than "an object"
+    schema: Mapping[str, Any] | None = None
+
+
+@attrs.frozen
+class Param:
+    """A path or query parameter of a route."""
+
+    name: str
+    where: str = "query"  # or "path"
+    schema: Mapping[str, Any] = {"type": "string"}
+    #: ``?name`` counts without a value
+    flag: bool = False
+
+    @property
+    def required(self) -> bool:
+        return self.where == "path"
+
+
+@attrs.frozen
+class ApiRoute:
+    """One route llamaswap answers itself: its path, methods, the ``Api`` method that
+    answers it, and what the OpenAPI document says about it."""
+
+    path: str  # OpenAPI style: ``/api/models/load/{model}``
+    methods: tuple[str, ...]
+    handler: str  # the name of the ``Api`` method
+    summary: str
+    tag: str
+    answers: tuple[Answer, ...] = ()
+    parameters: tuple[Param, ...] = ()
+    #: anyone may GET (or HEAD) it, keys or not: liveness, and what a browser needs
+    #: to ask for a key
+    open: bool = False
+    #: it also serves every path below it (static files)
+    branch: bool = False
+    #: in the OpenAPI document (redirects and static assets are not)
+    documented: bool = True
+    #: a llama-server route llamaswap answers itself, for the whole set of models
+    llama_server: bool = False
+    #: more than the summary says, for the OpenAPI document
+    description: str = ""
+    #: the werkzeug rule, when it is not the path's (handler arguments named apart
+    #: from the documented parameters, or one argument for several segments)
+    werkzeug_rule: str | None = None
+
+    @property
+    def rule(self) -> str:
+        return self.werkzeug_rule or _rule(self.path)
+
+
+MODEL_ERRORS: tuple[Answer, ...] = (
+    Answer(
+        400,
+        "Malformed body, or no model named while none (or several) are loaded and no "
+        "`defaultModel` is set; the message lists the valid ids",
+        Media.ERROR,
+    ),
+    Answer(404, "Unknown model; the message lists the valid ids", Media.ERROR),
+    Answer(429, "The model has `concurrencyLimit` requests already (see Retry-After)", Media.ERROR),
+    Answer(502, "The model's server (or peer) could not be reached", Media.ERROR),
+    Answer(503, "The model failed to start, timed out, or the queue is full", Media.ERROR),
+)
+
+_MANAGEMENT = "Management"
+_OBSERVABILITY = "Observability"
+_DOCUMENTATION = "Documentation"
+_OK = Answer(200, "Done", schema={"type": "object", "properties": {"msg": {"type": "string"}}})
+_UNKNOWN_MODEL = Answer(404, "Unknown model", Media.ERROR)
+_STORE_DOWN = Answer(503, "The activity log cannot be written now", Media.ERROR)
+_MODEL = Param("model", "path")
+_NO_HISTORY = Param("no-history", flag=True)
+_LOG_LINES = Answer(200, "History (unless `?no-history`), then live lines", Media.TEXT)
+_REDIRECT = (Answer(302, "Redirect", Media.NONE),)
+_NUMBER = {"type": "number"}
+
+API_ROUTES: tuple[ApiRoute, ...] = (
+    # management
+    ApiRoute(
+        "/health",
+        ("GET", "HEAD"),
+        "health",
+        "llamaswap is up",
+        _MANAGEMENT,
+        (Answer(200, "OK", Media.TEXT),),
+        open=True,
+        llama_server=True,
+    ),
+    ApiRoute(
+        "/v1/health",
+        ("GET", "HEAD"),
+        "health_v1",
+        "llamaswap is up, in llama-server's shape; asks no model",
+        _MANAGEMENT,
+        (Answer(200, '`{"status": "ok"}`'),),
+        open=True,
+        llama_server=True,
+    ),
+    ApiRoute(
+        "/v1/models",
+        ("GET",),
+        "models",
+        "Models (OpenAI list)",
+        _MANAGEMENT,
+        (Answer(200, "Model list"),),
+        llama_server=True,
+    ),
+    ApiRoute(
+        "/models",
+        ("GET",),
+        "models",
+        "Models (same as /v1/models)",
+        _MANAGEMENT,
+        (Answer(200, "Model list"),),
+        llama_server=True,
+    ),
+    ApiRoute(
+        "/running",
+        ("GET",),
+        "running",
+        "Running models and their details",
+        _MANAGEMENT,
+        (Answer(200, "Running models"),),
+    ),
+    ApiRoute(
+        "/api/models/load/{model}",
+        ("POST",),
+        "load_one",
+        "Start a model; answers when it is ready",
+        _MANAGEMENT,
+        (_OK, _UNKNOWN_MODEL, Answer(503, "The model failed to start", Media.ERROR)),
+        (_MODEL,),
+        werkzeug_rule="/api/models/load/<path:name>",
+    ),
+    ApiRoute(
+        "/unload",
+        ("GET",),
+        "unload_all_get",
+        "Stop every model",
+        _MANAGEMENT,
+        (Answer(200, "OK", Media.TEXT),),
+    ),
+    ApiRoute(
+        "/api/models/unload", ("POST",), "unload_all", "Stop every model", _MANAGEMENT, (_OK,)
+    ),
+    ApiRoute(
+        "/api/models/unload/{model}",
+        ("POST",),
+        "unload_one",
+        "Stop one model",
+        _MANAGEMENT,
+        (_OK, _UNKNOWN_MODEL),
+        (_MODEL,),
+        werkzeug_rule="/api/models/unload/<path:name>",
+    ),
+    ApiRoute(
+        "/upstream/{model}/{path}",
+        ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"),
+        "upstream",
+        "Raw pass-through to a model's server (starts it if needed)",
+        _MANAGEMENT,
+        (Answer(200, "The server's own response", Media.ANY), *MODEL_ERRORS),
+        (_MODEL, Param("path", "path")),
+        # the model's name may itself hold slashes: the handler splits the rest
+        werkzeug_rule="/upstream/<path:rest>",
+    ),
+    ApiRoute(
+        "/api/version", ("GET",), "version", "Version", _MANAGEMENT, (Answer(200, "Version"),)
+    ),
+    # logs
+    ApiRoute(
+        "/logs",
+        ("GET",),
+        "logs_text",
+        "Recent log history",
+        _MANAGEMENT,
+        (Answer(200, "Log lines", Media.TEXT), Answer(302, "Browsers go to /ui/#logs", Media.NONE)),
+    ),
+    ApiRoute(
+        "/logs/stream",
+        ("GET",),
+        "stream_all",
+        "Live log stream (all sources)",
+        _MANAGEMENT,
+        (_LOG_LINES,),
+        (_NO_HISTORY,),
+    ),
+    ApiRoute(
+        "/logs/stream/{source}",
+        ("GET",),
+        "stream_one",
+        "Live log stream of `proxy`, `upstream` or one model",
+        _MANAGEMENT,
+        (_LOG_LINES, _UNKNOWN_MODEL),
+        (Param("source", "path"), _NO_HISTORY),
+        werkzeug_rule="/logs/stream/<path:source>",
+    ),
+    # observability
+    ApiRoute(
+        "/metrics",
+        ("GET",),
+        "prometheus",
+        "Prometheus metrics",
+        _OBSERVABILITY,
+        (Answer(200, "Prometheus text format", Media.TEXT),),
+        llama_server=True,
+        description="llamaswap's own, then each running model's own metrics "
+        "(llama-server with --metrics), every sample labelled with its model.",
+    ),
+    ApiRoute(
+        "/api/activity",
+        ("GET",),
+        "activity",
+        "One row per proxied request, newest first",
+        _OBSERVABILITY,
+        (Answer(200, "Rows and total"), Answer(400, "Bad parameter", Media.ERROR), _STORE_DOWN),
+        (
+            Param("model"),
+            Param("since", schema=_NUMBER),
+            Param("until", schema=_NUMBER),
+            Param("limit", schema={"type": "integer", "minimum": 1, "maximum": 1000}),
+            Param("offset", schema={"type": "integer", "minimum": 0}),
+        ),
+    ),
+    ApiRoute(
+        "/api/activity/stats",
+        ("GET",),
+        "activity_stats",
+        "Per model: totals and p50/p95/p99 of latency and speeds",
+        _OBSERVABILITY,
+        (Answer(200, "Statistics and the store's health"), _STORE_DOWN),
+        (Param("since", schema=_NUMBER), Param("until", schema=_NUMBER)),
+    ),
+    ApiRoute(
+        "/api/events",
+        ("GET",),
+        "live_events",
+        "Live events: model, log, activity, queue, swap",
+        _OBSERVABILITY,
+        (Answer(200, "Server-sent events", Media.EVENTS),),
+    ),
+    # documentation and the web UI
+    ApiRoute(
+        "/openapi.json",
+        ("GET",),
+        "openapi",
+        "This document",
+        _DOCUMENTATION,
+        (Answer(200, "OpenAPI 3 document"),),
+    ),
+    ApiRoute(
+        "/swagger",
+        ("GET",),
+        "swagger_redirect",
+        "To /swagger/",
+        _DOCUMENTATION,
+        _REDIRECT,
+        open=True,
+        documented=False,
+    ),
+    ApiRoute(
+        "/swagger/",
+        ("GET",),
+        "swagger_page",
+        "Interactive API documentation",
+        _DOCUMENTATION,
+        (Answer(200, "HTML", Media.HTML),),
+        open=True,
+    ),
+    ApiRoute(
+        "/swagger/static/",
+        ("GET",),
+        "swagger_assets",
+        "Swagger UI's own files",
+        _DOCUMENTATION,
+        open=True,
+        branch=True,
+        documented=False,
+    ),
+    ApiRoute(
+        "/", ("GET",), "root", "To /ui/", _DOCUMENTATION, _REDIRECT, open=True, documented=False
+    ),
+    ApiRoute(
+        "/ui",
+        ("GET",),
+        "ui_redirect",
+        "To /ui/",
+        _DOCUMENTATION,
+        _REDIRECT,
+        open=True,
+        documented=False,
+    ),
+    ApiRoute(
+        "/ui/",
+        ("GET",),
+        "ui",
+        "Web UI",
+        _DOCUMENTATION,
+        (Answer(200, "HTML", Media.HTML),),
+        open=True,
+        branch=True,
+    ),
+)
+
 #: llama-server routes llamaswap answers itself (for the whole set of models)
-OWN_ROUTES: dict[str, str] = {
-    "/health": "llamaswap is up (`OK`); open without a key",
-    "/v1/health": 'llamaswap is up, as llama-server says it (`{"status": "ok"}`); '
-    "open without a key",
-    "/models": "every configured model",
-    "/v1/models": "every configured model",
-    "/metrics": "llamaswap's Prometheus metrics (a model's own: `/upstream/<id>/metrics`)",
-}
+OWN_ROUTES: dict[str, str] = {r.path: r.summary for r in API_ROUTES if r.llama_server}

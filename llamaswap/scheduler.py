@@ -1,17 +1,22 @@
 """Which model runs: the request queue, swaps, leases and idle timeouts.
 
 A request asks for a *lease* on a model.  If that model is ready and nobody is
-queued, the lease is granted at once.  Otherwise the request joins one queue in
-arrival order; the head of the queue decides the next swap, which runs under the
-swap lock (stop whatever is in the way after its in-flight requests finish, then
-start the wanted model).  The lock is never held while a response streams: a lease
-only counts the request as in flight.
+queued, the lease is granted at once.  Otherwise the request joins one queue,
+served by priority, then arrival; the head of the queue decides the next swap,
+which runs under the swap lock (stop whatever is in the way after its in-flight
+requests finish, then start the wanted model).  The lock is never held while a
+response streams: a lease only counts the request as in flight.
+
+Priorities: a request below its model's own priority is *background* work (an
+Open WebUI title, tags): it takes one of the model's slots only when one is free
+and nobody more urgent waits for it, and a swap made for it does not stop a model
+that more urgent requests still use.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -103,6 +108,7 @@ _STOPPED = (ModelState.STOPPED, ModelState.FAILED)
 class _Plan:
     doomed: set[str] = attrs.field(factory=set)
     swap: tuple[frozenset[str], frozenset[str]] | None = None
+    swap_priority: int = 0
     recheck_at: float | None = None
 
 
@@ -133,6 +139,9 @@ class Scheduler:
         self._retiring: list[_Slot] = []
         self._side_starts: set[frozenset[str]] = set()
         self._swap: tuple[frozenset[str], frozenset[str]] | None = None  # (targets, victims)
+        self._swap_priority = 0  # of the request the running swap is for
+        self._pumping = False
+        self._pump_again = False
         self._closed = False
         self.events.subscribe(self._process_ready)
 
@@ -173,11 +182,35 @@ class Scheduler:
 
     # --- leases -----------------------------------------------------------------
 
-    def acquire(self, model_id: str, profile: str | None = None) -> Deferred[Lease]:
+    def pick(self, candidates: Sequence[str]) -> str:
+        """Of a pool's models, the one a request can use without a swap.
+
+        A ready model that no pending swap stops, the most recently used first; else
+        one being started; else the first candidate (which then starts as usual).
+        """
+        doomed = self._plan().doomed | self._victims_of_swap()
+        starting = self._swap[0] if self._swap else frozenset()
+
+        def rank(model_id: str) -> tuple[int, float]:
+            slot = self._slots[model_id]
+            state = slot.process.state
+            used = slot.last_used or slot.process.ready_at or 0.0
+            if state is ModelState.READY and model_id not in doomed:
+                return (0, -used)
+            if state is ModelState.STARTING or model_id in starting:
+                return (1, 0.0)
+            return (2, 0.0)
+
+        return min(candidates, key=lambda m: (*rank(m), candidates.index(m)))
+
+    def acquire(
+        self, model_id: str, profile: str | None = None, priority: int | None = None
+    ) -> Deferred[Lease]:
         """A lease on ``model_id`` once it (and its profile's models) are ready.
 
-        Cancel the Deferred to leave the queue.  Fails at once with 429 when the
-        model has ``concurrencyLimit`` requests already, 503 when the queue is full.
+        ``priority`` defaults to the model's; lower is background work.  Cancel the
+        Deferred to leave the queue.  Fails at once with 429 when the model has
+        ``concurrencyLimit`` requests already, 503 when the queue is full.
         """
         if self._closed:
             return fail(ApiError(503, "llamaswap is shutting down", "shutting_down"))
@@ -206,7 +239,13 @@ class Scheduler:
                 )
             )
         targets = frozenset(self.config.profiles[profile]) if profile else frozenset({model_id})
-        if self._ready(targets) and model_id not in self._plan().doomed:
+        if priority is None:
+            priority = slot.process.config.priority
+        if (
+            self._ready(targets)
+            and not self._doomed(model_id, priority, self._plan(at_least=priority))
+            and self._slot_free(slot, priority)
+        ):
             return succeed(self._grant(slot))
         if len(self._queue) >= self.config.queue_limit:
             return fail(
@@ -231,7 +270,7 @@ class Scheduler:
             targets,
             Deferred(leave_queue),
             self._clock.seconds(),
-            slot.process.config.priority,
+            priority,
         )
         self._queue.append(waiter)
         self._counts_changed(slot)
@@ -325,22 +364,58 @@ class Scheduler:
         """The queue as served: higher priority first, then arrival."""
         return sorted(self._queue, key=lambda w: -w.priority)
 
-    def _plan(self, grant: bool = False) -> _Plan:
+    def _doomed(self, model_id: str, priority: int, plan: _Plan) -> bool:
+        """Will ``model_id`` be stopped before a request of ``priority`` may use it?
+
+        The running swap's victims still serve requests more urgent than the one
+        the swap is for, as long as they are ready.
+        """
+        if model_id in plan.doomed:
+            return True
+        return (
+            self._swap is not None and model_id in self._swap[1] and priority <= self._swap_priority
+        )
+
+    def _slot_free(self, slot: _Slot, priority: int) -> bool:
+        """May a request of ``priority`` take one of the model's slots now?
+
+        Requests at the model's own priority or above always may (the server queues
+        them).  Background ones need a free slot, leave one free for the user when
+        the server has several, and yield to anyone more urgent waiting for it.
+        """
+        model = slot.process.config
+        if priority >= model.priority or model.slots is None:
+            return True
+        keep = 1 if model.slots > 1 else 0
+        if model.slots - slot.in_flight <= keep:
+            return False
+        return not any(w.model_id == model.id and w.priority > priority for w in self._queue)
+
+    def _plan(self, grant: bool = False, at_least: int | None = None) -> _Plan:
         """Walk the queue in order: what it commits to stopping, and the next swap.
 
         With ``grant``, waiters whose models are ready, and not about to be stopped
-        for a waiter ahead of them, get their lease on the way.
+        for a waiter ahead of them, get their lease on the way.  With ``at_least``,
+        only waiters of that priority or more count (what a new request of that
+        priority must respect).
         """
         plan = _Plan()
-        if self._swap is not None:
-            plan.doomed |= self._swap[1]
         now = self._clock.seconds()
         first = True
         for waiter in self._ordered():
+            if at_least is not None and waiter.priority < at_least:
+                break
+            if waiter not in self._queue:
+                continue  # left while an earlier lease's callbacks ran
             if self._ready(waiter.targets):
-                if grant and waiter.model_id not in plan.doomed:
+                slot = self._slots[waiter.model_id]
+                if (
+                    grant
+                    and not self._doomed(waiter.model_id, waiter.priority, plan)
+                    and self._slot_free(slot, waiter.priority)
+                ):
                     self._queue.remove(waiter)
-                    waiter.deferred.callback(self._grant(self._slots[waiter.model_id]))
+                    waiter.deferred.callback(self._grant(slot))
                 continue
             victims = self._victims(waiter.targets)
             swapping = self._swap[0] if self._swap is not None else frozenset()
@@ -348,7 +423,7 @@ class Scheduler:
                 grant
                 and not first
                 and not victims
-                and not waiter.targets & (swapping | plan.doomed)
+                and not waiter.targets & (swapping | plan.doomed | self._victims_of_swap())
             ):
                 # behind another start, but it stops nothing: no need to wait its turn
                 self._start_alongside(waiter.targets)
@@ -359,14 +434,28 @@ class Scheduler:
                 continue
             first = False
             views = [self._victim_view(v) for v in sorted(victims)]
-            waiting = Waiting(waiter.model_id, waiter.arrived)
+            waiting = Waiting(waiter.model_id, waiter.arrived, self._expected_load(waiter.targets))
             if self.policy.swap_now(waiting, views, now):
                 plan.doomed |= victims
                 if self._swap is None:
                     plan.swap = (waiter.targets, victims)
+                    plan.swap_priority = waiter.priority
             else:
-                plan.recheck_at = self.policy.recheck_at(waiting, views)
+                plan.recheck_at = self.policy.recheck_at(waiting, views, now)
         return plan
+
+    def _expected_load(self, targets: frozenset[str]) -> float | None:
+        """Seconds loading ``targets`` should take: as measured, else the average of
+        the loads measured so far (None: nothing measured yet)."""
+        known = [s.process.load_seconds for s in self._slots.values()]
+        measured = [x for x in known if x is not None]
+        if not measured:
+            return None
+        typical = sum(measured) / len(measured)
+        return max(self._slots[t].process.load_seconds or typical for t in targets)
+
+    def _victims_of_swap(self) -> frozenset[str]:
+        return self._swap[1] if self._swap is not None else frozenset()
 
     def _start_alongside(self, targets: frozenset[str]) -> None:
         """Start models that displace nothing, outside the swap lock."""
@@ -390,7 +479,7 @@ class Scheduler:
         slot = self._slots[model_id]
         busy = slot.in_flight > 0 or self.queued(model_id) > 0
         since = slot.process.ready_at or slot.process.started_at or self._clock.seconds()
-        return Victim(model_id, busy, since)
+        return Victim(model_id, busy, since, slot.last_used)
 
     def _grant(self, slot: _Slot) -> Lease:
         slot.in_flight += 1
@@ -412,8 +501,8 @@ class Scheduler:
         ttl = slot.process.config.ttl
         if ttl > 0 and slot.process.state is ModelState.READY:
             slot.ttl_timer = self._clock.callLater(ttl, self._ttl_expired, slot)
-        if self._queue and self.policy.name != "fifo":
-            self._pump()  # an idle model may now be swapped away
+        if self._queue:
+            self._pump()  # a slot for background work; under collate, a swap may start
 
     def _drained(self, slot: _Slot) -> Deferred[None]:
         if slot.in_flight == 0:
@@ -425,11 +514,29 @@ class Scheduler:
     # --- the queue --------------------------------------------------------------
 
     def _pump(self) -> None:
-        """Grant every waiter whose models are ready and safe; start the next swap."""
+        """Grant every waiter whose models are ready and safe; start the next swap.
+
+        Not re-entrant: a lease's callback may release it at once, which asks for
+        another pump; that one runs after this one, on the queue it left.
+        """
+        if self._pumping:
+            self._pump_again = True
+            return
+        self._pumping = True
+        try:
+            self._pump_again = True
+            while self._pump_again:
+                self._pump_again = False
+                self._pump_once()
+        finally:
+            self._pumping = False
+
+    def _pump_once(self) -> None:
         plan = self._plan(grant=True)
         if plan.swap is not None and self._swap is None:
             targets, victims = plan.swap
             self._swap = plan.swap
+            self._swap_priority = plan.swap_priority
             self._swap_started = self._clock.seconds()
             swap = self._swap_lock.run(self._swap_to, targets, victims)
             swap.addBoth(self._swap_done, targets)
@@ -456,6 +563,10 @@ class Scheduler:
         if not self._wanted(targets):
             # everyone who wanted it left while the others drained: keep what runs
             self.log.info("swap to {model} abandoned: nobody waits for it", model=names)
+            return
+        if self._outranked(targets):
+            # more urgent requests for other models came while the others drained
+            self.log.info("swap to {model} postponed: more urgent requests wait", model=names)
             return
         await _all(self._stop(other, "swap") for other in in_the_way)
         if not self._wanted(targets):
@@ -504,6 +615,12 @@ class Scheduler:
         for waiter in [w for w in self._queue if w.targets == targets]:
             self._queue.remove(waiter)
             waiter.deferred.errback(error)
+
+    def _outranked(self, targets: frozenset[str]) -> bool:
+        return any(
+            w.priority > self._swap_priority and w.targets != targets and not self._ready(w.targets)
+            for w in self._queue
+        )
 
     def _wanted(self, targets: frozenset[str]) -> bool:
         return not self._closed and any(w.targets == targets for w in self._queue)

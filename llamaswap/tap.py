@@ -24,6 +24,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
+from .access import Access, SessionRoutes
 from .activity import ActivityStore, Retention, StoreMetrics
 from .api import Api
 from .config import Config, ConfigError, ModelConfig, listen_address, load_config
@@ -41,6 +42,7 @@ from .recorder import Recorder
 from .relay import Hop, Relay
 from .resources import MemoryMonitor
 from .scheduler import Scheduler
+from .twisted_compat import forget_exit_signal
 from .upstream import UpstreamEndpoints
 
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
@@ -204,8 +206,7 @@ class Supervisor(Service):
             globalLogPublisher.removeObserver(self.observer)
             # Everything was shut down as asked: exit 0 (twistd would otherwise
             # re-raise the SIGTERM/SIGINT that started this, for an exit by signal)
-            if getattr(self.reactor, "_exitSignal", None) is not None:
-                self.reactor._exitSignal = None
+            forget_exit_signal(self.reactor)
 
         return stopped.addCallback(done)
 
@@ -295,7 +296,8 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
                 )
         return BrowserPolicy.build(config.allowed_hosts, config.cors, local_names, is_open_page)
 
-    guard = Guard(api.resource(), config.api_keys)
+    access = Access(config.api_keys, reactor, config.session_ttl)
+    guard = Guard(SessionRoutes(api.resource(), access), access)
     browser_door = BrowserDoor(browsers(config))
     site = ApiSite(
         guard,
@@ -329,7 +331,9 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
         )
         api.config = new
         recorder.log_requests = new.log_requests
-        guard.keys = new.api_keys
+        ended = access.reconfigure(new.api_keys, new.session_ttl)
+        if ended:
+            _log.warn("ended {count} UI session(s) whose key was removed", count=ended)
         browser_door.policy = browsers(new)
         site.max_request_bytes = new.max_request_bytes
         gate.configure(new.connections)
@@ -338,6 +342,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
         return changes
 
     top.api = api  # type: ignore[attr-defined]
+    top.access = access  # type: ignore[attr-defined]
     top.site = site  # type: ignore[attr-defined]
     top.gate = gate  # type: ignore[attr-defined]
     top.apply = apply  # type: ignore[attr-defined]

@@ -13,6 +13,8 @@ from typing import Any
 
 import attrs
 
+from .eventstream import is_event_stream
+
 MAX_JSON = 2_000_000
 MAX_ERROR = 500
 
@@ -41,7 +43,7 @@ class ResponseMeter:
 
     def started(self, status: int, content_type: bytes) -> None:
         self.status = status
-        self.streaming = content_type.startswith(b"text/event-stream")
+        self.streaming = is_event_stream(content_type)
 
     def feed(self, data: bytes) -> None:
         self.bytes += len(data)

@@ -26,7 +26,7 @@ CHROMIUM_ARGS = [
 ]
 
 try:
-    from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
+    from playwright.sync_api import Browser, BrowserContext, Page, Route, expect, sync_playwright
 except ImportError:
     if os.environ.get("CI"):
         raise
@@ -37,7 +37,7 @@ if not os.path.exists(CHROMIUM):
     pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)", allow_module_level=True)
 
 
-__all__ = ["CHROMIUM", "Browser", "Page", "Route", "chromium", "expect"]
+__all__ = ["CHROMIUM", "Browser", "BrowserContext", "Page", "Route", "chromium", "expect"]
 
 
 @contextmanager

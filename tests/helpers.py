@@ -13,7 +13,10 @@ from llamaswap.process import ModelProcess, Timing
 from llamaswap.scheduler import IModelHooks, Scheduler
 from llamaswap.testing.fakes import FakeHealth, FakeProcess, FakeProcessReactor
 
+# arrival order, explicitly: the tests built on it assert fifo's swaps
 TWO_MODELS = """
+scheduler:
+  policy: fifo
 models:
   a:
     cmd: sleep --port ${PORT} --model a

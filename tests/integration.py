@@ -137,6 +137,18 @@ class LiveTestCase(TestCase):
             "/v1/chat/completions", {"model": model, "messages": messages, **extra}
         )
 
+    async def stream(self, document: dict[str, Any]) -> tuple[IResponse, StreamReader]:
+        """POST a chat document; the body is read chunk by chunk as it comes."""
+        response: IResponse = await self.agent.request(
+            b"POST",
+            (self.base + "/v1/chat/completions").encode(),
+            Headers({"content-type": ["application/json"]}),
+            BytesProducer(json.dumps(document).encode()),
+        )
+        reader = StreamReader()
+        response.deliverBody(reader)
+        return response, reader
+
     async def running(self) -> dict[str, Any]:
         reply = await self.request("GET", "/running")
         return {entry["model"]: entry for entry in reply.json()["running"]}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .chromium import Browser, Page, Route, chromium, expect
+from .chromium import Browser, Page, chromium, expect
 from .daemon import Daemon
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,39 +184,6 @@ def test_a_phone_sized_screen(page: Page) -> None:
     expect(page.get_by_test_id("model-row-alpha")).to_be_visible()
     expect(page.get_by_test_id("load-beta")).to_be_in_viewport()
     page.screenshot(path=str(ARTIFACTS / "ui-phone.png"), full_page=True)
-
-
-def test_an_api_key_is_asked_for_once_then_kept_and_sent(browser: Browser, daemon: Daemon) -> None:
-    context = browser.new_context()
-    context.set_default_timeout(SECONDS)
-    sent: list[str | None] = []
-
-    def guard(route: Route) -> None:
-        """Play a server that wants a key, for two of the routes the page reads."""
-        key = route.request.headers.get("authorization")
-        sent.append(key)
-        if key == "Bearer sekrit":
-            route.continue_()
-        else:
-            route.fulfill(status=401, json={"error": {"message": "a key is needed"}})
-
-    context.route("**/v1/models", guard)
-    context.route("**/running", guard)
-    page = context.new_page()
-    page.goto(daemon.base + "/ui/")
-    dialog = page.locator("#key-dialog")
-    expect(dialog).to_be_visible()
-    page.locator("#key-input").fill("sekrit")
-    dialog.locator("button[value=save]").click()
-    expect(dialog).to_be_hidden()
-    expect(page.get_by_test_id("model-row-alpha")).to_be_visible()
-    assert page.evaluate("localStorage.getItem('llamaswap.apiKey')") == "sekrit"
-    page.reload()
-    expect(page.get_by_test_id("model-row-alpha")).to_be_visible()
-    expect(dialog).to_be_hidden()
-    assert sent[-1] == "Bearer sekrit"
-    assert sent.count(None) == 2  # one 401 each for the first two requests, one dialog
-    context.close()
 
 
 def test_a_conversation_saved_at_a_swap_shows_and_its_follow_up_comes_from_the_cache(

@@ -20,6 +20,8 @@ from .helpers import World, world
 from .integration import FAKE, LiveTestCase, StreamReader
 
 BUDGET = """
+scheduler:
+  policy: fifo
 resources:
   vram: 10GiB
 models:

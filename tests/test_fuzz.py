@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
+from llamaswap.access import Access
 from llamaswap.api import Api
 from llamaswap.config import ConfigError, parse_config
 from llamaswap.guard import ApiSite, Guard
@@ -112,7 +113,7 @@ class RequestFuzzTests(SynchronousTestCase):
         server.start()
         upstream = RequestTraversalAgent(server.resource())
         api = Api(w.config, w.scheduler, Relay(upstream), w.logs, w.reactor)
-        client: Any = StubTreq(Guard(api.resource(), ()))
+        client: Any = StubTreq(Guard(api.resource(), Access((), w.reactor)))
         # serve through llamaswap's own Site (size limit, form parsing), not treq's
         traversal = client._agent
         while not hasattr(traversal, "_serverFactory"):
@@ -182,7 +183,7 @@ class QueryFuzzTests(SynchronousTestCase):
             w.config, w.scheduler, Relay(RequestTraversalAgent(Resource())), w.logs, w.reactor
         )
         api.store = store  # type: ignore[assignment]
-        client: Any = StubTreq(Guard(api.resource(), ()))
+        client: Any = StubTreq(Guard(api.resource(), Access((), w.reactor)))
         response = self.successResultOf(client.get("http://llamaswap" + path, params=params))
         content = self.successResultOf(response.content())
         if response.code != 200:

@@ -94,17 +94,6 @@ class SwapTests(LiveTestCase):
 
 
 class StreamingTests(LiveTestCase):
-    async def stream(self, document: dict[str, Any]) -> tuple[IResponse, StreamReader]:
-        response: IResponse = await self.agent.request(
-            b"POST",
-            (self.base + "/v1/chat/completions").encode(),
-            Headers({"content-type": ["application/json"]}),
-            BytesProducer(json.dumps(document).encode()),
-        )
-        reader = StreamReader()
-        response.deliverBody(reader)
-        return response, reader
-
     async def test_sse_arrives_incrementally_and_a_hang_up_stops_generation(self) -> None:
         await self.serve(TWO)
         response, reader = await self.stream(
@@ -483,7 +472,10 @@ class ModelManagementTests(LiveTestCase):
         self.assertGreater(entry["uptime"], 0)
         self.assertIsInstance(entry["port"], int)
         models = {m["id"]: m for m in (await self.request("GET", "/v1/models")).json()["data"]}
-        self.assertEqual(models["chat"]["meta"], {"llamaswap": {"family": "chat", "params_b": 7}})
+        self.assertEqual(
+            models["chat"]["meta"],
+            {"llamaswap": {"family": "chat", "params_b": 7}},
+        )
         reader.hang_up()
         await reader.done
 

@@ -23,6 +23,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from llamaswap.relay import BytesProducer
+from llamaswap.tap import Supervisor
 
 from .integration import FAKE, LiveTestCase, StreamReader
 
@@ -126,7 +127,7 @@ class LoadTests(LiveTestCase):
 
     async def settle(self) -> None:
         """Let idle upstream connections close, so descriptors can be compared."""
-        pool = self.service.api.relay._agent._pool  # type: ignore[attr-defined]
+        pool = next(s for s in self.service if isinstance(s, Supervisor)).pool
         await pool.closeCachedConnections()
         await deferLater(reactor, 0.2)
 

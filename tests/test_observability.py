@@ -186,6 +186,8 @@ class EventTests(LiveTestCase):
         await self.serve(TWO)
         response: IResponse = await self.agent.request(b"GET", (self.base + "/api/events").encode())
         self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"text/event-stream"])
+        self.assertEqual(response.headers.getRawHeaders(b"cache-control"), [b"no-cache"])
+        self.assertEqual(response.headers.getRawHeaders(b"x-accel-buffering"), [b"no"])
         reader = StreamReader()
         response.deliverBody(reader)
         await reader.until(b'"id": "beta"')  # the initial state of every model

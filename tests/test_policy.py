@@ -13,6 +13,8 @@ scheduler:
   policy: collate
   maxWait: 10
   maxResidency: 25
+  hold: 0
+  patience: 0
 models:
   a:
     cmd: sleep --port ${PORT} --model a
@@ -28,7 +30,7 @@ class PolicyTests(SynchronousTestCase):
     def test_arrival_order_always_swaps(self) -> None:
         policy = ArrivalOrder()
         self.assertTrue(policy.swap_now(Waiting("b", 0), [Victim("a", True, 0)], 0))
-        self.assertIsNone(policy.recheck_at(Waiting("b", 0), [Victim("a", True, 0)]))
+        self.assertIsNone(policy.recheck_at(Waiting("b", 0), [Victim("a", True, 0)], 0))
 
     def test_collate_waits_while_the_victim_is_busy_within_the_bounds(self) -> None:
         policy = Collate(max_wait=10, max_residency=25)
@@ -36,10 +38,21 @@ class PolicyTests(SynchronousTestCase):
         busy = [Victim("a", busy=True, resident_since=90)]
         self.assertFalse(policy.swap_now(waiting, busy, 105))
         self.assertTrue(policy.swap_now(waiting, busy, 110))  # waited max_wait
-        self.assertEqual(policy.recheck_at(waiting, busy), 110)
+        self.assertEqual(policy.recheck_at(waiting, busy, 105), 110)
         old = [Victim("a", busy=True, resident_since=80)]
         self.assertTrue(policy.swap_now(waiting, old, 105))  # resident max_residency
-        self.assertEqual(policy.recheck_at(waiting, old), 105)
+        self.assertEqual(policy.recheck_at(waiting, old, 100), 105)
+        held = [Victim("a", busy=False, resident_since=90, idle_since=99.5)]
+        self.assertFalse(Collate(hold=1).swap_now(waiting, held, 100))
+        self.assertEqual(Collate(hold=1).recheck_at(waiting, held, 100), 100.5)
+        self.assertTrue(Collate(hold=1).swap_now(waiting, held, 100.5))
+        cheap = Waiting("b", arrived=100, load_seconds=1.5)
+        patient = Collate(max_wait=10, max_residency=25, patience=4)
+        self.assertFalse(patient.swap_now(cheap, busy, 105.9))
+        self.assertTrue(patient.swap_now(cheap, busy, 106))  # 4 x its 1.5 s load
+        self.assertEqual(patient.recheck_at(cheap, busy, 101), 106)
+        dear = Waiting("b", arrived=100, load_seconds=20)
+        self.assertEqual(patient.recheck_at(dear, busy, 101), 110)  # maxWait still caps
         idle = [Victim("a", busy=False, resident_since=90)]
         self.assertTrue(policy.swap_now(waiting, idle, 100))
 

@@ -22,10 +22,11 @@ from zope.interface import implementer
 
 from llamaswap.api import Api
 from llamaswap.config import ConfigError, parse_config
+from llamaswap.guard import is_open_page
 from llamaswap.openapi import openapi_document
 from llamaswap.process import ModelState
 from llamaswap.relay import Relay
-from llamaswap.routes import MODEL_ROUTES, OWN_ROUTES, Body, ModelRoute
+from llamaswap.routes import API_ROUTES, MODEL_ROUTES, OWN_ROUTES, Body, ModelRoute
 from llamaswap.testing.fake_server import UNAUTHORIZED_BODY, FakeLlamaServer
 
 from .helpers import World, world
@@ -138,6 +139,65 @@ class RouteTableTests(SynchronousTestCase):
         for route in MODEL_ROUTES:
             methods = {m.lower() for m in (*route.methods, "OPTIONS")}
             self.assertEqual(set(paths[route.path]), methods, route.path)
+
+    def test_every_klein_route_is_in_a_table_and_every_table_route_is_served(self) -> None:
+        served = {}
+        for rule in Api.router.url_map.iter_rules():
+            if rule.endpoint.endswith("_branch"):  # Klein's rule for what is below a branch
+                continue
+            methods = frozenset(rule.methods or ()) - {"HEAD"}  # werkzeug adds HEAD to GET
+            served[rule.endpoint] = (rule.rule, methods)
+        table = {
+            route.path: (route.rule, frozenset((*route.methods, "OPTIONS")) - {"HEAD"})
+            for route in MODEL_ROUTES
+        }
+        for api_route in API_ROUTES:
+            table[api_route.path] = (api_route.rule, frozenset(api_route.methods) - {"HEAD"})
+        self.assertEqual(served, table)
+        self.assertEqual(len(table), len(MODEL_ROUTES) + len(API_ROUTES))  # no path twice
+
+    def test_each_route_is_answered_by_the_method_it_names(self) -> None:
+        for route in API_ROUTES:
+            handler = getattr(Api, route.handler, None)
+            self.assertTrue(callable(handler), route.handler)
+            self.assertNotIn(route.handler, ("render", "resource"))
+        self.assertEqual(
+            Api.router.url_map.bind("llamaswap").match("/api/models/load/a/b", method="POST"),
+            ("/api/models/load/{model}", {"name": "a/b"}),
+        )
+
+    def test_the_openapi_document_is_the_tables(self) -> None:
+        document = openapi_document()
+        paths = document["paths"]
+        documented = [r for r in API_ROUTES if r.documented]
+        self.assertEqual(set(paths), {r.path for r in MODEL_ROUTES} | {r.path for r in documented})
+        schemes = set(document["components"]["securitySchemes"])
+        for route in documented:
+            self.assertEqual(set(paths[route.path]), {m.lower() for m in route.methods})
+            for operation in paths[route.path].values():
+                self.assertEqual(operation["summary"], route.summary)
+                self.assertEqual(
+                    [p["name"] for p in operation.get("parameters", [])],
+                    [p.name for p in route.parameters],
+                )
+                self.assertEqual(
+                    {str(a.status) for a in route.answers}, set(operation["responses"])
+                )
+                needs = {name for option in operation["security"] for name in option}
+                self.assertEqual(needs, set() if route.open else schemes, route.path)
+        for model_route in MODEL_ROUTES:
+            for operation in paths[model_route.path].values():
+                self.assertTrue(operation["security"], model_route.path)
+
+    def test_the_open_pages_are_the_routes_the_table_opens(self) -> None:
+        for route in API_ROUTES:
+            self.assertEqual(is_open_page(route.path.encode()), route.open, route.path)
+        for model_route in MODEL_ROUTES:
+            self.assertFalse(is_open_page(model_route.path.encode()), model_route.path)
+        for path in (b"/ui", b"/ui/app.js", b"/swagger/static", b"/swagger/static/x.css"):
+            self.assertTrue(is_open_page(path), path)
+        for path in (b"/running", b"/uix", b"/api/events", b"/openapi.json", b"/upstream/a/"):
+            self.assertFalse(is_open_page(path), path)
 
 
 @implementer(IAgent)

@@ -323,6 +323,8 @@ class EnvironmentTests(SynchronousTestCase):
 
 
 GROUPS = """
+scheduler:
+  policy: fifo
 models:
   chat-a:
     cmd: sleep --port ${PORT} --model chat-a

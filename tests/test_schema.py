@@ -18,6 +18,7 @@ from jsonschema import Draft202012Validator
 from twisted.trial.unittest import SynchronousTestCase
 
 from llamaswap.config import (
+    API_KEY_KEYS,
     CORS_KEYS,
     FILTER_KEYS,
     GROUP_KEYS,
@@ -140,6 +141,28 @@ BAD_CONFIGS: tuple[tuple[str, str, str], ...] = (
         BASE + "cors: {allowMethods: ['GET POST']}\n",
         "cors.allowMethods[0]",
     ),
+    ("scoped key without key", BASE + "apiKeys: [{name: a}]\n", "apiKeys[0].key"),
+    (
+        "scoped key role root",
+        BASE + "apiKeys: [{name: a, key: k, role: root}]\n",
+        "apiKeys[0].role",
+    ),
+    (
+        "scoped key no models",
+        BASE + "apiKeys: [{name: a, key: k, models: []}]\n",
+        "apiKeys[0].models",
+    ),
+    (
+        "scoped key maxConcurrent 0",
+        BASE + "apiKeys: [{name: a, key: k, maxConcurrent: 0}]\n",
+        "apiKeys[0].maxConcurrent",
+    ),
+    (
+        "unknown scoped key key",
+        BASE + "apiKeys: [{name: a, key: k, scope: x}]\n",
+        "apiKeys[0].scope",
+    ),
+    ("sessionTtl 0", BASE + "sessionTtl: 0\n", "sessionTtl"),
     (
         "peer proxy not http",
         BASE + "peers:\n  box:\n    proxy: ftp://h\n    models: [a]\n",
@@ -300,6 +323,9 @@ class SameKeysTests(SynchronousTestCase):
     def test_filters(self) -> None:
         self.assertEqual(self.keys(SCHEMA["$defs"]["filters"]), set(FILTER_KEYS))
 
+    def test_api_key(self) -> None:
+        self.assertEqual(self.keys(SCHEMA["$defs"]["apiKey"]), set(API_KEY_KEYS))
+
     def test_peer(self) -> None:
         self.assertEqual(self.keys(SCHEMA["$defs"]["peer"]), set(PEER_KEYS))
         self.assertEqual(set(SCHEMA["$defs"]["peer"]["required"]), {"proxy", "models"})
@@ -350,6 +376,7 @@ class SameDefaultsTests(SynchronousTestCase):
             "defaultModel": config.default_model,
             "modelsDir": config.models_dirs,
             "allowedHosts": config.allowed_hosts,
+            "sessionTtl": config.session_ttl,
         }
         for key, value in attributes.items():
             self.assertEqual(SCHEMA["properties"][key]["default"], plain(value), key)
@@ -411,6 +438,14 @@ class SameDefaultsTests(SynchronousTestCase):
         self.assertEqual(properties["swap"]["default"], group.swap)
         self.assertEqual(properties["exclusive"]["default"], group.exclusive)
         self.assertEqual(properties["persistent"]["default"], group.persistent)
+
+    def test_api_key(self) -> None:
+        (key,) = parse_config(BASE + "apiKeys: [{name: a, key: k}]\n").api_keys
+        properties = SCHEMA["$defs"]["apiKey"]["properties"]
+        self.assertEqual(properties["role"]["default"], key.role)
+        self.assertEqual(properties["models"]["default"], plain(key.models))
+        self.assertEqual(properties["maxConcurrent"]["default"], key.max_concurrent)
+        self.assertEqual(properties["requestsPerMinute"]["default"], key.requests_per_minute)
 
     def test_peer(self) -> None:
         text = BASE + "peers:\n  box:\n    proxy: http://h\n    models: [a]\n"

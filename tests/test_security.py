@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
@@ -18,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from llamaswap.access import Access, ApiKey
 from llamaswap.config import ConfigError, parse_config
 from llamaswap.errors import ApiError
 from llamaswap.guard import ApiSite, Guard, LimitedRequest
@@ -80,7 +82,7 @@ class DoorTests(SynchronousTestCase):
     def setUp(self) -> None:
         Recorded.made = []
         self.app = Rendered()
-        self.guard = Guard(self.app, (KEY.decode(),))
+        self.guard = Guard(self.app, Access((ApiKey("first", KEY.decode()),), Clock()))
         self.site = ApiSite(self.guard, 1_000_000, checks=[self.guard.check])
         self.site.requestFactory = Recorded
 
@@ -461,7 +463,7 @@ class ConfigAndExposureTests(SynchronousTestCase):
             "apiKeys: ['${env.KEY}']\nmodels:\n  m:\n    cmd: s --port ${PORT}\n",
             environ={"KEY": "from-env"},
         )
-        self.assertEqual(config.api_keys, ("from-env",))
+        self.assertEqual([k.key for k in config.api_keys], ["from-env"])
 
     def test_loopback_detection(self) -> None:
         self.assertTrue(_loopback_only("tcp:8080:interface=127.0.0.1"))

@@ -1070,8 +1070,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-spam", type=int, default=0, metavar="N")
     parser.add_argument("--embedding", "--embeddings", action="store_true", help="no effect")
+    parser.add_argument("--reranking", "--rerank", action="store_true", help="no effect")
     parser.add_argument("--slot-save-path", metavar="DIR", help="save/restore slots here")
-    parser.add_argument("--parallel", type=int, default=1, metavar="N", help="slots")
+    parser.add_argument("--parallel", "-np", type=int, default=1, metavar="N", help="slots")
     parser.add_argument(
         "--metrics", action="store_true", help="serve GET /metrics (else 501), as llama-server"
     )

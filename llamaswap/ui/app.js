@@ -1,5 +1,5 @@
-// Entry point: hash routing, connection status, the API key button.
-import { $, askKey, events, json } from './lib.js';
+// Entry point: hash routing, connection status, who is logged in.
+import { $, events, json } from './lib.js';
 import * as models from './models.js';
 import * as logs from './logs.js';
 import * as activity from './activity.js';
@@ -39,10 +39,19 @@ function status(state) {
 
 events.on('status', status);
 status(events.state);
-$('#key-btn').addEventListener('click', async () => {
-  if (await askKey('Sent as "Authorization: Bearer <key>". Leave empty to forget it.')) location.reload();
+$('#logout').addEventListener('click', async () => {
+  await fetch('/api/logout', { method: 'POST', credentials: 'same-origin' });
+  location.assign('/ui/login.html');
 });
-$('#key-cancel').addEventListener('click', () => $('#key-dialog').close('cancel'));
+
+/** Who this page talks as: the key's name, and what its role leaves out of the UI. */
+json('/api/session').then((who) => {
+  if (!who.keys) return;
+  $('#who').textContent = who.name;
+  $('#who').title = `role ${who.role}; models ${who.models.join(', ')}`;
+  $('#logout').hidden = false;
+  if (who.role !== 'admin') document.body.classList.add('inference-only');
+}, () => {});
 
 window.addEventListener('hashchange', route);
 route();

@@ -1,8 +1,4 @@
-// Shared helpers: authenticated fetch, stream readers, the /api/events bus, DOM bits.
-
-const KEY = 'llamaswap.apiKey';
-let asking = null;
-let declined = false;
+// Shared helpers: fetch with the session, stream readers, the /api/events bus, DOM bits.
 
 export const $ = (sel, root = document) => root.querySelector(sel);
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -24,40 +20,15 @@ export function h(tag, attrs = {}, ...children) {
 /** A model id in a URL path: ids may contain '/', so encode each segment. */
 export const pathOf = (id) => id.split('/').map(encodeURIComponent).join('/');
 
-/** Ask for the API key (one dialog at a time). Resolves true when a key was saved. */
-export function askKey(note) {
-  if (asking) return asking;
-  const dlg = $('#key-dialog');
-  const input = $('#key-input');
-  $('#key-note').textContent = note;
-  input.value = localStorage.getItem(KEY) || '';
-  dlg.returnValue = '';
-  asking = new Promise((resolve) => {
-    dlg.addEventListener('close', () => {
-      asking = null;
-      if (dlg.returnValue !== 'save') return resolve(false);
-      const key = input.value.trim();
-      if (key) localStorage.setItem(KEY, key);
-      else localStorage.removeItem(KEY);
-      declined = false;
-      resolve(true);
-    }, { once: true });
-  });
-  dlg.showModal();
-  return asking;
+/** The login page, coming back to this view afterwards. */
+export function toLogin() {
+  location.assign('/ui/login.html' + (location.hash ? '?next=' + encodeURIComponent(location.hash) : ''));
 }
 
-/** fetch() with the stored key; a 401 asks for a key (once) and retries. */
-export async function api(path, opts = {}, retry = true) {
-  const key = localStorage.getItem(KEY);
-  const headers = new Headers(opts.headers || {});
-  if (key) headers.set('Authorization', 'Bearer ' + key);
-  const res = await fetch(path, { ...opts, headers });
-  if (res.status === 401 && retry && !declined) {
-    const note = key ? 'The server rejected the saved API key.' : 'This server needs an API key.';
-    if (await askKey(note)) return api(path, opts, false);
-    declined = true;
-  }
+/** fetch() from this page: the session cookie goes along; a 401 means log in (again). */
+export async function api(path, opts = {}) {
+  const res = await fetch(path, { ...opts, credentials: 'same-origin' });
+  if (res.status === 401) toLogin();
   return res;
 }
 
@@ -133,7 +104,7 @@ export async function readSSE(res, onEvent) {
   dispatch();
 }
 
-/** The live event bus: /api/events over fetch (for the Authorization header). */
+/** The live event bus: /api/events over fetch (its errors are ours to handle). */
 const listeners = {};
 export const events = {
   state: 'connecting', // connecting | live | polling (no event stream) | offline
@@ -151,7 +122,7 @@ export const events = {
     for (;;) {
       try {
         const res = await api('/api/events', { headers: { Accept: 'text/event-stream' } });
-        if (res.status === 404 || res.status === 405) return this.set('polling');
+        if ([403, 404, 405].includes(res.status)) return this.set('polling');
         if (!res.ok || !res.body) throw new Error(`HTTP ${res.status}`);
         this.set('live');
         delay = 1000;

@@ -59,8 +59,8 @@ function makeRow(model) {
     up: h('td', { 'data-label': 'Uptime', class: 'nw' }),
     req: h('td', { 'data-label': 'Requests', class: 'nw' }),
     ttl: h('td', { 'data-label': 'Idle stop', class: 'nw' }),
-    load: h('button', { 'data-testid': `load-${id}`, onclick: () => load(id) }, 'Load'),
-    unload: h('button', { 'data-testid': `unload-${id}`, onclick: () => unload(id) }, 'Unload'),
+    load: h('button', { class: 'admin', 'data-testid': `load-${id}`, onclick: () => load(id) }, 'Load'),
+    unload: h('button', { class: 'admin', 'data-testid': `unload-${id}`, onclick: () => unload(id) }, 'Unload'),
     memory: h('div', { class: 'small muted mono', 'data-testid': `model-memory-${id}` }),
     saved: h('div', { class: 'small muted', 'data-testid': `model-saved-${id}`, hidden: true }),
   };
@@ -70,7 +70,7 @@ function makeRow(model) {
   const gguf = ggufText(model.meta);
   const el = h('tr', { 'data-testid': `model-row-${id}` },
     h('td', { class: 'model' },
-      h('div', {}, h('strong', { text: id }), model.name ? h('span', { class: 'muted', text: ' ' + model.name }) : null),
+      h('div', {}, h('strong', { text: id }), model.name && model.name !== id ? h('span', { class: 'muted', text: ' ' + model.name }) : null),
       model.description ? h('div', { class: 'small muted', text: model.description }) : null,
       aliases.length ? h('div', { class: 'chips' }, aliases) : null,
       meta ? h('div', { class: 'small muted mono', text: meta }) : null,
@@ -152,7 +152,9 @@ export function refresh() {
   }
   refreshing = (async () => {
     try {
-      const [models, running] = await Promise.all([json('/v1/models'), json('/running')]);
+      // a key with role inference may not read /running: its models' states come from /v1/models
+      const runningOrNone = json('/running').catch((e) => (e.status === 403 ? { running: [] } : Promise.reject(e)));
+      const [models, running] = await Promise.all([json('/v1/models'), runningOrNone]);
       list = models.data || [];
       const byId = Object.fromEntries((running.running || []).map((x) => [x.model, x]));
       const saved = new Map();

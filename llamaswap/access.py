@@ -1,0 +1,471 @@
+"""Who may do what: API keys with roles and model scopes, UI sessions, per-key limits.
+
+Each ``apiKeys`` entry becomes an :class:`ApiKey`.  A plain key is an ``admin``
+for every model (as before roles existed); an object entry names its key, its
+``role`` and the ``models`` it may use.
+
+- ``inference`` keys reach the routes that use a model (``MODEL_ROUTES``,
+  ``/upstream/``), the model list (filtered) and the version; ``admin`` keys reach
+  everything else too (load/unload, logs, events, activity, metrics, ``/running``).
+  Every route not listed as an inference route is an admin route, so a route added
+  later is closed to inference keys until someone opens it.
+- The door (:meth:`Access.check`, run as soon as the headers are in) finds the
+  caller (a key in a header, else a UI session cookie), refuses a role that does not
+  reach the path (403) and a key over its limits (429), and attaches the caller to
+  the request (:func:`caller_of`).  Which model a request uses is known only once
+  its body is parsed: ``api.py`` asks :func:`require_model` then.
+- A UI session is opened by ``POST /api/login`` with a key; its cookie is accepted
+  only from this server's own pages (same-origin ``Sec-Fetch-Site`` or ``Origin``;
+  a plain read of the UI's own API when a browser sends neither), so another page,
+  even on a sibling port, cannot spend it.  A session lives while its key does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import re
+import secrets
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from fnmatch import fnmatchcase
+from typing import Any
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request
+from zope.interface import Interface, implementer
+
+from .errors import ApiError
+from .guard import OPEN_METHODS, is_open_page, presented_key
+from .origin import same_origin
+from .routes import MODEL_ROUTES
+
+ROLES = ("inference", "admin")
+INFERENCE, ADMIN = ROLES
+SESSION_COOKIE = b"llamaswap_session"
+DEFAULT_SESSION_TTL = 12 * 3600.0
+MAX_SESSIONS = 1000
+"""Most open UI sessions; the oldest goes first (a login flood costs bounded memory)."""
+
+LOGIN, LOGOUT, WHOAMI = b"/api/login", b"/api/logout", b"/api/session"
+# what the door lets through without a caller: the session routes answer for themselves
+SESSION_PATHS = (LOGIN, LOGOUT, WHOAMI)
+
+# the routes an inference key reaches besides the model routes
+INFERENCE_PATHS = frozenset({b"/v1/models", b"/models", b"/api/version", b"/openapi.json"})
+_MODEL_PATH = re.compile(
+    "|".join(re.sub(r"\\\{\w+\\\}", "[^/]+", re.escape(r.path)) for r in MODEL_ROUTES)
+)
+# the UI's own reads: the cookie may come without Origin or Sec-Fetch-Site on these
+UI_READS = frozenset(
+    {b"/v1/models", b"/models", b"/running", b"/api/version", b"/api/events", b"/logs"}
+)
+UI_READ_PREFIXES = (b"/api/activity", b"/logs/stream")
+READ_METHODS = (b"GET", b"HEAD")
+
+
+class ICaller(Interface):
+    """The key a request was made with, attached to the request by the door."""
+
+
+@implementer(ICaller)
+@attrs.frozen
+class ApiKey:
+    """One ``apiKeys`` entry.  Its ``name`` is what logs, activity and metrics show;
+    the key itself never leaves this object (not even in its repr)."""
+
+    name: str
+    key: str = attrs.field(repr=False)
+    role: str = ADMIN
+    models: tuple[str, ...] = ("*",)
+    max_concurrent: int | None = None
+    requests_per_minute: int | None = None
+
+    @property
+    def digest(self) -> bytes:
+        """What a session remembers of its key."""
+        return hashlib.sha256(self.key.encode()).digest()
+
+    def may_use(self, model: str) -> bool:
+        return any(fnmatchcase(model, pattern) for pattern in self.models)
+
+    def may_reach(self, path: bytes) -> bool:
+        return self.role == ADMIN or reaches_as_inference(path)
+
+    def describe(self) -> str:
+        """What this key may do, for the 403 it gets."""
+        if self.role == ADMIN:
+            what = "every route (role admin)"
+        else:
+            what = "the OpenAI and llama-server routes and /v1/models (role inference)"
+        models = "every model" if self.models == ("*",) else "models " + ", ".join(self.models)
+        return f"key {self.name!r} may use {what}, for {models}"
+
+    def public(self) -> dict[str, Any]:
+        """The key's description as ``/api/session`` shows it (no secret)."""
+        return {"name": self.name, "role": self.role, "models": list(self.models)}
+
+
+def caller_of(request: Any) -> ApiKey | None:
+    """The key ``request`` was made with; None when keys are off (anything goes)."""
+    getter = getattr(request, "getComponent", None)
+    return getter(ICaller) if getter is not None else None
+
+
+def caller_name(request: Any) -> str | None:
+    caller = caller_of(request)
+    return caller.name if caller is not None else None
+
+
+def require_model(request: Any, model: str) -> None:
+    """Raise the 403 for a request whose key may not use ``model`` (an id or ``peer/id``)."""
+    caller = caller_of(request)
+    if caller is not None and not caller.may_use(model):
+        raise ApiError(
+            403,
+            f"this key may not use model {model!r}: {caller.describe()}",
+            "model_not_allowed",
+        )
+
+
+def may_list(request: Any, model: str) -> bool:
+    """Whether ``/v1/models`` shows ``model`` to ``request``'s key."""
+    caller = caller_of(request)
+    return caller is None or caller.may_use(model)
+
+
+def uses_model(path: bytes) -> bool:
+    """A route that relays to a model (the per-key limits count these)."""
+    if path.startswith(b"/upstream/"):
+        return True
+    return _MODEL_PATH.fullmatch(path.decode("latin-1")) is not None
+
+
+def reaches_as_inference(path: bytes) -> bool:
+    return path in INFERENCE_PATHS or uses_model(path)
+
+
+class Keyring:
+    """The keys in force; replaced as a whole on reload."""
+
+    def __init__(self, keys: Iterable[ApiKey] = ()) -> None:
+        self.keys = tuple(keys)
+        self._by_digest = {key.digest: key for key in self.keys}
+
+    def __bool__(self) -> bool:
+        return bool(self.keys)
+
+    def find(self, presented: str | None) -> ApiKey | None:
+        if presented is None:
+            return None
+        given = presented.encode()
+        found = None
+        # compare with every key, always, so the time taken says nothing about which
+        for key in self.keys:
+            if hmac.compare_digest(given, key.key.encode()):
+                found = key
+        return found
+
+    def by_digest(self, digest: bytes) -> ApiKey | None:
+        return self._by_digest.get(digest)
+
+
+@attrs.define
+class Session:
+    digest: bytes  # of the key it was opened with
+    expires: float
+
+
+class Sessions:
+    """The open UI sessions, by the SHA-256 of their token (a lookup by the token
+    itself would time how much of a guess was right)."""
+
+    def __init__(self, clock: IReactorTime, ttl: float = DEFAULT_SESSION_TTL) -> None:
+        self.clock = clock
+        self.ttl = ttl
+        self._open: OrderedDict[bytes, Session] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def open(self, key: ApiKey) -> str:
+        token = secrets.token_urlsafe(32)
+        self._open[_token_digest(token)] = Session(key.digest, self.clock.seconds() + self.ttl)
+        while len(self._open) > MAX_SESSIONS:
+            self._open.popitem(last=False)
+        return token
+
+    def find(self, token: bytes) -> Session | None:
+        digest = _token_digest(token.decode("latin-1"))
+        session = self._open.get(digest)
+        if session is not None and session.expires <= self.clock.seconds():
+            del self._open[digest]
+            return None
+        return session
+
+    def close(self, token: bytes) -> None:
+        self._open.pop(_token_digest(token.decode("latin-1")), None)
+
+    def keep_only(self, keyring: Keyring) -> int:
+        """End the sessions whose key is gone; how many ended."""
+        gone = [t for t, s in self._open.items() if keyring.by_digest(s.digest) is None]
+        for token in gone:
+            del self._open[token]
+        return len(gone)
+
+
+def _token_digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("latin-1", errors="replace")).digest()
+
+
+@attrs.define
+class Usage:
+    """One key's requests in flight and its rate bucket (kept across reloads by name)."""
+
+    in_flight: int = 0
+    tokens: float = math.inf
+    updated: float = 0.0
+
+
+def _header(request: Request, name: bytes) -> bytes | None:
+    values = request.requestHeaders.getRawHeaders(name)
+    return values[0] if values else None
+
+
+def session_token(request: Request) -> bytes | None:
+    """The session cookie's value, read from the headers (the door runs before Twisted
+    parses cookies, which it does once the body is in)."""
+    for header in request.requestHeaders.getRawHeaders(b"cookie") or []:
+        for pair in header.split(b";"):
+            name, sep, value = pair.strip().partition(b"=")
+            if sep and name == SESSION_COOKIE and value:
+                return value
+    return None
+
+
+def from_own_page(request: Request) -> bool:
+    """Whether a browser sent ``request`` for one of this server's own pages (so a
+    session cookie on it is the user's doing, not another page's)."""
+    reading = request.method in READ_METHODS
+    site = _header(request, b"sec-fetch-site")
+    if site is not None:  # the browser's verdict; pages cannot forge it
+        return site.lower() == b"same-origin" or (reading and site.lower() == b"none")
+    origin = _header(request, b"origin")
+    if origin is not None:
+        return same_origin(origin, _header(request, b"host"))
+    # neither (plain http to a LAN address): only the UI's own reads, which another
+    # page could make its visitor's browser send but never read
+    path = request.path
+    return reading and (path in UI_READS or path.startswith(UI_READ_PREFIXES))
+
+
+def not_a_browser_elsewhere(request: Request) -> bool:
+    """Login: from our own page, or from a program that is no browser at all."""
+    browser = any(_header(request, h) for h in (b"sec-fetch-site", b"origin"))
+    return not browser or from_own_page(request)
+
+
+class Access:
+    """Owner of the keys in force, the UI sessions and each key's usage counters."""
+
+    def __init__(
+        self, keys: Sequence[ApiKey], clock: IReactorTime, session_ttl: float = DEFAULT_SESSION_TTL
+    ) -> None:
+        self.clock = clock
+        self.keyring = Keyring(keys)
+        self.sessions = Sessions(clock, session_ttl)
+        self.usage: dict[str, Usage] = {}
+
+    def reconfigure(self, keys: Sequence[ApiKey], session_ttl: float) -> int:
+        """New keys for new requests (those in flight keep theirs); the sessions of keys
+        that are gone end.  Returns how many sessions ended."""
+        self.keyring = Keyring(keys)
+        self.sessions.ttl = session_ttl
+        names = {key.name for key in keys}
+        for name in [n for n, u in self.usage.items() if n not in names and not u.in_flight]:
+            del self.usage[name]
+        return self.sessions.keep_only(self.keyring)
+
+    # --- the door -------------------------------------------------------------------
+
+    def check(self, request: Request) -> ApiError | None:
+        """The door's key check: who is calling, may that key reach this path, is it
+        within its limits.  None lets the request on (its caller attached)."""
+        if not self.keyring:
+            return None
+        path = request.path
+        caller = self.authenticate(request)
+        if caller is None:
+            if path in SESSION_PATHS or _is_open(request):
+                return None
+            return ApiError(
+                401,
+                "a valid API key is required: send 'Authorization: Bearer <key>' "
+                "(or the key as x-api-key, or as the Basic auth password), or log in "
+                "at /ui/login.html",
+                "invalid_api_key",
+                headers={"www-authenticate": 'Bearer realm="llamaswap"'},
+            )
+        request.setComponent(ICaller, caller)
+        if _is_open(request) or path in SESSION_PATHS:
+            return None
+        if not caller.may_reach(path):
+            message = f"this key may not use {_shown(path)}: {caller.describe()}"
+            return ApiError(403, message, "route_not_allowed")
+        return self.admit(request, caller) if uses_model(path) else None
+
+    def authenticate(self, request: Request) -> ApiKey | None:
+        """The key in a header, else the session cookie (from our own pages only)."""
+        presented = presented_key(request)
+        if presented is not None:
+            return self.keyring.find(presented)
+        return self.session_key(request)
+
+    def session_key(self, request: Request) -> ApiKey | None:
+        token = session_token(request)
+        if not token or not from_own_page(request):
+            return None
+        session = self.sessions.find(token)
+        return self.keyring.by_digest(session.digest) if session is not None else None
+
+    def admit(self, request: Request, caller: ApiKey) -> ApiError | None:
+        """Count a model request against its key's limits, or refuse it with 429."""
+        if caller.max_concurrent is None and caller.requests_per_minute is None:
+            return None
+        usage = self.usage.setdefault(caller.name, Usage())
+        if caller.max_concurrent is not None and usage.in_flight >= caller.max_concurrent:
+            return _too_many(
+                f"key {caller.name!r} already has {usage.in_flight} requests in flight "
+                f"(maxConcurrent: {caller.max_concurrent})",
+                1,
+            )
+        if caller.requests_per_minute is not None:
+            now = self.clock.seconds()
+            per_second = caller.requests_per_minute / 60
+            capacity = float(caller.requests_per_minute)
+            usage.tokens = min(capacity, usage.tokens + (now - usage.updated) * per_second)
+            usage.updated = now
+            if usage.tokens < 1:
+                wait = math.ceil((1 - usage.tokens) / per_second)
+                return _too_many(
+                    f"key {caller.name!r} made more than {caller.requests_per_minute} "
+                    "requests in a minute (requestsPerMinute)",
+                    wait,
+                )
+            usage.tokens -= 1
+        usage.in_flight += 1
+
+        def release(_: object) -> None:
+            usage.in_flight -= 1
+
+        request.notifyFinish().addBoth(release)
+        return None
+
+    # --- the session routes ---------------------------------------------------------
+
+    def login(self, request: Request) -> dict[str, Any]:
+        """``POST /api/login`` with ``{"key": ...}``: a session cookie for that key."""
+        if not not_a_browser_elsewhere(request):
+            raise ApiError(403, "log in from this server's own login page", "cross_site_request")
+        body = request.content.read() if request.content is not None else b""
+        try:
+            document = json.loads(body)
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise ApiError(400, 'send {"key": "<API key>"} as JSON') from e
+        presented = document.get("key") if isinstance(document, dict) else None
+        if not isinstance(presented, str):
+            raise ApiError(400, 'send {"key": "<API key>"} as JSON')
+        key = self.keyring.find(presented) if self.keyring else None
+        if key is None:
+            raise ApiError(
+                401,
+                "that is not a valid API key" if self.keyring else "this server has no keys",
+                "invalid_api_key",
+            )
+        token = self.sessions.open(key)
+        request.addCookie(
+            SESSION_COOKIE,
+            token.encode(),
+            path=b"/",
+            max_age=str(int(self.sessions.ttl)).encode(),
+            httpOnly=True,
+            secure=request.isSecure(),
+            sameSite="strict",
+        )
+        return key.public()
+
+    def logout(self, request: Request) -> dict[str, Any]:
+        token = session_token(request)
+        if token and from_own_page(request):
+            self.sessions.close(token)
+        request.addCookie(
+            SESSION_COOKIE,
+            b"",
+            path=b"/",
+            max_age=b"0",
+            httpOnly=True,
+            secure=request.isSecure(),
+            sameSite="strict",
+        )
+        return {"msg": "ok"}
+
+    def whoami(self, request: Request) -> dict[str, Any]:
+        """``GET /api/session``: who the UI is talking as (``keys: false`` when off)."""
+        if not self.keyring:
+            return {"keys": False, "name": None, "role": ADMIN, "models": ["*"]}
+        caller = caller_of(request) or self.authenticate(request)
+        if caller is None:
+            raise ApiError(401, "not logged in", "invalid_api_key")
+        return {"keys": True, **caller.public()}
+
+
+def _is_open(request: Request) -> bool:
+    return request.method in OPEN_METHODS and is_open_page(request.path)
+
+
+def _shown(path: bytes) -> str:
+    text = path.decode("latin-1")
+    return text if len(text) <= 100 else text[:100] + "..."
+
+
+def _too_many(message: str, retry_after: int) -> ApiError:
+    return ApiError(429, message, "key_limit_reached", headers={"retry-after": str(retry_after)})
+
+
+class SessionRoutes(Resource):
+    """``/api/login``, ``/api/logout`` and ``/api/session`` in front of ``inner``."""
+
+    isLeaf = True
+
+    def __init__(self, inner: IResource, access: Access) -> None:
+        super().__init__()
+        self.inner = inner
+        self.access = access
+
+    def render(self, request: Request) -> Any:
+        routes = {
+            LOGIN: (b"POST", self.access.login),
+            LOGOUT: (b"POST", self.access.logout),
+            WHOAMI: (b"GET", self.access.whoami),
+        }
+        route = routes.get(request.path)
+        if route is None:
+            return self.inner.render(request)
+        method, answer = route
+        request.setHeader(b"cache-control", b"no-store")
+        try:
+            if request.method != method:
+                raise ApiError(405, f"use {method.decode()} on {request.path.decode()}")
+            document = answer(request)
+        except ApiError as e:
+            request.setResponseCode(e.status)
+            for name, value in e.headers.items():
+                request.setHeader(name, value)
+            request.setHeader(b"content-type", b"application/json")
+            return e.body()
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(document).encode()

@@ -1,0 +1,430 @@
+"""Keys with roles and model scopes, UI sessions, per-key limits and usage per key.
+
+The route table test runs a real llamaswap (real sockets) in front of fake
+llama-server children: every role and scope on every route.  The rate limit runs on
+llamaswap's own door over an in-memory transport with a Clock.
+"""
+
+from __future__ import annotations
+
+import json
+
+import attrs
+import treq
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseDone
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from llamaswap.access import Access, ApiKey
+from llamaswap.config import parse_config
+from llamaswap.guard import ApiSite, Guard
+from llamaswap.relay import BytesProducer
+from llamaswap.reload import security_changes
+from llamaswap.routes import MODEL_ROUTES
+
+from .integration import FAKE, LiveTestCase
+
+ADMIN, ALICE, BOB, OPS = "sk-admin-0a0a", "sk-alice-1b1b", "sk-bob-2c2c", "sk-ops-3d3d"
+SECRETS = (ADMIN, ALICE, BOB, OPS)
+KEYS = f"""apiKeys:
+  - {ADMIN}
+  - {{name: alice, key: {ALICE}, models: [alpha, slow, 'box2/*'], maxConcurrent: 2}}
+  - {{name: bob, key: {BOB}, role: inference, models: [beta]}}
+  - {{name: ops, key: {OPS}, role: admin, models: [beta]}}
+"""
+MODELS = f"""models:
+  alpha:
+    cmd: {FAKE} --token-delay 0 --tokens 2
+  beta:
+    cmd: {FAKE} --token-delay 0 --tokens 2
+  slow:
+    cmd: {FAKE} --token-delay 0.1 --tokens 5
+groups:
+  together:
+    members: [alpha, beta, slow]
+    swap: false
+peers:
+  box2:
+    proxy: http://127.0.0.1:9
+    models: [big]
+"""
+CONFIG = KEYS + MODELS
+WHO = {"admin": ADMIN, "alice": ALICE, "bob": BOB, "ops": OPS, "nobody": None, "wrong": "sk-no"}
+
+OK = "ok"  # anything but 401 and 403: the key was let through to the route
+
+
+def model_request(route: str, method: str, model: str) -> tuple[str, str, bytes | None]:
+    path = route.replace("{id_slot}", "0")
+    if method == "POST":
+        return method, path, json.dumps({"model": model, "prompt": "hi"}).encode()
+    return method, f"{path}?model={model}", None
+
+
+def route_table() -> list[tuple[str, str, bytes | None, dict[str, object]]]:
+    """(method, path, body, who → 401, 403 or OK) for every route."""
+    rows: list[tuple[str, str, bytes | None, dict[str, object]]] = []
+    for route in MODEL_ROUTES:
+        for method in route.methods:
+            for model, allowed in (
+                ("alpha", {"admin", "alice"}),
+                ("beta", {"admin", "bob", "ops"}),
+            ):
+                if model == "beta" and method != "POST":
+                    continue  # one model suffices for the GET forms; fewer swaps
+                expected: dict[str, object] = {w: OK if w in allowed else 403 for w in WHO}
+                expected.update(nobody=401, wrong=401)
+                rows.append((*model_request(route.path, method, model), expected))
+    everyone_in = {"admin": OK, "alice": OK, "bob": OK, "ops": OK, "nobody": 401, "wrong": 401}
+    admins_only = {**everyone_in, "alice": 403, "bob": 403}
+    for path in ("/v1/models", "/models", "/api/version", "/openapi.json"):
+        rows.append(("GET", path, None, everyone_in))
+    rows.append(("GET", "/upstream/alpha/health", None, {**everyone_in, "bob": 403, "ops": 403}))
+    peer = json.dumps({"model": "box2/big", "messages": []}).encode()
+    rows.append(("POST", "/v1/chat/completions", peer, {**everyone_in, "bob": 403, "ops": 403}))
+    for path in (
+        "/running",
+        "/logs",
+        "/logs/stream",
+        "/logs/stream/alpha",
+        "/api/events",
+        "/api/activity",
+        "/api/activity/stats",
+        "/metrics",
+    ):
+        rows.append(("GET", path, None, admins_only))
+    for method, path in (("POST", "/api/models/load/alpha"), ("POST", "/api/models/unload/alpha")):
+        rows.append((method, path, None, {**admins_only, "ops": 403}))  # ops: beta only
+    rows.append(("POST", "/api/models/load/beta", None, {**admins_only}))
+    for method, path in (("POST", "/api/models/unload"), ("GET", "/unload")):
+        rows.append((method, path, None, admins_only))
+    for path in ("/health", "/v1/health", "/ui/", "/swagger/"):
+        rows.append(("GET", path, None, {w: OK for w in WHO}))
+    return rows
+
+
+class _HeadersOnly(Protocol):
+    """Reads an answer's body to its end, or hangs up on a stream once it has started."""
+
+    def __init__(self, done: Deferred[None], stream: bool) -> None:
+        self.done = done
+        self.stream = stream
+
+    def connectionMade(self) -> None:
+        if self.stream:
+            self.transport.stopProducing()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
+        if not self.done.called:
+            self.done.callback(None)
+
+
+class AccessCase(LiveTestCase):
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        key: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[IResponse, bytes]:
+        """One request; a streamed answer (logs, events) is read up to its headers only."""
+        sent = Headers({k: [v] for k, v in (headers or {}).items()})
+        if key is not None:
+            sent.setRawHeaders("authorization", [f"Bearer {key}"])
+        if body is not None:
+            sent.setRawHeaders("content-type", ["application/json"])
+        response: IResponse = await self.agent.request(
+            method.encode(),
+            (self.base + path).encode(),
+            sent,
+            BytesProducer(body) if body is not None else None,
+        )
+        stream = response.code == 200 and path.startswith(("/logs/stream", "/api/events"))
+        done: Deferred[None] = Deferred()
+        if stream:
+            response.deliverBody(_HeadersOnly(done, stream=True))
+            await done
+            return response, b""
+        reply: bytes = await treq.content(response)
+        return response, reply
+
+    def same_origin(self, **extra: str) -> dict[str, str]:
+        return {"origin": self.base, "sec-fetch-site": "same-origin", **extra}
+
+
+class RouteTableTests(AccessCase):
+    timeout = 120
+
+    async def test_every_role_and_scope_on_every_route(self) -> None:
+        await self.serve(CONFIG)
+        wrong: list[str] = []
+        checked = 0
+        for method, path, body, expected in route_table():
+            for who, outcome in expected.items():
+                response, reply = await self.call(method, path, body, WHO[who])
+                got: object = response.code if response.code in (401, 403) else OK
+                checked += 1
+                if got != outcome:
+                    wrong.append(f"{who} {method} {path}: {response.code} {reply[:160]!r}")
+                elif outcome == 403:
+                    error = json.loads(reply)["error"]
+                    # says what the key may do
+                    self.assertIn(f"key {who!r} may use", error["message"])
+                    self.assertEqual(error["type"], "permission_error")
+        self.assertEqual(wrong, [])
+        self.assertGreater(checked, 400)
+
+    async def test_the_model_list_shows_only_what_a_key_may_use(self) -> None:
+        await self.serve(CONFIG)
+
+        async def listed(key: str) -> set[str]:
+            _, reply = await self.call("GET", "/v1/models", key=key)
+            return {m["id"] for m in json.loads(reply)["data"]}
+
+        self.assertEqual(await listed(ALICE), {"alpha", "slow", "box2/big"})
+        self.assertEqual(await listed(BOB), {"beta"})
+        self.assertEqual(await listed(ADMIN), {"alpha", "beta", "slow", "box2/big"})
+
+
+class UsageTests(AccessCase):
+    async def test_usage_is_reported_by_key_name_never_by_key(self) -> None:
+        await self.serve(CONFIG)
+        chat = json.dumps({"model": "alpha", "messages": [{"role": "user", "content": "x"}]})
+        for _ in range(2):
+            response, _ = await self.call("POST", "/v1/chat/completions", chat.encode(), ALICE)
+            self.assertEqual(response.code, 200)
+        response, _ = await self.call("POST", "/v1/chat/completions", chat.encode(), ADMIN)
+        self.assertEqual(response.code, 200)
+
+        _, rows = await self.call("GET", "/api/activity", key=ADMIN)
+        self.assertEqual(
+            [r["key"] for r in json.loads(rows)["data"]], ["apiKeys[0]", "alice", "alice"]
+        )
+        _, only = await self.call("GET", "/api/activity?key=alice", key=ADMIN)
+        self.assertEqual(json.loads(only)["total"], 2)
+        _, stats = await self.call("GET", "/api/activity/stats", key=ADMIN)
+        alice = json.loads(stats)["keys"]["alice"]
+        self.assertEqual(alice["requests"], 2)
+        self.assertEqual(alice["models"]["alpha"]["requests"], 2)
+        self.assertEqual(alice["tokens_out"], 4)  # 2 tokens each
+        _, metrics = await self.call("GET", "/metrics", key=ADMIN)
+        self.assertIn(
+            b'llamaswap_key_requests_total{key="alice",model="alpha",status="200"} 2.0', metrics
+        )
+        self.assertIn(
+            b'llamaswap_key_tokens_total{key="alice",kind="completion",model="alpha"} 4.0', metrics
+        )
+        _, logs = await self.call("GET", "/logs", key=ADMIN)
+        for secret in SECRETS:
+            for text in (rows, stats, metrics, logs):
+                self.assertNotIn(secret.encode(), text)
+
+
+class LimitTests(AccessCase):
+    async def test_max_concurrent_under_concurrency(self) -> None:
+        await self.serve(CONFIG)
+        chat = json.dumps(
+            {"model": "slow", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+        ).encode()
+        await self.call("POST", "/api/models/load/slow", key=ADMIN)
+
+        async def one() -> tuple[int, str | None, bytes]:
+            response, body = await self.call("POST", "/v1/chat/completions", chat, ALICE)
+            after = response.headers.getRawHeaders("retry-after")
+            return response.code, after[0] if after else None, body
+
+        results = await gatherResults([Deferred.fromCoroutine(one()) for _ in range(4)])
+        codes = sorted(code for code, _, _ in results)
+        self.assertEqual(codes, [200, 200, 429, 429])
+        for code, retry_after, body in results:
+            if code == 429:
+                self.assertEqual(retry_after, "1")
+                self.assertIn("maxConcurrent: 2", json.loads(body)["error"]["message"])
+            else:
+                self.assertIn(b"data: [DONE]", body)  # the admitted ones were not cut
+        # the slots are free again once those ended; other keys were never limited
+        for key in (ALICE, ALICE, ADMIN):
+            response, _ = await self.call("POST", "/v1/chat/completions", chat, key)
+            self.assertEqual(response.code, 200)
+
+
+class Rendered(Resource):
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        return b"ok"
+
+
+class RateLimitTests(SynchronousTestCase):
+    """``requestsPerMinute`` on the door itself, with a Clock."""
+
+    def test_requests_per_minute_refills_evenly(self) -> None:
+        clock = Clock()
+        limited = ApiKey("bot", "sk-bot", role="inference", requests_per_minute=3)
+        access = Access((limited, ApiKey("admin", "sk-admin")), clock)
+        guard = Guard(Rendered(), access)
+        site = ApiSite(guard, 1_000_000, checks=[guard.check])
+
+        def send(key: str) -> bytes:
+            channel = site.buildProtocol(None)
+            transport = StringTransport()
+            channel.makeConnection(transport)
+            channel.dataReceived(
+                b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n"
+                b"Authorization: Bearer " + key.encode() + b"\r\nContent-Length: 2\r\n\r\n{}"
+            )
+            channel.connectionLost(Failure(ConnectionError()))
+            answer: bytes = transport.value()
+            return answer
+
+        self.assertEqual([send("sk-bot")[:12] for _ in range(3)], [b"HTTP/1.1 200"] * 3)
+        refused = send("sk-bot")
+        self.assertTrue(refused.startswith(b"HTTP/1.1 429 "), refused[:40])
+        self.assertIn(b"Retry-After: 20", refused)  # one request per 20 s comes back
+        self.assertIn(b"requestsPerMinute", refused)
+        self.assertTrue(send("sk-admin").startswith(b"HTTP/1.1 200"))  # others unaffected
+        clock.advance(19)
+        self.assertTrue(send("sk-bot").startswith(b"HTTP/1.1 429"))
+        clock.advance(1)
+        self.assertTrue(send("sk-bot").startswith(b"HTTP/1.1 200"))
+        self.assertTrue(send("sk-bot").startswith(b"HTTP/1.1 429"))
+
+
+class SessionTests(AccessCase):
+    async def login(self, key: str, **headers: str) -> IResponse:
+        body = json.dumps({"key": key}).encode()
+        response, _ = await self.call(
+            "POST", "/api/login", body, headers=self.same_origin(**headers)
+        )
+        return response
+
+    def cookie(self, response: IResponse) -> str:
+        [set_cookie] = response.headers.getRawHeaders("set-cookie")
+        name_and_value: str = set_cookie.split(";")[0]
+        return name_and_value
+
+    async def test_login_sets_a_strict_http_only_expiring_cookie(self) -> None:
+        await self.serve(CONFIG + "sessionTtl: 600\n")
+        response = await self.login(ALICE)
+        self.assertEqual(response.code, 200)
+        [set_cookie] = response.headers.getRawHeaders("set-cookie")
+        attributes = [a.strip().lower() for a in set_cookie.split(";")]
+        self.assertTrue(attributes[0].startswith("llamaswap_session="))
+        self.assertNotIn(ALICE, set_cookie)
+        for attribute in ("httponly", "samesite=strict", "max-age=600", "path=/"):
+            self.assertIn(attribute, attributes)
+        self.assertNotIn("secure", attributes)  # plain http here; set over TLS
+        # a wrong key gets no cookie
+        refused = await self.login("sk-guess")
+        self.assertEqual(refused.code, 401)
+        self.assertIsNone(refused.headers.getRawHeaders("set-cookie"))
+
+    async def test_the_cookie_works_only_from_this_server_s_own_pages(self) -> None:
+        await self.serve(CONFIG)
+        cookie = self.cookie(await self.login(ADMIN))
+        mine = self.same_origin(cookie=cookie)
+        _, body = await self.call("GET", "/api/session", headers=mine)
+        self.assertEqual(
+            json.loads(body), {"keys": True, "name": "apiKeys[0]", "role": "admin", "models": ["*"]}
+        )
+        self.assertEqual((await self.call("GET", "/running", headers=mine))[0].code, 200)
+        unload = ("POST", "/api/models/unload")
+        self.assertEqual((await self.call(*unload, headers=mine))[0].code, 200)
+        # the UI's own reads work without browser headers (plain http on a LAN) ...
+        self.assertEqual(
+            (await self.call("GET", "/running", headers={"cookie": cookie}))[0].code, 200
+        )
+        # ... but nothing that changes state: no Origin, no Sec-Fetch-Site, no session
+        self.assertEqual((await self.call(*unload, headers={"cookie": cookie}))[0].code, 401)
+        self.assertEqual(
+            (await self.call("GET", "/unload", headers={"cookie": cookie}))[0].code, 401
+        )
+        # another origin (here a sibling port, which SameSite lets the cookie go to)
+        other = {"cookie": cookie, "origin": "http://127.0.0.1:1"}
+        self.assertIn((await self.call(*unload, headers=other))[0].code, (401, 403))
+        sibling = {"cookie": cookie, "sec-fetch-site": "same-site"}
+        self.assertIn((await self.call("GET", "/running", headers=sibling))[0].code, (401, 403))
+
+    async def test_an_inference_session_has_the_key_s_scope(self) -> None:
+        await self.serve(CONFIG)
+        mine = self.same_origin(cookie=self.cookie(await self.login(BOB)))
+        self.assertEqual((await self.call("GET", "/running", headers=mine))[0].code, 403)
+        _, body = await self.call("GET", "/v1/models", headers=mine)
+        self.assertEqual([m["id"] for m in json.loads(body)["data"]], ["beta"])
+
+    async def test_logout_ends_the_session(self) -> None:
+        await self.serve(CONFIG)
+        cookie = self.cookie(await self.login(ADMIN))
+        mine = self.same_origin(cookie=cookie)
+        response, _ = await self.call("POST", "/api/logout", b"{}", headers=mine)
+        self.assertIn("max-age=0", response.headers.getRawHeaders("set-cookie")[0].lower())
+        self.assertEqual((await self.call("GET", "/running", headers=mine))[0].code, 401)
+
+    async def test_a_login_from_another_page_is_refused(self) -> None:
+        await self.serve(CONFIG)
+        body = json.dumps({"key": ADMIN}).encode()
+        for headers in ({"origin": "http://127.0.0.1:1"}, {"sec-fetch-site": "same-site"}):
+            response, _ = await self.call("POST", "/api/login", body, headers=headers)
+            self.assertEqual(response.code, 403)
+            self.assertIsNone(response.headers.getRawHeaders("set-cookie"))
+
+
+class ReloadTests(AccessCase):
+    async def test_key_changes_apply_to_new_requests_and_sessions_of_removed_keys_end(
+        self,
+    ) -> None:
+        await self.serve(CONFIG)
+        config = self.api.config
+        sessions = {}
+        for key in (ADMIN, ALICE):
+            response, _ = await self.call(
+                "POST", "/api/login", json.dumps({"key": key}).encode(), headers=self.same_origin()
+            )
+            [set_cookie] = response.headers.getRawHeaders("set-cookie")
+            sessions[key] = set_cookie.split(";")[0]
+        await self.call("POST", "/api/models/load/slow", key=ADMIN)
+        # a request of alice's in flight while alice's key is removed
+        chat = json.dumps({"model": "slow", "messages": [{"role": "user", "content": "x"}]})
+        in_flight = Deferred.fromCoroutine(
+            self.call("POST", "/v1/chat/completions", chat.encode(), ALICE)
+        )
+        scheduler = self.api.scheduler
+
+        async def started() -> bool:
+            return scheduler.in_flight("slow") == 1
+
+        await self.eventually(started, "alice's request is in flight")
+        without_alice = parse_config(
+            CONFIG.replace(f"  - {{name: alice, key: {ALICE}", "  - {name: carol, key: sk-carol"),
+            "test.yaml",
+        )
+        without_alice = attrs.evolve(
+            without_alice, start_port=config.start_port, store_path=":memory:"
+        )
+        changes = security_changes(config, without_alice)
+        self.service.apply(without_alice)  # type: ignore[attr-defined]
+        response, body = await in_flight
+        self.assertEqual(response.code, 200)  # finished, under the key it started with
+        self.assertIn(b"fake-reply", body)
+        # new requests: alice's key and session are gone, the admin's session stays
+        self.assertEqual((await self.call("GET", "/v1/models", key=ALICE))[0].code, 401)
+        alice = self.same_origin(cookie=sessions[ALICE])
+        self.assertEqual((await self.call("GET", "/v1/models", headers=alice))[0].code, 401)
+        admin = self.same_origin(cookie=sessions[ADMIN])
+        self.assertEqual((await self.call("GET", "/running", headers=admin))[0].code, 200)
+        self.assertEqual((await self.call("GET", "/v1/models", key="sk-carol"))[0].code, 200)
+        # the change is logged by name, never by key
+        [line] = changes
+        self.assertIn("removed: alice", line)
+        self.assertIn("added: carol", line)
+        for secret in (*SECRETS, "sk-carol"):
+            self.assertNotIn(secret, line)
