@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 CONFIG ?=
 LISTEN ?= tcp:8080:interface=127.0.0.1
 
-.PHONY: run run-fake test lint venv llama-server model browser clean
+.PHONY: run run-fake test lint schema venv llama-server model browser clean
 
 # a real llama-server (found, or built once and cached outside the repo) and a real model
 REAL = LLAMA_SERVER="$$(scripts/llama-server.sh | tail -n1)" LLAMASWAP_MODEL="$$(scripts/model.sh | tail -n1)"
@@ -65,3 +65,7 @@ clean:
 bench: venv
 	@$(REAL) && export LLAMA_SERVER LLAMASWAP_MODEL && VENV=$(VENV) bash bench/setup.sh && \
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench $(BENCH_ARGS)
+
+## schema: regenerate config-schema.json and the key tables of docs/configuration.md
+schema: venv
+	$(BIN)/python -m llamaswap.config.schema

@@ -29,6 +29,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from .config.settings import StoreSettings, default
 from .logs import logger
 
 T = TypeVar("T")
@@ -81,8 +82,8 @@ CREATE INDEX IF NOT EXISTS activity_time ON activity (time);
 
 @attrs.frozen
 class Retention:
-    max_rows: int = 100_000
-    max_age_days: float = 30.0
+    max_rows: int = default(StoreSettings, "max_rows")
+    max_age_days: float = default(StoreSettings, "max_age_days")
 
 
 def connect(path: str) -> sqlite3.Connection:
@@ -261,8 +262,8 @@ class ActivityStore:
             self.dropped += count
             self.writes.failed(
                 insert_error,
-                "new rows are dropped (counted in /api/activity/stats and "
-                "llamaswap_activity_rows_dropped_total) until a write succeeds; "
+                "new rows are dropped (counted in llamaswap_activity_rows_dropped_total, "
+                "and in /api/activity/stats once it works again) until a write succeeds; "
                 "free disk space or fix the file's permissions",
             )
         if prune_error is None:

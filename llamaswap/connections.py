@@ -7,13 +7,18 @@ be reached (``Couldn't bind: Too many open files``).  Here:
 
 - ``BoundedChannel`` gives the request headers ``headerTimeout`` seconds from their
   first byte, and the body ``bodyTimeout`` seconds plus one second per
-  ``bodyMinRate`` bytes received; a late request gets 408 and is closed.  Nothing
+  ``bodyMinRate`` bytes received, but never more than ``bodyTimeout`` seconds ahead
+  (bytes sent early are no credit for a trickle later); a late request gets 408
+  and is closed.  Nothing
   bounds the response (a stream may last long); between requests the idle timeout
   still applies.
 - ``ConnectionGate`` wraps the site and counts open connections, in all and per
   client address; at either cap a new connection gets a short 503 and is closed at
   once.  The total is kept below ``RLIMIT_NOFILE`` with room for the model servers'
-  pipes and the upstream connections.
+  pipes and the upstream connections.  At the total cap, a connection that has
+  waited longest with no request in progress (idle, or still sending its headers)
+  is closed to make room first: slow clients from many addresses cannot keep
+  everyone else out until their header deadline.
 """
 
 from __future__ import annotations
@@ -24,33 +29,24 @@ from collections import Counter
 from functools import cache
 from typing import Any
 
-import attrs
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
 
+from .config.settings import ConnectionLimits as ConnectionLimits
 from .errors import ApiError
 from .logs import logger
 
 # File descriptors kept for everything but client connections: the listening
 # sockets, logs, the activity store, NVML, the model servers' pipes.  What is left
-# is shared half and half by client connections and the upstream connections
-# they cause.
+# is shared in thirds: each client connection, the spool file of a large request
+# body (Twisted stores bodies over 100 kB in a temporary file until the request
+# ends) and the upstream connection it causes.
 RESERVED_FILES = 128
+FILES_PER_CONNECTION = 3
 WARN_EVERY = 60.0
-
-
-@attrs.frozen
-class ConnectionLimits:
-    """``connections:`` in the configuration."""
-
-    header_timeout: float = 20.0
-    body_timeout: float = 20.0
-    body_min_rate: int = 500
-    max_connections: int | None = None  # None: derived from the file limit
-    max_per_client: int = 64
 
 
 def raise_file_limit() -> int:
@@ -69,7 +65,7 @@ def raise_file_limit() -> int:
 
 def connection_budget(file_limit: int) -> int:
     """Client connections that fit in ``file_limit`` descriptors with headroom."""
-    return max(8, (file_limit - RESERVED_FILES) // 2)
+    return max(8, (file_limit - RESERVED_FILES) // FILES_PER_CONNECTION)
 
 
 def client_key(address: IAddress | None) -> str | None:
@@ -117,6 +113,9 @@ class ConnectionGate(Factory):
         self._per_client = 0
         self.open: Counter[str | None] = Counter()
         self.total = 0
+        # connections with no request in progress, longest waiting first
+        self.waiting: dict[BoundedChannel, None] = {}
+        self.closing = 0  # closed to make room, not gone yet
         self.refused = 0
         self._next_warning = 0.0
         self._channel_class = bounded(site.protocol)
@@ -156,12 +155,12 @@ class ConnectionGate(Factory):
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         key = client_key(addr)
-        if self.total >= self.max_connections:
-            return self._refuse(f"{self.total} connections are open (connections.maxConnections)")
         if key is not None and self.open[key] >= self._per_client:
             return self._refuse(
                 f"{self.open[key]} connections from {key} are open (connections.maxPerClient)"
             )
+        if not self._make_room():
+            return self._refuse(f"{self.total} connections are open (connections.maxConnections)")
         channel: Protocol | None = self.site.buildProtocol(addr)
         return channel
 
@@ -171,15 +170,44 @@ class ConnectionGate(Factory):
     def doStop(self) -> None:
         self.site.doStop()
 
-    def opened(self, key: str | None) -> None:
+    def opened(self, channel: BoundedChannel) -> None:
         self.total += 1
-        self.open[key] += 1
+        self.open[channel.client] += 1
+        self.waits(channel)
 
-    def closed(self, key: str | None) -> None:
+    def closed(self, channel: BoundedChannel) -> None:
         self.total -= 1
-        self.open[key] -= 1
-        if self.open[key] <= 0:
-            del self.open[key]
+        self.open[channel.client] -= 1
+        if self.open[channel.client] <= 0:
+            del self.open[channel.client]
+        self.waiting.pop(channel, None)
+        if channel.made_room:
+            self.closing -= 1
+
+    def waits(self, channel: BoundedChannel) -> None:
+        """``channel`` has no request in progress (from now: last in line)."""
+        self.waiting.pop(channel, None)
+        self.waiting[channel] = None
+
+    def busy(self, channel: BoundedChannel) -> None:
+        """``channel`` has a whole request head: it is not closed to make room."""
+        self.waiting.pop(channel, None)
+
+    def _make_room(self) -> bool:
+        """Below the total cap, or a waiting connection was closed to make room."""
+        if self.total - self.closing < self.max_connections:
+            return True
+        if not self.waiting:
+            return False
+        oldest = next(iter(self.waiting))
+        self.busy(oldest)
+        oldest.made_room = True
+        self.closing += 1
+        self.log.debug("closing {client}'s waiting connection to make room", client=oldest.client)
+        transport = oldest.transport
+        assert transport is not None
+        getattr(transport, "abortConnection", transport.loseConnection)()  # needed now
+        return True
 
     def _refuse(self, why: str) -> Protocol:
         self.refused += 1
@@ -222,20 +250,20 @@ class BoundedChannel(HTTPChannel):
         self._deadline: IDelayedCall | None = None
         self._abort: IDelayedCall | None = None
         self._due = 0.0  # when the current phase must be over
-        self._body_received = 0
+        self.made_room = False  # closed by the gate for a newcomer
 
     def connectionMade(self) -> None:
         super().connectionMade()
         assert self.transport is not None
         self.client = client_key(self.transport.getPeer())
-        self.gate.opened(self.client)
+        self.gate.opened(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel()
         if self._abort is not None and self._abort.active():
             self._abort.cancel()
         self._abort = None
-        self.gate.closed(self.client)
+        self.gate.closed(self)
         super().connectionLost(reason)
 
     # --- the request's phases -------------------------------------------
@@ -246,7 +274,12 @@ class BoundedChannel(HTTPChannel):
         if self.phase == self.IDLE and data:
             self._begin_request()
         elif self.phase == self.BODY:
-            self._body_received += len(data)
+            limits = self.gate.limits
+            # each byte buys 1/bodyMinRate s, banked at most bodyTimeout s ahead
+            self._due = min(
+                self._due + len(data) / max(limits.body_min_rate, 1),
+                self.gate.clock.seconds() + limits.body_timeout,
+            )
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
@@ -256,8 +289,8 @@ class BoundedChannel(HTTPChannel):
         super().lineReceived(line)
 
     def allHeadersReceived(self) -> None:
+        self.gate.busy(self)
         self._begin(self.BODY, self.gate.limits.body_timeout)
-        self._body_received = 0
         super().allHeadersReceived()
 
     def allContentReceived(self) -> None:
@@ -267,6 +300,7 @@ class BoundedChannel(HTTPChannel):
 
     def requestDone(self, request: Any) -> None:
         self.phase = self.IDLE  # before super(): it replays pipelined data
+        self.gate.waits(self)
         super().requestDone(request)
 
     def _begin_request(self) -> None:
@@ -300,10 +334,7 @@ class BoundedChannel(HTTPChannel):
         if getattr(self.transport, "disconnecting", False):
             return  # already answered (a 400) and closing
         limits = self.gate.limits
-        due = self._due
-        if self.phase == self.BODY:
-            due += self._body_received / max(limits.body_min_rate, 1)
-        late = due - self.gate.clock.seconds()
+        late = self._due - self.gate.clock.seconds()
         if late > 0:  # a new request since, or a body faster than bodyMinRate
             self._deadline = self.gate.clock.callLater(late, self._expired)
             return

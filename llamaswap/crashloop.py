@@ -10,15 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 
-import attrs
-
-
-@attrs.frozen
-class CrashLoopPolicy:
-    max_failures: int = 3
-    window: float = 60.0
-    cooldown: float = 10.0
-    max_cooldown: float = 300.0
+from .config.settings import CrashLoopPolicy as CrashLoopPolicy
 
 
 class CrashGuard:

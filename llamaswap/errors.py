@@ -55,7 +55,7 @@ class StartFailed(Exception):
     def __init__(self, model_id: str, cause: str, tail: list[str], kind: str = "exit") -> None:
         self.model_id = model_id
         self.cause = cause
-        self.kind = kind  # "exit", "timeout" or "spawn": a bounded label for metrics
+        self.kind = kind  # "exit", "timeout", "spawn" or "loop": a bounded label for metrics
         self.tail = tail
         text = f"model {model_id!r} failed to start: {cause}"
         if tail:

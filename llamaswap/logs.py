@@ -133,6 +133,12 @@ class _ProxyLogObserver:
         if not namespace.startswith("llamaswap") or namespace.startswith(UPSTREAM_NAMESPACE):
             return
         level = event.get("log_level", LogLevel.info)
+        ours = getattr(event.get("log_logger"), "observer", None) is filtered_observer
+        if not ours and level < LogLevel.warn and "log_failure" not in event:
+            # Twisted's own chatter in llamaswap's subclasses ("Timing out client",
+            # "HEAD request ... returning a message body"): a line per connection
+            # or request, so strangers could flush the ring with it
+            return
         when = datetime.fromtimestamp(event.get("log_time", 0), UTC).strftime("%H:%M:%S")
         text = formatEvent(event)
         failure = event.get("log_failure")

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 import attrs
 
+from .config.settings import SchedulerSettings, default
+
 
 @attrs.frozen
 class Waiting:
@@ -56,10 +58,12 @@ class ArrivalOrder:
 
 @attrs.frozen
 class Collate:
-    max_wait: float = 30.0
-    max_residency: float = 120.0
-    hold: float = 1.0
-    patience: float = 6.0  # chosen with bench/trace.py's closed-loop mix
+    """The ``collate`` policy; its bounds and their defaults are the ``scheduler`` keys."""
+
+    max_wait: float = default(SchedulerSettings, "max_wait")
+    max_residency: float = default(SchedulerSettings, "max_residency")
+    hold: float = default(SchedulerSettings, "hold")
+    patience: float = default(SchedulerSettings, "patience")
     name: str = "collate"
 
     def deadline(self, waiting: Waiting) -> float:

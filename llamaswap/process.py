@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 from . import childproto
 from .childproto import EXIT_COMMAND, ROUTER_PORT, ROUTER_PORT_ENV, ProtocolWatch
 from .config import ModelConfig, fill_runtime
+from .config.settings import ModelSettings, Top, default
 from .errors import ModelStopped, StartFailed
 from .events import EventBus
 from .lifeline import LIFELINE_FD, guarded
@@ -62,9 +63,9 @@ class ModelState(enum.Enum):
 class Timing:
     """Knobs for starting and stopping, all in seconds."""
 
-    health_timeout: float = 120.0
+    health_timeout: float = default(Top, "health_check_timeout")
     poll_interval: float = 0.25
-    stop_timeout: float = 10.0
+    stop_timeout: float = default(ModelSettings, "unload_timeout")
     # a ready child that speaks llama-server's protocol is asked to exit on stdin
     # first; SIGTERM follows this long after, should the command be lost
     exit_grace: float = 1.0
@@ -333,6 +334,7 @@ class ModelProcess:
                 interval=self.timing.poll_interval,
                 ready=self._became_ready,
                 progress=self._progressed,
+                failed=self._cannot_start,
             )
         if childproto.speaks_protocol(self.config.child_protocol, executable):
             return ProtocolWatch(
@@ -396,6 +398,13 @@ class ModelProcess:
         )
         cause = f"not ready after {self.timing.health_timeout:g}s ({what})"
         self._start_failure = StartFailed(self.id, cause, list(self.tail), kind="timeout")
+        self._begin_stop()
+
+    def _cannot_start(self, cause: str) -> None:
+        """The readiness watch knows the start cannot succeed: stop the child now."""
+        self._cancel(self._deadline)
+        self._deadline = None
+        self._start_failure = StartFailed(self.id, cause, list(self.tail), kind="loop")
         self._begin_stop()
 
     def _fire_start(self, error: Exception | None) -> None:

@@ -22,8 +22,14 @@ HealthProbe = Callable[[str], "Deferred[int]"]
 """GET a URL and fire with the HTTP status (or fail when nothing answers)."""
 
 Ready = Callable[[], None]
+Failed = Callable[[str], None]
+"""The start cannot succeed: the cause, for the start error."""
 Progress = Callable[[float, str | None], None]
 """Loading progress: a fraction (0..1) and the stage, if the child names one."""
+
+LOOP_DETECTED = 508
+"""What llamaswap's own door answers a request carrying its own ``Via`` mark: a
+health check answered so reached llamaswap itself, never the child."""
 
 PERCENT = re.compile(r"(\d{1,3}(?:\.\d+)?)\s*%")
 
@@ -69,7 +75,9 @@ class HealthWatch:
 
     Servers log as they load, so a new line is the likely moment readiness arrives;
     one probe is in flight at a time, and a line during a probe asks for one more.
-    A percentage in a line that speaks of loading is reported as progress.
+    A percentage in a line that speaks of loading is reported as progress.  A 508
+    means the URL leads back to llamaswap (its own loop check answered): waiting
+    longer cannot help, so the start fails at once.
     """
 
     talks = heard = False
@@ -83,6 +91,7 @@ class HealthWatch:
         interval: float,
         ready: Ready,
         progress: Progress,
+        failed: Failed,
     ) -> None:
         self._clock = clock
         self._probe_url = probe
@@ -90,6 +99,7 @@ class HealthWatch:
         self._interval = interval
         self._ready = ready
         self._progress = progress
+        self._failed = failed
         self._timer: IDelayedCall | None = None
         self._probing: Deferred[int] | None = None
         self._again = False
@@ -130,6 +140,12 @@ class HealthWatch:
         if result == 200:
             self._done = True
             self._ready()
+        elif result == LOOP_DETECTED:
+            self._done = True
+            self._failed(
+                f"its health check {self._url()} answered 508 Loop Detected: the model's "
+                "proxy URL leads back to llamaswap itself, not to the model's server"
+            )
         elif self._again:
             self._again = False
             self.probe()

@@ -230,7 +230,29 @@ class Listeners(MultiService):
             raise SystemExit(1) from e
 
 
-def build(config: Config, reactor: Any, listen: list[str] | None = None) -> MultiService:
+class LlamaswapService(MultiService):
+    """The service tree of one llamaswap, and the parts a reload or a test reaches."""
+
+    def __init__(
+        self,
+        api: Api,
+        access: Access,
+        site: ApiSite,
+        gate: ConnectionGate,
+        store: ActivityStore,
+        apply: Callable[[Config], dict[str, list[str]]],
+    ) -> None:
+        super().__init__()
+        self.api = api
+        self.access = access
+        self.site = site
+        self.gate = gate
+        self.store = store
+        #: switch every reader of the configuration to a new, validated one
+        self.apply = apply
+
+
+def build(config: Config, reactor: Any, listen: list[str] | None = None) -> LlamaswapService:
     """The service tree for ``config``; ``listen`` endpoints get an HTTP site each."""
     set_log_level(config.log_level)
     logs = LogHub()
@@ -278,8 +300,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
     recorder = Recorder(reactor, events, store, config.log_requests)
     api = Api(config, scheduler, relay, logs, reactor, recorder, metrics, events, store, kvcache)
 
-    top = MultiService()
-    Supervisor(scheduler, pool, logs, store, reactor).setServiceParent(top)
+    children: list[IService] = [Supervisor(scheduler, pool, logs, store, reactor)]
     # this machine's names and the --listen interfaces, once: no DNS, no blocking
     local_names = machine_names() | {i for i in map(_interface, listen or []) if i is not None}
 
@@ -317,7 +338,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
                     endpoint=endpoint,
                 )
     listeners = Listeners()
-    listeners.setServiceParent(top)
+    children.append(listeners)
     for endpoint in listen or []:
         strports.service(endpoint, gate, reactor=reactor).setServiceParent(listeners)
 
@@ -337,15 +358,14 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Mult
         browser_door.policy = browsers(new)
         site.max_request_bytes = new.max_request_bytes
         gate.configure(new.connections)
+        store.retention = Retention(new.store_max_rows, new.store_max_age_days)
         if new.store_path != config.store_path:
             _log.warn("store.path changed: takes effect at the next restart")
         return changes
 
-    top.api = api  # type: ignore[attr-defined]
-    top.access = access  # type: ignore[attr-defined]
-    top.site = site  # type: ignore[attr-defined]
-    top.gate = gate  # type: ignore[attr-defined]
-    top.apply = apply  # type: ignore[attr-defined]
+    top = LlamaswapService(api, access, site, gate, store, apply)
+    for child in children:
+        child.setServiceParent(top)
     return top
 
 
@@ -378,7 +398,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         reactor = global_reactor
     raise_file_limit()  # before build(): the connection caps are derived from it
     service = build(options["config_obj"], reactor, options["listen"])
-    apply = service.apply  # type: ignore[attr-defined]
+    apply = service.apply
 
     def adopt(new: Config) -> dict[str, list[str]]:
         log_notices(new)
@@ -386,7 +406,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         return changes
 
     FolderReloader(
-        lambda: service.api.config.models_dirs,  # type: ignore[attr-defined]
+        lambda: service.api.config.models_dirs,
         options["config"],
         adopt,
         reactor,

@@ -82,9 +82,9 @@ class LiveTestCase(TestCase):
         self.service = build(config, reactor)
         self.service.startService()
         self.addCleanup(self.service.stopService)
-        api: Api = self.service.api  # type: ignore[attr-defined]
+        api: Api = self.service.api
         self.api = api
-        site: Any = self.service.site  # type: ignore[attr-defined]
+        site: Any = self.service.site
         port: IListeningPort = reactor.listenTCP(listen_port, site, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         self.base = f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]

@@ -411,7 +411,7 @@ class ReloadTests(AccessCase):
             without_alice, start_port=config.start_port, store_path=":memory:"
         )
         changes = security_changes(config, without_alice)
-        self.service.apply(without_alice)  # type: ignore[attr-defined]
+        self.service.apply(without_alice)
         response, body = await in_flight
         self.assertEqual(response.code, 200)  # finished, under the key it started with
         self.assertIn(b"fake-reply", body)

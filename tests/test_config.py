@@ -411,6 +411,24 @@ class SelfProxyTests(SynchronousTestCase):
             self.assertTrue(self.refused(proxy, listen), (proxy, listen))
             self.assertTrue(self.refused(proxy, listen, where="peer"), (proxy, listen))
 
+    def test_every_spelling_the_resolver_takes_for_loopback(self) -> None:
+        # the resolver (inet_aton) reads these as 127.0.0.1; *.localhost is loopback
+        # (RFC 6761), and a trailing dot names the same host
+        loopback = "tcp:8080:interface=127.0.0.1"
+        for proxy in [
+            "http://127.1:8080",
+            "http://2130706433:8080",
+            "http://0x7f000001:8080",
+            "http://0x7f.1:8080",
+            "http://0177.0.0.1:8080",
+            "http://127.000.000.001:8080",
+            "http://localhost.:8080",
+            "http://model.localhost:8080",
+            "http://127.0.0.1.:8080",
+        ]:
+            self.assertTrue(self.refused(proxy, loopback), proxy)
+            self.assertTrue(self.refused(proxy, "tcp:8080"), proxy)
+
     def test_other_ports_addresses_and_run_time_ports_pass(self) -> None:
         for proxy, listen in [
             ("http://127.0.0.1:8081", "tcp:8080"),

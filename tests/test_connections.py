@@ -179,6 +179,16 @@ class BodyRateTests(SynchronousTestCase):
         h.trickle(protocol, b"1\r\na\r\n" * 10, every=1)
         self.assertEqual(status_line(transport), b"HTTP/1.1 408 Request Timeout")
 
+    def test_a_body_sent_fast_then_trickled_gets_408(self) -> None:
+        # bytes sent early are no credit for later: 99 kB at once, then a byte every
+        # 4 s, held a spool file open for hours (the average stayed above the rate)
+        h = Harness()
+        protocol, transport = self.post(h, 100_000)
+        protocol.dataReceived(b"x" * 99_000)
+        h.trickle(protocol, b"x" * 3, every=4)
+        self.assertEqual(status_line(transport), b"HTTP/1.1 408 Request Timeout")
+        self.assertEqual(h.resource.seen, [])
+
     def test_a_long_body_at_a_steady_rate_above_the_minimum_arrives(self) -> None:
         h = Harness()
         protocol, transport = self.post(h, 6_000)
@@ -224,15 +234,48 @@ class CapTests(SynchronousTestCase):
         self.assertFalse(again.disconnecting)
         self.assertEqual(h.gate.total, 3)  # two from .5, one from .6
 
-    def test_past_the_total_cap_everyone_gets_503(self) -> None:
+    def test_past_the_total_cap_with_every_connection_busy_everyone_gets_503(self) -> None:
         h = Harness(ConnectionLimits(max_connections=3))
+        h.resource.hold = True
         for i in range(3):
-            h.connect(f"127.0.0.{10 + i}")
+            protocol, _ = h.connect(f"127.0.0.{10 + i}")
+            protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         _, refused = h.connect("127.0.0.20")
         self.assertIn(b"connections.maxConnections", refused.value())
 
+    def test_at_the_total_cap_the_longest_waiting_slow_client_makes_room(self) -> None:
+        # many addresses trickling headers fill the total cap: a newcomer takes the
+        # place of the connection that has waited longest without a request in
+        # progress, instead of everyone getting 503 until the header deadline
+        h = Harness(ConnectionLimits(max_connections=3, max_per_client=3))
+        slow = []
+        for i in range(3):
+            protocol, transport = h.connect(f"127.0.0.{10 + i}")
+            protocol.dataReceived(b"GET /v1/models HTTP/1.1\r\nX-a: ")
+            slow.append(transport)
+            h.clock.advance(1)
+        newcomer, transport = h.connect("127.0.0.20")
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual([t.disconnecting for t in slow], [True, False, False])
+        newcomer.dataReceived(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(status_line(transport), b"HTTP/1.1 200 OK")
+        # the room is counted before the closed one is gone: the next takes another
+        h.connect("127.0.0.21")
+        self.assertEqual([t.disconnecting for t in slow], [True, True, False])
+
+    def test_at_the_total_cap_requests_in_progress_are_never_closed(self) -> None:
+        h = Harness(ConnectionLimits(max_connections=2, max_per_client=2))
+        h.resource.hold = True  # answers in progress, bodies arriving: both busy
+        busy, answering = h.connect("127.0.0.10")
+        busy.dataReceived(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        uploading, sending = h.connect("127.0.0.11")
+        uploading.dataReceived(b"POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\n")
+        _, refused = h.connect("127.0.0.20")
+        self.assertIn(b"connections.maxConnections", refused.value())
+        self.assertFalse(answering.disconnecting or sending.disconnecting)
+
     def test_the_total_is_kept_below_the_file_limit(self) -> None:
-        self.assertEqual(connection_budget(1024), 448)
+        self.assertEqual(connection_budget(1024), 298)  # socket, spool file, upstream
         self.assertEqual(connection_budget(100), 8)
         h = Harness(ConnectionLimits(max_connections=10**9))
         self.assertLess(h.gate.max_connections, 10**9)
@@ -296,13 +339,18 @@ class CapTests(SynchronousTestCase):
 
 
 class RealSocketCapTests(LiveTestCase):
-    async def test_one_address_cannot_take_every_connection(self) -> None:
-        await self.serve(f"connections:\n  maxPerClient: 4\nmodels:\n  m:\n    cmd: {FAKE}\n")
-        gate: Any = self.service.gate  # type: ignore[attr-defined]
+    async def serve_gated(self, connections: str) -> tuple[Any, int]:
+        """Serve one fake model behind its ``ConnectionGate`` on a real loopback port."""
+        await self.serve(f"connections:\n{connections}models:\n  m:\n    cmd: {FAKE}\n")
+        gate: Any = self.service.gate
         listening: Any = reactor.listenTCP(0, gate, interface="127.0.0.1")
         self.addCleanup(listening.stopListening)
-        port = listening.getHost().port
+        port: int = listening.getHost().port
         self.base = f"http://127.0.0.1:{port}"
+        return gate, port
+
+    async def test_one_address_cannot_take_every_connection(self) -> None:
+        gate, port = await self.serve_gated("  maxPerClient: 4\n")
         crowd = SlowClients()
         crowd.open(port, 12)  # from 127.0.0.2; the requests below come from 127.0.0.1
         self.addCleanup(crowd.close_all)
@@ -318,7 +366,7 @@ class RealSocketCapTests(LiveTestCase):
         reply = await self.chat("m")  # from 127.0.0.1: served as usual
         self.assertEqual(reply.code, 200)
         # the caps can change on reload; connections already open stay
-        apply: Any = self.service.apply  # type: ignore[attr-defined]
+        apply: Any = self.service.apply
         apply(parse_config(f"connections:\n  maxPerClient: 5\nmodels:\n  m:\n    cmd: {FAKE}\n"))
         crowd.open(port, 2)
 
@@ -327,6 +375,24 @@ class RealSocketCapTests(LiveTestCase):
 
         await self.eventually(one_more, "one more is let in, the next refused")
         self.assertEqual((crowd.held, crowd.closed), (5, 9))
+
+    async def test_slow_clients_from_many_addresses_make_room_for_a_chat(self) -> None:
+        # 12 slow connections from 3 addresses against a total cap of 8: before,
+        # the chat got 503 until the header deadline cleared the crowd
+        gate, port = await self.serve_gated("  maxConnections: 8\n  maxPerClient: 4\n")
+        crowd = SlowClients()
+        self.addCleanup(crowd.close_all)
+        for source in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
+            crowd.open(port, 4, source)
+
+        async def settled() -> bool:
+            return crowd.settled and crowd.closed >= 4
+
+        await self.eventually(settled, "the longest waiting connections make room")
+        self.assertEqual((crowd.held, crowd.closed, crowd.answers), (8, 4, []))
+        reply = await self.chat("m")
+        self.assertEqual(reply.code, 200, reply.body)
+        self.assertEqual(gate.refused, 0)
 
 
 class PeriodicTests(SynchronousTestCase):

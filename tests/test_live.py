@@ -560,7 +560,7 @@ class PeerTests(LiveTestCase):
         remote = build(parse_config(remote_config, "remote.yaml"), reactor)
         remote.startService()
         self.addCleanup(remote.stopService)
-        site: Any = Site(remote.api.resource())  # type: ignore[attr-defined]
+        site: Any = Site(remote.api.resource())
         port = reactor.listenTCP(0, site, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         remote_url = f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]

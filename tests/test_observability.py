@@ -10,11 +10,13 @@ from typing import Any
 
 from openapi_spec_validator import validate
 from twisted.internet import reactor
-from twisted.trial.unittest import TestCase
+from twisted.logger import Logger, capturedLogs, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.iweb import IResponse
 
 from llamaswap.activity import SCHEMA, ActivityStore, Retention, percentiles
 from llamaswap.api import Api
+from llamaswap.logs import PROXY, LogHub, logger
 
 from .integration import FAKE, LiveTestCase, StreamReader
 
@@ -242,3 +244,32 @@ class DocumentationTests(LiveTestCase):
         index = await self.request("GET", "/ui/")
         self.assertEqual(index.code, 200)
         self.assertIn(b"<html", index.body.lower())
+
+
+class LogRingTests(SynchronousTestCase):
+    """What reaches the proxy log ring behind /logs."""
+
+    def test_twisted_chatter_in_llamaswap_classes_stays_out_warnings_come_in(self) -> None:
+        hub = LogHub()
+        observer = hub.observer()
+        # how Twisted's own class loggers speak from llamaswap's subclasses (an
+        # HTTPChannel subclass timing out an idle client): one line per connection
+        twisted_style = Logger(namespace="llamaswap.connections.BoundedDoorChannel")
+        with capturedLogs():
+            globalLogPublisher.addObserver(observer)
+            try:
+                twisted_style.info("Timing out client: {peer}", peer="IPv4Address(...)")
+                twisted_style.warn("a warning from Twisted")
+                try:
+                    1 / 0  # noqa: B018
+                except ZeroDivisionError:
+                    twisted_style.failure("Unhandled Error Processing Request.")
+                logger("llamaswap.own").info("llamaswap's own line")
+            finally:
+                globalLogPublisher.removeObserver(observer)
+        self.flushLoggedErrors(ZeroDivisionError)
+        text = "\n".join(hub.history(PROXY))
+        self.assertNotIn("Timing out client", text)
+        self.assertIn("a warning from Twisted", text)
+        self.assertIn("ZeroDivisionError", text)
+        self.assertIn("llamaswap's own line", text)

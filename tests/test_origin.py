@@ -372,9 +372,9 @@ class LiveBrowserRequestTests(LiveTestCase):
         port = self.host().rpartition(":")[2]
         headers = {"host": f"llm.example:{port}"}
         self.assertEqual((await self.request("GET", "/running", headers=headers)).code, 421)
-        self.service.apply(parse_config(BASE + "allowedHosts: [llm.example]\n"))  # type: ignore[attr-defined]
+        self.service.apply(parse_config(BASE + "allowedHosts: [llm.example]\n"))
         self.assertEqual((await self.request("GET", "/running", headers=headers)).code, 200)
-        self.service.apply(parse_config(BASE))  # type: ignore[attr-defined]
+        self.service.apply(parse_config(BASE))
         self.assertEqual((await self.request("GET", "/running", headers=headers)).code, 421)
 
     async def test_pages_refuse_to_be_framed_by_other_sites(self) -> None:

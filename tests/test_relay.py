@@ -304,11 +304,14 @@ class LiveRelayTests(LiveTestCase):
     async def test_llamaswaps_own_health_answer_does_not_make_a_child_ready(self) -> None:
         port = free_port()
         await self.serve(
-            "healthCheckTimeout: 1\n"
+            # far beyond the test's timeout: the start must fail at the first 508
+            "healthCheckTimeout: 300\n"
             f"models:\n  self:\n    cmd: sleep 60\n    proxy: http://127.0.0.1:{port}\n",
             listen_port=port,
         )
         reply = await self.chat("self")
         self.assertEqual(reply.code, 503)
-        self.assertIn("health check /health did not answer 200", reply.json()["error"]["message"])
+        message = reply.json()["error"]["message"]
+        self.assertIn("answered 508 Loop Detected", message)
+        self.assertIn("leads back to llamaswap itself", message)
         self.assertGreater(self.api.relay.hop.refused, 0)  # the probes came back and were refused

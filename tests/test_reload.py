@@ -10,14 +10,17 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
+from llamaswap.activity import Retention
 from llamaswap.config import Config, load_config, parse_config
 from llamaswap.relay import BytesProducer
 from llamaswap.reload import ConfigReloader
+from llamaswap.tap import build
 
 from .integration import FAKE, LiveTestCase, StreamReader
 
@@ -298,3 +301,17 @@ class SighupTests(LiveTestCase):
             return "fresh" in {m["id"] for m in data}
 
         await self.eventually(fresh_listed, "SIGHUP reloads")
+
+
+class ReachesEveryReaderTests(SynchronousTestCase):
+    """A reload reaches the readers that keep a setting of their own."""
+
+    def test_store_retention_follows_a_reload(self) -> None:
+        base = "models:\n  m:\n    cmd: x --port ${PORT}\n"
+        service = build(
+            parse_config(base + "store: {path: ':memory:', maxRows: 5, maxAgeDays: 2}\n"),
+            MemoryReactorClock(),
+        )
+        self.assertEqual(service.store.retention, Retention(5, 2.0))
+        service.apply(parse_config(base + "store: {path: ':memory:', maxRows: 7, maxAgeDays: 3}\n"))
+        self.assertEqual(service.store.retention, Retention(7, 3.0))

@@ -1,8 +1,9 @@
 """config-schema.json: a valid schema that agrees with the loader in llamaswap.config.
 
-The schema is for editors (completion, hover text, red squiggles); the loader stays the
-authority. These tests keep the two from drifting apart: same keys, same defaults, and
-the same verdict on the shipped files and on a table of broken ones.
+The schema is for editors (completion, hover text, red squiggles); it is generated from
+the declarations in llamaswap.config.settings, so keys and defaults cannot drift.  These
+tests check it is current and that it and the loader give the same verdict on the
+shipped files and on a table of broken ones.
 """
 
 from __future__ import annotations
@@ -17,19 +18,8 @@ import yaml
 from jsonschema import Draft202012Validator
 from twisted.trial.unittest import SynchronousTestCase
 
-from llamaswap.config import (
-    API_KEY_KEYS,
-    CORS_KEYS,
-    FILTER_KEYS,
-    GROUP_KEYS,
-    MODEL_DEFAULTS_KEYS,
-    MODEL_KEYS,
-    PEER_KEYS,
-    TOP_LEVEL_KEYS,
-    ConfigError,
-    parse_config,
-)
-from llamaswap.resources import parse_size
+from llamaswap.config import ConfigError, parse_config
+from llamaswap.config import schema as generator
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_PATH = ROOT / "config-schema.json"
@@ -302,157 +292,20 @@ class SchemaTests(SynchronousTestCase):
         self.assertEqual(missing, [])
 
 
-class SameKeysTests(SynchronousTestCase):
-    """The schema and the loader's key tuples list the same keys."""
+class GeneratedTests(SynchronousTestCase):
+    """The committed schema and docs tables are what the declarations generate."""
 
-    def keys(self, schema: Mapping[str, Any]) -> set[str]:
-        return set(schema["properties"])
+    def test_schema_file_is_generated(self) -> None:
+        self.assertEqual(SCHEMA_PATH.read_text(encoding="utf-8"), generator.schema_text())
 
-    def test_top_level(self) -> None:
-        self.assertEqual(self.keys(SCHEMA), set(TOP_LEVEL_KEYS))
-        self.assertEqual(SCHEMA["anyOf"], [{"required": ["models"]}, {"required": ["modelsDir"]}])
+    def test_docs_tables_are_generated(self) -> None:
+        docs = generator.DOCS_FILE.read_text(encoding="utf-8")
+        self.assertEqual(docs, generator.docs_text(docs))
+        for name in generator.TABLES:
+            self.assertIn(f"<!-- keys: {name} -->", docs)
 
-    def test_model(self) -> None:
-        self.assertEqual(self.keys(SCHEMA["$defs"]["model"]), set(MODEL_KEYS))
-        self.assertEqual(SCHEMA["$defs"]["model"]["required"], ["cmd"])
-
-    def test_group(self) -> None:
-        self.assertEqual(self.keys(SCHEMA["$defs"]["group"]), set(GROUP_KEYS))
-        self.assertEqual(SCHEMA["$defs"]["group"]["required"], ["members"])
-
-    def test_filters(self) -> None:
-        self.assertEqual(self.keys(SCHEMA["$defs"]["filters"]), set(FILTER_KEYS))
-
-    def test_api_key(self) -> None:
-        self.assertEqual(self.keys(SCHEMA["$defs"]["apiKey"]), set(API_KEY_KEYS))
-
-    def test_peer(self) -> None:
-        self.assertEqual(self.keys(SCHEMA["$defs"]["peer"]), set(PEER_KEYS))
-        self.assertEqual(set(SCHEMA["$defs"]["peer"]["required"]), {"proxy", "models"})
-
-    def test_model_defaults(self) -> None:
-        self.assertEqual(self.keys(SCHEMA["properties"]["modelDefaults"]), set(MODEL_DEFAULTS_KEYS))
-
-    def test_cors(self) -> None:
-        self.assertEqual(self.keys(SCHEMA["properties"]["cors"]), set(CORS_KEYS))
-
-    def test_hooks(self) -> None:
-        hooks = SCHEMA["properties"]["hooks"]
-        self.assertEqual(self.keys(hooks), {"on_startup"})
-        self.assertEqual(self.keys(hooks["properties"]["on_startup"]), {"preload"})
-
-    def test_unknown_keys_are_refused_wherever_the_loader_refuses_them(self) -> None:
-        closed = [
-            SCHEMA,
-            SCHEMA["$defs"]["model"],
-            SCHEMA["$defs"]["group"],
-            SCHEMA["$defs"]["filters"],
-            SCHEMA["$defs"]["peer"],
-            SCHEMA["properties"]["hooks"],
-            SCHEMA["properties"]["hooks"]["properties"]["on_startup"],
-            SCHEMA["properties"]["modelDefaults"],
-            SCHEMA["properties"]["cors"],
-        ]
-        for schema in closed:
-            self.assertIs(schema["additionalProperties"], False)
-
-
-class SameDefaultsTests(SynchronousTestCase):
-    """A key left out means what the schema's ``default`` says."""
-
-    def test_top_level(self) -> None:
-        config = parse_config(BASE)
-        attributes = {
-            "healthCheckTimeout": config.health_check_timeout,
-            "logLevel": config.log_level,
-            "startPort": config.start_port,
-            "globalTTL": config.global_ttl,
-            "unloadTimeout": config.unload_timeout,
-            "queueLimit": config.queue_limit,
-            "includeAliasesInList": config.include_aliases_in_list,
-            "groups": config.groups,
-            "profiles": config.profiles,
-            "peers": config.peers,
-            "defaultModel": config.default_model,
-            "modelsDir": config.models_dirs,
-            "allowedHosts": config.allowed_hosts,
-            "sessionTtl": config.session_ttl,
-        }
-        for key, value in attributes.items():
-            self.assertEqual(SCHEMA["properties"][key]["default"], plain(value), key)
-        hooks = SCHEMA["properties"]["hooks"]
-        self.assertEqual(hooks["default"], {})
-        self.assertEqual(hooks["properties"]["on_startup"]["default"], {})
-        preload = hooks["properties"]["on_startup"]["properties"]["preload"]
-        self.assertEqual(preload["default"], plain(config.preload))
-        cors = SCHEMA["properties"]["cors"]["properties"]
-        self.assertEqual(cors["allowOrigins"]["default"], plain(config.cors.allow_origins))
-        self.assertEqual(cors["allowMethods"]["default"], plain(config.cors.allow_methods))
-        self.assertEqual(cors["allowHeaders"]["default"], plain(config.cors.allow_headers))
-        self.assertEqual(cors["maxAge"]["default"], config.cors.max_age)
-        self.assertEqual(SCHEMA["properties"]["sendLoadingState"]["default"], False)
-        self.assertFalse(config.models["m"].send_loading_state)
-
-    def test_model(self) -> None:
-        model = parse_config(BASE).models["m"]
-        attributes = {
-            "proxy": model.proxy,
-            "checkEndpoint": model.check_endpoint,
-            "ttl": model.ttl,
-            "aliases": model.aliases,
-            "env": model.env,
-            "useModelName": model.use_model_name,
-            "unlisted": model.unlisted,
-            "name": model.name,
-            "description": model.description,
-            "cmdStop": model.cmd_stop,
-            "unloadTimeout": model.unload_timeout,
-            "concurrencyLimit": model.concurrency_limit,
-            "metadata": model.metadata,
-            "sendLoadingState": model.send_loading_state,
-            "upstreamApiKey": model.upstream_api_key,
-        }
-        properties = SCHEMA["$defs"]["model"]["properties"]
-        for key, value in attributes.items():
-            self.assertEqual(properties[key]["default"], plain(value), key)
-        self.assertFalse(model.filters)
-
-    def test_kv_cache(self) -> None:
-        config = parse_config(BASE, environ={"HOME": "/home/u"})
-        kv = SCHEMA["properties"]["kvCache"]["properties"]
-        self.assertEqual(kv["enabled"]["default"], config.kv_cache.enabled)
-        self.assertEqual(kv["path"]["default"], "~/.local/state/llamaswap/kv")
-        self.assertEqual(config.kv_cache.path, "/home/u/.local/state/llamaswap/kv")
-        self.assertEqual(parse_size(kv["maxBytes"]["default"]), config.kv_cache.max_bytes)
-        self.assertEqual(
-            parse_size(kv["maxBytesPerModel"]["default"]), config.kv_cache.max_bytes_per_model
-        )
-        self.assertEqual(kv["minTokens"]["default"], config.kv_cache.min_tokens)
-        self.assertEqual(kv["saveOnShutdown"]["default"], config.kv_cache.save_on_shutdown)
-        self.assertEqual(kv["timeout"]["default"], config.kv_cache.timeout)
-        self.assertIsNone(SCHEMA["$defs"]["model"]["properties"]["kvCache"]["default"])
-
-    def test_group(self) -> None:
-        group = parse_config(BASE + "groups:\n  g:\n    members: [m]\n").groups["g"]
-        properties = SCHEMA["$defs"]["group"]["properties"]
-        self.assertEqual(properties["swap"]["default"], group.swap)
-        self.assertEqual(properties["exclusive"]["default"], group.exclusive)
-        self.assertEqual(properties["persistent"]["default"], group.persistent)
-
-    def test_api_key(self) -> None:
-        (key,) = parse_config(BASE + "apiKeys: [{name: a, key: k}]\n").api_keys
-        properties = SCHEMA["$defs"]["apiKey"]["properties"]
-        self.assertEqual(properties["role"]["default"], key.role)
-        self.assertEqual(properties["models"]["default"], plain(key.models))
-        self.assertEqual(properties["maxConcurrent"]["default"], key.max_concurrent)
-        self.assertEqual(properties["requestsPerMinute"]["default"], key.requests_per_minute)
-
-    def test_peer(self) -> None:
-        text = BASE + "peers:\n  box:\n    proxy: http://h\n    models: [a]\n"
-        peer = parse_config(text).peers["box"]
-        self.assertIsNone(SCHEMA["$defs"]["peer"]["properties"]["apiKey"]["default"])
-        self.assertIsNone(peer.api_key)
-        self.assertFalse(peer.filters)
+    def test_check_mode_reports_no_stale_file(self) -> None:
+        self.assertEqual(generator.main(["--check"]), 0)
 
 
 class ShippedFilesTests(SynchronousTestCase):

@@ -410,6 +410,19 @@ class DoorLiveTests(LiveTestCase):
         self.assertNotIn("q" * 300, logs.body.decode())
         self.assertEqual(codes, {200, 401, 414})
 
+    async def test_unauthenticated_heads_of_missing_ui_files_leave_the_log_alone(self) -> None:
+        # /ui/ is open to anyone; a missing file is a 404 page, which Twisted logs a
+        # ~400-byte "HEAD request ... returning a message body" line for: 300 such
+        # requests (about 1 s) wiped every real line from /logs
+        await self.serve(KEYED)
+        logger("llamaswap.test").info("an earlier line worth keeping")
+        for _ in range(300):
+            reply = await self.request("HEAD", f"/ui/{'q' * 8000}")
+            self.assertEqual(reply.code, 404)
+        logs = await self.request("GET", "/logs", headers={"x-api-key": KEY.decode()})
+        self.assertIn("an earlier line worth keeping", logs.body.decode())
+        self.assertNotIn("q" * 100, logs.body.decode())
+
 
 class BadInputTests(LiveTestCase):
     async def test_deeply_nested_json_is_400(self) -> None:

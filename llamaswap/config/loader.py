@@ -1,0 +1,655 @@
+"""YAML configuration → immutable, validated objects.
+
+Everything a running llamaswap needs to know about its models is decided here,
+before any child starts: a bad file is reported with the file name, the key path
+and the offending value, and nothing runs.  Which keys exist, their types, bounds
+and defaults are declared in :mod:`.settings`; this module reads them and checks
+what a declaration cannot say (commands, macros, cross references).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from collections.abc import Collection, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import yaml
+
+from .. import modelsdir
+from .. import policy as policies
+from ..access import ApiKey
+from ..gguf_models import GgufError
+from ..origin import normal_origin, split_host
+from ..resources import RESOURCES
+from . import references
+from .macros import MacroReader
+from .objects import (
+    CommandTemplate,
+    Config,
+    CorsConfig,
+    Filters,
+    ModelConfig,
+    PeerConfig,
+    flag_value,
+    resolve_name,
+    safe_name,
+)
+from .reader import ConfigError, _describe
+from .selfproxy import refuse_self_proxy
+from .settings import (
+    CAPABILITIES,
+    CHILD_PROTOCOL,
+    LOG_LEVELS,
+    ApiKeySettings,
+    ConnectionLimits,
+    CorsSettings,
+    CrashLoopPolicy,
+    FilterSettings,
+    KvCacheConfig,
+    ModelDefaults,
+    ModelSettings,
+    PeerSettings,
+    SchedulerSettings,
+    StoreSettings,
+    Top,
+    default,
+    yaml_names,
+)
+
+SLOT_SAVE_FLAG = "--slot-save-path"
+
+
+def load_config(
+    path: str | Path | None, listen: Collection[str] = (), models_dirs: Collection[str] = ()
+) -> Config:
+    """Read and validate a configuration file (for a llamaswap serving on ``listen``).
+
+    ``models_dirs`` (``--models-dir``) are scanned beside the file's ``modelsDir``;
+    with them, ``path`` may be None: no file at all.
+    """
+    if path is None or path == "":
+        config = parse_config("{}", "--models-dir", models_dirs=models_dirs)
+        return refuse_self_proxy(config, listen)
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(source, "", f"cannot read file: {e.strerror or e}") from e
+    return refuse_self_proxy(parse_config(text, source, models_dirs=models_dirs), listen)
+
+
+def parse_config(
+    text: str,
+    source: str = "<config>",
+    environ: Mapping[str, str] | None = None,
+    models_dirs: Collection[str] = (),
+) -> Config:
+    """Validate a YAML document and build a :class:`Config`.
+
+    ``environ`` (default: this process's environment) fills ``${env.NAME}``;
+    ``models_dirs`` are scanned for GGUF files as if listed in ``modelsDir``.
+    """
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(source, "", f"not valid YAML: {e}") from e
+    builder = _Builder(source, os.environ if environ is None else environ)
+    builder.cli_models_dirs = tuple(os.path.abspath(os.path.expanduser(d)) for d in models_dirs)
+    return builder.build(document)
+
+
+class _Builder(MacroReader):
+    """Walks the YAML document once, with the key path at hand for every error."""
+
+    def build(self, document: object) -> Config:
+        if document is None:
+            raise self.fail("", "the file is empty; it needs at least a 'models' map")
+        root = self.mapping(document, "")
+        self.check_keys(root, "", yaml_names(Top))
+        macros = self.global_macros(root.get("macros"), "macros")
+        folders = self.models_dirs(root.get("modelsDir"), macros)
+        if "models" not in root and not folders:
+            raise self.fail("models", "required key is missing (or give a modelsDir)")
+        models_doc = self.mapping(root.get("models", {}), "models")
+        if not models_doc and not folders:
+            raise self.fail("models", "at least one model is required (or give a modelsDir)")
+        top = self.section(Top, root, "")
+        budget = self.budget(root.get("resources"))
+        kv_cache = self.kv_cache(root.get("kvCache"), macros)
+        defaults = {
+            "kv_cache": kv_cache,
+            "budget": budget,
+            "ttl": top["global_ttl"],
+            "unload_timeout": top["unload_timeout"],
+            "send_loading_state": top["send_loading_state"],
+        }
+        models: dict[str, ModelConfig] = {}
+        for model_id, entry in models_doc.items():
+            if not isinstance(model_id, str) or not model_id.strip():
+                raise self.fail("models", f"model id must be a non-empty string, got {model_id!r}")
+            if ":" in model_id:
+                raise self.fail(
+                    f"models.{model_id}", "model ids may not contain ':' (profiles use it)"
+                )
+            models[model_id] = self.model(model_id, entry, macros, defaults)
+        found = modelsdir.scan(folders)
+        notices = list(found.notices)
+        model_defaults = self.model_defaults(root.get("modelDefaults"))
+        for model_id, model in models.items():
+            models[model_id] = self.sized(model, None, budget, notices)
+        taken = set(models) | {name for m in models.values() for name in m.names}
+        for item in found.models:
+            if item.id not in taken:  # an entry in the file wins over a found file
+                written = modelsdir.entry(item, model_defaults, self.environ)
+                try:
+                    model = self.model(item.id, written, macros, defaults)
+                except ConfigError as e:
+                    notices.append(f"{item.path}: skipped: {e}")
+                    continue
+                models[item.id] = self.sized(model, item, budget, notices)
+        references.check_names_unique(self, models)
+        config = Config(
+            models=models,
+            log_level=self.log_level(root.get("logLevel", default(Top, "log_level"))),
+            source=self.source,
+            groups=references.groups(self, root.get("groups"), models),
+            profiles=references.profiles(self, root.get("profiles"), models),
+            pools=references.pools(self, root.get("pools"), models),
+            preload=references.preload(self, root.get("hooks"), models),
+            peers=self.peers(root.get("peers"), models, macros),
+            api_keys=self.api_keys(root.get("apiKeys"), macros),
+            crash_loop=self.crash_loop(root.get("crashLoop")),
+            connections=ConnectionLimits(
+                **self.section(ConnectionLimits, root.get("connections"), "connections")
+            ),
+            policy=self.policy(root.get("scheduler")),
+            budget=budget,
+            default_model=self.default_model(root.get("defaultModel")),
+            kv_cache=kv_cache,
+            models_dirs=folders,
+            notices=tuple(notices),
+            allowed_hosts=self.allowed_hosts(root.get("allowedHosts")),
+            cors=self.cors(root.get("cors")),
+            **self.store(root.get("store"), macros),
+            written=frozenset(key for key, value in root.items() if value is not None),
+            **{k: v for k, v in top.items() if k != "send_loading_state"},
+        )
+        references.check_default_model(self, config)
+        return config
+
+    def log_level(self, value: object) -> str:
+        level = self.string(value, "logLevel").lower()
+        level = "warn" if level == "warning" else level
+        if level not in LOG_LEVELS:
+            raise self.fail("logLevel", f"must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+        return level
+
+    # --- models folders (see llamaswap/modelsdir.py) ---------------------------
+
+    def models_dirs(self, value: object, macros: Mapping[str, str]) -> tuple[str, ...]:
+        """``modelsDir`` (relative to the file's folder) and ``--models-dir``, each once."""
+        listed = [] if value is None else [value] if isinstance(value, str) else value
+        base = os.path.dirname(os.path.abspath(self.source))
+        folders = []
+        for i, raw in enumerate(self.string_list(listed, "modelsDir")):
+            where = "modelsDir" if isinstance(value, str) else f"modelsDir[{i}]"
+            expanded = os.path.expanduser(self.expand(raw, where, macros, ()))
+            folders.append((where, os.path.join(base, expanded)))
+        folders += [("--models-dir", d) for d in self.cli_models_dirs]
+        for where, folder in folders:
+            if not os.path.isdir(folder):
+                raise self.fail(where, f"{folder} is not a folder")
+        return tuple(dict.fromkeys(os.path.normpath(f) for _, f in folders))
+
+    def model_defaults(self, value: object) -> modelsdir.ModelDefaults:
+        doc = self.mapping(value if value is not None else {}, "modelDefaults")
+        self.check_keys(doc, "modelDefaults", yaml_names(ModelDefaults))
+        cmd = None
+        if doc.get("cmd") is not None:
+            cmd = self.string(doc["cmd"], "modelDefaults.cmd")
+            if "${MODEL_PATH}" not in cmd:
+                raise self.fail("modelDefaults.cmd", "the template must load ${MODEL_PATH}")
+        args = tuple(
+            (str(pattern), self.string(extra, f"modelDefaults.args.{pattern}"))
+            for pattern, extra in self.mapping(doc.get("args", {}), "modelDefaults.args").items()
+        )
+        entry = {key: doc[key] for key in ("ttl", "env") if doc.get(key) is not None}
+        return modelsdir.ModelDefaults(cmd=cmd, args=args, entry=entry)
+
+    def sized(
+        self,
+        model: ModelConfig,
+        found: modelsdir.FoundModel | None,
+        budget: Mapping[str, int],
+        notices: list[str],
+    ) -> ModelConfig:
+        """``model`` with its file's facts, and its memory estimated unless declared."""
+        argv = model.cmd.argv
+        if found is not None:
+            facts = found.facts
+        else:
+            weights = modelsdir.weights_in(argv)
+            if weights is None or not os.path.isfile(weights):
+                return model
+            try:
+                facts = modelsdir.facts_of(weights)
+            except GgufError as e:
+                notices.append(f"models.{model.id}: {weights}: not sized from its header: {e}")
+                return model
+        info = modelsdir.described(facts, argv, found)
+        memory = model.memory or self.memory(info["estimate"]["total"], "", budget)
+        name = model.name or (facts.name if found is not None else "")
+        return attrs.evolve(model, name=name, memory=memory, gguf=info)
+
+    def default_model(self, value: object) -> str | None:
+        if value is None:
+            return None
+        name = self.string(value, "defaultModel")
+        if not name.strip():
+            raise self.fail("defaultModel", "must name a model (id, alias or profile:model)")
+        return name
+
+    def budget(self, value: object) -> dict[str, int]:
+        doc = self.mapping(value if value is not None else {}, "resources")
+        self.check_keys(doc, "resources", RESOURCES)
+        return {
+            key: self.size(doc[key], f"resources.{key}")
+            for key in RESOURCES
+            if doc.get(key) is not None
+        }
+
+    def memory(self, value: object, path: str, budget: Mapping[str, int]) -> dict[str, int]:
+        if value is None:
+            return {}
+        if isinstance(value, dict):
+            self.check_keys(value, path, RESOURCES)
+            return {
+                key: self.size(value[key], f"{path}.{key}") for key in RESOURCES if key in value
+            }
+        # one figure: GPU memory when a VRAM budget is set, else RAM
+        return {"vram" if "vram" in budget else "ram": self.size(value, path)}
+
+    def policy(self, value: object) -> policies.Policy:
+        declared = self.section(SchedulerSettings, value, "scheduler")
+        if declared["policy"] == "fifo":
+            for key in yaml_names(SchedulerSettings)[1:]:
+                if key in _given(value):
+                    raise self.fail(f"scheduler.{key}", "only the 'collate' policy uses it")
+            return policies.ArrivalOrder()
+        del declared["policy"]
+        return policies.Collate(**declared)
+
+    def crash_loop(self, value: object) -> CrashLoopPolicy:
+        policy = CrashLoopPolicy(**self.section(CrashLoopPolicy, value, "crashLoop"))
+        if policy.max_cooldown < policy.cooldown:
+            raise self.fail("crashLoop.maxCooldown", "must not be smaller than cooldown")
+        return policy
+
+    def secret(self, value: object, path: str, macros: Mapping[str, str]) -> str:
+        """A key: macros and ``${env.NAME}`` filled in, checked without being echoed."""
+        key = self.expand(self.string(value, path), path, macros, ())
+        if not key or any(c.isspace() for c in key):
+            # never echo a key: say what is wrong with it, not what it is
+            raise self.fail(path, "a key must be non-empty and contain no spaces")
+        return key
+
+    def api_keys(self, value: object, macros: Mapping[str, str]) -> tuple[ApiKey, ...]:
+        """Plain keys (admin, every model, named ``apiKeys[i]``) and scoped ones."""
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise self.fail("apiKeys", f"expected a list of keys, got {_describe(value)}")
+        keys: list[ApiKey] = []
+        for i, raw in enumerate(value):
+            path = f"apiKeys[{i}]"
+            key = (
+                self.scoped_key(raw, path, macros)
+                if isinstance(raw, dict)
+                else ApiKey(path, self.secret(raw, path, macros))
+            )
+            for earlier in keys:
+                if key.name == earlier.name:
+                    raise self.fail(f"{path}.name", f"{key.name!r} names another key too")
+                if key.key == earlier.key:
+                    raise self.fail(path, f"the same key as {earlier.name!r}")
+            keys.append(key)
+        return tuple(keys)
+
+    def scoped_key(self, doc: dict[str, Any], path: str, macros: Mapping[str, str]) -> ApiKey:
+        declared = self.section(ApiKeySettings, doc, path)
+        for required in ("name", "key"):
+            if doc.get(required) is None:
+                raise self.fail(f"{path}.{required}", "missing")
+        name = self.string(doc["name"], f"{path}.name").strip()
+        if not name or len(name) > 64 or any(not c.isprintable() for c in name):
+            raise self.fail(f"{path}.name", "must be 1-64 printable characters")
+        models = declared.pop("models")
+        if not models or any(not m.strip() for m in models):
+            raise self.fail(f"{path}.models", "list at least one model pattern ('*' for all)")
+        return ApiKey(
+            name=name,
+            key=self.secret(doc["key"], f"{path}.key", macros),
+            models=tuple(m.strip() for m in models),
+            **declared,
+        )
+
+    def allowed_hosts(self, value: object) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        hosts = []
+        for i, raw in enumerate(self.string_list(value, "allowedHosts")):
+            host = raw.strip().lower().removesuffix(".")
+            name = host[2:] if host.startswith("*.") else host
+            well_formed = split_host(name) == (name, None) and "*" not in name
+            if host != "*" and not well_formed:
+                raise self.fail(
+                    f"allowedHosts[{i}]",
+                    f"expected a host name without a port ('box.lan', '*.lan' or '*'), got {raw!r}",
+                )
+            hosts.append(host)
+        return tuple(hosts)
+
+    def cors(self, value: object) -> CorsConfig:
+        declared = self.section(CorsSettings, value, "cors")
+        doc = _given(value)
+        origins = []
+        for i, raw in enumerate(
+            self.string_list(doc.get("allowOrigins") or [], "cors.allowOrigins")
+        ):
+            origin = "*" if raw.strip() == "*" else normal_origin(raw)
+            if origin is None:
+                raise self.fail(
+                    f"cors.allowOrigins[{i}]",
+                    "expected an origin like 'https://app.example.com' or "
+                    f"'http://192.168.1.5:3000' (scheme, host, port; no path), got {raw!r}",
+                )
+            origins.append(origin)
+        lists = {}
+        for key in ("allowMethods", "allowHeaders"):
+            fallback = default(
+                CorsSettings, "allow_methods" if key == "allowMethods" else "allow_headers"
+            )
+            items = self.string_list(doc.get(key, list(fallback)), f"cors.{key}")
+            for i, item in enumerate(items):
+                if not re.fullmatch(r"\*|[!#$%&'+.^_`|~0-9A-Za-z-]+", item):
+                    raise self.fail(
+                        f"cors.{key}[{i}]", f"expected an HTTP token or '*', got {item!r}"
+                    )
+            lists[key] = items
+        return CorsConfig(
+            allow_origins=tuple(origins),
+            allow_methods=tuple(m.upper() for m in lists["allowMethods"]),
+            allow_headers=tuple(h.lower() for h in lists["allowHeaders"]),
+            max_age=declared["max_age"],
+        )
+
+    def state_dir(self) -> str:
+        """llamaswap's own state directory: ``$XDG_STATE_HOME/llamaswap``."""
+        state = self.environ.get("XDG_STATE_HOME") or os.path.join(
+            self.environ.get("HOME", "."), ".local", "state"
+        )
+        return os.path.join(state, "llamaswap")
+
+    def kv_cache(self, value: object, macros: Mapping[str, str]) -> KvCacheConfig:
+        declared = self.section(KvCacheConfig, value, "kvCache")
+        path = _given(value).get("path", os.path.join(self.state_dir(), "kv"))
+        path = self.expand(self.string(path, "kvCache.path"), "kvCache.path", macros, ())
+        return KvCacheConfig(**{**declared, "path": path})
+
+    def slot_save_path(
+        self, cmd: CommandTemplate, wanted: bool | None, kv_cache: KvCacheConfig, model_id: str
+    ) -> tuple[CommandTemplate, str | None, bool]:
+        """The command (with ``--slot-save-path`` added) and the directory, when KV
+        keeping is on for this model: by default for ``llama-server`` commands."""
+        argv = cmd.argv
+        given = flag_value(argv, SLOT_SAVE_FLAG)
+        is_llama_server = os.path.basename(argv[0]).startswith("llama-server")
+        if wanted is False or (wanted is None and not (kv_cache.enabled and is_llama_server)):
+            return cmd, None, False
+        if given is not None:
+            return cmd, given, False
+        directory = os.path.join(kv_cache.path, safe_name(model_id))
+        return CommandTemplate((*argv, SLOT_SAVE_FLAG, directory)), directory, True
+
+    def store(self, value: object, macros: Mapping[str, str]) -> dict[str, Any]:
+        declared = self.section(StoreSettings, value, "store")
+        path = _given(value).get("path", os.path.join(self.state_dir(), "activity.sqlite3"))
+        path = self.expand(self.string(path, "store.path"), "store.path", macros, ())
+        return {
+            "store_path": path,
+            "store_max_rows": declared["max_rows"],
+            "store_max_age_days": declared["max_age_days"],
+        }
+
+    def peers(
+        self, value: object, models: Mapping[str, ModelConfig], macros: Mapping[str, str]
+    ) -> dict[str, PeerConfig]:
+        if value is None:
+            return {}
+        peers: dict[str, PeerConfig] = {}
+        for peer_id, entry in self.mapping(value, "peers").items():
+            base = f"peers.{peer_id}"
+            if not isinstance(peer_id, str) or not re.match(r"^[A-Za-z0-9_.-]+$", peer_id):
+                raise self.fail(base, "peer ids use letters, digits, '_', '-' and '.' only")
+            doc = self.mapping(entry, base)
+            self.check_keys(doc, base, yaml_names(PeerSettings))
+            for key in ("proxy", "models"):
+                if key not in doc:
+                    raise self.fail(f"{base}.{key}", "required key is missing")
+            proxy = self.expand(
+                self.string(doc["proxy"], f"{base}.proxy"), f"{base}.proxy", macros, ()
+            )
+            if not re.match(r"^https?://[^/]+", proxy):
+                raise self.fail(f"{base}.proxy", f"expected an http(s):// URL, got {proxy!r}")
+            served = self.string_list(doc["models"], f"{base}.models")
+            if not served:
+                raise self.fail(f"{base}.models", "a peer needs at least one model")
+            for i, model in enumerate(served):
+                if f"{peer_id}/{model}" in models or resolve_name(f"{peer_id}/{model}", models):
+                    raise self.fail(
+                        f"{base}.models[{i}]",
+                        f"{peer_id}/{model} is also a local model id or alias",
+                    )
+            api_key = None
+            if doc.get("apiKey"):
+                api_key = self.expand(
+                    self.string(doc["apiKey"], f"{base}.apiKey"), f"{base}.apiKey", macros, ()
+                )
+            peers[peer_id] = PeerConfig(
+                id=peer_id,
+                proxy=proxy.rstrip("/"),
+                models=tuple(served),
+                api_key=api_key,
+                filters=self.filters(doc.get("filters"), f"{base}.filters", macros, peer_id),
+            )
+        return peers
+
+    # --- one model ---------------------------------------------------------
+
+    def model(
+        self,
+        model_id: str,
+        entry: object,
+        macros: Mapping[str, str],
+        defaults: Mapping[str, Any],
+    ) -> ModelConfig:
+        base = f"models.{model_id}"
+        doc = self.mapping(entry, base)
+        inherited = ("ttl", "unload_timeout", "send_loading_state")
+        declared = self.section(ModelSettings, doc, base, {k: defaults[k] for k in inherited})
+        if "cmd" not in doc:
+            raise self.fail(f"{base}.cmd", "required key is missing")
+        own = self.global_macros(doc.get("macros"), f"{base}.macros", inherited=macros)
+        scope = {name: value.replace("${MODEL_ID}", model_id) for name, value in own.items()}
+        scope["MODEL_ID"] = model_id
+
+        cmd = self.command(doc["cmd"], f"{base}.cmd", scope, {"PORT"})
+        proxy = self.expand(
+            self.string(doc.get("proxy", default(ModelSettings, "proxy")), f"{base}.proxy"),
+            f"{base}.proxy",
+            scope,
+            {"PORT"},
+        )
+        if "${PORT}" in proxy and not cmd.uses_port:
+            where = f"{base}.proxy" if "proxy" in doc else f"{base}.cmd"
+            raise self.fail(
+                where,
+                "the command does not use ${PORT}, so llamaswap cannot know where the "
+                "server listens; put ${PORT} in cmd or give a fixed 'proxy' URL",
+            )
+        if not re.match(r"^https?://[^/]+", proxy):
+            raise self.fail(f"{base}.proxy", f"expected an http:// URL, got {proxy!r}")
+
+        check = self.expand(declared["check_endpoint"], f"{base}.checkEndpoint", scope, set())
+        check_endpoint: str | None
+        if check.strip().lower() in ("none", ""):
+            check_endpoint = None
+        else:
+            check_endpoint = check if check.startswith("/") else "/" + check
+
+        env = tuple(self.env(doc.get("env", []), f"{base}.env", scope))
+        use_model_name = None
+        if doc.get("useModelName") is not None:
+            use_model_name = self.expand(
+                self.string(doc["useModelName"], f"{base}.useModelName"),
+                f"{base}.useModelName",
+                scope,
+                set(),
+            )
+        cmd_stop = None
+        if doc.get("cmdStop"):
+            cmd_stop = self.command(doc["cmdStop"], f"{base}.cmdStop", scope, {"PID", "PORT"})
+        forward_authorization = declared["forward_authorization"]
+        upstream_api_key = None
+        if doc.get("upstreamApiKey") is not None:
+            upstream_api_key = self.secret(doc["upstreamApiKey"], f"{base}.upstreamApiKey", scope)
+            if forward_authorization:
+                raise self.fail(
+                    f"{base}.upstreamApiKey",
+                    "a model gets either the client's key (forwardAuthorization) or its "
+                    "own (upstreamApiKey), not both",
+                )
+        cmd, slot_save_path, slot_save_added = self.slot_save_path(
+            cmd, declared["kv_cache"], defaults["kv_cache"], model_id
+        )
+        return ModelConfig(
+            id=model_id,
+            cmd=cmd,
+            slot_save_path=slot_save_path,
+            slot_save_added=slot_save_added,
+            proxy=proxy.rstrip("/"),
+            check_endpoint=check_endpoint,
+            ttl=declared["ttl"],
+            aliases=declared["aliases"],
+            env=env,
+            use_model_name=use_model_name,
+            unlisted=declared["unlisted"],
+            name=self.expand(declared["name"], f"{base}.name", scope, set()),
+            description=self.expand(declared["description"], f"{base}.description", scope, set()),
+            cmd_stop=cmd_stop,
+            unload_timeout=declared["unload_timeout"],
+            concurrency_limit=declared["concurrency_limit"],
+            metadata=self.expand_tree(
+                self.mapping(doc.get("metadata", {}), f"{base}.metadata"), f"{base}.metadata", scope
+            ),
+            filters=self.filters(doc.get("filters"), f"{base}.filters", scope, model_id),
+            send_loading_state=declared["send_loading_state"],
+            forward_authorization=forward_authorization,
+            upstream_api_key=upstream_api_key,
+            priority=declared["priority"],
+            configured_capabilities=self.capabilities(doc.get("capabilities"), base),
+            memory=self.memory(doc.get("memory"), f"{base}.memory", defaults["budget"]),
+            deadline=declared["deadline"],
+            child_protocol=self.child_protocol(
+                doc.get("childProtocol", default(ModelSettings, "child_protocol")), base
+            ),
+        )
+
+    def capabilities(self, value: object, base: str) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        path = f"{base}.capabilities"
+        kinds = self.string_list(value, path)
+        for i, kind in enumerate(kinds):
+            if kind not in CAPABILITIES:
+                raise self.fail(
+                    f"{path}[{i}]", f"must be one of {', '.join(CAPABILITIES)}, got {kind!r}"
+                )
+        return tuple(dict.fromkeys(kinds))
+
+    def child_protocol(self, value: object, base: str) -> str:
+        path = f"{base}.childProtocol"
+        if isinstance(value, bool):  # YAML reads a bare on/off as a boolean
+            return "on" if value else "off"
+        setting = self.string(value, path)
+        if setting not in CHILD_PROTOCOL:
+            raise self.fail(path, f"must be one of {', '.join(CHILD_PROTOCOL)}, got {value!r}")
+        return setting
+
+    def filters(self, value: object, path: str, scope: Mapping[str, str], model_id: str) -> Filters:
+        if value is None:
+            return Filters()
+        doc = self.mapping(value, path)
+        self.check_keys(doc, path, yaml_names(FilterSettings))
+        strip = self.expand(
+            self.string(doc.get("stripParams", ""), f"{path}.stripParams"),
+            f"{path}.stripParams",
+            scope,
+            (),
+        )
+        stripped = tuple(p.strip() for p in strip.split(",") if p.strip() and p.strip() != "model")
+        set_params = self.params(doc.get("setParams", {}), f"{path}.setParams", scope)
+        by_id: dict[str, Mapping[str, Any]] = {}
+        for key, params in self.mapping(
+            doc.get("setParamsByID", {}), f"{path}.setParamsByID"
+        ).items():
+            where = f"{path}.setParamsByID.{key}"
+            name = self.expand(str(key), where, scope, ())
+            by_id[name] = self.params(params, where, scope)
+        return Filters(strip=stripped, set=set_params, set_by_id=by_id)
+
+    def params(self, value: object, path: str, scope: Mapping[str, str]) -> dict[str, Any]:
+        doc = self.mapping(value, path)
+        if "model" in doc:
+            raise self.fail(f"{path}.model", "filters never change 'model'")
+        result: dict[str, Any] = self.expand_tree(doc, path, scope)
+        return result
+
+    def command(
+        self, value: object, path: str, scope: Mapping[str, str], keep: Collection[str]
+    ) -> CommandTemplate:
+        text = self.string(value, path)
+        lines = []
+        for line in text.splitlines():
+            if line.strip().startswith("#"):
+                continue
+            lines.append(line)
+        joined = " ".join(line.rstrip().removesuffix("\\") for line in lines)
+        # macros are text: one may hold several arguments, so substitute, then split
+        joined = self.expand(joined, path, scope, keep)
+        try:
+            argv = shlex.split(joined, comments=False, posix=True)
+        except ValueError as e:
+            raise self.fail(path, f"cannot split the command like a shell would: {e}") from e
+        if not argv:
+            raise self.fail(path, "the command is empty")
+        return CommandTemplate(tuple(argv))
+
+    def env(self, value: object, path: str, scope: Mapping[str, str]) -> list[tuple[str, str]]:
+        pairs = []
+        for i, item in enumerate(self.string_list(value, path)):
+            where = f"{path}[{i}]"
+            name, sep, val = item.partition("=")
+            if not sep or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+                raise self.fail(where, f"expected NAME=value, got {item!r}")
+            pairs.append((name, self.expand(val, where, scope, {"PORT"})))
+        return pairs
+
+
+def _given(value: object) -> dict[str, Any]:
+    """A section as written (already checked to be a map or null)."""
+    return value if isinstance(value, dict) else {}

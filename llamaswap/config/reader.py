@@ -1,0 +1,181 @@
+"""Reading YAML values by their declarations, with the key path in every error."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from ..resources import parse_size
+from .settings import REQUIRED, keys_of, yaml_names
+
+
+class ConfigError(Exception):
+    """A configuration problem, located by file and key path."""
+
+    def __init__(self, source: str, path: str, message: str) -> None:
+        self.source = source
+        self.path = path
+        self.message = message
+        where = f"{source}: {path}: " if path else f"{source}: "
+        super().__init__(where + message)
+
+
+def _suggest(key: str, allowed: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    return f" (known keys: {', '.join(allowed)})"
+
+
+class Reader:
+    """Shapes (a map, a number, ...) and declared sections, read at a key path."""
+
+    def __init__(self, source: str, environ: Mapping[str, str]) -> None:
+        self.source = source
+        self.environ = environ
+        self.cli_models_dirs: tuple[str, ...] = ()
+
+    def fail(self, path: str, message: str) -> ConfigError:
+        return ConfigError(self.source, path, message)
+
+    def section(
+        self, cls: type, value: object, path: str, fallback: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The simple keys of section ``cls`` in ``value`` (a map or null), by field name.
+
+        Unknown keys are refused; a missing key takes ``fallback`` or its declared
+        default; keys of kind ``custom`` are left to the caller.
+        """
+        doc = self.mapping(value if value is not None else {}, path)
+        self.check_keys(doc, path, yaml_names(cls))
+        fields = attrs.fields_dict(cls)
+        values: dict[str, Any] = {}
+        for name, key in keys_of(cls):
+            if key.kind == "custom":
+                continue
+            where = f"{path}.{key.yaml}" if path else key.yaml
+            if key.yaml not in doc:
+                if fallback is not None and name in fallback:
+                    values[name] = fallback[name]
+                elif fields[name].default is REQUIRED:
+                    raise self.fail(where, "required key is missing")
+                else:
+                    values[name] = fields[name].default
+                continue
+            raw = doc[key.yaml]
+            if raw is None and key.nullable:
+                values[name] = None
+                continue
+            values[name] = self.value(key, raw, where)
+        return values
+
+    def value(self, key: Any, raw: object, where: str) -> Any:
+        """One declared value, checked against its kind and bounds."""
+        if key.kind == "size":
+            return self.size(raw, where)
+        if key.kind == "texts":
+            return tuple(self.string_list(raw, where))
+        if key.kind == "text":
+            return self.string(raw, where)
+        if key.kind == "boolean":
+            return self.boolean(raw, where)
+        if key.kind == "enum":
+            text = self.string(raw, where)
+            if text not in key.choices:
+                message = key.message or "must be one of {choices}, got {value!r}"
+                raise self.fail(where, message.format(choices=", ".join(key.choices), value=text))
+            return text
+        number: float = (
+            self.integer(raw, where) if key.kind == "integer" else self.number(raw, where)
+        )
+        low_ok = key.minimum is None or number >= key.minimum
+        above = key.exclusive_minimum is None or number > key.exclusive_minimum
+        high_ok = key.maximum is None or number <= key.maximum
+        if not (low_ok and above and high_ok):
+            if key.message:
+                message = key.message
+            elif key.exclusive_minimum == 0:
+                message = "must be a positive number, got {value!r}"
+            elif key.minimum == 0:
+                message = "must be 0 or more, got {value!r}"
+            else:
+                message = "must be at least {minimum}, got {value!r}"
+            minimum = int(key.minimum) if key.minimum is not None else None
+            raise self.fail(where, message.format(value=number, minimum=minimum))
+        return number
+
+    def size(self, value: object, path: str) -> int:
+        try:
+            size = parse_size(value)
+        except ValueError as e:
+            raise self.fail(path, f"expected {e}, got {_describe(value)}") from e
+        if size <= 0:
+            raise self.fail(path, f"must be more than 0, got {value!r}")
+        return size
+
+    def limit(self, value: object, path: str) -> int:
+        number = self.integer(value, path)
+        if number < 1:
+            raise self.fail(path, f"must be at least 1, got {number!r}")
+        return number
+
+    def mapping(self, value: object, path: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(path or "(top level)", f"expected a map, got {_describe(value)}")
+        return value
+
+    def string(self, value: object, path: str) -> str:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise self.fail(path, f"expected a string, got {_describe(value)}")
+        return str(value)
+
+    def not_negative(self, value: object, path: str) -> float:
+        number = self.number(value, path)
+        if number < 0:
+            raise self.fail(path, f"must be 0 or more, got {number!r}")
+        return number
+
+    def positive(self, value: object, path: str) -> float:
+        number = self.number(value, path)
+        if number <= 0:
+            raise self.fail(path, f"must be a positive number, got {number!r}")
+        return number
+
+    def number(self, value: object, path: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.fail(path, f"expected a number, got {_describe(value)}")
+        return float(value)
+
+    def integer(self, value: object, path: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(path, f"expected an integer, got {_describe(value)}")
+        return value
+
+    def boolean(self, value: object, path: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(path, f"expected true or false, got {_describe(value)}")
+        return value
+
+    def string_list(self, value: object, path: str) -> list[str]:
+        if not isinstance(value, list):
+            raise self.fail(path, f"expected a list of strings, got {_describe(value)}")
+        return [self.string(item, f"{path}[{i}]") for i, item in enumerate(value)]
+
+    def check_keys(self, doc: Mapping[str, object], path: str, allowed: tuple[str, ...]) -> None:
+        for key in doc:
+            if key not in allowed:
+                where = f"{path}.{key}" if path else str(key)
+                raise self.fail(where, "unknown key" + _suggest(str(key), allowed))
+
+
+def _describe(value: object) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, dict):
+        return "a map"
+    if isinstance(value, list):
+        return "a list"
+    return f"{type(value).__name__} {value!r}"
