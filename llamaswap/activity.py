@@ -39,13 +39,13 @@ T = TypeVar("T")
 # have NULL there).  Append only: an old database gets whatever it misses, in any
 # order, whatever other columns it has.
 ADDED_COLUMNS = (
+    ("key", "TEXT"),  # the name of the key that made the request (never the key)
     ("cache_n", "INTEGER"),  # prompt tokens the server found in its cache (timings.cache_n)
 )
 COLUMNS = (
     "id",
     "time",
     "model",
-    "key",
     "path",
     "status",
     "duration_ms",
@@ -63,7 +63,6 @@ CREATE TABLE IF NOT EXISTS activity (
     id INTEGER PRIMARY KEY,
     time REAL NOT NULL,
     model TEXT NOT NULL,
-    key TEXT,
     path TEXT NOT NULL,
     status INTEGER NOT NULL,
     duration_ms REAL NOT NULL,
@@ -211,9 +210,6 @@ class ActivityStore:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._db = connect(path)
         self._db.executescript(SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(activity)")}
-        if "key" not in columns:  # a log written before keys had names
-            self._db.execute("ALTER TABLE activity ADD COLUMN key TEXT")
         if path != ":memory:":
             self._db.execute("PRAGMA journal_mode=WAL")
         add_missing_columns(self._db)
