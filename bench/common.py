@@ -189,7 +189,9 @@ def health_status(port: int, path: str = "/health") -> int | None:
     """One fast GET on a fresh connection; None when nothing answers."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
-            s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            # a Host llamaswap accepts (its allow-list answers 421 to others)
+            host = f"127.0.0.1:{port}"
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
             head = s.recv(64)
         return int(head.split(b" ", 2)[1])
     except (OSError, IndexError, ValueError):

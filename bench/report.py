@@ -116,6 +116,11 @@ def render(r: dict[str, Any]) -> str:
         from . import trace
 
         add(trace.render(r["trace"], r.get("trace_machine") or m))
+    if "kv" in r:
+        # conversations across swaps (a `--only kv` run replaces just it)
+        from . import kv
+
+        add(kv.render(r["kv"], r.get("kv_machine") or m))
     return "\n".join(out)
 
 

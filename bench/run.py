@@ -26,13 +26,16 @@ from typing import Any
 
 import psutil
 
-from . import footprint, proxy, report, streaming, swap, trace
+from . import footprint, kv, proxy, report, streaming, swap, trace
 from .common import REPO, VENV_BIN, CpuMonitor, Procs, log, marked_processes, sweep, which
 from .profile import make_profiler
 
-SECTIONS = ("proxy", "stream", "swap", "footprint", "trace")
-# trace (mixed traffic, fifo vs collate) takes ~5 min more: only on request
+SECTIONS = ("proxy", "stream", "swap", "footprint", "trace", "kv")
+# trace (mixed traffic, fifo vs collate) takes ~5 min more, kv (conversations across
+# swaps, real prefills of 4k tokens) ~6 min: only on request, each its own section
 DEFAULT_SECTIONS = ("proxy", "stream", "swap", "footprint")
+ON_REQUEST = {"trace": trace, "kv": kv}  # each has TITLE and render(results, machine)
+REAL_MODEL = ("stream", "swap", "kv")
 LAST = REPO / "bench" / ".last-results.json"
 
 
@@ -108,23 +111,23 @@ def machine() -> dict[str, Any]:
     }
 
 
-def write_trace_only(results: dict[str, Any], no_docs: bool) -> None:
-    """Print the trace section; replace (or append) just that section of the docs."""
-    if "trace" not in results:
-        log("trace failed: docs left alone")
+def write_on_request_only(name: str, results: dict[str, Any], no_docs: bool) -> None:
+    """Print an on-request section; replace (or append) just that section of the docs."""
+    if name not in results:
+        log(f"{name} failed: docs left alone")
         return
     with contextlib.suppress(OSError, ValueError):
         saved = json.loads(LAST.read_text()) if LAST.exists() else {}
-        saved["trace"] = results["trace"]
-        saved["trace_machine"] = results["machine"]
+        saved[name] = results[name]
+        saved[f"{name}_machine"] = results["machine"]
         LAST.write_text(json.dumps(saved, indent=1, default=str))
-    text = trace.render(results["trace"], results["machine"])
+    text = ON_REQUEST[name].render(results[name], results["machine"])
     print(text)
     if not no_docs:
         target = REPO / "docs" / "benchmarks.md"
         existing = target.read_text() if target.exists() else "# Benchmarks\n"
         target.write_text(trace.splice(existing, text))
-        log(f"wrote the trace section of {target.relative_to(REPO)}")
+        log(f"wrote the {name} section of {target.relative_to(REPO)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,8 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.render:
         saved = json.loads(Path(args.render).read_text())
-        if args.only.strip() == "trace":  # just the trace section, in place
-            text = trace.render(saved["trace"], saved.get("trace_machine") or saved.get("machine"))
+        only = args.only.strip()
+        if only in ON_REQUEST:  # just that section, in place
+            text = ON_REQUEST[only].render(
+                saved[only], saved.get(f"{only}_machine") or saved.get("machine")
+            )
             if not args.no_docs:
                 target = REPO / "docs" / "benchmarks.md"
                 target.write_text(trace.splice(target.read_text(), text))
@@ -195,9 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     for script, name in (("llama-server.sh", "LLAMA_SERVER"), ("model.sh", "LLAMASWAP_MODEL")):
         path = script_path(script, name)
         if path is None:
-            if {"stream", "swap"} & set(sections):
+            if set(REAL_MODEL) & set(sections):
                 log(f"no {name}: skipping the real-model sections")
-            sections = [s for s in sections if s not in ("stream", "swap")]
+            sections = [s for s in sections if s not in REAL_MODEL]
         else:
             os.environ[name] = path
 
@@ -239,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 elif section == "trace":
                     results["trace"] = trace.run(procs, monitor, quick=quick)
+                elif section == "kv":
+                    results["kv"] = kv.run(procs, monitor, quick=quick)
             except Exception as e:  # report it, run the other sections
                 failed = True
                 log(f"{section} failed: {e!r}")
@@ -261,15 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     results["machine"]["load_after"] = os.getloadavg()
     results["quick"] = quick
 
-    if sections == ["trace"]:
-        # only the trace section: keep the other sections' saved results and text
-        write_trace_only(results, args.no_docs)
+    if len(sections) == 1 and sections[0] in ON_REQUEST:
+        # only that section: keep the other sections' saved results and text
+        write_on_request_only(sections[0], results, args.no_docs)
     else:
-        if "trace" not in sections:  # keep the last trace section (it is run on request)
+        for name in set(ON_REQUEST) - set(sections):  # keep the last on-request sections
             with contextlib.suppress(OSError, ValueError, KeyError):
                 saved = json.loads(LAST.read_text())
-                results["trace"] = saved["trace"]
-                results["trace_machine"] = saved.get("trace_machine", saved["machine"])
+                results[name] = saved[name]
+                results[f"{name}_machine"] = saved.get(f"{name}_machine", saved["machine"])
         with contextlib.suppress(OSError):
             LAST.write_text(json.dumps(results, indent=1, default=str))
         text = report.render(results)

@@ -1111,10 +1111,11 @@ def render(t: dict[str, Any], machine: dict[str, Any] | None = None) -> str:
 
 
 def splice(document: str, section: str) -> str:
-    """``document`` with its TITLE section replaced by ``section`` (appended if absent)."""
+    """``document`` with the section of ``section``'s title (its first line, as TITLE)
+    replaced by ``section`` (appended if absent)."""
     lines = document.splitlines()
     try:
-        begin = lines.index(TITLE)
+        begin = lines.index(section.splitlines()[0])
     except ValueError:
         return document.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
     end = next((i for i in range(begin + 1, len(lines)) if lines[i].startswith("## ")), len(lines))

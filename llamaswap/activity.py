@@ -34,11 +34,18 @@ from .logs import logger
 
 T = TypeVar("T")
 
+# Columns added after SCHEMA was first released: each is added to a database that
+# lacks it when the store opens (``ALTER TABLE ADD COLUMN``, so rows written before
+# have NULL there).  Append only: an old database gets whatever it misses, in any
+# order, whatever other columns it has.
+ADDED_COLUMNS = (
+    ("key", "TEXT"),  # the name of the key that made the request (never the key)
+    ("cache_n", "INTEGER"),  # prompt tokens the server found in its cache (timings.cache_n)
+)
 COLUMNS = (
     "id",
     "time",
     "model",
-    "key",
     "path",
     "status",
     "duration_ms",
@@ -49,13 +56,13 @@ COLUMNS = (
     "prompt_tps",
     "gen_tps",
     "error",
+    *(name for name, _ in ADDED_COLUMNS),
 )
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS activity (
     id INTEGER PRIMARY KEY,
     time REAL NOT NULL,
     model TEXT NOT NULL,
-    key TEXT,
     path TEXT NOT NULL,
     status INTEGER NOT NULL,
     duration_ms REAL NOT NULL,
@@ -203,11 +210,9 @@ class ActivityStore:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._db = connect(path)
         self._db.executescript(SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(activity)")}
-        if "key" not in columns:  # a log written before keys had names
-            self._db.execute("ALTER TABLE activity ADD COLUMN key TEXT")
         if path != ":memory:":
             self._db.execute("PRAGMA journal_mode=WAL")
+        add_missing_columns(self._db)
         row = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM activity").fetchone()
         self._next_id = max(self._next_id, int(row[0]) + 1)
 
@@ -406,6 +411,20 @@ class ActivityStore:
             usage["tokens_in"] = sum(m["tokens_in"] for m in usage["models"].values())
             usage["tokens_out"] = sum(m["tokens_out"] for m in usage["models"].values())
         return {"models": models, "keys": dict(sorted(keys.items()))}
+
+
+def add_missing_columns(db: sqlite3.Connection) -> None:
+    """The additive migration: every column of ADDED_COLUMNS the table lacks."""
+    for name, kind in ADDED_COLUMNS:
+        present = {row[1] for row in db.execute("PRAGMA table_info(activity)")}
+        if name in present:
+            continue
+        try:
+            db.execute(f"ALTER TABLE activity ADD COLUMN {name} {kind}")
+        except sqlite3.OperationalError:
+            # another llamaswap sharing the file added it just now: fine if it is there
+            if name not in {row[1] for row in db.execute("PRAGMA table_info(activity)")}:
+                raise
 
 
 def _reading(work: Callable[..., T], *args: Any) -> T:

@@ -604,9 +604,10 @@ class Scheduler:
         return Deferred.fromCoroutine(start())
 
     def _stop(self, slot: _Slot, reason: str) -> Deferred[None]:
-        """Stop a model, after the ``before_stop`` hook if it is ready and idle."""
+        """Stop a model, after the ``before_stop`` hook if it is ready and idle (and
+        not still in ``after_start``: what it holds then is what was saved)."""
         process = slot.process
-        if process.state is not ModelState.READY or slot.in_flight:
+        if process.state is not ModelState.READY or slot.in_flight or process.id in self._warming:
             return process.stop(reason)
 
         async def stop() -> None:
@@ -678,14 +679,16 @@ class Scheduler:
         """Stop the given models (all if None) now, without waiting for their requests.
 
         Not serialised behind the swap lock: an unload must be able to interrupt a
-        start that is still waiting for its health check.
+        start that is still waiting for its health check.  An idle ready model goes
+        through ``before_stop`` first (its conversations are saved, within the hook's
+        own bound); a busy one is stopped at once, its requests cut.
         """
         targets = (
             [self._slots[m] for m in model_ids]
             if model_ids is not None
             else list(self._slots.values())
         )
-        stopped = _all_now(slot.process.stop("manual") for slot in targets)
+        stopped = _all_now(self._stop(slot, "manual") for slot in targets)
         return stopped.addCallback(lambda _: self._pump())
 
     def close(self, grace: float = 0.0) -> Deferred[None]:

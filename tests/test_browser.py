@@ -38,6 +38,9 @@ models:
     cmd: {FAKE} --model ${{MODEL_ID}} --load-time 0.3
   broken:
     cmd: {FAKE} --fail-start 3
+  kept:
+    cmd: {FAKE} --model ${{MODEL_ID}} --load-time 0.3
+    kvCache: true
 """
 SECONDS = 20_000  # ms, for every expectation that waits on a model
 expect.set_options(timeout=SECONDS)
@@ -46,8 +49,9 @@ expect.set_options(timeout=SECONDS)
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     ARTIFACTS.mkdir(exist_ok=True)
-    config = tmp_path_factory.mktemp("ui") / "config.yaml"
-    config.write_text(CONFIG)
+    where = tmp_path_factory.mktemp("ui")
+    config = where / "config.yaml"
+    config.write_text(CONFIG + f"kvCache: {{path: '{where / 'kv'}', minTokens: 1}}\n")
     server = Daemon(config, ARTIFACTS / "ui-twistd.log")
     yield server
     server.stop()
@@ -180,3 +184,36 @@ def test_a_phone_sized_screen(page: Page) -> None:
     expect(page.get_by_test_id("model-row-alpha")).to_be_visible()
     expect(page.get_by_test_id("load-beta")).to_be_in_viewport()
     page.screenshot(path=str(ARTIFACTS / "ui-phone.png"), full_page=True)
+
+
+def test_a_conversation_saved_at_a_swap_shows_and_its_follow_up_comes_from_the_cache(
+    page: Page, daemon: Daemon
+) -> None:
+    page.set_viewport_size({"width": 1280, "height": 800})
+    page.get_by_test_id("tab-chat").click()
+    page.locator("#chat-new").click()
+    page.get_by_test_id("chat-model").select_option("kept")
+    page.get_by_test_id("chat-input").fill("Tell me about the red box on the third shelf.")
+    page.get_by_test_id("chat-send").click()
+    expect(page.get_by_test_id("chat-answer")).to_contain_text("fake-reply model=kept")
+    expect(page.get_by_test_id("chat-send")).to_have_text("Send")
+    page.get_by_test_id("tab-models").click()
+    saved = page.get_by_test_id("model-saved-kept")
+    expect(saved).to_be_hidden()  # nothing saved while it runs
+    daemon.post("/api/models/load/alpha")  # the swap saves kept's slot
+    [state] = [s for s in daemon.get("/running")["saved_states"] if s["model"] == "kept"]
+    expect(saved).to_be_visible()
+    expect(saved).to_contain_text(f"{state['tokens']} tokens")
+    expect(saved).to_contain_text(re.compile(r"KiB · \d+s ago"))
+    # the follow-up swaps back: restored, so the server finds the history in its cache
+    page.get_by_test_id("tab-chat").click()
+    page.get_by_test_id("chat-input").fill("And the blue one?")
+    page.get_by_test_id("chat-send").click()
+    expect(page.locator(".msg.assistant")).to_have_count(2)
+    expect(page.get_by_test_id("chat-send")).to_have_text("Send")
+    page.get_by_test_id("tab-activity").click()
+    newest = page.get_by_test_id("activity-table").locator("tbody tr").first
+    expect(newest).to_contain_text("kept")
+    expect(newest.locator("td[data-label='From cache']")).to_have_text(re.compile(r"^[1-9]"))
+    page.get_by_test_id("tab-models").click()
+    page.screenshot(path=str(ARTIFACTS / "ui-saved-states.png"))

@@ -12,7 +12,7 @@ from typing import Any
 
 import attrs
 from treq.testing import RequestTraversalAgent
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import readBody
@@ -258,6 +258,43 @@ class SaveAndRestoreTests(SynchronousTestCase):
             self.successResultOf(closed)
             self.assertEqual(len(k.kv.states), expected, save)
 
+    def test_an_explicit_unload_saves_an_idle_model_and_cuts_a_busy_one_at_once(self) -> None:
+        k = KvWorld(self)
+        lease = k.lease("a")
+        k.chat("a", [{"role": "user", "content": LONG}])
+        lease.release()
+        unloaded = k.w.scheduler.unload(["a"])
+        k.flush()
+        self.successResultOf(unloaded)
+        self.assertEqual(k.w.child("a").signals, ["TERM"])
+        self.assertEqual(len(k.kv.states), 1)
+        self.assertEqual(k.files("a"), [k.kv.states[0].filename])
+
+        busy = k.lease("b")  # a request in flight: nothing is asked of the child
+        k.net.requests.clear()
+        k.w.scheduler.unload(["b"])
+        self.assertEqual(k.w.child("b").signals, ["TERM"])
+        self.assertEqual(k.net.requests, [])
+        busy.release()
+
+    def test_an_unload_during_the_restore_does_not_save_what_is_being_restored(self) -> None:
+        k = KvWorld(self)
+        k.converse_then_swap()
+        [saved] = k.kv.states
+        k.net.requests.clear()
+        again = k.w.scheduler.acquire("a")
+        k.flush()
+        k.net.start(k.w.process("a"))
+        k.net.gate = []
+        k.w.make_ready("a")  # restoring, held
+        k.w.scheduler.unload(["a"])
+        self.assertEqual(k.w.child("a").signals, ["TERM"])
+        k.net.let_through()
+        self.assertFalse(any("save" in path for _, path in k.net.requests))
+        self.assertEqual(k.kv.states, [saved])
+        again.cancel()  # the scheduler starts it again for this waiter: not the point here
+        self.failureResultOf(again, CancelledError)
+
     def test_models_without_kv_keeping_are_left_alone(self) -> None:
         k = KvWorld(self)
         self.assertIsNone(k.w.config.models["plain"].slot_save_path)
@@ -434,6 +471,9 @@ class OverRealSocketsTests(LiveTestCase):
 
         saved = (await self.request("GET", "/running")).json()["saved_states"]
         self.assertEqual({s["model"] for s in saved}, {"a", "b"})
+        # the activity log keeps each request's cache_n
+        rows = (await self.request("GET", "/api/activity?model=a")).json()["data"]
+        self.assertEqual([r["cache_n"] for r in rows], [cached_prefix(), 0])
         metrics = (await self.request("GET", "/metrics")).body.decode()
         self.assertIn('llamaswap_kv_restores_total{model="a"} 1.0', metrics)
         self.assertIn(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import sqlite3
 from typing import Any
 
 from openapi_spec_validator import validate
@@ -12,7 +14,7 @@ from twisted.logger import Logger, capturedLogs, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.iweb import IResponse
 
-from llamaswap.activity import ActivityStore, Retention, percentiles
+from llamaswap.activity import SCHEMA, ActivityStore, Retention, percentiles
 from llamaswap.api import Api
 from llamaswap.logs import PROXY, LogHub, logger
 
@@ -26,6 +28,8 @@ models:
   beta:
     cmd: {FAKE}
 """
+
+ROW = {"model": "m", "path": "/x", "status": 200, "duration_ms": 1, "queue_ms": 0, "load_ms": 0}
 
 
 def metric(text: str, name: str, **labels: str) -> float | None:
@@ -145,6 +149,34 @@ class StoreTests(TestCase):
         # the old row is past its age, and of the rest only the newest 3 stay
         self.assertEqual([r["duration_ms"] for r in result["data"]], [4, 3, 2])
         self.assertEqual(result["total"], 3)
+
+    async def test_an_older_log_gets_the_added_columns_and_keeps_its_rows(self) -> None:
+        path = os.path.abspath(self.mktemp())
+        old = sqlite3.connect(path)
+        with old:
+            old.executescript(SCHEMA)  # as written before cache_n was recorded
+            old.execute("ALTER TABLE activity ADD COLUMN other TEXT")  # another's addition
+            old.execute(
+                "INSERT INTO activity (id, time, model, path, status, duration_ms, queue_ms,"
+                " load_ms, other) VALUES (1, ?, 'm', '/x', 200, 1, 0, 0, 'theirs')",
+                (reactor.seconds(),),
+            )
+        old.close()
+        for _ in range(2):  # opened again: nothing more to add
+            store = ActivityStore(path, reactor)
+            store.start()
+            store.add({**ROW, "time": reactor.seconds(), "cache_n": 47})
+            await store.stop()
+        self.assertFalse(self.flushLoggedErrors())
+        db = sqlite3.connect(path)
+        self.addCleanup(db.close)
+        columns = [row[1] for row in db.execute("PRAGMA table_info(activity)")]
+        self.assertEqual(columns.count("cache_n"), 1)
+        self.assertIn("other", columns)
+        self.assertEqual(
+            db.execute("SELECT id, other, cache_n FROM activity ORDER BY id").fetchall(),
+            [(1, "theirs", None), (2, None, 47), (3, None, 47)],
+        )
 
     def test_percentiles(self) -> None:
         self.assertEqual(percentiles(list(range(1, 101))), {"p50": 50, "p95": 95, "p99": 99})

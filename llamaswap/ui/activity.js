@@ -31,6 +31,7 @@ function row(a) {
     h('td', { 'data-label': 'Queue', class: 'num', text: ms(a.queue_ms) }),
     h('td', { 'data-label': 'Load', class: 'num', text: ms(a.load_ms) }),
     h('td', { 'data-label': 'Tokens in/out', class: 'num', text: `${num(a.tokens_in) || '–'} / ${num(a.tokens_out) || '–'}` }),
+    h('td', { 'data-label': 'From cache', class: 'num', title: 'prompt tokens the server did not evaluate again (timings.cache_n)', text: a.cache_n == null ? '–' : num(a.cache_n) }),
     h('td', { 'data-label': 'tok/s prompt/gen', class: 'num', text: tps }),
     h('td', { 'data-label': 'Error', class: 'err small', text: a.error || '', title: a.error || null }));
 }

@@ -1,7 +1,7 @@
 // Models tab: /v1/models merged with /running, live from /api/events, else polled.
-import { $, h, api, json, body as parse, events, toast, duration, pathOf } from './lib.js';
+import { $, h, api, json, body as parse, events, toast, duration, num, pathOf } from './lib.js';
 
-const rows = new Map(); // id -> {model, state, error, pid, progress, run, at, busy, el, cells}
+const rows = new Map(); // id -> {model, state, error, pid, progress, run, saved, at, busy, el, cells}
 let list = []; // every /v1/models entry (profiles and peers too)
 let visible = false;
 let timer = null;
@@ -20,6 +20,7 @@ function metaText(meta) {
 }
 
 const mib = (bytes) => `${Math.round(bytes / 2 ** 20)} MiB`;
+const size = (bytes) => (bytes >= 2 ** 20 ? `${(bytes / 2 ** 20).toFixed(1)} MiB` : `${Math.ceil(bytes / 1024)} KiB`);
 const count = (n) => (n >= 1e9 ? `${(n / 1e9).toFixed(1)}B` : `${Math.round(n / 1e6)}M`);
 
 // what the model's GGUF file says (architecture, size, quantization, context)
@@ -28,6 +29,12 @@ function ggufText(meta) {
   if (!g || typeof g !== 'object') return '';
   return [g.architecture, g.parameters ? count(g.parameters) + ' params' : null, g.quantization,
     g.context_length ? `ctx ${g.context_length}` : null].filter(Boolean).join(' · ');
+}
+
+// the conversations kept on disk for this model (kvCache): restored when it starts again
+function savedText(saved, elapsed) {
+  if (!saved.length) return '';
+  return 'saved: ' + saved.map((s) => `${num(s.tokens)} tokens · ${size(s.bytes)} · ${duration(s.age + elapsed)} ago`).join('; ');
 }
 
 // the memory estimate from the file beside what the running child really uses
@@ -55,6 +62,7 @@ function makeRow(model) {
     load: h('button', { class: 'admin', 'data-testid': `load-${id}`, onclick: () => load(id) }, 'Load'),
     unload: h('button', { class: 'admin', 'data-testid': `unload-${id}`, onclick: () => unload(id) }, 'Unload'),
     memory: h('div', { class: 'small muted mono', 'data-testid': `model-memory-${id}` }),
+    saved: h('div', { class: 'small muted', 'data-testid': `model-saved-${id}`, hidden: true }),
   };
   const aliases = (model.aliases || []).map((a) => h('span', { class: 'chip', text: a }));
   const capabilities = (model.capabilities || []).map((a) => h('span', { class: 'chip', text: a }));
@@ -68,11 +76,11 @@ function makeRow(model) {
       meta ? h('div', { class: 'small muted mono', text: meta }) : null,
       gguf || capabilities.length ? h('div', { class: 'chips', 'data-testid': `model-gguf-${id}` },
         capabilities, gguf ? h('span', { class: 'small muted mono', text: ' ' + gguf }) : null) : null,
-      c.memory),
+      c.memory, c.saved),
     h('td', { 'data-label': 'State' }, c.state, c.progress, c.error),
     c.proc, c.up, c.req, c.ttl,
     h('td', { class: 'actions' }, c.load, c.unload));
-  return { model, el, cells: c, state: 'stopped', error: null, progress: null, run: null, at: 0, busy: null };
+  return { model, el, cells: c, state: 'stopped', error: null, progress: null, run: null, saved: [], at: 0, busy: null };
 }
 
 function paint(r) {
@@ -105,6 +113,8 @@ function paint(r) {
   c.unload.textContent = r.busy === 'unload' ? 'Unloading…' : 'Unload';
   c.memory.textContent = memoryText(r.model, active ? run : null);
   c.memory.hidden = !c.memory.textContent;
+  c.saved.textContent = savedText(r.saved, elapsed);
+  c.saved.hidden = !c.saved.textContent;
 }
 
 function render() {
@@ -147,12 +157,14 @@ export function refresh() {
       const [models, running] = await Promise.all([json('/v1/models'), runningOrNone]);
       list = models.data || [];
       const byId = Object.fromEntries((running.running || []).map((x) => [x.model, x]));
+      const saved = new Map();
+      for (const s of running.saved_states || []) saved.set(s.model, [...(saved.get(s.model) || []), s]);
       const now = Date.now();
       render();
       for (const [id, r] of rows) {
         const run = byId[id] || null;
         const status = r.model.status || {};
-        Object.assign(r, { run, at: now, state: run ? run.state : status.value || 'stopped', progress: run ? run.progress : null });
+        Object.assign(r, { run, saved: saved.get(id) || [], at: now, state: run ? run.state : status.value || 'stopped', progress: run ? run.progress : null });
         if (!r.busy) r.error = status.error || null;
         paint(r);
       }
