@@ -465,7 +465,9 @@ class Api:
         priority: int,
     ) -> None:
         deadline = self.deadline(request, model)  # may refuse the request: before queueing
-        waiting = self.scheduler.acquire(model.id, profile, priority)
+        # the connection stands for the client: an agent's or a user's next request
+        # comes on the same keep-alive connection (its id: no reference kept)
+        waiting = self.scheduler.acquire(model.id, profile, priority, client=id(request.channel))
         if deadline is not None and not waiting.called:
             waiting.addTimeout(deadline, self.clock, onTimeoutCancel=_missed(model.id, deadline))
         progress = None

@@ -7,7 +7,9 @@ interleaved traffic (A B A C A B ...) it spends most of its time loading weights
 ``Collate`` (the default) keeps serving the loaded model while it has work, so
 requests for it that arrive meanwhile ride along instead of paying a reload, and
 holds it ``hold`` seconds after its last request (an agent's next step, a chat's
-next turn, a closed-loop client's next request), but never beyond a bound: a
+next turn, a closed-loop client's next request) against other clients' requests
+(the client that made that last request and now asks for another model has moved
+on: nothing is held against it), but never beyond a bound: a
 request for another model waits at most ``patience`` times what its load is
 expected to take (a swap is worth waiting for only in proportion to its cost, so
 cheap swaps keep everyone's waits short), never more than ``max_wait`` seconds,
@@ -33,6 +35,7 @@ class Waiting:
     model: str
     arrived: float
     load_seconds: float | None = None  # what loading its model is expected to take
+    client: object = None  # who asks (a connection), if known
 
 
 @attrs.frozen
@@ -43,6 +46,7 @@ class Victim:
     busy: bool  # requests in flight, or queued for it
     resident_since: float
     idle_since: float | None = None  # end of its last request, if any
+    last_client: object = None  # who made that last request, if known
 
 
 @attrs.frozen
@@ -81,14 +85,18 @@ class Collate:
             limit = min(limit, self.patience * waiting.load_seconds)
         return waiting.arrived + limit
 
-    def _held(self, victim: Victim, now: float) -> bool:
-        """Busy, or idle for less than ``hold`` seconds."""
-        return victim.busy or (
-            victim.idle_since is not None and now < victim.idle_since + self.hold
+    def _held(self, victim: Victim, waiting: Waiting, now: float) -> bool:
+        """Busy, or idle for less than ``hold`` seconds, unless the one who asks is
+        the client of its last request (it has moved on to another model)."""
+        if victim.busy:
+            return True
+        moved_on = waiting.client is not None and waiting.client == victim.last_client
+        return (
+            victim.idle_since is not None and now < victim.idle_since + self.hold and not moved_on
         )
 
     def swap_now(self, waiting: Waiting, victims: Sequence[Victim], now: float) -> bool:
-        held = [v for v in victims if self._held(v, now)]
+        held = [v for v in victims if self._held(v, waiting, now)]
         if not held:
             return True
         if now >= self.deadline(waiting):
@@ -97,7 +105,7 @@ class Collate:
 
     def recheck_at(self, waiting: Waiting, victims: Sequence[Victim], now: float) -> float | None:
         """When :meth:`swap_now` would turn true even if nothing else happens."""
-        held = [v for v in victims if self._held(v, now)]
+        held = [v for v in victims if self._held(v, waiting, now)]
         moments = [self.deadline(waiting)]
         moments += [v.resident_since + self.max_residency for v in held]
         if not any(v.busy for v in held):  # only holds left: when the last one ends

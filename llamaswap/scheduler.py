@@ -89,6 +89,7 @@ class _Slot:
     process: ModelProcess
     in_flight: int = 0
     last_used: float | None = None
+    last_client: object = None  # the client of the latest lease (see policy.Collate)
     drained: list[Deferred[None]] = attrs.field(factory=list)
     ttl_timer: IDelayedCall | None = None
     guard: CrashGuard = attrs.field(factory=lambda: CrashGuard(CrashLoopPolicy()))
@@ -102,6 +103,7 @@ class _Waiter:
     deferred: Deferred[Lease]
     arrived: float = 0.0
     priority: int = 0
+    client: object = None
 
 
 _STOPPED = (ModelState.STOPPED, ModelState.FAILED)
@@ -216,11 +218,17 @@ class Scheduler:
         return min(candidates, key=lambda m: (*rank(m), candidates.index(m)))
 
     def acquire(
-        self, model_id: str, profile: str | None = None, priority: int | None = None
+        self,
+        model_id: str,
+        profile: str | None = None,
+        priority: int | None = None,
+        client: object = None,
     ) -> Deferred[Lease]:
         """A lease on ``model_id`` once it (and its profile's models) are ready.
 
-        ``priority`` defaults to the model's; lower is background work.  Cancel the
+        ``priority`` defaults to the model's; lower is background work.  ``client``
+        says who asks (any token that is equal for the same client), so a model held
+        after its last request is not held against the client that made it.  Cancel the
         Deferred to leave the queue.  Fails at once with 429 when the model has
         ``concurrencyLimit`` requests already, 503 when the queue is full.
         """
@@ -258,7 +266,7 @@ class Scheduler:
             and not self._doomed(model_id, priority, self._plan(at_least=priority))
             and self._slot_free(slot, priority)
         ):
-            return succeed(self._grant(slot))
+            return succeed(self._grant(slot, client))
         if len(self._queue) >= self.config.queue_limit:
             return fail(
                 ApiError(
@@ -283,6 +291,7 @@ class Scheduler:
             Deferred(leave_queue),
             self._clock.seconds(),
             priority,
+            client,
         )
         self._queue.append(waiter)
         self._counts_changed(slot)
@@ -424,7 +433,7 @@ class Scheduler:
                     and self._slot_free(slot, waiter.priority)
                 ):
                     self._queue.remove(waiter)
-                    waiter.deferred.callback(self._grant(slot))
+                    waiter.deferred.callback(self._grant(slot, waiter.client))
                 continue
             victims = self._victims(waiter.targets)
             swapping = self._swap[0] if self._swap is not None else frozenset()
@@ -443,7 +452,12 @@ class Scheduler:
                 continue
             first = False
             views = [self._victim_view(v) for v in sorted(victims)]
-            waiting = Waiting(waiter.model_id, waiter.arrived, self._expected_load(waiter.targets))
+            waiting = Waiting(
+                waiter.model_id,
+                waiter.arrived,
+                self._expected_load(waiter.targets),
+                waiter.client,
+            )
             if self.policy.swap_now(waiting, views, now):
                 plan.doomed |= victims
                 if self._swap is None:
@@ -488,10 +502,11 @@ class Scheduler:
         slot = self._slots[model_id]
         busy = slot.in_flight > 0 or self.queued(model_id) > 0
         since = slot.process.ready_at or slot.process.started_at or self._clock.seconds()
-        return Victim(model_id, busy, since, slot.last_used)
+        return Victim(model_id, busy, since, slot.last_used, slot.last_client)
 
-    def _grant(self, slot: _Slot) -> Lease:
+    def _grant(self, slot: _Slot, client: object = None) -> Lease:
         slot.in_flight += 1
+        slot.last_client = client
         if slot.ttl_timer is not None and slot.ttl_timer.active():
             slot.ttl_timer.cancel()
         slot.ttl_timer = None

@@ -46,6 +46,10 @@ class PolicyTests(SynchronousTestCase):
         self.assertFalse(Collate(hold=1).swap_now(waiting, held, 100))
         self.assertEqual(Collate(hold=1).recheck_at(waiting, held, 100), 100.5)
         self.assertTrue(Collate(hold=1).swap_now(waiting, held, 100.5))
+        # the client of a's last request now asks for b: it moved on, a is not held
+        mine = [Victim("a", busy=False, resident_since=90, idle_since=99.5, last_client=7)]
+        self.assertTrue(Collate(hold=1).swap_now(Waiting("b", 100, client=7), mine, 100))
+        self.assertFalse(Collate(hold=1).swap_now(Waiting("b", 100, client=8), mine, 100))
         cheap = Waiting("b", arrived=100, load_seconds=1.5)
         patient = Collate(max_wait=10, max_residency=25, patience=4)
         self.assertFalse(patient.swap_now(cheap, busy, 105.9))

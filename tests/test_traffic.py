@@ -222,6 +222,26 @@ class HoldTests(SynchronousTestCase):
         w.make_ready("b")
         self.successResultOf(other)
 
+    def test_a_client_that_moves_to_another_model_is_not_held_back(self) -> None:
+        # one client alternating between models (a user switching the model picker,
+        # an agent's plan moving on): the hold is for its next step, not against it
+        w = world(DEFAULTS)
+        d = w.scheduler.acquire("a", client="alice")
+        w.reactor.advance(2)
+        w.make_ready("a")
+        self.successResultOf(d).release()
+        w.reactor.advance(0.1)
+        moved_on = w.scheduler.acquire("b", client="alice")
+        self.assertEqual(w.child("a").signals, ["TERM"])  # at once, not after the hold
+        w.make_ready("b")
+        self.successResultOf(moved_on).release()
+        w.reactor.advance(0.1)
+        someone_else = w.scheduler.acquire("a", client="bob")
+        self.assertEqual(w.child("b").signals, [])  # held for alice's next step
+        w.reactor.advance(0.9)
+        self.assertEqual(w.child("b").signals, ["TERM"])
+        self.assertNoResult(someone_else)
+
     def test_holding_never_goes_past_max_wait(self) -> None:
         w = world("scheduler:\n  maxWait: 5\n  hold: 3\n" + DEFAULTS.lstrip())
         d = w.scheduler.acquire("a")

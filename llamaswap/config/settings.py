@@ -194,7 +194,8 @@ class SchedulerSettings:
         "hold",
         1.0,
         "collate: seconds a model stays reserved after a request ends, while a request for "
-        "another model waits (never past `maxWait`); `0` = none",
+        "another model from another client waits (never past `maxWait`; the client that made "
+        "the last request is not held back when it moves on); `0` = none",
         minimum=0,
     )
     #: chosen with bench/trace.py's closed-loop mix
