@@ -16,16 +16,17 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
-import gguf
+
+if TYPE_CHECKING:
+    import gguf
 
 #: the server binary, its threads and heap: what is not weights, KV cache or compute
 RUNTIME_OVERHEAD = 24 * 2**20
 #: llama-server's default physical batch (``-ub``)
 DEFAULT_UBATCH = 512
-_POOLING = {p.value: p.name.lower() for p in gguf.PoolingType}
 
 
 class GgufError(Exception):
@@ -165,6 +166,9 @@ def cached_paths() -> list[str]:
 
 
 def _read(path: str, size: int) -> GgufFacts:
+    # imported here: the reader pulls in numpy (~15 MiB), needed only with GGUF files
+    import gguf
+
     if size < 24:
         raise GgufError(f"not a GGUF file ({size} bytes)")
     with open(path, "rb") as file:
@@ -211,11 +215,18 @@ def _read(path: str, size: int) -> GgufFacts:
         key_length=number(gguf.Keys.Attention.KEY_LENGTH),
         value_length=number(gguf.Keys.Attention.VALUE_LENGTH),
         vocab_size=vocab,
-        pooling=_POOLING.get(pooling) if pooling is not None else None,
+        pooling=_pooling_name(pooling),
         causal=causal is not False,
         chat_template=gguf.Keys.Tokenizer.CHAT_TEMPLATE in fields,
         weights_bytes=sum(int(t.n_bytes) for t in reader.tensors),
     )
+
+
+def _pooling_name(value: int | None) -> str | None:
+    import gguf
+
+    names = {p.value: p.name.lower() for p in gguf.PoolingType}
+    return names.get(value) if value is not None else None
 
 
 def _value(fields: Mapping[str, gguf.ReaderField], key: str) -> Any:
@@ -229,6 +240,8 @@ def _value(fields: Mapping[str, gguf.ReaderField], key: str) -> Any:
 
 
 def _quantization(file_type: int | None, reader: gguf.GGUFReader) -> str:
+    import gguf
+
     if file_type is not None:
         try:
             name = gguf.LlamaFileType(file_type).name
@@ -266,6 +279,8 @@ def _int_option(argv: Sequence[str], names: tuple[str, ...]) -> int | None:
 
 def _cache_type(argv: Sequence[str], which: str) -> float:
     """Bytes per element of the K or V cache (``-ctk q8_0``), f16 by default."""
+    import gguf
+
     name = _option(argv, (f"-ct{which}", f"--cache-type-{which}")) or "f16"
     try:
         block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name.upper()]]
