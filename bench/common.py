@@ -215,16 +215,29 @@ def wait_http(
 NO_LIMIT = 100_000
 
 
+def _known_keys() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """This llamaswap's top-level and per-model keys (older ones listed them as
+    ``TOP_LEVEL_KEYS``/``MODEL_KEYS``; newer ones declare them in ``config.settings``)."""
+    from llamaswap import config as ls_config
+
+    top = getattr(ls_config, "TOP_LEVEL_KEYS", None)
+    model = getattr(ls_config, "MODEL_KEYS", None)
+    if top is None or model is None:
+        try:
+            from llamaswap.config import settings
+        except ImportError:
+            return (), ()
+        return settings.yaml_names(settings.Top), settings.yaml_names(settings.ModelSettings)
+    return tuple(top), tuple(model)
+
+
 def config_text(head: str, models: Mapping[str, str]) -> str:
     """A llamaswap config: ``head`` (top-level keys) and ``models`` (id → YAML body,
     indented by 4).  Admission limits, where this llamaswap has them
     (``concurrencyLimit`` per model, default 10; ``queueLimit``;
     ``connections.maxPerClient``, default 64), are lifted so the bench measures the
     proxy rather than its 429s and 503s (all its clients share one address)."""
-    from llamaswap import config as ls_config
-
-    top = getattr(ls_config, "TOP_LEVEL_KEYS", ())
-    model_keys = getattr(ls_config, "MODEL_KEYS", ())
+    top, model_keys = _known_keys()
     lines = [head.rstrip("\n")]
     if "queueLimit" in top:
         lines.append(f"queueLimit: {NO_LIMIT}")
@@ -240,14 +253,13 @@ def config_text(head: str, models: Mapping[str, str]) -> str:
 
 
 def lifted_limits() -> list[str]:
-    from llamaswap import config as ls_config
-
+    top, model_keys = _known_keys()
     found = []
-    if "queueLimit" in getattr(ls_config, "TOP_LEVEL_KEYS", ()):
+    if "queueLimit" in top:
         found.append("queueLimit")
-    if "concurrencyLimit" in getattr(ls_config, "MODEL_KEYS", ()):
+    if "concurrencyLimit" in model_keys:
         found.append("concurrencyLimit")
-    if "connections" in getattr(ls_config, "TOP_LEVEL_KEYS", ()):
+    if "connections" in top:
         found.append("connections.maxPerClient")
     return found
 
