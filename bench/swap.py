@@ -67,10 +67,37 @@ def request(model: str) -> bytes:
     ).encode()
 
 
+_clients: dict[int, httpclient.HTTPConnection] = {}
+
+
 def ask(port: int, model: str) -> None:
-    status, reply = http(port, "POST", "/v1/chat/completions", request(model), timeout=180)
-    if status != 200:
-        raise RuntimeError(f"{model} on :{port}: HTTP {status} {reply[:300]!r}")
+    """One request, on the keep-alive connection this client keeps per server (as the
+    openai SDK and other clients do; a server that closed it gets a new one)."""
+    for attempt in (1, 2):
+        conn = _clients.get(port)
+        if conn is None:
+            conn = _clients[port] = httpclient.HTTPConnection("127.0.0.1", port, timeout=180)
+        try:
+            conn.request(
+                "POST",
+                "/v1/chat/completions",
+                body=request(model),
+                headers={"Content-Type": "application/json"},
+            )
+            response = conn.getresponse()
+            status, reply = response.status, response.read()
+        except (OSError, httpclient.HTTPException):
+            conn.close()
+            del _clients[port]
+            if attempt == 2:
+                raise
+            continue  # the server had closed the kept connection before this request
+        if response.will_close:
+            conn.close()
+            del _clients[port]
+        if status != 200:
+            raise RuntimeError(f"{model} on :{port}: HTTP {status} {reply[:300]!r}")
+        return
 
 
 class LogStream(threading.Thread):

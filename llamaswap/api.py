@@ -32,6 +32,7 @@ from . import __version__
 from .access import caller_name, may_list, require_model
 from .activity import ActivityStore, StoreUnavailable
 from .config import Config, ModelConfig, PeerConfig, PoolConfig
+from .connections import connection_of
 from .errors import ApiError, ModelStopped, StartFailed
 from .events import EventBus, ModelChanged, wire
 from .eventstream import begin_event_stream, named_event, unbuffered
@@ -465,9 +466,7 @@ class Api:
         priority: int,
     ) -> None:
         deadline = self.deadline(request, model)  # may refuse the request: before queueing
-        # the connection stands for the client: an agent's or a user's next request
-        # comes on the same keep-alive connection (its id: no reference kept)
-        waiting = self.scheduler.acquire(model.id, profile, priority, client=id(request.channel))
+        waiting = self.scheduler.acquire(model.id, profile, priority, client=connection_of(request))
         if deadline is not None and not waiting.called:
             waiting.addTimeout(deadline, self.clock, onTimeoutCancel=_missed(model.id, deadline))
         progress = None

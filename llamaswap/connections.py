@@ -27,6 +27,7 @@ import ipaddress
 import resource
 from collections import Counter
 from functools import cache
+from itertools import count
 from typing import Any
 
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
@@ -66,6 +67,17 @@ def raise_file_limit() -> int:
 def connection_budget(file_limit: int) -> int:
     """Client connections that fit in ``file_limit`` descriptors with headroom."""
     return max(8, (file_limit - RESERVED_FILES) // FILES_PER_CONNECTION)
+
+
+_serials = count(1)
+
+
+def connection_of(request: Any) -> int | None:
+    """The connection a request came on, as a token no other connection gets: the
+    client of a keep-alive connection (an SDK, an agent, a web app's backend) sends
+    its next request on it.  None when the channel is not one of ours."""
+    channel = getattr(request, "channel", None)
+    return channel.serial if isinstance(channel, BoundedChannel) else None
 
 
 def client_key(address: IAddress | None) -> str | None:
@@ -251,6 +263,8 @@ class BoundedChannel(HTTPChannel):
         self._abort: IDelayedCall | None = None
         self._due = 0.0  # when the current phase must be over
         self.made_room = False  # closed by the gate for a newcomer
+        #: this connection, never reused for another (``id()`` can be, once it is gone)
+        self.serial = next(_serials)
 
     def connectionMade(self) -> None:
         super().connectionMade()

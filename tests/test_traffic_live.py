@@ -7,6 +7,7 @@ import json
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import deferLater
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from .integration import FAKE, LiveTestCase, Reply, StreamReader
 
@@ -185,3 +186,48 @@ class PatienceLiveTests(TrafficCase):
         self.assertEqual((await other).code, 200)
         for reply in late:
             self.assertEqual((await reply).code, 200)
+
+
+PATIENT = f"""
+scheduler:
+  hold: 30
+  patience: 0
+  maxWait: 60
+models:
+  alpha:
+    cmd: {FAKE}
+  beta:
+    cmd: {FAKE}
+"""
+
+
+class MovedOnLiveTests(TrafficCase):
+    """The hold after a request keeps the model for its client's next step, never
+    against that client: a keep-alive client that moves on swaps at once."""
+
+    async def test_a_keep_alive_client_that_moves_on_is_not_held_back(self) -> None:
+        await self.serve(PATIENT)
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = 1  # one client, one connection, as an SDK keeps
+        self.addCleanup(pool.closeCachedConnections)
+        self.agent = Agent(reactor, pool=pool)
+        self.assertEqual((await self.chat("alpha")).code, 200)
+        # held 30 s against anyone else: a deadline of 5 s would end in 504
+        reply = await self.request(
+            "POST",
+            "/v1/chat/completions",
+            json.dumps({"model": "beta", "messages": []}).encode(),
+            {"content-type": "application/json", "x-request-deadline": "5"},
+        )
+        self.assertEqual(reply.code, 200)
+
+    async def test_another_connection_waits_for_the_hold(self) -> None:
+        await self.serve(PATIENT)
+        self.assertEqual((await self.chat("alpha")).code, 200)  # a connection of its own
+        reply = await self.request(
+            "POST",
+            "/v1/chat/completions",
+            json.dumps({"model": "beta", "messages": []}).encode(),
+            {"content-type": "application/json", "x-request-deadline": "2"},
+        )
+        self.assertEqual(reply.code, 504)  # alpha is held for its client's next step
