@@ -31,7 +31,7 @@ import secrets
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -41,8 +41,12 @@ from zope.interface import Interface, implementer
 
 from .errors import ApiError
 from .guard import OPEN_METHODS, is_open_page, presented_key
+from .logs import logger
 from .origin import same_origin
 from .routes import MODEL_ROUTES
+
+if TYPE_CHECKING:
+    from .config import Config
 
 ROLES = ("inference", "admin")
 INFERENCE, ADMIN = ROLES
@@ -272,6 +276,8 @@ def not_a_browser_elsewhere(request: Request) -> bool:
 class Access:
     """Owner of the keys in force, the UI sessions and each key's usage counters."""
 
+    log = logger()
+
     def __init__(
         self, keys: Sequence[ApiKey], clock: IReactorTime, session_ttl: float = DEFAULT_SESSION_TTL
     ) -> None:
@@ -279,6 +285,12 @@ class Access:
         self.keyring = Keyring(keys)
         self.sessions = Sessions(clock, session_ttl)
         self.usage: dict[str, Usage] = {}
+
+    def follow(self, config: Config) -> None:
+        """A reload: ``apiKeys`` and ``sessionTtl``."""
+        ended = self.reconfigure(config.api_keys, config.session_ttl)
+        if ended:
+            self.log.warn("ended {count} UI session(s) whose key was removed", count=ended)
 
     def reconfigure(self, keys: Sequence[ApiKey], session_ttl: float) -> int:
         """New keys for new requests (those in flight keep theirs); the sessions of keys

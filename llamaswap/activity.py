@@ -17,7 +17,7 @@ import math
 import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -31,6 +31,9 @@ from twisted.python.threadpool import ThreadPool
 
 from .config.settings import StoreSettings, default
 from .logs import logger
+
+if TYPE_CHECKING:
+    from .config import Config
 
 T = TypeVar("T")
 
@@ -165,6 +168,12 @@ class ActivityStore:
         self.dropped = 0  # rows that could not be written
         self.writes = Outage(self.log, reactor, f"activity log: writing to {path}")
         self.pruning = Outage(self.log, reactor, f"activity log: pruning old rows in {path}")
+
+    def follow(self, config: Config) -> None:
+        """A reload: the retention from now on; the database stays where it is."""
+        self.retention = Retention(config.store_max_rows, config.store_max_age_days)
+        if config.store_path != self.path:
+            self.log.warn("store.path changed: takes effect at the next restart")
 
     # --- lifetime -----------------------------------------------------------------
 

@@ -130,6 +130,10 @@ class Api:
         self.store = store
         self.created = int(clock.seconds())
 
+    def follow(self, config: Config) -> None:
+        """A reload: requests from now on read ``config``."""
+        self.config = config
+
     def resource(self) -> Any:
         return self.router.resource()
 

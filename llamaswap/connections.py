@@ -28,7 +28,7 @@ import resource
 from collections import Counter
 from functools import cache
 from itertools import count
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -39,6 +39,9 @@ from twisted.web.server import Site
 from .config.settings import ConnectionLimits as ConnectionLimits
 from .errors import ApiError
 from .logs import logger
+
+if TYPE_CHECKING:
+    from .config import Config
 
 # File descriptors kept for everything but client connections: the listening
 # sockets, logs, the activity store, NVML, the model servers' pipes.  What is left
@@ -134,6 +137,10 @@ class ConnectionGate(Factory):
         # Factory.protocol is the public hook; Twisted types HTTPFactory's as a method
         site.protocol = self.channel  # type: ignore[method-assign,assignment]
         self.configure(limits)
+
+    def follow(self, config: Config) -> None:
+        """A reload: the ``connections`` caps."""
+        self.configure(config.connections)
 
     def configure(self, limits: ConnectionLimits) -> None:
         """Adopt ``limits`` (at start and on reload); open connections stay."""

@@ -33,6 +33,7 @@ from .routes import API_ROUTES
 
 if TYPE_CHECKING:
     from .access import Access
+    from .config import Config
 
 
 class Answered:
@@ -241,6 +242,10 @@ class ApiSite(Site):
         self.max_request_bytes = max_request_bytes
         self.checks = list(checks)
         self.access_log = access_log
+
+    def follow(self, config: Config) -> None:
+        """A reload: the body limit for requests from now on (``maxRequestBytes``)."""
+        self.max_request_bytes = config.max_request_bytes
 
     def door(self, request: Request, length: int | None) -> ApiError | Answered | None:
         """Why ``request`` may not go on, judged from its line and headers alone

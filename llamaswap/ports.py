@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -29,6 +33,10 @@ class PortAllocator:
         self._is_free = is_free
         self._leased: set[int] = set()
         self._next = start
+
+    def follow(self, config: Config) -> None:
+        """A reload: ports handed out from now on start at ``startPort``."""
+        self.start = config.start_port
 
     def allocate(self) -> int:
         """Lease a free port; the caller returns it with :meth:`release`."""

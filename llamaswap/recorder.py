@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -11,6 +11,9 @@ from .events import Activity, EventBus
 from .lifecycle import ModelView
 from .logs import logger
 from .usage import ResponseMeter
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 class Recorder:
@@ -29,6 +32,10 @@ class Recorder:
         self.events = events
         self.store = store
         self.log_requests = log_requests
+
+    def follow(self, config: Config) -> None:
+        """A reload: whether requests are logged (``logRequests``)."""
+        self.log_requests = config.log_requests
 
     def begin(
         self,

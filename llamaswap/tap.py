@@ -28,6 +28,7 @@ from .access import Access, SessionRoutes
 from .activity import ActivityStore, Retention, StoreMetrics
 from .api import Api
 from .config import Config, ConfigError, ModelConfig, listen_address, load_config
+from .config.live import Changes, LiveConfig
 from .connections import ConnectionGate, raise_file_limit
 from .events import EventBus
 from .guard import ApiSite, Guard, is_open_page
@@ -240,7 +241,7 @@ class LlamaswapService(MultiService):
         site: ApiSite,
         gate: ConnectionGate,
         store: ActivityStore,
-        apply: Callable[[Config], dict[str, list[str]]],
+        live: LiveConfig,
     ) -> None:
         super().__init__()
         self.api = api
@@ -248,13 +249,19 @@ class LlamaswapService(MultiService):
         self.site = site
         self.gate = gate
         self.store = store
-        #: switch every reader of the configuration to a new, validated one
-        self.apply = apply
+        #: the configuration in use; every reader follows it
+        self.live = live
+
+    def apply(self, new: Config) -> Changes:
+        """Switch every reader of the configuration to ``new`` (already validated)."""
+        return self.live.replace(new)
 
 
 def build(config: Config, reactor: Any, listen: list[str] | None = None) -> LlamaswapService:
     """The service tree for ``config``; ``listen`` endpoints get an HTTP site each."""
+    live = LiveConfig(config)
     set_log_level(config.log_level)
+    live.subscribe(lambda new: set_log_level(new.log_level))
     logs = LogHub()
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 16
@@ -263,6 +270,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Llam
     endpoints = UpstreamEndpoints(reactor, connect_timeout=10)
     agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
     ports = PortAllocator(config.start_port)
+    live.subscribe(ports.follow)
     fresh = HTTPConnectionPool(reactor, persistent=False)
     relay = Relay(agent, streams=Agent.usingEndpointFactory(reactor, endpoints, pool=fresh))
     probe = http_probe(agent, reactor, relay.hop)
@@ -288,17 +296,26 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Llam
 
     kvcache = KvStore(config, agent, reactor, disk=in_thread, hop=relay.hop)
     events.subscribe(kvcache.observe)
+    live.subscribe(kvcache.reconfigure)
     scheduler = Scheduler(processes, reactor, config, events, kvcache)
+    live.subscribe(
+        lambda new: scheduler.reconfigure(
+            new, lambda model: make_process(model, new.health_check_timeout)
+        )
+    )
     store = ActivityStore(
         config.store_path,
         reactor,
         Retention(config.store_max_rows, config.store_max_age_days),
     )
+    live.subscribe(store.follow)
     metrics = Metrics(scheduler, events, ChildMetrics(scheduler, agent, reactor, relay.hop))
     metrics.registry.register(StoreMetrics(store))
     metrics.registry.register(kvcache.collector())
     recorder = Recorder(reactor, events, store, config.log_requests)
+    live.subscribe(recorder.follow)
     api = Api(config, scheduler, relay, logs, reactor, events, recorder, metrics, store, kvcache)
+    live.subscribe(api.follow)
 
     children: list[IService] = [Supervisor(scheduler, pool, logs, store, reactor)]
     # this machine's names and the --listen interfaces, once: no DNS, no blocking
@@ -318,8 +335,14 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Llam
         return BrowserPolicy.build(config.allowed_hosts, config.cors, local_names, is_open_page)
 
     access = Access(config.api_keys, reactor, config.session_ttl)
+    live.subscribe(access.follow)
     guard = Guard(SessionRoutes(api.resource(), access), access)
     browser_door = BrowserDoor(browsers(config))
+
+    def follow_browsers(new: Config) -> None:
+        browser_door.policy = browsers(new)
+
+    live.subscribe(follow_browsers)
     site = ApiSite(
         guard,
         config.max_request_bytes,
@@ -328,7 +351,9 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Llam
         reactor=reactor,
     )
     site.displayTracebacks = False
+    live.subscribe(site.follow)
     gate = ConnectionGate(site, config.connections, reactor)
+    live.subscribe(gate.follow)
     if not config.api_keys:
         for endpoint in listen or []:
             if not _loopback_only(endpoint):
@@ -342,28 +367,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Llam
     for endpoint in listen or []:
         strports.service(endpoint, gate, reactor=reactor).setServiceParent(listeners)
 
-    def apply(new: Config) -> dict[str, list[str]]:
-        """Switch every reader of the configuration to ``new``."""
-        set_log_level(new.log_level)
-        ports.start = new.start_port
-        kvcache.reconfigure(new)
-        changes = scheduler.reconfigure(
-            new, lambda model: make_process(model, new.health_check_timeout)
-        )
-        api.config = new
-        recorder.log_requests = new.log_requests
-        ended = access.reconfigure(new.api_keys, new.session_ttl)
-        if ended:
-            _log.warn("ended {count} UI session(s) whose key was removed", count=ended)
-        browser_door.policy = browsers(new)
-        site.max_request_bytes = new.max_request_bytes
-        gate.configure(new.connections)
-        store.retention = Retention(new.store_max_rows, new.store_max_age_days)
-        if new.store_path != config.store_path:
-            _log.warn("store.path changed: takes effect at the next restart")
-        return changes
-
-    top = LlamaswapService(api, access, site, gate, store, apply)
+    top = LlamaswapService(api, access, site, gate, store, live)
     for child in children:
         child.setServiceParent(top)
     return top
@@ -406,7 +410,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         return changes
 
     FolderReloader(
-        lambda: service.api.config.models_dirs,
+        lambda: service.live.current.models_dirs,
         options["config"],
         adopt,
         reactor,

@@ -12,12 +12,15 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.threads import deferToThread
+from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from llamaswap.activity import Retention
 from llamaswap.config import Config, load_config, parse_config
+from llamaswap.logs import level_filter, set_log_level
+from llamaswap.origin import BrowserDoor
 from llamaswap.relay import BytesProducer
 from llamaswap.reload import ConfigReloader
 from llamaswap.tap import build
@@ -315,3 +318,58 @@ class ReachesEveryReaderTests(SynchronousTestCase):
         self.assertEqual(service.store.retention, Retention(5, 2.0))
         service.apply(parse_config(base + "store: {path: ':memory:', maxRows: 7, maxAgeDays: 3}\n"))
         self.assertEqual(service.store.retention, Retention(7, 3.0))
+
+
+class LiveConfigTests(SynchronousTestCase):
+    """One object owns the configuration in use; a reload replaces it and every
+    reader follows, so none keeps a slice of the old one."""
+
+    BASE = "models:\n  m:\n    cmd: x --port ${PORT}\nstore: {path: ':memory:'}\n"
+
+    def test_a_subscriber_hears_of_each_reload_after_the_readers_before_it(self) -> None:
+        service = build(parse_config(self.BASE), MemoryReactorClock())
+        seen: list[tuple[Config, int]] = []
+
+        def follow(new: Config) -> None:  # a reader that subscribed itself
+            seen.append((new, service.site.max_request_bytes))
+
+        service.live.subscribe(follow)
+        new = parse_config(self.BASE + "maxRequestBytes: 4096\n")
+        changes = service.apply(new)
+        # the subscriber got the new config, and the readers subscribed before it
+        # had already switched
+        self.assertEqual(seen, [(new, 4096)])
+        self.assertIs(service.live.current, new)
+        # the scheduler's report is still what a reload returns
+        self.assertEqual(changes.get("unchanged"), ["m"])
+
+    def test_a_reload_reaches_every_reader(self) -> None:
+        service = build(parse_config(self.BASE), MemoryReactorClock())
+        site, gate, store, api = service.site, service.gate, service.store, service.api
+        door = site.checks[1]
+        assert isinstance(door, BrowserDoor)
+        self.assertFalse(door.policy.host.allows("llm.example"))
+        new = parse_config(
+            self.BASE.replace("':memory:'}", "':memory:', maxRows: 7}")
+            + "logLevel: debug\n"
+            + "logRequests: true\n"
+            + "maxRequestBytes: 4096\n"
+            + "connections: {maxPerClient: 3}\n"
+            + "allowedHosts: [llm.example]\n"
+            + "apiKeys: [{key: sk-live-config-test-key-0001, name: alice}]\n"
+        )
+        try:
+            service.apply(new)
+            self.assertEqual(level_filter.defaultLogLevel, LogLevel.debug)
+        finally:
+            set_log_level("info")
+        self.assertIs(api.config, new)
+        self.assertIs(api.scheduler.config, new)
+        assert api.kvcache is not None
+        self.assertIs(api.kvcache.config, new)
+        self.assertTrue(api.recorder.log_requests)
+        self.assertEqual(site.max_request_bytes, 4096)
+        self.assertEqual(gate.limits.max_per_client, 3)
+        self.assertEqual(store.retention.max_rows, 7)
+        self.assertTrue(door.policy.host.allows("llm.example"))
+        self.assertEqual([k.name for k in service.access.keyring.keys], ["alice"])
