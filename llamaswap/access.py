@@ -51,7 +51,16 @@ if TYPE_CHECKING:
 ROLES = ("inference", "admin")
 INFERENCE, ADMIN = ROLES
 SESSION_COOKIE = b"llamaswap_session"
-DEFAULT_SESSION_TTL = 12 * 3600.0
+
+
+def default_session_ttl() -> float:
+    """``sessionTtl``'s declared default (imported here: the config package imports
+    this module for ``ApiKey``)."""
+    from .config.settings import Top, default
+
+    return float(default(Top, "session_ttl"))
+
+
 MAX_SESSIONS = 1000
 """Most open UI sessions; the oldest goes first (a login flood costs bounded memory)."""
 
@@ -188,9 +197,9 @@ class Sessions:
     """The open UI sessions, by the SHA-256 of their token (a lookup by the token
     itself would time how much of a guess was right)."""
 
-    def __init__(self, clock: IReactorTime, ttl: float = DEFAULT_SESSION_TTL) -> None:
+    def __init__(self, clock: IReactorTime, ttl: float | None = None) -> None:
         self.clock = clock
-        self.ttl = ttl
+        self.ttl = ttl if ttl is not None else default_session_ttl()
         self._open: OrderedDict[bytes, Session] = OrderedDict()
 
     def __len__(self) -> int:
@@ -279,7 +288,7 @@ class Access:
     log = logger()
 
     def __init__(
-        self, keys: Sequence[ApiKey], clock: IReactorTime, session_ttl: float = DEFAULT_SESSION_TTL
+        self, keys: Sequence[ApiKey], clock: IReactorTime, session_ttl: float | None = None
     ) -> None:
         self.clock = clock
         self.keyring = Keyring(keys)
