@@ -6,6 +6,7 @@ the reactor (or just the clock) passed in.
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 from collections.abc import Callable
 from typing import Any
@@ -395,6 +396,14 @@ def _loopback_only(endpoint: str) -> bool:
         return interface == "localhost"
 
 
+def settle_heap() -> None:
+    """Take what start-up built (modules, config, the service tree: ~500k objects) out
+    of the garbage collector's way: every full collection would walk it again,
+    stopping the reactor for 30-170 ms at a time in a long-running daemon."""
+    gc.collect()
+    gc.freeze()
+
+
 def makeService(options: Options, reactor: Any = None) -> IService:
     if reactor is None:
         from twisted.internet import reactor as global_reactor
@@ -402,6 +411,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         reactor = global_reactor
     raise_file_limit()  # before build(): the connection caps are derived from it
     service = build(options["config_obj"], reactor, options["listen"])
+    reactor.callWhenRunning(settle_heap)
     apply = service.apply
 
     def adopt(new: Config) -> dict[str, list[str]]:

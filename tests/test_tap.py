@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ from twisted.application.service import IServiceMaker
 from twisted.internet import reactor
 from twisted.internet.error import ConnectError
 from twisted.internet.task import deferLater
+from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.plugin import getPlugins
 from twisted.python.usage import UsageError
@@ -23,7 +25,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from llamaswap.relay import BytesProducer
-from llamaswap.tap import DEFAULT_LISTEN, Options
+from llamaswap.tap import DEFAULT_LISTEN, Options, makeService
 
 from .daemon import TWISTD, free_port, start_twistd
 from .integration import kill_quietly, pid_alive
@@ -53,6 +55,22 @@ class OptionsTests(SynchronousTestCase):
             ["--config", path, "--listen", "tcp:9000", "--listen", "unix:/tmp/llamaswap.sock"]
         )
         self.assertEqual(options["listen"], ["tcp:9000", "unix:/tmp/llamaswap.sock"])
+
+    def test_once_running_what_start_up_built_is_out_of_the_collectors_way(self) -> None:
+        # full collections would otherwise walk every start-up object, stalling the
+        # reactor for tens of milliseconds at a time in a long-running daemon
+        path = self.config_file(
+            "store: {path: ':memory:'}\nmodels:\n  m:\n    cmd: s --port ${PORT}\n"
+        )
+        options = Options()
+        options.parseOptions(["--config", path, "--listen", "tcp:0"])
+        gc.unfreeze()
+        self.addCleanup(gc.unfreeze)
+        clock = MemoryReactorClock()
+        makeService(options, clock)
+        self.assertEqual(gc.get_freeze_count(), 0)  # not before the reactor runs
+        clock.run()
+        self.assertGreater(gc.get_freeze_count(), 0)
 
     def test_config_is_required_and_validated(self) -> None:
         self.assertIn(
