@@ -92,8 +92,8 @@ def _count_change(key: str, before: set[Any], after: set[Any]) -> str:
 
 
 class ConfigReloader(Service):
-    """Owns the watch loop, the SIGHUP handler and the configuration in use;
-    ``apply`` does the switching."""
+    """Owns the watch loop and the SIGHUP handler; ``apply`` does the switching, and
+    ``current`` reads the configuration in use from its owner (no copy kept here)."""
 
     log = logger()
 
@@ -102,7 +102,7 @@ class ConfigReloader(Service):
         path: str,
         apply: Apply,
         reactor: Any,
-        current: Config,
+        current: Callable[[], Config],
         watch: bool = False,
         watch_interval: float = 2.0,
         on_signal: bool = True,
@@ -199,7 +199,8 @@ class ConfigReloader(Service):
             if not self.watch:  # the watcher sees the change and reads it once settled
                 self.reactor.callLater(self._interval, self.reload)
             return False
-        dropped = dropped_silently(self.current, config)
+        running = self.current()
+        dropped = dropped_silently(running, config)
         if dropped:
             self.log.error(
                 "reload refused, the running configuration stays: {path} no longer sets "
@@ -209,13 +210,12 @@ class ConfigReloader(Service):
                 keys=", ".join(dropped),
             )
             return False
-        warnings = security_changes(self.current, config)
+        warnings = security_changes(running, config)
         try:
             changes = self.apply(config)
         except Exception:
             self.log.failure("reload failed while applying it")
             return False
-        self.current = config
         for line in warnings:
             self.log.warn("SECURITY: reload changed {change}", change=line)
         self.log.info(

@@ -424,7 +424,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         options["config"],
         adopt,
         reactor,
-        options["config_obj"],
+        lambda: service.live.current,
         watch=bool(options["watch-config"]),
         loader=options.load,
     ).setServiceParent(service)

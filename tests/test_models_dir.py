@@ -285,7 +285,7 @@ class LiveFolderTests(SynchronousTestCase):
             None,
             lambda config: {},
             clock,
-            load_config(None, (), [str(path)]),
+            lambda: load_config(None, (), [str(path)]),
             watch=True,
             on_signal=False,
         )

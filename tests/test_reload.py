@@ -63,7 +63,9 @@ class ReloadCase(LiveTestCase):
         self.path.write_text(text)
         await self.serve(text)
         apply: Any = getattr(self.service, "apply")  # noqa: B009
-        return ConfigReloader(str(self.path), apply, reactor, self.api.config, on_signal=False)
+        return ConfigReloader(
+            str(self.path), apply, reactor, lambda: self.api.config, on_signal=False
+        )
 
     async def hold_stream(self, model: str) -> StreamReader:
         response: IResponse = await self.agent.request(
@@ -138,7 +140,7 @@ class ReloadTests(ReloadCase):
             str(self.path),
             getattr(self.service, "apply"),  # noqa: B009
             reactor,
-            self.api.config,
+            lambda: self.api.config,
             watch=True,
             watch_interval=0.05,
             on_signal=False,
@@ -234,6 +236,9 @@ class WatchTests(TestCase):
         self.reads.append(Path(path).read_text())
         return load_config(path)
 
+    def current(self) -> Config:
+        return self.applied[-1] if self.applied else parse_config(BEFORE)
+
     def apply(self, config: Config) -> dict[str, list[str]]:
         self.applied.append(config)
         if not self.first.called:
@@ -245,7 +250,7 @@ class WatchTests(TestCase):
             str(self.path),
             self.apply,
             self.clock,
-            parse_config(BEFORE),
+            self.current,
             watch=watch,
             watch_interval=1.0,
             on_signal=False,
