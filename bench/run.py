@@ -130,6 +130,19 @@ def write_on_request_only(name: str, results: dict[str, Any], no_docs: bool) -> 
         log(f"wrote the {name} section of {target.relative_to(REPO)}")
 
 
+def kept_on_request(target: Path, text: str, results: dict[str, Any]) -> str:
+    """``text`` with each on-request section it lacks kept from the page as it is.
+
+    The saved results may not hold them (another checkout, a partial run), and a
+    full run must not wipe a section that takes minutes to regenerate."""
+    existing = target.read_text() if target.exists() else ""
+    for name, module in ON_REQUEST.items():
+        section = trace.section_of(existing, module.TITLE)
+        if name not in results and section is not None and module.TITLE not in text:
+            text = trace.splice(text, section)
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
@@ -171,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         text = report.render(saved)
         if not args.no_docs:
-            (REPO / "docs" / "benchmarks.md").write_text(text)
+            target = REPO / "docs" / "benchmarks.md"
+            target.write_text(kept_on_request(target, text, saved))
         print(text)
         return 0
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -284,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         if not args.no_docs:
             target = REPO / "docs" / "benchmarks.md"
-            target.write_text(text)
+            target.write_text(kept_on_request(target, text, results))
             log(f"wrote {target.relative_to(REPO)}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))

@@ -1123,6 +1123,16 @@ def splice(document: str, section: str) -> str:
     return "\n".join(kept).rstrip("\n") + "\n"
 
 
+def section_of(document: str, title: str) -> str | None:
+    """The section of ``document`` headed by the line ``title``, or None."""
+    lines = document.splitlines()
+    if title not in lines:
+        return None
+    begin = lines.index(title)
+    end = next((i for i in range(begin + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return "\n".join(lines[begin:end]).rstrip("\n") + "\n"
+
+
 def main() -> None:
     """``python -m bench.trace NAME[,NAME...] [--quick]``: only these traces, printed."""
     import sys
