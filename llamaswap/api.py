@@ -17,7 +17,6 @@ from urllib.parse import unquote, urlsplit
 import attrs
 from klein import Klein
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
-from swagger_ui_bundle import swagger_ui_path
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.python.failure import Failure
@@ -807,6 +806,8 @@ class Api:
         return SWAGGER_PAGE
 
     def swagger_assets(self, request: Request) -> Any:
+        from swagger_ui_bundle import swagger_ui_path  # only when the docs are asked for
+
         return static.File(swagger_ui_path)
 
     def root(self, request: Request) -> None:

@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
-import psutil
 from twisted.internet.interfaces import IReactorTime
 
 from .logs import logger
@@ -128,8 +127,14 @@ class MemoryMonitor:
         self.loop.stop()
 
     def sample(self) -> None:
+        running = self.running()
+        if not running:
+            return
+        # imported once a model runs: an idle daemon stays ~1 MiB smaller
+        import psutil
+
         gpu = self.gpu() if self.gpu is not None else {}
-        for model_id, pid in self.running().items():
+        for model_id, pid in running.items():
             footprint = self.footprints(model_id)
             if footprint is None:
                 continue
@@ -155,6 +160,8 @@ class MemoryMonitor:
 
 
 def _rss(process: Any) -> int:
+    import psutil
+
     try:
         return int(process.memory_info().rss)
     except psutil.Error:

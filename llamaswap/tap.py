@@ -399,9 +399,16 @@ def _loopback_only(endpoint: str) -> bool:
 def settle_heap() -> None:
     """Take what start-up built (modules, config, the service tree: ~500k objects) out
     of the garbage collector's way: every full collection would walk it again,
-    stopping the reactor for 30-170 ms at a time in a long-running daemon."""
+    stopping the reactor for 30-170 ms at a time in a long-running daemon.  Then hand
+    the memory start-up used and freed back to the system (glibc keeps it otherwise:
+    ~0.7 MiB of an idle daemon's RSS)."""
     gc.collect()
     gc.freeze()
+    import ctypes
+
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only
+    if trim is not None:
+        trim(0)
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:

@@ -72,6 +72,30 @@ class OptionsTests(SynchronousTestCase):
         clock.run()
         self.assertGreater(gc.get_freeze_count(), 0)
 
+    def test_an_idle_daemon_loads_no_child_or_docs_libraries(self) -> None:
+        # psutil (~1 MiB) is needed once a model runs, the Swagger UI bundle when the
+        # docs are asked for: an idle daemon stays smaller without them
+        path = self.config_file(
+            "store: {path: ':memory:'}\nmodels:\n  m:\n    cmd: s --port ${PORT}\n"
+        )
+        probe = (
+            "import os, sys\n"
+            "from twisted.internet.testing import MemoryReactorClock\n"
+            "from llamaswap.tap import Options, makeService\n"
+            "options = Options()\n"
+            f"options.parseOptions(['--config', {path!r}, '--listen', 'tcp:0'])\n"
+            "clock = MemoryReactorClock()\n"
+            "makeService(options, clock).startService()\n"
+            "clock.run()\n"
+            "clock.advance(120)\n"
+            "print(sorted({'psutil', 'swagger_ui_bundle'} & set(sys.modules)), flush=True)\n"
+            "os._exit(0)\n"  # the started service's threads would keep it alive
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+        )
+        self.assertEqual(result.stdout.strip().splitlines()[-1], "[]")
+
     def test_config_is_required_and_validated(self) -> None:
         self.assertIn(
             "give --config FILE, --models-dir DIR, or both",
