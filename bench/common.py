@@ -271,11 +271,6 @@ class Llamaswap:
         self.procs = procs
         self.name = name
         self.config_path = procs.workdir / f"{name}.yaml"
-        from llamaswap import config as ls_config
-
-        if "store" in getattr(ls_config, "TOP_LEVEL_KEYS", ()) and "\nstore:" not in config:
-            # keep the bench's requests out of the user's activity log (~/.local/state)
-            config = f"store:\n  path: {procs.workdir / (name + '-activity.sqlite3')}\n" + config
         self.config_path.write_text(config)
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -291,7 +286,9 @@ class Llamaswap:
             "--listen",
             f"tcp:{self.port}:interface=127.0.0.1",
         ]
-        self.proc = self.procs.spawn(argv, self.name, env=child_env(env))
+        # its state (activity log, saved KV states) in the work dir, not the user's
+        state = {"XDG_STATE_HOME": str(self.procs.workdir / f"{self.name}-state")}
+        self.proc = self.procs.spawn(argv, self.name, env=child_env({**state, **(env or {})}))
         try:
             wait_http(self.port, "/health", timeout=30)
         except TimeoutError:

@@ -9,10 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 from typing import IO, Any
+
+from . import STATE_HOME
 
 BIN = Path(sys.executable).parent
 TWISTD = str(BIN / "twistd")
@@ -25,21 +28,31 @@ def free_port() -> int:
         return port
 
 
+def daemon_env(**extra: str) -> dict[str, str]:
+    """The environment of a daemon under test: this venv first on PATH (so ``python``
+    in configs is this one) and a state directory of its own (not another test's)."""
+    return {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+        "XDG_STATE_HOME": tempfile.mkdtemp(dir=STATE_HOME),
+        **extra,
+    }
+
+
 def start_twistd(
     config: Path | str,
     port: int,
     output: IO[str] | int = subprocess.DEVNULL,
     file_limit: int | None = None,
 ) -> subprocess.Popen[bytes]:
-    """``twistd -n llamaswap --config CONFIG`` on ``127.0.0.1:port``, with this venv first
-    on PATH (so ``python`` in configs is this one); ``file_limit`` sets its
-    ``RLIMIT_NOFILE`` (soft and hard)."""
+    """``twistd -n llamaswap --config CONFIG`` on ``127.0.0.1:port``, in
+    :func:`daemon_env`; ``file_limit`` sets its ``RLIMIT_NOFILE`` (soft and hard)."""
 
     def limit_files() -> None:
         if file_limit is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (file_limit, file_limit))
 
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    env = daemon_env()
     listen = f"tcp:{port}:interface=127.0.0.1"
     return subprocess.Popen(
         [TWISTD, "-n", "--pidfile=", "llamaswap", "--config", str(config), "--listen", listen],

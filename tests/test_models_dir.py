@@ -31,7 +31,7 @@ from llamaswap.gguf_models import RUNTIME_OVERHEAD
 from llamaswap.livefolder import FolderReloader
 from llamaswap.tap import Options
 
-from .daemon import BIN, TWISTD, free_port, pid_alive
+from .daemon import TWISTD, daemon_env, free_port, pid_alive
 
 ENVIRON = {"LLAMA_SERVER": "/opt/llama/llama-server", "PATH": ""}
 
@@ -349,11 +349,7 @@ def daemon(models: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[byte
     """``twistd -n llamaswap --models-dir DIR``, no configuration file."""
     port = free_port()
     log = tmp_path / "twistd.log"
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
-        "OMP_WAIT_POLICY": "passive",
-    }
+    env = daemon_env(OMP_WAIT_POLICY="passive")
     with open(log, "w") as output:
         process = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "llamaswap", "--models-dir", str(models),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -27,7 +26,7 @@ from twisted.web.http_headers import Headers
 from llamaswap.relay import BytesProducer
 from llamaswap.tap import DEFAULT_LISTEN, Options, makeService
 
-from .daemon import TWISTD, free_port, start_twistd
+from .daemon import TWISTD, daemon_env, free_port, start_twistd
 from .integration import kill_quietly, pid_alive
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,7 +116,7 @@ class TwistdTests(TestCase):
     timeout = 60
 
     async def run_twistd(self, *args: str) -> tuple[int, str]:
-        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+        env = daemon_env()
         out, err, code = await getProcessOutputAndValue(
             TWISTD, ["-n", "--pidfile=", "llamaswap", *args], env=env, reactor=reactor
         )
