@@ -1,10 +1,9 @@
 """What a GGUF file says about its model, and how much memory serving it takes.
 
-The header is read with the ``gguf`` package (llama.cpp's own reader): the file is
-memory-mapped and only the key/value metadata and the tensor table are parsed, the
-tensor data is never touched.  Parsing a header costs a few seconds for a model
-with a large vocabulary (the tokenizer lives there), so results are kept per file
-version (path, size, mtime): a rescan reads only new or changed files.
+The header (key/value metadata and tensor table, never the tensor data) is read by
+:mod:`llamaswap.ggufheader`; the ``gguf`` package (llama.cpp's own) names the keys,
+file types and tensor types.  Results are kept per file version (path, size, mtime):
+a rescan reads only new or changed files.
 
 The memory estimate is weights + KV cache for the context the command asks for + a
 compute allowance; the scheduler plans with it until the child's measured footprint
@@ -13,15 +12,15 @@ is known (see :mod:`llamaswap.resources`).
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 
-if TYPE_CHECKING:
-    import gguf
+from .ggufheader import HeaderError, read_header
 
 #: the server binary, its threads and heap: what is not weights, KV cache or compute
 RUNTIME_OVERHEAD = 24 * 2**20
@@ -166,46 +165,54 @@ def cached_paths() -> list[str]:
 
 
 def _read(path: str, size: int) -> GgufFacts:
-    # imported here: the reader pulls in numpy (~15 MiB), needed only with GGUF files
+    try:
+        with open(path, "rb") as file:
+            header = read_header(file, size)
+    except HeaderError as e:
+        message = str(e)
+        raise GgufError(
+            message + ("; still being copied?" if message.startswith("truncated") else "")
+        ) from e
+    except OSError as e:
+        raise GgufError(f"cannot read it: {e.strerror or e}") from e
+    # imported here: the package pulls in numpy (~15 MiB), needed only with GGUF files
     import gguf
 
-    if size < 24:
-        raise GgufError(f"not a GGUF file ({size} bytes)")
-    with open(path, "rb") as file:
-        if file.read(4) != b"GGUF":
-            raise GgufError("not a GGUF file (no GGUF magic at its start)")
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the reader reports a short file as whatever numpy raised
-        raise GgufError(
-            f"truncated or damaged ({type(e).__name__}: {e}); still being copied?"
-        ) from e
-    ends = [t.data_offset + t.n_bytes for t in reader.tensors]
+    sizes = []
+    for tensor in header.tensors:
+        try:
+            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(tensor.type)]
+        except (ValueError, KeyError):
+            raise GgufError(f"tensor {tensor.name!r} has an unknown type {tensor.type}") from None
+        elements = math.prod(tensor.shape)
+        sizes.append((tensor, elements, elements // block * type_size))
+    ends = [header.data_start + t.offset + n_bytes for t, _, n_bytes in sizes]
     if ends and max(ends) > size:
         raise GgufError(
             f"truncated: its tensors need {max(ends)} bytes, the file has {size}; "
             "still being copied?"
         )
-    fields = reader.fields
-    arch = str(_value(fields, "general.architecture") or "")  # only the first shard has it
+    fields = header.fields
+    arch = str(fields.get("general.architecture") or "")  # only the first shard has it
 
     def number(key: str) -> int | None:
-        value = _value(fields, key.format(arch=arch))
+        value = fields.get(key.format(arch=arch))
         if isinstance(value, list):  # per-layer values (a few architectures)
             value = max(value) if value else None
         return int(value) if isinstance(value, int | float) else None
 
-    pooling = number(gguf.Keys.LLM.POOLING_TYPE)
-    causal = _value(fields, gguf.Keys.Attention.CAUSAL.format(arch=arch))
-    file_type = number(gguf.Keys.General.FILE_TYPE)
+    bytes_by_type: dict[int, int] = {}
+    for tensor, _, n_bytes in sizes:
+        bytes_by_type[tensor.type] = bytes_by_type.get(tensor.type, 0) + n_bytes
     vocab = number(gguf.Keys.LLM.VOCAB_SIZE)
-    if vocab is None and "tokenizer.ggml.tokens" in fields:
-        vocab = len(fields["tokenizer.ggml.tokens"].data)
+    if vocab is None:
+        vocab = header.array_lengths.get("tokenizer.ggml.tokens")
+    causal = fields.get(gguf.Keys.Attention.CAUSAL.format(arch=arch))
     return GgufFacts(
         architecture=arch,
-        name=str(_value(fields, gguf.Keys.General.NAME) or ""),
-        parameters=sum(int(t.n_elements) for t in reader.tensors),
-        quantization=_quantization(file_type, reader),
+        name=str(fields.get(gguf.Keys.General.NAME) or ""),
+        parameters=sum(elements for _, elements, _ in sizes),
+        quantization=_quantization(number(gguf.Keys.General.FILE_TYPE), bytes_by_type),
         context_length=number(gguf.Keys.LLM.CONTEXT_LENGTH),
         embedding_length=number(gguf.Keys.LLM.EMBEDDING_LENGTH),
         feed_forward_length=number(gguf.Keys.LLM.FEED_FORWARD_LENGTH),
@@ -215,10 +222,10 @@ def _read(path: str, size: int) -> GgufFacts:
         key_length=number(gguf.Keys.Attention.KEY_LENGTH),
         value_length=number(gguf.Keys.Attention.VALUE_LENGTH),
         vocab_size=vocab,
-        pooling=_pooling_name(pooling),
+        pooling=_pooling_name(number(gguf.Keys.LLM.POOLING_TYPE)),
         causal=causal is not False,
         chat_template=gguf.Keys.Tokenizer.CHAT_TEMPLATE in fields,
-        weights_bytes=sum(int(t.n_bytes) for t in reader.tensors),
+        weights_bytes=sum(n_bytes for _, _, n_bytes in sizes),
     )
 
 
@@ -229,17 +236,7 @@ def _pooling_name(value: int | None) -> str | None:
     return names.get(value) if value is not None else None
 
 
-def _value(fields: Mapping[str, gguf.ReaderField], key: str) -> Any:
-    field = fields.get(key)
-    if field is None:
-        return None
-    try:
-        return field.contents()
-    except Exception:  # a value of a type the reader cannot decode: treat as absent
-        return None
-
-
-def _quantization(file_type: int | None, reader: gguf.GGUFReader) -> str:
+def _quantization(file_type: int | None, bytes_by_type: Mapping[int, int]) -> str:
     import gguf
 
     if file_type is not None:
@@ -250,10 +247,9 @@ def _quantization(file_type: int | None, reader: gguf.GGUFReader) -> str:
         if name:
             return name.removeprefix("MOSTLY_").removeprefix("ALL_")
     # no (known) file type: the tensor type holding the most bytes
-    by_type: dict[str, int] = {}
-    for tensor in reader.tensors:
-        by_type[tensor.tensor_type.name] = by_type.get(tensor.tensor_type.name, 0) + tensor.n_bytes
-    return max(by_type, key=lambda t: by_type[t]) if by_type else ""
+    if not bytes_by_type:
+        return ""
+    return gguf.GGMLQuantizationType(max(bytes_by_type, key=lambda t: bytes_by_type[t])).name
 
 
 # --- the command line -------------------------------------------------------------
