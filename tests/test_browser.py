@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .chromium import Browser, Page, chromium, expect
+from .chromium import Browser, Page, expect
 from .daemon import Daemon
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,12 +55,6 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     server = Daemon(config, ARTIFACTS / "ui-twistd.log")
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with chromium() as browser:
-        yield browser
 
 
 @pytest.fixture(scope="module")

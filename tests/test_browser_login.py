@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .chromium import Browser, BrowserContext, chromium, expect
+from .chromium import Browser, BrowserContext, expect
 from .daemon import Daemon
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,12 +46,6 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     server = Daemon(config, ARTIFACTS / "login-twistd.log")
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with chromium() as browser:
-        yield browser
 
 
 @pytest.fixture

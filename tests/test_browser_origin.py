@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from .chromium import Browser, Page, chromium, expect
+from .chromium import Browser, Page, expect
 from .daemon import Daemon, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,12 +120,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, in
     for site in sites:
         site.stop()
     daemon.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with chromium() as browser:
-        yield browser
 
 
 @pytest.fixture
