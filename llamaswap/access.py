@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
-from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 from zope.interface import Interface, implementer
 
@@ -43,7 +42,7 @@ from .errors import ApiError
 from .guard import OPEN_METHODS, is_open_page, presented_key
 from .logs import logger
 from .origin import same_origin
-from .routes import MODEL_ROUTES
+from .routes import MODEL_ROUTES, SESSION_PATHS
 
 if TYPE_CHECKING:
     from .config import Config
@@ -64,9 +63,7 @@ def default_session_ttl() -> float:
 MAX_SESSIONS = 1000
 """Most open UI sessions; the oldest goes first (a login flood costs bounded memory)."""
 
-LOGIN, LOGOUT, WHOAMI = b"/api/login", b"/api/logout", b"/api/session"
 # what the door lets through without a caller: the session routes answer for themselves
-SESSION_PATHS = (LOGIN, LOGOUT, WHOAMI)
 
 # the routes an inference key reaches besides the model routes
 INFERENCE_PATHS = frozenset({b"/v1/models", b"/models", b"/api/version", b"/openapi.json"})
@@ -455,38 +452,3 @@ def _shown(path: bytes) -> str:
 
 def _too_many(message: str, retry_after: int) -> ApiError:
     return ApiError(429, message, "key_limit_reached", headers={"retry-after": str(retry_after)})
-
-
-class SessionRoutes(Resource):
-    """``/api/login``, ``/api/logout`` and ``/api/session`` in front of ``inner``."""
-
-    isLeaf = True
-
-    def __init__(self, inner: IResource, access: Access) -> None:
-        super().__init__()
-        self.inner = inner
-        self.access = access
-
-    def render(self, request: Request) -> Any:
-        routes = {
-            LOGIN: (b"POST", self.access.login),
-            LOGOUT: (b"POST", self.access.logout),
-            WHOAMI: (b"GET", self.access.whoami),
-        }
-        route = routes.get(request.path)
-        if route is None:
-            return self.inner.render(request)
-        method, answer = route
-        request.setHeader(b"cache-control", b"no-store")
-        try:
-            if request.method != method:
-                raise ApiError(405, f"use {method.decode()} on {request.path.decode()}")
-            document = answer(request)
-        except ApiError as e:
-            request.setResponseCode(e.status)
-            for name, value in e.headers.items():
-                request.setHeader(name, value)
-            request.setHeader(b"content-type", b"application/json")
-            return e.body()
-        request.setHeader(b"content-type", b"application/json")
-        return json.dumps(document).encode()

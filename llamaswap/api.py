@@ -28,7 +28,7 @@ from werkzeug.routing import RequestRedirect
 from zope.interface import implementer
 
 from . import __version__
-from .access import caller_name, may_list, require_model
+from .access import Access, caller_name, may_list, require_model
 from .activity import ActivityStore, StoreUnavailable
 from .config import Config, ModelConfig, PeerConfig, PoolConfig
 from .connections import connection_of
@@ -116,8 +116,11 @@ class Api:
         metrics: Metrics | None = None,
         store: ActivityStore | None = None,
         kvcache: KvStore | None = None,
+        access: Access | None = None,
     ) -> None:
         self.config = config
+        #: keys and UI sessions (the door checks keys; the session routes are here)
+        self.access = access or Access(config.api_keys, clock, config.session_ttl)
         self.kvcache = kvcache
         self.scheduler = scheduler
         self.relay = relay
@@ -797,6 +800,25 @@ class Api:
 
     def openapi(self, request: Request) -> bytes:
         return _json(request, openapi_document())
+
+    # --- UI sessions (the door lets these by without a key) ------------------------
+
+    def login(self, request: Request) -> bytes:
+        return self._session_route(request, self.access.login)
+
+    def logout(self, request: Request) -> bytes:
+        return self._session_route(request, self.access.logout)
+
+    def session(self, request: Request) -> bytes:
+        return self._session_route(request, self.access.whoami)
+
+    def _session_route(
+        self, request: Request, answer: Callable[[Request], dict[str, Any]]
+    ) -> bytes:
+        request.setHeader(b"cache-control", b"no-store")  # errors too: they are raised
+        document = answer(request)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(document).encode()
 
     def swagger_redirect(self, request: Request) -> None:
         request.redirect(b"/swagger/")

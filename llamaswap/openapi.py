@@ -122,7 +122,7 @@ def _api_path(route: ApiRoute) -> dict[str, Any]:
         "tags": [route.tag],
         "summary": route.summary,
         "responses": _answers(route.answers),
-        "security": OPEN if route.open else KEY_NEEDED,
+        "security": OPEN if route.open or route.session else KEY_NEEDED,
     }
     if route.description:
         operation["description"] = route.description

@@ -188,6 +188,9 @@ class ApiRoute:
     documented: bool = True
     #: a llama-server route llamaswap answers itself, for the whole set of models
     llama_server: bool = False
+    #: how a browser gets (and drops) a session: reachable without a key, any key
+    #: may use it, never cached
+    session: bool = False
     #: more than the summary says, for the OpenAPI document
     description: str = ""
     #: the werkzeug rule, when it is not the path's (handler arguments named apart
@@ -215,6 +218,7 @@ MODEL_ERRORS: tuple[Answer, ...] = (
 _MANAGEMENT = "Management"
 _OBSERVABILITY = "Observability"
 _DOCUMENTATION = "Documentation"
+_SESSION = "Session"
 _OK = Answer(200, "Done", schema={"type": "object", "properties": {"msg": {"type": "string"}}})
 _UNKNOWN_MODEL = Answer(404, "Unknown model", Media.ERROR)
 _STORE_DOWN = Answer(503, "The activity log cannot be written now", Media.ERROR)
@@ -389,6 +393,39 @@ API_ROUTES: tuple[ApiRoute, ...] = (
         _OBSERVABILITY,
         (Answer(200, "Server-sent events", Media.EVENTS),),
     ),
+    # UI sessions (a cookie for a key, so the UI's pages need no header)
+    ApiRoute(
+        "/api/login",
+        ("POST",),
+        "login",
+        'Open a UI session: `{"key": "<API key>"}` in, a session cookie out',
+        _SESSION,
+        (
+            Answer(200, "The key's name, role and models (never the key)"),
+            Answer(400, 'Not `{"key": "..."}`', Media.ERROR),
+            Answer(401, "Not a valid key, or no keys configured", Media.ERROR),
+            Answer(403, "Sent from another site's page", Media.ERROR),
+        ),
+        session=True,
+    ),
+    ApiRoute(
+        "/api/logout",
+        ("POST",),
+        "logout",
+        "End the UI session and clear its cookie",
+        _SESSION,
+        (_OK,),
+        session=True,
+    ),
+    ApiRoute(
+        "/api/session",
+        ("GET",),
+        "session",
+        "Who the UI talks as (`keys: false` when no keys are configured)",
+        _SESSION,
+        (Answer(200, "Name, role and models"), Answer(401, "Not logged in", Media.ERROR)),
+        session=True,
+    ),
     # documentation and the web UI
     ApiRoute(
         "/openapi.json",
@@ -451,6 +488,9 @@ API_ROUTES: tuple[ApiRoute, ...] = (
         branch=True,
     ),
 )
+
+#: the session routes' paths: the door lets them by without a key
+SESSION_PATHS: frozenset[bytes] = frozenset(r.path.encode() for r in API_ROUTES if r.session)
 
 #: llama-server routes llamaswap answers itself (for the whole set of models)
 OWN_ROUTES: dict[str, str] = {r.path: r.summary for r in API_ROUTES if r.llama_server}

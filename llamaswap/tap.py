@@ -25,7 +25,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
-from .access import Access, SessionRoutes
+from .access import Access
 from .activity import ActivityStore, Retention, StoreMetrics
 from .api import Api
 from .config import Config, ConfigError, ModelConfig, listen_address, load_config
@@ -315,7 +315,11 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Llam
     metrics.registry.register(kvcache.collector())
     recorder = Recorder(reactor, events, store, config.log_requests)
     live.subscribe(recorder.follow)
-    api = Api(config, scheduler, relay, logs, reactor, events, recorder, metrics, store, kvcache)
+    access = Access(config.api_keys, reactor, config.session_ttl)
+    live.subscribe(access.follow)
+    api = Api(
+        config, scheduler, relay, logs, reactor, events, recorder, metrics, store, kvcache, access
+    )
     live.subscribe(api.follow)
 
     children: list[IService] = [Supervisor(scheduler, pool, logs, store, reactor)]
@@ -335,9 +339,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Llam
                 )
         return BrowserPolicy.build(config.allowed_hosts, config.cors, local_names, is_open_page)
 
-    access = Access(config.api_keys, reactor, config.session_ttl)
-    live.subscribe(access.follow)
-    guard = Guard(SessionRoutes(api.resource(), access), access)
+    guard = Guard(api.resource(), access)
     browser_door = BrowserDoor(browsers(config))
 
     def follow_browsers(new: Config) -> None:

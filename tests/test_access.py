@@ -312,6 +312,18 @@ class SessionTests(AccessCase):
         name_and_value: str = set_cookie.split(";")[0]
         return name_and_value
 
+    async def test_the_session_routes_are_routes_like_any_other(self) -> None:
+        await self.serve(CONFIG)
+        response, body = await self.call("GET", "/api/login", headers=self.same_origin())
+        self.assertEqual(response.code, 405)  # OpenAI-shaped, like any route's
+        self.assertEqual(json.loads(body)["error"]["code"], "method_not_allowed")
+        response, _ = await self.call("GET", "/api/session", headers=self.same_origin())
+        self.assertEqual(response.code, 401)  # reached without a key, answered "not logged in"
+        self.assertEqual(response.headers.getRawHeaders("cache-control"), ["no-store"])
+        _, document = await self.call("GET", "/openapi.json", key=ALICE)
+        login = json.loads(document)["paths"]["/api/login"]["post"]
+        self.assertEqual(login["security"], [])  # no key needed
+
     async def test_login_sets_a_strict_http_only_expiring_cookie(self) -> None:
         await self.serve(CONFIG + "sessionTtl: 600\n")
         response = await self.login(ALICE)

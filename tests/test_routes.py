@@ -185,7 +185,9 @@ class RouteTableTests(SynchronousTestCase):
                     {str(a.status) for a in route.answers}, set(operation["responses"])
                 )
                 needs = {name for option in operation["security"] for name in option}
-                self.assertEqual(needs, set() if route.open else schemes, route.path)
+                self.assertEqual(
+                    needs, set() if route.open or route.session else schemes, route.path
+                )
         for model_route in MODEL_ROUTES:
             for operation in paths[model_route.path].values():
                 self.assertTrue(operation["security"], model_route.path)
