@@ -263,6 +263,9 @@ class FakeLlamaServer:
     @param model: the served model name (llama.cpp's model path or alias).
     @param load_time: seconds from :meth:`start` until ``/health`` is 200.
     @param token_delay: default seconds between generated tokens.
+    @param prompt_time: seconds a generation spends on its prompt before anything
+        is answered (as llama-server's prompt processing), so the time to the first
+        token is not just the proxy's few milliseconds.
     @param tokens: default number of generated tokens.
     @param hang_health: never finish loading, so ``/health`` stays 503.
     @param log: receives llama.cpp-like log lines (the CLI prints them).
@@ -282,6 +285,7 @@ class FakeLlamaServer:
         *,
         load_time: float = 0.0,
         token_delay: float = 0.01,
+        prompt_time: float = 0.0,
         tokens: int = 8,
         hang_health: bool = False,
         log: LogFunction | None = None,
@@ -306,6 +310,7 @@ class FakeLlamaServer:
         self.model = model
         self.load_time = load_time
         self.token_delay = token_delay
+        self.prompt_time = prompt_time
         self.tokens = tokens
         self.hang_health = hang_health
         self._log: LogFunction = log if log is not None else _noop_log
@@ -565,6 +570,16 @@ class FakeLlamaServer:
             f" (n_prompt_tokens = {generation.prompt_tokens})"
         )
         request.notifyFinish().addErrback(self._client_gone, generation)
+        if self.prompt_time > 0:
+            generation.pending = self.clock.callLater(self.prompt_time, self._answer, generation)
+        else:
+            self._answer(generation)
+        return NOT_DONE_YET
+
+    def _answer(self, generation: _Generation) -> None:
+        """The prompt is processed: stream the answer, or schedule the whole of it."""
+        generation.pending = None
+        request, controls = generation.request, generation.controls
         if generation.stream:
             request.setResponseCode(200)
             request.setHeader(b"content-type", b"text/event-stream")
@@ -574,7 +589,7 @@ class FakeLlamaServer:
                 self._crash(generation)
             else:
                 self._schedule(generation, self._stream_step)
-            return NOT_DONE_YET
+            return
         crash_after = controls.crash_after_tokens
         if crash_after is not None and crash_after < controls.tokens:
             generation.pending = self.clock.callLater(
@@ -586,7 +601,6 @@ class FakeLlamaServer:
                 generation.pending = self.clock.callLater(total, self._finish_plain, generation)
             else:
                 self._finish_plain(generation)
-        return NOT_DONE_YET
 
     def _take_slot(self, generation: _Generation) -> None:
         """As llama-server: the idle slot sharing the longest prefix, else the least
@@ -1064,6 +1078,9 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load-time", type=float, default=0.0, metavar="SECONDS")
     parser.add_argument("--token-delay", type=float, default=0.01, metavar="SECONDS")
     parser.add_argument("--tokens", type=int, default=8, metavar="N")
+    parser.add_argument(
+        "--prompt-time", type=float, default=0.0, metavar="SECONDS", help="before each answer"
+    )
     parser.add_argument("--hang-health", action="store_true", help="never finish loading")
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--fail-start", type=int, metavar="CODE", help="exit with CODE at once")
@@ -1202,6 +1219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.model,
         load_time=args.load_time,
         token_delay=args.token_delay,
+        prompt_time=args.prompt_time,
         tokens=args.tokens,
         hang_health=args.hang_health,
         log=_stderr,
