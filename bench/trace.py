@@ -245,7 +245,8 @@ def openwebui_traces(rng: random.Random, messages: int) -> list[Trace]:
     common = (
         f"Two users chat with A through Open WebUI, {messages} messages each, 4–10 s of "
         "reading and typing between an answer and the next message (streamed; the time "
-        "to the first token is measured). Models run with `--parallel 2` and take "
+        "to the first token is measured). Models run with `--parallel 2` (a third answer "
+        "waits for a slot, as in llama-server) and take "
         f"{PROMPT_TIME:g} s over each prompt before the first token (prompt processing: "
         "without it the first token would be the proxy's few milliseconds, and a ratio "
         "of those measures the machine's noise); A and B are chat models, T is a "
@@ -290,7 +291,7 @@ def openwebui_traces(rng: random.Random, messages: int) -> list[Trace]:
                 {"A": LOAD_CHAT, "B": LOAD_CHAT, "T": LOAD_CHAT},
                 policies=("fifo", "default"),
                 extra=extra,
-                flags=f" --parallel 2 --prompt-time {PROMPT_TIME:g}",
+                flags=f" --parallel 2 --queue-slots --prompt-time {PROMPT_TIME:g}",
             )
         )
     return out
