@@ -244,6 +244,59 @@ class ChatTests(SynchronousTestCase):
         self.successResultOf(done)
         self.assertEqual(len(_events(chunks)), 5)
 
+    def test_prompt_time_comes_before_the_first_token(self) -> None:
+        """``prompt_time``: nothing is answered until the prompt is "processed"."""
+        h = _Harness(tokens=2, token_delay=0.1, prompt_time=0.5)
+        d = h.stub.post(BASE + "/v1/chat/completions", data=json.dumps({"stream": True}).encode())
+        h.stub.flush()
+        h.advance(0.4)
+        self.assertNoResult(d)  # not even the headers
+        self.assertEqual(h.server.active, 1)
+        h.advance(0.1)
+        chunks: list[bytes] = []
+        done = treq.collect(self.successResultOf(d), chunks.append)
+        h.stub.flush()
+        self.assertEqual(len(_events(chunks)), 1)  # the first chunk, with text
+        h.advance(0.1)
+        h.advance(0.1)
+        h.advance(0.1)
+        self.successResultOf(done)
+        plain = h.stub.post(BASE + "/v1/chat/completions", data=b"{}")
+        h.advance(0.5)
+        self.assertNoResult(plain)  # the prompt, then two tokens
+        h.advance(0.2)
+        self.assertEqual(self.successResultOf(plain).code, 200)
+
+    def test_queue_slots_makes_answers_beyond_the_slots_wait(self) -> None:
+        """``queue_slots``: as llama-server, a request finds no free slot and waits."""
+        h = _Harness(tokens=2, token_delay=0.5, parallel=2, queue_slots=True)
+        first, second, third = (
+            h.stub.post(BASE + "/v1/chat/completions", data=b"{}") for _ in range(3)
+        )
+        h.stub.flush()
+        self.assertEqual(h.server.active, 3)
+        h.advance(1.0)
+        self.successResultOf(first)
+        self.successResultOf(second)
+        self.assertNoResult(third)  # it got a slot only now
+        h.advance(0.5)
+        self.assertNoResult(third)
+        fourth = h.stub.post(BASE + "/v1/chat/completions", data=b"{}")
+        h.stub.flush()
+        h.advance(0.5)
+        self.assertEqual(self.successResultOf(third).code, 200)
+        h.advance(1.0)
+        self.assertEqual(self.successResultOf(fourth).code, 200)
+        self.assertEqual(h.server.active, 0)
+
+    def test_without_queue_slots_every_answer_starts_at_once(self) -> None:
+        h = _Harness(tokens=2, token_delay=0.5, parallel=1)
+        requests = [h.stub.post(BASE + "/v1/chat/completions", data=b"{}") for _ in range(3)]
+        h.stub.flush()
+        h.advance(1.0)
+        for d in requests:
+            self.successResultOf(d)
+
     def test_status_passthrough(self) -> None:
         """ "fake.status" yields an upstream error a proxy must pass untouched."""
         h = _Harness()

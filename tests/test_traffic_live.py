@@ -59,7 +59,7 @@ class PoolLiveTests(TrafficCase):
         self.assertIn("model=alpha", reply.json()["choices"][0]["message"]["content"])
 
     async def queued_on_alpha(self) -> bool:
-        return bool((await self.running())["alpha"]["queued"] == 1)
+        return bool((await self.running()).get("alpha", {}).get("queued") == 1)
 
     async def test_background_work_waits_for_the_users_slot(self) -> None:
         await self.serve(POOLED)
@@ -71,6 +71,22 @@ class PoolLiveTests(TrafficCase):
         user.hang_up()
         reply = await title
         self.assertEqual(reply.code, 200)
+        self.assertIn("model=alpha", reply.json()["choices"][0]["message"]["content"])
+
+    async def test_a_cold_model_answers_the_chat_before_the_title_sent_ahead_of_it(
+        self,
+    ) -> None:
+        # Open WebUI sends the title just before the chat: the title starts alpha,
+        # but the user's chat, queued behind it, gets alpha's one slot first
+        await self.serve(POOLED.replace("--parallel 1", "--parallel 1 --load-time 0.5"))
+        title = self.send_later("tasks")
+        await self.eventually(self.queued_on_alpha, "the title waits for alpha to load")
+        user = await self.hold_stream("alpha")
+        entry = (await self.running())["alpha"]
+        self.assertEqual((entry["in_flight"], entry["queued"]), (1, 1))
+        self.assertNoResult(title)
+        user.hang_up()
+        reply = await title
         self.assertIn("model=alpha", reply.json()["choices"][0]["message"]["content"])
 
     async def test_x_priority_lowers_and_bad_values_are_400(self) -> None:

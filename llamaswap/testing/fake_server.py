@@ -25,6 +25,7 @@ import json
 import os
 import signal
 import sys
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Final, Protocol, cast
@@ -198,6 +199,7 @@ class _Generation:
     prompt_words: list[str] = field(default_factory=list)
     slot: _Slot | None = None
     cache_n: int = 0
+    began: bool = False  # has a slot (with ``queue_slots``, it may wait for one)
 
     def cancel_pending(self) -> None:
         """Drop the scheduled next step, if any."""
@@ -263,6 +265,12 @@ class FakeLlamaServer:
     @param model: the served model name (llama.cpp's model path or alias).
     @param load_time: seconds from :meth:`start` until ``/health`` is 200.
     @param token_delay: default seconds between generated tokens.
+    @param prompt_time: seconds a generation spends on its prompt before anything
+        is answered (as llama-server's prompt processing), so the time to the first
+        token is not just the proxy's few milliseconds.
+    @param queue_slots: at most ``parallel`` generations run at once; the others
+        wait for a slot in arrival order, as in llama-server (by default any number
+        run side by side).
     @param tokens: default number of generated tokens.
     @param hang_health: never finish loading, so ``/health`` stays 503.
     @param log: receives llama.cpp-like log lines (the CLI prints them).
@@ -282,6 +290,8 @@ class FakeLlamaServer:
         *,
         load_time: float = 0.0,
         token_delay: float = 0.01,
+        prompt_time: float = 0.0,
+        queue_slots: bool = False,
         tokens: int = 8,
         hang_health: bool = False,
         log: LogFunction | None = None,
@@ -306,6 +316,9 @@ class FakeLlamaServer:
         self.model = model
         self.load_time = load_time
         self.token_delay = token_delay
+        self.prompt_time = prompt_time
+        self.queue_slots = queue_slots
+        self._deferred: deque[_Generation] = deque()  # waiting for a slot
         self.tokens = tokens
         self.hang_health = hang_health
         self._log: LogFunction = log if log is not None else _noop_log
@@ -557,14 +570,36 @@ class FakeLlamaServer:
             created=int(self.clock.seconds()),
             prompt_words=_prompt_words(kind, body),
         )
+        self._generations.add(generation)
+        request.notifyFinish().addErrback(self._client_gone, generation)
+        if self.queue_slots and self._running() >= len(self.slots):
+            self._deferred.append(generation)
+            self._log(f"que    post: new task, id = {generation.task_id}, deferred")
+        else:
+            self._begin(generation)
+        return NOT_DONE_YET
+
+    def _running(self) -> int:
+        return sum(1 for g in self._generations if g.began)
+
+    def _begin(self, generation: _Generation) -> None:
+        """A slot is the generation's: process its prompt, then answer."""
+        generation.began = True
         if self.slot_save_path is not None:
             self._take_slot(generation)
-        self._generations.add(generation)
         self._log(
             f"slot launch_slot_: id  0 | task {generation.task_id} | processing task"
             f" (n_prompt_tokens = {generation.prompt_tokens})"
         )
-        request.notifyFinish().addErrback(self._client_gone, generation)
+        if self.prompt_time > 0:
+            generation.pending = self.clock.callLater(self.prompt_time, self._answer, generation)
+        else:
+            self._answer(generation)
+
+    def _answer(self, generation: _Generation) -> None:
+        """The prompt is processed: stream the answer, or schedule the whole of it."""
+        generation.pending = None
+        request, controls = generation.request, generation.controls
         if generation.stream:
             request.setResponseCode(200)
             request.setHeader(b"content-type", b"text/event-stream")
@@ -574,7 +609,7 @@ class FakeLlamaServer:
                 self._crash(generation)
             else:
                 self._schedule(generation, self._stream_step)
-            return NOT_DONE_YET
+            return
         crash_after = controls.crash_after_tokens
         if crash_after is not None and crash_after < controls.tokens:
             generation.pending = self.clock.callLater(
@@ -586,7 +621,6 @@ class FakeLlamaServer:
                 generation.pending = self.clock.callLater(total, self._finish_plain, generation)
             else:
                 self._finish_plain(generation)
-        return NOT_DONE_YET
 
     def _take_slot(self, generation: _Generation) -> None:
         """As llama-server: the idle slot sharing the longest prefix, else the least
@@ -726,12 +760,16 @@ class FakeLlamaServer:
         self.tokens_predicted_total += generation.emitted
         generation.cancel_pending()
         self._generations.discard(generation)
+        if generation in self._deferred:
+            self._deferred.remove(generation)
         self._log(
             f"slot      release: id  0 | task {generation.task_id} | stop processing:"
             f" n_tokens = {generation.prompt_tokens + generation.emitted}, truncated = 0"
         )
         if not self._generations:
             self._log("srv  update_slots: all slots are idle")
+        while self._deferred and self._running() < len(self.slots):
+            self._begin(self._deferred.popleft())
 
     def _reply_text(self, generation: _Generation) -> str:
         """The deterministic prefix every reply starts with."""
@@ -1064,6 +1102,9 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load-time", type=float, default=0.0, metavar="SECONDS")
     parser.add_argument("--token-delay", type=float, default=0.01, metavar="SECONDS")
     parser.add_argument("--tokens", type=int, default=8, metavar="N")
+    parser.add_argument(
+        "--prompt-time", type=float, default=0.0, metavar="SECONDS", help="before each answer"
+    )
     parser.add_argument("--hang-health", action="store_true", help="never finish loading")
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--fail-start", type=int, metavar="CODE", help="exit with CODE at once")
@@ -1075,6 +1116,9 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reranking", "--rerank", action="store_true", help="no effect")
     parser.add_argument("--slot-save-path", metavar="DIR", help="save/restore slots here")
     parser.add_argument("--parallel", "-np", type=int, default=1, metavar="N", help="slots")
+    parser.add_argument(
+        "--queue-slots", action="store_true", help="more than --parallel answers wait for a slot"
+    )
     parser.add_argument(
         "--metrics", action="store_true", help="serve GET /metrics (else 501), as llama-server"
     )
@@ -1202,6 +1246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.model,
         load_time=args.load_time,
         token_delay=args.token_delay,
+        prompt_time=args.prompt_time,
+        queue_slots=args.queue_slots,
         tokens=args.tokens,
         hang_health=args.hang_health,
         log=_stderr,
