@@ -184,6 +184,7 @@ class ModelProcess:
         base_env: Mapping[str, str] | None = None,
         process_groups: bool = True,
         events: EventBus,
+        close_idle: Callable[[str], None] = lambda url: None,
     ) -> None:
         self.config = config
         self._reactor = reactor
@@ -196,6 +197,8 @@ class ModelProcess:
         self._setsid = shutil.which("setsid") if process_groups else None
 
         self.events = events
+        # closes llamaswap's idle kept-alive connections to a server (by URL)
+        self._close_idle = close_idle
         self.state = ModelState.STOPPED
         self.stop_reason = "manual"
         self.exit_was_failure = False
@@ -444,6 +447,9 @@ class ModelProcess:
     def _begin_stop(self) -> None:
         serving = self.state is ModelState.READY
         self._stop_beginning()
+        # an HTTP server that stops waits for its idle kept-alive connections
+        # (llama-server: up to 10 ms each); nothing more will be sent on them
+        self._close_idle(self.base_url)
         if self.config.cmd_stop is not None and self.pid is not None:
             self._run_cmd_stop()
         elif serving and self._watch.heard and self._child is not None:
