@@ -297,7 +297,7 @@ class ModelProcess:
         if executable is None:
             self._fail_before_spawn(f"command not found: {argv[0]!r} (check cmd and PATH)")
             return
-        self.log.info("starting {model}: {argv}", model=self.id, argv=" ".join(argv))
+        shown = " ".join(argv)
         watch = self._watch = self._watch_for(executable)
         if watch.talks:
             env[ROUTER_PORT_ENV] = ROUTER_PORT
@@ -325,10 +325,13 @@ class ModelProcess:
                 protocol, executable, argv, env=env, childFDs=fds
             )
         except OSError as e:
+            self.log.info("starting {model}: {argv}", model=self.id, argv=shown)
             self._fail_before_spawn(f"could not run {argv[0]!r}: {e}")
             return
         assert transport.pid is not None
         child = self._child = Child(transport.pid, self.port, transport)
+        # said once the child runs: the line costs a fraction of a millisecond
+        self.log.info("starting {model}: {argv}", model=self.id, argv=shown)
         self._deadline = self._clock.callLater(self.timing.health_timeout, self._start_timed_out)
         watch.begin()
 
@@ -439,9 +442,9 @@ class ModelProcess:
         if self.state is ModelState.STARTING and self._start_failure is None:
             self._start_failure = ModelStopped(f"model {self.id!r} was stopped while starting")
         if self.state is not ModelState.STOPPING:
-            self.log.info("stopping {model} ({reason})", model=self.id, reason=reason)
             self.stop_reason = reason
-            self._begin_stop()
+            self._begin_stop()  # said after: the child starts its exit meanwhile
+            self.log.info("stopping {model} ({reason})", model=self.id, reason=reason)
         return exited
 
     def _begin_stop(self) -> None:
