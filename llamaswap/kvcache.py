@@ -177,6 +177,10 @@ class KvStore:
         self._restoring: dict[_Child, Deferred[None]] = {}
         self._pending_cache: dict[str, int] = {}  # requests after a restore to count
         self._index_lock = DeferredLock()  # one index write at a time, in order
+        self._index_written: str | None = None  # what the index file holds, once known
+        # models whose slot directory holds no stray file of ours: swept since their
+        # last save request (a stop with nothing to save then costs no disk work)
+        self._swept: set[str] = set()
         self._load_index()
         self.ensure_directories()
 
@@ -305,23 +309,27 @@ class KvStore:
     async def _save_all(self, process: ModelView, model: ModelConfig) -> None:
         directory = model.slot_save_path
         assert directory is not None
-        fingerprint = await self._fingerprint(process, model)
         status, slots = await self._call(process, b"GET", "/slots")
         if status != 200 or not isinstance(slots, list):
             raise SlotError(f"GET /slots answered {status}")
+        worth = [
+            slot
+            for slot in slots
+            if isinstance(slot, dict)
+            and not slot.get("is_processing")
+            and isinstance(slot.get("n_prompt_tokens"), int)
+            and slot["n_prompt_tokens"] >= self.settings.min_tokens
+        ]
+        # the child's fingerprint (a /props call) only when something is saved
+        fingerprint = await self._fingerprint(process, model) if worth else ""
         recent = list(self._recent.get(model.id, ()))
-        for slot in slots:
-            if not isinstance(slot, dict) or slot.get("is_processing"):
-                continue
-            tokens = slot.get("n_prompt_tokens")
-            if not isinstance(tokens, int) or tokens < self.settings.min_tokens:
-                continue
+        for slot in worth:
             conversation = _served(slot.get("prompt"), recent)
             if conversation is not None:
                 recent.remove(conversation)
             await self._save(process, model, directory, fingerprint, slot["id"], conversation)
         await self._enforce_budget()
-        if model.slot_save_added:
+        if model.slot_save_added and model.id not in self._swept:
             await self._sweep(model.id, directory)
 
     async def _save(
@@ -334,6 +342,7 @@ class KvStore:
         conversation: Conversation | None,
     ) -> None:
         filename = f"{SLOT_FILE}{secrets.token_hex(8)}.bin"
+        self._swept.discard(model.id)  # the file may outlive a save given up
         status, answer = await self._call(
             process, b"POST", f"/slots/{slot_id}?action=save", {"filename": filename}
         )
@@ -393,6 +402,7 @@ class KvStore:
         """Slot files of ours that no state names: a save given up at the time bound
         that the server finished anyway, or an index lost in a crash."""
         known = {s.filename for s in self.states if s.model == model_id}
+        self._swept.add(model_id)
 
         def remove() -> int:
             removed = 0
@@ -406,6 +416,7 @@ class KvStore:
         try:
             removed = await self._disk(remove)
         except OSError as e:
+            self._swept.discard(model_id)
             self.log.warn("cannot tidy {path}: {error}", path=directory, error=e)
             return
         if removed:
@@ -554,19 +565,24 @@ class KvStore:
         self.states = [s for s in states if os.path.exists(s.path)]
 
     async def _save_index(self) -> None:
-        """Write what is saved now (models may be stopped, so saved, concurrently)."""
+        """Write what is saved now (models may be stopped, so saved, concurrently);
+        nothing when the file already says it (most stops save nothing)."""
         path = self._index_path()
-        rows = [attrs.asdict(s) for s in self.states]
+        text = json.dumps([attrs.asdict(s) for s in self.states])
 
         def write() -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             temporary = path.with_suffix(".tmp")
-            temporary.write_text(json.dumps(rows), encoding="utf-8")
+            temporary.write_text(text, encoding="utf-8")
             os.replace(temporary, path)
 
         try:
             async with self._index_lock:
+                if text == self._index_written:
+                    return
+                self._index_written = None  # unknown while it is being replaced
                 await self._disk(write)
+                self._index_written = text
         except OSError as e:
             self.log.warn("cannot write the saved slot index {path}: {error}", path=path, error=e)
 

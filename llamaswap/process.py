@@ -184,6 +184,7 @@ class ModelProcess:
         base_env: Mapping[str, str] | None = None,
         process_groups: bool = True,
         events: EventBus,
+        close_idle: Callable[[str], None] = lambda url: None,
     ) -> None:
         self.config = config
         self._reactor = reactor
@@ -196,6 +197,8 @@ class ModelProcess:
         self._setsid = shutil.which("setsid") if process_groups else None
 
         self.events = events
+        # closes llamaswap's idle kept-alive connections to a server (by URL)
+        self._close_idle = close_idle
         self.state = ModelState.STOPPED
         self.stop_reason = "manual"
         self.exit_was_failure = False
@@ -294,7 +297,7 @@ class ModelProcess:
         if executable is None:
             self._fail_before_spawn(f"command not found: {argv[0]!r} (check cmd and PATH)")
             return
-        self.log.info("starting {model}: {argv}", model=self.id, argv=" ".join(argv))
+        shown = " ".join(argv)
         watch = self._watch = self._watch_for(executable)
         if watch.talks:
             env[ROUTER_PORT_ENV] = ROUTER_PORT
@@ -322,10 +325,13 @@ class ModelProcess:
                 protocol, executable, argv, env=env, childFDs=fds
             )
         except OSError as e:
+            self.log.info("starting {model}: {argv}", model=self.id, argv=shown)
             self._fail_before_spawn(f"could not run {argv[0]!r}: {e}")
             return
         assert transport.pid is not None
         child = self._child = Child(transport.pid, self.port, transport)
+        # said once the child runs: the line costs a fraction of a millisecond
+        self.log.info("starting {model}: {argv}", model=self.id, argv=shown)
         self._deadline = self._clock.callLater(self.timing.health_timeout, self._start_timed_out)
         watch.begin()
 
@@ -436,14 +442,17 @@ class ModelProcess:
         if self.state is ModelState.STARTING and self._start_failure is None:
             self._start_failure = ModelStopped(f"model {self.id!r} was stopped while starting")
         if self.state is not ModelState.STOPPING:
-            self.log.info("stopping {model} ({reason})", model=self.id, reason=reason)
             self.stop_reason = reason
-            self._begin_stop()
+            self._begin_stop()  # said after: the child starts its exit meanwhile
+            self.log.info("stopping {model} ({reason})", model=self.id, reason=reason)
         return exited
 
     def _begin_stop(self) -> None:
         serving = self.state is ModelState.READY
         self._stop_beginning()
+        # an HTTP server that stops waits for its idle kept-alive connections
+        # (llama-server: up to 10 ms each); nothing more will be sent on them
+        self._close_idle(self.base_url)
         if self.config.cmd_stop is not None and self.pid is not None:
             self._run_cmd_stop()
         elif serving and self._watch.heard and self._child is not None:

@@ -9,6 +9,8 @@ wrong declaration corrects itself; a big mismatch is logged once.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -139,8 +141,7 @@ class MemoryMonitor:
             if footprint is None:
                 continue
             try:
-                leader = psutil.Process(pid)
-                family = [leader, *leader.children(recursive=True)]
+                family = _family(pid)
                 rss = sum(_rss(p) for p in family)
                 vram = sum(gpu.get(p.pid, 0) for p in family)
             except psutil.Error:
@@ -157,6 +158,50 @@ class MemoryMonitor:
                     model=model_id,
                     problem=problem,
                 )
+
+
+def _children_files() -> bool:
+    """Does this kernel list each thread's children (``CONFIG_PROC_CHILDREN``)?"""
+    pid = os.getpid()
+    return os.path.exists(f"/proc/{pid}/task/{pid}/children")
+
+
+CHILDREN_FILES = _children_files()
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it, from ``/proc/PID/task/TID/children``.
+
+    A few small reads per process of the family, where psutil's
+    ``children(recursive=True)`` reads the status of every process on the machine
+    (milliseconds on the reactor every sample, more on a busy host).  Like any walk
+    of /proc it may miss a process born meanwhile; the next sample sees it.
+    """
+    found = [pid]
+    for current in found:  # grows as children are found
+        try:
+            tasks = os.listdir(f"/proc/{current}/task")
+        except OSError:
+            continue  # it exited meanwhile
+        for task in tasks:
+            try:
+                with open(f"/proc/{current}/task/{task}/children") as listing:
+                    found.extend(int(child) for child in listing.read().split())
+            except (OSError, ValueError):
+                continue  # that thread ended meanwhile
+    return found
+
+
+def _family(pid: int) -> list[psutil.Process]:
+    """The process ``pid`` and its descendants (raises psutil.Error if it is gone)."""
+    if not CHILDREN_FILES:
+        leader = psutil.Process(pid)
+        return [leader, *leader.children(recursive=True)]
+    family = [psutil.Process(pid)]
+    for member in descendants(pid)[1:]:
+        with contextlib.suppress(psutil.Error):
+            family.append(psutil.Process(member))
+    return family
 
 
 def _rss(process: Any) -> int:

@@ -287,6 +287,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Llam
             probe=probe,
             timing=Timing(health_timeout=health_timeout, stop_timeout=model.unload_timeout),
             events=events,
+            close_idle=endpoints.close_idle,
         )
 
     processes = [make_process(m, config.health_check_timeout) for m in config.models.values()]

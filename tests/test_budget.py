@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from typing import Any
 
+import psutil
 from twisted.internet.defer import CancelledError
+from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
+from llamaswap import resources
 from llamaswap.config import ConfigError, parse_config
 from llamaswap.errors import ModelStopped
 from llamaswap.relay import BytesProducer
-from llamaswap.resources import Footprint, MemoryMonitor, fits, parse_size
+from llamaswap.resources import Footprint, MemoryMonitor, descendants, fits, parse_size
 
 from .helpers import World, world
 from .integration import FAKE, LiveTestCase, StreamReader
@@ -176,6 +180,50 @@ class MeasuredMemoryTests(LiveTestCase):
         from twisted.internet import reactor
 
         return reactor
+
+
+class FamilyTests(SynchronousTestCase):
+    def test_the_family_of_a_child_is_read_from_its_own_proc_entries(self) -> None:
+        """Each thread's children file, not a scan of every process on the machine:
+        the same family as psutil's walk, grandchildren included."""
+        if not resources.CHILDREN_FILES:
+            self.skipTest("this kernel does not list children in /proc (CONFIG_PROC_CHILDREN)")
+        script = "sleep 60 & (sleep 60 & echo started; wait) & wait"
+        shell = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE)
+        family = psutil.Process(shell.pid)
+
+        def end() -> None:
+            for process in [family, *family.children(recursive=True)]:
+                process.kill()
+            shell.wait()
+            assert shell.stdout is not None
+            shell.stdout.close()
+
+        self.addCleanup(end)
+        assert shell.stdout is not None
+        shell.stdout.readline()  # every process of the family is there
+        expected = {shell.pid} | {p.pid for p in psutil.Process(shell.pid).children(True)}
+        self.assertEqual(len(expected), 4)  # the shell, a sleep, a subshell and its sleep
+        self.assertEqual(set(descendants(shell.pid)), expected)
+        self.assertEqual(descendants(2**22 + 1), [2**22 + 1])  # no such process: itself
+
+    def test_sampling_does_not_walk_every_process(self) -> None:
+        if not resources.CHILDREN_FILES:
+            self.skipTest("this kernel does not list children in /proc (CONFIG_PROC_CHILDREN)")
+        shell = subprocess.Popen(["sleep", "60"])
+        self.addCleanup(shell.wait)
+        self.addCleanup(shell.kill)
+        footprint = Footprint()
+        walked: list[int] = []
+
+        def children(process: psutil.Process, recursive: bool = False) -> list[psutil.Process]:
+            walked.append(process.pid)
+            return []
+
+        self.patch(psutil.Process, "children", children)
+        MemoryMonitor(Clock(), lambda: {"a": shell.pid}, lambda _: footprint).sample()
+        self.assertEqual(walked, [])
+        self.assertGreater(footprint.measured["ram"], 0)
 
 
 class DeadlineTests(LiveTestCase):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -22,7 +23,7 @@ from zope.interface import implementer
 
 from llamaswap.config import Config, parse_config
 from llamaswap.events import Activity
-from llamaswap.kvcache import Conversation, KvStore
+from llamaswap.kvcache import Conversation, KvStore, run_here
 from llamaswap.process import ModelProcess
 from llamaswap.relay import BytesProducer
 from llamaswap.scheduler import Lease
@@ -117,10 +118,15 @@ class KvWorld:
         self.path = os.path.abspath(case.mktemp())
         self.parallel = parallel
         found: list[tuple[Children, KvStore]] = []
+        self.disk_work = 0  # file operations the store ran
+
+        def disk(work: Callable[[], Any]) -> Deferred[Any]:
+            self.disk_work += 1
+            return run_here(work)
 
         def hooks(config: Config, clock: Clock) -> KvStore:
             children = Children(clock)
-            found.append((children, KvStore(config, children, clock)))
+            found.append((children, KvStore(config, children, clock, disk=disk)))
             return found[0][1]
 
         self.w: World = world(config_text(self.path, extra), hooks=hooks)
@@ -362,6 +368,52 @@ class NeverWrongTests(SynchronousTestCase):
         self.assertEqual(
             sorted(k.files("a")), sorted(["notes.txt", *(s.filename for s in k.kv.states)])
         )
+
+    def test_a_stop_with_nothing_worth_saving_asks_only_for_the_slots(self) -> None:
+        """The common swap (short prompts) costs one call to the child and no disk
+        work: no /props, no index rewritten unchanged, no directory listed again."""
+        k = KvWorld(self)
+        k.converse_then_swap(text="hi")  # the first stop of each model sweeps once
+        k.swap_to("a").release()
+        k.net.requests.clear()
+        work = k.disk_work
+        k.swap_to("b").release()
+        stop_calls = [call for call in k.net.requests if call[1] != "/health"]
+        self.assertEqual(stop_calls, [(b"GET", "/slots")])
+        self.assertEqual(k.disk_work, work)
+        self.assertEqual(k.kv.states, [])
+
+    def test_a_save_given_up_is_swept_at_the_next_stop_even_with_nothing_to_save(
+        self,
+    ) -> None:
+        k = KvWorld(self, extra="  timeout: 3")
+        k.converse_then_swap(text="hi")  # swept once: the directory is known clean
+        lease = k.lease("a")
+        k.chat("a", [{"role": "user", "content": LONG}])
+        lease.release()
+        k.net.gate = []
+        waiting = k.w.scheduler.acquire("b")
+        k.flush()
+        while not k.net.gate[0][2].endswith(b"?action=save"):  # /slots, /props go through
+            [(held, *call)] = k.net.gate
+            k.net.gate = None
+            answer = k.net.request(*call)
+            k.net.gate = []
+            answer.chainDeferred(held)
+            k.flush()
+        k.w.reactor.advance(3)  # ... the save is held, and given up at the time bound
+        self.assertEqual(k.kv.counts["a"].skipped, 1)
+        k.net.gate = None
+        k.bring_up("b")
+        self.successResultOf(waiting).release()
+        directory = k.w.config.models["a"].slot_save_path
+        assert directory is not None
+        with open(os.path.join(directory, "slot-late.bin"), "w") as late:
+            late.write("x")  # the server finished that save after all
+        k.swap_to("a").release()
+        k.chat("a", [{"role": "user", "content": "hi"}])
+        k.swap_to("b").release()  # nothing worth saving, but a save was asked since
+        self.assertEqual(k.files("a"), [])
 
     def test_a_restart_of_llamaswap_finds_the_saved_states(self) -> None:
         k = KvWorld(self)

@@ -51,6 +51,9 @@ class _LikeLlamaServer(Protocol):
     def connectionMade(self) -> None:
         self.seen["connections"] += 1
 
+    def connectionLost(self, reason: object = None) -> None:
+        self.seen["closed"] = self.seen.get("closed", 0) + 1
+
     def dataReceived(self, data: bytes) -> None:
         self.buffer += data
         head, found, rest = self.buffer.partition(b"\r\n\r\n")
@@ -94,8 +97,9 @@ class _Upstream(ServerFactory):
         return _LikeLlamaServer(self.seen)
 
 
-class StreamConnectionTests(LiveTestCase):
-    async def test_back_to_back_streams_never_meet_a_closing_connection(self) -> None:
+class _UpstreamTestCase(LiveTestCase):
+    async def serve_upstream(self) -> dict[str, int]:
+        """llamaswap with model ``m`` relayed to a server like llama-server; its counts."""
         seen = {"connections": 0, "cut": 0}
         port: IListeningPort = reactor.listenTCP(0, _Upstream(seen), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
@@ -106,6 +110,12 @@ class StreamConnectionTests(LiveTestCase):
             f"    proxy: http://127.0.0.1:{upstream}\n"
             "    checkEndpoint: none\n"
         )
+        return seen
+
+
+class StreamConnectionTests(_UpstreamTestCase):
+    async def test_back_to_back_streams_never_meet_a_closing_connection(self) -> None:
+        seen = await self.serve_upstream()
         for _ in range(2):
             self.assertEqual((await self.chat("m")).code, 200)
         for _ in range(3):
@@ -116,3 +126,17 @@ class StreamConnectionTests(LiveTestCase):
         self.assertEqual(seen["cut"], 0)
         # the plain answers shared one kept connection; each stream had its own
         self.assertEqual(seen["connections"], 4)
+
+
+class StopClosesIdleConnectionsTests(_UpstreamTestCase):
+    async def test_a_stop_closes_the_kept_connections_to_the_model(self) -> None:
+        """llama-server exits only once its idle kept-alive connections notice the
+        stop (a 10 ms poll each); llamaswap closes its own as it asks the child to go."""
+        seen = await self.serve_upstream()
+        for _ in range(2):
+            self.assertEqual((await self.chat("m")).code, 200)
+        self.assertEqual((seen["connections"], seen.get("closed", 0)), (1, 0))  # kept
+        await self.api.scheduler.unload(["m"])
+        self.assertEqual(seen.get("closed", 0), 1)
+        self.assertEqual((await self.chat("m")).code, 200)  # a new start: a new connection
+        self.assertEqual(seen["connections"], 2)
