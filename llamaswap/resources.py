@@ -13,10 +13,13 @@ import contextlib
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
+
+if TYPE_CHECKING:
+    import psutil
 
 from .logs import logger
 from .periodic import Periodic
@@ -194,6 +197,8 @@ def descendants(pid: int) -> list[int]:
 
 def _family(pid: int) -> list[psutil.Process]:
     """The process ``pid`` and its descendants (raises psutil.Error if it is gone)."""
+    import psutil
+
     if not CHILDREN_FILES:
         leader = psutil.Process(pid)
         return [leader, *leader.children(recursive=True)]
