@@ -198,20 +198,30 @@ class KvStore:
         """llama-server refuses to start with a ``--slot-save-path`` that is not a
         directory: create each model's (once per configuration; it is quick)."""
         for model in self.config.models.values():
-            if model.slot_save_path is None:
-                continue
-            try:
-                if model.slot_save_added:  # conversations: for llamaswap's user only
-                    os.makedirs(self.settings.path, mode=0o700, exist_ok=True)
-                os.makedirs(model.slot_save_path, mode=0o700, exist_ok=True)
-            except OSError as e:
-                self.log.error(
-                    "model {model}: cannot create its slot directory {path} ({error}); "
-                    "its server may refuse to start: set kvCache.path or kvCache: false",
-                    model=model.id,
-                    path=model.slot_save_path,
-                    error=e,
-                )
+            self._ensure_directory(model)
+
+    def _ensure_directory(self, model: ModelConfig) -> None:
+        if model.slot_save_path is None:
+            return
+        try:
+            if model.slot_save_added:  # conversations: for llamaswap's user only
+                os.makedirs(self.settings.path, mode=0o700, exist_ok=True)
+            os.makedirs(model.slot_save_path, mode=0o700, exist_ok=True)
+        except OSError as e:
+            self.log.error(
+                "model {model}: cannot create its slot directory {path} ({error}); "
+                "its server may refuse to start: set kvCache.path or kvCache: false",
+                model=model.id,
+                path=model.slot_save_path,
+                error=e,
+            )
+
+    def before_start(self, process: ModelView) -> None:
+        """The slot directory again, in case it was removed since (a state-directory
+        cleaner, a user): llama-server would refuse to start without it."""
+        model = self._model(process.id)
+        if model is not None:
+            self._ensure_directory(model)
 
     def note(self, model_id: str, conversation: Conversation | None) -> None:
         """A request for ``model_id`` arrived (its body parsed once, by the API)."""

@@ -49,6 +49,9 @@ class IModelHooks(Interface):
     Both return Deferreds that never fail and fire within a bound of their own.
     """
 
+    def before_start(process: ModelView) -> None:
+        """``process`` is about to be spawned: make what its command needs (quick)."""
+
     def before_stop(process: ModelView, reason: str) -> Deferred[None]:
         """``process`` is ready, idle and about to be stopped for ``reason``."""
 
@@ -59,6 +62,9 @@ class IModelHooks(Interface):
 @implementer(IModelHooks)
 class NoHooks:
     """Nothing to do around stops and starts (no KV store)."""
+
+    def before_start(self, process: ModelView) -> None:
+        pass
 
     def before_stop(self, process: ModelView, reason: str) -> Deferred[None]:
         return succeed(None)
@@ -611,6 +617,7 @@ class Scheduler:
         async def start() -> None:
             self._warming.add(model_id)
             try:
+                self.hooks.before_start(process)
                 await process.start()
                 await self.hooks.after_start(process)
             finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -580,3 +581,14 @@ class DirectoryTests(SynchronousTestCase):
         KvStore(attrs.evolve(config, models={"llama": llama}), Children(Clock()), Clock())
         self.assertEqual(os.stat(path).st_mode & 0o777, 0o700)
         self.assertTrue(os.path.isdir(llama.slot_save_path))
+
+    def test_a_removed_slot_directory_is_made_again_before_the_next_start(self) -> None:
+        # llama-server refuses to start with a --slot-save-path that is not a directory
+        k = KvWorld(self)
+        directory = k.w.config.models["a"].slot_save_path
+        assert directory is not None
+        shutil.rmtree(k.kv.settings.path)
+        k.w.scheduler.acquire("a")
+        k.flush()
+        self.assertTrue(os.path.isdir(directory))
+        self.assertEqual(os.stat(k.kv.settings.path).st_mode & 0o777, 0o700)
