@@ -188,7 +188,8 @@ def targets(r: dict[str, Any]) -> list[list[str]]:
             p95 = sw.get("lag_p95_ms", sw["lag_max_ms"])
             rows.append(
                 [
-                    "readiness noticed ≤ 2 ms after the child says ready (p95)",
+                    "readiness noticed ≤ 2 ms after the child says ready (p95; measured "
+                    'from its "listening on" line, written 0.2–3.3 ms before its `ready`)',
                     f"median {sw['lag_p50_ms']:.1f} ms, p95 {p95:.1f} ms, "
                     f"max {sw['lag_max_ms']:.1f} ms",
                     status(p95 <= 2.0),
@@ -430,9 +431,14 @@ def swap_section(s: dict[str, Any]) -> list[str]:
     out.append("")
     if s.get("lag_ms"):
         out.append(
-            "Readiness detection lag per swap (ms): "
+            'Readiness detection lag per swap (ms), from the child\'s "listening on" line to '
+            'llamaswap\'s "ready" line: '
             + ", ".join(f"{x:.1f}" for x in s["lag_ms"])
-            + "."
+            + ". Both are read from llamaswap's live log, so the child's own time between "
+            "that line and its `ready` message (starting its stdin monitor, building its "
+            "model info: 0.2–3.3 ms) is in it, and so is the relay of the waiting request "
+            "(llamaswap's line is logged after it); llamaswap marks the model ready in the "
+            "reactor turn that reads `ready` (~0.1 ms)."
         )
         out.append("")
     return out
