@@ -13,7 +13,7 @@ llamaswap's readiness detection lag comes from its live log stream: the time
 between the child's own "listening on http" line and llamaswap's "model X ready"
 line, both read by the bench from the same /logs/stream connection (so the
 delivery delay cancels out).  It is an upper bound of the lag from the child's
-``ready`` message: llama-server writes that message 0.2–3.3 ms after the line
+``ready`` message: llama-server writes that message 0.2-3.3 ms after the line
 (it starts its stdin monitor and builds its model info in between), and llamaswap
 logs "ready" only after relaying the request that waited.
 """
