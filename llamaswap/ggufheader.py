@@ -70,7 +70,7 @@ class _Stream:
     def offset(self) -> int:
         return self.base + self.at
 
-    def _have(self, n: int) -> None:
+    def need(self, n: int) -> None:
         if self.offset + n > self.size:
             raise HeaderError(f"truncated: the header runs past the file's {self.size} bytes")
         if self.at + n <= len(self.buffer):
@@ -84,7 +84,7 @@ class _Stream:
 
     def unpack(self, code: str) -> Any:
         size = struct.calcsize("<" + code)
-        self._have(size)
+        self.need(size)
         (value,) = struct.unpack_from("<" + code, self.buffer, self.at)
         self.at += size
         return value
@@ -107,7 +107,7 @@ class _Stream:
 
     def string(self) -> str:
         n = self.count(1)
-        self._have(n)
+        self.need(n)
         raw = self.buffer[self.at : self.at + n]
         self.at += n
         return raw.decode("utf-8", "replace")
@@ -122,7 +122,7 @@ def read_header(file: IO[bytes], size: int) -> Header:
     stream = _Stream(file, size)
     if size < 24:
         raise HeaderError(f"not a GGUF file ({size} bytes)")
-    stream._have(4)
+    stream.need(4)
     if stream.buffer[:4] != MAGIC:
         raise HeaderError("not a GGUF file (no GGUF magic at its start)")
     stream.at = 4
