@@ -116,11 +116,13 @@ class Api:
         metrics: Metrics | None = None,
         store: ActivityStore | None = None,
         kvcache: KvStore | None = None,
-        access: Access | None = None,
+        *,
+        access: Access,
     ) -> None:
         self.config = config
-        #: keys and UI sessions (the door checks keys; the session routes are here)
-        self.access = access or Access(config.api_keys, clock, config.session_ttl)
+        #: keys and UI sessions: the same object the door checks keys with, so a
+        #: session opened here is the one the door accepts
+        self.access = access
         self.kvcache = kvcache
         self.scheduler = scheduler
         self.relay = relay

@@ -122,10 +122,8 @@ def read_header(file: IO[bytes], size: int) -> Header:
     stream = _Stream(file, size)
     if size < 24:
         raise HeaderError(f"not a GGUF file ({size} bytes)")
-    stream.need(4)
-    if stream.buffer[:4] != MAGIC:
+    if stream.unpack("4s") != MAGIC:
         raise HeaderError("not a GGUF file (no GGUF magic at its start)")
-    stream.at = 4
     version = stream.unpack("I")
     if version not in (2, 3):
         raise HeaderError(f"GGUF version {version} is not supported (2 and 3 are)")

@@ -319,7 +319,17 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Llam
     access = Access(config.api_keys, reactor, config.session_ttl)
     live.subscribe(access.follow)
     api = Api(
-        config, scheduler, relay, logs, reactor, events, recorder, metrics, store, kvcache, access
+        config,
+        scheduler,
+        relay,
+        logs,
+        reactor,
+        events,
+        recorder,
+        metrics,
+        store,
+        kvcache,
+        access=access,
     )
     live.subscribe(api.follow)
 

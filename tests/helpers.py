@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import attrs
 
+from llamaswap.access import Access
 from llamaswap.api import Api
 from llamaswap.config import Config, parse_config
 from llamaswap.events import EventBus
@@ -50,8 +51,16 @@ class World:
     def api(self, relay: Relay) -> Api:
         """The HTTP application over this world, wired as ``tap.build`` wires it."""
         recorder = Recorder(self.reactor, self.events)
+        access = Access(self.config.api_keys, self.reactor, self.config.session_ttl)
         return Api(
-            self.config, self.scheduler, relay, self.logs, self.reactor, self.events, recorder
+            self.config,
+            self.scheduler,
+            relay,
+            self.logs,
+            self.reactor,
+            self.events,
+            recorder,
+            access=access,
         )
 
     def child(self, model_id: str) -> FakeProcess:
