@@ -1160,15 +1160,23 @@ def render(t: dict[str, Any], machine: dict[str, Any] | None = None) -> str:
     return "\n".join(out)
 
 
+def _bounds(lines: list[str], title: str) -> tuple[int, int] | None:
+    """Where the section headed by the line ``title`` begins and ends in ``lines``."""
+    if title not in lines:
+        return None
+    begin = lines.index(title)
+    end = next((i for i in range(begin + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return begin, end
+
+
 def splice(document: str, section: str) -> str:
     """``document`` with the section of ``section``'s title (its first line, as TITLE)
     replaced by ``section`` (appended if absent)."""
     lines = document.splitlines()
-    try:
-        begin = lines.index(section.splitlines()[0])
-    except ValueError:
+    bounds = _bounds(lines, section.splitlines()[0])
+    if bounds is None:
         return document.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
-    end = next((i for i in range(begin + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    begin, end = bounds
     kept = lines[:begin] + section.rstrip("\n").splitlines() + [""] + lines[end:]
     return "\n".join(kept).rstrip("\n") + "\n"
 
@@ -1176,11 +1184,10 @@ def splice(document: str, section: str) -> str:
 def section_of(document: str, title: str) -> str | None:
     """The section of ``document`` headed by the line ``title``, or None."""
     lines = document.splitlines()
-    if title not in lines:
+    bounds = _bounds(lines, title)
+    if bounds is None:
         return None
-    begin = lines.index(title)
-    end = next((i for i in range(begin + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    return "\n".join(lines[begin:end]).rstrip("\n") + "\n"
+    return "\n".join(lines[bounds[0] : bounds[1]]).rstrip("\n") + "\n"
 
 
 def main() -> None:

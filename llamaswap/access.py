@@ -63,8 +63,6 @@ def default_session_ttl() -> float:
 MAX_SESSIONS = 1000
 """Most open UI sessions; the oldest goes first (a login flood costs bounded memory)."""
 
-# what the door lets through without a caller: the session routes answer for themselves
-
 # the routes an inference key reaches besides the model routes
 INFERENCE_PATHS = frozenset({b"/v1/models", b"/models", b"/api/version", b"/openapi.json"})
 _MODEL_PATH = re.compile(
