@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                         profile=profiler,
                     )
                 elif section == "stream":
-                    results["stream"] = streaming.run(procs, monitor, runs=2 if quick else 8)
+                    results["stream"] = streaming.run(procs, monitor, runs=2 if quick else 16)
                 elif section == "swap":
                     results["swap"] = swap.run(
                         procs, monitor, swaps=2 if quick else 10, profile=profiler

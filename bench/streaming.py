@@ -13,10 +13,18 @@ from .proxy import free_port_base, start_nginx
 
 MAX_TOKENS = 64
 
-MODEL = """\
+# Both cores compute (llama.cpp's default here), then one: with a core to spare, as on
+# a GPU machine whose CPU mostly waits, the proxy's own cost shows apart from the
+# compute it displaces on a machine whose every core is busy.
+THREADS = (2, 1)
+
+
+def model(threads: int) -> str:
+    return f"""\
     cmd: >-
-      "${env.LLAMA_SERVER}" --host 127.0.0.1 --port ${PORT} -m "${env.LLAMASWAP_MODEL}"
-      --threads 2 --no-webui --ctx-size 2048 --parallel 1"""
+      "${{env.LLAMA_SERVER}}" --host 127.0.0.1 --port ${{PORT}} -m "${{env.LLAMASWAP_MODEL}}"
+      --threads {threads} --no-webui --ctx-size 2048 --parallel 1"""
+
 
 REQUEST = {
     "model": "smollm2",
@@ -71,12 +79,19 @@ def stream_once(port: int) -> dict[str, float]:
     }
 
 
-def run(procs: Procs, monitor: CpuMonitor, *, runs: int = 8) -> dict[str, Any]:
+def run(procs: Procs, monitor: CpuMonitor, *, runs: int = 16) -> dict[str, Any]:
+    """Each of :data:`THREADS` in turn; the first is the one the targets judge."""
+    first, *others = (run_threads(procs, monitor, runs, threads) for threads in THREADS)
+    return {**first, "threads": THREADS[0], "also": others}
+
+
+def run_threads(procs: Procs, monitor: CpuMonitor, runs: int, threads: int) -> dict[str, Any]:
     swap = Llamaswap(
         procs,
-        "llamaswap-stream",
+        f"llamaswap-stream-t{threads}",
         config_text(
-            f"healthCheckTimeout: 120\nstartPort: {free_port_base() + 100}\n", {"smollm2": MODEL}
+            f"healthCheckTimeout: 120\nstartPort: {free_port_base() + 100}\n",
+            {"smollm2": model(threads)},
         ),
     )
     swap.start()
@@ -114,9 +129,9 @@ def run(procs: Procs, monitor: CpuMonitor, *, runs: int = 8) -> dict[str, Any]:
         }
         rows.append(row)
         log(
-            f"  {name:<10} TTFT p50 {row['ttft_p50_ms']:.1f} ms  {row['tok_s_p50']:.1f} tok/s"
-            f"  ({row['tokens']:.0f} tokens)"
+            f"  --threads {threads} {name:<10} TTFT p50 {row['ttft_p50_ms']:.1f} ms"
+            f"  {row['tok_s_p50']:.1f} tok/s  ({row['tokens']:.0f} tokens)"
         )
     procs.stop_named("nginx")
     swap.stop()
-    return {"rows": rows, "others_cores": others, "steal_cores": steal}
+    return {"rows": rows, "others_cores": others, "steal_cores": steal, "threads": threads}
