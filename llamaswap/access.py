@@ -26,12 +26,14 @@ import hashlib
 import hmac
 import json
 import math
+import posixpath
 import re
 import secrets
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -42,7 +44,7 @@ from .errors import ApiError
 from .guard import OPEN_METHODS, is_open_page, presented_key
 from .logs import logger
 from .origin import same_origin
-from .routes import MODEL_ROUTES, SESSION_PATHS
+from .routes import MODEL_ROUTES, SESSION_PATHS, ModelRoute
 
 if TYPE_CHECKING:
     from .config import Config
@@ -65,9 +67,16 @@ MAX_SESSIONS = 1000
 
 # the routes an inference key reaches besides the model routes
 INFERENCE_PATHS = frozenset({b"/v1/models", b"/models", b"/api/version", b"/openapi.json"})
-_MODEL_PATH = re.compile(
-    "|".join(re.sub(r"\\\{\w+\\\}", "[^/]+", re.escape(r.path)) for r in MODEL_ROUTES)
-)
+
+
+def _pattern(path: str) -> str:
+    """A route's OpenAPI path as a regular expression (``{name}``: one segment)."""
+    return re.sub(r"\\\{\w+\\\}", "[^/]+", re.escape(path))
+
+
+_MODEL_PATH = re.compile("|".join(_pattern(r.path) for r in MODEL_ROUTES))
+# the model routes with methods for admins only, each with its path as a pattern
+_ADMIN_ROUTES = tuple((re.compile(_pattern(r.path)), r) for r in MODEL_ROUTES if r.admin_methods)
 # the UI's own reads: the cookie may come without Origin or Sec-Fetch-Site on these
 UI_READS = frozenset(
     {b"/v1/models", b"/models", b"/running", b"/api/version", b"/api/events", b"/logs"}
@@ -109,7 +118,10 @@ class ApiKey:
         if self.role == ADMIN:
             what = "every route (role admin)"
         else:
-            what = "the OpenAI and llama-server routes and /v1/models (role inference)"
+            what = (
+                "the OpenAI and llama-server routes and /v1/models, but none that "
+                "changes a server's settings, runs its tools or fetches URLs (role inference)"
+            )
         models = "every model" if self.models == ("*",) else "models " + ", ".join(self.models)
         return f"key {self.name!r} may use {what}, for {models}"
 
@@ -138,6 +150,37 @@ def require_model(request: Any, model: str) -> None:
             f"this key may not use model {model!r}: {caller.describe()}",
             "model_not_allowed",
         )
+
+
+def require_route(request: Any, method: bytes, path: bytes) -> None:
+    """Raise the 403 for an ``inference`` key using an admin method of a model route.
+
+    ``path`` is what the model's server is sent (a model route's, or the rest of an
+    ``/upstream/<id>/`` path): read the way the server reads it (percent escapes
+    decoded, ``//`` and dot segments folded), so no spelling slips by.
+    """
+    caller = caller_of(request)
+    if caller is None or caller.role == ADMIN:
+        return
+    route = admin_route(path)
+    if route is not None and method.decode("latin-1").upper() not in route.inference_methods:
+        shown = f"{method.decode('latin-1')} {route.path}"
+        raise ApiError(
+            403,
+            f"this key may not use {shown} (it changes the server for everyone, runs "
+            f"tools or fetches URLs: admin keys only): {caller.describe()}",
+            "route_not_allowed",
+        )
+
+
+def admin_route(path: bytes) -> ModelRoute | None:
+    """The model route with admin-only methods that ``path`` (maybe with a query) is."""
+    text = unquote(path.partition(b"?")[0].decode("latin-1"), errors="replace")
+    text = posixpath.normpath("/" + text.replace("\\", "/")).lstrip("/")
+    for pattern, route in _ADMIN_ROUTES:
+        if pattern.fullmatch("/" + text) is not None:
+            return route
+    return None
 
 
 def may_list(request: Any, model: str) -> bool:

@@ -28,7 +28,7 @@ from werkzeug.routing import RequestRedirect
 from zope.interface import implementer
 
 from . import __version__
-from .access import Access, caller_name, may_list, require_model
+from .access import Access, caller_name, may_list, require_model, require_route
 from .activity import ActivityStore, StoreUnavailable
 from .config import Config, ModelConfig, PeerConfig, PoolConfig
 from .connections import connection_of
@@ -437,6 +437,7 @@ class Api:
     ) -> None:
         """Lease the model, relay the request; with ``loading_for``, report progress."""
         require_model(request, model.id)
+        require_route(request, method, path)
         record = self.recorder.begin(
             model.id,
             route or request.path.decode("ascii", errors="replace"),
@@ -538,6 +539,7 @@ class Api:
     ) -> None:
         """Relay straight to a peer: no local process, no queue."""
         require_model(request, f"{peer.id}/{remote}")
+        require_route(request, b"POST", path)
         record = self.recorder.begin(
             f"{peer.id}/{remote}",
             request.path.decode("ascii", errors="replace"),

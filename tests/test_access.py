@@ -82,6 +82,8 @@ def route_table() -> list[tuple[str, str, bytes | None, dict[str, object]]]:
                     continue  # one model suffices for the GET forms; fewer swaps
                 expected: dict[str, object] = {w: OK if w in allowed else 403 for w in WHO}
                 expected.update(nobody=401, wrong=401)
+                if method in route.admin_methods:
+                    expected.update(alice=403, bob=403)  # the inference keys
                 rows.append((*model_request(route.path, method, model), expected))
     everyone_in = {"admin": OK, "alice": OK, "bob": OK, "ops": OK, "nobody": 401, "wrong": 401}
     admins_only = {**everyone_in, "alice": 403, "bob": 403}
@@ -297,6 +299,47 @@ class RateLimitTests(SynchronousTestCase):
         clock.advance(1)
         self.assertTrue(send("sk-bot").startswith(b"HTTP/1.1 200"))
         self.assertTrue(send("sk-bot").startswith(b"HTTP/1.1 429"))
+
+
+class AdminRouteTests(AccessCase):
+    """The llama-server routes that change a model's server for everyone, run its tools
+    or make it fetch URLs (``/cors-proxy``) are for admin keys, however they are spelt."""
+
+    async def test_an_inference_key_reaches_no_admin_method_of_a_model_route(self) -> None:
+        await self.serve(CONFIG)
+        url = "http://127.0.0.1:9/"  # what /cors-proxy would fetch from inside the LAN
+        refused = [
+            ("POST", "/props", {"model": "beta", "n_ctx": 1}),
+            ("POST", "/lora-adapters?model=beta", [{"id": 0, "scale": 1}]),
+            ("POST", "/slots/0?action=erase&model=beta", None),
+            ("POST", "/tools", {"model": "beta", "tool": "exec_shell_command"}),
+            ("POST", f"/cors-proxy?model=beta&url={url}", None),
+            ("GET", f"/cors-proxy?model=beta&url={url}", None),
+            # the raw pass-through, in the spellings a server reads as the same path
+            ("GET", f"/upstream/beta/cors-proxy?url={url}", None),
+            ("GET", f"/upstream/beta/%63ors-proxy?url={url}", None),
+            ("POST", "/upstream/beta//props", {"n_ctx": 1}),
+            ("POST", "/upstream/beta/x/../lora-adapters", []),
+            ("PUT", "/upstream/beta/props", {}),
+        ]
+        for method, path, document in refused:
+            body = json.dumps(document).encode() if document is not None else b""
+            response, reply = await self.call(method, path, body, BOB)
+            self.assertEqual(response.code, 403, f"{method} {path}: {reply[:200]!r}")
+            error = json.loads(reply)["error"]
+            self.assertEqual(error["code"], "route_not_allowed", path)
+            self.assertIn("admin keys only", error["message"])
+        # refused before a model was leased: nothing was started, nothing reached one
+        _, running = await self.call("GET", "/running", key=ADMIN)
+        self.assertEqual(json.loads(running)["running"], [])
+        # the reads stay open to the key's own model ...
+        for path in ("/props?model=beta", "/tools?model=beta", "/lora-adapters?model=beta"):
+            response, reply = await self.call("GET", path, key=BOB)
+            self.assertEqual(response.code, 200, f"{path}: {reply[:200]!r}")
+        # ... and an admin key still reaches everything
+        response, reply = await self.call("GET", f"/cors-proxy?model=beta&url={url}", key=OPS)
+        self.assertEqual(response.code, 200, reply[:200])
+        self.assertEqual(json.loads(reply)["path"], "/cors-proxy")
 
 
 class SessionTests(AccessCase):
