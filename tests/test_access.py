@@ -409,6 +409,22 @@ class SessionTests(AccessCase):
         sibling = {"cookie": cookie, "sec-fetch-site": "same-site"}
         self.assertIn((await self.call("GET", "/running", headers=sibling))[0].code, (401, 403))
 
+    async def test_the_session_cookie_never_goes_to_a_model_s_server(self) -> None:
+        await self.serve(CONFIG)
+        cookie = self.cookie(await self.login(ALICE))
+        token = cookie.partition("=")[2]
+        mine = self.same_origin(cookie=f"theme=dark; {cookie}; lang=en")
+        response, reply = await self.call("GET", "/tools?model=alpha", headers=mine)
+        self.assertEqual(response.code, 200, reply[:200])
+        seen = json.loads(reply)["headers"]  # what the child received
+        self.assertEqual(seen["cookie"], "theme=dark; lang=en")  # the page's own cookies
+        self.assertNotIn(token, reply.decode())
+        response, reply = await self.call(
+            "GET", "/tools?model=alpha", headers=mine | {"cookie": cookie}
+        )
+        self.assertEqual(response.code, 200, reply[:200])
+        self.assertNotIn("cookie", json.loads(reply)["headers"])
+
     async def test_an_inference_session_has_the_key_s_scope(self) -> None:
         await self.serve(CONFIG)
         mine = self.same_origin(cookie=self.cookie(await self.login(BOB)))
