@@ -73,6 +73,8 @@ class Timing:
 class ChildProtocol(ProcessProtocol):
     """Splits the child's output into lines and reports its end; no policy here."""
 
+    log = logger()
+
     def __init__(
         self,
         on_line: Callable[[str, str], None],
@@ -100,7 +102,15 @@ class ChildProtocol(ProcessProtocol):
         self._partial[childFD] = rest
         stream = "stdout" if childFD == 1 else "stderr"
         for raw in lines:
-            self._on_line(stream, _decode(raw))
+            self._line(stream, _decode(raw))
+
+    def _line(self, stream: str, text: str) -> None:
+        try:
+            self._on_line(stream, text)
+        except Exception:
+            # whatever a line does to its reader, the next line is still read:
+            # an error here would close the pipe and the child would never be heard
+            self.log.failure("a line from a model's {stream} could not be handled", stream=stream)
 
     def processExited(self, reason: Failure) -> None:
         """The process itself is gone (its pipes may live on in descendants)."""
@@ -110,7 +120,7 @@ class ChildProtocol(ProcessProtocol):
         """The process is gone and its pipes are closed."""
         for fd, rest in sorted(self._partial.items()):
             if rest:
-                self._on_line("stdout" if fd == 1 else "stderr", _decode(rest))
+                self._line("stdout" if fd == 1 else "stderr", _decode(rest))
         self._partial.clear()
         self._on_ended(reason)
 

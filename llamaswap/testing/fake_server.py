@@ -1112,6 +1112,14 @@ def _build_parser() -> argparse.ArgumentParser:
         "--crash-after", type=float, metavar="SECONDS", help="os._exit(3) this long after ready"
     )
     parser.add_argument("--log-spam", type=int, default=0, metavar="N")
+    parser.add_argument(
+        "--say-first",
+        action="append",
+        default=[],
+        metavar="LINE",
+        help="a router's child: write LINE on stdout before its own state lines (a hostile "
+        "or broken child's protocol lines)",
+    )
     parser.add_argument("--embedding", "--embeddings", action="store_true", help="no effect")
     parser.add_argument("--reranking", "--rerank", action="store_true", help="no effect")
     parser.add_argument("--slot-save-path", metavar="DIR", help="save/restore slots here")
@@ -1164,6 +1172,11 @@ class _RouterLink(LineOnlyReceiver):
         document = json.dumps({"payload": payload, "state": state}).encode("utf-8")
         assert self.transport is not None
         self.transport.write(b"\n" + STATE_PREFIX + document + b"\n")
+
+    def say(self, line: bytes) -> None:
+        """Any line on stdout (``--say-first``)."""
+        assert self.transport is not None
+        self.transport.write(line + b"\n")
 
     def lineReceived(self, line: bytes) -> None:
         if EXIT_COMMAND in line and not self._exiting:
@@ -1240,6 +1253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.environ.get(ROUTER_PORT_ENV) is not None:
         link = _RouterLink(core.stop)
         StandardIO(link, reactor=reactor)
+        for line in args.say_first:
+            link.say(line.encode("utf-8", errors="surrogateescape"))
 
     server = FakeLlamaServer(
         clock,
