@@ -278,7 +278,7 @@ class Api:
                     requested=name,
                 )
                 return
-        raise self.unknown_model(unquote(segments[0].decode("utf-8", errors="replace")))
+        raise self.unknown_model(unquote(segments[0].decode("utf-8", errors="replace")), request)
 
     def model_from_body(
         self, request: Request, body: bytes, kind: Body = Body.JSON
@@ -357,14 +357,16 @@ class Api:
         if name:
             model, profile = self.target(name, request)
             return model, profile, name
+        # of the models the caller's key may use: the others are not its business
         loaded = [
             model_id
             for model_id, process in sorted(self.scheduler.processes.items())
             if process.state in (ModelState.STARTING, ModelState.READY)
+            and may_list(request, model_id)
         ]
         if len(loaded) == 1:
             return self.config.models[loaded[0]], None, loaded[0]
-        known = ", ".join(self.config.listed_ids()) or "(none)"
+        known = self.known_ids(request)
         which = (
             f"{len(loaded)} models are loaded ({', '.join(loaded)})"
             if loaded
@@ -381,7 +383,7 @@ class Api:
         """A model id, alias, variant, pool or ``<profile>:<model>`` → (model, profile)."""
         found = self.find(name, request)
         if found is None:
-            raise self.unknown_model(name)
+            raise self.unknown_model(name, request)
         return found
 
     def find(self, name: str, request: Request) -> tuple[ModelConfig, str | None] | None:
@@ -419,9 +421,14 @@ class Api:
             raise self.unknown_model(name)
         return model
 
-    def unknown_model(self, name: str) -> ApiError:
-        known = ", ".join(self.config.listed_ids()) or "(none)"
+    def unknown_model(self, name: str, request: Request | None = None) -> ApiError:
+        known = self.known_ids(request)
         return ApiError(404, f"model {name!r} is not configured; available models: {known}")
+
+    def known_ids(self, request: Request | None) -> str:
+        """The model ids an error may list: those ``request``'s key may use."""
+        ids = [m for m in self.config.listed_ids() if request is None or may_list(request, m)]
+        return ", ".join(ids) or "(none)"
 
     async def proxy(
         self,

@@ -342,6 +342,33 @@ class AdminRouteTests(AccessCase):
         self.assertEqual(json.loads(reply)["path"], "/cors-proxy")
 
 
+class UnnamedModelTests(AccessCase):
+    """A request that names no model goes to a model its key may use, and no answer
+    tells a scoped key about the models it may not use."""
+
+    async def test_the_only_loaded_model_is_picked_among_the_key_s_own(self) -> None:
+        await self.serve(CONFIG)
+        chat = json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode()
+        await self.call("POST", "/api/models/load/alpha", key=ADMIN)
+        response, reply = await self.call("POST", "/v1/chat/completions", chat, BOB)
+        self.assertEqual(response.code, 400, reply[:200])
+        message = json.loads(reply)["error"]["message"]
+        self.assertIn("no model is loaded", message)
+        self.assertIn("available models: beta", message)
+        for other in ("alpha", "slow", "box2"):
+            self.assertNotIn(other, message)
+        response, reply = await self.call("GET", "/props?model=nope", key=BOB)
+        self.assertEqual(response.code, 404)
+        self.assertIn('available models: beta"', reply.decode())
+        # alpha and beta both loaded (one group, no swap): bob's is beta
+        await self.call("POST", "/api/models/load/beta", key=ADMIN)
+        response, reply = await self.call("POST", "/v1/chat/completions", chat, BOB)
+        self.assertEqual(response.code, 200, reply[:200])
+        self.assertEqual(json.loads(reply)["model"], "beta")
+        response, _ = await self.call("POST", "/v1/chat/completions", chat, ADMIN)
+        self.assertEqual(response.code, 400)  # an admin still has two to choose from
+
+
 class SessionTests(AccessCase):
     async def login(self, key: str, **headers: str) -> IResponse:
         body = json.dumps({"key": key}).encode()
