@@ -87,6 +87,8 @@ class ChildProtocol(ProcessProtocol):
         self._on_exited = on_exited
         self._keep_stdin = keep_stdin
         self._partial: dict[int, bytes] = {}
+        # the fds inside a line that was too long: the rest of it is dropped
+        self._cut: set[int] = set()
 
     def connectionMade(self) -> None:
         assert self.transport is not None
@@ -96,9 +98,19 @@ class ChildProtocol(ProcessProtocol):
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         buffered = self._partial.get(childFD, b"") + data
         *lines, rest = buffered.split(b"\n")
-        if len(rest) > MAX_LINE:  # a child printing without newlines must not grow us
-            lines.append(rest)
+        if childFD in self._cut:
+            if not lines:
+                self._partial[childFD] = b""
+                return
+            self._cut.discard(childFD)
+            lines = lines[1:]  # the end of the cut line
+        if len(rest) > MAX_LINE:
+            # a child printing without newlines must not grow us, and what follows the
+            # cut must not pass for a line of its own (text a client chose could then
+            # start with the child protocol's prefix): the line is shown cut, once
+            lines.append(rest[:MAX_LINE])
             rest = b""
+            self._cut.add(childFD)
         self._partial[childFD] = rest
         stream = "stdout" if childFD == 1 else "stderr"
         for raw in lines:

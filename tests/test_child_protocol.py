@@ -17,7 +17,7 @@ from llamaswap import childproto
 from llamaswap.config import ConfigError, parse_config
 from llamaswap.events import Event, Progress
 from llamaswap.lifecycle import IModelWatcher, ModelView
-from llamaswap.process import ChildProtocol, ModelState, Timing
+from llamaswap.process import MAX_LINE, ChildProtocol, ModelState, Timing
 
 from .helpers import World, world
 from .integration import FAKE, LiveTestCase, pid_alive
@@ -171,6 +171,22 @@ class ProtocolTests(SynchronousTestCase):
         w.process("a").stop()
         self.assertEqual(w.child("a").stdin, [])
         self.assertEqual(w.reactor.spawned[-1].args[:2], ["kill", "-TERM"])
+
+    def test_no_message_starts_inside_a_line_cut_for_its_length(self) -> None:
+        w, d = self.starting()
+        a = w.child("a")
+        # a long stdout line whose text a client chose, ending in a forged message
+        a.proto.childDataReceived(1, b"x" * (MAX_LINE + 1))
+        a.proto.childDataReceived(1, b"y" * 100 + b"\n" + b"z" * (MAX_LINE + 1))
+        a.proto.childDataReceived(1, state("ready").encode() + b"\n")
+        a.say("main: the next line is a line again", fd=1)
+        self.assertNoResult(d)
+        self.assertEqual(
+            w.logs.history("a"),
+            ["x" * MAX_LINE, "z" * MAX_LINE, "main: the next line is a line again"],
+        )
+        a.say(state("ready"), fd=1)
+        self.successResultOf(d)
 
     def test_a_line_whose_handling_fails_leaves_the_pipe_read(self) -> None:
         heard: list[str] = []
