@@ -26,14 +26,12 @@ import hashlib
 import hmac
 import json
 import math
-import posixpath
 import re
 import secrets
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -44,7 +42,7 @@ from .errors import ApiError
 from .guard import OPEN_METHODS, is_open_page, presented_key
 from .logs import logger
 from .origin import same_origin
-from .routes import MODEL_ROUTES, SESSION_PATHS, ModelRoute
+from .routes import MODEL_ROUTES, SESSION_PATHS, ModelRoute, served_path
 
 if TYPE_CHECKING:
     from .config import Config
@@ -156,8 +154,8 @@ def require_route(request: Any, method: bytes, path: bytes) -> None:
     """Raise the 403 for an ``inference`` key using an admin method of a model route.
 
     ``path`` is what the model's server is sent (a model route's, or the rest of an
-    ``/upstream/<id>/`` path): read the way the server reads it (percent escapes
-    decoded, ``//`` and dot segments folded), so no spelling slips by.
+    ``/upstream/<id>/`` path), read the way the server reads it (``served_path``), so
+    no spelling slips by.
     """
     caller = caller_of(request)
     if caller is None or caller.role == ADMIN:
@@ -175,10 +173,9 @@ def require_route(request: Any, method: bytes, path: bytes) -> None:
 
 def admin_route(path: bytes) -> ModelRoute | None:
     """The model route with admin-only methods that ``path`` (maybe with a query) is."""
-    text = unquote(path.partition(b"?")[0].decode("latin-1"), errors="replace")
-    text = posixpath.normpath("/" + text.replace("\\", "/")).lstrip("/")
+    served = served_path(path)
     for pattern, route in _ADMIN_ROUTES:
-        if pattern.fullmatch("/" + text) is not None:
+        if pattern.fullmatch(served) is not None:
             return route
     return None
 

@@ -45,7 +45,7 @@ from .metrics import Metrics
 from .openapi import openapi_document
 from .recorder import Recorder, RequestRecord
 from .relay import Relay
-from .routes import API_ROUTES, MODEL_ROUTES, Body, ModelRoute
+from .routes import API_ROUTES, MODEL_ROUTES, Body, ModelRoute, served_path
 from .scheduler import Scheduler
 
 UI_DIR = Path(__file__).parent / "ui"
@@ -233,7 +233,7 @@ class Api:
             return
         if self.kvcache is not None:
             if route.path == "/slots/{id_slot}":
-                self.kvcache.check_client_slot_action(parsed.model, _arg(request, b"action"))
+                self.kvcache.check_client_slot_action(parsed.model, _args(request, b"action"))
             self.kvcache.note(parsed.model.id, parsed.conversation)
         loading = parsed.streaming and parsed.model.send_loading_state and route.loading
         await self.proxy(
@@ -264,8 +264,8 @@ class Api:
             if found is not None:
                 model, profile = found
                 path = b"/" + b"/".join(segments[count:]) + query
-                if self.kvcache is not None and path.startswith(b"/slots/"):
-                    self.kvcache.check_client_slot_action(model, _arg(request, b"action"))
+                if self.kvcache is not None and served_path(path).startswith("/slots/"):
+                    self.kvcache.check_client_slot_action(model, _args(request, b"action"))
                 body = request.content.read() if request.content is not None else b""
                 await self.proxy(
                     request,
@@ -965,8 +965,13 @@ def _round(value: float | None) -> float | None:
 
 
 def _arg(request: Request, name: bytes) -> str | None:
-    values = request.args.get(name)
-    return values[0].decode("utf-8", errors="replace") if values else None
+    values = _args(request, name)
+    return values[0] if values else None
+
+
+def _args(request: Request, name: bytes) -> list[str]:
+    """Every value of ``?name=`` (a server may read another one than the first)."""
+    return [v.decode("utf-8", errors="replace") for v in request.args.get(name, [])]
 
 
 MAX_WHOLE_ARG = 2**53

@@ -13,10 +13,12 @@ its open pages from them, the docs list them.
 
 from __future__ import annotations
 
+import posixpath
 import re
 from collections.abc import Mapping
 from enum import Enum
 from typing import Any
+from urllib.parse import unquote
 
 import attrs
 
@@ -147,6 +149,17 @@ MODEL_ROUTES: tuple[ModelRoute, ...] = (
         "/v1/images/edits", _POST, "Image edits (multipart form)", _OPENAI, llama_server=False
     ),
 )
+
+
+def served_path(target: bytes) -> str:
+    """The path a model's server reads in ``target`` (a path, maybe with a query).
+
+    llama-server decodes percent escapes before it matches a route (``/%73lots/0``
+    is ``/slots/0``); ``//`` and dot segments are folded too.  What a check must
+    recognise whatever the client's spelling.
+    """
+    text = unquote(target.partition(b"?")[0].decode("latin-1"), errors="replace")
+    return "/" + posixpath.normpath("/" + text.replace("\\", "/")).lstrip("/")
 
 
 def _rule(path: str) -> str:

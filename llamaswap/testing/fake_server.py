@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Final, Protocol, cast
+from urllib.parse import unquote
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
@@ -417,7 +418,8 @@ class FakeLlamaServer:
 
     def render(self, request: HTTPRequest) -> bytes | int:
         """Route one request; returns a body or ``NOT_DONE_YET``."""
-        path = request.path.decode("utf-8", "replace")
+        # percent escapes decoded before routing, as cpp-httplib does
+        path = unquote(request.path.decode("utf-8", "replace"))
         method = request.method.decode("ascii", "replace").upper()
         request.setHeader(b"x-fake-served-by", self.model.encode("utf-8"))
         if not path.startswith("/fake/") and path not in _PUBLIC_PATHS:
@@ -645,7 +647,7 @@ class FakeLlamaServer:
         except (ValueError, IndexError):
             raise _BadRequest("Invalid slot ID") from None
         actions = request.args.get(b"action") if request.args else None
-        action = actions[0].decode() if actions else ""
+        action = actions[-1].decode() if actions else ""  # the last, as llama-server
         if action == "erase":
             erased, slot.tokens, slot.prompt = len(slot.tokens), [], None
             return _json(request, 200, {"id_slot": slot.id, "n_erased": erased})
