@@ -19,7 +19,7 @@ import os
 import shutil
 import signal
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
@@ -135,6 +135,27 @@ class ChildProtocol(ProcessProtocol):
                 self._line("stdout" if fd == 1 else "stderr", _decode(rest))
         self._partial.clear()
         self._on_ended(reason)
+
+
+#: options whose value is a secret: a command line in the log shows ``***`` instead
+SECRET_OPTIONS = frozenset({"--api-key", "--hf-token", "-hft"})
+
+
+def shown_command(argv: Sequence[str]) -> str:
+    """``argv`` for the log: the values of :data:`SECRET_OPTIONS` hidden (the log is
+    read at ``/logs``; a child's key belongs in its ``env``, but not everyone knows)."""
+    shown: list[str] = []
+    hide = False
+    for argument in argv:
+        name, equals, _ = argument.partition("=")
+        if hide:
+            shown.append("***")
+        elif equals and name in SECRET_OPTIONS:
+            shown.append(name + "=***")
+        else:
+            shown.append(argument)
+        hide = not hide and not equals and argument in SECRET_OPTIONS
+    return " ".join(shown)
 
 
 def _decode(raw: bytes) -> str:
@@ -319,7 +340,7 @@ class ModelProcess:
         if executable is None:
             self._fail_before_spawn(f"command not found: {argv[0]!r} (check cmd and PATH)")
             return
-        shown = " ".join(argv)
+        shown = shown_command(argv)
         watch = self._watch = self._watch_for(executable)
         if watch.talks:
             env[ROUTER_PORT_ENV] = ROUTER_PORT
