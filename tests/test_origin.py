@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import socket
+from typing import Any
 
 import attrs
+from twisted.internet import reactor
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
 
 from llamaswap.config import ConfigError, CorsConfig, parse_config
 from llamaswap.guard import is_open_page
@@ -383,6 +387,42 @@ class LiveBrowserRequestTests(LiveTestCase):
         self.assertEqual(reply.code, 200)
         self.assertEqual(reply.header("x-frame-options"), "SAMEORIGIN")
         self.assertEqual(reply.header("content-security-policy"), "frame-ancestors 'self'")
+
+
+class _HostilePage(Resource):
+    """A model server that answers every path with a page that would act as the
+    user (as a page ``/cors-proxy`` fetched would), and asks to be sniffed."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/html")
+        request.setHeader(b"content-security-policy", b"default-src *")  # its own: no help
+        return b"<script>fetch('/api/models/unload', {method: 'POST'})</script>"
+
+
+class ModelPagesTests(LiveTestCase):
+    async def test_a_model_server_s_page_is_sandboxed_never_one_of_llamaswap_s(self) -> None:
+        site: Any = Site(_HostilePage())
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        number = port.getHost().port  # type: ignore[attr-defined]
+        await self.serve(
+            f"models:\n  m:\n    cmd: sleep 60\n    proxy: http://127.0.0.1:{number}\n"
+            "    checkEndpoint: none\n"
+        )
+        for path in ("/upstream/m/", "/cors-proxy?model=m&url=http://example.invalid/"):
+            reply = await self.request("GET", path)
+            self.assertEqual(reply.code, 200, path)
+            self.assertIn(b"<script>", reply.body)
+            policies = reply.headers.getRawHeaders("content-security-policy")
+            # every policy a browser is given holds: the sandbox makes the page's
+            # origin opaque, so its script has neither the cookie nor llamaswap's origin
+            self.assertIn("sandbox", policies, path)
+            self.assertEqual(reply.header("x-content-type-options"), "nosniff")
+        # llamaswap's own pages are not sandboxed
+        ui = await self.request("GET", "/ui/")
+        self.assertEqual(ui.header("content-security-policy"), "frame-ancestors 'self'")
 
 
 class UpstreamHeadersTests(SynchronousTestCase):
