@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
-from typing import Any
 
 import attrs
-from twisted.internet import reactor
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
@@ -403,14 +401,7 @@ class _HostilePage(Resource):
 
 class ModelPagesTests(LiveTestCase):
     async def test_a_model_server_s_page_is_sandboxed_never_one_of_llamaswap_s(self) -> None:
-        site: Any = Site(_HostilePage())
-        port = reactor.listenTCP(0, site, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        number = port.getHost().port  # type: ignore[attr-defined]
-        await self.serve(
-            f"models:\n  m:\n    cmd: sleep 60\n    proxy: http://127.0.0.1:{number}\n"
-            "    checkEndpoint: none\n"
-        )
+        await self.serve_in_front_of(Site(_HostilePage()))
         for path in ("/upstream/m/", "/cors-proxy?model=m&url=http://example.invalid/"):
             reply = await self.request("GET", path)
             self.assertEqual(reply.code, 200, path)
