@@ -369,10 +369,13 @@ class Access:
         request.setComponent(ICaller, caller)
         if _is_open(request) or path in SESSION_PATHS:
             return None
-        if not caller.may_reach(path):
+        # as the router and the model's server read it: /v1/%63hat/completions is a
+        # chat, and counts against the key's limits like one
+        served = served_path(path).encode("utf-8")
+        if not caller.may_reach(served):
             message = f"this key may not use {_shown(path)}: {caller.describe()}"
             return ApiError(403, message, "route_not_allowed")
-        return self.admit(request, caller) if uses_model(path) else None
+        return self.admit(request, caller) if uses_model(served) else None
 
     def authenticate(self, request: Request) -> ApiKey | None:
         """The key in a header, else the session cookie (from our own pages only)."""

@@ -266,6 +266,20 @@ class Rendered(Resource):
         return b"ok"
 
 
+def through_the_door(site: ApiSite, key: str, path: bytes) -> bytes:
+    """What the door answers to a POST of ``path`` with ``key`` (in memory)."""
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(
+        b"POST " + path + b" HTTP/1.1\r\nHost: localhost\r\n"
+        b"Authorization: Bearer " + key.encode() + b"\r\nContent-Length: 2\r\n\r\n{}"
+    )
+    channel.connectionLost(Failure(ConnectionError()))
+    answer: bytes = transport.value()
+    return answer
+
+
 class RateLimitTests(SynchronousTestCase):
     """``requestsPerMinute`` on the door itself, with a Clock."""
 
@@ -277,16 +291,7 @@ class RateLimitTests(SynchronousTestCase):
         site = ApiSite(guard, 1_000_000, checks=[guard.check])
 
         def send(key: str) -> bytes:
-            channel = site.buildProtocol(None)
-            transport = StringTransport()
-            channel.makeConnection(transport)
-            channel.dataReceived(
-                b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n"
-                b"Authorization: Bearer " + key.encode() + b"\r\nContent-Length: 2\r\n\r\n{}"
-            )
-            channel.connectionLost(Failure(ConnectionError()))
-            answer: bytes = transport.value()
-            return answer
+            return through_the_door(site, key, b"/v1/completions")
 
         self.assertEqual([send("sk-bot")[:12] for _ in range(3)], [b"HTTP/1.1 200"] * 3)
         refused = send("sk-bot")
@@ -299,6 +304,21 @@ class RateLimitTests(SynchronousTestCase):
         clock.advance(1)
         self.assertTrue(send("sk-bot").startswith(b"HTTP/1.1 200"))
         self.assertTrue(send("sk-bot").startswith(b"HTTP/1.1 429"))
+
+    def test_a_model_route_counts_however_its_path_is_spelt(self) -> None:
+        clock = Clock()
+        limited = ApiKey("ops", "sk-ops", role="admin", requests_per_minute=2)
+        guard = Guard(Rendered(), Access((limited,), clock))
+        site = ApiSite(guard, 1_000_000, checks=[guard.check])
+
+        def send(path: bytes) -> bytes:
+            return through_the_door(site, "sk-ops", path)[:12]
+
+        # the router and llama-server both decode these to /v1/chat/completions
+        spellings = (b"/v1/chat/completions", b"/v1/%63hat/completions", b"/v1/chat%2Fcompletions")
+        self.assertEqual([send(p) for p in spellings], [b"HTTP/1.1 200"] * 2 + [b"HTTP/1.1 429"])
+        for path in spellings[1:]:
+            self.assertEqual(send(path), b"HTTP/1.1 429", path)
 
 
 class AdminRouteTests(AccessCase):
