@@ -42,7 +42,7 @@ from .errors import ApiError
 from .guard import OPEN_METHODS, is_open_page, presented_key
 from .logs import logger
 from .origin import same_origin
-from .routes import MODEL_ROUTES, SESSION_PATHS
+from .routes import MODEL_ROUTES, SESSION_PATHS, ModelRoute, served_path
 
 if TYPE_CHECKING:
     from .config import Config
@@ -65,9 +65,16 @@ MAX_SESSIONS = 1000
 
 # the routes an inference key reaches besides the model routes
 INFERENCE_PATHS = frozenset({b"/v1/models", b"/models", b"/api/version", b"/openapi.json"})
-_MODEL_PATH = re.compile(
-    "|".join(re.sub(r"\\\{\w+\\\}", "[^/]+", re.escape(r.path)) for r in MODEL_ROUTES)
-)
+
+
+def _pattern(path: str) -> str:
+    """A route's OpenAPI path as a regular expression (``{name}``: one segment)."""
+    return re.sub(r"\\\{\w+\\\}", "[^/]+", re.escape(path))
+
+
+_MODEL_PATH = re.compile("|".join(_pattern(r.path) for r in MODEL_ROUTES))
+# the model routes with methods for admins only, each with its path as a pattern
+_ADMIN_ROUTES = tuple((re.compile(_pattern(r.path)), r) for r in MODEL_ROUTES if r.admin_methods)
 # the UI's own reads: the cookie may come without Origin or Sec-Fetch-Site on these
 UI_READS = frozenset(
     {b"/v1/models", b"/models", b"/running", b"/api/version", b"/api/events", b"/logs"}
@@ -109,7 +116,10 @@ class ApiKey:
         if self.role == ADMIN:
             what = "every route (role admin)"
         else:
-            what = "the OpenAI and llama-server routes and /v1/models (role inference)"
+            what = (
+                "the OpenAI and llama-server routes and /v1/models, but none that "
+                "changes a server's settings, runs its tools or fetches URLs (role inference)"
+            )
         models = "every model" if self.models == ("*",) else "models " + ", ".join(self.models)
         return f"key {self.name!r} may use {what}, for {models}"
 
@@ -138,6 +148,36 @@ def require_model(request: Any, model: str) -> None:
             f"this key may not use model {model!r}: {caller.describe()}",
             "model_not_allowed",
         )
+
+
+def require_route(request: Any, method: bytes, path: bytes) -> None:
+    """Raise the 403 for an ``inference`` key using an admin method of a model route.
+
+    ``path`` is what the model's server is sent (a model route's, or the rest of an
+    ``/upstream/<id>/`` path), read the way the server reads it (``served_path``), so
+    no spelling slips by.
+    """
+    caller = caller_of(request)
+    if caller is None or caller.role == ADMIN:
+        return
+    route = admin_route(path)
+    if route is not None and method.decode("latin-1").upper() not in route.inference_methods:
+        shown = f"{method.decode('latin-1')} {route.path}"
+        raise ApiError(
+            403,
+            f"this key may not use {shown} (it changes the server for everyone, runs "
+            f"tools or fetches URLs: admin keys only): {caller.describe()}",
+            "route_not_allowed",
+        )
+
+
+def admin_route(path: bytes) -> ModelRoute | None:
+    """The model route with admin-only methods that ``path`` (maybe with a query) is."""
+    served = served_path(path)
+    for pattern, route in _ADMIN_ROUTES:
+        if pattern.fullmatch(served) is not None:
+            return route
+    return None
 
 
 def may_list(request: Any, model: str) -> bool:
@@ -329,10 +369,13 @@ class Access:
         request.setComponent(ICaller, caller)
         if _is_open(request) or path in SESSION_PATHS:
             return None
-        if not caller.may_reach(path):
+        # as the router and the model's server read it: /v1/%63hat/completions is a
+        # chat, and counts against the key's limits like one
+        served = served_path(path).encode("utf-8")
+        if not caller.may_reach(served):
             message = f"this key may not use {_shown(path)}: {caller.describe()}"
             return ApiError(403, message, "route_not_allowed")
-        return self.admit(request, caller) if uses_model(path) else None
+        return self.admit(request, caller) if uses_model(served) else None
 
     def authenticate(self, request: Request) -> ApiKey | None:
         """The key in a header, else the session cookie (from our own pages only)."""

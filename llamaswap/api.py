@@ -28,7 +28,7 @@ from werkzeug.routing import RequestRedirect
 from zope.interface import implementer
 
 from . import __version__
-from .access import Access, caller_name, may_list, require_model
+from .access import Access, caller_name, may_list, require_model, require_route
 from .activity import ActivityStore, StoreUnavailable
 from .config import Config, ModelConfig, PeerConfig, PoolConfig
 from .connections import connection_of
@@ -45,7 +45,7 @@ from .metrics import Metrics
 from .openapi import openapi_document
 from .recorder import Recorder, RequestRecord
 from .relay import Relay
-from .routes import API_ROUTES, MODEL_ROUTES, Body, ModelRoute
+from .routes import API_ROUTES, MODEL_ROUTES, Body, ModelRoute, served_path
 from .scheduler import Scheduler
 
 UI_DIR = Path(__file__).parent / "ui"
@@ -233,7 +233,7 @@ class Api:
             return
         if self.kvcache is not None:
             if route.path == "/slots/{id_slot}":
-                self.kvcache.check_client_slot_action(parsed.model, _arg(request, b"action"))
+                self.kvcache.check_client_slot_action(parsed.model, _args(request, b"action"))
             self.kvcache.note(parsed.model.id, parsed.conversation)
         loading = parsed.streaming and parsed.model.send_loading_state and route.loading
         await self.proxy(
@@ -264,8 +264,8 @@ class Api:
             if found is not None:
                 model, profile = found
                 path = b"/" + b"/".join(segments[count:]) + query
-                if self.kvcache is not None and path.startswith(b"/slots/"):
-                    self.kvcache.check_client_slot_action(model, _arg(request, b"action"))
+                if self.kvcache is not None and served_path(path).startswith("/slots/"):
+                    self.kvcache.check_client_slot_action(model, _args(request, b"action"))
                 body = request.content.read() if request.content is not None else b""
                 await self.proxy(
                     request,
@@ -278,7 +278,7 @@ class Api:
                     requested=name,
                 )
                 return
-        raise self.unknown_model(unquote(segments[0].decode("utf-8", errors="replace")))
+        raise self.unknown_model(unquote(segments[0].decode("utf-8", errors="replace")), request)
 
     def model_from_body(
         self, request: Request, body: bytes, kind: Body = Body.JSON
@@ -357,14 +357,16 @@ class Api:
         if name:
             model, profile = self.target(name, request)
             return model, profile, name
+        # of the models the caller's key may use: the others are not its business
         loaded = [
             model_id
             for model_id, process in sorted(self.scheduler.processes.items())
             if process.state in (ModelState.STARTING, ModelState.READY)
+            and may_list(request, model_id)
         ]
         if len(loaded) == 1:
             return self.config.models[loaded[0]], None, loaded[0]
-        known = ", ".join(self.config.listed_ids()) or "(none)"
+        known = self.known_ids(request)
         which = (
             f"{len(loaded)} models are loaded ({', '.join(loaded)})"
             if loaded
@@ -381,7 +383,7 @@ class Api:
         """A model id, alias, variant, pool or ``<profile>:<model>`` → (model, profile)."""
         found = self.find(name, request)
         if found is None:
-            raise self.unknown_model(name)
+            raise self.unknown_model(name, request)
         return found
 
     def find(self, name: str, request: Request) -> tuple[ModelConfig, str | None] | None:
@@ -419,9 +421,14 @@ class Api:
             raise self.unknown_model(name)
         return model
 
-    def unknown_model(self, name: str) -> ApiError:
-        known = ", ".join(self.config.listed_ids()) or "(none)"
+    def unknown_model(self, name: str, request: Request | None = None) -> ApiError:
+        known = self.known_ids(request)
         return ApiError(404, f"model {name!r} is not configured; available models: {known}")
+
+    def known_ids(self, request: Request | None) -> str:
+        """The model ids an error may list: those ``request``'s key may use."""
+        ids = [m for m in self.config.listed_ids() if request is None or may_list(request, m)]
+        return ", ".join(ids) or "(none)"
 
     async def proxy(
         self,
@@ -437,6 +444,7 @@ class Api:
     ) -> None:
         """Lease the model, relay the request; with ``loading_for``, report progress."""
         require_model(request, model.id)
+        require_route(request, method, path)
         record = self.recorder.begin(
             model.id,
             route or request.path.decode("ascii", errors="replace"),
@@ -538,6 +546,7 @@ class Api:
     ) -> None:
         """Relay straight to a peer: no local process, no queue."""
         require_model(request, f"{peer.id}/{remote}")
+        require_route(request, b"POST", path)
         record = self.recorder.begin(
             f"{peer.id}/{remote}",
             request.path.decode("ascii", errors="replace"),
@@ -956,8 +965,13 @@ def _round(value: float | None) -> float | None:
 
 
 def _arg(request: Request, name: bytes) -> str | None:
-    values = request.args.get(name)
-    return values[0].decode("utf-8", errors="replace") if values else None
+    values = _args(request, name)
+    return values[0] if values else None
+
+
+def _args(request: Request, name: bytes) -> list[str]:
+    """Every value of ``?name=`` (a server may read another one than the first)."""
+    return [v.decode("utf-8", errors="replace") for v in request.args.get(name, [])]
 
 
 MAX_WHOLE_ARG = 2**53

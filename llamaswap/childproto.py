@@ -66,7 +66,10 @@ def parse(line: str) -> ChildState | None:
     """The message on ``line``; None for a log line.  Raises ValueError if garbled."""
     if not line.startswith(STATE_PREFIX):
         return None
-    document = json.loads(line[len(STATE_PREFIX) :])
+    try:
+        document = json.loads(line[len(STATE_PREFIX) :])
+    except RecursionError as e:  # "[[[[...": not a ValueError
+        raise ValueError("nested too deeply") from e
     if not isinstance(document, dict) or not isinstance(document.get("state"), str):
         raise ValueError("expected {'state': ..., 'payload': ...}")
     payload = document.get("payload")
@@ -82,10 +85,13 @@ def progress(payload: Mapping[str, Any]) -> tuple[float, str | None] | None:
     value = payload.get("value")
     if not isinstance(value, int | float) or isinstance(value, bool) or value != value:
         return None
+    try:
+        fraction = min(max(float(value), 0.0), 1.0)
+    except OverflowError:  # a JSON integer no float holds
+        return None
     stage = payload.get("current")
     stage = stage if isinstance(stage, str) else None
     stages = payload.get("stages")
-    fraction = min(max(float(value), 0.0), 1.0)
     if isinstance(stages, list) and stages and stage in stages:
         fraction = (stages.index(stage) + fraction) / len(stages)
     return fraction, stage

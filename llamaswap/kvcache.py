@@ -23,7 +23,7 @@ import json
 import os
 import secrets
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -244,10 +244,13 @@ class KvStore:
             self._pending_cache[model] -= 1
             self._counts(model).cached_tokens += cache_n
 
-    def check_client_slot_action(self, model: ModelConfig, action: str | None) -> None:
+    def check_client_slot_action(self, model: ModelConfig, actions: Sequence[str]) -> None:
         """Clients may not save or restore slots in the directory llamaswap added:
-        its files are within llamaswap's disk budget and hold others' conversations."""
-        if model.slot_save_added and action in ("save", "restore"):
+        its files are within llamaswap's disk budget and hold others' conversations.
+
+        ``actions``: every ``action`` the query gives (llama-server acts on the last).
+        """
+        if model.slot_save_added and {"save", "restore"} & set(actions):
             raise ApiError(
                 403,
                 f"model {model.id!r}: slots are saved and restored by llamaswap (kvCache); "

@@ -484,15 +484,25 @@ def _declare(
 
 
 def _relabel(model: str, labels: str) -> str | None:
-    """``labels`` (the text between braces) with ``model`` first; None if malformed."""
+    """``labels`` (the text between braces) with ``model`` first; None if malformed.
+
+    A label name given twice (``model`` and ``exported_model`` alike, once renamed)
+    fails a Prometheus scrape as a whole, and ``__name__`` and the other reserved
+    ``__`` names would name another series: such a sample is dropped.
+    """
     pairs = [f'model="{model}"']
+    names = {"model"}
     position = 0
     while position < len(labels):
         label = _LABEL.match(labels, position)
         if label is None or label.end() == position:
             return None
         name, value, _ = label.groups()
-        pairs.append(f'{"exported_model" if name == "model" else name}="{value}"')
+        name = "exported_model" if name == "model" else name
+        if name in names or name.startswith("__"):
+            return None
+        names.add(name)
+        pairs.append(f'{name}="{value}"')
         position = label.end()
     return ",".join(pairs)
 

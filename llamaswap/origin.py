@@ -326,10 +326,17 @@ def over_upstream(upstream: Headers, ours: Headers) -> Headers:
     llamaswap alone answers CORS: the server's own ``Access-Control-*`` headers go
     (llama-server allows every Origin), ours stay.  Our ``Vary`` and frame policy are
     added to the server's; its ``X-Frame-Options``, if any, is kept.
+
+    A model server's answer is never a page of llamaswap's origin: a document it
+    sends (its own web UI, a page ``/cors-proxy`` fetched, anything a hostile server
+    writes) is sandboxed, so its scripts cannot run with the session cookie and the
+    same-origin standing of llamaswap's own pages; and it is never sniffed as HTML.
     """
     for name, _ in list(upstream.getAllRawHeaders()):
         if name.lower().startswith(b"access-control-"):
             upstream.removeHeader(name)
+    upstream.addRawHeader(b"content-security-policy", b"sandbox")
+    upstream.setRawHeaders(b"x-content-type-options", [b"nosniff"])
     for name, values in ours.getAllRawHeaders():
         lower = name.lower()
         if lower.startswith(b"access-control-") or lower in (b"vary", b"content-security-policy"):

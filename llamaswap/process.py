@@ -19,7 +19,7 @@ import os
 import shutil
 import signal
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
@@ -73,6 +73,8 @@ class Timing:
 class ChildProtocol(ProcessProtocol):
     """Splits the child's output into lines and reports its end; no policy here."""
 
+    log = logger()
+
     def __init__(
         self,
         on_line: Callable[[str, str], None],
@@ -85,6 +87,8 @@ class ChildProtocol(ProcessProtocol):
         self._on_exited = on_exited
         self._keep_stdin = keep_stdin
         self._partial: dict[int, bytes] = {}
+        # the fds inside a line that was too long: the rest of it is dropped
+        self._cut: set[int] = set()
 
     def connectionMade(self) -> None:
         assert self.transport is not None
@@ -94,13 +98,31 @@ class ChildProtocol(ProcessProtocol):
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         buffered = self._partial.get(childFD, b"") + data
         *lines, rest = buffered.split(b"\n")
-        if len(rest) > MAX_LINE:  # a child printing without newlines must not grow us
-            lines.append(rest)
+        if childFD in self._cut:
+            if not lines:
+                self._partial[childFD] = b""
+                return
+            self._cut.discard(childFD)
+            lines = lines[1:]  # the end of the cut line
+        if len(rest) > MAX_LINE:
+            # a child printing without newlines must not grow us, and what follows the
+            # cut must not pass for a line of its own (text a client chose could then
+            # start with the child protocol's prefix): the line is shown cut, once
+            lines.append(rest[:MAX_LINE])
             rest = b""
+            self._cut.add(childFD)
         self._partial[childFD] = rest
         stream = "stdout" if childFD == 1 else "stderr"
         for raw in lines:
-            self._on_line(stream, _decode(raw))
+            self._line(stream, _decode(raw))
+
+    def _line(self, stream: str, text: str) -> None:
+        try:
+            self._on_line(stream, text)
+        except Exception:
+            # whatever a line does to its reader, the next line is still read:
+            # an error here would close the pipe and the child would never be heard
+            self.log.failure("a line from a model's {stream} could not be handled", stream=stream)
 
     def processExited(self, reason: Failure) -> None:
         """The process itself is gone (its pipes may live on in descendants)."""
@@ -110,9 +132,30 @@ class ChildProtocol(ProcessProtocol):
         """The process is gone and its pipes are closed."""
         for fd, rest in sorted(self._partial.items()):
             if rest:
-                self._on_line("stdout" if fd == 1 else "stderr", _decode(rest))
+                self._line("stdout" if fd == 1 else "stderr", _decode(rest))
         self._partial.clear()
         self._on_ended(reason)
+
+
+#: options whose value is a secret: a command line in the log shows ``***`` instead
+SECRET_OPTIONS = frozenset({"--api-key", "--hf-token", "-hft"})
+
+
+def shown_command(argv: Sequence[str]) -> str:
+    """``argv`` for the log: the values of :data:`SECRET_OPTIONS` hidden (the log is
+    read at ``/logs``; a child's key belongs in its ``env``, but not everyone knows)."""
+    shown: list[str] = []
+    hide = False
+    for argument in argv:
+        name, equals, _ = argument.partition("=")
+        if hide:
+            shown.append("***")
+        elif equals and name in SECRET_OPTIONS:
+            shown.append(name + "=***")
+        else:
+            shown.append(argument)
+        hide = not hide and not equals and argument in SECRET_OPTIONS
+    return " ".join(shown)
 
 
 def _decode(raw: bytes) -> str:
@@ -297,7 +340,7 @@ class ModelProcess:
         if executable is None:
             self._fail_before_spawn(f"command not found: {argv[0]!r} (check cmd and PATH)")
             return
-        shown = " ".join(argv)
+        shown = shown_command(argv)
         watch = self._watch = self._watch_for(executable)
         if watch.talks:
             env[ROUTER_PORT_ENV] = ROUTER_PORT

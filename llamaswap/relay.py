@@ -38,6 +38,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from .access import SESSION_COOKIE
 from .errors import ApiError
 from .eventstream import end_event_stream, is_event_stream, unbuffered
 from .guard import short_uri
@@ -73,6 +74,24 @@ def end_to_end(headers: Headers, drop: frozenset[bytes] = frozenset()) -> Header
         if name.lower() not in skip:
             result.setRawHeaders(name, values)
     return result
+
+
+def without_session(headers: Headers) -> None:
+    """Drop llamaswap's UI session cookie from ``headers`` (other cookies stay): it is
+    a key to llamaswap, no business of a model server or a peer."""
+    kept = []
+    for value in headers.getRawHeaders(b"cookie", []):
+        pairs = [
+            pair
+            for pair in value.split(b";")
+            if pair.strip().partition(b"=")[0].strip() != SESSION_COOKIE
+        ]
+        if any(pair.strip() for pair in pairs):
+            kept.append(b";".join(pairs).strip())
+    if kept:
+        headers.setRawHeaders(b"cookie", kept)
+    else:
+        headers.removeHeader(b"cookie")
 
 
 @implementer(IBodyProducer)
@@ -190,6 +209,7 @@ class Relay:
             # a client's key for llamaswap is not the model server's business
             drop |= {b"authorization", b"x-api-key"}
         headers = end_to_end(request.requestHeaders, frozenset(drop))
+        without_session(headers)
         for name, value in (replace_headers or {}).items():
             headers.setRawHeaders(name, [value])
         self.hop.mark(headers)

@@ -13,10 +13,12 @@ its open pages from them, the docs list them.
 
 from __future__ import annotations
 
+import posixpath
 import re
 from collections.abc import Mapping
 from enum import Enum
 from typing import Any
+from urllib.parse import unquote
 
 import attrs
 
@@ -45,6 +47,16 @@ class ModelRoute:
     loading: bool = False
     #: also served by servers other than llama-server (not in its route list)
     llama_server: bool = True
+    #: methods only an ``admin`` key may use: they change the server for everyone who
+    #: uses the model (settings, adapters, slots), run tools on the box or fetch URLs
+    #: from it (``/cors-proxy``: a request forger inside the LAN)
+    admin_methods: tuple[str, ...] = ()
+
+    @property
+    def inference_methods(self) -> frozenset[str]:
+        """The methods an ``inference`` key may use (HEAD wherever GET is)."""
+        free = {m for m in self.methods if m not in self.admin_methods}
+        return frozenset(free | ({"HEAD"} if "GET" in free else set()))
 
     @property
     def rule(self) -> str:
@@ -99,17 +111,35 @@ MODEL_ROUTES: tuple[ModelRoute, ...] = (
     ModelRoute("/tokenize", _POST, "Text to tokens"),
     ModelRoute("/detokenize", _POST, "Tokens to text"),
     ModelRoute("/apply-template", _POST, "Render a chat as the model's prompt"),
-    ModelRoute("/props", ("GET", "POST"), "The server's properties (POST changes them)"),
+    ModelRoute(
+        "/props",
+        ("GET", "POST"),
+        "The server's properties (POST changes them)",
+        admin_methods=_POST,
+    ),
     ModelRoute("/slots", _GET, "The server's slots"),
     ModelRoute(
         "/slots/{id_slot}",
         _POST,
         "Save, restore or erase a slot (`?action=`)",
         body=Body.OPAQUE,
+        admin_methods=_POST,
     ),
-    ModelRoute("/lora-adapters", ("GET", "POST"), "List or set LoRA adapters", body=Body.OPAQUE),
-    ModelRoute("/tools", ("GET", "POST"), "Server-side tools"),
-    ModelRoute("/cors-proxy", ("GET", "POST"), "The web UI's MCP proxy", body=Body.OPAQUE),
+    ModelRoute(
+        "/lora-adapters",
+        ("GET", "POST"),
+        "List or set LoRA adapters",
+        body=Body.OPAQUE,
+        admin_methods=_POST,
+    ),
+    ModelRoute("/tools", ("GET", "POST"), "Server-side tools", admin_methods=_POST),
+    ModelRoute(
+        "/cors-proxy",
+        ("GET", "POST"),
+        "The web UI's MCP proxy (fetches any URL)",
+        body=Body.OPAQUE,
+        admin_methods=("GET", "POST"),
+    ),
     ModelRoute("/v1/stream", ("GET", "DELETE"), "Resume or drop a resumable stream (`?id=`)"),
     ModelRoute("/v1/streams/lookup", _POST, "Find resumable streams"),
     # other servers' media routes
@@ -119,6 +149,17 @@ MODEL_ROUTES: tuple[ModelRoute, ...] = (
         "/v1/images/edits", _POST, "Image edits (multipart form)", _OPENAI, llama_server=False
     ),
 )
+
+
+def served_path(target: bytes) -> str:
+    """The path a model's server reads in ``target`` (a path, maybe with a query).
+
+    llama-server decodes percent escapes before it matches a route (``/%73lots/0``
+    is ``/slots/0``); ``//`` and dot segments are folded too.  What a check must
+    recognise whatever the client's spelling.
+    """
+    text = unquote(target.partition(b"?")[0].decode("latin-1"), errors="replace")
+    return "/" + posixpath.normpath("/" + text.replace("\\", "/")).lstrip("/")
 
 
 def _rule(path: str) -> str:

@@ -92,6 +92,17 @@ class LiveTestCase(TestCase):
         self.agent = Agent(reactor, pool=pool)
         return api
 
+    async def serve_in_front_of(self, upstream: Any) -> Api:
+        """llamaswap with one model ``m`` whose server is ``upstream`` (a server
+        factory, listening here on a free port)."""
+        port = reactor.listenTCP(0, upstream, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        number = port.getHost().port  # type: ignore[attr-defined]
+        return await self.serve(
+            f"models:\n  m:\n    cmd: sleep 60\n    proxy: http://127.0.0.1:{number}\n"
+            "    checkEndpoint: none\n"
+        )
+
     async def daemon(
         self, config: Path, output: IO[str] | int = subprocess.DEVNULL, **options: Any
     ) -> tuple[subprocess.Popen[bytes], int]:

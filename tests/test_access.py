@@ -82,6 +82,8 @@ def route_table() -> list[tuple[str, str, bytes | None, dict[str, object]]]:
                     continue  # one model suffices for the GET forms; fewer swaps
                 expected: dict[str, object] = {w: OK if w in allowed else 403 for w in WHO}
                 expected.update(nobody=401, wrong=401)
+                if method in route.admin_methods:
+                    expected.update(alice=403, bob=403)  # the inference keys
                 rows.append((*model_request(route.path, method, model), expected))
     everyone_in = {"admin": OK, "alice": OK, "bob": OK, "ops": OK, "nobody": 401, "wrong": 401}
     admins_only = {**everyone_in, "alice": 403, "bob": 403}
@@ -264,6 +266,20 @@ class Rendered(Resource):
         return b"ok"
 
 
+def through_the_door(site: ApiSite, key: str, path: bytes) -> bytes:
+    """What the door answers to a POST of ``path`` with ``key`` (in memory)."""
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(
+        b"POST " + path + b" HTTP/1.1\r\nHost: localhost\r\n"
+        b"Authorization: Bearer " + key.encode() + b"\r\nContent-Length: 2\r\n\r\n{}"
+    )
+    channel.connectionLost(Failure(ConnectionError()))
+    answer: bytes = transport.value()
+    return answer
+
+
 class RateLimitTests(SynchronousTestCase):
     """``requestsPerMinute`` on the door itself, with a Clock."""
 
@@ -275,16 +291,7 @@ class RateLimitTests(SynchronousTestCase):
         site = ApiSite(guard, 1_000_000, checks=[guard.check])
 
         def send(key: str) -> bytes:
-            channel = site.buildProtocol(None)
-            transport = StringTransport()
-            channel.makeConnection(transport)
-            channel.dataReceived(
-                b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n"
-                b"Authorization: Bearer " + key.encode() + b"\r\nContent-Length: 2\r\n\r\n{}"
-            )
-            channel.connectionLost(Failure(ConnectionError()))
-            answer: bytes = transport.value()
-            return answer
+            return through_the_door(site, key, b"/v1/completions")
 
         self.assertEqual([send("sk-bot")[:12] for _ in range(3)], [b"HTTP/1.1 200"] * 3)
         refused = send("sk-bot")
@@ -297,6 +304,89 @@ class RateLimitTests(SynchronousTestCase):
         clock.advance(1)
         self.assertTrue(send("sk-bot").startswith(b"HTTP/1.1 200"))
         self.assertTrue(send("sk-bot").startswith(b"HTTP/1.1 429"))
+
+    def test_a_model_route_counts_however_its_path_is_spelt(self) -> None:
+        clock = Clock()
+        limited = ApiKey("ops", "sk-ops", role="admin", requests_per_minute=2)
+        guard = Guard(Rendered(), Access((limited,), clock))
+        site = ApiSite(guard, 1_000_000, checks=[guard.check])
+
+        def send(path: bytes) -> bytes:
+            return through_the_door(site, "sk-ops", path)[:12]
+
+        # the router and llama-server both decode these to /v1/chat/completions
+        spellings = (b"/v1/chat/completions", b"/v1/%63hat/completions", b"/v1/chat%2Fcompletions")
+        self.assertEqual([send(p) for p in spellings], [b"HTTP/1.1 200"] * 2 + [b"HTTP/1.1 429"])
+        for path in spellings[1:]:
+            self.assertEqual(send(path), b"HTTP/1.1 429", path)
+
+
+class AdminRouteTests(AccessCase):
+    """The llama-server routes that change a model's server for everyone, run its tools
+    or make it fetch URLs (``/cors-proxy``) are for admin keys, however they are spelt."""
+
+    async def test_an_inference_key_reaches_no_admin_method_of_a_model_route(self) -> None:
+        await self.serve(CONFIG)
+        url = "http://127.0.0.1:9/"  # what /cors-proxy would fetch from inside the LAN
+        refused = [
+            ("POST", "/props", {"model": "beta", "n_ctx": 1}),
+            ("POST", "/lora-adapters?model=beta", [{"id": 0, "scale": 1}]),
+            ("POST", "/slots/0?action=erase&model=beta", None),
+            ("POST", "/tools", {"model": "beta", "tool": "exec_shell_command"}),
+            ("POST", f"/cors-proxy?model=beta&url={url}", None),
+            ("GET", f"/cors-proxy?model=beta&url={url}", None),
+            # the raw pass-through, in the spellings a server reads as the same path
+            ("GET", f"/upstream/beta/cors-proxy?url={url}", None),
+            ("GET", f"/upstream/beta/%63ors-proxy?url={url}", None),
+            ("POST", "/upstream/beta//props", {"n_ctx": 1}),
+            ("POST", "/upstream/beta/x/../lora-adapters", []),
+            ("PUT", "/upstream/beta/props", {}),
+        ]
+        for method, path, document in refused:
+            body = json.dumps(document).encode() if document is not None else b""
+            response, reply = await self.call(method, path, body, BOB)
+            self.assertEqual(response.code, 403, f"{method} {path}: {reply[:200]!r}")
+            error = json.loads(reply)["error"]
+            self.assertEqual(error["code"], "route_not_allowed", path)
+            self.assertIn("admin keys only", error["message"])
+        # refused before a model was leased: nothing was started, nothing reached one
+        _, running = await self.call("GET", "/running", key=ADMIN)
+        self.assertEqual(json.loads(running)["running"], [])
+        # the reads stay open to the key's own model ...
+        for path in ("/props?model=beta", "/tools?model=beta", "/lora-adapters?model=beta"):
+            response, reply = await self.call("GET", path, key=BOB)
+            self.assertEqual(response.code, 200, f"{path}: {reply[:200]!r}")
+        # ... and an admin key still reaches everything
+        response, reply = await self.call("GET", f"/cors-proxy?model=beta&url={url}", key=OPS)
+        self.assertEqual(response.code, 200, reply[:200])
+        self.assertEqual(json.loads(reply)["path"], "/cors-proxy")
+
+
+class UnnamedModelTests(AccessCase):
+    """A request that names no model goes to a model its key may use, and no answer
+    tells a scoped key about the models it may not use."""
+
+    async def test_the_only_loaded_model_is_picked_among_the_key_s_own(self) -> None:
+        await self.serve(CONFIG)
+        chat = json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode()
+        await self.call("POST", "/api/models/load/alpha", key=ADMIN)
+        response, reply = await self.call("POST", "/v1/chat/completions", chat, BOB)
+        self.assertEqual(response.code, 400, reply[:200])
+        message = json.loads(reply)["error"]["message"]
+        self.assertIn("no model is loaded", message)
+        self.assertIn("available models: beta", message)
+        for other in ("alpha", "slow", "box2"):
+            self.assertNotIn(other, message)
+        response, reply = await self.call("GET", "/props?model=nope", key=BOB)
+        self.assertEqual(response.code, 404)
+        self.assertIn('available models: beta"', reply.decode())
+        # alpha and beta both loaded (one group, no swap): bob's is beta
+        await self.call("POST", "/api/models/load/beta", key=ADMIN)
+        response, reply = await self.call("POST", "/v1/chat/completions", chat, BOB)
+        self.assertEqual(response.code, 200, reply[:200])
+        self.assertEqual(json.loads(reply)["model"], "beta")
+        response, _ = await self.call("POST", "/v1/chat/completions", chat, ADMIN)
+        self.assertEqual(response.code, 400)  # an admin still has two to choose from
 
 
 class SessionTests(AccessCase):
@@ -365,6 +455,22 @@ class SessionTests(AccessCase):
         self.assertIn((await self.call(*unload, headers=other))[0].code, (401, 403))
         sibling = {"cookie": cookie, "sec-fetch-site": "same-site"}
         self.assertIn((await self.call("GET", "/running", headers=sibling))[0].code, (401, 403))
+
+    async def test_the_session_cookie_never_goes_to_a_model_s_server(self) -> None:
+        await self.serve(CONFIG)
+        cookie = self.cookie(await self.login(ALICE))
+        token = cookie.partition("=")[2]
+        mine = self.same_origin(cookie=f"theme=dark; {cookie}; lang=en")
+        response, reply = await self.call("GET", "/tools?model=alpha", headers=mine)
+        self.assertEqual(response.code, 200, reply[:200])
+        seen = json.loads(reply)["headers"]  # what the child received
+        self.assertEqual(seen["cookie"], "theme=dark; lang=en")  # the page's own cookies
+        self.assertNotIn(token, reply.decode())
+        response, reply = await self.call(
+            "GET", "/tools?model=alpha", headers=mine | {"cookie": cookie}
+        )
+        self.assertEqual(response.code, 200, reply[:200])
+        self.assertNotIn("cookie", json.loads(reply)["headers"])
 
     async def test_an_inference_session_has_the_key_s_scope(self) -> None:
         await self.serve(CONFIG)

@@ -172,3 +172,42 @@ def test_an_allowed_origin_s_app_can_call_and_read(
     page.goto(f"http://127.0.0.1:{app_port}/app.html")
     answer = page.evaluate("window.answer")
     assert "fake-reply model=alpha" in answer
+
+
+MODEL_PAGE = """<!doctype html>
+<title>a page a model server sent</title>
+<script>
+  document.title = "its script ran";
+  const request = new XMLHttpRequest();
+  request.open("POST", "/api/models/unload", false);  // synchronous: done before "load"
+  request.send();
+</script>
+"""
+
+
+def test_a_model_server_s_page_runs_no_script_as_llamaswap(tmp_path: Path, page: Page) -> None:
+    """What a model's server sends (its web UI, a page /cors-proxy fetched, a hostile
+    server's page) is shown through llamaswap, but never as one of llamaswap's pages."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    pages = tmp_path / "site"
+    pages.mkdir()
+    (pages / "page.html").write_text(MODEL_PAGE)
+    site = Site(pages, free_port())
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"startPort: {random.randrange(30000, 40000)}\n"
+        "store: {path: ':memory:'}\n"
+        f"models:\n  alpha:\n    cmd: {FAKE} --model ${{MODEL_ID}}\n"
+        f"  hostile:\n    cmd: sleep 600\n    proxy: http://127.0.0.1:{site.port}\n"
+        "    checkEndpoint: none\n"
+        "groups:\n  both:\n    members: [alpha, hostile]\n    swap: false\n"
+    )
+    daemon = Daemon(config, ARTIFACTS / "model-page-twistd.log")
+    try:
+        daemon.post("/api/models/load/alpha")
+        page.goto(daemon.base + "/upstream/hostile/page.html")
+        assert page.title() == "a page a model server sent"  # shown, its script not run
+        assert running(daemon) == {"alpha": "ready", "hostile": "ready"}
+    finally:
+        daemon.stop()
+        site.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -73,6 +74,22 @@ class MergeTests(SynchronousTestCase):
         (sample,) = parsed["with_model"].samples
         self.assertEqual(sample.labels, {"model": 'we"ird\\', "exported_model": "x", "slot": "0"})
         self.assertEqual(sample.value, 3)
+
+    def test_a_sample_that_would_fail_the_scrape_or_name_another_series_is_dropped(
+        self,
+    ) -> None:
+        hostile = (
+            b'twice{model="x",exported_model="y"} 1\n'  # exported_model twice once renamed
+            b'twice{a="1",a="2"} 2\n'
+            b'forged{__name__="llamaswap_up"} 3\n'  # a reserved name: another series
+            b'forged{__meta_x="1"} 4\n'
+            b'fine{slot="0"} 5\n'
+        )
+        text = merge_child_metrics({"m": hostile}).decode()
+        self.assertEqual(text, 'fine{model="m",slot="0"} 5\n')
+        for line in text.splitlines():  # Prometheus refuses a whole scrape for one of these
+            names = re.findall(r'([a-zA-Z_]\w*)="', line)
+            self.assertEqual(len(names), len(set(names)), line)
 
     def test_histograms_keep_their_samples_together(self) -> None:
         histogram = (

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from zope.interface import implementer
 
@@ -14,7 +17,7 @@ from llamaswap import childproto
 from llamaswap.config import ConfigError, parse_config
 from llamaswap.events import Event, Progress
 from llamaswap.lifecycle import IModelWatcher, ModelView
-from llamaswap.process import ModelState, Timing
+from llamaswap.process import MAX_LINE, ChildProtocol, ModelState, Timing
 
 from .helpers import World, world
 from .integration import FAKE, LiveTestCase, pid_alive
@@ -169,6 +172,37 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(w.child("a").stdin, [])
         self.assertEqual(w.reactor.spawned[-1].args[:2], ["kill", "-TERM"])
 
+    def test_no_message_starts_inside_a_line_cut_for_its_length(self) -> None:
+        w, d = self.starting()
+        a = w.child("a")
+        # a long stdout line whose text a client chose, ending in a forged message
+        a.proto.childDataReceived(1, b"x" * (MAX_LINE + 1))
+        a.proto.childDataReceived(1, b"y" * 100 + b"\n" + b"z" * (MAX_LINE + 1))
+        a.proto.childDataReceived(1, state("ready").encode() + b"\n")
+        a.say("main: the next line is a line again", fd=1)
+        self.assertNoResult(d)
+        self.assertEqual(
+            w.logs.history("a"),
+            ["x" * MAX_LINE, "z" * MAX_LINE, "main: the next line is a line again"],
+        )
+        a.say(state("ready"), fd=1)
+        self.successResultOf(d)
+
+    def test_a_line_whose_handling_fails_leaves_the_pipe_read(self) -> None:
+        heard: list[str] = []
+
+        def on_line(stream: str, text: str) -> None:
+            if text == "boom":
+                raise RuntimeError("a bug in a line's handling")
+            heard.append(text)
+
+        reader = ChildProtocol(on_line, lambda reason: None)
+        reader.childDataReceived(1, b"before\nboom\nafter\nrest")
+        self.assertEqual(heard, ["before", "after"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        reader.processEnded(Failure(ProcessDone(0)))
+        self.assertEqual(heard, ["before", "after", "rest"])
+
     def test_after_ready_messages_do_not_move_the_state(self) -> None:
         w, d = self.starting()
         a = w.child("a")
@@ -253,6 +287,10 @@ class SettingTests(SynchronousTestCase):
         self.assertIsNone(childproto.progress({"value": True}))
         self.assertIsNone(childproto.progress({"value": float("nan")}))
         self.assertEqual(childproto.progress({"value": 7}), (1.0, None))
+        self.assertIsNone(childproto.progress({"value": 10**400}))  # no float holds it
+        self.assertEqual(childproto.progress({"value": -float("inf")}), (0.0, None))
+        with self.assertRaises(ValueError):
+            childproto.parse(childproto.STATE_PREFIX + "[" * 100_000)
         self.assertEqual(
             childproto.progress({"value": 0.5, "current": "x", "stages": ["a"]}), (0.5, "x")
         )
@@ -269,16 +307,20 @@ models:
 """
 
 
+def progress_of(process: Any) -> list[float]:
+    """The progress ``process`` will publish, as it comes."""
+    seen: list[float] = []
+    process.events.subscribe(lambda e: seen.append(e.progress) if isinstance(e, Progress) else None)
+    return seen
+
+
 class FakeChildTests(LiveTestCase):
     """The fake llama-server speaks the protocol as a real child process."""
 
     async def test_ready_progress_and_a_clean_exit_on_the_command(self) -> None:
         api = await self.serve(SPEAKING_FAKE)
         process = api.scheduler.process("talk")
-        seen: list[float] = []
-        process.events.subscribe(
-            lambda e: seen.append(e.progress) if isinstance(e, Progress) else None
-        )
+        seen = progress_of(process)
         reply = await self.chat("talk")
         self.assertEqual(reply.code, 200)
         self.assertEqual(seen, [0.0, 0.25, 0.5, 0.75, 1.0])
@@ -306,6 +348,32 @@ class FakeChildTests(LiveTestCase):
         process._child.transport.closeStdin()  # as when llamaswap dies
         await self.eventually(lambda: _done(exits), "the child exited")
         self.assertEqual(exits.how, ["exited with code 1"])
+
+    async def test_a_child_s_hostile_protocol_lines_cost_nothing(self) -> None:
+        """Lines no llama-server writes: each is dropped (or clamped), the start goes on."""
+        huge = "1" + "0" * 400  # a JSON integer no float holds
+        hostile = [
+            state("loading", {"value": json.loads(huge)}),
+            state("loading", {"value": -json.loads(huge), "stages": [], "current": "x"}),
+            state("loading", {"value": "0.5"}),
+            childproto.STATE_PREFIX + '{"state": "loading", "payload": {"value": NaN}}',
+            childproto.STATE_PREFIX + '{"state": "loading", "payload": {"value": Infinity}}',
+            state("hacked", {"model": "other"}),
+            childproto.STATE_PREFIX + "\udcff\udcfe binary",
+            childproto.STATE_PREFIX + "[" * 100_000,  # nested past the parser's recursion
+        ]
+        arguments = " ".join(f"--say-first {shlex.quote(line)}" for line in hostile)
+        api = await self.serve(
+            f"models:\n  talk:\n    cmd: {json.dumps(f'{FAKE} {arguments}')}\n"
+            "    childProtocol: on\n"
+        )
+        process = api.scheduler.process("talk")
+        seen = progress_of(process)
+        reply = await self.chat("talk")
+        self.assertEqual(reply.code, 200)
+        self.assertIs(process.state, ModelState.READY)
+        self.assertTrue(all(0.0 <= p <= 1.0 for p in seen), seen)
+        self.assertEqual(seen[-1], 1.0)  # the child's own progress after the junk
 
 
 @implementer(IModelWatcher)

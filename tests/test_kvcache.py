@@ -541,7 +541,17 @@ class OverRealSocketsTests(LiveTestCase):
             f"  a:\n    cmd: {FAKE}\n    kvCache: true\n"
             f"  own:\n    cmd: {FAKE} --slot-save-path {path}/own\n    kvCache: true\n"
         )
-        for route in ("/slots/0?model=a&action=save", "/upstream/a/slots/0?action=restore"):
+        for route in (
+            "/slots/0?model=a&action=save",
+            "/upstream/a/slots/0?action=restore",
+            # spellings llama-server reads as a save: it acts on the last action given
+            # and decodes the path before it routes
+            "/slots/0?model=a&action=erase&action=save",
+            "/upstream/a/slots/0?action=erase&action=save",
+            "/upstream/a/%73lots/0?action=save",
+            "/upstream/a//slots/0?action=save",
+            "/upstream/a/x/../slots/0?action=save",
+        ):
             refused = await self.post(route, {"filename": "x.bin"})
             self.assertEqual(refused.code, 403, route)
             self.assertEqual(refused.json()["error"]["code"], "slot_action_forbidden")

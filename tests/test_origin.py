@@ -10,6 +10,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
 
 from llamaswap.config import ConfigError, CorsConfig, parse_config
 from llamaswap.guard import is_open_page
@@ -383,6 +385,35 @@ class LiveBrowserRequestTests(LiveTestCase):
         self.assertEqual(reply.code, 200)
         self.assertEqual(reply.header("x-frame-options"), "SAMEORIGIN")
         self.assertEqual(reply.header("content-security-policy"), "frame-ancestors 'self'")
+
+
+class _HostilePage(Resource):
+    """A model server that answers every path with a page that would act as the
+    user (as a page ``/cors-proxy`` fetched would), and asks to be sniffed."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/html")
+        request.setHeader(b"content-security-policy", b"default-src *")  # its own: no help
+        return b"<script>fetch('/api/models/unload', {method: 'POST'})</script>"
+
+
+class ModelPagesTests(LiveTestCase):
+    async def test_a_model_server_s_page_is_sandboxed_never_one_of_llamaswap_s(self) -> None:
+        await self.serve_in_front_of(Site(_HostilePage()))
+        for path in ("/upstream/m/", "/cors-proxy?model=m&url=http://example.invalid/"):
+            reply = await self.request("GET", path)
+            self.assertEqual(reply.code, 200, path)
+            self.assertIn(b"<script>", reply.body)
+            policies = reply.headers.getRawHeaders("content-security-policy")
+            # every policy a browser is given holds: the sandbox makes the page's
+            # origin opaque, so its script has neither the cookie nor llamaswap's origin
+            self.assertIn("sandbox", policies, path)
+            self.assertEqual(reply.header("x-content-type-options"), "nosniff")
+        # llamaswap's own pages are not sandboxed
+        ui = await self.request("GET", "/ui/")
+        self.assertEqual(ui.header("content-security-policy"), "frame-ancestors 'self'")
 
 
 class UpstreamHeadersTests(SynchronousTestCase):

@@ -8,7 +8,6 @@ from typing import Any
 
 import treq
 from treq.testing import RequestTraversalAgent, StubTreq
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress
@@ -245,13 +244,7 @@ class LiveRelayTests(LiveTestCase):
 
     async def upstream(self, *actions: str) -> RawServer:
         server = RawServer(*actions)
-        port = reactor.listenTCP(0, server, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        number = port.getHost().port  # type: ignore[attr-defined]
-        await self.serve(
-            f"models:\n  m:\n    cmd: sleep 60\n    proxy: http://127.0.0.1:{number}\n"
-            "    checkEndpoint: none\n"
-        )
+        await self.serve_in_front_of(server)
         return server
 
     async def test_a_post_the_server_read_then_dropped_is_not_sent_again(self) -> None:

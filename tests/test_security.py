@@ -264,6 +264,23 @@ class ApiKeyTests(LiveTestCase):
         logs = (await self.request("GET", "/logs", headers=auth)).body.decode()
         self.assertNotIn("sk-first", logs)
 
+    async def test_a_child_key_on_its_command_line_stays_out_of_the_logs(self) -> None:
+        child = "sk-child-9z9z"
+        await self.serve(
+            "apiKeys: [sk-first]\nmodels:\n"
+            f"  m:\n    cmd: {FAKE} --api-key {child}\n    upstreamApiKey: {child}\n"
+            f"  n:\n    cmd: {FAKE} --api-key={child}\n    upstreamApiKey: {child}\n"
+        )
+        auth = {"authorization": "Bearer sk-first", "content-type": "application/json"}
+        for model in ("m", "n"):
+            body = json.dumps({"model": model, "input": "x"}).encode()
+            reply = await self.request("POST", "/v1/responses", body, auth)
+            self.assertEqual(reply.code, 200)  # the child got its key
+        logs = (await self.request("GET", "/logs", headers=auth)).body.decode()
+        self.assertIn("--api-key ***", logs)
+        self.assertIn("--api-key=***", logs)
+        self.assertNotIn(child, logs)
+
 
 class LimitTests(LiveTestCase):
     async def test_an_oversized_body_is_413_and_nothing_starts(self) -> None:

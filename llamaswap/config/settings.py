@@ -744,7 +744,9 @@ class ApiKeySettings:
         "role",
         "inference",
         "`inference`: the OpenAI and llama-server routes, `/upstream/`, `/v1/models` (only its "
-        "models) and `/api/version`; `admin`: every route",
+        "models) and `/api/version`, but not what changes a server for everyone or reaches "
+        "beyond it (`POST /props`, `/lora-adapters`, `/slots/{id}`, `/tools`; `/cors-proxy`); "
+        "`admin`: every route",
         kind="enum",
         choices=ROLE_NAMES,
         schema={"enum": list(ROLE_NAMES)},

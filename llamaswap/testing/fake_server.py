@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Final, Protocol, cast
+from urllib.parse import unquote
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
@@ -417,7 +418,8 @@ class FakeLlamaServer:
 
     def render(self, request: HTTPRequest) -> bytes | int:
         """Route one request; returns a body or ``NOT_DONE_YET``."""
-        path = request.path.decode("utf-8", "replace")
+        # percent escapes decoded before routing, as cpp-httplib does
+        path = unquote(request.path.decode("utf-8", "replace"))
         method = request.method.decode("ascii", "replace").upper()
         request.setHeader(b"x-fake-served-by", self.model.encode("utf-8"))
         if not path.startswith("/fake/") and path not in _PUBLIC_PATHS:
@@ -645,7 +647,7 @@ class FakeLlamaServer:
         except (ValueError, IndexError):
             raise _BadRequest("Invalid slot ID") from None
         actions = request.args.get(b"action") if request.args else None
-        action = actions[0].decode() if actions else ""
+        action = actions[-1].decode() if actions else ""  # the last, as llama-server
         if action == "erase":
             erased, slot.tokens, slot.prompt = len(slot.tokens), [], None
             return _json(request, 200, {"id_slot": slot.id, "n_erased": erased})
@@ -1112,6 +1114,14 @@ def _build_parser() -> argparse.ArgumentParser:
         "--crash-after", type=float, metavar="SECONDS", help="os._exit(3) this long after ready"
     )
     parser.add_argument("--log-spam", type=int, default=0, metavar="N")
+    parser.add_argument(
+        "--say-first",
+        action="append",
+        default=[],
+        metavar="LINE",
+        help="a router's child: write LINE on stdout before its own state lines (a hostile "
+        "or broken child's protocol lines)",
+    )
     parser.add_argument("--embedding", "--embeddings", action="store_true", help="no effect")
     parser.add_argument("--reranking", "--rerank", action="store_true", help="no effect")
     parser.add_argument("--slot-save-path", metavar="DIR", help="save/restore slots here")
@@ -1164,6 +1174,11 @@ class _RouterLink(LineOnlyReceiver):
         document = json.dumps({"payload": payload, "state": state}).encode("utf-8")
         assert self.transport is not None
         self.transport.write(b"\n" + STATE_PREFIX + document + b"\n")
+
+    def say(self, line: bytes) -> None:
+        """Any line on stdout (``--say-first``)."""
+        assert self.transport is not None
+        self.transport.write(line + b"\n")
 
     def lineReceived(self, line: bytes) -> None:
         if EXIT_COMMAND in line and not self._exiting:
@@ -1240,6 +1255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.environ.get(ROUTER_PORT_ENV) is not None:
         link = _RouterLink(core.stop)
         StandardIO(link, reactor=reactor)
+        for line in args.say_first:
+            link.say(line.encode("utf-8", errors="surrogateescape"))
 
     server = FakeLlamaServer(
         clock,
