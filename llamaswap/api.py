@@ -45,7 +45,14 @@ from .metrics import Metrics
 from .openapi import openapi_document
 from .recorder import Recorder, RequestRecord
 from .relay import Relay
-from .routes import API_ROUTES, MODEL_ROUTES, Body, ModelRoute, served_path
+from .routes import (
+    API_ROUTES,
+    MODEL_ROUTES,
+    Body,
+    ModelRoute,
+    served_path,
+    shows_foreign_pages,
+)
 from .scheduler import Scheduler
 
 UI_DIR = Path(__file__).parent / "ui"
@@ -523,6 +530,7 @@ class Api:
                 meter=record.meter,
                 forward_credentials=model.forward_authorization,
                 replace_headers=_credentials(model.upstream_api_key),
+                sandbox=not model.trusted_pages or shows_foreign_pages(path),
             )
         finally:
             lease.release()

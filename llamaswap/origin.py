@@ -319,7 +319,7 @@ class Cors:
             out.setRawHeaders(b"access-control-allow-origin", [origin])
 
 
-def over_upstream(upstream: Headers, ours: Headers) -> Headers:
+def over_upstream(upstream: Headers, ours: Headers, *, sandbox: bool = True) -> Headers:
     """A model server's answer headers under llamaswap's browser policy (``upstream`` is
     changed and returned).
 
@@ -331,11 +331,14 @@ def over_upstream(upstream: Headers, ours: Headers) -> Headers:
     sends (its own web UI, a page ``/cors-proxy`` fetched, anything a hostile server
     writes) is sandboxed, so its scripts cannot run with the session cookie and the
     same-origin standing of llamaswap's own pages; and it is never sniffed as HTML.
+    Without ``sandbox`` (a model whose pages the configuration trusts) its pages are
+    shown as they are.
     """
     for name, _ in list(upstream.getAllRawHeaders()):
         if name.lower().startswith(b"access-control-"):
             upstream.removeHeader(name)
-    upstream.addRawHeader(b"content-security-policy", b"sandbox")
+    if sandbox:
+        upstream.addRawHeader(b"content-security-policy", b"sandbox")
     upstream.setRawHeaders(b"x-content-type-options", [b"nosniff"])
     for name, values in ours.getAllRawHeaders():
         lower = name.lower()

@@ -195,6 +195,7 @@ class Relay:
         replace_headers: Mapping[bytes, bytes] | None = None,
         meter: ResponseMeter | None = None,
         forward_credentials: bool = False,
+        sandbox: bool = True,
     ) -> Deferred[None]:
         """Relay ``request`` to ``url``; fires when the response has been relayed.
 
@@ -203,6 +204,8 @@ class Relay:
         Client credentials go upstream only with ``forward_credentials``.
         With ``stream_started`` an event stream is already under way (loading
         progress): only the body follows, and an upstream error becomes an error event.
+        Without ``sandbox`` the server's pages are shown as pages of llamaswap
+        (:func:`over_upstream`).
         """
         drop = {b"host", b"content-length"}
         if not forward_credentials:
@@ -216,7 +219,7 @@ class Relay:
         producer = BytesProducer(body) if body is not None else None
         # "stream" as a JSON key or value; a false positive only costs a connect
         agent = self._streams if body is not None and b'"stream"' in body else self._agent
-        exchange = _Exchange(self, request, stream_started, meter or ResponseMeter())
+        exchange = _Exchange(self, request, stream_started, meter or ResponseMeter(), sandbox)
         return exchange.run(agent, method, url, headers, producer)
 
 
@@ -224,7 +227,12 @@ class _Exchange:
     """One proxied request; holds what the client-disconnect path must undo."""
 
     def __init__(
-        self, relay: Relay, request: Request, stream_started: bool, meter: ResponseMeter
+        self,
+        relay: Relay,
+        request: Request,
+        stream_started: bool,
+        meter: ResponseMeter,
+        sandbox: bool,
     ) -> None:
         self.relay = relay
         self.request = request
@@ -235,6 +243,7 @@ class _Exchange:
         self.done: Deferred[None] = Deferred(self._client_gone)
         self.url = ""
         self.has_body = False
+        self.sandbox = sandbox
 
     def run(
         self,
@@ -315,7 +324,9 @@ class _Exchange:
             response.deliverBody(self.body)
             return
         request.setResponseCode(response.code, response.phrase)
-        out = over_upstream(end_to_end(response.headers), request.responseHeaders)
+        out = over_upstream(
+            end_to_end(response.headers), request.responseHeaders, sandbox=self.sandbox
+        )
         request.responseHeaders = out
         content_type = (out.getRawHeaders(b"content-type") or [b""])[0]
         if is_event_stream(content_type):

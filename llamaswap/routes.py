@@ -51,6 +51,9 @@ class ModelRoute:
     #: uses the model (settings, adapters, slots), run tools on the box or fetch URLs
     #: from it (``/cors-proxy``: a request forger inside the LAN)
     admin_methods: tuple[str, ...] = ()
+    #: answers with what it fetched from other sites: sandboxed even for a model
+    #: whose own pages are trusted (``trustedPages``)
+    foreign_pages: bool = False
 
     @property
     def inference_methods(self) -> frozenset[str]:
@@ -139,6 +142,7 @@ MODEL_ROUTES: tuple[ModelRoute, ...] = (
         "The web UI's MCP proxy (fetches any URL)",
         body=Body.OPAQUE,
         admin_methods=("GET", "POST"),
+        foreign_pages=True,
     ),
     ModelRoute("/v1/stream", ("GET", "DELETE"), "Resume or drop a resumable stream (`?id=`)"),
     ModelRoute("/v1/streams/lookup", _POST, "Find resumable streams"),
@@ -160,6 +164,12 @@ def served_path(target: bytes) -> str:
     """
     text = unquote(target.partition(b"?")[0].decode("latin-1"), errors="replace")
     return "/" + posixpath.normpath("/" + text.replace("\\", "/")).lstrip("/")
+
+
+def shows_foreign_pages(target: bytes) -> bool:
+    """Whether a model's server answers ``target`` with pages fetched from elsewhere."""
+    served = served_path(target)
+    return any(route.foreign_pages and served == route.path for route in MODEL_ROUTES)
 
 
 def _rule(path: str) -> str:

@@ -92,15 +92,15 @@ class LiveTestCase(TestCase):
         self.agent = Agent(reactor, pool=pool)
         return api
 
-    async def serve_in_front_of(self, upstream: Any) -> Api:
+    async def serve_in_front_of(self, upstream: Any, model_keys: str = "") -> Api:
         """llamaswap with one model ``m`` whose server is ``upstream`` (a server
-        factory, listening here on a free port)."""
+        factory, listening here on a free port); ``model_keys``: more of its YAML."""
         port = reactor.listenTCP(0, upstream, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         number = port.getHost().port  # type: ignore[attr-defined]
         return await self.serve(
             f"models:\n  m:\n    cmd: sleep 60\n    proxy: http://127.0.0.1:{number}\n"
-            "    checkEndpoint: none\n"
+            f"    checkEndpoint: none\n{model_keys}"
         )
 
     async def daemon(

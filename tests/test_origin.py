@@ -415,6 +415,27 @@ class ModelPagesTests(LiveTestCase):
         ui = await self.request("GET", "/ui/")
         self.assertEqual(ui.header("content-security-policy"), "frame-ancestors 'self'")
 
+    async def test_trusted_pages_of_a_model_s_server_run_but_what_it_fetched_does_not(
+        self,
+    ) -> None:
+        """``trustedPages`` (llama-server's web UI through ``/upstream/<id>/``): the
+        server's own pages are shown as they are; what ``/cors-proxy`` fetched, in
+        any spelling the server reads as that route, stays sandboxed."""
+        await self.serve_in_front_of(Site(_HostilePage()), "    trustedPages: true\n")
+        page = await self.request("GET", "/upstream/m/")
+        self.assertEqual(page.code, 200)
+        self.assertNotIn("sandbox", page.headers.getRawHeaders("content-security-policy"))
+        self.assertEqual(page.header("x-content-type-options"), "nosniff")
+        for path in (
+            "/cors-proxy?model=m&url=http://example.invalid/",
+            "/upstream/m/cors-proxy?url=http://example.invalid/",
+            "/upstream/m/%63ors-proxy?url=http://example.invalid/",
+            "/upstream/m//x/../cors-proxy?url=http://example.invalid/",
+        ):
+            fetched = await self.request("GET", path)
+            self.assertEqual(fetched.code, 200, path)
+            self.assertIn("sandbox", fetched.headers.getRawHeaders("content-security-policy"), path)
+
 
 class UpstreamHeadersTests(SynchronousTestCase):
     def test_the_model_server_s_cors_headers_give_way_to_ours(self) -> None:

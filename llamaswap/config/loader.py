@@ -559,6 +559,7 @@ class _Builder(MacroReader):
             filters=self.filters(doc.get("filters"), f"{base}.filters", scope, model_id),
             send_loading_state=declared["send_loading_state"],
             forward_authorization=forward_authorization,
+            trusted_pages=declared["trusted_pages"],
             upstream_api_key=upstream_api_key,
             priority=declared["priority"],
             configured_capabilities=self.capabilities(doc.get("capabilities"), base),

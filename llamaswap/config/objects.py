@@ -145,6 +145,7 @@ class ModelConfig:
     filters: Filters = attrs.field(factory=Filters)
     send_loading_state: bool = False
     forward_authorization: bool = False
+    trusted_pages: bool = False
     priority: int = default(ModelSettings, "priority")
     memory: Mapping[str, int] = attrs.field(factory=dict)
     deadline: float | None = None

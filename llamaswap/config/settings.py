@@ -579,6 +579,14 @@ class ModelSettings:
         "pass the client's `Authorization` and `x-api-key` headers on to this server (by "
         "default they stay with llamaswap)",
     )
+    trusted_pages: bool = setting(
+        "trustedPages",
+        False,
+        "let this server's own web pages (llama-server's web UI at `/upstream/<id>/`) run "
+        "their scripts as pages of llamaswap, with the signed-in user's session; by default "
+        "every answer of a model server is sandboxed ([security](#security)); "
+        "what `/cors-proxy` fetches stays sandboxed",
+    )
     upstream_api_key: str | None = setting(
         "upstreamApiKey",
         None,
