@@ -490,9 +490,10 @@ def swap_section(s: dict[str, Any]) -> list[str]:
             "Secondary, from the swaps above: the lag per swap (ms) from the child's \"listening "
             'on" line to llamaswap\'s "ready" line, both read from llamaswap\'s live log: '
             + ", ".join(f"{x:.1f}" for x in s["lag_ms"])
-            + ". An upper bound: the child writes `ready` 0.2–3.3 ms after that line "
-            "(starting its stdin monitor, building its model info), and llamaswap's line "
-            "is logged before the relay but reaches the live log after it."
+            + ". A coarse figure: 0 when both lines reach the live log in one read; else it "
+            "holds the child's own time from that line to its `ready` (0.2–3.3 ms: starting "
+            "its stdin monitor, building its model info) and the relay (llamaswap's line is "
+            "logged before the relay but reaches the live log after it)."
         )
         out.append("")
     return out
