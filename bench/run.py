@@ -251,7 +251,11 @@ def main(argv: list[str] | None = None) -> int:
                     results["stream"] = streaming.run(procs, monitor, runs=2 if quick else 16)
                 elif section == "swap":
                     results["swap"] = swap.run(
-                        procs, monitor, swaps=2 if quick else 10, profile=profiler
+                        procs,
+                        monitor,
+                        swaps=2 if quick else 10,
+                        lag_swaps=3 if quick else 20,
+                        profile=profiler,
                     )
                 elif section == "footprint":
                     results["footprint"] = footprint.run(

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Bench-only tools, best effort: `make bench` runs this before `python -m bench`.
 #   - psutil and py-spy into the venv (pip; py-spy is optional: profiles are skipped without it)
-#   - wrk (load generator) and nginx (reference proxy) from Debian when running as root
-#     and they are missing; without them the bench falls back to its Python load
-#     generator and leaves nginx out.  BENCH_NO_APT=1 skips apt-get.
+#   - wrk (load generator), nginx (reference proxy) and strace (readiness lag) from
+#     Debian when running as root and they are missing; without them the bench falls
+#     back to its Python load generator, leaves nginx out and does not measure the
+#     readiness lag.  BENCH_NO_APT=1 skips apt-get.
 set -uo pipefail
 VENV="${VENV:-.venv}"
 
@@ -13,6 +14,7 @@ VENV="${VENV:-.venv}"
 missing=()
 command -v wrk >/dev/null || missing+=(wrk)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+command -v strace >/dev/null || missing+=(strace)
 if [ ${#missing[@]} -gt 0 ] && [ "${BENCH_NO_APT:-0}" != 1 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "bench/setup.sh: apt-get install ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive

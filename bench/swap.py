@@ -9,23 +9,40 @@ round so background noise hits all of them alike:
 * by hand: stop the old llama-server, spawn the new one, poll /health every 2 ms,
   ask, i.e. the floor any supervisor can reach.
 
-llamaswap's readiness detection lag comes from its live log stream: the time
-between the child's own "listening on http" line and llamaswap's "model X ready"
-line, both read by the bench from the same /logs/stream connection (so the
-delivery delay cancels out).  It is an upper bound of the lag from the child's
-``ready`` message: llama-server writes that message 0.2-3.3 ms after the line
-(it starts its stdin monitor and builds its model info in between), and llamaswap
-logs "ready" only after relaying the request that waited.
+The readiness lag is measured on the child's own clock, in rounds of their own
+after the swap rounds (strace slows the child, so it stays out of the swap
+times): llamaswap (its model commands wrapped in ``strace``, ``childProtocol:
+on``) and router mode (the router under ``strace -f``: it spawns its children as
+``/proc/self/exe``, so they cannot be wrapped) take turns swapping, each child
+traced with ``--seccomp-bpf`` so that only its ``write`` and ``recvfrom`` calls
+stop it.  The lag is the time from the child's ``write`` of its
+``cmd_child_to_router:state:{"state":"ready",...}`` line on stdout to its first
+``recvfrom`` holding the waiting ``POST /v1/chat/completions`` (each stamped at
+the call's entry, see ``syscalls``): the supervisor reading the line, marking the
+model ready and relaying the request, and the child's thread waking for it.
+Router mode's own ``write`` and ``recvfrom`` calls are traced too (``strace -f``
+follows the router's whole tree), which can only lengthen its lag.
+
+A secondary, coarse figure comes from llamaswap's live log stream in the swap
+rounds: the time between the child's "listening on http" line and llamaswap's
+"model X ready" line (both read from one /logs/stream connection).  It is 0 when
+both arrive in one read; else it holds the child's own 0.2-3.3 ms from that line
+to ``ready`` and the relay (llamaswap's line reaches the stream after it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client as httpclient
 import json
 import os
 import re
+import shlex
+import subprocess
 import threading
 import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -42,6 +59,7 @@ from .common import (
     median,
     percentile,
     wait_http,
+    which,
 )
 from .proxy import free_port_base
 
@@ -53,8 +71,8 @@ COMMON_ARGS = ["--threads", "2", "--no-webui"]
 
 CONFIG_MODEL = """\
     cmd: >-
-      "${{env.LLAMA_SERVER}}" --host 127.0.0.1 --port ${{PORT}} -m "${{env.LLAMASWAP_MODEL}}"
-      {args}"""
+      {wrapper}"${{env.LLAMA_SERVER}}" --host 127.0.0.1 --port ${{PORT}}
+      -m "${{env.LLAMASWAP_MODEL}}" {args}"""
 
 
 def request(model: str) -> bytes:
@@ -178,8 +196,11 @@ class Direct:
             self.proc = None
 
 
-def start_router(procs: Procs) -> tuple[int, list[str]]:
-    directory = procs.workdir / "router"
+def start_router(
+    procs: Procs, label: str = "router", wrapper: list[str] | None = None
+) -> tuple[int, list[str], Any]:
+    """llama.cpp's router mode (``wrapper``: a command it runs under, e.g. strace)."""
+    directory = procs.workdir / label
     models = directory / "models"
     models.mkdir(parents=True, exist_ok=True)
     preset = ["version = 1"]
@@ -192,6 +213,7 @@ def start_router(procs: Procs) -> tuple[int, list[str]]:
     (directory / "preset.ini").write_text("\n".join(preset) + "\n")
     port = free_port()
     argv = [
+        *(wrapper or []),
         os.environ["LLAMA_SERVER"],
         "--host",
         "127.0.0.1",
@@ -205,30 +227,35 @@ def start_router(procs: Procs) -> tuple[int, list[str]]:
         "1",
         *COMMON_ARGS,
     ]
-    procs.spawn(argv, "router")
+    proc = procs.spawn(argv, label)
     wait_http(port, "/health", timeout=30)
     status, body = http(port, "GET", "/v1/models")
     ids = [m["id"] for m in json.loads(body)["data"]] if status == 200 else []
     missing = [m for m in MODELS if m not in ids]
     if missing:
         raise RuntimeError(f"router mode lists {ids}, not {missing}")
-    return port, ids
+    return port, ids, proc
 
 
 def run(
-    procs: Procs, monitor: CpuMonitor, *, swaps: int = 10, profile: Any = None
+    procs: Procs,
+    monitor: CpuMonitor,
+    *,
+    swaps: int = 10,
+    lag_swaps: int = 20,
+    profile: Any = None,
 ) -> dict[str, Any]:
     config = config_text(
         f"healthCheckTimeout: 120\nstartPort: {free_port_base() + 200}\n",
         {
-            name: CONFIG_MODEL.format(args=" ".join(COMMON_ARGS + args))
+            name: CONFIG_MODEL.format(wrapper="", args=" ".join(COMMON_ARGS + args))
             for name, args in MODELS.items()
         },
     )
     swap = Llamaswap(procs, "llamaswap-swap", config).start()
     stream = LogStream(swap.port)
     stream.start()
-    router_port, router_ids = start_router(procs)
+    router_port, router_ids, router = start_router(procs)
     direct = Direct(procs)
     ls_proc = psutil.Process(swap.pid)
 
@@ -307,6 +334,8 @@ def run(
                 "cold_ms": cold.get(mode, float("nan")) * 1000,
             }
         )
+    swap.stop()
+    procs.stop(router)
     lags = [d["lag_ms"] for d in details if d.get("lag_ms") is not None]
     result = {
         "rows": rows,
@@ -331,7 +360,10 @@ def run(
         "llamaswap_cpu_ms_per_swap": ls_cpu / max(1, swaps) * 1000,
         "profile": profile_result,
     }
-    swap.stop()
+    try:
+        result["ready_lag"] = ready_lag(procs, monitor, swaps=lag_swaps)
+    except (OSError, RuntimeError, ValueError, httpclient.HTTPException, psutil.Error) as e:
+        log(f"  readiness lag not measured: {e!r}")
     return result
 
 
@@ -356,3 +388,168 @@ def _breakdown(
     if ready:
         out["after_ready_ms"] = (t_end - ready[0]) * 1000
     return out
+
+
+# --- readiness lag, on the child's own clock ------------------------------------
+
+# only the traced calls stop the child (seccomp-bpf); -z: no EAGAIN reads
+TRACED = ["write", "recvfrom"]
+STRACE_ARGS = ["-f", "-ttt", "-z", "--seccomp-bpf", "-e", f"trace={','.join(TRACED)}"]
+STRACE_ARGS += ["-e", "signal=none", "-s", "128"]
+# llama-server starts each message on a line of its own
+READY_WRITE = re.compile(r'write\(1, "(?:\\n)?cmd_child_to_router:state:\{\\"state\\":\\"ready\\"')
+REQUEST_READ = re.compile(r'recvfrom\(\d+, "POST /v1/chat/completions ')
+STRACE_LINE = re.compile(r"(\d+) +(\d+\.\d+) (.*)")
+RESUMED = re.compile(r"<\.\.\. \w+ resumed>")
+UNFINISHED = " <unfinished ...>"
+
+
+def syscalls(lines: Iterable[str]) -> Iterator[tuple[int, float, str]]:
+    """(thread id, time of entry, call) of each call in an ``strace -f -ttt`` log; a
+    call cut in two by another thread's (``<unfinished ...>``, ``<... resumed>``)
+    is joined.
+
+    The entry, not the return: strace stamps a call when it gets round to the stop,
+    which on a busy machine can be a millisecond late, and a ``write`` returns only
+    after strace has handled its exit stop, long after the bytes are in the pipe
+    (the reader can see them before the writer's return is stamped).  A ``recvfrom``
+    entered by a woken server thread has its data waiting.
+    """
+    pending: dict[int, tuple[float, str]] = {}
+    for line in lines:
+        m = STRACE_LINE.fullmatch(line.rstrip("\n"))
+        if m is None:
+            continue
+        tid, at, call = int(m[1]), float(m[2]), m[3]
+        if call.endswith(UNFINISHED):
+            pending[tid] = (at, call[: -len(UNFINISHED)])
+        elif (resumed := RESUMED.match(call)) is not None:
+            if tid in pending:
+                entered, start = pending.pop(tid)
+                yield tid, entered, start + call[resumed.end() :]
+        elif not call.startswith("+++"):
+            yield tid, at, call
+
+
+def ready_to_request(lines: Iterable[str], tids: set[int] | None = None) -> float | None:
+    """Seconds from the child's ``write`` of ``ready`` to its first ``recvfrom`` of a
+    chat request (only threads ``tids``, if given)."""
+    ready = None
+    for tid, at, call in syscalls(lines):
+        if tids is not None and tid not in tids:
+            continue
+        if ready is None:
+            if READY_WRITE.match(call):
+                ready = at
+        elif REQUEST_READ.match(call):
+            return at - ready
+    return None
+
+
+def _summary(lags: list[float], times: list[float]) -> dict[str, Any]:
+    return {
+        "lags_ms": lags,
+        "p50_ms": median(lags) if lags else None,
+        "p95_ms": percentile(lags, 95) if lags else None,
+        "max_ms": max(lags) if lags else None,
+        "swap_p50_ms": median(times) * 1000 if times else None,
+    }
+
+
+class TracedRouter:
+    """Router mode under ``strace -f``: its children's calls, thread by thread."""
+
+    def __init__(self, procs: Procs, strace: str) -> None:
+        self.trace = procs.workdir / "strace-router.txt"
+        wrapper = [strace, *STRACE_ARGS, "-o", str(self.trace)]
+        self.procs = procs
+        self.port, _, self.proc = start_router(procs, "router-traced", wrapper)
+        self.offset = 0
+
+    def stop(self) -> None:
+        """SIGTERM the router itself, then strace (signalled together as a group, they
+        outlived the bench's 15 s grace)."""
+        for router in psutil.Process(self.proc.pid).children():
+            router.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+        self.procs.stop(self.proc)
+
+    def lag(self) -> float | None:
+        """The lag of the child that just answered, from the trace written since the
+        last call."""
+        (router,) = psutil.Process(self.proc.pid).children()
+        tids = {
+            t.id
+            for child in router.children()
+            if child.status() != psutil.STATUS_ZOMBIE
+            for t in child.threads()
+        }
+        with open(self.trace, "rb") as f:
+            f.seek(self.offset)
+            text = f.read()
+        lag = ready_to_request(text.decode(errors="replace").splitlines(), tids)
+        if lag is not None:
+            self.offset += len(text)
+        return lag
+
+
+def ready_lag(procs: Procs, monitor: CpuMonitor, *, swaps: int) -> dict[str, Any]:
+    """``swaps`` swaps each through llamaswap and router mode, children traced: the
+    lag from each child's ``ready`` to the request reaching it (ms)."""
+    strace = which("strace")
+    if strace is None:
+        log("  no strace: readiness lag not measured")
+        return {}
+    traces = procs.workdir / "strace"
+    traces.mkdir(exist_ok=True)
+    models = {}
+    for name, args in MODELS.items():
+        # -D: strace as the child's grandchild, not its parent (which would wait for
+        # every child of its own: the lifeline watcher forked before the exec too)
+        trace = traces / f"{name}.txt"
+        wrapper = shlex.join([strace, "-D", *STRACE_ARGS, "-o", str(trace)])
+        body = CONFIG_MODEL.format(wrapper=wrapper + " ", args=" ".join(COMMON_ARGS + args))
+        # the executable is strace: say that the child speaks llama-server's protocol
+        models[name] = body + '\n    childProtocol: "on"'
+    config = config_text(f"healthCheckTimeout: 120\nstartPort: {free_port_base() + 300}\n", models)
+    swap = Llamaswap(procs, "llamaswap-traced", config).start()
+    router = TracedRouter(procs, strace)
+    names = list(MODELS)
+    lags: dict[str, list[float]] = {"llamaswap": [], "router": []}
+    times: dict[str, list[float]] = {"llamaswap": [], "router": []}
+    monitor.wait_quiet()
+    try:
+        for i in range(swaps + 1):  # round 0 starts from nothing
+            model = names[i % 2]
+            for mode in ("llamaswap", "router") if i % 2 else ("router", "llamaswap"):
+                t0 = time.perf_counter()
+                ask(swap.port if mode == "llamaswap" else router.port, model)
+                elapsed = time.perf_counter() - t0
+                for _ in range(20):  # strace may not have written the lines yet
+                    if mode == "llamaswap":
+                        lag = ready_to_request(_lines(traces / f"{model}.txt"))
+                    else:
+                        lag = router.lag()
+                    if lag is not None:
+                        break
+                    time.sleep(0.05)
+                else:
+                    log(f"  {mode}: no ready → request in the child's trace")
+                    continue
+                if i:
+                    lags[mode].append(lag * 1000)
+                    times[mode].append(elapsed)
+            log(
+                f"  traced swap {i:>2} -> {model}: "
+                + "  ".join(f"{m} {lags[m][-1]:.2f} ms" for m in lags if lags[m])
+            )
+    finally:
+        swap.stop()
+        router.stop()
+    return {mode: _summary(lags[mode], times[mode]) for mode in lags}
+
+
+def _lines(path: Path) -> list[str]:
+    with open(path, errors="replace") as f:
+        return f.readlines()
