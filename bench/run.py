@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                     results["swap"] = swap.run(
                         procs,
                         monitor,
-                        swaps=2 if quick else 10,
+                        swaps=2 if quick else 20,
                         lag_swaps=3 if quick else 20,
                         profile=profiler,
                     )
