@@ -73,8 +73,11 @@ def _pattern(path: str) -> str:
 
 
 _MODEL_PATH = re.compile("|".join(_pattern(r.path) for r in MODEL_ROUTES))
-# the model routes with methods for admins only, each with its path as a pattern
-_ADMIN_ROUTES = tuple((re.compile(_pattern(r.path)), r) for r in MODEL_ROUTES if r.admin_methods)
+# the model routes with methods for admins only, each with its path as a pattern; any
+# leading segments too, for a server that serves its routes under an `--api-prefix`
+_ADMIN_ROUTES = tuple(
+    (re.compile("(?:/.*)?" + _pattern(r.path)), r) for r in MODEL_ROUTES if r.admin_methods
+)
 # the UI's own reads: the cookie may come without Origin or Sec-Fetch-Site on these
 UI_READS = frozenset(
     {b"/v1/models", b"/models", b"/running", b"/api/version", b"/api/events", b"/logs"}

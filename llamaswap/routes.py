@@ -167,9 +167,10 @@ def served_path(target: bytes) -> str:
 
 
 def shows_foreign_pages(target: bytes) -> bool:
-    """Whether a model's server answers ``target`` with pages fetched from elsewhere."""
+    """Whether a model's server answers ``target`` with pages fetched from elsewhere
+    (under any leading segments: a server started with an ``--api-prefix``)."""
     served = served_path(target)
-    return any(route.foreign_pages and served == route.path for route in MODEL_ROUTES)
+    return any(route.foreign_pages and served.endswith(route.path) for route in MODEL_ROUTES)
 
 
 def _rule(path: str) -> str:

@@ -341,6 +341,9 @@ class AdminRouteTests(AccessCase):
             ("POST", "/upstream/beta//props", {"n_ctx": 1}),
             ("POST", "/upstream/beta/x/../lora-adapters", []),
             ("PUT", "/upstream/beta/props", {}),
+            # a server started with --api-prefix serves its routes under that prefix
+            ("POST", "/upstream/beta/api/v2/props", {"n_ctx": 1}),
+            ("GET", f"/upstream/beta/api/cors-proxy?url={url}", None),
         ]
         for method, path, document in refused:
             body = json.dumps(document).encode() if document is not None else b""

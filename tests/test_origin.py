@@ -431,6 +431,7 @@ class ModelPagesTests(LiveTestCase):
             "/upstream/m/cors-proxy?url=http://example.invalid/",
             "/upstream/m/%63ors-proxy?url=http://example.invalid/",
             "/upstream/m//x/../cors-proxy?url=http://example.invalid/",
+            "/upstream/m/api/cors-proxy?url=http://example.invalid/",  # an --api-prefix
         ):
             fetched = await self.request("GET", path)
             self.assertEqual(fetched.code, 200, path)
