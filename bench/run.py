@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                         profile=profiler,
                     )
                 elif section == "stream":
-                    results["stream"] = streaming.run(procs, monitor, runs=2 if quick else 16)
+                    results["stream"] = streaming.run(procs, monitor, runs=2 if quick else 24)
                 elif section == "swap":
                     results["swap"] = swap.run(
                         procs,

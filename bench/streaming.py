@@ -79,7 +79,7 @@ def stream_once(port: int) -> dict[str, float]:
     }
 
 
-def run(procs: Procs, monitor: CpuMonitor, *, runs: int = 16) -> dict[str, Any]:
+def run(procs: Procs, monitor: CpuMonitor, *, runs: int = 24) -> dict[str, Any]:
     """Each of :data:`THREADS` in turn; the first is the one the targets judge."""
     first, *others = (run_threads(procs, monitor, runs, threads) for threads in THREADS)
     return {**first, "threads": THREADS[0], "also": others}
@@ -127,6 +127,12 @@ def run_threads(procs: Procs, monitor: CpuMonitor, runs: int, threads: int) -> d
             "total_p50_ms": median([x["total_ms"] for x in s]),
             "gap_p90_ms": percentile([x["max_gap_ms"] for x in s], 90),
         }
+        if name != "direct":
+            # each round's pair, so a spell of slowness on the shared machine (which
+            # moves every target in that round) cancels out
+            pairs = list(zip(s, samples["direct"], strict=True))
+            row["ttft_extra_paired_ms"] = median([x["ttft_ms"] - d["ttft_ms"] for x, d in pairs])
+            row["tok_s_ratio_paired"] = median([x["tok_s"] / d["tok_s"] for x, d in pairs])
         rows.append(row)
         log(
             f"  --threads {threads} {name:<10} TTFT p50 {row['ttft_p50_ms']:.1f} ms"
