@@ -51,6 +51,15 @@ SECURITY_SETTINGS: tuple[SecuritySetting, ...] = (
     SecuritySetting("peers", lambda c: {p.id: p.proxy for p in c.peers.values()}),
     SecuritySetting("allowedHosts", lambda c: c.allowed_hosts),
     SecuritySetting("cors", lambda c: c.cors),
+    # per model (never "left out" of a file: off is their default and the safe side)
+    SecuritySetting(
+        "models.*.trustedPages",
+        lambda c: sorted(m.id for m in c.models.values() if m.trusted_pages),
+    ),
+    SecuritySetting(
+        "models.*.forwardAuthorization",
+        lambda c: sorted(m.id for m in c.models.values() if m.forward_authorization),
+    ),
 )
 
 

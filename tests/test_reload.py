@@ -196,6 +196,20 @@ class SecurityReloadTests(ReloadCase):
         self.assertIn("SECURITY: reload changed apiKeys: 0 added, 2 removed (2 -> 0)", logs)
         self.assertIn("authentication is now OFF", logs)
 
+    async def test_a_model_s_pages_trusted_or_its_clients_keys_forwarded_are_logged(
+        self,
+    ) -> None:
+        reloader = await self.start_with(SECURED)
+        opened = SECURED.replace(
+            f"cmd: {FAKE} --tokens 3\n",
+            f"cmd: {FAKE} --tokens 3\n    trustedPages: true\n    forwardAuthorization: true\n",
+        )
+        self.path.write_text(opened)
+        self.assertTrue(await reloader.reload())
+        logs = await self.logs()
+        self.assertIn("SECURITY: reload changed models.*.trustedPages: [] -> ['change']", logs)
+        self.assertIn("models.*.forwardAuthorization: [] -> ['change']", logs)
+
     async def test_a_key_removed_from_a_written_list_is_applied_and_logged(self) -> None:
         reloader = await self.start_with(SECURED)
         self.path.write_text(SECURED.replace(f", {SECOND_KEY}", ", sk-third"))
