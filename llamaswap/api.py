@@ -50,6 +50,7 @@ from .routes import (
     MODEL_ROUTES,
     Body,
     ModelRoute,
+    capability_of,
     served_path,
     shows_foreign_pages,
 )
@@ -356,7 +357,8 @@ class Api:
         """The model a request is for → (model, profile, the name it went by).
 
         The name the request gives (body or form), else ``?model=``, else
-        ``defaultModel``, else the one model that is loaded; else a 400.
+        ``defaultModel``, else the one model that is loaded, else the one loaded
+        model that is for what the route does (chat, embeddings, rerank); else a 400.
         """
         name = named or _arg(request, b"model")
         if not name and self.config.default_model is not None:
@@ -373,6 +375,10 @@ class Api:
         ]
         if len(loaded) == 1:
             return self.config.models[loaded[0]], None, loaded[0]
+        wanted = capability_of(request.path)
+        fitting = [m for m in loaded if wanted in self.config.models[m].capabilities]
+        if len(fitting) == 1:
+            return self.config.models[fitting[0]], None, fitting[0]
         known = self.known_ids(request)
         which = (
             f"{len(loaded)} models are loaded ({', '.join(loaded)})"

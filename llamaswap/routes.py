@@ -54,6 +54,10 @@ class ModelRoute:
     #: answers with what it fetched from other sites: sandboxed even for a model
     #: whose own pages are trusted (``trustedPages``)
     foreign_pages: bool = False
+    #: what a model must be for (its ``capabilities``) to take this route's requests
+    #: that name no model, when several are loaded: the embeddings model beside the
+    #: chat model is not the one a llama-server chat client meant
+    capability: str = "chat"
 
     @property
     def inference_methods(self) -> frozenset[str]:
@@ -90,9 +94,9 @@ MODEL_ROUTES: tuple[ModelRoute, ...] = (
     ModelRoute("/completions", _POST, "Text completions", _OPENAI),
     ModelRoute("/v1/responses", _POST, "Responses API", _OPENAI),
     ModelRoute("/responses", _POST, "Responses API", _OPENAI),
-    ModelRoute("/v1/embeddings", _POST, "Embeddings", _OPENAI),
-    ModelRoute("/embeddings", _POST, "Embeddings (llama.cpp's own shape)"),
-    ModelRoute("/embedding", _POST, "Embeddings (legacy path)"),
+    ModelRoute("/v1/embeddings", _POST, "Embeddings", _OPENAI, capability="embeddings"),
+    ModelRoute("/embeddings", _POST, "Embeddings (llama.cpp's own shape)", capability="embeddings"),
+    ModelRoute("/embedding", _POST, "Embeddings (legacy path)", capability="embeddings"),
     ModelRoute("/v1/audio/transcriptions", _POST, "Speech to text (multipart form)", _OPENAI),
     ModelRoute("/audio/transcriptions", _POST, "Speech to text (multipart form)", _OPENAI),
     ModelRoute("/v1/chat/completions/input_tokens", _POST, "Count a chat request's prompt tokens"),
@@ -101,10 +105,10 @@ MODEL_ROUTES: tuple[ModelRoute, ...] = (
     ModelRoute("/responses/input_tokens", _POST, "Count a Responses request's input tokens"),
     ModelRoute("/v1/chat/completions/control", _POST, "Control a running generation"),
     # reranking
-    ModelRoute("/v1/rerank", _POST, "Reranking"),
-    ModelRoute("/v1/reranking", _POST, "Reranking"),
-    ModelRoute("/rerank", _POST, "Reranking"),
-    ModelRoute("/reranking", _POST, "Reranking"),
+    ModelRoute("/v1/rerank", _POST, "Reranking", capability="rerank"),
+    ModelRoute("/v1/reranking", _POST, "Reranking", capability="rerank"),
+    ModelRoute("/rerank", _POST, "Reranking", capability="rerank"),
+    ModelRoute("/reranking", _POST, "Reranking", capability="rerank"),
     # Anthropic-compatible
     ModelRoute("/v1/messages", _POST, "Messages", _ANTHROPIC),
     ModelRoute("/v1/messages/count_tokens", _POST, "Token counting", _ANTHROPIC),
@@ -166,11 +170,21 @@ def served_path(target: bytes) -> str:
     return "/" + posixpath.normpath("/" + text.replace("\\", "/")).lstrip("/")
 
 
+def capability_of(path: bytes) -> str | None:
+    """What a model must be for to take a request to ``path`` that names none
+    (None: not a model route at a fixed path)."""
+    route = _BY_PATH.get(path.decode("latin-1"))
+    return route.capability if route is not None else None
+
+
 def shows_foreign_pages(target: bytes) -> bool:
     """Whether a model's server answers ``target`` with pages fetched from elsewhere
     (under any leading segments: a server started with an ``--api-prefix``)."""
     served = served_path(target)
     return any(route.foreign_pages and served.endswith(route.path) for route in MODEL_ROUTES)
+
+
+_BY_PATH = {route.path: route for route in MODEL_ROUTES}
 
 
 def _rule(path: str) -> str:

@@ -429,6 +429,32 @@ class NoModelNamedTests(InMemory):
         self.assertIn(b"available models: a, b", content)
 
 
+class NoModelNamedBesideAnEmbeddingsModelTests(InMemory):
+    """The demo's shape: an embeddings model resident beside the chat model.  A
+    request that names no model goes to the loaded model that is for its route."""
+
+    config_text = CONFIG.replace("--model b", "--model b --embedding")
+
+    def test_each_route_goes_to_the_loaded_model_that_is_for_it(self) -> None:
+        self.send("POST", "/tokenize?model=a", b"{}")
+        self.send("POST", "/tokenize?model=b", b"{}")
+        self.assertEqual(self.loaded(), ["a", "b"])
+        for path, body, model in (
+            ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}]}', "a"),
+            ("/completion", b'{"prompt": "x"}', "a"),
+            ("/v1/embeddings", b'{"input": "x"}', "b"),
+            ("/embedding", b'{"content": "x"}', "b"),
+        ):
+            response, _content = self.send("POST", path, body)
+            self.assertEqual((response.code, self.served_by(response)), (200, model), path)
+        props, _content = self.send("GET", "/props")
+        self.assertEqual((props.code, self.served_by(props)), (200, "a"))
+        # no loaded model is for reranking: still a 400 that says which are loaded
+        response, content = self.send("POST", "/v1/rerank", b'{"query": "q", "documents": []}')
+        self.assertEqual(response.code, 400)
+        self.assertIn("2 models are loaded (a, b)", json.loads(content)["error"]["message"])
+
+
 class DefaultModelTests(InMemory):
     config_text = CONFIG + "defaultModel: bee\n"
 

@@ -995,7 +995,8 @@ class Top:
         None,
         "the model (id, alias, variant or `profile:model`) for requests that name none — no "
         "JSON `model`, no form field, no `?model=`; without it they go to the one model that is "
-        "loaded, else get 400 listing the ids ([routes](routes.md))",
+        "loaded, else to the one loaded model that is for the route (chat, embeddings, rerank), "
+        "else get 400 listing the ids ([routes](routes.md))",
         kind="custom",
         shown="none",
         schema={"type": ["string", "null"], "minLength": 1},
