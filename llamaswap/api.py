@@ -357,12 +357,17 @@ class Api:
         """The model a request is for → (model, profile, the name it went by).
 
         The name the request gives (body or form), else ``?model=``, else
-        ``defaultModel``, else the one model that is loaded, else the one loaded
-        model that is for what the route does (chat, embeddings, rerank); else a 400.
+        ``defaultModel`` (if the key may use it), else the one model that is loaded,
+        else the one loaded model that is for what the route does (chat, embeddings,
+        rerank); else a 400.
         """
         name = named or _arg(request, b"model")
-        if not name and self.config.default_model is not None:
-            name = self.config.default_model
+        default = self.config.default_model
+        if not name and default is not None:
+            found = self.find(default, request)
+            # a key scoped to other models passes it over (and never learns its name)
+            if found is None or may_list(request, found[0].id):
+                name = default
         if name:
             model, profile = self.target(name, request)
             return model, profile, name

@@ -391,6 +391,18 @@ class UnnamedModelTests(AccessCase):
         response, _ = await self.call("POST", "/v1/chat/completions", chat, ADMIN)
         self.assertEqual(response.code, 400)  # an admin still has two to choose from
 
+    async def test_a_default_model_the_key_may_not_use_is_passed_over(self) -> None:
+        """``defaultModel`` is for the keys that may use it; a key scoped to other
+        models gets its own loaded model, not a 403 naming one it may not use."""
+        await self.serve(CONFIG + "defaultModel: alpha\n")
+        chat = json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode()
+        await self.call("POST", "/api/models/load/beta", key=ADMIN)
+        response, reply = await self.call("POST", "/v1/chat/completions", chat, BOB)
+        self.assertEqual(response.code, 200, reply[:200])
+        self.assertEqual(json.loads(reply)["model"], "beta")
+        response, reply = await self.call("POST", "/v1/chat/completions", chat, ALICE)
+        self.assertEqual(json.loads(reply)["model"], "alpha")  # hers: the default holds
+
 
 class SessionTests(AccessCase):
     async def login(self, key: str, **headers: str) -> IResponse:
