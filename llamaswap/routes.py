@@ -166,6 +166,14 @@ def served_path(target: bytes) -> str:
     return "/" + posixpath.normpath("/" + text.replace("\\", "/")).lstrip("/")
 
 
+def routed_path(path: bytes) -> str:
+    """The path llamaswap's own router matches in ``path`` (no query): percent escapes
+    decoded and runs of ``/`` merged (it serves or redirects those as one), but a dot
+    segment is a segment: ``/api/models/unload/../../../v1/models`` is the unload route."""
+    text = unquote(path.decode("latin-1"), errors="replace")
+    return re.sub("/{2,}", "/", text)
+
+
 def shows_foreign_pages(target: bytes) -> bool:
     """Whether a model's server answers ``target`` with pages fetched from elsewhere
     (under any leading segments: a server started with an ``--api-prefix``)."""
