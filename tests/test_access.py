@@ -349,6 +349,9 @@ class AdminRouteTests(AccessCase):
             # the raw pass-through, in the spellings a server reads as the same path
             ("GET", f"/upstream/beta/cors-proxy?url={url}", None),
             ("GET", f"/upstream/beta/%63ors-proxy?url={url}", None),
+            # llama-server's HTTP library also decodes %uXXXX, a surrogate to nothing
+            ("GET", f"/upstream/beta/%u0063ors-proxy?url={url}", None),
+            ("POST", "/upstream/beta/pr%uD800ops", {"n_ctx": 1}),
             ("POST", "/upstream/beta//props", {"n_ctx": 1}),
             ("POST", "/upstream/beta/x/../lora-adapters", []),
             ("PUT", "/upstream/beta/props", {}),

@@ -549,6 +549,8 @@ class OverRealSocketsTests(LiveTestCase):
             "/slots/0?model=a&action=erase&action=save",
             "/upstream/a/slots/0?action=erase&action=save",
             "/upstream/a/%73lots/0?action=save",
+            "/upstream/a/%u0073lots/0?action=save",  # cpp-httplib's %uXXXX
+            "/upstream/a/sl%uD800ots/0?action=save",  # a surrogate: decoded to nothing
             "/upstream/a//slots/0?action=save",
             "/upstream/a/x/../slots/0?action=save",
         ):

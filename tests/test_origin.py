@@ -430,6 +430,8 @@ class ModelPagesTests(LiveTestCase):
             "/cors-proxy?model=m&url=http://example.invalid/",
             "/upstream/m/cors-proxy?url=http://example.invalid/",
             "/upstream/m/%63ors-proxy?url=http://example.invalid/",
+            "/upstream/m/%u0063ors-proxy?url=http://example.invalid/",  # cpp-httplib's
+            "/upstream/m/cors%uDFFF-proxy?url=http://example.invalid/",
             "/upstream/m//x/../cors-proxy?url=http://example.invalid/",
             "/upstream/m/api/cors-proxy?url=http://example.invalid/",  # an --api-prefix
         ):

@@ -29,7 +29,6 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Final, Protocol, cast
-from urllib.parse import unquote
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
@@ -42,6 +41,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
+
+from llamaswap.routes import server_unquote
 
 __all__ = [
     "FakeControls",
@@ -418,8 +419,8 @@ class FakeLlamaServer:
 
     def render(self, request: HTTPRequest) -> bytes | int:
         """Route one request; returns a body or ``NOT_DONE_YET``."""
-        # percent escapes decoded before routing, as cpp-httplib does
-        path = unquote(request.path.decode("utf-8", "replace"))
+        # percent escapes (%uXXXX too) decoded before routing, as cpp-httplib does
+        path = server_unquote(request.path).decode("utf-8", "replace")
         method = request.method.decode("ascii", "replace").upper()
         request.setHeader(b"x-fake-served-by", self.model.encode("utf-8"))
         if not path.startswith("/fake/") and path not in _PUBLIC_PATHS:
