@@ -439,6 +439,22 @@ class ModelPagesTests(LiveTestCase):
             self.assertEqual(fetched.code, 200, path)
             self.assertIn("sandbox", fetched.headers.getRawHeaders("content-security-policy"), path)
 
+    async def test_a_model_s_answer_after_its_loading_progress_is_sandboxed_too(self) -> None:
+        """With ``sendLoadingState`` the answer's headers are llamaswap's (sent while
+        the model loads) and its body the server's: the same policy holds."""
+        await self.serve(
+            f"sendLoadingState: true\nmodels:\n  m:\n    cmd: {FAKE} --load-time 0.2\n"
+        )
+        messages = [{"role": "user", "content": "hi"}]
+        reply = await self.post(
+            "/v1/chat/completions", {"model": "m", "messages": messages, "stream": True}
+        )
+        self.assertEqual(reply.code, 200)
+        self.assertIn(b"is not loaded yet", reply.body)  # the progress came first
+        self.assertEqual(reply.header("content-type"), "text/event-stream")
+        self.assertIn("sandbox", reply.headers.getRawHeaders("content-security-policy") or [])
+        self.assertEqual(reply.header("x-content-type-options"), "nosniff")
+
 
 class UpstreamHeadersTests(SynchronousTestCase):
     def test_the_model_server_s_cors_headers_give_way_to_ours(self) -> None:
