@@ -42,7 +42,7 @@ from .errors import ApiError
 from .guard import OPEN_METHODS, is_open_page, presented_key
 from .logs import logger
 from .origin import same_origin
-from .routes import MODEL_ROUTES, SESSION_PATHS, ModelRoute, served_path
+from .routes import MODEL_ROUTES, SESSION_PATHS, ModelRoute, routed_path, served_path
 
 if TYPE_CHECKING:
     from .config import Config
@@ -372,13 +372,15 @@ class Access:
         request.setComponent(ICaller, caller)
         if _is_open(request) or path in SESSION_PATHS:
             return None
-        # as the router and the model's server read it: /v1/%63hat/completions is a
-        # chat, and counts against the key's limits like one
-        served = served_path(path).encode("utf-8")
-        if not caller.may_reach(served):
+        # as the router reads it (the route that answers): /v1/%63hat/completions is
+        # a chat, and counts against the key's limits like one; dot segments are not
+        # folded, the router does not fold them (the model's server's reading of an
+        # /upstream/ path is checked once the model is known: require_route)
+        routed = routed_path(path).encode("utf-8")
+        if not caller.may_reach(routed):
             message = f"this key may not use {_shown(path)}: {caller.describe()}"
             return ApiError(403, message, "route_not_allowed")
-        return self.admit(request, caller) if uses_model(served) else None
+        return self.admit(request, caller) if uses_model(routed) else None
 
     def authenticate(self, request: Request) -> ApiKey | None:
         """The key in a header, else the session cookie (from our own pages only)."""

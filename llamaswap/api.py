@@ -28,7 +28,7 @@ from werkzeug.routing import RequestRedirect
 from zope.interface import implementer
 
 from . import __version__
-from .access import Access, caller_name, may_list, require_model, require_route
+from .access import Access, admin_route, caller_name, may_list, require_model, require_route
 from .activity import ActivityStore, StoreUnavailable
 from .config import Config, ModelConfig, PeerConfig, PoolConfig
 from .connections import connection_of
@@ -51,12 +51,13 @@ from .routes import (
     Body,
     ModelRoute,
     capability_of,
-    served_path,
     shows_foreign_pages,
 )
 from .scheduler import Scheduler
 
 UI_DIR = Path(__file__).parent / "ui"
+# the route whose save and restore actions the KV store keeps to itself
+SLOT = "/slots/{id_slot}"
 SWAGGER_PAGE = b"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>llamaswap API</title>
 <link rel="stylesheet" href="/swagger/static/swagger-ui.css"></head>
@@ -240,7 +241,7 @@ class Api:
             await self.to_peer(request, parsed.peer, parsed.remote, request.uri, parsed.body)
             return
         if self.kvcache is not None:
-            if route.path == "/slots/{id_slot}":
+            if route.path == SLOT:
                 self.kvcache.check_client_slot_action(parsed.model, _args(request, b"action"))
             self.kvcache.note(parsed.model.id, parsed.conversation)
         loading = parsed.streaming and parsed.model.send_loading_state and route.loading
@@ -272,7 +273,9 @@ class Api:
             if found is not None:
                 model, profile = found
                 path = b"/" + b"/".join(segments[count:]) + query
-                if self.kvcache is not None and served_path(path).startswith("/slots/"):
+                # the route the server reads, under any --api-prefix too
+                served = admin_route(path)
+                if self.kvcache is not None and served is not None and served.path == SLOT:
                     self.kvcache.check_client_slot_action(model, _args(request, b"action"))
                 body = request.content.read() if request.content is not None else b""
                 await self.proxy(

@@ -20,6 +20,7 @@ from .errors import ApiError
 from .events import Event, EventBus, Progress
 from .eventstream import begin_event_stream, data_event, end_event_stream
 from .lifecycle import ModelState
+from .origin import not_ours
 from .scheduler import Lease, Scheduler
 
 TICK = 1.0
@@ -56,6 +57,7 @@ class LoadingStream:
         self.waiting = waiting
         self.request.setResponseCode(200)
         begin_event_stream(self.request)
+        not_ours(self.request.responseHeaders)  # the rest of the body is the server's
         self.say(f"llamaswap: {self.model_id} is not loaded yet.\n")
         self._report()
         self._unsubscribe = self.events.subscribe(self._progress)

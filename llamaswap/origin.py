@@ -319,6 +319,14 @@ class Cors:
             out.setRawHeaders(b"access-control-allow-origin", [origin])
 
 
+def not_ours(headers: Headers, *, sandbox: bool = True) -> None:
+    """Mark ``headers`` as those of a body llamaswap did not write: never sniffed as
+    HTML, and (``sandbox``) never a document of llamaswap's origin."""
+    if sandbox:
+        headers.addRawHeader(b"content-security-policy", b"sandbox")
+    headers.setRawHeaders(b"x-content-type-options", [b"nosniff"])
+
+
 def over_upstream(upstream: Headers, ours: Headers, *, sandbox: bool = True) -> Headers:
     """A model server's answer headers under llamaswap's browser policy (``upstream`` is
     changed and returned).
@@ -337,9 +345,7 @@ def over_upstream(upstream: Headers, ours: Headers, *, sandbox: bool = True) -> 
     for name, _ in list(upstream.getAllRawHeaders()):
         if name.lower().startswith(b"access-control-"):
             upstream.removeHeader(name)
-    if sandbox:
-        upstream.addRawHeader(b"content-security-policy", b"sandbox")
-    upstream.setRawHeaders(b"x-content-type-options", [b"nosniff"])
+    not_ours(upstream, sandbox=sandbox)
     for name, values in ours.getAllRawHeaders():
         lower = name.lower()
         if lower.startswith(b"access-control-") or lower in (b"vary", b"content-security-policy"):

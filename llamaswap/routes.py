@@ -159,14 +159,34 @@ MODEL_ROUTES: tuple[ModelRoute, ...] = (
 )
 
 
+# a percent escape as llama-server's HTTP library (cpp-httplib) reads a path: ``%XX``
+# a byte, ``%uXXXX`` the UTF-8 of that code point, and nothing for a surrogate
+_ESCAPE = re.compile(rb"%u([0-9A-Fa-f]{4})|%([0-9A-Fa-f]{2})")
+
+
+def _unescape(escape: re.Match[bytes]) -> bytes:
+    wide, byte = escape.groups()
+    if byte is not None:
+        return bytes((int(byte, 16),))
+    code = int(wide, 16)
+    return b"" if 0xD800 <= code < 0xE000 else chr(code).encode("utf-8")
+
+
+def server_unquote(path: bytes) -> bytes:
+    """``path`` with its escapes decoded as llama-server decodes them before it
+    matches a route: ``/%u0070rops`` and ``/pr%uD800ops`` are ``/props`` to it."""
+    return _ESCAPE.sub(_unescape, path)
+
+
 def served_path(target: bytes) -> str:
     """The path a model's server reads in ``target`` (a path, maybe with a query).
 
     llama-server decodes percent escapes before it matches a route (``/%73lots/0``
-    is ``/slots/0``); ``//`` and dot segments are folded too.  What a check must
-    recognise whatever the client's spelling.
+    is ``/slots/0``, :func:`server_unquote`); ``//`` and dot segments are folded too
+    (another server, or a proxy on the way, may).  What a check must recognise
+    whatever the client's spelling.
     """
-    text = unquote(target.partition(b"?")[0].decode("latin-1"), errors="replace")
+    text = server_unquote(target.partition(b"?")[0]).decode("utf-8", errors="replace")
     return "/" + posixpath.normpath("/" + text.replace("\\", "/")).lstrip("/")
 
 
@@ -175,6 +195,14 @@ def capability_of(path: bytes) -> str | None:
     (None: not a model route at a fixed path)."""
     route = _BY_PATH.get(path.decode("latin-1"))
     return route.capability if route is not None else None
+
+
+def routed_path(path: bytes) -> str:
+    """The path llamaswap's own router matches in ``path`` (no query): percent escapes
+    decoded and runs of ``/`` merged (it serves or redirects those as one), but a dot
+    segment is a segment: ``/api/models/unload/../../../v1/models`` is the unload route."""
+    text = unquote(path.decode("latin-1"), errors="replace")
+    return re.sub("/{2,}", "/", text)
 
 
 def shows_foreign_pages(target: bytes) -> bool:

@@ -320,6 +320,17 @@ class RateLimitTests(SynchronousTestCase):
         for path in spellings[1:]:
             self.assertEqual(send(path), b"HTTP/1.1 429", path)
 
+    def test_a_dot_segment_does_not_take_a_model_request_out_of_the_count(self) -> None:
+        clock = Clock()
+        limited = ApiKey("ops", "sk-ops", role="admin", requests_per_minute=2)
+        guard = Guard(Rendered(), Access((limited,), clock))
+        site = ApiSite(guard, 1_000_000, checks=[guard.check])
+        # the router sends this to /upstream/ (model m, which it starts), whatever
+        # the folded path would be (/v1/models, which uses no model)
+        path = b"/upstream/m/../../v1/models"
+        answers = [through_the_door(site, "sk-ops", path)[:12] for _ in range(3)]
+        self.assertEqual(answers, [b"HTTP/1.1 200"] * 2 + [b"HTTP/1.1 429"])
+
 
 class AdminRouteTests(AccessCase):
     """The llama-server routes that change a model's server for everyone, run its tools
@@ -338,6 +349,9 @@ class AdminRouteTests(AccessCase):
             # the raw pass-through, in the spellings a server reads as the same path
             ("GET", f"/upstream/beta/cors-proxy?url={url}", None),
             ("GET", f"/upstream/beta/%63ors-proxy?url={url}", None),
+            # llama-server's HTTP library also decodes %uXXXX, a surrogate to nothing
+            ("GET", f"/upstream/beta/%u0063ors-proxy?url={url}", None),
+            ("POST", "/upstream/beta/pr%uD800ops", {"n_ctx": 1}),
             ("POST", "/upstream/beta//props", {"n_ctx": 1}),
             ("POST", "/upstream/beta/x/../lora-adapters", []),
             ("PUT", "/upstream/beta/props", {}),
@@ -363,6 +377,28 @@ class AdminRouteTests(AccessCase):
         response, reply = await self.call("GET", f"/cors-proxy?model=beta&url={url}", key=OPS)
         self.assertEqual(response.code, 200, reply[:200])
         self.assertEqual(json.loads(reply)["path"], "/cors-proxy")
+
+
+class DotSegmentTests(AccessCase):
+    """The door reads a path as llamaswap's router does, which does not fold dot
+    segments: a path that folds into an inference route is still the admin route
+    the router sends it to."""
+
+    async def test_an_inference_key_reaches_no_admin_route_through_dot_segments(self) -> None:
+        await self.serve(CONFIG)
+        for method, path in (
+            ("POST", "/api/models/unload/../../../v1/models"),
+            ("POST", "/api/models/load/..%2f..%2f..%2fv1/models"),
+            ("GET", "/logs/stream/beta/../../../v1/models"),
+        ):
+            response, reply = await self.call(method, path, key=BOB)
+            self.assertEqual(response.code, 403, f"{method} {path}: {reply[:200]!r}")
+            self.assertEqual(json.loads(reply)["error"]["code"], "route_not_allowed")
+            self.assertNotIn(b"alpha", reply)  # not bob's: the admin route lists it
+        # runs of slashes are one to the router (it redirects or serves): still open
+        for path in ("//v1/models", "/v1//models"):
+            response, reply = await self.call("GET", path, key=BOB)
+            self.assertIn(response.code, (200, 308), f"{path}: {reply[:200]!r}")
 
 
 class UnnamedModelTests(AccessCase):

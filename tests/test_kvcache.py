@@ -540,6 +540,7 @@ class OverRealSocketsTests(LiveTestCase):
             "models:\n"
             f"  a:\n    cmd: {FAKE}\n    kvCache: true\n"
             f"  own:\n    cmd: {FAKE} --slot-save-path {path}/own\n    kvCache: true\n"
+            f"  prefixed:\n    cmd: {FAKE} --api-prefix /api\n    kvCache: true\n"
         )
         for route in (
             "/slots/0?model=a&action=save",
@@ -549,13 +550,17 @@ class OverRealSocketsTests(LiveTestCase):
             "/slots/0?model=a&action=erase&action=save",
             "/upstream/a/slots/0?action=erase&action=save",
             "/upstream/a/%73lots/0?action=save",
+            "/upstream/a/%u0073lots/0?action=save",  # cpp-httplib's %uXXXX
+            "/upstream/a/sl%uD800ots/0?action=save",  # a surrogate: decoded to nothing
             "/upstream/a//slots/0?action=save",
             "/upstream/a/x/../slots/0?action=save",
+            "/upstream/prefixed/api/slots/0?action=save",  # a server with --api-prefix
         ):
             refused = await self.post(route, {"filename": "x.bin"})
             self.assertEqual(refused.code, 403, route)
             self.assertEqual(refused.json()["error"]["code"], "slot_action_forbidden")
-        self.assertEqual(os.listdir(self.api.config.models["a"].slot_save_path or ""), [])
+        for model in ("a", "prefixed"):
+            self.assertEqual(os.listdir(self.api.config.models[model].slot_save_path or ""), [])
         erased = await self.request("POST", "/slots/0?model=a&action=erase")
         self.assertEqual(erased.code, 200)
         # a server given its own --slot-save-path: the client's business, relayed

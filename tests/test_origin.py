@@ -430,12 +430,30 @@ class ModelPagesTests(LiveTestCase):
             "/cors-proxy?model=m&url=http://example.invalid/",
             "/upstream/m/cors-proxy?url=http://example.invalid/",
             "/upstream/m/%63ors-proxy?url=http://example.invalid/",
+            "/upstream/m/%u0063ors-proxy?url=http://example.invalid/",  # cpp-httplib's
+            "/upstream/m/cors%uDFFF-proxy?url=http://example.invalid/",
             "/upstream/m//x/../cors-proxy?url=http://example.invalid/",
             "/upstream/m/api/cors-proxy?url=http://example.invalid/",  # an --api-prefix
         ):
             fetched = await self.request("GET", path)
             self.assertEqual(fetched.code, 200, path)
             self.assertIn("sandbox", fetched.headers.getRawHeaders("content-security-policy"), path)
+
+    async def test_a_model_s_answer_after_its_loading_progress_is_sandboxed_too(self) -> None:
+        """With ``sendLoadingState`` the answer's headers are llamaswap's (sent while
+        the model loads) and its body the server's: the same policy holds."""
+        await self.serve(
+            f"sendLoadingState: true\nmodels:\n  m:\n    cmd: {FAKE} --load-time 0.2\n"
+        )
+        messages = [{"role": "user", "content": "hi"}]
+        reply = await self.post(
+            "/v1/chat/completions", {"model": "m", "messages": messages, "stream": True}
+        )
+        self.assertEqual(reply.code, 200)
+        self.assertIn(b"is not loaded yet", reply.body)  # the progress came first
+        self.assertEqual(reply.header("content-type"), "text/event-stream")
+        self.assertIn("sandbox", reply.headers.getRawHeaders("content-security-policy") or [])
+        self.assertEqual(reply.header("x-content-type-options"), "nosniff")
 
 
 class UpstreamHeadersTests(SynchronousTestCase):

@@ -29,7 +29,6 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Final, Protocol, cast
-from urllib.parse import unquote
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
@@ -42,6 +41,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
+
+from llamaswap.routes import server_unquote
 
 __all__ = [
     "FakeControls",
@@ -302,8 +303,11 @@ class FakeLlamaServer:
         parallel: int = 1,
         on_state: StateFunction | None = None,
         metrics: bool = False,
+        api_prefix: str = "",
     ) -> None:
         self.clock = clock
+        #: like ``--api-prefix``: the routes are served under it too
+        self.api_prefix = api_prefix.rstrip("/")
         #: like ``--slot-save-path``: slots keep their prompt (prefix reuse shows as
         #: ``timings.cache_n``) and ``POST /slots/{id}?action=save|restore`` works
         self.slot_save_path = slot_save_path
@@ -418,8 +422,10 @@ class FakeLlamaServer:
 
     def render(self, request: HTTPRequest) -> bytes | int:
         """Route one request; returns a body or ``NOT_DONE_YET``."""
-        # percent escapes decoded before routing, as cpp-httplib does
-        path = unquote(request.path.decode("utf-8", "replace"))
+        # percent escapes (%uXXXX too) decoded before routing, as cpp-httplib does
+        path = server_unquote(request.path).decode("utf-8", "replace")
+        if self.api_prefix and path.startswith(self.api_prefix + "/"):
+            path = path[len(self.api_prefix) :]
         method = request.method.decode("ascii", "replace").upper()
         request.setHeader(b"x-fake-served-by", self.model.encode("utf-8"))
         if not path.startswith("/fake/") and path not in _PUBLIC_PATHS:
@@ -1125,6 +1131,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--embedding", "--embeddings", action="store_true", help="no effect")
     parser.add_argument("--reranking", "--rerank", action="store_true", help="no effect")
     parser.add_argument("--slot-save-path", metavar="DIR", help="save/restore slots here")
+    parser.add_argument("--api-prefix", default="", metavar="PREFIX", help="serve under it")
     parser.add_argument("--parallel", "-np", type=int, default=1, metavar="N", help="slots")
     parser.add_argument(
         "--queue-slots", action="store_true", help="more than --parallel answers wait for a slot"
@@ -1274,6 +1281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parallel=args.parallel,
         on_state=link.notify if link is not None else None,
         metrics=args.metrics,
+        api_prefix=args.api_prefix,
     )
     site = Site(server.resource())
     site.noisy = False
