@@ -46,7 +46,7 @@ from llamaswap.testing.fake_server import FakeLlamaServer
 from .helpers import World, world
 from .test_routes import Children as RoutedChildren
 
-ADMIN, INFERENCE = "sk-ops", "sk-bob"
+ADMIN, INFERENCE, NO_KEY = "sk-ops", "sk-bob", ""
 PREFIX = "/api"  # the --api-prefix model p's server is started with
 
 CONFIG = """
@@ -88,6 +88,7 @@ OWN_ADMIN = (
     ("GET", "/api/activity"),
 )
 OWN_INFERENCE = (("GET", "/v1/models"), ("GET", "/api/version"))
+OWN_OPEN = (("GET", "/health"), ("GET", "/v1/health"), ("GET", "/ui/"), ("GET", "/swagger/"))
 UPSTREAM = "/upstream/{model}/{path}"
 
 # what the fake llama-server logs for each request it routed
@@ -168,7 +169,8 @@ class Harness:
         channel.makeConnection(transport)
         head = (
             f"{method} {target.decode('latin-1')} HTTP/1.0\r\nHost: llamaswap\r\n"
-            f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+            + (f"Authorization: Bearer {key}\r\n" if key else "")
+            + "Content-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n"
         )
         channel.dataReceived(head.encode("latin-1") + body)
@@ -220,12 +222,13 @@ _ADMIN_OWN = {
     for r in API_ROUTES
     if not (r.open or r.session or r.path.encode() in INFERENCE_PATHS) and r.handler != "upstream"
 }
+_OPEN = {r.path for r in API_ROUTES if r.open or r.session}
 _ADMIN_MODEL = {r.path: r.admin_methods for r in MODEL_ROUTES if r.admin_methods}
 
 
 def fake_admin(method: str, path: str) -> bool:
     """Whether the fake (as llama-server) acted on an admin-only route."""
-    if path.startswith("/slots/"):
+    if re.fullmatch("/slots/[^/]+", path):
         return method == "POST"
     return method in _ADMIN_MODEL.get(path, ())
 
@@ -235,7 +238,7 @@ def fake_admin(method: str, path: str) -> bool:
 
 def _bases() -> list[tuple[str, str, bool]]:
     """(method, path with {model}, whether a model route) of every route to spell."""
-    bases = [(m, p, False) for m, p in (*OWN_ADMIN, *OWN_INFERENCE)]
+    bases = [(m, p, False) for m, p in (*OWN_ADMIN, *OWN_INFERENCE, *OWN_OPEN)]
     for route in MODEL_ROUTES:
         if not route.llama_server:
             continue
@@ -287,7 +290,19 @@ def spelt_path(draw: st.DrawFn, path: str) -> bytes:
             raw += b";a=1"
     tail = draw(
         st.sampled_from(
-            [b""] * 20 + [b"/", b"%3Fx", b"%23x", b"%u003f", b"/.", b"/..", b"#x", b"/#/../x"]
+            [b""] * 20
+            + [
+                b"/",
+                b"%3Fx",
+                b"%23x",
+                b"%u003f",
+                b"/.",
+                b"/..",
+                b"#x",
+                b"/#/../x",
+                b"%u002f..",
+                b"%2F..",
+            ]
         )
     )
     return raw + tail
@@ -298,7 +313,7 @@ def requests(draw: st.DrawFn) -> tuple[str, bytes, bytes, str]:
     """(method, request target, body, key)."""
     method, path, model_route = draw(st.sampled_from(BASES))
     model = draw(st.sampled_from(MODELS))
-    key = draw(st.sampled_from([ADMIN, INFERENCE]))
+    key = draw(st.sampled_from([ADMIN, ADMIN, INFERENCE, INFERENCE, NO_KEY]))
     upstream = model_route and draw(st.booleans())
     query = b""
     if "/slots/" in path:
@@ -356,7 +371,8 @@ class PathDifferentialTests(SynchronousTestCase):
         before = h.tokens(key)
         answer = h.send(method, target, body, key)
         reply = answer.body
-        where = f"{method} {target!r} as {'admin' if key == ADMIN else 'inference'}"
+        who = {ADMIN: "admin", INFERENCE: "inference", NO_KEY: "no key"}[key]
+        where = f"{method} {target!r} as {who}"
         code = answer.code
         shown = f"{where}: {code} {reply[:300]!r}"
         error = _error_code(reply)
@@ -367,6 +383,10 @@ class PathDifferentialTests(SynchronousTestCase):
         endpoint, arguments = matched if matched is not None else (None, {})
         # the key's 403, or the door's 400 for a target no client sends
         refused = code == 403 or (code == 400 and b"request URI has a '#'" in reply)
+        if key == NO_KEY and endpoint is not None:
+            # (a) without a key, only the open pages run
+            opened = endpoint.removesuffix("_branch") in _OPEN
+            self.assertTrue(opened or code == 401 or refused, shown)
         if key == INFERENCE and endpoint in _ADMIN_OWN:
             self.assertTrue(refused, shown)
         if key == INFERENCE and endpoint in _ADMIN_MODEL and method in _ADMIN_MODEL[endpoint]:
@@ -381,6 +401,7 @@ class PathDifferentialTests(SynchronousTestCase):
         for model_id, served_method, served in h.served:
             acted = f"{shown}; {model_id}'s server served {served_method} {served}"
             # (b) a request a model's server got was counted against the key's limits
+            self.assertNotEqual(key, NO_KEY, acted)
             self.assertLess(h.tokens(key), before, acted)
             # (c) admin-only routes ran for admin keys only; never a slot save or
             # restore in llamaswap's KV directory
