@@ -428,7 +428,11 @@ class FakeLlamaServer:
         path = server_unquote(request.path).decode("utf-8", "replace")
         if self.api_prefix and path.startswith(self.api_prefix + "/"):
             path = path[len(self.api_prefix) :]
-        method = request.method.decode("ascii", "replace").upper()
+        method = request.method.decode("ascii", "replace")
+        if method != method.upper():
+            # llama-server's HTTP library knows methods in capitals only
+            request.setResponseCode(400)
+            return b""
         request.setHeader(b"x-fake-served-by", self.model.encode("utf-8"))
         if not path.startswith("/fake/") and path not in _PUBLIC_PATHS:
             request.notifyFinish().addBoth(self._log_request, request, method, path)
