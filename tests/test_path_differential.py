@@ -7,11 +7,23 @@ model's server (the fake llama-server, which decodes a path as llama-server does
 which of its routes answers).  A spelling one of them reads apart from the others
 bypasses a check, so Hypothesis writes the routes in many spellings (escapes of any
 character, ``%uXXXX`` and surrogates, ``//``, dot segments, ``;params``, case,
-trailing slashes, escaped ``?`` and ``#``, ``/upstream/<id>/`` with ids holding
-``/``, an ``--api-prefix``) and each answer is checked against what really ran.
+trailing slashes, escaped and raw ``?`` and ``#``, detours through other routes,
+``/upstream/<id>/`` with ids holding ``/``, an ``--api-prefix``, methods in small
+letters) and each answer is checked against what really ran:
 
-In memory: the door (``Guard``, the same check ``ApiSite`` runs on the headers) in
-front of the API, one fake llama-server resource per model behind the relay.
+(a) a route of llamaswap's own that is not an inference key's ran for no inference
+    key, and nothing but the open pages ran without a key;
+(b) a request a model's server got was counted against its key's limits;
+(c) a model's server acted on an admin-only route (``POST /props``, ``/cors-proxy``,
+    ``POST /slots/<n>`` ...) for admin keys only, and never saved or restored a slot
+    in llamaswap's KV directory;
+(d) what ``/cors-proxy`` fetched is sandboxed, even for a ``trustedPages`` model;
+(e) ``/upstream/<id>/<rest>`` reached the model and the path the router read;
+(f) the model's server was asked with the method the router matched.
+
+In memory but byte for byte: the request's bytes go into the real door
+(``ApiSite``'s channel, with the key check of ``Guard``) in front of the API, and
+the relay's Agent talks HTTP to one fake llama-server resource per model.
 """
 
 from __future__ import annotations
@@ -276,7 +288,9 @@ def spelt(draw: st.DrawFn, text: str) -> bytes:
 
 
 SEPARATORS = st.sampled_from(
-    [b"/"] * 20 + [b"//", b"/./", b"/x/../", b"%2F", b"%2f", b"/%2e/", b"/x/%2E%2E/", b"%u002f"]
+    [b"/"] * 20
+    + [b"//", b"/./", b"/x/../", b"%2F", b"%2f", b"/%2e/", b"/x/%2E%2E/", b"%u002f"]
+    + [b"\\", b"%5C", b"/x\\..\\"]
 )
 
 
@@ -329,14 +343,10 @@ def requests(draw: st.DrawFn) -> tuple[str, bytes, bytes, str]:
             )
         )
     if upstream:
-        ids = {"org/m2": [b"org/m2", b"org%2Fm2", b"org%2fm2"]}.get(model, [model.encode()])
+        slash = draw(st.sampled_from([b"/", b"%2F", b"%2f"]))
+        spelt_id = slash.join(draw(spelt(part)) for part in model.split("/"))
         prefix = PREFIX if model == "p" else draw(st.sampled_from(["", PREFIX]))
-        target = (
-            draw(spelt_path("/upstream"))
-            + b"/"
-            + draw(st.sampled_from(ids))
-            + draw(spelt_path(prefix + path))
-        )
+        target = draw(spelt_path("/upstream")) + b"/" + spelt_id + draw(spelt_path(prefix + path))
     else:
         # a detour through another route's segments, dot segments back
         detour = draw(st.sampled_from(["", "", "", *DETOURS]))
@@ -389,7 +399,6 @@ class PathDifferentialTests(SynchronousTestCase):
         error = _error_code(reply)
 
         event(f"{key} {code} {error} served={bool(h.served)}")
-        # (a) llamaswap's own admin routes: an inference key was refused
         matched = router_match(method, target)
         endpoint, arguments = matched if matched is not None else (None, {})
         # the key's 403, or the door's 400 for a request no client sends (the door
@@ -397,7 +406,8 @@ class PathDifferentialTests(SynchronousTestCase):
         at_door = answer.headers.get(b"connection") == [b"close"]
         refused = code == 403 or (code == 400 and at_door)
         if key == NO_KEY and endpoint is not None:
-            # (a) without a key, only the open pages run
+            # (a) without a key, only the open pages run; llamaswap's own admin routes
+            # and the admin methods of model routes for no inference key
             opened = endpoint.removesuffix("_branch") in _OPEN
             self.assertTrue(opened or code == 401 or refused, shown)
         if key == INFERENCE and endpoint in _ADMIN_OWN:
