@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
 import attrs
 from klein import Klein
@@ -266,7 +266,11 @@ class Api:
     async def upstream(self, request: Request, rest: str) -> None:
         raw = request.uri.split(b"?", 1)
         query = b"?" + raw[1] if len(raw) == 2 else b""
-        segments = raw[0][len(b"/upstream/") :].split(b"/")
+        # the raw segments after the router's "upstream", however it was spelt
+        # (/%75pstream/: a fixed-length cut relayed to another model)
+        first, *segments = raw[0][1:].split(b"/")
+        if unquote_to_bytes(first) != b"upstream" or not segments:
+            raise NotFound()  # /upstream%2F<id>/: one segment here, two to the router
         for count in range(len(segments), 0, -1):
             name = unquote(b"/".join(segments[:count]).decode("utf-8", errors="replace"))
             found = self.find(name, request)

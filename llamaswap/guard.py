@@ -2,7 +2,9 @@
 
 ``ApiSite`` serves HTTP through ``DoorChannel``.  When a request's headers are
 complete, before a byte of its body is read, the door refuses it if its URI is too
-long, if one of the site's ``checks`` (``HeaderCheck`` callables run in order: the
+long or holds a raw ``#`` (what relays it cuts a fragment off, the checks would
+not), if its method is not in capitals (the router would read ``post`` as ``POST``,
+the checks would not), if one of the site's ``checks`` (``HeaderCheck`` callables run in order: the
 API-key check of ``Guard``, and any other header check plugged in before or after
 it) returns an ``ApiError``, or if it declares a body larger than
 ``maxRequestBytes``.  A refused request gets its OpenAI-shaped error at once and the
@@ -252,6 +254,15 @@ class ApiSite(Site):
         (``length``: the declared body length, None when chunked)."""
         if len(request.uri) > MAX_URI_BYTES:
             return ApiError(414, f"the request URI is longer than {MAX_URI_BYTES} bytes")
+        if request.method != request.method.upper():
+            # llamaswap's router (werkzeug) reads "post" as POST, its checks and the
+            # model's server do not: one reading for all, or none
+            return ApiError(400, "HTTP methods are case-sensitive: send them in capitals")
+        if b"#" in request.uri:
+            # a fragment is no part of a request target (clients never send one), yet
+            # what relays it (Twisted's Agent, llama-server) cuts it off: the checks
+            # would judge "/props#x" while "/props" runs
+            return ApiError(400, "the request URI has a '#': send its fragment escaped (%23)")
         for check in self.checks:
             outcome = check(request)
             if outcome is not None:

@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import signal
 import sys
 from collections import deque
@@ -66,6 +67,7 @@ _NATIVE_COMPLETION_PATHS: Final = frozenset({"/completion"})
 _EMBEDDING_PATHS: Final = frozenset({"/v1/embeddings", "/embeddings", "/embedding"})
 _RERANK_PATHS: Final = frozenset({"/v1/rerank", "/v1/reranking", "/rerank", "/reranking"})
 #: llama-server GET routes the fake answers by describing the request (see _echo).
+_SLOT_PATH: Final = re.compile("/slots/[^/]+")
 _ECHO_GETS: Final = frozenset({"/lora-adapters", "/tools", "/cors-proxy", "/v1/stream"})
 #: Paths llama-server serves without a key even when it has ``--api-key``.
 _PUBLIC_PATHS: Final = frozenset({"/health", "/v1/health"})
@@ -426,7 +428,11 @@ class FakeLlamaServer:
         path = server_unquote(request.path).decode("utf-8", "replace")
         if self.api_prefix and path.startswith(self.api_prefix + "/"):
             path = path[len(self.api_prefix) :]
-        method = request.method.decode("ascii", "replace").upper()
+        method = request.method.decode("ascii", "replace")
+        if method != method.upper():
+            # llama-server's HTTP library knows methods in capitals only
+            request.setResponseCode(400)
+            return b""
         request.setHeader(b"x-fake-served-by", self.model.encode("utf-8"))
         if not path.startswith("/fake/") and path not in _PUBLIC_PATHS:
             request.notifyFinish().addBoth(self._log_request, request, method, path)
@@ -456,6 +462,9 @@ class FakeLlamaServer:
                 return self._embeddings(request, _parse_json(body))
             if path in _RERANK_PATHS:
                 return self._rerank(request, _parse_json(body))
+            if path.startswith("/slots/") and not _SLOT_PATH.fullmatch(path):
+                # llama-server's /slots/:id_slot is one segment: /slots/0/.. is no route
+                return _json(request, 404, _error(404, "File Not Found", "not_found_error"))
             if path.startswith("/slots/") and self.slot_save_path is not None:
                 return self._slot_action(request, path, _parse_json(body) if body else {})
             return self._echo(request, method, path, body)
