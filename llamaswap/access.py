@@ -42,7 +42,7 @@ from .errors import ApiError
 from .guard import OPEN_METHODS, is_open_page, presented_key
 from .logs import logger
 from .origin import same_origin
-from .routes import MODEL_ROUTES, SESSION_PATHS, ModelRoute, routed_path, served_path
+from .routes import API_ROUTES, MODEL_ROUTES, SESSION_PATHS, ModelRoute, routed_path, served_path
 
 if TYPE_CHECKING:
     from .config import Config
@@ -77,6 +77,13 @@ _MODEL_PATH = re.compile("|".join(_pattern(r.path) for r in MODEL_ROUTES))
 # leading segments too, for a server that serves its routes under an `--api-prefix`
 _ADMIN_ROUTES = tuple(
     (re.compile("(?:/.*)?" + _pattern(r.path)), r) for r in MODEL_ROUTES if r.admin_methods
+)
+# llama-server's own copies of routes llamaswap keeps from inference keys (its
+# ``/metrics``): reached through ``/upstream/<id>/``, they are for admins too
+_ADMIN_OWN = tuple(
+    (re.compile("(?:/.*)?" + _pattern(r.path)), r.path)
+    for r in API_ROUTES
+    if r.llama_server and not r.open and r.path.encode() not in INFERENCE_PATHS
 )
 # the UI's own reads: the cookie may come without Origin or Sec-Fetch-Site on these
 UI_READS = frozenset(
@@ -163,6 +170,15 @@ def require_route(request: Any, method: bytes, path: bytes) -> None:
     caller = caller_of(request)
     if caller is None or caller.role == ADMIN:
         return
+    served = served_path(path)
+    for pattern, own in _ADMIN_OWN:
+        if pattern.fullmatch(served) is not None:
+            raise ApiError(
+                403,
+                f"this key may not use a model server's {own} (as llamaswap's own {own}: "
+                f"admin keys only): {caller.describe()}",
+                "route_not_allowed",
+            )
     route = admin_route(path)
     if route is not None and method.decode("latin-1").upper() not in route.inference_methods:
         shown = f"{method.decode('latin-1')} {route.path}"

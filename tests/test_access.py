@@ -358,6 +358,9 @@ class AdminRouteTests(AccessCase):
             # a server started with --api-prefix serves its routes under that prefix
             ("POST", "/upstream/beta/api/v2/props", {"n_ctx": 1}),
             ("GET", f"/upstream/beta/api/cors-proxy?url={url}", None),
+            # the server's own copy of a route llamaswap keeps for admins
+            ("GET", "/upstream/beta/metrics", None),
+            ("GET", "/upstream/beta/%6detrics", None),
         ]
         for method, path, document in refused:
             body = json.dumps(document).encode() if document is not None else b""
