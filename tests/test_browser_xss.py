@@ -6,7 +6,9 @@ architecture and name in a models folder; a child's stdout (its log lines, a
 load-progress ``stage`` in the child protocol) and its model's answers; a failed
 start's last output lines (in the 503, the row, the toast, the activity row); a key's
 name.  Each payload, if it ever became markup, would set ``window.__pwned``, change the
-title or navigate.
+title or navigate.  The UI's own pages also carry a strict Content-Security-Policy
+(nothing inline runs there, should a string ever become markup), which the UI itself
+never trips.
 
 Needs Playwright and Debian's Chromium, like ``test_browser``.
 """
@@ -140,9 +142,18 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     server.stop()
 
 
+VIOLATIONS = """
+window.__violations = [];
+document.addEventListener('securitypolicyviolation',
+  (e) => window.__violations.push(`${e.violatedDirective} ${e.blockedURI}`));
+"""
+
+
 @pytest.fixture(scope="module")
 def page(browser: Browser, daemon: Daemon) -> Iterator[Page]:
-    with watched_page(browser, daemon.base + "/ui/login.html", SECONDS) as (page, errors):
+    # VIOLATIONS: what the page's Content-Security-Policy refused (the UI needs none of it)
+    login = daemon.base + "/ui/login.html"
+    with watched_page(browser, login, SECONDS, VIOLATIONS) as (page, errors):
         page.get_by_test_id("login-key").fill(KEY)
         page.get_by_test_id("login-send").click()
         page.wait_for_url(daemon.base + "/ui/")
@@ -163,10 +174,29 @@ def auth() -> dict[str, str]:
 def assert_inert(page: Page, view: str) -> None:
     """No payload ran, nothing it would have made exists, the title is the UI's own."""
     assert page.evaluate("window.__pwned") is None
+    assert page.evaluate("window.__violations") == []
     assert page.title() == f"llamaswap · {view}"
     injected = page.locator("main img, main svg, main script, main iframe, main style, main a")
     assert injected.count() == 0
     assert page.locator("#toasts img, #toasts svg, header img, header svg").count() == 0
+
+
+def test_the_ui_pages_forbid_inline_script(page: Page, daemon: Daemon) -> None:
+    """Even markup made from a hostile string cannot run: the policy refuses it."""
+    for path in ("/ui/", "/ui/login.html", "/ui/app.js"):
+        answer = page.request.get(daemon.base + path)
+        policies = [
+            h["value"]
+            for h in answer.headers_array
+            if h["name"].lower() == "content-security-policy"
+        ]
+        assert "frame-ancestors 'self'" in policies
+        assert any("script-src 'self';" in p and "default-src 'self'" in p for p in policies)
+    extra = "document.querySelector('#models-extra')"
+    page.evaluate(f"{extra}.innerHTML = {json.dumps(SCRIPTED)}")
+    page.wait_for_function("window.__violations.length >= 1")
+    assert page.evaluate("window.__pwned") is None
+    page.evaluate(f"{extra}.replaceChildren(); window.__violations = []")
 
 
 def test_the_models_tab_shows_config_and_gguf_strings_as_text(page: Page) -> None:
