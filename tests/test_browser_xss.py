@@ -19,6 +19,7 @@ import base64
 import json
 import random
 import shlex
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -245,6 +246,20 @@ def test_the_logs_tab_shows_hostile_child_lines_as_text(page: Page) -> None:
     assert_inert(page, "logs")
 
 
+RAW_PATH = "\"'><img/src=x/onerror=window.__pwned=11>"
+
+
+def raw_get(daemon: Daemon, target: str) -> None:
+    """GET ``target`` exactly as written (no client escapes it), with the key."""
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as conn:
+        conn.sendall(
+            f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            f"Authorization: Bearer {KEY}\r\n\r\n".encode()
+        )
+        while conn.recv(65536):
+            pass
+
+
 def test_the_activity_tab_shows_hostile_paths_models_and_errors_as_text(
     page: Page, daemon: Daemon
 ) -> None:
@@ -254,11 +269,13 @@ def test_the_activity_tab_shows_hostile_paths_models_and_errors_as_text(
         headers=auth(),
         data=json.dumps({"model": PAYLOAD, "messages": [{"role": "user", "content": "x"}]}),
     )
-    page.request.get(daemon.base + "/upstream/doomed/" + SCRIPTED, headers=auth())
+    page.request.get(daemon.base + "/upstream/doomed/" + SCRIPTED, headers=auth())  # %-encoded
+    raw_get(daemon, "/upstream/doomed/" + RAW_PATH)  # as a raw client may send it
     page.get_by_test_id("tab-activity").click()
     table = page.get_by_test_id("activity-table")
     expect(table).to_contain_text(EVIL_ID)
     expect(table).to_contain_text(PAYLOAD)  # the failed start's error
+    expect(table).to_contain_text(RAW_PATH)
     assert_inert(page, "activity")
     page.screenshot(path=str(ARTIFACTS / "ui-xss.png"))
 
