@@ -43,6 +43,7 @@ from .loading import LoadingStream
 from .logs import PROXY, UPSTREAM, LogHub, logger
 from .metrics import Metrics
 from .openapi import openapi_document
+from .origin import ui_page
 from .recorder import Recorder, RequestRecord
 from .relay import Relay
 from .routes import (
@@ -876,6 +877,7 @@ class Api:
         request.redirect(b"/ui/")
 
     def ui(self, request: Request) -> Any:
+        ui_page(request.responseHeaders)
         return static.File(str(UI_DIR))
 
     def logs_text(self, request: Request) -> bytes | None:

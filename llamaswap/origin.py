@@ -319,6 +319,23 @@ class Cors:
             out.setRawHeaders(b"access-control-allow-origin", [origin])
 
 
+#: The web UI's own pages: script, style and connections from llamaswap's origin
+#: only, nothing inline (no ``<script>`` body, no ``on...=`` handler, no ``style=``), no
+#: plugins, frames or ``<base>``.  The UI builds its DOM with ``textContent``; should a
+#: hostile string (a model's name, a child's output) ever become markup there, it
+#: still cannot run.  (``data:`` images: the page's empty favicon.)
+UI_POLICY = (
+    b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    b"object-src 'none'; frame-src 'none'; base-uri 'none'; form-action 'self'"
+)
+
+
+def ui_page(headers: Headers) -> None:
+    """Mark ``headers`` as those of one of the web UI's own files (:data:`UI_POLICY`),
+    beside the framing policy every answer has."""
+    headers.addRawHeader(b"content-security-policy", UI_POLICY)
+
+
 def not_ours(headers: Headers, *, sandbox: bool = True) -> None:
     """Mark ``headers`` as those of a body llamaswap did not write: never sniffed as
     HTML, and (``sandbox``) never a document of llamaswap's origin."""

@@ -26,7 +26,15 @@ CHROMIUM_ARGS = [
 ]
 
 try:
-    from playwright.sync_api import Browser, BrowserContext, Page, Route, expect, sync_playwright
+    from playwright.sync_api import (
+        Browser,
+        BrowserContext,
+        Frame,
+        Page,
+        Route,
+        expect,
+        sync_playwright,
+    )
 except ImportError:
     if os.environ.get("CI"):
         raise
@@ -37,7 +45,17 @@ if not os.path.exists(CHROMIUM):
     pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)", allow_module_level=True)
 
 
-__all__ = ["CHROMIUM", "Browser", "BrowserContext", "Page", "Route", "chromium", "expect"]
+__all__ = [
+    "CHROMIUM",
+    "Browser",
+    "BrowserContext",
+    "Frame",
+    "Page",
+    "Route",
+    "chromium",
+    "expect",
+    "watched_page",
+]
 
 
 @contextmanager
@@ -48,3 +66,23 @@ def chromium() -> Iterator[Browser]:
         )
         yield browser
         browser.close()
+
+
+@contextmanager
+def watched_page(
+    browser: Browser, url: str, timeout: float, init_script: str | None = None
+) -> Iterator[tuple[Page, list[str]]]:
+    """A page opened at ``url`` in a context of its own (1280x800, ``init_script`` run
+    in every document), and the list of its uncaught errors, which must stay empty
+    (a test may add failures of its own to it)."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    context.set_default_timeout(timeout)
+    if init_script is not None:
+        context.add_init_script(init_script)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(url)
+    yield page, errors
+    context.close()
+    assert not errors, f"uncaught errors in the page: {errors}"

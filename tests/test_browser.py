@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .chromium import Browser, Page, expect
+from .chromium import Browser, Page, expect, watched_page
 from .daemon import Daemon
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,15 +59,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 
 @pytest.fixture(scope="module")
 def page(browser: Browser, daemon: Daemon) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1280, "height": 800})
-    context.set_default_timeout(SECONDS)
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    page.goto(daemon.base + "/ui/")
-    yield page
-    context.close()
-    assert not errors, f"uncaught errors in the page: {errors}"
+    with watched_page(browser, daemon.base + "/ui/", SECONDS) as (page, _):
+        yield page
 
 
 def test_the_models_tab_lists_every_model(page: Page) -> None:
