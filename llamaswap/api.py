@@ -59,14 +59,19 @@ from .scheduler import Scheduler
 UI_DIR = Path(__file__).parent / "ui"
 # the route whose save and restore actions the KV store keeps to itself
 SLOT = "/slots/{id_slot}"
-SWAGGER_PAGE = b"""<!doctype html>
+# the page's one inline script, allowed by its hash (origin.ui_page)
+SWAGGER_INIT = b'window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});'
+SWAGGER_PAGE = (
+    b"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>llamaswap API</title>
 <link rel="stylesheet" href="/swagger/static/swagger-ui.css"></head>
 <body><div id="swagger-ui"></div>
 <script src="/swagger/static/swagger-ui-bundle.js"></script>
-<script>window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
+<script>%s</script>
 </body></html>
 """
+    % SWAGGER_INIT
+)
 
 # what a JSON body may be labelled as (curl -d sends form-urlencoded by default)
 ACCEPTED_BODY_TYPES = (b"application/json", b"application/x-www-form-urlencoded", b"text/plain")
@@ -863,6 +868,7 @@ class Api:
 
     def swagger_page(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        ui_page(request.responseHeaders, inline_script=SWAGGER_INIT)
         return SWAGGER_PAGE
 
     def swagger_assets(self, request: Request) -> Any:

@@ -24,7 +24,9 @@ not affected.
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
 import ipaddress
 import socket
 from collections.abc import Callable, Iterable, Sequence
@@ -330,10 +332,15 @@ UI_POLICY = (
 )
 
 
-def ui_page(headers: Headers) -> None:
-    """Mark ``headers`` as those of one of the web UI's own files (:data:`UI_POLICY`),
-    beside the framing policy every answer has."""
-    headers.addRawHeader(b"content-security-policy", UI_POLICY)
+def ui_page(headers: Headers, inline_script: bytes | None = None) -> None:
+    """Mark ``headers`` as those of one of llamaswap's own pages (:data:`UI_POLICY`),
+    beside the framing policy every answer has; ``inline_script``: the one inline
+    script such a page has, allowed by its hash and nothing else."""
+    policy = UI_POLICY
+    if inline_script is not None:
+        digest = base64.b64encode(hashlib.sha256(inline_script).digest())
+        policy = policy.replace(b"script-src 'self'", b"script-src 'self' 'sha256-" + digest + b"'")
+    headers.addRawHeader(b"content-security-policy", policy)
 
 
 def not_ours(headers: Headers, *, sandbox: bool = True) -> None:
