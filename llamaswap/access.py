@@ -42,7 +42,16 @@ from .errors import ApiError
 from .guard import OPEN_METHODS, is_open_page, presented_key
 from .logs import logger
 from .origin import same_origin
-from .routes import API_ROUTES, MODEL_ROUTES, SESSION_PATHS, ModelRoute, routed_path, served_path
+from .routes import (
+    API_ROUTES,
+    MODEL_ROUTES,
+    SESSION_PATHS,
+    ModelRoute,
+    path_pattern,
+    routed_path,
+    served_path,
+    served_pattern,
+)
 
 if TYPE_CHECKING:
     from .config import Config
@@ -66,22 +75,13 @@ MAX_SESSIONS = 1000
 # the routes an inference key reaches besides the model routes
 INFERENCE_PATHS = frozenset({b"/v1/models", b"/models", b"/api/version", b"/openapi.json"})
 
-
-def _pattern(path: str) -> str:
-    """A route's OpenAPI path as a regular expression (``{name}``: one segment)."""
-    return re.sub(r"\\\{\w+\\\}", "[^/]+", re.escape(path))
-
-
-_MODEL_PATH = re.compile("|".join(_pattern(r.path) for r in MODEL_ROUTES))
-# the model routes with methods for admins only, each with its path as a pattern; any
-# leading segments too, for a server that serves its routes under an `--api-prefix`
-_ADMIN_ROUTES = tuple(
-    (re.compile("(?:/.*)?" + _pattern(r.path)), r) for r in MODEL_ROUTES if r.admin_methods
-)
+_MODEL_PATH = re.compile("|".join(path_pattern(r.path) for r in MODEL_ROUTES))
+# the model routes with methods for admins only, as a served path matches them
+_ADMIN_ROUTES = tuple((served_pattern(r.path), r) for r in MODEL_ROUTES if r.admin_methods)
 # llama-server's own copies of routes llamaswap keeps from inference keys (its
 # ``/metrics``): reached through ``/upstream/<id>/``, they are for admins too
 _ADMIN_OWN = tuple(
-    (re.compile("(?:/.*)?" + _pattern(r.path)), r.path)
+    (served_pattern(r.path), r.path)
     for r in API_ROUTES
     if r.llama_server and not r.open and r.path.encode() not in INFERENCE_PATHS
 )
@@ -179,7 +179,7 @@ def require_route(request: Any, method: bytes, path: bytes) -> None:
                 f"admin keys only): {caller.describe()}",
                 "route_not_allowed",
             )
-    route = admin_route(path)
+    route = _admin_route(served)
     if route is not None and method.decode("latin-1").upper() not in route.inference_methods:
         shown = f"{method.decode('latin-1')} {route.path}"
         raise ApiError(
@@ -192,7 +192,10 @@ def require_route(request: Any, method: bytes, path: bytes) -> None:
 
 def admin_route(path: bytes) -> ModelRoute | None:
     """The model route with admin-only methods that ``path`` (maybe with a query) is."""
-    served = served_path(path)
+    return _admin_route(served_path(path))
+
+
+def _admin_route(served: str) -> ModelRoute | None:
     for pattern, route in _ADMIN_ROUTES:
         if pattern.fullmatch(served) is not None:
             return route

@@ -205,14 +205,25 @@ def routed_path(path: bytes) -> str:
     return re.sub("/{2,}", "/", text)
 
 
+def path_pattern(path: str) -> str:
+    """A route's OpenAPI path as a regular expression (``{name}``: one segment)."""
+    return re.sub(r"\\\{\w+\\\}", "[^/]+", re.escape(path))
+
+
+def served_pattern(path: str) -> re.Pattern[str]:
+    """What matches a :func:`served_path` that is the route ``path``, under any leading
+    segments too (a server started with an ``--api-prefix`` serves its routes there)."""
+    return re.compile("(?:/.*)?" + path_pattern(path))
+
+
 def shows_foreign_pages(target: bytes) -> bool:
-    """Whether a model's server answers ``target`` with pages fetched from elsewhere
-    (under any leading segments: a server started with an ``--api-prefix``)."""
+    """Whether a model's server answers ``target`` with pages fetched from elsewhere."""
     served = served_path(target)
-    return any(route.foreign_pages and served.endswith(route.path) for route in MODEL_ROUTES)
+    return any(pattern.fullmatch(served) is not None for pattern in _FOREIGN)
 
 
 _BY_PATH = {route.path: route for route in MODEL_ROUTES}
+_FOREIGN = tuple(served_pattern(route.path) for route in MODEL_ROUTES if route.foreign_pages)
 
 
 def _rule(path: str) -> str:
