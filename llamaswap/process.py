@@ -89,11 +89,30 @@ class ChildProtocol(ProcessProtocol):
         self._partial: dict[int, bytes] = {}
         # the fds inside a line that was too long: the rest of it is dropped
         self._cut: set[int] = set()
+        #: the child's pid, known from the moment it runs (the transport forgets it
+        #: once the process has exited, which may be before spawnProcess returns)
+        self.pid: int | None = None
+        # what happened before attach(): a child that exits at once is reaped inside
+        # spawnProcess, and its exit reported before the caller knows the child
+        self._held: list[Callable[[], None]] | None = []
 
     def connectionMade(self) -> None:
         assert self.transport is not None
+        self.pid = self.transport.pid
         if not self._keep_stdin:  # a llama-server child reads its stop command there
             self.transport.closeStdin()
+
+    def attach(self) -> None:
+        """The caller knows the child now: report what it did so far, then as it comes."""
+        held, self._held = self._held, None
+        for call in held or ():
+            call()
+
+    def _deliver(self, call: Callable[[], None]) -> None:
+        if self._held is None:
+            call()
+        else:
+            self._held.append(call)
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         buffered = self._partial.get(childFD, b"") + data
@@ -117,6 +136,9 @@ class ChildProtocol(ProcessProtocol):
             self._line(stream, _decode(raw))
 
     def _line(self, stream: str, text: str) -> None:
+        self._deliver(lambda: self._read_line(stream, text))
+
+    def _read_line(self, stream: str, text: str) -> None:
         try:
             self._on_line(stream, text)
         except Exception:
@@ -126,7 +148,7 @@ class ChildProtocol(ProcessProtocol):
 
     def processExited(self, reason: Failure) -> None:
         """The process itself is gone (its pipes may live on in descendants)."""
-        self._on_exited(reason)
+        self._deliver(lambda: self._on_exited(reason))
 
     def processEnded(self, reason: Failure) -> None:
         """The process is gone and its pipes are closed."""
@@ -134,7 +156,7 @@ class ChildProtocol(ProcessProtocol):
             if rest:
                 self._line("stdout" if fd == 1 else "stderr", _decode(rest))
         self._partial.clear()
-        self._on_ended(reason)
+        self._deliver(lambda: self._on_ended(reason))
 
 
 #: options whose value is a secret: a command line in the log shows ``***`` instead
@@ -367,16 +389,19 @@ class ModelProcess:
             transport = self._reactor.spawnProcess(
                 protocol, executable, argv, env=env, childFDs=fds
             )
-        except OSError as e:
+        except Exception as e:  # OSError mostly; whatever it is, the start has failed
             self.log.info("starting {model}: {argv}", model=self.id, argv=shown)
+            if not isinstance(e, OSError):
+                self.log.failure("spawning {model}", model=self.id)
             self._fail_before_spawn(f"could not run {argv[0]!r}: {e}")
             return
-        assert transport.pid is not None
-        child = self._child = Child(transport.pid, self.port, transport)
+        assert protocol.pid is not None
+        child = self._child = Child(protocol.pid, self.port, transport)
         # said once the child runs: the line costs a fraction of a millisecond
         self.log.info("starting {model}: {argv}", model=self.id, argv=shown)
         self._deadline = self._clock.callLater(self.timing.health_timeout, self._start_timed_out)
         watch.begin()
+        protocol.attach()  # it may have exited already: that is reported now
 
     def _watch_for(self, executable: str) -> Watch:
         """How this start learns readiness: the child's own word, or its health URL."""
@@ -531,6 +556,8 @@ class ModelProcess:
         except OSError as e:
             self.log.warn("cmdStop failed ({error}); sending SIGTERM", error=e)
             self._signal("TERM")
+            return
+        protocol.attach()
 
     def _force_stop(self) -> None:
         self._kill = None

@@ -79,14 +79,20 @@ class Daemon:
     def __init__(self, config: Path, log: Path) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = log
         self.log = open(log, "w")  # noqa: SIM115
         self.process = start_twistd(config, self.port, self.log)
         deadline = time.monotonic() + 20
         while not self.up():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise AssertionError(f"llamaswap did not come up; see {log}")
+                raise AssertionError(f"llamaswap did not come up:\n{self.tail()}")
             time.sleep(0.05)
+
+    def tail(self, lines: int = 60) -> str:
+        """The end of its log (shown with a failed test: CI keeps no artifacts)."""
+        self.log.flush()
+        return "".join(self.log_path.read_text(errors="replace").splitlines(True)[-lines:])
 
     def up(self) -> bool:
         try:

@@ -171,6 +171,8 @@ class ProtocolTests(SynchronousTestCase):
         w.process("a").stop()
         self.assertEqual(w.child("a").stdin, [])
         self.assertEqual(w.reactor.spawned[-1].args[:2], ["kill", "-TERM"])
+        w.reactor.spawned[-1].say("kill: sent")  # what cmdStop says is in the model's log
+        self.assertEqual(w.logs.history("a")[-1], "[cmdStop] kill: sent")
 
     def test_no_message_starts_inside_a_line_cut_for_its_length(self) -> None:
         w, d = self.starting()
@@ -197,6 +199,7 @@ class ProtocolTests(SynchronousTestCase):
             heard.append(text)
 
         reader = ChildProtocol(on_line, lambda reason: None)
+        reader.attach()
         reader.childDataReceived(1, b"before\nboom\nafter\nrest")
         self.assertEqual(heard, ["before", "after"])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

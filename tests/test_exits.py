@@ -1,12 +1,31 @@
 """Exits, not pipes: a model stops when its process exits, and what will not go is
-fenced off without holding up other models (fake process reactor, fake clock)."""
+fenced off without holding up other models (fake process reactor, fake clock; real
+processes for an exit Twisted reports inside ``spawnProcess``)."""
 
 from __future__ import annotations
 
-from twisted.trial.unittest import SynchronousTestCase
+import json
+import os
+import random
+import shlex
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any, AnyStr
 
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IProcessProtocol, IProcessTransport, IReactorProcess
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
+
+from llamaswap.config import parse_config
 from llamaswap.errors import StartFailed
-from llamaswap.process import ModelState, Timing
+from llamaswap.events import EventBus
+from llamaswap.logs import LogHub
+from llamaswap.ports import PortAllocator
+from llamaswap.process import ModelProcess, ModelState, Timing
 
 from .helpers import World, world
 
@@ -145,3 +164,90 @@ class StuckTests(Worlds):
         self.assertNotIn("old child talking", w.process("a").tail)
         self.assertIn("old child talking", " ".join(w.logs.history("a")))
         self.assertNoResult(d)
+
+
+class _ExitsFirst(ProcessProtocol):
+    """Hands the transport to ``inner`` only once the child has exited (not reaped):
+    the moment a busy machine may give Twisted, between spawning and watching."""
+
+    def __init__(self, inner: IProcessProtocol) -> None:
+        self.inner = inner
+
+    def makeConnection(self, transport: Any) -> None:
+        os.waitid(os.P_PID, transport.pid, os.WEXITED | os.WNOWAIT)
+        self.transport = transport
+        self.inner.makeConnection(transport)
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        self.inner.childDataReceived(childFD, data)
+
+    def childConnectionLost(self, childFD: int) -> None:
+        self.inner.childConnectionLost(childFD)
+
+    def processExited(self, reason: Failure) -> None:
+        self.inner.processExited(reason)
+
+    def processEnded(self, reason: Failure) -> None:
+        self.inner.processEnded(reason)
+
+
+@implementer(IReactorProcess)
+class _ExitBeforeWatched:
+    """The real reactor, each child of which exits before Twisted first asks: Twisted
+    then reports the exit inside ``spawnProcess``, before it returns the transport."""
+
+    def spawnProcess(
+        self,
+        processProtocol: IProcessProtocol,
+        executable: bytes | str,
+        args: Sequence[bytes | str],
+        env: Mapping[AnyStr, AnyStr] | None = None,
+        path: bytes | str | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        usePTY: bool = False,
+        childFDs: Mapping[int, int | str] | None = None,
+    ) -> IProcessTransport:
+        return reactor.spawnProcess(
+            _ExitsFirst(processProtocol), executable, args, env, path, uid, gid, usePTY, childFDs
+        )
+
+
+class ExitInsideSpawnTests(TestCase):
+    timeout = 30
+
+    def model(self, groups: bool) -> tuple[ModelProcess, PortAllocator]:
+        say = "import sys; print('bind: no such device', file=sys.stderr); sys.exit(3)"
+        command = f"{shlex.quote(sys.executable)} -c {shlex.quote(say)} ${{PORT}}"
+        config = parse_config(f"models:\n  quick:\n    cmd: {json.dumps(command)}\n")
+        ports = PortAllocator(random.randrange(20000, 40000))
+        process = ModelProcess(
+            config.models["quick"],
+            reactor=_ExitBeforeWatched(),
+            clock=reactor,
+            logs=LogHub(),
+            ports=ports,
+            probe=lambda url: Deferred(),  # it never gets to answer
+            timing=TIMING,
+            process_groups=groups,
+            events=EventBus(),
+        )
+        return process, ports
+
+    async def check_fails_cleanly(self, groups: bool) -> None:
+        process, ports = self.model(groups)
+        for _ in range(2):  # and again: nothing of the first start is left over
+            with self.assertRaises(StartFailed) as raised:
+                await process.start()
+            self.assertIn("exited with code 3 while starting", str(raised.exception))
+            self.assertIn("bind: no such device", str(raised.exception))
+            self.assertIs(process.state, ModelState.FAILED)
+            self.assertIsNone(process.pid)
+            self.assertEqual(ports._leased, set())
+            self.assertEqual(process.stuck, [])
+
+    async def test_a_start_that_exits_before_it_is_watched_fails_cleanly(self) -> None:
+        await self.check_fails_cleanly(groups=False)
+
+    async def test_the_same_in_a_process_group_with_its_lifeline(self) -> None:
+        await self.check_fails_cleanly(groups=True)
