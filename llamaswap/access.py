@@ -13,7 +13,7 @@ for every model (as before roles existed); an object entry names its key, its
   caller (a key in a header, else a UI session cookie), refuses a role that does not
   reach the path (403) and a key over its limits (429), and attaches the caller to
   the request (:func:`caller_of`).  Which model a request uses is known only once
-  its body is parsed: ``api.py`` asks :func:`require_model` then.
+  its body is parsed: ``api.py`` asks :func:`may_use` then.
 - A UI session is opened by ``POST /api/login`` with a key; its cookie is accepted
   only from this server's own pages (same-origin ``Sec-Fetch-Site`` or ``Origin``;
   a plain read of the UI's own API when a browser sends neither), so another page,
@@ -149,17 +149,6 @@ def caller_name(request: Any) -> str | None:
     return caller.name if caller is not None else None
 
 
-def require_model(request: Any, model: str) -> None:
-    """Raise the 403 for a request whose key may not use ``model`` (an id or ``peer/id``)."""
-    caller = caller_of(request)
-    if caller is not None and not caller.may_use(model):
-        raise ApiError(
-            403,
-            f"this key may not use model {model!r}: {caller.describe()}",
-            "model_not_allowed",
-        )
-
-
 def require_route(request: Any, method: bytes, path: bytes) -> None:
     """Raise the 403 for an ``inference`` key using an admin method of a model route.
 
@@ -202,8 +191,10 @@ def _admin_route(served: str) -> ModelRoute | None:
     return None
 
 
-def may_list(request: Any, model: str) -> bool:
-    """Whether ``/v1/models`` shows ``model`` to ``request``'s key."""
+def may_use(request: Any, model: str) -> bool:
+    """Whether ``request``'s key may use ``model`` (an id or ``peer/id``).  Any other
+    model is, to that key, as if it did not exist: ``/v1/models`` leaves it out, and
+    naming it gets the 404 of an unknown model (a 403 would confirm that it exists)."""
     caller = caller_of(request)
     return caller is None or caller.may_use(model)
 

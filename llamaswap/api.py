@@ -28,7 +28,7 @@ from werkzeug.routing import RequestRedirect
 from zope.interface import implementer
 
 from . import __version__
-from .access import Access, admin_route, caller_name, may_list, require_model, require_route
+from .access import Access, admin_route, caller_name, may_use, require_route
 from .activity import ActivityStore, StoreUnavailable
 from .config import Config, ModelConfig, PeerConfig, PoolConfig
 from .connections import connection_of
@@ -280,7 +280,7 @@ class Api:
         for count in range(len(segments), 0, -1):
             name = unquote(b"/".join(segments[:count]).decode("utf-8", errors="replace"))
             found = self.find(name, request)
-            if found is not None:
+            if found is not None and may_use(request, found[0].id):
                 model, profile = found
                 path = b"/" + b"/".join(segments[count:]) + query
                 # the route the server reads, under any --api-prefix too
@@ -379,7 +379,7 @@ class Api:
         if not name and default is not None:
             found = self.find(default, request)
             # a key scoped to other models passes it over (and never learns its name)
-            if found is None or may_list(request, found[0].id):
+            if found is None or may_use(request, found[0].id):
                 name = default
         if name:
             model, profile = self.target(name, request)
@@ -389,7 +389,7 @@ class Api:
             model_id
             for model_id, process in sorted(self.scheduler.processes.items())
             if process.state in (ModelState.STARTING, ModelState.READY)
-            and may_list(request, model_id)
+            and may_use(request, model_id)
         ]
         if len(loaded) == 1:
             return self.config.models[loaded[0]], None, loaded[0]
@@ -415,6 +415,7 @@ class Api:
         found = self.find(name, request)
         if found is None:
             raise self.unknown_model(name, request)
+        self.require_model(request, found[0].id, name)
         return found
 
     def find(self, name: str, request: Request) -> tuple[ModelConfig, str | None] | None:
@@ -422,7 +423,7 @@ class Api:
         (of those the caller's key may use: the 403 check still follows)."""
         pool = self.config.pools.get(name)
         if pool is not None:
-            allowed = [m for m in pool.models if may_list(request, m)] or list(pool.models)
+            allowed = [m for m in pool.models if may_use(request, m)] or list(pool.models)
             return self.config.models[self.scheduler.pick(allowed)], None
         return self.config.lookup(name)
 
@@ -446,19 +447,27 @@ class Api:
             ) from e
         return min(base, asked)  # a client may lower its priority, never raise it
 
-    def resolve(self, name: str) -> ModelConfig:
+    def resolve(self, name: str, request: Request) -> ModelConfig:
+        """A model id or alias, else the 404 of an unknown model."""
         model = self.config.resolve(name)
         if model is None:
-            raise self.unknown_model(name)
+            raise self.unknown_model(name, request)
         return model
 
-    def unknown_model(self, name: str, request: Request | None = None) -> ApiError:
-        known = self.known_ids(request)
-        return ApiError(404, f"model {name!r} is not configured; available models: {known}")
+    def require_model(self, request: Request, model_id: str, name: str) -> None:
+        """A model the key may not use gets the 404 of one that is not configured:
+        the same answer either way, so a scoped key cannot tell which ids exist."""
+        if not may_use(request, model_id):
+            raise self.unknown_model(name, request)
 
-    def known_ids(self, request: Request | None) -> str:
+    def unknown_model(self, name: str, request: Request) -> ApiError:
+        known = self.known_ids(request)
+        what = "is not configured" if caller_name(request) is None else "is not available"
+        return ApiError(404, f"model {name!r} {what}; available models: {known}")
+
+    def known_ids(self, request: Request) -> str:
         """The model ids an error may list: those ``request``'s key may use."""
-        ids = [m for m in self.config.listed_ids() if request is None or may_list(request, m)]
+        ids = [m for m in self.config.listed_ids() if may_use(request, m)]
         return ", ".join(ids) or "(none)"
 
     async def proxy(
@@ -474,7 +483,7 @@ class Api:
         requested: str | None = None,
     ) -> None:
         """Lease the model, relay the request; with ``loading_for``, report progress."""
-        require_model(request, model.id)
+        self.require_model(request, model.id, requested or model.id)
         require_route(request, method, path)
         record = self.recorder.begin(
             model.id,
@@ -577,7 +586,7 @@ class Api:
         self, request: Request, peer: PeerConfig, remote: str, path: bytes, body: bytes
     ) -> None:
         """Relay straight to a peer: no local process, no queue."""
-        require_model(request, f"{peer.id}/{remote}")
+        self.require_model(request, f"{peer.id}/{remote}", f"{peer.id}/{remote}")
         require_route(request, b"POST", path)
         record = self.recorder.begin(
             f"{peer.id}/{remote}",
@@ -617,7 +626,7 @@ class Api:
 
     def models(self, request: Request) -> bytes:
         data = []
-        for model_id in filter(lambda m: may_list(request, m), self.config.listed_ids()):
+        for model_id in filter(lambda m: may_use(request, m), self.config.listed_ids()):
             record = self.model_record(model_id)
             data.append(record)
             if self.config.include_aliases_in_list:
@@ -626,16 +635,16 @@ class Api:
                         {**record, "id": alias, "alias_of": model_id, "name": record["name"]}
                     )
         for profile, members in sorted(self.config.profiles.items()):
-            for member in filter(lambda m: may_list(request, m), members):
+            for member in filter(lambda m: may_use(request, m), members):
                 record = self.model_record(member)
                 record.update(id=f"{profile}:{member}", name=f"{record['name']} ({profile})")
                 data.append(record)
         for pool in sorted(self.config.pools.values(), key=lambda p: p.id):
-            if any(may_list(request, m) for m in pool.models):
+            if any(may_use(request, m) for m in pool.models):
                 data.append(self.pool_record(pool))
         for peer in self.config.peers.values():
             for remote in peer.models:
-                if not may_list(request, f"{peer.id}/{remote}"):
+                if not may_use(request, f"{peer.id}/{remote}"):
                     continue
                 data.append(
                     {
@@ -754,8 +763,8 @@ class Api:
 
     async def load_one(self, request: Request, name: str) -> bytes:
         """Start a model and answer once it is ready (or with why it could not start)."""
-        model = self.resolve(name)
-        require_model(request, model.id)
+        model = self.resolve(name, request)
+        self.require_model(request, model.id, name)
         started = self.clock.seconds()
         await self.scheduler.load(model.id)
         return _json(
@@ -778,8 +787,8 @@ class Api:
         return _json(request, {"msg": "ok"})
 
     async def unload_one(self, request: Request, name: str) -> bytes:
-        model = self.resolve(name)
-        require_model(request, model.id)
+        model = self.resolve(name, request)
+        self.require_model(request, model.id, name)
         await self.scheduler.unload([model.id])
         return _json(request, {"msg": "ok"})
 
@@ -802,7 +811,7 @@ class Api:
         store = self.need_store()
         model = _arg(request, b"model")
         result = await store.query(
-            model=self.resolve(model).id if model else None,
+            model=self.resolve(model, request).id if model else None,
             since=_number_arg(request, b"since"),
             until=_number_arg(request, b"until"),
             limit=int(_number_arg(request, b"limit", 1, 1000, whole=True) or 50),
@@ -899,7 +908,7 @@ class Api:
 
     def stream_one(self, request: Request, source: str) -> Deferred[None]:
         if source not in (PROXY, UPSTREAM):
-            source = self.resolve(source).id
+            source = self.resolve(source, request).id
         return self.stream(request, [source])
 
     def stream(self, request: Request, sources: list[str]) -> Deferred[None]:

@@ -59,7 +59,8 @@ peers:
 CONFIG = KEYS + MODELS
 WHO = {"admin": ADMIN, "alice": ALICE, "bob": BOB, "ops": OPS, "nobody": None, "wrong": "sk-no"}
 
-OK = "ok"  # anything but 401 and 403: the key was let through to the route
+OK = "ok"  # anything but 401, 403 and a hidden model: the key was let through
+HIDDEN = "hidden"  # a model the key may not use: the 404 of a model that does not exist
 
 
 def model_request(route: str, method: str, model: str) -> tuple[str, str, bytes | None]:
@@ -70,7 +71,7 @@ def model_request(route: str, method: str, model: str) -> tuple[str, str, bytes 
 
 
 def route_table() -> list[tuple[str, str, bytes | None, dict[str, object]]]:
-    """(method, path, body, who → 401, 403 or OK) for every route."""
+    """(method, path, body, who → 401, 403, HIDDEN or OK) for every route."""
     rows: list[tuple[str, str, bytes | None, dict[str, object]]] = []
     for route in MODEL_ROUTES:
         for method in route.methods:
@@ -80,18 +81,19 @@ def route_table() -> list[tuple[str, str, bytes | None, dict[str, object]]]:
             ):
                 if model == "beta" and method != "POST":
                     continue  # one model suffices for the GET forms; fewer swaps
-                expected: dict[str, object] = {w: OK if w in allowed else 403 for w in WHO}
+                expected: dict[str, object] = {w: OK if w in allowed else HIDDEN for w in WHO}
                 expected.update(nobody=401, wrong=401)
-                if method in route.admin_methods:
-                    expected.update(alice=403, bob=403)  # the inference keys
+                if method in route.admin_methods:  # the inference keys, of their models
+                    expected.update({w: 403 for w in ("alice", "bob") if w in allowed})
                 rows.append((*model_request(route.path, method, model), expected))
     everyone_in = {"admin": OK, "alice": OK, "bob": OK, "ops": OK, "nobody": 401, "wrong": 401}
     admins_only = {**everyone_in, "alice": 403, "bob": 403}
     for path in ("/v1/models", "/models", "/api/version", "/openapi.json"):
         rows.append(("GET", path, None, everyone_in))
-    rows.append(("GET", "/upstream/alpha/health", None, {**everyone_in, "bob": 403, "ops": 403}))
+    hidden = {**everyone_in, "bob": HIDDEN, "ops": HIDDEN}
+    rows.append(("GET", "/upstream/alpha/health", None, hidden))
     peer = json.dumps({"model": "box2/big", "messages": []}).encode()
-    rows.append(("POST", "/v1/chat/completions", peer, {**everyone_in, "bob": 403, "ops": 403}))
+    rows.append(("POST", "/v1/chat/completions", peer, hidden))
     for path in (
         "/running",
         "/logs",
@@ -104,7 +106,7 @@ def route_table() -> list[tuple[str, str, bytes | None, dict[str, object]]]:
     ):
         rows.append(("GET", path, None, admins_only))
     for method, path in (("POST", "/api/models/load/alpha"), ("POST", "/api/models/unload/alpha")):
-        rows.append((method, path, None, {**admins_only, "ops": 403}))  # ops: beta only
+        rows.append((method, path, None, {**admins_only, "ops": HIDDEN}))  # ops: beta only
     rows.append(("POST", "/api/models/load/beta", None, {**admins_only}))
     for method, path in (("POST", "/api/models/unload"), ("GET", "/unload")):
         rows.append((method, path, None, admins_only))
@@ -174,6 +176,8 @@ class RouteTableTests(AccessCase):
             for who, outcome in expected.items():
                 response, reply = await self.call(method, path, body, WHO[who])
                 got: object = response.code if response.code in (401, 403) else OK
+                if response.code == 404 and b'"model_not_found"' in reply:
+                    got = HIDDEN
                 checked += 1
                 if got != outcome:
                     wrong.append(f"{who} {method} {path}: {response.code} {reply[:160]!r}")
@@ -441,6 +445,43 @@ class UnnamedModelTests(AccessCase):
         self.assertEqual(json.loads(reply)["model"], "beta")
         response, reply = await self.call("POST", "/v1/chat/completions", chat, ALICE)
         self.assertEqual(json.loads(reply)["model"], "alpha")  # hers: the default holds
+
+    async def test_a_model_the_key_may_not_use_is_answered_as_one_that_does_not_exist(
+        self,
+    ) -> None:
+        """A 403 for a model that exists beside a 404 for one that does not would let
+        a scoped key probe which ids are configured: both get the same 404."""
+        await self.serve(CONFIG)
+
+        def chat(model: str) -> bytes:
+            return json.dumps({"model": model, "messages": []}).encode()
+
+        probes = [
+            ("POST", "/v1/chat/completions", chat, BOB),
+            ("POST", "/completions", chat, BOB),
+            ("GET", "/props?model={}", None, BOB),
+            ("GET", "/upstream/{}/health", None, BOB),
+            ("POST", "/upstream/{}/slots/0?action=save", None, BOB),
+            ("POST", "/api/models/load/{}", None, OPS),
+            ("POST", "/api/models/unload/{}", None, OPS),
+        ]
+        for method, path, body, key in probes:
+            # a model that exists beside one that does not: a local one, a peer's
+            for pair in (("alpha", "nosuch"), ("box2/big", "box2/nosuch")):
+                answers = set()
+                for model in pair:
+                    response, reply = await self.call(
+                        method, path.format(model), body(model) if body else None, key
+                    )
+                    answers.add((response.code, reply.replace(model.encode(), b"NAME")))
+                self.assertEqual(len(answers), 1, f"{method} {path}: {answers}")
+                [(code, reply)] = answers
+                self.assertEqual(code, 404)
+                error = json.loads(reply)["error"]
+                self.assertEqual(error["code"], "model_not_found")
+                self.assertTrue(error["message"].endswith("not available; available models: beta"))
+        _, running = await self.call("GET", "/running", key=ADMIN)
+        self.assertEqual(json.loads(running)["running"], [])  # nothing was started for them
 
 
 class SessionTests(AccessCase):
