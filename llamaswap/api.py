@@ -370,9 +370,9 @@ class Api:
         """The model a request is for → (model, profile, the name it went by).
 
         The name the request gives (body or form), else ``?model=``, else
-        ``defaultModel`` (if the key may use it), else the one model that is loaded,
-        else the one loaded model that is for what the route does (chat, embeddings,
-        rerank); else a 400.
+        ``defaultModel`` (if the key may use it), else the one loaded model that is
+        for what the route does (chat, embeddings, rerank), else (none loaded is) the
+        one configured model that is, else the one model that is loaded; else a 400.
         """
         name = named or _arg(request, b"model")
         default = self.config.default_model
@@ -391,10 +391,16 @@ class Api:
             if process.state in (ModelState.STARTING, ModelState.READY)
             and may_use(request, model_id)
         ]
-        if len(loaded) == 1:
-            return self.config.models[loaded[0]], None, loaded[0]
         wanted = capability_of(request.path)
         fitting = [m for m in loaded if wanted in self.config.models[m].capabilities]
+        if not fitting:  # as llama-server with its one model: a config of one just works
+            fitting = [
+                m
+                for m in self.config.listed_ids()
+                if may_use(request, m) and wanted in self.config.models[m].capabilities
+            ]
+        if len(fitting) != 1 and len(loaded) == 1:
+            fitting = loaded  # what the route is for is not known: the one that runs
         if len(fitting) == 1:
             return self.config.models[fitting[0]], None, fitting[0]
         known = self.known_ids(request)

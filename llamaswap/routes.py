@@ -310,11 +310,15 @@ class ApiRoute:
 MODEL_ERRORS: tuple[Answer, ...] = (
     Answer(
         400,
-        "Malformed body, or no model named while none (or several) are loaded and no "
-        "`defaultModel` is set; the message lists the valid ids",
+        "Malformed body, or no model named while no `defaultModel` is set and no one "
+        "model fits (loaded, or configured for the route); the message lists the valid ids",
         Media.ERROR,
     ),
-    Answer(404, "Unknown model; the message lists the valid ids", Media.ERROR),
+    Answer(
+        404,
+        "Unknown model, or one the key may not use; the message lists the key's ids",
+        Media.ERROR,
+    ),
     Answer(429, "The model has `concurrencyLimit` requests already (see Retry-After)", Media.ERROR),
     Answer(502, "The model's server (or peer) could not be reached", Media.ERROR),
     Answer(503, "The model failed to start, timed out, or the queue is full", Media.ERROR),

@@ -454,6 +454,30 @@ class NoModelNamedBesideAnEmbeddingsModelTests(InMemory):
         self.assertEqual(response.code, 400)
         self.assertIn("2 models are loaded (a, b)", json.loads(content)["error"]["message"])
 
+    def test_with_none_loaded_for_the_route_the_one_configured_for_it_starts(self) -> None:
+        response, _content = self.send("POST", "/v1/embeddings", b'{"input": "x"}')
+        self.assertEqual((response.code, self.served_by(response)), (200, "b"))
+        self.assertEqual(self.loaded(), ["b"])
+        # the embeddings model is loaded, but a chat is not for it: the chat model starts
+        chat = b'{"messages": [{"role": "user", "content": "x"}]}'
+        response, _content = self.send("POST", "/v1/chat/completions", chat)
+        self.assertEqual((response.code, self.served_by(response)), (200, "a"))
+        self.assertEqual(self.loaded(), ["a", "b"])
+
+
+class OneModelTests(InMemory):
+    """A config of one model is a single llama-server: requests need not name it."""
+
+    config_text = "models:\n  a:\n    cmd: sleep --port ${PORT} --model a\n"
+
+    def test_a_request_that_names_no_model_starts_the_only_one(self) -> None:
+        self.assertEqual(self.loaded(), [])
+        props, _content = self.send("GET", "/props")
+        self.assertEqual((props.code, self.served_by(props)), (200, "a"))
+        chat = b'{"messages": [{"role": "user", "content": "x"}]}'
+        response, _content = self.send("POST", "/v1/chat/completions", chat)
+        self.assertEqual((response.code, self.served_by(response)), (200, "a"))
+
 
 class DefaultModelTests(InMemory):
     config_text = CONFIG + "defaultModel: bee\n"

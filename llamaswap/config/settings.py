@@ -994,9 +994,10 @@ class Top:
         "defaultModel",
         None,
         "the model (id, alias, variant or `profile:model`) for requests that name none — no "
-        "JSON `model`, no form field, no `?model=`; without it they go to the one model that is "
-        "loaded, else to the one loaded model that is for the route (chat, embeddings, rerank), "
-        "else get 400 listing the ids ([routes](routes.md))",
+        "JSON `model`, no form field, no `?model=`; without it they go to the one loaded model "
+        "that is for the route (chat, embeddings, rerank), else to the one configured model that "
+        "is (started for them), else to the one model that is loaded, else get 400 listing the "
+        "ids ([routes](routes.md))",
         kind="custom",
         shown="none",
         schema={"type": ["string", "null"], "minLength": 1},
