@@ -372,7 +372,8 @@ class Api:
         The name the request gives (body or form), else ``?model=``, else
         ``defaultModel`` (if the key may use it), else the one loaded model that is
         for what the route does (chat, embeddings, rerank), else (none loaded is) the
-        one configured model that is, else the one model that is loaded; else a 400.
+        one configured model that is, else (none is) the one model that is loaded;
+        else a 400.
         """
         name = named or _arg(request, b"model")
         default = self.config.default_model
@@ -393,26 +394,30 @@ class Api:
         ]
         wanted = capability_of(request.path)
         fitting = [m for m in loaded if wanted in self.config.models[m].capabilities]
+        candidates: list[str] = []
         if not fitting:  # as llama-server with its one model: a config of one just works
-            fitting = [
+            fitting = candidates = [
                 m
                 for m in self.config.listed_ids()
                 if may_use(request, m) and wanted in self.config.models[m].capabilities
             ]
-        if len(fitting) != 1 and len(loaded) == 1:
-            fitting = loaded  # what the route is for is not known: the one that runs
+        if not fitting and len(loaded) == 1:
+            fitting = loaded  # none is known to be for the route: the one that runs
         if len(fitting) == 1:
             return self.config.models[fitting[0]], None, fitting[0]
-        known = self.known_ids(request)
         which = (
-            f"{len(loaded)} models are loaded ({', '.join(loaded)})"
+            f"{len(loaded)} model{'s are' if len(loaded) > 1 else ' is'} loaded "
+            f"({', '.join(loaded)})"
             if loaded
-            else ("no model is loaded")
+            else "no model is loaded"
         )
+        if len(candidates) > 1:
+            which += f"; {len(candidates)} could take it ({', '.join(candidates)})"
         raise ApiError(
             400,
-            f"the request names no model and {which}: send 'model' in the JSON body, "
-            f"the 'model' field of a form, or ?model= in the query; available models: {known}",
+            f"the request names no model and {which}: send 'model' in the JSON body, the "
+            f"'model' field of a form, or ?model= in the query; available models: "
+            f"{self.known_ids(request)}",
             "model_not_specified",
         )
 

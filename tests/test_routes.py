@@ -465,6 +465,27 @@ class NoModelNamedBesideAnEmbeddingsModelTests(InMemory):
         self.assertEqual(self.loaded(), ["a", "b"])
 
 
+class TwoChatModelsBesideAnEmbeddingsModelTests(InMemory):
+    """The demo's shape: only the embeddings model is loaded, two chat models could
+    take a chat that names none: it is not sent to the embeddings model, nor guessed."""
+
+    config_text = CONFIG.replace("--model b", "--model b --embedding") + (
+        "  c:\n    cmd: sleep --port ${PORT} --model c\n"
+    )
+
+    def test_a_chat_that_names_no_model_gets_a_400_naming_the_two(self) -> None:
+        self.send("POST", "/v1/embeddings?model=b", b'{"input": "x"}')
+        self.assertEqual(self.loaded(), ["b"])
+        chat = b'{"messages": [{"role": "user", "content": "x"}]}'
+        response, content = self.send("POST", "/v1/chat/completions", chat)
+        self.assertEqual(response.code, 400)
+        message = json.loads(content)["error"]["message"]
+        self.assertIn("1 model is loaded (b); 2 could take it (a, c)", message)
+        self.assertEqual(self.loaded(), ["b"])
+        response, _content = self.send("POST", "/v1/embeddings", b'{"input": "x"}')
+        self.assertEqual((response.code, self.served_by(response)), (200, "b"))
+
+
 class OneModelTests(InMemory):
     """A config of one model is a single llama-server: requests need not name it."""
 
