@@ -241,6 +241,7 @@ class _Exchange:
         self.pending: Deferred[IResponse] | None = None
         self.body: _BodyRelay | None = None
         self.done: Deferred[None] = Deferred(self._client_gone)
+        self.gone = False  # the client left (``done`` is being cancelled)
         self.url = ""
         self.has_body = False
         self.sandbox = sandbox
@@ -261,6 +262,10 @@ class _Exchange:
         return self.done
 
     def _client_gone(self, _: Deferred[None]) -> None:
+        # said first: cancelling the request fails it at once, inside this very call,
+        # before ``done`` counts as called; that failure is the client's leaving, not
+        # the server's, and nothing may be written to the client any more
+        self.gone = True
         if self.pending is not None:
             self.pending.cancel()
         if self.body is not None:
@@ -268,7 +273,7 @@ class _Exchange:
 
     def _no_response(self, failure: Failure) -> None:
         self.pending = None
-        if self.done.called:  # the client left first
+        if self.gone:
             return
         error = ApiError(502, self._no_answer(failure))
         if self.stream_started:

@@ -3,17 +3,29 @@
 Twisted may run a callback inside the call that makes it due (a Deferred that has
 fired already, a lease granted at once, a waiter that starts the model again from
 inside the exit it waited for).  Each test here forces one such order with the
-in-memory fakes and a ``Clock``, where the fakes deliver synchronously as Twisted may.
+in-memory fakes and a ``Clock``, where the fakes deliver synchronously as Twisted may,
+or happens with real sockets whenever it happens.
 """
 
 from __future__ import annotations
 
-from twisted.trial.unittest import SynchronousTestCase
+import json
+from typing import Any
 
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
+
+from llamaswap.events import Activity, Event
 from llamaswap.process import ModelState
+from llamaswap.relay import BytesProducer
 from llamaswap.scheduler import Lease
 
 from .helpers import TWO_MODELS, world
+from .integration import LiveTestCase
 
 A_AND_PROFILE = TWO_MODELS + "profiles:\n  ab: [a, b]\n"
 
@@ -61,3 +73,57 @@ class StartedAgainFromItsOwnEndTests(SynchronousTestCase):
         w.reactor.advance(30)
         self.assertIs(w.process("c").state, ModelState.STOPPED)
         self.assertEqual(w.process("c").stop_reason, "ttl")
+
+
+class _Silent(Protocol):
+    """Reads a request and never answers it."""
+
+    def __init__(self, server: _SilentServer) -> None:
+        self.server = server
+
+    def dataReceived(self, data: bytes) -> None:
+        if b"\r\n\r\n" in data and not self.server.read.called:
+            self.server.read.callback(None)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.server.closed.callback(None)
+
+
+class _SilentServer(ServerFactory):
+    def __init__(self) -> None:
+        self.read: Deferred[None] = Deferred()
+        self.closed: Deferred[None] = Deferred()
+
+    def buildProtocol(self, addr: IAddress | None) -> _Silent:
+        return _Silent(self)
+
+
+class ClientGoneTests(LiveTestCase):
+    """Real sockets: the client leaves while the model server has not answered."""
+
+    async def test_a_client_gone_before_the_answer_is_not_the_servers_failure(self) -> None:
+        # cancelling the upstream request fails it inside the cancel, before the
+        # relay's own Deferred counts as cancelled: that failure once passed for the
+        # server's (a 502 in the activity log, an error page written to nobody)
+        server = _SilentServer()
+        api = await self.serve_in_front_of(server)
+        finished: Deferred[Any] = Deferred()
+
+        def seen(event: Event) -> None:
+            if isinstance(event, Activity):
+                finished.callback(event.row)
+
+        api.events.subscribe(seen)
+        asking = self.agent.request(
+            b"POST",
+            (self.base + "/v1/chat/completions").encode(),
+            Headers({"content-type": ["application/json"]}),
+            BytesProducer(json.dumps({"model": "m", "messages": []}).encode()),
+        )
+        asking.addErrback(lambda failure: None)
+        await server.read
+        asking.cancel()  # the client hangs up
+        await server.closed  # so llamaswap hangs up on the server (generation stops)
+        row = await finished
+        self.assertEqual((row["status"], row["error"]), (499, "the client disconnected"))
+        self.assertEqual(api.scheduler.in_flight("m"), 0)
