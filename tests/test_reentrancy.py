@@ -19,12 +19,13 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
+from llamaswap.config import parse_config
 from llamaswap.events import Activity, Event
 from llamaswap.process import ModelState
 from llamaswap.relay import BytesProducer
 from llamaswap.scheduler import Lease
 
-from .helpers import TWO_MODELS, world
+from .helpers import TWO_MODELS, World, world
 from .integration import LiveTestCase
 
 A_AND_PROFILE = TWO_MODELS + "profiles:\n  ab: [a, b]\n"
@@ -127,3 +128,33 @@ class ClientGoneTests(LiveTestCase):
         row = await finished
         self.assertEqual((row["status"], row["error"]), (499, "the client disconnected"))
         self.assertEqual(api.scheduler.in_flight("m"), 0)
+
+
+class ReloadWhileStartingTests(SynchronousTestCase):
+    """A reload changes a model while a swap starts it: its requests wait for the new one."""
+
+    def reload_changing_a(self, w: World) -> None:
+        changed = parse_config(TWO_MODELS.replace("--model a", "--model a --ctx 2"), "test.yaml")
+        w.scheduler.reconfigure(changed, w.make_process)
+
+    def test_the_old_process_exits_later(self) -> None:
+        w = world()
+        waiting = w.scheduler.acquire("a")
+        w.child("a").ignore_term = True
+        self.reload_changing_a(w)
+        w.child("a").exit(None, signal=15)  # the old child goes
+        self.assertNoResult(waiting)
+        self.assertIn("--ctx", w.child("a").args)  # the new one starts
+        w.make_ready("a")
+        self.assertIsInstance(self.successResultOf(waiting), Lease)
+
+    def test_the_old_process_exits_inside_the_reload(self) -> None:
+        # its stop ends it at once (the fake's SIGTERM): the reload is still adopting
+        # the new configuration when the old start fails
+        w = world()
+        waiting = w.scheduler.acquire("a")
+        self.reload_changing_a(w)
+        self.assertNoResult(waiting)
+        self.assertIn("--ctx", w.child("a").args)
+        w.make_ready("a")
+        self.assertIsInstance(self.successResultOf(waiting), Lease)
