@@ -9,9 +9,11 @@ or happens with real sockets whenever it happens.
 
 from __future__ import annotations
 
+import gc
 import json
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Protocol, ServerFactory
@@ -158,3 +160,64 @@ class ReloadWhileStartingTests(SynchronousTestCase):
         self.assertIn("--ctx", w.child("a").args)
         w.make_ready("a")
         self.assertIsInstance(self.successResultOf(waiting), Lease)
+
+
+class _ErrorAnswer(Protocol):
+    """Answers a health check 200; a chat with the head of a 500 whose body it holds."""
+
+    def __init__(self, server: _ErrorServer) -> None:
+        self.server = server
+
+    def dataReceived(self, data: bytes) -> None:
+        assert self.transport is not None
+        if data.startswith(b"GET"):
+            self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            return
+        self.transport.write(b"HTTP/1.1 500 Oops\r\ncontent-length: 40\r\n\r\n{")
+        self.server.answered = self
+        self.server.answering.callback(self)
+
+    def finish(self) -> None:
+        assert self.transport is not None
+        self.transport.write(b" " * 39)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if self.server.answered is self:
+            self.server.closed.callback(None)
+
+
+class _ErrorServer(ServerFactory):
+    def __init__(self) -> None:
+        self.answering: Deferred[_ErrorAnswer] = Deferred()
+        self.answered: _ErrorAnswer | None = None
+        self.closed: Deferred[None] = Deferred()
+
+    def buildProtocol(self, addr: IAddress | None) -> _ErrorAnswer:
+        return _ErrorAnswer(self)
+
+
+class ClientGoneDuringAnErrorAnswerTests(LiveTestCase):
+    timeout = 20
+
+    async def test_a_client_gone_while_the_error_is_read_stops_the_reading(self) -> None:
+        # a client of the loading stream (already 200) hears a server's error as an
+        # error event; gone while that error is read, it must not be written to (a
+        # RuntimeError once), and the server's connection is closed
+        server = _ErrorServer()
+        port = reactor.listenTCP(0, server, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        await self.serve(
+            "models:\n  m:\n    cmd: sleep 60\n    checkEndpoint: /health\n"
+            f"    proxy: http://127.0.0.1:{port.getHost().port}\n"  # type: ignore[attr-defined]
+            "    sendLoadingState: true\n"
+        )
+        response, reader = await self.stream({"model": "m", "stream": True, "messages": []})
+        self.assertEqual(response.code, 200)
+        answering = await server.answering
+        await reader.until(b"is ready")
+        reader.hang_up()
+        await reader.done
+        await server.closed  # (before: held until the server ended its error)
+        answering.finish()  # too late: nobody reads it any more
+        gc.collect()  # an error left in a Deferred is logged as it is collected
+        self.assertEqual(self.flushLoggedErrors(RuntimeError), [])
