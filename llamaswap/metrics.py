@@ -20,17 +20,14 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
-from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
 from .events import Activity, Event, EventBus, ModelChanged, Swapped
 from .lifecycle import ModelState
 from .logs import logger
-from .relay import Hop
+from .relay import CappedBody, Hop
 from .scheduler import Scheduler
 
 LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
@@ -339,7 +336,7 @@ class ChildMetrics:
         headers = Headers()
         self.hop.mark(headers)  # a child URL leading back here gets a 508, not a loop
         response: IResponse = await self.agent.request(b"GET", url.encode("ascii"), headers)
-        body = _CappedBody(MAX_CHILD_METRICS_BYTES)
+        body = CappedBody(MAX_CHILD_METRICS_BYTES, lambda: ScrapeFailed("too_large"))
         response.deliverBody(body)
         text = await body.done  # read to the end, so the connection can be reused
         if response.code == 200:
@@ -356,40 +353,6 @@ def _timed_out(result: object, timeout: float) -> None:
 
 def _failure_reason(failure: Failure) -> str:
     return failure.value.reason if isinstance(failure.value, ScrapeFailed) else "error"
-
-
-_RESPONSE_DONE = Failure(ResponseDone())
-
-
-class _CappedBody(Protocol):
-    """Collects a body of at most ``limit`` bytes; a longer one is cut off."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.parts: list[bytes] = []
-        self.size = 0
-        self.done: Deferred[bytes] = Deferred(lambda _: self._stop())
-
-    def _stop(self) -> None:
-        if self.transport is not None:
-            self.transport.stopProducing()  # type: ignore[attr-defined]
-
-    def dataReceived(self, data: bytes) -> None:
-        self.size += len(data)
-        if self.size > self.limit:
-            if not self.done.called:
-                self.done.errback(ScrapeFailed("too_large"))
-            self._stop()
-            return
-        self.parts.append(data)
-
-    def connectionLost(self, reason: Failure = _RESPONSE_DONE) -> None:
-        if self.done.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(b"".join(self.parts))
-        else:
-            self.done.errback(reason)
 
 
 # --- merging texts in the Prometheus text format (version 0.0.4) -------------------

@@ -675,6 +675,7 @@ class ModelProcess:
         if child not in self.stuck and child.port is not None:
             self._ports.release(child.port)
 
+        failure: Exception | None = None
         if was is ModelState.STARTING or (
             was is ModelState.STOPPING and self._start_failure is not None
         ):
@@ -690,7 +691,6 @@ class ModelProcess:
                 kind = failure.kind if isinstance(failure, StartFailed) else "exit"
                 self._set_state(ModelState.FAILED, cause=kind)
                 self.log.error("{error}", error=failure)
-            self._fire_start(failure)
         else:
             if was is ModelState.READY:
                 self.last_error = f"{how} unexpectedly" + _last_output(self.tail)
@@ -703,11 +703,16 @@ class ModelProcess:
         self._start_failure = None
         self._stop_watching()
 
+        # the watchers first, then the waiters, each once this end is settled: a waiter
+        # may start the model again at once (the scheduler's next swap), and nothing
+        # said of this child may reach that new start (its watch, its idle timer)
+        for watcher in list(self._watchers):
+            watcher.model_exited(self, how, self.exit_was_failure)
+        if failure is not None:
+            self._fire_start(failure)
         waiters, self._exit_waiters = self._exit_waiters, []
         for waiter in waiters:
             waiter.callback(None)
-        for watcher in list(self._watchers):
-            watcher.model_exited(self, how, self.exit_was_failure)
 
     # --- what would not go -----------------------------------------------------
 

@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone, ResponseNeverReceived, readBody
+from twisted.web.client import ResponseDone, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
@@ -45,6 +45,9 @@ from .guard import short_uri
 from .logs import logger
 from .origin import over_upstream
 from .usage import ResponseMeter
+
+#: how much of a server's error answer becomes the error event of a stream under way
+MAX_ERROR_BYTES = 65_536
 
 HOP_BY_HOP = frozenset(
     {
@@ -240,7 +243,9 @@ class _Exchange:
         self.meter = meter
         self.pending: Deferred[IResponse] | None = None
         self.body: _BodyRelay | None = None
+        self.reading: Deferred[bytes] | None = None  # an error answer, for an event
         self.done: Deferred[None] = Deferred(self._client_gone)
+        self.gone = False  # the client left (``done`` is being cancelled)
         self.url = ""
         self.has_body = False
         self.sandbox = sandbox
@@ -261,14 +266,20 @@ class _Exchange:
         return self.done
 
     def _client_gone(self, _: Deferred[None]) -> None:
+        # said first: cancelling the request fails it at once, inside this very call,
+        # before ``done`` counts as called; that failure is the client's leaving, not
+        # the server's, and nothing may be written to the client any more
+        self.gone = True
         if self.pending is not None:
             self.pending.cancel()
         if self.body is not None:
             self.body.stop()
+        if self.reading is not None:
+            self.reading.cancel()
 
     def _no_response(self, failure: Failure) -> None:
         self.pending = None
-        if self.done.called:  # the client left first
+        if self.gone:
             return
         error = ApiError(502, self._no_answer(failure))
         if self.stream_started:
@@ -294,6 +305,8 @@ class _Exchange:
 
     def _error_event(self, body: bytes) -> None:
         """End a stream already under way with an OpenAI-style error event."""
+        if self.gone:
+            return
         try:
             document = json.loads(body)
         except ValueError:
@@ -316,7 +329,9 @@ class _Exchange:
         self.meter.started(response.code, content_type)
         if self.stream_started:
             if response.code != 200:
-                reading = readBody(response)
+                body = CappedBody(MAX_ERROR_BYTES, lambda: ValueError("an error answer too long"))
+                response.deliverBody(body)
+                reading = self.reading = body.done
                 reading.addErrback(lambda f: f.getErrorMessage().encode())
                 reading.addCallback(self._error_event)
                 return
@@ -396,6 +411,39 @@ class _BodyRelay(Protocol):
                 abort = getattr(transport, "abortConnection", transport.loseConnection)
                 abort()
         exchange.done.callback(None)
+
+
+class CappedBody(Protocol):
+    """Collects a body of at most ``limit`` bytes (longer: ``too_large()``); cancelling
+    ``done`` stops the reading, so the connection is dropped."""
+
+    def __init__(self, limit: int, too_large: Callable[[], Exception]) -> None:
+        self.limit = limit
+        self.too_large = too_large
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.done: Deferred[bytes] = Deferred(lambda _: self._stop())
+
+    def _stop(self) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            if not self.done.called:
+                self.done.errback(self.too_large())
+            self._stop()
+            return
+        self.parts.append(data)
+
+    def connectionLost(self, reason: Failure = _RESPONSE_DONE) -> None:
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self.parts))
+        else:
+            self.done.errback(reason)
 
 
 class _Discard(Protocol):

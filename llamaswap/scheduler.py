@@ -34,7 +34,7 @@ from zope.interface import Interface, implementer
 
 from .config import Config, ModelConfig
 from .crashloop import CrashGuard, CrashLoopPolicy
-from .errors import ApiError
+from .errors import ApiError, ModelStopped
 from .events import EventBus, QueueChanged, Swapped
 from .lifecycle import IModelWatcher, ModelState, ModelView
 from .logs import logger
@@ -618,7 +618,15 @@ class Scheduler:
             self._warming.add(model_id)
             try:
                 self.hooks.before_start(process)
-                await process.start()
+                try:
+                    await process.start()
+                except ModelStopped:
+                    if self._slot_of(process) is not None:
+                        raise
+                    # a reload replaced it while it started: whoever waits for it
+                    # stays queued, for the new process the next swap starts
+                    self.log.info("start of {model} superseded by a reload", model=model_id)
+                    return
                 await self.hooks.after_start(process)
             finally:
                 self._warming.discard(model_id)
@@ -770,12 +778,16 @@ class Scheduler:
                 continue
             changes["changed" if slot is not None else "added"].append(model_id)
             slots[model_id] = self._new_slot(make_process(model))
+        retired = []
         for model_id, slot in self._slots.items():
             if model_id not in config.models:
                 changes["removed"].append(model_id)
             if slots.get(model_id) is not slot:
-                self._retire(slot)
+                retired.append(slot)
+        # the new slots first: a retired process may end inside its stop
         self._slots = slots
+        for slot in retired:
+            self._retire(slot)
         for waiter in [w for w in self._queue if not w.targets <= set(slots)]:
             self._queue.remove(waiter)
             waiter.deferred.errback(
