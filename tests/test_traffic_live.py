@@ -169,9 +169,12 @@ class ModelListTests(LiveTestCase):
         self.assertEqual(by_id["box/chat"]["name"], "chat (box)")
 
 
+# maxWait far beyond any load time here, even on a busy machine: only patience can
+# doom alpha within the test's wait
 CHEAP = f"""
 scheduler:
   hold: 0
+  maxWait: 600
 models:
   alpha:
     cmd: {FAKE} --load-time 0.3
@@ -197,7 +200,9 @@ class PatienceLiveTests(TrafficCase):
             await deferLater(reactor, 0.1)
             return self.api.scheduler.queued("alpha") > 0
 
-        await self.eventually(alpha_is_doomed, "a new request for alpha waits", tries=100)
+        # bounded by the number of checks, not by the patience (a busy machine's
+        # load time sets that): patience dooms alpha long before maxWait would
+        await self.eventually(alpha_is_doomed, "a new request for alpha waits", tries=300)
         user.hang_up()  # alpha drains: beta loads, then alpha again for the late ones
         self.assertEqual((await other).code, 200)
         for reply in late:
