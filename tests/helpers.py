@@ -8,7 +8,7 @@ import attrs
 
 from llamaswap.access import Access
 from llamaswap.api import Api
-from llamaswap.config import Config, parse_config
+from llamaswap.config import Config, ModelConfig, parse_config
 from llamaswap.events import EventBus
 from llamaswap.logs import LogHub
 from llamaswap.ports import PortAllocator
@@ -43,6 +43,8 @@ class World:
     logs: LogHub
     events: EventBus
     scheduler: Scheduler
+    ports: PortAllocator
+    make_process: Callable[[ModelConfig], ModelProcess]
     busy_ports: set[int] = attrs.field(factory=set)  # ports something else listens on
 
     def process(self, model_id: str) -> ModelProcess:
@@ -62,6 +64,11 @@ class World:
             recorder,
             access=access,
         )
+
+    def reload(self, text: str) -> dict[str, list[str]]:
+        """Adopt a new configuration as a live reload does (``tap.build``)."""
+        self.config = parse_config(text, "test.yaml")
+        return self.scheduler.reconfigure(self.config, self.make_process)
 
     def child(self, model_id: str) -> FakeProcess:
         """The newest spawned child of ``model_id``."""
@@ -92,8 +99,9 @@ def world(
     events = EventBus()
     busy_ports: set[int] = set()
     ports = PortAllocator(config.start_port, is_free=lambda port: port not in busy_ports)
-    processes = [
-        ModelProcess(
+
+    def make_process(model: ModelConfig) -> ModelProcess:
+        return ModelProcess(
             model,
             reactor=reactor,
             clock=reactor,
@@ -108,8 +116,8 @@ def world(
             process_groups=False,
             events=events,
         )
-        for model in config.models.values()
-    ]
+
+    processes = [make_process(model) for model in config.models.values()]
     scheduler = Scheduler(
         processes,
         reactor,
@@ -117,4 +125,4 @@ def world(
         events,
         hooks(config, reactor) if hooks is not None else NoHooks(),
     )
-    return World(config, reactor, health, logs, events, scheduler, busy_ports)
+    return World(config, reactor, health, logs, events, scheduler, ports, make_process, busy_ports)
