@@ -329,12 +329,15 @@ class Scheduler:
             for t in targets
         )
 
-    def _victims(self, targets: frozenset[str]) -> frozenset[str]:
-        """Running models that must stop before ``targets`` may run (group rules)."""
+    def _victims(
+        self, targets: frozenset[str], starting: frozenset[str] = frozenset()
+    ) -> frozenset[str]:
+        """Running models (and ``starting``, a swap's models that will run) that must
+        stop before ``targets`` may run (group rules)."""
         running = [
             m
             for m, slot in self._slots.items()
-            if m not in targets and slot.process.state not in _STOPPED
+            if m not in targets and (slot.process.state not in _STOPPED or m in starting)
         ]
         victims = set()
         for target in targets:
@@ -349,6 +352,13 @@ class Scheduler:
         if self.config.budget:
             victims |= self._make_room(targets, [m for m in running if m not in victims])
         return frozenset(victims)
+
+    def _clash(self, targets: frozenset[str], others: frozenset[str]) -> bool:
+        """Would ``targets`` stop ``others`` (a swap's models, not running yet), or the
+        other way round, were both to run?"""
+        return bool(others) and bool(
+            self._victims(targets, others) & others or self._victims(others, targets) & targets
+        )
 
     def _make_room(self, targets: frozenset[str], staying: list[str]) -> set[str]:
         """More victims until everything fits the memory budget.
@@ -443,10 +453,13 @@ class Scheduler:
                 continue
             victims = self._victims(waiter.targets)
             swapping = self._swap[0] if self._swap is not None else frozenset()
+            if plan.swap is not None:
+                swapping |= plan.swap[0]  # not started yet, but it will be
             if (
                 grant
                 and not first
                 and not victims
+                and not self._clash(waiter.targets, swapping)
                 and not waiter.targets & (swapping | plan.doomed | self._victims_of_swap())
             ):
                 # behind another start, but it stops nothing: no need to wait its turn
