@@ -118,6 +118,26 @@ class ExitBeforePipesTests(Worlds):
         self.assertIn("out of memory", process.last_error)
 
 
+class StopTimerTests(Worlds):
+    def test_a_child_that_exits_on_the_signal_at_once_leaves_no_kill_for_the_next(
+        self,
+    ) -> None:
+        # found by tests/test_scheduler_states.py: the SIGKILL timer was armed after
+        # SIGTERM was sent, so an exit reported inside the signal call (the fakes do)
+        # left it running: 10 s later it killed the model's next child
+        w = world(timing=TIMING)
+        first = w.scheduler.acquire("a")
+        w.scheduler.unload(["a"])  # while starting: SIGTERM, and it is gone at once
+        self.failureResultOf(first)
+        again = w.scheduler.acquire("a")
+        w.make_ready("a")
+        self.successResultOf(again).release()
+        w.reactor.advance(TIMING.stop_timeout + TIMING.kill_grace)
+        self.assertEqual(w.child("a").signals, [])
+        self.assertIs(w.process("a").state, ModelState.READY)
+        self.assertEqual(w.process("a").stuck, [])
+
+
 class StuckTests(Worlds):
     def test_a_child_that_survives_sigkill_does_not_block_the_next_model(self) -> None:
         w = self.serving("a")
