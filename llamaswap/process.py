@@ -537,6 +537,9 @@ class ModelProcess:
             self._signal("TERM")
 
     def _stop_beginning(self) -> None:
+        # a start being stopped is over: its health deadline must not stop it again
+        self._cancel(self._deadline)
+        self._deadline = None
         self._stop_began = self._clock.seconds()
         self._set_state(ModelState.STOPPING)
         self._stop_watching()

@@ -21,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from llamaswap.config import parse_config
-from llamaswap.errors import StartFailed
+from llamaswap.errors import ModelStopped, StartFailed
 from llamaswap.events import EventBus
 from llamaswap.logs import LogHub
 from llamaswap.ports import PortAllocator
@@ -136,6 +136,25 @@ class StopTimerTests(Worlds):
         self.assertEqual(w.child("a").signals, [])
         self.assertIs(w.process("a").state, ModelState.READY)
         self.assertEqual(w.process("a").stuck, [])
+
+    def test_the_health_deadline_does_not_stop_a_stopping_start_again(self) -> None:
+        # found by tests/test_scheduler_states.py: a start unloaded just before its
+        # health deadline, by a child slow to die, was stopped a second time when
+        # the deadline came: two kill timers, and a child that survived SIGKILL was
+        # fenced twice (so one record freed its port while the other still held it)
+        w = world(timing=TIMING)
+        d = w.scheduler.acquire("a")
+        w.reactor.advance(TIMING.health_timeout - 1)
+        a = w.child("a")
+        a.ignore_term = a.unkillable = True
+        w.scheduler.unload(["a"])
+        w.reactor.advance(1)  # the health deadline
+        self.assertEqual(a.signals, ["TERM"])
+        w.reactor.advance(TIMING.stop_timeout)
+        w.reactor.advance(TIMING.kill_grace)
+        self.assertEqual(a.signals, ["TERM", "KILL"])
+        self.assertEqual([c.live_pid for c in w.process("a").stuck], [a.pid])
+        self.failureResultOf(d, ModelStopped)  # stopped, not a failed start
 
 
 class StuckTests(Worlds):
