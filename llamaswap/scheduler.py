@@ -100,6 +100,7 @@ class _Slot:
     ttl_timer: IDelayedCall | None = None
     guard: CrashGuard = attrs.field(factory=lambda: CrashGuard(CrashLoopPolicy()))
     footprint: Footprint = attrs.field(factory=Footprint)
+    retired: bool = False  # replaced by a reload, and its process stopped since
 
 
 @attrs.define(eq=False)
@@ -808,7 +809,7 @@ class Scheduler:
             return slot.process.stop("reload")
 
         def gone(result: object) -> object:
-            self._retiring.remove(slot)
+            slot.retired = True
             return result
 
         retired = self._drained(slot).addCallback(stop).addBoth(gone)
@@ -817,7 +818,9 @@ class Scheduler:
         )
 
     def retiring(self) -> list[ModelView]:
-        """Processes of an earlier configuration, finishing their requests."""
+        """Processes of an earlier configuration, finishing their requests, or
+        stopped with a child that would not go (reported until it is gone)."""
+        self._retiring = [s for s in self._retiring if not s.retired or s.process.stuck]
         return [slot.process for slot in self._retiring]
 
     def retry_in(self, model_id: str) -> float:

@@ -27,7 +27,7 @@ from llamaswap.logs import LogHub
 from llamaswap.ports import PortAllocator
 from llamaswap.process import ModelProcess, ModelState, Timing
 
-from .helpers import World, world
+from .helpers import TWO_MODELS, World, world
 
 TIMING = Timing(health_timeout=30, stop_timeout=10, pipe_grace=1, kill_grace=5)
 
@@ -189,6 +189,24 @@ class StuckTests(Worlds):
         self.assertEqual(process.stuck, [])
         self.assertIs(process.state, ModelState.READY)
         self.assertIsNotNone(process.pid)
+
+    def test_a_stuck_child_of_a_model_a_reload_replaced_stays_reported(self) -> None:
+        # found by tests/test_scheduler_states.py: the replaced process left the
+        # scheduler's list once its stop gave up, so its stuck child was no longer
+        # shown (/running) nor given the last SIGKILL at exit
+        w = world(timing=TIMING)
+        w.scheduler.acquire("b").addErrback(lambda f: None)
+        b = w.child("b")
+        b.ignore_term = b.unkillable = True
+        w.reload(TWO_MODELS.replace("--model b", "--model b --ctx 2"))
+        w.reactor.advance(TIMING.stop_timeout)
+        w.reactor.advance(TIMING.kill_grace)
+        [old] = w.scheduler.retiring()
+        self.assertIs(old.state, ModelState.STOPPED)
+        self.assertEqual([c.live_pid for c in old.stuck], [b.pid])
+        b.unkillable = False
+        b.exit(None, 9)
+        self.assertEqual(w.scheduler.retiring(), [])
 
     def test_output_of_a_stuck_child_is_logged_but_not_taken_as_the_new_childs(self) -> None:
         w = self.serving("a")
