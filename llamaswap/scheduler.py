@@ -354,12 +354,10 @@ class Scheduler:
             victims |= self._make_room(targets, [m for m in running if m not in victims])
         return frozenset(victims)
 
-    def _clash(self, targets: frozenset[str], others: frozenset[str]) -> bool:
-        """Would ``targets`` stop ``others`` (a swap's models, not running yet), or the
-        other way round, were both to run?"""
-        return bool(others) and bool(
-            self._victims(targets, others) & others or self._victims(others, targets) & targets
-        )
+    def _clash(self, targets: frozenset[str], swapping: frozenset[str]) -> bool:
+        """Would starting ``targets`` stop anything, counting the swap's models (not
+        running yet) as running, or would the swap's models stop ``targets``?"""
+        return bool(self._victims(targets, swapping) or self._victims(swapping, targets) & targets)
 
     def _make_room(self, targets: frozenset[str], staying: list[str]) -> set[str]:
         """More victims until everything fits the memory budget.
@@ -459,7 +457,6 @@ class Scheduler:
             if (
                 grant
                 and not first
-                and not victims
                 and not self._clash(waiter.targets, swapping)
                 and not waiter.targets & (swapping | plan.doomed | self._victims_of_swap())
             ):

@@ -127,6 +127,26 @@ class BudgetTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual(w.child("keep").signals, [])
 
+    def test_models_started_alongside_a_swap_fit_beside_it(self) -> None:
+        # found by tests/test_scheduler_states.py: after a failed start, "a" was
+        # started alongside the swap to "b" just decided, then "c" too, as what
+        # it would have evicted was "a", not the swap's model: 12 GiB of models in a
+        # 10 GiB budget once "b" started
+        w = world(BUDGET)
+        w.scheduler.acquire("big").addErrback(lambda f: None)
+        waiting = {m: w.scheduler.acquire(m) for m in "bac"}
+        w.child("big").exit(1)
+        running = sorted(p.args[-1] for p in w.reactor.running())
+        self.assertEqual(running, ["a", "b"])
+        w.make_ready("a")
+        w.make_ready("b")
+        self.successResultOf(waiting["a"]).release()
+        self.successResultOf(waiting["b"]).release()
+        # c makes room: the least recently used of the two goes
+        w.make_ready("c")
+        self.successResultOf(waiting["c"]).release()
+        self.assertEqual(len(w.reactor.running()), 2)
+
     def test_learned_start_and_stop_times(self) -> None:
         w = world(BUDGET)
         d = w.scheduler.acquire("a")
