@@ -333,8 +333,10 @@ class Scheduler:
     def _victims(
         self, targets: frozenset[str], starting: frozenset[str] = frozenset()
     ) -> frozenset[str]:
-        """Running models (and ``starting``, a swap's models that will run) that must
-        stop before ``targets`` may run (group rules)."""
+        """Running models (and ``starting``, a swap's models that will run, and those
+        being started alongside, maybe once they have stopped) that must stop before
+        ``targets`` may run (group rules)."""
+        starting = starting.union(*self._side_starts)
         running = [
             m
             for m, slot in self._slots.items()

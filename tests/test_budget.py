@@ -147,6 +147,29 @@ class BudgetTests(SynchronousTestCase):
         self.successResultOf(waiting["c"]).release()
         self.assertEqual(len(w.reactor.running()), 2)
 
+    def test_a_model_started_again_once_it_has_stopped_counts_as_running(self) -> None:
+        # found by tests/test_scheduler_states.py: a request for "big" while it was
+        # stopping started it alongside (deferred until its exit); when it exited,
+        # the swap to "a" was decided as if "big" would stay stopped, and both
+        # started: 13 GiB in a 10 GiB budget
+        w = world(BUDGET.replace("policy: fifo", "policy: collate"))
+        starting = w.scheduler.acquire("big")
+        pending_a = w.scheduler.acquire("a")
+        w.reactor.advance(2)
+        w.make_ready("big")
+        lease = self.successResultOf(starting)  # a waits: big is busy, and loads fast
+        w.child("big").ignore_term = True
+        w.scheduler.unload(["big"])
+        pending_big = w.scheduler.acquire("big")
+        w.reactor.advance(10)  # SIGKILL: big exits, and is started again
+        running = sorted(p.args[-1] for p in w.reactor.running())
+        self.assertEqual(running, ["big"])
+        self.assertNoResult(pending_a)
+        lease.release()  # the swap to a goes on: it stops big (again) first
+        self.failureResultOf(pending_big, ModelStopped)
+        running = sorted(p.args[-1] for p in w.reactor.running())
+        self.assertEqual(running, ["a"])
+
     def test_learned_start_and_stop_times(self) -> None:
         w = world(BUDGET)
         d = w.scheduler.acquire("a")
