@@ -356,6 +356,11 @@ class Scheduler:
             victims |= self._make_room(targets, [m for m in running if m not in victims])
         return frozenset(victims)
 
+    def _stopping(self, targets: frozenset[str]) -> bool:
+        """A start would wait for the exit, and be decided on what runs now: not
+        alongside, then (the next pass decides, once the model has stopped)."""
+        return any(self._slots[t].process.state is ModelState.STOPPING for t in targets)
+
     def _clash(self, targets: frozenset[str], swapping: frozenset[str]) -> bool:
         """Would starting ``targets`` stop anything, counting the swap's models (not
         running yet) as running, or would the swap's models stop ``targets``?"""
@@ -460,6 +465,7 @@ class Scheduler:
                 grant
                 and not first
                 and not self._clash(waiter.targets, swapping)
+                and not self._stopping(waiter.targets)
                 and not waiter.targets & (swapping | plan.doomed | self._victims_of_swap())
             ):
                 # behind another start, but it stops nothing: no need to wait its turn

@@ -147,7 +147,7 @@ class BudgetTests(SynchronousTestCase):
         self.successResultOf(waiting["c"]).release()
         self.assertEqual(len(w.reactor.running()), 2)
 
-    def test_a_model_started_again_once_it_has_stopped_counts_as_running(self) -> None:
+    def test_a_request_for_a_stopping_model_waits_its_turn(self) -> None:
         # found by tests/test_scheduler_states.py: a request for "big" while it was
         # stopping started it alongside (deferred until its exit); when it exited,
         # the swap to "a" was decided as if "big" would stay stopped, and both
@@ -161,14 +161,18 @@ class BudgetTests(SynchronousTestCase):
         w.child("big").ignore_term = True
         w.scheduler.unload(["big"])
         pending_big = w.scheduler.acquire("big")
-        w.reactor.advance(10)  # SIGKILL: big exits, and is started again
-        running = sorted(p.args[-1] for p in w.reactor.running())
-        self.assertEqual(running, ["big"])
-        self.assertNoResult(pending_a)
-        lease.release()  # the swap to a goes on: it stops big (again) first
-        self.failureResultOf(pending_big, ModelStopped)
+        w.reactor.advance(10)  # SIGKILL: big exits; a is next
         running = sorted(p.args[-1] for p in w.reactor.running())
         self.assertEqual(running, ["a"])
+        lease.release()
+        w.make_ready("a")
+        self.successResultOf(pending_a).release()
+        w.reactor.advance(30)  # collate's maxWait: then big, alone
+        self.assertEqual(w.child("a").signals, ["TERM"])
+        w.make_ready("big")
+        self.successResultOf(pending_big).release()
+        running = sorted(p.args[-1] for p in w.reactor.running())
+        self.assertEqual(running, ["big"])
 
     def test_learned_start_and_stop_times(self) -> None:
         w = world(BUDGET)
