@@ -4,14 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from llamaswap.errors import ApiError, StartFailed
 from llamaswap.process import ModelState, Timing
 from llamaswap.scheduler import Lease
 
-from .helpers import TWO_MODELS, world
+from .helpers import TWO_MODELS, World, world
+
+
+def behind_a_failed_start(w: World, failing: str, *models: str) -> list[Deferred[Lease]]:
+    """Requests for ``models`` queue behind the start of ``failing``, which then fails."""
+    w.scheduler.acquire(failing).addErrback(lambda f: None)
+    waiting = [w.scheduler.acquire(model) for model in models]
+    w.child(failing).exit(1)
+    return waiting
 
 
 class SwapTests(SynchronousTestCase):
@@ -206,10 +214,7 @@ class StartFailureTests(SynchronousTestCase):
         # swap, and the waiter behind it was started "alongside" because nothing ran
         # yet, so two models of one swap group loaded at once
         w = world()
-        w.scheduler.acquire("a").addErrback(lambda f: None)
-        d_b = w.scheduler.acquire("b")
-        d_c = w.scheduler.acquire("c")
-        w.child("a").exit(1)
+        d_b, d_c = behind_a_failed_start(w, "a", "b", "c")
         self.assertEqual(w.spawned_models(), ["a", "b"])
         w.make_ready("b")
         self.successResultOf(d_b).release()
@@ -420,10 +425,7 @@ class GroupTests(SynchronousTestCase):
                 "groups:\n  side:\n    members: [notes]\n    exclusive: false\n",
             )
         )
-        w.scheduler.acquire("chat-b").addErrback(lambda f: None)
-        d_a = w.scheduler.acquire("chat-a")
-        d_notes = w.scheduler.acquire("notes")
-        w.child("chat-b").exit(1)
+        d_a, d_notes = behind_a_failed_start(w, "chat-b", "chat-a", "notes")
         self.assertEqual(w.spawned_models(), ["chat-b", "chat-a"])
         w.make_ready("chat-a")
         self.successResultOf(d_a).release()
