@@ -521,6 +521,9 @@ class ModelProcess:
         # an HTTP server that stops waits for its idle kept-alive connections
         # (llama-server: up to 10 ms each); nothing more will be sent on them
         self._close_idle(self.base_url)
+        # armed first: an exit reported within the signal call itself settles the
+        # model (and cancels this) before the call returns
+        self._kill = self._clock.callLater(self.timing.stop_timeout, self._force_stop)
         if self.config.cmd_stop is not None and self.pid is not None:
             self._run_cmd_stop()
         elif serving and self._watch.heard and self._child is not None:
@@ -532,9 +535,11 @@ class ModelProcess:
             self._term = self._clock.callLater(self.timing.exit_grace, self._signal, "TERM")
         else:
             self._signal("TERM")
-        self._kill = self._clock.callLater(self.timing.stop_timeout, self._force_stop)
 
     def _stop_beginning(self) -> None:
+        # a start being stopped is over: its health deadline must not stop it again
+        self._cancel(self._deadline)
+        self._deadline = None
         self._stop_began = self._clock.seconds()
         self._set_state(ModelState.STOPPING)
         self._stop_watching()

@@ -100,6 +100,7 @@ class _Slot:
     ttl_timer: IDelayedCall | None = None
     guard: CrashGuard = attrs.field(factory=lambda: CrashGuard(CrashLoopPolicy()))
     footprint: Footprint = attrs.field(factory=Footprint)
+    retired: bool = False  # replaced by a reload, and its process stopped since
 
 
 @attrs.define(eq=False)
@@ -329,12 +330,17 @@ class Scheduler:
             for t in targets
         )
 
-    def _victims(self, targets: frozenset[str]) -> frozenset[str]:
-        """Running models that must stop before ``targets`` may run (group rules)."""
+    def _victims(
+        self, targets: frozenset[str], starting: frozenset[str] = frozenset()
+    ) -> frozenset[str]:
+        """Running models (and ``starting``, a swap's models that will run, and those
+        being started alongside, maybe once they have stopped) that must stop before
+        ``targets`` may run (group rules)."""
+        starting = starting.union(*self._side_starts)
         running = [
             m
             for m, slot in self._slots.items()
-            if m not in targets and slot.process.state not in _STOPPED
+            if m not in targets and (slot.process.state not in _STOPPED or m in starting)
         ]
         victims = set()
         for target in targets:
@@ -349,6 +355,16 @@ class Scheduler:
         if self.config.budget:
             victims |= self._make_room(targets, [m for m in running if m not in victims])
         return frozenset(victims)
+
+    def _stopping(self, targets: frozenset[str]) -> bool:
+        """A start would wait for the exit, and be decided on what runs now: not
+        alongside, then (the next pass decides, once the model has stopped)."""
+        return any(self._slots[t].process.state is ModelState.STOPPING for t in targets)
+
+    def _clash(self, targets: frozenset[str], swapping: frozenset[str]) -> bool:
+        """Would starting ``targets`` stop anything, counting the swap's models (not
+        running yet) as running, or would the swap's models stop ``targets``?"""
+        return bool(self._victims(targets, swapping) or self._victims(swapping, targets) & targets)
 
     def _make_room(self, targets: frozenset[str], staying: list[str]) -> set[str]:
         """More victims until everything fits the memory budget.
@@ -443,10 +459,13 @@ class Scheduler:
                 continue
             victims = self._victims(waiter.targets)
             swapping = self._swap[0] if self._swap is not None else frozenset()
+            if plan.swap is not None:
+                swapping |= plan.swap[0]  # not started yet, but it will be
             if (
                 grant
                 and not first
-                and not victims
+                and not self._clash(waiter.targets, swapping)
+                and not self._stopping(waiter.targets)
                 and not waiter.targets & (swapping | plan.doomed | self._victims_of_swap())
             ):
                 # behind another start, but it stops nothing: no need to wait its turn
@@ -807,7 +826,7 @@ class Scheduler:
             return slot.process.stop("reload")
 
         def gone(result: object) -> object:
-            self._retiring.remove(slot)
+            slot.retired = True
             return result
 
         retired = self._drained(slot).addCallback(stop).addBoth(gone)
@@ -816,7 +835,9 @@ class Scheduler:
         )
 
     def retiring(self) -> list[ModelView]:
-        """Processes of an earlier configuration, finishing their requests."""
+        """Processes of an earlier configuration, finishing their requests, or
+        stopped with a child that would not go (reported until it is gone)."""
+        self._retiring = [s for s in self._retiring if not s.retired or s.process.stuck]
         return [slot.process for slot in self._retiring]
 
     def retry_in(self, model_id: str) -> float:

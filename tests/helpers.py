@@ -43,6 +43,7 @@ class World:
     logs: LogHub
     events: EventBus
     scheduler: Scheduler
+    ports: PortAllocator
     make_process: Callable[[ModelConfig], ModelProcess]  # as a reload makes them
     busy_ports: set[int] = attrs.field(factory=set)  # ports something else listens on
 
@@ -63,6 +64,11 @@ class World:
             recorder,
             access=access,
         )
+
+    def reload(self, text: str) -> dict[str, list[str]]:
+        """Adopt a new configuration as a live reload does (``tap.build``)."""
+        self.config = parse_config(text, "test.yaml")
+        return self.scheduler.reconfigure(self.config, self.make_process)
 
     def child(self, model_id: str) -> FakeProcess:
         """The newest spawned child of ``model_id``."""
@@ -119,4 +125,4 @@ def world(
         events,
         hooks(config, reactor) if hooks is not None else NoHooks(),
     )
-    return World(config, reactor, health, logs, events, scheduler, make_process, busy_ports)
+    return World(config, reactor, health, logs, events, scheduler, ports, make_process, busy_ports)

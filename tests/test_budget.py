@@ -127,6 +127,53 @@ class BudgetTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual(w.child("keep").signals, [])
 
+    def test_models_started_alongside_a_swap_fit_beside_it(self) -> None:
+        # found by tests/test_scheduler_states.py: after a failed start, "a" was
+        # started alongside the swap to "b" just decided, then "c" too, as what
+        # it would have evicted was "a", not the swap's model: 12 GiB of models in a
+        # 10 GiB budget once "b" started
+        w = world(BUDGET)
+        w.scheduler.acquire("big").addErrback(lambda f: None)
+        waiting = {m: w.scheduler.acquire(m) for m in "bac"}
+        w.child("big").exit(1)
+        running = sorted(p.args[-1] for p in w.reactor.running())
+        self.assertEqual(running, ["a", "b"])
+        w.make_ready("a")
+        w.make_ready("b")
+        self.successResultOf(waiting["a"]).release()
+        self.successResultOf(waiting["b"]).release()
+        # c makes room: the least recently used of the two goes
+        w.make_ready("c")
+        self.successResultOf(waiting["c"]).release()
+        self.assertEqual(len(w.reactor.running()), 2)
+
+    def test_a_request_for_a_stopping_model_waits_its_turn(self) -> None:
+        # found by tests/test_scheduler_states.py: a request for "big" while it was
+        # stopping started it alongside (deferred until its exit); when it exited,
+        # the swap to "a" was decided as if "big" would stay stopped, and both
+        # started: 13 GiB in a 10 GiB budget
+        w = world(BUDGET.replace("policy: fifo", "policy: collate"))
+        starting = w.scheduler.acquire("big")
+        pending_a = w.scheduler.acquire("a")
+        w.reactor.advance(2)
+        w.make_ready("big")
+        lease = self.successResultOf(starting)  # a waits: big is busy, and loads fast
+        w.child("big").ignore_term = True
+        w.scheduler.unload(["big"])
+        pending_big = w.scheduler.acquire("big")
+        w.reactor.advance(10)  # SIGKILL: big exits; a is next
+        running = sorted(p.args[-1] for p in w.reactor.running())
+        self.assertEqual(running, ["a"])
+        lease.release()
+        w.make_ready("a")
+        self.successResultOf(pending_a).release()
+        w.reactor.advance(30)  # collate's maxWait: then big, alone
+        self.assertEqual(w.child("a").signals, ["TERM"])
+        w.make_ready("big")
+        self.successResultOf(pending_big).release()
+        running = sorted(p.args[-1] for p in w.reactor.running())
+        self.assertEqual(running, ["big"])
+
     def test_learned_start_and_stop_times(self) -> None:
         w = world(BUDGET)
         d = w.scheduler.acquire("a")

@@ -21,13 +21,13 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from llamaswap.config import parse_config
-from llamaswap.errors import StartFailed
+from llamaswap.errors import ModelStopped, StartFailed
 from llamaswap.events import EventBus
 from llamaswap.logs import LogHub
 from llamaswap.ports import PortAllocator
 from llamaswap.process import ModelProcess, ModelState, Timing
 
-from .helpers import World, world
+from .helpers import TWO_MODELS, World, world
 
 TIMING = Timing(health_timeout=30, stop_timeout=10, pipe_grace=1, kill_grace=5)
 
@@ -118,6 +118,45 @@ class ExitBeforePipesTests(Worlds):
         self.assertIn("out of memory", process.last_error)
 
 
+class StopTimerTests(Worlds):
+    def test_a_child_that_exits_on_the_signal_at_once_leaves_no_kill_for_the_next(
+        self,
+    ) -> None:
+        # found by tests/test_scheduler_states.py: the SIGKILL timer was armed after
+        # SIGTERM was sent, so an exit reported inside the signal call (the fakes do)
+        # left it running: 10 s later it killed the model's next child
+        w = world(timing=TIMING)
+        first = w.scheduler.acquire("a")
+        w.scheduler.unload(["a"])  # while starting: SIGTERM, and it is gone at once
+        self.failureResultOf(first)
+        again = w.scheduler.acquire("a")
+        w.make_ready("a")
+        self.successResultOf(again).release()
+        w.reactor.advance(TIMING.stop_timeout + TIMING.kill_grace)
+        self.assertEqual(w.child("a").signals, [])
+        self.assertIs(w.process("a").state, ModelState.READY)
+        self.assertEqual(w.process("a").stuck, [])
+
+    def test_the_health_deadline_does_not_stop_a_stopping_start_again(self) -> None:
+        # found by tests/test_scheduler_states.py: a start unloaded just before its
+        # health deadline, by a child slow to die, was stopped a second time when
+        # the deadline came: two kill timers, and a child that survived SIGKILL was
+        # fenced twice (so one record freed its port while the other still held it)
+        w = world(timing=TIMING)
+        d = w.scheduler.acquire("a")
+        w.reactor.advance(TIMING.health_timeout - 1)
+        a = w.child("a")
+        a.ignore_term = a.unkillable = True
+        w.scheduler.unload(["a"])
+        w.reactor.advance(1)  # the health deadline
+        self.assertEqual(a.signals, ["TERM"])
+        w.reactor.advance(TIMING.stop_timeout)
+        w.reactor.advance(TIMING.kill_grace)
+        self.assertEqual(a.signals, ["TERM", "KILL"])
+        self.assertEqual([c.live_pid for c in w.process("a").stuck], [a.pid])
+        self.failureResultOf(d, ModelStopped)  # stopped, not a failed start
+
+
 class StuckTests(Worlds):
     def test_a_child_that_survives_sigkill_does_not_block_the_next_model(self) -> None:
         w = self.serving("a")
@@ -150,6 +189,24 @@ class StuckTests(Worlds):
         self.assertEqual(process.stuck, [])
         self.assertIs(process.state, ModelState.READY)
         self.assertIsNotNone(process.pid)
+
+    def test_a_stuck_child_of_a_model_a_reload_replaced_stays_reported(self) -> None:
+        # found by tests/test_scheduler_states.py: the replaced process left the
+        # scheduler's list once its stop gave up, so its stuck child was no longer
+        # shown (/running) nor given the last SIGKILL at exit
+        w = world(timing=TIMING)
+        w.scheduler.acquire("b").addErrback(lambda f: None)
+        b = w.child("b")
+        b.ignore_term = b.unkillable = True
+        w.reload(TWO_MODELS.replace("--model b", "--model b --ctx 2"))
+        w.reactor.advance(TIMING.stop_timeout)
+        w.reactor.advance(TIMING.kill_grace)
+        [old] = w.scheduler.retiring()
+        self.assertIs(old.state, ModelState.STOPPED)
+        self.assertEqual([c.live_pid for c in old.stuck], [b.pid])
+        b.unkillable = False
+        b.exit(None, 9)
+        self.assertEqual(w.scheduler.retiring(), [])
 
     def test_output_of_a_stuck_child_is_logged_but_not_taken_as_the_new_childs(self) -> None:
         w = self.serving("a")

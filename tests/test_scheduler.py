@@ -4,14 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from llamaswap.errors import ApiError, StartFailed
 from llamaswap.process import ModelState, Timing
 from llamaswap.scheduler import Lease
 
-from .helpers import TWO_MODELS, world
+from .helpers import TWO_MODELS, World, world
+
+
+def behind_a_failed_start(w: World, failing: str, *models: str) -> list[Deferred[Lease]]:
+    """Requests for ``models`` queue behind the start of ``failing``, which then fails."""
+    w.scheduler.acquire(failing).addErrback(lambda f: None)
+    waiting = [w.scheduler.acquire(model) for model in models]
+    w.child(failing).exit(1)
+    return waiting
 
 
 class SwapTests(SynchronousTestCase):
@@ -200,6 +208,20 @@ class StartFailureTests(SynchronousTestCase):
         self.failureResultOf(d_a, StartFailed)
         w.make_ready("b")
         self.successResultOf(d_b)
+
+    def test_after_a_failed_start_the_next_two_swaps_do_not_run_together(self) -> None:
+        # found by tests/test_scheduler_states.py: the head of the queue was given a
+        # swap, and the waiter behind it was started "alongside" because nothing ran
+        # yet, so two models of one swap group loaded at once
+        w = world()
+        d_b, d_c = behind_a_failed_start(w, "a", "b", "c")
+        self.assertEqual(w.spawned_models(), ["a", "b"])
+        w.make_ready("b")
+        self.successResultOf(d_b).release()
+        self.assertEqual(w.spawned_models(), ["a", "b", "c"])
+        self.assertEqual(w.child("b").signals, ["TERM"])
+        w.make_ready("c")
+        self.successResultOf(d_c).release()
 
     def test_line_output_triggers_a_prompt_health_check(self) -> None:
         w = world(timing=Timing(poll_interval=5.0))
@@ -391,6 +413,27 @@ class GroupTests(SynchronousTestCase):
         lease_a.release()
         w.make_ready("chat-b")
         self.successResultOf(pending_b)
+
+    def test_a_model_the_next_swap_would_stop_does_not_start_alongside_it(self) -> None:
+        # found by tests/test_scheduler_states.py: "notes" stops nothing, so it was
+        # started alongside while the swap to chat-a (exclusive: it stops notes)
+        # was being decided, and chat-a then started beside it
+        w = world(
+            GROUPS.replace(
+                "groups:\n",
+                "  notes:\n    cmd: sleep --port ${PORT} --model notes\n"
+                "groups:\n  side:\n    members: [notes]\n    exclusive: false\n",
+            )
+        )
+        d_a, d_notes = behind_a_failed_start(w, "chat-b", "chat-a", "notes")
+        self.assertEqual(w.spawned_models(), ["chat-b", "chat-a"])
+        w.make_ready("chat-a")
+        self.successResultOf(d_a).release()
+        # notes is not exclusive: it may start beside chat-a, once chat-a is there
+        self.assertEqual(w.spawned_models(), ["chat-b", "chat-a", "notes"])
+        w.make_ready("notes")
+        self.successResultOf(d_notes).release()
+        self.assertEqual(w.child("chat-a").signals, [])
 
     def test_non_swapping_group_members_run_together_and_exclusive_evicts_others(self) -> None:
         w = world(GROUPS)
