@@ -102,6 +102,7 @@ class PeerBody:
     peer: PeerConfig
     remote: str
     body: bytes
+    requested: str  # the name the request gave (``peer/id``, or an id one peer offers)
 
 
 def _model_handler(route: ModelRoute) -> Callable[..., Any]:
@@ -244,7 +245,7 @@ class Api:
             return
         parsed = self.model_from_body(request, body, route.body)
         if isinstance(parsed, PeerBody):
-            await self.to_peer(request, parsed.peer, parsed.remote, request.uri, parsed.body)
+            await self.to_peer(request, parsed, request.uri)
             return
         if self.kvcache is not None:
             if route.path == SLOT:
@@ -347,7 +348,7 @@ class Api:
                 peer, remote_id = routed
                 peer.filters.apply(document, requested=name)
                 document["model"] = remote_id
-                return PeerBody(peer, remote_id, json.dumps(document).encode("utf-8"))
+                return PeerBody(peer, remote_id, json.dumps(document).encode("utf-8"), name)
         model, profile, requested = self.choose(request, name)
         changed = model.filters.apply(
             document, requested=requested.partition(":")[2] if profile else requested
@@ -593,11 +594,11 @@ class Api:
         limits = [d for d in (asked, model.deadline) if d is not None]
         return min(limits) if limits else None
 
-    async def to_peer(
-        self, request: Request, peer: PeerConfig, remote: str, path: bytes, body: bytes
-    ) -> None:
+    async def to_peer(self, request: Request, parsed: PeerBody, path: bytes) -> None:
         """Relay straight to a peer: no local process, no queue."""
-        self.require_model(request, f"{peer.id}/{remote}", f"{peer.id}/{remote}")
+        peer, remote, body = parsed.peer, parsed.remote, parsed.body
+        # the 404 names what the request named: a bare id must not reveal its peer
+        self.require_model(request, f"{peer.id}/{remote}", parsed.requested)
         require_route(request, b"POST", path)
         record = self.recorder.begin(
             f"{peer.id}/{remote}",

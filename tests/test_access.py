@@ -465,8 +465,9 @@ class UnnamedModelTests(AccessCase):
             ("POST", "/api/models/unload/{}", None, OPS),
         ]
         for method, path, body, key in probes:
-            # a model that exists beside one that does not: a local one, a peer's
-            for pair in (("alpha", "nosuch"), ("box2/big", "box2/nosuch")):
+            # a model that exists beside one that does not: a local one, a peer's (by
+            # its full name, and by its bare id, which only one peer offers)
+            for pair in (("alpha", "nosuch"), ("box2/big", "box2/nosuch"), ("big", "nosuch")):
                 answers = set()
                 for model in pair:
                     response, reply = await self.call(
