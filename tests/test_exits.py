@@ -208,6 +208,15 @@ class StuckTests(Worlds):
         b.exit(None, 9)
         self.assertEqual(w.scheduler.retiring(), [])
 
+    def test_a_reload_lets_go_of_the_process_it_replaced_once_it_is_gone(self) -> None:
+        # kept for a stuck child only: otherwise every reload's old processes (their
+        # output tails, their crash records) piled up until /running was next asked
+        w = world(timing=TIMING)
+        w.scheduler.acquire("b").addErrback(lambda f: None)
+        for ctx in range(3):
+            w.reload(TWO_MODELS.replace("--model b", f"--model b --ctx {ctx}"))
+        self.assertEqual(w.scheduler._retiring, [])
+
     def test_output_of_a_stuck_child_is_logged_but_not_taken_as_the_new_childs(self) -> None:
         w = self.serving("a")
         a = w.child("a")
