@@ -432,7 +432,7 @@ class Api:
 
     def find(self, name: str, request: Request) -> tuple[ModelConfig, str | None] | None:
         """Like ``Config.lookup``; a pool goes to whichever of its models is loaded
-        (of those the caller's key may use: the 403 check still follows)."""
+        (of those the caller's key may use: the per-key 404 still follows)."""
         pool = self.config.pools.get(name)
         if pool is not None:
             allowed = [m for m in pool.models if may_use(request, m)] or list(pool.models)
