@@ -737,6 +737,8 @@ class Api:
                 }
             )
         for process in self.scheduler.retiring():
+            if process.state in (ModelState.STOPPED, ModelState.FAILED):
+                continue  # stopped, kept for a stuck child: that is shown below
             running.append(
                 {
                     "model": process.id,

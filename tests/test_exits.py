@@ -12,12 +12,14 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, AnyStr
 
+from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProcessProtocol, IProcessTransport, IReactorProcess
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from llamaswap.config import parse_config
@@ -26,6 +28,7 @@ from llamaswap.events import EventBus
 from llamaswap.logs import LogHub
 from llamaswap.ports import PortAllocator
 from llamaswap.process import ModelProcess, ModelState, Timing
+from llamaswap.relay import Relay
 
 from .helpers import TWO_MODELS, World, world
 
@@ -204,6 +207,12 @@ class StuckTests(Worlds):
         [old] = w.scheduler.retiring()
         self.assertIs(old.state, ModelState.STOPPED)
         self.assertEqual([c.live_pid for c in old.stuck], [b.pid])
+        # /running: the stuck child, not a stopped process as if still finishing
+        client: Any = StubTreq(w.api(Relay(RequestTraversalAgent(Resource()))).resource())
+        answer = self.successResultOf(client.get("http://llamaswap/running"))
+        rows = self.successResultOf(answer.json())["running"]
+        shown = [(r["model"], r["state"], r["pid"]) for r in rows]
+        self.assertEqual(shown, [("b", "starting", w.child("b").pid), ("b", "stuck", b.pid)])
         b.unkillable = False
         b.exit(None, 9)
         self.assertEqual(w.scheduler.retiring(), [])
