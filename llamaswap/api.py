@@ -652,8 +652,9 @@ class Api:
                 record.update(id=f"{profile}:{member}", name=f"{record['name']} ({profile})")
                 data.append(record)
         for pool in sorted(self.config.pools.values(), key=lambda p: p.id):
-            if any(may_use(request, m) for m in pool.models):
-                data.append(self.pool_record(pool))
+            usable = [m for m in pool.models if may_use(request, m)]
+            if usable:
+                data.append(self.pool_record(pool, usable))
         for peer in self.config.peers.values():
             for remote in peer.models:
                 if not may_use(request, f"{peer.id}/{remote}"):
@@ -671,16 +672,17 @@ class Api:
         _distinct_names(data)
         return _json(request, {"object": "list", "data": data})
 
-    def pool_record(self, pool: PoolConfig) -> dict[str, Any]:
-        """A pool as a model: the record of the model it would use now, renamed."""
-        chosen = self.scheduler.pick(pool.models)
+    def pool_record(self, pool: PoolConfig, members: list[str]) -> dict[str, Any]:
+        """A pool as a model: the record of the model it would use now, renamed; of
+        ``members``, those a key may use (the others are not its business)."""
+        chosen = self.scheduler.pick(members)
         record = {**self.model_record(chosen), "id": pool.id, "name": pool.name or pool.id}
         record.pop("aliases", None)
         record["description"] = pool.description or (
-            f"whichever of {', '.join(pool.models)} is loaded (now {chosen})"
+            f"whichever of {', '.join(members)} is loaded (now {chosen})"
         )
         meta = dict(record.get("meta", {}).get("llamaswap", {}))
-        record["meta"] = {"llamaswap": {**meta, "pool": list(pool.models), "serves": chosen}}
+        record["meta"] = {"llamaswap": {**meta, "pool": members, "serves": chosen}}
         return record
 
     def model_record(self, model_id: str) -> dict[str, Any]:
