@@ -102,6 +102,7 @@ class PeerBody:
     peer: PeerConfig
     remote: str
     body: bytes
+    requested: str  # the name the request gave (``peer/id``, or an id one peer offers)
 
 
 def _model_handler(route: ModelRoute) -> Callable[..., Any]:
@@ -244,7 +245,7 @@ class Api:
             return
         parsed = self.model_from_body(request, body, route.body)
         if isinstance(parsed, PeerBody):
-            await self.to_peer(request, parsed.peer, parsed.remote, request.uri, parsed.body)
+            await self.to_peer(request, parsed, request.uri)
             return
         if self.kvcache is not None:
             if route.path == SLOT:
@@ -347,7 +348,7 @@ class Api:
                 peer, remote_id = routed
                 peer.filters.apply(document, requested=name)
                 document["model"] = remote_id
-                return PeerBody(peer, remote_id, json.dumps(document).encode("utf-8"))
+                return PeerBody(peer, remote_id, json.dumps(document).encode("utf-8"), name)
         model, profile, requested = self.choose(request, name)
         changed = model.filters.apply(
             document, requested=requested.partition(":")[2] if profile else requested
@@ -431,7 +432,7 @@ class Api:
 
     def find(self, name: str, request: Request) -> tuple[ModelConfig, str | None] | None:
         """Like ``Config.lookup``; a pool goes to whichever of its models is loaded
-        (of those the caller's key may use: the 403 check still follows)."""
+        (of those the caller's key may use: the per-key 404 still follows)."""
         pool = self.config.pools.get(name)
         if pool is not None:
             allowed = [m for m in pool.models if may_use(request, m)] or list(pool.models)
@@ -593,11 +594,11 @@ class Api:
         limits = [d for d in (asked, model.deadline) if d is not None]
         return min(limits) if limits else None
 
-    async def to_peer(
-        self, request: Request, peer: PeerConfig, remote: str, path: bytes, body: bytes
-    ) -> None:
+    async def to_peer(self, request: Request, parsed: PeerBody, path: bytes) -> None:
         """Relay straight to a peer: no local process, no queue."""
-        self.require_model(request, f"{peer.id}/{remote}", f"{peer.id}/{remote}")
+        peer, remote, body = parsed.peer, parsed.remote, parsed.body
+        # the 404 names what the request named: a bare id must not reveal its peer
+        self.require_model(request, f"{peer.id}/{remote}", parsed.requested)
         require_route(request, b"POST", path)
         record = self.recorder.begin(
             f"{peer.id}/{remote}",
@@ -651,8 +652,9 @@ class Api:
                 record.update(id=f"{profile}:{member}", name=f"{record['name']} ({profile})")
                 data.append(record)
         for pool in sorted(self.config.pools.values(), key=lambda p: p.id):
-            if any(may_use(request, m) for m in pool.models):
-                data.append(self.pool_record(pool))
+            usable = [m for m in pool.models if may_use(request, m)]
+            if usable:
+                data.append(self.pool_record(pool, usable))
         for peer in self.config.peers.values():
             for remote in peer.models:
                 if not may_use(request, f"{peer.id}/{remote}"):
@@ -670,16 +672,17 @@ class Api:
         _distinct_names(data)
         return _json(request, {"object": "list", "data": data})
 
-    def pool_record(self, pool: PoolConfig) -> dict[str, Any]:
-        """A pool as a model: the record of the model it would use now, renamed."""
-        chosen = self.scheduler.pick(pool.models)
+    def pool_record(self, pool: PoolConfig, members: list[str]) -> dict[str, Any]:
+        """A pool as a model: the record of the model it would use now, renamed; of
+        ``members``, those a key may use (the others are not its business)."""
+        chosen = self.scheduler.pick(members)
         record = {**self.model_record(chosen), "id": pool.id, "name": pool.name or pool.id}
         record.pop("aliases", None)
         record["description"] = pool.description or (
-            f"whichever of {', '.join(pool.models)} is loaded (now {chosen})"
+            f"whichever of {', '.join(members)} is loaded (now {chosen})"
         )
         meta = dict(record.get("meta", {}).get("llamaswap", {}))
-        record["meta"] = {"llamaswap": {**meta, "pool": list(pool.models), "serves": chosen}}
+        record["meta"] = {"llamaswap": {**meta, "pool": members, "serves": chosen}}
         return record
 
     def model_record(self, model_id: str) -> dict[str, Any]:
@@ -736,6 +739,8 @@ class Api:
                 }
             )
         for process in self.scheduler.retiring():
+            if process.state in (ModelState.STOPPED, ModelState.FAILED):
+                continue  # stopped, kept for a stuck child: that is shown below
             running.append(
                 {
                     "model": process.id,

@@ -55,8 +55,8 @@ class ModelRoute:
     #: whose own pages are trusted (``trustedPages``)
     foreign_pages: bool = False
     #: what a model must be for (its ``capabilities``) to take this route's requests
-    #: that name no model, when several are loaded: the embeddings model beside the
-    #: chat model is not the one a llama-server chat client meant
+    #: that name no model, loaded or started for them: the embeddings model beside
+    #: the chat model is not the one a llama-server chat client meant
     capability: str = "chat"
 
     @property

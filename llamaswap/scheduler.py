@@ -827,6 +827,8 @@ class Scheduler:
 
         def gone(result: object) -> object:
             slot.retired = True
+            if not slot.process.stuck:  # a stuck child stays reported until it is gone
+                self._retiring.remove(slot)
             return result
 
         retired = self._drained(slot).addCallback(stop).addBoth(gone)

@@ -445,6 +445,16 @@ class UnnamedModelTests(AccessCase):
         response, reply = await self.call("POST", "/v1/chat/completions", chat, ALICE)
         self.assertEqual(json.loads(reply)["model"], "alpha")  # hers: the default holds
 
+    async def test_a_pool_is_listed_with_only_the_members_the_key_may_use(self) -> None:
+        # bob may use beta only: the pool he sees is beta, whatever else serves it
+        await self.serve(CONFIG + "pools:\n  any:\n    models: [alpha, beta]\n")
+        await self.call("POST", "/api/models/load/alpha", key=ADMIN)  # alpha: picked first
+        _, reply = await self.call("GET", "/v1/models", key=BOB)
+        [pool] = [m for m in json.loads(reply)["data"] if m["id"] == "any"]
+        self.assertEqual(pool["meta"]["llamaswap"]["pool"], ["beta"])
+        self.assertEqual(pool["meta"]["llamaswap"]["serves"], "beta")
+        self.assertNotIn(b"alpha", reply)
+
     async def test_a_model_the_key_may_not_use_is_answered_as_one_that_does_not_exist(
         self,
     ) -> None:
@@ -465,8 +475,9 @@ class UnnamedModelTests(AccessCase):
             ("POST", "/api/models/unload/{}", None, OPS),
         ]
         for method, path, body, key in probes:
-            # a model that exists beside one that does not: a local one, a peer's
-            for pair in (("alpha", "nosuch"), ("box2/big", "box2/nosuch")):
+            # a model that exists beside one that does not: a local one, a peer's (by
+            # its full name, and by its bare id, which only one peer offers)
+            for pair in (("alpha", "nosuch"), ("box2/big", "box2/nosuch"), ("big", "nosuch")):
                 answers = set()
                 for model in pair:
                     response, reply = await self.call(

@@ -12,12 +12,14 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, AnyStr
 
+from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProcessProtocol, IProcessTransport, IReactorProcess
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from llamaswap.config import parse_config
@@ -26,6 +28,7 @@ from llamaswap.events import EventBus
 from llamaswap.logs import LogHub
 from llamaswap.ports import PortAllocator
 from llamaswap.process import ModelProcess, ModelState, Timing
+from llamaswap.relay import Relay
 
 from .helpers import TWO_MODELS, World, world
 
@@ -204,9 +207,24 @@ class StuckTests(Worlds):
         [old] = w.scheduler.retiring()
         self.assertIs(old.state, ModelState.STOPPED)
         self.assertEqual([c.live_pid for c in old.stuck], [b.pid])
+        # /running: the stuck child, not a stopped process as if still finishing
+        client: Any = StubTreq(w.api(Relay(RequestTraversalAgent(Resource()))).resource())
+        answer = self.successResultOf(client.get("http://llamaswap/running"))
+        rows = self.successResultOf(answer.json())["running"]
+        shown = [(r["model"], r["state"], r["pid"]) for r in rows]
+        self.assertEqual(shown, [("b", "starting", w.child("b").pid), ("b", "stuck", b.pid)])
         b.unkillable = False
         b.exit(None, 9)
         self.assertEqual(w.scheduler.retiring(), [])
+
+    def test_a_reload_lets_go_of_the_process_it_replaced_once_it_is_gone(self) -> None:
+        # kept for a stuck child only: otherwise every reload's old processes (their
+        # output tails, their crash records) piled up until /running was next asked
+        w = world(timing=TIMING)
+        w.scheduler.acquire("b").addErrback(lambda f: None)
+        for ctx in range(3):
+            w.reload(TWO_MODELS.replace("--model b", f"--model b --ctx {ctx}"))
+        self.assertEqual(w.scheduler._retiring, [])
 
     def test_output_of_a_stuck_child_is_logged_but_not_taken_as_the_new_childs(self) -> None:
         w = self.serving("a")

@@ -24,11 +24,11 @@ from twisted.web.http_headers import Headers
 from llamaswap.config import parse_config
 from llamaswap.events import Activity, Event
 from llamaswap.process import ModelState
-from llamaswap.relay import BytesProducer
+from llamaswap.relay import MAX_ERROR_BYTES, BytesProducer
 from llamaswap.scheduler import Lease
 
 from .helpers import TWO_MODELS, World, world
-from .integration import LiveTestCase
+from .integration import LiveTestCase, StreamReader
 
 A_AND_PROFILE = TWO_MODELS + "profiles:\n  ab: [a, b]\n"
 
@@ -173,8 +173,12 @@ class _ErrorAnswer(Protocol):
         if data.startswith(b"GET"):
             self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
             return
-        self.transport.write(b"HTTP/1.1 500 Oops\r\ncontent-length: 40\r\n\r\n{")
         self.server.answered = self
+        self.answer_chat()
+
+    def answer_chat(self) -> None:
+        assert self.transport is not None
+        self.transport.write(b"HTTP/1.1 500 Oops\r\ncontent-length: 40\r\n\r\n{")
         self.server.answering.callback(self)
 
     def finish(self) -> None:
@@ -187,23 +191,21 @@ class _ErrorAnswer(Protocol):
 
 
 class _ErrorServer(ServerFactory):
-    def __init__(self) -> None:
+    def __init__(self, answer: type[_ErrorAnswer] = _ErrorAnswer) -> None:
+        self.answer = answer
         self.answering: Deferred[_ErrorAnswer] = Deferred()
         self.answered: _ErrorAnswer | None = None
         self.closed: Deferred[None] = Deferred()
 
     def buildProtocol(self, addr: IAddress | None) -> _ErrorAnswer:
-        return _ErrorAnswer(self)
+        return self.answer(self)
 
 
-class ClientGoneDuringAnErrorAnswerTests(LiveTestCase):
+class _ErrorAnswerCase(LiveTestCase):
     timeout = 20
 
-    async def test_a_client_gone_while_the_error_is_read_stops_the_reading(self) -> None:
-        # a client of the loading stream (already 200) hears a server's error as an
-        # error event; gone while that error is read, it must not be written to (a
-        # RuntimeError once), and the server's connection is closed
-        server = _ErrorServer()
+    async def loading_stream(self, server: _ErrorServer) -> StreamReader:
+        """A streamed chat, with loading progress, for a model that ``server`` is."""
         port = reactor.listenTCP(0, server, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         await self.serve(
@@ -213,6 +215,16 @@ class ClientGoneDuringAnErrorAnswerTests(LiveTestCase):
         )
         response, reader = await self.stream({"model": "m", "stream": True, "messages": []})
         self.assertEqual(response.code, 200)
+        return reader
+
+
+class ClientGoneDuringAnErrorAnswerTests(_ErrorAnswerCase):
+    async def test_a_client_gone_while_the_error_is_read_stops_the_reading(self) -> None:
+        # a client of the loading stream (already 200) hears a server's error as an
+        # error event; gone while that error is read, it must not be written to (a
+        # RuntimeError once), and the server's connection is closed
+        server = _ErrorServer()
+        reader = await self.loading_stream(server)
         answering = await server.answering
         await reader.until(b"is ready")
         reader.hang_up()
@@ -221,3 +233,25 @@ class ClientGoneDuringAnErrorAnswerTests(LiveTestCase):
         answering.finish()  # too late: nobody reads it any more
         gc.collect()  # an error left in a Deferred is logged as it is collected
         self.assertEqual(self.flushLoggedErrors(RuntimeError), [])
+
+
+class _EndlessErrorAnswer(_ErrorAnswer):
+    """A chat gets a 500 that says more than an error event may carry, and never ends."""
+
+    def answer_chat(self) -> None:
+        assert self.transport is not None
+        self.transport.write(b"HTTP/1.1 500 Oops\r\ncontent-length: 1000000\r\n\r\n")
+        self.transport.write(b"x" * (MAX_ERROR_BYTES + 1))
+
+
+class AnErrorAnswerTooLongTests(_ErrorAnswerCase):
+    async def test_the_stream_ends_once_the_error_is_too_long_to_keep(self) -> None:
+        # the error of a loading stream is kept whole for its event: past the cap
+        # (64 KiB) the reading stops, the server's connection is closed and the client
+        # is told so, without the server's text (before: read to its end, all kept)
+        server = _ErrorServer(_EndlessErrorAnswer)
+        reader = await self.loading_stream(server)
+        await reader.done
+        self.assertIn("an error answer too long", reader.text)
+        self.assertNotIn("xxx", reader.text)
+        await server.closed
