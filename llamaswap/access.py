@@ -41,7 +41,7 @@ from zope.interface import Interface, implementer
 from .errors import ApiError
 from .guard import OPEN_METHODS, is_open_page, presented_key
 from .logs import logger
-from .origin import same_origin
+from .origin import READ_METHODS, same_origin
 from .routes import (
     API_ROUTES,
     MODEL_ROUTES,
@@ -90,7 +90,6 @@ UI_READS = frozenset(
     {b"/v1/models", b"/models", b"/running", b"/api/version", b"/api/events", b"/logs"}
 )
 UI_READ_PREFIXES = (b"/api/activity", b"/logs/stream")
-READ_METHODS = (b"GET", b"HEAD")
 
 
 class ICaller(Interface):

@@ -43,7 +43,7 @@ from .loading import LoadingStream
 from .logs import PROXY, UPSTREAM, LogHub, logger
 from .metrics import Metrics
 from .openapi import openapi_document
-from .origin import ui_page
+from .origin import READ_METHODS, ui_page
 from .recorder import Recorder, RequestRecord
 from .relay import Relay
 from .routes import (
@@ -372,9 +372,10 @@ class Api:
 
         The name the request gives (body or form), else ``?model=``, else
         ``defaultModel`` (if the key may use it), else the one loaded model that is
-        for what the route does (chat, embeddings, rerank), else (none loaded is) the
-        one configured model that is, else (none is) the one model that is loaded;
-        else a 400.
+        for what the route does (chat, embeddings, rerank), else for a read (GET) the
+        one model that is loaded (a look at a server is no reason to swap), else the
+        one configured model that is for the route, else (none is) the one model that
+        is loaded; else a 400.
         """
         name = named or _arg(request, b"model")
         default = self.config.default_model
@@ -396,6 +397,8 @@ class Api:
         wanted = capability_of(request.path)
         fitting = [m for m in loaded if wanted in self.config.models[m].capabilities]
         candidates: list[str] = []
+        if not fitting and len(loaded) == 1 and request.method in READ_METHODS:
+            fitting = loaded  # a dashboard polling /props does not swap the models
         if not fitting:  # as llama-server with its one model: a config of one just works
             fitting = candidates = [
                 m

@@ -458,6 +458,10 @@ class NoModelNamedBesideAnEmbeddingsModelTests(InMemory):
         response, _content = self.send("POST", "/v1/embeddings", b'{"input": "x"}')
         self.assertEqual((response.code, self.served_by(response)), (200, "b"))
         self.assertEqual(self.loaded(), ["b"])
+        # a look at the server is no reason to start another model: the one loaded reads
+        props, _content = self.send("GET", "/props")
+        self.assertEqual((props.code, self.served_by(props)), (200, "b"))
+        self.assertEqual(self.loaded(), ["b"])
         # the embeddings model is loaded, but a chat is not for it: the chat model starts
         chat = b'{"messages": [{"role": "user", "content": "x"}]}'
         response, _content = self.send("POST", "/v1/chat/completions", chat)
