@@ -393,6 +393,11 @@ class ModelProcess:
             self.log.info("starting {model}: {argv}", model=self.id, argv=shown)
             if not isinstance(e, OSError):
                 self.log.failure("spawning {model}", model=self.id)
+            if protocol.pid is not None:  # it runs (Twisted failed after it started): unwatched
+                # the process first: it may not have made its group yet, nor anything else
+                for kill in (os.kill, os.killpg) if self._setsid is not None else (os.kill,):
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        kill(protocol.pid, signal.SIGKILL)
             self._fail_before_spawn(f"could not run {argv[0]!r}: {e}")
             return
         assert protocol.pid is not None

@@ -17,6 +17,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProcessProtocol, IProcessTransport, IReactorProcess
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
@@ -30,6 +31,7 @@ from llamaswap.ports import PortAllocator
 from llamaswap.process import ModelProcess, ModelState, Timing
 from llamaswap.relay import Relay
 
+from .daemon import pid_alive
 from .helpers import TWO_MODELS, World, world
 
 TIMING = Timing(health_timeout=30, stop_timeout=10, pipe_grace=1, kill_grace=5)
@@ -288,6 +290,34 @@ class _ExitBeforeWatched:
         )
 
 
+@implementer(IReactorProcess)
+class _FailsAfterStarting:
+    """The real reactor, whose ``spawnProcess`` raises once the child runs (as Twisted
+    would, should its bookkeeping fail after the fork)."""
+
+    def __init__(self) -> None:
+        self.pids: list[int] = []
+
+    def spawnProcess(
+        self,
+        processProtocol: IProcessProtocol,
+        executable: bytes | str,
+        args: Sequence[bytes | str],
+        env: Mapping[AnyStr, AnyStr] | None = None,
+        path: bytes | str | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        usePTY: bool = False,
+        childFDs: Mapping[int, int | str] | None = None,
+    ) -> IProcessTransport:
+        transport = reactor.spawnProcess(
+            processProtocol, executable, args, env, path, uid, gid, usePTY, childFDs
+        )
+        assert transport.pid is not None
+        self.pids.append(transport.pid)
+        raise RuntimeError("Try to register an already registered process.")
+
+
 class ExitInsideSpawnTests(TestCase):
     timeout = 30
 
@@ -326,3 +356,33 @@ class ExitInsideSpawnTests(TestCase):
 
     async def test_the_same_in_a_process_group_with_its_lifeline(self) -> None:
         await self.check_fails_cleanly(groups=True)
+
+
+class FailureAfterStartingTests(TestCase):
+    timeout = 30
+
+    async def test_a_child_twisted_started_but_cannot_watch_is_killed(self) -> None:
+        for groups in (False, True):
+            spawner = _FailsAfterStarting()
+            process = ModelProcess(
+                parse_config("models:\n  m:\n    cmd: sleep 60 ${PORT}\n").models["m"],
+                reactor=spawner,
+                clock=reactor,
+                logs=LogHub(),
+                ports=PortAllocator(random.randrange(20000, 40000)),
+                probe=lambda url: Deferred(),
+                timing=TIMING,
+                process_groups=groups,
+                events=EventBus(),
+            )
+            with self.assertRaises(StartFailed) as raised:
+                await process.start()
+            self.assertIn("already registered", str(raised.exception))
+            self.assertIs(process.state, ModelState.FAILED)
+            self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+            [pid] = spawner.pids
+            for _ in range(500):  # the real child's end, reaped by the reactor
+                if not pid_alive(pid):
+                    break
+                await deferLater(reactor, 0.01)
+            self.assertFalse(pid_alive(pid), "the child it could not watch still runs")
