@@ -269,9 +269,14 @@ class _ExitsFirst(ProcessProtocol):
 
 
 @implementer(IReactorProcess)
-class _ExitBeforeWatched:
-    """The real reactor, each child of which exits before Twisted first asks: Twisted
-    then reports the exit inside ``spawnProcess``, before it returns the transport."""
+class _RealSpawner:
+    """The real reactor's ``spawnProcess``, with a hook on either side of it."""
+
+    def around(self, protocol: IProcessProtocol) -> IProcessProtocol:
+        return protocol
+
+    def spawned(self, transport: IProcessTransport) -> IProcessTransport:
+        return transport
 
     def spawnProcess(
         self,
@@ -285,34 +290,28 @@ class _ExitBeforeWatched:
         usePTY: bool = False,
         childFDs: Mapping[int, int | str] | None = None,
     ) -> IProcessTransport:
-        return reactor.spawnProcess(
-            _ExitsFirst(processProtocol), executable, args, env, path, uid, gid, usePTY, childFDs
+        protocol = self.around(processProtocol)
+        return self.spawned(
+            reactor.spawnProcess(protocol, executable, args, env, path, uid, gid, usePTY, childFDs)
         )
 
 
-@implementer(IReactorProcess)
-class _FailsAfterStarting:
-    """The real reactor, whose ``spawnProcess`` raises once the child runs (as Twisted
-    would, should its bookkeeping fail after the fork)."""
+class _ExitBeforeWatched(_RealSpawner):
+    """Each child exits before Twisted first asks: Twisted then reports the exit
+    inside ``spawnProcess``, before it returns the transport."""
+
+    def around(self, protocol: IProcessProtocol) -> IProcessProtocol:
+        return _ExitsFirst(protocol)
+
+
+class _FailsAfterStarting(_RealSpawner):
+    """``spawnProcess`` raises once the child runs (as Twisted would, should its
+    bookkeeping fail after the fork)."""
 
     def __init__(self) -> None:
         self.pids: list[int] = []
 
-    def spawnProcess(
-        self,
-        processProtocol: IProcessProtocol,
-        executable: bytes | str,
-        args: Sequence[bytes | str],
-        env: Mapping[AnyStr, AnyStr] | None = None,
-        path: bytes | str | None = None,
-        uid: int | None = None,
-        gid: int | None = None,
-        usePTY: bool = False,
-        childFDs: Mapping[int, int | str] | None = None,
-    ) -> IProcessTransport:
-        transport = reactor.spawnProcess(
-            processProtocol, executable, args, env, path, uid, gid, usePTY, childFDs
-        )
+    def spawned(self, transport: IProcessTransport) -> IProcessTransport:
         assert transport.pid is not None
         self.pids.append(transport.pid)
         raise RuntimeError("Try to register an already registered process.")
