@@ -381,9 +381,11 @@ class Api:
         default = self.config.default_model
         if not name and default is not None:
             found = self.find(default, request)
-            # a key scoped to other models passes it over (and never learns its name)
-            if found is None or may_use(request, found[0].id):
-                name = default
+            if found is None:
+                name = default  # the 404 of a name that is not configured
+            elif may_use(request, found[0].id):
+                return found[0], found[1], default
+            # else: a key scoped to other models passes it over (and never learns it)
         if name:
             model, profile = self.target(name, request)
             return model, profile, name
@@ -397,16 +399,16 @@ class Api:
         wanted = capability_of(request.path)
         fitting = [m for m in loaded if wanted in self.config.models[m].capabilities]
         candidates: list[str] = []
-        if not fitting and len(loaded) == 1 and request.method in READ_METHODS:
-            fitting = loaded  # a dashboard polling /props does not swap the models
-        if not fitting:  # as llama-server with its one model: a config of one just works
+        # a read goes to the one that runs: a dashboard polling /props swaps nothing
+        if not fitting and not (len(loaded) == 1 and request.method in READ_METHODS):
+            # as llama-server with its one model: a config of one just works
             fitting = candidates = [
                 m
                 for m in self.config.listed_ids()
                 if may_use(request, m) and wanted in self.config.models[m].capabilities
             ]
         if not fitting and len(loaded) == 1:
-            fitting = loaded  # none is known to be for the route: the one that runs
+            fitting = loaded  # a read, or none is known to be for the route
         if len(fitting) == 1:
             return self.config.models[fitting[0]], None, fitting[0]
         which = (
