@@ -13,7 +13,7 @@ cache (``cache_n``).
 
 What saving and restoring add to the swaps comes from llamaswap's live log
 (``/logs/stream``, stamped on arrival by the bench): the save runs between the
-scheduler's "swap to …: stopping kv-on" and the process's "stopping kv-on (swap)"
+scheduler's "swap to …: stopping kv-on" and the process's "stopping kv-on (swap, …)"
 lines, the restore between "model kv-on ready" and "restored … tokens" lines;
 the server's own save and restore times are in those lines too.  The same
 intervals of ``kv-off`` are the baseline subtracted.  Two rounds (which model
@@ -145,7 +145,7 @@ def case(swap: Llamaswap, stream: LogStream, model: str, sentences: int) -> dict
         "prefill_ms": follow["prompt_ms"],
     }
     asked = stream.first(t1, t2, rf"swap to other: stopping .*{q}")
-    stopping = stream.first(t1, t2, rf"stopping {q} \(swap\)")
+    stopping = stream.first(t1, t2, rf"stopping {q} \(swap[,)]")
     if asked and stopping:
         out["save_wall_ms"] = (stopping[0] - asked[0]) * 1000
     saved = stream.first(t1, t2, rf"model {q}: saved slot .* in (\d+) ms")

@@ -373,7 +373,7 @@ def _breakdown(
     """Where a llamaswap swap's time went, from its log stream (bench arrival times)."""
     end = t_end + 1.0
     q = re.escape
-    stopping = stream.first(t_req, end, rf"stopping {q(other)} \(swap\)")
+    stopping = stream.first(t_req, end, rf"stopping {q(other)} \(swap[,)]")
     stopped = stream.first(t_req, end, rf"model {q(other)} stopped")
     starting = stream.first(t_req, end, rf"starting {q(model)}:")
     loaded = stream.first(t_req, end, rf"^\[{q(model)}\] .*listening on http")

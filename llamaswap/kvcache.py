@@ -174,7 +174,7 @@ class KvStore:
         self._recent: dict[str, deque[Conversation]] = {}
         # per child (model id, start time): its fingerprint, and its restore
         self._fingerprints: dict[_Child, str] = {}
-        self._restoring: dict[_Child, Deferred[None]] = {}
+        self._restoring: dict[_Child, Deferred[bool]] = {}
         self._pending_cache: dict[str, int] = {}  # requests after a restore to count
         self._index_lock = DeferredLock()  # one index write at a time, in order
         self._index_written: str | None = None  # what the index file holds, once known
@@ -260,15 +260,16 @@ class KvStore:
 
     # --- the hooks ----------------------------------------------------------------
 
-    def before_stop(self, process: ModelView, reason: str) -> Deferred[None]:
-        """Save the worthwhile slots of a ready child; within ``timeout``; never fails."""
+    def before_stop(self, process: ModelView, reason: str) -> Deferred[bool]:
+        """Save the worthwhile slots of a ready child; within ``timeout``; never fails.
+        False when a save was still running in the child at the timeout."""
         model = self._model(process.id)
         if (
             model is None
             or process.state is not ModelState.READY
             or (reason == "shutdown" and not self.settings.save_on_shutdown)
         ):
-            return succeed(None)
+            return succeed(True)
         saving = Deferred.fromCoroutine(self._save_all(process, model))
         return self._bounded(saving, process.id, "saving")
 
@@ -294,14 +295,17 @@ class KvStore:
         restoring.addBoth(fire)
         return follower
 
-    def _bounded(self, work: Deferred[None], model_id: str, what: str) -> Deferred[None]:
+    def _bounded(self, work: Deferred[None], model_id: str, what: str) -> Deferred[bool]:
+        """``work`` within ``timeout``, never failing: False when it timed out (what it
+        asked of the child may still be running there)."""
         timeout = self.settings.timeout
 
-        def settle(result: object) -> None:
+        def settle(result: object) -> bool:
             if not isinstance(result, Failure):
-                return
+                return True
             counts = self._counts(model_id)
-            if result.check(defer.TimeoutError):
+            timed_out = bool(result.check(defer.TimeoutError))
+            if timed_out:
                 counts.skipped += 1
                 why = f"took longer than kvCache.timeout ({timeout:g}s)"
             else:
@@ -313,6 +317,7 @@ class KvStore:
                 what=what,
                 why=why,
             )
+            return not timed_out
 
         work.addTimeout(timeout, self._clock)
         return work.addBoth(settle)

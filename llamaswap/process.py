@@ -505,8 +505,11 @@ class ModelProcess:
 
     # --- stopping ------------------------------------------------------------
 
-    def stop(self, reason: str = "manual") -> Deferred[None]:
-        """Fire once the child has exited (TERM or ``cmdStop``, KILL after the grace)."""
+    def stop(self, reason: str = "manual", *, idle: bool = False) -> Deferred[None]:
+        """Fire once the child has exited (TERM or ``cmdStop``, KILL after the grace).
+
+        ``idle``: nothing llamaswap sent the child is still running there, so a
+        llama-server may be stopped at once (``quickStop``)."""
         if self.state in (ModelState.STOPPED, ModelState.FAILED):
             return succeed(None)
         exited = self._when_exited()
@@ -516,11 +519,14 @@ class ModelProcess:
             self._start_failure = ModelStopped(f"model {self.id!r} was stopped while starting")
         if self.state is not ModelState.STOPPING:
             self.stop_reason = reason
-            self._begin_stop()  # said after: the child starts its exit meanwhile
-            self.log.info("stopping {model} ({reason})", model=self.id, reason=reason)
+            how = self._begin_stop(idle)  # said after: the child starts its exit meanwhile
+            self.log.info(
+                "stopping {model} ({reason}, {how})", model=self.id, reason=reason, how=how
+            )
         return exited
 
-    def _begin_stop(self) -> None:
+    def _begin_stop(self, idle: bool = False) -> str:
+        """Ask the child to go; says how it was asked."""
         serving = self.state is ModelState.READY
         self._stop_beginning()
         # an HTTP server that stops waits for its idle kept-alive connections
@@ -531,15 +537,22 @@ class ModelProcess:
         self._kill = self._clock.callLater(self.timing.stop_timeout, self._force_stop)
         if self.config.cmd_stop is not None and self.pid is not None:
             self._run_cmd_stop()
-        elif serving and self._watch.heard and self._child is not None:
+            return "cmdStop"
+        if serving and self._watch.heard and idle and self.config.quick_stop:
+            # an idle llama-server holds nothing a clean exit would keep (its slots
+            # were saved by the hook before this), and its own exit takes twice as long
+            self._signal("KILL")
+            return "SIGKILL: quickStop"
+        if serving and self._watch.heard and self._child is not None:
             # llama-server's own clean exit.  SIGTERM follows: llama-server loses
             # a stop (command or signal) that comes before its main loop runs,
             # which it starts only just after saying "ready".  While it loads,
             # SIGTERM (its default action) ends it at once.
             self._child.transport.write(EXIT_COMMAND)
             self._term = self._clock.callLater(self.timing.exit_grace, self._signal, "TERM")
-        else:
-            self._signal("TERM")
+            return "exit command"
+        self._signal("TERM")
+        return "SIGTERM"
 
     def _stop_beginning(self) -> None:
         # a start being stopped is over: its health deadline must not stop it again

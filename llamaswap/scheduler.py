@@ -46,14 +46,15 @@ from .resources import Footprint, fits
 class IModelHooks(Interface):
     """Work the scheduler waits for around a model's stops and starts (the KV store).
 
-    Both return Deferreds that never fail and fire within a bound of their own.
+    They return Deferreds that never fail and fire within a bound of their own.
     """
 
     def before_start(process: ModelView) -> None:
         """``process`` is about to be spawned: make what its command needs (quick)."""
 
-    def before_stop(process: ModelView, reason: str) -> Deferred[None]:
-        """``process`` is ready, idle and about to be stopped for ``reason``."""
+    def before_stop(process: ModelView, reason: str) -> Deferred[bool]:
+        """``process`` is ready, idle and about to be stopped for ``reason``: fires
+        True when nothing the hook asked of it is still running there."""
 
     def after_start(process: ModelView) -> Deferred[None]:
         """``process`` just became ready; no lease is granted on it before this fires."""
@@ -66,8 +67,8 @@ class NoHooks:
     def before_start(self, process: ModelView) -> None:
         pass
 
-    def before_stop(self, process: ModelView, reason: str) -> Deferred[None]:
-        return succeed(None)
+    def before_stop(self, process: ModelView, reason: str) -> Deferred[bool]:
+        return succeed(True)
 
     def after_start(self, process: ModelView) -> Deferred[None]:
         return succeed(None)
@@ -660,11 +661,12 @@ class Scheduler:
             return process.stop(reason)
 
         async def stop() -> None:
+            idle = False
             try:
-                await self.hooks.before_stop(process, reason)
+                idle = await self.hooks.before_stop(process, reason)
             except Exception as e:  # the hook's own bound failed: stop regardless
                 self.log.error("before stopping {model}: {error}", model=process.id, error=e)
-            await process.stop(reason)
+            await process.stop(reason, idle=idle)
 
         return Deferred.fromCoroutine(stop())
 
@@ -719,10 +721,10 @@ class Scheduler:
                 model=slot.process.id,
                 ttl=slot.process.config.ttl,
             )
-            await self.hooks.before_stop(slot.process, "ttl")
+            idle = await self.hooks.before_stop(slot.process, "ttl")
             if slot.in_flight or slot.ttl_timer is not None or self.queued(slot.process.id):
                 return  # a request came while it was saving: it stays
-            await slot.process.stop("ttl")
+            await slot.process.stop("ttl", idle=idle)
 
     def unload(self, model_ids: Iterable[str] | None = None) -> Deferred[None]:
         """Stop the given models (all if None) now, without waiting for their requests.
@@ -823,7 +825,7 @@ class Scheduler:
         self._retiring.append(slot)
 
         def stop(_: object) -> Deferred[None]:
-            return slot.process.stop("reload")
+            return slot.process.stop("reload", idle=True)  # drained, and no hook ran
 
         def gone(result: object) -> object:
             slot.retired = True

@@ -7,7 +7,7 @@ import os
 import shlex
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
@@ -18,6 +18,7 @@ from llamaswap.config import ConfigError, parse_config
 from llamaswap.events import Event, Progress
 from llamaswap.lifecycle import IModelWatcher, ModelView
 from llamaswap.process import MAX_LINE, ChildProtocol, ModelState, Timing
+from llamaswap.scheduler import IModelHooks, NoHooks
 
 from .helpers import World, world
 from .integration import FAKE, LiveTestCase, pid_alive
@@ -131,6 +132,62 @@ class ProtocolTests(SynchronousTestCase):
         w.reactor.advance(TIMING.stop_timeout - TIMING.exit_grace)
         self.assertEqual(a.signals, ["TERM", "KILL"])
         self.successResultOf(stopped)
+
+    def test_an_idle_child_the_scheduler_stops_gets_sigkill_at_once(self) -> None:
+        """quickStop: nothing is lost, and llama-server is gone in half the time."""
+        w, d = self.starting()
+        a = w.child("a")
+        a.say(state("ready"), fd=1)
+        self.successResultOf(d).release()
+        self.successResultOf(w.scheduler.unload(["a"]))
+        self.assertEqual((a.stdin, a.signals), ([], ["KILL"]))
+        self.assertIs(w.process("a").state, ModelState.STOPPED)
+
+    def test_a_swap_stops_the_idle_child_with_sigkill(self) -> None:
+        text = SPEAKS.replace("--model b", "--model b\n    childProtocol: on")
+        w, d = self.starting(text)
+        a = w.child("a")
+        a.say(state("ready"), fd=1)
+        self.successResultOf(d).release()
+        swapped = w.scheduler.acquire("b")
+        self.assertEqual((a.stdin, a.signals), ([], ["KILL"]))
+        w.child("b").say(state("ready"), fd=1)
+        self.successResultOf(swapped)
+
+    def test_without_quick_stop_an_idle_child_gets_the_exit_command(self) -> None:
+        w, d = self.starting(
+            SPEAKS.replace("childProtocol: on", "childProtocol: on\n    quickStop: false")
+        )
+        a = w.child("a")
+        a.say(state("ready"), fd=1)
+        self.successResultOf(d).release()
+        w.scheduler.unload(["a"])
+        self.assertEqual((a.stdin, a.signals), ([childproto.EXIT_COMMAND], []))
+
+    def test_a_child_with_a_request_in_flight_gets_the_exit_command(self) -> None:
+        w, d = self.starting()
+        a = w.child("a")
+        a.say(state("ready"), fd=1)
+        lease = self.successResultOf(d)
+        w.scheduler.unload(["a"])
+        self.assertEqual((a.stdin, a.signals), ([childproto.EXIT_COMMAND], []))
+        lease.release()
+
+    def test_a_save_still_running_at_its_timeout_gets_the_exit_command(self) -> None:
+        """The hook's save may still be writing in the child: let it finish cleanly."""
+
+        @implementer(IModelHooks)
+        class TimedOut(NoHooks):
+            def before_stop(self, process: ModelView, reason: str) -> Deferred[bool]:
+                return succeed(False)
+
+        w = world(SPEAKS, timing=TIMING, hooks=lambda config, reactor: TimedOut())
+        d = w.scheduler.acquire("a")
+        a = w.child("a")
+        a.say(state("ready"), fd=1)
+        self.successResultOf(d).release()
+        w.scheduler.unload(["a"])
+        self.assertEqual((a.stdin, a.signals), ([childproto.EXIT_COMMAND], []))
 
     def test_a_child_that_exits_on_the_command_gets_no_signal(self) -> None:
         w, d = self.starting()
@@ -305,6 +362,10 @@ models:
   talk:
     cmd: {FAKE} --load-time 0.4
     childProtocol: on
+    quickStop: false
+  quick:
+    cmd: {FAKE}
+    childProtocol: on
   other:
     cmd: {FAKE}
 """
@@ -339,6 +400,21 @@ class FakeChildTests(LiveTestCase):
             "srv  operator(): exit command received, exiting...", api.logs.history("talk")
         )
         self.assertFalse(pid_alive(pid))
+
+    async def test_an_idle_child_is_gone_at_once_with_quick_stop(self) -> None:
+        api = await self.serve(SPEAKING_FAKE)
+        process = api.scheduler.process("quick")
+        self.assertEqual((await self.chat("quick")).code, 200)
+        pid = process.pid
+        assert pid is not None
+        exits = Exits()
+        process.watch(exits)
+        await api.scheduler.unload(["quick"])
+        await self.eventually(lambda: _done(exits), "the exit was reported")
+        self.assertEqual(exits.how, ["killed by SIGKILL"])
+        self.assertEqual(exits.failed, [False])  # a stop, not a crash
+        self.assertFalse(pid_alive(pid))
+        self.assertEqual(process.stuck, [])
 
     async def test_the_child_exits_when_its_stdin_closes(self) -> None:
         api = await self.serve(SPEAKING_FAKE)
@@ -385,12 +461,14 @@ class Exits:
 
     def __init__(self) -> None:
         self.how: list[str] = []
+        self.failed: list[bool] = []
 
     def model_ready(self, process: ModelView) -> None:
         pass
 
     def model_exited(self, process: ModelView, how: str, failed: bool) -> None:
         self.how.append(how)
+        self.failed.append(failed)
 
 
 async def _done(exits: Exits) -> bool:
@@ -403,6 +481,7 @@ models:
     cmd: >-
       ${env.LLAMA_SERVER} --host 127.0.0.1 --port ${PORT} -m ${env.LLAMASWAP_MODEL}
       --threads 1 --ctx-size 512 --parallel 1 --no-webui
+    quickStop: false
 """
 
 

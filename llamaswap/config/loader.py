@@ -560,6 +560,7 @@ class _Builder(MacroReader):
             send_loading_state=declared["send_loading_state"],
             forward_authorization=forward_authorization,
             trusted_pages=declared["trusted_pages"],
+            quick_stop=declared["quick_stop"],
             upstream_api_key=upstream_api_key,
             priority=declared["priority"],
             configured_capabilities=self.capabilities(doc.get("capabilities"), base),

@@ -151,6 +151,8 @@ class ModelConfig:
     deadline: float | None = None
     #: speak llama-server's router/child protocol: auto (by the executable's name), on, off
     child_protocol: str = default(ModelSettings, "child_protocol")
+    #: an idle llama-server child is stopped with SIGKILL at once
+    quick_stop: bool = default(ModelSettings, "quick_stop")
     #: the key the child expects; never printed (not even in this object's repr)
     upstream_api_key: str | None = attrs.field(default=None, repr=False)
     #: where its llama-server saves slots (``--slot-save-path``); None: KV keeping is off

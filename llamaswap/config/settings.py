@@ -573,6 +573,14 @@ class ModelSettings:
         choices=CHILD_PROTOCOL,
         schema={"enum": [*CHILD_PROTOCOL, True, False]},
     )
+    quick_stop: bool = setting(
+        "quickStop",
+        True,
+        "stop an idle llama-server that speaks `childProtocol` with SIGKILL at once: it keeps "
+        "nothing a clean exit would save (`kvCache` saves its slots first) and is gone in about "
+        "half the time of its own exit; `false`: the exit command, SIGTERM 1 s later, SIGKILL "
+        "after `unloadTimeout`. A child with requests in flight always gets the clean exit.",
+    )
     forward_authorization: bool = setting(
         "forwardAuthorization",
         False,
