@@ -19,6 +19,7 @@ from llamaswap.events import Event, Progress
 from llamaswap.lifecycle import IModelWatcher, ModelView
 from llamaswap.process import MAX_LINE, ChildProtocol, ModelState, Timing
 from llamaswap.scheduler import IModelHooks, NoHooks
+from llamaswap.testing.fakes import FakeProcess
 
 from .helpers import World, world
 from .integration import FAKE, LiveTestCase, pid_alive
@@ -47,6 +48,13 @@ class ProtocolTests(SynchronousTestCase):
     def starting(self, text: str = SPEAKS) -> tuple[World, Deferred[Any]]:
         w = world(text, timing=TIMING)
         return w, w.scheduler.acquire("a")
+
+    def ready_and_idle(self, w: World, d: Deferred[Any]) -> FakeProcess:
+        """``a`` says it is ready, serves the request that started it, and is idle."""
+        a = w.child("a")
+        a.say(state("ready"), fd=1)
+        self.successResultOf(d).release()
+        return a
 
     def test_the_child_is_a_routers_child_with_stdin_kept_open(self) -> None:
         w, _ = self.starting()
@@ -120,9 +128,7 @@ class ProtocolTests(SynchronousTestCase):
 
     def test_stop_is_the_exit_command_then_term_then_kill(self) -> None:
         w, d = self.starting()
-        a = w.child("a")
-        a.say(state("ready"), fd=1)
-        self.successResultOf(d).release()
+        a = self.ready_and_idle(w, d)
         a.ignore_term = True
         stopped = w.process("a").stop()
         self.assertEqual(a.stdin, [childproto.EXIT_COMMAND])
@@ -136,9 +142,7 @@ class ProtocolTests(SynchronousTestCase):
     def test_an_idle_child_the_scheduler_stops_gets_sigkill_at_once(self) -> None:
         """quickStop: nothing is lost, and llama-server is gone in half the time."""
         w, d = self.starting()
-        a = w.child("a")
-        a.say(state("ready"), fd=1)
-        self.successResultOf(d).release()
+        a = self.ready_and_idle(w, d)
         self.successResultOf(w.scheduler.unload(["a"]))
         self.assertEqual((a.stdin, a.signals), ([], ["KILL"]))
         self.assertIs(w.process("a").state, ModelState.STOPPED)
@@ -146,9 +150,7 @@ class ProtocolTests(SynchronousTestCase):
     def test_a_swap_stops_the_idle_child_with_sigkill(self) -> None:
         text = SPEAKS.replace("--model b", "--model b\n    childProtocol: on")
         w, d = self.starting(text)
-        a = w.child("a")
-        a.say(state("ready"), fd=1)
-        self.successResultOf(d).release()
+        a = self.ready_and_idle(w, d)
         swapped = w.scheduler.acquire("b")
         self.assertEqual((a.stdin, a.signals), ([], ["KILL"]))
         w.child("b").say(state("ready"), fd=1)
@@ -158,9 +160,7 @@ class ProtocolTests(SynchronousTestCase):
         w, d = self.starting(
             SPEAKS.replace("childProtocol: on", "childProtocol: on\n    quickStop: false")
         )
-        a = w.child("a")
-        a.say(state("ready"), fd=1)
-        self.successResultOf(d).release()
+        a = self.ready_and_idle(w, d)
         w.scheduler.unload(["a"])
         self.assertEqual((a.stdin, a.signals), ([childproto.EXIT_COMMAND], []))
 
@@ -182,18 +182,13 @@ class ProtocolTests(SynchronousTestCase):
                 return succeed(False)
 
         w = world(SPEAKS, timing=TIMING, hooks=lambda config, reactor: TimedOut())
-        d = w.scheduler.acquire("a")
-        a = w.child("a")
-        a.say(state("ready"), fd=1)
-        self.successResultOf(d).release()
+        a = self.ready_and_idle(w, w.scheduler.acquire("a"))
         w.scheduler.unload(["a"])
         self.assertEqual((a.stdin, a.signals), ([childproto.EXIT_COMMAND], []))
 
     def test_a_child_that_exits_on_the_command_gets_no_signal(self) -> None:
         w, d = self.starting()
-        a = w.child("a")
-        a.say(state("ready"), fd=1)
-        self.successResultOf(d).release()
+        a = self.ready_and_idle(w, d)
         stopped = w.process("a").stop()
         a.exit(0)  # as llama-server does on the exit command
         self.successResultOf(stopped)
@@ -265,9 +260,7 @@ class ProtocolTests(SynchronousTestCase):
 
     def test_after_ready_messages_do_not_move_the_state(self) -> None:
         w, d = self.starting()
-        a = w.child("a")
-        a.say(state("ready"), fd=1)
-        self.successResultOf(d).release()
+        a = self.ready_and_idle(w, d)
         a.say(state("sleeping"), fd=1)
         a.say(loading(0.5), fd=1)
         self.assertIs(w.process("a").state, ModelState.READY)
@@ -381,6 +374,17 @@ def progress_of(process: Any) -> list[float]:
 class FakeChildTests(LiveTestCase):
     """The fake llama-server speaks the protocol as a real child process."""
 
+    async def unloaded(self, api: Any, model: str) -> tuple[int, Exits]:
+        """Unload ``model``; its pid, and how it ended."""
+        process = api.scheduler.process(model)
+        pid = process.pid
+        assert pid is not None
+        exits = Exits()
+        process.watch(exits)
+        await api.scheduler.unload([model])
+        await self.eventually(lambda: _done(exits), "the exit was reported")
+        return pid, exits
+
     async def test_ready_progress_and_a_clean_exit_on_the_command(self) -> None:
         api = await self.serve(SPEAKING_FAKE)
         process = api.scheduler.process("talk")
@@ -389,12 +393,7 @@ class FakeChildTests(LiveTestCase):
         self.assertEqual(reply.code, 200)
         self.assertEqual(seen, [0.0, 0.25, 0.5, 0.75, 1.0])
         self.assertFalse(any("cmd_child_to_router" in line for line in api.logs.history("talk")))
-        pid = process.pid
-        assert pid is not None
-        exits = Exits()
-        process.watch(exits)
-        await api.scheduler.unload(["talk"])
-        await self.eventually(lambda: _done(exits), "the exit was reported")
+        pid, exits = await self.unloaded(api, "talk")
         self.assertEqual(exits.how, ["exited with code 0"])  # not killed: it took the command
         self.assertIn(
             "srv  operator(): exit command received, exiting...", api.logs.history("talk")
@@ -405,12 +404,7 @@ class FakeChildTests(LiveTestCase):
         api = await self.serve(SPEAKING_FAKE)
         process = api.scheduler.process("quick")
         self.assertEqual((await self.chat("quick")).code, 200)
-        pid = process.pid
-        assert pid is not None
-        exits = Exits()
-        process.watch(exits)
-        await api.scheduler.unload(["quick"])
-        await self.eventually(lambda: _done(exits), "the exit was reported")
+        pid, exits = await self.unloaded(api, "quick")
         self.assertEqual(exits.how, ["killed by SIGKILL"])
         self.assertEqual(exits.failed, [False])  # a stop, not a crash
         self.assertFalse(pid_alive(pid))
