@@ -250,6 +250,7 @@ class ModelProcess:
         process_groups: bool = True,
         events: EventBus,
         close_idle: Callable[[str], None] = lambda url: None,
+        open_spare: Callable[[str], None] = lambda url: None,
     ) -> None:
         self.config = config
         self._reactor = reactor
@@ -264,6 +265,8 @@ class ModelProcess:
         self.events = events
         # closes llamaswap's idle kept-alive connections to a server (by URL)
         self._close_idle = close_idle
+        # opens a connection to a server (by URL) for its next request to take
+        self._open_spare = open_spare
         self.state = ModelState.STOPPED
         self.stop_reason = "manual"
         self.exit_was_failure = False
@@ -433,6 +436,10 @@ class ModelProcess:
             return
         self.progress, self.stage = fraction, stage
         self.events.publish(Progress(self.id, fraction, stage))
+        if fraction >= 1.0 and self._watch.talks:
+            # its weights are in; it says "ready" after its warm-up (0.1-1 s): the
+            # request waiting for it goes out on this connection at once
+            self._open_spare(self.base_url)
 
     def _fail_before_spawn(self, cause: str) -> None:
         self._release_port()

@@ -288,6 +288,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Llam
             timing=Timing(health_timeout=health_timeout, stop_timeout=model.unload_timeout),
             events=events,
             close_idle=endpoints.close_idle,
+            open_spare=endpoints.open_spare,
         )
 
     processes = [make_process(m, config.health_check_timeout) for m in config.models.values()]

@@ -12,23 +12,38 @@ connections come and go all the time, so Twisted need not log each one.
 
 The connections they open are remembered per server, so the kept-alive ones can
 be closed when that server is asked to exit (:meth:`UpstreamEndpoints.close_idle`).
+
+A child about to be ready gets a *spare* connection (:meth:`UpstreamEndpoints.open_spare`):
+the request waiting for it then goes out in the very turn that hears ``ready``,
+on a connection one of the child's HTTP threads is already watching, instead of
+connecting first (a reactor turn here, an accept and a hand-over to a worker
+thread there).
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
-from twisted.internet.protocol import Protocol
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
 from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 from twisted.web.error import SchemeNotSupported
 from twisted.web.iweb import IAgentEndpointFactory
@@ -39,12 +54,50 @@ from zope.interface import implementer
 class UpstreamEndpoints:
     """An endpoint per upstream URI: direct TCP for IP literals, resolved names else."""
 
-    def __init__(self, reactor: Any, connect_timeout: float) -> None:
+    def __init__(
+        self, reactor: Any, connect_timeout: float, clock: IReactorTime | None = None
+    ) -> None:
         self.reactor = reactor
+        self.clock: IReactorTime = clock or reactor
         self.connect_timeout = connect_timeout
         self.tls = BrowserLikePolicyForHTTPS()
         # per server (host, port): the protocols of the connections opened to it
         self._opened: dict[tuple[bytes, int], weakref.WeakSet[IProtocol]] = {}
+        # per server: a connection opened ahead of its first request, not yet taken
+        self._spares: dict[tuple[bytes, int], _Spare] = {}
+
+    def open_spare(self, url: str) -> None:
+        """Connect to ``url``'s server now, for the next request to take.
+
+        Only for a plain ``http`` server on an IP literal (a child).  Unused, it is
+        closed after :data:`SPARE_SECONDS`, before llama-server's keep-alive limit
+        (5 s) could close it under a request.
+        """
+        uri = _uri(url)
+        host = uri.host.decode("ascii", errors="replace") if uri is not None else ""
+        if uri is None or uri.scheme != b"http" or not isIPAddress(host):
+            return
+        key = (uri.host, uri.port)
+        if key in self._spares:
+            return
+        spare = self._spares[key] = _Spare(lambda: self._forget(key, spare))
+        endpoint = TCP4ClientEndpoint(self.reactor, host, uri.port, self.connect_timeout)
+        factory = Factory.forProtocol(lambda: spare)
+        factory.noisy = False
+        endpoint.connect(factory).addErrback(lambda _: spare.close())
+        spare.expiry = self.clock.callLater(SPARE_SECONDS, spare.close)
+
+    def _forget(self, key: tuple[bytes, int], spare: _Spare) -> None:
+        if self._spares.get(key) is spare:
+            del self._spares[key]
+
+    def take_spare(self, key: tuple[bytes, int]) -> _Spare | None:
+        """The spare connection to ``key``'s server, if one is open; it is the caller's."""
+        spare = self._spares.get(key)
+        if spare is None or spare.transport is None:  # none, or still connecting
+            return None
+        del self._spares[key]
+        return spare
 
     def close_idle(self, url: str) -> None:
         """Close the kept-alive connections to ``url``'s server that carry no request.
@@ -54,10 +107,12 @@ class UpstreamEndpoints:
         waits for that before it exits; closed from our side, it ends at once.
         A connection still carrying a request is left to end with the child.
         """
-        try:
-            uri = URI.fromBytes(url.encode("ascii", errors="replace"))
-        except ValueError:  # not a URL llamaswap could have connected to
+        uri = _uri(url)
+        if uri is None:  # not a URL llamaswap could have connected to
             return
+        spare = self._spares.pop((uri.host, uri.port), None)
+        if spare is not None:
+            spare.close()
         for protocol in list(self._opened.pop((uri.host, uri.port), ())):
             quiescent = getattr(protocol, "state", None) == "QUIESCENT"  # HTTP11ClientProtocol
             if quiescent and isinstance(protocol, Protocol) and protocol.transport is not None:
@@ -78,14 +133,78 @@ class UpstreamEndpoints:
             )
         if uri.scheme == b"https":
             endpoint = wrapClientTLS(self.tls.creatorForNetloc(uri.host, uri.port), endpoint)
-        return _Quiet(endpoint, self._opened.setdefault((uri.host, uri.port), weakref.WeakSet()))
+        key = (uri.host, uri.port)
+        return _Quiet(self, key, endpoint, self._opened.setdefault(key, weakref.WeakSet()))
+
+
+SPARE_SECONDS = 3.0
+"""How long a spare connection waits to be taken."""
+
+
+def _uri(url: str) -> URI | None:
+    uri: URI
+    try:
+        uri = URI.fromBytes(url.encode("ascii", errors="replace"))
+    except ValueError:
+        return None
+    return uri
+
+
+_CLOSED = Failure(ConnectionDone())
+
+
+class _Spare(Protocol):
+    """A connection opened before the request that will use it: once taken, it
+    passes what the server sends to the request's protocol."""
+
+    def __init__(self, forget: Callable[[], None]) -> None:
+        self.forget = forget
+        self.owner: IProtocol | None = None
+        self.expiry: IDelayedCall | None = None
+
+    def hand_over(self, owner: IProtocol) -> None:
+        self._expire_never()
+        self.owner = owner
+        assert self.transport is not None
+        owner.makeConnection(self.transport)
+
+    def close(self) -> None:
+        self.forget()
+        self._expire_never()
+        if self.owner is None and self.transport is not None:
+            self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.owner is not None:  # before a request, an HTTP server has nothing to say
+            self.owner.dataReceived(data)
+
+    def connectionLost(self, reason: Failure = _CLOSED) -> None:
+        self._expire_never()
+        if self.owner is not None:
+            self.owner.connectionLost(reason)
+        else:
+            self.forget()
+
+    def _expire_never(self) -> None:
+        if self.expiry is not None and self.expiry.active():
+            self.expiry.cancel()
+        self.expiry = None
 
 
 @implementer(IStreamClientEndpoint)
 class _Quiet:
-    """Connects without the factory's "Starting factory" log lines; notes each connection."""
+    """Connects without the factory's "Starting factory" log lines; notes each
+    connection; takes the server's spare connection when there is one."""
 
-    def __init__(self, endpoint: IStreamClientEndpoint, opened: weakref.WeakSet[IProtocol]) -> None:
+    def __init__(
+        self,
+        endpoints: UpstreamEndpoints,
+        key: tuple[bytes, int],
+        endpoint: IStreamClientEndpoint,
+        opened: weakref.WeakSet[IProtocol],
+    ) -> None:
+        self.endpoints = endpoints
+        self.key = key
         self.endpoint = endpoint
         self.opened = opened
 
@@ -96,4 +215,12 @@ class _Quiet:
             self.opened.add(protocol)
             return protocol
 
+        spare = self.endpoints.take_spare(self.key)
+        if spare is not None:
+            assert spare.transport is not None
+            protocol = protocolFactory.buildProtocol(spare.transport.getPeer())
+            if protocol is not None:
+                spare.hand_over(protocol)
+                return succeed(opened(protocol))
+            spare.close()
         return self.endpoint.connect(protocolFactory).addCallback(opened)

@@ -46,6 +46,7 @@ class World:
     ports: PortAllocator
     make_process: Callable[[ModelConfig], ModelProcess]  # as a reload makes them
     busy_ports: set[int] = attrs.field(factory=set)  # ports something else listens on
+    spares: list[str] = attrs.field(factory=list)  # URLs a spare connection was opened to
 
     def process(self, model_id: str) -> ModelProcess:
         return self.scheduler.process(model_id)
@@ -98,6 +99,7 @@ def world(
     logs = LogHub()
     events = EventBus()
     busy_ports: set[int] = set()
+    spares: list[str] = []
     ports = PortAllocator(config.start_port, is_free=lambda port: port not in busy_ports)
 
     def make_process(model: ModelConfig) -> ModelProcess:
@@ -115,6 +117,7 @@ def world(
             base_env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"},
             process_groups=False,
             events=events,
+            open_spare=spares.append,
         )
 
     processes = [make_process(model) for model in config.models.values()]
@@ -125,4 +128,6 @@ def world(
         events,
         hooks(config, reactor) if hooks is not None else NoHooks(),
     )
-    return World(config, reactor, health, logs, events, scheduler, ports, make_process, busy_ports)
+    return World(
+        config, reactor, health, logs, events, scheduler, ports, make_process, busy_ports, spares
+    )

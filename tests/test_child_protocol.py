@@ -119,6 +119,25 @@ class ProtocolTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertIsNone(w.process("a").progress)
 
+    def test_a_loaded_child_gets_a_spare_connection_before_it_says_ready(self) -> None:
+        """Its warm-up takes a while: the waiting request then goes out at once."""
+        w, d = self.starting()
+        a = w.child("a")
+        a.say(loading(0.5), fd=1)
+        self.assertEqual(w.spares, [])
+        a.say(loading(1.0), fd=1)
+        self.assertEqual(w.spares, [w.process("a").base_url])
+        a.say(state("ready"), fd=1)
+        self.successResultOf(d)
+
+    def test_a_server_that_is_polled_gets_no_spare(self) -> None:
+        """Its next health probe would take it."""
+        w = world(SPEAKS, timing=TIMING)
+        w.scheduler.acquire("b")
+        w.child("b").say("llm_load: 100 %")  # progress read off the log
+        self.assertEqual(w.process("b").progress, 1.0)
+        self.assertEqual(w.spares, [])
+
     def test_a_child_that_never_speaks_is_still_found_ready_over_http(self) -> None:
         """A llama-server older than router mode ignores the variable."""
         w, d = self.starting()

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import json
 import sys
+from io import BytesIO
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IAddress, IListeningPort
 from twisted.internet.protocol import Factory, Protocol, ServerFactory
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock
-from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import URI
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import URI, Agent, FileBodyProducer, HTTPConnectionPool, readBody
 from twisted.web.error import SchemeNotSupported
 
-from llamaswap.upstream import UpstreamEndpoints
+from llamaswap.upstream import SPARE_SECONDS, UpstreamEndpoints
 
 from .integration import LiveTestCase
 
@@ -148,3 +149,76 @@ class StopClosesIdleConnectionsTests(_UpstreamTestCase):
         self.assertEqual(seen.get("closed", 0), 1)
         self.assertEqual((await self.chat("m")).code, 200)  # a new start: a new connection
         self.assertEqual(seen["connections"], 2)
+
+
+class SpareConnectionTests(TestCase):
+    """A child about to be ready gets a connection its first request goes out on."""
+
+    def setUp(self) -> None:
+        self.seen = {"connections": 0, "cut": 0}
+        port: IListeningPort = reactor.listenTCP(0, _Upstream(self.seen), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.url = f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
+        self.clock = Clock()
+        self.endpoints = UpstreamEndpoints(reactor, connect_timeout=5, clock=self.clock)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.agent = Agent.usingEndpointFactory(reactor, self.endpoints, pool=pool)
+
+    async def until(self, what: str, count: int) -> None:
+        for _ in range(200):
+            if self.seen.get(what, 0) >= count:
+                return
+            await deferLater(reactor, 0.005)
+        self.fail(f"{what} never reached {count}: {self.seen}")
+
+    async def ask(self) -> bytes:
+        body = FileBodyProducer(BytesIO(b'{"model": "m"}'))
+        response = await self.agent.request(
+            b"POST", self.url.encode() + b"/v1/chat/completions", bodyProducer=body
+        )
+        return await readBody(response)
+
+    async def test_the_first_request_goes_out_on_the_spare(self) -> None:
+        self.endpoints.open_spare(self.url)
+        self.endpoints.open_spare(self.url)  # one is enough
+        await self.until("connections", 1)
+        self.assertEqual(await self.ask(), b'{"choices": []}')
+        self.assertEqual(self.seen["connections"], 1)
+        self.assertEqual(await self.ask(), b'{"choices": []}')  # the next one connects
+        self.assertEqual(self.seen["connections"], 2)
+
+    async def test_an_unused_spare_is_closed_before_the_server_would(self) -> None:
+        """llama-server drops a silent connection after 5 s; a request must never be
+        sent on one it is dropping."""
+        self.endpoints.open_spare(self.url)
+        await self.until("connections", 1)
+        self.clock.advance(SPARE_SECONDS)
+        await self.until("closed", 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(await self.ask(), b'{"choices": []}')
+        self.assertEqual(self.seen["connections"], 2)
+
+    async def test_a_stop_closes_an_unused_spare(self) -> None:
+        self.endpoints.open_spare(self.url)
+        await self.until("connections", 1)
+        self.endpoints.close_idle(self.url)
+        await self.until("closed", 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    async def test_a_refused_spare_is_forgotten(self) -> None:
+        closed: IListeningPort = reactor.listenTCP(0, _Upstream(self.seen), interface="127.0.0.1")
+        url = f"http://127.0.0.1:{closed.getHost().port}"  # type: ignore[attr-defined]
+        stopped = closed.stopListening()
+        if stopped is not None:
+            await stopped
+        self.endpoints.open_spare(url)
+        for _ in range(50):
+            if not self.clock.getDelayedCalls():
+                break
+            await deferLater(reactor, 0.005)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_only_plain_http_servers_on_ip_literals_get_one(self) -> None:
+        for url in ("https://127.0.0.1:1", "http://gpu-box:8080", "not a url"):
+            self.endpoints.open_spare(url)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
