@@ -478,7 +478,8 @@ def swap_section(s: dict[str, Any]) -> list[str]:
     out.append(
         f"Where the time goes (medians). *direct*: stop the old server {dp['stop']:.0f} ms, "
         f"spawn → `/health` 200 {dp['start_ready']:.0f} ms, answer {dp['answer']:.0f} ms. "
-        "*llamaswap*, from its live log: "
+        "*llamaswap*, from its live log (read in swaps of their own after the timed ones: "
+        "a reader of the log is work router mode does not have): "
         + ", ".join(
             f"{label} {lp[key]:.0f} ms"
             for key, label in (
@@ -528,8 +529,8 @@ def swap_section(s: dict[str, Any]) -> list[str]:
         out.append("")
     if s.get("lag_ms"):
         out.append(
-            "Secondary, from the swaps above: the lag per swap (ms) from the child's \"listening "
-            'on" line to llamaswap\'s "ready" line, both read from llamaswap\'s live log: '
+            "Secondary, from the live log's swaps: the lag per swap (ms) from the child's "
+            '"listening on" line to llamaswap\'s "ready" line, both read from its live log: '
             + ", ".join(f"{x:.1f}" for x in s["lag_ms"])
             + ". A coarse figure: 0 when both lines reach the live log in one read; else it "
             "holds the child's own time from that line to its `ready` (0.2–3.3 ms: starting "

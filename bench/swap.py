@@ -23,11 +23,13 @@ model ready and relaying the request, and the child's thread waking for it.
 Router mode's own ``write`` and ``recvfrom`` calls are traced too (``strace -f``
 follows the router's whole tree), which can only lengthen its lag.
 
-A secondary, coarse figure comes from llamaswap's live log stream in the swap
-rounds: the time between the child's "listening on http" line and llamaswap's
-"model X ready" line (both read from one /logs/stream connection).  It is 0 when
-both arrive in one read; else it holds the child's own 0.2-3.3 ms from that line
-to ``ready`` and the relay (llamaswap's line reaches the stream after it).
+A secondary, coarse figure comes from llamaswap's live log stream, read in
+``BREAKDOWN_SWAPS`` swaps after the timed ones (a reader of the log is work
+router mode does not have, so the timed swaps go without one): the time
+between the child's "listening on http" line and llamaswap's "model X ready"
+line (both read from one /logs/stream connection).  It is 0 when both arrive
+in one read; else it holds the child's own 0.2-3.3 ms from that line to
+``ready`` and the relay (llamaswap's line reaches the stream after it).
 """
 
 from __future__ import annotations
@@ -237,6 +239,10 @@ def start_router(
     return port, ids, proc
 
 
+BREAKDOWN_SWAPS = 8
+"""Swaps through llamaswap read from its live log, after the timed ones."""
+
+
 def run(
     procs: Procs,
     monitor: CpuMonitor,
@@ -253,8 +259,9 @@ def run(
         },
     )
     swap = Llamaswap(procs, "llamaswap-swap", config).start()
+    # the live log is read in rounds of its own: during the timed swaps it would add
+    # llamaswap's work for a reader router mode does not have
     stream = LogStream(swap.port)
-    stream.start()
     router_port, router_ids, router = start_router(procs)
     direct = Direct(procs)
     ls_proc = psutil.Process(swap.pid)
@@ -276,16 +283,10 @@ def run(
                 if mode == "llamaswap":
                     cpu0 = sum(ls_proc.cpu_times()[:2])
                     t_req = time.perf_counter()
-                    stream.lines.append((t_req, f"--- bench: request for {model}"))
                     ask(swap.port, model)
-                    t_end = time.perf_counter()
-                    stream.lines.append((t_end, f"--- bench: answer from {model}"))
+                    elapsed = time.perf_counter() - t_req
                     if i:
                         ls_cpu += sum(ls_proc.cpu_times()[:2]) - cpu0
-                    elapsed = t_end - t_req
-                    time.sleep(0.05)  # let the log lines arrive
-                    if i:
-                        details.append(_breakdown(stream, model, names[(i + 1) % 2], t_req, t_end))
                 elif mode == "router":
                     t_req = time.perf_counter()
                     ask(router_port, model)
@@ -305,13 +306,25 @@ def run(
             )
         others, steal = monitor.others(start_all, time.perf_counter())
 
+        stream.start()
+        time.sleep(0.2)  # its connection is up before the first of these swaps
+        for j in range(BREAKDOWN_SWAPS):
+            model, other = names[(swaps + 1 + j) % 2], names[(swaps + j) % 2]
+            t_req = time.perf_counter()
+            stream.lines.append((t_req, f"--- bench: request for {model}"))
+            ask(swap.port, model)
+            t_end = time.perf_counter()
+            stream.lines.append((t_end, f"--- bench: answer from {model}"))
+            time.sleep(0.05)  # let the log lines arrive
+            details.append(_breakdown(stream, model, other, t_req, t_end))
+
         profile_result = None
         if profile is not None:
             direct.close()
 
             def loop() -> None:
                 for j in range(6):
-                    ask(swap.port, names[(swaps + 1 + j) % 2])
+                    ask(swap.port, names[(swaps + 1 + BREAKDOWN_SWAPS + j) % 2])
 
             profile_result = profile(swap.pid, loop, "swap")
     finally:
