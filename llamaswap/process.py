@@ -316,7 +316,7 @@ class ModelProcess:
 
     def start(self) -> Deferred[None]:
         """Fire when the model is ready; concurrent callers share one start."""
-        if self.state is ModelState.STOPPING or self._exiting():
+        if self._ending():
             return self._when_exited().addCallback(lambda _: self.start())
         if self.state is ModelState.READY:
             return succeed(None)
@@ -449,6 +449,17 @@ class ModelProcess:
         self._logs.child_line(self.id, stream, line)
         if current:
             self.tail.append(line)
+
+    def ended(self) -> Deferred[None]:
+        """Fire once a stop (or an exit) under way is over; at once if there is none.
+
+        A start waits for the child before it anyway; whoever asks first may see, once
+        it is over, that nobody wants the model any more.
+        """
+        return self._when_exited() if self._ending() else succeed(None)
+
+    def _ending(self) -> bool:
+        return self.state is ModelState.STOPPING or self._exiting()
 
     def _exiting(self) -> bool:
         """Its process has exited; the state changes once the output has drained."""

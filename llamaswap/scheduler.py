@@ -618,6 +618,10 @@ class Scheduler:
             self.log.info("swap to {model} postponed: more urgent requests wait", model=names)
             return
         await _all(self._stop(other, "swap") for other in in_the_way)
+        if self._wanted(targets):  # (then none of them was removed by a reload)
+            # a target still being stopped (an unload, an idle stop, a crash) ends
+            # first: whoever wanted it may leave meanwhile, and then it stays stopped
+            await _all(self._slots[t].process.ended() for t in targets)
         if not self._wanted(targets):
             return
         await _all(self._start(t) for t in sorted(targets))
