@@ -613,8 +613,16 @@ class ModelProcess:
         if child is None or child.exit is not None:
             return
         if self._setsid is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(child.pid, getattr(signal, "SIG" + name))
+            number = getattr(signal, "SIG" + name)
+            try:
+                os.killpg(child.pid, number)
+            except ProcessLookupError:
+                # no such group yet: a stop in the moment after the spawn, before the
+                # child ran setsid.  Not reaped, so the pid is still our child's
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(child.pid, number)
+            except PermissionError:
+                pass
             return
         with contextlib.suppress(ProcessExitedAlready):
             child.transport.signalProcess(name)
