@@ -316,7 +316,7 @@ class ModelProcess:
 
     def start(self) -> Deferred[None]:
         """Fire when the model is ready; concurrent callers share one start."""
-        if self._ending():
+        if self.ending:
             return self._when_exited().addCallback(lambda _: self.start())
         if self.state is ModelState.READY:
             return succeed(None)
@@ -450,16 +450,14 @@ class ModelProcess:
         if current:
             self.tail.append(line)
 
-    def ended(self) -> Deferred[None]:
-        """Fire once a stop (or an exit) under way is over; at once if there is none.
-
-        A start waits for the child before it anyway; whoever asks first may see, once
-        it is over, that nobody wants the model any more.
-        """
-        return self._when_exited() if self._ending() else succeed(None)
-
-    def _ending(self) -> bool:
+    @property
+    def ending(self) -> bool:
+        """A stop is under way, or the child has exited and its output drains."""
         return self.state is ModelState.STOPPING or self._exiting()
+
+    def ended(self) -> Deferred[None]:
+        """Fire once the end under way (see :attr:`ending`) is over; at once if none."""
+        return self._when_exited() if self.ending else succeed(None)
 
     def _exiting(self) -> bool:
         """Its process has exited; the state changes once the output has drained."""

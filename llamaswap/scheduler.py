@@ -618,10 +618,6 @@ class Scheduler:
             self.log.info("swap to {model} postponed: more urgent requests wait", model=names)
             return
         await _all(self._stop(other, "swap") for other in in_the_way)
-        if self._wanted(targets):  # (then none of them was removed by a reload)
-            # a target still being stopped (an unload, an idle stop, a crash) ends
-            # first: whoever wanted it may leave meanwhile, and then it stays stopped
-            await _all(self._slots[t].process.ended() for t in targets)
         if not self._wanted(targets):
             return
         await _all(self._start(t) for t in sorted(targets))
@@ -632,10 +628,18 @@ class Scheduler:
         )
 
     def _start(self, model_id: str) -> Deferred[None]:
-        """Start a model; it counts as ready once the ``after_start`` hook is done."""
+        """Start a model; it counts as ready once the ``after_start`` hook is done.
+
+        A model still ending (an unload, an idle stop, an exit whose output drains) is
+        not started: this waits for the end, and the pump that follows decides again
+        (whoever wanted it may have left, a reload may have replaced it, what runs
+        beside it may have changed).
+        """
         process = self._slots[model_id].process
         if process.state is ModelState.READY:
             return succeed(None)
+        if process.ending:
+            return process.ended()
 
         async def start() -> None:
             self._warming.add(model_id)
