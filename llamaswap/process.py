@@ -319,7 +319,7 @@ class ModelProcess:
 
     def start(self) -> Deferred[None]:
         """Fire when the model is ready; concurrent callers share one start."""
-        if self.state is ModelState.STOPPING or self._exiting():
+        if self.ending:
             return self._when_exited().addCallback(lambda _: self.start())
         if self.state is ModelState.READY:
             return succeed(None)
@@ -456,6 +456,15 @@ class ModelProcess:
         self._logs.child_line(self.id, stream, line)
         if current:
             self.tail.append(line)
+
+    @property
+    def ending(self) -> bool:
+        """A stop is under way, or the child has exited and its output drains."""
+        return self.state is ModelState.STOPPING or self._exiting()
+
+    def ended(self) -> Deferred[None]:
+        """Fire once the end under way (see :attr:`ending`) is over; at once if none."""
+        return self._when_exited() if self.ending else succeed(None)
 
     def _exiting(self) -> bool:
         """Its process has exited; the state changes once the output has drained."""
@@ -622,8 +631,16 @@ class ModelProcess:
         if child is None or child.exit is not None:
             return
         if self._setsid is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(child.pid, getattr(signal, "SIG" + name))
+            number = getattr(signal, "SIG" + name)
+            try:
+                os.killpg(child.pid, number)
+            except ProcessLookupError:
+                # no such group yet: a stop in the moment after the spawn, before the
+                # child ran setsid.  Not reaped, so the pid is still our child's
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(child.pid, number)
+            except PermissionError:
+                pass
             return
         with contextlib.suppress(ProcessExitedAlready):
             child.transport.signalProcess(name)

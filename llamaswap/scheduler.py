@@ -629,10 +629,18 @@ class Scheduler:
         )
 
     def _start(self, model_id: str) -> Deferred[None]:
-        """Start a model; it counts as ready once the ``after_start`` hook is done."""
+        """Start a model; it counts as ready once the ``after_start`` hook is done.
+
+        A model still ending (an unload, an idle stop, an exit whose output drains) is
+        not started: this waits for the end, and the pump that follows decides again
+        (whoever wanted it may have left, a reload may have replaced it, what runs
+        beside it may have changed).
+        """
         process = self._slots[model_id].process
         if process.state is ModelState.READY:
             return succeed(None)
+        if process.ending:
+            return process.ended()
 
         async def start() -> None:
             self._warming.add(model_id)

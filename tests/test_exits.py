@@ -33,6 +33,7 @@ from llamaswap.relay import Relay
 
 from .daemon import pid_alive
 from .helpers import TWO_MODELS, World, world
+from .test_child_protocol import Exits
 
 TIMING = Timing(health_timeout=30, stop_timeout=10, pipe_grace=1, kill_grace=5)
 
@@ -278,6 +279,10 @@ class _RealSpawner:
     def spawned(self, transport: IProcessTransport) -> IProcessTransport:
         return transport
 
+    def command(self, args: list[str]) -> list[str]:
+        """What actually runs (``args[0]`` is the executable)."""
+        return args
+
     def spawnProcess(
         self,
         processProtocol: IProcessProtocol,
@@ -291,8 +296,9 @@ class _RealSpawner:
         childFDs: Mapping[int, int | str] | None = None,
     ) -> IProcessTransport:
         protocol = self.around(processProtocol)
+        argv = self.command([os.fsdecode(executable), *map(os.fsdecode, args[1:])])
         return self.spawned(
-            reactor.spawnProcess(protocol, executable, args, env, path, uid, gid, usePTY, childFDs)
+            reactor.spawnProcess(protocol, argv[0], argv, env, path, uid, gid, usePTY, childFDs)
         )
 
 
@@ -357,23 +363,33 @@ class ExitInsideSpawnTests(TestCase):
         await self.check_fails_cleanly(groups=True)
 
 
+def sleeping_model(
+    spawner: IReactorProcess, groups: bool, ready_at_once: bool = False
+) -> ModelProcess:
+    """A model whose real child sleeps for a minute, spawned through ``spawner``."""
+    text = "models:\n  m:\n    cmd: sleep 60 ${PORT}\n"
+    if ready_at_once:
+        text += "    checkEndpoint: none\n"
+    return ModelProcess(
+        parse_config(text).models["m"],
+        reactor=spawner,
+        clock=reactor,
+        logs=LogHub(),
+        ports=PortAllocator(random.randrange(20000, 40000)),
+        probe=lambda url: Deferred(),
+        timing=TIMING,
+        process_groups=groups,
+        events=EventBus(),
+    )
+
+
 class FailureAfterStartingTests(TestCase):
     timeout = 30
 
     async def test_a_child_twisted_started_but_cannot_watch_is_killed(self) -> None:
         for groups in (False, True):
             spawner = _FailsAfterStarting()
-            process = ModelProcess(
-                parse_config("models:\n  m:\n    cmd: sleep 60 ${PORT}\n").models["m"],
-                reactor=spawner,
-                clock=reactor,
-                logs=LogHub(),
-                ports=PortAllocator(random.randrange(20000, 40000)),
-                probe=lambda url: Deferred(),
-                timing=TIMING,
-                process_groups=groups,
-                events=EventBus(),
-            )
+            process = sleeping_model(spawner, groups)
             with self.assertRaises(StartFailed) as raised:
                 await process.start()
             self.assertIn("already registered", str(raised.exception))
@@ -385,3 +401,28 @@ class FailureAfterStartingTests(TestCase):
                     break
                 await deferLater(reactor, 0.01)
             self.assertFalse(pid_alive(pid), "the child it could not watch still runs")
+
+
+class _SlowToItsGroup(_RealSpawner):
+    """Each child waits a moment before it runs ``setsid``: its process group does not
+    exist yet (as on a busy machine, where a stop may come before the child has run)."""
+
+    WAIT = "import os, sys, time; time.sleep(2); os.execv(sys.argv[1], sys.argv[1:])"
+
+    def command(self, args: list[str]) -> list[str]:
+        return [sys.executable, "-c", self.WAIT, *args]
+
+
+class StopBeforeTheGroupExistsTests(TestCase):
+    timeout = 30
+
+    async def test_a_stop_right_after_the_spawn_terminates_the_child(self) -> None:
+        # found under CPU load: a stop in the moment after the spawn found no process
+        # group to signal (the child had not run setsid yet), so SIGTERM was lost and
+        # the stop took unloadTimeout (10 s by default), ending in SIGKILL
+        process = sleeping_model(_SlowToItsGroup(), groups=True, ready_at_once=True)
+        exits = Exits()
+        process.watch(exits)
+        await process.start()  # ready at once: no health check
+        await process.stop()
+        self.assertEqual(exits.how, ["killed by SIGTERM"])

@@ -161,6 +161,27 @@ class ReloadWhileStartingTests(SynchronousTestCase):
         w.make_ready("a")
         self.assertIsInstance(self.successResultOf(waiting), Lease)
 
+    def test_a_start_waiting_for_the_old_process_to_stop_starts_the_new_one(self) -> None:
+        # found by tests/test_scheduler_states.py: a request for 'a' while its unload
+        # waited for a slow child; a reload then replaced 'a'.  As the old child went,
+        # the old process started again, for a slot that was gone: its child ran on,
+        # owned by nobody and shown nowhere, beside the new one
+        w = world()
+        first = w.scheduler.acquire("a")
+        w.make_ready("a")
+        self.successResultOf(first).release()
+        old = w.child("a")
+        old.ignore_term = True
+        w.scheduler.unload(["a"])
+        waiting = w.scheduler.acquire("a")
+        self.reload_changing_a(w)
+        old.exit(None, signal=9)
+        self.assertEqual(w.spawned_models(), ["a", "a"])
+        self.assertIn("--ctx", w.child("a").args)  # the one new child is the new one
+        w.make_ready("a")
+        self.assertIsInstance(self.successResultOf(waiting), Lease)
+        self.assertEqual(w.scheduler.retiring(), [])
+
 
 class _ErrorAnswer(Protocol):
     """Answers a health check 200; a chat with the head of a 500 whose body it holds."""

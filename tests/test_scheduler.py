@@ -143,6 +143,30 @@ class SwapTests(SynchronousTestCase):
         self.assertEqual(w.spawned_models(), ["a"])
         self.successResultOf(w.scheduler.acquire("a")).release()
 
+    def test_a_start_waiting_for_the_models_own_stop_is_dropped_when_its_client_leaves(
+        self,
+    ) -> None:
+        # 'a' is being unloaded and its child takes its time; a request for 'a' waits
+        # for that exit to start it again, then leaves: 'a' is not started for nobody
+        # (it stayed loaded, or starting, after the unload had finished)
+        w = world()
+        d = w.scheduler.acquire("a")
+        w.make_ready("a")
+        self.successResultOf(d).release()
+        w.child("a").ignore_term = True
+        unloaded = w.scheduler.unload(["a"])
+        again = w.scheduler.acquire("a")
+        again.cancel()
+        self.failureResultOf(again, CancelledError)
+        w.child("a").exit(0)
+        self.successResultOf(unloaded)
+        self.assertEqual(w.spawned_models(), ["a"])
+        self.assertIs(w.process("a").state, ModelState.STOPPED)
+        # and the next request starts it as usual
+        later = w.scheduler.acquire("a")
+        w.make_ready("a")
+        self.successResultOf(later).release()
+
     def test_nothing_starts_after_close(self) -> None:
         w = world()
         d_a = w.scheduler.acquire("a")

@@ -11,6 +11,9 @@ must be gone (or reported stuck).
 The normal suite runs a few examples; for a long hunt::
 
     LLAMASWAP_STATE_EXAMPLES=5000 python -m pytest -q tests/test_scheduler_states.py
+
+and ``LLAMASWAP_STATE_STEPS`` (40 by default) makes each sequence longer.  What a
+hunt finds is kept, shrunk, in ``FOUND`` and replayed in every run.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from hypothesis import event, settings
+from hypothesis import Phase, event, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from twisted.internet.defer import CancelledError, Deferred
@@ -40,6 +43,7 @@ from .test_child_protocol import loading, state
 
 HUNT = os.environ.get("LLAMASWAP_STATE_EXAMPLES")
 EXAMPLES = int(HUNT or "150")
+STEPS = int(os.environ.get("LLAMASWAP_STATE_STEPS") or "40")
 
 TIMING = Timing(
     health_timeout=30, poll_interval=0.25, stop_timeout=10, exit_grace=1, pipe_grace=1, kill_grace=5
@@ -486,7 +490,7 @@ class BudgetStates(SchedulerStates):
 # something); a hunt (LLAMASWAP_STATE_EXAMPLES) explores anew each run
 STATE_SETTINGS = settings(
     max_examples=EXAMPLES,
-    stateful_step_count=40,
+    stateful_step_count=STEPS,
     deadline=None,
     derandomize=HUNT is None,
 )
@@ -494,3 +498,51 @@ SchedulerStates.TestCase.settings = STATE_SETTINGS
 BudgetStates.TestCase.settings = STATE_SETTINGS
 TestSchedulerStates = SchedulerStates.TestCase
 TestBudgetStates = BudgetStates.TestCase
+
+
+#: sequences a hunt found, kept as they were shrunk: (machine, [(rule, arguments)])
+FOUND: dict[str, tuple[type[SchedulerStates], list[tuple[str, dict[str, Any]]]]] = {
+    # 'c' started alongside; its child exited, its output still draining, when a
+    # profile's start asked for 'c' again: that start was chained on the exit and
+    # ran when it came, past what the scheduler had started since ('f', which an
+    # exclusive 'c' must stop): "c starts while f is READY"
+    "start_chained_on_an_exit": (
+        SchedulerStates,
+        [
+            ("configure", {"policy": "collate"}),
+            ("acquire", {"client": None, "index": 2, "priority": None}),
+            ("time_passes", {"delay": 1.0}),
+            ("request_cannot_spawn", {"index": 1}),
+            ("acquire_profile", {}),
+            ("child_is_listening", {"index": 6}),
+            ("child_exits", {"holding_pipes": False, "how": (0, None), "index": 0}),
+            ("child_exits", {"holding_pipes": True, "how": (0, None), "index": 4}),
+            ("another_client_asks", {"index": 2}),
+            ("pipes_let_go", {"index": 7}),
+            ("child_exits", {"holding_pipes": True, "how": (0, None), "index": 4}),
+            ("acquire_profile", {}),
+            ("acquire", {"client": "alice", "index": 5, "priority": 1}),
+        ],
+    ),
+}
+
+
+def replay(name: str) -> None:
+    """One found sequence, step by step, each step followed by every invariant."""
+    machine, steps = FOUND[name]
+    state = machine()
+    try:
+        for rule_name, arguments in steps:
+            getattr(state, rule_name)(**arguments)
+            state.check_all()
+    finally:
+        state.teardown()
+
+
+# each found sequence is an explicit example: run as given, every time, nothing drawn
+test_sequences_found_by_hunts = given(name=st.sampled_from(sorted(FOUND)))(replay)
+for _name in FOUND:
+    test_sequences_found_by_hunts = example(name=_name)(test_sequences_found_by_hunts)
+test_sequences_found_by_hunts = settings(phases=[Phase.explicit], database=None, deadline=None)(
+    test_sequences_found_by_hunts
+)
