@@ -273,7 +273,11 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Llam
     ports = PortAllocator(config.start_port)
     live.subscribe(ports.follow)
     fresh = HTTPConnectionPool(reactor, persistent=False)
-    relay = Relay(agent, streams=Agent.usingEndpointFactory(reactor, endpoints, pool=fresh))
+    relay = Relay(
+        agent,
+        streams=Agent.usingEndpointFactory(reactor, endpoints, pool=fresh),
+        stream_ended=endpoints.open_spare,
+    )
     probe = http_probe(agent, reactor, relay.hop)
     events = EventBus()
 
