@@ -60,7 +60,7 @@ class LoadingStream:
         not_ours(self.request.responseHeaders)  # the rest of the body is the server's
         self.say(f"llamaswap: {self.model_id} is not loaded yet.\n")
         self._report()
-        self._unsubscribe = self.events.subscribe(self._progress)
+        self._unsubscribe = self.events.subscribe(self._progress, (Progress,))
 
     def say(self, text: str) -> None:
         delta = {"role": "assistant", "reasoning_content": text}

@@ -142,7 +142,7 @@ class Metrics:
         )
         self._series = _RequestSeries.of(self)
         r.register(_LiveState(scheduler))
-        events.subscribe(self.on_event)
+        events.subscribe(self.on_event, (ModelChanged, Swapped, Activity))
 
     async def exposition(self) -> bytes:
         """The text for ``GET /metrics``: llamaswap's own, then the children's."""

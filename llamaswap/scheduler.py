@@ -317,6 +317,8 @@ class Scheduler:
                 process.stop("abandoned")
 
     def _counts_changed(self, slot: _Slot) -> None:
+        if not self.events.wants(QueueChanged):  # twice per request: only for a watcher
+            return
         self.events.publish(
             QueueChanged(slot.process.id, self.queued(slot.process.id), slot.in_flight)
         )
