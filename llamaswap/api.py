@@ -593,7 +593,7 @@ class Api:
             model.id,
             route or request.path.decode("ascii", errors="replace"),
             path.decode("ascii", errors="replace"),
-            self.scheduler.processes[model.id],
+            self.scheduler.view(model.id),
             key=caller_name(request),
         )
         try:
@@ -779,7 +779,7 @@ class Api:
 
     def model_record(self, model_id: str) -> dict[str, Any]:
         model = self.config.models[model_id]
-        process = self.scheduler.processes[model_id]
+        process = self.scheduler.view(model_id)
         record: dict[str, Any] = {
             "id": model_id,
             "object": "model",
@@ -880,7 +880,7 @@ class Api:
             {
                 "msg": "ok",
                 "model": model.id,
-                "state": self.scheduler.processes[model.id].state.value,
+                "state": self.scheduler.view(model.id).state.value,
                 "seconds": round(self.clock.seconds() - started, 3),
             },
         )
