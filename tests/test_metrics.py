@@ -42,22 +42,18 @@ class RequestSeriesTests(SynchronousTestCase):
         ):
             self.world.events.publish(Activity(row(**fields)))
         text = self.text()
-        route = "/v1/chat/completions"
-        self.assertEqual(
-            metric(text, "llamaswap_requests_total", model="a", route=route, status="200"), 2
-        )
-        self.assertEqual(
-            metric(text, "llamaswap_requests_total", model="a", route=route, status="500"), 1
-        )
-        self.assertEqual(metric(text, "llamaswap_completion_tokens_total", model="a"), 7)
-        self.assertEqual(metric(text, "llamaswap_prompt_tokens_total", model="b"), 5)
-        self.assertEqual(metric(text, "llamaswap_queue_wait_seconds_count", model="a"), 3)
-        self.assertEqual(
-            metric(text, "llamaswap_key_requests_total", key="ci", model="a", status="500"), 1
-        )
-        self.assertEqual(
-            metric(text, "llamaswap_key_tokens_total", key="ci", model="a", kind="completion"), 4
-        )
+        chat = {"model": "a", "route": "/v1/chat/completions"}
+        expected = [
+            ("llamaswap_requests_total", {**chat, "status": "200"}, 2),
+            ("llamaswap_requests_total", {**chat, "status": "500"}, 1),
+            ("llamaswap_completion_tokens_total", {"model": "a"}, 7),
+            ("llamaswap_prompt_tokens_total", {"model": "b"}, 5),
+            ("llamaswap_queue_wait_seconds_count", {"model": "a"}, 3),
+            ("llamaswap_key_requests_total", {"key": "ci", "model": "a", "status": "500"}, 1),
+            ("llamaswap_key_tokens_total", {"key": "ci", "model": "a", "kind": "completion"}, 4),
+        ]
+        for name, labels, value in expected:
+            self.assertEqual(metric(text, name, **labels), value, (name, labels))
 
     def test_a_series_appears_with_its_first_use(self) -> None:
         # no tokens, no speeds, no key: those series do not exist yet (no zero lines)
