@@ -364,6 +364,9 @@ class Access:
         """The door's key check: who is calling, may that key reach this path, is it
         within its limits.  None lets the request on (its caller attached)."""
         if not self.keyring:
+            # no caller, said at once: asking the request for a component it lacks
+            # walks zope's adapter registry, and a request asks several times
+            request.setComponent(ICaller, None)
             return None
         path = request.path
         caller = self.authenticate(request)

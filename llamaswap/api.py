@@ -11,7 +11,7 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
 import attrs
@@ -22,7 +22,8 @@ from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.python.failure import Failure
 from twisted.web import static
 from twisted.web.iweb import IRequest
-from twisted.web.server import Request
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET, Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import RequestRedirect
 from zope.interface import implementer
@@ -105,6 +106,54 @@ class PeerBody:
     requested: str  # the name the request gave (``peer/id``, or an id one peer offers)
 
 
+ErrorAnswer = Callable[["Api", IRequest, Failure], bytes]
+
+
+def _answers(
+    router: Klein, table: list[tuple[type[Exception], ErrorAnswer]], kind: type[Exception]
+) -> Callable[[ErrorAnswer], ErrorAnswer]:
+    """Register an error answer with Klein, and in ``table`` for the routes served
+    without Klein (:class:`ModelRoutes`): one list, read in the same order."""
+
+    def register(answer: ErrorAnswer) -> ErrorAnswer:
+        table.append((kind, answer))
+        router.handle_errors(kind)(cast(Any, answer))  # Klein types it by its own protocol
+        return answer
+
+    return register
+
+
+#: the model routes a POST reaches by its exact path (no parameters, no escapes)
+EXACT_POST_ROUTES = {
+    route.path.encode("ascii"): route
+    for route in MODEL_ROUTES
+    if "POST" in route.methods and not route.path_parameters
+}
+
+
+class ModelRoutes(Resource):
+    """Klein's resource, with a POST to a model route's exact path handed to the
+    route's handler directly.
+
+    Such a path is the rule itself, so the router could only pick that route;
+    skipping it (werkzeug's URL binding and matching, Klein's per-request set-up)
+    is a sixth of what llamaswap spends on a small chat request.  Everything else,
+    and any other spelling of these paths (escapes, slashes), goes through Klein."""
+
+    isLeaf = True
+
+    def __init__(self, api: Api, routed: IResource) -> None:
+        super().__init__()
+        self.api = api
+        self.routed = routed
+
+    def render(self, request: Request) -> Any:
+        route = EXACT_POST_ROUTES.get(request.path) if request.method == b"POST" else None
+        if route is None:
+            return self.routed.render(request)
+        return self.api.serve_model_route(request, route)
+
+
 def _model_handler(route: ModelRoute) -> Callable[..., Any]:
     """A Klein handler for one route of the table (path arguments are not needed)."""
 
@@ -118,6 +167,8 @@ class Api:
     """The Klein application; holds its collaborators, not global state."""
 
     router = Klein()
+    #: the failures the handlers answer, in order (Klein has the same list)
+    error_answers: list[tuple[type[Exception], ErrorAnswer]] = []
     log = logger()
 
     def __init__(
@@ -155,11 +206,47 @@ class Api:
         self.config = config
 
     def resource(self) -> Any:
-        return self.router.resource()
+        return ModelRoutes(self, self.router.resource())
+
+    def serve_model_route(self, request: Request, route: ModelRoute) -> Any:
+        """``route``'s handler without Klein's routing, as Klein would run it: the
+        handler cancelled when the client leaves, a failure answered by the first of
+        ``error_answers`` that takes it (else a 500), the request finished after."""
+        finished = False
+
+        def ended(_: object) -> None:
+            nonlocal finished
+            finished = True
+
+        request.notifyFinish().addBoth(ended)
+        handled = Deferred.fromCoroutine(self.model_route(request, route))
+        request.notifyFinish().addErrback(lambda _: handled.cancel())
+
+        def failed(failure: Failure) -> bytes | None:
+            if finished:  # nowhere to answer: the client left, or the answer is out
+                if not failure.check(CancelledError):
+                    self.log.failure("{path} failed after its answer", failure, path=route.path)
+                return None
+            for kind, answer in self.error_answers:
+                if failure.check(kind):
+                    return answer(self, request, failure)
+            request.processingFailed(failure)
+            return None
+
+        def respond(body: bytes | None) -> None:
+            if body:
+                request.write(body)
+            if not finished:
+                request.finish()
+
+        handled.addCallbacks(lambda _: None, failed).addCallback(respond).addErrback(
+            lambda f: self.log.failure("answering {path} failed", f, path=route.path)
+        )
+        return NOT_DONE_YET
 
     # --- errors ------------------------------------------------------------------
 
-    @router.handle_errors(ApiError)
+    @_answers(router, error_answers, ApiError)
     def api_error(self, request: IRequest, failure: Failure) -> bytes:
         error = failure.value
         assert isinstance(error, ApiError)
@@ -180,26 +267,26 @@ class Api:
         request.setHeader(b"content-type", b"application/json")
         return error.body()
 
-    @router.handle_errors(StartFailed)
+    @_answers(router, error_answers, StartFailed)
     def start_failed(self, request: IRequest, failure: Failure) -> bytes:
         return self.error_response(request, ApiError(503, str(failure.value), "model_start_failed"))
 
-    @router.handle_errors(ModelStopped)
+    @_answers(router, error_answers, ModelStopped)
     def model_stopped(self, request: IRequest, failure: Failure) -> bytes:
         message = f"{failure.value}; it was unloaded before it became ready, try again"
         return self.error_response(request, ApiError(503, message, "model_unloaded"))
 
-    @router.handle_errors(StoreUnavailable)
+    @_answers(router, error_answers, StoreUnavailable)
     def store_unavailable(self, request: IRequest, failure: Failure) -> bytes:
         error = ApiError(503, str(failure.value), "activity_log_unavailable")
         return self.error_response(request, error)
 
-    @router.handle_errors(NotFound)
+    @_answers(router, error_answers, NotFound)
     def not_found(self, request: IRequest, failure: Failure) -> bytes:
         path = request.path.decode(errors="replace")
         return self.error_response(request, ApiError(404, f"no route for {path}", "not_found"))
 
-    @router.handle_errors(RequestRedirect)
+    @_answers(router, error_answers, RequestRedirect)
     def relative_redirect(self, request: IRequest, failure: Failure) -> bytes:
         """Werkzeug's slash fixes (``/ui//x`` → ``/ui/x``) as a path on this server: its
         own absolute URL would be built from the Host header, which the client chose."""
@@ -214,7 +301,7 @@ class Api:
         request.setHeader(b"location", location)
         return b""
 
-    @router.handle_errors(MethodNotAllowed)
+    @_answers(router, error_answers, MethodNotAllowed)
     def bad_method(self, request: IRequest, failure: Failure) -> bytes:
         method = request.method.decode(errors="replace")
         path = request.path.decode(errors="replace")
@@ -506,7 +593,7 @@ class Api:
             model.id,
             route or request.path.decode("ascii", errors="replace"),
             path.decode("ascii", errors="replace"),
-            self.scheduler.processes[model.id],
+            self.scheduler.view(model.id),
             key=caller_name(request),
         )
         try:
@@ -692,7 +779,7 @@ class Api:
 
     def model_record(self, model_id: str) -> dict[str, Any]:
         model = self.config.models[model_id]
-        process = self.scheduler.processes[model_id]
+        process = self.scheduler.view(model_id)
         record: dict[str, Any] = {
             "id": model_id,
             "object": "model",
@@ -793,7 +880,7 @@ class Api:
             {
                 "msg": "ok",
                 "model": model.id,
-                "state": self.scheduler.processes[model.id].state.value,
+                "state": self.scheduler.view(model.id).state.value,
                 "seconds": round(self.clock.seconds() - started, 3),
             },
         )

@@ -272,6 +272,8 @@ class BoundedChannel(HTTPChannel):
         self.made_room = False  # closed by the gate for a newcomer
         #: this connection, never reused for another (``id()`` can be, once it is gone)
         self.serial = next(_serials)
+        self._host: IAddress | None = None
+        self._peer: IAddress | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -286,6 +288,19 @@ class BoundedChannel(HTTPChannel):
         self._abort = None
         self.gate.closed(self)
         super().connectionLost(reason)
+
+    def getHost(self) -> IAddress:
+        """The connection's local address, asked of the socket once: Twisted's
+        ``Request`` asks for it for every request (a ``getsockname`` call each)."""
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
+
+    def getPeer(self) -> IAddress:
+        """The client's address, made once per connection rather than per request."""
+        if self._peer is None:
+            self._peer = super().getPeer()
+        return self._peer
 
     # --- the request's phases -------------------------------------------
 

@@ -12,7 +12,7 @@ one into the ``/api/events`` message the UI reads.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, ClassVar
 
 import attrs
@@ -116,24 +116,50 @@ Subscriber = Callable[[Event], None]
 
 
 class EventBus:
-    """Delivers each event to every subscriber; a failing subscriber is logged, not fatal."""
+    """Delivers each event to every subscriber of its kind, in the order they
+    subscribed; a failing subscriber is logged, not fatal.
+
+    A publisher whose event costs something to build (one per request) asks
+    :meth:`wants` first: no event is made that nobody would receive."""
 
     log = logger()
 
     def __init__(self) -> None:
-        self._subscribers: list[Subscriber] = []
+        self._subscribers: list[tuple[Subscriber, frozenset[type] | None]] = []
+        self._by_kind: dict[type, tuple[Subscriber, ...]] = {}  # rebuilt on (un)subscribe
 
-    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
-        self._subscribers.append(subscriber)
+    def subscribe(
+        self, subscriber: Subscriber, kinds: Collection[type] | None = None
+    ) -> Callable[[], None]:
+        """``subscriber`` gets the events of ``kinds`` (the event classes), or all."""
+        entry = (subscriber, None if kinds is None else frozenset(kinds))
+        self._subscribers.append(entry)
+        self._by_kind.clear()
 
         def unsubscribe() -> None:
-            if subscriber in self._subscribers:
-                self._subscribers.remove(subscriber)
+            if entry in self._subscribers:
+                self._subscribers.remove(entry)
+                self._by_kind.clear()
 
         return unsubscribe
 
+    def _receivers(self, kind: type) -> tuple[Subscriber, ...]:
+        receivers = self._by_kind.get(kind)
+        if receivers is None:
+            receivers = self._by_kind[kind] = tuple(
+                subscriber
+                for subscriber, kinds in self._subscribers
+                if kinds is None or kind in kinds
+            )
+        return receivers
+
+    def wants(self, kind: type) -> bool:
+        """Whether an event of ``kind`` would reach anyone now."""
+        return bool(self._receivers(kind))
+
     def publish(self, event: Event) -> None:
-        for subscriber in list(self._subscribers):
+        # a tuple taken now: who (un)subscribes meanwhile changes the next delivery
+        for subscriber in self._receivers(type(event)):
             try:
                 subscriber(event)
             except Exception:

@@ -60,7 +60,7 @@ class LoadingStream:
         not_ours(self.request.responseHeaders)  # the rest of the body is the server's
         self.say(f"llamaswap: {self.model_id} is not loaded yet.\n")
         self._report()
-        self._unsubscribe = self.events.subscribe(self._progress)
+        self._unsubscribe = self.events.subscribe(self._progress, (Progress,))
 
     def say(self, text: str) -> None:
         delta = {"role": "assistant", "reasoning_content": text}
@@ -79,7 +79,7 @@ class LoadingStream:
     def _report(self) -> None:
         self._tick = None
         position = self.scheduler.position(self.waiting)
-        state = self.scheduler.processes[self.model_id].state
+        state = self.scheduler.view(self.model_id).state
         elapsed = self.clock.seconds() - self.started
         if position is not None and position > 1 and position != self._last_position:
             self.say(f"Queue position: #{position} ({position - 1} ahead of this request).\n")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast
 
 import attrs
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -33,6 +33,27 @@ from .scheduler import Scheduler
 LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
 SPEED_BUCKETS = (1, 5, 10, 20, 40, 60, 80, 100, 150, 200, 400, 800, 1600, 3200)
+
+M = TypeVar("M", Counter, Histogram)
+
+
+class Children(Generic[M]):
+    """The series of a labelled metric, each looked up once per label values.
+
+    ``labels()`` checks and joins its arguments and takes a lock on every call; a
+    request touches up to nine series, all named by values from the config (model
+    ids, route paths, key names) or a status code, so the set stays small.  A series
+    appears on its first use, as with ``labels()``."""
+
+    def __init__(self, metric: M) -> None:
+        self.metric: M = metric
+        self._series: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *values: str) -> M:
+        series = self._series.get(values)
+        if series is None:
+            series = self._series[values] = self.metric.labels(*values)
+        return series
 
 
 class Metrics:
@@ -119,8 +140,9 @@ class Metrics:
             buckets=LOAD_BUCKETS,
             registry=r,
         )
+        self._series = _RequestSeries.of(self)
         r.register(_LiveState(scheduler))
-        events.subscribe(self.on_event)
+        events.subscribe(self.on_event, (ModelChanged, Swapped, Activity))
 
     async def exposition(self) -> bytes:
         """The text for ``GET /metrics``: llamaswap's own, then the children's."""
@@ -149,23 +171,45 @@ class Metrics:
             self.stops.labels(model, event.reason).inc()
 
     def _activity(self, row: Mapping[str, Any]) -> None:
+        series = self._series
         model = row["model"]
-        self.requests.labels(model, row["route"], str(row["status"])).inc()
-        self.queue_wait.labels(model).observe(row["queue_ms"] / 1000)
+        status = str(row["status"])
+        series.requests(model, row["route"], status).inc()
+        series.queue_wait(model).observe(row["queue_ms"] / 1000)
         if row.get("tokens_in"):
-            self.prompt_tokens.labels(model).inc(row["tokens_in"])
+            series.prompt_tokens(model).inc(row["tokens_in"])
         if row.get("tokens_out"):
-            self.completion_tokens.labels(model).inc(row["tokens_out"])
+            series.completion_tokens(model).inc(row["tokens_out"])
         if row.get("prompt_tps"):
-            self.prompt_speed.labels(model).observe(row["prompt_tps"])
+            series.prompt_speed(model).observe(row["prompt_tps"])
         if row.get("gen_tps"):
-            self.generation_speed.labels(model).observe(row["gen_tps"])
+            series.generation_speed(model).observe(row["gen_tps"])
         key = row.get("key")
         if key is not None:
-            self.key_requests.labels(key, model, str(row["status"])).inc()
+            series.key_requests(key, model, status).inc()
             for kind, field in (("prompt", "tokens_in"), ("completion", "tokens_out")):
                 if row.get(field):
-                    self.key_tokens.labels(key, model, kind).inc(row[field])
+                    series.key_tokens(key, model, kind).inc(row[field])
+
+
+@attrs.frozen
+class _RequestSeries:
+    """The per-request metrics' series, by label values (see :class:`Children`)."""
+
+    requests: Children[Counter]
+    queue_wait: Children[Histogram]
+    prompt_tokens: Children[Counter]
+    completion_tokens: Children[Counter]
+    prompt_speed: Children[Histogram]
+    generation_speed: Children[Histogram]
+    key_requests: Children[Counter]
+    key_tokens: Children[Counter]
+
+    @classmethod
+    def of(cls, metrics: Metrics) -> _RequestSeries:
+        return cls(
+            **{field.name: Children(getattr(metrics, field.name)) for field in attrs.fields(cls)}
+        )
 
 
 class _LiveState(Collector):

@@ -361,6 +361,9 @@ class _Exchange:
 
 
 _RESPONSE_DONE = Failure(ResponseDone())
+#: how a body that arrived whole ends (``Failure.check`` would compare qualified
+#: class names up the failure's whole class hierarchy: once per response)
+_COMPLETE = (ResponseDone, PotentialDataLoss)
 
 
 class _BodyRelay(Protocol):
@@ -394,7 +397,7 @@ class _BodyRelay(Protocol):
             return
         if request.producer is not None:
             request.unregisterProducer()
-        if reason.check(ResponseDone, PotentialDataLoss):
+        if isinstance(reason.value, _COMPLETE):
             request.finish()
             exchange.done.callback(None)
             if exchange.meter.streaming:
@@ -449,7 +452,7 @@ class CappedBody(Protocol):
     def connectionLost(self, reason: Failure = _RESPONSE_DONE) -> None:
         if self.done.called:
             return
-        if reason.check(ResponseDone, PotentialDataLoss):
+        if isinstance(reason.value, _COMPLETE):
             self.done.callback(b"".join(self.parts))
         else:
             self.done.errback(reason)

@@ -177,6 +177,11 @@ class Scheduler:
         """Each model's process, to look at (the scheduler alone starts and stops)."""
         return {model_id: slot.process for model_id, slot in self._slots.items()}
 
+    def view(self, model_id: str) -> ModelView:
+        """One model's process, to look at (as in ``processes``, without building the
+        whole map: a request asks for its model's)."""
+        return self._slots[model_id].process
+
     def process(self, model_id: str) -> ModelProcess:
         """The live process of ``model_id``, for whoever owns the service (and tests)."""
         return self._slots[model_id].process
@@ -317,6 +322,8 @@ class Scheduler:
                 process.stop("abandoned")
 
     def _counts_changed(self, slot: _Slot) -> None:
+        if not self.events.wants(QueueChanged):  # twice per request: only for a watcher
+            return
         self.events.publish(
             QueueChanged(slot.process.id, self.queued(slot.process.id), slot.in_flight)
         )

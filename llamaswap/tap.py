@@ -31,7 +31,7 @@ from .api import Api
 from .config import Config, ConfigError, ModelConfig, listen_address, load_config
 from .config.live import Changes, LiveConfig
 from .connections import ConnectionGate, raise_file_limit
-from .events import EventBus
+from .events import Activity, EventBus
 from .guard import ApiSite, Guard, is_open_page
 from .kvcache import KvStore
 from .livefolder import FolderReloader
@@ -302,7 +302,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Llam
         return deferToThreadPool(reactor, reactor.getThreadPool(), work)
 
     kvcache = KvStore(config, agent, reactor, disk=in_thread, hop=relay.hop)
-    events.subscribe(kvcache.observe)
+    events.subscribe(kvcache.observe, (Activity,))
     live.subscribe(kvcache.reconfigure)
     scheduler = Scheduler(processes, reactor, config, events, kvcache)
     live.subscribe(

@@ -12,6 +12,7 @@ connections come and go all the time, so Twisted need not log each one.
 
 The connections they open are remembered per server, so the kept-alive ones can
 be closed when that server is asked to exit (:meth:`UpstreamEndpoints.close_idle`).
+An endpoint is built once per server, not once per request, and forgotten there too.
 
 A child about to be ready gets a *spare* connection (:meth:`UpstreamEndpoints.open_spare`):
 the request waiting for it then goes out in the very turn that hears ``ready``,
@@ -65,6 +66,9 @@ class UpstreamEndpoints:
         self._opened: dict[tuple[bytes, int], weakref.WeakSet[IProtocol]] = {}
         # per server: a connection opened ahead of its first request, not yet taken
         self._spares: dict[tuple[bytes, int], _Spare] = {}
+        # per server (scheme, host, port): its endpoint; as many as servers relayed to
+        # since they were last asked to exit (children, peers)
+        self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
 
     def open_spare(self, url: str) -> None:
         """Connect to ``url``'s server now, for the next request to take.
@@ -113,12 +117,21 @@ class UpstreamEndpoints:
         spare = self._spares.pop((uri.host, uri.port), None)
         if spare is not None:
             spare.close()
+        for scheme in (b"http", b"https"):
+            self._endpoints.pop((scheme, uri.host, uri.port), None)
         for protocol in list(self._opened.pop((uri.host, uri.port), ())):
             quiescent = getattr(protocol, "state", None) == "QUIESCENT"  # HTTP11ClientProtocol
             if quiescent and isinstance(protocol, Protocol) and protocol.transport is not None:
                 protocol.transport.loseConnection()
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        server = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(server)
+        if endpoint is None:
+            endpoint = self._endpoints[server] = self._endpoint(uri)
+        return endpoint
+
+    def _endpoint(self, uri: URI) -> IStreamClientEndpoint:
         if uri.scheme not in (b"http", b"https"):
             raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
         host = uri.host.decode("ascii", errors="replace")
@@ -133,8 +146,12 @@ class UpstreamEndpoints:
             )
         if uri.scheme == b"https":
             endpoint = wrapClientTLS(self.tls.creatorForNetloc(uri.host, uri.port), endpoint)
-        key = (uri.host, uri.port)
-        return _Quiet(self, key, endpoint, self._opened.setdefault(key, weakref.WeakSet()))
+        return _Quiet(self, (uri.host, uri.port), endpoint)
+
+    def note_opened(self, key: tuple[bytes, int], protocol: IProtocol) -> None:
+        """A connection to ``key``'s server is open (into the set in use now:
+        ``close_idle`` may have taken the one there was when the endpoint was made)."""
+        self._opened.setdefault(key, weakref.WeakSet()).add(protocol)
 
 
 SPARE_SECONDS = 3.0
@@ -201,18 +218,16 @@ class _Quiet:
         endpoints: UpstreamEndpoints,
         key: tuple[bytes, int],
         endpoint: IStreamClientEndpoint,
-        opened: weakref.WeakSet[IProtocol],
     ) -> None:
         self.endpoints = endpoints
         self.key = key
         self.endpoint = endpoint
-        self.opened = opened
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         protocolFactory.noisy = False  # type: ignore[attr-defined]
 
         def opened(protocol: IProtocol) -> IProtocol:
-            self.opened.add(protocol)
+            self.endpoints.note_opened(self.key, protocol)
             return protocol
 
         spare = self.endpoints.take_spare(self.key)

@@ -14,6 +14,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -149,6 +150,34 @@ class HeaderDeadlineTests(SynchronousTestCase):
         self.assertFalse(transport.disconnecting)
         h.clock.advance(2)
         self.assertTrue(transport.disconnecting)
+
+
+class AddressTests(SynchronousTestCase):
+    def test_the_addresses_are_asked_of_the_transport_once_per_connection(self) -> None:
+        h = Harness()
+        protocol, transport = h.connect()
+        asked: list[str] = []
+        host, peer = transport.getHost, transport.getPeer
+
+        def get_host() -> IAddress:
+            asked.append("host")
+            address: IAddress = host()
+            return address
+
+        def get_peer() -> IAddress:
+            asked.append("peer")
+            address: IAddress = peer()
+            return address
+
+        transport.getHost = get_host  # type: ignore[method-assign]
+        transport.getPeer = get_peer  # type: ignore[method-assign]
+        for _ in range(3):
+            protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(len(h.resource.seen), 3)
+        for request in h.resource.seen:
+            self.assertEqual(request.getHost(), host())
+            self.assertEqual(request.getClientAddress(), peer())
+        self.assertEqual(sorted(asked), ["host", "peer"])
 
 
 class BodyRateTests(SynchronousTestCase):

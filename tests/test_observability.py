@@ -150,6 +150,19 @@ class StoreTests(TestCase):
         self.assertEqual([r["duration_ms"] for r in result["data"]], [4, 3, 2])
         self.assertEqual(result["total"], 3)
 
+    async def test_rows_not_yet_written_are_written_by_a_clean_stop(self) -> None:
+        """Rows are written in batches (one transaction per flush); what is still
+        pending when the daemon stops is written before the database closes."""
+        path = os.path.abspath(self.mktemp())
+        store = ActivityStore(path, reactor, flush_interval=3600)  # no flush on its own
+        store.start()
+        now = reactor.seconds()
+        ids = [store.add({**ROW, "time": now, "duration_ms": i})["id"] for i in range(3)]
+        await store.stop()
+        with sqlite3.connect(path) as db:
+            rows = db.execute("SELECT id, duration_ms FROM activity ORDER BY id").fetchall()
+        self.assertEqual(rows, [(ids[i], i) for i in range(3)])
+
     async def test_an_older_log_gets_the_added_columns_and_keeps_its_rows(self) -> None:
         path = os.path.abspath(self.mktemp())
         old = sqlite3.connect(path)

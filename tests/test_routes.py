@@ -20,8 +20,9 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from llamaswap.api import Api
+from llamaswap.api import EXACT_POST_ROUTES, Api
 from llamaswap.config import ConfigError, parse_config
+from llamaswap.errors import ApiError, ModelStopped, StartFailed
 from llamaswap.events import Activity
 from llamaswap.guard import is_open_page
 from llamaswap.openapi import openapi_document
@@ -129,6 +130,11 @@ class RouteTableTests(SynchronousTestCase):
             self.assertNotIn("upstream", endpoint, f"{method} {path}")
             if path not in OWN_ROUTES:
                 self.assertEqual(urls.match(path, method="OPTIONS")[0], endpoint)
+
+    def test_an_exact_post_path_is_the_route_the_router_would_pick(self) -> None:
+        urls = Api.router.url_map.bind("llamaswap")
+        for path, route in EXACT_POST_ROUTES.items():
+            self.assertEqual(urls.match(path.decode(), method="POST")[0], route.path)
 
     def test_the_docs_list_every_route_of_the_table(self) -> None:
         page = (Path(__file__).parent.parent / "docs" / "routes.md").read_text()
@@ -319,6 +325,29 @@ def _calls(route: ModelRoute) -> list[tuple[str, str, bytes | None]]:
 
 
 class RouteTests(InMemory):
+    def test_the_exact_path_and_the_router_answer_failures_alike(self) -> None:
+        """A POST to a model route's exact path skips Klein; its failures are answered
+        as the router answers them (an escaped spelling goes through the router)."""
+        failures = [
+            ApiError(418, "short and stout"),
+            StartFailed("b", "exited with 1", ["out of memory"]),
+            ModelStopped("b was unloaded"),
+            RuntimeError("a bug"),
+        ]
+        for failure in failures:
+
+            def boom(*args: object, failure: Exception = failure) -> object:
+                raise failure
+
+            self.patch(self.api, "model_from_body", boom)
+            answers = []
+            for path in ("/v1/chat/completions", "/v1/%63hat/completions"):
+                response, content = self.send("POST", path, RAW_BODY)
+                answers.append((response.code, content))
+            self.assertEqual(answers[0], answers[1], failure)
+            self.assertNotEqual(answers[0][0], 200, failure)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+
     def test_every_route_reaches_the_named_model_with_the_bytes_unchanged(self) -> None:
         key = {"authorization": "Bearer client-key"}
         for route in MODEL_ROUTES:

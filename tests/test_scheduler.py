@@ -23,6 +23,12 @@ def behind_a_failed_start(w: World, failing: str, *models: str) -> list[Deferred
 
 
 class SwapTests(SynchronousTestCase):
+    def test_each_model_is_looked_at_through_its_live_process(self) -> None:
+        w = world()
+        for model_id in ("a", "b"):
+            self.assertIs(w.scheduler.view(model_id), w.scheduler.processes[model_id])
+            self.assertIs(w.scheduler.view(model_id), w.process(model_id))
+
     def test_cold_start_then_fast_path(self) -> None:
         w = world()
         d = w.scheduler.acquire("a")

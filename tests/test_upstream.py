@@ -39,6 +39,19 @@ class EndpointTests(SynchronousTestCase):
         with self.assertRaises(SchemeNotSupported):
             endpoints.endpointForURI(URI.fromBytes(b"ftp://127.0.0.1/"))
 
+    def test_one_endpoint_per_server_until_it_is_asked_to_exit(self) -> None:
+        endpoints = UpstreamEndpoints(MemoryReactorClock(), connect_timeout=7)
+
+        def endpoint(url: bytes) -> object:
+            return endpoints.endpointForURI(URI.fromBytes(url))
+
+        first = endpoint(b"http://127.0.0.1:8123/v1/chat/completions")
+        self.assertIs(endpoint(b"http://127.0.0.1:8123/health"), first)  # built once
+        self.assertIsNot(endpoint(b"http://127.0.0.1:8124/health"), first)
+        self.assertIsNot(endpoint(b"https://127.0.0.1:8123/health"), first)
+        endpoints.close_idle("http://127.0.0.1:8123")  # the child stops: forgotten
+        self.assertIsNot(endpoint(b"http://127.0.0.1:8123/health"), first)
+
 
 class _LikeLlamaServer(Protocol):
     """Streams one answer per connection and then drops the connection — but only
