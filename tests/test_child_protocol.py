@@ -205,6 +205,24 @@ class ProtocolTests(SynchronousTestCase):
         w.scheduler.unload(["a"])
         self.assertEqual((a.stdin, a.signals), ([childproto.EXIT_COMMAND], []))
 
+    def test_a_request_granted_while_the_hook_saves_gets_the_exit_command(self) -> None:
+        """An unload does not keep requests away while ``before_stop`` saves: one
+        that came meanwhile is in flight when the stop is asked, so no SIGKILL."""
+        saving: Deferred[bool] = Deferred()
+
+        @implementer(IModelHooks)
+        class Slow(NoHooks):
+            def before_stop(self, process: ModelView, reason: str) -> Deferred[bool]:
+                return saving
+
+        w = world(SPEAKS, timing=TIMING, hooks=lambda config, reactor: Slow())
+        a = self.ready_and_idle(w, w.scheduler.acquire("a"))
+        w.scheduler.unload(["a"])
+        lease = self.successResultOf(w.scheduler.acquire("a"))  # still ready: granted
+        saving.callback(True)
+        self.assertEqual((a.stdin, a.signals), ([childproto.EXIT_COMMAND], []))
+        lease.release()
+
     def test_a_child_that_exits_on_the_command_gets_no_signal(self) -> None:
         w, d = self.starting()
         a = self.ready_and_idle(w, d)
