@@ -681,7 +681,9 @@ class Scheduler:
                 idle = await self.hooks.before_stop(process, reason)
             except Exception as e:  # the hook's own bound failed: stop regardless
                 self.log.error("before stopping {model}: {error}", model=process.id, error=e)
-            await process.stop(reason, idle=idle)
+            # a request granted while the hook ran (an unload keeps none away, a swap
+            # not the more urgent ones) is in flight there now: no SIGKILL under it
+            await process.stop(reason, idle=idle and not slot.in_flight)
 
         return Deferred.fromCoroutine(stop())
 

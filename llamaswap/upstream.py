@@ -88,7 +88,8 @@ class UpstreamEndpoints:
         endpoint = TCP4ClientEndpoint(self.reactor, host, uri.port, self.connect_timeout)
         factory = Factory.forProtocol(lambda: spare)
         factory.noisy = False
-        endpoint.connect(factory).addErrback(lambda _: spare.close())
+        spare.connecting = endpoint.connect(factory)
+        spare.connecting.addErrback(lambda _: spare.close())
         spare.expiry = self.clock.callLater(SPARE_SECONDS, spare.close)
 
     def _forget(self, key: tuple[bytes, int], spare: _Spare) -> None:
@@ -178,6 +179,10 @@ class _Spare(Protocol):
         self.forget = forget
         self.owner: IProtocol | None = None
         self.expiry: IDelayedCall | None = None
+        self.connecting: Deferred[IProtocol] | None = None  # until connected
+
+    def connectionMade(self) -> None:
+        self.connecting = None
 
     def hand_over(self, owner: IProtocol) -> None:
         self._expire_never()
@@ -188,6 +193,9 @@ class _Spare(Protocol):
     def close(self) -> None:
         self.forget()
         self._expire_never()
+        connecting, self.connecting = self.connecting, None
+        if connecting is not None:
+            connecting.cancel()  # a connect slower than the spare's wait: give it up
         if self.owner is None and self.transport is not None:
             self.transport.loseConnection()
 

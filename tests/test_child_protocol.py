@@ -205,6 +205,24 @@ class ProtocolTests(SynchronousTestCase):
         w.scheduler.unload(["a"])
         self.assertEqual((a.stdin, a.signals), ([childproto.EXIT_COMMAND], []))
 
+    def test_a_request_granted_while_the_hook_saves_gets_the_exit_command(self) -> None:
+        """An unload does not keep requests away while ``before_stop`` saves: one
+        that came meanwhile is in flight when the stop is asked, so no SIGKILL."""
+        saving: Deferred[bool] = Deferred()
+
+        @implementer(IModelHooks)
+        class Slow(NoHooks):
+            def before_stop(self, process: ModelView, reason: str) -> Deferred[bool]:
+                return saving
+
+        w = world(SPEAKS, timing=TIMING, hooks=lambda config, reactor: Slow())
+        a = self.ready_and_idle(w, w.scheduler.acquire("a"))
+        w.scheduler.unload(["a"])
+        lease = self.successResultOf(w.scheduler.acquire("a"))  # still ready: granted
+        saving.callback(True)
+        self.assertEqual((a.stdin, a.signals), ([childproto.EXIT_COMMAND], []))
+        lease.release()
+
     def test_a_child_that_exits_on_the_command_gets_no_signal(self) -> None:
         w, d = self.starting()
         a = self.ready_and_idle(w, d)
@@ -380,6 +398,9 @@ models:
     childProtocol: on
   other:
     cmd: {FAKE}
+  wrapped:
+    cmd: sh -c 'sleep 300 & {FAKE}; echo the wrapper outlived its server'
+    childProtocol: on
 """
 
 
@@ -428,6 +449,25 @@ class FakeChildTests(LiveTestCase):
         self.assertEqual(exits.failed, [False])  # a stop, not a crash
         self.assertFalse(pid_alive(pid))
         self.assertEqual(process.stuck, [])
+
+    async def test_quick_stop_leaves_nothing_of_a_wrapper_that_does_not_exec(self) -> None:
+        """SIGKILL goes to the child's whole process group: the server a shell runs
+        (without exec), and a helper it left in the background, go with the shell."""
+        api = await self.serve(SPEAKING_FAKE)
+        self.assertEqual((await self.chat("wrapped")).code, 200)
+        pid, exits = await self.unloaded(api, "wrapped")
+        self.assertEqual(exits.how, ["killed by SIGKILL"])
+
+        async def group_empty() -> bool:
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+
+        # its members die with the shell (SIGKILL's teardown may outlast the report)
+        await self.eventually(group_empty, "what the shell ran is gone")
+        self.assertNotIn("the wrapper outlived its server", api.logs.history("wrapped"))
 
     async def test_the_child_exits_when_its_stdin_closes(self) -> None:
         api = await self.serve(SPEAKING_FAKE)

@@ -32,6 +32,17 @@ class EndpointTests(SynchronousTestCase):
         self.assertEqual((host, port, timeout), ("127.0.0.1", 8123, 7))
         self.assertFalse(factory.noisy)  # one log line per connection is not wanted
 
+    def test_a_spare_still_connecting_at_its_expiry_is_given_up(self) -> None:
+        """A slow connect (a loaded box, a LAN peer's lost SYN) outlasts the spare's
+        wait: it is given up, or the connection it made at last would be nobody's."""
+        memory = MemoryReactorClock()
+        endpoints = UpstreamEndpoints(memory, connect_timeout=30)
+        endpoints.open_spare("http://127.0.0.1:8123/")
+        memory.advance(SPARE_SECONDS)
+        self.assertEqual(memory.getDelayedCalls(), [])
+        self.assertTrue(memory.connectors[0].stoppedConnecting)
+        self.assertIsNone(endpoints.take_spare((b"127.0.0.1", 8123)))
+
     def test_host_names_are_resolved_and_other_schemes_refused(self) -> None:
         endpoints = UpstreamEndpoints(MemoryReactorClock(), connect_timeout=7)
         named: Any = endpoints.endpointForURI(URI.fromBytes(b"http://gpu-box:8080/"))
