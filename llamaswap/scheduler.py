@@ -842,7 +842,8 @@ class Scheduler:
         self._retiring.append(slot)
 
         def stop(_: object) -> Deferred[None]:
-            return slot.process.stop("reload", idle=True)  # drained, and no hook ran
+            # drained, and no hook ran; a restore may still be reading a slot file
+            return slot.process.stop("reload", idle=slot.process.id not in self._warming)
 
         def gone(result: object) -> object:
             slot.retired = True
