@@ -157,10 +157,12 @@ class Supervisor(Service):
         logs: LogHub,
         store: ActivityStore,
         reactor: Any = None,
+        endpoints: UpstreamEndpoints | None = None,
     ) -> None:
         self.reactor = reactor
         self.scheduler = scheduler
         self.pool = pool
+        self.endpoints = endpoints
         self.observer = logs.observer()
         self.store = store
         self.memory = MemoryMonitor(
@@ -202,6 +204,9 @@ class Supervisor(Service):
         )
         # after the models stopped: the KV store talks to them until then
         stopped.addCallback(lambda _: self.pool.closeCachedConnections())
+        endpoints = self.endpoints
+        if endpoints is not None:
+            stopped.addCallback(lambda _: endpoints.close_spares())
 
         def done(_: object) -> None:
             self.log.info("all model servers stopped")
@@ -338,7 +343,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Llam
     )
     live.subscribe(api.follow)
 
-    children: list[IService] = [Supervisor(scheduler, pool, logs, store, reactor)]
+    children: list[IService] = [Supervisor(scheduler, pool, logs, store, reactor, endpoints)]
     # this machine's names and the --listen interfaces, once: no DNS, no blocking
     local_names = machine_names() | {i for i in map(_interface, listen or []) if i is not None}
 

@@ -96,6 +96,11 @@ class UpstreamEndpoints:
         if self._spares.get(key) is spare:
             del self._spares[key]
 
+    def close_spares(self) -> None:
+        """Close every spare connection (llamaswap is stopping)."""
+        for spare in list(self._spares.values()):
+            spare.close()
+
     def take_spare(self, key: tuple[bytes, int]) -> _Spare | None:
         """The spare connection to ``key``'s server, if one is open; it is the caller's."""
         spare = self._spares.get(key)

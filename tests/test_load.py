@@ -127,8 +127,10 @@ class LoadTests(LiveTestCase):
 
     async def settle(self) -> None:
         """Let idle upstream connections close, so descriptors can be compared."""
-        pool = next(s for s in self.service if isinstance(s, Supervisor)).pool
-        await pool.closeCachedConnections()
+        supervisor = next(s for s in self.service if isinstance(s, Supervisor))
+        await supervisor.pool.closeCachedConnections()
+        assert supervisor.endpoints is not None
+        supervisor.endpoints.close_spares()  # the next stream's, ready for 3 s
         await deferLater(reactor, 0.2)
 
     async def kill_one(self, faults: collections.Counter[str]) -> None:

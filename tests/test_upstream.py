@@ -244,6 +244,13 @@ class SpareConnectionTests(TestCase):
         await self.until("closed", 1)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    async def test_llamaswap_stopping_closes_every_spare(self) -> None:
+        self.endpoints.open_spare(self.url)
+        await self.until("connections", 1)
+        self.endpoints.close_spares()
+        await self.until("closed", 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     async def test_a_refused_spare_is_forgotten(self) -> None:
         closed: IListeningPort = reactor.listenTCP(0, _Upstream(self.seen), interface="127.0.0.1")
         url = f"http://127.0.0.1:{closed.getHost().port}"  # type: ignore[attr-defined]
