@@ -175,24 +175,17 @@ class Relay:
     """Sends requests to children through one persistent connection pool.
 
     ``streams`` (an agent whose connections are never kept) carries requests
-    that ask to stream; without it they share ``agent``'s pool.  llama-server
-    closes the connection after each stream, so ``stream_ended`` (given the
-    URL) can open the next stream's connection ahead of it.
+    that ask to stream; without it they share ``agent``'s pool.
     """
 
     log = logger()
 
     def __init__(
-        self,
-        agent: IAgent,
-        hop: Hop | None = None,
-        streams: IAgent | None = None,
-        stream_ended: Callable[[str], None] = lambda url: None,
+        self, agent: IAgent, hop: Hop | None = None, streams: IAgent | None = None
     ) -> None:
         self._agent = agent
         self._streams = streams or agent
         self.hop = hop or Hop()
-        self.stream_ended = stream_ended
 
     def forward(
         self,
@@ -400,8 +393,6 @@ class _BodyRelay(Protocol):
         if isinstance(reason.value, _COMPLETE):
             request.finish()
             exchange.done.callback(None)
-            if exchange.meter.streaming:
-                exchange.relay.stream_ended(exchange.url)
             return
         exchange.relay.log.warn(
             "response from {url} cut short: {reason}",

@@ -278,11 +278,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Llam
     ports = PortAllocator(config.start_port)
     live.subscribe(ports.follow)
     fresh = HTTPConnectionPool(reactor, persistent=False)
-    relay = Relay(
-        agent,
-        streams=Agent.usingEndpointFactory(reactor, endpoints, pool=fresh),
-        stream_ended=endpoints.open_spare,
-    )
+    relay = Relay(agent, streams=Agent.usingEndpointFactory(reactor, endpoints, pool=fresh))
     probe = http_probe(agent, reactor, relay.hop)
     events = EventBus()
 
