@@ -156,8 +156,8 @@ class Supervisor(Service):
         pool: HTTPConnectionPool,
         logs: LogHub,
         store: ActivityStore,
+        endpoints: UpstreamEndpoints,
         reactor: Any = None,
-        endpoints: UpstreamEndpoints | None = None,
     ) -> None:
         self.reactor = reactor
         self.scheduler = scheduler
@@ -204,9 +204,7 @@ class Supervisor(Service):
         )
         # after the models stopped: the KV store talks to them until then
         stopped.addCallback(lambda _: self.pool.closeCachedConnections())
-        endpoints = self.endpoints
-        if endpoints is not None:
-            stopped.addCallback(lambda _: endpoints.close_spares())
+        stopped.addCallback(lambda _: self.endpoints.close_spares())
 
         def done(_: object) -> None:
             self.log.info("all model servers stopped")
@@ -339,7 +337,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Llam
     )
     live.subscribe(api.follow)
 
-    children: list[IService] = [Supervisor(scheduler, pool, logs, store, reactor, endpoints)]
+    children: list[IService] = [Supervisor(scheduler, pool, logs, store, endpoints, reactor)]
     # this machine's names and the --listen interfaces, once: no DNS, no blocking
     local_names = machine_names() | {i for i in map(_interface, listen or []) if i is not None}
 

@@ -78,17 +78,15 @@ class UpstreamEndpoints:
         (5 s) could close it under a request.
         """
         uri = _uri(url)
-        host = uri.host.decode("ascii", errors="replace") if uri is not None else ""
-        if uri is None or uri.scheme != b"http" or not isIPAddress(host):
+        if uri is None or uri.scheme != b"http" or not isIPAddress(_host(uri)):
             return
         key = (uri.host, uri.port)
         if key in self._spares:
             return
         spare = self._spares[key] = _Spare(lambda: self._forget(key, spare))
-        endpoint = TCP4ClientEndpoint(self.reactor, host, uri.port, self.connect_timeout)
         factory = Factory.forProtocol(lambda: spare)
         factory.noisy = False
-        spare.connecting = endpoint.connect(factory)
+        spare.connecting = self._connector(uri).connect(factory)
         spare.connecting.addErrback(lambda _: spare.close())
         spare.expiry = self.clock.callLater(SPARE_SECONDS, spare.close)
 
@@ -120,9 +118,9 @@ class UpstreamEndpoints:
         uri = _uri(url)
         if uri is None:  # not a URL llamaswap could have connected to
             return
-        spare = self._spares.pop((uri.host, uri.port), None)
+        spare = self._spares.get((uri.host, uri.port))
         if spare is not None:
-            spare.close()
+            spare.close()  # and forgotten
         for scheme in (b"http", b"https"):
             self._endpoints.pop((scheme, uri.host, uri.port), None)
         for protocol in list(self._opened.pop((uri.host, uri.port), ())):
@@ -134,13 +132,16 @@ class UpstreamEndpoints:
         server = (uri.scheme, uri.host, uri.port)
         endpoint = self._endpoints.get(server)
         if endpoint is None:
-            endpoint = self._endpoints[server] = self._endpoint(uri)
+            if uri.scheme not in (b"http", b"https"):
+                raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
+            endpoint = self._endpoints[server] = _Quiet(
+                self, (uri.host, uri.port), self._connector(uri)
+            )
         return endpoint
 
-    def _endpoint(self, uri: URI) -> IStreamClientEndpoint:
-        if uri.scheme not in (b"http", b"https"):
-            raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
-        host = uri.host.decode("ascii", errors="replace")
+    def _connector(self, uri: URI) -> IStreamClientEndpoint:
+        """How to reach ``uri``'s server, without the bookkeeping of :class:`_Quiet`."""
+        host = _host(uri)
         endpoint: IStreamClientEndpoint
         if isIPAddress(host):
             endpoint = TCP4ClientEndpoint(self.reactor, host, uri.port, self.connect_timeout)
@@ -152,7 +153,7 @@ class UpstreamEndpoints:
             )
         if uri.scheme == b"https":
             endpoint = wrapClientTLS(self.tls.creatorForNetloc(uri.host, uri.port), endpoint)
-        return _Quiet(self, (uri.host, uri.port), endpoint)
+        return endpoint
 
     def note_opened(self, key: tuple[bytes, int], protocol: IProtocol) -> None:
         """A connection to ``key``'s server is open (into the set in use now:
@@ -171,6 +172,11 @@ def _uri(url: str) -> URI | None:
     except ValueError:
         return None
     return uri
+
+
+def _host(uri: URI) -> str:
+    host: bytes = uri.host
+    return host.decode("ascii", errors="replace")
 
 
 _CLOSED = Failure(ConnectionDone())
