@@ -365,7 +365,9 @@ def stream_section(s: dict[str, Any]) -> list[str]:
         "TTFT is from sending the request to the "
         "first content token; tokens/s is over the following tokens; *paired* is the "
         "median over the rounds of each round's difference or ratio to direct (a slow "
-        "spell of the shared machine moves a whole round). "
+        "spell of the shared machine moves a whole round). *proxy CPU* is the CPU time "
+        "the proxy process (nginx: master and worker) used during its streams, per "
+        "streamed token. "
         f"llama-server runs with `--threads {threads}`. Other cores: {f(s['others_cores'])}."
     )
     out.append("")
@@ -421,6 +423,7 @@ def stream_table(stream_rows: list[dict[str, Any]]) -> str:
                 f(x["gap_p90_ms"], 1),
                 "" if x is d else f"{paired(x, d)[0]:+.1f}",
                 "" if x is d else f"{paired(x, d)[1]:.3f}×",
+                f(x["proxy_cpu_us_per_token"], 0) if "proxy_cpu_us_per_token" in x else "",
             ]
         )
     return table(
@@ -436,6 +439,7 @@ def stream_table(stream_rows: list[dict[str, Any]]) -> str:
             "longest gap p90 ms",
             "TTFT − direct ms (paired)",
             "tok/s ×direct (paired)",
+            "proxy CPU µs / token",
         ],
         rows,
     )

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import itertools
 import json
 import time
 from typing import Any
+
+import psutil
 
 from .common import CpuMonitor, Llamaswap, Procs, config_text, log, median, percentile
 from .proxy import free_port_base, start_nginx
@@ -79,6 +82,22 @@ def stream_once(port: int) -> dict[str, float]:
     }
 
 
+def cpu_seconds(processes: list[psutil.Process]) -> float:
+    """User and system CPU of these processes so far (those that ended count 0)."""
+    total = 0.0
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def nginx_processes(procs: Procs, name: str) -> list[psutil.Process]:
+    """The nginx started as ``name``: its master and its worker."""
+    master = psutil.Process(next(p.pid for p in procs.items if p.bench_name == name))  # type: ignore[attr-defined]
+    return [master, *master.children(recursive=True)]
+
+
 def run(procs: Procs, monitor: CpuMonitor, *, runs: int = 24) -> dict[str, Any]:
     """Each of :data:`THREADS` in turn; the first is the one the targets judge."""
     first, *others = (run_threads(procs, monitor, runs, threads) for threads in THREADS)
@@ -99,9 +118,13 @@ def run_threads(procs: Procs, monitor: CpuMonitor, runs: int, threads: int) -> d
     stream_once(swap.port)  # start the model, warm its prompt cache
     ports["direct"] = swap.upstream_port("smollm2")
     stream_once(ports["direct"])
+    # whose CPU a stream through each target costs, besides the client's and the child's
+    # (llamaswap's own process only: the child it started is the model server)
+    proxies = {"direct": [], "llamaswap": [psutil.Process(swap.pid)]}
     nginx = start_nginx(procs, ports["direct"], "nginx-stream")
     if nginx is not None:
         ports["nginx"] = nginx
+        proxies["nginx"] = nginx_processes(procs, "nginx-stream")
         stream_once(nginx)
     monitor.wait_quiet()
     start = time.perf_counter()
@@ -109,7 +132,10 @@ def run_threads(procs: Procs, monitor: CpuMonitor, runs: int, threads: int) -> d
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     for i in range(runs):  # interleaved, rotating who goes first
         for name in names[i % len(names) :] + names[: i % len(names)]:
-            samples[name].append(stream_once(ports[name]))
+            before = cpu_seconds(proxies[name])
+            sample = stream_once(ports[name])
+            sample["proxy_cpu_s"] = cpu_seconds(proxies[name]) - before
+            samples[name].append(sample)
     others, steal = monitor.others(start, time.perf_counter())
     rows = []
     for name in ("direct", "llamaswap", "nginx"):
@@ -127,6 +153,10 @@ def run_threads(procs: Procs, monitor: CpuMonitor, runs: int, threads: int) -> d
             "total_p50_ms": median([x["total_ms"] for x in s]),
             "gap_p90_ms": percentile([x["max_gap_ms"] for x in s], 90),
         }
+        if proxies[name]:
+            # the kernel counts CPU in clock ticks: summed over all the runs, then divided
+            cpu = sum(x["proxy_cpu_s"] for x in s)
+            row["proxy_cpu_us_per_token"] = cpu / sum(x["tokens"] for x in s) * 1e6
         if name != "direct":
             # each round's pair, so a spell of slowness on the shared machine (which
             # moves every target in that round) cancels out
