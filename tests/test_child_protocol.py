@@ -502,6 +502,22 @@ class FakeChildTests(LiveTestCase):
         await self.eventually(lambda: _done(exits), "the child exited")
         self.assertEqual(exits.how, ["exited with code 1"])
 
+    async def test_a_plain_request_cut_by_an_unload_says_the_model_was_stopped(self) -> None:
+        api = await self.serve(SPEAKING_FAKE)
+        self.assertEqual((await self.chat("talk")).code, 200)
+        # never answered by itself
+        answer = Deferred.fromCoroutine(self.chat("talk", fake={"hold": True}))
+
+        async def in_flight() -> bool:
+            return api.scheduler.in_flight("talk") == 1
+
+        await self.eventually(in_flight, "the request went out")
+        await api.scheduler.unload(["talk"])
+        reply = await answer
+        self.assertEqual(reply.code, 502)
+        self.assertIn("was stopped before it answered", reply.json()["error"]["message"])
+        self.assertEqual(api.scheduler.in_flight("talk"), 0)
+
     async def test_a_child_blocked_writing_to_a_slow_client_exits_at_once(self) -> None:
         """Unloaded while its stream waits for a client that does not read: the
         child's HTTP thread is blocked in that write, so neither the exit command
@@ -549,6 +565,7 @@ class FakeChildTests(LiveTestCase):
         events = [e for e in reader.text.split("\n\n") if e.strip()]
         self.assertEqual(events[-1], "data: [DONE]")
         self.assertIn('"upstream_disconnected"', events[-2])
+        self.assertIn("was stopped in the middle of the answer", events[-2])
 
     async def test_a_child_s_hostile_protocol_lines_cost_nothing(self) -> None:
         """Lines no llama-server writes: each is dropped (or clamped), the start goes on."""
