@@ -249,7 +249,7 @@ class ModelProcess:
         base_env: Mapping[str, str] | None = None,
         process_groups: bool = True,
         events: EventBus,
-        close_idle: Callable[[str], None] = lambda url: None,
+        close_connections: Callable[[str], None] = lambda url: None,
         open_spare: Callable[[str], None] = lambda url: None,
     ) -> None:
         self.config = config
@@ -263,8 +263,8 @@ class ModelProcess:
         self._setsid = shutil.which("setsid") if process_groups else None
 
         self.events = events
-        # closes llamaswap's idle kept-alive connections to a server (by URL)
-        self._close_idle = close_idle
+        # closes llamaswap's connections to a server (by URL), cutting those in use
+        self._close_connections = close_connections
         # opens a connection to a server (by URL) for its next request to take
         self._open_spare = open_spare
         self.state = ModelState.STOPPED
@@ -546,8 +546,9 @@ class ModelProcess:
         serving = self.state is ModelState.READY
         self._stop_beginning()
         # an HTTP server that stops waits for its idle kept-alive connections
-        # (llama-server: up to 10 ms each); nothing more will be sent on them
-        self._close_idle(self.base_url)
+        # (llama-server: up to 10 ms each), and for a thread blocked writing an answer
+        # a slow client holds up: nothing more goes over them, what they carry is cut
+        self._close_connections(self.base_url)
         # armed first: an exit reported within the signal call itself settles the
         # model (and cancels this) before the call returns
         self._kill = self._clock.callLater(self.timing.stop_timeout, self._force_stop)

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -289,6 +290,8 @@ class _Exchange:
 
     def _no_answer(self, failure: Failure) -> str:
         lost = failure.value
+        if _cut_by_stop(failure):
+            return f"the model server at {self.url} was stopped before it answered"
         if not isinstance(lost, ResponseNeverReceived):
             reason = failure.getErrorMessage() or repr(lost)
             return f"the model server at {self.url} did not answer: {reason}"
@@ -394,16 +397,18 @@ class _BodyRelay(Protocol):
             request.finish()
             exchange.done.callback(None)
             return
+        stopped = _cut_by_stop(reason)
         exchange.relay.log.warn(
             "response from {url} cut short: {reason}",
             url=exchange.url,
-            reason=reason.getErrorMessage(),
+            reason="the model was stopped" if stopped else reason.getErrorMessage(),
         )
         if exchange.meter.streaming:
             # an event stream can say so: an error event, then a proper end
+            how = "was stopped" if stopped else "went away"
             error = ApiError(
                 502,
-                f"the model server at {exchange.url} went away in the middle of the answer",
+                f"the model server at {exchange.url} {how} in the middle of the answer",
                 "upstream_disconnected",
             )
             end_event_stream(request, error.body())
@@ -414,6 +419,13 @@ class _BodyRelay(Protocol):
                 abort = getattr(transport, "abortConnection", transport.loseConnection)
                 abort()
         exchange.done.callback(None)
+
+
+def _cut_by_stop(failure: Failure) -> bool:
+    """Did llamaswap abort the connection itself?  Only a stop of the model does
+    (``UpstreamEndpoints.close_connections``); a client gone closes it gently."""
+    reasons = getattr(failure.value, "reasons", None) or [failure]
+    return any(isinstance(r.value, ConnectionAborted) for r in reasons)
 
 
 class CappedBody(Protocol):

@@ -728,6 +728,9 @@ class Scheduler:
         d.addErrback(
             lambda f: self.log.failure("idle stop of {model} failed", f, model=slot.process.id)
         )
+        # what it freed may be what a queued request waits for (the room, the group),
+        # whose swap the policy put off while the model looked wanted
+        d.addCallback(lambda _: self._pump())
 
     async def _stop_if_idle(self, slot: _Slot) -> None:
         if slot.in_flight or slot.ttl_timer is not None or self.queued(slot.process.id):

@@ -290,7 +290,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Llam
             probe=probe,
             timing=Timing(health_timeout=health_timeout, stop_timeout=model.unload_timeout),
             events=events,
-            close_idle=endpoints.close_idle,
+            close_connections=endpoints.close_connections,
             open_spare=endpoints.open_spare,
         )
 

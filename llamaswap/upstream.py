@@ -10,8 +10,8 @@ endpoint; host names keep ``HostnameEndpoint``; ``https`` is wrapped in TLS as
 the standard agent does.  Connection factories are made quiet: upstream
 connections come and go all the time, so Twisted need not log each one.
 
-The connections they open are remembered per server, so the kept-alive ones can
-be closed when that server is asked to exit (:meth:`UpstreamEndpoints.close_idle`).
+The connections they open are remembered per server, so they can be closed when
+that server is asked to exit (:meth:`UpstreamEndpoints.close_connections`).
 An endpoint is built once per server, not once per request, and forgotten there too.
 
 A child about to be ready gets a *spare* connection (:meth:`UpstreamEndpoints.open_spare`):
@@ -42,6 +42,7 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     IReactorTime,
     IStreamClientEndpoint,
+    ITCPTransport,
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
@@ -107,13 +108,19 @@ class UpstreamEndpoints:
         del self._spares[key]
         return spare
 
-    def close_idle(self, url: str) -> None:
-        """Close the kept-alive connections to ``url``'s server that carry no request.
+    def close_connections(self, url: str) -> None:
+        """Close every connection to ``url``'s server: it is being asked to exit.
 
-        Called as a child is asked to stop: llama-server (cpp-httplib) notices
+        The idle kept-alive ones are closed: llama-server (cpp-httplib) notices
         that it is stopping only every 10 ms on an idle kept-alive connection, and
         waits for that before it exits; closed from our side, it ends at once.
-        A connection still carrying a request is left to end with the child.
+        Those still carrying a request are aborted: a stop cuts what is in flight
+        (whoever meant a request to finish waited for it before the stop), and
+        llama-server cannot exit while one of its threads is blocked writing an
+        answer that a slow client holds up (our side reads only as the client
+        does); the abort fails that write, so it exits at once instead of at the
+        SIGKILL ``unloadTimeout`` later.  The relay tells the client of a request
+        cut mid-answer as for any upstream lost.
         """
         uri = _uri(url)
         if uri is None:  # not a URL llamaswap could have connected to
@@ -124,9 +131,14 @@ class UpstreamEndpoints:
         for scheme in (b"http", b"https"):
             self._endpoints.pop((scheme, uri.host, uri.port), None)
         for protocol in list(self._opened.pop((uri.host, uri.port), ())):
-            quiescent = getattr(protocol, "state", None) == "QUIESCENT"  # HTTP11ClientProtocol
-            if quiescent and isinstance(protocol, Protocol) and protocol.transport is not None:
-                protocol.transport.loseConnection()
+            transport = protocol.transport if isinstance(protocol, Protocol) else None
+            if transport is None:
+                continue
+            idle = getattr(protocol, "state", None) == "QUIESCENT"  # HTTP11ClientProtocol
+            if idle or not ITCPTransport.providedBy(transport):
+                transport.loseConnection()
+            else:
+                ITCPTransport(transport).abortConnection()
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         server = (uri.scheme, uri.host, uri.port)
@@ -157,7 +169,8 @@ class UpstreamEndpoints:
 
     def note_opened(self, key: tuple[bytes, int], protocol: IProtocol) -> None:
         """A connection to ``key``'s server is open (into the set in use now:
-        ``close_idle`` may have taken the one there was when the endpoint was made)."""
+        ``close_connections`` may have taken the one there was when the endpoint was
+        made)."""
         self._opened.setdefault(key, weakref.WeakSet()).add(protocol)
 
 

@@ -7,6 +7,8 @@ import os
 import shlex
 from typing import Any
 
+import treq
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessDone
 from twisted.python.failure import Failure
@@ -19,6 +21,7 @@ from llamaswap.events import Event, Progress
 from llamaswap.lifecycle import IModelWatcher, ModelView
 from llamaswap.process import MAX_LINE, ChildProtocol, ModelState, Timing
 from llamaswap.scheduler import IModelHooks, NoHooks
+from llamaswap.tap import Supervisor
 from llamaswap.testing.fakes import FakeProcess
 
 from .helpers import World, world
@@ -498,6 +501,71 @@ class FakeChildTests(LiveTestCase):
         process._child.transport.closeStdin()  # as when llamaswap dies
         await self.eventually(lambda: _done(exits), "the child exited")
         self.assertEqual(exits.how, ["exited with code 1"])
+
+    async def test_a_plain_request_cut_by_an_unload_says_the_model_was_stopped(self) -> None:
+        api = await self.serve(SPEAKING_FAKE)
+        self.assertEqual((await self.chat("talk")).code, 200)
+        # never answered by itself
+        answer = Deferred.fromCoroutine(self.chat("talk", fake={"hold": True}))
+
+        async def in_flight() -> bool:
+            return api.scheduler.in_flight("talk") == 1
+
+        await self.eventually(in_flight, "the request went out")
+        await api.scheduler.unload(["talk"])
+        reply = await answer
+        self.assertEqual(reply.code, 502)
+        self.assertIn("was stopped before it answered", reply.json()["error"]["message"])
+        self.assertEqual(api.scheduler.in_flight("talk"), 0)
+
+    async def test_a_child_blocked_writing_to_a_slow_client_exits_at_once(self) -> None:
+        """Unloaded while its stream waits for a client that does not read: the
+        child's HTTP thread is blocked in that write, so neither the exit command
+        nor SIGTERM could end it (before: SIGKILL after ``unloadTimeout``).  llamaswap
+        cuts its connection to the child as the stop begins: the write fails, the
+        child takes the command, and the client, once it reads, gets an error event
+        and the end of the stream."""
+        api = await self.serve(
+            f"models:\n  blocked:\n    cmd: {FAKE} --blocking-writes\n"
+            "    childProtocol: on\n    unloadTimeout: 10\n"
+        )
+        messages = [{"role": "user", "content": "hi"}]
+        endless = {"tokens": 100_000_000, "delay": 0}
+        _, reader = await self.stream(
+            {"model": "blocked", "stream": True, "messages": messages, "fake": endless}
+        )
+        await reader.until(b"data:")
+        assert reader.transport is not None
+        reader.transport.pauseProducing()  # type: ignore[attr-defined]
+        process = api.scheduler.process("blocked")
+        (supervisor,) = [s for s in self.service if isinstance(s, Supervisor)]
+        opened = supervisor.endpoints._opened[(b"127.0.0.1", process.port or 0)]
+
+        seen_held: list[bool] = []
+
+        async def held_up() -> bool:
+            """For good: llamaswap reads from the child only as its client reads,
+            and the child waits in a write (the buffers between them may still
+            grow a little: so, on ten checks in a row)."""
+            busy = [p.transport for p in opened if getattr(p, "state", "") != "QUIESCENT"]  # type: ignore[attr-defined]
+            answer = await treq.get(process.base_url + "/fake/stats", persistent=False)
+            stats = await treq.json_content(answer)
+            held = bool(busy) and not any(t in reactor.getReaders() for t in busy)
+            seen_held[:] = [*seen_held, True] if held and stats["blocked"] else []
+            return len(seen_held) >= 10
+
+        await self.eventually(held_up, "the child's write waits for the client", tries=1500)
+        pid, exits = await self.unloaded(api, "blocked")
+        self.assertEqual(exits.how, ["exited with code 0"])  # the command, not SIGKILL
+        self.assertFalse(pid_alive(pid))
+        self.assertEqual(api.scheduler.in_flight("blocked"), 0)  # the lease is back
+
+        reader.transport.resumeProducing()  # type: ignore[attr-defined]
+        await reader.done
+        events = [e for e in reader.text.split("\n\n") if e.strip()]
+        self.assertEqual(events[-1], "data: [DONE]")
+        self.assertIn('"upstream_disconnected"', events[-2])
+        self.assertIn("was stopped in the middle of the answer", events[-2])
 
     async def test_a_child_s_hostile_protocol_lines_cost_nothing(self) -> None:
         """Lines no llama-server writes: each is dropped (or clamped), the start goes on."""

@@ -281,6 +281,28 @@ class StopTests(SynchronousTestCase):
         self.assertEqual(w.child("c").signals, ["TERM"])
         self.assertEqual(w.process("c").state, ModelState.STOPPED)
 
+    def test_the_end_of_an_idle_stop_serves_whoever_waits_for_its_room(self) -> None:
+        """A request queued while the idle stop ran is served once that stop ends,
+        not at the policy's next recheck (here ``hold``, a minute away)."""
+        w = world(
+            "scheduler:\n  policy: collate\n  hold: 60\n  patience: 0\n  maxWait: 300\n"
+            "models:\n"
+            "  a:\n    cmd: sleep --port ${PORT} --model a\n    ttl: 5\n"
+            "  b:\n    cmd: sleep --port ${PORT} --model b\n"
+        )
+        d = w.scheduler.acquire("a", client="x")
+        w.make_ready("a")
+        self.successResultOf(d).release()
+        w.child("a").ignore_term = True  # its exit comes when the test says
+        w.reactor.advance(5)
+        self.assertEqual(w.process("a").state, ModelState.STOPPING)
+        waiting = w.scheduler.acquire("b", client="y")  # a is held for x another 55 s
+        self.assertEqual(w.spawned_models(), ["a"])
+        w.child("a").exit(0)
+        self.assertEqual(w.spawned_models(), ["a", "b"])  # at once, not at the recheck
+        w.make_ready("b")
+        self.successResultOf(waiting).release()
+
     def test_no_ttl_means_never_stopped(self) -> None:
         w = world()
         d = w.scheduler.acquire("a")

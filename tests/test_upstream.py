@@ -60,7 +60,7 @@ class EndpointTests(SynchronousTestCase):
         self.assertIs(endpoint(b"http://127.0.0.1:8123/health"), first)  # built once
         self.assertIsNot(endpoint(b"http://127.0.0.1:8124/health"), first)
         self.assertIsNot(endpoint(b"https://127.0.0.1:8123/health"), first)
-        endpoints.close_idle("http://127.0.0.1:8123")  # the child stops: forgotten
+        endpoints.close_connections("http://127.0.0.1:8123")  # the child stops: forgotten
         self.assertIsNot(endpoint(b"http://127.0.0.1:8123/health"), first)
 
 
@@ -225,7 +225,7 @@ class SpareConnectionTests(TestCase):
     async def test_a_stop_closes_an_unused_spare(self) -> None:
         self.endpoints.open_spare(self.url)
         await self.until("connections", 1)
-        self.endpoints.close_idle(self.url)
+        self.endpoints.close_connections(self.url)
         await self.until("closed", 1)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 

@@ -33,7 +33,7 @@ from typing import IO, Any, Final, Protocol, cast
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.internet.stdio import StandardIO
 from twisted.protocols.basic import LineOnlyReceiver
@@ -114,6 +114,8 @@ class HTTPRequest(Protocol):
     def write(self, data: bytes) -> None: ...
     def finish(self) -> None: ...
     def notifyFinish(self) -> Deferred[None]: ...
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...
+    def unregisterProducer(self) -> None: ...
 
 
 def _noop_log(line: str) -> None:
@@ -204,12 +206,31 @@ class _Generation:
     slot: _Slot | None = None
     cache_n: int = 0
     began: bool = False  # has a slot (with ``queue_slots``, it may wait for one)
+    blocked: bool = False  # a write of it waits for the client (``blocking_writes``)
 
     def cancel_pending(self) -> None:
         """Drop the scheduled next step, if any."""
         if self.pending is not None and self.pending.active():
             self.pending.cancel()
         self.pending = None
+
+
+@implementer(IPushProducer)
+class _BlockingWrites:
+    """Told by the connection when its client stops (and starts again) reading."""
+
+    def __init__(self, server: FakeLlamaServer, generation: _Generation) -> None:
+        self.server = server
+        self.generation = generation
+
+    def pauseProducing(self) -> None:
+        self.server._write_blocked(self.generation)
+
+    def resumeProducing(self) -> None:
+        self.server._write_unblocked(self.generation)
+
+    def stopProducing(self) -> None:
+        pass  # the connection is lost: notifyFinish says so
 
 
 @dataclass(eq=False)
@@ -285,6 +306,10 @@ class FakeLlamaServer:
         or ``X-Api-Key``.
     @param metrics: like ``--metrics``: serve ``GET /metrics`` in llama-server's
         format (a few ``llamacpp:*`` families); without it the answer is 501.
+    @param blocking_writes: a streamed answer writes as llama-server's HTTP threads
+        do, blocking while the client does not read: the generation waits for the
+        client, and :meth:`writes_unblocked` (what the CLI's exit waits for, as
+        llama-server's exit joins its HTTP threads) fires only once no write waits.
     """
 
     def __init__(
@@ -306,8 +331,11 @@ class FakeLlamaServer:
         on_state: StateFunction | None = None,
         metrics: bool = False,
         api_prefix: str = "",
+        blocking_writes: bool = False,
     ) -> None:
         self.clock = clock
+        self.blocking_writes = blocking_writes
+        self._unblocked: list[Deferred[None]] = []  # waiting for no write to block
         #: like ``--api-prefix``: the routes are served under it too
         self.api_prefix = api_prefix.rstrip("/")
         #: like ``--slot-save-path``: slots keep their prompt (prefix reuse shows as
@@ -382,6 +410,36 @@ class FakeLlamaServer:
         for generation in self._generations:
             generation.cancel_pending()
 
+    def writes_unblocked(self) -> Deferred[None]:
+        """Fires once no streamed answer waits for its client to read."""
+        waiter: Deferred[None] = Deferred()
+        self._unblocked.append(waiter)
+        self._check_unblocked()
+        return waiter
+
+    def _check_unblocked(self) -> None:
+        if any(g.blocked for g in self._generations):
+            return
+        waiters, self._unblocked = self._unblocked, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def _write_blocked(self, generation: _Generation) -> None:
+        """The client stopped reading: the generation's thread waits in its write."""
+        if generation.done or generation.blocked:
+            return
+        generation.blocked = True
+        generation.cancel_pending()
+        self._log(f"srv  send: task {generation.task_id} blocked writing to a slow client")
+
+    def _write_unblocked(self, generation: _Generation) -> None:
+        if not generation.blocked:
+            return
+        generation.blocked = False
+        if not generation.done and generation.pending is None:
+            self._schedule(generation, self._stream_step)
+        self._check_unblocked()
+
     def _progress(self, percent: int) -> None:
         self._log(f"llama_model_load: progress {percent}%")
         self._loading(percent / 100)
@@ -414,6 +472,7 @@ class FakeLlamaServer:
             "completed": self.completed,
             "crashed": self.crashed,
             "ready": self.ready,
+            "blocked": sum(1 for g in self._generations if g.blocked),
         }
 
     def resource(self) -> IResource:
@@ -621,6 +680,8 @@ class FakeLlamaServer:
             request.setResponseCode(200)
             request.setHeader(b"content-type", b"text/event-stream")
             request.setHeader(b"cache-control", b"no-cache")
+            if self.blocking_writes:
+                request.registerProducer(_BlockingWrites(self, generation), True)
             _write_event(request, self._first_chunk(generation))
             if controls.crash_after_tokens == 0:
                 self._crash(generation)
@@ -720,6 +781,8 @@ class FakeLlamaServer:
             generation.emitted += 1
             if generation.emitted == controls.crash_after_tokens:
                 self._crash(generation)
+            elif generation.blocked:
+                pass  # the next step comes once the client reads again
             elif generation.emitted < controls.tokens or not controls.hold:
                 self._schedule(generation, self._stream_step)
             # else "hold": never finish; wait for the client to go away.
@@ -729,6 +792,8 @@ class FakeLlamaServer:
         request.write(b"data: [DONE]\n\n")
         self._retire(generation)
         self.completed += 1
+        if self.blocking_writes:
+            request.unregisterProducer()
         request.finish()
 
     def _finish_plain(self, generation: _Generation) -> None:
@@ -773,6 +838,9 @@ class FakeLlamaServer:
             marker = ["<|assistant|>"] if generation.kind == "chat" else []
             generation.slot.tokens.extend(marker + text.split())
         generation.done = True
+        if generation.blocked:  # its connection is gone: the write fails, the thread is free
+            generation.blocked = False
+            self._check_unblocked()
         self.prompt_tokens_total += generation.prompt_tokens
         self.tokens_predicted_total += generation.emitted
         generation.cancel_pending()
@@ -1149,6 +1217,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "--metrics", action="store_true", help="serve GET /metrics (else 501), as llama-server"
     )
     parser.add_argument(
+        "--blocking-writes",
+        action="store_true",
+        help="a stream waits for its client to read, and no exit (the command, SIGTERM) "
+        "ends the process while one waits, as llama-server's HTTP threads",
+    )
+    parser.add_argument(
         "--api-key",
         default=os.environ.get("LLAMA_API_KEY", ""),
         metavar="KEY[,KEY...]",
@@ -1212,7 +1286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, ignored = _build_parser().parse_known_args(argv)
 
     from twisted.internet import reactor
-    from twisted.internet.interfaces import IReactorCore, IReactorTCP
+    from twisted.internet.interfaces import IReactorCore, IReactorTCP, IReactorThreads
     from twisted.logger import (
         FilteringLogObserver,
         LogLevel,
@@ -1267,9 +1341,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Give already-written tokens a moment to leave the socket buffer.
         clock.callLater(0.05, _hard_exit, 7, "fake: exiting with code 7")
 
+    stopping: list[bool] = []
+
+    def stop_once() -> None:
+        if not stopping:
+            stopping.append(True)
+            core.stop()
+
     link = None
     if os.environ.get(ROUTER_PORT_ENV) is not None:
-        link = _RouterLink(core.stop)
+        link = _RouterLink(stop_once)
         StandardIO(link, reactor=reactor)
         for line in args.say_first:
             link.say(line.encode("utf-8", errors="surrogateescape"))
@@ -1291,6 +1372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         on_state=link.notify if link is not None else None,
         metrics=args.metrics,
         api_prefix=args.api_prefix,
+        blocking_writes=args.blocking_writes,
     )
     site = Site(server.resource())
     site.noisy = False
@@ -1318,10 +1400,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.crash_after, _hard_exit, 3, "fake: crashing as requested (--crash-after)"
             )
 
-    def on_shutdown() -> None:
+    def on_shutdown() -> Deferred[None] | None:
         _stderr("srv    operator(): operator(): cleaning up before exit...")
         server.stop()
+        if not args.blocking_writes:
+            return None
+        # llama-server joins its HTTP threads: one blocked in a write holds the exit
+        return server.writes_unblocked()
 
+    if args.blocking_writes:
+        # a second stop (SIGTERM after the exit command) changes nothing, as there
+        core.callWhenRunning(
+            signal.signal,
+            signal.SIGTERM,
+            lambda *_: IReactorThreads(reactor).callFromThread(stop_once),
+        )
     core.addSystemEventTrigger("before", "shutdown", on_shutdown)
     core.callWhenRunning(server.start, on_ready)
     core.run()
