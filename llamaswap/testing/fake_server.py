@@ -224,10 +224,10 @@ class _BlockingWrites:
         self.generation = generation
 
     def pauseProducing(self) -> None:
-        self.server._write_blocked(self.generation)
+        self.server.write_blocked(self.generation)
 
     def resumeProducing(self) -> None:
-        self.server._write_unblocked(self.generation)
+        self.server.write_unblocked(self.generation)
 
     def stopProducing(self) -> None:
         pass  # the connection is lost: notifyFinish says so
@@ -424,7 +424,7 @@ class FakeLlamaServer:
         for waiter in waiters:
             waiter.callback(None)
 
-    def _write_blocked(self, generation: _Generation) -> None:
+    def write_blocked(self, generation: _Generation) -> None:
         """The client stopped reading: the generation's thread waits in its write."""
         if generation.done or generation.blocked:
             return
@@ -432,7 +432,7 @@ class FakeLlamaServer:
         generation.cancel_pending()
         self._log(f"srv  send: task {generation.task_id} blocked writing to a slow client")
 
-    def _write_unblocked(self, generation: _Generation) -> None:
+    def write_unblocked(self, generation: _Generation) -> None:
         if not generation.blocked:
             return
         generation.blocked = False
