@@ -175,7 +175,8 @@ class _Builder(MacroReader):
             allowed_hosts=self.allowed_hosts(root.get("allowedHosts")),
             cors=self.cors(root.get("cors")),
             **self.store(root.get("store"), macros),
-            written=frozenset(key for key, value in root.items() if value is not None),
+            written=frozenset(key for key, value in root.items() if value is not None)
+            | _written_key_fields(root.get("apiKeys")),
             **{k: v for k, v in top.items() if k != "send_loading_state"},
         )
         references.check_default_model(self, config)
@@ -650,6 +651,19 @@ class _Builder(MacroReader):
                 raise self.fail(where, f"expected NAME=value, got {item!r}")
             pairs.append((name, self.expand(val, where, scope, {"PORT"})))
         return pairs
+
+
+def _written_key_fields(value: object) -> frozenset[str]:
+    """``apiKeys[<name>].<field>`` for each field a scoped key sets (already checked):
+    a reload may widen a key only by writing it out, never by a file cut short."""
+    entries = value if isinstance(value, list) else []
+    return frozenset(
+        f"apiKeys[{str(entry['name']).strip()}].{field}"
+        for entry in entries
+        if isinstance(entry, dict)
+        for field, given in entry.items()
+        if given is not None
+    )
 
 
 def _given(value: object) -> dict[str, Any]:
