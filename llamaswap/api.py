@@ -470,7 +470,7 @@ class Api:
             found = self.find(default, request)
             if found is None:
                 name = default  # the 404 of a name that is not configured
-            elif may_use(request, found[0].id):
+            elif self.may_start(request, *found):
                 return found[0], found[1], default
             # else: a key scoped to other models passes it over (and never learns it)
         if name:
@@ -517,10 +517,14 @@ class Api:
     def target(self, name: str, request: Request) -> tuple[ModelConfig, str | None]:
         """A model id, alias, variant, pool or ``<profile>:<model>`` → (model, profile)."""
         found = self.find(name, request)
-        if found is None:
+        if found is None or not self.may_start(request, *found):
             raise self.unknown_model(name, request)
-        self.require_model(request, found[0].id, name)
         return found
+
+    def may_start(self, request: Request, model: ModelConfig, profile: str | None) -> bool:
+        """Whether the key may use ``model`` and, for a profile, every model it starts."""
+        starts = self.config.profiles[profile] if profile is not None else (model.id,)
+        return all(may_use(request, m) for m in starts)
 
     def find(self, name: str, request: Request) -> tuple[ModelConfig, str | None] | None:
         """Like ``Config.lookup``; a pool goes to whichever of its models is loaded
@@ -739,7 +743,8 @@ class Api:
                         {**record, "id": alias, "alias_of": model_id, "name": record["name"]}
                     )
         for profile, members in sorted(self.config.profiles.items()):
-            for member in filter(lambda m: may_use(request, m), members):
+            # a profile starts all its members: listed only for a key that may use them all
+            for member in members if all(may_use(request, m) for m in members) else ():
                 record = self.model_record(member)
                 record.update(id=f"{profile}:{member}", name=f"{record['name']} ({profile})")
                 data.append(record)

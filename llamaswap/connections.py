@@ -10,8 +10,10 @@ be reached (``Couldn't bind: Too many open files``).  Here:
   ``bodyMinRate`` bytes received, but never more than ``bodyTimeout`` seconds ahead
   (bytes sent early are no credit for a trickle later); a late request gets 408
   and is closed.  Nothing
-  bounds the response (a stream may last long); between requests the idle timeout
-  still applies.
+  bounds the response (a stream may last long), but a client that reads none of it
+  for ``stallTimeout`` seconds is cut off: its lease would keep the model (and
+  every swap waiting for it) forever.  Between requests the idle timeout still
+  applies.
 - ``ConnectionGate`` wraps the site and counts open connections, in all and per
   client address; at either cap a new connection gets a short 503 and is closed at
   once.  The total is kept below ``RLIMIT_NOFILE`` with room for the model servers'
@@ -268,6 +270,7 @@ class BoundedChannel(HTTPChannel):
         self.client: str | None = None
         self._deadline: IDelayedCall | None = None
         self._abort: IDelayedCall | None = None
+        self._stall: IDelayedCall | None = None  # the client reads nothing of the answer
         self._due = 0.0  # when the current phase must be over
         self.made_room = False  # closed by the gate for a newcomer
         #: this connection, never reused for another (``id()`` can be, once it is gone)
@@ -283,9 +286,10 @@ class BoundedChannel(HTTPChannel):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel()
-        if self._abort is not None and self._abort.active():
-            self._abort.cancel()
-        self._abort = None
+        for call in (self._abort, self._stall):
+            if call is not None and call.active():
+                call.cancel()
+        self._abort = self._stall = None
         self.gate.closed(self)
         super().connectionLost(reason)
 
@@ -301,6 +305,36 @@ class BoundedChannel(HTTPChannel):
         if self._peer is None:
             self._peer = super().getPeer()
         return self._peer
+
+    # --- a client that reads nothing -------------------------------------
+    #
+    # The transport pauses its producer (this channel, then the answer's producer:
+    # the upstream) when the client's send buffer is full, and resumes it once the
+    # buffer has drained.  Paused for ``stallTimeout``: the client is cut off.
+
+    def pauseProducing(self) -> None:
+        super().pauseProducing()
+        if self._stall is None or not self._stall.active():
+            seconds = self.gate.limits.stall_timeout
+            self._stall = self.gate.clock.callLater(seconds, self._stalled)
+
+    def resumeProducing(self) -> None:
+        if self._stall is not None and self._stall.active():
+            self._stall.cancel()
+        self._stall = None
+        super().resumeProducing()
+
+    def _stalled(self) -> None:
+        self._stall = None
+        self.log.info(
+            "cutting off {client}: it read nothing of its answer for {seconds:g}s "
+            "(connections.stallTimeout)",
+            client=self.client,
+            seconds=self.gate.limits.stall_timeout,
+        )
+        assert self.transport is not None
+        abort = getattr(self.transport, "abortConnection", self.transport.loseConnection)
+        abort()
 
     # --- the request's phases -------------------------------------------
 

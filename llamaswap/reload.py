@@ -25,6 +25,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
+from .access import ApiKey
 from .config import Config, ConfigError, load_config
 from .logs import logger
 from .periodic import Periodic
@@ -63,13 +64,36 @@ SECURITY_SETTINGS: tuple[SecuritySetting, ...] = (
 )
 
 
+# A scoped key's limits: one left out falls back to its widest default (every
+# model, no limit), so a file cut inside a key's entry would lift it.
+KEY_LIMITS: tuple[tuple[str, Callable[[ApiKey], object]], ...] = (
+    ("models", lambda k: k.models),
+    ("maxConcurrent", lambda k: k.max_concurrent),
+    ("requestsPerMinute", lambda k: k.requests_per_minute),
+)
+
+
 def dropped_silently(old: Config, new: Config) -> list[str]:
-    """Security settings ``old`` writes out that ``new`` changes by leaving them out."""
-    return [
+    """Security settings ``old`` writes out that ``new`` changes by leaving them out,
+    a scoped key's limits included, and keys cut short (a file cut inside a key)."""
+    dropped = [
         s.key
         for s in SECURITY_SETTINGS
         if s.key in old.written and s.key not in new.written and s.read(old) != s.read(new)
     ]
+    kept = {key.name: key for key in new.api_keys}
+    for key in old.api_keys:
+        after = kept.get(key.name)
+        for field, read in KEY_LIMITS:
+            mark = f"apiKeys[{key.name}].{field}"
+            lifted = after is not None and read(key) != read(after)
+            if lifted and mark in old.written and mark not in new.written:
+                dropped.append(mark)
+        if any(
+            key.key != new_key.key and key.key.startswith(new_key.key) for new_key in new.api_keys
+        ):
+            dropped.append(f"the whole key of {key.name}")  # never the key itself
+    return dropped
 
 
 def security_changes(old: Config, new: Config) -> list[str]:

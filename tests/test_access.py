@@ -455,6 +455,31 @@ class UnnamedModelTests(AccessCase):
         self.assertEqual(pool["meta"]["llamaswap"]["serves"], "beta")
         self.assertNotIn(b"alpha", reply)
 
+    async def test_a_profile_starting_a_model_the_key_may_not_use_is_not_its_own(
+        self,
+    ) -> None:
+        """``pair:alpha`` starts beta too: a key scoped to alpha may not start it."""
+        profile = "profiles:\n  pair: [alpha, beta]\n  solo: [alpha]\n"
+        await self.serve(CONFIG + profile + "defaultModel: pair:alpha\n")
+        chat = json.dumps({"model": "pair:alpha", "messages": []}).encode()
+        response, reply = await self.call("POST", "/v1/chat/completions", chat, ALICE)
+        self.assertEqual(response.code, 404, reply[:200])
+        self.assertEqual(json.loads(reply)["error"]["code"], "model_not_found")
+        unnamed = json.dumps({"messages": []}).encode()  # the default is the profile
+        await self.call("POST", "/v1/chat/completions", unnamed, ALICE)  # passed over
+        _, running = await self.call("GET", "/running", key=ADMIN)
+        started = {m["model"] for m in json.loads(running)["running"]}
+        self.assertNotIn("beta", started)  # nothing outside her scope was started for her
+        _, listed = await self.call("GET", "/v1/models", key=ALICE)
+        ids = {m["id"] for m in json.loads(listed)["data"]}
+        self.assertIn("solo:alpha", ids)
+        self.assertNotIn("pair:alpha", ids)
+        solo = json.dumps({"model": "solo:alpha", "messages": []}).encode()
+        response, reply = await self.call("POST", "/v1/chat/completions", solo, ALICE)
+        self.assertEqual(response.code, 200, reply[:200])
+        response, reply = await self.call("POST", "/v1/chat/completions", chat, ADMIN)
+        self.assertEqual(response.code, 200, reply[:200])
+
     async def test_a_model_the_key_may_not_use_is_answered_as_one_that_does_not_exist(
         self,
     ) -> None:

@@ -11,9 +11,11 @@ import subprocess
 import sys
 from typing import Any
 
+import attrs
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
@@ -240,6 +242,47 @@ class BodyRateTests(SynchronousTestCase):
         request.finish()
         self.assertIn(b"first", transport.value())
         self.assertFalse(transport.disconnecting)  # keep-alive
+
+
+class StallTests(SynchronousTestCase):
+    """A client that reads none of its answer is cut off after ``stallTimeout``: its
+    request (and the lease on a model that every swap would wait for) would be
+    kept forever.  A client that reads, however slowly, keeps its answer."""
+
+    def held(self) -> tuple[Harness, Protocol, StringTransport, Request]:
+        h = Harness(attrs.evolve(LIMITS, stall_timeout=30))
+        h.resource.hold = True
+        protocol, transport = h.connect()
+        protocol.dataReceived(b"GET /v1/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        request = h.resource.seen[0]
+        request.write(b"first")
+        return h, protocol, transport, request
+
+    def test_a_client_that_reads_nothing_is_cut_off(self) -> None:
+        h, protocol, transport, request = self.held()
+        gone: list[Failure] = []
+        request.notifyFinish().addErrback(gone.append)
+        assert transport.producer is not None
+        transport.producer.pauseProducing()  # what the transport does: send buffer full
+        h.clock.advance(29)
+        self.assertFalse(transport.disconnected)
+        h.clock.advance(1)
+        self.assertTrue(transport.disconnected)  # abortConnection
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(gone), 1)  # the request ends: its lease goes with it
+
+    def test_a_client_that_reads_keeps_its_answer(self) -> None:
+        h, _, transport, request = self.held()
+        assert transport.producer is not None
+        for _ in range(10):  # the buffer fills and drains, for 20 minutes
+            transport.producer.pauseProducing()
+            h.clock.advance(20)
+            transport.producer.resumeProducing()
+            h.clock.advance(100)
+        self.assertFalse(transport.disconnecting)
+        request.write(b"last")
+        request.finish()
+        self.assertTrue(transport.value().endswith(b"last\r\n0\r\n\r\n"))
 
 
 class CapTests(SynchronousTestCase):

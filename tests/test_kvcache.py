@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -607,3 +608,28 @@ class DirectoryTests(SynchronousTestCase):
         k.flush()
         self.assertTrue(os.path.isdir(directory))
         self.assertEqual(os.stat(k.kv.settings.path).st_mode & 0o777, 0o700)
+
+
+class UnwritableStateTests(SynchronousTestCase):
+    """A state directory that cannot be written (read-only, a service user without a
+    home) costs the KV keeping, not the models: llama-server refuses to start with a
+    ``--slot-save-path`` that is not a directory."""
+
+    TEXT = (
+        "models:\n  a:\n    cmd: llama-server --port ${PORT}\n"
+        "  b:\n    cmd: x --port ${PORT}\n    kvCache: true\n"
+    )
+
+    def test_models_start_without_the_slot_directory_llamaswap_cannot_make(self) -> None:
+        blocked = Path(self.mktemp())
+        blocked.write_text("a file where the state directory's parent should be")
+        config = parse_config(self.TEXT, environ={"XDG_STATE_HOME": str(blocked / "state")})
+        for model in config.models.values():
+            self.assertNotIn("--slot-save-path", model.cmd.argv)
+            self.assertIsNone(model.slot_save_path)
+        [notice] = config.notices
+        self.assertIn("cannot be written", notice)
+        writable = Path(self.mktemp())
+        config = parse_config(self.TEXT, environ={"XDG_STATE_HOME": str(writable)})
+        for model in config.models.values():
+            self.assertIn("--slot-save-path", model.cmd.argv)  # made when it starts

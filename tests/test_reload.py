@@ -222,6 +222,44 @@ class SecurityReloadTests(ReloadCase):
         self.assertIn("reload changed apiKeys: 1 added, 1 removed (2 -> 2)", logs)
         self.assertNotIn("sk-third", logs)
 
+    async def test_a_file_cut_inside_a_scoped_key_keeps_its_limits(self) -> None:
+        # the entry's last lines lost: left out, `models` would mean every model
+        scoped = BEFORE + (
+            f"apiKeys:\n  - {FIRST_KEY}\n  - name: alice\n    key: {SECOND_KEY}\n"
+            "    models: [keep]\n    maxConcurrent: 1\n"
+        )
+        reloader = await self.start_with(scoped)
+        alice = {**self.auth(SECOND_KEY), "content-type": "application/json"}
+        chat = json.dumps({"model": "drop"}).encode()
+        for cut in ("    maxConcurrent: 1\n", "    models: [keep]\n    maxConcurrent: 1\n"):
+            self.path.write_text(scoped.removesuffix(cut))
+            self.assertFalse(await reloader.reload())
+        response = await self.request("POST", "/v1/chat/completions", chat, headers=alice)
+        self.assertEqual(response.code, 404)  # still not alice's model
+        logs = await self.logs()
+        self.assertIn("no longer sets apiKeys[alice].maxConcurrent (caught mid-write?)", logs)
+        self.assertIn("no longer sets apiKeys[alice].models, apiKeys[alice].maxConcurrent", logs)
+        # written out, the wider scope is applied (and logged)
+        self.path.write_text(
+            scoped.replace("[keep]", "['*']").removesuffix("    maxConcurrent: 1\n")
+            + "    maxConcurrent: null\n"
+        )
+        self.assertFalse(await reloader.reload())  # null is not written out either
+        self.path.write_text(scoped.replace("[keep]", "['*']").replace(": 1\n", ": 5\n"))
+        self.assertTrue(await reloader.reload())
+        response = await self.request("POST", "/v1/chat/completions", chat, headers=alice)
+        self.assertEqual(response.code, 200)
+
+    async def test_a_file_cut_inside_a_key_is_refused(self) -> None:
+        listed = BEFORE + f"apiKeys:\n  - {FIRST_KEY}\n  - {SECOND_KEY}\n"
+        reloader = await self.start_with(listed)
+        short = SECOND_KEY[:4]  # the file cut in the middle of the last line
+        self.path.write_text(listed[: listed.index(SECOND_KEY) + len(short)])
+        self.assertFalse(await reloader.reload())
+        shortened = {"authorization": f"Bearer {short}"}
+        self.assertEqual((await self.request("GET", "/v1/models", headers=shortened)).code, 401)
+        self.assertIn("no longer sets the whole key of apiKeys[1]", await self.logs())
+
     async def test_browser_settings_dropped_by_a_cut_file_are_kept(self) -> None:
         allowing = SECURED.replace(
             "apiKeys:", "cors:\n  allowOrigins: [http://app.lan:3000]\napiKeys:"

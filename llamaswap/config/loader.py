@@ -105,6 +105,8 @@ def parse_config(
 class _Builder(MacroReader):
     """Walks the YAML document once, with the key path at hand for every error."""
 
+    kv_writable = True  # whether the KV directory can be made (decided in ``build``)
+
     def build(self, document: object) -> Config:
         if document is None:
             raise self.fail("", "the file is empty; it needs at least a 'models' map")
@@ -120,6 +122,9 @@ class _Builder(MacroReader):
         top = self.section(Top, root, "")
         budget = self.budget(root.get("resources"))
         kv_cache = self.kv_cache(root.get("kvCache"), macros)
+        # a state directory that cannot be written (read-only, a service user's
+        # missing home) must not keep every llama-server from starting
+        self.kv_writable = _can_make_directory(kv_cache.path)
         defaults = {
             "kv_cache": kv_cache,
             "budget": budget,
@@ -138,6 +143,11 @@ class _Builder(MacroReader):
             models[model_id] = self.model(model_id, entry, macros, defaults)
         found = modelsdir.scan(folders)
         notices = list(found.notices)
+        if not self.kv_writable:
+            notices.append(
+                f"kvCache.path {kv_cache.path} cannot be written: models start without the "
+                "--slot-save-path llamaswap adds (conversations are not kept across swaps)"
+            )
         model_defaults = self.model_defaults(root.get("modelDefaults"))
         for model_id, model in models.items():
             models[model_id] = self.sized(model, None, budget, notices)
@@ -175,7 +185,8 @@ class _Builder(MacroReader):
             allowed_hosts=self.allowed_hosts(root.get("allowedHosts")),
             cors=self.cors(root.get("cors")),
             **self.store(root.get("store"), macros),
-            written=frozenset(key for key, value in root.items() if value is not None),
+            written=frozenset(key for key, value in root.items() if value is not None)
+            | _written_key_fields(root.get("apiKeys")),
             **{k: v for k, v in top.items() if k != "send_loading_state"},
         )
         references.check_default_model(self, config)
@@ -412,6 +423,8 @@ class _Builder(MacroReader):
             return cmd, None, False
         if given is not None:
             return cmd, given, False
+        if not self.kv_writable:
+            return cmd, None, False  # llama-server would refuse to start (see ``build``)
         directory = os.path.join(kv_cache.path, safe_name(model_id))
         return CommandTemplate((*argv, SLOT_SAVE_FLAG, directory)), directory, True
 
@@ -650,6 +663,32 @@ class _Builder(MacroReader):
                 raise self.fail(where, f"expected NAME=value, got {item!r}")
             pairs.append((name, self.expand(val, where, scope, {"PORT"})))
         return pairs
+
+
+def _can_make_directory(path: str) -> bool:
+    """Whether ``path`` is, or could be made, a directory llamaswap can write into:
+    its nearest existing ancestor is a writable directory (``access`` also says no
+    on a read-only file system, even to root)."""
+    probe = os.path.abspath(path)
+    while not os.path.lexists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            return False
+        probe = parent
+    return os.path.isdir(probe) and os.access(probe, os.W_OK | os.X_OK)
+
+
+def _written_key_fields(value: object) -> frozenset[str]:
+    """``apiKeys[<name>].<field>`` for each field a scoped key sets (already checked):
+    a reload may widen a key only by writing it out, never by a file cut short."""
+    entries = value if isinstance(value, list) else []
+    return frozenset(
+        f"apiKeys[{str(entry['name']).strip()}].{field}"
+        for entry in entries
+        if isinstance(entry, dict)
+        for field, given in entry.items()
+        if given is not None
+    )
 
 
 def _given(value: object) -> dict[str, Any]:

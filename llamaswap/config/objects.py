@@ -247,7 +247,8 @@ class Config:
     kv_cache: KvCacheConfig = attrs.field(factory=KvCacheConfig)
     connections: ConnectionLimits = attrs.field(factory=ConnectionLimits)
     # top-level keys the file sets to a value (``apiKeys: []`` counts, a missing or
-    # null ``apiKeys`` does not): a reload may drop a security setting only if written
+    # null ``apiKeys`` does not), and ``apiKeys[<name>].<field>`` of scoped keys: a
+    # reload may drop a security setting only if written
     written: frozenset[str] = frozenset()
     #: the models folders scanned (``modelsDir`` and ``--models-dir``), absolute
     models_dirs: tuple[str, ...] = ()

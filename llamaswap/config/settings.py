@@ -125,6 +125,13 @@ class ConnectionLimits:
         "slowest request body accepted, in bytes/s (once `bodyTimeout` is used up)",
         **AT_LEAST_1,
     )
+    stall_timeout: float = setting(
+        "stallTimeout",
+        120.0,
+        "seconds a client may leave an answer unread (its connection's send buffer full) "
+        "before the connection is cut: its request ends and the model is free again",
+        **POSITIVE,
+    )
     max_connections: int | None = setting(
         "maxConnections",
         None,
