@@ -571,7 +571,7 @@ class Api:
     def unknown_model(self, name: str, request: Request) -> ApiError:
         known = self.known_ids(request)
         what = "is not configured" if caller_name(request) is None else "is not available"
-        return ApiError(404, f"model {name!r} {what}; available models: {known}")
+        return ApiError(404, f"model {_shown(name)} {what}; available models: {known}")
 
     def known_ids(self, request: Request) -> str:
         """The model ids an error may list: those ``request``'s key may use."""
@@ -1219,3 +1219,14 @@ class _LogReader(_LiveReader):
             self.request.write(f"[... {self.dropped} lines dropped]\n".encode())
             self.dropped = 0
         self.request.write(line.encode("utf-8") + b"\n")
+
+
+#: how much of a name a client sent an error repeats (it may be up to ``maxRequestBytes``)
+SHOWN_NAME_CHARS = 100
+
+
+def _shown(name: str) -> str:
+    """``name`` quoted for an error message, cut to :data:`SHOWN_NAME_CHARS`."""
+    if len(name) <= SHOWN_NAME_CHARS:
+        return repr(name)
+    return f"{name[:SHOWN_NAME_CHARS]!r}... ({len(name)} characters)"

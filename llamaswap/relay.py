@@ -211,7 +211,9 @@ class Relay:
         Without ``sandbox`` the server's pages are shown as pages of llamaswap
         (:func:`over_upstream`).
         """
-        drop = {b"host", b"content-length"}
+        # the body is already here: a server asked to confirm it first would only
+        # answer 100 Continue, which Twisted's client logs and drops
+        drop = {b"host", b"content-length", b"expect"}
         if not forward_credentials:
             # a client's key for llamaswap is not the model server's business
             drop |= {b"authorization", b"x-api-key"}

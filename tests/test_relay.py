@@ -109,7 +109,12 @@ class InMemoryProxy(SynchronousTestCase):
         d = self.post(
             "/v1/responses",
             {"model": "a", "input": "x"},
-            headers={"connection": "x-secret-hop", "x-secret-hop": "1", "x-end": "kept"},
+            headers={
+                "connection": "x-secret-hop",
+                "x-secret-hop": "1",
+                "x-end": "kept",
+                "expect": "100-continue",
+            },
         )
         response = self.successResultOf(d)
         self.assertEqual(response.code, 200)
@@ -120,6 +125,7 @@ class InMemoryProxy(SynchronousTestCase):
         received = {k.lower() for k in body["headers"]}
         self.assertIn("x-end", received)
         self.assertNotIn("x-secret-hop", received)
+        self.assertNotIn("expect", received)  # the body is here: nothing to confirm
         self.assertEqual(response.headers.getRawHeaders("x-fake-served-by"), ["a"])
 
     def test_stream_chunks_are_relayed_as_the_model_writes_them(self) -> None:

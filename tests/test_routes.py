@@ -457,6 +457,13 @@ class NoModelNamedTests(InMemory):
         self.assertEqual(response.code, 404)
         self.assertIn(b"available models: a, b", content)
 
+    def test_an_unknown_model_name_is_shown_cut_short(self) -> None:
+        response, document = self.tokenize({"model": "x" * 50_000})
+        self.assertEqual(response.code, 404)
+        message = document["error"]["message"]
+        self.assertLess(len(message), 300)  # not the 50 kB the client sent
+        self.assertIn("(50000 characters)", message)
+
 
 class NoModelNamedBesideAnEmbeddingsModelTests(InMemory):
     """The demo's shape: an embeddings model resident beside the chat model.  A
