@@ -18,6 +18,9 @@ for every model (as before roles existed); an object entry names its key, its
   only from this server's own pages (same-origin ``Sec-Fetch-Site`` or ``Origin``;
   a plain read of the UI's own API when a browser sends neither), so another page,
   even on a sibling port, cannot spend it.  A session lives while its key does.
+- Wrong keys are counted per client address (:class:`Guesses`): past
+  :data:`GUESSES_PER_MINUTE`, that address is refused whatever key it shows, for as
+  long as it keeps guessing, so keys cannot be tried at wire speed from the LAN.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.server import Request
 from zope.interface import Interface, implementer
 
+from .addresses import client_key
 from .errors import ApiError
 from .guard import OPEN_METHODS, is_open_page, presented_key
 from .logs import logger
@@ -57,6 +61,10 @@ if TYPE_CHECKING:
     from .config import Config
 
 ROLES = ("inference", "admin")
+#: wrong keys (a header, or a login) one client address may present in a minute
+GUESSES_PER_MINUTE = 10
+#: client addresses whose wrong keys are remembered at once (the oldest go first)
+GUESSERS = 4096
 INFERENCE, ADMIN = ROLES
 SESSION_COOKIE = b"llamaswap_session"
 
@@ -282,6 +290,62 @@ def _token_digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("latin-1", errors="replace")).digest()
 
 
+class Guesses:
+    """Wrong keys presented, per client address (its IP; an IPv6 client: its /64).
+
+    A leaky bucket: each wrong key adds one, and the bucket drains at
+    :data:`GUESSES_PER_MINUTE` a minute.  While it is full, every key that address
+    presents is refused with 429, the right one too (else its answer would still tell
+    a guess that hit), so a guesser gets ten tries a minute however fast it sends.
+    Other addresses are unaffected; requests without a key are not guesses.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        # address -> (wrong keys still in the bucket, when that was counted)
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        """Addresses remembered (none: a request need not be asked for its address)."""
+        return len(self._buckets)
+
+    def _level(self, address: str) -> float:
+        level, counted = self._buckets.get(address, (0.0, 0.0))
+        drained = (self.clock.seconds() - counted) * GUESSES_PER_MINUTE / 60
+        return max(0.0, level - drained)
+
+    def wait(self, address: str | None) -> int | None:
+        """Seconds until ``address`` may present a key again; None if it may now."""
+        if address is None or address not in self._buckets:
+            return None
+        over = self._level(address) - (GUESSES_PER_MINUTE - 1)
+        return math.ceil(over * 60 / GUESSES_PER_MINUTE) if over > 0 else None
+
+    def wrong(self, address: str | None) -> None:
+        """``address`` presented a key that is not one."""
+        if address is None:
+            return
+        level = self._level(address) + 1
+        self._buckets.pop(address, None)
+        self._buckets[address] = (level, self.clock.seconds())
+        while len(self._buckets) > GUESSERS:
+            self._buckets.popitem(last=False)
+
+
+def _guesser(request: Request) -> str | None:
+    return client_key(request.getClientAddress())
+
+
+def _too_many_guesses(wait: int) -> ApiError:
+    return ApiError(
+        429,
+        f"too many wrong API keys from this address (more than {GUESSES_PER_MINUTE} a "
+        f"minute): try again in {wait} s",
+        "too_many_wrong_keys",
+        headers={"retry-after": str(wait)},
+    )
+
+
 @attrs.define
 class Usage:
     """One key's requests in flight and its rate bucket (kept across reloads by name)."""
@@ -341,6 +405,7 @@ class Access:
         self.keyring = Keyring(keys)
         self.sessions = Sessions(clock, session_ttl)
         self.usage: dict[str, Usage] = {}
+        self.guesses = Guesses(clock)
 
     def follow(self, config: Config) -> None:
         """A reload: ``apiKeys`` and ``sessionTtl``."""
@@ -369,7 +434,14 @@ class Access:
             request.setComponent(ICaller, None)
             return None
         path = request.path
+        presented = presented_key(request)
+        if presented is not None and self.guesses:
+            wait = self.guesses.wait(_guesser(request))
+            if wait is not None:
+                return _too_many_guesses(wait)
         caller = self.authenticate(request)
+        if caller is None and presented is not None:
+            self.guesses.wrong(_guesser(request))
         if caller is None:
             if path in SESSION_PATHS or _is_open(request):
                 return None
@@ -455,7 +527,12 @@ class Access:
         presented = document.get("key") if isinstance(document, dict) else None
         if not isinstance(presented, str):
             raise ApiError(400, 'send {"key": "<API key>"} as JSON')
+        wait = self.guesses.wait(_guesser(request)) if self.guesses else None
+        if wait is not None:
+            raise _too_many_guesses(wait)
         key = self.keyring.find(presented) if self.keyring else None
+        if key is None and self.keyring:
+            self.guesses.wrong(_guesser(request))
         if key is None:
             raise ApiError(
                 401,

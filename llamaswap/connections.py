@@ -25,7 +25,6 @@ be reached (``Couldn't bind: Too many open files``).  Here:
 
 from __future__ import annotations
 
-import ipaddress
 import resource
 from collections import Counter
 from functools import cache
@@ -38,6 +37,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
 
+from .addresses import client_key as client_key
 from .config.settings import ConnectionLimits as ConnectionLimits
 from .errors import ApiError
 from .logs import logger
@@ -83,22 +83,6 @@ def connection_of(request: Any) -> int | None:
     its next request on it.  None when the channel is not one of ours."""
     channel = getattr(request, "channel", None)
     return channel.serial if isinstance(channel, BoundedChannel) else None
-
-
-def client_key(address: IAddress | None) -> str | None:
-    """Whom a connection counts against: its IP (an IPv6 client: its /64), or None."""
-    host = getattr(address, "host", None)
-    if not isinstance(host, str):
-        return None  # a unix socket: only the total applies
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
 
 
 def _response(status: int, reason: bytes, error: ApiError, extra: bytes = b"") -> bytes:

@@ -11,6 +11,7 @@ import json
 
 import attrs
 import treq
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
@@ -23,7 +24,8 @@ from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from llamaswap.access import Access, ApiKey
+from llamaswap import access
+from llamaswap.access import GUESSERS, Access, ApiKey
 from llamaswap.config import parse_config
 from llamaswap.guard import ApiSite, Guard
 from llamaswap.relay import BytesProducer
@@ -169,6 +171,8 @@ class RouteTableTests(AccessCase):
     timeout = 120
 
     async def test_every_role_and_scope_on_every_route(self) -> None:
+        # the "wrong" key guesses on every route, from this one address
+        self.patch(access, "GUESSES_PER_MINUTE", 1_000_000)
         await self.serve(CONFIG)
         wrong: list[str] = []
         checked = 0
@@ -270,10 +274,10 @@ class Rendered(Resource):
         return b"ok"
 
 
-def through_the_door(site: ApiSite, key: str, path: bytes) -> bytes:
-    """What the door answers to a POST of ``path`` with ``key`` (in memory)."""
+def through_the_door(site: ApiSite, key: str, path: bytes, peer: str = "192.168.1.1") -> bytes:
+    """What the door answers to a POST of ``path`` with ``key`` from ``peer`` (in memory)."""
     channel = site.buildProtocol(None)
-    transport = StringTransport()
+    transport = StringTransport(peerAddress=IPv4Address("TCP", peer, 40000))
     channel.makeConnection(transport)
     channel.dataReceived(
         b"POST " + path + b" HTTP/1.1\r\nHost: localhost\r\n"
@@ -334,6 +338,46 @@ class RateLimitTests(SynchronousTestCase):
         path = b"/upstream/m/../../v1/models"
         answers = [through_the_door(site, "sk-ops", path)[:12] for _ in range(3)]
         self.assertEqual(answers, [b"HTTP/1.1 200"] * 2 + [b"HTTP/1.1 429"])
+
+
+class GuessTests(SynchronousTestCase):
+    """Wrong keys, counted per client address on the door itself, with a Clock."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.access = Access((ApiKey("admin", "sk-admin"),), self.clock)
+        guard = Guard(Rendered(), self.access)
+        self.site = ApiSite(guard, 1_000_000, checks=[guard.check])
+
+    def send(self, key: str, peer: str = "192.168.1.7") -> bytes:
+        return through_the_door(self.site, key, b"/v1/completions", peer)
+
+    def test_past_ten_wrong_keys_a_minute_an_address_is_refused_even_the_right_key(
+        self,
+    ) -> None:
+        answers = [self.send(f"sk-guess-{i}")[:12] for i in range(10)]
+        self.assertEqual(answers, [b"HTTP/1.1 401"] * 10)
+        refused = self.send("sk-admin")  # the right key, from the guessing address
+        self.assertTrue(refused.startswith(b"HTTP/1.1 429 "), refused[:40])
+        self.assertIn(b"Retry-After: 6", refused)  # one more guess every 6 s
+        self.assertIn(b"too_many_wrong_keys", refused)
+        self.assertTrue(self.send("sk-admin", peer="192.168.1.8").startswith(b"HTTP/1.1 200"))
+        self.assertTrue(self.send("", peer="192.168.1.7").startswith(b"HTTP/1.1 401"))
+        self.clock.advance(6)
+        self.assertTrue(self.send("sk-admin").startswith(b"HTTP/1.1 200"))
+
+    def test_a_guesser_gets_ten_tries_a_minute_however_fast_it_sends(self) -> None:
+        tried = 0
+        for _ in range(120):  # two minutes, a guess every second
+            if self.send("sk-guess").startswith(b"HTTP/1.1 401"):
+                tried += 1
+            self.clock.advance(1)
+        self.assertLessEqual(tried, 10 + 2 * 10)
+
+    def test_the_guessers_remembered_are_bounded(self) -> None:
+        for i in range(GUESSERS + 50):
+            self.access.guesses.wrong(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}")
+        self.assertEqual(len(self.access.guesses), GUESSERS)
 
 
 class AdminRouteTests(AccessCase):
@@ -558,6 +602,14 @@ class SessionTests(AccessCase):
         # a wrong key gets no cookie
         refused = await self.login("sk-guess")
         self.assertEqual(refused.code, 401)
+
+    async def test_wrong_keys_at_the_login_count_as_guesses(self) -> None:
+        await self.serve(CONFIG)
+        codes = [(await self.login(f"sk-guess-{i}")).code for i in range(10)]
+        self.assertEqual(codes, [401] * 10)
+        refused = await self.login(ALICE)  # the right key, from the guessing address
+        self.assertEqual(refused.code, 429)
+        self.assertIsNone(refused.headers.getRawHeaders("set-cookie"))
         self.assertIsNone(refused.headers.getRawHeaders("set-cookie"))
 
     async def test_the_cookie_works_only_from_this_server_s_own_pages(self) -> None:
