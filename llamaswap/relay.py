@@ -28,7 +28,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ConnectionAborted
+from twisted.internet.error import (
+    ConnectionAborted,
+    ConnectionDone,
+    ConnectionLost,
+    ConnectionRefusedError,
+    TimeoutError,
+)
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -295,13 +301,14 @@ class _Exchange:
         if _cut_by_stop(failure):
             return f"the model server at {self.url} was stopped before it answered"
         if not isinstance(lost, ResponseNeverReceived):
-            reason = failure.getErrorMessage() or repr(lost)
-            return f"the model server at {self.url} did not answer: {reason}"
-        reasons = "; ".join(r.getErrorMessage() for r in lost.reasons) or "no reason given"
-        message = (
-            f"the model server at {self.url} closed the connection while handling the "
-            f"request, without answering ({reasons})"
+            return f"the model server at {self.url} did not answer: {plain_reason(failure)}"
+        closed = all(isinstance(r.value, ConnectionClosed) for r in lost.reasons)
+        what = (
+            "closed the connection while handling the request, without answering"
+            if closed
+            else "sent no answer llamaswap could read"
         )
+        message = f"the model server at {self.url} {what} ({plain_reason(failure)})"
         if self.has_body:
             # it had the request and may have acted on it (a generation, or a crash
             # it would cause again): sending it twice is not ours to decide
@@ -403,7 +410,7 @@ class _BodyRelay(Protocol):
         exchange.relay.log.warn(
             "response from {url} cut short: {reason}",
             url=exchange.url,
-            reason="the model was stopped" if stopped else reason.getErrorMessage(),
+            reason="the model was stopped" if stopped else plain_reason(reason),
         )
         if exchange.meter.streaming:
             # an event stream can say so: an error event, then a proper end
@@ -421,6 +428,27 @@ class _BodyRelay(Protocol):
                 abort = getattr(transport, "abortConnection", transport.loseConnection)
                 abort()
         exchange.done.callback(None)
+
+
+def plain_reason(failure: Failure) -> str:
+    """Why a request to a server failed, in words.  Twisted's client wraps the causes
+    in lists of failures, whose text is a list of reprs naming its private modules
+    ("[<...Failure twisted.web._newclient.ParseError: ('wrong number of parts',
+    b'x')>]"); here each cause is its class's name and its arguments."""
+    reasons = getattr(failure.value, "reasons", None)
+    if isinstance(reasons, list) and reasons:
+        return "; ".join(plain_reason(r) for r in reasons if isinstance(r, Failure))
+    value = failure.value
+    if isinstance(value, ConnectionClosed | ConnectionRefusedError | TimeoutError):
+        return failure.getErrorMessage()  # Twisted's words are plain for these
+    args = getattr(value, "args", ())
+    shown = [a.decode("utf-8", errors="replace") if isinstance(a, bytes) else str(a) for a in args]
+    detail = ": ".join(part[:200] for part in shown if part)
+    return f"{type(value).__name__}: {detail}" if detail else type(value).__name__
+
+
+#: how a connection ends by itself (the server closed it, or it broke)
+ConnectionClosed = ConnectionDone | ConnectionLost
 
 
 def _cut_by_stop(failure: Failure) -> bool:

@@ -224,6 +224,10 @@ class RawUpstream(Protocol):
             if action == "drop":  # read it all, then close without a word
                 self.transport.loseConnection()
                 return
+            if action == "garbage":  # an answer that is not HTTP
+                self.transport.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+                self.transport.loseConnection()
+                return
             body = b'{"ok": true}'
             self.transport.write(
                 b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
@@ -262,6 +266,15 @@ class LiveRelayTests(LiveTestCase):
         self.assertIn("closed the connection while handling the request", message)
         self.assertIn("not retried", message)
         self.assertEqual(self.api.scheduler.in_flight("m"), 0)
+
+    async def test_an_answer_that_is_not_http_is_named_in_plain_words(self) -> None:
+        await self.upstream("garbage")
+        reply = await self.chat("m")
+        self.assertEqual(reply.code, 502)
+        message = reply.json()["error"]["message"]
+        self.assertIn("ParseError: wrong number of parts: SSH-2.0-OpenSSH_9.6", message)
+        self.assertNotIn("twisted", message)  # not Twisted's reprs of its private classes
+        self.assertNotIn("Failure", message)
 
     async def test_nor_on_a_pooled_connection(self) -> None:
         server = await self.upstream("answer", "drop")
