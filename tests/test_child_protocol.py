@@ -226,6 +226,31 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual((a.stdin, a.signals), ([childproto.EXIT_COMMAND], []))
         lease.release()
 
+    def test_a_request_granted_to_a_swap_victim_while_it_saves_finishes_first(self) -> None:
+        """A swap's victim still serves more urgent requests while ``before_stop``
+        saves; one granted then is not cut by the stop (which aborts what is in
+        flight): the stop waits for it, and saves again."""
+        saving: Deferred[bool] = Deferred()
+        saves: list[str] = []
+
+        @implementer(IModelHooks)
+        class Slow(NoHooks):
+            def before_stop(self, process: ModelView, reason: str) -> Deferred[bool]:
+                saves.append(reason)
+                return saving if len(saves) == 1 else succeed(True)
+
+        w = world(SPEAKS, timing=TIMING, hooks=lambda config, reactor: Slow())
+        a = self.ready_and_idle(w, w.scheduler.acquire("a"))
+        background = w.scheduler.acquire("b", priority=-1)  # a swap, a its victim
+        urgent = self.successResultOf(w.scheduler.acquire("a"))  # still ready: granted
+        saving.callback(True)
+        self.assertEqual((a.stdin, w.process("a").state), ([], ModelState.READY))
+        urgent.release()
+        self.assertEqual(saves, ["swap", "swap"])
+        self.assertEqual(a.signals, ["KILL"])  # idle now: quickStop
+        self.assertNoResult(background)
+        self.assertEqual(w.spawned_models(), ["a", "b"])
+
     def test_a_child_a_reload_replaces_while_it_restores_gets_the_exit_command(self) -> None:
         """``after_start`` may still be reading a slot file into it."""
         restoring: Deferred[None] = Deferred()
