@@ -677,6 +677,8 @@ class Scheduler:
         would cut it, and the hook runs again for what it left.
         """
         process = slot.process
+        if drain and slot.in_flight:
+            return self._drained(slot).addCallback(lambda _: self._stop(slot, reason, drain=True))
         if process.state is not ModelState.READY or slot.in_flight or process.id in self._warming:
             return process.stop(reason)
 
