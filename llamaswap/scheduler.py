@@ -625,7 +625,7 @@ class Scheduler:
             # more urgent requests for other models came while the others drained
             self.log.info("swap to {model} postponed: more urgent requests wait", model=names)
             return
-        await _all(self._stop(other, "swap") for other in in_the_way)
+        await _all(self._stop(other, "swap", drain=True) for other in in_the_way)
         if not self._wanted(targets):
             return
         await _all(self._start(t) for t in sorted(targets))
@@ -668,19 +668,30 @@ class Scheduler:
 
         return Deferred.fromCoroutine(start())
 
-    def _stop(self, slot: _Slot, reason: str) -> Deferred[None]:
+    def _stop(self, slot: _Slot, reason: str, *, drain: bool = False) -> Deferred[None]:
         """Stop a model, after the ``before_stop`` hook if it is ready and idle (and
-        not still in ``after_start``: what it holds then is what was saved)."""
+        not still in ``after_start``: what it holds then is what was saved).
+
+        ``drain`` (a swap's victim): a request granted while the hook ran (a victim
+        still serves more urgent ones while it is ready) finishes first, as the stop
+        would cut it, and the hook runs again for what it left.
+        """
         process = slot.process
+        if drain and slot.in_flight:
+            return self._drained(slot).addCallback(lambda _: self._stop(slot, reason, drain=True))
         if process.state is not ModelState.READY or slot.in_flight or process.id in self._warming:
             return process.stop(reason)
 
         async def stop() -> None:
-            idle = False
-            try:
-                idle = await self.hooks.before_stop(process, reason)
-            except Exception as e:  # the hook's own bound failed: stop regardless
-                self.log.error("before stopping {model}: {error}", model=process.id, error=e)
+            while True:
+                idle = False
+                try:
+                    idle = await self.hooks.before_stop(process, reason)
+                except Exception as e:  # the hook's own bound failed: stop regardless
+                    self.log.error("before stopping {model}: {error}", model=process.id, error=e)
+                if not (drain and slot.in_flight):
+                    break
+                await self._drained(slot)
             # a request granted while the hook ran (an unload keeps none away, a swap
             # not the more urgent ones) is in flight there now: no SIGKILL under it
             await process.stop(reason, idle=idle and not slot.in_flight)

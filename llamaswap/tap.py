@@ -34,6 +34,7 @@ from .connections import ConnectionGate, raise_file_limit
 from .events import Activity, EventBus
 from .guard import ApiSite, Guard, is_open_page
 from .kvcache import KvStore
+from .lifecycle import ModelState
 from .livefolder import FolderReloader
 from .logs import LogHub, logger, set_log_level
 from .metrics import ChildMetrics, Metrics
@@ -45,7 +46,7 @@ from .relay import Hop, Relay
 from .resources import MemoryMonitor
 from .scheduler import Scheduler
 from .twisted_compat import forget_exit_signal
-from .upstream import UpstreamEndpoints
+from .upstream import UpstreamEndpoints, server_of
 
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
 _log = logger("llamaswap.tap")
@@ -280,6 +281,16 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Llam
     probe = http_probe(agent, reactor, relay.hop)
     events = EventBus()
 
+    def close_connections(url: str) -> None:
+        """A stop cuts what its server carries, unless another live model relays to
+        that server too (models sharing one server; a reload's old and new process)."""
+        server = server_of(url)
+        shared = any(
+            p.state in (ModelState.STARTING, ModelState.READY) and server_of(p.base_url) == server
+            for p in (*scheduler.processes.values(), *scheduler.retiring())
+        )
+        endpoints.close_connections(url, cut=not shared)
+
     def make_process(model: ModelConfig, health_timeout: float) -> ModelProcess:
         return ModelProcess(
             model,
@@ -290,7 +301,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Llam
             probe=probe,
             timing=Timing(health_timeout=health_timeout, stop_timeout=model.unload_timeout),
             events=events,
-            close_connections=endpoints.close_connections,
+            close_connections=close_connections,
             open_spare=endpoints.open_spare,
         )
 

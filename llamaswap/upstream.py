@@ -108,7 +108,7 @@ class UpstreamEndpoints:
         del self._spares[key]
         return spare
 
-    def close_connections(self, url: str) -> None:
+    def close_connections(self, url: str, *, cut: bool = True) -> None:
         """Close every connection to ``url``'s server: it is being asked to exit.
 
         The idle kept-alive ones are closed: llama-server (cpp-httplib) notices
@@ -120,7 +120,8 @@ class UpstreamEndpoints:
         answer that a slow client holds up (our side reads only as the client
         does); the abort fails that write, so it exits at once instead of at the
         SIGKILL ``unloadTimeout`` later.  The relay tells the client of a request
-        cut mid-answer as for any upstream lost.
+        cut mid-answer as for any upstream lost.  Without ``cut`` (the server stays:
+        another model relays to it too) those are left alone.
         """
         uri = _uri(url)
         if uri is None:  # not a URL llamaswap could have connected to
@@ -130,15 +131,21 @@ class UpstreamEndpoints:
             spare.close()  # and forgotten
         for scheme in (b"http", b"https"):
             self._endpoints.pop((scheme, uri.host, uri.port), None)
-        for protocol in list(self._opened.pop((uri.host, uri.port), ())):
+        opened = self._opened.get((uri.host, uri.port), weakref.WeakSet())
+        for protocol in list(opened):
             transport = protocol.transport if isinstance(protocol, Protocol) else None
             if transport is None:
                 continue
             idle = getattr(protocol, "state", None) == "QUIESCENT"  # HTTP11ClientProtocol
+            if not idle and not cut:
+                continue  # still noted: a later stop may cut it
+            opened.discard(protocol)
             if idle or not ITCPTransport.providedBy(transport):
                 transport.loseConnection()
             else:
                 ITCPTransport(transport).abortConnection()
+        if not opened:
+            self._opened.pop((uri.host, uri.port), None)
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         server = (uri.scheme, uri.host, uri.port)
@@ -172,6 +179,12 @@ class UpstreamEndpoints:
         ``close_connections`` may have taken the one there was when the endpoint was
         made)."""
         self._opened.setdefault(key, weakref.WeakSet()).add(protocol)
+
+
+def server_of(url: str) -> tuple[bytes, int] | None:
+    """The server (host, port) ``url`` leads to, as connections are noted by."""
+    uri = _uri(url)
+    return (uri.host, uri.port) if uri is not None else None
 
 
 SPARE_SECONDS = 3.0

@@ -13,6 +13,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.web.server import Site
 from zope.interface import implementer
 
 from llamaswap import childproto
@@ -22,6 +23,7 @@ from llamaswap.lifecycle import IModelWatcher, ModelView
 from llamaswap.process import MAX_LINE, ChildProtocol, ModelState, Timing
 from llamaswap.scheduler import IModelHooks, NoHooks
 from llamaswap.tap import Supervisor
+from llamaswap.testing.fake_server import FakeLlamaServer
 from llamaswap.testing.fakes import FakeProcess
 
 from .helpers import World, world
@@ -225,6 +227,31 @@ class ProtocolTests(SynchronousTestCase):
         saving.callback(True)
         self.assertEqual((a.stdin, a.signals), ([childproto.EXIT_COMMAND], []))
         lease.release()
+
+    def test_a_request_granted_to_a_swap_victim_while_it_saves_finishes_first(self) -> None:
+        """A swap's victim still serves more urgent requests while ``before_stop``
+        saves; one granted then is not cut by the stop (which aborts what is in
+        flight): the stop waits for it, and saves again."""
+        saving: Deferred[bool] = Deferred()
+        saves: list[str] = []
+
+        @implementer(IModelHooks)
+        class Slow(NoHooks):
+            def before_stop(self, process: ModelView, reason: str) -> Deferred[bool]:
+                saves.append(reason)
+                return saving if len(saves) == 1 else succeed(True)
+
+        w = world(SPEAKS, timing=TIMING, hooks=lambda config, reactor: Slow())
+        a = self.ready_and_idle(w, w.scheduler.acquire("a"))
+        background = w.scheduler.acquire("b", priority=-1)  # a swap, a its victim
+        urgent = self.successResultOf(w.scheduler.acquire("a"))  # still ready: granted
+        saving.callback(True)
+        self.assertEqual((a.stdin, w.process("a").state), ([], ModelState.READY))
+        urgent.release()
+        self.assertEqual(saves, ["swap", "swap"])
+        self.assertEqual(a.signals, ["KILL"])  # idle now: quickStop
+        self.assertNoResult(background)
+        self.assertEqual(w.spawned_models(), ["a", "b"])
 
     def test_a_child_a_reload_replaces_while_it_restores_gets_the_exit_command(self) -> None:
         """``after_start`` may still be reading a slot file into it."""
@@ -517,6 +544,33 @@ class FakeChildTests(LiveTestCase):
         self.assertEqual(reply.code, 502)
         self.assertIn("was stopped before it answered", reply.json()["error"]["message"])
         self.assertEqual(api.scheduler.in_flight("talk"), 0)
+
+    async def test_a_stop_leaves_a_server_another_model_uses_carrying_its_request(self) -> None:
+        """Two models relayed to one server (both ``proxy`` URLs lead to it): the stop
+        of one cuts nothing the other sent, as that server does not exit."""
+        server = FakeLlamaServer(clock=reactor, model="shared", load_time=0)
+        server.start()
+        site: Any = Site(server.resource())
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        url = f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
+        api = await self.serve(
+            "groups:\n  both:\n    swap: false\n    members: [m, n]\n"
+            "models:\n"
+            f"  m:\n    cmd: sleep 60\n    proxy: {url}\n    checkEndpoint: none\n"
+            f"  n:\n    cmd: sleep 60\n    proxy: {url}\n    checkEndpoint: none\n"
+        )
+        self.assertEqual((await self.chat("m")).code, 200)
+        self.assertEqual((await self.chat("n")).code, 200)
+        answer = Deferred.fromCoroutine(self.chat("n", fake={"tokens": 3, "delay": 0.5}))
+
+        async def in_flight() -> bool:
+            return api.scheduler.in_flight("n") == 1
+
+        await self.eventually(in_flight, "n's request went out")
+        await api.scheduler.unload(["m"])
+        reply = await answer
+        self.assertEqual(reply.code, 200, reply.json())
 
     async def test_a_child_blocked_writing_to_a_slow_client_exits_at_once(self) -> None:
         """Unloaded while its stream waits for a client that does not read: the
