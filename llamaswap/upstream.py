@@ -69,7 +69,7 @@ class UpstreamEndpoints:
         self._spares: dict[tuple[bytes, int], _Spare] = {}
         # per server (scheme, host, port): its endpoint; as many as servers relayed to
         # since they were last asked to exit (children, peers)
-        self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+        self._endpoints: dict[tuple[bytes, bytes, int], _Quiet] = {}
 
     def open_spare(self, url: str) -> None:
         """Connect to ``url``'s server now, for the next request to take.
@@ -130,7 +130,9 @@ class UpstreamEndpoints:
         if spare is not None:
             spare.close()  # and forgotten
         for scheme in (b"http", b"https"):
-            self._endpoints.pop((scheme, uri.host, uri.port), None)
+            endpoint = self._endpoints.pop((scheme, uri.host, uri.port), None)
+            if cut and endpoint is not None:
+                endpoint.cut = True  # a connect still under way ends as it is made
         opened = self._opened.get((uri.host, uri.port), weakref.WeakSet())
         for protocol in list(opened):
             transport = protocol.transport if isinstance(protocol, Protocol) else None
@@ -267,12 +269,20 @@ class _Quiet:
         self.endpoints = endpoints
         self.key = key
         self.endpoint = endpoint
+        # its server was asked to exit, cutting what it carries: a connection made
+        # after that (a request granted just before, its connect still under way)
+        # would reach a server that is exiting, and might hold its exit up
+        self.cut = False
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         protocolFactory.noisy = False  # type: ignore[attr-defined]
 
         def opened(protocol: IProtocol) -> IProtocol:
-            self.endpoints.note_opened(self.key, protocol)
+            transport = protocol.transport if isinstance(protocol, Protocol) else None
+            if self.cut and ITCPTransport.providedBy(transport):
+                ITCPTransport(transport).abortConnection()  # the request fails: "stopped"
+            else:
+                self.endpoints.note_opened(self.key, protocol)
             return protocol
 
         spare = self.endpoints.take_spare(self.key)

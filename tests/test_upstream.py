@@ -8,11 +8,14 @@ from io import BytesIO
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import IAddress, IListeningPort
-from twisted.internet.protocol import Factory, Protocol, ServerFactory
+from twisted.internet.protocol import Factory, Protocol, ServerFactory, connectionDone
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import URI, Agent, FileBodyProducer, HTTPConnectionPool, readBody
 from twisted.web.error import SchemeNotSupported
@@ -173,6 +176,50 @@ class StopClosesIdleConnectionsTests(_UpstreamTestCase):
         self.assertEqual(seen.get("closed", 0), 1)
         self.assertEqual((await self.chat("m")).code, 200)  # a new start: a new connection
         self.assertEqual(seen["connections"], 2)
+
+
+class _Noted(Protocol):
+    def __init__(self) -> None:
+        self.lost: Deferred[BaseException] = Deferred()  # why its connection ended
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        assert reason.value is not None
+        self.lost.callback(reason.value)
+
+
+class ConnectUnderWayTests(TestCase):
+    """A request granted just before its model's stop may still be connecting."""
+
+    def setUp(self) -> None:
+        seen = {"connections": 0, "cut": 0}
+        port: IListeningPort = reactor.listenTCP(0, _Upstream(seen), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.url = f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
+
+    async def connect_then_stop(self, *, cut: bool) -> _Noted:
+        endpoints = UpstreamEndpoints(reactor, connect_timeout=5)
+        endpoint = endpoints.endpointForURI(URI.fromBytes(self.url.encode() + b"/"))
+        made = endpoint.connect(Factory.forProtocol(_Noted))
+        endpoints.close_connections(self.url, cut=cut)  # this turn: not connected yet
+        protocol = await made
+        assert isinstance(protocol, _Noted)
+        return protocol
+
+    async def test_it_is_cut_as_it_is_made(self) -> None:
+        protocol = await self.connect_then_stop(cut=True)
+        for _ in range(10):  # an abort ends the connection in the reactor's next turn
+            if protocol.lost.called:
+                break
+            await deferLater(reactor, 0)
+        self.assertTrue(protocol.lost.called)
+        self.assertIsInstance(await protocol.lost, ConnectionAborted)
+
+    async def test_unless_another_model_still_uses_that_server(self) -> None:
+        protocol = await self.connect_then_stop(cut=False)
+        self.assertFalse(protocol.lost.called)
+        assert protocol.transport is not None
+        protocol.transport.loseConnection()
+        await protocol.lost
 
 
 class SpareConnectionTests(TestCase):
