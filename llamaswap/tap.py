@@ -92,12 +92,19 @@ class Options(usage.Options):
         try:
             self["config_obj"] = self.load(self["config"])
         except ConfigError as e:
-            raise usage.UsageError(f"invalid configuration: {e}") from e
+            raise InvalidConfig(f"llamaswap: invalid configuration: {e}") from e
         log_notices(self["config_obj"])
 
     def load(self, path: str | None) -> Config:
         """The configuration file (if any) and the models folders, as one Config."""
         return load_config(path, self["listen"], self["models-dir"])
+
+
+class InvalidConfig(SystemExit):
+    """The configuration cannot be used: twistd exits with this message (status 1).
+
+    Not a ``UsageError``: twistd prints the whole option help before one of those,
+    and what is wrong is in the file, not on the command line."""
 
 
 def log_notices(config: Config) -> None:

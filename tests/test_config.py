@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from llamaswap.config import ConfigError, load_config, parse_config, refuse_self_proxy
 from llamaswap.reload import ConfigReloader
-from llamaswap.tap import Options, makeService
+from llamaswap.tap import InvalidConfig, Options, makeService
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -465,7 +464,7 @@ class SelfProxyAtStartAndReload(TestCase):
         path = Path(self.mktemp())
         path.write_text(self.SELF)
         error = self.assertRaises(
-            UsageError, Options().parseOptions, ["--config", str(path), "--listen", "tcp:9123"]
+            InvalidConfig, Options().parseOptions, ["--config", str(path), "--listen", "tcp:9123"]
         )
         self.assertIn(
             f"{path}: models.m.proxy: http://127.0.0.1:9123 is llamaswap's own", str(error)

@@ -24,7 +24,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from llamaswap.relay import BytesProducer
-from llamaswap.tap import DEFAULT_LISTEN, Options, makeService
+from llamaswap.tap import DEFAULT_LISTEN, InvalidConfig, Options, makeService
 
 from .daemon import TWISTD, daemon_env, free_port, start_twistd
 from .integration import kill_quietly, pid_alive
@@ -101,7 +101,7 @@ class OptionsTests(SynchronousTestCase):
             str(self.assertRaises(UsageError, Options().parseOptions, [])),
         )
         path = self.config_file("models:\n  m:\n    cmd: s --port ${PORT}\n    ttl: forever\n")
-        error = self.assertRaises(UsageError, Options().parseOptions, ["--config", path])
+        error = self.assertRaises(InvalidConfig, Options().parseOptions, ["--config", path])
         self.assertIn(f"{path}: models.m.ttl: expected a number, got str 'forever'", str(error))
 
     def test_help_mentions_the_options(self) -> None:
@@ -143,8 +143,12 @@ class TwistdTests(TestCase):
         path = self.mktemp()
         Path(path).write_text("models:\n  m:\n    cmd: s --port ${PORT}\n    aliasses: [x]\n")
         code, output = await self.run_twistd("--config", path)
-        self.assertNotEqual(code, 0)
-        self.assertIn("models.m.aliasses: unknown key (did you mean 'aliases'?)", output)
+        self.assertEqual(code, 1)
+        self.assertEqual(
+            output.strip(),  # just what is wrong: not the option help first
+            f"llamaswap: invalid configuration: {path}: models.m.aliasses: unknown key "
+            "(did you mean 'aliases'?)",
+        )
 
     def launch(self, start_port: int) -> tuple[subprocess.Popen[bytes], int]:
         """A real ``twistd -n llamaswap`` with one fake model ``m``, on a free port."""
