@@ -524,6 +524,20 @@ class UnnamedModelTests(AccessCase):
         response, reply = await self.call("POST", "/v1/chat/completions", chat, ADMIN)
         self.assertEqual(response.code, 200, reply[:200])
 
+    async def test_a_profile_through_upstream_is_a_scoped_keys_only_if_it_may_use_all(
+        self,
+    ) -> None:
+        """``/upstream/pair:alpha/`` starts beta too, as the body's model does."""
+        await self.serve(CONFIG + "profiles:\n  pair: [alpha, beta]\n")
+        response, reply = await self.call("GET", "/upstream/pair:alpha/health", key=ALICE)
+        self.assertEqual(response.code, 404, reply[:200])
+        self.assertEqual(json.loads(reply)["error"]["code"], "model_not_found")
+        _, running = await self.call("GET", "/running", key=ADMIN)
+        started = {m["model"] for m in json.loads(running)["running"]}
+        self.assertNotIn("beta", started)
+        response, reply = await self.call("GET", "/upstream/pair:alpha/health", key=ADMIN)
+        self.assertEqual(response.code, 200, reply[:200])
+
     async def test_a_model_the_key_may_not_use_is_answered_as_one_that_does_not_exist(
         self,
     ) -> None:
