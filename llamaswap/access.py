@@ -293,24 +293,28 @@ def _token_digest(token: str) -> bytes:
 class Guesses:
     """Wrong keys presented, per client address (its IP; an IPv6 client: its /64).
 
-    A leaky bucket: each wrong key adds one, and the bucket drains at
+    A leaky bucket: each new wrong key adds one, and the bucket drains at
     :data:`GUESSES_PER_MINUTE` a minute.  While it is full, every key that address
     presents is refused with 429, the right one too (else its answer would still tell
     a guess that hit), so a guesser gets ten tries a minute however fast it sends.
-    Other addresses are unaffected; requests without a key are not guesses.
+    A wrong key the address presented lately is no new guess (it learns nothing from
+    its 401 again): a client retrying a stale key in a loop does not lock out the
+    other clients of its address.  Other addresses are unaffected; requests without
+    a key are not guesses.
     """
 
     def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
-        # address -> (wrong keys still in the bucket, when that was counted)
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        # address -> (wrong keys still in the bucket, when that was counted, the
+        # digests of its last wrong keys)
+        self._buckets: OrderedDict[str, tuple[float, float, tuple[bytes, ...]]] = OrderedDict()
 
     def __len__(self) -> int:
         """Addresses remembered (none: a request need not be asked for its address)."""
         return len(self._buckets)
 
     def _level(self, address: str) -> float:
-        level, counted = self._buckets.get(address, (0.0, 0.0))
+        level, counted, _ = self._buckets.get(address, (0.0, 0.0, ()))
         drained = (self.clock.seconds() - counted) * GUESSES_PER_MINUTE / 60
         return max(0.0, level - drained)
 
@@ -321,13 +325,18 @@ class Guesses:
         over = self._level(address) - (GUESSES_PER_MINUTE - 1)
         return math.ceil(over * 60 / GUESSES_PER_MINUTE) if over > 0 else None
 
-    def wrong(self, address: str | None) -> None:
-        """``address`` presented a key that is not one."""
+    def wrong(self, address: str | None, presented: str) -> None:
+        """``address`` presented ``presented``, a key that is not one."""
         if address is None:
             return
+        digest = _token_digest(presented)
+        _, _, recent = self._buckets.get(address, (0.0, 0.0, ()))
+        if digest in recent:
+            return  # the same wrong key again: no new guess
         level = self._level(address) + 1
         self._buckets.pop(address, None)
-        self._buckets[address] = (level, self.clock.seconds())
+        recent = (*recent, digest)[-GUESSES_PER_MINUTE:]
+        self._buckets[address] = (level, self.clock.seconds(), recent)
         while len(self._buckets) > GUESSERS:
             self._buckets.popitem(last=False)
 
@@ -441,7 +450,7 @@ class Access:
                 return _too_many_guesses(wait)
         caller = self.authenticate(request)
         if caller is None and presented is not None:
-            self.guesses.wrong(_guesser(request))
+            self.guesses.wrong(_guesser(request), presented)
         if caller is None:
             if path in SESSION_PATHS or _is_open(request):
                 return None
@@ -532,7 +541,7 @@ class Access:
             raise _too_many_guesses(wait)
         key = self.keyring.find(presented) if self.keyring else None
         if key is None and self.keyring:
-            self.guesses.wrong(_guesser(request))
+            self.guesses.wrong(_guesser(request), presented)
         if key is None:
             raise ApiError(
                 401,

@@ -368,15 +368,26 @@ class GuessTests(SynchronousTestCase):
 
     def test_a_guesser_gets_ten_tries_a_minute_however_fast_it_sends(self) -> None:
         tried = 0
-        for _ in range(120):  # two minutes, a guess every second
-            if self.send("sk-guess").startswith(b"HTTP/1.1 401"):
+        for i in range(120):  # two minutes, a guess every second
+            if self.send(f"sk-guess-{i}").startswith(b"HTTP/1.1 401"):
                 tried += 1
             self.clock.advance(1)
         self.assertLessEqual(tried, 10 + 2 * 10)
 
+    def test_a_client_retrying_a_stale_key_locks_out_no_one(self) -> None:
+        """A program left with a removed key, polling: the same wrong key is no new
+        guess, so the right key from its address (another program) still works."""
+        answers = [self.send("sk-rotated-away")[:12] for _ in range(50)]
+        self.assertEqual(answers, [b"HTTP/1.1 401"] * 50)
+        self.assertTrue(self.send("sk-admin").startswith(b"HTTP/1.1 200"))
+        # guesses beside it still count
+        answers = [self.send(f"sk-guess-{i}")[:12] for i in range(9)]
+        self.assertEqual(answers, [b"HTTP/1.1 401"] * 9)
+        self.assertTrue(self.send("sk-admin").startswith(b"HTTP/1.1 429"))
+
     def test_the_guessers_remembered_are_bounded(self) -> None:
         for i in range(GUESSERS + 50):
-            self.access.guesses.wrong(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}")
+            self.access.guesses.wrong(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", "sk-x")
         self.assertEqual(len(self.access.guesses), GUESSERS)
 
 
