@@ -11,7 +11,7 @@ import json
 
 import attrs
 import treq
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
@@ -277,7 +277,8 @@ class Rendered(Resource):
 def through_the_door(site: ApiSite, key: str, path: bytes, peer: str = "192.168.1.1") -> bytes:
     """What the door answers to a POST of ``path`` with ``key`` from ``peer`` (in memory)."""
     channel = site.buildProtocol(None)
-    transport = StringTransport(peerAddress=IPv4Address("TCP", peer, 40000))
+    kind = IPv6Address if ":" in peer else IPv4Address
+    transport = StringTransport(peerAddress=kind("TCP", peer, 40000))
     channel.makeConnection(transport)
     channel.dataReceived(
         b"POST " + path + b" HTTP/1.1\r\nHost: localhost\r\n"
@@ -385,10 +386,33 @@ class GuessTests(SynchronousTestCase):
         self.assertEqual(answers, [b"HTTP/1.1 401"] * 9)
         self.assertTrue(self.send("sk-admin").startswith(b"HTTP/1.1 429"))
 
+    def test_a_guesser_on_an_ipv6_lan_locks_out_no_neighbour_that_got_in(self) -> None:
+        """Every host of a LAN shares its /64: a neighbour that used its key keeps it
+        while the guesser is refused, and a guessing host never keeps one."""
+        self.assertTrue(self.send("sk-admin", peer="fd00::2").startswith(b"HTTP/1.1 200"))
+        answers = [self.send(f"sk-guess-{i}", peer="fd00::bad")[:12] for i in range(10)]
+        self.assertEqual(answers, [b"HTTP/1.1 401"] * 10)
+        self.assertTrue(self.send("sk-admin", peer="fd00::2").startswith(b"HTTP/1.1 200"))
+        self.assertTrue(self.send("sk-admin", peer="fd00::bad").startswith(b"HTTP/1.1 429"))
+        self.assertTrue(self.send("sk-admin", peer="fd00::3").startswith(b"HTTP/1.1 429"))
+        # a neighbour that guesses too loses its excuse (else its 200 would tell a hit)
+        self.assertTrue(self.send("sk-guess-x", peer="fd00::2").startswith(b"HTTP/1.1 429"))
+        self.assertTrue(self.send("sk-admin", peer="fd00::2").startswith(b"HTTP/1.1 429"))
+
+    def test_behind_one_address_a_guess_ends_every_excuse(self) -> None:
+        """A reverse proxy in front: its clients are one host, guessers included."""
+        self.assertTrue(self.send("sk-admin").startswith(b"HTTP/1.1 200"))
+        for i in range(10):
+            self.send(f"sk-guess-{i}")
+        self.assertTrue(self.send("sk-admin").startswith(b"HTTP/1.1 429"))
+
     def test_the_guessers_remembered_are_bounded(self) -> None:
         for i in range(GUESSERS + 50):
-            self.access.guesses.wrong(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", "sk-x")
+            host = f"10.{i // 65536}.{i // 256 % 256}.{i % 256}"
+            self.access.guesses.wrong(host, host, "sk-x")
+            self.access.guesses.got_in(host, ApiKey("admin", "sk-admin"))
         self.assertEqual(len(self.access.guesses), GUESSERS)
+        self.assertEqual(len(self.access.guesses._known), GUESSERS)
 
 
 class AdminRouteTests(AccessCase):
