@@ -106,6 +106,7 @@ class _Builder(MacroReader):
     """Walks the YAML document once, with the key path at hand for every error."""
 
     kv_writable = True  # whether the KV directory can be made (decided in ``build``)
+    kv_withheld = False  # a model started without the --slot-save-path it would get
 
     def build(self, document: object) -> Config:
         if document is None:
@@ -143,11 +144,6 @@ class _Builder(MacroReader):
             models[model_id] = self.model(model_id, entry, macros, defaults)
         found = modelsdir.scan(folders)
         notices = list(found.notices)
-        if not self.kv_writable:
-            notices.append(
-                f"kvCache.path {kv_cache.path} cannot be written: models start without the "
-                "--slot-save-path llamaswap adds (conversations are not kept across swaps)"
-            )
         model_defaults = self.model_defaults(root.get("modelDefaults"))
         for model_id, model in models.items():
             models[model_id] = self.sized(model, None, budget, notices)
@@ -161,6 +157,11 @@ class _Builder(MacroReader):
                     notices.append(f"{item.path}: skipped: {e}")
                     continue
                 models[item.id] = self.sized(model, item, budget, notices)
+        if self.kv_withheld:  # said only when a model would have had the flag
+            notices.append(
+                f"kvCache.path {kv_cache.path} cannot be written: models start without the "
+                "--slot-save-path llamaswap adds (conversations are not kept across swaps)"
+            )
         references.check_names_unique(self, models)
         config = Config(
             models=models,
@@ -424,6 +425,7 @@ class _Builder(MacroReader):
         if given is not None:
             return cmd, given, False
         if not self.kv_writable:
+            self.kv_withheld = True
             return cmd, None, False  # llama-server would refuse to start (see ``build``)
         directory = os.path.join(kv_cache.path, safe_name(model_id))
         return CommandTemplate((*argv, SLOT_SAVE_FLAG, directory)), directory, True
