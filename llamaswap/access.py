@@ -37,7 +37,7 @@ from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
 import attrs
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.web.server import Request
 from zope.interface import Interface, implementer
 
@@ -293,24 +293,37 @@ def _token_digest(token: str) -> bytes:
 class Guesses:
     """Wrong keys presented, per client address (its IP; an IPv6 client: its /64).
 
-    A leaky bucket: each wrong key adds one, and the bucket drains at
+    A leaky bucket: each new wrong key adds one, and the bucket drains at
     :data:`GUESSES_PER_MINUTE` a minute.  While it is full, every key that address
     presents is refused with 429, the right one too (else its answer would still tell
     a guess that hit), so a guesser gets ten tries a minute however fast it sends.
-    Other addresses are unaffected; requests without a key are not guesses.
+    A wrong key the address presented lately is no new guess (it learns nothing from
+    its 401 again): a client retrying a stale key in a loop does not lock out the
+    other clients of its address.  Other addresses are unaffected; requests without
+    a key are not guesses.
+
+    An IPv6 /64 is a whole LAN (every host of it picks its own addresses), so one
+    guesser would lock out all its neighbours: a host that got in with a key, and
+    has presented no wrong key since, keeps that key while its /64 is refused
+    (:meth:`excused`).  A guessing host never is: behind one address (IPv4, a
+    reverse proxy) this changes nothing.
     """
 
     def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
-        # address -> (wrong keys still in the bucket, when that was counted)
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        # address -> (wrong keys still in the bucket, when that was counted, the
+        # digests of its last wrong keys)
+        self._buckets: OrderedDict[str, tuple[float, float, tuple[bytes, ...]]] = OrderedDict()
+        # host (a whole IP) -> the names of the keys it got in with since its last
+        # wrong key
+        self._known: OrderedDict[str, frozenset[str]] = OrderedDict()
 
     def __len__(self) -> int:
         """Addresses remembered (none: a request need not be asked for its address)."""
         return len(self._buckets)
 
     def _level(self, address: str) -> float:
-        level, counted = self._buckets.get(address, (0.0, 0.0))
+        level, counted, _ = self._buckets.get(address, (0.0, 0.0, ()))
         drained = (self.clock.seconds() - counted) * GUESSES_PER_MINUTE / 60
         return max(0.0, level - drained)
 
@@ -321,19 +334,42 @@ class Guesses:
         over = self._level(address) - (GUESSES_PER_MINUTE - 1)
         return math.ceil(over * 60 / GUESSES_PER_MINUTE) if over > 0 else None
 
-    def wrong(self, address: str | None) -> None:
-        """``address`` presented a key that is not one."""
+    def got_in(self, host: str | None, key: ApiKey) -> None:
+        """``host`` presented ``key``, and it was let in."""
+        if host is None:
+            return
+        names = self._known.get(host, frozenset())
+        if key.name not in names:
+            self._known[host] = names | {key.name}
+            while len(self._known) > GUESSERS:
+                self._known.popitem(last=False)
+
+    def excused(self, host: str | None, key: ApiKey | None) -> bool:
+        """Whether ``host`` may use ``key`` while its address is refused."""
+        return host is not None and key is not None and key.name in self._known.get(host, ())
+
+    def wrong(self, address: str | None, host: str | None, presented: str) -> None:
+        """``host`` (of ``address``) presented ``presented``, a key that is not one."""
+        if host is not None:
+            self._known.pop(host, None)
         if address is None:
             return
+        digest = _token_digest(presented)
+        _, _, recent = self._buckets.get(address, (0.0, 0.0, ()))
+        if digest in recent:
+            return  # the same wrong key again: no new guess
         level = self._level(address) + 1
         self._buckets.pop(address, None)
-        self._buckets[address] = (level, self.clock.seconds())
+        recent = (*recent, digest)[-GUESSES_PER_MINUTE:]
+        self._buckets[address] = (level, self.clock.seconds(), recent)
         while len(self._buckets) > GUESSERS:
             self._buckets.popitem(last=False)
 
 
-def _guesser(request: Request) -> str | None:
-    return client_key(request.getClientAddress())
+def _host(address: IAddress) -> str | None:
+    """The whole IP a key came from (:func:`client_key` is whom it counts against)."""
+    host = getattr(address, "host", None)
+    return host if isinstance(host, str) else None
 
 
 def _too_many_guesses(wait: int) -> ApiError:
@@ -435,13 +471,12 @@ class Access:
             return None
         path = request.path
         presented = presented_key(request)
-        if presented is not None and self.guesses:
-            wait = self.guesses.wait(_guesser(request))
-            if wait is not None:
-                return _too_many_guesses(wait)
-        caller = self.authenticate(request)
-        if caller is None and presented is not None:
-            self.guesses.wrong(_guesser(request))
+        if presented is None:
+            caller = self.session_key(request)
+        else:
+            refused, caller = self.guessed(request, presented)
+            if refused is not None:
+                return refused
         if caller is None:
             if path in SESSION_PATHS or _is_open(request):
                 return None
@@ -465,6 +500,23 @@ class Access:
             message = f"this key may not use {_shown(path)}: {caller.describe()}"
             return ApiError(403, message, "route_not_allowed")
         return self.admit(request, caller) if uses_model(routed) else None
+
+    def guessed(self, request: Request, presented: str) -> tuple[ApiError | None, ApiKey | None]:
+        """The key ``presented`` is, counted as a guess when it is none; or the 429 of
+        an address that guessed too much."""
+        address = request.getClientAddress()
+        host = _host(address)
+        key = self.keyring.find(presented)
+        wait = self.guesses.wait(client_key(address)) if self.guesses else None
+        if wait is not None and not self.guesses.excused(host, key):
+            if key is None:
+                self.guesses.wrong(None, host, presented)  # a guessing host is never excused
+            return _too_many_guesses(wait), None
+        if key is None:
+            self.guesses.wrong(client_key(address), host, presented)
+        else:
+            self.guesses.got_in(host, key)
+        return None, key
 
     def authenticate(self, request: Request) -> ApiKey | None:
         """The key in a header, else the session cookie (from our own pages only)."""
@@ -527,12 +579,9 @@ class Access:
         presented = document.get("key") if isinstance(document, dict) else None
         if not isinstance(presented, str):
             raise ApiError(400, 'send {"key": "<API key>"} as JSON')
-        wait = self.guesses.wait(_guesser(request)) if self.guesses else None
-        if wait is not None:
-            raise _too_many_guesses(wait)
-        key = self.keyring.find(presented) if self.keyring else None
-        if key is None and self.keyring:
-            self.guesses.wrong(_guesser(request))
+        refused, key = self.guessed(request, presented) if self.keyring else (None, None)
+        if refused is not None:
+            raise refused
         if key is None:
             raise ApiError(
                 401,

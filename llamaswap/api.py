@@ -368,7 +368,7 @@ class Api:
         for count in range(len(segments), 0, -1):
             name = unquote(b"/".join(segments[:count]).decode("utf-8", errors="replace"))
             found = self.find(name, request)
-            if found is not None and may_use(request, found[0].id):
+            if found is not None and self.may_start(request, *found):
                 model, profile = found
                 path = b"/" + b"/".join(segments[count:]) + query
                 # the route the server reads, under any --api-prefix too

@@ -443,8 +443,14 @@ def plain_reason(failure: Failure) -> str:
         return failure.getErrorMessage()  # Twisted's words are plain for these
     args = getattr(value, "args", ())
     shown = [a.decode("utf-8", errors="replace") if isinstance(a, bytes) else str(a) for a in args]
-    detail = ": ".join(part[:200] for part in shown if part)
+    # what the server sent, cut and with its control characters escaped: a line
+    # break or a terminal escape in it must not forge a line of llamaswap's log
+    detail = ": ".join(_printable(part[:200]) for part in shown if part)
     return f"{type(value).__name__}: {detail}" if detail else type(value).__name__
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 #: how a connection ends by itself (the server closed it, or it broke)

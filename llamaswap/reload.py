@@ -75,22 +75,31 @@ KEY_LIMITS: tuple[tuple[str, Callable[[ApiKey], object]], ...] = (
 
 def dropped_silently(old: Config, new: Config) -> list[str]:
     """Security settings ``old`` writes out that ``new`` changes by leaving them out,
-    a scoped key's limits included, and keys cut short (a file cut inside a key)."""
+    a scoped key's limits included, and keys cut short (a file cut inside a key).
+
+    Only the end of a file can be cut: a key ``new`` writes whole (not its last
+    entry, see the loader's ``Config.written``) is taken as written."""
     dropped = [
         s.key
         for s in SECURITY_SETTINGS
         if s.key in old.written and s.key not in new.written and s.read(old) != s.read(new)
     ]
     kept = {key.name: key for key in new.api_keys}
+    old_keys = {key.key for key in old.api_keys}
+    new_keys = {key.key for key in new.api_keys}
     for key in old.api_keys:
         after = kept.get(key.name)
-        for field, read in KEY_LIMITS:
-            mark = f"apiKeys[{key.name}].{field}"
-            lifted = after is not None and read(key) != read(after)
-            if lifted and mark in old.written and mark not in new.written:
-                dropped.append(mark)
-        if any(
-            key.key != new_key.key and key.key.startswith(new_key.key) for new_key in new.api_keys
+        if after is not None and f"apiKeys[{after.name}]" not in new.written:
+            for field, read in KEY_LIMITS:
+                # left out of ``new`` (a default) yet changed: ``old`` wrote it
+                mark = f"apiKeys[{key.name}].{field}"
+                if read(key) != read(after) and mark not in new.written:
+                    dropped.append(mark)
+        if key.key not in new_keys and any(
+            new_key.key not in old_keys
+            and f"apiKeys[{new_key.name}]" not in new.written
+            and key.key.startswith(new_key.key)
+            for new_key in new.api_keys
         ):
             dropped.append(f"the whole key of {key.name}")  # never the key itself
     return dropped
@@ -238,7 +247,8 @@ class ConfigReloader(Service):
             self.log.error(
                 "reload refused, the running configuration stays: {path} no longer sets "
                 "{keys} (caught mid-write?). To change them, write them out, e.g. "
-                "'apiKeys: []' to turn authentication off.",
+                "'apiKeys: []' to turn authentication off; a key's \"models: ['*']\" "
+                "or 'maxConcurrent: null' above the last line of its entry.",
                 path=self.path,
                 keys=", ".join(dropped),
             )

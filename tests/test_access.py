@@ -11,7 +11,7 @@ import json
 
 import attrs
 import treq
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
@@ -277,7 +277,8 @@ class Rendered(Resource):
 def through_the_door(site: ApiSite, key: str, path: bytes, peer: str = "192.168.1.1") -> bytes:
     """What the door answers to a POST of ``path`` with ``key`` from ``peer`` (in memory)."""
     channel = site.buildProtocol(None)
-    transport = StringTransport(peerAddress=IPv4Address("TCP", peer, 40000))
+    kind = IPv6Address if ":" in peer else IPv4Address
+    transport = StringTransport(peerAddress=kind("TCP", peer, 40000))
     channel.makeConnection(transport)
     channel.dataReceived(
         b"POST " + path + b" HTTP/1.1\r\nHost: localhost\r\n"
@@ -368,16 +369,50 @@ class GuessTests(SynchronousTestCase):
 
     def test_a_guesser_gets_ten_tries_a_minute_however_fast_it_sends(self) -> None:
         tried = 0
-        for _ in range(120):  # two minutes, a guess every second
-            if self.send("sk-guess").startswith(b"HTTP/1.1 401"):
+        for i in range(120):  # two minutes, a guess every second
+            if self.send(f"sk-guess-{i}").startswith(b"HTTP/1.1 401"):
                 tried += 1
             self.clock.advance(1)
         self.assertLessEqual(tried, 10 + 2 * 10)
 
+    def test_a_client_retrying_a_stale_key_locks_out_no_one(self) -> None:
+        """A program left with a removed key, polling: the same wrong key is no new
+        guess, so the right key from its address (another program) still works."""
+        answers = [self.send("sk-rotated-away")[:12] for _ in range(50)]
+        self.assertEqual(answers, [b"HTTP/1.1 401"] * 50)
+        self.assertTrue(self.send("sk-admin").startswith(b"HTTP/1.1 200"))
+        # guesses beside it still count
+        answers = [self.send(f"sk-guess-{i}")[:12] for i in range(9)]
+        self.assertEqual(answers, [b"HTTP/1.1 401"] * 9)
+        self.assertTrue(self.send("sk-admin").startswith(b"HTTP/1.1 429"))
+
+    def test_a_guesser_on_an_ipv6_lan_locks_out_no_neighbour_that_got_in(self) -> None:
+        """Every host of a LAN shares its /64: a neighbour that used its key keeps it
+        while the guesser is refused, and a guessing host never keeps one."""
+        self.assertTrue(self.send("sk-admin", peer="fd00::2").startswith(b"HTTP/1.1 200"))
+        answers = [self.send(f"sk-guess-{i}", peer="fd00::bad")[:12] for i in range(10)]
+        self.assertEqual(answers, [b"HTTP/1.1 401"] * 10)
+        self.assertTrue(self.send("sk-admin", peer="fd00::2").startswith(b"HTTP/1.1 200"))
+        self.assertTrue(self.send("sk-admin", peer="fd00::bad").startswith(b"HTTP/1.1 429"))
+        self.assertTrue(self.send("sk-admin", peer="fd00::3").startswith(b"HTTP/1.1 429"))
+        # a neighbour that guesses too loses its excuse (else its 200 would tell a hit)
+        self.assertTrue(self.send("sk-guess-x", peer="fd00::2").startswith(b"HTTP/1.1 429"))
+        self.assertTrue(self.send("sk-admin", peer="fd00::2").startswith(b"HTTP/1.1 429"))
+
+    def test_behind_one_address_a_guess_ends_every_excuse(self) -> None:
+        """A reverse proxy in front: its clients are one host, guessers included."""
+        self.assertTrue(self.send("sk-admin").startswith(b"HTTP/1.1 200"))
+        for i in range(10):
+            self.send(f"sk-guess-{i}")
+        self.assertTrue(self.send("sk-admin").startswith(b"HTTP/1.1 429"))
+
     def test_the_guessers_remembered_are_bounded(self) -> None:
         for i in range(GUESSERS + 50):
-            self.access.guesses.wrong(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}")
+            host = f"10.{i // 65536}.{i // 256 % 256}.{i % 256}"
+            self.access.guesses.wrong(host, host, "sk-x")
+            self.access.guesses.got_in(host, ApiKey("admin", "sk-admin"))
         self.assertEqual(len(self.access.guesses), GUESSERS)
+        self.assertEqual(len(self.access.guesses._known), GUESSERS)
 
 
 class AdminRouteTests(AccessCase):
@@ -522,6 +557,20 @@ class UnnamedModelTests(AccessCase):
         response, reply = await self.call("POST", "/v1/chat/completions", solo, ALICE)
         self.assertEqual(response.code, 200, reply[:200])
         response, reply = await self.call("POST", "/v1/chat/completions", chat, ADMIN)
+        self.assertEqual(response.code, 200, reply[:200])
+
+    async def test_a_profile_through_upstream_is_a_scoped_keys_only_if_it_may_use_all(
+        self,
+    ) -> None:
+        """``/upstream/pair:alpha/`` starts beta too, as the body's model does."""
+        await self.serve(CONFIG + "profiles:\n  pair: [alpha, beta]\n")
+        response, reply = await self.call("GET", "/upstream/pair:alpha/health", key=ALICE)
+        self.assertEqual(response.code, 404, reply[:200])
+        self.assertEqual(json.loads(reply)["error"]["code"], "model_not_found")
+        _, running = await self.call("GET", "/running", key=ADMIN)
+        started = {m["model"] for m in json.loads(running)["running"]}
+        self.assertNotIn("beta", started)
+        response, reply = await self.call("GET", "/upstream/pair:alpha/health", key=ADMIN)
         self.assertEqual(response.code, 200, reply[:200])
 
     async def test_a_model_the_key_may_not_use_is_answered_as_one_that_does_not_exist(

@@ -633,3 +633,12 @@ class UnwritableStateTests(SynchronousTestCase):
         config = parse_config(self.TEXT, environ={"XDG_STATE_HOME": str(writable)})
         for model in config.models.values():
             self.assertIn("--slot-save-path", model.cmd.argv)  # made when it starts
+
+    def test_no_warning_when_no_model_would_keep_its_kv(self) -> None:
+        blocked = Path(self.mktemp())
+        blocked.write_text("a file where the state directory's parent should be")
+        environ = {"XDG_STATE_HOME": str(blocked / "state")}
+        plain = "models:\n  a:\n    cmd: x --port ${PORT}\n"
+        self.assertEqual(parse_config(plain, environ=environ).notices, ())
+        off = "models:\n  a:\n    cmd: llama-server --port ${PORT}\nkvCache: {enabled: false}\n"
+        self.assertEqual(parse_config(off, environ=environ).notices, ())

@@ -20,7 +20,7 @@ from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from llamaswap.guard import Checked
-from llamaswap.relay import Hop, Relay, end_to_end
+from llamaswap.relay import Hop, Relay, end_to_end, plain_reason
 from llamaswap.testing.fake_server import FakeLlamaServer
 
 from .daemon import free_port
@@ -275,6 +275,13 @@ class LiveRelayTests(LiveTestCase):
         self.assertIn("ParseError: wrong number of parts: SSH-2.0-OpenSSH_9.6", message)
         self.assertNotIn("twisted", message)  # not Twisted's reprs of its private classes
         self.assertNotIn("Failure", message)
+
+    def test_what_a_server_sent_is_named_without_its_control_characters(self) -> None:
+        sent = ValueError("wrong number of parts", b"SSH\r\n2026-12-01 [-] forged\x1b[2J")
+        reason = plain_reason(Failure(ResponseNeverReceived([Failure(sent)])))
+        self.assertEqual(
+            reason, "ValueError: wrong number of parts: SSH\\r\\n2026-12-01 [-] forged\\x1b[2J"
+        )
 
     async def test_nor_on_a_pooled_connection(self) -> None:
         server = await self.upstream("answer", "drop")

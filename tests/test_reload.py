@@ -22,7 +22,7 @@ from llamaswap.config import Config, load_config, parse_config
 from llamaswap.logs import level_filter, set_log_level
 from llamaswap.origin import BrowserDoor
 from llamaswap.relay import BytesProducer
-from llamaswap.reload import ConfigReloader
+from llamaswap.reload import ConfigReloader, dropped_silently
 from llamaswap.tap import build
 
 from .integration import FAKE, LiveTestCase, StreamReader
@@ -430,3 +430,43 @@ class LiveConfigTests(SynchronousTestCase):
         self.assertEqual(store.retention.max_rows, 7)
         self.assertTrue(door.policy.host.allows("llm.example"))
         self.assertEqual([k.name for k in service.access.keyring.keys], ["alice"])
+
+
+class KeyEditTests(SynchronousTestCase):
+    """Edits of scoped keys a reload must take: only a file's end can be cut."""
+
+    ALICE = "  - name: alice\n    key: sk-alice-5ecret\n    models: [keep]\n    maxConcurrent: 1\n"
+    BOB = "  - {name: bob, key: sk-bob-5ecret}\n"
+
+    def dropped(self, old: str, new: str) -> list[str]:
+        return dropped_silently(parse_config(BEFORE + old), parse_config(BEFORE + new))
+
+    def test_keys_one_the_start_of_another_can_be_kept(self) -> None:
+        keys = f"apiKeys: [{FIRST_KEY}, {FIRST_KEY}-admin]\n"
+        self.assertEqual(self.dropped(keys, keys + "maxRequestBytes: 4096\n"), [])
+        both = f"apiKeys: [{FIRST_KEY}-admin, {SECOND_KEY}]\n"
+        self.assertEqual(self.dropped(both, f"apiKeys: [{FIRST_KEY}, {SECOND_KEY}]\n"), [])
+
+    def test_a_limit_removed_from_a_key_the_file_goes_on_after_is_lifted(self) -> None:
+        lifted = self.ALICE.replace("    maxConcurrent: 1\n", "")
+        self.assertEqual(
+            self.dropped("apiKeys:\n" + self.ALICE + self.BOB, "apiKeys:\n" + lifted + self.BOB), []
+        )
+        after = "logLevel: info\n"
+        self.assertEqual(
+            self.dropped("apiKeys:\n" + self.ALICE + after, "apiKeys:\n" + lifted + after), []
+        )
+
+    def test_the_files_last_key_is_lifted_by_a_null_that_is_not_its_last_line(self) -> None:
+        old = "apiKeys:\n" + self.ALICE
+        cut = old.removesuffix(" 1\n")  # `maxConcurrent:` and nothing after: null
+        self.assertEqual(self.dropped(old, cut), ["apiKeys[alice].maxConcurrent"])
+        written = old.replace(
+            "    maxConcurrent: 1\n", "    maxConcurrent: null\n    role: inference\n"
+        )
+        self.assertEqual(self.dropped(old, written), [])
+
+    def test_a_key_moved_to_the_end_and_cut_there_keeps_its_limits(self) -> None:
+        old = "apiKeys:\n" + self.ALICE + self.BOB
+        cut = "apiKeys:\n" + self.BOB + self.ALICE.removesuffix("    maxConcurrent: 1\n")
+        self.assertEqual(self.dropped(old, cut), ["apiKeys[alice].maxConcurrent"])

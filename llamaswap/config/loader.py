@@ -106,6 +106,7 @@ class _Builder(MacroReader):
     """Walks the YAML document once, with the key path at hand for every error."""
 
     kv_writable = True  # whether the KV directory can be made (decided in ``build``)
+    kv_withheld = False  # a model started without the --slot-save-path it would get
 
     def build(self, document: object) -> Config:
         if document is None:
@@ -143,11 +144,6 @@ class _Builder(MacroReader):
             models[model_id] = self.model(model_id, entry, macros, defaults)
         found = modelsdir.scan(folders)
         notices = list(found.notices)
-        if not self.kv_writable:
-            notices.append(
-                f"kvCache.path {kv_cache.path} cannot be written: models start without the "
-                "--slot-save-path llamaswap adds (conversations are not kept across swaps)"
-            )
         model_defaults = self.model_defaults(root.get("modelDefaults"))
         for model_id, model in models.items():
             models[model_id] = self.sized(model, None, budget, notices)
@@ -161,6 +157,11 @@ class _Builder(MacroReader):
                     notices.append(f"{item.path}: skipped: {e}")
                     continue
                 models[item.id] = self.sized(model, item, budget, notices)
+        if self.kv_withheld:  # said only when a model would have had the flag
+            notices.append(
+                f"kvCache.path {kv_cache.path} cannot be written: models start without the "
+                "--slot-save-path llamaswap adds (conversations are not kept across swaps)"
+            )
         references.check_names_unique(self, models)
         config = Config(
             models=models,
@@ -186,7 +187,7 @@ class _Builder(MacroReader):
             cors=self.cors(root.get("cors")),
             **self.store(root.get("store"), macros),
             written=frozenset(key for key, value in root.items() if value is not None)
-            | _written_key_fields(root.get("apiKeys")),
+            | _written_key_fields(root),
             **{k: v for k, v in top.items() if k != "send_loading_state"},
         )
         references.check_default_model(self, config)
@@ -424,6 +425,7 @@ class _Builder(MacroReader):
         if given is not None:
             return cmd, given, False
         if not self.kv_writable:
+            self.kv_withheld = True
             return cmd, None, False  # llama-server would refuse to start (see ``build``)
         directory = os.path.join(kv_cache.path, safe_name(model_id))
         return CommandTemplate((*argv, SLOT_SAVE_FLAG, directory)), directory, True
@@ -678,17 +680,32 @@ def _can_make_directory(path: str) -> bool:
     return os.path.isdir(probe) and os.access(probe, os.W_OK | os.X_OK)
 
 
-def _written_key_fields(value: object) -> frozenset[str]:
-    """``apiKeys[<name>].<field>`` for each field a scoped key sets (already checked):
-    a reload may widen a key only by writing it out, never by a file cut short."""
+def _written_key_fields(root: dict[str, Any]) -> frozenset[str]:
+    """What a reload may take as written of the keys (already checked): ``apiKeys[<name>]``
+    for a key written whole, else ``apiKeys[<name>].<field>`` for each field given.
+
+    A file cut short loses only its end: of the keys, only the last entry, when
+    ``apiKeys`` is the last setting, may have lost lines (its ``models``, so every
+    model) or the end of its key; and ``maxConcurrent:`` cut before its value reads
+    as null only as the entry's last line.  Every other entry says what it means,
+    fields left out included, so a key may be widened by leaving a limit out.
+    """
+    value = root.get("apiKeys")
     entries = value if isinstance(value, list) else []
-    return frozenset(
-        f"apiKeys[{str(entry['name']).strip()}].{field}"
-        for entry in entries
-        if isinstance(entry, dict)
-        for field, given in entry.items()
-        if given is not None
-    )
+    at_end = bool(entries) and list(root)[-1] == "apiKeys"
+    marks = set()
+    for i, entry in enumerate(entries):
+        name = str(entry["name"]).strip() if isinstance(entry, dict) else f"apiKeys[{i}]"
+        if not (at_end and i == len(entries) - 1):
+            marks.add(f"apiKeys[{name}]")
+        elif isinstance(entry, dict):
+            last = list(entry)[-1]
+            marks.update(
+                f"apiKeys[{name}].{field}"
+                for field, given in entry.items()
+                if given is not None or field != last
+            )
+    return frozenset(marks)
 
 
 def _given(value: object) -> dict[str, Any]:
