@@ -232,6 +232,40 @@ class ScanTests(SynchronousTestCase):
         self.assertIn("'bad:name' cannot be a model id", notices)
         self.assertIn("lines.gguf': skipped: its path holds '${' or a line break", notices)
 
+    def test_a_file_name_is_one_argument_however_it_is_spelled(self) -> None:
+        # found with a real llama-server: "--alias ${MODEL_ID}" split the id, so a file
+        # "b c.gguf" failed to start ("invalid argument: c"), "Meta's llama.gguf" was
+        # skipped (no closing quotation), and "m --host 0.0.0.0.gguf" started a child
+        # listening on every interface, past llamaswap's keys
+        names = ["b c", "Meta's llama", 'say "hi"', "m --host 0.0.0.0", "x \\ y"]
+        for name in names:
+            write_gguf(self.dir / f"{name}.gguf")
+
+        config = self.load()
+
+        self.assertEqual(sorted(config.models), sorted(names))
+        self.assertEqual(config.notices, ())
+        for name in names:
+            model = config.models[name]
+            argv = model.cmd.argv
+            self.assertEqual(
+                argv[argv.index("--alias") + 1 :][:3], (name, "-m", str(self.dir / f"{name}.gguf"))
+            )
+            self.assertEqual(argv.count("--host"), 1)
+
+    def test_a_quoted_model_id_in_a_written_command_stays_one_argument(self) -> None:
+        config = parse_config(
+            'models:\n  "my model":\n'
+            '    cmd: server --alias "${MODEL_ID}" --name=${MODEL_ID} ${PORT}\n'
+            "    cmdStop: stop-it ${MODEL_ID} ${PID}\n"
+        )
+        model = config.models["my model"]
+        self.assertEqual(
+            model.cmd.argv, ("server", "--alias", "my model", "--name=my model", "${PORT}")
+        )
+        assert model.cmd_stop is not None
+        self.assertEqual(model.cmd_stop.argv, ("stop-it", "my model", "${PID}"))
+
     def test_no_config_file_at_all(self) -> None:
         write_gguf(self.dir / "m.gguf")
         config = load_config(None, ["tcp:8080"], [str(self.dir)])
