@@ -189,8 +189,12 @@ class ConfigReloader(Service):
             return None
         return info.st_mtime_ns, info.st_size, info.st_ino
 
-    def _check(self) -> None:
-        stamp = self._stamp()
+    def _check(self) -> object:
+        """One poll of the watch (may return a Deferred: the loop waits for it)."""
+        self._compare(self._stamp())
+        return None
+
+    def _compare(self, stamp: Any) -> None:
         if stamp is None or stamp == self._seen:
             self._settling = None
             return

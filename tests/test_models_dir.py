@@ -23,6 +23,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -346,6 +347,48 @@ class LiveFolderTests(SynchronousTestCase):
         self.assertEqual(polls(), 0)
         os.remove(path / "new.gguf")
         self.assertEqual(polls(), 1)
+
+    def test_the_folder_is_looked_at_off_the_reactor(self) -> None:
+        # a stat per file: 20,000 files held the reactor 0.1 s every poll (/health
+        # waited), a network share far longer
+        path = folder()
+        self.addCleanup(shutil.rmtree, path)
+        clock = Clock()
+        looked_at: list[int] = []
+        pending: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+
+        def in_thread(work: Callable[[], Any]) -> Deferred[Any]:
+            pending.append((work, Deferred()))
+            return pending[-1][1]
+
+        def folders() -> list[str]:
+            looked_at.append(1)
+            return [str(path)]
+
+        reloads: list[int] = []
+        reloader = FolderReloader(
+            folders,
+            None,
+            lambda config: {},
+            clock,
+            lambda: load_config(None, (), [str(path)]),
+            watch=True,
+            on_signal=False,
+            disk=in_thread,
+        )
+        reloader.reload = lambda: reloads.append(1)  # type: ignore[assignment,method-assign,return-value]
+        looked_at.clear()  # the first look, before the reactor runs
+        reloader.startService()
+        self.addCleanup(reloader.stopService)
+        write_gguf(path / "new.gguf")
+        for _ in range(3):
+            clock.advance(2)
+        self.assertEqual((looked_at, len(pending)), ([], 1))  # one poll at a time
+        for _ in range(2):  # the thread's answers: the change, then the same again
+            work, done = pending.pop()
+            done.callback(work())
+            clock.advance(2)
+        self.assertEqual(reloads, [1])
 
 
 # --- end to end: twistd on a folder, the real model and llama-server ------------------
