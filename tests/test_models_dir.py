@@ -310,23 +310,31 @@ class OptionsTests(SynchronousTestCase):
 class LiveFolderTests(SynchronousTestCase):
     """--watch-config notices a file added, grown or removed."""
 
-    def test_a_change_in_the_folder_triggers_a_reload(self) -> None:
-        path = folder()
-        self.addCleanup(shutil.rmtree, path)
-        clock = Clock()
+    def watching(
+        self, path: Path, clock: Clock, folders: Callable[[], list[str]], **kwargs: Any
+    ) -> list[int]:
+        """A running folder watch on ``path``; the reloads it asks for are counted."""
         reloads: list[int] = []
         reloader = FolderReloader(
-            lambda: [str(path)],
+            folders,
             None,
             lambda config: {},
             clock,
             lambda: load_config(None, (), [str(path)]),
             watch=True,
             on_signal=False,
+            **kwargs,
         )
         reloader.reload = lambda: reloads.append(1)  # type: ignore[assignment,method-assign,return-value]
         reloader.startService()
         self.addCleanup(reloader.stopService)
+        return reloads
+
+    def test_a_change_in_the_folder_triggers_a_reload(self) -> None:
+        path = folder()
+        self.addCleanup(shutil.rmtree, path)
+        clock = Clock()
+        reloads = self.watching(path, clock, lambda: [str(path)])
 
         def polls() -> int:
             before = len(reloads)
@@ -365,21 +373,8 @@ class LiveFolderTests(SynchronousTestCase):
             looked_at.append(1)
             return [str(path)]
 
-        reloads: list[int] = []
-        reloader = FolderReloader(
-            folders,
-            None,
-            lambda config: {},
-            clock,
-            lambda: load_config(None, (), [str(path)]),
-            watch=True,
-            on_signal=False,
-            disk=in_thread,
-        )
-        reloader.reload = lambda: reloads.append(1)  # type: ignore[assignment,method-assign,return-value]
+        reloads = self.watching(path, clock, folders, disk=in_thread)
         looked_at.clear()  # the first look, before the reactor runs
-        reloader.startService()
-        self.addCleanup(reloader.stopService)
         write_gguf(path / "new.gguf")
         for _ in range(3):
             clock.advance(2)
