@@ -470,9 +470,17 @@ class KvStore:
         await self._save_index()
 
     async def _restore(self, process: ModelView, slot_id: object, state: SavedState) -> int:
-        status, answer = await self._call(
-            process, b"POST", f"/slots/{slot_id}?action=restore", {"filename": state.filename}
-        )
+        try:
+            status, answer = await self._call(
+                process, b"POST", f"/slots/{slot_id}?action=restore", {"filename": state.filename}
+            )
+        except defer.CancelledError:
+            raise  # the time bound: the file may be good, only big
+        except Exception:
+            # the child went away reading it: llama-server aborts on a damaged slot
+            # file, and restoring it again at each start would crash-loop the model
+            self._delete([state])
+            raise
         counts = self._counts(state.model)
         if status != 200 or not isinstance(answer, dict):
             # refused (a full context, a damaged file): the slot starts empty, as it

@@ -15,10 +15,12 @@ from typing import Any
 
 import attrs
 from treq.testing import RequestTraversalAgent
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import readBody
+from twisted.web.client import ResponseNeverReceived, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
@@ -65,6 +67,7 @@ class Children:
         self.servers: dict[str, FakeLlamaServer] = {}
         self.agents: list[RequestTraversalAgent] = []
         self.hang = False  # a child that never answers
+        self.dies_restoring = False  # a child that aborts reading a slot file
         self.gate: list[Any] | None = None  # requests held until let_through()
         self.requests: list[tuple[bytes, str]] = []
 
@@ -92,6 +95,8 @@ class Children:
         self.requests.append((method, uri.decode()[len(base) :]))
         if self.hang:
             return Deferred()
+        if self.dies_restoring and b"action=restore" in uri:
+            return fail(ResponseNeverReceived([Failure(ConnectionDone())]))
         if self.gate is not None:
             held: Deferred[IResponse] = Deferred()
             self.gate.append((held, method, uri, headers, bodyProducer))
@@ -341,6 +346,18 @@ class NeverWrongTests(SynchronousTestCase):
         lease.release()
         self.assertEqual(k.kv.counts["a"].failures, 1)
         self.assertEqual(k.kv.states, [])
+
+    def test_a_restore_the_child_dies_of_discards_the_state(self) -> None:
+        # found with llama-server 0.3.36: a truncated slot file made it abort (SIGABRT)
+        # in the restore; the state stayed, so each start restored it again and the
+        # model crash-looped until the file was removed by hand
+        k = KvWorld(self)
+        k.converse_then_swap()
+        k.net.dies_restoring = True
+        k.lease("a").release()
+        self.assertEqual(k.kv.counts["a"].failures, 1)
+        self.assertEqual(k.kv.states, [])
+        self.assertEqual(k.files("a"), [])
 
     def test_a_child_that_does_not_answer_delays_the_swap_only_up_to_the_timeout(self) -> None:
         k = KvWorld(self, extra="  timeout: 3")
