@@ -267,6 +267,28 @@ class ScanTests(SynchronousTestCase):
         assert model.cmd_stop is not None
         self.assertEqual(model.cmd_stop.argv, ("stop-it", "my model", "${PID}"))
 
+    def test_odd_numbers_in_a_header_are_unknown_not_fatal(self) -> None:
+        # a context length of NaN raised out of the scan: the daemon did not start, and
+        # each reload failed (so did a change of API keys) while the file was there
+        write_gguf(self.dir / "good.gguf")
+        writer = gguf.GGUFWriter(self.dir / "odd.gguf", "llama")
+        writer.add_float32("llama.context_length", float("nan"))
+        writer.add_float32("llama.embedding_length", float("inf"))
+        writer.add_int32("llama.block_count", -1)
+        writer.add_tensor("blk.0.weight", np.zeros((16, 64), dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+        config = self.load()
+
+        self.assertEqual(sorted(config.models), ["good", "odd"])
+        facts = config.models["odd"].gguf
+        for unknown in ("context_length", "embedding_length", "block_count"):
+            self.assertNotIn(unknown, facts)
+        self.assertGreater(facts["estimate"]["total"], 0)
+
     def test_no_config_file_at_all(self) -> None:
         write_gguf(self.dir / "m.gguf")
         config = load_config(None, ["tcp:8080"], [str(self.dir)])
