@@ -270,6 +270,7 @@ class KvStore:
             or (reason == "shutdown" and not self.settings.save_on_shutdown)
         ):
             return succeed(True)
+        self._ensure_directory(model)  # removed while it ran: the server could not save
         saving = Deferred.fromCoroutine(self._save_all(process, model))
         return self._bounded(saving, process.id, "saving")
 

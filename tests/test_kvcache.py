@@ -626,6 +626,21 @@ class DirectoryTests(SynchronousTestCase):
         self.assertTrue(os.path.isdir(directory))
         self.assertEqual(os.stat(k.kv.settings.path).st_mode & 0o777, 0o700)
 
+    def test_a_slot_directory_removed_while_the_model_runs_is_made_again_before_a_save(
+        self,
+    ) -> None:
+        # found with llama-server 0.3.36: the state directory removed (a cleaner, a
+        # user) while a model ran lost its slots at the next swap ("Unable to save slot")
+        k = KvWorld(self)
+        lease = k.lease("a")
+        k.chat("a", [{"role": "user", "content": LONG}])
+        lease.release()
+        shutil.rmtree(k.kv.settings.path)
+        k.swap_to("b").release()
+        self.assertEqual([s.model for s in k.kv.states], ["a"])
+        self.assertEqual(k.files("a"), [k.kv.states[0].filename])
+        self.assertEqual(os.stat(k.kv.settings.path).st_mode & 0o777, 0o700)
+
 
 class UnwritableStateTests(SynchronousTestCase):
     """A state directory that cannot be written (read-only, a service user without a
