@@ -32,6 +32,10 @@ class FolderReloader(ConfigReloader):
         self._disk = disk
         super().__init__(*args, **kwargs)
 
+    def described(self) -> str:
+        folders = f"models folders {', '.join(self.folders())}"
+        return f"{self.path} ({folders})" if self.path else folders
+
     def _check(self) -> object:
         return self._disk(self._stamp).addCallback(self._compare)
 

@@ -25,6 +25,7 @@ import openai
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from llamaswap.config import Config, ConfigError, load_config, parse_config
@@ -366,7 +367,10 @@ class LiveFolderTests(SynchronousTestCase):
 
         self.assertEqual(polls(), 0)
         write_gguf(path / "new.gguf")
-        self.assertEqual(polls(), 1)
+        with capturedLogs() as events:
+            self.assertEqual(polls(), 1)
+        said = [formatEvent(e) for e in events]
+        self.assertIn(f"models folders {path} changed: reloading", said)  # not "None"
         with open(path / "new.gguf", "ab") as grown:
             grown.write(b"\0" * 32)
         self.assertEqual(polls(), 1)
