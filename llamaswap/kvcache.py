@@ -583,12 +583,20 @@ class KvStore:
         path = self._index_path()
         try:
             rows = json.loads(path.read_text(encoding="utf-8"))
-            states = [SavedState(**row) for row in rows]
+            if not isinstance(rows, list):
+                raise ValueError("not a list")
         except FileNotFoundError:
             return
-        except (OSError, ValueError, TypeError) as e:
+        except (OSError, ValueError) as e:
             self.log.warn("ignoring the saved slot index {path}: {error}", path=path, error=e)
             return
+        states = [state for state in map(_indexed, rows) if state is not None]
+        if len(states) < len(rows):
+            self.log.warn(
+                "ignoring {n} damaged entries of the saved slot index {path}",
+                n=len(rows) - len(states),
+                path=path,
+            )
         self.states = [s for s in states if os.path.exists(s.path)]
 
     async def _save_index(self) -> None:
@@ -635,6 +643,27 @@ class KvStore:
 
 
 _Child = tuple[str, int | None, float | None]
+
+_INDEX_TYPES: dict[str, type | tuple[type, ...]] = {
+    **dict.fromkeys(("model", "directory", "filename", "fingerprint"), str),
+    **dict.fromkeys(("tokens", "bytes"), int),
+    **dict.fromkeys(("saved_at", "used_at"), (int, float)),
+    "key": (str, type(None)),
+}
+
+
+def _indexed(row: object) -> SavedState | None:
+    """A row of the index as a state, unless damaged (a hand edit, another version):
+    a wrong type would break the disk budget at every save, and a file name that is
+    not one of llamaswap's slot files could make it delete another file."""
+    if not isinstance(row, dict) or set(row) - {"key"} != set(_INDEX_TYPES) - {"key"}:
+        return None
+    if not all(isinstance(row.get(name), kind) for name, kind in _INDEX_TYPES.items()):
+        return None
+    filename = row["filename"]
+    if os.path.basename(filename) != filename or not filename.startswith(SLOT_FILE):
+        return None
+    return SavedState(**row)
 
 
 def _child(process: ModelView) -> _Child:

@@ -18,6 +18,7 @@ from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseNeverReceived, readBody
@@ -439,6 +440,29 @@ class NeverWrongTests(SynchronousTestCase):
         k.converse_then_swap()
         again = KvStore(k.w.config, k.net, k.w.reactor)
         self.assertEqual([s.filename for s in again.states], [s.filename for s in k.kv.states])
+
+    def test_damaged_entries_of_the_index_are_left_out(self) -> None:
+        # a row with a wrong type broke the disk budget at every later save (and
+        # /running); a file name with a path in it would have been unlinked
+        k = KvWorld(self)
+        k.converse_then_swap()
+        [good] = json.loads((Path(k.kv.settings.path) / "index.json").read_text())
+        outside = Path(self.mktemp())
+        outside.write_text("not llamaswap's")
+        damaged = [
+            {**good, "bytes": None},
+            {**good, "used_at": "yesterday"},
+            {**good, "filename": os.path.relpath(outside, good["directory"])},
+            {**good, "extra": 1},
+            [good],
+        ]
+        index = Path(k.kv.settings.path) / "index.json"
+        index.write_text(json.dumps([good, *damaged]))
+        with capturedLogs() as events:
+            again = KvStore(k.w.config, k.net, k.w.reactor)
+        self.assertEqual([s.filename for s in again.states], [good["filename"]])
+        self.assertIn("ignoring 5 damaged entries", "".join(map(formatEvent, events)))
+        self.assertTrue(outside.exists())
 
 
 class ConversationTests(SynchronousTestCase):
