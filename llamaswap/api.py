@@ -960,7 +960,13 @@ class Api:
         )
 
         done = _until_gone(unsubscribe_events, unsubscribe_logs)
-        reader.on_drop = lambda: done.cancel()
+
+        def drop() -> None:
+            # unregistered first: cancelled, ``done`` has Klein finish the request
+            request.unregisterProducer()
+            done.cancel()
+
+        reader.on_drop = drop
         return done
 
     def openapi(self, request: Request) -> bytes:

@@ -143,6 +143,8 @@ def _read_cached(path: str) -> GgufFacts:
             result = _read(path, info.st_size)
         except GgufError as e:
             result = e
+        except Exception as e:  # a header nobody foresaw costs its own file, not the scan
+            result = GgufError(f"its header cannot be used: {e!r}")
         with _cache_lock:
             _cache[path] = (stamp, result)
     else:
@@ -196,10 +198,13 @@ def _read(path: str, size: int) -> GgufFacts:
     arch = str(fields.get("general.architecture") or "")  # only the first shard has it
 
     def number(key: str) -> int | None:
+        """A count or size: a whole number of at least 0 (a header may say NaN or -1)."""
         value = fields.get(key.format(arch=arch))
         if isinstance(value, list):  # per-layer values (a few architectures)
             value = max(value) if value else None
-        return int(value) if isinstance(value, int | float) else None
+        if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            return None
+        return int(value)
 
     bytes_by_type: dict[int, int] = {}
     for tensor, _, n_bytes in sizes:

@@ -8,7 +8,9 @@ the tensor table, so this reader decodes scalars and short numeric arrays and on
 steps over the rest.  It reads with ``read()`` (never ``mmap``: a file truncated
 while it is being read cannot kill the daemon with SIGBUS), and every count is
 checked against the bytes the file has, so a hostile header cannot make it allocate
-or loop beyond the file's size.
+or loop beyond the file's size.  A file's size costs nothing (a sparse file), so the
+header is also bounded on its own: at most :data:`MAX_HEADER` bytes, strings it decodes
+at most :data:`MAX_STRING`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ DEFAULT_ALIGNMENT = 32
 #: numeric arrays up to this length are decoded (per-layer values); longer ones counted
 SHORT_ARRAY = 4096
 _CHUNK = 1 << 20
+#: the largest header read: real ones (a 256k-token vocabulary and its merges) take
+#: tens of MiB; the bound keeps a sparse file from costing minutes of CPU
+MAX_HEADER = 128 << 20
+#: the longest string value decoded (chat templates take tens of KiB)
+MAX_STRING = 4 << 20
 
 # value types of the format: (struct code, size)
 _STRING, _ARRAY = 8, 9
@@ -57,11 +64,12 @@ class Header:
 
 class _Stream:
     """Bytes of ``file`` from the start, read ahead in chunks; every read is bounded
-    by ``size`` (the file's length when it was looked at)."""
+    by ``size`` (the file's length when it was looked at) and :data:`MAX_HEADER`."""
 
     def __init__(self, file: IO[bytes], size: int) -> None:
         self.file = file
         self.size = size
+        self.limit = min(size, MAX_HEADER)
         self.buffer = b""
         self.base = 0  # file offset of buffer[0]
         self.at = 0  # position in buffer
@@ -70,9 +78,15 @@ class _Stream:
     def offset(self) -> int:
         return self.base + self.at
 
-    def need(self, n: int) -> None:
-        if self.offset + n > self.size:
+    def within(self, n: int) -> None:
+        """Refuse to go ``n`` bytes further: past the file, or past :data:`MAX_HEADER`."""
+        if n < 0 or self.offset + n > self.size:
             raise HeaderError(f"truncated: the header runs past the file's {self.size} bytes")
+        if self.offset + n > self.limit:
+            raise HeaderError(f"damaged: a header longer than {MAX_HEADER >> 20} MiB")
+
+    def need(self, n: int) -> None:
+        self.within(n)
         if self.at + n <= len(self.buffer):
             return
         rest = self.buffer[self.at :]
@@ -90,8 +104,7 @@ class _Stream:
         return value
 
     def skip(self, n: int) -> None:
-        if n < 0 or self.offset + n > self.size:
-            raise HeaderError("truncated: a value runs past the end of the file")
+        self.within(n)
         if self.at + n <= len(self.buffer):
             self.at += n
             return
@@ -103,10 +116,13 @@ class _Stream:
         n: int = self.unpack("Q")
         if n * each > self.size - self.offset:
             raise HeaderError(f"truncated or damaged: a count of {n} cannot fit in the file")
+        self.within(n * each)
         return n
 
     def string(self) -> str:
         n = self.count(1)
+        if n > MAX_STRING:
+            raise HeaderError(f"damaged: a string of {n} bytes in its header")
         self.need(n)
         raw = self.buffer[self.at : self.at + n]
         self.at += n

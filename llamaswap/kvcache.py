@@ -270,6 +270,7 @@ class KvStore:
             or (reason == "shutdown" and not self.settings.save_on_shutdown)
         ):
             return succeed(True)
+        self._ensure_directory(model)  # removed while it ran: the server could not save
         saving = Deferred.fromCoroutine(self._save_all(process, model))
         return self._bounded(saving, process.id, "saving")
 
@@ -470,9 +471,17 @@ class KvStore:
         await self._save_index()
 
     async def _restore(self, process: ModelView, slot_id: object, state: SavedState) -> int:
-        status, answer = await self._call(
-            process, b"POST", f"/slots/{slot_id}?action=restore", {"filename": state.filename}
-        )
+        try:
+            status, answer = await self._call(
+                process, b"POST", f"/slots/{slot_id}?action=restore", {"filename": state.filename}
+            )
+        except defer.CancelledError:
+            raise  # the time bound: the file may be good, only big
+        except Exception:
+            # the child went away reading it: llama-server aborts on a damaged slot
+            # file, and restoring it again at each start would crash-loop the model
+            self._delete([state])
+            raise
         counts = self._counts(state.model)
         if status != 200 or not isinstance(answer, dict):
             # refused (a full context, a damaged file): the slot starts empty, as it
@@ -574,12 +583,20 @@ class KvStore:
         path = self._index_path()
         try:
             rows = json.loads(path.read_text(encoding="utf-8"))
-            states = [SavedState(**row) for row in rows]
+            if not isinstance(rows, list):
+                raise ValueError("not a list")
         except FileNotFoundError:
             return
-        except (OSError, ValueError, TypeError) as e:
+        except (OSError, ValueError) as e:
             self.log.warn("ignoring the saved slot index {path}: {error}", path=path, error=e)
             return
+        states = [state for state in map(_indexed, rows) if state is not None]
+        if len(states) < len(rows):
+            self.log.warn(
+                "ignoring {n} damaged entries of the saved slot index {path}",
+                n=len(rows) - len(states),
+                path=path,
+            )
         self.states = [s for s in states if os.path.exists(s.path)]
 
     async def _save_index(self) -> None:
@@ -626,6 +643,27 @@ class KvStore:
 
 
 _Child = tuple[str, int | None, float | None]
+
+_INDEX_TYPES: dict[str, type | tuple[type, ...]] = {
+    **dict.fromkeys(("model", "directory", "filename", "fingerprint"), str),
+    **dict.fromkeys(("tokens", "bytes"), int),
+    **dict.fromkeys(("saved_at", "used_at"), (int, float)),
+    "key": (str, type(None)),
+}
+
+
+def _indexed(row: object) -> SavedState | None:
+    """A row of the index as a state, unless damaged (a hand edit, another version):
+    a wrong type would break the disk budget at every save, and a file name that is
+    not one of llamaswap's slot files could make it delete another file."""
+    if not isinstance(row, dict) or set(row) - {"key"} != set(_INDEX_TYPES) - {"key"}:
+        return None
+    if not all(isinstance(row.get(name), kind) for name, kind in _INDEX_TYPES.items()):
+        return None
+    filename = row["filename"]
+    if os.path.basename(filename) != filename or not filename.startswith(SLOT_FILE):
+        return None
+    return SavedState(**row)
 
 
 def _child(process: ModelView) -> _Child:

@@ -628,11 +628,18 @@ class ModelProcess:
         self._finish(child, "did not exit after SIGKILL")
 
     def _signal(self, name: str) -> None:
+        """SIG``name`` to the child (its group); SIGTERM is followed by SIGCONT, as
+        systemd does: a stopped process (``kill -STOP``, a debugger) acts on it only
+        once continued, else its stop would wait for SIGKILL at ``unloadTimeout``."""
         child = self._child
         if child is None or child.exit is not None:
             return
+        number = getattr(signal, "SIG" + name)
+        for each in (number, signal.SIGCONT) if number == signal.SIGTERM else (number,):
+            self._send(child, each)
+
+    def _send(self, child: Child, number: int) -> None:
         if self._setsid is not None:
-            number = getattr(signal, "SIG" + name)
             try:
                 os.killpg(child.pid, number)
             except ProcessLookupError:
@@ -644,7 +651,7 @@ class ModelProcess:
                 pass
             return
         with contextlib.suppress(ProcessExitedAlready):
-            child.transport.signalProcess(name)
+            child.transport.signalProcess(number)
 
     def _kill_group(self, child: Child) -> None:
         """SIGKILL whatever is left in the child's process group."""

@@ -178,8 +178,12 @@ class ConfigReloader(Service):
         if self.on_signal and self._previous_handler is not None:
             signal.signal(signal.SIGHUP, self._previous_handler)
 
+    def described(self) -> str:
+        """What is read, for a log line."""
+        return self.path
+
     def _sighup(self, signum: int, frame: Any) -> None:
-        self.log.info("SIGHUP: reloading {path}", path=self.path)
+        self.log.info("SIGHUP: reloading {path}", path=self.described())
         self.reactor.callFromThread(self.reload)
 
     def _stamp(self) -> Stamp | None:
@@ -189,8 +193,12 @@ class ConfigReloader(Service):
             return None
         return info.st_mtime_ns, info.st_size, info.st_ino
 
-    def _check(self) -> None:
-        stamp = self._stamp()
+    def _check(self) -> object:
+        """One poll of the watch (may return a Deferred: the loop waits for it)."""
+        self._compare(self._stamp())
+        return None
+
+    def _compare(self, stamp: Any) -> None:
         if stamp is None or stamp == self._seen:
             self._settling = None
             return
@@ -199,7 +207,7 @@ class ConfigReloader(Service):
             return
         self._settling = None
         self._seen = stamp
-        self.log.info("{path} changed: reloading", path=self.path)
+        self.log.info("{path} changed: reloading", path=self.described())
         self.reload()
 
     def reload(self) -> Deferred[bool]:
@@ -237,7 +245,9 @@ class ConfigReloader(Service):
             self.log.failure("reload failed, the running configuration stays")
             return False
         if not steady:
-            self.log.info("{path} changed while being read: reading it again", path=self.path)
+            self.log.info(
+                "{path} changed while being read: reading it again", path=self.described()
+            )
             if not self.watch:  # the watcher sees the change and reads it once settled
                 self.reactor.callLater(self._interval, self.reload)
             return False

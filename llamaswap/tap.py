@@ -33,7 +33,7 @@ from .config.live import Changes, LiveConfig
 from .connections import ConnectionGate, raise_file_limit
 from .events import Activity, EventBus
 from .guard import ApiSite, Guard, is_open_page
-from .kvcache import KvStore
+from .kvcache import DiskRunner, KvStore
 from .lifecycle import ModelState
 from .livefolder import FolderReloader
 from .logs import LogHub, logger, set_log_level
@@ -269,6 +269,16 @@ class LlamaswapService(MultiService):
         return self.live.replace(new)
 
 
+def in_thread(reactor: Any) -> DiskRunner[Any]:
+    """Disk work off the reactor: the KV store's (unlinking 100 MB files), a models
+    folder's stamp (a ``stat`` per file)."""
+
+    def run(work: Callable[[], Any]) -> Deferred[Any]:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), work)
+
+    return run
+
+
 def build(config: Config, reactor: Any, listen: list[str] | None = None) -> LlamaswapService:
     """The service tree for ``config``; ``listen`` endpoints get an HTTP site each."""
     live = LiveConfig(config)
@@ -314,11 +324,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Llam
 
     processes = [make_process(m, config.health_check_timeout) for m in config.models.values()]
 
-    def in_thread(work: Callable[[], Any]) -> Deferred[Any]:
-        """Disk work of the KV store (unlinking 100 MB files) off the reactor."""
-        return deferToThreadPool(reactor, reactor.getThreadPool(), work)
-
-    kvcache = KvStore(config, agent, reactor, disk=in_thread, hop=relay.hop)
+    kvcache = KvStore(config, agent, reactor, disk=in_thread(reactor), hop=relay.hop)
     events.subscribe(kvcache.observe, (Activity,))
     live.subscribe(kvcache.reconfigure)
     scheduler = Scheduler(processes, reactor, config, events, kvcache)
@@ -469,5 +475,6 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         lambda: service.live.current,
         watch=bool(options["watch-config"]),
         loader=options.load,
+        disk=in_thread(reactor),
     ).setServiceParent(service)
     return service

@@ -8,6 +8,7 @@ import json
 import os
 import random
 import shlex
+import signal
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, AnyStr
@@ -426,3 +427,25 @@ class StopBeforeTheGroupExistsTests(TestCase):
         await process.start()  # ready at once: no health check
         await process.stop()
         self.assertEqual(exits.how, ["killed by SIGTERM"])
+
+
+class StoppedChildTests(TestCase):
+    timeout = 30
+
+    async def test_a_child_stopped_with_sigstop_ends_on_sigterm(self) -> None:
+        # found by kill -STOP on a llama-server child: SIGTERM stayed pending in the
+        # stopped process, and each unload or swap waited for SIGKILL at unloadTimeout
+        for groups in (False, True):
+            process = sleeping_model(_RealSpawner(), groups=groups, ready_at_once=True)
+            exits = Exits()
+            process.watch(exits)
+            await process.start()
+            assert process.pid is not None
+            os.kill(process.pid, signal.SIGSTOP)
+            for _ in range(500):
+                with open(f"/proc/{process.pid}/stat") as stat:
+                    if stat.read().rpartition(")")[2].split()[0] == "T":
+                        break
+                await deferLater(reactor, 0.01)
+            await process.stop()
+            self.assertEqual(exits.how, ["killed by SIGTERM"], f"groups={groups}")

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from llamaswap.ggufheader import HeaderError, read_header
+from llamaswap.ggufheader import MAX_HEADER, MAX_STRING, HeaderError, read_header
 
 
 def model_bytes(vocab: int = 3000) -> bytes:
@@ -88,6 +88,40 @@ class ReadTests(SynchronousTestCase):
         )
         many_strings += b"\0" * 64
         self.assertIn("cannot fit", str(self.assertRaises(HeaderError, read, many_strings)))
+
+    def sparse(self, start: bytes, size: int = 1 << 30) -> str:
+        """A file of ``size`` bytes that takes no disk: ``start``, then zeros."""
+        path = str(self.mktemp())
+        with open(path, "wb") as file:
+            file.write(start)
+            file.truncate(size)
+        return path
+
+    def read_file(self, path: str) -> object:
+        with open(path, "rb") as file:
+            return read_header(file, Path(path).stat().st_size)
+
+    def test_a_huge_string_in_a_sparse_file_is_refused_before_it_is_read(self) -> None:
+        # one key whose value claims to be a string just over the bound (a real one
+        # can claim gigabytes: the file's size is free)
+        start = (
+            WHOLE[:8] + struct.pack("<QQQ", 0, 1, 1) + b"k" + struct.pack("<IQ", 8, MAX_STRING + 1)
+        )
+        caught = self.assertRaises(HeaderError, self.read_file, self.sparse(start))
+        self.assertIn("a string of", str(caught))
+
+    def test_a_sparse_file_cannot_make_the_reader_step_through_it(self) -> None:
+        # zeros read as empty keys with a byte value each: without the bound the reader
+        # would walk the whole file, 13 bytes a step
+        start = WHOLE[:8] + struct.pack("<QQ", 0, MAX_HEADER // 12 + 1)
+        caught = self.assertRaises(HeaderError, self.read_file, self.sparse(start))
+        self.assertIn("header longer than", str(caught))
+        # nor when every count fits on its own: a byte array stepped over whole, then
+        # keys past the bound
+        array = struct.pack("<IIQ", 9, 0, MAX_HEADER - 64)
+        start = WHOLE[:8] + struct.pack("<QQQ", 0, 1000, 1) + b"k" + array
+        caught = self.assertRaises(HeaderError, self.read_file, self.sparse(start))
+        self.assertIn("header longer than", str(caught))
 
     def test_not_gguf(self) -> None:
         self.assertIn("not a GGUF file", str(self.assertRaises(HeaderError, read, b"x" * 100)))

@@ -15,10 +15,13 @@ from typing import Any
 
 import attrs
 from treq.testing import RequestTraversalAgent
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import readBody
+from twisted.web.client import ResponseNeverReceived, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
@@ -65,6 +68,7 @@ class Children:
         self.servers: dict[str, FakeLlamaServer] = {}
         self.agents: list[RequestTraversalAgent] = []
         self.hang = False  # a child that never answers
+        self.dies_restoring = False  # a child that aborts reading a slot file
         self.gate: list[Any] | None = None  # requests held until let_through()
         self.requests: list[tuple[bytes, str]] = []
 
@@ -92,6 +96,8 @@ class Children:
         self.requests.append((method, uri.decode()[len(base) :]))
         if self.hang:
             return Deferred()
+        if self.dies_restoring and b"action=restore" in uri:
+            return fail(ResponseNeverReceived([Failure(ConnectionDone())]))
         if self.gate is not None:
             held: Deferred[IResponse] = Deferred()
             self.gate.append((held, method, uri, headers, bodyProducer))
@@ -342,6 +348,18 @@ class NeverWrongTests(SynchronousTestCase):
         self.assertEqual(k.kv.counts["a"].failures, 1)
         self.assertEqual(k.kv.states, [])
 
+    def test_a_restore_the_child_dies_of_discards_the_state(self) -> None:
+        # found with llama-server 0.3.36: a truncated slot file made it abort (SIGABRT)
+        # in the restore; the state stayed, so each start restored it again and the
+        # model crash-looped until the file was removed by hand
+        k = KvWorld(self)
+        k.converse_then_swap()
+        k.net.dies_restoring = True
+        k.lease("a").release()
+        self.assertEqual(k.kv.counts["a"].failures, 1)
+        self.assertEqual(k.kv.states, [])
+        self.assertEqual(k.files("a"), [])
+
     def test_a_child_that_does_not_answer_delays_the_swap_only_up_to_the_timeout(self) -> None:
         k = KvWorld(self, extra="  timeout: 3")
         lease = k.lease("a")
@@ -422,6 +440,29 @@ class NeverWrongTests(SynchronousTestCase):
         k.converse_then_swap()
         again = KvStore(k.w.config, k.net, k.w.reactor)
         self.assertEqual([s.filename for s in again.states], [s.filename for s in k.kv.states])
+
+    def test_damaged_entries_of_the_index_are_left_out(self) -> None:
+        # a row with a wrong type broke the disk budget at every later save (and
+        # /running); a file name with a path in it would have been unlinked
+        k = KvWorld(self)
+        k.converse_then_swap()
+        [good] = json.loads((Path(k.kv.settings.path) / "index.json").read_text())
+        outside = Path(self.mktemp())
+        outside.write_text("not llamaswap's")
+        damaged = [
+            {**good, "bytes": None},
+            {**good, "used_at": "yesterday"},
+            {**good, "filename": os.path.relpath(outside, good["directory"])},
+            {**good, "extra": 1},
+            [good],
+        ]
+        index = Path(k.kv.settings.path) / "index.json"
+        index.write_text(json.dumps([good, *damaged]))
+        with capturedLogs() as events:
+            again = KvStore(k.w.config, k.net, k.w.reactor)
+        self.assertEqual([s.filename for s in again.states], [good["filename"]])
+        self.assertIn("ignoring 5 damaged entries", "".join(map(formatEvent, events)))
+        self.assertTrue(outside.exists())
 
 
 class ConversationTests(SynchronousTestCase):
@@ -607,6 +648,21 @@ class DirectoryTests(SynchronousTestCase):
         k.w.scheduler.acquire("a")
         k.flush()
         self.assertTrue(os.path.isdir(directory))
+        self.assertEqual(os.stat(k.kv.settings.path).st_mode & 0o777, 0o700)
+
+    def test_a_slot_directory_removed_while_the_model_runs_is_made_again_before_a_save(
+        self,
+    ) -> None:
+        # found with llama-server 0.3.36: the state directory removed (a cleaner, a
+        # user) while a model ran lost its slots at the next swap ("Unable to save slot")
+        k = KvWorld(self)
+        lease = k.lease("a")
+        k.chat("a", [{"role": "user", "content": LONG}])
+        lease.release()
+        shutil.rmtree(k.kv.settings.path)
+        k.swap_to("b").release()
+        self.assertEqual([s.model for s in k.kv.states], ["a"])
+        self.assertEqual(k.files("a"), [k.kv.states[0].filename])
         self.assertEqual(os.stat(k.kv.settings.path).st_mode & 0o777, 0o700)
 
 

@@ -23,7 +23,9 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from llamaswap.config import Config, ConfigError, load_config, parse_config
@@ -232,6 +234,62 @@ class ScanTests(SynchronousTestCase):
         self.assertIn("'bad:name' cannot be a model id", notices)
         self.assertIn("lines.gguf': skipped: its path holds '${' or a line break", notices)
 
+    def test_a_file_name_is_one_argument_however_it_is_spelled(self) -> None:
+        # found with a real llama-server: "--alias ${MODEL_ID}" split the id, so a file
+        # "b c.gguf" failed to start ("invalid argument: c"), "Meta's llama.gguf" was
+        # skipped (no closing quotation), and "m --host 0.0.0.0.gguf" started a child
+        # listening on every interface, past llamaswap's keys
+        names = ["b c", "Meta's llama", 'say "hi"', "m --host 0.0.0.0", "x \\ y"]
+        for name in names:
+            write_gguf(self.dir / f"{name}.gguf")
+
+        config = self.load()
+
+        self.assertEqual(sorted(config.models), sorted(names))
+        self.assertEqual(config.notices, ())
+        for name in names:
+            model = config.models[name]
+            argv = model.cmd.argv
+            self.assertEqual(
+                argv[argv.index("--alias") + 1 :][:3], (name, "-m", str(self.dir / f"{name}.gguf"))
+            )
+            self.assertEqual(argv.count("--host"), 1)
+
+    def test_a_quoted_model_id_in_a_written_command_stays_one_argument(self) -> None:
+        config = parse_config(
+            'models:\n  "my model":\n'
+            '    cmd: server --alias "${MODEL_ID}" --name=${MODEL_ID} ${PORT}\n'
+            "    cmdStop: stop-it ${MODEL_ID} ${PID}\n"
+        )
+        model = config.models["my model"]
+        self.assertEqual(
+            model.cmd.argv, ("server", "--alias", "my model", "--name=my model", "${PORT}")
+        )
+        assert model.cmd_stop is not None
+        self.assertEqual(model.cmd_stop.argv, ("stop-it", "my model", "${PID}"))
+
+    def test_odd_numbers_in_a_header_are_unknown_not_fatal(self) -> None:
+        # a context length of NaN raised out of the scan: the daemon did not start, and
+        # each reload failed (so did a change of API keys) while the file was there
+        write_gguf(self.dir / "good.gguf")
+        writer = gguf.GGUFWriter(self.dir / "odd.gguf", "llama")
+        writer.add_float32("llama.context_length", float("nan"))
+        writer.add_float32("llama.embedding_length", float("inf"))
+        writer.add_int32("llama.block_count", -1)
+        writer.add_tensor("blk.0.weight", np.zeros((16, 64), dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+        config = self.load()
+
+        self.assertEqual(sorted(config.models), ["good", "odd"])
+        facts = config.models["odd"].gguf
+        for unknown in ("context_length", "embedding_length", "block_count"):
+            self.assertNotIn(unknown, facts)
+        self.assertGreater(facts["estimate"]["total"], 0)
+
     def test_no_config_file_at_all(self) -> None:
         write_gguf(self.dir / "m.gguf")
         config = load_config(None, ["tcp:8080"], [str(self.dir)])
@@ -275,23 +333,31 @@ class OptionsTests(SynchronousTestCase):
 class LiveFolderTests(SynchronousTestCase):
     """--watch-config notices a file added, grown or removed."""
 
-    def test_a_change_in_the_folder_triggers_a_reload(self) -> None:
-        path = folder()
-        self.addCleanup(shutil.rmtree, path)
-        clock = Clock()
+    def watching(
+        self, path: Path, clock: Clock, folders: Callable[[], list[str]], **kwargs: Any
+    ) -> list[int]:
+        """A running folder watch on ``path``; the reloads it asks for are counted."""
         reloads: list[int] = []
         reloader = FolderReloader(
-            lambda: [str(path)],
+            folders,
             None,
             lambda config: {},
             clock,
             lambda: load_config(None, (), [str(path)]),
             watch=True,
             on_signal=False,
+            **kwargs,
         )
         reloader.reload = lambda: reloads.append(1)  # type: ignore[assignment,method-assign,return-value]
         reloader.startService()
         self.addCleanup(reloader.stopService)
+        return reloads
+
+    def test_a_change_in_the_folder_triggers_a_reload(self) -> None:
+        path = folder()
+        self.addCleanup(shutil.rmtree, path)
+        clock = Clock()
+        reloads = self.watching(path, clock, lambda: [str(path)])
 
         def polls() -> int:
             before = len(reloads)
@@ -301,7 +367,10 @@ class LiveFolderTests(SynchronousTestCase):
 
         self.assertEqual(polls(), 0)
         write_gguf(path / "new.gguf")
-        self.assertEqual(polls(), 1)
+        with capturedLogs() as events:
+            self.assertEqual(polls(), 1)
+        said = [formatEvent(e) for e in events]
+        self.assertIn(f"models folders {path} changed: reloading", said)  # not "None"
         with open(path / "new.gguf", "ab") as grown:
             grown.write(b"\0" * 32)
         self.assertEqual(polls(), 1)
@@ -312,6 +381,35 @@ class LiveFolderTests(SynchronousTestCase):
         self.assertEqual(polls(), 0)
         os.remove(path / "new.gguf")
         self.assertEqual(polls(), 1)
+
+    def test_the_folder_is_looked_at_off_the_reactor(self) -> None:
+        # a stat per file: 20,000 files held the reactor 0.1 s every poll (/health
+        # waited), a network share far longer
+        path = folder()
+        self.addCleanup(shutil.rmtree, path)
+        clock = Clock()
+        looked_at: list[int] = []
+        pending: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+
+        def in_thread(work: Callable[[], Any]) -> Deferred[Any]:
+            pending.append((work, Deferred()))
+            return pending[-1][1]
+
+        def folders() -> list[str]:
+            looked_at.append(1)
+            return [str(path)]
+
+        reloads = self.watching(path, clock, folders, disk=in_thread)
+        looked_at.clear()  # the first look, before the reactor runs
+        write_gguf(path / "new.gguf")
+        for _ in range(3):
+            clock.advance(2)
+        self.assertEqual((looked_at, len(pending)), ([], 1))  # one poll at a time
+        for _ in range(2):  # the thread's answers: the change, then the same again
+            work, done = pending.pop()
+            done.callback(work())
+            clock.advance(2)
+        self.assertEqual(reloads, [1])
 
 
 # --- end to end: twistd on a folder, the real model and llama-server ------------------

@@ -5,17 +5,21 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import sqlite3
 from typing import Any
 
 from openapi_spec_validator import validate
 from twisted.internet import reactor
-from twisted.logger import Logger, capturedLogs, globalLogPublisher
+from twisted.internet.task import deferLater
+from twisted.logger import Logger, capturedLogs, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.iweb import IResponse
 
 from llamaswap.activity import SCHEMA, ActivityStore, Retention, percentiles
 from llamaswap.api import Api
+from llamaswap.events import ModelChanged
+from llamaswap.lifecycle import ModelState
 from llamaswap.logs import PROXY, LogHub, logger
 
 from .integration import FAKE, LiveTestCase, StreamReader
@@ -217,6 +221,32 @@ class EventTests(LiveTestCase):
         self.assertEqual((activity[0]["model"], activity[0]["status"]), ("alpha", 200))
         reader.hang_up()
         await reader.done
+
+    async def test_a_subscriber_that_stops_reading_is_dropped_cleanly(self) -> None:
+        # found with 25 event-stream clients that never read while models swapped: each
+        # drop logged a critical "Producer was not unregistered for b'/api/events'"
+        api = await self.serve(TWO)
+        host, port = self.base.removeprefix("http://").split(":")
+        stalled = socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect((host, int(port)))
+        self.addCleanup(stalled.close)
+        stalled.sendall(f"GET /api/events HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+        before = len(api.events._subscribers)
+        for _ in range(200):  # until it is subscribed
+            if len(api.events._subscribers) > before:
+                break
+            await deferLater(reactor, 0.01)
+        big = ModelChanged("alpha", ModelState.STOPPED, None, "x" * 100_000)
+        with capturedLogs() as events:
+            for _ in range(5000):
+                if len(api.events._subscribers) == before:
+                    break  # dropped
+                api.events.publish(big)
+                await deferLater(reactor, 0)
+        self.assertEqual(len(api.events._subscribers), before)
+        said = "\n".join(formatEvent(e) + str(e.get("log_failure", "")) for e in events)
+        self.assertNotIn("Producer was not unregistered", said)
 
     def parse(self, text: str) -> list[tuple[str, dict[str, Any]]]:
         events = []

@@ -502,7 +502,7 @@ class _Builder(MacroReader):
         scope = {name: value.replace("${MODEL_ID}", model_id) for name, value in own.items()}
         scope["MODEL_ID"] = model_id
 
-        cmd = self.command(doc["cmd"], f"{base}.cmd", scope, {"PORT"})
+        cmd = self.command(doc["cmd"], f"{base}.cmd", own, {"PORT"}, model_id)
         proxy = self.expand(
             self.string(doc.get("proxy", default(ModelSettings, "proxy")), f"{base}.proxy"),
             f"{base}.proxy",
@@ -537,7 +537,9 @@ class _Builder(MacroReader):
             )
         cmd_stop = None
         if doc.get("cmdStop"):
-            cmd_stop = self.command(doc["cmdStop"], f"{base}.cmdStop", scope, {"PID", "PORT"})
+            cmd_stop = self.command(
+                doc["cmdStop"], f"{base}.cmdStop", own, {"PID", "PORT"}, model_id
+            )
         forward_authorization = declared["forward_authorization"]
         upstream_api_key = None
         if doc.get("upstreamApiKey") is not None:
@@ -637,8 +639,16 @@ class _Builder(MacroReader):
         return result
 
     def command(
-        self, value: object, path: str, scope: Mapping[str, str], keep: Collection[str]
+        self,
+        value: object,
+        path: str,
+        scope: Mapping[str, str],
+        keep: Collection[str],
+        model_id: str,
     ) -> CommandTemplate:
+        """The argv of ``value``: macros are text, substituted before the split; the
+        model id (which may hold spaces or quotes: a file's name in a models folder)
+        is one argument's text, filled in after the split, so it never adds one."""
         text = self.string(value, path)
         lines = []
         for line in text.splitlines():
@@ -647,14 +657,14 @@ class _Builder(MacroReader):
             lines.append(line)
         joined = " ".join(line.rstrip().removesuffix("\\") for line in lines)
         # macros are text: one may hold several arguments, so substitute, then split
-        joined = self.expand(joined, path, scope, keep)
+        joined = self.expand(joined, path, scope, {*keep, "MODEL_ID"})
         try:
             argv = shlex.split(joined, comments=False, posix=True)
         except ValueError as e:
             raise self.fail(path, f"cannot split the command like a shell would: {e}") from e
         if not argv:
             raise self.fail(path, "the command is empty")
-        return CommandTemplate(tuple(argv))
+        return CommandTemplate(tuple(arg.replace("${MODEL_ID}", model_id) for arg in argv))
 
     def env(self, value: object, path: str, scope: Mapping[str, str]) -> list[tuple[str, str]]:
         pairs = []

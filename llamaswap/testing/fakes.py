@@ -7,6 +7,7 @@ so supervision logic runs against a ``Clock`` without real children.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -95,7 +96,11 @@ class FakeProcess:
     def signalProcess(self, signalID: str | int) -> None:
         if self.pid is None:
             raise ProcessExitedAlready()
+        if isinstance(signalID, int):  # as Twisted's transports take them too
+            signalID = signal.Signals(signalID).name.removeprefix("SIG")
         name = str(signalID)
+        if name == "CONT":  # a fake process is never stopped: nothing to continue
+            return
         self.signals.append(name)
         if self.unkillable:
             return
