@@ -31,7 +31,7 @@ from functools import cache
 from itertools import count
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
@@ -83,6 +83,12 @@ def connection_of(request: Any) -> int | None:
     its next request on it.  None when the channel is not one of ours."""
     channel = getattr(request, "channel", None)
     return channel.serial if isinstance(channel, BoundedChannel) else None
+
+
+def abort(transport: ITransport) -> None:
+    """Drop a connection now, what is still unsent included (a transport without
+    ``abortConnection`` is closed after its writes instead)."""
+    getattr(transport, "abortConnection", transport.loseConnection)()
 
 
 def _response(status: int, reason: bytes, error: ApiError, extra: bytes = b"") -> bytes:
@@ -211,7 +217,7 @@ class ConnectionGate(Factory):
         self.log.debug("closing {client}'s waiting connection to make room", client=oldest.client)
         transport = oldest.transport
         assert transport is not None
-        getattr(transport, "abortConnection", transport.loseConnection)()  # needed now
+        abort(transport)  # needed now
         return True
 
     def _refuse(self, why: str) -> Protocol:
@@ -317,8 +323,7 @@ class BoundedChannel(HTTPChannel):
             seconds=self.gate.limits.stall_timeout,
         )
         assert self.transport is not None
-        abort = getattr(self.transport, "abortConnection", self.transport.loseConnection)
-        abort()
+        abort(self.transport)
 
     # --- the request's phases -------------------------------------------
 
@@ -409,8 +414,7 @@ class BoundedChannel(HTTPChannel):
         self.transport.write(_response(408, b"Request Timeout", error))
         self.transport.loseConnection()
         # a client that reads nothing would keep its socket open until this
-        abort = getattr(self.transport, "abortConnection", self.transport.loseConnection)
-        self._abort = self.gate.clock.callLater(self.abortTimeout or 15, abort)
+        self._abort = self.gate.clock.callLater(self.abortTimeout or 15, abort, self.transport)
 
 
 @cache

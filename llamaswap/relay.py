@@ -46,6 +46,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from .access import SESSION_COOKIE
+from .connections import abort
 from .errors import ApiError
 from .eventstream import end_event_stream, is_event_stream, unbuffered
 from .guard import short_uri
@@ -425,8 +426,7 @@ class _BodyRelay(Protocol):
             # a plain body cannot: cut the connection so the truncation is visible
             transport = request.channel.transport if request.channel is not None else None
             if transport is not None:
-                abort = getattr(transport, "abortConnection", transport.loseConnection)
-                abort()
+                abort(transport)
         exchange.done.callback(None)
 
 
