@@ -37,11 +37,11 @@ from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
 import attrs
-from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.web.server import Request
 from zope.interface import Interface, implementer
 
-from .addresses import client_key
+from .addresses import client_key, host_of
 from .errors import ApiError
 from .guard import OPEN_METHODS, is_open_page, presented_key
 from .logs import logger
@@ -366,12 +366,6 @@ class Guesses:
             self._buckets.popitem(last=False)
 
 
-def _host(address: IAddress) -> str | None:
-    """The whole IP a key came from (:func:`client_key` is whom it counts against)."""
-    host = getattr(address, "host", None)
-    return host if isinstance(host, str) else None
-
-
 def _too_many_guesses(wait: int) -> ApiError:
     return ApiError(
         429,
@@ -505,7 +499,7 @@ class Access:
         """The key ``presented`` is, counted as a guess when it is none; or the 429 of
         an address that guessed too much."""
         address = request.getClientAddress()
-        host = _host(address)
+        host = host_of(address)  # the whole IP; client_key: whom it counts against
         key = self.keyring.find(presented)
         wait = self.guesses.wait(client_key(address)) if self.guesses else None
         if wait is not None and not self.guesses.excused(host, key):

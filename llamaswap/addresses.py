@@ -11,10 +11,16 @@ import ipaddress
 from twisted.internet.interfaces import IAddress
 
 
+def host_of(address: IAddress | None) -> str | None:
+    """The whole IP of a client; None for a unix socket."""
+    host = getattr(address, "host", None)
+    return host if isinstance(host, str) else None
+
+
 def client_key(address: IAddress | None) -> str | None:
     """Whom a connection counts against: its IP (an IPv6 client: its /64), or None."""
-    host = getattr(address, "host", None)
-    if not isinstance(host, str):
+    host = host_of(address)
+    if host is None:
         return None  # a unix socket: only the total applies
     try:
         ip = ipaddress.ip_address(host.split("%", 1)[0])
