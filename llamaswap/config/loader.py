@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import yaml
 
 from .. import modelsdir
 from .. import policy as policies
@@ -59,6 +58,7 @@ from .settings import (
     default,
     yaml_names,
 )
+from .yamltext import load_yaml
 
 SLOT_SAVE_FLAG = "--slot-save-path"
 
@@ -93,10 +93,7 @@ def parse_config(
     ``environ`` (default: this process's environment) fills ``${env.NAME}``;
     ``models_dirs`` are scanned for GGUF files as if listed in ``modelsDir``.
     """
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(source, "", f"not valid YAML: {e}") from e
+    document = load_yaml(text, source)
     builder = _Builder(source, os.environ if environ is None else environ)
     builder.cli_models_dirs = tuple(os.path.abspath(os.path.expanduser(d)) for d in models_dirs)
     return builder.build(document)
@@ -511,10 +508,12 @@ class _Builder(MacroReader):
         )
         if "${PORT}" in proxy and not cmd.uses_port:
             where = f"{base}.proxy" if "proxy" in doc else f"{base}.cmd"
+            unbraced = re.search(r"\$PORT\b", str(doc["cmd"]))
             raise self.fail(
                 where,
                 "the command does not use ${PORT}, so llamaswap cannot know where the "
-                "server listens; put ${PORT} in cmd or give a fixed 'proxy' URL",
+                "server listens; put ${PORT} in cmd or give a fixed 'proxy' URL"
+                + (" ($PORT without braces is passed on as it is)" if unbraced else ""),
             )
         if not re.match(r"^https?://[^/]+", proxy):
             raise self.fail(f"{base}.proxy", f"expected an http:// URL, got {proxy!r}")
