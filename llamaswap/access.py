@@ -82,6 +82,8 @@ MAX_SESSIONS = 1000
 
 # the routes an inference key reaches besides the model routes
 INFERENCE_PATHS = frozenset({b"/v1/models", b"/models", b"/api/version", b"/openapi.json"})
+# ... and one model's entry of the list, below its path
+INFERENCE_PREFIXES = (b"/v1/models/", b"/models/")
 
 _MODEL_PATH = re.compile("|".join(path_pattern(r.path) for r in MODEL_ROUTES))
 # the model routes with methods for admins only, as a served path matches them
@@ -214,7 +216,7 @@ def uses_model(path: bytes) -> bool:
 
 
 def reaches_as_inference(path: bytes) -> bool:
-    return path in INFERENCE_PATHS or uses_model(path)
+    return path in INFERENCE_PATHS or path.startswith(INFERENCE_PREFIXES) or uses_model(path)
 
 
 class Keyring:
