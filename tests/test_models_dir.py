@@ -353,6 +353,16 @@ class LiveFolderTests(SynchronousTestCase):
         self.addCleanup(reloader.stopService)
         return reloads
 
+    def test_the_reload_line_names_only_what_there_is(self) -> None:
+        def reloader(path: str | None, folders: list[str]) -> FolderReloader:
+            return FolderReloader(
+                lambda: folders, path, lambda config: {}, Clock(), lambda: load_config(None)
+            )
+
+        self.assertEqual(reloader("c.yaml", []).described(), "c.yaml")  # no "(models folders )"
+        self.assertEqual(reloader("c.yaml", ["/m"]).described(), "c.yaml (models folders /m)")
+        self.assertEqual(reloader(None, ["/m"]).described(), "models folders /m")
+
     def test_a_change_in_the_folder_triggers_a_reload(self) -> None:
         path = folder()
         self.addCleanup(shutil.rmtree, path)
