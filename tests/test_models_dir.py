@@ -300,9 +300,13 @@ class ScanTests(SynchronousTestCase):
         self.assertEqual(dict(load_config(None, (), [str(self.dir)]).models), {})
 
     def test_a_folder_that_is_not_there_is_an_error(self) -> None:
-        error = self.assertRaises(ConfigError, load_config, None, (), [str(self.dir / "nope")])
-        self.assertEqual(error.path, "--models-dir")
-        self.assertIn("is not a folder", str(error))
+        nope = str(self.dir / "nope")
+        error = self.assertRaises(ConfigError, load_config, None, (), [nope])
+        self.assertEqual(str(error), f"--models-dir: {nope} is not a folder")  # said once
+        config = self.dir / "c.yaml"
+        config.write_text("models: {}\n")
+        error = self.assertRaises(ConfigError, load_config, str(config), (), [nope])
+        self.assertEqual(str(error), f"--models-dir: {nope} is not a folder")  # not the file's
         error = self.assertRaises(ConfigError, self.load, "modelsDir: [a, nope]\n")
         self.assertEqual(error.path, "modelsDir[0]")
 

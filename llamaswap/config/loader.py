@@ -208,9 +208,11 @@ class _Builder(MacroReader):
             where = "modelsDir" if isinstance(value, str) else f"modelsDir[{i}]"
             expanded = os.path.expanduser(self.expand(raw, where, macros, ()))
             folders.append((where, os.path.join(base, expanded)))
-        folders += [("--models-dir", d) for d in self.cli_models_dirs]
+        folders += [("", d) for d in self.cli_models_dirs]  # from the command line
         for where, folder in folders:
             if not os.path.isdir(folder):
+                if not where:
+                    raise ConfigError("--models-dir", "", f"{folder} is not a folder")
                 raise self.fail(where, f"{folder} is not a folder")
         return tuple(dict.fromkeys(os.path.normpath(f) for _, f in folders))
 
