@@ -431,6 +431,8 @@ class Api:
                 "send the request as application/json",
                 "unsupported_media_type",
             )
+        if not body.strip():
+            raise ApiError(400, 'the request body is empty: send a JSON object ({"model": ...})')
         try:
             document = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:

@@ -176,6 +176,11 @@ class ErrorTests(LiveTestCase):
             "not valid JSON",
         )
         self.assertError(
+            await self.request("POST", "/v1/chat/completions", b"", json_ct),
+            400,
+            "the request body is empty: send a JSON object",
+        )
+        self.assertError(
             await self.request("POST", "/v1/chat/completions", b"[1, 2]", json_ct),
             400,
             "must be a JSON object",
