@@ -196,6 +196,17 @@ class ValidationTests(SynchronousTestCase):
             ),
         )
 
+    def test_a_model_file_that_is_not_there_is_a_notice(self) -> None:
+        text = "models:\n  m:\n    cmd: llama-server --port ${PORT} -m /nowhere/m.gguf\n"
+        config = parse_config(text, "conf.yaml")  # not an error: a disk may come later
+        self.assertEqual(
+            config.notices,
+            (
+                "models.m.cmd: /nowhere/m.gguf: no such file (yet); "
+                "the model cannot start until it is there",
+            ),
+        )
+
     def test_port_without_braces_is_explained(self) -> None:
         self.assertIn(
             "($PORT without braces is passed on as it is)",

@@ -244,7 +244,13 @@ class _Builder(MacroReader):
             facts = found.facts
         else:
             weights = modelsdir.weights_in(argv)
-            if weights is None or not os.path.isfile(weights):
+            if weights is None:
+                return model
+            if not os.path.isfile(weights):  # a typo, or a disk not mounted yet
+                notices.append(
+                    f"models.{model.id}.cmd: {weights}: no such file (yet); the model "
+                    "cannot start until it is there"
+                )
                 return model
             try:
                 facts = modelsdir.facts_of(weights)
