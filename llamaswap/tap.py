@@ -258,11 +258,14 @@ class Listeners(MultiService):
             super().privilegedStartService()
         except CannotListenError as e:
             where = f"{e.interface or '*'}:{e.port}"
+            other = f"tcp:{e.port + 1}" if isinstance(e.port, int) else "tcp:8081"
+            other += f":interface={e.interface}" if e.interface else ""
             self.log.critical(
                 "cannot listen on {where}: {error}; is another server using it? "
-                "Pick another with --listen.",
+                "Stop it, or pick another port (--listen {other}; make run: LISTEN={other}).",
                 where=where,
                 error=e.socketError,
+                other=other,
             )
             raise SystemExit(1) from e
 

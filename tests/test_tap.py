@@ -155,6 +155,7 @@ class TwistdTests(TestCase):
         self.assertNotEqual(code, 0)
         self.assertIn(f"cannot listen on 127.0.0.1:{port}", output)
         self.assertIn("Address already in use", output)
+        self.assertIn(f"--listen tcp:{port + 1}:interface=127.0.0.1", output)  # what to do
         self.assertNotIn("Traceback", output)
 
     async def test_an_invalid_config_exits_non_zero_naming_the_key(self) -> None:
