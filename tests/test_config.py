@@ -188,6 +188,17 @@ class ValidationTests(SynchronousTestCase):
         merged += "  b:\n    <<: *a\n    ttl: 6\n"
         self.assertEqual(parse_config(merged, "conf.yaml").models["b"].ttl, 6)
 
+    def test_yaml_and_key_errors_never_echo_a_key(self) -> None:
+        model = "models:\n  m:\n    cmd: s --port ${PORT}\n"
+        twice = self.error(model + "apiKeys:\n  - {name: a, key: sk-one, key: sk-two}\n")
+        self.assertIn("'key' is given twice", twice)
+        tab = self.error(model + "apiKeys:\n\t- sk-one\n")
+        self.assertIn("line 5, column 1", tab)
+        not_a_list = self.error(model + "apiKeys: sk-one\n")
+        self.assertIn("apiKeys: expected a list of keys (apiKeys: [<key>]), got str", not_a_list)
+        for message in (twice, tab, not_a_list):
+            self.assertNotIn("sk-", message)
+
     def test_unknown_model_references_list_the_models(self) -> None:
         self.assertIn(
             "groups.g.members[0]: unknown model 'zzz' (known models: m)",

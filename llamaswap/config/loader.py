@@ -319,7 +319,9 @@ class _Builder(MacroReader):
         if value is None:
             return ()
         if not isinstance(value, list):
-            raise self.fail("apiKeys", f"expected a list of keys, got {_describe(value)}")
+            # never echo what may be a key: its type only
+            got = _describe(value) if isinstance(value, dict) else type(value).__name__
+            raise self.fail("apiKeys", f"expected a list of keys (apiKeys: [<key>]), got {got}")
         keys: list[ApiKey] = []
         for i, raw in enumerate(value):
             path = f"apiKeys[{i}]"

@@ -3,7 +3,8 @@
 PyYAML keeps the last of two equal keys without a word, so a model pasted twice
 (or a setting given twice) would silently lose its first entry; here that is an
 error at the second one.  Syntax errors name the file, the line and the column
-instead of ``"<unicode string>"``, and a tab gets the one hint that fixes it.
+instead of ``"<unicode string>"`` (without quoting the line, which may hold a
+key), and a tab gets the one hint that fixes it.
 """
 
 from __future__ import annotations
@@ -68,5 +69,4 @@ def _describe(error: yaml.MarkedYAMLError) -> str:
         message += f" ({error.context}{since})"
     if "'\\t'" in message:
         message += "; YAML indents with spaces only: replace the tab with spaces"
-    snippet = mark.get_snippet() if mark is not None else None
-    return message + ("\n" + snippet if snippet else "")
+    return message  # no snippet of the line: it may hold a key (apiKeys, upstreamApiKey)
