@@ -187,13 +187,18 @@ def facts_of(path: str) -> GgufFacts | None:
         _reading[path] = reading
 
     def read() -> None:
+        facts: GgufFacts | None = None
+        error: BaseException | None = None
         try:
-            reading.set_result(_facts_of(path))
+            facts = _facts_of(path)
         except BaseException as e:  # handed to the waiter
-            reading.set_exception(e)
-        finally:
-            with _reading_lock:
-                del _reading[path]
+            error = e
+        with _reading_lock:  # before the waiter wakes: the next model may name it too
+            del _reading[path]
+        if error is not None:
+            reading.set_exception(error)
+        else:
+            reading.set_result(facts)
 
     # a daemon thread: a read that never returns must not keep the process alive
     threading.Thread(target=read, name="llamaswap gguf header", daemon=True).start()

@@ -365,6 +365,16 @@ class UnluckyPathTests(SynchronousTestCase):
         (notice,) = config.notices
         self.assertIn(f"its shard {second}: not a regular file", notice)
 
+    def test_two_models_of_one_file_are_both_described(self) -> None:
+        write_gguf(self.dir / "m.gguf")
+        config = parse_config(
+            f"models:\n  a:\n    cmd: srv --port ${{PORT}} -m {self.dir / 'm.gguf'}\n"
+            f"  b:\n    cmd: srv --port ${{PORT}} -m {self.dir / 'm.gguf'} -c 512\n"
+        )
+        self.assertEqual(config.notices, ())
+        self.assertEqual(config.models["a"].gguf["architecture"], "llama")
+        self.assertEqual(config.models["b"].gguf["architecture"], "llama")
+
     def test_a_device_is_never_read(self) -> None:
         config = self.load(Path("/dev/zero.gguf"))  # not there: no notice, as before
         self.assertEqual(config.notices, ())
