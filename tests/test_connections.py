@@ -394,6 +394,19 @@ class SlowReaderTests(SynchronousTestCase):
         self.assertGreater(read_what_arrived(theirs), 0)
         self.assertTrue(delivery(transport).taken_since(before))
 
+    def test_a_tls_transport_is_asked_through_the_socket_below_it(self) -> None:
+        _, server = tcp_pair(self)
+
+        class Tls:
+            """What ``TLSMemoryBIOProtocol`` offers: its handle is not a socket."""
+
+            transport = SocketTransport(server, IPv4Address("TCP", "127.0.0.5", 40000))
+
+            def getHandle(self) -> object:
+                return object()
+
+        self.assertIsNotNone(delivery(Tls()).acked)
+
     def test_a_transport_without_a_socket_never_counts_as_read(self) -> None:
         transport = StringTransport()
         self.assertEqual(delivery(transport), Delivery())
