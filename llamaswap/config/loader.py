@@ -245,13 +245,16 @@ class _Builder(MacroReader):
             facts = found.facts
         else:
             weights = modelsdir.weights_in(argv)
-            if weights is None or not os.path.isfile(weights):
+            if weights is None:
                 return model
             try:
-                facts = modelsdir.facts_of(weights)
+                read = modelsdir.facts_of(weights)
             except GgufError as e:
                 notices.append(f"models.{model.id}: {weights}: not sized from its header: {e}")
                 return model
+            if read is None:  # not there (yet)
+                return model
+            facts = read
         info = modelsdir.described(facts, argv, found)
         memory = model.memory or self.memory(info["estimate"]["total"], "", budget)
         name = model.name or (facts.name if found is not None else "")

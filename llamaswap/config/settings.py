@@ -128,8 +128,11 @@ class ConnectionLimits:
     stall_timeout: float = setting(
         "stallTimeout",
         120.0,
-        "seconds a client may leave an answer unread (its connection's send buffer full) "
-        "before the connection is cut: its request ends and the model is free again",
+        "seconds a client may leave an answer unread (its connection's send buffer full, "
+        "nothing taken from it) before the connection is cut: its request ends and the model "
+        "is free again; a client that reads, however slowly, is not cut (the kernel tells; "
+        "where it cannot, on other systems than Linux, a pause this long cuts it); a reload "
+        "applies to waits already running",
         **POSITIVE,
     )
     max_connections: int | None = setting(
