@@ -180,7 +180,7 @@ class Scheduler:
     def view(self, model_id: str) -> ModelView:
         """One model's process, to look at (as in ``processes``, without building the
         whole map: a request asks for its model's)."""
-        return self._slots[model_id].process
+        return self.process(model_id)
 
     def process(self, model_id: str) -> ModelProcess:
         """The live process of ``model_id``, for whoever owns the service (and tests)."""
