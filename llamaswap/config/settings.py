@@ -227,7 +227,9 @@ class StoreSettings:
         "path",
         None,
         "SQLite file of the activity log; `:memory:` keeps it in memory only. If it cannot be "
-        "opened, llamaswap starts anyway with the log in memory (one warning naming the path)",
+        "opened, llamaswap starts anyway with the log in memory (one warning naming the path). "
+        "Its directory is locked while llamaswap runs (`llamaswap.lock`): a second llamaswap "
+        "with the same directory refuses to start, naming it and the holder's pid",
         kind="custom",
         shown=STATE_DIR_DOC.format("activity.sqlite3"),
         json_default="~/.local/state/llamaswap/activity.sqlite3",
@@ -251,7 +253,9 @@ class KvCacheConfig:
     path: str = setting(
         "path",
         "",
-        "directory of the saved slots, one subdirectory per model (passed as `--slot-save-path`)",
+        "directory of the saved slots, one subdirectory per model (passed as "
+        "`--slot-save-path`). Locked while llamaswap uses it (`llamaswap.lock`): a second "
+        "llamaswap with the same directory refuses to start, or to reload into it",
         kind="custom",
         shown=STATE_DIR_DOC.format("kv"),
         json_default="~/.local/state/llamaswap/kv",
