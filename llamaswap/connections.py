@@ -12,8 +12,9 @@ be reached (``Couldn't bind: Too many open files``).  Here:
   and is closed.  Nothing
   bounds the response (a stream may last long), but a client that reads none of it
   for ``stallTimeout`` seconds is cut off: its lease would keep the model (and
-  every swap waiting for it) forever.  Between requests the idle timeout still
-  applies.
+  every swap waiting for it) forever.  One that reads, however slowly, is not
+  (the socket tells, :mod:`llamaswap.delivery`).  Between requests the idle
+  timeout still applies.
 - ``ConnectionGate`` wraps the site and counts open connections, in all and per
   client address; at either cap a new connection gets a short 503 and is closed at
   once.  The total is kept below ``RLIMIT_NOFILE`` with room for the model servers'
@@ -39,6 +40,7 @@ from twisted.web.server import Site
 
 from .addresses import client_key as client_key
 from .config.settings import ConnectionLimits as ConnectionLimits
+from .delivery import Delivery, delivery
 from .errors import ApiError
 from .logs import logger
 
@@ -122,6 +124,8 @@ class ConnectionGate(Factory):
         self.total = 0
         # connections with no request in progress, longest waiting first
         self.waiting: dict[BoundedChannel, None] = {}
+        # connections whose client's buffer is full: their stall timers run
+        self.unread: set[BoundedChannel] = set()
         self.closing = 0  # closed to make room, not gone yet
         self.refused = 0
         self._next_warning = 0.0
@@ -135,8 +139,13 @@ class ConnectionGate(Factory):
         self.configure(config.connections)
 
     def configure(self, limits: ConnectionLimits) -> None:
-        """Adopt ``limits`` (at start and on reload); open connections stay."""
+        """Adopt ``limits`` (at start and on reload); open connections stay, and
+        running stall timers take the new ``stallTimeout``."""
+        stall_changed = limits.stall_timeout != self.limits.stall_timeout
         self.limits = limits
+        if stall_changed:
+            for channel in list(self.unread):
+                channel.follow_stall_timeout()
         soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         budget = connection_budget(soft)
         wanted = limits.max_connections or budget
@@ -261,6 +270,8 @@ class BoundedChannel(HTTPChannel):
         self._deadline: IDelayedCall | None = None
         self._abort: IDelayedCall | None = None
         self._stall: IDelayedCall | None = None  # the client reads nothing of the answer
+        self._stall_since = 0.0  # when that timer was armed
+        self._delivered = Delivery()  # the socket then
         self._due = 0.0  # when the current phase must be over
         self.made_room = False  # closed by the gate for a newcomer
         #: this connection, never reused for another (``id()`` can be, once it is gone)
@@ -280,6 +291,7 @@ class BoundedChannel(HTTPChannel):
             if call is not None and call.active():
                 call.cancel()
         self._abort = self._stall = None
+        self.gate.unread.discard(self)
         self.gate.closed(self)
         super().connectionLost(reason)
 
@@ -299,30 +311,52 @@ class BoundedChannel(HTTPChannel):
     # --- a client that reads nothing -------------------------------------
     #
     # The transport pauses its producer (this channel, then the answer's producer:
-    # the upstream) when the client's send buffer is full, and resumes it once the
-    # buffer has drained.  Paused for ``stallTimeout``: the client is cut off.
+    # the upstream) when the client's send buffer is full, and resumes it only once
+    # that buffer has drained completely: a client reading a long answer slowly can
+    # stay paused far longer than ``stallTimeout`` while it reads.  So when the timer
+    # fires the socket is asked whether the client took bytes since the timer was
+    # armed (:mod:`llamaswap.delivery`): if it did, the timer is armed again; if it
+    # did not (or the socket cannot tell), the client is cut off.
 
     def pauseProducing(self) -> None:
         super().pauseProducing()
         if self._stall is None or not self._stall.active():
-            seconds = self.gate.limits.stall_timeout
-            self._stall = self.gate.clock.callLater(seconds, self._stalled)
+            self.gate.unread.add(self)
+            self._arm_stall(delivery(self.transport))
 
     def resumeProducing(self) -> None:
         if self._stall is not None and self._stall.active():
             self._stall.cancel()
         self._stall = None
+        self.gate.unread.discard(self)
         super().resumeProducing()
+
+    def _arm_stall(self, sample: Delivery) -> None:
+        self._delivered = sample
+        self._stall_since = self.gate.clock.seconds()
+        self._stall = self.gate.clock.callLater(self.gate.limits.stall_timeout, self._stalled)
+
+    def follow_stall_timeout(self) -> None:
+        """A reload changed ``stallTimeout``: the running timer ends at the new length
+        from when it was armed (at once if that is past)."""
+        if self._stall is not None and self._stall.active():
+            due = self._stall_since + self.gate.limits.stall_timeout
+            self._stall.reset(max(0.0, due - self.gate.clock.seconds()))
 
     def _stalled(self) -> None:
         self._stall = None
+        assert self.transport is not None
+        now = delivery(self.transport)
+        if now.taken_since(self._delivered):  # slow, but reading
+            self._arm_stall(now)
+            return
+        self.gate.unread.discard(self)
         self.log.info(
             "cutting off {client}: it read nothing of its answer for {seconds:g}s "
             "(connections.stallTimeout)",
             client=self.client,
-            seconds=self.gate.limits.stall_timeout,
+            seconds=self.gate.clock.seconds() - self._stall_since,
         )
-        assert self.transport is not None
         abort(self.transport)
 
     # --- the request's phases -------------------------------------------

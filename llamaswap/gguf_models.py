@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import IO, Any
 
 import attrs
 
@@ -30,6 +31,9 @@ DEFAULT_UBATCH = 512
 
 class GgufError(Exception):
     """A file that is not a readable GGUF model (truncated, still being copied, not GGUF)."""
+
+
+NOT_A_FILE = "not a regular file (a FIFO, a device, a folder): not read"
 
 
 @attrs.frozen
@@ -94,7 +98,12 @@ def read_facts(paths: Sequence[str]) -> GgufFacts:
     first = _read_cached(paths[0])
     if not first.architecture:
         raise GgufError("no general.architecture in its header (not a model's first file)")
-    rest = [_read_cached(path) for path in paths[1:]]
+    rest = []
+    for path in paths[1:]:
+        try:
+            rest.append(_read_cached(path))
+        except GgufError as e:
+            raise GgufError(f"its shard {path}: {e}") from e
     if not rest:
         return first
     return attrs.evolve(
@@ -134,6 +143,8 @@ def _read_cached(path: str) -> GgufFacts:
         info = os.stat(path)
     except OSError as e:
         raise GgufError(f"cannot read it: {e.strerror or e}") from e
+    if not stat.S_ISREG(info.st_mode):
+        raise GgufError(NOT_A_FILE)
     stamp = (info.st_mtime_ns, info.st_size, info.st_ino)
     with _cache_lock:
         cached = _cache.get(path)
@@ -166,9 +177,22 @@ def cached_paths() -> list[str]:
         return list(_cache)
 
 
+def _open(path: str) -> IO[bytes]:
+    """``path`` opened for reading, if it is still a regular file.
+
+    ``O_NONBLOCK``: a FIFO put in its place since the ``stat`` is not waited on (for
+    a writer that may never come); the ``fstat`` then refuses it.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise GgufError(NOT_A_FILE)
+    return os.fdopen(fd, "rb")
+
+
 def _read(path: str, size: int) -> GgufFacts:
     try:
-        with open(path, "rb") as file:
+        with _open(path) as file:
             header = read_header(file, size)
     except HeaderError as e:
         message = str(e)

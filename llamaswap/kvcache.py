@@ -150,6 +150,11 @@ class SlotError(Exception):
     """A call to the child's slot API did not work."""
 
 
+class ChildLost(SlotError):
+    """The child went away while a saved state was restored into it (llama-server
+    aborts on a damaged slot file)."""
+
+
 @implementer(IModelHooks)
 class KvStore:
     """Owner of the saved states and of the slot calls to llama-server children."""
@@ -176,6 +181,8 @@ class KvStore:
         self._fingerprints: dict[_Child, str] = {}
         self._restoring: dict[_Child, Deferred[bool]] = {}
         self._pending_cache: dict[str, int] = {}  # requests after a restore to count
+        # models whose last child died restoring: their next one starts with nothing
+        self._plain_next: set[str] = set()
         self._index_lock = DeferredLock()  # one index write at a time, in order
         self._index_written: str | None = None  # what the index file holds, once known
         # models whose slot directory holds no stray file of ours: swept since their
@@ -274,23 +281,33 @@ class KvStore:
         saving = Deferred.fromCoroutine(self._save_all(process, model))
         return self._bounded(saving, process.id, "saving")
 
-    def after_start(self, process: ModelView) -> Deferred[None]:
-        """Restore saved states into a child that just became ready, once per child."""
+    def after_start(self, process: ModelView) -> Deferred[bool]:
+        """Restore saved states into a child that just became ready, once per child;
+        False if the child died of it (the scheduler starts it again, plainly)."""
         model = self._model(process.id)
         if model is None or process.state is not ModelState.READY:
-            return succeed(None)
+            return succeed(True)
         child = _child(process)
         restoring = self._restoring.get(child)
         if restoring is None:
+            lost: list[Failure] = []
+
+            def note_lost(failure: Failure) -> Failure:
+                if failure.check(ChildLost):
+                    lost.append(failure)
+                return failure
+
             work = Deferred.fromCoroutine(self._restore_all(process, model))
-            restoring = self._restoring[child] = self._bounded(work, process.id, "restoring")
+            work.addErrback(note_lost)
+            bounded = self._bounded(work, process.id, "restoring")
+            restoring = self._restoring[child] = bounded.addCallback(lambda _: not lost)
             for old in [c for c in self._restoring if c[0] == process.id and c != child]:
                 del self._restoring[old]
         # each caller gets its own Deferred: the shared one keeps its result
-        follower: Deferred[None] = Deferred()
+        follower: Deferred[bool] = Deferred()
 
-        def fire(result: object) -> object:
-            follower.callback(None)
+        def fire(result: bool) -> bool:
+            follower.callback(result)
             return result
 
         restoring.addBoth(fire)
@@ -445,6 +462,16 @@ class KvStore:
 
     async def _restore_all(self, process: ModelView, model: ModelConfig) -> None:
         mine = [s for s in self.states if s.model == model.id]
+        if model.id in self._plain_next:
+            self._plain_next.discard(model.id)
+            if mine:
+                self.log.info(
+                    "model {model}: its last server died restoring a saved slot; this one "
+                    "starts without restoring any ({count} kept for later starts)",
+                    model=model.id,
+                    count=len(mine),
+                )
+            return
         if not mine:
             return
         fingerprint = await self._fingerprint(process, model)
@@ -477,11 +504,13 @@ class KvStore:
             )
         except defer.CancelledError:
             raise  # the time bound: the file may be good, only big
-        except Exception:
+        except Exception as e:
             # the child went away reading it: llama-server aborts on a damaged slot
-            # file, and restoring it again at each start would crash-loop the model
+            # file, and restoring it again at each start would crash-loop the model;
+            # the request waiting for it is served by a plain start of a new one
             self._delete([state])
-            raise
+            self._plain_next.add(state.model)
+            raise ChildLost(f"the server went away restoring a saved slot ({e})") from e
         counts = self._counts(state.model)
         if status != 200 or not isinstance(answer, dict):
             # refused (a full context, a damaged file): the slot starts empty, as it

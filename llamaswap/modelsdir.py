@@ -21,7 +21,9 @@ import os
 import re
 import shlex
 import shutil
+import threading
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import attrs
@@ -41,6 +43,11 @@ DEFAULT_TEMPLATE = (
     "{server} --host 127.0.0.1 --port ${{PORT}} --alias ${{MODEL_ID}}"
     " -m ${{MODEL_PATH}} ${{MMPROJ}}"
 )
+#: seconds loading a configuration waits for the header of a model file named in a
+#: command; then the model is served with its facts unknown
+HEADER_WAIT = 10.0
+_reading: dict[str, Future[GgufFacts | None]] = {}  # reads not over yet, hung ones too
+_reading_lock = threading.Lock()
 _SHARD = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
 _EMBEDDING_FLAGS = ("--embedding", "--embeddings")
 _RERANK_FLAGS = ("--rerank", "--reranking")
@@ -164,8 +171,48 @@ def weights_in(argv: Sequence[str]) -> str | None:
     return None
 
 
-def facts_of(path: str) -> GgufFacts:
-    """Facts of a model file named in a command (its shards too); raises GgufError."""
+def facts_of(path: str) -> GgufFacts | None:
+    """Facts of a model file named in a command (its shards too); None when there is
+    no such file; raises GgufError.
+
+    Loading a configuration (at start, in the reactor's threads on a reload) waits
+    at most ``HEADER_WAIT`` seconds for it: the file is read in a thread of its own,
+    so one on a hung network mount leaves that thread stuck, not the load nor the
+    reactor's thread pool; later loads do not wait for it again while it is stuck.
+    """
+    with _reading_lock:
+        if path in _reading:
+            raise GgufError("its header is still being read since an earlier load (a hung mount?)")
+        reading: Future[GgufFacts | None] = Future()
+        _reading[path] = reading
+
+    def read() -> None:
+        facts: GgufFacts | None = None
+        error: BaseException | None = None
+        try:
+            facts = _facts_of(path)
+        except BaseException as e:  # handed to the waiter
+            error = e
+        with _reading_lock:  # before the waiter wakes: the next model may name it too
+            del _reading[path]
+        if error is not None:
+            reading.set_exception(error)
+        else:
+            reading.set_result(facts)
+
+    # a daemon thread: a read that never returns must not keep the process alive
+    threading.Thread(target=read, name="llamaswap gguf header", daemon=True).start()
+    try:
+        return reading.result(timeout=HEADER_WAIT)
+    except TimeoutError:
+        raise GgufError(
+            f"its header did not arrive within {HEADER_WAIT:g}s (a hung network mount?)"
+        ) from None
+
+
+def _facts_of(path: str) -> GgufFacts | None:
+    if not os.path.exists(path):
+        return None
     match = _SHARD.match(os.path.basename(path))
     if match is None:
         return read_facts([path])

@@ -466,6 +466,13 @@ class ModelProcess:
         """Fire once the end under way (see :attr:`ending`) is over; at once if none."""
         return self._when_exited() if self.ending else succeed(None)
 
+    def exited(self) -> Deferred[None]:
+        """Fire once the running child's end is settled (at once if none runs), however
+        it ends: a stop, or an exit of its own (a crash, counted as one)."""
+        if self._child is None:
+            return succeed(None)
+        return self._when_exited()
+
     def _exiting(self) -> bool:
         """Its process has exited; the state changes once the output has drained."""
         return self._child is not None and self._child.exit is not None

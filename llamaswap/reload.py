@@ -266,6 +266,9 @@ class ConfigReloader(Service):
         warnings = security_changes(running, config)
         try:
             changes = self.apply(config)
+        except ConfigError as e:  # what only applying can find (a state directory in use)
+            self.log.error("reload refused, the running configuration stays: {error}", error=e)
+            return False
         except Exception:
             self.log.failure("reload failed while applying it")
             return False

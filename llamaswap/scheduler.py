@@ -25,6 +25,7 @@ from twisted.internet.defer import (
     Deferred,
     DeferredList,
     DeferredLock,
+    TimeoutError,
     fail,
     succeed,
 )
@@ -56,8 +57,11 @@ class IModelHooks(Interface):
         """``process`` is ready, idle and about to be stopped for ``reason``: fires
         True when nothing the hook asked of it is still running there."""
 
-    def after_start(process: ModelView) -> Deferred[None]:
-        """``process`` just became ready; no lease is granted on it before this fires."""
+    def after_start(process: ModelView) -> Deferred[bool]:
+        """``process`` just became ready; no lease is granted on it before this fires.
+
+        False: the child went away meanwhile (it died restoring saved state), before
+        any request was sent to it; it is started again for whoever waits."""
 
 
 @implementer(IModelHooks)
@@ -70,8 +74,8 @@ class NoHooks:
     def before_stop(self, process: ModelView, reason: str) -> Deferred[bool]:
         return succeed(True)
 
-    def after_start(self, process: ModelView) -> Deferred[None]:
-        return succeed(None)
+    def after_start(self, process: ModelView) -> Deferred[bool]:
+        return succeed(True)
 
 
 @attrs.define(eq=False)
@@ -180,7 +184,7 @@ class Scheduler:
     def view(self, model_id: str) -> ModelView:
         """One model's process, to look at (as in ``processes``, without building the
         whole map: a request asks for its model's)."""
-        return self._slots[model_id].process
+        return self.process(model_id)
 
     def process(self, model_id: str) -> ModelProcess:
         """The live process of ``model_id``, for whoever owns the service (and tests)."""
@@ -662,11 +666,28 @@ class Scheduler:
                     # stays queued, for the new process the next swap starts
                     self.log.info("start of {model} superseded by a reload", model=model_id)
                     return
-                await self.hooks.after_start(process)
+                if not await self.hooks.after_start(process):
+                    await self._lost_while_warming(process)
             finally:
                 self._warming.discard(model_id)
 
         return Deferred.fromCoroutine(start())
+
+    async def _lost_while_warming(self, process: ModelProcess) -> None:
+        """The child went away in ``after_start``, before any request was sent to it:
+        no lease on it.  Its exit is awaited (so it counts as the crash it was; a
+        child that lingers is stopped), and whoever waits for the model stays queued:
+        the next pump starts it again (the KV store restores nothing into that one)."""
+        self.log.warn(
+            "model {model} went away while its saved slots were restored; starting it "
+            "again without them for the requests waiting for it",
+            model=process.id,
+        )
+        exited = process.exited().addTimeout(process.timing.stop_timeout, self._clock)
+        try:
+            await exited
+        except TimeoutError:
+            await process.stop("lost while restoring")
 
     def _stop(self, slot: _Slot, reason: str, *, drain: bool = False) -> Deferred[None]:
         """Stop a model, after the ``before_stop`` hook if it is ready and idle (and

@@ -46,6 +46,7 @@ from .recorder import Recorder
 from .relay import Hop, Relay
 from .resources import MemoryMonitor
 from .scheduler import Scheduler
+from .statelock import StateHeld, StateLocks
 from .twisted_compat import forget_exit_signal
 from .upstream import UpstreamEndpoints, server_of
 
@@ -290,6 +291,25 @@ class LlamaswapService(MultiService):
         self.store = store
         #: the configuration in use; every reader follows it
         self.live = live
+        #: the state directories this daemon holds (``makeService``; None in tests)
+        self.locks: StateLocks | None = None
+
+    def startService(self) -> None:
+        if self.locks is not None:
+            self.locks.write_pids()  # twistd may have forked into the background
+        super().startService()
+
+    def stopService(self) -> Deferred[Any]:
+        stopped: Deferred[Any] = super().stopService()
+        locks = self.locks
+        if locks is None:
+            return stopped
+
+        def release(result: object) -> object:
+            locks.release_all()  # once nothing writes the state any more
+            return result
+
+        return stopped.addBoth(release)
 
     def apply(self, new: Config) -> Changes:
         """Switch every reader of the configuration to ``new`` (already validated)."""
@@ -484,14 +504,26 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
+    locks = StateLocks()
+    try:
+        locks.take(options["config_obj"], pin_store=True)
+    except StateHeld as e:
+        raise InvalidConfig(f"llamaswap: {e}") from e
     raise_file_limit()  # before build(): the connection caps are derived from it
     service = build(options["config_obj"], reactor, options["listen"])
+    service.locks = locks
     reactor.callWhenRunning(settle_heap)
     apply = service.apply
 
     def adopt(new: Config) -> dict[str, list[str]]:
+        locks.take(new)  # StateHeld, a ConfigError: the reload is refused
         log_notices(new)
-        changes: dict[str, list[str]] = apply(new)
+        try:
+            changes: dict[str, list[str]] = apply(new)
+        except Exception:
+            locks.keep_only(service.live.current)
+            raise
+        locks.keep_only(new)  # what the reload moved away from
         return changes
 
     FolderReloader(

@@ -255,11 +255,11 @@ class ProtocolTests(SynchronousTestCase):
 
     def test_a_child_a_reload_replaces_while_it_restores_gets_the_exit_command(self) -> None:
         """``after_start`` may still be reading a slot file into it."""
-        restoring: Deferred[None] = Deferred()
+        restoring: Deferred[bool] = Deferred()
 
         @implementer(IModelHooks)
         class Restoring(NoHooks):
-            def after_start(self, process: ModelView) -> Deferred[None]:
+            def after_start(self, process: ModelView) -> Deferred[bool]:
                 return restoring
 
         w = world(SPEAKS, timing=TIMING, hooks=lambda config, reactor: Restoring())
@@ -269,7 +269,7 @@ class ProtocolTests(SynchronousTestCase):
         self.assertNoResult(waiting)  # no lease while it restores
         w.reload(SPEAKS.replace("--model a", "--model a --ctx-size 4096"))
         self.assertEqual((a.stdin, a.signals), ([childproto.EXIT_COMMAND], []))
-        restoring.callback(None)
+        restoring.callback(True)
 
     def test_a_child_that_exits_on_the_command_gets_no_signal(self) -> None:
         w, d = self.starting()

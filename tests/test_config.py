@@ -509,7 +509,10 @@ class SelfProxyTests(SynchronousTestCase):
 
 class SelfProxyAtStartAndReload(TestCase):
     SELF = "models:\n  m:\n    cmd: s\n    proxy: http://127.0.0.1:9123\n"
-    OTHER = "models:\n  m:\n    cmd: s\n    proxy: http://127.0.0.1:9124\n"
+    # in memory: the service is never stopped, so a state directory would stay locked
+    OTHER = (
+        "store: {path: ':memory:'}\nmodels:\n  m:\n    cmd: s\n    proxy: http://127.0.0.1:9124\n"
+    )
 
     def options(self, text: str) -> tuple[Options, Path]:
         path = Path(self.mktemp())

@@ -7,6 +7,8 @@ import errno
 import json
 import os
 import resource
+import select
+import socket
 import subprocess
 import sys
 from typing import Any
@@ -35,6 +37,7 @@ from llamaswap.connections import (
     client_key,
     connection_budget,
 )
+from llamaswap.delivery import Delivery, delivery
 from llamaswap.periodic import Periodic
 from llamaswap.resources import Footprint, MemoryMonitor
 
@@ -283,6 +286,176 @@ class StallTests(SynchronousTestCase):
         request.write(b"last")
         request.finish()
         self.assertTrue(transport.value().endswith(b"last\r\n0\r\n\r\n"))
+
+
+class SocketTransport(StringTransport):
+    """A ``StringTransport`` whose handle is a real, connected TCP socket: what the
+    kernel says the client took is real; the bytes written here and the clock are not."""
+
+    def __init__(self, handle: socket.socket, peerAddress: IAddress) -> None:
+        super().__init__(peerAddress=peerAddress)
+        self.handle = handle
+
+    def getHandle(self) -> socket.socket:
+        return self.handle
+
+
+def tcp_pair(test: SynchronousTestCase) -> tuple[socket.socket, socket.socket]:
+    """(client, server) over loopback, with small buffers so they fill quickly."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(listener.getsockname())
+    server, _ = listener.accept()
+    listener.close()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    server.setblocking(False)
+    client.setblocking(False)
+    test.addCleanup(client.close)
+    test.addCleanup(server.close)
+    return client, server
+
+
+def fill(server: socket.socket) -> None:
+    """Write until the socket takes no more: what Twisted does whenever there is room."""
+    while True:
+        try:
+            server.send(b"x" * 65536)
+        except BlockingIOError:
+            return
+
+
+def read_what_arrived(client: socket.socket) -> int:
+    taken = 0
+    while True:
+        try:
+            taken += len(client.recv(65536))
+        except BlockingIOError:
+            return taken
+
+
+class SlowReaderTests(SynchronousTestCase):
+    """Twisted resumes a paused answer only once its buffer has drained completely,
+    so a client reading a long answer slowly stays paused past ``stallTimeout``
+    while it reads: the stall timer asks the socket before it cuts."""
+
+    def held(self) -> tuple[Harness, StringTransport, socket.socket, socket.socket]:
+        h = Harness(attrs.evolve(LIMITS, stall_timeout=30))
+        h.resource.hold = True
+        client, server = tcp_pair(self)
+        address = IPv4Address("TCP", "127.0.0.5", 40000)
+        protocol = h.gate.buildProtocol(address)
+        assert protocol is not None
+        transport = SocketTransport(server, address)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"GET /v1/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        h.resource.seen[0].write(b"first")
+        fill(server)
+        assert transport.producer is not None
+        transport.producer.pauseProducing()  # the send buffer is full
+        return h, transport, client, server
+
+    def test_a_client_reading_slowly_through_one_long_pause_is_not_cut(self) -> None:
+        h, transport, client, server = self.held()
+        for _ in range(6):  # never resumed: 3 minutes paused, reading all along
+            self.assertGreater(read_what_arrived(client), 0)
+            # the client's end acknowledged what it read: the kernel has room again...
+            _, writable, _ = select.select([], [server], [], 10)
+            self.assertEqual(writable, [server])
+            fill(server)  # ...and the room is filled again at once (the queue looks as full)
+            h.clock.advance(30)
+            self.assertFalse(transport.disconnected)
+        h.clock.advance(30)  # it stops reading (what was in flight may still land)
+        h.clock.advance(30)
+        self.assertTrue(transport.disconnected)
+
+    def test_a_client_that_reads_nothing_is_cut(self) -> None:
+        h, transport, _, _ = self.held()
+        h.clock.advance(29)
+        self.assertFalse(transport.disconnected)
+        with capturedLogs() as events:
+            h.clock.advance(31)  # once stallTimeout passes with nothing taken
+        self.assertTrue(transport.disconnected)
+        self.assertIn("connections.stallTimeout", "".join(e["log_format"] for e in events))
+
+    def test_on_a_unix_socket_a_shrinking_send_queue_counts_as_read(self) -> None:
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        ours.setblocking(False)
+        theirs.setblocking(False)
+        transport = SocketTransport(ours, IPv4Address("TCP", "127.0.0.5", 40000))
+        fill(ours)
+        before = delivery(transport)
+        self.assertIsNone(before.acked)  # no TCP_INFO: the queue is all there is
+        self.assertFalse(delivery(transport).taken_since(before))
+        self.assertGreater(read_what_arrived(theirs), 0)
+        self.assertTrue(delivery(transport).taken_since(before))
+
+    def test_a_tls_transport_is_asked_through_the_socket_below_it(self) -> None:
+        _, server = tcp_pair(self)
+
+        class Tls:
+            """What ``TLSMemoryBIOProtocol`` offers: its handle is not a socket."""
+
+            transport = SocketTransport(server, IPv4Address("TCP", "127.0.0.5", 40000))
+
+            def getHandle(self) -> object:
+                return object()
+
+        self.assertIsNotNone(delivery(Tls()).acked)
+
+    def test_a_transport_without_a_socket_never_counts_as_read(self) -> None:
+        transport = StringTransport()
+        self.assertEqual(delivery(transport), Delivery())
+        self.assertFalse(delivery(transport).taken_since(Delivery()))
+
+
+class StallReloadTests(SynchronousTestCase):
+    """A reload that changes ``stallTimeout`` applies to the timers already running."""
+
+    def paused(self) -> tuple[Harness, StringTransport]:
+        h = Harness(attrs.evolve(LIMITS, stall_timeout=30))
+        h.resource.hold = True
+        protocol, transport = h.connect()
+        protocol.dataReceived(b"GET /v1/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert transport.producer is not None
+        transport.producer.pauseProducing()
+        h.clock.advance(5)
+        return h, transport
+
+    def test_a_shorter_stall_timeout_cuts_a_stalled_client_sooner(self) -> None:
+        h, transport = self.paused()
+        h.gate.configure(attrs.evolve(LIMITS, stall_timeout=10))
+        h.clock.advance(4)
+        self.assertFalse(transport.disconnected)
+        h.clock.advance(1)  # 10 s after the pause, not 30
+        self.assertTrue(transport.disconnected)
+
+    def test_a_stall_timeout_already_past_cuts_at_once(self) -> None:
+        h, transport = self.paused()
+        h.gate.configure(attrs.evolve(LIMITS, stall_timeout=2))
+        h.clock.advance(0)
+        self.assertTrue(transport.disconnected)
+
+    def test_a_longer_stall_timeout_gives_a_stalled_client_longer(self) -> None:
+        h, transport = self.paused()
+        h.gate.configure(attrs.evolve(LIMITS, stall_timeout=100))
+        h.clock.advance(90)
+        self.assertFalse(transport.disconnected)
+        h.clock.advance(5)
+        self.assertTrue(transport.disconnected)
+
+    def test_a_resumed_connection_is_no_longer_followed(self) -> None:
+        h, transport = self.paused()
+        assert transport.producer is not None
+        transport.producer.resumeProducing()
+        self.assertEqual(h.gate.unread, set())
+        h.gate.configure(attrs.evolve(LIMITS, stall_timeout=1))
+        h.clock.advance(60)
+        self.assertFalse(transport.disconnected)
 
 
 class CapTests(SynchronousTestCase):

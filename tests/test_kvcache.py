@@ -69,6 +69,7 @@ class Children:
         self.agents: list[RequestTraversalAgent] = []
         self.hang = False  # a child that never answers
         self.dies_restoring = False  # a child that aborts reading a slot file
+        self.died: Callable[[], None] = lambda: None  # its process ends (the test's part)
         self.gate: list[Any] | None = None  # requests held until let_through()
         self.requests: list[tuple[bytes, str]] = []
 
@@ -97,6 +98,7 @@ class Children:
         if self.hang:
             return Deferred()
         if self.dies_restoring and b"action=restore" in uri:
+            self.died()
             return fail(ResponseNeverReceived([Failure(ConnectionDone())]))
         if self.gate is not None:
             held: Deferred[IResponse] = Deferred()
@@ -348,17 +350,76 @@ class NeverWrongTests(SynchronousTestCase):
         self.assertEqual(k.kv.counts["a"].failures, 1)
         self.assertEqual(k.kv.states, [])
 
+    def dies_restoring(self, k: KvWorld) -> Deferred[Lease]:
+        """A request for ``a`` whose child dies restoring its saved slot: the
+        connection fails first, the exit is seen a moment later (as it happens)."""
+        k.converse_then_swap()
+        k.net.dies_restoring = True
+        first = len(k.w.reactor.spawned)
+
+        def die() -> None:
+            child = k.w.child("a")
+            k.w.reactor.callLater(0.01, child.exit, None, 6)  # SIGABRT
+
+        k.net.died = die
+        waiting = k.w.scheduler.acquire("a")
+        k.flush()
+        k.bring_up("a")  # ready; its restore kills it
+        self.assertNoResult(waiting)  # no lease on a child that went away
+        k.net.dies_restoring = False
+        k.w.reactor.advance(0.01)  # its exit is seen: started again
+        self.assertEqual(k.w.spawned_models()[first:], ["a", "a"])
+        return waiting
+
     def test_a_restore_the_child_dies_of_discards_the_state(self) -> None:
         # found with llama-server 0.3.36: a truncated slot file made it abort (SIGABRT)
         # in the restore; the state stayed, so each start restored it again and the
         # model crash-looped until the file was removed by hand
         k = KvWorld(self)
-        k.converse_then_swap()
-        k.net.dies_restoring = True
-        k.lease("a").release()
+        with capturedLogs() as events:
+            waiting = self.dies_restoring(k)
+            k.bring_up("a")
+        self.successResultOf(waiting).release()
         self.assertEqual(k.kv.counts["a"].failures, 1)
         self.assertEqual(k.kv.states, [])
         self.assertEqual(k.files("a"), [])
+        said = [formatEvent(e) for e in events]
+        self.assertEqual(sum("while serving" in line for line in said), 1, said)  # a crash
+        self.assertEqual(sum("went away while its saved slots" in line for line in said), 1)
+
+    def test_the_request_a_child_died_restoring_for_is_served_by_a_plain_start(self) -> None:
+        # before: the lease went to the dead child (its exit not seen yet): one 502
+        k = KvWorld(self, parallel=2)
+        k.converse_then_swap()
+        lease = k.lease("b")
+        k.chat("b", [{"role": "user", "content": LONG + " more"}])
+        lease.release()
+        k.swap_to("a").release()  # a restores its state; a second one is saved for it
+        lease = k.lease("a")
+        k.chat("a", [{"role": "user", "content": LONG + " again"}])
+        lease.release()
+        k.swap_to("b").release()
+        self.assertEqual(len([s for s in k.kv.states if s.model == "a"]), 2)
+        waiting = self.dies_restoring(k)
+        k.net.requests.clear()
+        k.bring_up("a")
+        lease = self.successResultOf(waiting)
+        self.assertEqual(
+            k.chat("a", [{"role": "user", "content": "hi"}])["object"], "chat.completion"
+        )
+        lease.release()
+        # the new child restored nothing; the state that did not kill one is kept
+        self.assertFalse(any("restore" in path for _, path in k.net.requests))
+        self.assertEqual(len([s for s in k.kv.states if s.model == "a"]), 1)
+        self.assertEqual(k.w.scheduler.in_flight("a"), 0)
+
+    def test_a_plain_start_that_dies_too_fails_its_request(self) -> None:
+        k = KvWorld(self)
+        waiting = self.dies_restoring(k)
+        k.w.child("a").exit(1)  # the plain start fails as well: a real failure
+        error = self.failureResultOf(waiting)
+        self.assertIn("exited with code 1 while starting", str(error.value))
+        self.assertEqual(k.w.spawned_models().count("a"), 3)  # no third start of a
 
     def test_a_child_that_does_not_answer_delays_the_swap_only_up_to_the_timeout(self) -> None:
         k = KvWorld(self, extra="  timeout: 3")
@@ -547,14 +608,19 @@ class VisibleTests(SynchronousTestCase):
 class OverRealSocketsTests(LiveTestCase):
     """llamaswap over HTTP in front of fake llama-server children (real processes)."""
 
-    async def test_a_follow_up_after_a_to_b_to_a_finds_its_history_in_the_cache(self) -> None:
+    async def serve_a_and_b(self, flags: str = "") -> None:
+        """Models ``a`` and ``b`` (one swap group), keeping conversations."""
         path = os.path.abspath(self.mktemp())
+        server = f"{FAKE} --tokens 2 --token-delay 0{flags}"
         await self.serve(
             f"kvCache:\n  path: {path}\n  minTokens: 10\n"
             "models:\n"
-            f"  a:\n    cmd: {FAKE} --tokens 2 --token-delay 0\n    kvCache: true\n"
-            f"  b:\n    cmd: {FAKE} --tokens 2 --token-delay 0\n    kvCache: true\n"
+            f"  a:\n    cmd: {server}\n    kvCache: true\n"
+            f"  b:\n    cmd: {server}\n    kvCache: true\n"
         )
+
+    async def test_a_follow_up_after_a_to_b_to_a_finds_its_history_in_the_cache(self) -> None:
+        await self.serve_a_and_b()
         first = [{"role": "user", "content": LONG}]
         answer = (await self.post("/v1/chat/completions", {"model": "a", "messages": first})).json()
         self.assertEqual(answer["timings"]["cache_n"], 0)
@@ -574,6 +640,27 @@ class OverRealSocketsTests(LiveTestCase):
         self.assertIn(
             f'llamaswap_kv_restored_prompt_tokens_total{{model="a"}} {cached_prefix()}.0', metrics
         )
+
+    async def test_a_request_whose_child_dies_restoring_a_damaged_slot_is_answered(
+        self,
+    ) -> None:
+        # llama-server 0.3.36 aborts restoring a damaged slot file; the request that
+        # started it got a 502 (its lease went to the dead child), now a 200
+        await self.serve_a_and_b(" --abort-on-damaged-slot")
+        first = [{"role": "user", "content": LONG}]
+        await self.post("/v1/chat/completions", {"model": "a", "messages": first})
+        await self.post("/v1/chat/completions", {"model": "b", "messages": first})  # saves a
+        directory = self.service.live.current.models["a"].slot_save_path
+        assert directory is not None
+        [name] = [n for n in os.listdir(directory) if n.startswith("slot-")]
+        with open(os.path.join(directory, name), "w") as damaged:
+            damaged.write("half a slot")
+        again = await self.post("/v1/chat/completions", {"model": "a", "messages": first})
+        self.assertEqual(again.code, 200, again.body)
+        self.assertEqual(again.json()["timings"]["cache_n"], 0)  # a plain start
+        metrics = (await self.request("GET", "/metrics")).body.decode()
+        self.assertIn('llamaswap_model_starts_total{model="a"} 3.0', metrics)  # one restart
+        self.assertEqual(os.listdir(directory), [])  # the damaged state is gone
 
     async def test_clients_may_not_save_or_restore_slots_in_llamaswaps_directory(self) -> None:
         path = os.path.abspath(self.mktemp())

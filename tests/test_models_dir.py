@@ -13,8 +13,10 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,9 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
+from llamaswap import modelsdir
 from llamaswap.config import Config, ConfigError, load_config, parse_config
-from llamaswap.gguf_models import RUNTIME_OVERHEAD
+from llamaswap.gguf_models import RUNTIME_OVERHEAD, GgufError, _read
 from llamaswap.livefolder import FolderReloader
 from llamaswap.tap import Options
 
@@ -316,6 +319,109 @@ class ScanTests(SynchronousTestCase):
         path = self.dir / "config.yaml"
         path.write_text("modelsDir: models\n")
         self.assertEqual(list(load_config(path).models), ["m"])
+
+
+def unblocked(test: SynchronousTestCase, work: Callable[[], Any], fifo: Path) -> Any:
+    """``work()``'s result; the test fails if it is still blocked on ``fifo`` after
+    10 s (a writer is then opened to set it free, so no thread is left behind)."""
+    done: Future[Any] = Future()
+
+    def run() -> None:
+        try:
+            done.set_result(work())
+        except BaseException as e:
+            done.set_exception(e)
+
+    threading.Thread(target=run, daemon=True).start()
+    try:
+        return done.result(timeout=10)
+    except TimeoutError:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # EOF for the reader
+        test.fail(f"blocked opening the FIFO {fifo}")
+
+
+class UnluckyPathTests(SynchronousTestCase):
+    """A model file named in a command that is a FIFO, a device or on a hung mount:
+    the configuration still loads, the model is served with its facts unknown."""
+
+    def setUp(self) -> None:
+        self.dir = folder()
+        self.addCleanup(shutil.rmtree, self.dir)
+
+    def load(self, path: Path) -> Config:
+        return parse_config(f"models:\n  m:\n    cmd: my-server --port ${{PORT}} -m {path}\n")
+
+    def test_a_fifo_named_in_a_command_is_never_opened(self) -> None:
+        fifo = self.dir / "model.gguf"
+        os.mkfifo(fifo)
+        config = unblocked(self, lambda: self.load(fifo), fifo)
+        self.assertEqual(config.models["m"].gguf, {})  # listed, its facts unknown
+        (notice,) = config.notices
+        self.assertIn("not a regular file", notice)
+
+    def test_a_fifo_among_the_shards_is_never_opened(self) -> None:
+        write_gguf(self.dir / "big.gguf", shards=2)
+        second = self.dir / "big-00002-of-00002.gguf"
+        second.unlink()
+        os.mkfifo(second)
+        config = unblocked(self, lambda: self.load(self.dir / "big-00001-of-00002.gguf"), second)
+        self.assertEqual(config.models["m"].gguf, {})
+        (notice,) = config.notices
+        self.assertIn(f"its shard {second}: not a regular file", notice)
+
+    def test_two_models_of_one_file_are_both_described(self) -> None:
+        write_gguf(self.dir / "m.gguf")
+        config = parse_config(
+            f"models:\n  a:\n    cmd: srv --port ${{PORT}} -m {self.dir / 'm.gguf'}\n"
+            f"  b:\n    cmd: srv --port ${{PORT}} -m {self.dir / 'm.gguf'} -c 512\n"
+        )
+        self.assertEqual(config.notices, ())
+        self.assertEqual(config.models["a"].gguf["architecture"], "llama")
+        self.assertEqual(config.models["b"].gguf["architecture"], "llama")
+
+    def test_a_device_is_never_read(self) -> None:
+        config = self.load(Path("/dev/zero.gguf"))  # not there: no notice, as before
+        self.assertEqual(config.notices, ())
+        os.symlink("/dev/zero", self.dir / "zero.gguf")
+        config = self.load(self.dir / "zero.gguf")
+        self.assertEqual(config.models["m"].gguf, {})
+        self.assertIn("not a regular file", config.notices[0])
+
+    def test_a_fifo_put_in_place_after_the_stat_is_not_waited_on(self) -> None:
+        fifo = self.dir / "model.gguf"
+        os.mkfifo(fifo)
+        # what the reader does once the stat has seen a regular file
+        error = unblocked(self, lambda: self.assertRaises(GgufError, _read, str(fifo), 4096), fifo)
+        self.assertIn("not a regular file", str(error))
+
+    def test_a_header_that_never_arrives_is_waited_for_once_and_not_by_the_load(self) -> None:
+        # a read that never returns, as on a dead NFS mount (which cannot be made here)
+        release = threading.Event()
+        self.addCleanup(release.set)
+        readers: list[threading.Thread] = []
+
+        def hung(path: str) -> None:
+            readers.append(threading.current_thread())
+            release.wait()
+
+        self.patch(modelsdir, "_facts_of", hung)
+        self.patch(modelsdir, "HEADER_WAIT", 0.05)
+        path = self.dir / "model.gguf"
+
+        config = self.load(path)
+        self.assertEqual(config.models["m"].gguf, {})
+        (notice,) = config.notices
+        self.assertIn("did not arrive within 0.05s", notice)
+        # a reload does not wait for it again, nor start another read of it
+        config = self.load(path)
+        self.assertIn("still being read", config.notices[0])
+        self.assertEqual(len(readers), 1)
+        self.assertTrue(readers[0].daemon)  # its own thread, not a pool's: exit is not held
+        self.assertNotEqual(readers[0], threading.current_thread())
+        release.set()  # the mount comes back: the next load reads it again
+        readers[0].join(10)
+        self.patch(modelsdir, "_facts_of", lambda path: None)
+        self.assertEqual(self.load(path).notices, ())
 
 
 class OptionsTests(SynchronousTestCase):

@@ -246,17 +246,18 @@ class _Builder(MacroReader):
             weights = modelsdir.weights_in(argv)
             if weights is None:
                 return model
-            if not os.path.isfile(weights):  # a typo, or a disk not mounted yet
+            try:
+                read = modelsdir.facts_of(weights)
+            except GgufError as e:
+                notices.append(f"models.{model.id}: {weights}: not sized from its header: {e}")
+                return model
+            if read is None:  # not there (yet): a typo, or a disk not mounted yet
                 notices.append(
                     f"models.{model.id}.cmd: {weights}: no such file (yet); the model "
                     "cannot start until it is there"
                 )
                 return model
-            try:
-                facts = modelsdir.facts_of(weights)
-            except GgufError as e:
-                notices.append(f"models.{model.id}: {weights}: not sized from its header: {e}")
-                return model
+            facts = read
         info = modelsdir.described(facts, argv, found)
         memory = model.memory or self.memory(info["estimate"]["total"], "", budget)
         name = model.name or (facts.name if found is not None else "")

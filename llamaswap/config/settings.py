@@ -128,8 +128,11 @@ class ConnectionLimits:
     stall_timeout: float = setting(
         "stallTimeout",
         120.0,
-        "seconds a client may leave an answer unread (its connection's send buffer full) "
-        "before the connection is cut: its request ends and the model is free again",
+        "seconds a client may leave an answer unread (its connection's send buffer full, "
+        "nothing taken from it) before the connection is cut: its request ends and the model "
+        "is free again; a client that reads, however slowly, is not cut (the kernel tells; "
+        "where it cannot, on other systems than Linux, a pause this long cuts it); a reload "
+        "applies to waits already running",
         **POSITIVE,
     )
     max_connections: int | None = setting(
@@ -224,7 +227,9 @@ class StoreSettings:
         "path",
         None,
         "SQLite file of the activity log; `:memory:` keeps it in memory only. If it cannot be "
-        "opened, llamaswap starts anyway with the log in memory (one warning naming the path)",
+        "opened, llamaswap starts anyway with the log in memory (one warning naming the path). "
+        "Its directory is locked while llamaswap runs (`llamaswap.lock`): a second llamaswap "
+        "with the same directory refuses to start, naming it and the holder's pid",
         kind="custom",
         shown=STATE_DIR_DOC.format("activity.sqlite3"),
         json_default="~/.local/state/llamaswap/activity.sqlite3",
@@ -248,7 +253,9 @@ class KvCacheConfig:
     path: str = setting(
         "path",
         "",
-        "directory of the saved slots, one subdirectory per model (passed as `--slot-save-path`)",
+        "directory of the saved slots, one subdirectory per model (passed as "
+        "`--slot-save-path`). Locked while llamaswap uses it (`llamaswap.lock`): a second "
+        "llamaswap with the same directory refuses to start, or to reload into it",
         kind="custom",
         shown=STATE_DIR_DOC.format("kv"),
         json_default="~/.local/state/llamaswap/kv",

@@ -332,8 +332,12 @@ class FakeLlamaServer:
         metrics: bool = False,
         api_prefix: str = "",
         blocking_writes: bool = False,
+        on_damaged_slot: Callable[[], None] | None = None,
     ) -> None:
         self.clock = clock
+        #: called when a slot file to restore cannot be read, instead of answering
+        #: 400 (llama-server 0.3.36 aborts there: the CLI's --abort-on-damaged-slot)
+        self._on_damaged_slot = on_damaged_slot
         self.blocking_writes = blocking_writes
         self._unblocked: list[Deferred[None]] = []  # waiting for no write to block
         #: like ``--api-prefix``: the routes are served under it too
@@ -752,6 +756,8 @@ class FakeLlamaServer:
                     raw = file.read()
                 tokens = json.loads(raw)["fake_slot"]
             except (OSError, ValueError, KeyError, TypeError) as e:
+                if self._on_damaged_slot is not None:
+                    self._on_damaged_slot()
                 slot.tokens, slot.prompt = [], None
                 raise _BadRequest(f"Unable to restore slot: {e}") from None
             slot.tokens = [str(t) for t in tokens]
@@ -1208,6 +1214,11 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--embedding", "--embeddings", action="store_true", help="no effect")
     parser.add_argument("--reranking", "--rerank", action="store_true", help="no effect")
     parser.add_argument("--slot-save-path", metavar="DIR", help="save/restore slots here")
+    parser.add_argument(
+        "--abort-on-damaged-slot",
+        action="store_true",
+        help="abort (SIGABRT) restoring a slot file that cannot be read, as llama-server 0.3.36",
+    )
     parser.add_argument("--api-prefix", default="", metavar="PREFIX", help="serve under it")
     parser.add_argument("--parallel", "-np", type=int, default=1, metavar="N", help="slots")
     parser.add_argument(
@@ -1238,6 +1249,14 @@ def _stderr(line: str) -> None:
         sys.stderr.flush()
     except (OSError, ValueError):
         pass
+
+
+def _abort_restoring() -> None:
+    _stderr("/fake/llama-context.cpp:1: GGML_ASSERT(slot file is damaged) failed")
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file left behind
+    os.abort()
 
 
 def _hard_exit(code: int, why: str) -> None:
@@ -1373,6 +1392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics=args.metrics,
         api_prefix=args.api_prefix,
         blocking_writes=args.blocking_writes,
+        on_damaged_slot=_abort_restoring if args.abort_on_damaged_slot else None,
     )
     site = Site(server.resource())
     site.noisy = False
