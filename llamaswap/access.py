@@ -80,8 +80,21 @@ def default_session_ttl() -> float:
 MAX_SESSIONS = 1000
 """Most open UI sessions; the oldest goes first (a login flood costs bounded memory)."""
 
-# the routes an inference key reaches besides the model routes
-INFERENCE_PATHS = frozenset({b"/v1/models", b"/models", b"/api/version", b"/openapi.json"})
+# the routes an inference key reaches besides the model routes (API_ROUTES' paths)
+INFERENCE_ROUTES = frozenset(
+    {
+        "/v1/models",
+        "/models",
+        "/v1/models/{model}",
+        "/models/{model}",
+        "/api/version",
+        "/openapi.json",
+    }
+)
+INFERENCE_PATHS = frozenset(r.encode() for r in INFERENCE_ROUTES if "{" not in r)
+# a route with a parameter: every path below its fixed part (the router does not
+# fold dot segments: /v1/models/../running asks for the model "../running")
+INFERENCE_PREFIXES = tuple(r.partition("{")[0].encode() for r in INFERENCE_ROUTES if "{" in r)
 
 _MODEL_PATH = re.compile("|".join(path_pattern(r.path) for r in MODEL_ROUTES))
 # the model routes with methods for admins only, as a served path matches them
@@ -91,7 +104,7 @@ _ADMIN_ROUTES = tuple((served_pattern(r.path), r) for r in MODEL_ROUTES if r.adm
 _ADMIN_OWN = tuple(
     (served_pattern(r.path), r.path)
     for r in API_ROUTES
-    if r.llama_server and not r.open and r.path.encode() not in INFERENCE_PATHS
+    if r.llama_server and not r.open and r.path not in INFERENCE_ROUTES
 )
 # the UI's own reads: the cookie may come without Origin or Sec-Fetch-Site on these
 UI_READS = frozenset(
@@ -214,7 +227,7 @@ def uses_model(path: bytes) -> bool:
 
 
 def reaches_as_inference(path: bytes) -> bool:
-    return path in INFERENCE_PATHS or uses_model(path)
+    return path in INFERENCE_PATHS or path.startswith(INFERENCE_PREFIXES) or uses_model(path)
 
 
 class Keyring:

@@ -284,7 +284,13 @@ class Api:
     @_answers(router, error_answers, NotFound)
     def not_found(self, request: IRequest, failure: Failure) -> bytes:
         path = request.path.decode(errors="replace")
-        return self.error_response(request, ApiError(404, f"no route for {path}", "not_found"))
+        message = f"no route for {path}"
+        if path.startswith("/v1/v1/"):
+            message += (
+                "; the client adds /v1 to a base URL that ends in /v1 already: "
+                "give it http://<host>:<port>/v1 once"
+            )
+        return self.error_response(request, ApiError(404, message, "not_found"))
 
     @_answers(router, error_answers, RequestRedirect)
     def relative_redirect(self, request: IRequest, failure: Failure) -> bytes:
@@ -305,7 +311,13 @@ class Api:
     def bad_method(self, request: IRequest, failure: Failure) -> bytes:
         method = request.method.decode(errors="replace")
         path = request.path.decode(errors="replace")
-        return self.error_response(request, ApiError(405, f"{method} is not allowed on {path}"))
+        message = f"{method} is not allowed on {path}"
+        allowed = getattr(failure.value, "valid_methods", None)
+        if allowed:
+            message += f" (allowed: {', '.join(sorted(allowed))})"
+        if path in ("/models/load", "/models/unload"):  # llama-server's router mode
+            message += f"; llamaswap's own is POST /api{path}/<model id>"
+        return self.error_response(request, ApiError(405, message))
 
     # --- the OpenAI-compatible pass-through ------------------------------------------
 
@@ -419,6 +431,8 @@ class Api:
                 "send the request as application/json",
                 "unsupported_media_type",
             )
+        if not body.strip():
+            raise ApiError(400, 'the request body is empty: send a JSON object ({"model": ...})')
         try:
             document = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
@@ -733,6 +747,23 @@ class Api:
         return _json(request, {"status": "ok"})
 
     def models(self, request: Request) -> bytes:
+        return _json(request, {"object": "list", "data": self.model_list(request)})
+
+    def model_one(self, request: Request, name: str) -> bytes:
+        """One entry of the list (OpenAI's "retrieve model", the SDK's
+        ``models.retrieve``); an alias or variant gets its model's entry."""
+        for record in self.model_list(request):
+            if record["id"] == name:
+                return _json(request, record)
+        model = self.resolve(name, request)
+        self.require_model(request, model.id, name)
+        record = self.model_record(model.id)
+        if model.id != name:
+            record.update(id=name, alias_of=model.id)
+        return _json(request, record)
+
+    def model_list(self, request: Request) -> list[dict[str, Any]]:
+        """The entries of ``/v1/models`` the key may see."""
         data = []
         for model_id in filter(lambda m: may_use(request, m), self.config.listed_ids()):
             record = self.model_record(model_id)
@@ -767,7 +798,7 @@ class Api:
                     }
                 )
         _distinct_names(data)
-        return _json(request, {"object": "list", "data": data})
+        return data
 
     def pool_record(self, pool: PoolConfig, members: list[str]) -> dict[str, Any]:
         """A pool as a model: the record of the model it would use now, renamed; of

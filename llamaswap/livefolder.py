@@ -33,6 +33,9 @@ class FolderReloader(ConfigReloader):
         super().__init__(*args, **kwargs)
 
     def described(self) -> str:
+        """What a reload reads: the file, and the folders when there are any."""
+        if not self.folders():
+            return str(self.path)
         folders = f"models folders {', '.join(self.folders())}"
         return f"{self.path} ({folders})" if self.path else folders
 

@@ -14,6 +14,7 @@ from typing import Any
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
@@ -90,6 +91,8 @@ class Options(usage.Options):
             raise usage.UsageError("give --config FILE, --models-dir DIR, or both")
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        for endpoint in self["listen"]:
+            check_listen(endpoint)
         try:
             self["config_obj"] = self.load(self["config"])
         except ConfigError as e:
@@ -99,6 +102,27 @@ class Options(usage.Options):
     def load(self, path: str | None) -> Config:
         """The configuration file (if any) and the models folders, as one Config."""
         return load_config(path, self["listen"], self["models-dir"])
+
+
+def check_listen(endpoint: str) -> None:
+    """A ``--listen`` value that is no endpoint string gets a usage error that shows
+    one, not the traceback of twistd's parser (nothing is bound here)."""
+    from twisted.internet import reactor
+
+    try:
+        serverFromString(reactor, endpoint)
+    except (ValueError, TypeError, KeyError) as e:
+        host, _, port = endpoint.rpartition(":")
+        if port.isdigit() and not host.startswith(("tcp", "ssl", "unix")):
+            hint = f"did you mean --listen tcp:{port}:interface={host or '127.0.0.1'}?"
+        else:
+            hint = (
+                "write e.g. --listen tcp:8080:interface=127.0.0.1 (tcp:8080: every "
+                "interface; unix:/path: a socket)"
+            )
+        raise usage.UsageError(
+            f"--listen {endpoint!r} is not a Twisted endpoint string ({e}); {hint}"
+        ) from e
 
 
 class InvalidConfig(SystemExit):
@@ -235,11 +259,14 @@ class Listeners(MultiService):
             super().privilegedStartService()
         except CannotListenError as e:
             where = f"{e.interface or '*'}:{e.port}"
+            other = f"tcp:{e.port + 1}" if isinstance(e.port, int) else "tcp:8081"
+            other += f":interface={e.interface}" if e.interface else ""
             self.log.critical(
                 "cannot listen on {where}: {error}; is another server using it? "
-                "Pick another with --listen.",
+                "Stop it, or pick another port (--listen {other}; make run: LISTEN={other}).",
                 where=where,
                 error=e.socketError,
+                other=other,
             )
             raise SystemExit(1) from e
 

@@ -94,6 +94,8 @@ def route_table() -> list[tuple[str, str, bytes | None, dict[str, object]]]:
         rows.append(("GET", path, None, everyone_in))
     hidden = {**everyone_in, "bob": HIDDEN, "ops": HIDDEN}
     rows.append(("GET", "/upstream/alpha/health", None, hidden))
+    for path in ("/v1/models/alpha", "/models/alpha", "/v1/models/box2/big"):
+        rows.append(("GET", path, None, hidden))  # one entry of the list: as the list
     peer = json.dumps({"model": "box2/big", "messages": []}).encode()
     rows.append(("POST", "/v1/chat/completions", peer, hidden))
     for path in (

@@ -166,6 +166,64 @@ class ValidationTests(SynchronousTestCase):
             self.error("models:\n  m:\n    cmd: s --port ${PORT}\n    ttls: 5\n"),
         )
 
+    def test_yaml_errors_name_the_line(self) -> None:
+        tab = self.error("models:\n  m:\n\tcmd: s --port ${PORT}\n")
+        self.assertIn("conf.yaml: not valid YAML: line 3, column 1: found character '\\t'", tab)
+        self.assertIn("replace the tab with spaces", tab)
+        self.assertNotIn("<unicode string>", tab)
+        quote = self.error('models:\n  m:\n    cmd: "s --port ${PORT}\n')
+        self.assertIn("(while scanning a quoted scalar at line 3, column 10)", quote)
+
+    def test_a_key_given_twice_is_refused(self) -> None:
+        model = "  m:\n    cmd: s --port ${PORT}\n"
+        self.assertIn(
+            "conf.yaml: line 4, column 3: 'm' is given twice in the same map (first on line 2)",
+            self.error("models:\n" + model + model),
+        )
+        self.assertIn(
+            "line 5, column 5: 'ttl' is given twice in the same map (first on line 4)",
+            self.error("models:\n" + model + "    ttl: 5\n    ttl: 6\n"),
+        )
+        merged = "models:\n  a: &a\n    cmd: s --port ${PORT}\n    ttl: 5\n"
+        merged += "  b:\n    <<: *a\n    ttl: 6\n"
+        self.assertEqual(parse_config(merged, "conf.yaml").models["b"].ttl, 6)
+
+    def test_yaml_and_key_errors_never_echo_a_key(self) -> None:
+        model = "models:\n  m:\n    cmd: s --port ${PORT}\n"
+        twice = self.error(model + "apiKeys:\n  - {name: a, key: sk-one, key: sk-two}\n")
+        self.assertIn("'key' is given twice", twice)
+        tab = self.error(model + "apiKeys:\n\t- sk-one\n")
+        self.assertIn("line 5, column 1", tab)
+        not_a_list = self.error(model + "apiKeys: sk-one\n")
+        self.assertIn("apiKeys: expected a list of keys (apiKeys: [<key>]), got str", not_a_list)
+        for message in (twice, tab, not_a_list):
+            self.assertNotIn("sk-", message)
+
+    def test_unknown_model_references_list_the_models(self) -> None:
+        self.assertIn(
+            "groups.g.members[0]: unknown model 'zzz' (known models: m)",
+            self.error(
+                "models:\n  m:\n    cmd: s --port ${PORT}\ngroups:\n  g:\n    members: [zzz]\n"
+            ),
+        )
+
+    def test_a_model_file_that_is_not_there_is_a_notice(self) -> None:
+        text = "models:\n  m:\n    cmd: llama-server --port ${PORT} -m /nowhere/m.gguf\n"
+        config = parse_config(text, "conf.yaml")  # not an error: a disk may come later
+        self.assertEqual(
+            config.notices,
+            (
+                "models.m.cmd: /nowhere/m.gguf: no such file (yet); "
+                "the model cannot start until it is there",
+            ),
+        )
+
+    def test_port_without_braces_is_explained(self) -> None:
+        self.assertIn(
+            "($PORT without braces is passed on as it is)",
+            self.error("models:\n  m:\n    cmd: s --port $PORT\n"),
+        )
+
     def test_structure_errors(self) -> None:
         self.assertIn("the file is empty", self.error(""))
         self.assertIn("models: required key is missing", self.error("logLevel: info\n"))

@@ -176,6 +176,11 @@ class ErrorTests(LiveTestCase):
             "not valid JSON",
         )
         self.assertError(
+            await self.request("POST", "/v1/chat/completions", b"", json_ct),
+            400,
+            "the request body is empty: send a JSON object",
+        )
+        self.assertError(
             await self.request("POST", "/v1/chat/completions", b"[1, 2]", json_ct),
             400,
             "must be a JSON object",
@@ -333,6 +338,40 @@ class ManagementTests(LiveTestCase):
             self.assertEqual(by_id["alpha"]["name"], "Alpha")
             self.assertEqual(by_id["alpha"]["description"], "the first one")
             self.assertEqual(by_id["beta"]["status"]["value"], "stopped")
+
+    async def test_one_model_is_retrieved_by_id_or_alias(self) -> None:
+        """OpenAI's "retrieve model" (the SDK's ``models.retrieve``)."""
+        await self.serve(TWO)
+        listing = (await self.request("GET", "/v1/models")).json()["data"]
+        for path in ("/v1/models/org/with-slash", "/models/org/with-slash"):
+            one = await self.request("GET", path)
+            self.assertEqual(one.code, 200)
+            self.assertEqual(one.json(), next(m for m in listing if m["id"] == "org/with-slash"))
+        alias = (await self.request("GET", "/v1/models/a")).json()
+        self.assertEqual((alias["id"], alias["alias_of"], alias["name"]), ("a", "alpha", "Alpha"))
+        hidden = (await self.request("GET", "/v1/models/hidden")).json()
+        self.assertEqual(hidden["id"], "hidden")
+        self.assertNotIn("alias_of", hidden)
+        missing = await self.request("GET", "/v1/models/nope")
+        self.assertEqual(missing.code, 404)
+        self.assertEqual(missing.json()["error"]["code"], "model_not_found")
+        self.assertIn("available models: alpha, beta, org/with-slash", missing.body.decode())
+        self.assertEqual(await self.running(), {})  # asking starts nothing
+
+    async def test_a_doubled_v1_in_the_base_url_is_pointed_out(self) -> None:
+        await self.serve(TWO)
+        reply = await self.post("/v1/v1/chat/completions", {"model": "alpha"})
+        self.assertEqual(reply.code, 404)
+        self.assertIn("give it http://<host>:<port>/v1 once", reply.json()["error"]["message"])
+
+    async def test_a_wrong_method_is_told_the_right_one(self) -> None:
+        await self.serve(TWO)
+        chat = await self.request("GET", "/v1/chat/completions")
+        self.assertEqual(chat.code, 405)
+        self.assertIn("(allowed: OPTIONS, POST)", chat.json()["error"]["message"])
+        router = await self.post("/models/load", {"model": "alpha"})  # llama-server's router
+        self.assertIn("llamaswap's own is POST /api/models/load/<model id>", router.body.decode())
+        self.assertEqual(await self.running(), {})
 
     async def test_health_and_unload_endpoints(self) -> None:
         await self.serve(TWO)

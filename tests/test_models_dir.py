@@ -303,9 +303,13 @@ class ScanTests(SynchronousTestCase):
         self.assertEqual(dict(load_config(None, (), [str(self.dir)]).models), {})
 
     def test_a_folder_that_is_not_there_is_an_error(self) -> None:
-        error = self.assertRaises(ConfigError, load_config, None, (), [str(self.dir / "nope")])
-        self.assertEqual(error.path, "--models-dir")
-        self.assertIn("is not a folder", str(error))
+        nope = str(self.dir / "nope")
+        error = self.assertRaises(ConfigError, load_config, None, (), [nope])
+        self.assertEqual(str(error), f"--models-dir: {nope} is not a folder")  # said once
+        config = self.dir / "c.yaml"
+        config.write_text("models: {}\n")
+        error = self.assertRaises(ConfigError, load_config, str(config), (), [nope])
+        self.assertEqual(str(error), f"--models-dir: {nope} is not a folder")  # not the file's
         error = self.assertRaises(ConfigError, self.load, "modelsDir: [a, nope]\n")
         self.assertEqual(error.path, "modelsDir[0]")
 
@@ -376,8 +380,9 @@ class UnluckyPathTests(SynchronousTestCase):
         self.assertEqual(config.models["b"].gguf["architecture"], "llama")
 
     def test_a_device_is_never_read(self) -> None:
-        config = self.load(Path("/dev/zero.gguf"))  # not there: no notice, as before
-        self.assertEqual(config.notices, ())
+        config = self.load(Path("/dev/zero.gguf"))  # not there: said, never read
+        self.assertEqual(len(config.notices), 1)
+        self.assertIn("/dev/zero.gguf: no such file (yet)", config.notices[0])
         os.symlink("/dev/zero", self.dir / "zero.gguf")
         config = self.load(self.dir / "zero.gguf")
         self.assertEqual(config.models["m"].gguf, {})
@@ -417,7 +422,8 @@ class UnluckyPathTests(SynchronousTestCase):
         release.set()  # the mount comes back: the next load reads it again
         readers[0].join(10)
         self.patch(modelsdir, "_facts_of", lambda path: None)
-        self.assertEqual(self.load(path).notices, ())
+        (notice,) = self.load(path).notices  # read again: now simply not there
+        self.assertIn("no such file (yet)", notice)
 
 
 class OptionsTests(SynchronousTestCase):
@@ -458,6 +464,16 @@ class LiveFolderTests(SynchronousTestCase):
         reloader.startService()
         self.addCleanup(reloader.stopService)
         return reloads
+
+    def test_the_reload_line_names_only_what_there_is(self) -> None:
+        def reloader(path: str | None, folders: list[str]) -> FolderReloader:
+            return FolderReloader(
+                lambda: folders, path, lambda config: {}, Clock(), lambda: load_config(None)
+            )
+
+        self.assertEqual(reloader("c.yaml", []).described(), "c.yaml")  # no "(models folders )"
+        self.assertEqual(reloader("c.yaml", ["/m"]).described(), "c.yaml (models folders /m)")
+        self.assertEqual(reloader(None, ["/m"]).described(), "models folders /m")
 
     def test_a_change_in_the_folder_triggers_a_reload(self) -> None:
         path = folder()

@@ -46,7 +46,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 from werkzeug.exceptions import HTTPException
 
-from llamaswap.access import INFERENCE_PATHS, Access
+from llamaswap.access import INFERENCE_ROUTES, Access
 from llamaswap.api import Api
 from llamaswap.guard import ApiSite, Guard
 from llamaswap.kvcache import KvStore
@@ -233,7 +233,7 @@ def router_match(method: str, target: bytes) -> tuple[str, Mapping[str, Any]] | 
 _ADMIN_OWN = {
     r.path
     for r in API_ROUTES
-    if not (r.open or r.session or r.path.encode() in INFERENCE_PATHS) and r.handler != "upstream"
+    if not (r.open or r.session or r.path in INFERENCE_ROUTES) and r.handler != "upstream"
 }
 _OPEN = {r.path for r in API_ROUTES if r.open or r.session}
 _ADMIN_MODEL = {r.path: r.admin_methods for r in MODEL_ROUTES if r.admin_methods}
@@ -381,6 +381,9 @@ class PathDifferentialTests(SynchronousTestCase):
     # the upstream handler cut the router's "upstream" off at a fixed length: m got it
     @example(("POST", b"/%75pstream/p/api/completions", b"{}", ADMIN))
     @example(("GET", b"/upstream%2Fm/props", b"", ADMIN))
+    # one model's entry is an inference key's; what is below it must not be /running
+    @example(("GET", b"/v1/models/../running", b"", INFERENCE))
+    @example(("GET", b"/v1/models/..;a=1/running;a=1?model=m", b"", INFERENCE))
     # werkzeug reads "post" as POST, the handler took it for a GET (no body read, no
     # slot check) and relayed "post" (llama-server answers 400)
     @example(("post", b"/slots/0?action=save&model=m", b'{"filename": "f.bin"}', ADMIN))

@@ -104,6 +104,24 @@ class OptionsTests(SynchronousTestCase):
         error = self.assertRaises(InvalidConfig, Options().parseOptions, ["--config", path])
         self.assertIn(f"{path}: models.m.ttl: expected a number, got str 'forever'", str(error))
 
+    def test_a_listen_value_that_is_no_endpoint_gets_one_shown(self) -> None:
+        path = self.config_file("models:\n  m:\n    cmd: s --port ${PORT}\n")
+
+        def error(listen: str) -> str:
+            return str(
+                self.assertRaises(
+                    UsageError, Options().parseOptions, ["--config", path, "--listen", listen]
+                )
+            )
+
+        self.assertIn("did you mean --listen tcp:8080:interface=127.0.0.1?", error("8080"))
+        self.assertIn("did you mean --listen tcp:9000:interface=0.0.0.0?", error("0.0.0.0:9000"))
+        self.assertIn(
+            "--listen 'tcp:8080:bogus=1' is not a Twisted endpoint string",
+            error("tcp:8080:bogus=1"),
+        )
+        self.assertIn("write e.g. --listen tcp:8080:interface=127.0.0.1", error("tcp:abc"))
+
     def test_help_mentions_the_options(self) -> None:
         text = str(Options())
         self.assertIn("--config", text)
@@ -137,6 +155,7 @@ class TwistdTests(TestCase):
         self.assertNotEqual(code, 0)
         self.assertIn(f"cannot listen on 127.0.0.1:{port}", output)
         self.assertIn("Address already in use", output)
+        self.assertIn(f"--listen tcp:{port + 1}:interface=127.0.0.1", output)  # what to do
         self.assertNotIn("Traceback", output)
 
     async def test_an_invalid_config_exits_non_zero_naming_the_key(self) -> None:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import yaml
 
 from .. import modelsdir
 from .. import policy as policies
@@ -59,6 +58,7 @@ from .settings import (
     default,
     yaml_names,
 )
+from .yamltext import load_yaml
 
 SLOT_SAVE_FLAG = "--slot-save-path"
 
@@ -93,10 +93,7 @@ def parse_config(
     ``environ`` (default: this process's environment) fills ``${env.NAME}``;
     ``models_dirs`` are scanned for GGUF files as if listed in ``modelsDir``.
     """
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(source, "", f"not valid YAML: {e}") from e
+    document = load_yaml(text, source)
     builder = _Builder(source, os.environ if environ is None else environ)
     builder.cli_models_dirs = tuple(os.path.abspath(os.path.expanduser(d)) for d in models_dirs)
     return builder.build(document)
@@ -211,9 +208,11 @@ class _Builder(MacroReader):
             where = "modelsDir" if isinstance(value, str) else f"modelsDir[{i}]"
             expanded = os.path.expanduser(self.expand(raw, where, macros, ()))
             folders.append((where, os.path.join(base, expanded)))
-        folders += [("--models-dir", d) for d in self.cli_models_dirs]
+        folders += [("", d) for d in self.cli_models_dirs]  # from the command line
         for where, folder in folders:
             if not os.path.isdir(folder):
+                if not where:
+                    raise ConfigError("--models-dir", "", f"{folder} is not a folder")
                 raise self.fail(where, f"{folder} is not a folder")
         return tuple(dict.fromkeys(os.path.normpath(f) for _, f in folders))
 
@@ -252,7 +251,11 @@ class _Builder(MacroReader):
             except GgufError as e:
                 notices.append(f"models.{model.id}: {weights}: not sized from its header: {e}")
                 return model
-            if read is None:  # not there (yet)
+            if read is None:  # not there (yet): a typo, or a disk not mounted yet
+                notices.append(
+                    f"models.{model.id}.cmd: {weights}: no such file (yet); the model "
+                    "cannot start until it is there"
+                )
                 return model
             facts = read
         info = modelsdir.described(facts, argv, found)
@@ -317,7 +320,9 @@ class _Builder(MacroReader):
         if value is None:
             return ()
         if not isinstance(value, list):
-            raise self.fail("apiKeys", f"expected a list of keys, got {_describe(value)}")
+            # never echo what may be a key: its type only
+            got = _describe(value) if isinstance(value, dict) else type(value).__name__
+            raise self.fail("apiKeys", f"expected a list of keys (apiKeys: [<key>]), got {got}")
         keys: list[ApiKey] = []
         for i, raw in enumerate(value):
             path = f"apiKeys[{i}]"
@@ -514,10 +519,12 @@ class _Builder(MacroReader):
         )
         if "${PORT}" in proxy and not cmd.uses_port:
             where = f"{base}.proxy" if "proxy" in doc else f"{base}.cmd"
+            unbraced = re.search(r"\$PORT\b", str(doc["cmd"]))
             raise self.fail(
                 where,
                 "the command does not use ${PORT}, so llamaswap cannot know where the "
-                "server listens; put ${PORT} in cmd or give a fixed 'proxy' URL",
+                "server listens; put ${PORT} in cmd or give a fixed 'proxy' URL"
+                + (" ($PORT without braces is passed on as it is)" if unbraced else ""),
             )
         if not re.match(r"^https?://[^/]+", proxy):
             raise self.fail(f"{base}.proxy", f"expected an http:// URL, got {proxy!r}")

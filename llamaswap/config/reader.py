@@ -23,11 +23,12 @@ class ConfigError(Exception):
         super().__init__(where + message)
 
 
-def _suggest(key: str, allowed: tuple[str, ...]) -> str:
+def _suggest(key: str, allowed: tuple[str, ...], known: str = "keys") -> str:
+    """A hint after an unknown name: the close one, else every ``known`` one."""
     close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
     if close:
         return f" (did you mean {close[0]!r}?)"
-    return f" (known keys: {', '.join(allowed)})"
+    return f" (known {known}: {', '.join(allowed)})"
 
 
 class Reader:

@@ -30,7 +30,7 @@ def groups(
             where = f"{base}.members[{i}]"
             if member not in models:
                 raise reader.fail(
-                    where, f"unknown model {member!r}" + _suggest(member, tuple(models))
+                    where, f"unknown model {member!r}" + _suggest(member, tuple(models), "models")
                 )
             if member in owner:
                 other = owner[member]
@@ -62,7 +62,7 @@ def profiles(
             if member not in models:
                 raise reader.fail(
                     f"{base}[{i}]",
-                    f"unknown model {member!r}" + _suggest(member, tuple(models)),
+                    f"unknown model {member!r}" + _suggest(member, tuple(models), "models"),
                 )
         profiles[name] = tuple(dict.fromkeys(ids))
     return profiles
@@ -83,7 +83,7 @@ def preload(reader: Reader, value: object, models: Mapping[str, ModelConfig]) ->
         if model is None:
             raise reader.fail(
                 f"hooks.on_startup.preload[{i}]",
-                f"unknown model {name!r}" + _suggest(name, tuple(models)),
+                f"unknown model {name!r}" + _suggest(name, tuple(models), "models"),
             )
         ids.append(model.id)
     return tuple(ids)
@@ -115,7 +115,7 @@ def check_default_model(reader: Reader, config: Config) -> None:
     names = tuple(models) + tuple(n for m in models.values() for n in m.names)
     raise reader.fail(
         "defaultModel",
-        f"unknown model {config.default_model!r}" + _suggest(config.default_model, names),
+        f"unknown model {config.default_model!r}" + _suggest(config.default_model, names, "models"),
     )
 
 
@@ -141,7 +141,7 @@ def pools(
             if member not in models:
                 raise reader.fail(
                     f"{base}.models[{i}]",
-                    f"unknown model {member!r}" + _suggest(member, tuple(models)),
+                    f"unknown model {member!r}" + _suggest(member, tuple(models), "models"),
                 )
         found[pool_id] = PoolConfig(id=pool_id, models=tuple(dict.fromkeys(ids)), **declared)
     return found

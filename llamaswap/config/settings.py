@@ -773,9 +773,10 @@ class ApiKeySettings:
     role: str = setting(
         "role",
         "inference",
-        "`inference`: the OpenAI and llama-server routes, `/upstream/`, `/v1/models` (only its "
-        "models) and `/api/version`, but not what changes a server for everyone or reaches "
-        "beyond it (`POST /props`, `/lora-adapters`, `/slots/{id}`, `/tools`; `/cors-proxy`); "
+        "`inference`: the OpenAI and llama-server routes, `/upstream/`, `/v1/models` and "
+        "`/v1/models/<id>` (only its models) and `/api/version`, but not what changes a "
+        "server for everyone or reaches beyond it (`POST /props`, `/lora-adapters`, "
+        "`/slots/{id}`, `/tools`; `/cors-proxy`); "
         "`admin`: every route",
         kind="enum",
         choices=ROLE_NAMES,
