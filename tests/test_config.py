@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -208,7 +209,7 @@ class ValidationTests(SynchronousTestCase):
         )
 
     def test_a_model_file_that_is_not_there_is_a_notice(self) -> None:
-        text = "models:\n  m:\n    cmd: llama-server --port ${PORT} -m /nowhere/m.gguf\n"
+        text = "models:\n  m:\n    cmd: sh --port ${PORT} -m /nowhere/m.gguf\n"
         config = parse_config(text, "conf.yaml")  # not an error: a disk may come later
         self.assertEqual(
             config.notices,
@@ -217,6 +218,30 @@ class ValidationTests(SynchronousTestCase):
                 "the model cannot start until it is there",
             ),
         )
+
+    def test_a_program_that_is_not_there_is_a_notice_once(self) -> None:
+        text = (
+            "models:\n"
+            "  a:\n    cmd: lama-server --port ${PORT}\n"  # a typo
+            "  b:\n    cmd: lama-server --port ${PORT} --ctx-size 8\n"
+            "  c:\n    cmd: /nowhere/bin/llama-server --port ${PORT}\n"
+            "  d:\n    cmd: sh --port ${PORT}\n"  # on PATH
+            "  e:\n    cmd: sh --port ${PORT}\n    env: [PATH=/nowhere/bin]\n"
+        )
+        config = parse_config(text, "conf.yaml", {"PATH": os.environ["PATH"]})
+        self.assertEqual(
+            config.notices,
+            tuple(
+                f"models.{model}.cmd: {program}: command not found (check cmd and PATH); "
+                "the models that use it cannot start until it is there"
+                for model, program in [
+                    ("a", "lama-server"),
+                    ("c", "/nowhere/bin/llama-server"),
+                    ("e", "sh"),  # not on its own PATH
+                ]
+            ),
+        )
+        self.assertEqual(set(config.models), {"a", "b", "c", "d", "e"})  # all served
 
     def test_port_without_braces_is_explained(self) -> None:
         self.assertIn(

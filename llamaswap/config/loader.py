@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -141,9 +142,11 @@ class _Builder(MacroReader):
             models[model_id] = self.model(model_id, entry, macros, defaults)
         found = modelsdir.scan(folders)
         notices = list(found.notices)
+        unfound: dict[str, str] = {}  # a program not found, and the setting naming it first
         model_defaults = self.model_defaults(root.get("modelDefaults"))
         for model_id, model in models.items():
             models[model_id] = self.sized(model, None, budget, notices)
+            self.find_command(model, f"models.{model_id}.cmd", unfound)
         taken = set(models) | {name for m in models.values() for name in m.names}
         for item in found.models:
             if item.id not in taken:  # an entry in the file wins over a found file
@@ -154,6 +157,12 @@ class _Builder(MacroReader):
                     notices.append(f"{item.path}: skipped: {e}")
                     continue
                 models[item.id] = self.sized(model, item, budget, notices)
+                self.find_command(model, "modelDefaults.cmd", unfound)
+        notices.extend(
+            f"{where}: {program}: command not found (check cmd and PATH); the models "
+            "that use it cannot start until it is there"
+            for program, where in unfound.items()
+        )
         if self.kv_withheld:  # said only when a model would have had the flag
             notices.append(
                 f"kvCache.path {kv_cache.path} cannot be written: models start without the "
@@ -262,6 +271,16 @@ class _Builder(MacroReader):
         memory = model.memory or self.memory(info["estimate"]["total"], "", budget)
         name = model.name or (facts.name if found is not None else "")
         return attrs.evolve(model, name=name, memory=memory, gguf=info)
+
+    def find_command(self, model: ModelConfig, where: str, unfound: dict[str, str]) -> None:
+        """Note in ``unfound`` a program that is not there now: said at load time, not
+        first at a request's 503 (a warning: it may be installed before it is used)."""
+        argv = model.cmd.argv
+        if not argv or "${" in argv[0] or argv[0] in unfound:
+            return
+        path = dict(model.env).get("PATH", self.environ.get("PATH"))
+        if shutil.which(argv[0], path=path) is None:
+            unfound[argv[0]] = where
 
     def default_model(self, value: object) -> str | None:
         if value is None:
