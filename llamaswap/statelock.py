@@ -16,8 +16,10 @@ startup and for a reload, on the reactor.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
+import stat
 
 import attrs
 
@@ -28,7 +30,11 @@ LOCK_FILE = "llamaswap.lock"
 IN_MEMORY = ":memory:"
 
 
-class StateHeld(ConfigError):
+class StateRefused(ConfigError):
+    """A state directory this llamaswap may not use."""
+
+
+class StateHeld(StateRefused):
     """A state directory is locked by another llamaswap."""
 
     def __init__(self, directory: str, setting: str, holder: str) -> None:
@@ -38,6 +44,20 @@ class StateHeld(ConfigError):
             f"{directory} is in use by another llamaswap ({holder}); two daemons sharing "
             f"it would corrupt each other's state: give this one its own {setting} "
             "(or stop the other)",
+        )
+
+
+class LockFileRefused(StateRefused):
+    """The lock file is not a plain file of its own: a symlink, a hard link, a
+    folder, a FIFO (planted by whoever else may write in that directory)."""
+
+    def __init__(self, path: str, setting: str, what: str) -> None:
+        super().__init__(
+            setting,
+            "",
+            f"{path} is {what}: llamaswap neither follows nor writes it (another user of "
+            f"that directory may have planted it); remove it, or give {setting} a "
+            "directory of its own",
         )
 
 
@@ -78,13 +98,27 @@ class DirectoryLock:
         """Lock the directory (made if missing), or raise :class:`StateHeld`.
 
         A directory that cannot be made or written is not locked: nothing can be
-        written there either, and its owner (the store) says so itself."""
+        written there either, and its owner (the store) says so itself.  A lock file
+        that is not a plain file of its own is never followed nor written: raise
+        :class:`LockFileRefused` (``O_NOFOLLOW``; ``O_NONBLOCK`` for a FIFO)."""
         try:
             os.makedirs(self.state.path, mode=0o700, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(
+                self.path,
+                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY,
+                0o600,
+            )
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise LockFileRefused(self.path, self.state.setting, "a symlink") from None
+            if e.errno == errno.EISDIR:
+                raise LockFileRefused(self.path, self.state.setting, "not a regular file") from None
             self.log.info("not locking {path}: {error}", path=self.path, error=e)
             return
+        unsafe = _unsafe(fd)
+        if unsafe is not None:
+            os.close(fd)
+            raise LockFileRefused(self.path, self.state.setting, unsafe)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -113,6 +147,16 @@ class DirectoryLock:
             os.close(fd)
 
 
+def _unsafe(fd: int) -> str | None:
+    """What makes the opened lock file one not to write (None: a plain file)."""
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    if info.st_nlink > 1:  # truncating it would truncate the other name's file
+        return "a hard link to another file"
+    return None
+
+
 def _holder(fd: int) -> str:
     """Who holds the lock, as its file says."""
     try:
@@ -138,9 +182,10 @@ class StateLocks:
         return sorted(self._held)
 
     def take(self, config: Config, pin_store: bool = False) -> None:
-        """Lock every state directory ``config`` writes; raise :class:`StateHeld`
-        (holding nothing new) if another llamaswap holds one.  ``pin_store``: the
-        activity store's directory stays locked until :meth:`release_all`."""
+        """Lock every state directory ``config`` writes; raise :class:`StateRefused`
+        (holding nothing new) if another llamaswap holds one or its lock file is
+        unsafe.  ``pin_store``: the activity store's directory stays locked until
+        :meth:`release_all`."""
         taken = []
         try:
             for state in state_dirs(config):
@@ -151,7 +196,7 @@ class StateLocks:
                 if lock.held:
                     self._held[state.path] = lock
                     taken.append(state.path)
-        except StateHeld:
+        except StateRefused:
             for path in taken:
                 self._held.pop(path).release()
             raise

@@ -20,7 +20,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from llamaswap.config import Config, parse_config
 from llamaswap.reload import ConfigReloader
-from llamaswap.statelock import LOCK_FILE, StateHeld, StateLocks, state_dirs
+from llamaswap.statelock import (
+    LOCK_FILE,
+    LockFileRefused,
+    StateHeld,
+    StateLocks,
+    state_dirs,
+)
 from llamaswap.tap import LlamaswapService, Options, makeService
 
 from .daemon import TWISTD, daemon_env, free_port
@@ -86,6 +92,44 @@ class InOneProcessTests(SynchronousTestCase):
         locks.take(config_of(str(self.root / "activity.sqlite3"), str(self.root)))
         self.addCleanup(locks.release_all)
         self.assertEqual(locks.directories, [str(self.root)])
+
+    def test_a_lock_file_planted_as_a_symlink_is_not_followed(self) -> None:
+        # store.path in a shared directory: another user plants llamaswap.lock as a
+        # symlink to a file of ours; taking the lock truncated it to our pid
+        state = self.root / "state"
+        state.mkdir(parents=True)
+        victim = self.root / "victim.txt"
+        victim.write_text("precious\n")
+        (state / LOCK_FILE).symlink_to(victim)
+        locks = StateLocks()
+        error = self.assertRaises(LockFileRefused, locks.take, self.config)
+        self.assertIn(str(state / LOCK_FILE), str(error))
+        self.assertIn("store.path", str(error))
+        self.assertEqual(victim.read_text(), "precious\n")
+        self.assertEqual(locks.directories, [])
+
+    def test_a_lock_file_that_is_no_regular_file_is_refused_not_ignored(self) -> None:
+        # before: a folder in its place was "not locking" and two daemons shared the
+        # state; a FIFO was taken as the lock file
+        state = self.root / "state"
+        state.mkdir(parents=True)
+        lock_file = state / LOCK_FILE
+        lock_file.mkdir()
+        error = self.assertRaises(LockFileRefused, lock_and_release, self.config)
+        self.assertIn("not a regular file", str(error))
+        lock_file.rmdir()
+        os.mkfifo(lock_file)
+        error = self.assertRaises(LockFileRefused, lock_and_release, self.config)
+        self.assertIn("not a regular file", str(error))
+
+    def test_a_lock_file_hard_linked_to_another_file_is_refused(self) -> None:
+        state = self.root / "state"
+        state.mkdir(parents=True)
+        victim = self.root / "victim.txt"
+        victim.write_text("precious\n")
+        os.link(victim, state / LOCK_FILE)
+        self.assertRaises(LockFileRefused, lock_and_release, self.config)
+        self.assertEqual(victim.read_text(), "precious\n")
 
     def test_the_lock_of_a_killed_holder_is_free_and_its_file_is_taken_over(self) -> None:
         holder = subprocess.Popen(
