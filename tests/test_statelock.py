@@ -214,6 +214,29 @@ class ReloadTests(LiveTestCase):
         await service.stopService()
         lock_and_release(config_of(store, str(root / "mine")))  # shutdown released both
 
+    async def test_a_reload_that_ends_after_the_shutdown_takes_no_lock(self) -> None:
+        # before: the file read in a thread finished after stopService, the new
+        # configuration was applied to the stopped service and its directories were
+        # locked again, for good (release_all had run)
+        root = Path(self.mktemp()).absolute()
+        root.mkdir()
+        store = str(root / "state" / "activity.sqlite3")
+        path = root / "config.yaml"
+        path.write_text(config_yaml(store, str(root / "kv")))
+        options = Options()
+        options.parseOptions(["--config", str(path), "--listen", "tcp:0:interface=127.0.0.1"])
+        service = makeService(options, reactor)
+        assert isinstance(service, LlamaswapService)
+        service.startService()
+        [reloader] = [s for s in service if isinstance(s, ConfigReloader)]
+        path.write_text(config_yaml(store, str(root / "mine")))
+        reloading = reloader.reload()  # reads the file in a thread
+        await service.stopService()
+        self.assertFalse(await reloading)
+        self.assertEqual(service.live.current.kv_cache.path, str(root / "kv"))
+        lock_and_release(config_of(store, str(root / "mine")))  # nothing held
+        lock_and_release(config_of(store, str(root / "kv")))
+
 
 class SecondDaemonTests(LiveTestCase):
     timeout = 90
