@@ -145,8 +145,13 @@ class _Builder(MacroReader):
         found = modelsdir.scan(folders)
         notices = list(found.notices)
         model_defaults = self.model_defaults(root.get("modelDefaults"))
+        headers = modelsdir.HeaderReads(
+            weights
+            for model in models.values()
+            if (weights := modelsdir.weights_in(model.cmd.argv)) is not None
+        )
         for model_id, model in models.items():
-            models[model_id] = self.sized(model, None, budget, notices)
+            models[model_id] = self.sized(model, None, budget, notices, headers)
         taken = set(models) | {name for m in models.values() for name in m.names}
         for item in found.models:
             if item.id not in taken:  # an entry in the file wins over a found file
@@ -156,7 +161,7 @@ class _Builder(MacroReader):
                 except ConfigError as e:
                     notices.append(f"{item.path}: skipped: {e}")
                     continue
-                models[item.id] = self.sized(model, item, budget, notices)
+                models[item.id] = self.sized(model, item, budget, notices, headers)
         if self.kv_withheld:  # said only when a model would have had the flag
             notices.append(
                 f"kvCache.path {kv_cache.path} cannot be written: models start without the "
@@ -238,6 +243,7 @@ class _Builder(MacroReader):
         found: modelsdir.FoundModel | None,
         budget: Mapping[str, int],
         notices: list[str],
+        headers: modelsdir.HeaderReads,
     ) -> ModelConfig:
         """``model`` with its file's facts, and its memory estimated unless declared."""
         argv = model.cmd.argv
@@ -248,7 +254,7 @@ class _Builder(MacroReader):
             if weights is None:
                 return model
             try:
-                read = modelsdir.facts_of(weights)
+                read = headers.facts_of(weights)
             except GgufError as e:
                 notices.append(f"models.{model.id}: {weights}: not sized from its header: {e}")
                 return model
