@@ -70,13 +70,15 @@ class StateDir:
 
 
 def state_dirs(config: Config) -> list[StateDir]:
-    """The state directories ``config`` has llamaswap write (in memory: none)."""
+    """The state directories ``config`` has llamaswap write (in memory: none), each
+    named by its real path: one directory reached through a symlink is one lock
+    (two would conflict, as two daemons do)."""
     found = []
     if config.store_path != IN_MEMORY:
-        found.append(StateDir(os.path.dirname(os.path.abspath(config.store_path)), "store.path"))
+        found.append(StateDir(os.path.dirname(os.path.realpath(config.store_path)), "store.path"))
     # the KV store writes its index there as soon as one model saves slots
     if any(model.slot_save_path is not None for model in config.models.values()):
-        found.append(StateDir(os.path.abspath(config.kv_cache.path), "kvCache.path"))
+        found.append(StateDir(os.path.realpath(config.kv_cache.path), "kvCache.path"))
     return found
 
 

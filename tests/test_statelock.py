@@ -93,6 +93,21 @@ class InOneProcessTests(SynchronousTestCase):
         self.addCleanup(locks.release_all)
         self.assertEqual(locks.directories, [str(self.root)])
 
+    def test_one_directory_named_through_a_symlink_is_locked_once(self) -> None:
+        # before: store.path under /srv/llamaswap, a symlink to kvCache.path's
+        # /data/llamaswap: the daemon refused to start, "in use by" its own pid
+        (self.root / "data").mkdir(parents=True)
+        (self.root / "srv").symlink_to(self.root / "data")
+        locks = StateLocks()
+        locks.take(
+            config_of(str(self.root / "srv" / "activity.sqlite3"), str(self.root / "data")),
+            pin_store=True,
+        )
+        self.addCleanup(locks.release_all)
+        self.assertEqual(locks.directories, [str(self.root / "data")])
+        locks.take(config_of(str(self.root / "data" / "a.sqlite3"), str(self.root / "srv")))
+        self.assertEqual(locks.directories, [str(self.root / "data")])
+
     def test_a_lock_file_planted_as_a_symlink_is_not_followed(self) -> None:
         # store.path in a shared directory: another user plants llamaswap.lock as a
         # symlink to a file of ours; taking the lock truncated it to our pid
