@@ -16,7 +16,6 @@ startup and for a reload, on the reactor.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
 import stat
@@ -111,13 +110,12 @@ class DirectoryLock:
                 0o600,
             )
         except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise LockFileRefused(self.path, self.state.setting, "a symlink") from None
-            if e.errno == errno.EISDIR:
-                raise LockFileRefused(self.path, self.state.setting, "not a regular file") from None
+            planted = _planted(self.path)  # a symlink, a folder, a socket: not opened
+            if planted is not None:
+                raise LockFileRefused(self.path, self.state.setting, planted) from None
             self.log.info("not locking {path}: {error}", path=self.path, error=e)
             return
-        unsafe = _unsafe(fd)
+        unsafe = _unsafe(os.fstat(fd))
         if unsafe is not None:
             os.close(fd)
             raise LockFileRefused(self.path, self.state.setting, unsafe)
@@ -149,9 +147,20 @@ class DirectoryLock:
             os.close(fd)
 
 
-def _unsafe(fd: int) -> str | None:
-    """What makes the opened lock file one not to write (None: a plain file)."""
-    info = os.fstat(fd)
+def _planted(path: str) -> str | None:
+    """What stands at ``path`` that the lock file's ``open`` refused (None: nothing
+    unsafe, the directory cannot be written)."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    if stat.S_ISLNK(info.st_mode):
+        return "a symlink"
+    return _unsafe(info)
+
+
+def _unsafe(info: os.stat_result) -> str | None:
+    """What makes a lock file one not to write (None: a plain file)."""
     if not stat.S_ISREG(info.st_mode):
         return "not a regular file"
     if info.st_nlink > 1:  # truncating it would truncate the other name's file

@@ -8,9 +8,12 @@ through the real reloader, and a real second ``twistd -n llamaswap``.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from twisted.internet import reactor
@@ -135,6 +138,14 @@ class InOneProcessTests(SynchronousTestCase):
         lock_file.rmdir()
         os.mkfifo(lock_file)
         error = self.assertRaises(LockFileRefused, lock_and_release, self.config)
+        self.assertIn("not a regular file", str(error))
+        short = Path(tempfile.mkdtemp())  # a socket's path is at most 107 bytes
+        self.addCleanup(shutil.rmtree, short)
+        listening = socket.socket(socket.AF_UNIX)  # open() fails: ENXIO
+        self.addCleanup(listening.close)
+        listening.bind(str(short / LOCK_FILE))
+        config = config_of(str(short / "activity.sqlite3"), str(self.root / "kv"))
+        error = self.assertRaises(LockFileRefused, lock_and_release, config)
         self.assertIn("not a regular file", str(error))
 
     def test_a_lock_file_hard_linked_to_another_file_is_refused(self) -> None:
