@@ -22,7 +22,8 @@ import re
 import shlex
 import shutil
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -171,19 +172,45 @@ def weights_in(argv: Sequence[str]) -> str | None:
     return None
 
 
-def facts_of(path: str) -> GgufFacts | None:
-    """Facts of a model file named in a command (its shards too); None when there is
-    no such file; raises GgufError.
+class HeaderReads:
+    """The header reads of the model files named in commands, for one load of a
+    configuration (at start; in the reactor's threads on a reload).
 
-    Loading a configuration (at start, in the reactor's threads on a reload) waits
-    at most ``HEADER_WAIT`` seconds for it: the file is read in a thread of its own,
-    so one on a hung network mount leaves that thread stuck, not the load nor the
-    reactor's thread pool; later loads do not wait for it again while it is stuck.
+    All are begun at once, each in a thread of its own, and the load waits at most
+    ``HEADER_WAIT`` seconds for all of them together: files on a hung network mount
+    leave their threads stuck, not the load (once per model, ten models would hold
+    it 100 s) nor the reactor's thread pool; later loads do not wait for a file
+    whose read is still stuck.
     """
+
+    def __init__(self, paths: Iterable[str]) -> None:
+        self._deadline = time.monotonic() + HEADER_WAIT
+        self._reads: dict[str, Future[GgufFacts | None]] = {
+            path: _begin(path) for path in dict.fromkeys(paths)
+        }
+
+    def facts_of(self, path: str) -> GgufFacts | None:
+        """Facts of ``path`` (its shards too; begun by this load); None when there is
+        no such file; raises GgufError."""
+        reading = self._reads[path]
+        try:
+            return reading.result(timeout=max(0.0, self._deadline - time.monotonic()))
+        except TimeoutError:
+            raise GgufError(
+                f"its header did not arrive within {HEADER_WAIT:g}s (a hung network mount?)"
+            ) from None
+
+
+def _begin(path: str) -> Future[GgufFacts | None]:
+    """A read of ``path``'s facts, begun in a thread of its own (or failed at once
+    when an earlier load's read of it is not over)."""
+    reading: Future[GgufFacts | None] = Future()
     with _reading_lock:
         if path in _reading:
-            raise GgufError("its header is still being read since an earlier load (a hung mount?)")
-        reading: Future[GgufFacts | None] = Future()
+            reading.set_exception(
+                GgufError("its header is still being read since an earlier load (a hung mount?)")
+            )
+            return reading
         _reading[path] = reading
 
     def read() -> None:
@@ -193,7 +220,7 @@ def facts_of(path: str) -> GgufFacts | None:
             facts = _facts_of(path)
         except BaseException as e:  # handed to the waiter
             error = e
-        with _reading_lock:  # before the waiter wakes: the next model may name it too
+        with _reading_lock:  # before the waiter wakes: the next load may read it again
             del _reading[path]
         if error is not None:
             reading.set_exception(error)
@@ -202,12 +229,7 @@ def facts_of(path: str) -> GgufFacts | None:
 
     # a daemon thread: a read that never returns must not keep the process alive
     threading.Thread(target=read, name="llamaswap gguf header", daemon=True).start()
-    try:
-        return reading.result(timeout=HEADER_WAIT)
-    except TimeoutError:
-        raise GgufError(
-            f"its header did not arrive within {HEADER_WAIT:g}s (a hung network mount?)"
-        ) from None
+    return reading
 
 
 def _facts_of(path: str) -> GgufFacts | None:

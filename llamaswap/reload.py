@@ -163,10 +163,12 @@ class ConfigReloader(Service):
         self._interval = watch_interval
         self._running: Deferred[bool] | None = None
         self._again = False
+        self._stopped = False  # a file read when the service stopped is not applied
         self._previous_handler: Any = None
 
     def startService(self) -> None:
         super().startService()
+        self._stopped = False
         if self.watch:
             self._loop.start()
         if self.on_signal:
@@ -174,6 +176,7 @@ class ConfigReloader(Service):
 
     def stopService(self) -> None:
         super().stopService()
+        self._stopped = True
         self._loop.stop()
         if self.on_signal and self._previous_handler is not None:
             signal.signal(signal.SIGHUP, self._previous_handler)
@@ -243,6 +246,9 @@ class ConfigReloader(Service):
             return False
         except Exception:
             self.log.failure("reload failed, the running configuration stays")
+            return False
+        if self._stopped:  # the service it would change is gone, its locks released
+            self.log.info("reload dropped: llamaswap stopped while {path} was read", path=self.path)
             return False
         if not steady:
             self.log.info(

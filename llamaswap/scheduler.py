@@ -252,17 +252,9 @@ class Scheduler:
         if self._closed:
             return fail(ApiError(503, "llamaswap is shutting down", "shutting_down"))
         slot = self._slots[model_id]
-        retry_in = slot.guard.retry_in(self._clock.seconds())
-        if retry_in > 0:
-            return fail(
-                ApiError(
-                    503,
-                    f"model {model_id!r} keeps failing, so it is not being started for another "
-                    f"{retry_in:.0f}s; last error: {slot.process.last_error}",
-                    "model_crash_loop",
-                    {"Retry-After": str(max(1, round(retry_in)))},
-                )
-            )
+        blocked = self._crash_looping(slot)
+        if blocked is not None:
+            return fail(blocked)
         reserved = slot.in_flight + self.queued(model_id)
         limit = slot.process.config.concurrency_limit
         if reserved >= limit:
@@ -677,7 +669,9 @@ class Scheduler:
         """The child went away in ``after_start``, before any request was sent to it:
         no lease on it.  Its exit is awaited (so it counts as the crash it was; a
         child that lingers is stopped), and whoever waits for the model stays queued:
-        the next pump starts it again (the KV store restores nothing into that one)."""
+        the next pump starts it again (the KV store restores nothing into that one),
+        unless that crash was one too many for the crash-loop guard: then they get its
+        503, as a request arriving in the cooldown does."""
         self.log.warn(
             "model {model} went away while its saved slots were restored; starting it "
             "again without them for the requests waiting for it",
@@ -688,6 +682,10 @@ class Scheduler:
             await exited
         except TimeoutError:
             await process.stop("lost while restoring")
+        slot = self._slot_of(process)
+        blocked = self._crash_looping(slot) if slot is not None else None
+        if blocked is not None:
+            raise blocked  # the swap fails: its waiters get it
 
     def _stop(self, slot: _Slot, reason: str, *, drain: bool = False) -> Deferred[None]:
         """Stop a model, after the ``before_stop`` hook if it is ready and idle (and
@@ -896,6 +894,19 @@ class Scheduler:
         stopped with a child that would not go (reported until it is gone)."""
         self._retiring = [s for s in self._retiring if not s.retired or s.process.stuck]
         return [slot.process for slot in self._retiring]
+
+    def _crash_looping(self, slot: _Slot) -> ApiError | None:
+        """The answer for a model the crash-loop guard keeps from starting (None: it may)."""
+        retry_in = slot.guard.retry_in(self._clock.seconds())
+        if retry_in <= 0:
+            return None
+        return ApiError(
+            503,
+            f"model {slot.process.id!r} keeps failing, so it is not being started for "
+            f"another {retry_in:.0f}s; last error: {slot.process.last_error}",
+            "model_crash_loop",
+            {"Retry-After": str(max(1, round(retry_in)))},
+        )
 
     def retry_in(self, model_id: str) -> float:
         """Seconds until a crash-looping model may be started again (0: it may)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
 
 import attrs
 
@@ -28,7 +29,11 @@ LOCK_FILE = "llamaswap.lock"
 IN_MEMORY = ":memory:"
 
 
-class StateHeld(ConfigError):
+class StateRefused(ConfigError):
+    """A state directory this llamaswap may not use."""
+
+
+class StateHeld(StateRefused):
     """A state directory is locked by another llamaswap."""
 
     def __init__(self, directory: str, setting: str, holder: str) -> None:
@@ -41,6 +46,20 @@ class StateHeld(ConfigError):
         )
 
 
+class LockFileRefused(StateRefused):
+    """The lock file is not a plain file of its own: a symlink, a hard link, a
+    folder, a FIFO (planted by whoever else may write in that directory)."""
+
+    def __init__(self, path: str, setting: str, what: str) -> None:
+        super().__init__(
+            setting,
+            "",
+            f"{path} is {what}: llamaswap neither follows nor writes it (another user of "
+            f"that directory may have planted it); remove it, or give {setting} a "
+            "directory of its own",
+        )
+
+
 @attrs.frozen
 class StateDir:
     """A directory llamaswap writes its state in, and the setting that names it."""
@@ -50,13 +69,15 @@ class StateDir:
 
 
 def state_dirs(config: Config) -> list[StateDir]:
-    """The state directories ``config`` has llamaswap write (in memory: none)."""
+    """The state directories ``config`` has llamaswap write (in memory: none), each
+    named by its real path: one directory reached through a symlink is one lock
+    (two would conflict, as two daemons do)."""
     found = []
     if config.store_path != IN_MEMORY:
-        found.append(StateDir(os.path.dirname(os.path.abspath(config.store_path)), "store.path"))
+        found.append(StateDir(os.path.dirname(os.path.realpath(config.store_path)), "store.path"))
     # the KV store writes its index there as soon as one model saves slots
     if any(model.slot_save_path is not None for model in config.models.values()):
-        found.append(StateDir(os.path.abspath(config.kv_cache.path), "kvCache.path"))
+        found.append(StateDir(os.path.realpath(config.kv_cache.path), "kvCache.path"))
     return found
 
 
@@ -78,13 +99,26 @@ class DirectoryLock:
         """Lock the directory (made if missing), or raise :class:`StateHeld`.
 
         A directory that cannot be made or written is not locked: nothing can be
-        written there either, and its owner (the store) says so itself."""
+        written there either, and its owner (the store) says so itself.  A lock file
+        that is not a plain file of its own is never followed nor written: raise
+        :class:`LockFileRefused` (``O_NOFOLLOW``; ``O_NONBLOCK`` for a FIFO)."""
         try:
             os.makedirs(self.state.path, mode=0o700, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(
+                self.path,
+                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY,
+                0o600,
+            )
         except OSError as e:
+            planted = _planted(self.path)  # a symlink, a folder, a socket: not opened
+            if planted is not None:
+                raise LockFileRefused(self.path, self.state.setting, planted) from None
             self.log.info("not locking {path}: {error}", path=self.path, error=e)
             return
+        unsafe = _unsafe(os.fstat(fd))
+        if unsafe is not None:
+            os.close(fd)
+            raise LockFileRefused(self.path, self.state.setting, unsafe)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -113,6 +147,27 @@ class DirectoryLock:
             os.close(fd)
 
 
+def _planted(path: str) -> str | None:
+    """What stands at ``path`` that the lock file's ``open`` refused (None: nothing
+    unsafe, the directory cannot be written)."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    if stat.S_ISLNK(info.st_mode):
+        return "a symlink"
+    return _unsafe(info)
+
+
+def _unsafe(info: os.stat_result) -> str | None:
+    """What makes a lock file one not to write (None: a plain file)."""
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    if info.st_nlink > 1:  # truncating it would truncate the other name's file
+        return "a hard link to another file"
+    return None
+
+
 def _holder(fd: int) -> str:
     """Who holds the lock, as its file says."""
     try:
@@ -138,9 +193,10 @@ class StateLocks:
         return sorted(self._held)
 
     def take(self, config: Config, pin_store: bool = False) -> None:
-        """Lock every state directory ``config`` writes; raise :class:`StateHeld`
-        (holding nothing new) if another llamaswap holds one.  ``pin_store``: the
-        activity store's directory stays locked until :meth:`release_all`."""
+        """Lock every state directory ``config`` writes; raise :class:`StateRefused`
+        (holding nothing new) if another llamaswap holds one or its lock file is
+        unsafe.  ``pin_store``: the activity store's directory stays locked until
+        :meth:`release_all`."""
         taken = []
         try:
             for state in state_dirs(config):
@@ -151,7 +207,7 @@ class StateLocks:
                 if lock.held:
                     self._held[state.path] = lock
                     taken.append(state.path)
-        except StateHeld:
+        except StateRefused:
             for path in taken:
                 self._held.pop(path).release()
             raise

@@ -46,7 +46,7 @@ from .recorder import Recorder
 from .relay import Hop, Relay
 from .resources import MemoryMonitor
 from .scheduler import Scheduler
-from .statelock import StateHeld, StateLocks
+from .statelock import StateLocks, StateRefused
 from .twisted_compat import forget_exit_signal
 from .upstream import UpstreamEndpoints, server_of
 
@@ -507,7 +507,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     locks = StateLocks()
     try:
         locks.take(options["config_obj"], pin_store=True)
-    except StateHeld as e:
+    except StateRefused as e:
         raise InvalidConfig(f"llamaswap: {e}") from e
     raise_file_limit()  # before build(): the connection caps are derived from it
     service = build(options["config_obj"], reactor, options["listen"])
@@ -516,7 +516,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     apply = service.apply
 
     def adopt(new: Config) -> dict[str, list[str]]:
-        locks.take(new)  # StateHeld, a ConfigError: the reload is refused
+        locks.take(new)  # StateRefused, a ConfigError: the reload is refused
         log_notices(new)
         try:
             changes: dict[str, list[str]] = apply(new)

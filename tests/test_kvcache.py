@@ -27,6 +27,7 @@ from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from llamaswap.config import Config, parse_config
+from llamaswap.errors import ApiError
 from llamaswap.events import Activity
 from llamaswap.kvcache import Conversation, KvStore, run_here
 from llamaswap.process import ModelProcess
@@ -420,6 +421,33 @@ class NeverWrongTests(SynchronousTestCase):
         error = self.failureResultOf(waiting)
         self.assertIn("exited with code 1 while starting", str(error.value))
         self.assertEqual(k.w.spawned_models().count("a"), 3)  # no third start of a
+
+    def test_a_restore_crash_that_trips_the_crash_loop_guard_starts_nothing_more(
+        self,
+    ) -> None:
+        # the crash was the last one the guard allows: "not started again for
+        # cooldown seconds; requests get 503 + Retry-After meanwhile".  Before: it
+        # was started again at once for whoever waited, and then stood ready while
+        # every new request got that 503
+        k = KvWorld(self, extra="crashLoop:\n  maxFailures: 1\n  cooldown: 30")
+        k.converse_then_swap()
+        k.net.dies_restoring = True
+        first = len(k.w.reactor.spawned)
+
+        def die() -> None:
+            k.w.reactor.callLater(0.01, k.w.child("a").exit, None, 6)
+
+        k.net.died = die
+        waiting = [k.w.scheduler.acquire("a"), k.w.scheduler.acquire("a")]
+        k.flush()
+        k.bring_up("a")
+        k.w.reactor.advance(0.01)
+        self.assertEqual(k.w.spawned_models()[first:], ["a"])  # no start in the cooldown
+        for each in waiting:  # told why, and when to come back
+            error = self.failureResultOf(each, ApiError).value
+            self.assertEqual((error.status, error.code), (503, "model_crash_loop"))
+        self.assertEqual(k.w.scheduler.in_flight("a"), 0)
+        self.assertEqual(k.w.scheduler.queued("a"), 0)
 
     def test_a_child_that_does_not_answer_delays_the_swap_only_up_to_the_timeout(self) -> None:
         k = KvWorld(self, extra="  timeout: 3")

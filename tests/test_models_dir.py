@@ -430,6 +430,28 @@ class UnluckyPathTests(SynchronousTestCase):
         (notice,) = notices_of(self.load(path))  # read again: now simply not there
         self.assertIn("no such file (yet)", notice)
 
+    def test_the_headers_of_many_models_are_read_together_in_one_wait(self) -> None:
+        # before: one after the other, each waited for up to HEADER_WAIT, so ten
+        # models on a hung mount held the start (or a reload) for 100 s.  Here the
+        # first read ends only once the last has begun: read one after the other, it
+        # runs out of its wait
+        last_begun = threading.Event()
+        self.addCleanup(last_begun.set)
+        paths = [self.dir / f"m{i}.gguf" for i in range(3)]
+
+        def read(path: str) -> None:
+            if path == str(paths[-1]):
+                last_begun.set()
+            elif path == str(paths[0]):
+                last_begun.wait()
+
+        self.patch(modelsdir, "_facts_of", read)
+        self.patch(modelsdir, "HEADER_WAIT", 5.0)
+        entries = [f"  m{i}:\n    cmd: srv --port ${{PORT}} -m {p}\n" for i, p in enumerate(paths)]
+        config = parse_config("models:\n" + "".join(entries))
+        self.assertEqual(config.notices, ())
+        self.assertEqual(sorted(config.models), ["m0", "m1", "m2"])
+
 
 class OptionsTests(SynchronousTestCase):
     def test_models_dir_alone_or_with_a_config(self) -> None:

@@ -8,9 +8,12 @@ through the real reloader, and a real second ``twistd -n llamaswap``.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from twisted.internet import reactor
@@ -20,7 +23,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from llamaswap.config import Config, parse_config
 from llamaswap.reload import ConfigReloader
-from llamaswap.statelock import LOCK_FILE, StateHeld, StateLocks, state_dirs
+from llamaswap.statelock import (
+    LOCK_FILE,
+    LockFileRefused,
+    StateHeld,
+    StateLocks,
+    state_dirs,
+)
 from llamaswap.tap import LlamaswapService, Options, makeService
 
 from .daemon import TWISTD, daemon_env, free_port
@@ -86,6 +95,67 @@ class InOneProcessTests(SynchronousTestCase):
         locks.take(config_of(str(self.root / "activity.sqlite3"), str(self.root)))
         self.addCleanup(locks.release_all)
         self.assertEqual(locks.directories, [str(self.root)])
+
+    def test_one_directory_named_through_a_symlink_is_locked_once(self) -> None:
+        # before: store.path under /srv/llamaswap, a symlink to kvCache.path's
+        # /data/llamaswap: the daemon refused to start, "in use by" its own pid
+        (self.root / "data").mkdir(parents=True)
+        (self.root / "srv").symlink_to(self.root / "data")
+        locks = StateLocks()
+        locks.take(
+            config_of(str(self.root / "srv" / "activity.sqlite3"), str(self.root / "data")),
+            pin_store=True,
+        )
+        self.addCleanup(locks.release_all)
+        self.assertEqual(locks.directories, [str(self.root / "data")])
+        locks.take(config_of(str(self.root / "data" / "a.sqlite3"), str(self.root / "srv")))
+        self.assertEqual(locks.directories, [str(self.root / "data")])
+
+    def test_a_lock_file_planted_as_a_symlink_is_not_followed(self) -> None:
+        # store.path in a shared directory: another user plants llamaswap.lock as a
+        # symlink to a file of ours; taking the lock truncated it to our pid
+        state = self.root / "state"
+        state.mkdir(parents=True)
+        victim = self.root / "victim.txt"
+        victim.write_text("precious\n")
+        (state / LOCK_FILE).symlink_to(victim)
+        locks = StateLocks()
+        error = self.assertRaises(LockFileRefused, locks.take, self.config)
+        self.assertIn(str(state / LOCK_FILE), str(error))
+        self.assertIn("store.path", str(error))
+        self.assertEqual(victim.read_text(), "precious\n")
+        self.assertEqual(locks.directories, [])
+
+    def test_a_lock_file_that_is_no_regular_file_is_refused_not_ignored(self) -> None:
+        # before: a folder in its place was "not locking" and two daemons shared the
+        # state; a FIFO was taken as the lock file
+        state = self.root / "state"
+        state.mkdir(parents=True)
+        lock_file = state / LOCK_FILE
+        lock_file.mkdir()
+        error = self.assertRaises(LockFileRefused, lock_and_release, self.config)
+        self.assertIn("not a regular file", str(error))
+        lock_file.rmdir()
+        os.mkfifo(lock_file)
+        error = self.assertRaises(LockFileRefused, lock_and_release, self.config)
+        self.assertIn("not a regular file", str(error))
+        short = Path(tempfile.mkdtemp())  # a socket's path is at most 107 bytes
+        self.addCleanup(shutil.rmtree, short)
+        listening = socket.socket(socket.AF_UNIX)  # open() fails: ENXIO
+        self.addCleanup(listening.close)
+        listening.bind(str(short / LOCK_FILE))
+        config = config_of(str(short / "activity.sqlite3"), str(self.root / "kv"))
+        error = self.assertRaises(LockFileRefused, lock_and_release, config)
+        self.assertIn("not a regular file", str(error))
+
+    def test_a_lock_file_hard_linked_to_another_file_is_refused(self) -> None:
+        state = self.root / "state"
+        state.mkdir(parents=True)
+        victim = self.root / "victim.txt"
+        victim.write_text("precious\n")
+        os.link(victim, state / LOCK_FILE)
+        self.assertRaises(LockFileRefused, lock_and_release, self.config)
+        self.assertEqual(victim.read_text(), "precious\n")
 
     def test_the_lock_of_a_killed_holder_is_free_and_its_file_is_taken_over(self) -> None:
         holder = subprocess.Popen(
@@ -169,6 +239,29 @@ class ReloadTests(LiveTestCase):
         stopping = True
         await service.stopService()
         lock_and_release(config_of(store, str(root / "mine")))  # shutdown released both
+
+    async def test_a_reload_that_ends_after_the_shutdown_takes_no_lock(self) -> None:
+        # before: the file read in a thread finished after stopService, the new
+        # configuration was applied to the stopped service and its directories were
+        # locked again, for good (release_all had run)
+        root = Path(self.mktemp()).absolute()
+        root.mkdir()
+        store = str(root / "state" / "activity.sqlite3")
+        path = root / "config.yaml"
+        path.write_text(config_yaml(store, str(root / "kv")))
+        options = Options()
+        options.parseOptions(["--config", str(path), "--listen", "tcp:0:interface=127.0.0.1"])
+        service = makeService(options, reactor)
+        assert isinstance(service, LlamaswapService)
+        service.startService()
+        [reloader] = [s for s in service if isinstance(s, ConfigReloader)]
+        path.write_text(config_yaml(store, str(root / "mine")))
+        reloading = reloader.reload()  # reads the file in a thread
+        await service.stopService()
+        self.assertFalse(await reloading)
+        self.assertEqual(service.live.current.kv_cache.path, str(root / "kv"))
+        lock_and_release(config_of(store, str(root / "mine")))  # nothing held
+        lock_and_release(config_of(store, str(root / "kv")))
 
 
 class SecondDaemonTests(LiveTestCase):

@@ -144,8 +144,13 @@ class _Builder(MacroReader):
         notices = list(found.notices)
         unfound: dict[str, str] = {}  # a program not found, and the setting naming it first
         model_defaults = self.model_defaults(root.get("modelDefaults"))
+        headers = modelsdir.HeaderReads(
+            weights
+            for model in models.values()
+            if (weights := modelsdir.weights_in(model.cmd.argv)) is not None
+        )
         for model_id, model in models.items():
-            models[model_id] = self.sized(model, None, budget, notices)
+            models[model_id] = self.sized(model, None, budget, notices, headers)
             self.find_command(model, f"models.{model_id}.cmd", unfound)
         taken = set(models) | {name for m in models.values() for name in m.names}
         for item in found.models:
@@ -156,7 +161,7 @@ class _Builder(MacroReader):
                 except ConfigError as e:
                     notices.append(f"{item.path}: skipped: {e}")
                     continue
-                models[item.id] = self.sized(model, item, budget, notices)
+                models[item.id] = self.sized(model, item, budget, notices, headers)
                 self.find_command(model, "modelDefaults.cmd", unfound)
         notices.extend(
             f"{where}: {program}: command not found (check cmd and PATH); the models "
@@ -246,6 +251,7 @@ class _Builder(MacroReader):
         found: modelsdir.FoundModel | None,
         budget: Mapping[str, int],
         notices: list[str],
+        headers: modelsdir.HeaderReads,
     ) -> ModelConfig:
         """``model`` with its file's facts, and its memory estimated unless declared."""
         argv = model.cmd.argv
@@ -256,7 +262,7 @@ class _Builder(MacroReader):
             if weights is None:
                 return model
             try:
-                read = modelsdir.facts_of(weights)
+                read = headers.facts_of(weights)
             except GgufError as e:
                 notices.append(f"models.{model.id}: {weights}: not sized from its header: {e}")
                 return model
