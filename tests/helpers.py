@@ -18,6 +18,13 @@ from llamaswap.relay import Relay
 from llamaswap.scheduler import IModelHooks, NoHooks, Scheduler
 from llamaswap.testing.fakes import FakeHealth, FakeProcess, FakeProcessReactor
 
+
+def notices_of(config: Config) -> tuple[str, ...]:
+    """The load's notices but those saying a command is not installed (the tests'
+    commands are made up, or not on the test's PATH)."""
+    return tuple(n for n in config.notices if "command not found" not in n)
+
+
 # arrival order, explicitly: the tests built on it assert fifo's swaps
 TWO_MODELS = """
 scheduler:

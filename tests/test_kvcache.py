@@ -35,7 +35,7 @@ from llamaswap.relay import BytesProducer
 from llamaswap.scheduler import Lease
 from llamaswap.testing.fake_server import FakeLlamaServer
 
-from .helpers import World, world
+from .helpers import World, notices_of, world
 from .integration import FAKE, LiveTestCase
 
 LONG = " ".join(f"word{i}" for i in range(40))
@@ -798,7 +798,7 @@ class UnwritableStateTests(SynchronousTestCase):
         for model in config.models.values():
             self.assertNotIn("--slot-save-path", model.cmd.argv)
             self.assertIsNone(model.slot_save_path)
-        [notice] = config.notices
+        [notice] = notices_of(config)
         self.assertIn("cannot be written", notice)
         writable = Path(self.mktemp())
         config = parse_config(self.TEXT, environ={"XDG_STATE_HOME": str(writable)})
@@ -810,6 +810,6 @@ class UnwritableStateTests(SynchronousTestCase):
         blocked.write_text("a file where the state directory's parent should be")
         environ = {"XDG_STATE_HOME": str(blocked / "state")}
         plain = "models:\n  a:\n    cmd: x --port ${PORT}\n"
-        self.assertEqual(parse_config(plain, environ=environ).notices, ())
+        self.assertEqual(notices_of(parse_config(plain, environ=environ)), ())
         off = "models:\n  a:\n    cmd: llama-server --port ${PORT}\nkvCache: {enabled: false}\n"
-        self.assertEqual(parse_config(off, environ=environ).notices, ())
+        self.assertEqual(notices_of(parse_config(off, environ=environ)), ())
