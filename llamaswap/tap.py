@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import ipaddress
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -112,9 +113,9 @@ def check_listen(endpoint: str) -> None:
     try:
         serverFromString(reactor, endpoint)
     except (ValueError, TypeError, KeyError) as e:
-        host, _, port = endpoint.rpartition(":")
-        if port.isdigit() and not host.startswith(("tcp", "ssl", "unix")):
-            hint = f"did you mean --listen tcp:{port}:interface={host or '127.0.0.1'}?"
+        meant = _meant_endpoint(endpoint)
+        if meant is not None:
+            hint = f"did you mean --listen {meant}?"
         else:
             hint = (
                 "write e.g. --listen tcp:8080:interface=127.0.0.1 (tcp:8080: every "
@@ -123,6 +124,25 @@ def check_listen(endpoint: str) -> None:
         raise usage.UsageError(
             f"--listen {endpoint!r} is not a Twisted endpoint string ({e}); {hint}"
         ) from e
+    except Exception as e:  # the parser reads files (ssl: keys) and lists (systemd:)
+        raise usage.UsageError(
+            f"--listen {endpoint!r} cannot be used: {type(e).__name__}: {e}"
+        ) from e
+
+
+def _meant_endpoint(endpoint: str) -> str | None:
+    """The endpoint string of ``[host:]port`` (an address or name), else None."""
+    host, _, port = endpoint.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not port.isdecimal() or not port.isascii():
+        return None
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host and not re.fullmatch(r"[A-Za-z0-9.-]+", host):
+            return None
+    interface = (host or "127.0.0.1").replace(":", "\\:")  # Twisted's escape
+    return f"tcp:{port}:interface={interface}"
 
 
 class InvalidConfig(SystemExit):

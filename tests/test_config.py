@@ -11,6 +11,7 @@ from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from llamaswap.config import ConfigError, load_config, parse_config, refuse_self_proxy
+from llamaswap.config.yamltext import load_yaml
 from llamaswap.reload import ConfigReloader
 from llamaswap.tap import InvalidConfig, Options, makeService
 
@@ -200,6 +201,47 @@ class ValidationTests(SynchronousTestCase):
         for message in (twice, tab, not_a_list):
             self.assertNotIn("sk-", message)
 
+    def test_no_error_echoes_a_key_that_yaml_reads_as_something_else(self) -> None:
+        """A key YAML takes for an alias (``*...``) or a tag (``!...``), and an ``env``
+        entry that is not NAME=value: the error says where, never the value."""
+        model = "models:\n  m:\n    cmd: s --port ${PORT}\n"
+        alias = self.error(model + "apiKeys:\n  - *Sk9secret\n")
+        self.assertIn("line 5, column 5: found undefined alias", alias)
+        tag = self.error(model + "apiKeys:\n  - !Sk9secret\n")
+        self.assertIn("line 5, column 5: could not determine a constructor for the tag", tag)
+        dashed = self.error(model + "    env: [HF-TOKEN=Sk9secret]\n")
+        self.assertIn(
+            "models.m.env[0]: expected NAME=value (NAME: letters, digits, _), got the name "
+            "'HF-TOKEN'",
+            dashed,
+        )
+        spaced = self.error(model + "    env: ['HF_TOKEN Sk9secret']\n")
+        self.assertIn("models.m.env[0]: expected NAME=value", spaced)
+        for message in (alias, tag, dashed, spaced):
+            self.assertNotIn("Sk9secret", message)
+
+    def test_a_merge_key_override_in_an_anchored_map_is_no_repeated_key(self) -> None:
+        """``b`` merges ``a`` and overrides its ttl: valid YAML.  ``c`` (nearer the top,
+        so built first) merges ``b``, and PyYAML then writes ``a``'s keys into ``b``'s
+        node: the repeated-key check must read the keys as written."""
+        text = "a: &a {cmd: s, ttl: 5}\ndeeper:\n  b: &b {<<: *a, ttl: 6}\nc: {<<: *b}\n"
+        self.assertEqual(
+            load_yaml(text, "conf.yaml"),
+            {
+                "a": {"cmd": "s", "ttl": 5},
+                "deeper": {"b": {"cmd": "s", "ttl": 6}},
+                "c": {"cmd": "s", "ttl": 6},
+            },
+        )
+
+    def test_deep_nesting_is_a_config_error(self) -> None:
+        """Not a RecursionError's traceback (PyYAML recurses per level)."""
+        for text in (
+            "a: " + "[" * 5000 + "]" * 5000 + "\n",
+            "? " + "[" * 300 + "]" * 300 + "\n: 1\n",
+        ):
+            self.assertIn("conf.yaml: not valid YAML", self.error(text))
+
     def test_unknown_model_references_list_the_models(self) -> None:
         self.assertIn(
             "groups.g.members[0]: unknown model 'zzz' (known models: m)",
@@ -276,7 +318,7 @@ class ValidationTests(SynchronousTestCase):
             "models.m.unlisted: expected true or false", self.error(base + "    unlisted: maybe\n")
         )
         self.assertIn(
-            "models.m.env[0]: expected NAME=value, got 'JUSTNAME'",
+            "models.m.env[0]: expected NAME=value (NAME: letters, digits, _), got 'JUSTNAME'",
             self.error(base + "    env: [JUSTNAME]\n"),
         )
         self.assertIn("models.m.aliases: expected a list", self.error(base + "    aliases: x\n"))

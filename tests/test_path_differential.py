@@ -99,10 +99,22 @@ OWN_ADMIN = (
     ("GET", "/logs"),
     ("GET", "/api/activity"),
 )
-OWN_INFERENCE = (("GET", "/v1/models"), ("GET", "/api/version"))
+OWN_INFERENCE = (
+    ("GET", "/v1/models"),
+    ("GET", "/v1/models/{model}"),
+    ("GET", "/models/{model}"),
+    ("GET", "/api/version"),
+)
 OWN_OPEN = (("GET", "/health"), ("GET", "/v1/health"), ("GET", "/ui/"), ("GET", "/swagger/"))
 UPSTREAM = "/upstream/{model}/{path}"
-DETOURS = ("/ui", "/swagger/static", "/v1/models", "/api/models/unload/m", "/upstream/m")
+DETOURS = (
+    "/ui",
+    "/swagger/static",
+    "/v1/models",
+    "/models/m",
+    "/api/models/unload/m",
+    "/upstream/m",
+)
 
 # what the fake llama-server logs for each request it routed
 _SERVED = re.compile(r"request: (\S+) (.*) \S+ \d+$")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -121,6 +122,18 @@ class OptionsTests(SynchronousTestCase):
             error("tcp:8080:bogus=1"),
         )
         self.assertIn("write e.g. --listen tcp:8080:interface=127.0.0.1", error("tcp:abc"))
+        # an IPv6 address: Twisted wants its colons escaped, and no brackets
+        self.assertIn("did you mean --listen tcp:8080:interface=\\:\\:1?", error("[::1]:8080"))
+        self.assertIn("did you mean --listen tcp:8080:interface=\\:\\:1?", error("::1:8080"))
+        # an endpoint of another kind ending in a number is not taken for host:port
+        self.assertNotIn("did you mean", error("le:/x:tcp:443"))
+        # the parser reads files and lists too: a usage error, not a traceback
+        missing = os.path.join(self.mktemp(), "key.pem")
+        self.assertIn(
+            f"--listen 'ssl:8443:privateKey={missing}' cannot be used",
+            error(f"ssl:8443:privateKey={missing}"),
+        )
+        self.assertIn("cannot be used", error("systemd:domain=INET:index=0"))
 
     def test_help_mentions_the_options(self) -> None:
         text = str(Options())

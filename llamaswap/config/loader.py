@@ -62,6 +62,8 @@ from .settings import (
 from .yamltext import load_yaml
 
 SLOT_SAVE_FLAG = "--slot-save-path"
+# an environment variable's name, as ``env: [NAME=value]`` entries give it
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 def load_config(
@@ -706,8 +708,11 @@ class _Builder(MacroReader):
         for i, item in enumerate(self.string_list(value, path)):
             where = f"{path}[{i}]"
             name, sep, val = item.partition("=")
-            if not sep or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
-                raise self.fail(where, f"expected NAME=value, got {item!r}")
+            if not sep or not _ENV_NAME.match(name):
+                # never the value, which may be a secret (HF_TOKEN=...): a name alone
+                got = f", got the name {name!r}" if sep else ""
+                got = f", got {item!r}" if _ENV_NAME.match(item) else got
+                raise self.fail(where, f"expected NAME=value (NAME: letters, digits, _){got}")
             pairs.append((name, self.expand(val, where, scope, {"PORT"})))
         return pairs
 

@@ -4,16 +4,18 @@ PyYAML keeps the last of two equal keys without a word, so a model pasted twice
 (or a setting given twice) would silently lose its first entry; here that is an
 error at the second one.  Syntax errors name the file, the line and the column
 instead of ``"<unicode string>"`` (without quoting the line, which may hold a
-key), and a tab gets the one hint that fixes it.
+key, nor a name PyYAML read from it: a key that starts with ``*`` or ``!`` is an
+alias or a tag to it), and a tab gets the one hint that fixes it.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
 from yaml.constructor import ConstructorError
-from yaml.nodes import MappingNode, Node
+from yaml.nodes import MappingNode, Node, ScalarNode
 
 from .reader import ConfigError
 
@@ -25,12 +27,26 @@ class _RepeatedKey(ConstructorError):
 class _UniqueKeyLoader(yaml.SafeLoader):
     """``SafeLoader`` that refuses a key given twice in one map."""
 
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        # each map's keys as written: merging ``<<: *b`` writes the keys ``b`` merges
+        # into ``b``'s own node, which may be built after that (its overrides are no
+        # repeated keys)
+        self._written: dict[int, list[Node]] = {}
+
+    def compose_mapping_node(self, anchor: Any) -> MappingNode:  # its name (stubs: dict)
+        node = super().compose_mapping_node(anchor)
+        self._written[id(node)] = [key for key, _ in node.value]
+        return node
+
     def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, Node] = {}
-        for key_node, _ in node.value:
+        for key_node in self._written.get(id(node), [key for key, _ in node.value]):
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue  # `<<: *base` keys are YAML's merge, not a repeated key
-            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key_node, ScalarNode):
+                continue  # a list or map is no key (unhashable): reported below
+            key = self.construct_object(key_node)
             try:
                 first = seen.get(key)
             except TypeError:
@@ -55,6 +71,17 @@ def load_yaml(text: str, source: str) -> object:
         raise ConfigError(source, "", _describe(e)) from e
     except yaml.YAMLError as e:
         raise ConfigError(source, "", f"not valid YAML: {e}") from e
+    except RecursionError as e:  # PyYAML reads each level of nesting in a call of its own
+        raise ConfigError(source, "", "not valid YAML: nested too deeply") from e
+
+
+# a name PyYAML quotes from the text (an alias, a tag): more than a character or an
+# escape, and not a token's name ('<block end>'); it may be a key
+_QUOTED_NAME = re.compile(r"'(?!<)[^']{3,}'")
+
+
+def _unquoted(text: str) -> str:
+    return _QUOTED_NAME.sub("(not shown)", text)
 
 
 def _describe(error: yaml.MarkedYAMLError) -> str:
@@ -62,11 +89,12 @@ def _describe(error: yaml.MarkedYAMLError) -> str:
     message = "" if isinstance(error, _RepeatedKey) else "not valid YAML: "
     if mark is not None:
         message += f"line {mark.line + 1}, column {mark.column + 1}: "
-    message += error.problem or "cannot be read"
+    problem = error.problem or "cannot be read"
+    message += problem if isinstance(error, _RepeatedKey) else _unquoted(problem)
     if error.context:
         start = error.context_mark
         since = f" at line {start.line + 1}, column {start.column + 1}" if start else ""
-        message += f" ({error.context}{since})"
+        message += f" ({_unquoted(error.context)}{since})"
     if "'\\t'" in message:
         message += "; YAML indents with spaces only: replace the tab with spaces"
     return message  # no snippet of the line: it may hold a key (apiKeys, upstreamApiKey)
