@@ -190,6 +190,17 @@ class ValidationTests(SynchronousTestCase):
         merged += "  b:\n    <<: *a\n    ttl: 6\n"
         self.assertEqual(parse_config(merged, "conf.yaml").models["b"].ttl, 6)
 
+    def test_a_key_yaml_reads_as_a_number_is_refused(self) -> None:
+        model = "models:\n  m:\n    cmd: s --port ${PORT}\n"
+        for written in ("0123", "1_000", "1.5e+3", "[1, 2]", "{name: k, key: 0777, models: [m]}"):
+            message = self.error(model + f"apiKeys:\n  - {written}\n")
+            self.assertIn("a key must be a string", message)
+            self.assertIn("quote it", message)
+            for digits in ("123", "83", "1000", "1500", "777", "511"):
+                self.assertNotIn(digits, message.split("(YAML reads")[0])
+        config = parse_config(model + "apiKeys:\n  - '0123'\n")
+        self.assertEqual([k.key for k in config.api_keys], ["0123"])
+
     def test_yaml_and_key_errors_never_echo_a_key(self) -> None:
         model = "models:\n  m:\n    cmd: s --port ${PORT}\n"
         twice = self.error(model + "apiKeys:\n  - {name: a, key: sk-one, key: sk-two}\n")

@@ -336,7 +336,15 @@ class _Builder(MacroReader):
 
     def secret(self, value: object, path: str, macros: Mapping[str, str]) -> str:
         """A key: macros and ``${env.NAME}`` filled in, checked without being echoed."""
-        key = self.expand(self.string(value, path), path, macros, ())
+        if not isinstance(value, str):
+            # YAML reads some unquoted keys as numbers, and not as written (0123 is 83,
+            # 1_000 is 1000): a key clients send would never match
+            raise self.fail(
+                path,
+                f"a key must be a string, got {type(value).__name__}: quote it "
+                "(YAML reads an unquoted 0123 as the number 83)",
+            )
+        key = self.expand(value, path, macros, ())
         if not key or any(c.isspace() for c in key):
             # never echo a key: say what is wrong with it, not what it is
             raise self.fail(path, "a key must be non-empty and contain no spaces")

@@ -766,9 +766,10 @@ class ApiKeySettings:
     key: str = setting(
         "key",
         REQUIRED,
-        "the key itself, no spaces; `${env.NAME}` keeps it out of the file; unique",
+        "the key itself, a string without spaces (quote one YAML would read as a number: "
+        "`'0123'`); `${env.NAME}` keeps it out of the file; unique",
         kind="custom",
-        schema={"type": ["string", "number"]},
+        schema={"type": "string"},
     )
     role: str = setting(
         "role",
