@@ -55,7 +55,7 @@ from .routes import (
     capability_of,
     shows_foreign_pages,
 )
-from .scheduler import Scheduler
+from .scheduler import Lease, Scheduler
 
 UI_DIR = Path(__file__).parent / "ui"
 # the route whose save and restore actions the KV store keeps to itself
@@ -200,6 +200,8 @@ class Api:
         self.events = events
         self.store = store
         self.created = int(clock.seconds())
+        #: the lease each request being answered holds (a model of this machine's)
+        self._leases: dict[object, Lease] = {}
 
     def follow(self, config: Config) -> None:
         """A reload: requests from now on read ``config``."""
@@ -672,6 +674,7 @@ class Api:
             if progress is not None:
                 progress.stop()
         record.leased()
+        self._leases[request] = lease
         try:
             if progress is not None:
                 progress.end()
@@ -688,7 +691,16 @@ class Api:
                 sandbox=not model.trusted_pages or shows_foreign_pages(path),
             )
         finally:
+            del self._leases[request]
             lease.release()
+
+    def awaited(self, request: object) -> str | None:
+        """What waits for the model ``request`` holds to finish its requests, in
+        words ("a swap to b waits for model a"); None when nothing does, or when the
+        request holds no model (a page, a peer's model, still queued).  The
+        connection gate asks this of a client that reads its answer slowly."""
+        lease = self._leases.get(request)
+        return self.scheduler.awaited(lease) if lease is not None else None
 
     def deadline(self, request: Request, model: ModelConfig) -> float | None:
         """Seconds this request may wait for its model: the header, capped by the config."""

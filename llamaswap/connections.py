@@ -13,8 +13,11 @@ be reached (``Couldn't bind: Too many open files``).  Here:
   bounds the response (a stream may last long), but a client that reads none of it
   for ``stallTimeout`` seconds is cut off: its lease would keep the model (and
   every swap waiting for it) forever.  One that reads, however slowly, is not
-  (the socket tells, :mod:`llamaswap.delivery`).  Between requests the idle
-  timeout still applies.
+  (the socket tells, :mod:`llamaswap.delivery`) while nobody waits for the model
+  its request holds; once a swap (or a stop, a reload) waits for that model, it
+  is cut too: a trickle read would otherwise hold every other model's requests
+  for as long as its answer lasts.  Between requests the idle timeout still
+  applies.
 - ``ConnectionGate`` wraps the site and counts open connections, in all and per
   client address; at either cap a new connection gets a short 503 and is closed at
   once.  The total is kept below ``RLIMIT_NOFILE`` with room for the model servers'
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import resource
 from collections import Counter
+from collections.abc import Callable
 from functools import cache
 from itertools import count
 from typing import TYPE_CHECKING, Any
@@ -55,6 +59,15 @@ if TYPE_CHECKING:
 RESERVED_FILES = 128
 FILES_PER_CONNECTION = 3
 WARN_EVERY = 60.0
+
+#: What waits for the model a request holds to finish, in words ("a swap to b
+#: waits for model a"); None when nothing does or the request holds no model.
+Awaited = Callable[[object], "str | None"]
+
+
+def nothing_awaited(request: object) -> str | None:
+    """For a gate in front of requests that hold no model."""
+    return None
 
 
 def raise_file_limit() -> int:
@@ -114,10 +127,18 @@ class ConnectionGate(Factory):
     log = logger()
     noisy = False
 
-    def __init__(self, site: Site, limits: ConnectionLimits, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        site: Site,
+        limits: ConnectionLimits,
+        clock: IReactorTime,
+        awaited: Awaited = nothing_awaited,
+    ) -> None:
         self.site = site
         self.clock = clock
         self.limits = limits
+        #: asked when a slow reader's stall timer fires (the API layer's answer)
+        self.awaited = awaited
         self.max_connections = 0
         self._per_client = 0
         self.open: Counter[str | None] = Counter()
@@ -315,8 +336,10 @@ class BoundedChannel(HTTPChannel):
     # that buffer has drained completely: a client reading a long answer slowly can
     # stay paused far longer than ``stallTimeout`` while it reads.  So when the timer
     # fires the socket is asked whether the client took bytes since the timer was
-    # armed (:mod:`llamaswap.delivery`): if it did, the timer is armed again; if it
-    # did not (or the socket cannot tell), the client is cut off.
+    # armed (:mod:`llamaswap.delivery`): if it did, the timer is armed again, unless
+    # something waits for the model its request holds (``gate.awaited``: a swap
+    # waits for every request in flight on the model it stops); if it did not (or
+    # the socket cannot tell), the client is cut off.
 
     def pauseProducing(self) -> None:
         super().pauseProducing()
@@ -347,15 +370,21 @@ class BoundedChannel(HTTPChannel):
         self._stall = None
         assert self.transport is not None
         now = delivery(self.transport)
-        if now.taken_since(self._delivered):  # slow, but reading
-            self._arm_stall(now)
-            return
+        seconds = self.gate.clock.seconds() - self._stall_since
+        if not now.taken_since(self._delivered):
+            why = f"it read nothing of its answer for {seconds:g}s"
+        else:  # slow, but reading: fine while nobody waits for its model
+            # the request being answered is the first (Twisted answers in order)
+            awaited = self.gate.awaited(self.requests[0]) if self.requests else None
+            if awaited is None:
+                self._arm_stall(now)
+                return
+            why = f"it reads its answer too slowly while {awaited}"
         self.gate.unread.discard(self)
         self.log.info(
-            "cutting off {client}: it read nothing of its answer for {seconds:g}s "
-            "(connections.stallTimeout)",
+            "cutting off {client}: {why} (connections.stallTimeout)",
             client=self.client,
-            seconds=self.gate.clock.seconds() - self._stall_since,
+            why=why,
         )
         abort(self.transport)
 

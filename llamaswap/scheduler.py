@@ -86,11 +86,29 @@ class Lease:
     base_url: str
     _on_release: Callable[[], None]
     released: bool = False
+    priority: int = 0  # of the request it was granted to
+    _slot: _Slot | None = attrs.field(default=None, repr=False)  # for ``Scheduler.awaited``
 
     def release(self) -> None:
         if not self.released:
             self.released = True
             self._on_release()
+
+
+@attrs.frozen
+class _Awaiting:
+    """What waits for a model's requests in flight to finish (a swap, a stop)."""
+
+    who: str  # in words: "a swap to b", "a reload"
+    # a swap waits for the queue's sake: for a request in flight only while one
+    # at least as urgent is queued (every queued request waits behind the swap)
+    for_queue: bool = False
+
+
+@attrs.frozen
+class _Drain:
+    done: Deferred[None]
+    awaiting: _Awaiting
 
 
 @attrs.define(eq=False)
@@ -101,7 +119,7 @@ class _Slot:
     in_flight: int = 0
     last_used: float | None = None
     last_client: object = None  # the client of the latest lease (see policy.Collate)
-    drained: list[Deferred[None]] = attrs.field(factory=list)
+    drained: list[_Drain] = attrs.field(factory=list)
     ttl_timer: IDelayedCall | None = None
     guard: CrashGuard = attrs.field(factory=lambda: CrashGuard(CrashLoopPolicy()))
     footprint: Footprint = attrs.field(factory=Footprint)
@@ -275,7 +293,7 @@ class Scheduler:
             and not self._doomed(model_id, priority, self._plan(at_least=priority))
             and self._slot_free(slot, priority)
         ):
-            return succeed(self._grant(slot, client))
+            return succeed(self._grant(slot, client, priority))
         if len(self._queue) >= self.config.queue_limit:
             return fail(
                 ApiError(
@@ -459,7 +477,7 @@ class Scheduler:
                     and self._slot_free(slot, waiter.priority)
                 ):
                     self._queue.remove(waiter)
-                    waiter.deferred.callback(self._grant(slot, waiter.client))
+                    waiter.deferred.callback(self._grant(slot, waiter.client, waiter.priority))
                 continue
             victims = self._victims(waiter.targets)
             swapping = self._swap[0] if self._swap is not None else frozenset()
@@ -533,14 +551,20 @@ class Scheduler:
         since = slot.process.ready_at or slot.process.started_at or self._clock.seconds()
         return Victim(model_id, busy, since, slot.last_used, slot.last_client)
 
-    def _grant(self, slot: _Slot, client: object = None) -> Lease:
+    def _grant(self, slot: _Slot, client: object, priority: int) -> Lease:
         slot.in_flight += 1
         slot.last_client = client
         if slot.ttl_timer is not None and slot.ttl_timer.active():
             slot.ttl_timer.cancel()
         slot.ttl_timer = None
         self._counts_changed(slot)
-        return Lease(slot.process.id, slot.process.base_url, lambda: self._release(slot))
+        return Lease(
+            slot.process.id,
+            slot.process.base_url,
+            lambda: self._release(slot),
+            priority=priority,
+            slot=slot,
+        )
 
     def _release(self, slot: _Slot) -> None:
         slot.in_flight -= 1
@@ -549,20 +573,45 @@ class Scheduler:
         if slot.in_flight:
             return
         drained, slot.drained = slot.drained, []
-        for d in drained:
-            d.callback(None)
+        for drain in drained:
+            drain.done.callback(None)
         ttl = slot.process.config.ttl
         if ttl > 0 and slot.process.state is ModelState.READY:
             slot.ttl_timer = self._clock.callLater(ttl, self._ttl_expired, slot)
         if self._queue:
             self._pump()  # a slot for background work; under collate, a swap may start
 
-    def _drained(self, slot: _Slot) -> Deferred[None]:
+    def _drained(self, slot: _Slot, awaiting: _Awaiting) -> Deferred[None]:
+        """Fires once ``slot`` has no request in flight; until then :meth:`awaited`
+        names ``awaiting``."""
         if slot.in_flight == 0:
             return succeed(None)
         d: Deferred[None] = Deferred()
-        slot.drained.append(d)
+        slot.drained.append(_Drain(d, awaiting))
         return d
+
+    def awaited(self, lease: Lease) -> str | None:
+        """What waits for the request holding ``lease`` to finish, in words ("a swap
+        to b waits for model a"); None when nothing does.
+
+        A swap, a stop or a reload waits for every request in flight on the model it
+        stops, so a client that takes its answer slowly holds up the swap, and every
+        queued request behind it: the connection gate cuts such a reader only then.
+        A swap counts only while a request at least as urgent as this one is queued
+        (not one started alongside): background work does not cut a user's answer,
+        and a swap whose requests all left waits for nobody.
+        """
+        slot = lease._slot
+        if lease.released or slot is None:
+            return None
+        for drain in slot.drained:
+            if drain.awaiting.for_queue and not any(
+                w.priority >= lease.priority and w.targets not in self._side_starts
+                for w in self._queue
+            ):
+                continue
+            return f"{drain.awaiting.who} waits for model {lease.model_id}"
+        return None
 
     # --- the queue --------------------------------------------------------------
 
@@ -612,7 +661,8 @@ class Scheduler:
             )
         started = self._clock.seconds()
         in_the_way = [self._slots[v] for v in victims]
-        await _all(self._drained(other) for other in in_the_way)
+        swap = _Awaiting(f"a swap to {names}", for_queue=True)
+        await _all(self._drained(other, swap) for other in in_the_way)
         if not self._wanted(targets):
             # everyone who wanted it left while the others drained: keep what runs
             self.log.info("swap to {model} abandoned: nobody waits for it", model=names)
@@ -621,7 +671,7 @@ class Scheduler:
             # more urgent requests for other models came while the others drained
             self.log.info("swap to {model} postponed: more urgent requests wait", model=names)
             return
-        await _all(self._stop(other, "swap", drain=True) for other in in_the_way)
+        await _all(self._stop(other, "swap", drain=swap) for other in in_the_way)
         if not self._wanted(targets):
             return
         await _all(self._start(t) for t in sorted(targets))
@@ -687,17 +737,19 @@ class Scheduler:
         if blocked is not None:
             raise blocked  # the swap fails: its waiters get it
 
-    def _stop(self, slot: _Slot, reason: str, *, drain: bool = False) -> Deferred[None]:
+    def _stop(self, slot: _Slot, reason: str, *, drain: _Awaiting | None = None) -> Deferred[None]:
         """Stop a model, after the ``before_stop`` hook if it is ready and idle (and
         not still in ``after_start``: what it holds then is what was saved).
 
-        ``drain`` (a swap's victim): a request granted while the hook ran (a victim
+        ``drain`` (a swap's victim, the swap): a request granted while the hook ran (a victim
         still serves more urgent ones while it is ready) finishes first, as the stop
         would cut it, and the hook runs again for what it left.
         """
         process = slot.process
-        if drain and slot.in_flight:
-            return self._drained(slot).addCallback(lambda _: self._stop(slot, reason, drain=True))
+        if drain is not None and slot.in_flight:
+            return self._drained(slot, drain).addCallback(
+                lambda _: self._stop(slot, reason, drain=drain)
+            )
         if process.state is not ModelState.READY or slot.in_flight or process.id in self._warming:
             return process.stop(reason)
 
@@ -708,9 +760,9 @@ class Scheduler:
                     idle = await self.hooks.before_stop(process, reason)
                 except Exception as e:  # the hook's own bound failed: stop regardless
                     self.log.error("before stopping {model}: {error}", model=process.id, error=e)
-                if not (drain and slot.in_flight):
+                if drain is None or not slot.in_flight:
                     break
-                await self._drained(slot)
+                await self._drained(slot, drain)
             # a request granted while the hook ran (an unload keeps none away, a swap
             # not the more urgent ones) is in flight there now: no SIGKILL under it
             await process.stop(reason, idle=idle and not slot.in_flight)
@@ -804,7 +856,10 @@ class Scheduler:
             if slot.ttl_timer is not None and slot.ttl_timer.active():
                 slot.ttl_timer.cancel()
         busy = sum(slot.in_flight for slot in self._slots.values())
-        draining: Deferred[None] = _all_now(self._drained(slot) for slot in self._slots.values())
+        shutdown = _Awaiting("the shutdown")
+        draining: Deferred[None] = _all_now(
+            self._drained(slot, shutdown) for slot in self._slots.values()
+        )
         if busy and grace > 0:
             self.log.info(
                 "waiting up to {grace:g}s for {busy} requests in flight", grace=grace, busy=busy
@@ -884,7 +939,8 @@ class Scheduler:
                 self._retiring.remove(slot)
             return result
 
-        retired = self._drained(slot).addCallback(stop).addBoth(gone)
+        reload = _Awaiting("a reload")
+        retired = self._drained(slot, reload).addCallback(stop).addBoth(gone)
         retired.addErrback(
             lambda f: self.log.failure("stopping the old {model} failed", f, model=slot.process.id)
         )

@@ -461,7 +461,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Llam
     )
     site.displayTracebacks = False
     live.subscribe(site.follow)
-    gate = ConnectionGate(site, config.connections, reactor)
+    gate = ConnectionGate(site, config.connections, reactor, api.awaited)
     live.subscribe(gate.follow)
     if not config.api_keys:
         for endpoint in listen or []:

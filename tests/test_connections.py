@@ -14,6 +14,8 @@ import sys
 from typing import Any
 
 import attrs
+import treq
+from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
@@ -38,9 +40,14 @@ from llamaswap.connections import (
     connection_budget,
 )
 from llamaswap.delivery import Delivery, delivery
+from llamaswap.guard import Checked
 from llamaswap.periodic import Periodic
+from llamaswap.process import ModelState
+from llamaswap.relay import Relay
 from llamaswap.resources import Footprint, MemoryMonitor
+from llamaswap.testing.fake_server import FakeLlamaServer
 
+from .helpers import world
 from .integration import FAKE, LiveTestCase, SlowClients
 
 LIMITS = ConnectionLimits(header_timeout=10, body_timeout=5, body_min_rate=100)
@@ -411,6 +418,132 @@ class SlowReaderTests(SynchronousTestCase):
         transport = StringTransport()
         self.assertEqual(delivery(transport), Delivery())
         self.assertFalse(delivery(transport).taken_since(Delivery()))
+
+
+class ContendedSlowReaderTests(SynchronousTestCase):
+    """A slow reader keeps its answer only while nobody waits for its model: a swap
+    waits for every request in flight on the model it stops, so a client reading a
+    long answer at a few bytes a second would hold every other model's requests.
+
+    The whole daemon in memory (scheduler over fake children, the API, the relay, a
+    fake llama-server streaming on the clock), behind a gate whose client connection
+    has a real TCP socket under it: what the kernel says the client took is real."""
+
+    def setUp(self) -> None:
+        self.w = world()  # a and b: one stops for the other
+        upstream = FakeLlamaServer(clock=self.w.reactor, token_delay=1.0, tokens=10**4)
+        upstream.start()
+        self.addCleanup(upstream.stop)
+        self.upstream = RequestTraversalAgent(upstream.resource())
+        relay = Relay(self.upstream)
+        self.api = self.w.api(relay)
+        resource = Checked(self.api.resource(), [relay.hop.check])
+        site = Site(resource, reactor=self.w.reactor)
+        limits = attrs.evolve(LIMITS, stall_timeout=30)
+        self.gate = ConnectionGate(site, limits, self.w.reactor, self.api.awaited)
+        self.other: Any = StubTreq(resource)  # another client, for another model
+        self.client, server = tcp_pair(self)
+        address = IPv4Address("TCP", "127.0.0.5", 40000)
+        protocol = self.gate.buildProtocol(address)
+        assert protocol is not None
+        self.protocol: Protocol = protocol
+        self.transport = SocketTransport(server, address)
+        self.protocol.makeConnection(self.transport)
+        body = json.dumps({"model": "a", "stream": True, "messages": []}).encode()
+        self.protocol.dataReceived(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        self.flush()
+        self.w.make_ready("a")
+        self.flush()
+        self.w.reactor.advance(1)
+        self.flush()
+        self.assertIn(b"data: ", self.transport.value())  # a's answer streams
+        fill(server)
+        assert self.transport.producer is not None
+        self.transport.producer.pauseProducing()  # the client's buffer is full
+        self.server = server
+
+    def flush(self) -> None:
+        self.other.flush()
+        self.upstream.flush()
+        self.other.flush()
+
+    def ask_for_b(self) -> Deferred[Any]:
+        asked: Deferred[Any] = self.other.post(
+            "http://llamaswap/v1/chat/completions",
+            json.dumps({"model": "b", "messages": [], "fake": {"tokens": 2}}).encode(),
+            headers={"content-type": "application/json"},
+        )
+        self.flush()
+        return asked
+
+    def read_for(self, seconds: float) -> None:
+        """The client reads what arrived, then the clock runs ``seconds``."""
+        self.assertGreater(read_what_arrived(self.client), 0)
+        _, writable, _ = select.select([], [self.server], [], 10)
+        self.assertEqual(writable, [self.server])
+        fill(self.server)  # Twisted fills the room again at once
+        self.w.reactor.advance(seconds)
+
+    def gone(self) -> None:
+        """What the reactor does once the transport is aborted."""
+        self.assertTrue(self.transport.disconnected)
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        self.flush()
+
+    def test_a_slow_reader_is_cut_when_a_swap_waits_for_its_model(self) -> None:
+        asked = self.ask_for_b()
+        self.assertEqual(self.w.scheduler.in_flight("a"), 1)
+        self.assertNoResult(asked)  # b waits for a's request to end
+        with capturedLogs() as events:
+            self.read_for(30)
+        self.assertTrue(self.transport.disconnected)
+        said = [e["why"] for e in events if "why" in e]
+        self.assertEqual(
+            said, ["it reads its answer too slowly while a swap to b waits for model a"]
+        )
+        self.gone()
+        self.assertEqual(self.w.scheduler.in_flight("a"), 0)  # the lease went with it
+        self.assertTrue(self.w.child("a").ended)
+        self.w.make_ready("b")
+        self.flush()
+        self.w.reactor.advance(2)  # b's two tokens
+        self.flush()
+        response = self.successResultOf(asked)
+        self.assertEqual(response.code, 200)
+        self.assertIs(self.w.process("b").state, ModelState.READY)
+        self.successResultOf(treq.content(response))
+        self.assertEqual(self.w.scheduler.in_flight("b"), 0)
+
+    def test_a_slow_reader_keeps_its_answer_while_nobody_waits(self) -> None:
+        for _ in range(6):  # 3 minutes, paused all along, reading all along
+            self.read_for(30)
+            self.assertFalse(self.transport.disconnected)
+        self.assertEqual(self.w.scheduler.in_flight("a"), 1)
+
+    def test_a_reader_that_reads_nothing_is_cut_with_nobody_waiting(self) -> None:
+        self.w.reactor.advance(29)
+        self.assertFalse(self.transport.disconnected)
+        self.w.reactor.advance(1)
+        self.gone()
+        self.assertEqual(self.w.scheduler.in_flight("a"), 0)
+
+    def test_a_reader_that_reads_nothing_is_cut_with_a_swap_waiting(self) -> None:
+        asked = self.ask_for_b()
+        self.w.reactor.advance(29)
+        self.assertFalse(self.transport.disconnected)
+        with capturedLogs() as events:
+            self.w.reactor.advance(1)
+        said = [e["why"] for e in events if "why" in e]
+        self.assertEqual(said, ["it read nothing of its answer for 30s"])
+        self.gone()
+        self.w.make_ready("b")
+        self.flush()
+        self.w.reactor.advance(2)
+        self.flush()
+        self.assertEqual(self.successResultOf(asked).code, 200)
 
 
 class StallReloadTests(SynchronousTestCase):

@@ -560,3 +560,99 @@ class AdmissionTests(SynchronousTestCase):
         self.assertEqual(w.child("a").signals, ["TERM"])
         w.reactor.advance(4)
         self.assertEqual(w.child("a").signals, ["TERM", "KILL"])
+
+
+class AwaitedTests(SynchronousTestCase):
+    """``awaited``: what waits for a request in flight to end (the connection gate
+    cuts a slow reader only then)."""
+
+    def ready(self, w: World, model: str, **kwargs: Any) -> Lease:
+        d = w.scheduler.acquire(model, **kwargs)
+        if not d.called:
+            w.make_ready(model)
+        lease: Lease = self.successResultOf(d)
+        return lease
+
+    def test_a_swap_waits_for_each_request_on_its_victim_until_the_swap(self) -> None:
+        w = world()
+        first, second = self.ready(w, "a"), self.ready(w, "a")
+        self.assertIsNone(w.scheduler.awaited(first))  # nobody else asks for anything
+        pending = w.scheduler.acquire("b")
+        for lease in (first, second):
+            self.assertEqual(w.scheduler.awaited(lease), "a swap to b waits for model a")
+        first.release()
+        self.assertIsNone(w.scheduler.awaited(first))  # released: holds nothing
+        self.assertEqual(w.scheduler.awaited(second), "a swap to b waits for model a")
+        second.release()
+        self.assertEqual(w.child("a").signals, ["TERM"])  # the swap went on
+        w.make_ready("b")
+        lease_b = self.successResultOf(pending)
+        self.assertIsNone(w.scheduler.awaited(lease_b))
+        self.assertIsNone(w.scheduler.awaited(second))
+
+    def test_a_swap_whose_requests_left_waits_for_nobody(self) -> None:
+        w = world()
+        lease = self.ready(w, "a")
+        pending = w.scheduler.acquire("b")
+        self.assertIsNotNone(w.scheduler.awaited(lease))
+        pending.cancel()
+        self.failureResultOf(pending)
+        self.assertIsNone(w.scheduler.awaited(lease))
+        lease.release()
+        self.assertEqual(w.child("a").signals, [])  # abandoned: a stays
+
+    def test_a_model_started_alongside_does_not_wait_for_the_swap(self) -> None:
+        w = world(GROUPS)
+        lease = self.ready(w, "chat-a")
+        pending_b = w.scheduler.acquire("chat-b")  # waits for chat-a to drain
+        w.scheduler.acquire("embed")  # resident: started alongside, waits for nothing
+        self.assertIsNotNone(w.scheduler.awaited(lease))
+        pending_b.cancel()
+        self.failureResultOf(pending_b)
+        self.assertEqual(w.scheduler.queued("embed"), 1)
+        self.assertIsNone(w.scheduler.awaited(lease))
+        lease.release()
+
+    def test_a_profiles_model_is_awaited_by_a_swap_that_stops_it(self) -> None:
+        w = world(GROUPS)
+        d = w.scheduler.acquire("chat-a", profile="duo")
+        w.make_ready("chat-a")
+        w.make_ready("embed")
+        lease = self.successResultOf(d)
+        w.scheduler.acquire("chat-b")
+        self.assertEqual(w.scheduler.awaited(lease), "a swap to chat-b waits for model chat-a")
+        lease.release()
+
+    def test_a_background_swap_waits_for_a_users_request_only_if_a_user_waits(self) -> None:
+        w = world()
+        user = self.ready(w, "a")
+        w.scheduler.acquire("b", priority=-1)  # a title: a swap to b drains a
+        self.assertIsNone(w.scheduler.awaited(user))  # background work may wait
+        w.scheduler.acquire("c")  # a user's request, behind that swap
+        self.assertEqual(w.scheduler.awaited(user), "a swap to b waits for model a")
+        user.release()
+
+    def test_a_background_request_is_awaited_by_a_background_swap(self) -> None:
+        w = world()
+        title = self.ready(w, "a", priority=-1)
+        w.scheduler.acquire("b", priority=-1)
+        self.assertEqual(w.scheduler.awaited(title), "a swap to b waits for model a")
+        title.release()
+
+    def test_a_reload_waits_for_the_old_processs_requests(self) -> None:
+        w = world()
+        old = self.ready(w, "a")
+        w.reload(TWO_MODELS.replace("--model a", "--model a --ctx-size 8"))
+        self.assertEqual(w.scheduler.awaited(old), "a reload waits for model a")
+        new = self.ready(w, "a")
+        self.assertIsNone(w.scheduler.awaited(new))
+        old.release()
+        new.release()
+
+    def test_a_shutdown_waits_for_the_requests_in_flight(self) -> None:
+        w = world()
+        lease = self.ready(w, "a")
+        closing = w.scheduler.close(grace=30)
+        self.assertEqual(w.scheduler.awaited(lease), "the shutdown waits for model a")
+        lease.release()
+        self.successResultOf(closing)

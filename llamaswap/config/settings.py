@@ -131,8 +131,9 @@ class ConnectionLimits:
         "seconds a client may leave an answer unread (its connection's send buffer full, "
         "nothing taken from it) before the connection is cut: its request ends and the model "
         "is free again; a client that reads, however slowly, is not cut (the kernel tells; "
-        "where it cannot, on other systems than Linux, a pause this long cuts it); a reload "
-        "applies to waits already running",
+        "where it cannot, on other systems than Linux, a pause this long cuts it) as long as "
+        "nothing waits for its model: once a swap, a stop or a reload does, a client that "
+        "has not kept up for this long is cut too; a reload applies to waits already running",
         **POSITIVE,
     )
     max_connections: int | None = setting(
