@@ -87,7 +87,7 @@ class Lease:
     _on_release: Callable[[], None]
     released: bool = False
     priority: int = 0  # of the request it was granted to
-    _slot: _Slot | None = attrs.field(default=None, repr=False)  # for ``Scheduler.awaited``
+    slot: _Slot | None = attrs.field(default=None, repr=False)  # for ``Scheduler.awaited``
 
     def release(self) -> None:
         if not self.released:
@@ -601,7 +601,7 @@ class Scheduler:
         (not one started alongside): background work does not cut a user's answer,
         and a swap whose requests all left waits for nobody.
         """
-        slot = lease._slot
+        slot = lease.slot
         if lease.released or slot is None:
             return None
         for drain in slot.drained:
