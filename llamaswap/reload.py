@@ -232,6 +232,23 @@ class ConfigReloader(Service):
 
         return self._running.addCallback(finished)
 
+    def _refused(self, error: ConfigError) -> None:
+        """Say why a reload is refused: each problem of the file as an event of its own,
+        so each is one line (in /logs and in twistd's log alike) that says it refused
+        the reload, found by grepping for that, and counted to tell one reload's."""
+        problems = error.problems
+        if len(problems) == 1:
+            self.log.error("reload refused, the running configuration stays: {error}", error=error)
+            return
+        for index, problem in enumerate(problems, 1):
+            self.log.error(
+                "reload refused (problem {index} of {count}), the running configuration "
+                "stays: {error}",
+                index=index,
+                count=len(problems),
+                error=problem,
+            )
+
     def _read(self) -> tuple[Config, bool]:
         """In a thread: the parsed file, and whether it stayed the same while read."""
         before = self._stamp()
@@ -242,7 +259,7 @@ class ConfigReloader(Service):
         try:
             config, steady = await deferToThread(self._read)
         except ConfigError as e:
-            self.log.error("reload refused, the running configuration stays: {error}", error=e)
+            self._refused(e)
             return False
         except Exception:
             self.log.failure("reload failed, the running configuration stays")
@@ -273,7 +290,7 @@ class ConfigReloader(Service):
         try:
             changes = self.apply(config)
         except ConfigError as e:  # what only applying can find (a state directory in use)
-            self.log.error("reload refused, the running configuration stays: {error}", error=e)
+            self._refused(e)
             return False
         except Exception:
             self.log.failure("reload failed while applying it")

@@ -364,6 +364,124 @@ class ValidationTests(SynchronousTestCase):
         self.assertIn("/nonexistent/llamaswap.yaml: cannot read file", str(error))
 
 
+MODEL = "    cmd: s --port ${PORT}\n"
+
+
+class EveryProblemTests(SynchronousTestCase):
+    """A file with several mistakes gets them all in one run: one line each, a
+    model entry, a section or a reference each on its own."""
+
+    def problems(self, text: str) -> ConfigError:
+        error: ConfigError = self.assertRaises(ConfigError, parse_config, text, "c.yaml", {})
+        return error
+
+    def test_one_problem_reads_as_it_always_did(self) -> None:
+        error = self.problems("models:\n  a:\n" + MODEL + "    ttl: ten\n")
+        self.assertEqual(str(error), "c.yaml: models.a.ttl: expected a number, got str 'ten'")
+        self.assertEqual(
+            (error.path, error.message), ("models.a.ttl", "expected a number, got str 'ten'")
+        )
+        self.assertEqual(error.problems, (error,))
+
+    def test_each_entry_and_section_is_reported_in_one_go(self) -> None:
+        text = (
+            "models:\n  a:\n" + MODEL + "    ttl: ten\n"
+            "  b:\n" + MODEL + "    aliasses: [x]\n"
+            "  c:\n" + MODEL + ""
+            "groups:\n  g:\n    members: [c, zzz]\n"
+            "scheduler:\n  policy: fifo\n  maxWait: 3\n"
+            "connections:\n  perClient: 1\n"
+            "logLevel: loud\n"
+        )
+        error = self.problems(text)
+        self.assertEqual(
+            str(error),
+            "c.yaml: 6 problems:\n"
+            "c.yaml: models.a.ttl: expected a number, got str 'ten'\n"
+            "c.yaml: models.b.aliasses: unknown key (did you mean 'aliases'?)\n"
+            "c.yaml: groups.g.members[1]: unknown model 'zzz' (known models: c, a, b)\n"
+            "c.yaml: scheduler.maxWait: only the 'collate' policy uses it\n"
+            "c.yaml: connections.perClient: unknown key (did you mean 'maxPerClient'?)\n"
+            "c.yaml: logLevel: must be one of debug, info, warn, error, got 'loud'",
+        )
+        self.assertEqual(error.path, "")  # the file as a whole; each problem has its own
+        self.assertEqual(
+            [problem.path for problem in error.problems],
+            [
+                "models.a.ttl",
+                "models.b.aliasses",
+                "groups.g.members[1]",
+                "scheduler.maxWait",
+                "connections.perClient",
+                "logLevel",
+            ],
+        )
+
+    def test_within_one_entry_the_first_problem_is_enough(self) -> None:
+        error = self.problems(
+            "models:\n  a:\n" + MODEL + "    ttl: ten\n    aliasses: [x]\n"
+            "apiKeys:\n  - {name: k, key: sk-one, maxConcurrent: many, models: 3}\n"
+        )
+        self.assertEqual(
+            [problem.path for problem in error.problems], ["models.a.aliasses", "apiKeys[0].models"]
+        )
+
+    def test_a_reference_to_an_entry_that_failed_is_no_second_problem(self) -> None:
+        text = (
+            "models:\n  a:\n" + MODEL + "    ttl: ten\n    aliases: [alpha]\n"
+            "  b:\n" + MODEL + ""
+            "groups:\n  g:\n    members: [a, b]\n"
+            "profiles:\n  p: [a, b]\n  broken: nothing\n"
+            "pools:\n  q: {models: [a]}\n"
+            "hooks:\n  on_startup:\n    preload: [alpha]\n"
+            "defaultModel: broken:a\n"
+        )
+        error = self.problems(text)
+        self.assertEqual(
+            [str(problem) for problem in error.problems],
+            [
+                "c.yaml: models.a.ttl: expected a number, got str 'ten'",
+                "c.yaml: profiles.broken: expected a list of strings, got str 'nothing'",
+            ],
+        )
+        # alone, the model's problem reads as it always did
+        alone = self.problems(text.replace("  broken: nothing\n", "").replace("broken:a", "p:a"))
+        self.assertEqual(str(alone), "c.yaml: models.a.ttl: expected a number, got str 'ten'")
+
+    def test_what_a_broken_part_would_make_meaningless_is_not_checked(self) -> None:
+        groups = "groups:\n  g:\n    members: [zz]\n"
+        # no models map: every reference would be unknown
+        error = self.problems("models: 3\n" + groups + "logLevel: loud\n")
+        self.assertEqual([p.path for p in error.problems], ["models", "logLevel"])
+        self.assertEqual(
+            str(self.problems(f"modelsDir: {self.mktemp()}\n" + groups)).count("\n"), 0
+        )
+        # a macro that fails would make every use of it "unknown": the rest waits
+        error = self.problems(
+            "macros:\n  x: ${nope}\nmodels:\n  a:\n    cmd: s ${x} ${PORT}\n    ttl: ten\ncmnd: 1\n"
+        )
+        self.assertEqual([p.path for p in error.problems], ["macros.x", "cmnd"])
+
+    def test_several_problems_never_echo_a_key(self) -> None:
+        error = self.problems(
+            "models:\n  a:\n" + MODEL + "    upstreamApiKey: sk-up stream\n"
+            "apiKeys:\n  - sk-has space\n  - sk-same\n  - sk-same\n"
+            "  - {name: n, key: sk-also space, models: ['*']}\n"
+            "peers:\n  p: {proxy: 'ftp://h', models: [m], apiKey: sk-peer}\n"
+        )
+        self.assertEqual(
+            [p.path for p in error.problems],
+            [
+                "models.a.upstreamApiKey",
+                "apiKeys[0]",
+                "apiKeys[2]",
+                "apiKeys[3].key",
+                "peers.p.proxy",
+            ],
+        )
+        self.assertNotIn("sk-", str(error))
+
+
 class ShippedConfigTests(SynchronousTestCase):
     def test_example_config_is_valid(self) -> None:
         config = load_config(ROOT / "config.example.yaml")

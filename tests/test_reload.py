@@ -132,6 +132,27 @@ class ReloadTests(ReloadCase):
         self.assertEqual((await self.running())["keep"]["pid"], pid)
         self.assertEqual((await self.chat("drop")).code, 200)
 
+    async def test_a_refused_reload_logs_each_problem_on_a_line_of_its_own(self) -> None:
+        reloader = await self.start_with(BEFORE)
+        broken = BEFORE.replace(f"cmd: {FAKE} --tokens 3", "cmnd: x")
+        self.path.write_text(broken.replace("swap: false", "swap: sometimes") + "logLevel: x\n")
+        self.assertFalse(await reloader.reload())
+        logs = (await self.request("GET", "/logs")).body.decode().splitlines()
+        refused = [line.split("] ", 1)[1] for line in logs if "reload refused" in line]
+        stays = "the running configuration stays"
+        self.assertEqual(
+            refused,
+            [
+                f"reload refused (problem 1 of 3), {stays}: {self.path}: models.change.cmnd: "
+                "unknown key (did you mean 'cmd'?)",
+                f"reload refused (problem 2 of 3), {stays}: {self.path}: groups.all.swap: "
+                "expected true or false, got str 'sometimes'",
+                f"reload refused (problem 3 of 3), {stays}: {self.path}: logLevel: "
+                "must be one of debug, info, warn, error, got 'x'",
+            ],
+        )
+        self.assertEqual((await self.chat("change")).code, 200)  # still served as before
+
     async def test_file_changes_are_noticed_when_watching(self) -> None:
         self.path = Path(self.mktemp())
         self.path.write_text(BEFORE)

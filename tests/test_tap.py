@@ -182,6 +182,26 @@ class TwistdTests(TestCase):
             "(did you mean 'aliases'?)",
         )
 
+    async def test_several_problems_are_said_at_once_each_on_its_line(self) -> None:
+        path = self.mktemp()
+        model = "    cmd: s --port ${PORT}\n"
+        Path(path).write_text(
+            f"models:\n  a:\n{model}    ttl: ten\n  b:\n{model}    aliasses: [x]\n"
+            "groups:\n  g:\n    members: [a, b, zzz]\napiKeys: [sk-with space]\n"
+        )
+        code, output = await self.run_twistd("--config", path)
+        self.assertEqual(code, 1)
+        self.assertEqual(
+            output.strip().splitlines(),
+            [
+                f"llamaswap: invalid configuration: {path}: 4 problems:",
+                f"{path}: models.a.ttl: expected a number, got str 'ten'",
+                f"{path}: models.b.aliasses: unknown key (did you mean 'aliases'?)",
+                f"{path}: groups.g.members[2]: unknown model 'zzz' (known models: a, b)",
+                f"{path}: apiKeys[0]: a key must be non-empty and contain no spaces",
+            ],
+        )
+
     def launch(self, start_port: int) -> tuple[subprocess.Popen[bytes], int]:
         """A real ``twistd -n llamaswap`` with one fake model ``m``, on a free port."""
         path = self.mktemp()

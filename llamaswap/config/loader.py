@@ -14,6 +14,7 @@ import re
 import shlex
 import shutil
 from collections.abc import Collection, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,7 @@ from .settings import (
     StoreSettings,
     Top,
     default,
+    keys_of,
     yaml_names,
 )
 from .yamltext import load_yaml
@@ -109,20 +111,32 @@ class _Builder(MacroReader):
     kv_withheld = False  # a model started without the --slot-save-path it would get
 
     def build(self, document: object) -> Config:
+        """The Config, or every independent problem at once (see :meth:`Reader.attempt`):
+        each top-level section, each model entry, each reference on its own; within
+        one of them the first problem is enough."""
         if document is None:
             raise self.fail("", "the file is empty; it needs at least a 'models' map")
         root = self.mapping(document, "")
-        self.check_keys(root, "", yaml_names(Top))
-        macros = self.global_macros(root.get("macros"), "macros")
-        folders = self.models_dirs(root.get("modelsDir"), macros)
-        if "models" not in root and not folders:
-            raise self.fail("models", "required key is missing (or give a modelsDir)")
-        models_doc = self.mapping(root.get("models", {}), "models")
-        if not models_doc and not folders:
-            raise self.fail("models", "at least one model is required (or give a modelsDir)")
-        top = self.section(Top, root, "")
-        budget = self.budget(root.get("resources"))
-        kv_cache = self.kv_cache(root.get("kvCache"), macros)
+        self.sections = tuple(str(key) for key in root)
+        known = yaml_names(Top)
+        for key in root:  # each a section of its own: a typo of one hides no other
+            self.attempt(partial(self.check_keys, {key: None}, "", known), None)
+        try:
+            macros = self.global_macros(root.get("macros"), "macros")
+        except ConfigError as e:
+            # the rest would say "unknown macro" wherever one is used: a second,
+            # confusing problem, so stop here
+            self.found.append(e)
+            raise self.gathered() from None
+        folders = self.attempt(partial(self.models_dirs, root.get("modelsDir"), macros), None)
+        models_doc = self.attempt(partial(self.models_map, root, folders), None)
+        if folders is None or models_doc is None:
+            self.failed_names = None  # which models exist is not known: no reference is checked
+        top = self.top_settings(root)
+        budget: dict[str, int] = self.attempt(partial(self.budget, root.get("resources")), {})
+        kv_cache = self.attempt(
+            partial(self.kv_cache, root.get("kvCache"), macros), self.kv_cache(None, macros)
+        )
         # a state directory that cannot be written (read-only, a service user's
         # missing home) must not keep every llama-server from starting
         self.kv_writable = _can_make_directory(kv_cache.path)
@@ -133,19 +147,20 @@ class _Builder(MacroReader):
             "unload_timeout": top["unload_timeout"],
             "send_loading_state": top["send_loading_state"],
         }
-        models: dict[str, ModelConfig] = {}
-        for model_id, entry in models_doc.items():
-            if not isinstance(model_id, str) or not model_id.strip():
-                raise self.fail("models", f"model id must be a non-empty string, got {model_id!r}")
-            if ":" in model_id:
-                raise self.fail(
-                    f"models.{model_id}", "model ids may not contain ':' (profiles use it)"
-                )
-            models[model_id] = self.model(model_id, entry, macros, defaults)
-        found = modelsdir.scan(folders)
+        read = partial(self.entry, macros=macros, defaults=defaults)
+        models: dict[str, ModelConfig] = self.each_entry(models_doc or {}, read, referenced=True)
+        for model_id, entry in (models_doc or {}).items():
+            if model_id not in models:  # its aliases name it too
+                aliases = entry.get("aliases") if isinstance(entry, dict) else None
+                listed = aliases if isinstance(aliases, list) else []
+                self.entry_failed(*(str(alias) for alias in listed))
+                self.failed_models.append(str(model_id))
+        found = modelsdir.scan(folders or ())
         notices = list(found.notices)
         unfound: dict[str, str] = {}  # a program not found, and the setting naming it first
-        model_defaults = self.model_defaults(root.get("modelDefaults"))
+        model_defaults = self.attempt(
+            partial(self.model_defaults, root.get("modelDefaults")), modelsdir.ModelDefaults()
+        )
         headers = modelsdir.HeaderReads(
             weights
             for model in models.values()
@@ -176,35 +191,86 @@ class _Builder(MacroReader):
                 "--slot-save-path llamaswap adds (conversations are not kept across swaps)"
             )
         references.check_names_unique(self, models)
+        # a section with a problem takes its defaults here, only so that the
+        # sections after it are checked too: such a Config is never returned
         config = Config(
             models=models,
-            log_level=self.log_level(root.get("logLevel", default(Top, "log_level"))),
-            source=self.source,
-            groups=references.groups(self, root.get("groups"), models),
-            profiles=references.profiles(self, root.get("profiles"), models),
-            pools=references.pools(self, root.get("pools"), models),
-            preload=references.preload(self, root.get("hooks"), models),
-            peers=self.peers(root.get("peers"), models, macros),
-            api_keys=self.api_keys(root.get("apiKeys"), macros),
-            crash_loop=self.crash_loop(root.get("crashLoop")),
-            connections=ConnectionLimits(
-                **self.section(ConnectionLimits, root.get("connections"), "connections")
+            log_level=self.attempt(
+                partial(self.log_level, root.get("logLevel", default(Top, "log_level"))),
+                default(Top, "log_level"),
             ),
-            policy=self.policy(root.get("scheduler")),
+            source=self.source,
+            groups=self.attempt(partial(references.groups, self, root.get("groups"), models), {}),
+            profiles=self.attempt(
+                partial(references.profiles, self, root.get("profiles"), models), {}
+            ),
+            pools=self.attempt(partial(references.pools, self, root.get("pools"), models), {}),
+            preload=self.attempt(partial(references.preload, self, root.get("hooks"), models), ()),
+            peers=self.attempt(partial(self.peers, root.get("peers"), models, macros), {}),
+            api_keys=self.attempt(partial(self.api_keys, root.get("apiKeys"), macros), ()),
+            crash_loop=self.attempt(
+                partial(self.crash_loop, root.get("crashLoop")), CrashLoopPolicy()
+            ),
+            connections=self.attempt(
+                partial(self.connections, root.get("connections")), ConnectionLimits()
+            ),
+            policy=self.attempt(partial(self.policy, root.get("scheduler")), self.policy(None)),
             budget=budget,
-            default_model=self.default_model(root.get("defaultModel")),
+            default_model=self.attempt(partial(self.default_model, root.get("defaultModel")), None),
             kv_cache=kv_cache,
-            models_dirs=folders,
+            models_dirs=folders or (),
             notices=tuple(notices),
-            allowed_hosts=self.allowed_hosts(root.get("allowedHosts")),
-            cors=self.cors(root.get("cors")),
-            **self.store(root.get("store"), macros),
-            written=frozenset(key for key, value in root.items() if value is not None)
-            | _written_key_fields(root),
+            allowed_hosts=self.attempt(partial(self.allowed_hosts, root.get("allowedHosts")), ()),
+            cors=self.attempt(partial(self.cors, root.get("cors")), self.cors(None)),
+            **self.attempt(
+                partial(self.store, root.get("store"), macros), self.store(None, macros)
+            ),
             **{k: v for k, v in top.items() if k != "send_loading_state"},
         )
-        references.check_default_model(self, config)
-        return config
+        self.attempt(partial(references.check_default_model, self, config), None)
+        self.finish()
+        # what a reload may take as written, read from a file known to be well-formed
+        keys = frozenset(key for key, value in root.items() if value is not None)
+        return attrs.evolve(config, written=keys | _written_key_fields(root))
+
+    def top_settings(self, root: Mapping[str, Any]) -> dict[str, Any]:
+        """The simple top-level settings, each its own section: a wrong one takes its
+        default (so the models are still checked) and is noted."""
+        values = self.section(Top, {}, "")
+        for name, key in keys_of(Top):
+            if key.kind != "custom" and key.yaml in root:
+                one = partial(self.section, Top, {key.yaml: root[key.yaml]}, "")
+                values[name] = self.attempt(one, values)[name]
+        return values
+
+    def models_map(
+        self, root: Mapping[str, Any], folders: tuple[str, ...] | None
+    ) -> dict[str, Any]:
+        """The ``models`` map as written (``folders`` None: ``modelsDir`` was wrong,
+        so whether models come from a folder is not known)."""
+        if "models" not in root and folders == ():
+            raise self.fail("models", "required key is missing (or give a modelsDir)")
+        models_doc = self.mapping(root.get("models", {}), "models")
+        if not models_doc and folders == ():
+            raise self.fail("models", "at least one model is required (or give a modelsDir)")
+        return models_doc
+
+    def entry(
+        self,
+        model_id: object,
+        entry: object,
+        macros: Mapping[str, str],
+        defaults: Mapping[str, Any],
+    ) -> ModelConfig:
+        """One entry of ``models``: its id, then the model."""
+        if not isinstance(model_id, str) or not model_id.strip():
+            raise self.fail("models", f"model id must be a non-empty string, got {model_id!r}")
+        if ":" in model_id:
+            raise self.fail(f"models.{model_id}", "model ids may not contain ':' (profiles use it)")
+        return self.model(model_id, entry, macros, defaults)
+
+    def connections(self, value: object) -> ConnectionLimits:
+        return ConnectionLimits(**self.section(ConnectionLimits, value, "connections"))
 
     def log_level(self, value: object) -> str:
         level = self.string(value, "logLevel").lower()
@@ -360,19 +426,26 @@ class _Builder(MacroReader):
             raise self.fail("apiKeys", f"expected a list of keys (apiKeys: [<key>]), got {got}")
         keys: list[ApiKey] = []
         for i, raw in enumerate(value):
-            path = f"apiKeys[{i}]"
-            key = (
-                self.scoped_key(raw, path, macros)
-                if isinstance(raw, dict)
-                else ApiKey(path, self.secret(raw, path, macros))
-            )
-            for earlier in keys:
-                if key.name == earlier.name:
-                    raise self.fail(f"{path}.name", f"{key.name!r} names another key too")
-                if key.key == earlier.key:
-                    raise self.fail(path, f"the same key as {earlier.name!r}")
-            keys.append(key)
+            key = self.attempt(partial(self.api_key, raw, f"apiKeys[{i}]", keys, macros), None)
+            if key is not None:
+                keys.append(key)
         return tuple(keys)
+
+    def api_key(
+        self, raw: object, path: str, earlier_keys: list[ApiKey], macros: Mapping[str, str]
+    ) -> ApiKey:
+        """One entry of ``apiKeys``, different from the ones before it."""
+        key = (
+            self.scoped_key(raw, path, macros)
+            if isinstance(raw, dict)
+            else ApiKey(path, self.secret(raw, path, macros))
+        )
+        for earlier in earlier_keys:
+            if key.name == earlier.name:
+                raise self.fail(f"{path}.name", f"{key.name!r} names another key too")
+            if key.key == earlier.key:
+                raise self.fail(path, f"the same key as {earlier.name!r}")
+        return key
 
     def scoped_key(self, doc: dict[str, Any], path: str, macros: Mapping[str, str]) -> ApiKey:
         declared = self.section(ApiKeySettings, doc, path)
@@ -488,43 +561,48 @@ class _Builder(MacroReader):
     ) -> dict[str, PeerConfig]:
         if value is None:
             return {}
-        peers: dict[str, PeerConfig] = {}
-        for peer_id, entry in self.mapping(value, "peers").items():
-            base = f"peers.{peer_id}"
-            if not isinstance(peer_id, str) or not re.match(r"^[A-Za-z0-9_.-]+$", peer_id):
-                raise self.fail(base, "peer ids use letters, digits, '_', '-' and '.' only")
-            doc = self.mapping(entry, base)
-            self.check_keys(doc, base, yaml_names(PeerSettings))
-            for key in ("proxy", "models"):
-                if key not in doc:
-                    raise self.fail(f"{base}.{key}", "required key is missing")
-            proxy = self.expand(
-                self.string(doc["proxy"], f"{base}.proxy"), f"{base}.proxy", macros, ()
-            )
-            if not re.match(r"^https?://[^/]+", proxy):
-                raise self.fail(f"{base}.proxy", f"expected an http(s):// URL, got {proxy!r}")
-            served = self.string_list(doc["models"], f"{base}.models")
-            if not served:
-                raise self.fail(f"{base}.models", "a peer needs at least one model")
-            for i, model in enumerate(served):
-                if f"{peer_id}/{model}" in models or resolve_name(f"{peer_id}/{model}", models):
-                    raise self.fail(
-                        f"{base}.models[{i}]",
-                        f"{peer_id}/{model} is also a local model id or alias",
-                    )
-            api_key = None
-            if doc.get("apiKey"):
-                api_key = self.expand(
-                    self.string(doc["apiKey"], f"{base}.apiKey"), f"{base}.apiKey", macros, ()
+        read = partial(self.peer, models=models, macros=macros)
+        return self.each_entry(self.mapping(value, "peers"), read)
+
+    def peer(
+        self,
+        peer_id: object,
+        entry: object,
+        models: Mapping[str, ModelConfig],
+        macros: Mapping[str, str],
+    ) -> PeerConfig:
+        base = f"peers.{peer_id}"
+        if not isinstance(peer_id, str) or not re.match(r"^[A-Za-z0-9_.-]+$", peer_id):
+            raise self.fail(base, "peer ids use letters, digits, '_', '-' and '.' only")
+        doc = self.mapping(entry, base)
+        self.check_keys(doc, base, yaml_names(PeerSettings))
+        for key in ("proxy", "models"):
+            if key not in doc:
+                raise self.fail(f"{base}.{key}", "required key is missing")
+        proxy = self.expand(self.string(doc["proxy"], f"{base}.proxy"), f"{base}.proxy", macros, ())
+        if not re.match(r"^https?://[^/]+", proxy):
+            raise self.fail(f"{base}.proxy", f"expected an http(s):// URL, got {proxy!r}")
+        served = self.string_list(doc["models"], f"{base}.models")
+        if not served:
+            raise self.fail(f"{base}.models", "a peer needs at least one model")
+        for i, model in enumerate(served):
+            if f"{peer_id}/{model}" in models or resolve_name(f"{peer_id}/{model}", models):
+                raise self.fail(
+                    f"{base}.models[{i}]",
+                    f"{peer_id}/{model} is also a local model id or alias",
                 )
-            peers[peer_id] = PeerConfig(
-                id=peer_id,
-                proxy=proxy.rstrip("/"),
-                models=tuple(served),
-                api_key=api_key,
-                filters=self.filters(doc.get("filters"), f"{base}.filters", macros, peer_id),
+        api_key = None
+        if doc.get("apiKey"):
+            api_key = self.expand(
+                self.string(doc["apiKey"], f"{base}.apiKey"), f"{base}.apiKey", macros, ()
             )
-        return peers
+        return PeerConfig(
+            id=peer_id,
+            proxy=proxy.rstrip("/"),
+            models=tuple(served),
+            api_key=api_key,
+            filters=self.filters(doc.get("filters"), f"{base}.filters", macros, peer_id),
+        )
 
     # --- one model ---------------------------------------------------------
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import attrs
 
 from ..resources import parse_size
 from .settings import REQUIRED, keys_of, yaml_names
+
+T = TypeVar("T")
 
 
 class ConfigError(Exception):
@@ -21,6 +23,27 @@ class ConfigError(Exception):
         self.message = message
         where = f"{source}: {path}: " if path else f"{source}: "
         super().__init__(where + message)
+
+    @property
+    def problems(self) -> tuple[ConfigError, ...]:
+        """Each problem found, one per independent part of the file: this one."""
+        return (self,)
+
+
+class ConfigProblems(ConfigError):
+    """Several independent problems in one file, said in one go (a line each: the
+    file, the key path, what is wrong), so a file with three mistakes takes one run
+    to fix, not three.  Like any ConfigError it reads ``<file>: <message>``; here the
+    path is empty (the file as a whole) and the message counts and lists them."""
+
+    def __init__(self, source: str, problems: Sequence[ConfigError]) -> None:
+        lines = "\n".join(str(problem) for problem in problems)
+        super().__init__(source, "", f"{len(problems)} problems:\n{lines}")
+        self._problems = tuple(problems)
+
+    @property
+    def problems(self) -> tuple[ConfigError, ...]:
+        return self._problems
 
 
 def _suggest(key: str, allowed: tuple[str, ...], known: str = "keys") -> str:
@@ -38,9 +61,74 @@ class Reader:
         self.source = source
         self.environ = environ
         self.cli_models_dirs: tuple[str, ...] = ()
+        self.found: list[ConfigError] = []  # the problems so far
+        self.sections: tuple[str, ...] = ()  # the top-level keys, in the file's order
+        # names (ids, aliases, profiles, pools) of entries that failed: a reference
+        # to one is not a second problem; None: which models exist is not known
+        self.failed_names: set[str] | None = set()
+        self.failed_models: list[str] = []  # their ids, for the "known models" hint
 
     def fail(self, path: str, message: str) -> ConfigError:
         return ConfigError(self.source, path, message)
+
+    def attempt(self, read: Callable[[], T], fallback: T) -> T:
+        """What ``read`` returns, or ``fallback`` with its problem noted: a mistake in
+        one part of the file does not hide one in the next (see :meth:`finish`)."""
+        try:
+            return read()
+        except ConfigError as e:
+            self.found.append(e)
+            return fallback
+
+    def each_entry(
+        self, doc: Mapping[Any, Any], read: Callable[[Any, Any], T], referenced: bool = False
+    ) -> dict[Any, T]:
+        """``read(name, entry)`` of each entry of the map ``doc``, each on its own: one
+        with a problem is noted and left out (and, ``referenced``, so is a reference
+        to its name)."""
+        found: dict[Any, T] = {}
+        for name, entry in doc.items():
+            try:
+                found[name] = read(name, entry)
+            except ConfigError as e:
+                self.found.append(e)
+                if referenced:
+                    self.entry_failed(str(name))
+        return found
+
+    def gathered(self) -> ConfigError:
+        """The problems found (at least one): one as itself, several as one error,
+        in the order of the sections they are in (as the file has them)."""
+        if len(self.found) == 1:
+            return self.found[0]
+
+        def place(problem: ConfigError) -> int:
+            path = problem.path
+            return next(
+                (
+                    i
+                    for i, key in enumerate(self.sections)
+                    if path == key or path.startswith((f"{key}.", f"{key}["))
+                ),
+                -1,  # the file as a whole, or the command line
+            )
+
+        return ConfigProblems(self.source, sorted(self.found, key=place))
+
+    def finish(self) -> None:
+        """Raise the problems found, if any."""
+        if self.found:
+            raise self.gathered()
+
+    def entry_failed(self, *names: str) -> None:
+        """Note the names an entry that failed would have given."""
+        if self.failed_names is not None:
+            self.failed_names.update(names)
+
+    def unchecked(self, name: str) -> bool:
+        """Whether a reference to ``name`` goes unchecked: it may name an entry that
+        failed, whose problem is already said."""
+        return self.failed_names is None or name in self.failed_names
 
     def section(
         self, cls: type, value: object, path: str, fallback: Mapping[str, Any] | None = None

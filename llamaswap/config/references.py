@@ -1,12 +1,14 @@
 """Cross references: groups, profiles, preload, unique names, the default model.
 
 Each is checked against the models already built, with the key path of the
-reference that does not hold.
+reference that does not hold; each entry on its own (one problem hides no other),
+and a reference to a model whose entry failed is no second problem.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from functools import partial
 
 from .objects import Config, GroupConfig, ModelConfig, PoolConfig, resolve_name
 from .reader import Reader, _suggest
@@ -18,31 +20,32 @@ def groups(
 ) -> dict[str, GroupConfig]:
     if value is None:
         return {}
-    groups: dict[str, GroupConfig] = {}
-    owner: dict[str, str] = {}
-    for group_id, entry in reader.mapping(value, "groups").items():
-        base = f"groups.{group_id}"
-        if entry is None:
-            reader.mapping(entry, base)
-        declared = reader.section(GroupSettings, entry, base)
-        members = declared["members"]
-        for i, member in enumerate(members):
-            where = f"{base}.members[{i}]"
-            if member not in models:
-                raise reader.fail(
-                    where, f"unknown model {member!r}" + _suggest(member, tuple(models), "models")
-                )
-            if member in owner:
-                other = owner[member]
-                raise reader.fail(
-                    where,
-                    f"{member!r} is listed twice"
-                    if other == group_id
-                    else f"{member!r} is already a member of group {other!r}",
-                )
-            owner[member] = group_id
-        groups[group_id] = GroupConfig(id=group_id, **declared)
-    return groups
+    owner: dict[str, str] = {}  # a model, and the group it is a member of
+    read = partial(_group, reader, models=models, owner=owner)
+    return reader.each_entry(reader.mapping(value, "groups"), read)
+
+
+def _group(
+    reader: Reader,
+    group_id: str,
+    entry: object,
+    models: Mapping[str, ModelConfig],
+    owner: dict[str, str],
+) -> GroupConfig:
+    base = f"groups.{group_id}"
+    if entry is None:
+        reader.mapping(entry, base)
+    declared = reader.section(GroupSettings, entry, base)
+    members = declared["members"]
+    for i, member in enumerate(members):
+        where = f"{base}.members[{i}]"
+        _known(reader, where, member, models)
+        if member in members[:i]:
+            raise reader.fail(where, f"{member!r} is listed twice")
+        if member in owner:
+            raise reader.fail(where, f"{member!r} is already a member of group {owner[member]!r}")
+    owner.update(dict.fromkeys(members, group_id))
+    return GroupConfig(id=group_id, **declared)
 
 
 def profiles(
@@ -50,22 +53,22 @@ def profiles(
 ) -> dict[str, tuple[str, ...]]:
     if value is None:
         return {}
-    profiles: dict[str, tuple[str, ...]] = {}
-    for name, members in reader.mapping(value, "profiles").items():
-        base = f"profiles.{name}"
-        if not isinstance(name, str) or not name or ":" in name:
-            raise reader.fail(base, "profile names are non-empty and contain no ':'")
-        ids = reader.string_list(members, base)
-        if not ids:
-            raise reader.fail(base, "a profile needs at least one model")
-        for i, member in enumerate(ids):
-            if member not in models:
-                raise reader.fail(
-                    f"{base}[{i}]",
-                    f"unknown model {member!r}" + _suggest(member, tuple(models), "models"),
-                )
-        profiles[name] = tuple(dict.fromkeys(ids))
-    return profiles
+    read = partial(_profile, reader, models=models)
+    return reader.each_entry(reader.mapping(value, "profiles"), read, referenced=True)
+
+
+def _profile(
+    reader: Reader, name: object, members: object, models: Mapping[str, ModelConfig]
+) -> tuple[str, ...]:
+    base = f"profiles.{name}"
+    if not isinstance(name, str) or not name or ":" in name:
+        raise reader.fail(base, "profile names are non-empty and contain no ':'")
+    ids = reader.string_list(members, base)
+    if not ids:
+        raise reader.fail(base, "a profile needs at least one model")
+    for i, member in enumerate(ids):
+        _known(reader, f"{base}[{i}]", member, models)
+    return tuple(dict.fromkeys(ids))
 
 
 def preload(reader: Reader, value: object, models: Mapping[str, ModelConfig]) -> tuple[str, ...]:
@@ -80,43 +83,46 @@ def preload(reader: Reader, value: object, models: Mapping[str, ModelConfig]) ->
         reader.string_list(startup.get("preload", []), "hooks.on_startup.preload")
     ):
         model = resolve_name(name, models)
-        if model is None:
-            raise reader.fail(
-                f"hooks.on_startup.preload[{i}]",
-                f"unknown model {name!r}" + _suggest(name, tuple(models), "models"),
-            )
-        ids.append(model.id)
+        if model is not None:
+            ids.append(model.id)
+        else:  # a problem, unless it names an entry that failed
+            _known(reader, f"hooks.on_startup.preload[{i}]", name, models)
     return tuple(ids)
 
 
 def check_names_unique(reader: Reader, models: Mapping[str, ModelConfig]) -> None:
+    """No alias is another model's id or alias: each model's first clash is said."""
     owner: dict[str, str] = {}
     for model in models.values():
-        for i, alias in enumerate(model.names):
-            where = (
-                f"models.{model.id}.aliases[{i}]"
-                if i < len(model.aliases)
-                else f"models.{model.id}.filters.setParamsByID.{alias}"
-            )
-            if alias in models:
-                raise reader.fail(where, f"alias {alias!r} is already a model id")
-            if alias in owner:
-                raise reader.fail(where, f"alias {alias!r} is also used by {owner[alias]!r}")
-            owner[alias] = model.id
+        reader.attempt(partial(_names_unique, reader, model, models, owner), None)
+
+
+def _names_unique(
+    reader: Reader, model: ModelConfig, models: Mapping[str, ModelConfig], owner: dict[str, str]
+) -> None:
+    for i, alias in enumerate(model.names):
+        where = (
+            f"models.{model.id}.aliases[{i}]"
+            if i < len(model.aliases)
+            else f"models.{model.id}.filters.setParamsByID.{alias}"
+        )
+        if alias in models:
+            raise reader.fail(where, f"alias {alias!r} is already a model id")
+        if alias in owner:
+            raise reader.fail(where, f"alias {alias!r} is also used by {owner[alias]!r}")
+        owner[alias] = model.id
 
 
 def check_default_model(reader: Reader, config: Config) -> None:
     """``defaultModel`` names a model, alias, variant or ``profile:model``."""
-    if config.default_model is None or config.lookup(config.default_model) is not None:
+    name = config.default_model
+    if name is None or config.lookup(name) is not None or name in config.pools:
         return
-    if config.default_model in config.pools:
-        return
+    if any(reader.unchecked(part) for part in (name, *name.split(":", 1))):
+        return  # it names an entry that failed (said already)
     models = config.models
     names = tuple(models) + tuple(n for m in models.values() for n in m.names)
-    raise reader.fail(
-        "defaultModel",
-        f"unknown model {config.default_model!r}" + _suggest(config.default_model, names, "models"),
-    )
+    raise reader.fail("defaultModel", f"unknown model {name!r}" + _suggest(name, names, "models"))
 
 
 def pools(
@@ -126,22 +132,34 @@ def pools(
     if value is None:
         return {}
     taken = {name for m in models.values() for name in m.names}
-    found: dict[str, PoolConfig] = {}
-    for pool_id, entry in reader.mapping(value, "pools").items():
-        base = f"pools.{pool_id}"
-        if not isinstance(pool_id, str) or not pool_id.strip() or ":" in pool_id:
-            raise reader.fail(base, "pool names are non-empty and contain no ':'")
-        if pool_id in models or pool_id in taken:
-            raise reader.fail(base, f"{pool_id!r} is already a model id or alias")
-        declared = reader.section(PoolSettings, reader.mapping(entry, base), base)
-        ids = declared.pop("models")
-        if not ids:
-            raise reader.fail(f"{base}.models", "a pool needs at least one model")
-        for i, member in enumerate(ids):
-            if member not in models:
-                raise reader.fail(
-                    f"{base}.models[{i}]",
-                    f"unknown model {member!r}" + _suggest(member, tuple(models), "models"),
-                )
-        found[pool_id] = PoolConfig(id=pool_id, models=tuple(dict.fromkeys(ids)), **declared)
-    return found
+    read = partial(_pool, reader, models=models, taken=taken)
+    return reader.each_entry(reader.mapping(value, "pools"), read, referenced=True)
+
+
+def _pool(
+    reader: Reader,
+    pool_id: object,
+    entry: object,
+    models: Mapping[str, ModelConfig],
+    taken: Collection[str],
+) -> PoolConfig:
+    base = f"pools.{pool_id}"
+    if not isinstance(pool_id, str) or not pool_id.strip() or ":" in pool_id:
+        raise reader.fail(base, "pool names are non-empty and contain no ':'")
+    if pool_id in models or pool_id in taken:
+        raise reader.fail(base, f"{pool_id!r} is already a model id or alias")
+    declared = reader.section(PoolSettings, reader.mapping(entry, base), base)
+    ids = declared.pop("models")
+    if not ids:
+        raise reader.fail(f"{base}.models", "a pool needs at least one model")
+    for i, member in enumerate(ids):
+        _known(reader, f"{base}.models[{i}]", member, models)
+    return PoolConfig(id=pool_id, models=tuple(dict.fromkeys(ids)), **declared)
+
+
+def _known(reader: Reader, where: str, member: str, models: Mapping[str, ModelConfig]) -> None:
+    """A model id a group, profile or pool lists: unknown is a problem, unless it may
+    be an entry that failed (its own problem is said already)."""
+    if member not in models and not reader.unchecked(member):
+        written = (*models, *reader.failed_models)  # the hint lists every entry written
+        raise reader.fail(where, f"unknown model {member!r}" + _suggest(member, written, "models"))
