@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -164,13 +165,31 @@ class LiveTestCase(TestCase):
         reply = await self.request("GET", "/running")
         return {entry["model"]: entry for entry in reply.json()["running"]}
 
-    async def eventually(self, check: Any, what: str, tries: int = 200) -> None:
-        """Poll a real process's observable state (bounded; no fixed sleeps)."""
-        for _ in range(tries):
+    async def eventually(
+        self,
+        check: Any,
+        what: str,
+        tries: int = 200,
+        *,
+        within: float | None = None,
+        seen: Callable[[], object] | None = None,
+    ) -> None:
+        """Poll a real process's observable state (bounded; no fixed sleeps).
+
+        ``within``: poll for that many seconds of wall clock instead of ``tries``
+        times; a check that costs a request takes far longer on a loaded machine,
+        where a count of tries can outlast the test's own ``timeout`` (which fails
+        saying nothing of what was seen).  ``seen``: what the check last saw, for
+        the failure message."""
+        deadline = None if within is None else reactor.seconds() + within
+        attempt = 0
+        while (reactor.seconds() < deadline) if deadline is not None else (attempt < tries):
+            attempt += 1
             if await check():
                 return
             await deferLater(reactor, 0.02)
-        self.fail(f"never happened: {what}")
+        last = f"; last seen: {seen()}" if seen is not None else ""
+        self.fail(f"never happened: {what} ({attempt} checks){last}")
 
 
 class StreamReader(Protocol):
