@@ -212,18 +212,28 @@ class StreamReader(Protocol):
             d.callback(None)
 
     def until(self, marker: bytes) -> Deferred[None]:
+        """Fires once ``marker`` has come; fails if the body ends without it."""
         d: Deferred[None] = Deferred()
         if marker in b"".join(self.chunks):
             d.callback(None)
+        elif self.done.called:
+            d.errback(self._ended_without(marker))
         else:
             self.waiting = (marker, d)
         return d
+
+    def _ended_without(self, marker: bytes) -> AssertionError:
+        return AssertionError(f"the body ended without {marker!r}: {self.text[-500:]!r}")
 
     def hang_up(self) -> None:
         assert self.transport is not None
         self.transport.stopProducing()  # type: ignore[attr-defined]
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
+        if self.waiting is not None:  # it will never come: fail, rather than hang the test
+            marker, d = self.waiting
+            self.waiting = None
+            d.errback(self._ended_without(marker))
         if not self.done.called:
             self.done.callback(None)
 
