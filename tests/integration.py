@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -164,13 +165,31 @@ class LiveTestCase(TestCase):
         reply = await self.request("GET", "/running")
         return {entry["model"]: entry for entry in reply.json()["running"]}
 
-    async def eventually(self, check: Any, what: str, tries: int = 200) -> None:
-        """Poll a real process's observable state (bounded; no fixed sleeps)."""
-        for _ in range(tries):
+    async def eventually(
+        self,
+        check: Any,
+        what: str,
+        tries: int = 200,
+        *,
+        within: float | None = None,
+        seen: Callable[[], object] | None = None,
+    ) -> None:
+        """Poll a real process's observable state (bounded; no fixed sleeps).
+
+        ``within``: poll for that many seconds of wall clock instead of ``tries``
+        times; a check that costs a request takes far longer on a loaded machine,
+        where a count of tries can outlast the test's own ``timeout`` (which fails
+        saying nothing of what was seen).  ``seen``: what the check last saw, for
+        the failure message."""
+        deadline = None if within is None else reactor.seconds() + within
+        attempt = 0
+        while (reactor.seconds() < deadline) if deadline is not None else (attempt < tries):
+            attempt += 1
             if await check():
                 return
             await deferLater(reactor, 0.02)
-        self.fail(f"never happened: {what}")
+        last = f"; last seen: {seen()}" if seen is not None else ""
+        self.fail(f"never happened: {what} ({attempt} checks){last}")
 
 
 class StreamReader(Protocol):
@@ -193,18 +212,28 @@ class StreamReader(Protocol):
             d.callback(None)
 
     def until(self, marker: bytes) -> Deferred[None]:
+        """Fires once ``marker`` has come; fails if the body ends without it."""
         d: Deferred[None] = Deferred()
         if marker in b"".join(self.chunks):
             d.callback(None)
+        elif self.done.called:
+            d.errback(self._ended_without(marker))
         else:
             self.waiting = (marker, d)
         return d
+
+    def _ended_without(self, marker: bytes) -> AssertionError:
+        return AssertionError(f"the body ended without {marker!r}: {self.text[-500:]!r}")
 
     def hang_up(self) -> None:
         assert self.transport is not None
         self.transport.stopProducing()  # type: ignore[attr-defined]
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
+        if self.waiting is not None:  # it will never come: fail, rather than hang the test
+            marker, d = self.waiting
+            self.waiting = None
+            d.errback(self._ended_without(marker))
         if not self.done.called:
             self.done.callback(None)
 

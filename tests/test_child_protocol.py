@@ -9,7 +9,7 @@ from typing import Any
 
 import treq
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.internet.error import ProcessDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
@@ -596,26 +596,36 @@ class FakeChildTests(LiveTestCase):
         opened = supervisor.endpoints._opened[(b"127.0.0.1", process.port or 0)]
 
         seen_held: list[bool] = []
+        last: dict[str, object] = {}
 
         async def held_up() -> bool:
             """For good: llamaswap reads from the child only as its client reads,
             and the child waits in a write (the buffers between them may still
             grow a little: so, on ten checks in a row)."""
             busy = [p.transport for p in opened if getattr(p, "state", "") != "QUIESCENT"]  # type: ignore[attr-defined]
-            answer = await treq.get(process.base_url + "/fake/stats", persistent=False)
+            answer = await treq.get(process.base_url + "/fake/stats", persistent=False, timeout=5)
             stats = await treq.json_content(answer)
-            held = bool(busy) and not any(t in reactor.getReaders() for t in busy)
+            reading = [t in reactor.getReaders() for t in busy]
+            held = bool(busy) and not any(reading)
             seen_held[:] = [*seen_held, True] if held and stats["blocked"] else []
+            last.update(upstream_reading=reading, child_blocked=stats["blocked"])
             return len(seen_held) >= 10
 
-        await self.eventually(held_up, "the child's write waits for the client", tries=1500)
+        # normally within a second or two; bounded in seconds, not tries, so a slow
+        # machine fails here, saying what it saw, rather than at the test's timeout
+        await self.eventually(
+            held_up, "the child's write waits for the client", within=20, seen=lambda: last
+        )
         pid, exits = await self.unloaded(api, "blocked")
         self.assertEqual(exits.how, ["exited with code 0"])  # the command, not SIGKILL
         self.assertFalse(pid_alive(pid))
         self.assertEqual(api.scheduler.in_flight("blocked"), 0)  # the lease is back
 
         reader.transport.resumeProducing()  # type: ignore[attr-defined]
-        await reader.done
+        try:
+            await reader.done.addTimeout(10, reactor)
+        except TimeoutError:
+            self.fail("the client never got the end of its stream after the stop")
         events = [e for e in reader.text.split("\n\n") if e.strip()]
         self.assertEqual(events[-1], "data: [DONE]")
         self.assertIn('"upstream_disconnected"', events[-2])
