@@ -512,15 +512,17 @@ class Access:
         """The key ``presented`` is, counted as a guess when it is none; or the 429 of
         an address that guessed too much."""
         address = request.getClientAddress()
-        host = host_of(address)  # the whole IP; client_key: whom it counts against
+        host = host_of(address)  # the whole IP
         key = self.keyring.find(presented)
-        wait = self.guesses.wait(client_key(address)) if self.guesses else None
+        # whom it counts against; not worked out for a good key while nobody guessed
+        counted = client_key(address) if key is None or self.guesses else None
+        wait = self.guesses.wait(counted)
         if wait is not None and not self.guesses.excused(host, key):
             if key is None:
                 self.guesses.wrong(None, host, presented)  # a guessing host is never excused
             return _too_many_guesses(wait), None
         if key is None:
-            self.guesses.wrong(client_key(address), host, presented)
+            self.guesses.wrong(counted, host, presented)
         else:
             self.guesses.got_in(host, key)
         return None, key
