@@ -462,6 +462,21 @@ class EveryProblemTests(SynchronousTestCase):
         )
         self.assertEqual([p.path for p in error.problems], ["macros.x", "cmnd"])
 
+    def test_a_hint_lists_each_model_name_once(self) -> None:
+        error = self.problems(
+            "models:\n  a:\n" + MODEL + "    aliases: [b, c]\n"
+            "  b:\n" + MODEL + "    aliases: [c]\n"
+            "defaultModel: zzzzzz\n"
+        )
+        self.assertEqual(
+            [str(problem) for problem in error.problems],
+            [
+                "c.yaml: models.a.aliases[0]: alias 'b' is already a model id",
+                # before: (known models: a, b, b, c, c)
+                "c.yaml: defaultModel: unknown model 'zzzzzz' (known models: a, b, c)",
+            ],
+        )
+
     def test_several_problems_never_echo_a_key(self) -> None:
         error = self.problems(
             "models:\n  a:\n" + MODEL + "    upstreamApiKey: sk-up stream\n"

@@ -47,7 +47,9 @@ class ConfigProblems(ConfigError):
 
 
 def _suggest(key: str, allowed: tuple[str, ...], known: str = "keys") -> str:
-    """A hint after an unknown name: the close one, else every ``known`` one."""
+    """A hint after an unknown name: the close one, else every ``known`` one, each
+    once in the order given (an alias clashing with an id is a problem said apart)."""
+    allowed = tuple(dict.fromkeys(allowed))
     close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
     if close:
         return f" (did you mean {close[0]!r}?)"
