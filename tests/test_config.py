@@ -456,11 +456,44 @@ class EveryProblemTests(SynchronousTestCase):
         self.assertEqual(
             str(self.problems(f"modelsDir: {self.mktemp()}\n" + groups)).count("\n"), 0
         )
-        # a macro that fails would make every use of it "unknown": the rest waits
+        # a macro that fails: its use is not checked (each would be "unknown"), the
+        # rest is
         error = self.problems(
             "macros:\n  x: ${nope}\nmodels:\n  a:\n    cmd: s ${x} ${PORT}\n    ttl: ten\ncmnd: 1\n"
         )
-        self.assertEqual([p.path for p in error.problems], ["macros.x", "cmnd"])
+        self.assertEqual([p.path for p in error.problems], ["macros.x", "models.a.ttl", "cmnd"])
+
+    def test_a_broken_macro_hides_no_other_problem(self) -> None:
+        text = (
+            "macros:\n"
+            "  bad: ${env.LLAMASWAP_TEST_UNSET}\n"
+            "  uses-bad: --x ${bad}\n"  # fails with it: said once
+            "  fine: --threads 4\n"
+            "models:\n"
+            "  a:\n    cmd: s --port ${PORT} ${bad}\n"  # uses it: not checked
+            "  b:\n    cmd: s --port ${PORT} ${fine}\n    ttl: ten\n"
+            "  c:\n    cmd: s --port ${PORT} ${typo}\n"
+            "groups:\n  g:\n    members: [a, b, zzz]\n"  # a failed: no second problem
+            "logLevel: loud\n"
+        )
+        error = self.problems(text)
+        # before: only the first line, the rest waited for the next run
+        self.assertEqual(
+            [str(p) for p in error.problems],
+            [
+                "c.yaml: macros.bad: ${env.LLAMASWAP_TEST_UNSET}: environment variable "
+                "LLAMASWAP_TEST_UNSET is not set",
+                "c.yaml: models.b.ttl: expected a number, got str 'ten'",
+                "c.yaml: models.c.cmd: unknown macro ${typo} (defined: fine)",
+                "c.yaml: groups.g.members[2]: unknown model 'zzz' (known models: a, b, c)",
+                "c.yaml: logLevel: must be one of debug, info, warn, error, got 'loud'",
+            ],
+        )
+        # a macros section that is no map: every use of a macro goes unchecked
+        error = self.problems(
+            "macros: [x]\nmodels:\n  a:\n    cmd: s --port ${PORT} ${x}\nlogLevel: loud\n"
+        )
+        self.assertEqual([p.path for p in error.problems], ["macros", "logLevel"])
 
     def test_a_hint_lists_each_model_name_once(self) -> None:
         error = self.problems(

@@ -121,13 +121,7 @@ class _Builder(MacroReader):
         known = yaml_names(Top)
         for key in root:  # each a section of its own: a typo of one hides no other
             self.attempt(partial(self.check_keys, {key: None}, "", known), None)
-        try:
-            macros = self.global_macros(root.get("macros"), "macros")
-        except ConfigError as e:
-            # the rest would say "unknown macro" wherever one is used: a second,
-            # confusing problem, so stop here
-            self.found.append(e)
-            raise self.gathered() from None
+        macros = self.global_macros(root.get("macros"))
         folders = self.attempt(partial(self.models_dirs, root.get("modelsDir"), macros), None)
         models_doc = self.attempt(partial(self.models_map, root, folders), None)
         if folders is None or models_doc is None:
@@ -619,7 +613,7 @@ class _Builder(MacroReader):
         declared = self.section(ModelSettings, doc, base, {k: defaults[k] for k in inherited})
         if "cmd" not in doc:
             raise self.fail(f"{base}.cmd", "required key is missing")
-        own = self.global_macros(doc.get("macros"), f"{base}.macros", inherited=macros)
+        own = self.own_macros(doc.get("macros"), f"{base}.macros", macros)
         scope = {name: value.replace("${MODEL_ID}", model_id) for name, value in own.items()}
         scope["MODEL_ID"] = model_id
 

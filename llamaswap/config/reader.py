@@ -30,6 +30,11 @@ class ConfigError(Exception):
         return (self,)
 
 
+class AlreadySaid(ConfigError):
+    """A part that cannot be checked because of a problem noted elsewhere (it uses a
+    macro that failed): it fails, with no second problem of its own."""
+
+
 class ConfigProblems(ConfigError):
     """Several independent problems in one file, said in one go (a line each: the
     file, the key path, what is wrong), so a file with three mistakes takes one run
@@ -79,8 +84,13 @@ class Reader:
         try:
             return read()
         except ConfigError as e:
-            self.found.append(e)
+            self.note(e)
             return fallback
+
+    def note(self, problem: ConfigError) -> None:
+        """Keep ``problem`` for :meth:`finish`, unless its cause is noted already."""
+        if not isinstance(problem, AlreadySaid):
+            self.found.append(problem)
 
     def each_entry(
         self, doc: Mapping[Any, Any], read: Callable[[Any, Any], T], referenced: bool = False
@@ -93,7 +103,7 @@ class Reader:
             try:
                 found[name] = read(name, entry)
             except ConfigError as e:
-                self.found.append(e)
+                self.note(e)
                 if referenced:
                     self.entry_failed(str(name))
         return found
