@@ -417,14 +417,42 @@ class EveryProblemTests(SynchronousTestCase):
             ],
         )
 
-    def test_within_one_entry_the_first_problem_is_enough(self) -> None:
+    def test_every_problem_of_a_model_entry_is_said_at_once(self) -> None:
+        # before: only models.a.aliasses; the next run said the ttl, and so on
         error = self.problems(
             "models:\n  a:\n" + MODEL + "    ttl: ten\n    aliasses: [x]\n"
+            "    env: [NO SPACE=1]\n    proxy: ftp://h\n    capabilities: [draw]\n"
             "apiKeys:\n  - {name: k, key: sk-one, maxConcurrent: many, models: 3}\n"
         )
         self.assertEqual(
-            [problem.path for problem in error.problems], ["models.a.aliasses", "apiKeys[0].models"]
+            [str(problem) for problem in error.problems],
+            [
+                "c.yaml: models.a.aliasses: unknown key (did you mean 'aliases'?)",
+                "c.yaml: models.a.ttl: expected a number, got str 'ten'",
+                "c.yaml: models.a.proxy: expected an http:// URL, got 'ftp://h'",
+                "c.yaml: models.a.env[0]: expected NAME=value (NAME: letters, digits, _), "
+                "got the name 'NO SPACE'",
+                "c.yaml: models.a.capabilities[0]: must be one of chat, embeddings, rerank, "
+                "got 'draw'",
+                # other entries (apiKeys) still say their first problem
+                "c.yaml: apiKeys[0].models: expected a list of strings, got int 3",
+            ],
         )
+
+    def test_a_model_without_a_usable_cmd_says_so_and_its_other_problems(self) -> None:
+        error = self.problems("models:\n  a:\n    ttl: ten\n  b:\n    cmd: ''\n    ttl: -1\n")
+        self.assertEqual(
+            [str(problem) for problem in error.problems],
+            [
+                "c.yaml: models.a.ttl: expected a number, got str 'ten'",
+                "c.yaml: models.a.cmd: required key is missing",
+                "c.yaml: models.b.ttl: must be 0 (never) or a positive number, got -1.0",
+                "c.yaml: models.b.cmd: the command is empty",
+            ],
+        )
+        # a proxy with ${PORT} is not blamed on a command that is wrong already
+        error = self.problems("models:\n  a:\n    cmd: 'x \"'\n")
+        self.assertEqual(len(error.problems), 1, str(error))
 
     def test_a_reference_to_an_entry_that_failed_is_no_second_problem(self) -> None:
         text = (
