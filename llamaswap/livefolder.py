@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .kvcache import DiskRunner, run_here
-from .modelsdir import listing
+from .modelsdir import Listings
 from .reload import ConfigReloader
 
 
@@ -51,12 +51,13 @@ class FolderReloader(ConfigReloader):
             except OSError:
                 pass
         files = []
+        listings = Listings(self.folders())  # one on a hung mount: left out, looked at again
+        unsaid: list[str] = []  # said by the load that left it out, not every poll
         for folder in self.folders():
-            top, subs = listing(folder)
-            for path in top + [f for sub in subs for f in listing(sub)[0]]:
+            for path in listings.of(folder, unsaid).all_files:
                 try:
                     info = os.stat(path)
                 except OSError:
                     continue
                 files.append((path, info.st_mtime_ns, info.st_size, info.st_ino))
-        return config, tuple(files)
+        return config, tuple(files), tuple(listings.unlisted)

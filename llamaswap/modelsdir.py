@@ -23,9 +23,10 @@ import shlex
 import shutil
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import attrs
 
@@ -47,8 +48,13 @@ DEFAULT_TEMPLATE = (
 #: seconds loading a configuration waits for the header of a model file named in a
 #: command; then the model is served with its facts unknown
 HEADER_WAIT = 10.0
+#: seconds one scan of the models folders (or one look of the folder watch) waits for
+#: the listings of all of them together; then it goes on without those not listed
+LIST_WAIT = 10.0
 _reading: dict[str, Future[GgufFacts | None]] = {}  # reads not over yet, hung ones too
-_reading_lock = threading.Lock()
+_listing: dict[str, Future[Walk]] = {}  # listings not over yet, hung ones too
+_pending_lock = threading.Lock()  # over both
+T = TypeVar("T")
 _SHARD = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
 _EMBEDDING_FLAGS = ("--embedding", "--embeddings")
 _RERANK_FLAGS = ("--rerank", "--reranking")
@@ -61,6 +67,22 @@ class ModelDefaults:
     cmd: str | None = None  # a template; None: the built-in one
     args: tuple[tuple[str, str], ...] = ()  # (glob on the model id, extra arguments)
     entry: Mapping[str, Any] = attrs.field(factory=dict)  # other model keys (ttl, env)
+
+
+#: a folder's visible ``*.gguf`` files and its sub-folders, sorted, as full paths
+FolderListing = tuple[list[str], list[str]]
+
+
+@attrs.frozen
+class Walk:
+    """What a models folder holds: its own ``*.gguf`` files, and those of each sub-folder."""
+
+    files: list[str]
+    subfolders: dict[str, list[str]]  # sorted
+
+    @property
+    def all_files(self) -> list[str]:
+        return self.files + [f for inner in self.subfolders.values() for f in inner]
 
 
 @attrs.frozen
@@ -94,8 +116,9 @@ def scan(folders: Sequence[str]) -> Scan:
     """Find the models in ``folders`` (reads each new file's header: call off the reactor)."""
     models: dict[str, FoundModel] = {}
     notices: list[str] = []
+    listings = Listings(folders)
     for folder in folders:
-        for candidate_id, path, weights, mmproj in _candidates(folder, notices):
+        for candidate_id, path, weights, mmproj in _candidates(folder, listings, notices):
             if not _usable_id(candidate_id):
                 notices.append(
                     f"{path}: skipped: {candidate_id!r} cannot be a model id "
@@ -112,7 +135,14 @@ def scan(folders: Sequence[str]) -> Scan:
             if found is not None:
                 models[candidate_id] = found
     seen = {p for m in models.values() for p in (*m.weights, m.mmproj) if p}
-    forget([p for p in _cached_under(folders) if p not in seen and not os.path.exists(p)])
+    unlisted = tuple(os.path.join(f, "") for f in listings.unlisted)  # an exists() there hangs
+    forget(
+        [
+            p
+            for p in _cached_under(folders)
+            if p not in seen and not p.startswith(unlisted) and not os.path.exists(p)
+        ]
+    )
     return Scan(tuple(models.values()), tuple(notices))
 
 
@@ -204,32 +234,38 @@ class HeaderReads:
 def _begin(path: str) -> Future[GgufFacts | None]:
     """A read of ``path``'s facts, begun in a thread of its own (or failed at once
     when an earlier load's read of it is not over)."""
-    reading: Future[GgufFacts | None] = Future()
-    with _reading_lock:
-        if path in _reading:
-            reading.set_exception(
-                GgufError("its header is still being read since an earlier load (a hung mount?)")
-            )
-            return reading
-        _reading[path] = reading
+    busy = GgufError("its header is still being read since an earlier load (a hung mount?)")
+    return _in_own_thread(_reading, path, lambda: _facts_of(path), busy)
 
-    def read() -> None:
-        facts: GgufFacts | None = None
-        error: BaseException | None = None
+
+def _in_own_thread(
+    pending: dict[str, Future[T]], key: str, work: Callable[[], T], busy: Exception
+) -> Future[T]:
+    """``work`` run in a daemon thread of its own, its outcome in the future returned;
+    failed at once with ``busy`` while the earlier work for ``key`` (in ``pending``)
+    is not over: a file or folder on a hung mount holds one thread, not one per load."""
+    outcome: Future[T] = Future()
+    with _pending_lock:
+        if key in pending:
+            outcome.set_exception(busy)
+            return outcome
+        pending[key] = outcome
+
+    def run() -> None:
         try:
-            facts = _facts_of(path)
+            result = work()
         except BaseException as e:  # handed to the waiter
-            error = e
-        with _reading_lock:  # before the waiter wakes: the next load may read it again
-            del _reading[path]
-        if error is not None:
-            reading.set_exception(error)
-        else:
-            reading.set_result(facts)
+            with _pending_lock:  # before the waiter wakes: the next load may begin it again
+                del pending[key]
+            outcome.set_exception(e)
+            return
+        with _pending_lock:
+            del pending[key]
+        outcome.set_result(result)
 
-    # a daemon thread: a read that never returns must not keep the process alive
-    threading.Thread(target=read, name="llamaswap gguf header", daemon=True).start()
-    return reading
+    # a daemon thread: work that never returns must not keep the process alive
+    threading.Thread(target=run, name=f"llamaswap {key}", daemon=True).start()
+    return outcome
 
 
 def _facts_of(path: str) -> GgufFacts | None:
@@ -249,11 +285,11 @@ def _facts_of(path: str) -> GgufFacts | None:
 
 
 def _candidates(
-    folder: str, notices: list[str]
+    folder: str, listings: Listings, notices: list[str]
 ) -> list[tuple[str, str, tuple[str, ...], str | None]]:
     """(id, where, weight files, projector) for each model-looking thing in ``folder``."""
     found: list[tuple[str, str, tuple[str, ...], str | None]] = []
-    files, subfolders = listing(folder)
+    files, subfolders = (walk := listings.of(folder, notices)).files, walk.subfolders
     projectors = [f for f in files if _is_projector(f)]
     if projectors:
         notices.append(
@@ -263,8 +299,7 @@ def _candidates(
         )
     for model_id, weights in _models_among([f for f in files if not _is_projector(f)], notices):
         found.append((model_id, weights[0], weights, None))
-    for sub in subfolders:
-        inner, _ = listing(sub)
+    for sub, inner in subfolders.items():
         models = _models_among([f for f in inner if not _is_projector(f)], notices)
         mmprojs = [f for f in inner if _is_projector(f)]
         if not models:
@@ -282,8 +317,53 @@ def _candidates(
     return found
 
 
-def listing(folder: str) -> tuple[list[str], list[str]]:
-    """Visible ``*.gguf`` files and sub-folders of ``folder``, sorted, as full paths."""
+class Listings:
+    """The listings of models folders for one scan (or one look of the folder watch).
+
+    Each folder is walked (listed, then its sub-folders) in a daemon thread of its
+    own, all begun at once, and all of them together are waited for at most
+    ``LIST_WAIT`` seconds: a folder on a hung network mount (its ``scandir`` never
+    returns) costs the load that long once, then the load goes on without it; while
+    that walk is stuck, later loads do not wait for it again nor begin another.
+    """
+
+    def __init__(self, folders: Iterable[str]) -> None:
+        self._deadline = time.monotonic() + LIST_WAIT
+        busy = _Unlisted("it is still being listed since an earlier load")
+        self._walks = {
+            folder: _in_own_thread(_listing, folder, partial(_walk, folder), busy)
+            for folder in dict.fromkeys(folders)
+        }
+        self.unlisted: list[str] = []  # the folders left out, in the order asked for
+
+    def of(self, folder: str, notices: list[str]) -> Walk:
+        """What ``folder`` holds; nothing (said in ``notices``) if not listed in time."""
+        try:
+            return self._walks[folder].result(timeout=max(0.0, self._deadline - time.monotonic()))
+        except TimeoutError:
+            why = f"it was not listed within {LIST_WAIT:g}s"
+        except _Unlisted as e:
+            why = str(e)
+        self.unlisted.append(folder)
+        notices.append(
+            f"{folder}: left out: {why} (a hung network mount?); its models are not "
+            "served until a reload can list it"
+        )
+        return Walk([], {})
+
+
+def _walk(folder: str) -> Walk:
+    files, subfolders = listing(folder)
+    return Walk(files, {sub: listing(sub)[0] for sub in subfolders})
+
+
+class _Unlisted(Exception):
+    """A folder whose listing by an earlier load is not over."""
+
+
+def listing(folder: str) -> FolderListing:
+    """Visible ``*.gguf`` files and sub-folders of ``folder``, sorted, as full paths
+    (may hang on a dead mount: see :class:`Listings`)."""
     files, folders = [], []
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)

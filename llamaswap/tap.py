@@ -269,6 +269,18 @@ class Supervisor(Service):
         return stopped.addCallback(done)
 
 
+def another_listen(interface: str, port: object) -> str:
+    """A ``--listen`` to try instead of a taken ``port`` on ``interface``: the next
+    port, the one below for the last one (65535), 8081 when the taken one is not
+    known; an IPv6 interface's colons escaped, as the endpoint string needs them."""
+    if isinstance(port, int) and 0 < port < 65535:
+        other = f"tcp:{port + 1}"
+    else:
+        other = "tcp:65534" if port == 65535 else "tcp:8081"
+    escaped = interface.replace(":", "\\:")
+    return f"{other}:interface={escaped}" if interface else other
+
+
 class Listeners(MultiService):
     """The HTTP listeners; a port that cannot be bound stops startup with one clear line."""
 
@@ -279,8 +291,7 @@ class Listeners(MultiService):
             super().privilegedStartService()
         except CannotListenError as e:
             where = f"{e.interface or '*'}:{e.port}"
-            other = f"tcp:{e.port + 1}" if isinstance(e.port, int) else "tcp:8081"
-            other += f":interface={e.interface}" if e.interface else ""
+            other = another_listen(e.interface, e.port)
             self.log.critical(
                 "cannot listen on {where}: {error}; is another server using it? "
                 "Stop it, or pick another port (--listen {other}; make run: LISTEN={other}).",

@@ -417,14 +417,42 @@ class EveryProblemTests(SynchronousTestCase):
             ],
         )
 
-    def test_within_one_entry_the_first_problem_is_enough(self) -> None:
+    def test_every_problem_of_a_model_entry_is_said_at_once(self) -> None:
+        # before: only models.a.aliasses; the next run said the ttl, and so on
         error = self.problems(
             "models:\n  a:\n" + MODEL + "    ttl: ten\n    aliasses: [x]\n"
+            "    env: [NO SPACE=1]\n    proxy: ftp://h\n    capabilities: [draw]\n"
             "apiKeys:\n  - {name: k, key: sk-one, maxConcurrent: many, models: 3}\n"
         )
         self.assertEqual(
-            [problem.path for problem in error.problems], ["models.a.aliasses", "apiKeys[0].models"]
+            [str(problem) for problem in error.problems],
+            [
+                "c.yaml: models.a.aliasses: unknown key (did you mean 'aliases'?)",
+                "c.yaml: models.a.ttl: expected a number, got str 'ten'",
+                "c.yaml: models.a.proxy: expected an http:// URL, got 'ftp://h'",
+                "c.yaml: models.a.env[0]: expected NAME=value (NAME: letters, digits, _), "
+                "got the name 'NO SPACE'",
+                "c.yaml: models.a.capabilities[0]: must be one of chat, embeddings, rerank, "
+                "got 'draw'",
+                # other entries (apiKeys) still say their first problem
+                "c.yaml: apiKeys[0].models: expected a list of strings, got int 3",
+            ],
         )
+
+    def test_a_model_without_a_usable_cmd_says_so_and_its_other_problems(self) -> None:
+        error = self.problems("models:\n  a:\n    ttl: ten\n  b:\n    cmd: ''\n    ttl: -1\n")
+        self.assertEqual(
+            [str(problem) for problem in error.problems],
+            [
+                "c.yaml: models.a.ttl: expected a number, got str 'ten'",
+                "c.yaml: models.a.cmd: required key is missing",
+                "c.yaml: models.b.ttl: must be 0 (never) or a positive number, got -1.0",
+                "c.yaml: models.b.cmd: the command is empty",
+            ],
+        )
+        # a proxy with ${PORT} is not blamed on a command that is wrong already
+        error = self.problems("models:\n  a:\n    cmd: 'x \"'\n")
+        self.assertEqual(len(error.problems), 1, str(error))
 
     def test_a_reference_to_an_entry_that_failed_is_no_second_problem(self) -> None:
         text = (
@@ -456,11 +484,59 @@ class EveryProblemTests(SynchronousTestCase):
         self.assertEqual(
             str(self.problems(f"modelsDir: {self.mktemp()}\n" + groups)).count("\n"), 0
         )
-        # a macro that fails would make every use of it "unknown": the rest waits
+        # a macro that fails: its use is not checked (each would be "unknown"), the
+        # rest is
         error = self.problems(
             "macros:\n  x: ${nope}\nmodels:\n  a:\n    cmd: s ${x} ${PORT}\n    ttl: ten\ncmnd: 1\n"
         )
-        self.assertEqual([p.path for p in error.problems], ["macros.x", "cmnd"])
+        self.assertEqual([p.path for p in error.problems], ["macros.x", "models.a.ttl", "cmnd"])
+
+    def test_a_broken_macro_hides_no_other_problem(self) -> None:
+        text = (
+            "macros:\n"
+            "  bad: ${env.LLAMASWAP_TEST_UNSET}\n"
+            "  uses-bad: --x ${bad}\n"  # fails with it: said once
+            "  fine: --threads 4\n"
+            "models:\n"
+            "  a:\n    cmd: s --port ${PORT} ${bad}\n"  # uses it: not checked
+            "  b:\n    cmd: s --port ${PORT} ${fine}\n    ttl: ten\n"
+            "  c:\n    cmd: s --port ${PORT} ${typo}\n"
+            "groups:\n  g:\n    members: [a, b, zzz]\n"  # a failed: no second problem
+            "logLevel: loud\n"
+        )
+        error = self.problems(text)
+        # before: only the first line, the rest waited for the next run
+        self.assertEqual(
+            [str(p) for p in error.problems],
+            [
+                "c.yaml: macros.bad: ${env.LLAMASWAP_TEST_UNSET}: environment variable "
+                "LLAMASWAP_TEST_UNSET is not set",
+                "c.yaml: models.b.ttl: expected a number, got str 'ten'",
+                "c.yaml: models.c.cmd: unknown macro ${typo} (defined: fine)",
+                "c.yaml: groups.g.members[2]: unknown model 'zzz' (known models: a, b, c)",
+                "c.yaml: logLevel: must be one of debug, info, warn, error, got 'loud'",
+            ],
+        )
+        # a macros section that is no map: every use of a macro goes unchecked
+        error = self.problems(
+            "macros: [x]\nmodels:\n  a:\n    cmd: s --port ${PORT} ${x}\nlogLevel: loud\n"
+        )
+        self.assertEqual([p.path for p in error.problems], ["macros", "logLevel"])
+
+    def test_a_hint_lists_each_model_name_once(self) -> None:
+        error = self.problems(
+            "models:\n  a:\n" + MODEL + "    aliases: [b, c]\n"
+            "  b:\n" + MODEL + "    aliases: [c]\n"
+            "defaultModel: zzzzzz\n"
+        )
+        self.assertEqual(
+            [str(problem) for problem in error.problems],
+            [
+                "c.yaml: models.a.aliases[0]: alias 'b' is already a model id",
+                # before: (known models: a, b, b, c, c)
+                "c.yaml: defaultModel: unknown model 'zzzzzz' (known models: a, b, c)",
+            ],
+        )
 
     def test_several_problems_never_echo_a_key(self) -> None:
         error = self.problems(

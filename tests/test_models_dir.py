@@ -81,6 +81,26 @@ def folder() -> Path:
     return path
 
 
+def hang_listing_of(
+    case: SynchronousTestCase, hung: Path
+) -> tuple[threading.Event, list[threading.Thread]]:
+    """Listings of ``hung`` never return (as on a dead NFS mount, which cannot be
+    made here) until the event is set; the threads that listed it."""
+    release = threading.Event()
+    case.addCleanup(release.set)
+    listers: list[threading.Thread] = []
+    real = modelsdir.listing
+
+    def lister(path: str) -> modelsdir.FolderListing:
+        if path == str(hung):
+            listers.append(threading.current_thread())
+            release.wait()
+        return real(path)
+
+    case.patch(modelsdir, "listing", lister)
+    return release, listers
+
+
 class ScanTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.dir = folder()
@@ -452,6 +472,41 @@ class UnluckyPathTests(SynchronousTestCase):
             self.assertIn("no such file (yet)", notice)
         self.assertEqual(sorted(config.models), ["m0", "m1", "m2"])
 
+    def test_a_models_folder_on_a_hung_mount_is_waited_for_once_and_left_out(self) -> None:
+        hung, fine = self.dir / "nfs", self.dir / "local"
+        for where in (hung, fine):
+            where.mkdir()
+            write_gguf(where / f"{where.name}-model.gguf")
+        release, listers = hang_listing_of(self, hung)
+        self.patch(modelsdir, "LIST_WAIT", 0.05)
+
+        def load() -> Config:
+            return parse_config("{}", "test.yaml", ENVIRON, models_dirs=[str(hung), str(fine)])
+
+        # before: the scandir held the load (a start, a reload's thread) for good
+        config = load()
+        self.assertEqual(sorted(config.models), ["local-model"])
+        self.assertEqual(
+            notices_of(config),
+            (
+                f"{hung}: left out: it was not listed within 0.05s (a hung network mount?); "
+                "its models are not served until a reload can list it",
+            ),
+        )
+        # a reload does not wait for it again, nor begin another listing of it
+        config = load()
+        self.assertEqual(sorted(config.models), ["local-model"])
+        (notice,) = notices_of(config)
+        self.assertIn(f"{hung}: left out: it is still being listed since an earlier", notice)
+        self.assertEqual(len(listers), 1)
+        self.assertTrue(listers[0].daemon)  # its own thread, not a pool's: exit is not held
+        self.assertNotEqual(listers[0], threading.current_thread())
+        release.set()  # the mount comes back: the next load lists it
+        listers[0].join(10)
+        config = load()
+        self.assertEqual(sorted(config.models), ["local-model", "nfs-model"])
+        self.assertEqual(notices_of(config), ())
+
 
 class OptionsTests(SynchronousTestCase):
     def test_models_dir_alone_or_with_a_config(self) -> None:
@@ -530,6 +585,25 @@ class LiveFolderTests(SynchronousTestCase):
         self.assertEqual(polls(), 0)
         os.remove(path / "new.gguf")
         self.assertEqual(polls(), 1)
+
+    def test_a_folder_on_a_hung_mount_holds_one_look_and_reloads_when_it_answers(
+        self,
+    ) -> None:
+        path = folder()
+        self.addCleanup(shutil.rmtree, path)
+        write_gguf(path / "m.gguf")
+        release, listers = hang_listing_of(self, path)
+        self.patch(modelsdir, "LIST_WAIT", 0.05)
+        clock = Clock()
+        reloads = self.watching(path, clock, lambda: [str(path)])  # the first look: 0.05 s
+        for _ in range(3):  # each poll (every 2 s of the reactor's time) fails at once
+            clock.advance(2)
+        self.assertEqual((len(listers), reloads), (1, []))
+        release.set()  # the mount answers: its models are there to be served
+        listers[0].join(10)
+        for _ in range(2):
+            clock.advance(2)
+        self.assertEqual(reloads, [1])
 
     def test_the_folder_is_looked_at_off_the_reactor(self) -> None:
         # a stat per file: 20,000 files held the reactor 0.1 s every poll (/health

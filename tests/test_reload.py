@@ -143,11 +143,13 @@ class ReloadTests(ReloadCase):
         self.assertEqual(
             refused,
             [
-                f"reload refused (problem 1 of 3), {stays}: {self.path}: models.change.cmnd: "
+                f"reload refused (problem 1 of 4), {stays}: {self.path}: models.change.cmnd: "
                 "unknown key (did you mean 'cmd'?)",
-                f"reload refused (problem 2 of 3), {stays}: {self.path}: groups.all.swap: "
+                f"reload refused (problem 2 of 4), {stays}: {self.path}: models.change.cmd: "
+                "required key is missing",
+                f"reload refused (problem 3 of 4), {stays}: {self.path}: groups.all.swap: "
                 "expected true or false, got str 'sometimes'",
-                f"reload refused (problem 3 of 3), {stays}: {self.path}: logLevel: "
+                f"reload refused (problem 4 of 4), {stays}: {self.path}: logLevel: "
                 "must be one of debug, info, warn, error, got 'x'",
             ],
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -12,12 +13,16 @@ import sys
 from pathlib import Path
 
 import treq
+from twisted.application import strports
 from twisted.application.service import IServiceMaker
 from twisted.internet import reactor
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectError
+from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.plugin import getPlugins
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -25,7 +30,14 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from llamaswap.relay import BytesProducer
-from llamaswap.tap import DEFAULT_LISTEN, InvalidConfig, Options, makeService
+from llamaswap.tap import (
+    DEFAULT_LISTEN,
+    InvalidConfig,
+    Listeners,
+    Options,
+    another_listen,
+    makeService,
+)
 
 from .daemon import TWISTD, daemon_env, free_port, start_twistd
 from .integration import kill_quietly, pid_alive
@@ -139,6 +151,43 @@ class OptionsTests(SynchronousTestCase):
         text = str(Options())
         self.assertIn("--config", text)
         self.assertIn("--listen", text)
+
+
+class TakenPortTests(SynchronousTestCase):
+    """The ``--listen`` suggested when a port is taken is one that can be used."""
+
+    def refused(self, listen: str) -> str:
+        """The line said when the real listener for ``listen`` cannot bind."""
+        listeners = Listeners()
+        strports.service(listen, Factory(), reactor=reactor).setServiceParent(listeners)
+        with capturedLogs() as events, self.assertRaises(SystemExit):
+            listeners.privilegedStartService()
+        (line,) = [formatEvent(e) for e in events if e["log_level"] == LogLevel.critical]
+        return line
+
+    def suggested(self, line: str) -> str:
+        other = line.split("--listen ", 1)[1].split(";", 1)[0]
+        serverFromString(reactor, other)  # a real endpoint string, or it raises
+        self.assertLessEqual(int(other.split(":")[1]), 65535)
+        return other
+
+    def test_the_last_port_taken_suggests_the_one_below(self) -> None:
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        with contextlib.suppress(OSError):  # taken already, by someone else: the same here
+            taken.bind(("127.0.0.1", 65535))
+        taken.listen()
+        line = self.refused("tcp:65535:interface=127.0.0.1")
+        self.assertIn("cannot listen on 127.0.0.1:65535", line)
+        # before: tcp:65536, which --listen refuses in turn
+        self.assertEqual(self.suggested(line), "tcp:65534:interface=127.0.0.1")
+
+    def test_an_ipv6_interface_is_escaped_in_the_suggestion(self) -> None:
+        self.assertEqual(another_listen("::1", 8080), "tcp:8081:interface=\\:\\:1")
+        self.assertEqual(another_listen("", 65535), "tcp:65534")
+        self.assertEqual(another_listen("", "http"), "tcp:8081")  # a named port
+        # before: interface=::1, which the endpoint parser refuses (a TypeError)
+        serverFromString(reactor, another_listen("::1", 8080))
 
 
 class TwistdTests(TestCase):

@@ -113,7 +113,8 @@ class _Builder(MacroReader):
     def build(self, document: object) -> Config:
         """The Config, or every independent problem at once (see :meth:`Reader.attempt`):
         each top-level section, each model entry, each reference on its own; within
-        one of them the first problem is enough."""
+        one of them the first problem is enough, but in a model entry (each of its
+        keys on its own: see :meth:`model`)."""
         if document is None:
             raise self.fail("", "the file is empty; it needs at least a 'models' map")
         root = self.mapping(document, "")
@@ -121,13 +122,7 @@ class _Builder(MacroReader):
         known = yaml_names(Top)
         for key in root:  # each a section of its own: a typo of one hides no other
             self.attempt(partial(self.check_keys, {key: None}, "", known), None)
-        try:
-            macros = self.global_macros(root.get("macros"), "macros")
-        except ConfigError as e:
-            # the rest would say "unknown macro" wherever one is used: a second,
-            # confusing problem, so stop here
-            self.found.append(e)
-            raise self.gathered() from None
+        macros = self.global_macros(root.get("macros"))
         folders = self.attempt(partial(self.models_dirs, root.get("modelsDir"), macros), None)
         models_doc = self.attempt(partial(self.models_map, root, folders), None)
         if folders is None or models_doc is None:
@@ -174,9 +169,9 @@ class _Builder(MacroReader):
             if item.id not in taken:  # an entry in the file wins over a found file
                 written = modelsdir.entry(item, model_defaults, self.environ)
                 try:
-                    model = self.model(item.id, written, macros, defaults)
+                    model = self.whole(partial(self.model, item.id, written, macros, defaults))
                 except ConfigError as e:
-                    notices.append(f"{item.path}: skipped: {e}")
+                    notices.append(f"{item.path}: skipped: {'; '.join(map(str, e.problems))}")
                     continue
                 models[item.id] = self.sized(model, item, budget, notices, headers)
                 self.find_command(model, "modelDefaults.cmd", unfound)
@@ -267,7 +262,7 @@ class _Builder(MacroReader):
             raise self.fail("models", f"model id must be a non-empty string, got {model_id!r}")
         if ":" in model_id:
             raise self.fail(f"models.{model_id}", "model ids may not contain ':' (profiles use it)")
-        return self.model(model_id, entry, macros, defaults)
+        return self.whole(partial(self.model, model_id, entry, macros, defaults))
 
     def connections(self, value: object) -> ConnectionLimits:
         return ConnectionLimits(**self.section(ConnectionLimits, value, "connections"))
@@ -612,67 +607,73 @@ class _Builder(MacroReader):
         entry: object,
         macros: Mapping[str, str],
         defaults: Mapping[str, Any],
-    ) -> ModelConfig:
+    ) -> ModelConfig | None:
+        """The model, or None when a key had a problem (noted): read it in
+        :meth:`whole`, which says every problem of the entry at once; each key is read
+        on its own but its own macros, which the others use (a mistake there ends it)."""
         base = f"models.{model_id}"
         doc = self.mapping(entry, base)
         inherited = ("ttl", "unload_timeout", "send_loading_state")
-        declared = self.section(ModelSettings, doc, base, {k: defaults[k] for k in inherited})
-        if "cmd" not in doc:
-            raise self.fail(f"{base}.cmd", "required key is missing")
-        own = self.global_macros(doc.get("macros"), f"{base}.macros", inherited=macros)
+        declared = self.section(
+            ModelSettings, doc, base, {k: defaults[k] for k in inherited}, every_key=True
+        )
+        own = self.own_macros(doc.get("macros"), f"{base}.macros", macros)
         scope = {name: value.replace("${MODEL_ID}", model_id) for name, value in own.items()}
         scope["MODEL_ID"] = model_id
 
-        cmd = self.command(doc["cmd"], f"{base}.cmd", own, {"PORT"}, model_id)
-        proxy = self.expand(
-            self.string(doc.get("proxy", default(ModelSettings, "proxy")), f"{base}.proxy"),
-            f"{base}.proxy",
-            scope,
-            {"PORT"},
-        )
-        if "${PORT}" in proxy and not cmd.uses_port:
-            where = f"{base}.proxy" if "proxy" in doc else f"{base}.cmd"
-            unbraced = re.search(r"\$PORT\b", str(doc["cmd"]))
-            raise self.fail(
-                where,
-                "the command does not use ${PORT}, so llamaswap cannot know where the "
-                "server listens; put ${PORT} in cmd or give a fixed 'proxy' URL"
-                + (" ($PORT without braces is passed on as it is)" if unbraced else ""),
-            )
-        if not re.match(r"^https?://[^/]+", proxy):
-            raise self.fail(f"{base}.proxy", f"expected an http:// URL, got {proxy!r}")
-
-        check = self.expand(declared["check_endpoint"], f"{base}.checkEndpoint", scope, set())
-        check_endpoint: str | None
-        if check.strip().lower() in ("none", ""):
-            check_endpoint = None
+        cmd: CommandTemplate | None = None
+        if "cmd" in doc:
+            command = partial(self.command, doc["cmd"], f"{base}.cmd", own, {"PORT"}, model_id)
+            cmd = self.attempt(command, None)
         else:
-            check_endpoint = check if check.startswith("/") else "/" + check
-
-        env = tuple(self.env(doc.get("env", []), f"{base}.env", scope))
-        use_model_name = None
-        if doc.get("useModelName") is not None:
-            use_model_name = self.expand(
-                self.string(doc["useModelName"], f"{base}.useModelName"),
-                f"{base}.useModelName",
-                scope,
-                set(),
-            )
+            self.note(self.fail(f"{base}.cmd", "required key is missing"))
+        proxy = self.attempt(partial(self.proxy, doc, base, scope, cmd), "")
+        check_endpoint = self.attempt(
+            partial(self.check_endpoint, declared["check_endpoint"], base, scope), None
+        )
+        env: list[tuple[str, str]] = self.attempt(
+            partial(self.env, doc.get("env", []), f"{base}.env", scope), []
+        )
+        use_model_name = self.attempt(
+            partial(self.optional_text, doc.get("useModelName"), f"{base}.useModelName", scope),
+            None,
+        )
         cmd_stop = None
         if doc.get("cmdStop"):
-            cmd_stop = self.command(
-                doc["cmdStop"], f"{base}.cmdStop", own, {"PID", "PORT"}, model_id
+            stop = partial(
+                self.command, doc["cmdStop"], f"{base}.cmdStop", own, {"PID", "PORT"}, model_id
             )
+            cmd_stop = self.attempt(stop, None)
         forward_authorization = declared["forward_authorization"]
-        upstream_api_key = None
-        if doc.get("upstreamApiKey") is not None:
-            upstream_api_key = self.secret(doc["upstreamApiKey"], f"{base}.upstreamApiKey", scope)
-            if forward_authorization:
-                raise self.fail(
-                    f"{base}.upstreamApiKey",
-                    "a model gets either the client's key (forwardAuthorization) or its "
-                    "own (upstreamApiKey), not both",
-                )
+        upstream_api_key = self.attempt(
+            partial(self.upstream_api_key, doc, base, scope, forward_authorization), None
+        )
+        name = self.attempt(partial(self.expand, declared["name"], f"{base}.name", scope, ()), "")
+        description = self.attempt(
+            partial(self.expand, declared["description"], f"{base}.description", scope, ()), ""
+        )
+        metadata: dict[str, Any] = self.attempt(
+            partial(self.metadata, doc.get("metadata", {}), base, scope), {}
+        )
+        filters = self.attempt(
+            partial(self.filters, doc.get("filters"), f"{base}.filters", scope, model_id), None
+        )
+        capabilities: tuple[str, ...] = self.attempt(
+            partial(self.capabilities, doc.get("capabilities"), base), ()
+        )
+        memory: dict[str, int] = self.attempt(
+            partial(self.memory, doc.get("memory"), f"{base}.memory", defaults["budget"]), {}
+        )
+        child_protocol = self.attempt(
+            partial(
+                self.child_protocol,
+                doc.get("childProtocol", default(ModelSettings, "child_protocol")),
+                base,
+            ),
+            "auto",
+        )
+        if self.failing() or cmd is None or filters is None:
+            return None
         cmd, slot_save_path, slot_save_added = self.slot_save_path(
             cmd, declared["kv_cache"], defaults["kv_cache"], model_id
         )
@@ -685,31 +686,83 @@ class _Builder(MacroReader):
             check_endpoint=check_endpoint,
             ttl=declared["ttl"],
             aliases=declared["aliases"],
-            env=env,
+            env=tuple(env),
             use_model_name=use_model_name,
             unlisted=declared["unlisted"],
-            name=self.expand(declared["name"], f"{base}.name", scope, set()),
-            description=self.expand(declared["description"], f"{base}.description", scope, set()),
+            name=name,
+            description=description,
             cmd_stop=cmd_stop,
             unload_timeout=declared["unload_timeout"],
             concurrency_limit=declared["concurrency_limit"],
-            metadata=self.expand_tree(
-                self.mapping(doc.get("metadata", {}), f"{base}.metadata"), f"{base}.metadata", scope
-            ),
-            filters=self.filters(doc.get("filters"), f"{base}.filters", scope, model_id),
+            metadata=metadata,
+            filters=filters,
             send_loading_state=declared["send_loading_state"],
             forward_authorization=forward_authorization,
             trusted_pages=declared["trusted_pages"],
             quick_stop=declared["quick_stop"],
             upstream_api_key=upstream_api_key,
             priority=declared["priority"],
-            configured_capabilities=self.capabilities(doc.get("capabilities"), base),
-            memory=self.memory(doc.get("memory"), f"{base}.memory", defaults["budget"]),
+            configured_capabilities=capabilities,
+            memory=memory,
             deadline=declared["deadline"],
-            child_protocol=self.child_protocol(
-                doc.get("childProtocol", default(ModelSettings, "child_protocol")), base
-            ),
+            child_protocol=child_protocol,
         )
+
+    def proxy(
+        self,
+        doc: Mapping[str, Any],
+        base: str,
+        scope: Mapping[str, str],
+        cmd: CommandTemplate | None,
+    ) -> str:
+        """A model's ``proxy`` URL (``cmd``: None when it has a problem of its own)."""
+        proxy = self.expand(
+            self.string(doc.get("proxy", default(ModelSettings, "proxy")), f"{base}.proxy"),
+            f"{base}.proxy",
+            scope,
+            {"PORT"},
+        )
+        if "${PORT}" in proxy and cmd is not None and not cmd.uses_port:
+            where = f"{base}.proxy" if "proxy" in doc else f"{base}.cmd"
+            unbraced = re.search(r"\$PORT\b", str(doc["cmd"]))
+            raise self.fail(
+                where,
+                "the command does not use ${PORT}, so llamaswap cannot know where the "
+                "server listens; put ${PORT} in cmd or give a fixed 'proxy' URL"
+                + (" ($PORT without braces is passed on as it is)" if unbraced else ""),
+            )
+        if not re.match(r"^https?://[^/]+", proxy):
+            raise self.fail(f"{base}.proxy", f"expected an http:// URL, got {proxy!r}")
+        return proxy
+
+    def check_endpoint(self, value: str, base: str, scope: Mapping[str, str]) -> str | None:
+        check = self.expand(value, f"{base}.checkEndpoint", scope, ())
+        if check.strip().lower() in ("none", ""):
+            return None
+        return check if check.startswith("/") else "/" + check
+
+    def optional_text(self, value: object, path: str, scope: Mapping[str, str]) -> str | None:
+        if value is None:
+            return None
+        return self.expand(self.string(value, path), path, scope, ())
+
+    def upstream_api_key(
+        self, doc: Mapping[str, Any], base: str, scope: Mapping[str, str], forwarded: bool
+    ) -> str | None:
+        if doc.get("upstreamApiKey") is None:
+            return None
+        key = self.secret(doc["upstreamApiKey"], f"{base}.upstreamApiKey", scope)
+        if forwarded:
+            raise self.fail(
+                f"{base}.upstreamApiKey",
+                "a model gets either the client's key (forwardAuthorization) or its "
+                "own (upstreamApiKey), not both",
+            )
+        return key
+
+    def metadata(self, value: object, base: str, scope: Mapping[str, str]) -> Any:
+        path = f"{base}.metadata"
+        return self.expand_tree(self.mapping(value, path), path, scope)
 
     def capabilities(self, value: object, base: str) -> tuple[str, ...]:
         if value is None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Mapping
+from functools import partial
 from typing import Any
 
 import yaml
 
-from .reader import Reader
+from .reader import AlreadySaid, Reader
 
 RESERVED_MACROS = frozenset({"PORT", "MODEL_ID", "PID"})
 MACRO_NAME = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
@@ -18,23 +19,47 @@ MACRO_REF = re.compile(r"\$\{([^}]*)\}")
 class MacroReader(Reader):
     """A :class:`Reader` that also fills in macros."""
 
-    def global_macros(
-        self, value: object, path: str, inherited: Mapping[str, str] | None = None
-    ) -> dict[str, str]:
-        macros: dict[str, str] = dict(inherited or {})
+    # the global macros that failed (each said once): a use of one is no second problem
+    broken_macros: frozenset[str] = frozenset()
+    macros_unread = False  # the global ``macros`` is no map: no use of a macro is checked
+
+    def global_macros(self, value: object) -> dict[str, str]:
+        """The top-level ``macros``, each on its own: one that fails leaves out itself
+        and the places that use it (see :class:`AlreadySaid`), not the rest of the file."""
+        macros: dict[str, str] = {}
         if value is None:
             return macros
-        doc = self.mapping(value, path)
+        doc = self.attempt(lambda: self.mapping(value, "macros"), None)
+        if doc is None:
+            self.macros_unread = True
+            return macros
         for name, raw in doc.items():
-            where = f"{path}.{name}"
-            if not isinstance(name, str) or not MACRO_NAME.match(name):
-                raise self.fail(where, "macro names use letters, digits, '_' and '-' only")
-            if name in RESERVED_MACROS:
-                raise self.fail(where, f"{name} is reserved and filled in by llamaswap")
-            # a macro may use the macros defined before it; ${PORT}, ${MODEL_ID}
-            # and ${PID} stay for the place the macro is used in
-            macros[name] = self.expand(self.string(raw, where), where, macros, RESERVED_MACROS)
+            read = self.attempt(partial(self.macro, name, raw, "macros", macros), None)
+            if read is None:  # a later macro may use it
+                self.broken_macros |= {str(name)}
+            else:
+                macros[name] = read
         return macros
+
+    def own_macros(self, value: object, path: str, inherited: Mapping[str, str]) -> dict[str, str]:
+        """A model's ``macros`` over the global ones."""
+        macros: dict[str, str] = dict(inherited)
+        if value is None:
+            return macros
+        for name, raw in self.mapping(value, path).items():
+            macros[name] = self.macro(name, raw, path, macros)
+        return macros
+
+    def macro(self, name: object, raw: object, path: str, macros: Mapping[str, str]) -> str:
+        """The value of the macro ``name`` of the map at ``path``."""
+        where = f"{path}.{name}"
+        if not isinstance(name, str) or not MACRO_NAME.match(name):
+            raise self.fail(where, "macro names use letters, digits, '_' and '-' only")
+        if name in RESERVED_MACROS:
+            raise self.fail(where, f"{name} is reserved and filled in by llamaswap")
+        # a macro may use the macros defined before it; ${PORT}, ${MODEL_ID}
+        # and ${PID} stay for the place the macro is used in
+        return self.expand(self.string(raw, where), where, macros, RESERVED_MACROS)
 
     def expand(self, text: str, path: str, macros: Mapping[str, str], keep: Collection[str]) -> str:
         """Substitute ``${name}`` macros; names in ``keep`` stay for run time."""
@@ -56,6 +81,10 @@ class MacroReader(Reader):
                 return value
             if name in RESERVED_MACROS:
                 raise self.fail(path, f"${{{name}}} cannot be used here")
+            if name in self.broken_macros or self.macros_unread:
+                raise AlreadySaid(
+                    self.source, path, f"${{{name}}}: the macro has a problem (said apart)"
+                )
             raise self.fail(
                 path,
                 f"unknown macro ${{{name}}}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any, TypeVar
 
 import attrs
@@ -30,6 +31,11 @@ class ConfigError(Exception):
         return (self,)
 
 
+class AlreadySaid(ConfigError):
+    """A part that cannot be checked because of a problem noted elsewhere (it uses a
+    macro that failed): it fails, with no second problem of its own."""
+
+
 class ConfigProblems(ConfigError):
     """Several independent problems in one file, said in one go (a line each: the
     file, the key path, what is wrong), so a file with three mistakes takes one run
@@ -47,7 +53,9 @@ class ConfigProblems(ConfigError):
 
 
 def _suggest(key: str, allowed: tuple[str, ...], known: str = "keys") -> str:
-    """A hint after an unknown name: the close one, else every ``known`` one."""
+    """A hint after an unknown name: the close one, else every ``known`` one, each
+    once in the order given (an alias clashing with an id is a problem said apart)."""
+    allowed = tuple(dict.fromkeys(allowed))
     close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
     if close:
         return f" (did you mean {close[0]!r}?)"
@@ -62,6 +70,7 @@ class Reader:
         self.environ = environ
         self.cli_models_dirs: tuple[str, ...] = ()
         self.found: list[ConfigError] = []  # the problems so far
+        self.passed_over: list[AlreadySaid] = []  # parts left unchecked (see AlreadySaid)
         self.sections: tuple[str, ...] = ()  # the top-level keys, in the file's order
         # names (ids, aliases, profiles, pools) of entries that failed: a reference
         # to one is not a second problem; None: which models exist is not known
@@ -77,8 +86,44 @@ class Reader:
         try:
             return read()
         except ConfigError as e:
-            self.found.append(e)
+            self.note(e)
             return fallback
+
+    def note(self, problem: ConfigError) -> None:
+        """Keep ``problem`` (each of several) for :meth:`finish`; one whose cause is
+        noted already only as a part passed over."""
+        for each in problem.problems:
+            if isinstance(each, AlreadySaid):
+                self.passed_over.append(each)
+            else:
+                self.found.append(each)
+
+    def whole(self, read: Callable[[], T | None]) -> T:
+        """What ``read`` returns, ``read`` being one entry whose parts are each read in
+        an :meth:`attempt`: the entry fails with every problem of its parts at once
+        (``read`` returns None when one failed), or passed over when it uses a broken
+        macro and has no problem of its own."""
+        outer, self.found = self.found, []
+        outer_passed, self.passed_over = self.passed_over, []
+        try:
+            result = read()
+        except ConfigError as e:  # a part without which the rest is not read
+            self.note(e)
+            result = None
+        finally:
+            problems, self.found = self.found, outer
+            passed, self.passed_over = self.passed_over, outer_passed
+        if len(problems) > 1:
+            raise ConfigProblems(self.source, problems)
+        if problems or passed:
+            raise (problems or passed)[0]
+        if result is None:
+            raise AssertionError("an entry read nothing, with no problem said")
+        return result
+
+    def failing(self) -> bool:
+        """Whether a part of what is being read had a problem (or was passed over)."""
+        return bool(self.found or self.passed_over)
 
     def each_entry(
         self, doc: Mapping[Any, Any], read: Callable[[Any, Any], T], referenced: bool = False
@@ -91,7 +136,7 @@ class Reader:
             try:
                 found[name] = read(name, entry)
             except ConfigError as e:
-                self.found.append(e)
+                self.note(e)
                 if referenced:
                     self.entry_failed(str(name))
         return found
@@ -131,35 +176,52 @@ class Reader:
         return self.failed_names is None or name in self.failed_names
 
     def section(
-        self, cls: type, value: object, path: str, fallback: Mapping[str, Any] | None = None
+        self,
+        cls: type,
+        value: object,
+        path: str,
+        fallback: Mapping[str, Any] | None = None,
+        every_key: bool = False,
     ) -> dict[str, Any]:
         """The simple keys of section ``cls`` in ``value`` (a map or null), by field name.
 
         Unknown keys are refused; a missing key takes ``fallback`` or its declared
-        default; keys of kind ``custom`` are left to the caller.
+        default; keys of kind ``custom`` are left to the caller.  ``every_key`` (in
+        :meth:`whole`): each key on its own, a wrong one noted and given its default.
         """
         doc = self.mapping(value if value is not None else {}, path)
-        self.check_keys(doc, path, yaml_names(cls))
+        if every_key:
+            for written in doc:
+                self.attempt(partial(self.check_keys, {written: None}, path, yaml_names(cls)), None)
+        else:
+            self.check_keys(doc, path, yaml_names(cls))
         fields = attrs.fields_dict(cls)
         values: dict[str, Any] = {}
         for name, key in keys_of(cls):
             if key.kind == "custom":
                 continue
-            where = f"{path}.{key.yaml}" if path else key.yaml
-            if key.yaml not in doc:
-                if fallback is not None and name in fallback:
-                    values[name] = fallback[name]
-                elif fields[name].default is REQUIRED:
-                    raise self.fail(where, "required key is missing")
-                else:
-                    values[name] = fields[name].default
-                continue
-            raw = doc[key.yaml]
-            if raw is None and key.nullable:
-                values[name] = None
-                continue
-            values[name] = self.value(key, raw, where)
+            required = fields[name].default is REQUIRED
+            if fallback is not None and name in fallback:
+                otherwise, required = fallback[name], False
+            else:
+                otherwise = None if required else fields[name].default
+            read = partial(self._key, key, doc, path, otherwise, required)
+            values[name] = self.attempt(read, otherwise) if every_key else read()
         return values
+
+    def _key(
+        self, key: Any, doc: Mapping[str, Any], path: str, otherwise: Any, required: bool
+    ) -> Any:
+        """The value of declared ``key`` in ``doc``; ``otherwise`` when not given."""
+        where = f"{path}.{key.yaml}" if path else key.yaml
+        if key.yaml not in doc:
+            if required:
+                raise self.fail(where, "required key is missing")
+            return otherwise
+        raw = doc[key.yaml]
+        if raw is None and key.nullable:
+            return None
+        return self.value(key, raw, where)
 
     def value(self, key: Any, raw: object, where: str) -> Any:
         """One declared value, checked against its kind and bounds."""
