@@ -18,7 +18,9 @@ class FolderReloader(ConfigReloader):
     folders (name, size, mtime), so ``--watch-config`` sees a file added, replaced
     or removed.  Taking it is a ``stat`` per file (20,000 files: 0.1 s; a network
     share: far more), so each poll takes it with ``disk`` (a thread in production),
-    as the rescan itself runs in the loader: off the reactor thread.
+    as the rescan itself runs in the loader: off the reactor thread.  The files are
+    listed and ``stat``-ed in the folders' walks (:class:`Listings`), so a mount that
+    hangs costs a poll ``LIST_WAIT`` once, never the watch.
     """
 
     def __init__(
@@ -50,14 +52,8 @@ class FolderReloader(ConfigReloader):
                 config = (info.st_mtime_ns, info.st_size, info.st_ino)
             except OSError:
                 pass
-        files = []
         listings = Listings(self.folders())  # one on a hung mount: left out, looked at again
         unsaid: list[str] = []  # said by the load that left it out, not every poll
-        for folder in self.folders():
-            for path in listings.of(folder, unsaid).all_files:
-                try:
-                    info = os.stat(path)
-                except OSError:
-                    continue
-                files.append((path, info.st_mtime_ns, info.st_size, info.st_ino))
-        return config, tuple(files), tuple(listings.unlisted)
+        # each file's stat is made in its folder's walk, with the listing's deadline
+        files = tuple(s for folder in self.folders() for s in listings.of(folder, unsaid).stamps)
+        return config, files, tuple(listings.unlisted)

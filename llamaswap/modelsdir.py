@@ -11,7 +11,10 @@ Each found model becomes an ordinary model entry (the ``modelDefaults`` command
 template with ``${MODEL_PATH}`` and ``${MMPROJ}`` filled in), validated by
 :mod:`llamaswap.config` exactly like a YAML entry; its header facts (see
 :mod:`llamaswap.gguf_models`) size its memory and mark its capabilities.  A file
-that cannot be read is skipped with one clear notice; the rest is served.
+that cannot be read is skipped with one clear notice; the rest is served.  The
+folders are listed, and the headers read, in daemon threads with a deadline (see
+:class:`Listings`, :class:`HeaderReads`): a hung network mount costs a load seconds,
+never the whole of it.
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ class ModelDefaults:
 
 #: a folder's visible ``*.gguf`` files and its sub-folders, sorted, as full paths
 FolderListing = tuple[list[str], list[str]]
+#: a file's version: (path, mtime in ns, size, inode)
+Stamp = tuple[str, int, int, int]
 
 
 @attrs.frozen
@@ -79,6 +84,7 @@ class Walk:
 
     files: list[str]
     subfolders: dict[str, list[str]]  # sorted
+    stamps: tuple[Stamp, ...] = ()  # of each of its files still there to ``stat``
 
     @property
     def all_files(self) -> list[str]:
@@ -92,9 +98,19 @@ class FoundModel:
     id: str
     path: str  # the file or folder it came from (for notices)
     weights: tuple[str, ...]  # the file, or its shards in order
-    facts: GgufFacts
+    facts: GgufFacts | None  # None: its header did not arrive in time
     mmproj: str | None = None
     mmproj_bytes: int = 0
+
+
+@attrs.frozen
+class _Candidate:
+    """A model-looking thing in a folder, before its header is read."""
+
+    id: str
+    path: str
+    weights: tuple[str, ...]
+    mmproj: str | None
 
 
 @attrs.frozen
@@ -113,34 +129,34 @@ def llama_server(environ: Mapping[str, str]) -> str:
 
 
 def scan(folders: Sequence[str]) -> Scan:
-    """Find the models in ``folders`` (reads each new file's header: call off the reactor)."""
+    """Find the models in ``folders`` (lists them and reads each new file's header
+    in threads of their own, waiting for them: call off the reactor)."""
     models: dict[str, FoundModel] = {}
     notices: list[str] = []
     listings = Listings(folders)
-    for folder in folders:
-        for candidate_id, path, weights, mmproj in _candidates(folder, listings, notices):
-            if not _usable_id(candidate_id):
-                notices.append(
-                    f"{path}: skipped: {candidate_id!r} cannot be a model id "
-                    "(no ':', '${', '/' or spaces at the ends); rename it"
-                )
-                continue
-            if candidate_id in models:
-                notices.append(
-                    f"{path}: skipped: the id {candidate_id!r} is already "
-                    f"{models[candidate_id].path}"
-                )
-                continue
-            found = _read(candidate_id, path, weights, mmproj, notices)
-            if found is not None:
-                models[candidate_id] = found
+    found_in = partial(_candidates, listings=listings, notices=notices)
+    candidates = [c for f in folders for c in found_in(f) if _well_named(c, notices)]
+    headers = HeaderReads(
+        path for c in candidates for path in (c.weights[0], c.mmproj) if path is not None
+    )
+    for candidate in candidates:
+        if candidate.id in models:
+            notices.append(
+                f"{candidate.path}: skipped: the id {candidate.id!r} is already "
+                f"{models[candidate.id].path}"
+            )
+            continue
+        found = _read(candidate, headers, notices)
+        if found is not None:
+            models[candidate.id] = found
     seen = {p for m in models.values() for p in (*m.weights, m.mmproj) if p}
-    unlisted = tuple(os.path.join(f, "") for f in listings.unlisted)  # an exists() there hangs
+    # gone: not in its folder's listing (an exists() would hang on a mount dead since)
+    listed = tuple(os.path.join(f, "") for f in folders if f not in listings.unlisted)
     forget(
         [
             p
-            for p in _cached_under(folders)
-            if p not in seen and not p.startswith(unlisted) and not os.path.exists(p)
+            for p in cached_paths()
+            if p.startswith(listed) and p not in seen and p not in listings.files
         ]
     )
     return Scan(tuple(models.values()), tuple(notices))
@@ -158,7 +174,7 @@ def entry(found: FoundModel, defaults: ModelDefaults, environ: Mapping[str, str]
     lines += [extra for pattern, extra in defaults.args if fnmatch.fnmatchcase(found.id, pattern)]
     written = " ".join(lines).split()
     wanted = {"embeddings": _EMBEDDING_FLAGS, "rerank": _RERANK_FLAGS}
-    for capability in found.facts.capabilities:
+    for capability in found.facts.capabilities if found.facts else ():
         flags = wanted.get(capability)
         if flags and not any(flag in written for flag in flags):
             lines.append(flags[0])
@@ -175,14 +191,19 @@ def capabilities(facts: GgufFacts, argv: Sequence[str]) -> tuple[str, ...]:
     return facts.capabilities
 
 
-def described(facts: GgufFacts, argv: Sequence[str], found: FoundModel | None) -> dict[str, Any]:
-    """What ``/v1/models`` shows of a model's file: facts, files, capabilities, the estimate."""
-    sizing: Estimate = estimate(facts, argv, found.mmproj_bytes if found else 0)
-    info: dict[str, Any] = {
-        **facts.describe(),
-        "capabilities": list(capabilities(facts, argv)),
-        "estimate": sizing.describe(),
-    }
+def described(
+    facts: GgufFacts | None, argv: Sequence[str], found: FoundModel | None
+) -> dict[str, Any]:
+    """What ``/v1/models`` shows of a model's file: facts, files, capabilities, the
+    estimate (the files alone when its facts are unknown)."""
+    info: dict[str, Any] = {}
+    if facts is not None:
+        sizing: Estimate = estimate(facts, argv, found.mmproj_bytes if found else 0)
+        info = {
+            **facts.describe(),
+            "capabilities": list(capabilities(facts, argv)),
+            "estimate": sizing.describe(),
+        }
     if found is not None:
         info["files"] = list(found.weights)
         if found.mmproj:
@@ -203,8 +224,9 @@ def weights_in(argv: Sequence[str]) -> str | None:
 
 
 class HeaderReads:
-    """The header reads of the model files named in commands, for one load of a
-    configuration (at start; in the reactor's threads on a reload).
+    """The header reads of the model files found in the folders by one scan, or
+    named in commands by one load of a configuration (at start; in the reactor's
+    threads on a reload).
 
     All are begun at once, each in a thread of its own, and the load waits at most
     ``HEADER_WAIT`` seconds for all of them together: files on a hung network mount
@@ -226,15 +248,19 @@ class HeaderReads:
         try:
             return reading.result(timeout=max(0.0, self._deadline - time.monotonic()))
         except TimeoutError:
-            raise GgufError(
+            raise HeaderLate(
                 f"its header did not arrive within {HEADER_WAIT:g}s (a hung network mount?)"
             ) from None
+
+
+class HeaderLate(GgufError):
+    """A header not read in time: the file may be fine, its mount is not answering."""
 
 
 def _begin(path: str) -> Future[GgufFacts | None]:
     """A read of ``path``'s facts, begun in a thread of its own (or failed at once
     when an earlier load's read of it is not over)."""
-    busy = GgufError("its header is still being read since an earlier load (a hung mount?)")
+    busy = HeaderLate("its header is still being read since an earlier load (a hung mount?)")
     return _in_own_thread(_reading, path, lambda: _facts_of(path), busy)
 
 
@@ -284,11 +310,9 @@ def _facts_of(path: str) -> GgufFacts | None:
 # --- the folder -------------------------------------------------------------------
 
 
-def _candidates(
-    folder: str, listings: Listings, notices: list[str]
-) -> list[tuple[str, str, tuple[str, ...], str | None]]:
-    """(id, where, weight files, projector) for each model-looking thing in ``folder``."""
-    found: list[tuple[str, str, tuple[str, ...], str | None]] = []
+def _candidates(folder: str, listings: Listings, notices: list[str]) -> list[_Candidate]:
+    """Each model-looking thing in ``folder``."""
+    found: list[_Candidate] = []
     files, subfolders = (walk := listings.of(folder, notices)).files, walk.subfolders
     projectors = [f for f in files if _is_projector(f)]
     if projectors:
@@ -298,7 +322,7 @@ def _candidates(
             "model and its mmproj file in a folder of their own"
         )
     for model_id, weights in _models_among([f for f in files if not _is_projector(f)], notices):
-        found.append((model_id, weights[0], weights, None))
+        found.append(_Candidate(model_id, weights[0], weights, None))
     for sub, inner in subfolders.items():
         models = _models_among([f for f in inner if not _is_projector(f)], notices)
         mmprojs = [f for f in inner if _is_projector(f)]
@@ -313,7 +337,9 @@ def _candidates(
             continue
         if len(mmprojs) > 1:
             notices.append(f"{sub}: several projector files; using {mmprojs[0]}")
-        found.append((os.path.basename(sub), sub, models[0][1], mmprojs[0] if mmprojs else None))
+        found.append(
+            _Candidate(os.path.basename(sub), sub, models[0][1], mmprojs[0] if mmprojs else None)
+        )
     return found
 
 
@@ -335,11 +361,14 @@ class Listings:
             for folder in dict.fromkeys(folders)
         }
         self.unlisted: list[str] = []  # the folders left out, in the order asked for
+        self.files: set[str] = set()  # the files of the folders listed so far
 
     def of(self, folder: str, notices: list[str]) -> Walk:
         """What ``folder`` holds; nothing (said in ``notices``) if not listed in time."""
         try:
-            return self._walks[folder].result(timeout=max(0.0, self._deadline - time.monotonic()))
+            walk = self._walks[folder].result(timeout=max(0.0, self._deadline - time.monotonic()))
+            self.files.update(walk.all_files)
+            return walk
         except TimeoutError:
             why = f"it was not listed within {LIST_WAIT:g}s"
         except _Unlisted as e:
@@ -354,7 +383,20 @@ class Listings:
 
 def _walk(folder: str) -> Walk:
     files, subfolders = listing(folder)
-    return Walk(files, {sub: listing(sub)[0] for sub in subfolders})
+    walk = Walk(files, {sub: listing(sub)[0] for sub in subfolders})
+    # stamped here, in the walk's own thread: the folder watch compares them
+    stamps = (stamp for path in walk.all_files if (stamp := stamp_of(path)) is not None)
+    return attrs.evolve(walk, stamps=tuple(stamps))
+
+
+def stamp_of(path: str) -> Stamp | None:
+    """``path``'s version; None once it is gone (may hang on a dead mount, like
+    :func:`listing`)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (path, info.st_mtime_ns, info.st_size, info.st_ino)
 
 
 class _Unlisted(Exception):
@@ -420,31 +462,48 @@ def _usable_id(model_id: str) -> bool:
     )
 
 
-def _read(
-    model_id: str,
-    path: str,
-    weights: tuple[str, ...],
-    mmproj: str | None,
-    notices: list[str],
-) -> FoundModel | None:
-    if any("${" in p or "\n" in p or "\r" in p for p in (*weights, mmproj or "")):
-        notices.append(f"{path!r}: skipped: its path holds '${{' or a line break; rename it")
-        return None
+def _well_named(found: _Candidate, notices: list[str]) -> bool:
+    """Whether its id and its paths can be written in a model entry (else said)."""
+    if not _usable_id(found.id):
+        notices.append(
+            f"{found.path}: skipped: {found.id!r} cannot be a model id "
+            "(no ':', '${', '/' or spaces at the ends); rename it"
+        )
+        return False
+    if any("${" in p or "\n" in p or "\r" in p for p in (*found.weights, found.mmproj or "")):
+        notices.append(f"{found.path!r}: skipped: its path holds '${{' or a line break; rename it")
+        return False
+    return True
+
+
+def _read(found: _Candidate, headers: HeaderReads, notices: list[str]) -> FoundModel | None:
+    """``found`` with its header's facts: unknown when they do not arrive in time
+    (served all the same, as a model named in a command); None (said) when broken."""
     try:
-        facts = read_facts(weights)
+        facts = headers.facts_of(found.weights[0])
+    except HeaderLate as e:
+        notices.append(f"{found.path}: served with its facts unknown: {e}")
+        facts = None
     except GgufError as e:
-        notices.append(f"{path}: skipped: {e}")
+        notices.append(f"{found.path}: skipped: {e}")
         return None
-    mmproj_bytes = 0
+    else:
+        if facts is None:
+            notices.append(f"{found.path}: skipped: it is gone since the folder was listed")
+            return None
+    mmproj, mmproj_bytes = found.mmproj, 0
     if mmproj is not None:
         try:
-            mmproj_bytes = read_facts([mmproj]).weights_bytes
+            projector = headers.facts_of(mmproj)
+        except HeaderLate as e:  # its file is there: used, its size unknown
+            notices.append(f"{mmproj}: its size is unknown: {e}")
         except GgufError as e:
-            notices.append(f"{mmproj}: not used: {e}; {model_id} is served without it")
+            notices.append(f"{mmproj}: not used: {e}; {found.id} is served without it")
             mmproj = None
-    return FoundModel(model_id, path, weights, facts, mmproj, mmproj_bytes)
-
-
-def _cached_under(folders: Sequence[str]) -> list[str]:
-    roots = tuple(os.path.join(f, "") for f in folders)
-    return [p for p in cached_paths() if p.startswith(roots)]
+        else:
+            if projector is None:
+                notices.append(f"{mmproj}: not used: it is gone; {found.id} is served without it")
+                mmproj = None
+            else:
+                mmproj_bytes = projector.weights_bytes
+    return FoundModel(found.id, found.path, found.weights, facts, mmproj, mmproj_bytes)

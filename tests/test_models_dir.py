@@ -32,7 +32,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from llamaswap import modelsdir
 from llamaswap.config import Config, ConfigError, load_config, parse_config
-from llamaswap.gguf_models import RUNTIME_OVERHEAD, GgufError, _read
+from llamaswap.gguf_models import RUNTIME_OVERHEAD, GgufError, _read, cached_paths, read_facts
 from llamaswap.livefolder import FolderReloader
 from llamaswap.tap import Options
 
@@ -81,24 +81,58 @@ def folder() -> Path:
     return path
 
 
+#: seconds a test double's hung call waits before it returns all the same: a test
+#: of code that waits on it (without a deadline) fails rather than hangs
+STUCK_AT_MOST = 10.0
+
+
+def hang_calls(
+    case: SynchronousTestCase, owner: object, name: str, stuck: Callable[[Any], bool]
+) -> tuple[threading.Event, list[threading.Thread]]:
+    """Calls of ``owner.name`` whose first argument is ``stuck`` do not return (as on
+    a dead NFS mount, which cannot be made here) until the event is set; the threads
+    that made them."""
+    release = threading.Event()
+    case.addCleanup(release.set)
+    callers: list[threading.Thread] = []
+    real = getattr(owner, name)
+
+    def call(first: Any, *args: Any, **kwargs: Any) -> Any:
+        if stuck(first):
+            callers.append(threading.current_thread())
+            release.wait(STUCK_AT_MOST)
+        return real(first, *args, **kwargs)
+
+    case.patch(owner, name, call)
+    return release, callers
+
+
 def hang_listing_of(
     case: SynchronousTestCase, hung: Path
 ) -> tuple[threading.Event, list[threading.Thread]]:
-    """Listings of ``hung`` never return (as on a dead NFS mount, which cannot be
-    made here) until the event is set; the threads that listed it."""
-    release = threading.Event()
-    case.addCleanup(release.set)
-    listers: list[threading.Thread] = []
-    real = modelsdir.listing
+    """Listings of ``hung`` do not return until the event is set; the threads that
+    listed it."""
+    return hang_calls(case, modelsdir, "listing", lambda path: path == str(hung))
 
-    def lister(path: str) -> modelsdir.FolderListing:
-        if path == str(hung):
-            listers.append(threading.current_thread())
-            release.wait()
-        return real(path)
 
-    case.patch(modelsdir, "listing", lister)
-    return release, listers
+def hang_stat_of(
+    case: SynchronousTestCase, hung: Path
+) -> tuple[threading.Event, list[threading.Thread]]:
+    """``os.stat`` of ``hung`` does not return until the event is set (the file is
+    on a mount that died after its folder was listed); the threads that called it."""
+    return hang_calls(case, os, "stat", lambda path: os.fspath(path) == str(hung))
+
+
+def stuck_once_then_released(
+    case: SynchronousTestCase, stuck: list[threading.Thread], release: threading.Event
+) -> None:
+    """One call hung, in a daemon thread of its own (not the caller's, not a pool's:
+    exit is not held); then the mount comes back and it ends."""
+    case.assertEqual(len(stuck), 1)
+    case.assertTrue(stuck[0].daemon)
+    case.assertNotEqual(stuck[0], threading.current_thread())
+    release.set()
+    stuck[0].join(10)
 
 
 class ScanTests(SynchronousTestCase):
@@ -341,6 +375,76 @@ class ScanTests(SynchronousTestCase):
         path.write_text("modelsDir: models\n")
         self.assertEqual(list(load_config(path).models), ["m"])
 
+    def test_a_found_model_whose_header_never_arrives_is_served_with_its_facts_unknown(
+        self,
+    ) -> None:
+        # the folder listed, then its mount dies before the header is read
+        write_gguf(self.dir / "hung.gguf")
+        write_gguf(self.dir / "fine.gguf")
+        hung = str(self.dir / "hung.gguf")
+        release, readers = hang_calls(self, modelsdir, "read_facts", lambda paths: hung in paths)
+        self.patch(modelsdir, "HEADER_WAIT", 0.05)
+
+        # before: the read held the scan (the start, a reload's thread) for good
+        config = self.load()
+        self.assertEqual(sorted(config.models), ["fine", "hung"])
+        self.assertEqual(config.models["hung"].gguf, {"files": [hung]})  # served, facts unknown
+        self.assertEqual(config.models["hung"].cmd.argv[-3:-2], (hung,))
+        self.assertEqual(config.models["fine"].gguf["architecture"], "llama")
+        self.assertEqual(
+            notices_of(config),
+            (
+                f"{hung}: served with its facts unknown: its header did not arrive "
+                "within 0.05s (a hung network mount?)",
+            ),
+        )
+        # the next scan does not wait for it again, nor begin another read of it
+        config = self.load()
+        self.assertEqual(config.models["hung"].gguf, {"files": [hung]})
+        (notice,) = notices_of(config)
+        self.assertIn(f"{hung}: served with its facts unknown: its header is still being", notice)
+        stuck_once_then_released(self, readers, release)
+        # the mount has come back: the next scan reads it
+        config = self.load()
+        self.assertEqual(config.models["hung"].gguf["architecture"], "llama")
+        self.assertEqual(notices_of(config), ())
+
+    def test_the_headers_of_found_models_are_read_together_in_one_wait(self) -> None:
+        # the first read ends only once the last has begun: read one after the
+        # other (each waiting for its own), the first gives up and its model is skipped
+        paths = [str(self.dir / f"m{i}.gguf") for i in range(3)]
+        for path in paths:
+            write_gguf(Path(path))
+        last_begun = threading.Event()
+        self.addCleanup(last_begun.set)
+        real = read_facts
+
+        def read(files: list[str]) -> Any:
+            if files[0] == paths[-1]:
+                last_begun.set()
+            elif files[0] == paths[0] and not last_begun.wait(STUCK_AT_MOST):
+                raise GgufError("read alone")
+            return real(files)
+
+        self.patch(modelsdir, "read_facts", read)
+        config = self.load()
+        self.assertEqual(notices_of(config), ())
+        for model_id in ("m0", "m1", "m2"):
+            self.assertEqual(config.models[model_id].gguf["architecture"], "llama")
+
+    def test_a_file_gone_from_the_folder_is_forgotten_without_looking_at_it(self) -> None:
+        # its cached header is dropped because the listing no longer has it: an
+        # exists() would hang on a mount dead since the listing
+        write_gguf(self.dir / "gone.gguf")
+        gone = str(self.dir / "gone.gguf")
+        self.assertIn("gone", self.load().models)
+        self.assertIn(gone, cached_paths())
+        os.remove(gone)
+        _, lookers = hang_stat_of(self, Path(gone))
+        self.assertEqual(dict(self.load().models), {})
+        self.assertEqual(lookers, [])
+        self.assertNotIn(gone, cached_paths())
+
 
 def unblocked(test: SynchronousTestCase, work: Callable[[], Any], fifo: Path) -> Any:
     """``work()``'s result; the test fails if it is still blocked on ``fifo`` after
@@ -437,11 +541,8 @@ class UnluckyPathTests(SynchronousTestCase):
         # a reload does not wait for it again, nor start another read of it
         config = self.load(path)
         self.assertIn("still being read", notices_of(config)[0])
-        self.assertEqual(len(readers), 1)
-        self.assertTrue(readers[0].daemon)  # its own thread, not a pool's: exit is not held
-        self.assertNotEqual(readers[0], threading.current_thread())
-        release.set()  # the mount comes back: the next load reads it again
-        readers[0].join(10)
+        stuck_once_then_released(self, readers, release)
+        # the mount has come back: the next load reads it again
         self.patch(modelsdir, "_facts_of", lambda path: None)
         (notice,) = notices_of(self.load(path))  # read again: now simply not there
         self.assertIn("no such file (yet)", notice)
@@ -498,11 +599,8 @@ class UnluckyPathTests(SynchronousTestCase):
         self.assertEqual(sorted(config.models), ["local-model"])
         (notice,) = notices_of(config)
         self.assertIn(f"{hung}: left out: it is still being listed since an earlier", notice)
-        self.assertEqual(len(listers), 1)
-        self.assertTrue(listers[0].daemon)  # its own thread, not a pool's: exit is not held
-        self.assertNotEqual(listers[0], threading.current_thread())
-        release.set()  # the mount comes back: the next load lists it
-        listers[0].join(10)
+        stuck_once_then_released(self, listers, release)
+        # the mount has come back: the next load lists it
         config = load()
         self.assertEqual(sorted(config.models), ["local-model", "nfs-model"])
         self.assertEqual(notices_of(config), ())
@@ -589,18 +687,32 @@ class LiveFolderTests(SynchronousTestCase):
     def test_a_folder_on_a_hung_mount_holds_one_look_and_reloads_when_it_answers(
         self,
     ) -> None:
+        self.held_once_then_reloaded(lambda path: hang_listing_of(self, path))
+
+    def test_a_file_whose_stat_hangs_holds_one_look_and_reloads_when_it_answers(
+        self,
+    ) -> None:
+        # listed, then its mount dies before the stat: the watch's look (a pool
+        # thread, the reloads it holds behind it) waited for good
+        self.held_once_then_reloaded(lambda path: hang_stat_of(self, path / "m.gguf"))
+
+    def held_once_then_reloaded(
+        self, hang: Callable[[Path], tuple[threading.Event, list[threading.Thread]]]
+    ) -> None:
+        """A watch of a folder with a model, made to hang by ``hang`` (which gives
+        its release and the threads stuck): one look waits, once; the reload comes
+        when the mount answers."""
         path = folder()
         self.addCleanup(shutil.rmtree, path)
         write_gguf(path / "m.gguf")
-        release, listers = hang_listing_of(self, path)
+        release, stuck = hang(path)
         self.patch(modelsdir, "LIST_WAIT", 0.05)
         clock = Clock()
         reloads = self.watching(path, clock, lambda: [str(path)])  # the first look: 0.05 s
         for _ in range(3):  # each poll (every 2 s of the reactor's time) fails at once
             clock.advance(2)
-        self.assertEqual((len(listers), reloads), (1, []))
-        release.set()  # the mount answers: its models are there to be served
-        listers[0].join(10)
+        self.assertEqual(reloads, [])
+        stuck_once_then_released(self, stuck, release)  # then the mount answers
         for _ in range(2):
             clock.advance(2)
         self.assertEqual(reloads, [1])

@@ -337,6 +337,8 @@ class _Builder(MacroReader):
                 return model
             facts = read
         info = modelsdir.described(facts, argv, found)
+        if facts is None:  # a found file whose header did not arrive: its files alone
+            return attrs.evolve(model, gguf=info)
         memory = model.memory or self.memory(info["estimate"]["total"], "", budget)
         name = model.name or (facts.name if found is not None else "")
         return attrs.evolve(model, name=name, memory=memory, gguf=info)
