@@ -4,7 +4,9 @@
 complete, before a byte of its body is read, the door refuses it if its URI is too
 long or holds a raw ``#`` (what relays it cuts a fragment off, the checks would
 not), if its method is not in capitals (the router would read ``post`` as ``POST``,
-the checks would not), if one of the site's ``checks`` (``HeaderCheck`` callables run in order: the
+the checks would not), if its ``Transfer-Encoding`` is anything but one ``chunked``
+(Twisted and a proxy in front could find the body's end apart), if one of the
+site's ``checks`` (``HeaderCheck`` callables run in order: the
 API-key check of ``Guard``, and any other header check plugged in before or after
 it) returns an ``ApiError``, or if it declares a body larger than
 ``maxRequestBytes``.  A refused request gets its OpenAI-shaped error at once and the
@@ -297,6 +299,12 @@ class ApiSite(Site):
             # what relays it (Twisted's Agent, llama-server) cuts it off: the checks
             # would judge "/props#x" while "/props" runs
             return ApiError(400, "the request URI has a '#': send its fragment escaped (%23)")
+        codings = request.requestHeaders.getRawHeaders(b"transfer-encoding")
+        if codings is not None and [c.strip().lower() for c in codings] != [b"chunked"]:
+            # Twisted reads "chunked" then "identity" as chunked and ignores "identity"
+            # (reading no body without a Content-Length), where a proxy in front may
+            # read either the other way: the body boundary is one reading, or none
+            return ApiError(400, "the request's Transfer-Encoding may only be one 'chunked'")
         for check in self.checks:
             outcome = check(request)
             if outcome is not None:

@@ -452,6 +452,37 @@ class DoorLiveTests(LiveTestCase):
         self.assertEqual(data.count(b"HTTP/1.1 200 OK"), 30, data[:300])
         self.assertEqual(await self.running(), {})
 
+    async def test_a_body_s_end_is_read_one_way_only(self) -> None:
+        """A ``Transfer-Encoding`` other than one ``chunked``: 400 and closed, its body
+        unread.  Twisted read ``chunked`` then ``identity`` as chunked, and a lone
+        ``identity`` as no body at all: what a proxy in front sent as a body was
+        served as a request of its own."""
+        await self.serve(f"models:\n  alpha:\n    cmd: {FAKE}\n")
+        smuggled = head(b"GET", b"/v1/models")
+        chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(smuggled), smuggled)
+        post = b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+        for codings in (
+            b"Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n",
+            b"Transfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\n",
+            b"Transfer-Encoding: identity\r\n",
+        ):
+            client = await self.connect()
+            client.transport.write(post + codings + b"\r\n" + chunked)  # type: ignore[union-attr]
+            data = await client.closed
+            self.assertTrue(data.startswith(b"HTTP/1.1 400 "), (codings, data[:200]))
+            self.assertIn(b"Transfer-Encoding may only be one 'chunked'", data)
+            self.assertEqual(data.count(b"HTTP/1.1 "), 1, data)  # nothing else was served
+        # one chunked body is fine, in any case
+        body = json.dumps({"model": "alpha", "messages": []}).encode()
+        client = await self.connect()
+        client.transport.write(  # type: ignore[union-attr]
+            post
+            + b"Transfer-Encoding: Chunked\r\n\r\n"
+            + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+        )
+        data = await client.closed
+        self.assertTrue(data.startswith(b"HTTP/1.1 200 "), data[:300])
+
     async def test_unauthenticated_heads_with_long_uris_leave_the_log_alone(self) -> None:
         await self.serve(KEYED)
         logger("llamaswap.test").info("an earlier line worth keeping")
