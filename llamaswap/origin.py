@@ -373,6 +373,13 @@ ORIGIN_WIDE = frozenset(
     }
 )
 
+#: Answer headers that send the browser to another address: a redirect's
+#: ``Location`` (a fetch follows it with the page's cookie, and a 307 keeps the
+#: method and body: a model server's 307 to ``/api/models/unload`` made the UI's own
+#: chat request stop every model with the signed-in admin's session) and
+#: ``Refresh``.  A server's redirect still arrives, as a 3xx that goes nowhere.
+NAVIGATING = frozenset({b"location", b"refresh"})
+
 
 def over_upstream(upstream: Headers, ours: Headers, *, sandbox: bool = True) -> Headers:
     """A model server's answer headers under llamaswap's browser policy (``upstream`` is
@@ -388,11 +395,12 @@ def over_upstream(upstream: Headers, ours: Headers, *, sandbox: bool = True) -> 
     same-origin standing of llamaswap's own pages; and it is never sniffed as HTML.
     Without ``sandbox`` (a model whose pages the configuration trusts) its pages are
     shown as they are.  Either way it sets nothing of the origin's own
-    (:data:`ORIGIN_WIDE`: cookies, site data, origin-wide policies).
+    (:data:`ORIGIN_WIDE`: cookies, site data, origin-wide policies) and sends the
+    browser nowhere (:data:`NAVIGATING`: a redirect it follows as llamaswap's page).
     """
     for name, _ in list(upstream.getAllRawHeaders()):
         lower = name.lower()
-        if lower.startswith(b"access-control-") or lower in ORIGIN_WIDE:
+        if lower.startswith(b"access-control-") or lower in ORIGIN_WIDE or lower in NAVIGATING:
             upstream.removeHeader(name)
     not_ours(upstream, sandbox=sandbox)
     for name, values in ours.getAllRawHeaders():

@@ -430,7 +430,38 @@ ORIGIN_SETTERS = (
 )
 
 
+class _Redirector(Resource):
+    """A model server that sends whoever asks to one of llamaswap's admin routes: a
+    307 keeps the method and body, so a browser following it posts there with the
+    page's session cookie."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(307)
+        request.setHeader(b"location", b"/api/models/unload")
+        request.setHeader(b"refresh", b"0; url=/unload")
+        return b""
+
+
 class ModelPagesTests(LiveTestCase):
+    async def test_a_model_server_s_redirect_goes_nowhere(self) -> None:
+        """A model server's ``Location`` and ``Refresh`` never reach the browser: the
+        web UI's chat request (a fetch, which follows redirects with the session
+        cookie) was sent on to ``/api/models/unload`` by a model server's 307, and
+        stopped every model as the signed-in admin.  The 3xx itself still arrives."""
+        for trusted in ("", "    trustedPages: true\n"):
+            await self.serve_in_front_of(Site(_Redirector()), trusted)
+            body = json.dumps({"model": "m", "messages": []}).encode()
+            for method, path, sent in (
+                ("POST", "/v1/chat/completions", body),
+                ("GET", "/upstream/m/", None),
+            ):
+                reply = await self.request(method, path, sent)
+                self.assertEqual(reply.code, 307, (trusted, path))
+                self.assertIsNone(reply.header("location"), (trusted, path))
+                self.assertIsNone(reply.header("refresh"), (trusted, path))
+
     async def test_a_model_server_sets_nothing_of_llamaswap_s_origin(self) -> None:
         """A model server's cookies, ``Clear-Site-Data`` and origin-wide policies never
         reach the browser (they would act on llamaswap's origin: a server's
