@@ -45,7 +45,7 @@ from twisted.web.server import Site
 from .addresses import client_key as client_key
 from .config.settings import ConnectionLimits as ConnectionLimits
 from .delivery import Delivery, delivery
-from .errors import ApiError
+from .errors import ApiError, closing_response
 from .logs import logger
 
 if TYPE_CHECKING:
@@ -104,16 +104,6 @@ def abort(transport: ITransport) -> None:
     """Drop a connection now, what is still unsent included (a transport without
     ``abortConnection`` is closed after its writes instead)."""
     getattr(transport, "abortConnection", transport.loseConnection)()
-
-
-def _response(status: int, reason: bytes, error: ApiError, extra: bytes = b"") -> bytes:
-    """A whole HTTP response that closes the connection, written before any request."""
-    body = error.body()
-    head = (
-        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n%s"
-        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (status, reason, extra, len(body))
-    )
-    return head + body
 
 
 class ConnectionGate(Factory):
@@ -261,7 +251,7 @@ class ConnectionGate(Factory):
                 refused=self.refused,
             )
         error = ApiError(503, f"too many open connections: {why}; try again later")
-        return _Refusal(_response(503, b"Service Unavailable", error, b"Retry-After: 5\r\n"))
+        return _Refusal(closing_response(error, b"Retry-After: 5\r\n"))
 
 
 class _Refusal(Protocol):
@@ -474,7 +464,7 @@ class BoundedChannel(HTTPChannel):
         self.log.debug("closing a slow client {client}: {what}", client=self.client, what=what)
         error = ApiError(408, what)
         assert self.transport is not None
-        self.transport.write(_response(408, b"Request Timeout", error))
+        self.transport.write(closing_response(error))
         self.transport.loseConnection()
         # a client that reads nothing would keep its socket open until this
         self._abort = self.gate.clock.callLater(self.abortTimeout or 15, abort, self.transport)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 
 _TYPES = {
     400: ("invalid_request_error", "bad_request"),
@@ -15,6 +16,7 @@ _TYPES = {
     414: ("invalid_request_error", "uri_too_long"),
     415: ("invalid_request_error", "unsupported_media_type"),
     421: ("invalid_request_error", "misdirected_request"),
+    431: ("invalid_request_error", "headers_too_large"),
     429: ("rate_limit_error", "rate_limit_exceeded"),
     502: ("server_error", "bad_gateway"),
     503: ("server_error", "service_unavailable"),
@@ -47,6 +49,17 @@ class ApiError(Exception):
 def error_body(message: str, kind: str, code: str) -> bytes:
     document = {"error": {"message": message, "type": kind, "code": code}}
     return json.dumps(document).encode("utf-8")
+
+
+def closing_response(error: ApiError, extra: bytes = b"") -> bytes:
+    """A whole HTTP response carrying ``error`` that closes the connection, written
+    straight to a transport (before any request object exists, or instead of one);
+    ``extra``: more header lines, each ending in CRLF."""
+    body = error.body()
+    reason = HTTPStatus(error.status).phrase.encode("ascii")
+    head = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n%s" % (error.status, reason, extra)
+    head += b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+    return head + body
 
 
 class StartFailed(Exception):

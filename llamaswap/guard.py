@@ -4,7 +4,9 @@
 complete, before a byte of its body is read, the door refuses it if its URI is too
 long or holds a raw ``#`` (what relays it cuts a fragment off, the checks would
 not), if its method is not in capitals (the router would read ``post`` as ``POST``,
-the checks would not), if one of the site's ``checks`` (``HeaderCheck`` callables run in order: the
+the checks would not), if its ``Transfer-Encoding`` is anything but one ``chunked``
+(Twisted and a proxy in front could find the body's end apart), if one of the
+site's ``checks`` (``HeaderCheck`` callables run in order: the
 API-key check of ``Guard``, and any other header check plugged in before or after
 it) returns an ``ApiError``, or if it declares a body larger than
 ``maxRequestBytes``.  A refused request gets its OpenAI-shaped error at once and the
@@ -30,7 +32,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from .errors import ApiError
+from .errors import ApiError, closing_response
 from .routes import API_ROUTES
 
 if TYPE_CHECKING:
@@ -196,11 +198,45 @@ def too_large(limit: int) -> ApiError:
 
 class DoorChannel(HTTPChannel):
     """An HTTP channel that asks its site's door about each request as soon as the
-    request's headers are complete, and reads no body of a refused one."""
+    request's headers are complete, and reads no body of a refused one.
+
+    A head past Twisted's bounds (a line over ``MAX_LENGTH``, more than
+    ``totalHeadersSize`` bytes or ``maxHeaders`` header lines) gets an OpenAI-shaped
+    414 or 431 and the connection closed: Twisted itself hung up on a long line
+    without a word, and answered the others with a bare 400."""
 
     site: ApiSite
+    #: bytes and header lines of the request head being read (lines are read only
+    #: between requests: while one is handled, what follows waits in a buffer)
+    head_bytes = 0
+    head_lines = 0
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if self.requests:  # the request line is in: a header line is too long
+            message = f"a request header line is longer than {self.MAX_LENGTH} bytes"
+            self._refuse_head(ApiError(431, message))
+        else:
+            message = f"the request line is longer than {self.MAX_LENGTH} bytes"
+            self._refuse_head(ApiError(414, f"{message} (a URI may have {MAX_URI_BYTES})"))
+
+    def _refuse_head(self, error: ApiError) -> None:
+        assert self.transport is not None
+        self.transport.write(closing_response(error))
+        self.loseConnection()
 
     def lineReceived(self, line: bytes) -> None:
+        if not self.requests:  # a request line: a new head begins
+            self.head_bytes = self.head_lines = 0
+        elif line:
+            self.head_lines += 1
+        self.head_bytes += len(line)
+        if self.head_bytes > self.totalHeadersSize:
+            limit = self.totalHeadersSize
+            self._refuse_head(ApiError(431, f"the request head is longer than {limit} bytes"))
+            return
+        if self.head_lines > self.maxHeaders:
+            self._refuse_head(ApiError(431, f"the request has more than {self.maxHeaders} headers"))
+            return
         pending = len(self.requests)
         super().lineReceived(line)
         if len(self.requests) > pending:  # that line started a request
@@ -263,6 +299,12 @@ class ApiSite(Site):
             # what relays it (Twisted's Agent, llama-server) cuts it off: the checks
             # would judge "/props#x" while "/props" runs
             return ApiError(400, "the request URI has a '#': send its fragment escaped (%23)")
+        codings = request.requestHeaders.getRawHeaders(b"transfer-encoding")
+        if codings is not None and [c.strip().lower() for c in codings] != [b"chunked"]:
+            # Twisted reads "chunked" then "identity" as chunked and ignores "identity"
+            # (reading no body without a Content-Length), where a proxy in front may
+            # read either the other way: the body boundary is one reading, or none
+            return ApiError(400, "the request's Transfer-Encoding may only be one 'chunked'")
         for check in self.checks:
             outcome = check(request)
             if outcome is not None:

@@ -351,6 +351,36 @@ def not_ours(headers: Headers, *, sandbox: bool = True) -> None:
     headers.setRawHeaders(b"x-content-type-options", [b"nosniff"])
 
 
+#: Answer headers that act on llamaswap's whole origin, beyond the one answer they
+#: come with: its cookie jar (a server's ``llamaswap_session`` replaced the UI's
+#: session), its stored data (``Clear-Site-Data`` signed every user out), and
+#: origin-wide policies a browser keeps (transport security, alternative services,
+#: error reporting to another site, client hints, agent clustering, a service
+#: worker's scope).  No model server is llamaswap's origin, trusted pages or not.
+ORIGIN_WIDE = frozenset(
+    {
+        b"set-cookie",
+        b"set-cookie2",
+        b"clear-site-data",
+        b"strict-transport-security",
+        b"alt-svc",
+        b"nel",
+        b"report-to",
+        b"accept-ch",
+        b"critical-ch",
+        b"origin-agent-cluster",
+        b"service-worker-allowed",
+    }
+)
+
+#: Answer headers that send the browser to another address: a redirect's
+#: ``Location`` (a fetch follows it with the page's cookie, and a 307 keeps the
+#: method and body: a model server's 307 to ``/api/models/unload`` made the UI's own
+#: chat request stop every model with the signed-in admin's session) and
+#: ``Refresh``.  A server's redirect still arrives, as a 3xx that goes nowhere.
+NAVIGATING = frozenset({b"location", b"refresh"})
+
+
 def over_upstream(upstream: Headers, ours: Headers, *, sandbox: bool = True) -> Headers:
     """A model server's answer headers under llamaswap's browser policy (``upstream`` is
     changed and returned).
@@ -364,10 +394,13 @@ def over_upstream(upstream: Headers, ours: Headers, *, sandbox: bool = True) -> 
     writes) is sandboxed, so its scripts cannot run with the session cookie and the
     same-origin standing of llamaswap's own pages; and it is never sniffed as HTML.
     Without ``sandbox`` (a model whose pages the configuration trusts) its pages are
-    shown as they are.
+    shown as they are.  Either way it sets nothing of the origin's own
+    (:data:`ORIGIN_WIDE`: cookies, site data, origin-wide policies) and sends the
+    browser nowhere (:data:`NAVIGATING`: a redirect it follows as llamaswap's page).
     """
     for name, _ in list(upstream.getAllRawHeaders()):
-        if name.lower().startswith(b"access-control-"):
+        lower = name.lower()
+        if lower.startswith(b"access-control-") or lower in ORIGIN_WIDE or lower in NAVIGATING:
             upstream.removeHeader(name)
     not_ours(upstream, sandbox=sandbox)
     for name, values in ours.getAllRawHeaders():

@@ -399,7 +399,83 @@ class _HostilePage(Resource):
         return b"<script>fetch('/api/models/unload', {method: 'POST'})</script>"
 
 
+class _OriginSetter(Resource):
+    """A model server that tries to change what the browser keeps for llamaswap's
+    origin: its session cookie, its stored data, origin-wide policies."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        for name, value in ORIGIN_SETTERS:
+            request.responseHeaders.addRawHeader(name, value)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"x-model-header", b"kept")
+        return b"{}"
+
+
+#: what :class:`_OriginSetter` sends: one of each kind, the session cookie first
+ORIGIN_SETTERS = (
+    (b"Set-Cookie", b"llamaswap_session=chosen-by-the-model; Path=/; HttpOnly"),
+    (b"Set-Cookie", b"other=1; Path=/"),
+    (b"Set-Cookie2", b"old=1"),
+    (b"Clear-Site-Data", b'"cookies", "storage"'),
+    (b"Strict-Transport-Security", b"max-age=31536000; includeSubDomains"),
+    (b"Alt-Svc", b'h2="evil.example:443"'),
+    (b"NEL", b'{"report_to": "x", "max_age": 31536000}'),
+    (b"Report-To", b'{"group": "x", "endpoints": [{"url": "http://evil.example/"}]}'),
+    (b"Accept-CH", b"Sec-CH-UA-Model"),
+    (b"Critical-CH", b"Sec-CH-UA-Model"),
+    (b"Origin-Agent-Cluster", b"?0"),
+    (b"Service-Worker-Allowed", b"/"),
+)
+
+
+class _Redirector(Resource):
+    """A model server that sends whoever asks to one of llamaswap's admin routes: a
+    307 keeps the method and body, so a browser following it posts there with the
+    page's session cookie."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(307)
+        request.setHeader(b"location", b"/api/models/unload")
+        request.setHeader(b"refresh", b"0; url=/unload")
+        return b""
+
+
 class ModelPagesTests(LiveTestCase):
+    async def test_a_model_server_s_redirect_goes_nowhere(self) -> None:
+        """A model server's ``Location`` and ``Refresh`` never reach the browser: the
+        web UI's chat request (a fetch, which follows redirects with the session
+        cookie) was sent on to ``/api/models/unload`` by a model server's 307, and
+        stopped every model as the signed-in admin.  The 3xx itself still arrives."""
+        for trusted in ("", "    trustedPages: true\n"):
+            await self.serve_in_front_of(Site(_Redirector()), trusted)
+            body = json.dumps({"model": "m", "messages": []}).encode()
+            for method, path, sent in (
+                ("POST", "/v1/chat/completions", body),
+                ("GET", "/upstream/m/", None),
+            ):
+                reply = await self.request(method, path, sent)
+                self.assertEqual(reply.code, 307, (trusted, path))
+                self.assertIsNone(reply.header("location"), (trusted, path))
+                self.assertIsNone(reply.header("refresh"), (trusted, path))
+
+    async def test_a_model_server_sets_nothing_of_llamaswap_s_origin(self) -> None:
+        """A model server's cookies, ``Clear-Site-Data`` and origin-wide policies never
+        reach the browser (they would act on llamaswap's origin: a server's
+        ``llamaswap_session`` replaced the UI's session), trusted pages or not; the
+        server's other headers still do."""
+        for trusted in ("", "    trustedPages: true\n"):
+            await self.serve_in_front_of(Site(_OriginSetter()), trusted)
+            for path in ("/upstream/m/props", "/props?model=m"):
+                reply = await self.request("GET", path)
+                self.assertEqual(reply.code, 200, path)
+                self.assertEqual(reply.header("x-model-header"), "kept", path)
+                for name, _ in ORIGIN_SETTERS:
+                    self.assertIsNone(reply.headers.getRawHeaders(name), (trusted, path, name))
+
     async def test_a_model_server_s_page_is_sandboxed_never_one_of_llamaswap_s(self) -> None:
         await self.serve_in_front_of(Site(_HostilePage()))
         for path in ("/upstream/m/", "/cors-proxy?model=m&url=http://example.invalid/"):

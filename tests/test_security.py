@@ -414,6 +414,75 @@ class DoorLiveTests(LiveTestCase):
         self.assertTrue(data.startswith(b"HTTP/1.1 413 "), data[:100])
         self.assertIn(b"Connection: close", data)
 
+    async def test_heads_past_twisted_s_bounds_get_a_clear_error(self) -> None:
+        """A request line or header line over 16 kB (Twisted hung up without a word),
+        a head over 16 kB in all or with over 500 headers (a bare 400): an
+        OpenAI-shaped 414 or 431, and the connection closed; a model is never started."""
+        await self.serve(f"models:\n  alpha:\n    cmd: {FAKE}\n")
+        body = json.dumps({"model": "alpha", "messages": []}).encode()
+        many = [b"X-%d: v" % number for number in range(600)]
+        cases = {
+            head(b"GET", b"/v1/models?" + b"q" * 20_000): (414, b"request line is longer"),
+            head(b"GET", b"/v1/models", None, b"X-Big: " + b"v" * 20_000): (
+                431,
+                b"header line is longer",
+            ),
+            head(b"POST", b"/v1/chat/completions", len(body), *[b"X-A: " + b"v" * 8000] * 3)
+            + body: (431, b"head is longer than 16384"),
+            head(b"POST", b"/v1/chat/completions", len(body), *many) + body: (
+                431,
+                b"more than 500 headers",
+            ),
+        }
+        for request, (status, words) in cases.items():
+            client = await self.connect()
+            client.transport.write(request)  # type: ignore[union-attr]
+            data = await client.closed
+            self.assertTrue(data.startswith(b"HTTP/1.1 %d " % status), data[:200])
+            answer = json.loads(data.partition(b"\r\n\r\n")[2])
+            self.assertIn(words.decode(), answer["error"]["message"])
+        # the bounds are per request: 30 heads of 10 kB and 20 headers each, on one
+        # connection, are all served
+        headers = [b"X-%d: " % number + b"v" * 500 for number in range(20)]
+        keep = await self.connect()
+        pipelined = head(b"GET", b"/health", None, *headers) * 29
+        pipelined += head(b"GET", b"/health", None, b"Connection: close", *headers)
+        keep.transport.write(pipelined)  # type: ignore[union-attr]
+        data = await keep.closed
+        self.assertEqual(data.count(b"HTTP/1.1 200 OK"), 30, data[:300])
+        self.assertEqual(await self.running(), {})
+
+    async def test_a_body_s_end_is_read_one_way_only(self) -> None:
+        """A ``Transfer-Encoding`` other than one ``chunked``: 400 and closed, its body
+        unread.  Twisted read ``chunked`` then ``identity`` as chunked, and a lone
+        ``identity`` as no body at all: what a proxy in front sent as a body was
+        served as a request of its own."""
+        await self.serve(f"models:\n  alpha:\n    cmd: {FAKE}\n")
+        smuggled = head(b"GET", b"/v1/models")
+        chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(smuggled), smuggled)
+        post = b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+        for codings in (
+            b"Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n",
+            b"Transfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\n",
+            b"Transfer-Encoding: identity\r\n",
+        ):
+            client = await self.connect()
+            client.transport.write(post + codings + b"\r\n" + chunked)  # type: ignore[union-attr]
+            data = await client.closed
+            self.assertTrue(data.startswith(b"HTTP/1.1 400 "), (codings, data[:200]))
+            self.assertIn(b"Transfer-Encoding may only be one 'chunked'", data)
+            self.assertEqual(data.count(b"HTTP/1.1 "), 1, data)  # nothing else was served
+        # one chunked body is fine, in any case
+        body = json.dumps({"model": "alpha", "messages": []}).encode()
+        client = await self.connect()
+        client.transport.write(  # type: ignore[union-attr]
+            post
+            + b"Transfer-Encoding: Chunked\r\n\r\n"
+            + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+        )
+        data = await client.closed
+        self.assertTrue(data.startswith(b"HTTP/1.1 200 "), data[:300])
+
     async def test_unauthenticated_heads_with_long_uris_leave_the_log_alone(self) -> None:
         await self.serve(KEYED)
         logger("llamaswap.test").info("an earlier line worth keeping")
