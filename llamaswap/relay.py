@@ -88,8 +88,9 @@ def end_to_end(headers: Headers, drop: frozenset[bytes] = frozenset()) -> Header
 
 
 def without_session(headers: Headers) -> None:
-    """Drop llamaswap's UI session cookie from ``headers`` (other cookies stay): it is
-    a key to llamaswap, no business of a model server or a peer."""
+    """Drop llamaswap's UI session cookie from ``headers`` (other cookies stay, for a
+    server that gets the client's credentials): it is a key to llamaswap, no business
+    of a model server or a peer."""
     kept = []
     for value in headers.getRawHeaders(b"cookie", []):
         pairs = [
@@ -222,8 +223,10 @@ class Relay:
         # answer 100 Continue, which Twisted's client logs and drops
         drop = {b"host", b"content-length", b"expect"}
         if not forward_credentials:
-            # a client's key for llamaswap is not the model server's business
-            drop |= {b"authorization", b"x-api-key"}
+            # a client's key for llamaswap is not the model server's business, nor are
+            # its cookies: a browser sends llamaswap every cookie of its host name (ports
+            # do not count), other web apps' sessions included
+            drop |= {b"authorization", b"x-api-key", b"cookie"}
         headers = end_to_end(request.requestHeaders, frozenset(drop))
         without_session(headers)
         for name, value in (replace_headers or {}).items():

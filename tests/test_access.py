@@ -689,15 +689,30 @@ class SessionTests(AccessCase):
         sibling = {"cookie": cookie, "sec-fetch-site": "same-site"}
         self.assertIn((await self.call("GET", "/running", headers=sibling))[0].code, (401, 403))
 
-    async def test_the_session_cookie_never_goes_to_a_model_s_server(self) -> None:
+    async def test_no_cookie_goes_to_a_model_s_server(self) -> None:
+        """A browser sends llamaswap every cookie of its host name, whatever the port:
+        another web app's session too.  None of them is a model server's business."""
         await self.serve(CONFIG)
+        cookie = self.cookie(await self.login(ALICE))
+        mine = self.same_origin(cookie=f"token=open-webui-session; {cookie}; lang=en")
+        response, reply = await self.call("GET", "/tools?model=alpha", headers=mine)
+        self.assertEqual(response.code, 200, reply[:200])
+        self.assertNotIn("cookie", json.loads(reply)["headers"])  # what the child received
+        self.assertNotIn("open-webui-session", reply.decode())
+
+    async def test_the_session_cookie_never_goes_to_a_model_s_server(self) -> None:
+        """A server that gets the client's credentials gets its other cookies, never
+        llamaswap's own session."""
+        await self.serve(
+            CONFIG.replace("--tokens 2\n", "--tokens 2\n    forwardAuthorization: true\n", 1)
+        )
         cookie = self.cookie(await self.login(ALICE))
         token = cookie.partition("=")[2]
         mine = self.same_origin(cookie=f"theme=dark; {cookie}; lang=en")
         response, reply = await self.call("GET", "/tools?model=alpha", headers=mine)
         self.assertEqual(response.code, 200, reply[:200])
         seen = json.loads(reply)["headers"]  # what the child received
-        self.assertEqual(seen["cookie"], "theme=dark; lang=en")  # the page's own cookies
+        self.assertEqual(seen["cookie"], "theme=dark; lang=en")  # the other cookies
         self.assertNotIn(token, reply.decode())
         response, reply = await self.call(
             "GET", "/tools?model=alpha", headers=mine | {"cookie": cookie}

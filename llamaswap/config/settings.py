@@ -599,8 +599,9 @@ class ModelSettings:
     forward_authorization: bool = setting(
         "forwardAuthorization",
         False,
-        "pass the client's `Authorization` and `x-api-key` headers on to this server (by "
-        "default they stay with llamaswap)",
+        "pass the client's `Authorization` and `x-api-key` headers and its cookies "
+        "(llamaswap's session cookie aside) on to this server (by default they stay with "
+        "llamaswap)",
     )
     trusted_pages: bool = setting(
         "trustedPages",
