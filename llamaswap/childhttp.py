@@ -80,6 +80,7 @@ _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _TARGET = re.compile(rb"[\x21-\x7e]*")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_NETLOC = re.compile(rb"[0-9A-Za-z.:\[\]-]+")
 _VERSIONS = {b"HTTP/1.1": True, b"HTTP/1.0": False}  # version: keep-alive by default
 _NO_BODY_CODES = frozenset({204, 304})
 _CLOSED = Failure(ConnectionDone())
@@ -176,8 +177,8 @@ def _server(netloc: bytes) -> _Server | None:
     except ValueError:
         return None
     host = uri.host.decode("ascii", errors="replace")
-    if b"@" in netloc or not (isIPAddress(host) or isIPv6Address(host)):
-        return None
+    if not _NETLOC.fullmatch(netloc) or not (isIPAddress(host) or isIPv6Address(host)):
+        return None  # a name, user info, a query right after the port: the standard way
     return _Server(uri, netloc)
 
 

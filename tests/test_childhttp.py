@@ -567,9 +567,15 @@ class InMemoryTests(SynchronousTestCase):
         self.assertEqual(body.pieces, [b"ab", b"cd"])
 
     def test_https_and_host_names_go_to_the_standard_agent(self) -> None:
-        for uri in (b"https://127.0.0.1:9/x", b"http://gpu-box:8080/x", b"http://u@1.2.3.4/"):
+        uris = (
+            b"https://127.0.0.1:9/x",
+            b"http://gpu-box:8080/x",
+            b"http://u@1.2.3.4/",
+            b"http://127.0.0.1:9?x",
+        )
+        for uri in uris:
             self.agent.request(b"GET", uri)
-        self.assertEqual(len(self.fallback.uris), 3)
+        self.assertEqual(self.fallback.uris, list(uris))
         self.assertEqual(self.endpoints.connections, [])
 
     def test_a_request_line_cannot_be_forged(self) -> None:
