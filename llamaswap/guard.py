@@ -296,7 +296,7 @@ class ApiSite(Site):
             return ApiError(400, "HTTP methods are case-sensitive: send them in capitals")
         if b"#" in request.uri:
             # a fragment is no part of a request target (clients never send one), yet
-            # what relays it (Twisted's Agent, llama-server) cuts it off: the checks
+            # what relays it (llamaswap's clients, llama-server) cuts it off: the checks
             # would judge "/props#x" while "/props" runs
             return ApiError(400, "the request URI has a '#': send its fragment escaped (%23)")
         codings = request.requestHeaders.getRawHeaders(b"transfer-encoding")

@@ -30,6 +30,7 @@ from twisted.web.iweb import IAgent, IResponse
 from .access import Access
 from .activity import ActivityStore, Retention, StoreMetrics
 from .api import Api
+from .childhttp import ChildAgent, Pool
 from .config import Config, ConfigError, ModelConfig, listen_address, load_config
 from .config.live import Changes, LiveConfig
 from .connections import ConnectionGate, raise_file_limit
@@ -206,7 +207,7 @@ class Supervisor(Service):
     def __init__(
         self,
         scheduler: Scheduler,
-        pool: HTTPConnectionPool,
+        pool: Pool,
         logs: LogHub,
         store: ActivityStore,
         endpoints: UpstreamEndpoints,
@@ -368,11 +369,26 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Llam
     # below llama-server's 5 s keep-alive, so an idle connection is dropped by us first
     pool.cachedConnectionTimeout = 3
     endpoints = UpstreamEndpoints(reactor, connect_timeout=10)
-    agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
+    # children (http on an IP literal) through the lean client, the rest (https,
+    # host names: peers) through Twisted's agent; both keep connections alike
+    agent = ChildAgent(
+        endpoints,
+        reactor,
+        Agent.usingEndpointFactory(reactor, endpoints, pool=pool),
+        fallback_pool=pool,
+        idle_seconds=pool.cachedConnectionTimeout,
+        max_idle=pool.maxPersistentPerHost,
+    )
     ports = PortAllocator(config.start_port)
     live.subscribe(ports.follow)
     fresh = HTTPConnectionPool(reactor, persistent=False)
-    relay = Relay(agent, streams=Agent.usingEndpointFactory(reactor, endpoints, pool=fresh))
+    streams = ChildAgent(
+        endpoints,
+        reactor,
+        Agent.usingEndpointFactory(reactor, endpoints, pool=fresh),
+        persistent=False,
+    )
+    relay = Relay(agent, streams=streams)
     probe = http_probe(agent, reactor, relay.hop)
     events = EventBus()
 
@@ -439,7 +455,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Llam
     )
     live.subscribe(api.follow)
 
-    children: list[IService] = [Supervisor(scheduler, pool, logs, store, endpoints, reactor)]
+    children: list[IService] = [Supervisor(scheduler, agent, logs, store, endpoints, reactor)]
     # this machine's names and the --listen interfaces, once: no DNS, no blocking
     local_names = machine_names() | {i for i in map(_interface, listen or []) if i is not None}
 

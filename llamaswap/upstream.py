@@ -138,7 +138,11 @@ class UpstreamEndpoints:
             transport = protocol.transport if isinstance(protocol, Protocol) else None
             if transport is None:
                 continue
-            idle = getattr(protocol, "state", None) == "QUIESCENT"  # HTTP11ClientProtocol
+            # waiting for a request: ChildAgent's connections say so, Twisted's
+            # HTTP11ClientProtocol by its state
+            idle = getattr(protocol, "idle", False) or (
+                getattr(protocol, "state", None) == "QUIESCENT"
+            )
             if not idle and not cut:
                 continue  # still noted: a later stop may cut it
             opened.discard(protocol)

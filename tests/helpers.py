@@ -19,6 +19,25 @@ from llamaswap.scheduler import IModelHooks, NoHooks, Scheduler
 from llamaswap.testing.fakes import FakeHealth, FakeProcess, FakeProcessReactor
 
 
+def next_request(buffer: bytes) -> tuple[bytes, bytes] | None:
+    """The first whole HTTP/1.1 request in ``buffer`` (its head and its Content-Length
+    or chunked body) and what follows it; None while it is incomplete."""
+    head, found, rest = buffer.partition(b"\r\n\r\n")
+    if not found:
+        return None
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+        if line.lower() == b"transfer-encoding: chunked":  # it ends at the last chunk
+            end = rest.find(b"0\r\n\r\n")
+            length = end + 5 if end >= 0 else len(rest) + 1
+    if len(rest) < length:
+        return None
+    return head + b"\r\n\r\n" + rest[:length], rest[length:]
+
+
 def notices_of(config: Config) -> tuple[str, ...]:
     """The load's notices but those saying a command is not installed (the tests'
     commands are made up, or not on the test's PATH)."""

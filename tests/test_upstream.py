@@ -20,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import URI, Agent, FileBodyProducer, HTTPConnectionPool, readBody
 from twisted.web.error import SchemeNotSupported
 
+from llamaswap.childhttp import ChildAgent
 from llamaswap.upstream import SPARE_SECONDS, UpstreamEndpoints
 
 from .integration import LiveTestCase
@@ -300,3 +301,11 @@ class SpareConnectionTests(TestCase):
         for url in ("https://127.0.0.1:1", "http://gpu-box:8080", "not a url"):
             self.endpoints.open_spare(url)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class LeanSpareConnectionTests(SpareConnectionTests):
+    """The same through the children's client, as llamaswap relays (streams' agent)."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.agent = ChildAgent(self.endpoints, self.clock, self.agent, persistent=False)

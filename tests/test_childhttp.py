@@ -1,0 +1,587 @@
+"""The lean client for children: framing, the connection pool, flow control.
+
+Over real sockets against a raw server written here (each case says byte for byte
+what the server sends), plus the byte-by-byte splits and the flow control in
+memory, where every split and every pause can be seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from io import BytesIO
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.error import ConnectionAborted, ConnectionDone
+from twisted.internet.interfaces import IAddress, IConsumer, IListeningPort
+from twisted.internet.protocol import Factory, Protocol, ServerFactory
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import (
+    URI,
+    Agent,
+    FileBodyProducer,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
+from zope.interface import implementer
+
+from llamaswap.childhttp import MAX_HEAD, BadResponse, ChildAgent
+from llamaswap.relay import BytesProducer
+from llamaswap.upstream import UpstreamEndpoints
+
+from .helpers import next_request
+
+#: what the server does with one request it has read
+Reply = Callable[["_Scripted"], None]
+
+
+def send(data: bytes, *, close: bool = False) -> Reply:
+    def reply(peer: _Scripted) -> None:
+        assert peer.transport is not None
+        peer.transport.write(data)
+        if close:
+            peer.transport.loseConnection()
+
+    return reply
+
+
+def drop(peer: _Scripted) -> None:
+    """Read the request, close without a word (a kept connection timing out)."""
+    assert peer.transport is not None
+    peer.transport.loseConnection()
+
+
+def silent(peer: _Scripted) -> None:
+    """Never answer."""
+
+
+_CLOSED = Failure(ConnectionDone())
+_DONE = Failure(ResponseDone())
+OK = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello"
+
+
+class _Scripted(Protocol):
+    """Reads whole requests (head and Content-Length body); answers each by script."""
+
+    def __init__(self, server: _Server) -> None:
+        self.server = server
+        self.buffer = b""
+        self.lost: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.server.peers.append(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while (found := next_request(self.buffer)) is not None:
+            request, self.buffer = found
+            self.server.requests.append(request)
+            reply = self.server.replies.pop(0) if self.server.replies else send(OK)
+            reply(self)
+
+    def connectionLost(self, reason: Failure = _CLOSED) -> None:
+        self.lost.callback(None)
+
+
+class _Server(ServerFactory):
+    def __init__(self, replies: list[Reply]) -> None:
+        self.replies = replies
+        self.requests: list[bytes] = []
+        self.peers: list[_Scripted] = []
+
+    def buildProtocol(self, addr: IAddress | None) -> _Scripted:
+        return _Scripted(self)
+
+
+class _Body(Protocol):
+    """Collects a body: its pieces as they came, and how it ended."""
+
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = []
+        self.ended: Deferred[BaseException] = Deferred()  # why it ended
+
+    def dataReceived(self, data: bytes) -> None:
+        self.pieces.append(data)
+
+    def connectionLost(self, reason: Failure = _DONE) -> None:
+        assert reason.value is not None
+        self.ended.callback(reason.value)
+
+
+async def _read(response: IResponse) -> tuple[bytes, BaseException]:
+    body = _Body()
+    response.deliverBody(body)
+    reason = await body.ended
+    return b"".join(body.pieces), reason
+
+
+class _LiveCase(TestCase):
+    """A raw server on 127.0.0.1 and a ChildAgent with a Clock for its pool."""
+
+    def serve(self, *replies: Reply) -> _Server:
+        server = _Server(list(replies))
+        port: IListeningPort = reactor.listenTCP(0, server, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.base = f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
+        self.clock = Clock()
+        self.agent = ChildAgent(
+            UpstreamEndpoints(reactor, connect_timeout=5), self.clock, Agent(reactor)
+        )
+        self.addCleanup(self.close_all, server)
+        return server
+
+    async def close_all(self, server: _Server) -> None:
+        self.agent.closeCachedConnections()
+        for peer in server.peers:
+            if peer.transport is not None:
+                peer.transport.loseConnection()
+            await peer.lost
+        # the client's side reads the close a turn later
+        for _ in range(3):
+            await _turn()
+
+    async def get(self, path: str = "/", method: bytes = b"GET", body: bytes | None = None) -> Any:
+        producer = BytesProducer(body) if body is not None else None
+        return await self.agent.request(
+            method, (self.base + path).encode(), Headers({b"x-a": [b"1"]}), producer
+        )
+
+
+def _turn() -> Deferred[None]:
+    d: Deferred[None] = Deferred()
+    reactor.callLater(0, d.callback, None)
+    return d
+
+
+class FramingTests(_LiveCase):
+    async def test_a_content_length_body_ends_complete(self) -> None:
+        server = self.serve(send(OK))
+        response = await self.get("/v1/models?x=1")
+        self.assertEqual((response.code, response.phrase, response.length), (200, b"OK", 5))
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"text/plain"])
+        self.assertIsNone(response.headers.getRawHeaders(b"content-length"))  # framing
+        body, reason = await _read(response)
+        self.assertEqual(body, b"hello")
+        self.assertIsInstance(reason, ResponseDone)
+        request = server.requests[0]
+        self.assertTrue(request.startswith(b"GET /v1/models?x=1 HTTP/1.1\r\n"), request)
+        self.assertIn(b"\r\nHost: 127.0.0.1:", request)
+        self.assertIn(b"\r\nX-A: 1\r\n", request)
+
+    async def test_a_body_goes_in_one_write_with_its_length(self) -> None:
+        server = self.serve(send(OK))
+        response = await self.get("/v1/chat/completions", b"POST", b'{"a": 1}')
+        await _read(response)
+        self.assertTrue(server.requests[0].endswith(b'Content-Length: 8\r\n\r\n{"a": 1}'))
+
+    async def test_a_body_from_a_producer_that_takes_its_time(self) -> None:
+        server = self.serve(send(OK), send(OK))
+        url = (self.base + "/upload").encode()
+        producer = FileBodyProducer(BytesIO(b"x" * 100_000), readSize=30_000)
+        await _read(await self.agent.request(b"PUT", url, None, producer))
+        self.assertTrue(
+            server.requests[0].endswith(b"Content-Length: 100000\r\n\r\n" + b"x" * 100_000)
+        )
+        unknown = _LaterProducer([b"ab", b"cd"])
+        pending = self.agent.request(b"PUT", url, None, unknown)
+        unknown.go()
+        await _read(await pending)
+        self.assertTrue(
+            server.requests[1].endswith(
+                b"Transfer-Encoding: chunked\r\n\r\n2\r\nab\r\n2\r\ncd\r\n0\r\n\r\n"
+            ),
+            server.requests[1],
+        )
+
+    async def test_a_body_its_reader_stops_drops_the_connection(self) -> None:
+        server = self.serve(send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf"))
+        response = await self.get()
+        body = _Body()
+        response.deliverBody(body)
+        body.transport.stopProducing()  # type: ignore[union-attr]
+        self.assertIsInstance(await body.ended, ResponseFailed)
+        await server.peers[0].lost
+        await _read(await self.get())  # on a new connection
+        self.assertEqual(len(server.peers), 2)
+
+    async def test_a_chunked_body_comes_piece_by_piece_with_extensions_and_trailers(
+        self,
+    ) -> None:
+        answer = (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5;name=value\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n"
+        )
+        server = self.serve(send(answer), send(OK))
+        response = await self.get()
+        self.assertIs(response.length, UNKNOWN_LENGTH)
+        body, reason = await _read(response)
+        self.assertEqual(body, b"hello world")
+        self.assertIsInstance(reason, ResponseDone)
+        await _read(await self.get())  # the connection was fit for another request
+        self.assertEqual(len(server.peers), 1)
+
+    async def test_a_body_read_until_close_may_have_lost_data(self) -> None:
+        server = self.serve(send(b"HTTP/1.1 200 OK\r\n\r\nall there is", close=True))
+        response = await self.get()
+        self.assertIs(response.length, UNKNOWN_LENGTH)
+        body, reason = await _read(response)
+        self.assertEqual(body, b"all there is")
+        self.assertIsInstance(reason, PotentialDataLoss)
+        self.assertEqual(len(server.requests), 1)
+
+    async def test_head_204_and_304_have_no_body_whatever_their_length_says(self) -> None:
+        server = self.serve(
+            send(b"HTTP/1.1 200 OK\r\nContent-Length: 42\r\n\r\n"),
+            send(b"HTTP/1.1 204 No Content\r\nContent-Length: 42\r\n\r\n"),
+            send(b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n"),
+        )
+        head = await self.get(method=b"HEAD")
+        self.assertEqual(head.length, 0)
+        self.assertEqual(head.headers.getRawHeaders(b"content-length"), [b"42"])
+        for response in (head, await self.get(), await self.get()):
+            body, reason = await _read(response)
+            self.assertEqual((body, type(reason)), (b"", ResponseDone))
+        self.assertEqual(len(server.peers), 1)  # all on one kept connection
+
+    async def test_interim_answers_are_skipped(self) -> None:
+        self.serve(send(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\n\r\n" + OK))
+        response = await self.get()
+        self.assertEqual(response.code, 200)
+        self.assertEqual((await _read(response))[0], b"hello")
+
+    async def test_http_1_0_and_connection_close_are_not_kept(self) -> None:
+        server = self.serve(
+            send(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\na"),
+            send(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\nb"),
+            send(OK),
+        )
+        for expected in (b"a", b"b", b"hello"):
+            self.assertEqual((await _read(await self.get()))[0], expected)
+        self.assertEqual(len(server.peers), 3)
+
+    async def test_chunked_with_a_content_length_is_read_as_chunked_and_not_kept(self) -> None:
+        server = self.serve(
+            send(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"5\r\nhello\r\n0\r\n\r\n"
+            ),
+            send(OK),
+        )
+        self.assertEqual((await _read(await self.get()))[0], b"hello")
+        await _read(await self.get())
+        self.assertEqual(len(server.peers), 2)
+
+    async def test_a_head_too_long_fails_the_request_and_the_connection(self) -> None:
+        server = self.serve(send(b"HTTP/1.1 200 OK\r\nX-Big: " + b"x" * MAX_HEAD))
+        with self.assertRaises(ResponseNeverReceived) as caught:
+            await self.get()
+        self.assertIsInstance(caught.exception.reasons[0].value, BadResponse)
+        await server.peers[0].lost  # dropped
+
+    async def test_a_broken_chunk_size_fails_the_body_and_the_connection(self) -> None:
+        server = self.serve(
+            send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\nzz\r\n")
+        )
+        body, reason = await _read(await self.get())
+        self.assertEqual(body, b"ok")
+        assert isinstance(reason, ResponseFailed)
+        self.assertIsInstance(reason.reasons[0].value, BadResponse)
+        await server.peers[0].lost
+
+    async def test_not_http_and_bad_lengths_are_refused(self) -> None:
+        for answer in (
+            b"SSH-2.0-OpenSSH_9.6\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\n folded: header\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+        ):
+            self.serve(send(answer))
+            with self.assertRaises(ResponseNeverReceived) as caught:
+                await self.get()
+            self.assertIsInstance(caught.exception.reasons[0].value, BadResponse, answer)
+
+    async def test_a_connection_lost_mid_body_fails_the_body(self) -> None:
+        self.serve(send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf", close=True))
+        body, reason = await _read(await self.get())
+        self.assertEqual(body, b"half")
+        self.assertIsInstance(reason, ResponseFailed)
+
+    async def test_a_connection_lost_mid_head_fails_the_request(self) -> None:
+        self.serve(send(b"HTTP/1.1 200 OK\r\nContent-Le", close=True))
+        with self.assertRaises(ResponseNeverReceived):
+            await self.get()
+
+
+class PoolTests(_LiveCase):
+    async def test_a_finished_connection_is_used_again(self) -> None:
+        server = self.serve()
+        for _ in range(3):
+            await _read(await self.get())
+        self.assertEqual((len(server.peers), len(server.requests)), (1, 3))
+
+    async def test_a_get_meeting_a_closed_kept_connection_is_sent_once_more(self) -> None:
+        server = self.serve(send(OK), drop, send(OK))
+        await _read(await self.get())
+        response = await self.get()  # the kept connection is dropped under it
+        self.assertEqual((await _read(response))[0], b"hello")
+        self.assertEqual((len(server.peers), len(server.requests)), (2, 3))
+
+    async def test_a_post_or_a_body_meeting_a_closed_kept_connection_is_not(self) -> None:
+        server = self.serve(send(OK), drop, send(OK), drop, send(OK))
+        await _read(await self.get())
+        with self.assertRaises(ResponseNeverReceived):
+            await self.get(method=b"POST")
+        self.assertEqual(len(server.requests), 2)  # sent once: the server may have acted
+        await _read(await self.get())
+        with self.assertRaises(ResponseNeverReceived):
+            await self.get(body=b"{}")  # a GET, but with a body
+        self.assertEqual(len(server.requests), 4)
+
+    async def test_a_get_failing_on_a_fresh_connection_is_not_sent_again(self) -> None:
+        server = self.serve(drop, send(OK))
+        with self.assertRaises(ResponseNeverReceived):
+            await self.get()
+        self.assertEqual(len(server.requests), 1)
+
+    async def test_an_idle_connection_is_closed_after_the_idle_time(self) -> None:
+        server = self.serve()
+        await _read(await self.get())
+        self.clock.advance(2.9)
+        self.assertFalse(server.peers[0].lost.called)
+        await _read(await self.get())  # used again at 2.9 s: its wait starts over
+        self.clock.advance(2.9)
+        self.assertFalse(server.peers[0].lost.called)
+        self.clock.advance(0.2)
+        for _ in range(10):  # the FIN reaches the server within a few reactor turns
+            if server.peers[0].lost.called:
+                break
+            await _turn()
+        self.assertTrue(server.peers[0].lost.called)
+        await _read(await self.get())
+        self.assertEqual(len(server.peers), 2)
+
+    async def test_a_kept_connection_the_server_closes_leaves_the_pool(self) -> None:
+        server = self.serve()
+        await _read(await self.get())
+        server.peers[0].transport.loseConnection()  # type: ignore[union-attr]
+        await server.peers[0].lost
+        for _ in range(3):
+            await _turn()
+        await _read(await self.get())
+        self.assertEqual(len(server.peers), 2)
+        self.assertEqual(len(server.requests), 2)  # never written to the closed one
+
+    async def test_cancelling_before_the_answer_drops_the_connection(self) -> None:
+        server = self.serve(silent)
+        pending = self.agent.request(b"POST", (self.base + "/").encode())
+        while not server.requests:
+            await _turn()
+        pending.cancel()
+        failure = self.failureResultOf(pending, ResponseNeverReceived)
+        self.assertIsInstance(failure.value.reasons[0].value, CancelledError)
+        await server.peers[0].lost
+
+    async def test_non_persistent_connections_carry_one_request(self) -> None:
+        server = self.serve()
+        self.agent = ChildAgent(
+            UpstreamEndpoints(reactor, connect_timeout=5),
+            self.clock,
+            Agent(reactor),
+            persistent=False,
+        )
+        for _ in range(2):
+            await _read(await self.get())
+        self.assertEqual(len(server.peers), 2)
+        self.assertIn(b"\r\nConnection: close\r\n", server.requests[0])
+        await server.peers[0].lost
+
+
+@implementer(IBodyProducer)
+class _LaterProducer:
+    """A body of unknown length, written when the test says."""
+
+    length = UNKNOWN_LENGTH
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = pieces
+        self.consumer: IConsumer | None = None
+        self.finished: Deferred[None] = Deferred()
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        self.consumer = consumer
+        return self.finished
+
+    def go(self) -> None:
+        assert self.consumer is not None
+        for piece in self.pieces:
+            self.consumer.write(piece)
+        self.finished.callback(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _Fallback:
+    def __init__(self) -> None:
+        self.uris: list[bytes] = []
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None, body: Any = None) -> Any:
+        self.uris.append(uri)
+        return Deferred()
+
+
+class _TcpLike(StringTransport):
+    """Aborted as TCP is: ``connectionLost`` comes a turn later (here: never), and
+    ``disconnecting`` is not set in between."""
+
+    aborted = False
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+
+
+class _InMemory:
+    """Endpoints whose connections are StringTransports, kept for the test to drive."""
+
+    def __init__(self) -> None:
+        self.connections: list[tuple[Protocol, _TcpLike]] = []
+
+    def endpointForURI(self, uri: URI) -> _InMemory:
+        return self
+
+    def connect(self, factory: Factory) -> Deferred[Protocol]:
+        protocol = factory.buildProtocol(None)
+        assert isinstance(protocol, Protocol)
+        transport = _TcpLike()
+        protocol.makeConnection(transport)
+        self.connections.append((protocol, transport))
+        return succeed(protocol)
+
+
+class InMemoryTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.endpoints = _InMemory()
+        self.fallback = _Fallback()
+        self.agent = ChildAgent(self.endpoints, Clock(), self.fallback)  # type: ignore[arg-type]
+
+    def respond(self, pieces: list[bytes]) -> tuple[IResponse | None, _Body]:
+        pending = self.agent.request(b"GET", b"http://127.0.0.1:9/x")
+        protocol, _ = self.endpoints.connections[-1]
+        body = _Body()
+        got: list[IResponse] = []
+
+        def deliver(response: IResponse) -> None:
+            got.append(response)
+            response.deliverBody(body)
+
+        pending.addCallback(deliver)
+        for piece in pieces:
+            protocol.dataReceived(piece)
+        return (got[0] if got else None), body
+
+    def test_chunked_split_at_every_byte_boundary(self) -> None:
+        answer = (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3;x=y\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\nT: 1\r\n\r\n"
+        )
+        splits = [[answer[:at], answer[at:]] for at in range(1, len(answer))]
+        splits.append([answer[i : i + 1] for i in range(len(answer))])  # byte by byte
+        for pieces in splits:
+            response, body = self.respond(pieces)
+            self.assertIsNotNone(response, pieces)
+            self.assertEqual(b"".join(body.pieces), b"abc0123456789abcdef", pieces)
+            reason = self.successResultOf(body.ended)
+            self.assertIsInstance(reason, ResponseDone, pieces)
+
+    def test_content_length_split_at_every_byte_boundary(self) -> None:
+        for at in range(1, len(OK)):
+            _, body = self.respond([OK[:at], OK[at:]])
+            self.assertEqual(b"".join(body.pieces), b"hello", at)
+            self.assertIsInstance(self.successResultOf(body.ended), ResponseDone)
+
+    def test_a_body_comes_as_it_arrives(self) -> None:
+        _, body = self.respond(
+            [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"1\r\na\r\n"]
+        )
+        self.assertEqual(body.pieces, [b"a"])  # before the end is known
+        self.assertNoResult(body.ended)
+
+    def test_pause_resume_and_stop_reach_the_connection(self) -> None:
+        pending = self.agent.request(b"GET", b"http://127.0.0.1:9/x")
+        protocol, transport = self.endpoints.connections[-1]
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+        response = self.successResultOf(pending)
+        body = _Body()
+        response.deliverBody(body)
+        flow: Any = body.transport
+        flow.pauseProducing()
+        self.assertEqual(transport.producerState, "paused")
+        flow.resumeProducing()
+        self.assertEqual(transport.producerState, "producing")
+        flow.stopProducing()
+        protocol.connectionLost(Failure(ConnectionAborted()))
+        reason = self.successResultOf(body.ended)
+        assert isinstance(reason, ResponseFailed)
+        self.assertIsInstance(reason.reasons[0].value, ConnectionAborted)
+
+    def test_a_body_stopped_by_its_reader_at_its_last_byte_is_not_kept(self) -> None:
+        class StopsAtOnce(_Body):
+            def dataReceived(self, data: bytes) -> None:
+                super().dataReceived(data)
+                self.transport.stopProducing()  # type: ignore[union-attr]
+
+        pending = self.agent.request(b"GET", b"http://127.0.0.1:9/x")
+        protocol, transport = self.endpoints.connections[-1]
+        pending.addCallback(lambda response: response.deliverBody(StopsAtOnce()))
+        protocol.dataReceived(OK)
+        self.assertTrue(transport.aborted)
+        self.agent.request(b"GET", b"http://127.0.0.1:9/x")
+        self.assertEqual(len(self.endpoints.connections), 2)  # the stopped one is going
+
+    def test_a_body_waits_paused_for_its_reader(self) -> None:
+        pending = self.agent.request(b"GET", b"http://127.0.0.1:9/x")
+        protocol, transport = self.endpoints.connections[-1]
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+        response = self.successResultOf(pending)
+        self.assertEqual(transport.producerState, "paused")
+        body = _Body()
+        response.deliverBody(body)
+        self.assertEqual(transport.producerState, "producing")
+        protocol.dataReceived(b"cd")
+        self.assertEqual(body.pieces, [b"ab", b"cd"])
+
+    def test_https_and_host_names_go_to_the_standard_agent(self) -> None:
+        uris = (
+            b"https://127.0.0.1:9/x",
+            b"http://gpu-box:8080/x",
+            b"http://u@1.2.3.4/",
+            b"http://127.0.0.1:9?x",
+        )
+        for uri in uris:
+            self.agent.request(b"GET", uri)
+        self.assertEqual(self.fallback.uris, list(uris))
+        self.assertEqual(self.endpoints.connections, [])
+
+    def test_a_request_line_cannot_be_forged(self) -> None:
+        for method, uri in (
+            (b"GET", b"http://127.0.0.1:9/x HTTP/1.1\r\nX-Evil: 1"),
+            (b"GET\r\n", b"http://127.0.0.1:9/x"),
+        ):
+            self.failureResultOf(self.agent.request(method, uri), ValueError)
+        self.assertEqual(self.endpoints.connections, [])
