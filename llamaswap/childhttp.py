@@ -347,6 +347,7 @@ class _Call:
         self.stopped = False  # the body's reader stopped it
         self.registered = False  # the body producer is the connection's
         self.buffer = b""
+        self.interim = 0  # bytes of 1xx interim answers read before the answer
         self.response: _Response | None = None
         self.keep = False
         self.remaining = 0
@@ -485,25 +486,34 @@ class _Call:
             self.response.deliver(data)
 
     def head_part(self, data: bytes) -> None:
-        old = self.buffer
-        buffer = old + data if old else data
-        end = buffer.find(b"\r\n\r\n", max(0, len(old) - 3))
-        if end < 0:
-            if len(buffer) > MAX_HEAD:
-                self.bad(BadResponse(f"an answer's head longer than {MAX_HEAD} bytes"))
-            else:
+        """Read the answer's head; its 1xx interim answers count towards its length,
+        so a server sending ``100 Continue`` for ever fails the request."""
+        rest: bytes | None = data
+        while rest is not None:
+            old = self.buffer
+            buffer = old + rest if old else rest
+            end = buffer.find(b"\r\n\r\n", max(0, len(old) - 3))
+            if self.interim + (len(buffer) if end < 0 else end) > MAX_HEAD:
+                self.bad(
+                    BadResponse(
+                        f"an answer's head longer than {MAX_HEAD} bytes"
+                        " (its interim 1xx answers included)"
+                    )
+                )
+                return
+            if end < 0:
                 self.buffer = buffer
-            return
-        if end > MAX_HEAD:
-            self.bad(BadResponse(f"an answer's head longer than {MAX_HEAD} bytes"))
-            return
-        self.buffer = b""
-        try:
-            self.parsed(buffer[:end], buffer[end + 4 :])
-        except BadResponse as e:
-            self.bad(e)
+                return
+            self.buffer = b""
+            try:
+                rest = self.parsed(buffer[:end], buffer[end + 4 :])
+            except BadResponse as e:
+                self.bad(e)
+                return
 
-    def parsed(self, head: bytes, rest: bytes) -> None:
+    def parsed(self, head: bytes, rest: bytes) -> bytes | None:
+        """Act on a whole head; what follows an interim answer's head is returned,
+        to be read as the rest of the head."""
         lines = head.split(b"\r\n")
         version, _, status = lines[0].partition(b" ")
         digits, _, phrase = status.partition(b" ")
@@ -514,9 +524,8 @@ class _Call:
         if 100 <= code < 200:
             if code == 101:
                 raise BadResponse("101 Switching Protocols, never asked for")
-            if rest:  # an interim answer: the real one follows
-                self.head_part(rest)
-            return
+            self.interim += len(head) + 4  # an interim answer: the real one follows
+            return rest
         raw: dict[bytes, list[bytes]] = {}
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
@@ -570,10 +579,11 @@ class _Call:
         if state == _DONE:  # kept for the next request before this one's caller goes on
             self.ended(b"", rest)
             self.deferred.callback(response)
-            return
+            return None
         self.deferred.callback(response)
         if rest:
             self.received(rest)
+        return None
 
     def chunked(self, data: bytes) -> None:
         old = self.buffer

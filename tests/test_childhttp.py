@@ -286,6 +286,19 @@ class FramingTests(_LiveCase):
         self.assertIsInstance(caught.exception.reasons[0].value, BadResponse)
         await server.peers[0].lost  # dropped
 
+    async def test_endless_interim_answers_fail_the_request_and_the_connection(self) -> None:
+        """``100 Continue`` for ever (in one read, past Python's recursion limit, and
+        in many): the interim heads count towards the head's cap."""
+        interim = b"HTTP/1.1 100 Continue\r\n\r\n"
+        many = interim * (MAX_HEAD // len(interim) + 1)
+        server = self.serve(send(many), send(b"".join([interim] * 100) * 30))
+        for _ in range(2):
+            with self.assertRaises(ResponseNeverReceived) as caught:
+                await self.get()
+            self.assertIsInstance(caught.exception.reasons[0].value, BadResponse)
+        await server.peers[0].lost
+        await server.peers[1].lost
+
     async def test_a_broken_chunk_size_fails_the_body_and_the_connection(self) -> None:
         server = self.serve(
             send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\nzz\r\n")
