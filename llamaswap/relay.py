@@ -362,7 +362,8 @@ class _Exchange:
         content_type = (out.getRawHeaders(b"content-type") or [b""])[0]
         if is_event_stream(content_type):
             unbuffered(out)
-        if response.length is not UNKNOWN_LENGTH:
+        if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
+            # a HEAD answer has no body, yet its length is the one a GET would have
             out.setRawHeaders(b"content-length", [str(response.length).encode()])
         request.defaultContentType = None
         self.body = _BodyRelay(self)

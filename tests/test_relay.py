@@ -221,7 +221,8 @@ class RawUpstream(Protocol):
             body = b'{"ok": true}'
             self.transport.write(
                 b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                b"content-length: %d\r\n\r\n%s" % (len(body), body)
+                b"content-length: %d\r\n\r\n%s"
+                % (len(body), b"" if request.startswith(b"HEAD ") else body)
             )
             if action == "answer_and_close":  # as a keep-alive timeout would, later
                 self.transport.loseConnection()
@@ -293,6 +294,12 @@ class LiveRelayTests(LiveTestCase):
         self.assertEqual((await self.request("GET", "/upstream/m/props")).code, 200)
         self.assertEqual(server.requests, [b"GET /props HTTP/1.1"] * 3)  # idempotent: safe
         self.assertEqual(server.connections, 2)
+
+    async def test_a_head_answer_keeps_the_length_the_server_gave(self) -> None:
+        await self.upstream("answer")
+        reply = await self.request("HEAD", "/upstream/m/props")
+        self.assertEqual(reply.code, 200)
+        self.assertEqual(reply.headers.getRawHeaders(b"content-length"), [b"12"])
 
     async def test_a_proxy_leading_back_to_llamaswap_stops_after_one_hop(self) -> None:
         # build() takes the config as given: like a host name alias, a path the
