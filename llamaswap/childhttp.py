@@ -31,7 +31,7 @@ from typing import Any
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import (
     IConsumer,
     IDelayedCall,
@@ -687,6 +687,9 @@ class _Call:
                 and not self.heard
                 and self.producer is None
                 and self.method in _RETRYABLE
+                # aborted here: a stop cut it, the server is going (not a stale
+                # connection); a new endpoint would not know of the stop
+                and not isinstance(reason.value, ConnectionAborted)
             ):
                 self.reused = False  # the server had closed it: once on a fresh one
                 self.connect()

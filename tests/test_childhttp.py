@@ -418,6 +418,21 @@ class PoolTests(_LiveCase):
         self.assertIn(b"\r\nConnection: close\r\n", server.requests[0])
         await server.peers[0].lost
 
+    async def test_a_get_cut_by_a_stop_is_not_sent_again(self) -> None:
+        """A stop aborts a kept connection whose GET waits for its answer: that is
+        not a stale connection, and sending the GET once more (on a new endpoint the
+        stop knows nothing of) would reach the server being stopped."""
+        server = self.serve(send(OK), silent, send(OK))
+        await _read(await self.get())
+        pending = self.agent.request(b"GET", (self.base + "/").encode())
+        while len(server.requests) < 2:
+            await _turn()
+        self.agent.endpoints.close_connections(self.base)
+        with self.assertRaises(ResponseNeverReceived) as caught:
+            await pending
+        self.assertIsInstance(caught.exception.reasons[0].value, ConnectionAborted)
+        self.assertEqual((len(server.peers), len(server.requests)), (1, 2))
+
 
 @implementer(IBodyProducer)
 class _LaterProducer:
