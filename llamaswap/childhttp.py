@@ -75,6 +75,9 @@ _CONTROL = frozenset(
         b"proxy-connection",
     }
 )
+#: said to have an empty body when they have none, as Twisted's client does
+#: (llama-server's HTTP library reads a POST without a length until the close)
+_BODY_EXPECTED = frozenset({b"POST", b"PUT"})
 #: set here from the body, never taken from the caller's headers
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -370,6 +373,8 @@ class _Call:
                 parts.append(b"Transfer-Encoding: chunked\r\n")
             else:
                 parts += (b"Content-Length: ", str(producer.length).encode(), b"\r\n")
+        elif self.method in _BODY_EXPECTED:
+            parts.append(b"Content-Length: 0\r\n")
         if not self.agent.persistent:
             parts.append(b"Connection: close\r\n")
         parts.append(b"\r\n")

@@ -334,6 +334,17 @@ class FramingTests(_LiveCase):
         with self.assertRaises(ResponseNeverReceived):
             await self.get()
 
+    async def test_a_post_without_a_body_says_its_length_is_0(self) -> None:
+        """As Twisted's client does: llama-server's HTTP library reads a POST
+        without a length until the connection closes."""
+        server = self.serve(send(OK), send(OK), send(OK))
+        for method in (b"POST", b"PUT"):
+            await _read(await self.get(method=method))
+        await _read(await self.get())
+        self.assertIn(b"\r\nContent-Length: 0\r\n", server.requests[0])
+        self.assertIn(b"\r\nContent-Length: 0\r\n", server.requests[1])
+        self.assertNotIn(b"Content-Length", server.requests[2])
+
 
 class PoolTests(_LiveCase):
     async def test_a_finished_connection_is_used_again(self) -> None:
