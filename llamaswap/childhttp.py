@@ -83,6 +83,9 @@ _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _TARGET = re.compile(rb"[\x21-\x7e]*")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+#: control characters but HTAB: not in a status line (a bare LF in the phrase,
+#: relayed as it is, would start a line of the server's choosing in the client's)
+_CONTROLS = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _NETLOC = re.compile(rb"[0-9A-Za-z.:\[\]-]+")
 _VERSIONS = {b"HTTP/1.1": True, b"HTTP/1.0": False}  # version: keep-alive by default
 _NO_BODY_CODES = frozenset({204, 304})
@@ -523,7 +526,12 @@ class _Call:
         version, _, status = lines[0].partition(b" ")
         digits, _, phrase = status.partition(b" ")
         keep = _VERSIONS.get(version)
-        if keep is None or len(digits) != 3 or not digits.isdigit():
+        if (
+            keep is None
+            or len(digits) != 3
+            or not digits.isdigit()
+            or _CONTROLS.search(phrase) is not None
+        ):
             raise BadResponse("not an HTTP/1.x status line", lines[0][:200])
         code = int(digits)
         if 100 <= code < 200:

@@ -605,6 +605,22 @@ class InMemoryTests(SynchronousTestCase):
         protocol.dataReceived(b"cd")
         self.assertEqual(body.pieces, [b"ab", b"cd"])
 
+    def test_a_status_line_with_a_line_break_in_its_phrase_is_refused(self) -> None:
+        """The phrase goes to llamaswap's client as it is: a bare LF in it would
+        start a header of the child's choosing there (Twisted's client ends lines
+        at LF, so its phrase never held one)."""
+        for answer in (
+            b"HTTP/1.1 200 OK\nSet-Cookie: s=1\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\rSet-Cookie: s=1\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 O\x00K\r\nContent-Length: 0\r\n\r\n",
+        ):
+            pending = self.agent.request(b"GET", b"http://127.0.0.1:9/x")
+            protocol, transport = self.endpoints.connections[-1]
+            protocol.dataReceived(answer)
+            failure = self.failureResultOf(pending, ResponseNeverReceived)
+            self.assertIsInstance(failure.value.reasons[0].value, BadResponse, answer)
+            self.assertTrue(transport.aborted)
+
     def test_https_and_host_names_go_to_the_standard_agent(self) -> None:
         uris = (
             b"https://127.0.0.1:9/x",
