@@ -510,6 +510,9 @@ class _Call:
                 )
                 return
             if end < 0:
+                if b"\n\n" in buffer:  # lines ended by LF alone: CRLF CRLF never comes
+                    self.bad(BadResponse("an answer's head with lines not ended by CRLF"))
+                    return
                 self.buffer = buffer
                 return
             self.buffer = b""

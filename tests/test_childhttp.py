@@ -621,6 +621,16 @@ class InMemoryTests(SynchronousTestCase):
             self.assertIsInstance(failure.value.reasons[0].value, BadResponse, answer)
             self.assertTrue(transport.aborted)
 
+    def test_a_head_of_bare_line_feeds_fails_at_once(self) -> None:
+        """Lines ended by LF alone never hold the CRLF CRLF a head ends with: the
+        request would wait until the server closed a connection it keeps open."""
+        pending = self.agent.request(b"GET", b"http://127.0.0.1:9/x")
+        protocol, transport = self.endpoints.connections[-1]
+        protocol.dataReceived(b"HTTP/1.1 200 OK\nContent-Length: 2\n\nhi")
+        failure = self.failureResultOf(pending, ResponseNeverReceived)
+        self.assertIsInstance(failure.value.reasons[0].value, BadResponse)
+        self.assertTrue(transport.aborted)
+
     def test_https_and_host_names_go_to_the_standard_agent(self) -> None:
         uris = (
             b"https://127.0.0.1:9/x",
