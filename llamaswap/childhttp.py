@@ -803,11 +803,14 @@ class _BodyFlow:
 
     def __init__(self, call: _Call) -> None:
         self.call = call
+        self.paused = False  # by the reader
 
     def pauseProducing(self) -> None:
+        self.paused = True
         self.call.pause()
 
     def resumeProducing(self) -> None:
+        self.paused = False
         self.call.resume()
 
     def stopProducing(self) -> None:
@@ -842,7 +845,8 @@ class _Response:
         if self.protocol is not None:
             raise RuntimeError("a response body can be delivered only once")
         self.protocol = protocol
-        protocol.makeConnection(_BodyFlow(self.call))  # type: ignore[arg-type]
+        flow = _BodyFlow(self.call)
+        protocol.makeConnection(flow)  # type: ignore[arg-type]
         waiting, self.waiting = self.waiting, []
         for data in waiting:
             protocol.dataReceived(data)
@@ -851,7 +855,8 @@ class _Response:
             protocol.connectionLost(ending)
         elif self.held:
             self.held = False
-            self.call.resume()
+            if not flow.paused:  # else the reader paused it meanwhile: its to resume
+                self.call.resume()
 
     def deliver(self, data: bytes) -> None:
         if self.protocol is not None:

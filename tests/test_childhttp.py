@@ -631,6 +631,24 @@ class InMemoryTests(SynchronousTestCase):
         self.assertIsInstance(failure.value.reasons[0].value, BadResponse)
         self.assertTrue(transport.aborted)
 
+    def test_a_reader_pausing_as_held_data_comes_keeps_the_connection_paused(self) -> None:
+        class PausesAtOnce(_Body):
+            def dataReceived(self, data: bytes) -> None:
+                super().dataReceived(data)
+                self.transport.pauseProducing()  # type: ignore[union-attr]
+
+        pending = self.agent.request(b"GET", b"http://127.0.0.1:9/x")
+        protocol, transport = self.endpoints.connections[-1]
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+        response = self.successResultOf(pending)
+        self.assertEqual(transport.producerState, "paused")  # held for its reader
+        body = PausesAtOnce()
+        response.deliverBody(body)
+        self.assertEqual(body.pieces, [b"ab"])
+        self.assertEqual(transport.producerState, "paused")  # as the reader asked
+        body.transport.resumeProducing()  # type: ignore[union-attr]
+        self.assertEqual(transport.producerState, "producing")
+
     def test_https_and_host_names_go_to_the_standard_agent(self) -> None:
         uris = (
             b"https://127.0.0.1:9/x",
