@@ -632,6 +632,9 @@ class _Call:
                     if size - at > (MAX_CHUNK_LINE if step == _SIZE else MAX_HEAD):
                         self.bad(BadResponse("a chunk line too long"))
                         return
+                    if buffer.find(b"\n", at) >= 0:  # ended by LF alone: CRLF never comes
+                        self.bad(BadResponse("a chunk line not ended by CRLF"))
+                        return
                     break
                 line = buffer[at:eol]
                 at = eol + 2

@@ -631,6 +631,14 @@ class InMemoryTests(SynchronousTestCase):
         self.assertIsInstance(failure.value.reasons[0].value, BadResponse)
         self.assertTrue(transport.aborted)
 
+    def test_a_chunk_line_ended_by_a_bare_line_feed_fails_at_once(self) -> None:
+        _, body = self.respond(
+            [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"5\nhello\n0\n\n"]
+        )
+        reason = self.successResultOf(body.ended)
+        assert isinstance(reason, ResponseFailed)
+        self.assertIsInstance(reason.reasons[0].value, BadResponse)
+
     def test_a_reader_pausing_as_held_data_comes_keeps_the_connection_paused(self) -> None:
         class PausesAtOnce(_Body):
             def dataReceived(self, data: bytes) -> None:
