@@ -444,15 +444,42 @@ class PoolTests(_LiveCase):
         self.assertIsInstance(caught.exception.reasons[0].value, ConnectionAborted)
         self.assertEqual((len(server.peers), len(server.requests)), (1, 2))
 
+    async def test_an_answer_before_the_whole_body_stops_it_and_drops_the_connection(
+        self,
+    ) -> None:
+        """A child may answer (413, say) while the body is still being written: the
+        answer is read, the body's producer stopped, the connection not kept."""
+        server = self.serve(send(OK))
+        early = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 5\r\n\r\nlarge"
+
+        class AnswersEarly(_Scripted):
+            def dataReceived(self, data: bytes) -> None:
+                self.buffer += data
+                if b"\r\n\r\n" in self.buffer and not self.server.requests:
+                    self.server.requests.append(self.buffer)
+                    assert self.transport is not None
+                    self.transport.write(early)
+
+        server.buildProtocol = lambda addr: AnswersEarly(server)  # type: ignore[method-assign]
+        producer = _LaterProducer([b"x" * 10])
+        producer.length = 100
+        response = await self.agent.request(b"PUT", (self.base + "/").encode(), None, producer)
+        self.assertEqual(response.code, 413)
+        body, reason = await _read(response)
+        self.assertEqual((body, type(reason)), (b"large", ResponseDone))
+        self.assertTrue(producer.stopped)
+        await server.peers[0].lost  # not kept: the server would read the rest as a request
+
 
 @implementer(IBodyProducer)
 class _LaterProducer:
     """A body of unknown length, written when the test says."""
 
-    length = UNKNOWN_LENGTH
+    length: int | object = UNKNOWN_LENGTH
 
     def __init__(self, pieces: list[bytes]) -> None:
         self.pieces = pieces
+        self.stopped = False
         self.consumer: IConsumer | None = None
         self.finished: Deferred[None] = Deferred()
 
@@ -473,7 +500,7 @@ class _LaterProducer:
         pass
 
     def stopProducing(self) -> None:
-        pass
+        self.stopped = True
 
 
 class _Fallback:
