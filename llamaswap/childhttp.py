@@ -755,18 +755,28 @@ class _BodyWriter:
         if not data:
             return
         self.written += len(data)
+        call = self.call
         if self.chunked:
             data = b"%x\r\n%s\r\n" % (len(data), data)
+        elif call.producer is not None and self.written > call.producer.length:
+            # past its length the server would read it as a request of its own
+            if call.sending:
+                call.body_failed(
+                    Failure(ValueError(f"a body longer than the {call.producer.length} announced"))
+                )
+            return
         if self.parts is not None:
             self.parts.append(data)
-        elif self.call.sending and self.call.connection is not None:
-            transport = self.call.connection.transport
+        elif call.sending and call.connection is not None:
+            transport = call.connection.transport
             assert transport is not None
             transport.write(data)
 
     def flush(self, head: bytes) -> None:
         parts, self.parts = self.parts or [], None
         connection = self.call.connection
+        if not self.call.sending:  # failed as it began: nothing goes out
+            return
         if connection is not None and connection.transport is not None:
             connection.transport.write(b"".join([head, *parts]))
 

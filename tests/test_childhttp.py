@@ -24,6 +24,7 @@ from twisted.web.client import (
     URI,
     Agent,
     FileBodyProducer,
+    RequestGenerationFailed,
     ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
@@ -683,6 +684,22 @@ class InMemoryTests(SynchronousTestCase):
         self.assertEqual(transport.producerState, "paused")  # as the reader asked
         body.transport.resumeProducing()  # type: ignore[union-attr]
         self.assertEqual(transport.producerState, "producing")
+
+    def test_a_body_longer_than_its_length_is_not_sent_past_it(self) -> None:
+        """Past its Content-Length the server would read the rest as a request of
+        its own (Twisted's client refuses such a write too)."""
+        smuggled = b"GET /smuggled HTTP/1.1\r\n\r\n"
+        late = _LaterProducer([b"ab", smuggled])
+        at_once = BytesProducer(b"ab" + smuggled)
+        for producer in (late, at_once):
+            producer.length = 2
+            pending = self.agent.request(b"PUT", b"http://127.0.0.1:9/x", None, producer)
+            _, transport = self.endpoints.connections[-1]
+            if producer is late:
+                late.go()
+            self.failureResultOf(pending, RequestGenerationFailed)
+            self.assertNotIn(b"smuggled", transport.value())
+            self.assertTrue(transport.aborted)
 
     def test_https_and_host_names_go_to_the_standard_agent(self) -> None:
         uris = (
