@@ -31,7 +31,7 @@ from typing import Any
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import (
     IConsumer,
     IDelayedCall,
@@ -75,11 +75,17 @@ _CONTROL = frozenset(
         b"proxy-connection",
     }
 )
+#: said to have an empty body when they have none, as Twisted's client does
+#: (llama-server's HTTP library reads a POST without a length until the close)
+_BODY_EXPECTED = frozenset({b"POST", b"PUT"})
 #: set here from the body, never taken from the caller's headers
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _TARGET = re.compile(rb"[\x21-\x7e]*")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+#: control characters but HTAB: not in a status line (a bare LF in the phrase,
+#: relayed as it is, would start a line of the server's choosing in the client's)
+_CONTROLS = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _NETLOC = re.compile(rb"[0-9A-Za-z.:\[\]-]+")
 _VERSIONS = {b"HTTP/1.1": True, b"HTTP/1.0": False}  # version: keep-alive by default
 _NO_BODY_CODES = frozenset({204, 304})
@@ -370,6 +376,8 @@ class _Call:
                 parts.append(b"Transfer-Encoding: chunked\r\n")
             else:
                 parts += (b"Content-Length: ", str(producer.length).encode(), b"\r\n")
+        elif self.method in _BODY_EXPECTED:
+            parts.append(b"Content-Length: 0\r\n")
         if not self.agent.persistent:
             parts.append(b"Connection: close\r\n")
         parts.append(b"\r\n")
@@ -502,6 +510,9 @@ class _Call:
                 )
                 return
             if end < 0:
+                if b"\n\n" in buffer:  # lines ended by LF alone: CRLF CRLF never comes
+                    self.bad(BadResponse("an answer's head with lines not ended by CRLF"))
+                    return
                 self.buffer = buffer
                 return
             self.buffer = b""
@@ -518,7 +529,12 @@ class _Call:
         version, _, status = lines[0].partition(b" ")
         digits, _, phrase = status.partition(b" ")
         keep = _VERSIONS.get(version)
-        if keep is None or len(digits) != 3 or not digits.isdigit():
+        if (
+            keep is None
+            or len(digits) != 3
+            or not digits.isdigit()
+            or _CONTROLS.search(phrase) is not None
+        ):
             raise BadResponse("not an HTTP/1.x status line", lines[0][:200])
         code = int(digits)
         if 100 <= code < 200:
@@ -616,6 +632,9 @@ class _Call:
                     if size - at > (MAX_CHUNK_LINE if step == _SIZE else MAX_HEAD):
                         self.bad(BadResponse("a chunk line too long"))
                         return
+                    if buffer.find(b"\n", at) >= 0:  # ended by LF alone: CRLF never comes
+                        self.bad(BadResponse("a chunk line not ended by CRLF"))
+                        return
                     break
                 line = buffer[at:eol]
                 at = eol + 2
@@ -687,6 +706,9 @@ class _Call:
                 and not self.heard
                 and self.producer is None
                 and self.method in _RETRYABLE
+                # aborted here: a stop cut it, the server is going (not a stale
+                # connection); a new endpoint would not know of the stop
+                and not isinstance(reason.value, ConnectionAborted)
             ):
                 self.reused = False  # the server had closed it: once on a fresh one
                 self.connect()
@@ -733,18 +755,28 @@ class _BodyWriter:
         if not data:
             return
         self.written += len(data)
+        call = self.call
         if self.chunked:
             data = b"%x\r\n%s\r\n" % (len(data), data)
+        elif call.producer is not None and self.written > call.producer.length:
+            # past its length the server would read it as a request of its own
+            if call.sending:
+                call.body_failed(
+                    Failure(ValueError(f"a body longer than the {call.producer.length} announced"))
+                )
+            return
         if self.parts is not None:
             self.parts.append(data)
-        elif self.call.sending and self.call.connection is not None:
-            transport = self.call.connection.transport
+        elif call.sending and call.connection is not None:
+            transport = call.connection.transport
             assert transport is not None
             transport.write(data)
 
     def flush(self, head: bytes) -> None:
         parts, self.parts = self.parts or [], None
         connection = self.call.connection
+        if not self.call.sending:  # failed as it began: nothing goes out
+            return
         if connection is not None and connection.transport is not None:
             connection.transport.write(b"".join([head, *parts]))
 
@@ -784,11 +816,14 @@ class _BodyFlow:
 
     def __init__(self, call: _Call) -> None:
         self.call = call
+        self.paused = False  # by the reader
 
     def pauseProducing(self) -> None:
+        self.paused = True
         self.call.pause()
 
     def resumeProducing(self) -> None:
+        self.paused = False
         self.call.resume()
 
     def stopProducing(self) -> None:
@@ -823,7 +858,8 @@ class _Response:
         if self.protocol is not None:
             raise RuntimeError("a response body can be delivered only once")
         self.protocol = protocol
-        protocol.makeConnection(_BodyFlow(self.call))  # type: ignore[arg-type]
+        flow = _BodyFlow(self.call)
+        protocol.makeConnection(flow)  # type: ignore[arg-type]
         waiting, self.waiting = self.waiting, []
         for data in waiting:
             protocol.dataReceived(data)
@@ -832,7 +868,8 @@ class _Response:
             protocol.connectionLost(ending)
         elif self.held:
             self.held = False
-            self.call.resume()
+            if not flow.paused:  # else the reader paused it meanwhile: its to resume
+                self.call.resume()
 
     def deliver(self, data: bytes) -> None:
         if self.protocol is not None:

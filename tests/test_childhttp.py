@@ -24,6 +24,7 @@ from twisted.web.client import (
     URI,
     Agent,
     FileBodyProducer,
+    RequestGenerationFailed,
     ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
@@ -334,6 +335,17 @@ class FramingTests(_LiveCase):
         with self.assertRaises(ResponseNeverReceived):
             await self.get()
 
+    async def test_a_post_without_a_body_says_its_length_is_0(self) -> None:
+        """As Twisted's client does: llama-server's HTTP library reads a POST
+        without a length until the connection closes."""
+        server = self.serve(send(OK), send(OK), send(OK))
+        for method in (b"POST", b"PUT"):
+            await _read(await self.get(method=method))
+        await _read(await self.get())
+        self.assertIn(b"\r\nContent-Length: 0\r\n", server.requests[0])
+        self.assertIn(b"\r\nContent-Length: 0\r\n", server.requests[1])
+        self.assertNotIn(b"Content-Length", server.requests[2])
+
 
 class PoolTests(_LiveCase):
     async def test_a_finished_connection_is_used_again(self) -> None:
@@ -418,15 +430,57 @@ class PoolTests(_LiveCase):
         self.assertIn(b"\r\nConnection: close\r\n", server.requests[0])
         await server.peers[0].lost
 
+    async def test_a_get_cut_by_a_stop_is_not_sent_again(self) -> None:
+        """A stop aborts a kept connection whose GET waits for its answer: that is
+        not a stale connection, and sending the GET once more (on a new endpoint the
+        stop knows nothing of) would reach the server being stopped."""
+        server = self.serve(send(OK), silent, send(OK))
+        await _read(await self.get())
+        pending = self.agent.request(b"GET", (self.base + "/").encode())
+        while len(server.requests) < 2:
+            await _turn()
+        self.agent.endpoints.close_connections(self.base)
+        with self.assertRaises(ResponseNeverReceived) as caught:
+            await pending
+        self.assertIsInstance(caught.exception.reasons[0].value, ConnectionAborted)
+        self.assertEqual((len(server.peers), len(server.requests)), (1, 2))
+
+    async def test_an_answer_before_the_whole_body_stops_it_and_drops_the_connection(
+        self,
+    ) -> None:
+        """A child may answer (413, say) while the body is still being written: the
+        answer is read, the body's producer stopped, the connection not kept."""
+        server = self.serve(send(OK))
+        early = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 5\r\n\r\nlarge"
+
+        class AnswersEarly(_Scripted):
+            def dataReceived(self, data: bytes) -> None:
+                self.buffer += data
+                if b"\r\n\r\n" in self.buffer and not self.server.requests:
+                    self.server.requests.append(self.buffer)
+                    assert self.transport is not None
+                    self.transport.write(early)
+
+        server.buildProtocol = lambda addr: AnswersEarly(server)  # type: ignore[method-assign]
+        producer = _LaterProducer([b"x" * 10])
+        producer.length = 100
+        response = await self.agent.request(b"PUT", (self.base + "/").encode(), None, producer)
+        self.assertEqual(response.code, 413)
+        body, reason = await _read(response)
+        self.assertEqual((body, type(reason)), (b"large", ResponseDone))
+        self.assertTrue(producer.stopped)
+        await server.peers[0].lost  # not kept: the server would read the rest as a request
+
 
 @implementer(IBodyProducer)
 class _LaterProducer:
     """A body of unknown length, written when the test says."""
 
-    length = UNKNOWN_LENGTH
+    length: int | object = UNKNOWN_LENGTH
 
     def __init__(self, pieces: list[bytes]) -> None:
         self.pieces = pieces
+        self.stopped = False
         self.consumer: IConsumer | None = None
         self.finished: Deferred[None] = Deferred()
 
@@ -447,7 +501,7 @@ class _LaterProducer:
         pass
 
     def stopProducing(self) -> None:
-        pass
+        self.stopped = True
 
 
 class _Fallback:
@@ -578,6 +632,74 @@ class InMemoryTests(SynchronousTestCase):
         self.assertEqual(transport.producerState, "producing")
         protocol.dataReceived(b"cd")
         self.assertEqual(body.pieces, [b"ab", b"cd"])
+
+    def test_a_status_line_with_a_line_break_in_its_phrase_is_refused(self) -> None:
+        """The phrase goes to llamaswap's client as it is: a bare LF in it would
+        start a header of the child's choosing there (Twisted's client ends lines
+        at LF, so its phrase never held one)."""
+        for answer in (
+            b"HTTP/1.1 200 OK\nSet-Cookie: s=1\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\rSet-Cookie: s=1\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 O\x00K\r\nContent-Length: 0\r\n\r\n",
+        ):
+            pending = self.agent.request(b"GET", b"http://127.0.0.1:9/x")
+            protocol, transport = self.endpoints.connections[-1]
+            protocol.dataReceived(answer)
+            failure = self.failureResultOf(pending, ResponseNeverReceived)
+            self.assertIsInstance(failure.value.reasons[0].value, BadResponse, answer)
+            self.assertTrue(transport.aborted)
+
+    def test_a_head_of_bare_line_feeds_fails_at_once(self) -> None:
+        """Lines ended by LF alone never hold the CRLF CRLF a head ends with: the
+        request would wait until the server closed a connection it keeps open."""
+        pending = self.agent.request(b"GET", b"http://127.0.0.1:9/x")
+        protocol, transport = self.endpoints.connections[-1]
+        protocol.dataReceived(b"HTTP/1.1 200 OK\nContent-Length: 2\n\nhi")
+        failure = self.failureResultOf(pending, ResponseNeverReceived)
+        self.assertIsInstance(failure.value.reasons[0].value, BadResponse)
+        self.assertTrue(transport.aborted)
+
+    def test_a_chunk_line_ended_by_a_bare_line_feed_fails_at_once(self) -> None:
+        _, body = self.respond(
+            [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"5\nhello\n0\n\n"]
+        )
+        reason = self.successResultOf(body.ended)
+        assert isinstance(reason, ResponseFailed)
+        self.assertIsInstance(reason.reasons[0].value, BadResponse)
+
+    def test_a_reader_pausing_as_held_data_comes_keeps_the_connection_paused(self) -> None:
+        class PausesAtOnce(_Body):
+            def dataReceived(self, data: bytes) -> None:
+                super().dataReceived(data)
+                self.transport.pauseProducing()  # type: ignore[union-attr]
+
+        pending = self.agent.request(b"GET", b"http://127.0.0.1:9/x")
+        protocol, transport = self.endpoints.connections[-1]
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+        response = self.successResultOf(pending)
+        self.assertEqual(transport.producerState, "paused")  # held for its reader
+        body = PausesAtOnce()
+        response.deliverBody(body)
+        self.assertEqual(body.pieces, [b"ab"])
+        self.assertEqual(transport.producerState, "paused")  # as the reader asked
+        body.transport.resumeProducing()  # type: ignore[union-attr]
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_a_body_longer_than_its_length_is_not_sent_past_it(self) -> None:
+        """Past its Content-Length the server would read the rest as a request of
+        its own (Twisted's client refuses such a write too)."""
+        smuggled = b"GET /smuggled HTTP/1.1\r\n\r\n"
+        late = _LaterProducer([b"ab", smuggled])
+        at_once = BytesProducer(b"ab" + smuggled)
+        for producer in (late, at_once):
+            producer.length = 2
+            pending = self.agent.request(b"PUT", b"http://127.0.0.1:9/x", None, producer)
+            _, transport = self.endpoints.connections[-1]
+            if producer is late:
+                late.go()
+            self.failureResultOf(pending, RequestGenerationFailed)
+            self.assertNotIn(b"smuggled", transport.value())
+            self.assertTrue(transport.aborted)
 
     def test_https_and_host_names_go_to_the_standard_agent(self) -> None:
         uris = (
