@@ -849,7 +849,7 @@ class InMemoryTests(SynchronousTestCase):
         )
         uris = b"""http://gpu-box/x http://Gpu-Box:80/x http://gpu-box:8080/x
             https://gpu-box:443/x https://gpu-box:80/x https://10.0.0.2:8443
-            http://[::1]:8080/x"""
+            http://[::1]:8080/x http://box_1:8080/x"""
         for uri in uris.split():
             self.agent.request(b"GET", uri)
             agent.request(b"GET", uri)
