@@ -1,5 +1,6 @@
-"""A lean HTTP/1.1 client for the plain-``http`` servers on IP literals llamaswap
-relays to (its children: ``llama-server`` on ``127.0.0.1:<port>``).
+"""A lean HTTP/1.1 client for the servers llamaswap relays to: its children
+(``llama-server`` on ``127.0.0.1:<port>``) and its peers (``http`` or ``https``,
+by host name), whose answers are read with the same caps and strict framing.
 
 Twisted's ``Agent`` spends about a third of the proxy's reactor time per request
 on generality a child never needs: URI parsing, per-request endpoint and pool
@@ -9,11 +10,12 @@ one ``write`` (request line, headers, an in-memory body), the answer's head is
 split at its blank line with ``bytes.find``, and the body is passed on piece by
 piece as it arrives (an event stream stays token by token).
 
-:class:`ChildAgent` is an ``IAgent``: callers keep using ``request``; anything
-but ``http://`` on an IP literal (``https`` peers, host names) goes to the
-standard agent given as ``fallback``.  Connections are made by
-:class:`~llamaswap.upstream.UpstreamEndpoints` (noted per server so a stop can
-close them, a spare connection taken when there is one); finished connections
+:class:`ChildAgent` is an ``IAgent``: callers keep using ``request``; only what
+it does not take (another scheme, user info in the URL) goes to the standard
+agent given as ``fallback``.  Connections are made by
+:class:`~llamaswap.upstream.UpstreamEndpoints` (names resolved, ``https`` wrapped
+in TLS, noted per server so a stop can close them, a spare connection taken when
+there is one); finished connections
 wait in a small per-server pool, closed after ``idle_seconds`` (set below
 llama-server's 5 s keep-alive).
 
@@ -29,7 +31,7 @@ import re
 import typing
 from typing import Any
 
-from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.abstract import isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import (
@@ -86,7 +88,7 @@ _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 #: control characters but HTAB: not in a status line (a bare LF in the phrase,
 #: relayed as it is, would start a line of the server's choosing in the client's)
 _CONTROLS = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-_NETLOC = re.compile(rb"[0-9A-Za-z.:\[\]-]+")
+_NETLOC = re.compile(rb"[0-9A-Za-z._:\[\]-]+")
 _VERSIONS = {b"HTTP/1.1": True, b"HTTP/1.0": False}  # version: keep-alive by default
 _NO_BODY_CODES = frozenset({204, 304})
 _CLOSED = Failure(ConnectionDone())
@@ -107,9 +109,10 @@ class Pool(typing.Protocol):
 
 @implementer(IAgent)
 class ChildAgent:
-    """``IAgent`` for children: a lean path for ``http://<IP literal>``, ``fallback``
-    for the rest.  Without ``persistent`` each connection carries one request and is
-    closed after it (``Connection: close``), as for streams."""
+    """``IAgent`` for children and peers: a lean path for ``http://`` and
+    ``https://``, ``fallback`` for the rest.  Without ``persistent`` each
+    connection carries one request and is closed after it (``Connection: close``),
+    as for streams."""
 
     def __init__(
         self,
@@ -139,13 +142,16 @@ class ChildAgent:
         headers: Headers | None = None,
         bodyProducer: IBodyProducer | None = None,
     ) -> Deferred[IResponse]:
-        if not uri.startswith(b"http://"):
+        if uri.startswith(b"http://"):
+            slash = uri.find(b"/", 7)
+        elif uri.startswith(b"https://"):
+            slash = uri.find(b"/", 8)
+        else:
             return self.fallback.request(method, uri, headers, bodyProducer)
-        slash = uri.find(b"/", 7)
-        netloc, target = (uri[7:], b"/") if slash < 0 else (uri[7:slash], uri[slash:])
-        server = self._servers.get(netloc, _UNSEEN)
+        origin, target = (uri, b"/") if slash < 0 else (uri[:slash], uri[slash:])
+        server = self._servers.get(origin, _UNSEEN)
         if server is _UNSEEN:
-            server = self._servers[netloc] = _server(netloc)
+            server = self._servers[origin] = _server(origin)
         if server is None:
             return self.fallback.request(method, uri, headers, bodyProducer)
         assert isinstance(server, _Server)
@@ -176,24 +182,31 @@ class _Unseen:
 _UNSEEN = _Unseen()
 
 
-def _server(netloc: bytes) -> _Server | None:
-    """The server ``http://netloc`` names when it is an IP literal, else None."""
+def _server(origin: bytes) -> _Server | None:
+    """The server ``origin`` (``http[s]://netloc``) names, or None for one the
+    standard agent is left to (user info, a query right after the port, a name
+    that is not plain ASCII)."""
+    if not _NETLOC.fullmatch(origin.partition(b"://")[2]):
+        return None
     try:
-        uri = URI.fromBytes(b"http://" + netloc + b"/")
+        uri = URI.fromBytes(origin + b"/")
     except ValueError:
         return None
-    host = uri.host.decode("ascii", errors="replace")
-    if not _NETLOC.fullmatch(netloc) or not (isIPAddress(host) or isIPv6Address(host)):
-        return None  # a name, user info, a query right after the port: the standard way
-    return _Server(uri, netloc)
+    return _Server(uri)
 
 
 class _Server:
     """One server's address and its finished connections, newest last."""
 
-    def __init__(self, uri: URI, netloc: bytes) -> None:
+    def __init__(self, uri: URI) -> None:
         self.uri = uri
-        self.host_line = b"Host: " + netloc + b"\r\n"
+        # as Twisted's Agent writes it: the port only when not the scheme's default
+        host = uri.host
+        if isIPv6Address(host.decode("ascii")):
+            host = b"[" + host + b"]"
+        if (uri.scheme, uri.port) not in ((b"http", 80), (b"https", 443)):
+            host = b"%b:%d" % (host, uri.port)
+        self.host_line = b"Host: " + host + b"\r\n"
         self.idle: list[_Connection] = []
 
     def take_idle(self) -> _Connection | None:

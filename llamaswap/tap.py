@@ -369,8 +369,8 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Llam
     # below llama-server's 5 s keep-alive, so an idle connection is dropped by us first
     pool.cachedConnectionTimeout = 3
     endpoints = UpstreamEndpoints(reactor, connect_timeout=10)
-    # children (http on an IP literal) through the lean client, the rest (https,
-    # host names: peers) through Twisted's agent; both keep connections alike
+    # children and peers (http, https) through the lean client; Twisted's agent only
+    # for a URL it does not take (user info); both keep connections alike
     agent = ChildAgent(
         endpoints,
         reactor,

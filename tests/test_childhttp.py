@@ -7,15 +7,23 @@ memory, where every split and every pause can be seen.
 
 from __future__ import annotations
 
+import datetime
+import itertools
 from collections.abc import Callable
 from io import BytesIO
-from typing import Any
+from typing import Any, cast
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from OpenSSL.SSL import Error as SSLError
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ConnectionAborted, ConnectionDone
-from twisted.internet.interfaces import IAddress, IConsumer, IListeningPort
+from twisted.internet.interfaces import IAddress, IConsumer, IListeningPort, IReactorSSL
 from twisted.internet.protocol import Factory, Protocol, ServerFactory
+from twisted.internet.ssl import Certificate, PrivateCertificate
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -23,7 +31,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import (
     URI,
     Agent,
+    BrowserLikePolicyForHTTPS,
     FileBodyProducer,
+    HTTPConnectionPool,
     RequestGenerationFailed,
     ResponseDone,
     ResponseFailed,
@@ -472,6 +482,123 @@ class PoolTests(_LiveCase):
         await server.peers[0].lost  # not kept: the server would read the rest as a request
 
 
+def endless_headers(peer: _Scripted) -> None:
+    """``200 OK``, then header lines for ever, a few kilobytes a reactor turn (a
+    hostile peer: Twisted's client keeps them all, growing without a bound)."""
+    transport = peer.transport
+    assert transport is not None
+    transport.write(b"HTTP/1.1 200 OK\r\n")
+    count = itertools.count()
+
+    def more() -> None:
+        if peer.lost.called or transport.disconnecting:  # type: ignore[attr-defined]
+            return
+        transport.write(b"".join(b"X-H%d: v\r\n" % next(count) for _ in range(500)))
+        reactor.callLater(0, more)
+
+    more()
+
+
+class _NoFallback:
+    """A fallback no request may reach: peers go the lean way too."""
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None, body: Any = None) -> Any:
+        return fail(AssertionError(f"{uri!r} went to the standard agent"))
+
+
+def _certificate(name: str) -> tuple[PrivateCertificate, Certificate]:
+    """A self-signed certificate for ``name`` (its subjectAltName, as TLS clients
+    check) and the same as a trust root."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    return PrivateCertificate.loadPEM(key_pem + cert_pem), Certificate.loadPEM(cert_pem)
+
+
+class PeerTests(_LiveCase):
+    """Peers (a host name, ``https``) go through the lean client, its caps included."""
+
+    def serve_peer(self, *replies: Reply, tls: bool = False) -> _Server:
+        server = _Server(list(replies))
+        self.endpoints = UpstreamEndpoints(reactor, connect_timeout=5)
+        port: IListeningPort
+        if tls:
+            private, trusted = _certificate("localhost")
+            tls_reactor = cast(IReactorSSL, reactor)
+            port = tls_reactor.listenSSL(0, server, private.options(), interface="127.0.0.1")
+            # the policy of llamaswap's endpoints, with this test's root trusted
+            self.endpoints.tls = BrowserLikePolicyForHTTPS(trustRoot=trusted)
+        else:
+            port = reactor.listenTCP(0, server, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        scheme = "https" if tls else "http"
+        self.base = f"{scheme}://localhost:{port.getHost().port}"  # type: ignore[attr-defined]
+        self.agent = ChildAgent(self.endpoints, Clock(), _NoFallback())  # type: ignore[arg-type]
+        self.addCleanup(self.close_all, server)
+        return server
+
+    async def fetch(self, path: str = "/x") -> IResponse:
+        pending = self.agent.request(b"GET", (self.base + path).encode())
+        # bounded: a client without a cap on the head would wait (and grow) for ever
+        return await pending.addTimeout(10, reactor)
+
+    async def test_a_peer_by_host_name_goes_the_lean_way_with_twisteds_host(self) -> None:
+        server = self.serve_peer(send(OK), send(OK))
+        response = await self.fetch()
+        self.assertEqual((await _read(response))[0], b"hello")
+        twisted = Agent.usingEndpointFactory(reactor, self.endpoints)
+        await _read(await twisted.request(b"GET", (self.base + "/x").encode()))
+        lean, standard = (_host_line(r) for r in server.requests)
+        self.assertEqual(lean, standard)
+        self.assertEqual(lean, b"Host: " + self.base[7:].encode())
+
+    async def test_an_https_peer_goes_the_lean_way_over_tls(self) -> None:
+        server = self.serve_peer(send(OK), send(OK), tls=True)
+        for _ in range(2):  # the second on the kept TLS connection
+            self.assertEqual((await _read(await self.fetch()))[0], b"hello")
+        self.assertEqual((len(server.peers), len(server.requests)), (1, 2))
+        self.assertEqual(_host_line(server.requests[0]), b"Host: " + self.base[8:].encode())
+
+    async def test_an_https_peer_is_checked_by_the_same_policy(self) -> None:
+        self.serve_peer(send(OK), tls=True)
+        self.endpoints.tls = BrowserLikePolicyForHTTPS()  # llamaswap's: the test root unknown
+        with self.assertRaises(ResponseNeverReceived) as caught:
+            await self.fetch()
+        self.assertIsInstance(caught.exception.reasons[0].value, SSLError)
+
+    async def test_a_peer_sending_headers_for_ever_fails_at_the_cap(self) -> None:
+        for tls in (False, True):
+            server = self.serve_peer(endless_headers, tls=tls)
+            with self.assertRaises(ResponseNeverReceived) as caught:
+                await self.fetch()
+            error = caught.exception.reasons[0].value
+            self.assertIsInstance(error, BadResponse)
+            self.assertIn(f"longer than {MAX_HEAD} bytes", str(error))
+            await server.peers[0].lost  # the connection is dropped
+
+
+def _host_line(request: bytes) -> bytes:
+    return next(line for line in request.split(b"\r\n") if line.lower().startswith(b"host:"))
+
+
 @implementer(IBodyProducer)
 class _LaterProducer:
     """A body of unknown length, written when the test says."""
@@ -701,17 +828,35 @@ class InMemoryTests(SynchronousTestCase):
             self.assertNotIn(b"smuggled", transport.value())
             self.assertTrue(transport.aborted)
 
-    def test_https_and_host_names_go_to_the_standard_agent(self) -> None:
+    def test_user_info_and_other_schemes_go_to_the_standard_agent(self) -> None:
         uris = (
-            b"https://127.0.0.1:9/x",
-            b"http://gpu-box:8080/x",
+            b"ftp://127.0.0.1:9/x",
             b"http://u@1.2.3.4/",
+            b"https://u:p@gpu-box/",
             b"http://127.0.0.1:9?x",
+            b"https://gpu-box#x",
         )
         for uri in uris:
             self.agent.request(b"GET", uri)
         self.assertEqual(self.fallback.uris, list(uris))
         self.assertEqual(self.endpoints.connections, [])
+
+    def test_the_host_header_is_the_one_twisteds_agent_sends(self) -> None:
+        """The port only when it is not the scheme's default; the name as written."""
+        standard = _InMemory()
+        agent = Agent.usingEndpointFactory(
+            Clock(), standard, pool=HTTPConnectionPool(Clock(), persistent=False)
+        )
+        uris = b"""http://gpu-box/x http://Gpu-Box:80/x http://gpu-box:8080/x
+            https://gpu-box:443/x https://gpu-box:80/x https://10.0.0.2:8443
+            http://[::1]:8080/x http://box_1:8080/x"""
+        for uri in uris.split():
+            self.agent.request(b"GET", uri)
+            agent.request(b"GET", uri)
+            lean = self.endpoints.connections[-1][1].value()
+            twisted = standard.connections[-1][1].value()
+            self.assertEqual(_host_line(lean), _host_line(twisted), uri)
+        self.assertEqual(self.fallback.uris, [])
 
     def test_a_request_line_cannot_be_forged(self) -> None:
         for method, uri in (

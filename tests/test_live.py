@@ -7,15 +7,18 @@ import socket
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from twisted.web.server import Site
 
+from llamaswap.childhttp import MAX_HEAD
 from llamaswap.config import parse_config
 from llamaswap.relay import BytesProducer
 from llamaswap.tap import build
 
 from .integration import FAKE, LiveTestCase, StreamReader, pid_alive
+from .test_childhttp import _Server, endless_headers
 
 TWO = f"""
 models:
@@ -589,6 +592,13 @@ class LoadingStateTests(LiveTestCase):
         self.assertEqual(self.deltas(text, "reasoning_content"), [])
 
 
+async def _close_all(server: _Server) -> None:
+    for peer in server.peers:
+        if peer.transport is not None:
+            peer.transport.abortConnection()  # type: ignore[attr-defined]
+        await peer.lost
+
+
 class PeerTests(LiveTestCase):
     async def test_a_peer_llamaswap_serves_its_models_through_this_one(self) -> None:
         # the "GPU box": another llamaswap with its own model
@@ -602,7 +612,8 @@ class PeerTests(LiveTestCase):
         site: Any = Site(remote.api.resource())
         port = reactor.listenTCP(0, site, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        remote_url = f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
+        # by host name: resolved, and read by the lean client as children are
+        remote_url = f"http://localhost:{port.getHost().port}"  # type: ignore[attr-defined]
         await self.serve(
             f"models:\n  small:\n    cmd: {FAKE}\n"
             f"peers:\n  gpu-box:\n    proxy: {remote_url}\n    models: [big]\n"
@@ -619,6 +630,25 @@ class PeerTests(LiveTestCase):
         self.assertEqual(await self.running(), {})  # nothing started locally
         listing = {m["id"]: m for m in (await self.request("GET", "/v1/models")).json()["data"]}
         self.assertEqual(listing["gpu-box/big"]["owned_by"], "gpu-box")
+
+    async def test_a_peer_sending_headers_for_ever_is_a_502_naming_the_cap(self) -> None:
+        """Twisted's client has no cap on a head: this held the client for ever while
+        llamaswap's memory grew by tens of MB a second."""
+        hostile = _Server([endless_headers])
+        port = reactor.listenTCP(0, hostile, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.addCleanup(_close_all, hostile)
+        number = port.getHost().port  # type: ignore[attr-defined]
+        await self.serve(
+            f"models:\n  small:\n    cmd: {FAKE}\n"
+            f"peers:\n  hostile:\n    proxy: http://localhost:{number}\n    models: [big]\n"
+        )
+        reply = await Deferred.fromCoroutine(self.chat("hostile/big")).addTimeout(10, reactor)
+        self.assertEqual(reply.code, 502)
+        message = reply.json()["error"]["message"]
+        self.assertIn(f"an answer's head longer than {MAX_HEAD} bytes", message)
+        self.assertIn("peer 'hostile'", message)
+        await hostile.peers[0].lost  # the connection is dropped
 
     async def test_an_unreachable_peer_is_a_502_naming_it(self) -> None:
         closed = socket.socket()
