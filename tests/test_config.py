@@ -339,6 +339,24 @@ class ValidationTests(SynchronousTestCase):
         self.assertIn("cannot split", self.error("models:\n  m:\n    cmd: s 'unterminated\n"))
         self.assertIn("expected an http:// URL", self.error(base + "    proxy: ftp://x\n"))
 
+    def test_a_server_url_with_user_info_is_refused(self) -> None:
+        """Its user and password would never be sent (and the name before ``@`` would
+        be looked up as a host): said at load, with the setting that sends a key."""
+        self.assertIn(
+            "models.m.proxy: user info (user:password@) in the URL is not sent to the "
+            "server; give its key as upstreamApiKey",
+            self.error("models:\n  m:\n    cmd: s\n    proxy: http://u:p@127.0.0.1:9/\n"),
+        )
+        self.assertIn(
+            "peers.p.proxy: user info (user:password@) in the URL is not sent to the "
+            "server; give its key as apiKey",
+            self.error("peers:\n  p: {proxy: 'https://u:p@box:8080', models: [m]}\n"),
+        )
+        self.assertNotIn(  # an @ further on is the path's business
+            "user info",
+            self.error("bogus: 1\npeers:\n  p: {proxy: 'http://box:8080/a@b', models: [m]}\n"),
+        )
+
     def test_default_proxy_needs_port_in_cmd(self) -> None:
         message = self.error("models:\n  m:\n    cmd: llama-server --port 8000\n")
         self.assertIn("models.m.cmd: the command does not use ${PORT}", message)

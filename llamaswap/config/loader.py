@@ -577,8 +577,7 @@ class _Builder(MacroReader):
             if key not in doc:
                 raise self.fail(f"{base}.{key}", "required key is missing")
         proxy = self.expand(self.string(doc["proxy"], f"{base}.proxy"), f"{base}.proxy", macros, ())
-        if not re.match(r"^https?://[^/]+", proxy):
-            raise self.fail(f"{base}.proxy", f"expected an http(s):// URL, got {proxy!r}")
+        self.check_server_url(proxy, f"{base}.proxy", "apiKey")
         served = self.string_list(doc["models"], f"{base}.models")
         if not served:
             raise self.fail(f"{base}.models", "a peer needs at least one model")
@@ -733,9 +732,21 @@ class _Builder(MacroReader):
                 "server listens; put ${PORT} in cmd or give a fixed 'proxy' URL"
                 + (" ($PORT without braces is passed on as it is)" if unbraced else ""),
             )
-        if not re.match(r"^https?://[^/]+", proxy):
-            raise self.fail(f"{base}.proxy", f"expected an http:// URL, got {proxy!r}")
+        self.check_server_url(proxy, f"{base}.proxy", "upstreamApiKey")
         return proxy
+
+    def check_server_url(self, url: str, where: str, key_setting: str) -> None:
+        """A server llamaswap relays to is named by an ``http(s)://`` URL; one with user
+        info (``user:password@``) is refused: no such credentials are ever sent (the
+        name before ``@`` would be looked up as a host)."""
+        if not re.match(r"^https?://[^/]+", url):
+            raise self.fail(where, f"expected an http:// URL, got {url!r}")
+        if "@" in url.split("://", 1)[1].split("/", 1)[0]:
+            raise self.fail(
+                where,
+                "user info (user:password@) in the URL is not sent to the server; "
+                f"give its key as {key_setting}",
+            )
 
     def check_endpoint(self, value: str, base: str, scope: Mapping[str, str]) -> str | None:
         check = self.expand(value, f"{base}.checkEndpoint", scope, ())

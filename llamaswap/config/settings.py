@@ -475,7 +475,8 @@ class ModelSettings:
         DEFAULT_PROXY,
         "base URL of the model's server. Set it when `cmd` uses a fixed port; then `cmd` need "
         "not contain `${PORT}`. If `proxy` uses `${PORT}`, `cmd` must too. A `proxy` that leads "
-        "to llamaswap's own `--listen` address is refused.",
+        "to llamaswap's own `--listen` address is refused, and so is one with user info "
+        "(`user:password@`: give the key as `upstreamApiKey`).",
         kind="custom",
         schema={"$ref": "#/$defs/url"},
     )
@@ -698,7 +699,8 @@ class PeerSettings:
     proxy: str = setting(
         "proxy",
         REQUIRED,
-        "base URL of the peer (`http://` or `https://`)",
+        "base URL of the peer (`http://` or `https://`; no `user:password@`: give the key "
+        "as `apiKey`)",
         kind="custom",
         schema={"$ref": "#/$defs/url"},
     )
