@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import attrs
 
@@ -223,6 +223,20 @@ def weights_in(argv: Sequence[str]) -> str | None:
     return None
 
 
+class _Together(Generic[T]):
+    """Work begun at once (each in a thread of its own) and waited for with one
+    deadline for all of it: ``wait`` seconds from now."""
+
+    def __init__(self, wait: float, outcomes: dict[str, Future[T]]) -> None:
+        self._deadline = time.monotonic() + wait
+        self._outcomes = outcomes
+
+    def result(self, key: str) -> T:
+        """``key``'s outcome; TimeoutError once the deadline has passed without it."""
+        timeout = max(0.0, self._deadline - time.monotonic())
+        return self._outcomes[key].result(timeout=timeout)
+
+
 class HeaderReads:
     """The header reads of the model files found in the folders by one scan, or
     named in commands by one load of a configuration (at start; in the reactor's
@@ -236,17 +250,13 @@ class HeaderReads:
     """
 
     def __init__(self, paths: Iterable[str]) -> None:
-        self._deadline = time.monotonic() + HEADER_WAIT
-        self._reads: dict[str, Future[GgufFacts | None]] = {
-            path: _begin(path) for path in dict.fromkeys(paths)
-        }
+        self._reads = _Together(HEADER_WAIT, {path: _begin(path) for path in dict.fromkeys(paths)})
 
     def facts_of(self, path: str) -> GgufFacts | None:
         """Facts of ``path`` (its shards too; begun by this load); None when there is
         no such file; raises GgufError."""
-        reading = self._reads[path]
         try:
-            return reading.result(timeout=max(0.0, self._deadline - time.monotonic()))
+            return self._reads.result(path)
         except TimeoutError:
             raise HeaderLate(
                 f"its header did not arrive within {HEADER_WAIT:g}s (a hung network mount?)"
@@ -354,19 +364,21 @@ class Listings:
     """
 
     def __init__(self, folders: Iterable[str]) -> None:
-        self._deadline = time.monotonic() + LIST_WAIT
         busy = _Unlisted("it is still being listed since an earlier load")
-        self._walks = {
-            folder: _in_own_thread(_listing, folder, partial(_walk, folder), busy)
-            for folder in dict.fromkeys(folders)
-        }
+        self._walks = _Together(
+            LIST_WAIT,
+            {
+                folder: _in_own_thread(_listing, folder, partial(_walk, folder), busy)
+                for folder in dict.fromkeys(folders)
+            },
+        )
         self.unlisted: list[str] = []  # the folders left out, in the order asked for
         self.files: set[str] = set()  # the files of the folders listed so far
 
     def of(self, folder: str, notices: list[str]) -> Walk:
         """What ``folder`` holds; nothing (said in ``notices``) if not listed in time."""
         try:
-            walk = self._walks[folder].result(timeout=max(0.0, self._deadline - time.monotonic()))
+            walk = self._walks.result(folder)
             self.files.update(walk.all_files)
             return walk
         except TimeoutError:

@@ -131,6 +131,13 @@ def check_listen(endpoint: str) -> None:
         ) from e
 
 
+def tcp_endpoint(port: int | str, interface: str) -> str:
+    """The TCP endpoint string for ``port`` on ``interface`` (every one when empty);
+    an IPv6 address's colons escaped, as Twisted's parser needs."""
+    escaped = interface.replace(":", "\\:")
+    return f"tcp:{port}:interface={escaped}" if interface else f"tcp:{port}"
+
+
 def _meant_endpoint(endpoint: str) -> str | None:
     """The endpoint string of ``[host:]port`` (an address or name), else None."""
     host, _, port = endpoint.rpartition(":")
@@ -142,8 +149,7 @@ def _meant_endpoint(endpoint: str) -> str | None:
     except ValueError:
         if host and not re.fullmatch(r"[A-Za-z0-9.-]+", host):
             return None
-    interface = (host or "127.0.0.1").replace(":", "\\:")  # Twisted's escape
-    return f"tcp:{port}:interface={interface}"
+    return tcp_endpoint(port, host or "127.0.0.1")
 
 
 class InvalidConfig(SystemExit):
@@ -275,11 +281,10 @@ def another_listen(interface: str, port: object) -> str:
     port, the one below for the last one (65535), 8081 when the taken one is not
     known; an IPv6 interface's colons escaped, as the endpoint string needs them."""
     if isinstance(port, int) and 0 < port < 65535:
-        other = f"tcp:{port + 1}"
+        other = port + 1
     else:
-        other = "tcp:65534" if port == 65535 else "tcp:8081"
-    escaped = interface.replace(":", "\\:")
-    return f"{other}:interface={escaped}" if interface else other
+        other = 65534 if port == 65535 else 8081
+    return tcp_endpoint(other, interface)
 
 
 class Listeners(MultiService):
