@@ -228,7 +228,8 @@ class Relay:
             # do not count), other web apps' sessions included
             drop |= {b"authorization", b"x-api-key", b"cookie"}
         headers = end_to_end(request.requestHeaders, frozenset(drop))
-        without_session(headers)
+        if forward_credentials:  # else no cookie is left to look through
+            without_session(headers)
         for name, value in (replace_headers or {}).items():
             headers.setRawHeaders(name, [value])
         self.hop.mark(headers)
