@@ -201,7 +201,8 @@ def targets(r: dict[str, Any]) -> list[list[str]]:
             rows.append(
                 [
                     "readiness noticed ≤ 2 ms after the child says ready (p95; from the "
-                    "child's `write` of `ready` to its read of the waiting request, traced)",
+                    "child's `fprintf` of `ready` to its `recv` of the waiting request, "
+                    "stamped inside the child)",
                     measured,
                     status(mine["p95_ms"] <= 2.0),
                 ]
@@ -501,21 +502,21 @@ def swap_section(s: dict[str, Any]) -> list[str]:
     if lag:
         out.append(
             "**Readiness lag**, on the child's own clock: in rounds of their own after the "
-            "swaps above (strace slows the child), llamaswap and router mode take turns "
-            "swapping with every child under `strace --seccomp-bpf` (only its `write` and "
-            "`recvfrom` calls stop it; llamaswap's model command wrapped in strace with "
-            "`childProtocol: on`, the router under `strace -f` since it spawns its children "
-            "as itself). The lag runs from the child's `write` of its "
-            '`cmd_child_to_router:state:{"state":"ready",...}` line to its `recvfrom` of the '
-            "waiting `POST /v1/chat/completions` (the entry of each call): the supervisor "
+            "swaps above, llamaswap and router mode take turns swapping, every child with "
+            "`bench/readylag.c` preloaded (`LD_PRELOAD`; the router's children inherit it). "
+            "The shim stamps the entry of the child's `fprintf` of its "
+            '`cmd_child_to_router:state:{"state":"ready",...}` line and the entry of its '
+            "`recv` that reads the waiting `POST /v1/chat/completions`: the supervisor "
             "reading the line, marking the model ready and relaying the request, and the "
-            "child's own wake-up for it. Router mode's own `write` and `recvfrom` calls are "
-            "traced too, which can only lengthen its lag."
+            "child's own wake-up for it. The stamps are taken inside the child and stop "
+            "nothing (a tracer such as strace stops the child at each call and stamps it "
+            "when it gets round to it, which on two cores added milliseconds to both "
+            "targets' tails)."
         )
         out.append("")
         out.append(
             table(
-                ["target", "swaps", "median ms", "p95 ms", "max ms", "swap median ms (traced)"],
+                ["target", "swaps", "median ms", "p95 ms", "max ms", "swap median ms"],
                 [
                     [
                         mode,
@@ -538,8 +539,8 @@ def swap_section(s: dict[str, Any]) -> list[str]:
             + ", ".join(f"{x:.1f}" for x in s["lag_ms"])
             + ". A coarse figure: 0 when both lines reach the live log in one read; else it "
             "holds the child's own time from that line to its `ready` (0.2–3.3 ms: starting "
-            "its stdin monitor, building its model info) and the relay (llamaswap's line is "
-            "logged before the relay but reaches the live log after it)."
+            "its stdin monitor, building its model info) and the relay (llamaswap logs its "
+            "line after the waiting request has gone to the child)."
         )
         out.append("")
     return out

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Bench-only tools, best effort: `make bench` runs this before `python -m bench`.
 #   - psutil and py-spy into the venv (pip; py-spy is optional: profiles are skipped without it)
-#   - wrk (load generator), nginx (reference proxy) and strace (readiness lag) from
+#   - wrk (load generator), nginx (reference proxy) and a C compiler (the readiness
+#     lag's shim, bench/readylag.c) from
 #     Debian when running as root and they are missing; without them the bench falls
 #     back to its Python load generator, leaves nginx out and does not measure the
 #     readiness lag.  BENCH_NO_APT=1 skips apt-get.
@@ -14,7 +15,7 @@ VENV="${VENV:-.venv}"
 missing=()
 command -v wrk >/dev/null || missing+=(wrk)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
-command -v strace >/dev/null || missing+=(strace)
+command -v cc >/dev/null || missing+=(gcc)
 if [ ${#missing[@]} -gt 0 ] && [ "${BENCH_NO_APT:-0}" != 1 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "bench/setup.sh: apt-get install ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive

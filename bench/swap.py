@@ -10,18 +10,14 @@ round so background noise hits all of them alike:
   ask, i.e. the floor any supervisor can reach.
 
 The readiness lag is measured on the child's own clock, in rounds of their own
-after the swap rounds (strace slows the child, so it stays out of the swap
-times): llamaswap (its model commands wrapped in ``strace``, ``childProtocol:
-on``) and router mode (the router under ``strace -f``: it spawns its children as
-``/proc/self/exe``, so they cannot be wrapped) take turns swapping, each child
-traced with ``--seccomp-bpf`` so that only its ``write`` and ``recvfrom`` calls
-stop it.  The lag is the time from the child's ``write`` of its
-``cmd_child_to_router:state:{"state":"ready",...}`` line on stdout to its first
-``recvfrom`` holding the waiting ``POST /v1/chat/completions`` (each stamped at
-the call's entry, see ``syscalls``): the supervisor reading the line, marking the
-model ready and relaying the request, and the child's thread waking for it.
-Router mode's own ``write`` and ``recvfrom`` calls are traced too (``strace -f``
-follows the router's whole tree), which can only lengthen its lag.
+after the swap rounds: llamaswap and router mode take turns swapping, every child
+running with ``readylag.c`` preloaded (the router's children inherit it from the
+router).  The shim stamps, inside the child, the entry of its ``fprintf`` of
+``cmd_child_to_router:state:{"state":"ready",...}`` and the entry of the ``recv``
+that reads the waiting ``POST /v1/chat/completions``: the supervisor reading the
+line, marking the model ready and relaying the request, and the child's thread
+waking for it.  Nothing is stopped to take the stamps (strace, used before, stops
+the child at every traced call and stamps it when it gets round to it).
 
 A secondary, coarse figure comes from llamaswap's live log stream, read in
 ``BREAKDOWN_SWAPS`` swaps after the timed ones (a reader of the log is work
@@ -29,21 +25,18 @@ router mode does not have, so the timed swaps go without one): the time
 between the child's "listening on http" line and llamaswap's "model X ready"
 line (both read from one /logs/stream connection).  It is 0 when both arrive
 in one read; else it holds the child's own 0.2-3.3 ms from that line to
-``ready`` and the relay (llamaswap's line reaches the stream after it).
+``ready`` (llamaswap logs its line after relaying the waiting request).
 """
 
 from __future__ import annotations
 
-import contextlib
 import http.client as httpclient
 import json
 import os
 import re
-import shlex
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +46,7 @@ from .common import (
     CpuMonitor,
     Llamaswap,
     Procs,
+    child_env,
     config_text,
     free_port,
     health_status,
@@ -199,9 +193,9 @@ class Direct:
 
 
 def start_router(
-    procs: Procs, label: str = "router", wrapper: list[str] | None = None
+    procs: Procs, label: str = "router", env: dict[str, str] | None = None
 ) -> tuple[int, list[str], Any]:
-    """llama.cpp's router mode (``wrapper``: a command it runs under, e.g. strace)."""
+    """llama.cpp's router mode (``env``: added to its environment)."""
     directory = procs.workdir / label
     models = directory / "models"
     models.mkdir(parents=True, exist_ok=True)
@@ -215,7 +209,6 @@ def start_router(
     (directory / "preset.ini").write_text("\n".join(preset) + "\n")
     port = free_port()
     argv = [
-        *(wrapper or []),
         os.environ["LLAMA_SERVER"],
         "--host",
         "127.0.0.1",
@@ -229,7 +222,7 @@ def start_router(
         "1",
         *COMMON_ARGS,
     ]
-    proc = procs.spawn(argv, label)
+    proc = procs.spawn(argv, label, env=child_env(env))
     wait_http(port, "/health", timeout=30)
     status, body = http(port, "GET", "/v1/models")
     ids = [m["id"] for m in json.loads(body)["data"]] if status == 200 else []
@@ -405,58 +398,48 @@ def _breakdown(
 
 # --- readiness lag, on the child's own clock ------------------------------------
 
-# only the traced calls stop the child (seccomp-bpf); -z: no EAGAIN reads
-TRACED = ["write", "recvfrom"]
-STRACE_ARGS = ["-f", "-ttt", "-z", "--seccomp-bpf", "-e", f"trace={','.join(TRACED)}"]
-STRACE_ARGS += ["-e", "signal=none", "-s", "128"]
-# llama-server starts each message on a line of its own
-READY_WRITE = re.compile(r'write\(1, "(?:\\n)?cmd_child_to_router:state:\{\\"state\\":\\"ready\\"')
-REQUEST_READ = re.compile(r'recvfrom\(\d+, "POST /v1/chat/completions ')
-STRACE_LINE = re.compile(r"(\d+) +(\d+\.\d+) (.*)")
-RESUMED = re.compile(r"<\.\.\. \w+ resumed>")
-UNFINISHED = " <unfinished ...>"
+SHIM_SOURCE = Path(__file__).with_name("readylag.c")
 
 
-def syscalls(lines: Iterable[str]) -> Iterator[tuple[int, float, str]]:
-    """(thread id, time of entry, call) of each call in an ``strace -f -ttt`` log; a
-    call cut in two by another thread's (``<unfinished ...>``, ``<... resumed>``)
-    is joined.
-
-    The entry, not the return: strace stamps a call when it gets round to the stop,
-    which on a busy machine can be a millisecond late, and a ``write`` returns only
-    after strace has handled its exit stop, long after the bytes are in the pipe
-    (the reader can see them before the writer's return is stamped).  A ``recvfrom``
-    entered by a woken server thread has its data waiting.
-    """
-    pending: dict[int, tuple[float, str]] = {}
-    for line in lines:
-        m = STRACE_LINE.fullmatch(line.rstrip("\n"))
-        if m is None:
-            continue
-        tid, at, call = int(m[1]), float(m[2]), m[3]
-        if call.endswith(UNFINISHED):
-            pending[tid] = (at, call[: -len(UNFINISHED)])
-        elif (resumed := RESUMED.match(call)) is not None:
-            if tid in pending:
-                entered, start = pending.pop(tid)
-                yield tid, entered, start + call[resumed.end() :]
-        elif not call.startswith("+++"):
-            yield tid, at, call
+def build_shim(workdir: Path) -> Path | None:
+    """Compile ``readylag.c`` (a C compiler is needed; None without one)."""
+    cc = which("cc") or which("gcc")
+    if cc is None:
+        return None
+    shim = workdir / "readylag.so"
+    built = subprocess.run(
+        [cc, "-O2", "-shared", "-fPIC", "-o", str(shim), str(SHIM_SOURCE), "-ldl"],
+        capture_output=True,
+        text=True,
+    )
+    if built.returncode != 0:
+        log(f"  readylag.c did not compile: {built.stderr.strip()[:300]}")
+        return None
+    return shim
 
 
-def ready_to_request(lines: Iterable[str], tids: set[int] | None = None) -> float | None:
-    """Seconds from the child's ``write`` of ``ready`` to its first ``recvfrom`` of a
-    chat request (only threads ``tids``, if given)."""
-    ready = None
-    for tid, at, call in syscalls(lines):
-        if tids is not None and tid not in tids:
-            continue
-        if ready is None:
-            if READY_WRITE.match(call):
-                ready = at
-        elif REQUEST_READ.match(call):
-            return at - ready
-    return None
+class LagFile:
+    """The lines the shim writes, one per child: ``pid ready_ns request_ns``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+
+    def new(self, skip_pid: int | None = None) -> list[float]:
+        """Lags (ms) written since the last call, except process ``skip_pid``'s."""
+        if not self.path.exists():
+            return []
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            text = f.read()
+        cut = text.rfind(b"\n") + 1
+        self.offset += cut
+        lags = []
+        for line in text[:cut].decode().splitlines():
+            pid, ready, request = (int(x) for x in line.split())
+            if pid != skip_pid:
+                lags.append((request - ready) / 1e6)
+        return lags
 
 
 def _summary(lags: list[float], times: list[float]) -> dict[str, Any]:
@@ -469,100 +452,55 @@ def _summary(lags: list[float], times: list[float]) -> dict[str, Any]:
     }
 
 
-class TracedRouter:
-    """Router mode under ``strace -f``: its children's calls, thread by thread."""
-
-    def __init__(self, procs: Procs, strace: str) -> None:
-        self.trace = procs.workdir / "strace-router.txt"
-        wrapper = [strace, *STRACE_ARGS, "-o", str(self.trace)]
-        self.procs = procs
-        self.port, _, self.proc = start_router(procs, "router-traced", wrapper)
-        self.offset = 0
-
-    def stop(self) -> None:
-        """SIGTERM the router itself, then strace (signalled together as a group, they
-        outlived the bench's 15 s grace)."""
-        for router in psutil.Process(self.proc.pid).children():
-            router.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(10)
-        self.procs.stop(self.proc)
-
-    def lag(self) -> float | None:
-        """The lag of the child that just answered, from the trace written since the
-        last call."""
-        (router,) = psutil.Process(self.proc.pid).children()
-        tids = {
-            t.id
-            for child in router.children()
-            if child.status() != psutil.STATUS_ZOMBIE
-            for t in child.threads()
-        }
-        with open(self.trace, "rb") as f:
-            f.seek(self.offset)
-            text = f.read()
-        lag = ready_to_request(text.decode(errors="replace").splitlines(), tids)
-        if lag is not None:
-            self.offset += len(text)
-        return lag
-
-
 def ready_lag(procs: Procs, monitor: CpuMonitor, *, swaps: int) -> dict[str, Any]:
-    """``swaps`` swaps each through llamaswap and router mode, children traced: the
-    lag from each child's ``ready`` to the request reaching it (ms)."""
-    strace = which("strace")
-    if strace is None:
-        log("  no strace: readiness lag not measured")
+    """``swaps`` swaps each through llamaswap and router mode, every child stamping
+    its own ``ready`` and the request reaching it: the lag between them (ms)."""
+    shim = build_shim(procs.workdir)
+    if shim is None:
+        log("  no C compiler: readiness lag not measured")
         return {}
-    traces = procs.workdir / "strace"
-    traces.mkdir(exist_ok=True)
-    models = {}
-    for name, args in MODELS.items():
-        # -D: strace as the child's grandchild, not its parent (which would wait for
-        # every child of its own: the lifeline watcher forked before the exec too)
-        trace = traces / f"{name}.txt"
-        wrapper = shlex.join([strace, "-D", *STRACE_ARGS, "-o", str(trace)])
-        body = CONFIG_MODEL.format(wrapper=wrapper + " ", args=" ".join(COMMON_ARGS + args))
-        # the executable is strace: say that the child speaks llama-server's protocol
-        models[name] = body + '\n    childProtocol: "on"'
+    files = {mode: LagFile(procs.workdir / f"readylag-{mode}.txt") for mode in LAG_MODES}
+
+    def preload(mode: str) -> dict[str, str]:
+        return {"LD_PRELOAD": str(shim), "READYLAG_FILE": str(files[mode].path)}
+
+    env = "\n    env: [" + ", ".join(f'"{k}={v}"' for k, v in preload("llamaswap").items()) + "]"
+    models = {
+        name: CONFIG_MODEL.format(wrapper="", args=" ".join(COMMON_ARGS + args)) + env
+        for name, args in MODELS.items()
+    }
     config = config_text(f"healthCheckTimeout: 120\nstartPort: {free_port_base() + 300}\n", models)
-    swap = Llamaswap(procs, "llamaswap-traced", config).start()
-    router = TracedRouter(procs, strace)
+    swap = Llamaswap(procs, "llamaswap-lag", config).start()
+    # the router runs with the shim too (its children inherit it); its own lines,
+    # if any, are left out by its pid
+    router_port, _, router = start_router(procs, "router-lag", env=preload("router"))
     names = list(MODELS)
-    lags: dict[str, list[float]] = {"llamaswap": [], "router": []}
-    times: dict[str, list[float]] = {"llamaswap": [], "router": []}
+    lags: dict[str, list[float]] = {mode: [] for mode in LAG_MODES}
+    times: dict[str, list[float]] = {mode: [] for mode in LAG_MODES}
     monitor.wait_quiet()
     try:
         for i in range(swaps + 1):  # round 0 starts from nothing
             model = names[i % 2]
-            for mode in ("llamaswap", "router") if i % 2 else ("router", "llamaswap"):
+            for mode in LAG_MODES if i % 2 else LAG_MODES[::-1]:
                 t0 = time.perf_counter()
-                ask(swap.port if mode == "llamaswap" else router.port, model)
+                ask(swap.port if mode == "llamaswap" else router_port, model)
                 elapsed = time.perf_counter() - t0
-                for _ in range(20):  # strace may not have written the lines yet
-                    if mode == "llamaswap":
-                        lag = ready_to_request(_lines(traces / f"{model}.txt"))
-                    else:
-                        lag = router.lag()
-                    if lag is not None:
-                        break
-                    time.sleep(0.05)
-                else:
-                    log(f"  {mode}: no ready → request in the child's trace")
+                # written by the child as it read the request, before it answered
+                found = files[mode].new(skip_pid=router.pid if mode == "router" else None)
+                if len(found) != 1:
+                    log(f"  {mode}: {len(found)} lags for one swap")
                     continue
                 if i:
-                    lags[mode].append(lag * 1000)
+                    lags[mode].append(found[0])
                     times[mode].append(elapsed)
             log(
-                f"  traced swap {i:>2} -> {model}: "
+                f"  lag swap {i:>2} -> {model}: "
                 + "  ".join(f"{m} {lags[m][-1]:.2f} ms" for m in lags if lags[m])
             )
     finally:
         swap.stop()
-        router.stop()
-    return {mode: _summary(lags[mode], times[mode]) for mode in lags}
+        procs.stop(router)
+    return {mode: _summary(lags[mode], times[mode]) for mode in LAG_MODES}
 
 
-def _lines(path: Path) -> list[str]:
-    with open(path, errors="replace") as f:
-        return f.readlines()
+LAG_MODES = ("llamaswap", "router")
