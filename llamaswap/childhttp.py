@@ -56,6 +56,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IClientRequest, IResponse
 from zope.interface import implementer
 
+from .connections import send_now
+
 MAX_HEAD = 65_536
 """The longest status line and headers (and the longest chunk trailer) accepted."""
 MAX_CHUNK_LINE = 4096
@@ -440,6 +442,7 @@ class _Call:
         producer = self.producer
         if producer is None:
             transport.write(self.head)
+            send_now(transport)
             return
         writer = _BodyWriter(self, producer.length is UNKNOWN_LENGTH)
         self.sending = True
@@ -792,6 +795,7 @@ class _BodyWriter:
             return
         if connection is not None and connection.transport is not None:
             connection.transport.write(b"".join([head, *parts]))
+            send_now(connection.transport)
 
     def done(self, _: object) -> None:
         call = self.call

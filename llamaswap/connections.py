@@ -36,7 +36,13 @@ from functools import cache
 from itertools import count
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITransport
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IReactorTime,
+    ITransport,
+    IWriteDescriptor,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
@@ -104,6 +110,24 @@ def abort(transport: ITransport) -> None:
     """Drop a connection now, what is still unsent included (a transport without
     ``abortConnection`` is closed after its writes instead)."""
     getattr(transport, "abortConnection", transport.loseConnection)()
+
+
+def send_now(transport: object) -> None:
+    """Hand what was just written to ``transport`` to the kernel now, not when the
+    reactor next polls: whatever else runs in this turn (the rest of a request's
+    bookkeeping, log lines, events) then no longer holds those bytes back.
+
+    It does what the reactor does when the socket is writable (``doWrite``); a send
+    that fails leaves the bytes queued, for the reactor to fail the connection as
+    usual.  Skipped for a connection being closed (``doWrite`` would end it, which is
+    the reactor's to do) and for transports that are not sockets (TLS).
+    """
+    if (
+        IWriteDescriptor.providedBy(transport)
+        and getattr(transport, "connected", False)
+        and not getattr(transport, "disconnecting", True)
+    ):
+        transport.doWrite()
 
 
 class ConnectionGate(Factory):

@@ -492,13 +492,15 @@ class ModelProcess:
         self._stop_watching()
         for watcher in list(self._watchers):
             watcher.model_ready(self)
+        # the waiting requests first: they go out to the child in this very turn, and
+        # the log line would hold them back
+        self._fire_start(None)
         self.log.info(
             "model {model} ready in {seconds:.2f}s at {url}",
             model=self.id,
             seconds=self.ready_at - self.started_at,
             url=self.base_url,
         )
-        self._fire_start(None)
 
     def _start_timed_out(self) -> None:
         self._deadline = None

@@ -46,7 +46,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from .access import SESSION_COOKIE
-from .connections import abort
+from .connections import abort, send_now
 from .errors import ApiError
 from .eventstream import end_event_stream, is_event_stream, unbuffered
 from .guard import short_uri
@@ -392,7 +392,9 @@ class _BodyRelay(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if not self.stopped:
-            self.exchange.request.write(data)
+            request = self.exchange.request
+            request.write(data)
+            send_now(_transport_of(request))  # a token, or the answer: out before the meter
             self.exchange.meter.feed(data)
 
     def stop(self) -> None:
@@ -409,7 +411,9 @@ class _BodyRelay(Protocol):
         if request.producer is not None:
             request.unregisterProducer()
         if isinstance(reason.value, _COMPLETE):
+            client = _transport_of(request)  # a finished request lets go of it
             request.finish()
+            send_now(client)  # the answer's end, before its bookkeeping
             exchange.done.callback(None)
             return
         stopped = _cut_by_stop(reason)
@@ -433,6 +437,12 @@ class _BodyRelay(Protocol):
             if transport is not None:
                 abort(transport)
         exchange.done.callback(None)
+
+
+def _transport_of(request: Request) -> object:
+    """The client's connection (None once it is gone)."""
+    channel = getattr(request, "channel", None)
+    return channel.transport if channel is not None else None
 
 
 def plain_reason(failure: Failure) -> str:

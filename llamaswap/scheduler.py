@@ -653,7 +653,9 @@ class Scheduler:
             delay = max(0.0, when - self._clock.seconds())
             self._recheck = self._clock.callLater(delay, self._pump)
 
-    async def _swap_to(self, targets: frozenset[str], victims: frozenset[str]) -> None:
+    async def _swap_to(self, targets: frozenset[str], victims: frozenset[str]) -> float | None:
+        """Stop ``victims``, start ``targets``: the seconds that took (None if it did not
+        get that far)."""
         names = ", ".join(sorted(targets))
         if victims:
             self.log.info(
@@ -666,20 +668,16 @@ class Scheduler:
         if not self._wanted(targets):
             # everyone who wanted it left while the others drained: keep what runs
             self.log.info("swap to {model} abandoned: nobody waits for it", model=names)
-            return
+            return None
         if self._outranked(targets):
             # more urgent requests for other models came while the others drained
             self.log.info("swap to {model} postponed: more urgent requests wait", model=names)
-            return
+            return None
         await _all(self._stop(other, "swap", drain=swap) for other in in_the_way)
         if not self._wanted(targets):
-            return
+            return None
         await _all(self._start(t) for t in sorted(targets))
-        self.log.info(
-            "swap to {model} done in {seconds:.2f}s",
-            model=names,
-            seconds=self._clock.seconds() - started,
-        )
+        return self._clock.seconds() - started
 
     def _start(self, model_id: str) -> Deferred[None]:
         """Start a model; it counts as ready once the ``after_start`` hook is done.
@@ -784,15 +782,13 @@ class Scheduler:
     def _wanted(self, targets: frozenset[str]) -> bool:
         return not self._closed and any(w.targets == targets for w in self._queue)
 
-    def _swap_done(self, result: Failure | None, targets: frozenset[str]) -> None:
+    def _swap_done(self, result: float | Failure | None, targets: frozenset[str]) -> None:
         assert self._swap is not None
-        self.events.publish(
-            Swapped(
-                tuple(sorted(targets)),
-                tuple(sorted(self._swap[1])),
-                self._clock.seconds() - self._swap_started,
-                ok=not isinstance(result, Failure),
-            )
+        swapped = Swapped(
+            tuple(sorted(targets)),
+            tuple(sorted(self._swap[1])),
+            self._clock.seconds() - self._swap_started,
+            ok=not isinstance(result, Failure),
         )
         self._swap = None
         if isinstance(result, Failure):
@@ -800,7 +796,16 @@ class Scheduler:
             error = result.value
             assert isinstance(error, Exception)
             self._fail_waiters(targets, error)
+        # the waiting requests first: they go out to the model in this very turn, and
+        # the event and the log line would hold them back
         self._pump()
+        self.events.publish(swapped)
+        if isinstance(result, float):
+            self.log.info(
+                "swap to {model} done in {seconds:.2f}s",
+                model=", ".join(sorted(targets)),
+                seconds=result,
+            )
 
     # --- stopping on purpose -------------------------------------------------------
 

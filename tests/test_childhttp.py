@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import socket
 from collections.abc import Callable
 from io import BytesIO
 from typing import Any, cast
@@ -20,6 +21,7 @@ from cryptography.x509.oid import NameOID
 from OpenSSL.SSL import Error as SSLError
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import IAddress, IConsumer, IListeningPort, IReactorSSL
 from twisted.internet.protocol import Factory, Protocol, ServerFactory
@@ -45,6 +47,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from llamaswap.childhttp import MAX_HEAD, BadResponse, ChildAgent
+from llamaswap.connections import send_now
 from llamaswap.relay import BytesProducer
 from llamaswap.upstream import UpstreamEndpoints
 
@@ -164,6 +167,15 @@ class _LiveCase(TestCase):
         return await self.agent.request(
             method, (self.base + path).encode(), Headers({b"x-a": [b"1"]}), producer
         )
+
+
+async def _received(peer: socket.socket) -> bytes:
+    """What ``peer`` reads once the reactor has run as many turns as that takes."""
+    while True:
+        try:
+            return peer.recv(65536)
+        except BlockingIOError:
+            await _turn()
 
 
 def _turn() -> Deferred[None]:
@@ -355,6 +367,77 @@ class FramingTests(_LiveCase):
         self.assertIn(b"\r\nContent-Length: 0\r\n", server.requests[0])
         self.assertIn(b"\r\nContent-Length: 0\r\n", server.requests[1])
         self.assertNotIn(b"Content-Length", server.requests[2])
+
+
+class SendNowTests(TestCase):
+    """Bytes a request writes leave in the same reactor turn (``send_now``), so what
+    else runs in that turn does not hold them back."""
+
+    def listener(self) -> socket.socket:
+        """A plain listening socket on 127.0.0.1, read without the reactor."""
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        return listener
+
+    async def accepted(self, listener: socket.socket) -> socket.socket:
+        """The next connection to ``listener``, once the reactor has made it."""
+        while True:
+            try:
+                peer, _ = listener.accept()
+                break
+            except BlockingIOError:
+                await _turn()
+        self.addCleanup(peer.close)
+        peer.setblocking(False)
+        return peer
+
+    async def peer(self) -> tuple[socket.socket, Protocol]:
+        listener = self.listener()
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", listener.getsockname()[1])
+        protocol = await connectProtocol(endpoint, Protocol())
+        assert protocol.transport is not None
+        self.addCleanup(protocol.transport.loseConnection)
+        return await self.accepted(listener), protocol
+
+    async def test_written_bytes_reach_the_peer_without_a_reactor_turn(self) -> None:
+        peer, protocol = await self.peer()
+        assert protocol.transport is not None
+        protocol.transport.write(b"later")
+        self.assertRaises(BlockingIOError, peer.recv, 100)  # the reactor's way: a turn on
+        self.assertEqual(await _received(peer), b"later")
+        protocol.transport.write(b"now")
+        send_now(protocol.transport)
+        self.assertEqual(peer.recv(100), b"now")
+
+    async def test_a_closing_connection_is_left_to_the_reactor(self) -> None:
+        peer, protocol = await self.peer()
+        assert protocol.transport is not None
+        protocol.transport.write(b"last")
+        protocol.transport.loseConnection()
+        send_now(protocol.transport)  # would empty the buffer and not close
+        self.assertRaises(BlockingIOError, peer.recv, 100)
+        self.assertEqual(await _received(peer), b"last")
+        self.assertEqual(await _received(peer), b"")
+
+    async def test_a_request_on_a_kept_connection_is_sent_before_the_call_returns(
+        self,
+    ) -> None:
+        listener = self.listener()
+        base = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        agent = ChildAgent(UpstreamEndpoints(reactor, connect_timeout=5), Clock(), Agent(reactor))
+        self.addCleanup(agent.closeCachedConnections)
+        first = agent.request(b"GET", f"{base}/first".encode())
+        peer = await self.accepted(listener)
+        self.assertTrue((await _received(peer)).startswith(b"GET /first "))
+        peer.sendall(OK)
+        await _read(await first)
+        second = agent.request(b"POST", f"{base}/second".encode(), None, BytesProducer(b"{}"))
+        self.assertTrue(peer.recv(65536).startswith(b"POST /second "))
+        peer.sendall(OK)
+        await _read(await second)
 
 
 class PoolTests(_LiveCase):

@@ -4,14 +4,17 @@ and over real sockets against a scripted upstream and against llamaswap itself."
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any
 
 import treq
 from treq.testing import RequestTraversalAgent, StubTreq
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseNeverReceived
@@ -19,6 +22,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from llamaswap.events import Activity
 from llamaswap.guard import Checked
 from llamaswap.relay import Hop, Relay, end_to_end, plain_reason
 from llamaswap.testing.fake_server import FakeLlamaServer
@@ -300,6 +304,34 @@ class LiveRelayTests(LiveTestCase):
         reply = await self.request("HEAD", "/upstream/m/props")
         self.assertEqual(reply.code, 200)
         self.assertEqual(reply.headers.getRawHeaders(b"content-length"), [b"12"])
+
+    async def test_the_client_has_the_whole_answer_before_its_bookkeeping(self) -> None:
+        """The answer leaves as it is relayed: the request's record, metrics and
+        events, done in the same reactor turn, do not hold its last bytes back."""
+        await self.upstream("answer")
+        host, port = self.base.removeprefix("http://").split(":")
+        client = socket.create_connection((host, int(port)))
+        self.addCleanup(client.close)
+        client.setblocking(False)
+        had: list[bytes] = []
+
+        def finished(_: object) -> None:
+            try:
+                had.append(client.recv(65536))
+            except BlockingIOError:
+                had.append(b"")
+
+        self.api.events.subscribe(finished, [Activity])
+        body = b'{"model": "m", "messages": []}'
+        client.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (self.base.removeprefix("http://").encode(), len(body), body)
+        )
+        while not had:
+            await deferLater(reactor, 0.01)
+        self.assertTrue(had[0].startswith(b"HTTP/1.1 200 OK\r\n"), had[0])
+        self.assertTrue(had[0].endswith(b'\r\n\r\n{"ok": true}'), had[0])
 
     async def test_a_proxy_leading_back_to_llamaswap_stops_after_one_hop(self) -> None:
         # build() takes the config as given: like a host name alias, a path the

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from llamaswap.errors import ApiError, StartFailed
+from llamaswap.events import ModelChanged, Swapped
 from llamaswap.process import ModelState, Timing
 from llamaswap.scheduler import Lease
 
@@ -55,6 +57,39 @@ class SwapTests(SynchronousTestCase):
         w.make_ready("b")
         self.successResultOf(second).release()
         self.assertEqual([p.args[-1] for p in w.reactor.running()], ["b"])
+
+    def test_the_waiting_request_is_granted_before_the_bookkeeping_of_its_swap(
+        self,
+    ) -> None:
+        """The lines and events that say a model is ready and a swap done come after
+        the waiting request has its lease: it goes out to the child in that very turn,
+        and they would hold it back."""
+        w = world()
+        first = w.scheduler.acquire("a")
+        w.make_ready("a")
+        self.successResultOf(first).release()
+        waiting = w.scheduler.acquire("b")
+        granted_when: list[tuple[str, bool]] = []
+        w.events.subscribe(
+            lambda event: granted_when.append((type(event).__name__, waiting.called)),
+            [Swapped, ModelChanged],
+        )
+
+        def line(event: dict[str, Any]) -> None:
+            text = event.get("log_format") or ""
+            if "ready in" in text or "done in" in text:
+                granted_when.append((text.split(" {")[0], waiting.called))
+
+        observer = cast(ILogObserver, line)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        w.make_ready("b")
+        self.successResultOf(waiting).release()
+        self.assertIn(("Swapped", True), granted_when)
+        self.assertIn(("model", True), granted_when)  # "model {model} ready in …"
+        self.assertIn(("swap to", True), granted_when)  # "swap to {model} done in …"
+        # the model's own change of state is told before: the scheduler acts on it
+        self.assertIn(("ModelChanged", False), granted_when)
 
     def test_concurrent_requests_for_a_cold_model_share_one_start(self) -> None:
         w = world()
