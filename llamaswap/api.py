@@ -20,7 +20,6 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.python.failure import Failure
-from twisted.web import static
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -1045,7 +1044,7 @@ class Api:
     def swagger_assets(self, request: Request) -> Any:
         from swagger_ui_bundle import swagger_ui_path  # only when the docs are asked for
 
-        return static.File(swagger_ui_path)
+        return static_folder(swagger_ui_path)
 
     def root(self, request: Request) -> None:
         request.redirect(b"/ui/")
@@ -1055,7 +1054,7 @@ class Api:
 
     def ui(self, request: Request) -> Any:
         ui_page(request.responseHeaders)
-        return static.File(str(UI_DIR))
+        return static_folder(str(UI_DIR))
 
     def logs_text(self, request: Request) -> bytes | None:
         accept = request.getHeader(b"accept") or b""
@@ -1096,6 +1095,15 @@ def _distinct_names(records: list[dict[str, Any]]) -> None:
     for record in records:
         if seen[record["name"]] > 1 and record["name"] != record["id"]:
             record["name"] = f"{record['name']} [{record['id']}]"
+
+
+def static_folder(path: str) -> IResource:
+    """The files under ``path``, as they are.  Twisted's ``static`` is imported at the
+    first page asked for, not at startup: loading it reads the system's MIME types
+    (~0.4 MiB of an idle daemon's memory, for pages many installs never open)."""
+    from twisted.web.static import File
+
+    return File(path)
 
 
 def _serve_api_routes(api: type[Api]) -> None:
