@@ -44,18 +44,19 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import (
-    URI,
-    RequestGenerationFailed,
-    ResponseDone,
-    ResponseFailed,
-    ResponseNeverReceived,
-)
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IClientRequest, IResponse
+from twisted.web.iweb import (
+    UNKNOWN_LENGTH,
+    IAgent,
+    IAgentEndpointFactory,
+    IBodyProducer,
+    IClientRequest,
+    IResponse,
+)
 from zope.interface import implementer
 
+from . import webclient
 from .connections import send_now
 
 MAX_HEAD = 65_536
@@ -177,6 +178,51 @@ class ChildAgent:
         return succeed(None)
 
 
+@implementer(IAgent)
+class StandardAgent:
+    """Twisted's ``Agent`` over ``endpoints``, for what :class:`ChildAgent` leaves to
+    it: made with its pool at its first request (see :mod:`llamaswap.webclient`), its
+    pool keeping connections as the lean client does."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        endpoints: IAgentEndpointFactory,
+        *,
+        persistent: bool = True,
+        idle_seconds: int = 3,
+        max_idle: int = 16,
+    ) -> None:
+        self.reactor = reactor
+        self.endpoints = endpoints
+        self.persistent = persistent
+        self.idle_seconds = idle_seconds
+        self.max_idle = max_idle
+        self._agent: IAgent | None = None
+        self._pool: Pool | None = None
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: IBodyProducer | None = None,
+    ) -> Deferred[IResponse]:
+        if self._agent is None:
+            pool = webclient.HTTPConnectionPool(self.reactor, persistent=self.persistent)
+            pool.maxPersistentPerHost = self.max_idle
+            pool.cachedConnectionTimeout = self.idle_seconds
+            self._pool = pool
+            self._agent = webclient.Agent.usingEndpointFactory(
+                self.reactor, self.endpoints, pool=pool
+            )
+        return self._agent.request(method, uri, headers, bodyProducer)
+
+    def closeCachedConnections(self) -> Deferred[None]:
+        """Close the connections its pool keeps, if it was ever used."""
+        return succeed(None) if self._pool is None else self._pool.closeCachedConnections()
+
+
 class _Unseen:
     pass
 
@@ -191,7 +237,7 @@ def _server(origin: bytes) -> _Server | None:
     if not _NETLOC.fullmatch(origin.partition(b"://")[2]):
         return None
     try:
-        uri = URI.fromBytes(origin + b"/")
+        uri = webclient.URI.fromBytes(origin + b"/")
     except ValueError:
         return None
     return _Server(uri)
@@ -200,7 +246,7 @@ def _server(origin: bytes) -> _Server | None:
 class _Server:
     """One server's address and its finished connections, newest last."""
 
-    def __init__(self, uri: URI) -> None:
+    def __init__(self, uri: webclient.URI) -> None:
         self.uri = uri
         # as Twisted's Agent writes it: the port only when not the scheme's default
         host = uri.host
@@ -475,7 +521,7 @@ class _Call:
             self.connection.abort()
         if not self.deferred.called:
             self.state = _DONE
-            self.deferred.errback(RequestGenerationFailed([failure]))
+            self.deferred.errback(webclient.RequestGenerationFailed([failure]))
 
     def _cancel(self, _: Deferred[IResponse]) -> None:
         state, self.state = self.state, _DONE
@@ -485,7 +531,7 @@ class _Call:
             self.connection.abort()
         self.stop_body()
         if not self.deferred.called:
-            self.deferred.errback(ResponseNeverReceived([Failure(CancelledError())]))
+            self.deferred.errback(webclient.ResponseNeverReceived([Failure(CancelledError())]))
 
     # the answer
 
@@ -693,7 +739,7 @@ class _Call:
             if self.registered and connection is not None and connection.transport is not None:
                 IConsumer(connection.transport).unregisterProducer()
             self.producer.stopProducing()
-        response.end(Failure(ResponseDone()))
+        response.end(Failure(webclient.ResponseDone()))
 
     def bad(self, error: BadResponse) -> None:
         """An answer that cannot be read: fail it, drop the connection."""
@@ -705,9 +751,9 @@ class _Call:
             connection.abort()
         if state == _HEAD:
             if not self.deferred.called:
-                self.deferred.errback(ResponseNeverReceived([reason]))
+                self.deferred.errback(webclient.ResponseNeverReceived([reason]))
         elif self.response is not None:
-            self.response.end(Failure(ResponseFailed([reason])))
+            self.response.end(Failure(webclient.ResponseFailed([reason])))
 
     def lost(self, reason: Failure) -> None:
         """The connection ended under this request."""
@@ -729,7 +775,7 @@ class _Call:
                 self.reused = False  # the server had closed it: once on a fresh one
                 self.connect()
                 return
-            self.deferred.errback(ResponseNeverReceived([reason]))
+            self.deferred.errback(webclient.ResponseNeverReceived([reason]))
             return
         response = self.response
         if response is None or state == _DONE:
@@ -737,7 +783,7 @@ class _Call:
         if state == _TO_CLOSE and isinstance(reason.value, ConnectionDone):
             response.end(Failure(PotentialDataLoss()))
         else:
-            response.end(Failure(ResponseFailed([reason])))
+            response.end(Failure(webclient.ResponseFailed([reason])))
 
     # the body's flow, as the body protocol's transport
 

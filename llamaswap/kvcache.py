@@ -34,11 +34,11 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
-from twisted.web.client import readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
+from . import webclient
 from .config import Config, KvCacheConfig, ModelConfig
 from .errors import ApiError
 from .events import Activity, Event
@@ -575,7 +575,7 @@ class KvStore:
         producer = BytesProducer(json.dumps(body).encode()) if body is not None else None
         url = (process.base_url + path).encode("ascii")
         response = await self._agent.request(method, url, headers, producer)
-        raw = await readBody(response)
+        raw = await webclient.readBody(response)
         try:
             return response.code, json.loads(raw)
         except ValueError:

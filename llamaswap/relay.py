@@ -36,15 +36,15 @@ from twisted.internet.error import (
     TimeoutError,
 )
 from twisted.internet.interfaces import IConsumer, IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from . import webclient
 from .access import SESSION_COOKIE
 from .connections import abort, send_now
 from .errors import ApiError
@@ -305,7 +305,7 @@ class _Exchange:
         lost = failure.value
         if _cut_by_stop(failure):
             return f"the model server at {self.url} was stopped before it answered"
-        if not isinstance(lost, ResponseNeverReceived):
+        if not isinstance(lost, webclient.ResponseNeverReceived):
             return f"the model server at {self.url} did not answer: {plain_reason(failure)}"
         closed = all(isinstance(r.value, ConnectionClosed) for r in lost.reasons)
         what = (
@@ -371,10 +371,11 @@ class _Exchange:
         response.deliverBody(self.body)
 
 
-_RESPONSE_DONE = Failure(ResponseDone())
-#: how a body that arrived whole ends (``Failure.check`` would compare qualified
-#: class names up the failure's whole class hierarchy: once per response)
-_COMPLETE = (ResponseDone, PotentialDataLoss)
+def _complete(reason: Failure) -> bool:
+    """Whether ``reason`` is how a body that arrived whole ends (not ``Failure.check``,
+    which would compare qualified class names up the failure's whole class hierarchy:
+    once per response)."""
+    return isinstance(reason.value, (webclient.ResponseDone, PotentialDataLoss))
 
 
 class _BodyRelay(Protocol):
@@ -403,14 +404,14 @@ class _BodyRelay(Protocol):
         if self.transport is not None:
             self.transport.stopProducing()  # type: ignore[attr-defined]
 
-    def connectionLost(self, reason: Failure = _RESPONSE_DONE) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         exchange = self.exchange
         request = exchange.request
         if self.stopped or exchange.done.called:
             return
         if request.producer is not None:
             request.unregisterProducer()
-        if isinstance(reason.value, _COMPLETE):
+        if _complete(reason):
             client = _transport_of(request)  # a finished request lets go of it
             request.finish()
             send_now(client)  # the answer's end, before its bookkeeping
@@ -503,10 +504,10 @@ class CappedBody(Protocol):
             return
         self.parts.append(data)
 
-    def connectionLost(self, reason: Failure = _RESPONSE_DONE) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.done.called:
             return
-        if isinstance(reason.value, _COMPLETE):
+        if _complete(reason):
             self.done.callback(b"".join(self.parts))
         else:
             self.done.errback(reason)

@@ -23,14 +23,13 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import globalLogPublisher
 from twisted.python import usage
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
 from .access import Access
 from .activity import ActivityStore, Retention, StoreMetrics
 from .api import Api
-from .childhttp import ChildAgent, Pool
+from .childhttp import ChildAgent, Pool, StandardAgent
 from .config import Config, ConfigError, ModelConfig, listen_address, load_config
 from .config.live import Changes, LiveConfig
 from .connections import ConnectionGate, raise_file_limit
@@ -369,28 +368,26 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Llam
     set_log_level(config.log_level)
     live.subscribe(lambda new: set_log_level(new.log_level))
     logs = LogHub()
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 16
-    # below llama-server's 5 s keep-alive, so an idle connection is dropped by us first
-    pool.cachedConnectionTimeout = 3
     endpoints = UpstreamEndpoints(reactor, connect_timeout=10)
     # children and peers (http, https) through the lean client; Twisted's agent only
-    # for a URL it does not take (user info); both keep connections alike
+    # for a URL it does not take (user info); both keep connections alike, idle ones
+    # closed below llama-server's 5 s keep-alive, so an idle connection is dropped by
+    # us first
+    standard = StandardAgent(reactor, endpoints, idle_seconds=3, max_idle=16)
     agent = ChildAgent(
         endpoints,
         reactor,
-        Agent.usingEndpointFactory(reactor, endpoints, pool=pool),
-        fallback_pool=pool,
-        idle_seconds=pool.cachedConnectionTimeout,
-        max_idle=pool.maxPersistentPerHost,
+        standard,
+        fallback_pool=standard,
+        idle_seconds=standard.idle_seconds,
+        max_idle=standard.max_idle,
     )
     ports = PortAllocator(config.start_port)
     live.subscribe(ports.follow)
-    fresh = HTTPConnectionPool(reactor, persistent=False)
     streams = ChildAgent(
         endpoints,
         reactor,
-        Agent.usingEndpointFactory(reactor, endpoints, pool=fresh),
+        StandardAgent(reactor, endpoints, persistent=False),
         persistent=False,
     )
     relay = Relay(agent, streams=streams)

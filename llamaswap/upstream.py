@@ -46,10 +46,11 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 from twisted.web.error import SchemeNotSupported
-from twisted.web.iweb import IAgentEndpointFactory
+from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
+
+from . import webclient
 
 
 @implementer(IAgentEndpointFactory)
@@ -62,7 +63,8 @@ class UpstreamEndpoints:
         self.reactor = reactor
         self.clock: IReactorTime = clock or reactor
         self.connect_timeout = connect_timeout
-        self.tls = BrowserLikePolicyForHTTPS()
+        #: how ``https`` servers are checked: Twisted's browser-like policy unless set
+        self.tls: IPolicyForHTTPS | None = None
         # per server (host, port): the protocols of the connections opened to it
         self._opened: dict[tuple[bytes, int], weakref.WeakSet[IProtocol]] = {}
         # per server: a connection opened ahead of its first request, not yet taken
@@ -153,7 +155,7 @@ class UpstreamEndpoints:
         if not opened:
             self._opened.pop((uri.host, uri.port), None)
 
-    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+    def endpointForURI(self, uri: webclient.URI) -> IStreamClientEndpoint:
         server = (uri.scheme, uri.host, uri.port)
         endpoint = self._endpoints.get(server)
         if endpoint is None:
@@ -164,7 +166,7 @@ class UpstreamEndpoints:
             )
         return endpoint
 
-    def _connector(self, uri: URI) -> IStreamClientEndpoint:
+    def _connector(self, uri: webclient.URI) -> IStreamClientEndpoint:
         """How to reach ``uri``'s server, without the bookkeeping of :class:`_Quiet`."""
         host = _host(uri)
         endpoint: IStreamClientEndpoint
@@ -177,6 +179,8 @@ class UpstreamEndpoints:
                 self.reactor, uri.host, uri.port, timeout=self.connect_timeout
             )
         if uri.scheme == b"https":
+            if self.tls is None:
+                self.tls = webclient.BrowserLikePolicyForHTTPS()
             endpoint = wrapClientTLS(self.tls.creatorForNetloc(uri.host, uri.port), endpoint)
         return endpoint
 
@@ -197,16 +201,16 @@ SPARE_SECONDS = 3.0
 """How long a spare connection waits to be taken."""
 
 
-def _uri(url: str) -> URI | None:
-    uri: URI
+def _uri(url: str) -> webclient.URI | None:
+    uri: webclient.URI
     try:
-        uri = URI.fromBytes(url.encode("ascii", errors="replace"))
+        uri = webclient.URI.fromBytes(url.encode("ascii", errors="replace"))
     except ValueError:
         return None
     return uri
 
 
-def _host(uri: URI) -> str:
+def _host(uri: webclient.URI) -> str:
     host: bytes = uri.host
     return host.decode("ascii", errors="replace")
 

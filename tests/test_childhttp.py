@@ -46,7 +46,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from llamaswap.childhttp import MAX_HEAD, BadResponse, ChildAgent
+from llamaswap.childhttp import MAX_HEAD, BadResponse, ChildAgent, StandardAgent
 from llamaswap.connections import send_now
 from llamaswap.relay import BytesProducer
 from llamaswap.upstream import UpstreamEndpoints
@@ -923,6 +923,15 @@ class InMemoryTests(SynchronousTestCase):
             self.agent.request(b"GET", uri)
         self.assertEqual(self.fallback.uris, list(uris))
         self.assertEqual(self.endpoints.connections, [])
+
+    def test_the_standard_agent_is_made_at_its_first_request(self) -> None:
+        standard = _InMemory()
+        agent = StandardAgent(Clock(), standard)  # type: ignore[arg-type]
+        self.assertIsNone(self.successResultOf(agent.closeCachedConnections()))  # none yet
+        agent.request(b"GET", b"http://u:p@10.0.0.2:8080/x")
+        ((_, transport),) = standard.connections  # through the endpoints given
+        self.assertTrue(transport.value().startswith(b"GET /x HTTP/1.1\r\n"))
+        self.assertIsNone(self.successResultOf(agent.closeCachedConnections()))
 
     def test_the_host_header_is_the_one_twisteds_agent_sends(self) -> None:
         """The port only when it is not the scheme's default; the name as written."""

@@ -87,7 +87,8 @@ class OptionsTests(SynchronousTestCase):
     def test_an_idle_daemon_loads_no_child_or_docs_libraries(self) -> None:
         # psutil (~1 MiB) is needed once a model runs, the Swagger UI bundle when the
         # docs are asked for, Twisted's static files (which read the MIME types) when a
-        # page is: an idle daemon stays smaller without them
+        # page is, Twisted's HTTP client when a model is asked for: an idle daemon stays
+        # smaller without them
         path = self.config_file(
             "store: {path: ':memory:'}\nmodels:\n  m:\n    cmd: s --port ${PORT}\n"
         )
@@ -101,7 +102,7 @@ class OptionsTests(SynchronousTestCase):
             "makeService(options, clock).startService()\n"
             "clock.run()\n"
             "clock.advance(120)\n"
-            "unused = {'psutil', 'swagger_ui_bundle', 'twisted.web.static'}\n"
+            "unused = {'psutil', 'swagger_ui_bundle', 'twisted.web.static', 'twisted.web.client'}\n"
             "print(sorted(unused & set(sys.modules)), flush=True)\n"
             "os._exit(0)\n"  # the started service's threads would keep it alive
         )
