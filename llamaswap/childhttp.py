@@ -63,6 +63,12 @@ MAX_HEAD = 65_536
 """The longest status line and headers (and the longest chunk trailer) accepted."""
 MAX_CHUNK_LINE = 4096
 """The longest chunk-size line (with its extensions) accepted."""
+HEAD_SECONDS = 30.0
+"""How long an answer's head may take from its first byte to its blank line.  A
+server may be silent for as long as it works (a whole answer is computed before its
+head is sent), but one that has begun its head sends the rest at once; one that
+dribbles it a byte at a time holds the connection, and the request's lease, for
+nothing."""
 
 #: sent once more after meeting a pooled connection the server had closed
 _RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"})
@@ -415,6 +421,7 @@ class _Call:
         self.registered = False  # the body producer is the connection's
         self.buffer = b""
         self.interim = 0  # bytes of 1xx interim answers read before the answer
+        self.head_deadline: IDelayedCall | None = None  # a head begun must end by then
         self.response: _Response | None = None
         self.keep = False
         self.remaining = 0
@@ -524,6 +531,7 @@ class _Call:
             self.deferred.errback(webclient.RequestGenerationFailed([failure]))
 
     def _cancel(self, _: Deferred[IResponse]) -> None:
+        self.no_head_deadline()
         state, self.state = self.state, _DONE
         if state == _CONNECT and self.connecting is not None:
             self.connecting.cancel()
@@ -576,13 +584,28 @@ class _Call:
                     self.bad(BadResponse("an answer's head with lines not ended by CRLF"))
                     return
                 self.buffer = buffer
+                if buffer and self.head_deadline is None:  # a head read whole needs none
+                    self.head_deadline = self.agent.clock.callLater(
+                        HEAD_SECONDS, self.head_too_slow
+                    )
                 return
             self.buffer = b""
+            self.no_head_deadline()
             try:
                 rest = self.parsed(buffer[:end], buffer[end + 4 :])
             except BadResponse as e:
                 self.bad(e)
                 return
+
+    def head_too_slow(self) -> None:
+        self.head_deadline = None
+        self.bad(BadResponse(f"an answer's head still not whole {HEAD_SECONDS:g} s after it began"))
+
+    def no_head_deadline(self) -> None:
+        if self.head_deadline is not None:
+            if self.head_deadline.active():
+                self.head_deadline.cancel()
+            self.head_deadline = None
 
     def parsed(self, head: bytes, rest: bytes) -> bytes | None:
         """Act on a whole head; what follows an interim answer's head is returned,
@@ -743,6 +766,7 @@ class _Call:
 
     def bad(self, error: BadResponse) -> None:
         """An answer that cannot be read: fail it, drop the connection."""
+        self.no_head_deadline()
         reason = Failure(error)
         state, self.state = self.state, _DONE
         connection, self.connection = self.connection, None
@@ -757,6 +781,7 @@ class _Call:
 
     def lost(self, reason: Failure) -> None:
         """The connection ended under this request."""
+        self.no_head_deadline()
         state, self.state = self.state, _DONE
         self.connection = None
         self.stop_body()

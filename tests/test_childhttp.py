@@ -46,7 +46,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from llamaswap.childhttp import MAX_HEAD, BadResponse, ChildAgent, StandardAgent
+from llamaswap.childhttp import HEAD_SECONDS, MAX_HEAD, BadResponse, ChildAgent, StandardAgent
 from llamaswap.connections import send_now
 from llamaswap.relay import BytesProducer
 from llamaswap.upstream import UpstreamEndpoints
@@ -321,6 +321,47 @@ class FramingTests(_LiveCase):
             self.assertIsInstance(caught.exception.reasons[0].value, BadResponse)
         await server.peers[0].lost
         await server.peers[1].lost
+
+    async def test_a_head_dribbled_past_its_deadline_fails_the_request_and_the_connection(
+        self,
+    ) -> None:
+        """A server that begins its head and never ends it (a byte now and then, as a
+        slowloris would) is given up ``HEAD_SECONDS`` after the head began."""
+        server = self.serve(send(b"HTTP/1.1 200 OK\r\nContent-"))
+        pending = Deferred.fromCoroutine(self.get())
+        while not server.peers or not self.clock.getDelayedCalls():
+            await _turn()  # the first bytes have come: the head's deadline runs
+        self.clock.advance(HEAD_SECONDS - 1)
+        self.assertNoResult(pending)
+        assert server.peers[0].transport is not None
+        server.peers[0].transport.write(b"Type: text/plain\r\nX-A: ")  # more, not all
+        for _ in range(3):
+            await _turn()
+        self.clock.advance(1)
+        with self.assertRaises(ResponseNeverReceived) as caught:
+            await pending
+        error = caught.exception.reasons[0].value
+        self.assertIsInstance(error, BadResponse)
+        self.assertIn("head still not whole 30 s after it began", str(error))
+        await server.peers[0].lost  # dropped
+
+    async def test_silence_before_a_head_and_between_interim_answers_is_not_timed(
+        self,
+    ) -> None:
+        """A server computing a whole answer says nothing until it is done; an interim
+        answer's head that came whole leaves no deadline behind."""
+        server = self.serve(send(b"HTTP/1.1 102 Processing\r\n\r\n"))
+        pending = Deferred.fromCoroutine(self.get())
+        while not server.requests:
+            await _turn()
+        for _ in range(3):
+            await _turn()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(HEAD_SECONDS * 10)
+        self.assertNoResult(pending)
+        assert server.peers[0].transport is not None
+        server.peers[0].transport.write(OK)
+        self.assertEqual((await _read(await pending))[0], b"hello")
 
     async def test_a_broken_chunk_size_fails_the_body_and_the_connection(self) -> None:
         server = self.serve(
