@@ -703,10 +703,13 @@ class PeerTests(_LiveCase):
 
     async def test_an_https_peer_is_checked_by_the_same_policy(self) -> None:
         self.serve_peer(send(OK), tls=True)
-        self.endpoints.tls = BrowserLikePolicyForHTTPS()  # llamaswap's: the test root unknown
+        # llamaswap's own: none set, so the one made at the first https server (Twisted's
+        # browser-like policy, which does not know the test's root)
+        self.endpoints.tls = UpstreamEndpoints(reactor, connect_timeout=5).tls
         with self.assertRaises(ResponseNeverReceived) as caught:
             await self.fetch()
         self.assertIsInstance(caught.exception.reasons[0].value, SSLError)
+        self.assertIsInstance(self.endpoints.tls, BrowserLikePolicyForHTTPS)
 
     async def test_a_peer_sending_headers_for_ever_fails_at_the_cap(self) -> None:
         for tls in (False, True):
