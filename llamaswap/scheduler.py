@@ -800,7 +800,7 @@ class Scheduler:
         # the event and the log line would hold them back
         self._pump()
         self.events.publish(swapped)
-        if isinstance(result, float):
+        if result is not None and not isinstance(result, Failure):
             self.log.info(
                 "swap to {model} done in {seconds:.2f}s",
                 model=", ".join(sorted(targets)),
