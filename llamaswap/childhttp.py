@@ -63,6 +63,9 @@ MAX_HEAD = 65_536
 """The longest status line and headers (and the longest chunk trailer) accepted."""
 MAX_CHUNK_LINE = 4096
 """The longest chunk-size line (with its extensions) accepted."""
+UNHEARD_SECONDS = 0.1
+"""How long a request on a connection the server has never answered on waits
+before the connections kept idle to that server are closed (:meth:`_Server.overdue`)."""
 HEAD_SECONDS = 30.0
 """How long an answer's head may take from its first byte to its blank line.  A
 server may be silent for as long as it works (a whole answer is computed before its
@@ -121,7 +124,9 @@ class ChildAgent:
     """``IAgent`` for children and peers: a lean path for ``http://`` and
     ``https://``, ``fallback`` for the rest.  Without ``persistent`` each
     connection carries one request and is closed after it (``Connection: close``),
-    as for streams."""
+    as for streams.  ``same_servers_as``: another agent whose servers this one
+    shares (their kept connections and the requests waiting on new ones, see
+    ``_Server.overdue``): streams and other requests go to the same children."""
 
     def __init__(
         self,
@@ -133,6 +138,7 @@ class ChildAgent:
         persistent: bool = True,
         idle_seconds: float = 3.0,
         max_idle: int = 16,
+        same_servers_as: ChildAgent | None = None,
     ) -> None:
         self.endpoints = endpoints  # UpstreamEndpoints: endpointForURI, noting, spares
         self.clock = clock
@@ -142,7 +148,9 @@ class ChildAgent:
         self.idle_seconds = idle_seconds
         self.max_idle = max_idle
         # per netloc as written in request URIs: its server, or None (not ours)
-        self._servers: dict[bytes, _Server | None] = {}
+        self.servers: dict[bytes, _Server | None] = (
+            {} if same_servers_as is None else same_servers_as.servers
+        )
 
     def request(
         self,
@@ -158,9 +166,9 @@ class ChildAgent:
         else:
             return self.fallback.request(method, uri, headers, bodyProducer)
         origin, target = (uri, b"/") if slash < 0 else (uri[:slash], uri[slash:])
-        server = self._servers.get(origin, _UNSEEN)
+        server = self.servers.get(origin, _UNSEEN)
         if server is _UNSEEN:
-            server = self._servers[origin] = _server(origin)
+            server = self.servers[origin] = _server(origin)
         if server is None:
             return self.fallback.request(method, uri, headers, bodyProducer)
         assert isinstance(server, _Server)
@@ -175,7 +183,7 @@ class ChildAgent:
     def closeCachedConnections(self) -> Deferred[None]:
         """Close every finished connection kept, ``fallback_pool``'s too (llamaswap
         is stopping)."""
-        for server in self._servers.values():
+        for server in self.servers.values():
             if server is not None:
                 while server.idle:
                     server.idle.pop().close()
@@ -262,6 +270,45 @@ class _Server:
             host = b"%b:%d" % (host, uri.port)
         self.host_line = b"Host: " + host + b"\r\n"
         self.idle: list[_Connection] = []
+        #: requests sent on connections the server has not answered on yet, oldest
+        #: first, with when they were sent (see :meth:`overdue`)
+        self.unheard: dict[_Call, float] = {}
+        self.unheard_check: IDelayedCall | None = None
+
+    def sent_unheard(self, call: _Call, clock: IReactorTime) -> None:
+        self.unheard[call] = clock.seconds()
+        if self.unheard_check is None:
+            self.unheard_check = clock.callLater(UNHEARD_SECONDS, self.look, clock)
+
+    def heard(self, call: _Call) -> None:
+        self.unheard.pop(call, None)
+        if not self.unheard and self.unheard_check is not None:
+            if self.unheard_check.active():
+                self.unheard_check.cancel()
+            self.unheard_check = None
+
+    def overdue(self, now: float) -> bool:
+        """Whether a request has waited :data:`UNHEARD_SECONDS` on a connection the
+        server has never answered on.  llama-server (cpp-httplib) gives each open
+        connection one thread of a small pool, kept-alive ones included, and reads
+        nothing on a connection no thread has taken: connections kept idle here can
+        hold every thread while a newer connection's request is never read (into a
+        burst of 8 requests to a child with one slot, 3 waited the 3 s until the idle
+        ones were closed)."""
+        oldest = next(iter(self.unheard.values()), None)
+        return oldest is not None and now - oldest >= UNHEARD_SECONDS
+
+    def look(self, clock: IReactorTime) -> None:
+        """Close the idle connections if a request is overdue; look again when the
+        next one would be."""
+        self.unheard_check = None
+        now = clock.seconds()
+        if self.overdue(now):
+            for connection in list(self.idle):
+                connection.close()
+        later = [sent for sent in self.unheard.values() if now - sent < UNHEARD_SECONDS]
+        if later:
+            self.unheard_check = clock.callLater(later[0] + UNHEARD_SECONDS - now, self.look, clock)
 
     def take_idle(self) -> _Connection | None:
         while self.idle:
@@ -287,6 +334,7 @@ class _Connection(Protocol):
         self.idle = False
         self.idle_since = 0.0
         self.expiry: IDelayedCall | None = None
+        self.answered = False  # the server has answered on it: one of its threads reads it
 
     def connectionMade(self) -> None:
         self.open = True
@@ -306,16 +354,17 @@ class _Connection(Protocol):
             call.lost(reason)
 
     def rest(self) -> None:
-        """Into the pool, or closed when it is full."""
+        """Into the pool; closed when it is full, or when a request on another
+        connection may be waiting for the thread this one holds (``overdue``)."""
         self.call = None
         if self.paused:
             self.resume()
-        if len(self.server.idle) >= self.agent.max_idle:
+        clock = self.agent.clock
+        if len(self.server.idle) >= self.agent.max_idle or self.server.overdue(clock.seconds()):
             self.close()
             return
         self.idle = True
         self.server.idle.append(self)
-        clock = self.agent.clock
         self.idle_since = clock.seconds()
         # one timer for many rests: a busy connection only moves its start
         if self.expiry is None:
@@ -492,6 +541,8 @@ class _Call:
         if not connection.open:  # a spare whose connection ended as it was taken
             self.lost(Failure(ConnectionDone()))
             return
+        if not connection.answered:
+            self.server.sent_unheard(self, self.agent.clock)
         producer = self.producer
         if producer is None:
             transport.write(self.head)
@@ -532,6 +583,7 @@ class _Call:
 
     def _cancel(self, _: Deferred[IResponse]) -> None:
         self.no_head_deadline()
+        self.heard_of()
         state, self.state = self.state, _DONE
         if state == _CONNECT and self.connecting is not None:
             self.connecting.cancel()
@@ -544,7 +596,9 @@ class _Call:
     # the answer
 
     def received(self, data: bytes) -> None:
-        self.heard = True
+        if not self.heard:
+            self.heard = True
+            self.heard_of()
         state = self.state
         if state == _LENGTH:
             remaining = self.remaining
@@ -596,6 +650,12 @@ class _Call:
             except BadResponse as e:
                 self.bad(e)
                 return
+
+    def heard_of(self) -> None:
+        """The server answers on this connection, or never will."""
+        self.server.heard(self)
+        if self.heard and self.connection is not None:
+            self.connection.answered = True
 
     def head_too_slow(self) -> None:
         self.head_deadline = None
@@ -767,6 +827,7 @@ class _Call:
     def bad(self, error: BadResponse) -> None:
         """An answer that cannot be read: fail it, drop the connection."""
         self.no_head_deadline()
+        self.heard_of()
         reason = Failure(error)
         state, self.state = self.state, _DONE
         connection, self.connection = self.connection, None
@@ -782,6 +843,7 @@ class _Call:
     def lost(self, reason: Failure) -> None:
         """The connection ended under this request."""
         self.no_head_deadline()
+        self.heard_of()
         state, self.state = self.state, _DONE
         self.connection = None
         self.stop_body()

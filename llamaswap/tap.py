@@ -389,6 +389,7 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Llam
         reactor,
         StandardAgent(reactor, endpoints, persistent=False),
         persistent=False,
+        same_servers_as=agent,
     )
     relay = Relay(agent, streams=streams)
     probe = http_probe(agent, reactor, relay.hop)

@@ -46,7 +46,14 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from llamaswap.childhttp import HEAD_SECONDS, MAX_HEAD, BadResponse, ChildAgent, StandardAgent
+from llamaswap.childhttp import (
+    HEAD_SECONDS,
+    MAX_HEAD,
+    UNHEARD_SECONDS,
+    BadResponse,
+    ChildAgent,
+    StandardAgent,
+)
 from llamaswap.connections import send_now
 from llamaswap.relay import BytesProducer
 from llamaswap.upstream import UpstreamEndpoints
@@ -142,6 +149,12 @@ class _LiveCase(TestCase):
 
     def serve(self, *replies: Reply) -> _Server:
         server = _Server(list(replies))
+        self.listen(server)
+        self.addCleanup(self.close_all, server)
+        return server
+
+    def listen(self, server: ServerFactory) -> None:
+        """``server`` on a free port; ``self.agent`` for it, its pool on ``self.clock``."""
         port: IListeningPort = reactor.listenTCP(0, server, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         self.base = f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
@@ -149,8 +162,6 @@ class _LiveCase(TestCase):
         self.agent = ChildAgent(
             UpstreamEndpoints(reactor, connect_timeout=5), self.clock, Agent(reactor)
         )
-        self.addCleanup(self.close_all, server)
-        return server
 
     async def close_all(self, server: _Server) -> None:
         self.agent.closeCachedConnections()
@@ -329,7 +340,9 @@ class FramingTests(_LiveCase):
         slowloris would) is given up ``HEAD_SECONDS`` after the head began."""
         server = self.serve(send(b"HTTP/1.1 200 OK\r\nContent-"))
         pending = Deferred.fromCoroutine(self.get())
-        while not server.peers or not self.clock.getDelayedCalls():
+        while not server.requests:
+            await _turn()
+        for _ in range(3):
             await _turn()  # the first bytes have come: the head's deadline runs
         self.clock.advance(HEAD_SECONDS - 1)
         self.assertNoResult(pending)
@@ -481,7 +494,111 @@ class SendNowTests(TestCase):
         await _read(await second)
 
 
+class _OneThread(ServerFactory):
+    """A server that reads one connection at a time, as llama-server does with a
+    pool of one HTTP thread: a connection it serves keeps the thread until it closes,
+    and the next connection's request is read only then."""
+
+    def __init__(self) -> None:
+        self.serving: _Threaded | None = None
+        self.waiting: list[_Threaded] = []
+        self.answered = 0
+        self.connections = 0
+        self.hold = False  # read requests, answer none
+
+    def buildProtocol(self, addr: IAddress | None) -> _Threaded:
+        self.connections += 1
+        return _Threaded(self)
+
+    def next(self) -> None:
+        self.serving = self.waiting.pop(0) if self.waiting else None
+        if self.serving is not None:
+            self.serving.serve()
+
+
+class _Threaded(Protocol):
+    def __init__(self, server: _OneThread) -> None:
+        self.server = server
+        self.buffer = b""
+        self.served = False
+
+    def connectionMade(self) -> None:
+        if self.server.serving is None:
+            self.server.serving = self
+            self.served = True
+        else:
+            self.server.waiting.append(self)
+
+    def serve(self) -> None:
+        self.served = True
+        self.dataReceived(b"")
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        if not self.served or self.server.hold:
+            return
+        while (found := next_request(self.buffer)) is not None:
+            _, self.buffer = found
+            self.server.answered += 1
+            assert self.transport is not None
+            self.transport.write(OK)
+
+    def connectionLost(self, reason: Failure = _CLOSED) -> None:
+        if self in self.server.waiting:
+            self.server.waiting.remove(self)
+        if self.server.serving is self:
+            self.server.next()
+
+
 class PoolTests(_LiveCase):
+    def one_thread(self) -> _OneThread:
+        """A server that reads one connection at a time, and a ChildAgent for it."""
+        server = _OneThread()
+        self.listen(server)
+        self.addCleanup(self.agent.closeCachedConnections)
+        return server
+
+    async def test_a_kept_connection_does_not_hold_the_thread_a_newer_one_waits_for(
+        self,
+    ) -> None:
+        """Two requests at once to a server that reads one connection at a time: once
+        the other has waited ``UNHEARD_SECONDS`` unread, the connection kept from the
+        first is closed, so the server gets to it (before: at the 3 s idle timeout)."""
+        server = self.one_thread()
+        both = [Deferred.fromCoroutine(self.get()) for _ in range(2)]
+        while not (both[0].called or both[1].called) or not server.waiting:
+            await _turn()
+        first, second = both if both[0].called else both[::-1]
+        await _read(await first)
+        for _ in range(5):
+            await _turn()
+        self.assertNoResult(second)  # unread: the one thread holds the kept connection
+        self.clock.advance(UNHEARD_SECONDS)
+        self.assertEqual((await _read(await second))[0], b"hello")
+        # nothing waits unread any more: a finished connection is kept again
+        for _ in range(2):
+            await _read(await self.get())
+        self.assertEqual((server.answered, server.connections), (4, 2))
+
+    async def test_a_connection_finishing_while_a_request_waits_unread_is_closed(
+        self,
+    ) -> None:
+        server = self.one_thread()
+        # the first connection's answer is held back until the second waits overdue
+        server.hold = True
+        both = [Deferred.fromCoroutine(self.get()) for _ in range(2)]
+        while len(server.waiting) < 1 or server.serving is None or not server.serving.buffer:
+            await _turn()
+        self.clock.advance(UNHEARD_SECONDS)  # nothing idle to close yet
+        server.hold = False
+        server.serving.dataReceived(b"")
+        for pending in both:
+            self.assertEqual((await _read(await pending))[0], b"hello")
+
+    test_a_connection_finishing_while_a_request_waits_unread_is_closed.timeout = 10  # type: ignore[attr-defined]
+
+    test_a_kept_connection_does_not_hold_the_thread_a_newer_one_waits_for.timeout = 10  # type: ignore[attr-defined]
+
     async def test_a_finished_connection_is_used_again(self) -> None:
         server = self.serve()
         for _ in range(3):
