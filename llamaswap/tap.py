@@ -372,8 +372,9 @@ def build(config: Config, reactor: Any, listen: list[str] | None = None) -> Llam
     # children and peers (http, https) through the lean client; Twisted's agent only
     # for a URL it does not take (user info); both keep connections alike, idle ones
     # closed below llama-server's 5 s keep-alive, so an idle connection is dropped by
-    # us first
-    standard = StandardAgent(reactor, endpoints, idle_seconds=3, max_idle=16)
+    # us first; up to 64 per server, as many as a busy peer's clients use at once (a
+    # child's threads are not held by them: see childhttp._Server.overdue)
+    standard = StandardAgent(reactor, endpoints, idle_seconds=3, max_idle=64)
     agent = ChildAgent(
         endpoints,
         reactor,
