@@ -801,7 +801,11 @@ class Scheduler:
         self._pump()
         self.events.publish(swapped)
         if result is not None and not isinstance(result, Failure):
-            self.log.info(
+            # a turn later: after the started model's own "ready" line, which it
+            # writes once its waiting requests are on their way
+            self._clock.callLater(
+                0,
+                self.log.info,
                 "swap to {model} done in {seconds:.2f}s",
                 model=", ".join(sorted(targets)),
                 seconds=result,

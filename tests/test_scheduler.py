@@ -68,6 +68,7 @@ class SwapTests(SynchronousTestCase):
         first = w.scheduler.acquire("a")
         w.make_ready("a")
         self.successResultOf(first).release()
+        w.reactor.advance(0)  # the first swap's last line
         waiting = w.scheduler.acquire("b")
         granted_when: list[tuple[str, bool]] = []
         w.events.subscribe(
@@ -85,9 +86,12 @@ class SwapTests(SynchronousTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, observer)
         w.make_ready("b")
         self.successResultOf(waiting).release()
+        w.reactor.advance(0)  # "swap done" follows "model ready", a turn later
         self.assertIn(("Swapped", True), granted_when)
-        self.assertIn(("model", True), granted_when)  # "model {model} ready in …"
-        self.assertIn(("swap to", True), granted_when)  # "swap to {model} done in …"
+        lines = [what for what, _ in granted_when if what in ("model", "swap to")]
+        self.assertEqual(lines, ["model", "swap to"])  # "model … ready", "swap to … done"
+        self.assertIn(("model", True), granted_when)
+        self.assertIn(("swap to", True), granted_when)
         # the model's own change of state is told before: the scheduler acts on it
         self.assertIn(("ModelChanged", False), granted_when)
 
