@@ -306,9 +306,9 @@ class _Server:
         if self.overdue(now):
             for connection in list(self.idle):
                 connection.close()
-        later = [sent for sent in self.unheard.values() if now - sent < UNHEARD_SECONDS]
-        if later:
-            self.unheard_check = clock.callLater(later[0] + UNHEARD_SECONDS - now, self.look, clock)
+        later = next((sent for sent in self.unheard.values() if now - sent < UNHEARD_SECONDS), None)
+        if later is not None:
+            self.unheard_check = clock.callLater(later + UNHEARD_SECONDS - now, self.look, clock)
 
     def take_idle(self) -> _Connection | None:
         while self.idle:
@@ -582,8 +582,7 @@ class _Call:
             self.deferred.errback(webclient.RequestGenerationFailed([failure]))
 
     def _cancel(self, _: Deferred[IResponse]) -> None:
-        self.no_head_deadline()
-        self.heard_of()
+        self.waits_no_more()
         state, self.state = self.state, _DONE
         if state == _CONNECT and self.connecting is not None:
             self.connecting.cancel()
@@ -656,6 +655,12 @@ class _Call:
         self.server.heard(self)
         if self.heard and self.connection is not None:
             self.connection.answered = True
+
+    def waits_no_more(self) -> None:
+        """The call ends (cancelled, lost, or its answer unreadable): no deadline for
+        its head, no place among the server's unheard requests."""
+        self.no_head_deadline()
+        self.heard_of()
 
     def head_too_slow(self) -> None:
         self.head_deadline = None
@@ -826,8 +831,7 @@ class _Call:
 
     def bad(self, error: BadResponse) -> None:
         """An answer that cannot be read: fail it, drop the connection."""
-        self.no_head_deadline()
-        self.heard_of()
+        self.waits_no_more()
         reason = Failure(error)
         state, self.state = self.state, _DONE
         connection, self.connection = self.connection, None
@@ -842,8 +846,7 @@ class _Call:
 
     def lost(self, reason: Failure) -> None:
         """The connection ended under this request."""
-        self.no_head_deadline()
-        self.heard_of()
+        self.waits_no_more()
         state, self.state = self.state, _DONE
         self.connection = None
         self.stop_body()
